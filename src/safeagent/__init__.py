@@ -1,0 +1,77 @@
+"""SafeAgent: an execution guard for AI agents.
+
+Every side-effecting tool call carries a request id (an idempotency key). The first call
+records a durable claim, runs the side effect once and stores a receipt; every retry gets
+the stored receipt back and the side effect does not run again.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from safeagent._audit import AuditEvent, EventKind, default_redactor, no_redaction
+from safeagent._guard import DEFAULT_LEASE, DEFAULT_WAIT, Guard, GuardedFunction, json_default
+from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, current_context
+from safeagent.errors import (
+    ActionMismatchError,
+    ConfigurationError,
+    ConflictError,
+    FingerprintMismatchError,
+    GuardError,
+    InProgressError,
+    InvalidInputError,
+    InvalidPayloadError,
+    InvalidRequestIdError,
+    InvalidTransitionError,
+    LeaseLostError,
+    MissingKeyError,
+    NotExecuted,
+    OutcomeUnknownError,
+    ReplayedFailureError,
+    ResultNotSerializableError,
+    SchemaVersionError,
+    StoreError,
+)
+from safeagent.stores import MemoryStore, ReceiptStore, SQLiteStore
+
+try:
+    __version__ = version("safeagent")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "DEFAULT_LEASE",
+    "DEFAULT_WAIT",
+    "ActionMismatchError",
+    "AuditEvent",
+    "ConfigurationError",
+    "ConflictError",
+    "ErrorInfo",
+    "EventKind",
+    "ExecutionContext",
+    "FingerprintMismatchError",
+    "Guard",
+    "GuardError",
+    "GuardedFunction",
+    "InProgressError",
+    "InvalidInputError",
+    "InvalidPayloadError",
+    "InvalidRequestIdError",
+    "InvalidTransitionError",
+    "LeaseLostError",
+    "MemoryStore",
+    "MissingKeyError",
+    "NotExecuted",
+    "OutcomeUnknownError",
+    "Receipt",
+    "ReceiptStore",
+    "ReplayedFailureError",
+    "ResultNotSerializableError",
+    "SQLiteStore",
+    "SchemaVersionError",
+    "Status",
+    "StoreError",
+    "__version__",
+    "current_context",
+    "default_redactor",
+    "json_default",
+    "no_redaction",
+]

@@ -1,0 +1,82 @@
+"""The pure core: what a call does given the record it finds. No I/O, no clocks.
+
+``decide`` implements the behaviour table of DESIGN.md section 2; ``classify_exception``
+the exception policy. The sync driver (and, later, the async one) only does the I/O
+these functions ask for, so both flavours share one implementation of the rules.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from safeagent._receipt import Record, Status
+from safeagent.errors import NotExecuted
+
+
+class Verdict(enum.Enum):
+    """What the driver must do next."""
+
+    CLAIM = "claim"  # no record, or a RELEASED one: try the atomic claim, then run fn
+    REPLAY = "replay"  # SUCCEEDED or FAILED with the same request: return the stored outcome
+    CONFLICT_ACTION = "conflict_action"  # same request id, another action: refuse
+    CONFLICT_FINGERPRINT = "conflict_fingerprint"  # same request id, another payload: refuse
+    WAIT = "wait"  # PENDING with a live lease: wait for it, bounded
+    IN_DOUBT = "in_doubt"  # IN_DOUBT, or PENDING with an expired lease: never re-run silently
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    record: Record | None
+    retry_after_ms: int = 0
+
+
+def decide(record: Record | None, action: str, fingerprint: str, now_ms: int) -> Decision:
+    """Decide what a call with ``(action, fingerprint)`` does on meeting ``record``.
+
+    ``now_ms`` is the store's clock. A released record is claimed whatever it held: it has
+    no outcome to protect. Otherwise the action is compared first, then the fingerprint,
+    so a conflict never reveals or replays another request's outcome.
+    """
+    if record is None or record.status is Status.RELEASED:
+        return Decision(Verdict.CLAIM, record)
+    if record.action != action:
+        return Decision(Verdict.CONFLICT_ACTION, record)
+    if record.fingerprint != fingerprint:
+        return Decision(Verdict.CONFLICT_FINGERPRINT, record)
+    status = record.effective_status(now_ms)
+    if status is Status.PENDING:
+        assert record.lease_expires_at_ms is not None  # noqa: S101 - PENDING always has a lease
+        return Decision(Verdict.WAIT, record, record.lease_expires_at_ms - now_ms)
+    if status is Status.IN_DOUBT:
+        return Decision(Verdict.IN_DOUBT, record)
+    return Decision(Verdict.REPLAY, record)
+
+
+def classify_exception(
+    exc: BaseException,
+    not_executed: tuple[type[BaseException], ...],
+    outcome_unknown: tuple[type[BaseException], ...],
+) -> Status:
+    """Map an exception raised by ``fn`` to the status its record gets.
+
+    - declared "outcome unknown" types: IN_DOUBT (checked first: when a type matches both
+      lists, doubt is the safe reading);
+    - :class:`~safeagent.errors.NotExecuted` and declared "not executed" types: RELEASED;
+    - any ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``,
+      ``SystemExit``, ``CancelledError``): IN_DOUBT, since ``fn`` was cut off midway;
+    - anything else: FAILED, stored and replayed.
+    """
+    if outcome_unknown and isinstance(exc, outcome_unknown):
+        return Status.IN_DOUBT
+    if isinstance(exc, NotExecuted) or (not_executed and isinstance(exc, not_executed)):
+        return Status.RELEASED
+    if not isinstance(exc, Exception):
+        return Status.IN_DOUBT
+    return Status.FAILED
+
+
+def resolvable(record: Record, now_ms: int) -> bool:
+    """Whether an operator may resolve ``record``: it is in doubt (stored or read)."""
+    return record.effective_status(now_ms) is Status.IN_DOUBT

@@ -1,0 +1,211 @@
+"""Statuses, stored records, receipts and the execution context handed to ``fn``."""
+
+from __future__ import annotations
+
+import enum
+import json
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+
+class Status(str, enum.Enum):
+    """Stored status of an execution record (DESIGN section 2).
+
+    A PENDING record whose lease has expired on the store's clock is *read* as
+    IN_DOUBT; expiry is derived on read, never stored.
+    """
+
+    PENDING = "PENDING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    RELEASED = "RELEASED"
+    IN_DOUBT = "IN_DOUBT"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED})
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """A stored failure: the exception's type name and message. Never a pickled object."""
+
+    type: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One execution record as a store holds it (JSON kept as text).
+
+    Identity is ``(namespace, request_id)``. Instants are integer milliseconds since the
+    Unix epoch on the store's clock.
+    """
+
+    namespace: str
+    request_id: str
+    action: str
+    fingerprint: str
+    status: Status
+    payload_json: str
+    result_json: str | None
+    error: ErrorInfo | None
+    execution_id: str
+    attempt: int
+    fencing_token: int
+    lease_owner: str | None
+    lease_expires_at_ms: int | None
+    downstream_key: str
+    created_at_ms: int
+    claimed_at_ms: int
+    updated_at_ms: int
+    completed_at_ms: int | None
+
+    def effective_status(self, now_ms: int) -> Status:
+        """The status as read at ``now_ms``: an expired PENDING lease reads as IN_DOUBT."""
+        if (
+            self.status is Status.PENDING
+            and self.lease_expires_at_ms is not None
+            and now_ms >= self.lease_expires_at_ms
+        ):
+            return Status.IN_DOUBT
+        return self.status
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What an execution produced, as returned to every caller of one request id.
+
+    Immutable. ``result`` is ``fn``'s return value as stored (serialized to JSON, then
+    deserialized), so the first call and every replay see an equal value of the same type.
+
+    Attributes:
+        namespace: the tenant scope of the request id.
+        request_id: the idempotency key.
+        action: the action name the record was claimed under.
+        status: the status as read (an expired PENDING lease reads as IN_DOUBT).
+        result: the stored return value (a JSON value), or ``None``.
+        error: the stored failure (type and message), or ``None``.
+        execution_id: unique id of the attempt that produced this record.
+        fingerprint: hex SHA-256 of the canonical action and payload.
+        attempt: 1 for the first claim, +1 for each claim after a release.
+        fencing_token: the token of the attempt that wrote the record.
+        downstream_key: the idempotency key handed to the downstream system.
+        created_at_ms / claimed_at_ms / completed_at_ms: store-clock instants in ms.
+        replay: ``True`` when this call did not run ``fn`` but returned a stored outcome.
+    """
+
+    namespace: str
+    request_id: str
+    action: str
+    status: Status
+    result: Any
+    error: ErrorInfo | None
+    execution_id: str
+    fingerprint: str
+    attempt: int
+    fencing_token: int
+    downstream_key: str
+    created_at_ms: int
+    claimed_at_ms: int
+    completed_at_ms: int | None
+    replay: bool
+    lease_owner: str | None = None
+    lease_expires_at_ms: int | None = None
+
+    @classmethod
+    def from_record(cls, record: Record, *, replay: bool, now_ms: int | None = None) -> Receipt:
+        status = record.status if now_ms is None else record.effective_status(now_ms)
+        return cls(
+            namespace=record.namespace,
+            request_id=record.request_id,
+            action=record.action,
+            status=status,
+            result=None if record.result_json is None else json.loads(record.result_json),
+            error=record.error,
+            execution_id=record.execution_id,
+            fingerprint=record.fingerprint,
+            attempt=record.attempt,
+            fencing_token=record.fencing_token,
+            downstream_key=record.downstream_key,
+            created_at_ms=record.created_at_ms,
+            claimed_at_ms=record.claimed_at_ms,
+            completed_at_ms=record.completed_at_ms,
+            replay=replay,
+            lease_owner=record.lease_owner,
+            lease_expires_at_ms=record.lease_expires_at_ms,
+        )
+
+    @property
+    def ok(self) -> bool:
+        """``True`` when the stored outcome is a success."""
+        return self.status is Status.SUCCEEDED and self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of JSON values (status as its string)."""
+        return {
+            "namespace": self.namespace,
+            "request_id": self.request_id,
+            "action": self.action,
+            "status": self.status.value,
+            "result": self.result,
+            "error": None if self.error is None else self.error.to_dict(),
+            "execution_id": self.execution_id,
+            "fingerprint": self.fingerprint,
+            "attempt": self.attempt,
+            "fencing_token": self.fencing_token,
+            "downstream_key": self.downstream_key,
+            "created_at_ms": self.created_at_ms,
+            "claimed_at_ms": self.claimed_at_ms,
+            "completed_at_ms": self.completed_at_ms,
+            "replay": self.replay,
+        }
+
+    def to_json(self) -> str:
+        """The receipt as a JSON string (see :meth:`to_dict`)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionContext:
+    """What ``fn`` gets to know about the attempt it runs in (DESIGN section 2).
+
+    Attributes:
+        request_id: the idempotency key of the call.
+        namespace: its tenant scope.
+        action: the action name.
+        payload: the payload as given (a JSON value).
+        attempt: 1 on the first claim; +1 on each claim after a release.
+        fencing_token: increases on every claim and resolution; a completion is accepted
+            only while it is still current.
+        execution_id: unique id of this attempt.
+        downstream_key: pass this to the downstream system as *its* idempotency key
+            (for example Stripe's ``Idempotency-Key`` header): the same on every attempt.
+    """
+
+    request_id: str
+    namespace: str
+    action: str
+    payload: Any
+    attempt: int
+    fencing_token: int
+    execution_id: str
+    downstream_key: str
+
+
+_current: ContextVar[ExecutionContext | None] = ContextVar("safeagent_context", default=None)
+
+
+def current_context() -> ExecutionContext | None:
+    """The :class:`ExecutionContext` of the guarded call running now, or ``None``.
+
+    Useful inside a function wrapped with ``Guard.guarded``, which receives its own
+    arguments rather than the context.
+    """
+    return _current.get()

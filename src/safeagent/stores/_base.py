@@ -1,0 +1,332 @@
+"""The store interface, its request and result types, and helpers every store shares.
+
+Stores stay simple: each operation is one atomic step (one transaction) and holds no
+policy. What a call should do with a record is decided in ``safeagent._decide``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from safeagent._audit import REPLAY_BUFFER_EVENTS, REPLAY_BUFFER_SECONDS, AuditEvent, EventKind
+from safeagent._receipt import ErrorInfo, Record, Status
+from safeagent.errors import ConfigurationError
+
+Durability = Literal["durable", "claim-durable"]
+DURABILITY_MODES: tuple[str, ...] = ("durable", "claim-durable")
+
+Clock = Callable[[], int]
+"""A clock: returns integer milliseconds since the Unix epoch."""
+
+
+def system_clock_ms() -> int:
+    """The host's wall clock in integer milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def check_durability(durability: str) -> Durability:
+    if durability not in DURABILITY_MODES:
+        raise ConfigurationError(
+            f"durability must be one of {DURABILITY_MODES}, got {durability!r}"
+        )
+    return durability  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """Ask the store to claim ``(namespace, request_id)``: insert it PENDING if absent,
+    or take over a RELEASED record (attempt + 1, fencing token + 1), atomically.
+
+    ``lease_ms`` is measured on the store's clock. ``detail`` goes into the ``claimed``
+    audit event written in the same transaction.
+    """
+
+    namespace: str
+    request_id: str
+    action: str
+    fingerprint: str
+    payload_json: str
+    execution_id: str
+    owner: str
+    lease_ms: int
+    downstream_key: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """``won``: this request made the claim and ``record`` is its PENDING record.
+    Otherwise ``record`` is the record that is there (the winner's). ``now_ms`` is the
+    store's clock at the claim."""
+
+    won: bool
+    record: Record
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """Ask the store to record an outcome for the attempt holding ``fencing_token``.
+
+    Accepted only while the record is PENDING with that token (fencing). ``status`` is
+    SUCCEEDED, FAILED, RELEASED or IN_DOUBT.
+    """
+
+    namespace: str
+    request_id: str
+    fencing_token: int
+    status: Status
+    result_json: str | None
+    error: ErrorInfo | None
+    actor: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """An operator's resolution of an in-doubt record (stored IN_DOUBT, or PENDING with
+    an expired lease), conditional on ``expected_token``; bumps the fencing token so the
+    attempt in doubt can no longer complete."""
+
+    namespace: str
+    request_id: str
+    expected_token: int
+    status: Status
+    result_json: str | None
+    error: ErrorInfo | None
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """``accepted``: the change was made (``late``: after the lease had expired).
+    ``record``: the record after the change, or as found when refused (``None`` if absent)."""
+
+    accepted: bool
+    record: Record | None
+    late: bool = False
+
+
+@runtime_checkable
+class ReceiptStore(Protocol):
+    """What the guard needs from a store. Every method is one atomic step.
+
+    Implementations: :class:`~safeagent.stores.MemoryStore` (not durable) and
+    :class:`~safeagent.stores.SQLiteStore`. Store failures raise
+    :class:`~safeagent.errors.StoreError` chained to the driver's exception.
+    """
+
+    @property
+    def identity(self) -> str:
+        """A string naming the underlying storage (two stores on one database share it)."""
+        ...
+
+    def get(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
+        """Return the record (or ``None``) and the store's clock in ms."""
+        ...
+
+    def claim(self, request: ClaimRequest) -> ClaimResult:
+        """Claim atomically (see :class:`ClaimRequest`), with its audit event."""
+        ...
+
+    def complete(self, completion: Completion) -> WriteResult:
+        """Record an outcome if the fencing token is current, with its audit events."""
+        ...
+
+    def resolve(self, resolution: Resolution) -> WriteResult:
+        """Apply an operator's resolution if the record is in doubt, with its audit event."""
+        ...
+
+    def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
+        """Append an audit event: now, or (``buffered``) with the next write."""
+        ...
+
+    def flush_events(self) -> None:
+        """Write any buffered audit events now."""
+        ...
+
+    def events(
+        self,
+        *,
+        namespace: str | None = None,
+        subject: str | None = None,
+        after_id: int = 0,
+        limit: int | None = None,
+    ) -> list[AuditEvent]:
+        """Audit events in write order, optionally filtered."""
+        ...
+
+    def records(
+        self,
+        *,
+        namespace: str | None = None,
+        statuses: Sequence[Status] | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[Record], int]:
+        """Records (stored statuses), and the store's clock in ms."""
+        ...
+
+    def close(self) -> None:
+        """Flush buffered events and release connections."""
+        ...
+
+
+def completion_events(
+    completion: Completion, before: Record | None, after: Record | None, now_ms: int
+) -> list[AuditEvent]:
+    """The audit events a completion writes: its outcome (accepted), a late-completion
+    note (accepted after the lease expired), or a rejection (fencing token not current)."""
+    common = {
+        "namespace": completion.namespace,
+        "subject": completion.request_id,
+        "actor": completion.actor,
+        "fencing_token": completion.fencing_token,
+        "at_ms": now_ms,
+    }
+    action = (after or before).action if (after or before) else None
+    execution_id = (after or before).execution_id if (after or before) else None
+    if after is None:
+        current = None if before is None else before.fencing_token
+        return [
+            AuditEvent(
+                kind=EventKind.COMPLETION_REJECTED,
+                action=action,
+                execution_id=None,
+                detail={**completion.detail, "status": completion.status.value,
+                        "current_fencing_token": current},
+                **common,  # type: ignore[arg-type]
+            )
+        ]
+    kind = {
+        Status.SUCCEEDED: EventKind.SUCCEEDED,
+        Status.FAILED: EventKind.FAILED,
+        Status.RELEASED: EventKind.RELEASED,
+        Status.IN_DOUBT: EventKind.IN_DOUBT,
+    }[completion.status]
+    out = [
+        AuditEvent(kind=kind, action=action, execution_id=execution_id,
+                   detail=dict(completion.detail), **common)  # type: ignore[arg-type]
+    ]
+    if after.lease_expires_at_ms is not None and now_ms >= after.lease_expires_at_ms:
+        out.append(
+            AuditEvent(
+                kind=EventKind.LATE_COMPLETION,
+                action=action,
+                execution_id=execution_id,
+                detail={"status": completion.status.value,
+                        "lease_expired_ms_ago": now_ms - after.lease_expires_at_ms},
+                **common,  # type: ignore[arg-type]
+            )
+        )
+    return out
+
+
+def claimed_event(request: ClaimRequest, record: Record, now_ms: int) -> AuditEvent:
+    return AuditEvent(
+        kind=EventKind.CLAIMED,
+        at_ms=now_ms,
+        namespace=request.namespace,
+        subject=request.request_id,
+        action=request.action,
+        actor=request.owner,
+        execution_id=record.execution_id,
+        fencing_token=record.fencing_token,
+        detail={**request.detail, "attempt": record.attempt},
+    )
+
+
+def resolved_event(resolution: Resolution, record: Record, now_ms: int) -> AuditEvent:
+    return AuditEvent(
+        kind=EventKind.RESOLVED,
+        at_ms=now_ms,
+        namespace=resolution.namespace,
+        subject=resolution.request_id,
+        action=record.action,
+        actor=resolution.actor,
+        execution_id=record.execution_id,
+        fencing_token=record.fencing_token,
+        detail={
+            "status": resolution.status.value,
+            "reason": resolution.reason,
+            "previous_fencing_token": resolution.expected_token,
+            "error": None if resolution.error is None else resolution.error.to_dict(),
+        },
+    )
+
+
+def stamped(event: AuditEvent, now_ms: int) -> AuditEvent:
+    """``event`` with ``at_ms`` set from the store's clock when the caller left it 0."""
+    return event if event.at_ms else replace(event, at_ms=now_ms)
+
+
+class EventBuffer:
+    """Replay-type audit events waiting for the next write (DESIGN section 5).
+
+    Thread-safe. ``due()`` says when the buffer must be written on its own: it holds
+    ``max_events`` events, or its oldest is ``max_age`` seconds old. Registered to be
+    written at interpreter exit through a weak reference to its flush function.
+    """
+
+    def __init__(
+        self,
+        flush: Callable[[], None],
+        *,
+        max_events: int = REPLAY_BUFFER_EVENTS,
+        max_age: float = REPLAY_BUFFER_SECONDS,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._events: list[AuditEvent] = []
+        self._oldest = 0.0
+        self.max_events = max_events
+        self.max_age = max_age
+        ref = weakref.WeakMethod(flush) if hasattr(flush, "__self__") else (lambda: flush)
+        self._exit_hook = _exit_flusher(ref)
+        atexit.register(self._exit_hook)
+
+    def add(self, event: AuditEvent) -> None:
+        with self._lock:
+            if not self._events:
+                self._oldest = time.monotonic()
+            self._events.append(event)
+
+    def due(self) -> bool:
+        with self._lock:
+            return bool(self._events) and (
+                len(self._events) >= self.max_events
+                or time.monotonic() - self._oldest >= self.max_age
+            )
+
+    def take(self) -> list[AuditEvent]:
+        with self._lock:
+            events, self._events = self._events, []
+            return events
+
+    def put_back(self, events: list[AuditEvent]) -> None:
+        """Return events whose write failed, ahead of newer ones."""
+        with self._lock:
+            self._events[:0] = events
+
+    def __bool__(self) -> bool:
+        return bool(self._events)
+
+    def detach(self) -> None:
+        atexit.unregister(self._exit_hook)
+
+
+def _exit_flusher(ref: Callable[[], Callable[[], None] | None]) -> Callable[[], None]:
+    def flush_at_exit() -> None:
+        flush = ref()
+        if flush is not None:
+            try:
+                flush()
+            except Exception:  # noqa: BLE001, S110 - nothing can be reported at exit
+                pass
+
+    return flush_at_exit
