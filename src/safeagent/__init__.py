@@ -5,7 +5,8 @@ records a durable claim, runs the side effect once and stores a receipt; every r
 the stored receipt back and the side effect does not run again.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 from safeagent._audit import AuditEvent, EventKind, default_redactor, no_redaction
 from safeagent._guard import DEFAULT_LEASE, DEFAULT_WAIT, Guard, GuardedFunction, json_default
@@ -33,17 +34,17 @@ from safeagent.errors import (
 from safeagent.stores import MemoryStore, ReceiptStore, SQLiteStore
 
 try:
-    __version__ = version("safeagent")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _version("safeagent")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = [
-    "DEFAULT_LEASE",
-    "DEFAULT_WAIT",
+__all__ = [  # noqa: RUF022 - plain sorted(), checked by test_packaging
     "ActionMismatchError",
     "AuditEvent",
     "ConfigurationError",
     "ConflictError",
+    "DEFAULT_LEASE",
+    "DEFAULT_WAIT",
     "ErrorInfo",
     "EventKind",
     "ExecutionContext",

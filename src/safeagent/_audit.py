@@ -89,10 +89,28 @@ Redactor = Callable[[Any], Any]
 
 REDACTED = "[REDACTED]"
 
-_SENSITIVE_WORDS = frozenset({
-    "card", "pan", "cvv", "cvc", "password", "passwd", "pwd", "secret", "token", "apikey",
-    "authorization", "ssn", "iban", "email", "mail", "cookie", "credential", "credentials",
-})
+_SENSITIVE_WORDS = frozenset(
+    {
+        "card",
+        "pan",
+        "cvv",
+        "cvc",
+        "password",
+        "passwd",
+        "pwd",
+        "secret",
+        "token",
+        "apikey",
+        "authorization",
+        "ssn",
+        "iban",
+        "email",
+        "mail",
+        "cookie",
+        "credential",
+        "credentials",
+    }
+)
 _WORD_SPLIT = re.compile(r"[^a-z0-9]+")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 

@@ -47,7 +47,7 @@ def decide(record: Record | None, action: str, fingerprint: str, now_ms: int) ->
         return Decision(Verdict.CONFLICT_FINGERPRINT, record)
     status = record.effective_status(now_ms)
     if status is Status.PENDING:
-        assert record.lease_expires_at_ms is not None  # noqa: S101 - PENDING always has a lease
+        assert record.lease_expires_at_ms is not None
         return Decision(Verdict.WAIT, record, record.lease_expires_at_ms - now_ms)
     if status is Status.IN_DOUBT:
         return Decision(Verdict.IN_DOUBT, record)

@@ -13,6 +13,7 @@ import enum
 import functools
 import inspect
 import json
+import math
 import os
 import socket
 import threading
@@ -73,7 +74,7 @@ def _seconds(name: str, value: Seconds, *, allow_zero: bool) -> float:
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError(f"{name} must be seconds (float or timedelta), got {value!r}")
-    if value != value or value < 0 or (value == 0 and not allow_zero) or value == float("inf"):
+    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero) or value == float("inf"):
         raise ConfigurationError(f"{name} must be a finite number of seconds > 0, got {value!r}")
     return float(value)
 
@@ -285,8 +286,15 @@ class Guard:
             Any exception ``fn`` raised, on the call that ran it.
         """
         call = self._prepare(
-            request_id, action, payload, namespace, exclude, wait, lease,
-            not_executed, outcome_unknown,
+            request_id,
+            action,
+            payload,
+            namespace,
+            exclude,
+            wait,
+            lease,
+            not_executed,
+            outcome_unknown,
         )
         store = self.store
         record, now = store.get(call.namespace, call.request_id)
@@ -301,7 +309,7 @@ class Guard:
                     return self._run(call, claim.record, fn)
                 record, now = claim.record, claim.now_ms
                 continue
-            assert record is not None  # noqa: S101 - only CLAIM meets no record
+            assert record is not None
             if verdict is Verdict.REPLAY:
                 return self._replay(call, record, now)
             if verdict is Verdict.CONFLICT_ACTION or verdict is Verdict.CONFLICT_FINGERPRINT:
@@ -322,9 +330,7 @@ class Guard:
                     retry_after=retry_after,
                     receipt=Receipt.from_record(record, replay=False, now_ms=now),
                 )
-            _wakeups.wait(
-                (store.identity, *call.key), max(0.0, min(poll, remaining, retry_after))
-            )
+            _wakeups.wait((store.identity, *call.key), max(0.0, min(poll, remaining, retry_after)))
             poll = min(poll * 2, POLL_MAX)
             record, now = store.get(call.namespace, call.request_id)
 
@@ -372,10 +378,20 @@ class Guard:
             if key_arg is not None and key_arg not in sig.parameters:
                 raise ConfigurationError(f"key_arg {key_arg!r} is not a parameter of {func}")
             return GuardedFunction(
-                self, func, action or func.__qualname__, sig, key_arg, frozenset(exclude),
+                self,
+                func,
+                action or func.__qualname__,
+                sig,
+                key_arg,
+                frozenset(exclude),
                 allow_missing_key,
-                {"namespace": namespace, "wait": wait, "lease": lease,
-                 "not_executed": not_executed, "outcome_unknown": outcome_unknown},
+                {
+                    "namespace": namespace,
+                    "wait": wait,
+                    "lease": lease,
+                    "not_executed": not_executed,
+                    "outcome_unknown": outcome_unknown,
+                },
             )
 
         return decorate
@@ -433,29 +449,39 @@ class Guard:
         result_json = None
         if status is Status.SUCCEEDED:
             result_json = canonical_json(result).decode()
-        error = (
-            ErrorInfo(error_type, error_message or reason) if status is Status.FAILED else None
-        )
+        error = ErrorInfo(error_type, error_message or reason) if status is Status.FAILED else None
         record, now = self.store.get(ns, request_id)
         if record is None:
             raise InvalidTransitionError(
                 f"no record for request {request_id!r} in namespace {ns!r}",
-                request_id=request_id, namespace=ns,
+                request_id=request_id,
+                namespace=ns,
             )
         current = record.effective_status(now)
         if current is not Status.IN_DOUBT:
             raise InvalidTransitionError(
                 f"request {request_id!r} is {current.value}, not in doubt: nothing to resolve",
-                request_id=request_id, namespace=ns, status=current,
+                request_id=request_id,
+                namespace=ns,
+                status=current,
             )
         written = self.store.resolve(
-            Resolution(ns, request_id, record.fencing_token, status, result_json, error,
-                       actor=by, reason=reason)
+            Resolution(
+                ns,
+                request_id,
+                record.fencing_token,
+                status,
+                result_json,
+                error,
+                actor=by,
+                reason=reason,
+            )
         )
         if not written.accepted or written.record is None:
             raise InvalidTransitionError(
                 f"request {request_id!r} changed while resolving it; read it again",
-                request_id=request_id, namespace=ns,
+                request_id=request_id,
+                namespace=ns,
             )
         return Receipt.from_record(written.record, replay=False)
 
@@ -515,8 +541,8 @@ class Guard:
         if isinstance(exclude, str):
             raise InvalidInputError("exclude must be a collection of field names, not a str")
         payload_bytes = canonical_json(payload)
-        covered = canonical_json(fingerprint_payload(payload, exclude)) if exclude else (
-            payload_bytes
+        covered = (
+            canonical_json(fingerprint_payload(payload, exclude)) if exclude else (payload_bytes)
         )
         return _Call(
             namespace=ns,
@@ -529,9 +555,11 @@ class Guard:
                 1000 * (self.lease if lease is None else _seconds("lease", lease, allow_zero=False))
             ),
             wait=self.wait if wait is None else _seconds("wait", wait, allow_zero=True),
-            not_executed=self.not_executed if not_executed is None
+            not_executed=self.not_executed
+            if not_executed is None
             else _exception_types("not_executed", not_executed),
-            outcome_unknown=self.outcome_unknown if outcome_unknown is None
+            outcome_unknown=self.outcome_unknown
+            if outcome_unknown is None
             else _exception_types("outcome_unknown", outcome_unknown),
         )
 
@@ -577,7 +605,10 @@ class Guard:
                 if close is not None:
                     close()
                 self._store_completion(
-                    call, record, Status.RELEASED, None,
+                    call,
+                    record,
+                    Status.RELEASED,
+                    None,
                     ErrorInfo("safeagent.AwaitableReturned", "fn returned an awaitable"),
                 )
                 raise ConfigurationError(
@@ -592,7 +623,10 @@ class Guard:
     def _complete_success(self, call: _Call, record: Record, value: Any) -> Receipt:
         try:
             result_json: str | None = json.dumps(
-                value, default=self.result_encoder, allow_nan=False, ensure_ascii=False,
+                value,
+                default=self.result_encoder,
+                allow_nan=False,
+                ensure_ascii=False,
                 separators=(",", ":"),
             )
             error = None
@@ -663,9 +697,14 @@ class Guard:
     def _replay(self, call: _Call, record: Record, now: int) -> Receipt:
         self.store.record_event(
             AuditEvent(
-                kind=EventKind.REPLAYED, at_ms=now, namespace=call.namespace,
-                subject=call.request_id, action=call.action, actor=self._owner_name(),
-                execution_id=record.execution_id, fencing_token=record.fencing_token,
+                kind=EventKind.REPLAYED,
+                at_ms=now,
+                namespace=call.namespace,
+                subject=call.request_id,
+                action=call.action,
+                actor=self._owner_name(),
+                execution_id=record.execution_id,
+                fencing_token=record.fencing_token,
                 detail={"status": record.status.value},
             ),
             buffered=True,
@@ -693,9 +732,14 @@ class Guard:
     ) -> ActionMismatchError | FingerprintMismatchError:
         self.store.record_event(
             AuditEvent(
-                kind=EventKind.CONFLICT, at_ms=now, namespace=call.namespace,
-                subject=call.request_id, action=call.action, actor=self._owner_name(),
-                execution_id=record.execution_id, fencing_token=record.fencing_token,
+                kind=EventKind.CONFLICT,
+                at_ms=now,
+                namespace=call.namespace,
+                subject=call.request_id,
+                action=call.action,
+                actor=self._owner_name(),
+                execution_id=record.execution_id,
+                fencing_token=record.fencing_token,
                 detail={
                     "reason": verdict.value,
                     "stored_action": record.action,
@@ -710,23 +754,35 @@ class Guard:
             return ActionMismatchError(
                 f"request id {call.request_id!r} is already used by action "
                 f"{record.action!r}, not {call.action!r}; nothing ran",
-                request_id=call.request_id, namespace=call.namespace, receipt=receipt,
+                request_id=call.request_id,
+                namespace=call.namespace,
+                receipt=receipt,
             )
         return FingerprintMismatchError(
             f"request id {call.request_id!r} is already used with another payload "
             f"(fingerprint {record.fingerprint[:12]}..., this one {call.fingerprint[:12]}...); "
             "nothing ran",
-            request_id=call.request_id, namespace=call.namespace, receipt=receipt,
+            request_id=call.request_id,
+            namespace=call.namespace,
+            receipt=receipt,
         )
 
     def _in_doubt(self, call: _Call, record: Record, now: int) -> OutcomeUnknownError:
         self.store.record_event(
             AuditEvent(
-                kind=EventKind.IN_DOUBT, at_ms=now, namespace=call.namespace,
-                subject=call.request_id, action=call.action, actor=self._owner_name(),
-                execution_id=record.execution_id, fencing_token=record.fencing_token,
-                detail={"observed": True, "stored_status": record.status.value,
-                        "owner": record.lease_owner},
+                kind=EventKind.IN_DOUBT,
+                at_ms=now,
+                namespace=call.namespace,
+                subject=call.request_id,
+                action=call.action,
+                actor=self._owner_name(),
+                execution_id=record.execution_id,
+                fencing_token=record.fencing_token,
+                detail={
+                    "observed": True,
+                    "stored_status": record.status.value,
+                    "owner": record.lease_owner,
+                },
             ),
             buffered=True,
         )
@@ -804,7 +860,9 @@ class GuardedFunction(Generic[P, R]):
     def _execute(self, request_id: str, args: Sequence[Any], kwargs: dict[str, Any]) -> R:
         payload = self.payload(*args, **kwargs)
         receipt = self.guard.execute(
-            request_id, self.action, payload,
+            request_id,
+            self.action,
+            payload,
             lambda _ctx: self.func(*args, **kwargs),
             **self._options,
         )

@@ -46,8 +46,7 @@ def check_request_id(request_id: object) -> str:
         )
     if not request_id or len(request_id) > MAX_REQUEST_ID_LENGTH:
         raise InvalidRequestIdError(
-            f"request id must be 1 to {MAX_REQUEST_ID_LENGTH} characters, "
-            f"got {len(request_id)}",
+            f"request id must be 1 to {MAX_REQUEST_ID_LENGTH} characters, got {len(request_id)}",
             request_id=request_id,
         )
     return request_id
@@ -98,9 +97,10 @@ def downstream_key(namespace: str, action: str, request_id: str) -> str:
     the same on every attempt and across upgrades, and different for two tenants that
     use the same request id.
     """
-    return DOWNSTREAM_KEY_PREFIX + hashlib.sha256(
-        rfc8785.dumps([namespace, action, request_id])
-    ).hexdigest()
+    return (
+        DOWNSTREAM_KEY_PREFIX
+        + hashlib.sha256(rfc8785.dumps([namespace, action, request_id])).hexdigest()
+    )
 
 
 def key_from_value(value: object) -> str | None:
@@ -115,7 +115,7 @@ def key_from_value(value: object) -> str | None:
     if value is None or value == "":
         return None
     try:
-        encoded = rfc8785.dumps(value).decode()
+        encoded = rfc8785.dumps(value).decode()  # type: ignore[arg-type]
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
         raise InvalidRequestIdError(
             f"key value {value!r} cannot be encoded as canonical JSON: {exc}"

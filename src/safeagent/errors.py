@@ -104,6 +104,10 @@ class ConflictError(GuardError):
     Attributes: ``request_id``, ``namespace``, ``receipt`` (the stored record's receipt).
     """
 
+    request_id: str
+    namespace: str
+    receipt: Receipt
+
 
 class ActionMismatchError(ConflictError):
     """The request id is already used under another action."""
@@ -120,6 +124,11 @@ class InProgressError(GuardError):
     a float), ``receipt`` (the pending record).
     """
 
+    request_id: str
+    namespace: str
+    retry_after: float
+    receipt: Receipt
+
 
 class OutcomeUnknownError(GuardError):
     """The record is in doubt: the side effect may or may not have happened.
@@ -130,6 +139,13 @@ class OutcomeUnknownError(GuardError):
     ``receipt``.
     """
 
+    request_id: str
+    namespace: str
+    owner: str | None
+    claimed_at_ms: int
+    attempt: int
+    receipt: Receipt
+
 
 class ReplayedFailureError(GuardError):
     """A replay of a stored failure: ``fn`` is not run again.
@@ -138,6 +154,10 @@ class ReplayedFailureError(GuardError):
     is never unpickled), ``receipt``.
     """
 
+    error_type: str
+    error_message: str
+    receipt: Receipt
+
 
 class ResultNotSerializableError(GuardError):
     """``fn`` succeeded, but its return value could not be stored as JSON.
@@ -145,6 +165,8 @@ class ResultNotSerializableError(GuardError):
     The record is SUCCEEDED with no result, so the side effect never runs again; the
     first call and every replay raise this error. Attributes: ``receipt``.
     """
+
+    receipt: Receipt
 
 
 class LeaseLostError(GuardError):
@@ -155,6 +177,11 @@ class LeaseLostError(GuardError):
     ``request_id``, ``namespace``, ``fencing_token`` (ours), ``receipt`` (the record as
     it is now).
     """
+
+    request_id: str
+    namespace: str
+    fencing_token: int
+    receipt: Receipt | None
 
 
 class InvalidTransitionError(GuardError):

@@ -7,6 +7,7 @@ policy. What a call should do with a record is decided in ``safeagent._decide``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import time
 import weakref
@@ -183,49 +184,53 @@ def completion_events(
 ) -> list[AuditEvent]:
     """The audit events a completion writes: its outcome (accepted), a late-completion
     note (accepted after the lease expired), or a rejection (fencing token not current)."""
-    common = {
-        "namespace": completion.namespace,
-        "subject": completion.request_id,
-        "actor": completion.actor,
-        "fencing_token": completion.fencing_token,
-        "at_ms": now_ms,
-    }
-    action = (after or before).action if (after or before) else None
-    execution_id = (after or before).execution_id if (after or before) else None
+    known = after or before
+
+    def event(kind: EventKind, detail: dict[str, Any]) -> AuditEvent:
+        return AuditEvent(
+            kind=kind,
+            at_ms=now_ms,
+            namespace=completion.namespace,
+            subject=completion.request_id,
+            action=None if known is None else known.action,
+            actor=completion.actor,
+            execution_id=None if known is None else known.execution_id,
+            fencing_token=completion.fencing_token,
+            detail=detail,
+        )
+
     if after is None:
         current = None if before is None else before.fencing_token
         return [
-            AuditEvent(
-                kind=EventKind.COMPLETION_REJECTED,
-                action=action,
-                execution_id=None,
-                detail={**completion.detail, "status": completion.status.value,
-                        "current_fencing_token": current},
-                **common,  # type: ignore[arg-type]
+            event(
+                EventKind.COMPLETION_REJECTED,
+                {
+                    **completion.detail,
+                    "status": completion.status.value,
+                    "current_fencing_token": current,
+                },
             )
         ]
-    kind = {
-        Status.SUCCEEDED: EventKind.SUCCEEDED,
-        Status.FAILED: EventKind.FAILED,
-        Status.RELEASED: EventKind.RELEASED,
-        Status.IN_DOUBT: EventKind.IN_DOUBT,
-    }[completion.status]
-    out = [
-        AuditEvent(kind=kind, action=action, execution_id=execution_id,
-                   detail=dict(completion.detail), **common)  # type: ignore[arg-type]
-    ]
+    out = [event(_OUTCOME_EVENTS[completion.status], dict(completion.detail))]
     if after.lease_expires_at_ms is not None and now_ms >= after.lease_expires_at_ms:
         out.append(
-            AuditEvent(
-                kind=EventKind.LATE_COMPLETION,
-                action=action,
-                execution_id=execution_id,
-                detail={"status": completion.status.value,
-                        "lease_expired_ms_ago": now_ms - after.lease_expires_at_ms},
-                **common,  # type: ignore[arg-type]
+            event(
+                EventKind.LATE_COMPLETION,
+                {
+                    "status": completion.status.value,
+                    "lease_expired_ms_ago": now_ms - after.lease_expires_at_ms,
+                },
             )
         )
     return out
+
+
+_OUTCOME_EVENTS = {
+    Status.SUCCEEDED: EventKind.SUCCEEDED,
+    Status.FAILED: EventKind.FAILED,
+    Status.RELEASED: EventKind.RELEASED,
+    Status.IN_DOUBT: EventKind.IN_DOUBT,
+}
 
 
 def claimed_event(request: ClaimRequest, record: Record, now_ms: int) -> AuditEvent:
@@ -324,9 +329,7 @@ def _exit_flusher(ref: Callable[[], Callable[[], None] | None]) -> Callable[[], 
     def flush_at_exit() -> None:
         flush = ref()
         if flush is not None:
-            try:
+            with contextlib.suppress(Exception):  # nothing can be reported at exit
                 flush()
-            except Exception:  # noqa: BLE001, S110 - nothing can be reported at exit
-                pass
 
     return flush_at_exit

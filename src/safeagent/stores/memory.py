@@ -115,8 +115,10 @@ class MemoryStore:
                 self._append(event, now)
             if after is None:
                 return WriteResult(accepted=False, record=old)
-            late = old is not None and old.lease_expires_at_ms is not None and (
-                now >= old.lease_expires_at_ms
+            late = (
+                old is not None
+                and old.lease_expires_at_ms is not None
+                and (now >= old.lease_expires_at_ms)
             )
             return WriteResult(accepted=True, record=after, late=late)
 
@@ -145,7 +147,7 @@ class MemoryStore:
             self._append(resolved_event(resolution, after, now), now)
             return WriteResult(accepted=True, record=after)
 
-    def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:  # noqa: ARG002
+    def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
         with self._lock:
             self._append(event, self._clock())
 

@@ -21,7 +21,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -354,9 +354,7 @@ class SQLiteStore:
                 ),
             ).fetchone()
             if row is None:
-                existing = conn.execute(
-                    SQL_GET, (request.namespace, request.request_id)
-                ).fetchone()
+                existing = conn.execute(SQL_GET, (request.namespace, request.request_id)).fetchone()
                 return ClaimResult(won=False, record=_row_to_record(existing), now_ms=now)
             record = _row_to_record(row)
             conn.execute(SQL_EVENT, _event_row(claimed_event(request, record, now)))
@@ -388,7 +386,8 @@ class SQLiteStore:
             ).fetchone()
             after = None if row is None else _row_to_record(row)
             conn.executemany(
-                SQL_EVENT, [_event_row(e) for e in completion_events(completion, before, after, now)]
+                SQL_EVENT,
+                [_event_row(e) for e in completion_events(completion, before, after, now)],
             )
         if after is None:
             return WriteResult(accepted=False, record=before)
@@ -514,10 +513,8 @@ class SQLiteStore:
             with self._conns_lock:
                 conns, self._conns = self._conns, []
             for conn in conns:
-                try:
+                with suppress(sqlite3.Error):
                     conn.close()
-                except sqlite3.Error:
-                    pass
             self._local = threading.local()
 
     def __enter__(self) -> SQLiteStore:

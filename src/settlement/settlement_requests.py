@@ -1,0 +1,201 @@
+"""Compatibility with the original package's quickstart (DESIGN section 7).
+
+    from settlement.settlement_requests import SettlementRequestRegistry
+
+    registry = SettlementRequestRegistry()            # durable: $SAFEAGENT_DB or ./safeagent.db
+    receipt = registry.execute(request_id="r-1", action="send_email",
+                               payload={"to": "a@example.com"}, execute_fn=send)
+
+``execute`` never raises for a failure of ``execute_fn``: it returns a receipt dict whose
+``ok`` and ``reason`` say what happened. Bad arguments that are not a missing request id
+(a payload that is not JSON, say) still raise a typed :mod:`safeagent.errors` error. This
+module is a thin shell over :class:`safeagent.Guard`; all behaviour lives there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+from collections.abc import Callable, Collection
+from typing import Any
+
+from safeagent._guard import Guard
+from safeagent._receipt import ExecutionContext, Receipt, Status
+from safeagent.errors import (
+    ActionMismatchError,
+    ConfigurationError,
+    FingerprintMismatchError,
+    InProgressError,
+    InvalidInputError,
+    InvalidRequestIdError,
+    OutcomeUnknownError,
+    ReplayedFailureError,
+    ResultNotSerializableError,
+    StoreError,
+)
+from safeagent.stores.sqlite import SQLiteStore
+
+__all__ = ["SettlementRequestRegistry"]
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    instant = dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
+    return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _short_type(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+class SettlementRequestRegistry:
+    """The original package's registry, on SafeAgent's durable guard.
+
+    Args:
+        sqlite_path: the SQLite file; ``None`` means ``$SAFEAGENT_DB``, else
+            ``safeagent.db`` in the working directory (durable by default, unlike the
+            original's in-memory default).
+        postgres_dsn: accepted for compatibility; the PostgreSQL store is not part of this
+            release, so passing one raises :class:`~safeagent.errors.ConfigurationError`
+            rather than silently falling back to SQLite.
+        pending_ttl_seconds: the lease length in seconds (default 60): a claim whose process
+            died reads as in doubt once it expires.
+        wait_seconds: how long a concurrent duplicate waits for the first call's receipt
+            before answering ``claim_pending`` (default 10; 0 answers at once).
+        not_executed / outcome_unknown: exception types that release the claim / leave the
+            record in doubt (see :class:`safeagent.Guard`).
+        namespace: the tenant scope (default ``"default"``).
+    """
+
+    def __init__(
+        self,
+        sqlite_path: str | None = None,
+        postgres_dsn: str | None = None,
+        pending_ttl_seconds: float = 60.0,
+        *,
+        wait_seconds: float = 10.0,
+        not_executed: Collection[type[BaseException]] = (),
+        outcome_unknown: Collection[type[BaseException]] = (),
+        namespace: str = "default",
+    ) -> None:
+        if postgres_dsn is not None:
+            raise ConfigurationError(
+                "postgres_dsn: the PostgreSQL store is not available in this release; "
+                "use sqlite_path (nothing falls back silently)"
+            )
+        self.guard = Guard(
+            SQLiteStore(sqlite_path),
+            namespace=namespace,
+            lease=pending_ttl_seconds,
+            wait=wait_seconds,
+            not_executed=not_executed,
+            outcome_unknown=outcome_unknown,
+        )
+
+    def execute(
+        self,
+        request_id: str,
+        action: str,
+        payload: Any,
+        execute_fn: Callable[..., Any],
+    ) -> dict[str, Any]:
+        """Run ``execute_fn`` at most once for ``request_id``; return the receipt dict.
+
+        A zero-argument ``execute_fn`` is called with nothing, a one-argument one with the
+        payload. Reasons: ``executed``, ``dedup_same_request_id``,
+        ``execute_failed:<ExceptionType>``, ``released``, ``conflict_payload_mismatch``,
+        ``conflict_action_mismatch``, ``claim_pending``, ``in_doubt``,
+        ``missing_request_id``.
+        """
+        base: dict[str, Any] = {
+            "request_id": request_id,
+            "execution_id": None,
+            "action": action,
+            "payload": payload,
+            "timestamp_utc": None,
+            "result": None,
+            "error": None,
+        }
+        if request_id is None or request_id == "":
+            return {"ok": False, "reason": "missing_request_id", **base}
+        try:
+            receipt = self.guard.execute(
+                request_id, action, payload, self._adapt(execute_fn, payload)
+            )
+        except InvalidRequestIdError:
+            return {"ok": False, "reason": "missing_request_id", **base}
+        except FingerprintMismatchError:
+            return {"ok": False, "reason": "conflict_payload_mismatch", **base}
+        except ActionMismatchError:
+            return {"ok": False, "reason": "conflict_action_mismatch", **base}
+        except InProgressError as exc:
+            return self._dict(exc.receipt, False, "claim_pending", payload)
+        except OutcomeUnknownError as exc:
+            return self._dict(exc.receipt, False, "in_doubt", payload)
+        except ReplayedFailureError as exc:
+            return self._dict(exc.receipt, False, "dedup_same_request_id", payload)
+        except ResultNotSerializableError as exc:
+            reason = "dedup_same_request_id" if exc.receipt.replay else "executed"
+            return self._dict(exc.receipt, False, reason, payload)
+        except (InvalidInputError, StoreError):
+            raise  # bad arguments or a broken store: not a failure of execute_fn
+        except Exception as exc:  # noqa: BLE001 - the original API never raises for fn
+            return self._failed(request_id, action, payload, exc)
+        reason = "dedup_same_request_id" if receipt.replay else "executed"
+        return self._dict(receipt, True, reason, payload)
+
+    def close(self) -> None:
+        """Write buffered audit events and close the database."""
+        self.guard.close()
+
+    def _failed(self, request_id: str, action: str, payload: Any, exc: Exception) -> dict[str, Any]:
+        receipt = self.guard.get(request_id)
+        out = (
+            self._dict(receipt, False, "", payload)
+            if receipt is not None and receipt.action == action
+            else {
+                "request_id": request_id,
+                "execution_id": None,
+                "action": action,
+                "payload": payload,
+                "timestamp_utc": None,
+                "result": None,
+            }
+        )
+        out["error"] = {"type": type(exc).__name__, "message": str(exc)}
+        if receipt is not None and receipt.status is Status.RELEASED:
+            out["reason"] = "released"
+        elif receipt is not None and receipt.status is Status.IN_DOUBT:
+            out["reason"] = "in_doubt"
+        else:
+            out["reason"] = f"execute_failed:{type(exc).__name__}"
+        out["ok"] = False
+        return out
+
+    @staticmethod
+    def _adapt(execute_fn: Callable[..., Any], payload: Any) -> Callable[[ExecutionContext], Any]:
+        try:
+            takes_payload = bool(inspect.signature(execute_fn).parameters)
+        except (TypeError, ValueError):  # builtins without a signature: give the payload
+            takes_payload = True
+        if takes_payload:
+            return lambda _ctx: execute_fn(payload)
+        return lambda _ctx: execute_fn()
+
+    @staticmethod
+    def _dict(receipt: Receipt, ok: bool, reason: str, payload: Any) -> dict[str, Any]:
+        error = receipt.error
+        return {
+            "ok": ok,
+            "reason": reason,
+            "request_id": receipt.request_id,
+            "execution_id": receipt.execution_id,
+            "action": receipt.action,
+            "payload": payload,
+            "timestamp_utc": _iso(receipt.claimed_at_ms),
+            "result": receipt.result,
+            "error": None
+            if error is None
+            else {"type": _short_type(error.type), "message": error.message},
+        }

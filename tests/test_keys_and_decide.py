@@ -1,0 +1,156 @@
+"""Unit tests of the pure core: canonical JSON, fingerprints, keys and decide()."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import rfc8785
+from hypothesis import given
+from hypothesis import strategies as st
+
+from safeagent._decide import Verdict, classify_exception, decide
+from safeagent._keys import (
+    canonical_json,
+    check_request_id,
+    downstream_key,
+    fingerprint,
+    key_from_value,
+)
+from safeagent._receipt import Record, Status
+from safeagent.errors import InvalidPayloadError, InvalidRequestIdError, NotExecuted
+
+SAFE = 2**53 - 1
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-SAFE, max_value=SAFE)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(action=st.text(min_size=1), payload=json_values)
+def test_fingerprint_equals_rfc8785_of_the_whole_object(action: str, payload: object) -> None:
+    """The byte-assembled fingerprint equals sha256(rfc8785.dumps({v, action, payload}))."""
+    expected = hashlib.sha256(
+        rfc8785.dumps({"v": 1, "action": action, "payload": payload})
+    ).hexdigest()
+    assert fingerprint(action, canonical_json(payload)) == expected
+
+
+@given(payload=st.dictionaries(st.text(), json_values, max_size=6))
+def test_key_order_never_changes_the_fingerprint(payload: dict[str, object]) -> None:
+    """Reordering an object's keys gives the same canonical bytes (RFC 8785)."""
+    reordered = dict(reversed(list(payload.items())))
+    assert canonical_json(payload) == canonical_json(reordered)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [float("nan"), float("inf"), -float("inf"), 2**53, -(2**53), {1: "x"}, object(), {1, 2},
+     b"bytes", {"a": [float("nan")]}],
+)
+def test_non_json_payloads_are_rejected(bad: object) -> None:
+    """NaN, infinities, unsafe integers, non-str keys and non-JSON types are typed errors."""
+    with pytest.raises(InvalidPayloadError):
+        canonical_json(bad)
+
+
+def test_safe_integer_bounds_are_accepted() -> None:
+    """+-(2**53 - 1) are the largest integers a payload may hold."""
+    assert canonical_json([SAFE, -SAFE]) == f"[{SAFE},{-SAFE}]".encode()
+
+
+@pytest.mark.parametrize("bad", [None, 0, b"id", "", "x" * 256, ["id"]])
+def test_bad_request_ids_are_rejected(bad: object) -> None:
+    """A request id is a non-empty str of at most 255 characters."""
+    with pytest.raises(InvalidRequestIdError):
+        check_request_id(bad)
+
+
+def test_downstream_key_is_sha256_of_namespace_action_request_id() -> None:
+    """sa1- + hex sha256 of canonical [namespace, action, request_id]; differs per tenant."""
+    expected = "sa1-" + hashlib.sha256(b'["tenant-A","charge","k-1"]').hexdigest()
+    assert downstream_key("tenant-A", "charge", "k-1") == expected
+    assert downstream_key("tenant-B", "charge", "k-1") != expected
+
+
+def test_key_values_are_encoded_as_canonical_json() -> None:
+    """0, False and "0" are three distinct keys; None and "" are missing."""
+    keys = {key_from_value(0), key_from_value(False), key_from_value("0")}
+    assert keys == {"0", "false", '"0"'}
+    assert key_from_value(None) is None
+    assert key_from_value("") is None
+    assert key_from_value({"b": 1, "a": 2}) == json.dumps({"a": 2, "b": 1}, separators=(",", ":"))
+
+
+def _record(status: Status, *, action: str = "a", fp: str = "f", lease_end: int = 100) -> Record:
+    return Record(
+        namespace="default", request_id="r", action=action, fingerprint=fp, status=status,
+        payload_json="{}", result_json=None, error=None, execution_id="e", attempt=1,
+        fencing_token=1, lease_owner="o", lease_expires_at_ms=lease_end, downstream_key="k",
+        created_at_ms=0, claimed_at_ms=0, updated_at_ms=0, completed_at_ms=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "now", "action", "fp", "verdict"),
+    [
+        (Status.PENDING, 50, "a", "f", Verdict.WAIT),
+        (Status.PENDING, 100, "a", "f", Verdict.IN_DOUBT),
+        (Status.PENDING, 50, "b", "f", Verdict.CONFLICT_ACTION),
+        (Status.PENDING, 50, "a", "g", Verdict.CONFLICT_FINGERPRINT),
+        (Status.SUCCEEDED, 500, "a", "f", Verdict.REPLAY),
+        (Status.SUCCEEDED, 500, "b", "f", Verdict.CONFLICT_ACTION),
+        (Status.SUCCEEDED, 500, "a", "g", Verdict.CONFLICT_FINGERPRINT),
+        (Status.FAILED, 500, "a", "f", Verdict.REPLAY),
+        (Status.FAILED, 500, "a", "g", Verdict.CONFLICT_FINGERPRINT),
+        (Status.IN_DOUBT, 0, "a", "f", Verdict.IN_DOUBT),
+        (Status.IN_DOUBT, 0, "b", "f", Verdict.CONFLICT_ACTION),
+        (Status.RELEASED, 0, "b", "g", Verdict.CLAIM),
+    ],
+)
+def test_decide_follows_the_behaviour_table(
+    status: Status, now: int, action: str, fp: str, verdict: Verdict
+) -> None:
+    """decide() maps (record found, same/other request) to the DESIGN section 2 table."""
+    assert decide(_record(status), action, fp, now).verdict is verdict
+
+
+def test_decide_claims_when_nothing_is_there_and_reports_lease_time_left() -> None:
+    """No record: claim. A live lease: wait, with retry-after = the lease time left."""
+    assert decide(None, "a", "f", 0).verdict is Verdict.CLAIM
+    assert decide(_record(Status.PENDING, lease_end=100), "a", "f", 30).retry_after_ms == 70
+
+
+class Refused(Exception):
+    pass
+
+
+class Timeout(Exception):
+    pass
+
+
+class Both(Refused, Timeout):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (NotExecuted("no"), Status.RELEASED),
+        (Refused(), Status.RELEASED),
+        (Timeout(), Status.IN_DOUBT),
+        (Both(), Status.IN_DOUBT),
+        (ValueError(), Status.FAILED),
+        (KeyboardInterrupt(), Status.IN_DOUBT),
+        (SystemExit(1), Status.IN_DOUBT),
+    ],
+)
+def test_exception_policy(exc: BaseException, status: Status) -> None:
+    """Declared types release or leave in doubt (doubt wins); BaseExceptions leave in doubt."""
+    assert classify_exception(exc, (Refused,), (Timeout,)) is status
