@@ -79,10 +79,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (namespace, request_id)
         ) WITHOUT ROWID
         """,
-        "CREATE INDEX executions_status ON executions (status, namespace)",
         """
         CREATE TABLE audit_events (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            id INTEGER PRIMARY KEY,
             at_ms INTEGER NOT NULL,
             kind TEXT NOT NULL,
             namespace TEXT NOT NULL,
