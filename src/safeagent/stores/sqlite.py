@@ -321,8 +321,11 @@ class SQLiteStore:
                 )
 
     def _maybe_flush(self) -> None:
+        """Write the buffer if it is due; a failure keeps the events for the next write
+        rather than failing the read or replay that triggered it."""
         if self._buffer.due():
-            self.flush_events()
+            with suppress(StoreError):
+                self.flush_events()
 
     # -- the store interface ---------------------------------------------------------
 
