@@ -20,15 +20,19 @@ import json
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 from safeagent._audit import AuditEvent, EventKind
+from safeagent._cases import CaseRow, CaseState, Signal
 from safeagent._receipt import ErrorInfo, Record, Status
-from safeagent.errors import SchemaVersionError, StoreError
+from safeagent.errors import InvalidTransitionError, SchemaVersionError, StoreError
 from safeagent.stores._base import (
+    CaseMutation,
+    CaseUpdate,
     ClaimRequest,
     ClaimResult,
     Clock,
@@ -36,11 +40,14 @@ from safeagent.stores._base import (
     EventBuffer,
     Resolution,
     WriteResult,
+    case_events,
     check_durability,
     claimed_event,
     completion_events,
     resolved_event,
+    settled_event,
     stamped,
+    state_change_event,
     system_clock_ms,
 )
 
@@ -50,7 +57,7 @@ DEFAULT_DB_FILENAME = "safeagent.db"
 DB_ENV_VAR = "SAFEAGENT_DB"
 DEFAULT_BUSY_TIMEOUT = 5.0
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -95,7 +102,59 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX audit_events_subject ON audit_events (namespace, subject, id)",
     ),
+    (
+        """
+        CREATE TABLE cases (
+            namespace TEXT NOT NULL,
+            case_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            provisional_outcome TEXT,
+            outcome TEXT,
+            threshold REAL NOT NULL,
+            quorum INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            created_at_ms INTEGER NOT NULL,
+            updated_at_ms INTEGER NOT NULL,
+            resolved_by TEXT,
+            PRIMARY KEY (namespace, case_id)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE signals (
+            id INTEGER PRIMARY KEY,
+            namespace TEXT NOT NULL,
+            case_id TEXT NOT NULL,
+            source TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            confidence REAL NOT NULL,
+            metadata TEXT NOT NULL,
+            at_ms INTEGER NOT NULL,
+            status TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX signals_case ON signals (namespace, case_id, status)",
+    ),
 )
+
+CASE_COLUMNS = (
+    "namespace, case_id, state, provisional_outcome, outcome, threshold, quorum, version, "
+    "created_at_ms, updated_at_ms, resolved_by"
+)
+SQL_GET_CASE = f"SELECT {CASE_COLUMNS} FROM cases WHERE namespace = ? AND case_id = ?"
+SQL_OPEN_CASE = f"""
+INSERT INTO cases ({CASE_COLUMNS}) VALUES (?, ?, 'OPEN', NULL, NULL, ?, ?, 1, ?, ?, NULL)
+ON CONFLICT (namespace, case_id) DO NOTHING
+RETURNING {CASE_COLUMNS}
+"""
+SQL_LIVE_SIGNALS = (
+    "SELECT source, outcome, confidence, metadata, at_ms FROM signals"
+    " WHERE namespace = ? AND case_id = ? AND status = 'live' ORDER BY id"
+)
+SQL_SETTLE_CASE = f"""
+UPDATE cases SET state = 'SETTLED', version = version + 1, updated_at_ms = ?
+WHERE namespace = ? AND case_id = ? AND state = 'FINAL'
+RETURNING {CASE_COLUMNS}
+"""
 
 COLUMNS = (
     "namespace, request_id, action, fingerprint, status, payload, result, error_type, "
@@ -174,6 +233,33 @@ def _row_to_record(row: Sequence[Any]) -> Record:
     )
 
 
+def _row_to_case(row: Sequence[Any]) -> CaseRow:
+    return CaseRow(
+        namespace=row[0],
+        case_id=row[1],
+        state=CaseState(row[2]),
+        provisional_outcome=row[3],
+        outcome=row[4],
+        threshold=row[5],
+        quorum=row[6],
+        version=row[7],
+        created_at_ms=row[8],
+        updated_at_ms=row[9],
+        resolved_by=row[10],
+    )
+
+
+def _row_to_signal(row: Sequence[Any]) -> Signal:
+    return Signal(
+        source=row[0], outcome=row[1], confidence=row[2], metadata=json.loads(row[3]),
+        at_ms=row[4],
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def _event_row(event: AuditEvent) -> tuple[Any, ...]:
     return (
         event.at_ms,
@@ -184,8 +270,38 @@ def _event_row(event: AuditEvent) -> tuple[Any, ...]:
         event.actor,
         event.execution_id,
         event.fencing_token,
-        json.dumps(dict(event.detail), separators=(",", ":"), ensure_ascii=False, default=str),
+        _dumps(dict(event.detail)),
     )
+
+
+class _ConnHolder:
+    """One thread's connection. When the thread ends, its ``threading.local`` slot is
+    dropped, the holder is collected and the connection closed: a thread-per-request
+    server does not leak a connection (and two file descriptors) per request."""
+
+    __slots__ = ("__weakref__", "_finalizer", "conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _close_quietly, conn)
+        self._finalizer.atexit = False  # buffered audit events are written at exit first
+
+    def close(self) -> None:
+        if self.pid == os.getpid():
+            self._finalizer()
+        else:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Forget a connection inherited from a parent process without closing it
+        (closing could checkpoint or remove the parent's WAL under its feet)."""
+        self._finalizer.detach()
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    with suppress(sqlite3.Error):
+        conn.close()
 
 
 class SQLiteStore:
@@ -221,8 +337,7 @@ class SQLiteStore:
         self.busy_timeout = float(busy_timeout)
         self._clock = clock or system_clock_ms
         self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
+        self._holders: weakref.WeakSet[_ConnHolder] = weakref.WeakSet()
         self._closed = False
         self._buffer = EventBuffer(self.flush_events)
         self._migrate()
@@ -234,10 +349,11 @@ class SQLiteStore:
     # -- connections and transactions ------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        pid = os.getpid()
-        if conn is not None and self._local.pid == pid:
-            return conn
+        holder: _ConnHolder | None = getattr(self._local, "holder", None)
+        if holder is not None:
+            if holder.pid == os.getpid():
+                return holder.conn
+            holder.abandon()  # inherited across fork: never touch the parent's connection
         if self._closed:
             raise StoreError(f"store {self.path} is closed")
         try:
@@ -252,9 +368,9 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
-        self._local.conn, self._local.pid = conn, pid
-        with self._conns_lock:
-            self._conns.append(conn)
+        holder = _ConnHolder(conn)
+        self._local.holder = holder
+        self._holders.add(holder)
         return conn
 
     @contextmanager
@@ -287,7 +403,7 @@ class SQLiteStore:
                 try:
                     conn.execute("PRAGMA synchronous = FULL")
                 except sqlite3.Error:  # the connection is unusable; the next call reconnects
-                    self._local.conn = None
+                    self._local.holder = None
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -424,8 +540,20 @@ class SQLiteStore:
                     accepted=False, record=None if current is None else _row_to_record(current)
                 )
             record = _row_to_record(row)
-            conn.execute(SQL_EVENT, _event_row(resolved_event(resolution, record, now)))
+            events = [resolved_event(resolution, record, now)]
+            if terminal and resolution.settle_case is not None:
+                events += self._settle(conn, record, resolution.settle_case, resolution.actor, now)
+            conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
         return WriteResult(accepted=True, record=record)
+
+    @staticmethod
+    def _settle(
+        conn: sqlite3.Connection, record: Record, case_id: str, actor: str, now: int
+    ) -> list[AuditEvent]:
+        row = conn.execute(SQL_SETTLE_CASE, (now, record.namespace, case_id)).fetchone()
+        if row is None:
+            return []
+        return [settled_event(_row_to_case(row), record.execution_id, actor, now)]
 
     def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
         if buffered:
@@ -503,6 +631,139 @@ class SQLiteStore:
         rows = self._read(lambda c: c.execute(sql, args).fetchall())
         return [_row_to_record(r) for r in rows], self._clock()
 
+    # -- cases -----------------------------------------------------------------------------
+
+    def get_case(self, namespace: str, case_id: str) -> tuple[CaseRow | None, list[Signal]]:
+        def read(conn: sqlite3.Connection) -> tuple[CaseRow | None, list[Signal]]:
+            row = conn.execute(SQL_GET_CASE, (namespace, case_id)).fetchone()
+            if row is None:
+                return None, []
+            live = conn.execute(SQL_LIVE_SIGNALS, (namespace, case_id)).fetchall()
+            return _row_to_case(row), [_row_to_signal(r) for r in live]
+
+        conn = self._conn()
+        try:  # one read transaction, so the case and its signals are one snapshot
+            conn.execute("BEGIN")
+            try:
+                return read(conn)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
+
+    def _open_case(
+        self, conn: sqlite3.Connection, namespace: str, case_id: str, policy: tuple[float, int],
+        now: int, events: list[AuditEvent],
+    ) -> CaseRow:
+        row = conn.execute(
+            SQL_OPEN_CASE, (namespace, case_id, policy[0], policy[1], now, now)
+        ).fetchone()
+        if row is not None:
+            case = _row_to_case(row)
+            events.append(
+                state_change_event(case, None, CaseState.OPEN, None, "safeagent", {}, now)
+            )
+            return case
+        return _row_to_case(conn.execute(SQL_GET_CASE, (namespace, case_id)).fetchone())
+
+    def open_case(self, namespace: str, case_id: str, threshold: float, quorum: int) -> CaseRow:
+        events: list[AuditEvent] = []
+        with self._write() as conn:
+            now = self._clock()
+            case = self._open_case(conn, namespace, case_id, (threshold, quorum), now, events)
+            conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
+        return case
+
+    def update_case(
+        self,
+        namespace: str,
+        case_id: str,
+        mutate: CaseMutation,
+        *,
+        signal: Signal | None,
+        actor: str,
+        detail: dict[str, Any],
+        open_with: tuple[float, int] | None = None,
+    ) -> CaseUpdate:
+        events: list[AuditEvent] = []
+        with self._write() as conn:
+            now = self._clock()
+            if open_with is not None:
+                case = self._open_case(conn, namespace, case_id, open_with, now, events)
+            else:
+                row = conn.execute(SQL_GET_CASE, (namespace, case_id)).fetchone()
+                if row is None:
+                    raise InvalidTransitionError(
+                        f"no case {case_id!r} in namespace {namespace!r}", case_id=case_id
+                    )
+                case = _row_to_case(row)
+            live = [
+                _row_to_signal(r)
+                for r in conn.execute(SQL_LIVE_SIGNALS, (namespace, case_id)).fetchall()
+            ]
+            change = mutate(case, live)
+            if signal is not None:
+                signal = Signal(signal.source, signal.outcome, signal.confidence,
+                                signal.metadata, now)
+                if not change.late:
+                    conn.execute(
+                        "UPDATE signals SET status = 'replaced' WHERE namespace = ? AND "
+                        "case_id = ? AND source = ? AND status = 'live'",
+                        (namespace, case_id, signal.source),
+                    )
+                    live = [s for s in live if s.source != signal.source] + [signal]
+                conn.execute(
+                    "INSERT INTO signals (namespace, case_id, source, outcome, confidence,"
+                    " metadata, at_ms, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (namespace, case_id, signal.source, signal.outcome, signal.confidence,
+                     _dumps(dict(signal.metadata)), now, "late" if change.late else "live"),
+                )
+            after = case
+            if change.path or (signal is not None and not change.late):
+                row = conn.execute(
+                    f"UPDATE cases SET state = ?, provisional_outcome = ?, outcome = ?,"
+                    f" version = version + 1, updated_at_ms = ?,"
+                    f" resolved_by = COALESCE(?, resolved_by)"
+                    f" WHERE namespace = ? AND case_id = ? RETURNING {CASE_COLUMNS}",
+                    (
+                        (change.path[-1] if change.path else case.state).value,
+                        change.provisional_outcome,
+                        change.outcome,
+                        now,
+                        detail.get("by"),
+                        namespace,
+                        case_id,
+                    ),
+                ).fetchone()
+                after = _row_to_case(row)
+            events += case_events(case, change, signal, actor, detail, now)
+            conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
+        return CaseUpdate(case=after, live=live, change=change)
+
+    def cases(
+        self, *, namespace: str | None = None, states: Sequence[CaseState] | None = None
+    ) -> list[CaseRow]:
+        sql = f"SELECT {CASE_COLUMNS} FROM cases WHERE 1 = 1"
+        args: list[Any] = []
+        if namespace is not None:
+            sql += " AND namespace = ?"
+            args.append(namespace)
+        if states is not None:
+            sql += f" AND state IN ({', '.join('?' for _ in states)})"
+            args.extend(s.value for s in states)
+        sql += " ORDER BY created_at_ms, namespace, case_id"
+        return [_row_to_case(r) for r in self._read(lambda c: c.execute(sql, args).fetchall())]
+
+    def case_signals(self, namespace: str, case_id: str) -> list[tuple[Signal, str]]:
+        rows = self._read(
+            lambda c: c.execute(
+                "SELECT source, outcome, confidence, metadata, at_ms, status FROM signals"
+                " WHERE namespace = ? AND case_id = ? ORDER BY id",
+                (namespace, case_id),
+            ).fetchall()
+        )
+        return [(_row_to_signal(r), r[5]) for r in rows]
+
     def close(self) -> None:
         """Write buffered audit events and close every connection this store opened."""
         if self._closed:
@@ -512,11 +773,8 @@ class SQLiteStore:
         finally:
             self._closed = True
             self._buffer.detach()
-            with self._conns_lock:
-                conns, self._conns = self._conns, []
-            for conn in conns:
-                with suppress(sqlite3.Error):
-                    conn.close()
+            for holder in list(self._holders):
+                holder.close()
             self._local = threading.local()
 
     def __enter__(self) -> SQLiteStore:

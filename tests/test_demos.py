@@ -1,0 +1,80 @@
+"""The examples run as newcomers run them: as scripts, in a fresh directory, twice."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TIMEOUT = 60
+
+pytestmark = pytest.mark.slow
+
+
+def run_example(name: str, cwd: Path, db: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SAFEAGENT_DB"}
+    if db is not None:
+        env["SAFEAGENT_DB"] = str(db)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+def assert_demo_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"charges in ledger\s+2\s+1\s*$", result.stdout, re.MULTILINE)
+    assert re.search(r"replay flag\s+-\s+True\s*$", result.stdout, re.MULTILINE)
+    assert "[FAILED]" not in result.stdout
+    assert "RESULT: ok" in result.stdout
+
+
+def test_safe_agent_demo_charges_twice_unguarded_and_once_guarded_on_every_run(tmp_path):
+    """The main demo exits 0 twice in one directory: 2 charges unguarded, 1 guarded."""
+    first = run_example("safe_agent_demo.py", tmp_path)
+    assert_demo_ok(first)
+    second = run_example("safe_agent_demo.py", tmp_path)
+    assert_demo_ok(second)
+    assert (tmp_path / "safeagent.db").exists()
+    assert f"Guard database:  {tmp_path / 'safeagent.db'}" in second.stdout
+
+
+def test_safe_agent_demo_honours_safeagent_db(tmp_path):
+    """With SAFEAGENT_DB set, the main demo keeps its guard records in that file only."""
+    db = tmp_path / "elsewhere" / "guard.db"
+    db.parent.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = run_example("safe_agent_demo.py", cwd, db=db)
+    assert_demo_ok(result)
+    assert db.exists()
+    assert not (cwd / "safeagent.db").exists()
+    assert f"Guard database:  {db}" in result.stdout
+
+
+def test_persist_demo_executes_once_then_replays_from_sqlite(tmp_path):
+    """The persist demo executes on its first run and replays on its second: one side effect."""
+    first = run_example("persist_demo.py", tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.startswith("executed")
+
+    second = run_example("persist_demo.py", tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    db = tmp_path / "safeagent.db"
+    assert f"replayed from {db}: not executed again" in second.stdout
+
+    execution_ids = [re.findall(r"execution id: (\w+)", r.stdout) for r in (first, second)]
+    assert len(execution_ids[0]) == 1
+    assert execution_ids[0] == execution_ids[1]
+    ledger = tmp_path / "persist_demo_ledger.txt"
+    assert len(ledger.read_text(encoding="utf-8").splitlines()) == 1
