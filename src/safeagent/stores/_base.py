@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from safeagent._audit import REPLAY_BUFFER_EVENTS, REPLAY_BUFFER_SECONDS, AuditEvent, EventKind
+from safeagent._cases import CaseChange, CaseRow, CaseState, Signal
 from safeagent._receipt import ErrorInfo, Record, Status
 from safeagent.errors import ConfigurationError
 
@@ -87,6 +88,9 @@ class Completion:
     error: ErrorInfo | None
     actor: str
     detail: dict[str, Any] = field(default_factory=dict)
+    settle_case: str | None = None
+    """A case id: a terminal outcome moves that case FINAL -> SETTLED in the same
+    transaction (DESIGN section 4)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,7 @@ class Resolution:
     error: ErrorInfo | None
     actor: str
     reason: str
+    settle_case: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +182,124 @@ class ReceiptStore(Protocol):
     def close(self) -> None:
         """Flush buffered events and release connections."""
         ...
+
+    # -- cases (the finality gate) ---------------------------------------------------------
+
+    def get_case(self, namespace: str, case_id: str) -> tuple[CaseRow | None, list[Signal]]:
+        """The case (or ``None``) and its live signals, oldest first."""
+        ...
+
+    def open_case(self, namespace: str, case_id: str, threshold: float, quorum: int) -> CaseRow:
+        """Create the case OPEN if absent (audited); return the case as stored."""
+        ...
+
+    def update_case(
+        self,
+        namespace: str,
+        case_id: str,
+        mutate: CaseMutation,
+        *,
+        signal: Signal | None,
+        actor: str,
+        detail: dict[str, Any],
+        open_with: tuple[float, int] | None = None,
+    ) -> CaseUpdate:
+        """In one transaction with the case locked: read it and its live signals, ask
+        ``mutate`` for the change (it may raise to change nothing), store ``signal`` (live,
+        or late) and the new state, and audit the signal and every state passed through.
+        ``open_with`` (threshold, quorum) opens an absent case first."""
+        ...
+
+    def cases(
+        self, *, namespace: str | None = None, states: Sequence[CaseState] | None = None
+    ) -> list[CaseRow]:
+        """Cases, oldest first, optionally filtered."""
+        ...
+
+    def case_signals(self, namespace: str, case_id: str) -> list[tuple[Signal, str]]:
+        """Every signal of a case in arrival order, with its status: live, replaced, late."""
+        ...
+
+
+CaseMutation = Callable[[CaseRow, list[Signal]], CaseChange]
+"""A pure function from (case, live signals) to the change to apply (see ``_cases``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaseUpdate:
+    """The case after an update, its live signals, and the change that was applied."""
+
+    case: CaseRow
+    live: list[Signal]
+    change: CaseChange
+
+
+def case_events(
+    before: CaseRow,
+    change: CaseChange,
+    signal: Signal | None,
+    actor: str,
+    detail: dict[str, Any],
+    now_ms: int,
+) -> list[AuditEvent]:
+    """The audit events of one case update: the signal (with what it replaced, or that it
+    came late), then one state change per state passed through."""
+    out: list[AuditEvent] = []
+    if signal is not None:
+        out.append(
+            AuditEvent(
+                kind=EventKind.SIGNAL, at_ms=now_ms, namespace=before.namespace,
+                subject=before.case_id, actor=signal.source,
+                detail={
+                    **detail,
+                    "outcome": signal.outcome,
+                    "confidence": signal.confidence,
+                    "late": change.late,
+                    "replaced": None if change.replaced is None else {
+                        "outcome": change.replaced.outcome,
+                        "confidence": change.replaced.confidence,
+                    },
+                },
+            )
+        )
+    state = before.state
+    for to in change.path:
+        out.append(state_change_event(before, state, to, change, actor, detail, now_ms))
+        state = to
+    return out
+
+
+def state_change_event(
+    case: CaseRow,
+    frm: CaseState | None,
+    to: CaseState,
+    change: CaseChange | None,
+    actor: str,
+    detail: dict[str, Any],
+    now_ms: int,
+) -> AuditEvent:
+    return AuditEvent(
+        kind=EventKind.STATE_CHANGE, at_ms=now_ms, namespace=case.namespace,
+        subject=case.case_id, actor=actor,
+        detail={
+            "from": None if frm is None else frm.value,
+            "to": to.value,
+            "outcome": None if change is None else (
+                change.outcome if to in (CaseState.FINAL, CaseState.SETTLED)
+                else change.provisional_outcome
+            ),
+            **{k: v for k, v in detail.items() if k in ("by", "reason", "execution_id")},
+        },
+    )
+
+
+def settled_event(case: CaseRow, execution_id: str, actor: str, now_ms: int) -> AuditEvent:
+    return AuditEvent(
+        kind=EventKind.STATE_CHANGE, at_ms=now_ms, namespace=case.namespace,
+        subject=case.case_id, actor=actor, execution_id=execution_id,
+        detail={"from": CaseState.FINAL.value, "to": CaseState.SETTLED.value,
+                "outcome": case.outcome},
+    )
 
 
 def completion_events(

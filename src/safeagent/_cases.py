@@ -1,0 +1,262 @@
+"""The finality gate's pure core: case states, transitions and consensus (DESIGN section 4).
+
+No I/O here. A store applies :func:`apply_signal` and :func:`apply_resolution` inside one
+transaction (with the case row locked), so the rules are written once for every store.
+
+States and the only transitions allowed::
+
+    OPEN --agree--> RESOLVED_PROVISIONAL --consensus or operator--> FINAL --receipt--> SETTLED
+      |                     | provisional outcome changes             ^
+      '--conflict--> IN_RECONCILIATION --consensus or operator--------'
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from safeagent.errors import ConfigurationError, InvalidInputError, InvalidTransitionError
+
+
+class CaseState(str, enum.Enum):
+    """Where a decision stands."""
+
+    OPEN = "OPEN"
+    RESOLVED_PROVISIONAL = "RESOLVED_PROVISIONAL"
+    IN_RECONCILIATION = "IN_RECONCILIATION"
+    FINAL = "FINAL"
+    SETTLED = "SETTLED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TRANSITIONS: Mapping[CaseState, frozenset[CaseState]] = {
+    CaseState.OPEN: frozenset({CaseState.RESOLVED_PROVISIONAL, CaseState.IN_RECONCILIATION}),
+    CaseState.RESOLVED_PROVISIONAL: frozenset({CaseState.IN_RECONCILIATION, CaseState.FINAL}),
+    CaseState.IN_RECONCILIATION: frozenset({CaseState.FINAL}),
+    CaseState.FINAL: frozenset({CaseState.SETTLED}),
+    CaseState.SETTLED: frozenset(),
+}
+"""DESIGN section 4's transition table: the only (from, to) pairs allowed."""
+
+BEFORE_FINAL = frozenset(
+    {CaseState.OPEN, CaseState.RESOLVED_PROVISIONAL, CaseState.IN_RECONCILIATION}
+)
+
+
+def check_transition(case_id: str, frm: CaseState, to: CaseState) -> None:
+    """Raise :class:`InvalidTransitionError` unless ``frm -> to`` is in the table."""
+    if to not in TRANSITIONS[frm]:
+        raise InvalidTransitionError(
+            f"case {case_id!r}: {frm.value} -> {to.value} is not an allowed transition",
+            case_id=case_id, from_state=frm, to_state=to,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConsensusPolicy:
+    """When the live signals make a case FINAL (DESIGN section 4).
+
+    With live signals ``S`` (one per source), ``score(o)`` is the sum of the confidences of
+    the sources voting ``o``, divided by ``|S|``. The case becomes FINAL with outcome ``o``
+    when all three hold:
+
+    1. ``score(o) >= threshold``;
+    2. at least ``quorum`` sources vote ``o`` with confidence > 0;
+    3. ``score(o)`` is strictly above every other outcome's score (a tie never finalizes).
+
+    Scores are compared exactly (rational arithmetic on the given floats), so 3 x 0.8 at
+    threshold 0.8 finalizes whatever the float rounding of the sum.
+
+    Worked example, threshold 0.7 and quorum 2: A votes ``approve`` at 0.9, B ``approve``
+    at 0.8, C ``reject`` at 0.6. ``score(approve) = 1.7 / 3 = 0.567`` < 0.7: not final.
+    C replaces its signal with ``approve`` at 0.5: ``score(approve) = 2.2 / 3 = 0.733``,
+    three voters, no rival: FINAL ``approve``.
+
+    Args:
+        threshold: in (0, 1].
+        quorum: an int >= 1.
+
+    Raises:
+        ConfigurationError: a threshold or quorum out of range.
+    """
+
+    threshold: float = 0.8
+    quorum: int = 1
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
+            raise ConfigurationError(f"threshold must be in (0, 1], got {t!r}")
+        q = self.quorum
+        if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+            raise ConfigurationError(f"quorum must be an int >= 1, got {q!r}")
+
+    def tally(self, signals: Sequence[Signal]) -> Tally:
+        """Score the live signals and say which outcome, if any, is final."""
+        if not signals:
+            return Tally(scores={}, voters={}, winner=None)
+        sums: dict[str, Fraction] = {}
+        voters: dict[str, int] = {}
+        for s in signals:
+            sums[s.outcome] = sums.get(s.outcome, Fraction(0)) + Fraction(s.confidence)
+            if s.confidence > 0:
+                voters[s.outcome] = voters.get(s.outcome, 0) + 1
+        n = len(signals)
+        threshold = Fraction(self.threshold)
+        winner = None
+        for outcome, total in sums.items():
+            score = total / n
+            if (
+                score >= threshold
+                and voters.get(outcome, 0) >= self.quorum
+                and all(score > other / n for o, other in sums.items() if o != outcome)
+            ):
+                winner = outcome
+        return Tally(
+            scores={o: float(total / n) for o, total in sorted(sums.items())},
+            voters=dict(sorted(voters.items())),
+            winner=winner,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """The scores of the live signals: ``scores[o]`` as defined by the policy,
+    ``voters[o]`` the sources voting ``o`` with confidence > 0, ``winner`` the outcome that
+    meets the policy (or ``None``)."""
+
+    scores: Mapping[str, float]
+    voters: Mapping[str, int]
+    winner: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scores": dict(self.scores), "voters": dict(self.voters), "winner": self.winner}
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """One source's view of a case: ``outcome`` with ``confidence`` in [0, 1]."""
+
+    source: str
+    outcome: str
+    confidence: float
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    at_ms: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "outcome": self.outcome,
+            "confidence": self.confidence,
+            "metadata": dict(self.metadata),
+            "at_ms": self.at_ms,
+        }
+
+
+def check_signal(source: object, outcome: object, confidence: object) -> float:
+    """Validate a signal's fields; return the confidence as a float.
+
+    Raises:
+        InvalidInputError: an empty source or outcome, or a confidence outside [0, 1].
+    """
+    for name, value in (("source", source), ("outcome", outcome)):
+        if not isinstance(value, str) or not value or len(value) > 255:
+            raise InvalidInputError(f"{name} must be a non-empty str of at most 255 characters")
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, (int, float))
+        or not math.isfinite(confidence)
+        or not 0 <= confidence <= 1
+    ):
+        raise InvalidInputError(f"confidence must be a number in [0, 1], got {confidence!r}")
+    return float(confidence)
+
+
+@dataclass(frozen=True, slots=True)
+class CaseRow:
+    """A case as stored: state, the provisional and final outcomes, its policy, a version
+    bumped on every change, and who resolved it (an operator) if anyone did."""
+
+    namespace: str
+    case_id: str
+    state: CaseState
+    provisional_outcome: str | None
+    outcome: str | None
+    threshold: float
+    quorum: int
+    version: int
+    created_at_ms: int
+    updated_at_ms: int
+    resolved_by: str | None = None
+
+    @property
+    def policy(self) -> ConsensusPolicy:
+        return ConsensusPolicy(self.threshold, self.quorum)
+
+
+@dataclass(frozen=True, slots=True)
+class CaseChange:
+    """What one signal or resolution does to a case: the states it passes through (each one
+    audited), the new provisional and final outcomes, and whether the signal was late."""
+
+    path: tuple[CaseState, ...]
+    provisional_outcome: str | None
+    outcome: str | None
+    late: bool = False
+    replaced: Signal | None = None
+
+
+def apply_signal(case: CaseRow, live: Sequence[Signal], signal: Signal) -> CaseChange:
+    """The transitions a new ``signal`` causes, given the case and its live signals.
+
+    Before FINAL, the signal replaces its source's live signal. All live signals agreeing
+    make OPEN -> RESOLVED_PROVISIONAL; a conflict, or any change of the provisional outcome,
+    makes it IN_RECONCILIATION. Then, if the policy finds a winner, the case moves to FINAL
+    in the same step. After FINAL the signal is recorded and ignored (``late``).
+    """
+    if case.state not in BEFORE_FINAL:
+        return CaseChange((), case.provisional_outcome, case.outcome, late=True)
+    replaced = next((s for s in live if s.source == signal.source), None)
+    signals = [s for s in live if s.source != signal.source] + [signal]
+    outcomes = {s.outcome for s in signals}
+    agreed = next(iter(outcomes)) if len(outcomes) == 1 else None
+    state = case.state
+    path: list[CaseState] = []
+    provisional = case.provisional_outcome
+    if state is CaseState.OPEN:
+        state = CaseState.RESOLVED_PROVISIONAL if agreed else CaseState.IN_RECONCILIATION
+        path.append(state)
+        provisional = agreed
+    elif state is CaseState.RESOLVED_PROVISIONAL and agreed != case.provisional_outcome:
+        state = CaseState.IN_RECONCILIATION
+        path.append(state)
+        provisional = None
+    winner = case.policy.tally(signals).winner
+    outcome = None
+    if winner is not None:
+        # Still RESOLVED_PROVISIONAL means every live signal votes `provisional`, so the
+        # winner can only be that outcome; IN_RECONCILIATION may finalize any outcome.
+        path.append(CaseState.FINAL)
+        outcome = winner
+    return CaseChange(tuple(path), provisional, outcome, replaced=replaced)
+
+
+def apply_resolution(case: CaseRow, outcome: str) -> CaseChange:
+    """An operator's resolution: RESOLVED_PROVISIONAL or IN_RECONCILIATION -> FINAL.
+
+    Raises:
+        InvalidTransitionError: from any other state.
+    """
+    if case.state not in (CaseState.RESOLVED_PROVISIONAL, CaseState.IN_RECONCILIATION):
+        raise InvalidTransitionError(
+            f"case {case.case_id!r} is {case.state.value}: an operator resolves only "
+            "RESOLVED_PROVISIONAL or IN_RECONCILIATION cases",
+            case_id=case.case_id, from_state=case.state, to_state=CaseState.FINAL,
+        )
+    return CaseChange((CaseState.FINAL,), case.provisional_outcome, outcome)
