@@ -9,6 +9,8 @@ from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from safeagent._audit import AuditEvent, EventKind, default_redactor, no_redaction
+from safeagent._cases import CaseState, ConsensusPolicy, Signal, Tally
+from safeagent._gate import Case, FinalityGate
 from safeagent._guard import DEFAULT_LEASE, DEFAULT_WAIT, Guard, GuardedFunction, json_default
 from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, current_context
 from safeagent.errors import (
@@ -25,6 +27,7 @@ from safeagent.errors import (
     LeaseLostError,
     MissingKeyError,
     NotExecuted,
+    NotFinalError,
     OutcomeUnknownError,
     ReplayedFailureError,
     ResultNotSerializableError,
@@ -41,13 +44,17 @@ except _PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [  # noqa: RUF022 - plain sorted(), checked by test_packaging
     "ActionMismatchError",
     "AuditEvent",
+    "Case",
+    "CaseState",
     "ConfigurationError",
     "ConflictError",
+    "ConsensusPolicy",
     "DEFAULT_LEASE",
     "DEFAULT_WAIT",
     "ErrorInfo",
     "EventKind",
     "ExecutionContext",
+    "FinalityGate",
     "FingerprintMismatchError",
     "Guard",
     "GuardError",
@@ -61,6 +68,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), checked by test_packaging
     "MemoryStore",
     "MissingKeyError",
     "NotExecuted",
+    "NotFinalError",
     "OutcomeUnknownError",
     "Receipt",
     "ReceiptStore",
@@ -68,8 +76,10 @@ __all__ = [  # noqa: RUF022 - plain sorted(), checked by test_packaging
     "ResultNotSerializableError",
     "SQLiteStore",
     "SchemaVersionError",
+    "Signal",
     "Status",
     "StoreError",
+    "Tally",
     "__version__",
     "current_context",
     "default_redactor",

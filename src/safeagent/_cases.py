@@ -54,7 +54,9 @@ def check_transition(case_id: str, frm: CaseState, to: CaseState) -> None:
     if to not in TRANSITIONS[frm]:
         raise InvalidTransitionError(
             f"case {case_id!r}: {frm.value} -> {to.value} is not an allowed transition",
-            case_id=case_id, from_state=frm, to_state=to,
+            case_id=case_id,
+            from_state=frm,
+            to_state=to,
         )
 
 
@@ -257,6 +259,8 @@ def apply_resolution(case: CaseRow, outcome: str) -> CaseChange:
         raise InvalidTransitionError(
             f"case {case.case_id!r} is {case.state.value}: an operator resolves only "
             "RESOLVED_PROVISIONAL or IN_RECONCILIATION cases",
-            case_id=case.case_id, from_state=case.state, to_state=CaseState.FINAL,
+            case_id=case.case_id,
+            from_state=case.state,
+            to_state=CaseState.FINAL,
         )
     return CaseChange((CaseState.FINAL,), case.provisional_outcome, outcome)

@@ -40,6 +40,7 @@ from safeagent.errors import (
     FingerprintMismatchError,
     InProgressError,
     InvalidInputError,
+    InvalidRequestIdError,
     InvalidTransitionError,
     LeaseLostError,
     MissingKeyError,
@@ -61,6 +62,8 @@ DEFAULT_WAIT = 10.0
 POLL_START = 0.002
 POLL_MAX = 0.1
 UNSERIALIZABLE = "safeagent.ResultNotSerializable"
+CASE_PREFIX = "case:"
+"""Request ids of case settlements (DESIGN section 4); reserved for FinalityGate.settle."""
 
 ExceptionTypes = tuple[type[BaseException], ...]
 Seconds = float | dt.timedelta
@@ -160,6 +163,7 @@ class _Call:
     wait: float
     not_executed: ExceptionTypes
     outcome_unknown: ExceptionTypes
+    settle_case: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -285,6 +289,12 @@ class Guard:
             StoreError: the store failed. Before ``fn`` started: ``fn`` did not run.
             Any exception ``fn`` raised, on the call that ran it.
         """
+        if isinstance(request_id, str) and request_id.startswith(CASE_PREFIX):
+            raise InvalidRequestIdError(
+                f"request ids starting with {CASE_PREFIX!r} are reserved for case settlement "
+                "(FinalityGate.settle)",
+                request_id=request_id,
+            )
         call = self._prepare(
             request_id,
             action,
@@ -296,6 +306,10 @@ class Guard:
             not_executed,
             outcome_unknown,
         )
+        return self._execute(call, fn)
+
+    def _execute(self, call: _Call, fn: Callable[[ExecutionContext], Any]) -> Receipt:
+        """The driver loop shared by :meth:`execute` and case settlement."""
         store = self.store
         record, now = store.get(call.namespace, call.request_id)
         deadline: float | None = None
@@ -465,6 +479,7 @@ class Guard:
                 namespace=ns,
                 status=current,
             )
+        settle_case = request_id[len(CASE_PREFIX) :] if request_id.startswith(CASE_PREFIX) else None
         written = self.store.resolve(
             Resolution(
                 ns,
@@ -475,6 +490,7 @@ class Guard:
                 error,
                 actor=by,
                 reason=reason,
+                settle_case=settle_case,
             )
         )
         if not written.accepted or written.record is None:
@@ -534,6 +550,8 @@ class Guard:
         lease: Seconds | None,
         not_executed: Collection[type[BaseException]] | None,
         outcome_unknown: Collection[type[BaseException]] | None,
+        *,
+        settle_case: str | None = None,
     ) -> _Call:
         check_request_id(request_id)
         check_name("action", action)
@@ -561,6 +579,7 @@ class Guard:
             outcome_unknown=self.outcome_unknown
             if outcome_unknown is None
             else _exception_types("outcome_unknown", outcome_unknown),
+            settle_case=settle_case,
         )
 
     def _owner_name(self) -> str:
@@ -670,6 +689,7 @@ class Guard:
             error=error,
             actor=self._owner_name(),
             detail={"error": None if error is None else error.to_dict()},
+            settle_case=call.settle_case,
         )
         try:
             return self.store.complete(completion)

@@ -17,6 +17,7 @@ Every error SafeAgent raises on its own account derives from :class:`GuardError`
     ├── ResultNotSerializableError  fn succeeded but its return value could not be stored
     ├── LeaseLostError              fn finished but its fencing token is no longer current
     ├── InvalidTransitionError      a state change that the state machine does not allow
+    ├── NotFinalError               a case's side effect was asked for before it is FINAL
     ├── NotExecuted                 raised *by fn* to say "nothing happened": releases the claim
     └── StoreError                  the store failed; always chained (``raise ... from exc``)
         └── SchemaVersionError      the database was written by a newer SafeAgent
@@ -46,6 +47,7 @@ __all__ = [
     "LeaseLostError",
     "MissingKeyError",
     "NotExecuted",
+    "NotFinalError",
     "OutcomeUnknownError",
     "ReplayedFailureError",
     "ResultNotSerializableError",
@@ -57,7 +59,9 @@ __all__ = [
 class GuardError(Exception):
     """Base class of every error SafeAgent raises on its own account."""
 
-    def __init__(self, message: str, **attrs: Any) -> None:
+    def __init__(self, message: str | None = None, **attrs: Any) -> None:
+        if message is None:  # `raise NotExecuted` with no message: the class says what it is
+            message = (type(self).__doc__ or type(self).__name__).strip().splitlines()[0]
         super().__init__(message)
         self.message = message
         self._attrs = attrs
@@ -68,7 +72,7 @@ class GuardError(Exception):
         return (_rebuild, (type(self), self.message, self._attrs))
 
 
-def _rebuild(cls: type[GuardError], message: str, attrs: dict[str, Any]) -> GuardError:
+def _rebuild(cls: type[GuardError], message: str | None, attrs: dict[str, Any]) -> GuardError:
     err = cls.__new__(cls)
     GuardError.__init__(err, message, **attrs)
     return err
@@ -186,6 +190,19 @@ class LeaseLostError(GuardError):
 
 class InvalidTransitionError(GuardError):
     """The requested state change is not allowed from the current state. Nothing changed."""
+
+
+class NotFinalError(GuardError):
+    """A case's settlement was asked for before the case is FINAL. Nothing ran.
+
+    Attributes: ``case_id``, ``namespace``, ``state`` (a ``CaseState``, or ``None`` when
+    the case does not exist), ``tally`` (the live signals' ``Tally``, or ``None``).
+    """
+
+    case_id: str
+    namespace: str
+    state: Any
+    tally: Any
 
 
 class NotExecuted(GuardError):  # noqa: N818 - the name states the fact, as DESIGN.md names it

@@ -248,14 +248,19 @@ def case_events(
     if signal is not None:
         out.append(
             AuditEvent(
-                kind=EventKind.SIGNAL, at_ms=now_ms, namespace=before.namespace,
-                subject=before.case_id, actor=signal.source,
+                kind=EventKind.SIGNAL,
+                at_ms=now_ms,
+                namespace=before.namespace,
+                subject=before.case_id,
+                actor=signal.source,
                 detail={
                     **detail,
                     "outcome": signal.outcome,
                     "confidence": signal.confidence,
                     "late": change.late,
-                    "replaced": None if change.replaced is None else {
+                    "replaced": None
+                    if change.replaced is None
+                    else {
                         "outcome": change.replaced.outcome,
                         "confidence": change.replaced.confidence,
                     },
@@ -279,13 +284,19 @@ def state_change_event(
     now_ms: int,
 ) -> AuditEvent:
     return AuditEvent(
-        kind=EventKind.STATE_CHANGE, at_ms=now_ms, namespace=case.namespace,
-        subject=case.case_id, actor=actor,
+        kind=EventKind.STATE_CHANGE,
+        at_ms=now_ms,
+        namespace=case.namespace,
+        subject=case.case_id,
+        actor=actor,
         detail={
             "from": None if frm is None else frm.value,
             "to": to.value,
-            "outcome": None if change is None else (
-                change.outcome if to in (CaseState.FINAL, CaseState.SETTLED)
+            "outcome": None
+            if change is None
+            else (
+                change.outcome
+                if to in (CaseState.FINAL, CaseState.SETTLED)
                 else change.provisional_outcome
             ),
             **{k: v for k, v in detail.items() if k in ("by", "reason", "execution_id")},
@@ -295,10 +306,17 @@ def state_change_event(
 
 def settled_event(case: CaseRow, execution_id: str, actor: str, now_ms: int) -> AuditEvent:
     return AuditEvent(
-        kind=EventKind.STATE_CHANGE, at_ms=now_ms, namespace=case.namespace,
-        subject=case.case_id, actor=actor, execution_id=execution_id,
-        detail={"from": CaseState.FINAL.value, "to": CaseState.SETTLED.value,
-                "outcome": case.outcome},
+        kind=EventKind.STATE_CHANGE,
+        at_ms=now_ms,
+        namespace=case.namespace,
+        subject=case.case_id,
+        actor=actor,
+        execution_id=execution_id,
+        detail={
+            "from": CaseState.FINAL.value,
+            "to": CaseState.SETTLED.value,
+            "outcome": case.outcome,
+        },
     )
 
 

@@ -6,20 +6,28 @@ import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from safeagent._audit import AuditEvent
+from safeagent._cases import CaseRow, CaseState, Signal
 from safeagent._receipt import Record, Status
+from safeagent.errors import InvalidTransitionError
 from safeagent.stores._base import (
+    CaseMutation,
+    CaseUpdate,
     ClaimRequest,
     ClaimResult,
     Clock,
     Completion,
     Resolution,
     WriteResult,
+    case_events,
     claimed_event,
     completion_events,
     resolved_event,
+    settled_event,
     stamped,
+    state_change_event,
     system_clock_ms,
 )
 
@@ -45,6 +53,8 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._records: dict[tuple[str, str], Record] = {}
         self._events: list[AuditEvent] = []
+        self._cases: dict[tuple[str, str], CaseRow] = {}
+        self._signals: dict[tuple[str, str], list[tuple[Signal, str]]] = {}
         self._seq = itertools.count(1)
         self._identity = f"memory:{next(_ids)}"
 
@@ -111,6 +121,8 @@ class MemoryStore:
                     completed_at_ms=now if terminal else None,
                 )
                 self._records[key] = after
+                if terminal and completion.settle_case is not None:
+                    self._settle(after, completion.settle_case, completion.actor, now)
             for event in completion_events(completion, old, after, now):
                 self._append(event, now)
             if after is None:
@@ -145,7 +157,19 @@ class MemoryStore:
             )
             self._records[key] = after
             self._append(resolved_event(resolution, after, now), now)
+            if terminal and resolution.settle_case is not None:
+                self._settle(after, resolution.settle_case, resolution.actor, now)
             return WriteResult(accepted=True, record=after)
+
+    def _settle(self, record: Record, case_id: str, actor: str, now: int) -> None:
+        key = (record.namespace, case_id)
+        case = self._cases.get(key)
+        if case is not None and case.state is CaseState.FINAL:
+            case = replace(
+                case, state=CaseState.SETTLED, version=case.version + 1, updated_at_ms=now
+            )
+            self._cases[key] = case
+            self._append(settled_event(case, record.execution_id, actor, now), now)
 
     def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
         with self._lock:
@@ -189,6 +213,113 @@ class MemoryStore:
             now = self._clock()
         out.sort(key=lambda r: (r.created_at_ms, r.namespace, r.request_id))
         return (out if limit is None else out[:limit]), now
+
+    # -- cases -----------------------------------------------------------------------------
+
+    def _live(self, key: tuple[str, str]) -> list[Signal]:
+        return [sig for sig, status in self._signals.get(key, []) if status == "live"]
+
+    def get_case(self, namespace: str, case_id: str) -> tuple[CaseRow | None, list[Signal]]:
+        with self._lock:
+            key = (namespace, case_id)
+            return self._cases.get(key), self._live(key)
+
+    def _open_case(
+        self, namespace: str, case_id: str, policy: tuple[float, int], now: int
+    ) -> CaseRow:
+        key = (namespace, case_id)
+        case = self._cases.get(key)
+        if case is None:
+            case = CaseRow(
+                namespace, case_id, CaseState.OPEN, None, None, policy[0], policy[1], 1, now, now
+            )
+            self._cases[key] = case
+            self._append(
+                state_change_event(case, None, CaseState.OPEN, None, "safeagent", {}, now), now
+            )
+        return case
+
+    def open_case(self, namespace: str, case_id: str, threshold: float, quorum: int) -> CaseRow:
+        with self._lock:
+            return self._open_case(namespace, case_id, (threshold, quorum), self._clock())
+
+    def update_case(
+        self,
+        namespace: str,
+        case_id: str,
+        mutate: CaseMutation,
+        *,
+        signal: Signal | None,
+        actor: str,
+        detail: dict[str, Any],
+        open_with: tuple[float, int] | None = None,
+    ) -> CaseUpdate:
+        with self._lock:
+            now = self._clock()
+            key = (namespace, case_id)
+            existed = key in self._cases
+            if open_with is not None:
+                case = self._open_case(namespace, case_id, open_with, now)
+            elif existed:
+                case = self._cases[key]
+            else:
+                raise InvalidTransitionError(
+                    f"no case {case_id!r} in namespace {namespace!r}", case_id=case_id
+                )
+            live = self._live(key)
+            try:
+                change = mutate(case, live)
+            except BaseException:
+                if not existed:  # undo the open, as a rolled-back transaction would
+                    del self._cases[key]
+                    self._events.pop()
+                raise
+            history = self._signals.setdefault(key, [])
+            if signal is not None:
+                signal = replace(signal, at_ms=now)
+                if not change.late:
+                    history[:] = [
+                        (
+                            sig,
+                            "replaced"
+                            if status == "live" and sig.source == signal.source
+                            else status,
+                        )
+                        for sig, status in history
+                    ]
+                    live = [sig for sig in live if sig.source != signal.source] + [signal]
+                history.append((signal, "late" if change.late else "live"))
+            after = case
+            if change.path or (signal is not None and not change.late):
+                after = replace(
+                    case,
+                    state=change.path[-1] if change.path else case.state,
+                    provisional_outcome=change.provisional_outcome,
+                    outcome=change.outcome,
+                    version=case.version + 1,
+                    updated_at_ms=now,
+                    resolved_by=detail.get("by") or case.resolved_by,
+                )
+                self._cases[key] = after
+            for event in case_events(case, change, signal, actor, detail, now):
+                self._append(event, now)
+            return CaseUpdate(case=after, live=live, change=change)
+
+    def cases(
+        self, *, namespace: str | None = None, states: Sequence[CaseState] | None = None
+    ) -> list[CaseRow]:
+        with self._lock:
+            out = [
+                c
+                for c in self._cases.values()
+                if (namespace is None or c.namespace == namespace)
+                and (states is None or c.state in states)
+            ]
+        return sorted(out, key=lambda c: (c.created_at_ms, c.namespace, c.case_id))
+
+    def case_signals(self, namespace: str, case_id: str) -> list[tuple[Signal, str]]:
+        with self._lock:
+            return list(self._signals.get((namespace, case_id), []))
 
     def close(self) -> None:
         """Nothing to release."""

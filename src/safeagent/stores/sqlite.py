@@ -178,6 +178,7 @@ ON CONFLICT (namespace, request_id) DO UPDATE SET
     fencing_token = executions.fencing_token + 1,
     lease_owner = excluded.lease_owner,
     lease_expires_at_ms = excluded.lease_expires_at_ms,
+    downstream_key = excluded.downstream_key,
     claimed_at_ms = excluded.claimed_at_ms,
     updated_at_ms = excluded.updated_at_ms,
     completed_at_ms = NULL
@@ -251,7 +252,10 @@ def _row_to_case(row: Sequence[Any]) -> CaseRow:
 
 def _row_to_signal(row: Sequence[Any]) -> Signal:
     return Signal(
-        source=row[0], outcome=row[1], confidence=row[2], metadata=json.loads(row[3]),
+        source=row[0],
+        outcome=row[1],
+        confidence=row[2],
+        metadata=json.loads(row[3]),
         at_ms=row[4],
     )
 
@@ -503,10 +507,10 @@ class SQLiteStore:
                 ),
             ).fetchone()
             after = None if row is None else _row_to_record(row)
-            conn.executemany(
-                SQL_EVENT,
-                [_event_row(e) for e in completion_events(completion, before, after, now)],
-            )
+            events = completion_events(completion, before, after, now)
+            if after is not None and terminal and completion.settle_case is not None:
+                events += self._settle(conn, after, completion.settle_case, completion.actor, now)
+            conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
         if after is None:
             return WriteResult(accepted=False, record=before)
         late = after.lease_expires_at_ms is not None and now >= after.lease_expires_at_ms
@@ -652,8 +656,13 @@ class SQLiteStore:
             raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
 
     def _open_case(
-        self, conn: sqlite3.Connection, namespace: str, case_id: str, policy: tuple[float, int],
-        now: int, events: list[AuditEvent],
+        self,
+        conn: sqlite3.Connection,
+        namespace: str,
+        case_id: str,
+        policy: tuple[float, int],
+        now: int,
+        events: list[AuditEvent],
     ) -> CaseRow:
         row = conn.execute(
             SQL_OPEN_CASE, (namespace, case_id, policy[0], policy[1], now, now)
@@ -703,8 +712,9 @@ class SQLiteStore:
             ]
             change = mutate(case, live)
             if signal is not None:
-                signal = Signal(signal.source, signal.outcome, signal.confidence,
-                                signal.metadata, now)
+                signal = Signal(
+                    signal.source, signal.outcome, signal.confidence, signal.metadata, now
+                )
                 if not change.late:
                     conn.execute(
                         "UPDATE signals SET status = 'replaced' WHERE namespace = ? AND "
@@ -715,8 +725,16 @@ class SQLiteStore:
                 conn.execute(
                     "INSERT INTO signals (namespace, case_id, source, outcome, confidence,"
                     " metadata, at_ms, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (namespace, case_id, signal.source, signal.outcome, signal.confidence,
-                     _dumps(dict(signal.metadata)), now, "late" if change.late else "live"),
+                    (
+                        namespace,
+                        case_id,
+                        signal.source,
+                        signal.outcome,
+                        signal.confidence,
+                        _dumps(dict(signal.metadata)),
+                        now,
+                        "late" if change.late else "live",
+                    ),
                 )
             after = case
             if change.path or (signal is not None and not change.late):

@@ -1,0 +1,304 @@
+"""The finality gate's driver: cases, signals, operator resolution and settlement.
+
+The rules are in :mod:`safeagent._cases` (pure); the store applies them atomically. A
+case's side effect runs through the execution guard under request id ``case:<case_id>``
+with the fingerprint over ``(case_id, outcome, action)``, only from FINAL, and a terminal
+receipt moves the case to SETTLED in the same transaction as the completion
+(DESIGN section 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from safeagent._cases import (
+    BEFORE_FINAL,
+    CaseRow,
+    CaseState,
+    ConsensusPolicy,
+    Signal,
+    Tally,
+    apply_resolution,
+    apply_signal,
+    check_signal,
+)
+from safeagent._guard import CASE_PREFIX, Guard, Seconds
+from safeagent._keys import canonical_json, check_name
+from safeagent._receipt import ExecutionContext, Receipt
+from safeagent.errors import InvalidInputError, NotFinalError
+
+MAX_CASE_ID_LENGTH = 255 - len(CASE_PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """A decision and where it stands.
+
+    Attributes:
+        namespace, case_id: its identity.
+        state: a :class:`CaseState`.
+        outcome: the final outcome (FINAL and SETTLED), else ``None``.
+        provisional_outcome: the outcome all live signals agree on while
+            RESOLVED_PROVISIONAL, else ``None``.
+        policy: the :class:`ConsensusPolicy` the case was opened with.
+        tally: the live signals' scores.
+        signals: the live signals, one per source, oldest first.
+        version: bumped on every change.
+        resolved_by: the operator who finalized it, if one did.
+        created_at_ms, updated_at_ms: store-clock instants in ms.
+    """
+
+    namespace: str
+    case_id: str
+    state: CaseState
+    outcome: str | None
+    provisional_outcome: str | None
+    policy: ConsensusPolicy
+    tally: Tally
+    signals: tuple[Signal, ...]
+    version: int
+    resolved_by: str | None
+    created_at_ms: int
+    updated_at_ms: int
+
+    @classmethod
+    def _from(cls, row: CaseRow, live: Sequence[Signal]) -> Case:
+        policy = row.policy
+        return cls(
+            namespace=row.namespace,
+            case_id=row.case_id,
+            state=row.state,
+            outcome=row.outcome,
+            provisional_outcome=row.provisional_outcome,
+            policy=policy,
+            tally=policy.tally(live),
+            signals=tuple(live),
+            version=row.version,
+            resolved_by=row.resolved_by,
+            created_at_ms=row.created_at_ms,
+            updated_at_ms=row.updated_at_ms,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "case_id": self.case_id,
+            "state": self.state.value,
+            "outcome": self.outcome,
+            "provisional_outcome": self.provisional_outcome,
+            "policy": {"threshold": self.policy.threshold, "quorum": self.policy.quorum},
+            "tally": self.tally.to_dict(),
+            "signals": [s.to_dict() for s in self.signals],
+            "version": self.version,
+            "resolved_by": self.resolved_by,
+            "created_at_ms": self.created_at_ms,
+            "updated_at_ms": self.updated_at_ms,
+        }
+
+
+def _check_case_id(case_id: object) -> str:
+    if not isinstance(case_id, str) or not case_id or len(case_id) > MAX_CASE_ID_LENGTH:
+        raise InvalidInputError(
+            f"case id must be a non-empty str of at most {MAX_CASE_ID_LENGTH} characters, "
+            f"got {case_id!r}"
+        )
+    return case_id
+
+
+class FinalityGate:
+    """Lets a side effect run only once the decision about it is final.
+
+    Sources (agents, models, people) send signals about a case; the policy decides when
+    its outcome is FINAL; :meth:`settle` then runs the side effect once through the guard.
+
+    Args:
+        guard: the :class:`~safeagent.Guard` whose store holds the cases and runs
+            settlements.
+        policy: the :class:`ConsensusPolicy` for cases opened without one
+            (default: threshold 0.8, quorum 1).
+
+    Example::
+
+        gate = FinalityGate(Guard(), policy=ConsensusPolicy(threshold=0.7, quorum=2))
+        gate.signal("refund-17", "fraud-model", "approve", 0.9)
+        gate.signal("refund-17", "policy-agent", "approve", 0.8)   # -> FINAL "approve"
+        gate.settle("refund-17", "issue_refund", lambda outcome, ctx: refund(...))
+    """
+
+    def __init__(self, guard: Guard, *, policy: ConsensusPolicy | None = None) -> None:
+        self.guard = guard
+        self.store = guard.store
+        self.policy = policy or ConsensusPolicy()
+
+    def _ns(self, namespace: str | None) -> str:
+        return self.guard.namespace if namespace is None else check_name("namespace", namespace)
+
+    def open(
+        self,
+        case_id: str,
+        *,
+        policy: ConsensusPolicy | None = None,
+        namespace: str | None = None,
+    ) -> Case:
+        """Open a case (OPEN) with ``policy``, or return it if it exists (its own policy
+        is kept: a case's policy never changes once it has signals)."""
+        ns = self._ns(namespace)
+        p = policy or self.policy
+        row = self.store.open_case(ns, _check_case_id(case_id), p.threshold, p.quorum)
+        return Case._from(row, self.store.get_case(ns, case_id)[1])
+
+    def signal(
+        self,
+        case_id: str,
+        source: str,
+        outcome: str,
+        confidence: float,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        namespace: str | None = None,
+    ) -> Case:
+        """Record ``source``'s signal and apply the transitions it causes.
+
+        Opens the case with the gate's policy if it does not exist. Before FINAL, the
+        signal replaces the source's earlier one (audited with what it replaced); after
+        FINAL it is recorded as late and changes nothing.
+
+        Args:
+            case_id: the case (at most 250 characters).
+            source: who signals (an agent, model or person).
+            outcome: what it says should happen (any non-empty string).
+            confidence: in [0, 1].
+            metadata: JSON object kept with the signal (redacted in the audit trail).
+
+        Returns:
+            The case after the signal.
+
+        Raises:
+            InvalidInputError: a bad field; nothing is recorded.
+        """
+        ns = self._ns(namespace)
+        _check_case_id(case_id)
+        conf = check_signal(source, outcome, confidence)
+        meta = dict(metadata or {})
+        canonical_json(meta)  # a typed error now, not a store error later
+        sig = Signal(source, outcome, conf, meta)
+        update = self.store.update_case(
+            ns,
+            case_id,
+            lambda case, live: apply_signal(case, live, sig),
+            signal=sig,
+            actor=source,
+            detail={"metadata": self.guard.redact(meta)},
+            open_with=(self.policy.threshold, self.policy.quorum),
+        )
+        return Case._from(update.case, update.live)
+
+    def resolve(
+        self,
+        case_id: str,
+        outcome: str,
+        *,
+        by: str,
+        reason: str,
+        namespace: str | None = None,
+    ) -> Case:
+        """An operator's (or a human approver's) resolution: makes the case FINAL with
+        ``outcome`` from RESOLVED_PROVISIONAL or IN_RECONCILIATION. Audited with ``by``
+        and ``reason`` in the same transaction.
+
+        Raises:
+            InvalidInputError: empty ``outcome``, ``by`` or ``reason``.
+            InvalidTransitionError: no such case, or it is OPEN, FINAL or SETTLED;
+                nothing changes.
+        """
+        ns = self._ns(namespace)
+        _check_case_id(case_id)
+        check_name("outcome", outcome)
+        check_name("by", by)
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidInputError("reason must be a non-empty str")
+        update = self.store.update_case(
+            ns,
+            case_id,
+            lambda case, _live: apply_resolution(case, outcome),
+            signal=None,
+            actor=by,
+            detail={"by": by, "reason": reason},
+        )
+        return Case._from(update.case, update.live)
+
+    def settle(
+        self,
+        case_id: str,
+        action: str,
+        fn: Callable[[str, ExecutionContext], Any],
+        *,
+        namespace: str | None = None,
+        wait: Seconds | None = None,
+        lease: Seconds | None = None,
+        not_executed: Collection[type[BaseException]] | None = None,
+        outcome_unknown: Collection[type[BaseException]] | None = None,
+    ) -> Receipt:
+        """Run the case's side effect once, only from FINAL: ``fn(outcome, context)``.
+
+        Runs through :meth:`Guard.execute` under request id ``case:<case_id>`` with the
+        payload ``{"case_id", "outcome"}`` (so the fingerprint covers case, outcome and
+        action). A terminal receipt (succeeded or failed) moves the case to SETTLED in the
+        same transaction; a release keeps it FINAL (the next call runs again); in doubt
+        keeps it FINAL with the record in doubt. Asking again returns the stored receipt.
+
+        Raises:
+            NotFinalError: the case does not exist or is not FINAL yet (with its state
+                and tally); nothing ran.
+            Whatever :meth:`Guard.execute` raises (a replayed failure, in doubt, ...).
+        """
+        ns = self._ns(namespace)
+        _check_case_id(case_id)
+        row, live = self.store.get_case(ns, case_id)
+        if row is None or row.state in BEFORE_FINAL:
+            tally = None if row is None else row.policy.tally(live)
+            state = None if row is None else row.state
+            raise NotFinalError(
+                f"case {case_id!r} is {'absent' if state is None else state.value}: "
+                "its side effect runs only once it is FINAL",
+                case_id=case_id,
+                namespace=ns,
+                state=state,
+                tally=tally,
+            )
+        outcome = row.outcome
+        assert outcome is not None
+        guard = self.guard
+        call = guard._prepare(
+            CASE_PREFIX + case_id,
+            action,
+            {"case_id": case_id, "outcome": outcome},
+            ns,
+            (),
+            wait,
+            lease,
+            not_executed,
+            outcome_unknown,
+            settle_case=case_id,
+        )
+        return guard._execute(call, lambda ctx: fn(outcome, ctx))
+
+    def get(self, case_id: str, *, namespace: str | None = None) -> Case | None:
+        """The case as stored now, or ``None``."""
+        row, live = self.store.get_case(self._ns(namespace), _check_case_id(case_id))
+        return None if row is None else Case._from(row, live)
+
+    def cases(
+        self, *, namespace: str | None = None, states: Collection[CaseState] | None = None
+    ) -> list[Case]:
+        """Cases, oldest first, optionally filtered by namespace and state."""
+        rows = self.store.cases(
+            namespace=namespace, states=None if states is None else tuple(states)
+        )
+        return [Case._from(r, self.store.get_case(r.namespace, r.case_id)[1]) for r in rows]
+
+    def history(self, case_id: str, *, namespace: str | None = None) -> list[tuple[Signal, str]]:
+        """Every signal of the case in arrival order with its status (live, replaced, late)."""
+        return self.store.case_signals(self._ns(namespace), _check_case_id(case_id))
