@@ -62,9 +62,9 @@ class Floor:
         return result
 
 
-def timed(call: Callable[[], Any]) -> float:
+def timed(call: Callable[[str], Any], arg: str) -> float:
     start = time.perf_counter_ns()
-    call()
+    call(arg)
     return (time.perf_counter_ns() - start) / 1000
 
 
@@ -91,23 +91,20 @@ def run_mode(mode: str, n: int, tmp: str) -> dict[str, Any]:
     for i in range(20):  # warm-up, untimed
         guard.execute(f"w{i}", "charge", payload, effect)
         floor.execute(f"w{i}", effect)
+    def run_guard(rid: str) -> Any:
+        return guard.execute(rid, "charge", payload, effect)
+
+    def run_floor(rid: str) -> Any:
+        return floor.execute(rid, effect)
+
     first: dict[str, list[float]] = {"safeagent": [], "floor": []}
     replay: dict[str, list[float]] = {"safeagent": [], "floor": []}
     block = 50
-    for start in range(0, n, block):
-        ids = [f"id-{i}" for i in range(start, min(n, start + block))]
-        for rid in ids:
-            first["safeagent"].append(timed(lambda: guard.execute(rid, "charge", payload, effect)))
-        for rid in ids:
-            first["floor"].append(timed(lambda: floor.execute(rid, effect)))
-    for start in range(0, n, block):
-        ids = [f"id-{i}" for i in range(start, min(n, start + block))]
-        for rid in ids:
-            replay["safeagent"].append(
-                timed(lambda: guard.execute(rid, "charge", payload, effect))
-            )
-        for rid in ids:
-            replay["floor"].append(timed(lambda: floor.execute(rid, effect)))
+    for phase in (first, replay):
+        for start in range(0, n, block):
+            ids = [f"id-{i}" for i in range(start, min(n, start + block))]
+            phase["safeagent"].extend(timed(run_guard, rid) for rid in ids)
+            phase["floor"].extend(timed(run_floor, rid) for rid in ids)
     guard.close()
     out: dict[str, Any] = {"mode": mode}
     for name, samples in (("first", first), ("replay", replay)):
@@ -118,7 +115,10 @@ def run_mode(mode: str, n: int, tmp: str) -> dict[str, Any]:
 
 def fingerprint_cost(n: int) -> float:
     payload = {"customer": "CUST-1", "amount_cents": 500, "currency": "EUR"}
-    samples = [timed(lambda: fingerprint("charge", canonical_json(payload))) for _ in range(n)]
+    def one(_: str) -> str:
+        return fingerprint("charge", canonical_json(payload))
+
+    samples = [timed(one, "") for _ in range(n)]
     return statistics.median(samples)
 
 
