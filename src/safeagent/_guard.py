@@ -447,7 +447,7 @@ class Guard:
             InvalidTransitionError: no such record, or it is not in doubt (its lease is
                 still live, or it already has an outcome).
         """
-        ns = check_name("namespace", namespace or self.namespace)
+        ns = self._ns(namespace)
         check_request_id(request_id)
         check_name("by", by)
         if not isinstance(reason, str) or not reason.strip():
@@ -503,14 +503,18 @@ class Guard:
 
     def get(self, request_id: str, *, namespace: str | None = None) -> Receipt | None:
         """The receipt of ``request_id`` as stored now (status as read), or ``None``."""
-        ns = check_name("namespace", namespace or self.namespace)
+        ns = self._ns(namespace)
         record, now = self.store.get(ns, check_request_id(request_id))
         return None if record is None else Receipt.from_record(record, replay=False, now_ms=now)
 
-    def in_doubt(self, *, namespace: str | None = None) -> list[Receipt]:
-        """Every record now in doubt: stored IN_DOUBT, or PENDING with an expired lease."""
+    def in_doubt(
+        self, *, namespace: str | None = None, all_namespaces: bool = False
+    ) -> list[Receipt]:
+        """Every record now in doubt (stored IN_DOUBT, or PENDING with an expired lease) in
+        ``namespace`` (default: the guard's), or in every namespace."""
         records, now = self.store.records(
-            namespace=namespace, statuses=(Status.IN_DOUBT, Status.PENDING)
+            namespace=None if all_namespaces else self._ns(namespace),
+            statuses=(Status.IN_DOUBT, Status.PENDING),
         )
         return [
             Receipt.from_record(r, replay=False, now_ms=now)
@@ -519,10 +523,20 @@ class Guard:
         ]
 
     def audit_trail(
-        self, request_id: str | None = None, *, namespace: str | None = None
+        self,
+        request_id: str | None = None,
+        *,
+        namespace: str | None = None,
+        all_namespaces: bool = False,
     ) -> list[AuditEvent]:
-        """Audit events in write order, optionally for one request id (and namespace)."""
-        return self.store.events(namespace=namespace, subject=request_id)
+        """Audit events in write order, in ``namespace`` (default: the guard's) or in every
+        namespace, optionally for one request id or case id."""
+        return self.store.events(
+            namespace=None if all_namespaces else self._ns(namespace), subject=request_id
+        )
+
+    def _ns(self, namespace: str | None) -> str:
+        return self.namespace if namespace is None else check_name("namespace", namespace)
 
     def close(self) -> None:
         """Write buffered audit events; close the store if the guard opened it."""
@@ -555,7 +569,7 @@ class Guard:
     ) -> _Call:
         check_request_id(request_id)
         check_name("action", action)
-        ns = self.namespace if namespace is None else check_name("namespace", namespace)
+        ns = self._ns(namespace)
         if isinstance(exclude, str):
             raise InvalidInputError("exclude must be a collection of field names, not a str")
         payload_bytes = canonical_json(payload)

@@ -26,12 +26,9 @@ from safeagent.errors import (
     ConfigurationError,
     FingerprintMismatchError,
     InProgressError,
-    InvalidInputError,
-    InvalidRequestIdError,
     OutcomeUnknownError,
     ReplayedFailureError,
     ResultNotSerializableError,
-    StoreError,
 )
 from safeagent.stores.sqlite import SQLiteStore
 
@@ -119,31 +116,36 @@ class SettlementRequestRegistry:
         }
         if request_id is None or request_id == "":
             return {"ok": False, "reason": "missing_request_id", **base}
+        fn, raised = self._adapt(execute_fn, payload)
         try:
-            receipt = self.guard.execute(
-                request_id, action, payload, self._adapt(execute_fn, payload)
-            )
-        except InvalidRequestIdError:
-            return {"ok": False, "reason": "missing_request_id", **base}
-        except FingerprintMismatchError:
-            return {"ok": False, "reason": "conflict_payload_mismatch", **base}
-        except ActionMismatchError:
-            return {"ok": False, "reason": "conflict_action_mismatch", **base}
-        except InProgressError as exc:
-            return self._dict(exc.receipt, False, "claim_pending", payload)
-        except OutcomeUnknownError as exc:
-            return self._dict(exc.receipt, False, "in_doubt", payload)
-        except ReplayedFailureError as exc:
-            return self._dict(exc.receipt, False, "dedup_same_request_id", payload)
-        except ResultNotSerializableError as exc:
-            reason = "dedup_same_request_id" if exc.receipt.replay else "executed"
-            return self._dict(exc.receipt, False, reason, payload)
-        except (InvalidInputError, StoreError):
-            raise  # bad arguments or a broken store: not a failure of execute_fn
+            receipt = self.guard.execute(request_id, action, payload, fn)
         except Exception as exc:  # noqa: BLE001 - the original API never raises for fn
-            return self._failed(request_id, action, payload, exc)
+            if raised and exc is raised[0]:  # execute_fn's own exception
+                return self._failed(request_id, action, payload, exc)
+            return self._guard_answer(exc, base, payload)
         reason = "dedup_same_request_id" if receipt.replay else "executed"
         return self._dict(receipt, True, reason, payload)
+
+    def _guard_answer(self, exc: Exception, base: dict[str, Any], payload: Any) -> dict[str, Any]:
+        """Translate the guard's own answer (not an exception of execute_fn)."""
+        if isinstance(exc, FingerprintMismatchError):
+            return {"ok": False, "reason": "conflict_payload_mismatch", **base}
+        if isinstance(exc, ActionMismatchError):
+            return {"ok": False, "reason": "conflict_action_mismatch", **base}
+        if isinstance(exc, InProgressError):
+            return self._dict(exc.receipt, False, "claim_pending", payload)
+        if isinstance(exc, OutcomeUnknownError):
+            return self._dict(exc.receipt, False, "in_doubt", payload)
+        if isinstance(exc, ReplayedFailureError):
+            return self._dict(exc.receipt, False, "dedup_same_request_id", payload)
+        if isinstance(exc, ResultNotSerializableError):
+            reason = (
+                "dedup_same_request_id"
+                if exc.receipt.replay
+                else "execute_failed:ResultNotSerializableError"
+            )
+            return self._dict(exc.receipt, False, reason, payload)
+        raise exc  # bad input (a too-long request id, a non-JSON payload) or a broken store
 
     def close(self) -> None:
         """Write buffered audit events and close the database."""
@@ -174,14 +176,25 @@ class SettlementRequestRegistry:
         return out
 
     @staticmethod
-    def _adapt(execute_fn: Callable[..., Any], payload: Any) -> Callable[[ExecutionContext], Any]:
+    def _adapt(
+        execute_fn: Callable[..., Any], payload: Any
+    ) -> tuple[Callable[[ExecutionContext], Any], list[BaseException]]:
+        """Wrap ``execute_fn`` for the guard and remember what it raised, so that an error
+        of ``execute_fn`` is never mistaken for the guard's answer about this request."""
         try:
             takes_payload = bool(inspect.signature(execute_fn).parameters)
         except (TypeError, ValueError):  # builtins without a signature: give the payload
             takes_payload = True
-        if takes_payload:
-            return lambda _ctx: execute_fn(payload)
-        return lambda _ctx: execute_fn()
+        raised: list[BaseException] = []
+
+        def fn(_ctx: ExecutionContext) -> Any:
+            try:
+                return execute_fn(payload) if takes_payload else execute_fn()
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        return fn, raised
 
     @staticmethod
     def _dict(receipt: Receipt, ok: bool, reason: str, payload: Any) -> dict[str, Any]:

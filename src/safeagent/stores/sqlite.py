@@ -388,9 +388,9 @@ class SQLiteStore:
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
             conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-                if events:
+                if events:  # observed earlier, so written ahead of this transaction's own
                     conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
+                yield conn
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:

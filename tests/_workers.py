@@ -1,0 +1,161 @@
+"""Helpers for the concurrency and crash tests that child processes import.
+
+Spawned processes (``multiprocessing`` with the "spawn" context) import this module by
+name, and ``python -m tests._workers <command> <json>`` runs one of its commands in a
+fresh interpreter. Side effects write to an *effect ledger*: a plain file that each
+execution appends one line to with ``O_APPEND``; tests count the ledger, never the
+guard's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safeagent import Guard
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The folder that holds the ``tests`` package: children need it on their path."""
+
+
+def append_line(path: str | os.PathLike[str], line: str) -> None:
+    """Append one line to the ledger with a single ``O_APPEND`` write."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def read_lines(path: str | os.PathLike[str]) -> list[str]:
+    """The ledger's lines (an absent ledger has none)."""
+    try:
+        return Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def child_env() -> dict[str, str]:
+    """The environment for ``subprocess`` children: ``tests`` importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _describe(exc: BaseException) -> str:
+    cls = type(exc)
+    return f"{cls.__module__}.{cls.__qualname__}: {exc}"
+
+
+# -- multiprocessing (spawn) targets --------------------------------------------------------
+
+
+def append_ids_worker(
+    db: str, ledger: str, ids: list[str], seed: int, barrier: Any, out: str
+) -> None:
+    """Call every id in a shuffled order behind ``barrier``; write what was seen to ``out``.
+
+    ``out`` gets ``{"pid", "seen": {id: [execution_id, result, replay]}, "errors"}``.
+    """
+    seen: dict[str, list[Any]] = {}
+    errors: list[str] = []
+    guard = Guard(db, wait=60.0, lease=120.0)
+    try:
+        order = list(ids)
+        random.Random(seed).shuffle(order)
+        barrier.wait(timeout=120)
+
+        def fn(ctx: Any) -> dict[str, Any]:
+            append_line(ledger, ctx.request_id)
+            return {"id": ctx.request_id, "pid": os.getpid()}
+
+        for rid in order:
+            try:
+                r = guard.execute(rid, "append", {"id": rid}, fn)
+            except BaseException as exc:  # every failure is reported, none expected
+                errors.append(f"{rid}: {_describe(exc)}")
+            else:
+                seen[rid] = [r.execution_id, r.result, r.replay]
+    except BaseException as exc:
+        errors.append(f"worker: {_describe(exc)}")
+    finally:
+        guard.close()
+        Path(out).write_text(json.dumps({"pid": os.getpid(), "seen": seen, "errors": errors}))
+
+
+# -- subprocess commands (python -m tests._workers <command> <json args>) ----------------
+
+
+def cmd_execute(args: dict[str, Any]) -> dict[str, Any]:
+    """Execute one request whose side effect appends to the ledger; report the receipt."""
+    guard = Guard(args["db"], lease=args.get("lease", 60.0), wait=args.get("wait", 10.0))
+    try:
+
+        def fn(ctx: Any) -> dict[str, Any]:
+            append_line(args["ledger"], ctx.request_id)
+            return {"charge_id": "ch_" + ctx.request_id, "pid": os.getpid()}
+
+        try:
+            r = guard.execute(args["request_id"], args["action"], args["payload"], fn)
+        except BaseException as exc:
+            return {"pid": os.getpid(), "error": _describe(exc)}
+        return {
+            "pid": os.getpid(),
+            "replay": r.replay,
+            "execution_id": r.execution_id,
+            "result": r.result,
+            "status": r.status.value,
+            "attempt": r.attempt,
+        }
+    finally:
+        guard.close()
+
+
+def cmd_claim_and_hang(args: dict[str, Any]) -> dict[str, Any]:
+    """Claim with a short lease; inside fn optionally write the ledger, then write the
+    marker file and sleep until killed."""
+    guard = Guard(args["db"], lease=args["lease"], wait=0)
+
+    def fn(ctx: Any) -> None:
+        if args["write_ledger"]:
+            append_line(args["ledger"], ctx.request_id)
+        tmp = args["marker"] + ".tmp"
+        Path(tmp).write_text(json.dumps({"pid": os.getpid(), "execution_id": ctx.execution_id}))
+        os.replace(tmp, args["marker"])
+        time.sleep(600)  # the parent SIGKILLs us here
+
+    guard.execute(args["request_id"], args["action"], args["payload"], fn)
+    return {"pid": os.getpid(), "error": "fn returned: the parent should have killed us"}
+
+
+COMMANDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "execute": cmd_execute,
+    "claim_and_hang": cmd_claim_and_hang,
+}
+
+
+def main(argv: list[str]) -> int:
+    command, raw = argv
+    print(json.dumps(COMMANDS[command](json.loads(raw))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
