@@ -8,10 +8,21 @@ the stored receipt back and the side effect does not run again.
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from safeagent._aguard import AsyncGuard
 from safeagent._audit import AuditEvent, EventKind, default_redactor, no_redaction
 from safeagent._cases import CaseState, ConsensusPolicy, Signal, Tally
+from safeagent._core import ReconcileReport
+from safeagent._decorator import AsyncGuardedFunction, GuardedFunction
 from safeagent._gate import Case, FinalityGate
-from safeagent._guard import DEFAULT_LEASE, DEFAULT_WAIT, Guard, GuardedFunction, json_default
+from safeagent._guard import Guard
+from safeagent._policy import (
+    DEFAULT_LEASE,
+    DEFAULT_WAIT,
+    ActionPolicy,
+    ReconcileRequest,
+    Reconciliation,
+    json_default,
+)
 from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, current_context
 from safeagent.errors import (
     ActionMismatchError,
@@ -43,6 +54,9 @@ except _PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [  # noqa: RUF022 - plain sorted(), checked by test_packaging
     "ActionMismatchError",
+    "ActionPolicy",
+    "AsyncGuard",
+    "AsyncGuardedFunction",
     "AuditEvent",
     "Case",
     "CaseState",
@@ -72,6 +86,9 @@ __all__ = [  # noqa: RUF022 - plain sorted(), checked by test_packaging
     "OutcomeUnknownError",
     "Receipt",
     "ReceiptStore",
+    "ReconcileReport",
+    "ReconcileRequest",
+    "Reconciliation",
     "ReplayedFailureError",
     "ResultNotSerializableError",
     "SQLiteStore",

@@ -24,8 +24,10 @@ from safeagent._cases import (
     apply_signal,
     check_signal,
 )
-from safeagent._guard import CASE_PREFIX, Guard, Seconds
+from safeagent._flow import execute_flow
+from safeagent._guard import Guard
 from safeagent._keys import canonical_json, check_name
+from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import ExecutionContext, Receipt
 from safeagent.errors import InvalidInputError, NotFinalError
 
@@ -283,7 +285,7 @@ class FinalityGate:
             outcome_unknown,
             settle_case=case_id,
         )
-        return guard._execute(call, lambda ctx: fn(outcome, ctx))
+        return guard._drive(execute_flow(call, lambda ctx: fn(outcome, ctx), guard._settings()))
 
     def get(self, case_id: str, *, namespace: str | None = None) -> Case | None:
         """The case as stored now, or ``None``."""

@@ -91,6 +91,8 @@ class Completion:
     settle_case: str | None = None
     """A case id: a terminal outcome moves that case FINAL -> SETTLED in the same
     transaction (DESIGN section 4)."""
+    event_kind: EventKind | None = None
+    """The audit event to write instead of the one the status implies (``reconciled``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,8 @@ class Resolution:
     actor: str
     reason: str
     settle_case: str | None = None
+    rerun: bool = False
+    """An audited re-run: FAILED -> RELEASED instead of resolving an in-doubt record."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +152,17 @@ class ReceiptStore(Protocol):
 
     def resolve(self, resolution: Resolution) -> WriteResult:
         """Apply an operator's resolution if the record is in doubt, with its audit event."""
+        ...
+
+    def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
+        """Extend a PENDING lease to now + ``lease_ms`` if ``fencing_token`` is current."""
+        ...
+
+    def take_over(
+        self, namespace: str, request_id: str, expected_token: int, owner: str, lease_ms: int
+    ) -> WriteResult:
+        """Take a new lease (token + 1, PENDING) on an in-doubt record (stored IN_DOUBT, or
+        PENDING with an expired lease) whose token is ``expected_token``; audited."""
         ...
 
     def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
@@ -352,7 +367,8 @@ def completion_events(
                 },
             )
         ]
-    out = [event(_OUTCOME_EVENTS[completion.status], dict(completion.detail))]
+    kind = completion.event_kind or _OUTCOME_EVENTS[completion.status]
+    out = [event(kind, {**completion.detail, "status": completion.status.value})]
     if after.lease_expires_at_ms is not None and now_ms >= after.lease_expires_at_ms:
         out.append(
             event(
@@ -372,6 +388,20 @@ _OUTCOME_EVENTS = {
     Status.RELEASED: EventKind.RELEASED,
     Status.IN_DOUBT: EventKind.IN_DOUBT,
 }
+
+
+def take_over_event(record: Record, owner: str, now_ms: int) -> AuditEvent:
+    return AuditEvent(
+        kind=EventKind.CLAIMED,
+        at_ms=now_ms,
+        namespace=record.namespace,
+        subject=record.request_id,
+        action=record.action,
+        actor=owner,
+        execution_id=record.execution_id,
+        fencing_token=record.fencing_token,
+        detail={"reconcile": True, "attempt": record.attempt},
+    )
 
 
 def claimed_event(request: ClaimRequest, record: Record, now_ms: int) -> AuditEvent:
@@ -400,6 +430,7 @@ def resolved_event(resolution: Resolution, record: Record, now_ms: int) -> Audit
         fencing_token=record.fencing_token,
         detail={
             "status": resolution.status.value,
+            "rerun": resolution.rerun,
             "reason": resolution.reason,
             "previous_fencing_token": resolution.expected_token,
             "error": None if resolution.error is None else resolution.error.to_dict(),

@@ -29,6 +29,7 @@ from safeagent.stores._base import (
     stamped,
     state_change_event,
     system_clock_ms,
+    take_over_event,
 )
 
 _ids = itertools.count(1)
@@ -47,6 +48,7 @@ class MemoryStore:
     """
 
     durable = False
+    blocking = False  # AsyncGuard calls it inline: every method returns at once
 
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock = clock or system_clock_ms
@@ -139,26 +141,74 @@ class MemoryStore:
             now = self._clock()
             key = (resolution.namespace, resolution.request_id)
             old = self._records.get(key)
+            expected = Status.FAILED if resolution.rerun else Status.IN_DOUBT
             if (
                 old is None
                 or old.fencing_token != resolution.expected_token
-                or old.effective_status(now) is not Status.IN_DOUBT
+                or old.effective_status(now) is not expected
             ):
                 return WriteResult(accepted=False, record=old)
             terminal = resolution.status in (Status.SUCCEEDED, Status.FAILED)
-            after = replace(
-                old,
-                status=resolution.status,
-                result_json=resolution.result_json,
-                error=resolution.error,
-                fencing_token=old.fencing_token + 1,
-                updated_at_ms=now,
-                completed_at_ms=now if terminal else None,
-            )
+            if resolution.rerun:
+                after = replace(
+                    old,
+                    status=Status.RELEASED,
+                    fencing_token=old.fencing_token + 1,
+                    updated_at_ms=now,
+                )
+            else:
+                after = replace(
+                    old,
+                    status=resolution.status,
+                    result_json=resolution.result_json,
+                    error=resolution.error,
+                    fencing_token=old.fencing_token + 1,
+                    updated_at_ms=now,
+                    completed_at_ms=now if terminal else None,
+                )
             self._records[key] = after
             self._append(resolved_event(resolution, after, now), now)
             if terminal and resolution.settle_case is not None:
                 self._settle(after, resolution.settle_case, resolution.actor, now)
+            return WriteResult(accepted=True, record=after)
+
+    def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
+        with self._lock:
+            now = self._clock()
+            key = (namespace, request_id)
+            old = self._records.get(key)
+            if (
+                old is None
+                or old.status is not Status.PENDING
+                or (old.fencing_token != fencing_token)
+            ):
+                return False
+            self._records[key] = replace(old, lease_expires_at_ms=now + lease_ms, updated_at_ms=now)
+            return True
+
+    def take_over(
+        self, namespace: str, request_id: str, expected_token: int, owner: str, lease_ms: int
+    ) -> WriteResult:
+        with self._lock:
+            now = self._clock()
+            key = (namespace, request_id)
+            old = self._records.get(key)
+            if (
+                old is None
+                or old.fencing_token != expected_token
+                or old.effective_status(now) is not Status.IN_DOUBT
+            ):
+                return WriteResult(accepted=False, record=old)
+            after = replace(
+                old,
+                status=Status.PENDING,
+                fencing_token=old.fencing_token + 1,
+                lease_owner=owner,
+                lease_expires_at_ms=now + lease_ms,
+                updated_at_ms=now,
+            )
+            self._records[key] = after
+            self._append(take_over_event(after, owner, now), now)
             return WriteResult(accepted=True, record=after)
 
     def _settle(self, record: Record, case_id: str, actor: str, now: int) -> None:

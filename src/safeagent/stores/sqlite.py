@@ -49,6 +49,7 @@ from safeagent.stores._base import (
     stamped,
     state_change_event,
     system_clock_ms,
+    take_over_event,
 )
 
 T = TypeVar("T")
@@ -200,6 +201,24 @@ WHERE namespace = ? AND request_id = ? AND fencing_token = ?
   AND (status = 'IN_DOUBT' OR (status = 'PENDING' AND lease_expires_at_ms <= ?))
 RETURNING {COLUMNS}
 """
+SQL_RERUN = f"""
+UPDATE executions
+SET status = 'RELEASED', updated_at_ms = ?, fencing_token = fencing_token + 1
+WHERE namespace = ? AND request_id = ? AND fencing_token = ? AND status = 'FAILED'
+RETURNING {COLUMNS}
+"""
+SQL_RENEW = """
+UPDATE executions SET lease_expires_at_ms = ?, updated_at_ms = ?
+WHERE namespace = ? AND request_id = ? AND fencing_token = ? AND status = 'PENDING'
+"""
+SQL_TAKE_OVER = f"""
+UPDATE executions
+SET status = 'PENDING', fencing_token = fencing_token + 1, lease_owner = ?,
+    lease_expires_at_ms = ?, updated_at_ms = ?
+WHERE namespace = ? AND request_id = ? AND fencing_token = ?
+  AND (status = 'IN_DOUBT' OR (status = 'PENDING' AND lease_expires_at_ms <= ?))
+RETURNING {COLUMNS}
+"""
 SQL_EVENT = (
     "INSERT INTO audit_events (at_ms, kind, namespace, subject, action, actor, execution_id,"
     " fencing_token, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -344,7 +363,9 @@ class SQLiteStore:
         self._holders: weakref.WeakSet[_ConnHolder] = weakref.WeakSet()
         self._closed = False
         self._buffer = EventBuffer(self.flush_events)
+        self._file_id: tuple[int, int] | None = None
         self._migrate()
+        self._file_id = self._stat()
 
     @property
     def identity(self) -> str:
@@ -388,6 +409,7 @@ class SQLiteStore:
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
             conn.execute("BEGIN IMMEDIATE")
             try:
+                self._check_file()
                 if events:  # observed earlier, so written ahead of this transaction's own
                     conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
                 yield conn
@@ -408,6 +430,29 @@ class SQLiteStore:
                     conn.execute("PRAGMA synchronous = FULL")
                 except sqlite3.Error:  # the connection is unusable; the next call reconnects
                     self._local.holder = None
+
+    def _stat(self) -> tuple[int, int] | None:
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            return None
+        st = os.stat(self.path)
+        return (st.st_dev, st.st_ino)
+
+    def _check_file(self) -> None:
+        """Fail closed if the database file was removed or replaced under us: SQLite would
+        go on writing into the unlinked file, and every receipt written there is lost."""
+        if self._file_id is None:  # still opening, or not a file
+            return
+        try:
+            current = self._stat()
+        except OSError as exc:
+            raise StoreError(
+                f"the SQLite database {self.path} was removed ({exc}); nothing was written"
+            ) from exc
+        if current != self._file_id:
+            raise StoreError(
+                f"the SQLite database {self.path} was replaced by another file; "
+                "nothing was written (open a new store to use the new file)"
+            )
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -521,21 +566,27 @@ class SQLiteStore:
         error = resolution.error
         with self._write() as conn:
             now = self._clock()
-            row = conn.execute(
-                SQL_RESOLVE,
-                (
-                    resolution.status.value,
-                    resolution.result_json,
-                    None if error is None else error.type,
-                    None if error is None else error.message,
-                    now,
-                    now if terminal else None,
-                    resolution.namespace,
-                    resolution.request_id,
-                    resolution.expected_token,
-                    now,
-                ),
-            ).fetchone()
+            if resolution.rerun:
+                row = conn.execute(
+                    SQL_RERUN,
+                    (now, resolution.namespace, resolution.request_id, resolution.expected_token),
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    SQL_RESOLVE,
+                    (
+                        resolution.status.value,
+                        resolution.result_json,
+                        None if error is None else error.type,
+                        None if error is None else error.message,
+                        now,
+                        now if terminal else None,
+                        resolution.namespace,
+                        resolution.request_id,
+                        resolution.expected_token,
+                        now,
+                    ),
+                ).fetchone()
             if row is None:
                 current = conn.execute(
                     SQL_GET, (resolution.namespace, resolution.request_id)
@@ -558,6 +609,32 @@ class SQLiteStore:
         if row is None:
             return []
         return [settled_event(_row_to_case(row), record.execution_id, actor, now)]
+
+    def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
+        with self._write() as conn:
+            now = self._clock()
+            cursor = conn.execute(
+                SQL_RENEW, (now + lease_ms, now, namespace, request_id, fencing_token)
+            )
+            return cursor.rowcount == 1
+
+    def take_over(
+        self, namespace: str, request_id: str, expected_token: int, owner: str, lease_ms: int
+    ) -> WriteResult:
+        with self._write() as conn:
+            now = self._clock()
+            row = conn.execute(
+                SQL_TAKE_OVER,
+                (owner, now + lease_ms, now, namespace, request_id, expected_token, now),
+            ).fetchone()
+            if row is None:
+                current = conn.execute(SQL_GET, (namespace, request_id)).fetchone()
+                return WriteResult(
+                    accepted=False, record=None if current is None else _row_to_record(current)
+                )
+            record = _row_to_record(row)
+            conn.execute(SQL_EVENT, _event_row(take_over_event(record, owner, now)))
+        return WriteResult(accepted=True, record=record)
 
     def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
         if buffered:

@@ -1,0 +1,373 @@
+"""The async guard: the same flows as :class:`~safeagent.Guard`, driven with ``await``.
+
+Store calls run in a worker thread (``asyncio.to_thread``) unless the store says it never
+blocks (the memory store), so SQLite never blocks the event loop. Two moments need care
+(DESIGN section 2, cancellation):
+
+- once ``fn`` has started, it runs to completion shielded from the caller's
+  cancellation: the caller gets ``CancelledError`` at once, the outcome is recorded when
+  ``fn`` ends, and retries wait for it and replay it;
+- a task cancelled while it is still claiming leaves no claim behind: if the claim lands
+  after all, it is released before anyone could run ``fn`` under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Collection, Generator
+from typing import Any, ParamSpec, TypeVar
+
+from safeagent._audit import AuditEvent
+from safeagent._core import GuardCore, Outcome, ReconcileReport, tally
+from safeagent._decorator import AsyncGuardedFunction, decorator_options
+from safeagent._flow import (
+    AskHook,
+    Claim,
+    Complete,
+    Emit,
+    Get,
+    Op,
+    Resolve,
+    Run,
+    TakeOver,
+    Wait,
+    call_for_record,
+    execute_flow,
+    reconcile_flow,
+    resolve_flow,
+)
+from safeagent._flow import Outcome as FnOutcome
+from safeagent._keys import check_request_id
+from safeagent._policy import CASE_PREFIX, Seconds
+from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, _current
+from safeagent._runtime import heartbeats, wakeups
+from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
+from safeagent.stores._base import ClaimResult, Completion
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _keep(task: asyncio.Task[Any]) -> None:
+    """Hold a reference to a background task until it ends (asyncio keeps only weak ones)."""
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+class AsyncGuard(GuardCore):
+    """The ``async`` twin of :class:`~safeagent.Guard`: same arguments, same behaviour,
+    ``await``-able methods. ``fn`` may be ``async def`` (awaited) or a plain function
+    (run in a worker thread so it cannot block the event loop). See :class:`Guard` for
+    the arguments."""
+
+    async def execute(
+        self,
+        request_id: str,
+        action: str,
+        payload: Any,
+        fn: Callable[[ExecutionContext], Any],
+        *,
+        namespace: str | None = None,
+        exclude: Collection[str] = (),
+        wait: Seconds | None = None,
+        lease: Seconds | None = None,
+        not_executed: Collection[type[BaseException]] | None = None,
+        outcome_unknown: Collection[type[BaseException]] | None = None,
+    ) -> Receipt:
+        """Run ``fn(context)`` at most once for ``(namespace, request_id)``; see
+        :meth:`Guard.execute` for arguments, return value and errors. If the calling task
+        is cancelled after ``fn`` started, ``fn`` still runs to completion and its outcome
+        is recorded; the caller gets ``CancelledError`` at once."""
+        call = self._prepare(
+            request_id,
+            action,
+            payload,
+            namespace,
+            exclude,
+            wait,
+            lease,
+            not_executed,
+            outcome_unknown,
+        )
+        return await self._drive(execute_flow(call, fn, self._settings()))
+
+    def guarded(
+        self,
+        action: str | None = None,
+        *,
+        key_arg: str | None = None,
+        exclude: Collection[str] = (),
+        allow_missing_key: bool = False,
+        namespace: str | None = None,
+        wait: Seconds | None = None,
+        lease: Seconds | None = None,
+        not_executed: Collection[type[BaseException]] | None = None,
+        outcome_unknown: Collection[type[BaseException]] | None = None,
+    ) -> Callable[[Callable[P, Awaitable[R]]], AsyncGuardedFunction[P, R]]:
+        """Decorate an ``async def`` function; see :meth:`Guard.guarded`."""
+        options = decorator_options(namespace, wait, lease, not_executed, outcome_unknown)
+
+        def decorate(func: Callable[P, Awaitable[R]]) -> AsyncGuardedFunction[P, R]:
+            return AsyncGuardedFunction(
+                self, func, action, key_arg, exclude, allow_missing_key, options
+            )
+
+        return decorate
+
+    async def resolve(
+        self,
+        request_id: str,
+        outcome: Outcome | Status,
+        *,
+        by: str,
+        reason: str,
+        namespace: str | None = None,
+        result: Any = None,
+        error_type: str = "safeagent.ResolvedFailed",
+        error_message: str | None = None,
+    ) -> Receipt:
+        """An operator's resolution; see :meth:`Guard.resolve`."""
+        ns, status, result_json, error, rerun = self._resolution_args(
+            request_id, outcome, by, reason, namespace, result, error_type, error_message
+        )
+        return await self._drive(
+            resolve_flow(
+                ns,
+                request_id,
+                status,
+                result_json,
+                error,
+                by,
+                reason,
+                rerun=rerun,
+                case_prefix=CASE_PREFIX,
+            )
+        )
+
+    async def reconcile(
+        self, *, namespace: str | None = None, all_namespaces: bool = False
+    ) -> ReconcileReport:
+        """Run the reconcile hooks over every record now in doubt; see
+        :meth:`Guard.reconcile`."""
+        items: list[tuple[str, str, str]] = []
+        for receipt in await self.in_doubt(namespace=namespace, all_namespaces=all_namespaces):
+            verdict = await self._reconcile_one(receipt)
+            items.append((receipt.namespace, receipt.request_id, verdict))
+        return tally(items)
+
+    async def _reconcile_one(self, receipt: Receipt) -> str:
+        hook = self._reconcile_hook(receipt.action)
+        if hook is None:
+            return "no_hook"
+        record, _ = await self._io(self.store.get, receipt.namespace, receipt.request_id)
+        if record is None:
+            return "skipped"
+        call = call_for_record(record, self._lease_ms(record.action), hook, CASE_PREFIX)
+        try:
+            done = await self._drive(reconcile_flow(call, record, self._settings()))
+        except OutcomeUnknownError:
+            return "unknown"
+        except ReplayedFailureError:
+            return "failed"
+        except ResultNotSerializableError:
+            return "happened"
+        if done is not None:
+            return "happened"
+        after, _ = await self._io(self.store.get, receipt.namespace, receipt.request_id)
+        released = after is not None and after.status is Status.RELEASED
+        return "not_happened" if released else "skipped"
+
+    async def get(self, request_id: str, *, namespace: str | None = None) -> Receipt | None:
+        """The receipt of ``request_id`` as stored now, or ``None``."""
+        record, now = await self._io(
+            self.store.get, self._ns(namespace), check_request_id(request_id)
+        )
+        return None if record is None else Receipt.from_record(record, replay=False, now_ms=now)
+
+    async def in_doubt(
+        self, *, namespace: str | None = None, all_namespaces: bool = False
+    ) -> list[Receipt]:
+        """Every record now in doubt; see :meth:`Guard.in_doubt`."""
+        records, now = await self._io(
+            lambda: self.store.records(
+                namespace=None if all_namespaces else self._ns(namespace),
+                statuses=(Status.IN_DOUBT, Status.PENDING),
+            )
+        )
+        return [
+            Receipt.from_record(r, replay=False, now_ms=now)
+            for r in records
+            if r.effective_status(now) is Status.IN_DOUBT
+        ]
+
+    async def audit_trail(
+        self,
+        request_id: str | None = None,
+        *,
+        namespace: str | None = None,
+        all_namespaces: bool = False,
+    ) -> list[AuditEvent]:
+        """Audit events in write order; see :meth:`Guard.audit_trail`."""
+        ns = None if all_namespaces else self._ns(namespace)
+        return await self._io(lambda: self.store.events(namespace=ns, subject=request_id))
+
+    async def aclose(self) -> None:
+        """Write buffered audit events; close the store if the guard opened it."""
+        await self._io(self.store.close if self._owns_store else self.store.flush_events)
+
+    async def __aenter__(self) -> AsyncGuard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- the driver ------------------------------------------------------------------------
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        """A store call: inline for a store that never blocks, else in a worker thread."""
+        if getattr(self.store, "blocking", True):
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def _drive(self, flow: Generator[Op, Any, T], answer: Any = None) -> T:
+        """Perform each operation the flow yields until it returns or raises."""
+        store = self.store
+        wake: tuple[tuple[str, str, str], Any] | None = None
+        error: BaseException | None = None
+        handed_off = False
+        try:
+            while True:
+                try:
+                    op: Op = flow.send(answer) if error is None else flow.throw(error)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                answer = error = None
+                if isinstance(op, Run):
+                    key = (store.identity, op.context.namespace, op.context.request_id)
+                    wake = (key, wakeups.register(key))
+                    running = asyncio.ensure_future(self._run(op))
+                    try:
+                        answer = await asyncio.shield(running)
+                    except asyncio.CancelledError:
+                        # fn has started: let it finish and record its outcome without us.
+                        handed_off = True
+                        _keep(asyncio.ensure_future(self._finish(flow, running, wake)))
+                        raise
+                    continue
+                if isinstance(op, Claim):
+                    claiming = asyncio.ensure_future(self._io(store.claim, op.request))
+                    try:
+                        answer = await asyncio.shield(claiming)
+                    except asyncio.CancelledError:
+                        _keep(asyncio.ensure_future(self._undo_claim(claiming)))
+                        raise
+                    except BaseException as exc:  # noqa: BLE001 - thrown into the flow
+                        error = exc
+                    continue
+                try:
+                    answer = await self._perform(op)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - thrown into the flow
+                    error = exc
+        finally:
+            if not handed_off:
+                flow.close()
+                if wake is not None:
+                    wakeups.done(*wake)
+
+    async def _finish(
+        self,
+        flow: Generator[Op, Any, Any],
+        running: asyncio.Future[FnOutcome],
+        wake: tuple[tuple[str, str, str], Any],
+    ) -> None:
+        """Record the outcome of a ``fn`` whose caller was cancelled."""
+        try:
+            await self._drive(flow, await running)
+        except BaseException:  # noqa: BLE001, S110 - the outcome is recorded; nobody to tell
+            pass
+        finally:
+            wakeups.done(*wake)
+
+    async def _undo_claim(self, claiming: asyncio.Future[ClaimResult]) -> None:
+        """A caller was cancelled while claiming: release the claim if it landed."""
+        try:
+            claim = await claiming
+        except BaseException:  # noqa: BLE001 - no claim was recorded
+            return
+        if not claim.won:
+            return
+        record = claim.record
+        await self._io(
+            self.store.complete,
+            Completion(
+                namespace=record.namespace,
+                request_id=record.request_id,
+                fencing_token=record.fencing_token,
+                status=Status.RELEASED,
+                result_json=None,
+                error=ErrorInfo("asyncio.CancelledError", "cancelled before fn started"),
+                actor=self._owner_name(),
+                detail={"cancelled": True},
+            ),
+        )
+
+    async def _perform(self, op: Op) -> Any:
+        store = self.store
+        if isinstance(op, Get):
+            return await self._io(store.get, op.namespace, op.request_id)
+        if isinstance(op, Emit):
+            return await self._io(lambda: store.record_event(op.event, buffered=op.buffered))
+        if isinstance(op, Complete):
+            return await self._io(store.complete, op.completion)
+        if isinstance(op, Wait):
+            await wakeups.await_((store.identity, op.namespace, op.request_id), op.timeout)
+            return None
+        if isinstance(op, TakeOver):
+            return await self._io(
+                store.take_over,
+                op.namespace,
+                op.request_id,
+                op.expected_token,
+                op.owner,
+                op.lease_ms,
+            )
+        if isinstance(op, Resolve):
+            return await self._io(store.resolve, op.resolution)
+        if isinstance(op, AskHook):
+            request = op.request
+            with heartbeats.beating(
+                store, request.namespace, request.request_id, request.fencing_token, op.lease_ms
+            ):
+                return await _outcome(op.hook, request)
+        raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
+
+    async def _run(self, op: Run) -> FnOutcome:
+        ctx = op.context
+        token = _current.set(ctx)
+        try:
+            with heartbeats.beating(
+                self.store, ctx.namespace, ctx.request_id, ctx.fencing_token, op.lease_ms
+            ):
+                return await _outcome(op.fn, ctx)
+        finally:
+            _current.reset(token)
+
+
+async def _outcome(fn: Callable[[Any], Any], arg: Any) -> FnOutcome:
+    """Call ``fn(arg)``: awaited if async, in a worker thread if not; never raises."""
+    try:
+        if inspect.iscoroutinefunction(fn):
+            value = await fn(arg)
+        else:  # a plain function may block: keep it off the event loop
+            value = await asyncio.to_thread(fn, arg)  # copies the context (current_context())
+            if inspect.isawaitable(value):
+                value = await value
+    except BaseException as exc:  # noqa: BLE001 - the flow classifies it
+        return FnOutcome(error=exc)
+    return FnOutcome(value=value)

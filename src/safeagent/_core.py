@@ -1,0 +1,243 @@
+"""What the sync and async guards share: settings, input validation, and the argument
+checks of their public methods. The flows (``_flow``) hold the rules; the drivers
+(``_guard``, ``_aguard``) do the I/O."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from safeagent._audit import Redactor, default_redactor
+from safeagent._flow import Call, Settings
+from safeagent._keys import (
+    canonical_json,
+    check_name,
+    check_request_id,
+    fingerprint,
+    fingerprint_payload,
+)
+from safeagent._policy import (
+    CASE_PREFIX,
+    DEFAULT_LEASE,
+    DEFAULT_WAIT,
+    ActionPolicy,
+    ExceptionTypes,
+    ReconcileHook,
+    Seconds,
+    exception_types,
+    json_default,
+    seconds,
+)
+from safeagent._receipt import ErrorInfo, Status
+from safeagent.errors import ConfigurationError, InvalidInputError, InvalidRequestIdError
+from safeagent.stores._base import ReceiptStore
+from safeagent.stores.sqlite import SQLiteStore
+
+Outcome = Literal["succeeded", "failed", "released", "rerun"]
+
+_HOST = socket.gethostname()
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """What a proactive reconcile pass did. ``items`` lists ``(namespace, request_id,
+    verdict)`` for every in-doubt record looked at; the counters sum them up."""
+
+    checked: int = 0
+    happened: int = 0
+    failed: int = 0
+    not_happened: int = 0
+    unknown: int = 0
+    no_hook: int = 0
+    skipped: int = 0
+    items: tuple[tuple[str, str, str], ...] = field(default_factory=tuple)
+
+
+def tally(items: list[tuple[str, str, str]]) -> ReconcileReport:
+    counts = dict.fromkeys(
+        ("happened", "failed", "not_happened", "unknown", "no_hook", "skipped"), 0
+    )
+    for _, _, verdict in items:
+        counts[verdict] += 1
+    return ReconcileReport(checked=len(items), items=tuple(items), **counts)
+
+
+class GuardCore:
+    """Settings and validation shared by :class:`Guard` and :class:`AsyncGuard`."""
+
+    def __init__(
+        self,
+        store: ReceiptStore | str | os.PathLike[str] | None = None,
+        *,
+        namespace: str = "default",
+        lease: Seconds = DEFAULT_LEASE,
+        wait: Seconds = DEFAULT_WAIT,
+        durability: str | None = None,
+        not_executed: Collection[type[BaseException]] = (),
+        outcome_unknown: Collection[type[BaseException]] = (),
+        actions: Mapping[str, ActionPolicy] | None = None,
+        redact: Redactor = default_redactor,
+        result_encoder: Callable[[Any], Any] = json_default,
+        owner: str | None = None,
+    ) -> None:
+        check_name("namespace", namespace)
+        self.namespace = namespace
+        self.lease = seconds("lease", lease, allow_zero=False)
+        self.wait = seconds("wait", wait, allow_zero=True)
+        self.not_executed = exception_types("not_executed", not_executed)
+        self.outcome_unknown = exception_types("outcome_unknown", outcome_unknown)
+        self.actions: dict[str, ActionPolicy] = dict(actions or {})
+        for name, policy in self.actions.items():
+            check_name("action", name)
+            if not isinstance(policy, ActionPolicy):
+                raise ConfigurationError(f"actions[{name!r}] must be an ActionPolicy")
+        if not callable(redact) or not callable(result_encoder):
+            raise ConfigurationError("redact and result_encoder must be callables")
+        self.redact = redact
+        self.result_encoder = result_encoder
+        self._owner = owner
+        if store is None or isinstance(store, (str, os.PathLike)):
+            self.store: ReceiptStore = SQLiteStore(store, durability=durability or "durable")
+            self._owns_store = True
+        else:
+            store_mode = getattr(store, "durability", None)
+            if durability is not None and store_mode != durability:
+                raise ConfigurationError(
+                    f"durability={durability!r} conflicts with the store's own mode "
+                    f"{store_mode!r}: set it on the store"
+                )
+            self.store = store
+            self._owns_store = False
+
+    # -- settings -------------------------------------------------------------------------
+
+    def _ns(self, namespace: str | None) -> str:
+        return self.namespace if namespace is None else check_name("namespace", namespace)
+
+    def _owner_name(self) -> str:
+        return self._owner or f"{_HOST}:{os.getpid()}:{threading.current_thread().name}"
+
+    def _settings(self) -> Settings:
+        return Settings(self._owner_name(), self.redact, self.result_encoder)
+
+    def _lease_ms(self, action: str, lease: Seconds | None = None) -> int:
+        if lease is not None:
+            return int(1000 * seconds("lease", lease, allow_zero=False))
+        policy = self.actions.get(action)
+        if policy is not None and policy.lease is not None:
+            return int(1000 * seconds("lease", policy.lease, allow_zero=False))
+        return int(1000 * self.lease)
+
+    def _exceptions(
+        self,
+        action: str,
+        not_executed: Collection[type[BaseException]] | None,
+        outcome_unknown: Collection[type[BaseException]] | None,
+    ) -> tuple[ExceptionTypes, ExceptionTypes]:
+        policy = self.actions.get(action)
+        if not_executed is None:
+            not_executed = (
+                policy.not_executed
+                if policy is not None and policy.not_executed is not None
+                else self.not_executed
+            )
+        if outcome_unknown is None:
+            outcome_unknown = (
+                policy.outcome_unknown
+                if policy is not None and policy.outcome_unknown is not None
+                else self.outcome_unknown
+            )
+        return (
+            exception_types("not_executed", not_executed),
+            exception_types("outcome_unknown", outcome_unknown),
+        )
+
+    def _reconcile_hook(self, action: str) -> ReconcileHook | None:
+        policy = self.actions.get(action)
+        return None if policy is None else policy.reconcile
+
+    # -- validation -----------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        request_id: str,
+        action: str,
+        payload: Any,
+        namespace: str | None,
+        exclude: Collection[str],
+        wait: Seconds | None,
+        lease: Seconds | None,
+        not_executed: Collection[type[BaseException]] | None,
+        outcome_unknown: Collection[type[BaseException]] | None,
+        *,
+        settle_case: str | None = None,
+    ) -> Call:
+        """Validate one call and compute its fingerprint, before anything is recorded."""
+        check_request_id(request_id)
+        if settle_case is None and request_id.startswith(CASE_PREFIX):
+            raise InvalidRequestIdError(
+                f"request ids starting with {CASE_PREFIX!r} are reserved for case "
+                "settlement (FinalityGate.settle)",
+                request_id=request_id,
+            )
+        check_name("action", action)
+        ns = self._ns(namespace)
+        if isinstance(exclude, str):
+            raise InvalidInputError("exclude must be a collection of field names, not a str")
+        payload_bytes = canonical_json(payload)
+        covered = (
+            canonical_json(fingerprint_payload(payload, exclude)) if exclude else payload_bytes
+        )
+        ne, ou = self._exceptions(action, not_executed, outcome_unknown)
+        return Call(
+            namespace=ns,
+            request_id=request_id,
+            action=action,
+            payload=payload,
+            payload_json=payload_bytes.decode(),
+            fingerprint=fingerprint(action, covered),
+            lease_ms=self._lease_ms(action, lease),
+            wait=self.wait if wait is None else seconds("wait", wait, allow_zero=True),
+            not_executed=ne,
+            outcome_unknown=ou,
+            reconcile=self._reconcile_hook(action),
+            settle_case=settle_case,
+        )
+
+    def _resolution_args(
+        self,
+        request_id: str,
+        outcome: Outcome | Status,
+        by: str,
+        reason: str,
+        namespace: str | None,
+        result: Any,
+        error_type: str,
+        error_message: str | None,
+    ) -> tuple[str, Status, str | None, ErrorInfo | None, bool]:
+        """Validate a resolution: ``(namespace, status, result_json, error, rerun)``."""
+        ns = self._ns(namespace)
+        check_request_id(request_id)
+        check_name("by", by)
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidInputError("reason must be a non-empty str")
+        rerun = outcome == "rerun"
+        try:
+            status = (
+                Status.RELEASED
+                if rerun
+                else Status(outcome.upper() if isinstance(outcome, str) else outcome)
+            )
+        except ValueError:
+            status = Status.PENDING  # rejected just below
+        if status not in (Status.SUCCEEDED, Status.FAILED, Status.RELEASED):
+            raise InvalidInputError(
+                f"outcome must be 'succeeded', 'failed', 'released' or 'rerun', got {outcome!r}"
+            )
+        result_json = canonical_json(result).decode() if status is Status.SUCCEEDED else None
+        error = ErrorInfo(error_type, error_message or reason) if status is Status.FAILED else None
+        return ns, status, result_json, error, rerun

@@ -1,0 +1,162 @@
+"""The decorator form: a function whose calls run through the guard.
+
+The payload is the function's arguments bound through its signature with defaults
+applied; the request id comes from the caller (``.call(request_id, ...)``) or from one
+argument (``key_arg=``), encoded as canonical JSON (DESIGN section 6).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
+
+from safeagent._keys import check_name, key_from_value
+from safeagent._policy import Seconds
+from safeagent.errors import ConfigurationError, InvalidInputError, MissingKeyError
+
+if TYPE_CHECKING:
+    from safeagent._aguard import AsyncGuard
+    from safeagent._guard import Guard
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _Bound:
+    """Binding of arguments to a payload and a request id; shared by both flavours."""
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        action: str | None,
+        key_arg: str | None,
+        exclude: Collection[str],
+        allow_missing_key: bool,
+        options: dict[str, Any],
+    ) -> None:
+        self.func = func
+        self.action = check_name("action", action or func.__qualname__)
+        self.signature = inspect.signature(func)
+        if key_arg is not None and key_arg not in self.signature.parameters:
+            raise ConfigurationError(f"key_arg {key_arg!r} is not a parameter of {func}")
+        if isinstance(exclude, str):
+            raise ConfigurationError("exclude must be a collection of parameter names")
+        self.key_arg = key_arg
+        self.exclude = frozenset(exclude)
+        self.allow_missing_key = allow_missing_key
+        self.options = options
+        functools.update_wrapper(cast("Callable[..., Any]", self), func)
+
+    def payload(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The payload a call with these arguments is fingerprinted on."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidInputError(f"{self.action}: {exc}") from exc
+        bound.apply_defaults()
+        skip = self.exclude | ({self.key_arg} if self.key_arg else set())
+        return {k: v for k, v in bound.arguments.items() if k not in skip}
+
+    def key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """The request id from ``key_arg``, or ``None`` when it is missing."""
+        if self.key_arg is None:
+            raise MissingKeyError(
+                f"{self.action} has no key_arg: call it as .call(request_id, ...)"
+            )
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidInputError(f"{self.action}: {exc}") from exc
+        bound.apply_defaults()
+        request_id = key_from_value(bound.arguments.get(self.key_arg))
+        if request_id is None and not self.allow_missing_key:
+            raise MissingKeyError(
+                f"{self.action}: the idempotency key argument {self.key_arg!r} is missing "
+                "(None or empty); nothing ran"
+            )
+        return request_id
+
+
+class GuardedFunction(_Bound, Generic[P, R]):
+    """A function whose calls run through :meth:`Guard.execute`. Made by
+    :meth:`Guard.guarded`; keeps the wrapped function's name, docstring and signature.
+    Calling it returns the stored result (the same value on the first call and replays)."""
+
+    def __init__(self, guard: Guard, func: Callable[P, R], *args: Any) -> None:
+        if inspect.iscoroutinefunction(func):
+            raise ConfigurationError(
+                f"{func.__qualname__} is async; guard it with AsyncGuard.guarded"
+            )
+        super().__init__(func, *args)
+        self.guard = guard
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        request_id = self.key(args, kwargs)
+        if request_id is None:
+            return self.func(*args, **kwargs)  # type: ignore[no-any-return]
+        return self._execute(request_id, args, kwargs)
+
+    def call(self, request_id: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call with an explicit request id (the caller's idempotency key)."""
+        return self._execute(request_id, args, kwargs)
+
+    def _execute(self, request_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        payload = self.payload(*args, **kwargs)
+        receipt = self.guard.execute(
+            request_id,
+            self.action,
+            payload,
+            lambda _ctx: self.func(*args, **kwargs),
+            **self.options,
+        )
+        return receipt.result  # type: ignore[no-any-return]
+
+
+class AsyncGuardedFunction(_Bound, Generic[P, R]):
+    """An ``async def`` function whose calls run through :meth:`AsyncGuard.execute`.
+    Made by :meth:`AsyncGuard.guarded`. Awaiting it returns the stored result."""
+
+    def __init__(self, guard: AsyncGuard, func: Callable[P, Awaitable[R]], *args: Any) -> None:
+        if not inspect.iscoroutinefunction(func):
+            raise ConfigurationError(
+                f"{func.__qualname__} is not async; guard it with Guard.guarded"
+            )
+        super().__init__(func, *args)
+        self.guard = guard
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        request_id = self.key(args, kwargs)
+        if request_id is None:
+            return await self.func(*args, **kwargs)  # type: ignore[no-any-return]
+        return await self._execute(request_id, args, kwargs)
+
+    async def call(self, request_id: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call with an explicit request id (the caller's idempotency key)."""
+        return await self._execute(request_id, args, kwargs)
+
+    async def _execute(self, request_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        payload = self.payload(*args, **kwargs)
+
+        async def run(_ctx: Any) -> Any:
+            return await self.func(*args, **kwargs)
+
+        receipt = await self.guard.execute(request_id, self.action, payload, run, **self.options)
+        return receipt.result  # type: ignore[no-any-return]
+
+
+def decorator_options(
+    namespace: str | None,
+    wait: Seconds | None,
+    lease: Seconds | None,
+    not_executed: Collection[type[BaseException]] | None,
+    outcome_unknown: Collection[type[BaseException]] | None,
+) -> dict[str, Any]:
+    return {
+        "namespace": namespace,
+        "wait": wait,
+        "lease": lease,
+        "not_executed": not_executed,
+        "outcome_unknown": outcome_unknown,
+    }

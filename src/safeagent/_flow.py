@@ -1,0 +1,685 @@
+"""The execution flow, written once for the sync and async drivers.
+
+A flow is a generator: it decides (with :func:`~safeagent._decide.decide`) and *yields*
+the I/O it needs as small operation objects; a driver performs each one and sends back
+the answer (or throws the store's error into the flow). :class:`~safeagent.Guard`
+performs them with blocking calls, :class:`~safeagent.AsyncGuard` with ``await``; neither
+holds any rule of its own. This is the "sans-I/O" shape of httpx's auth flows.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+import uuid
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from safeagent._audit import AuditEvent, EventKind, Redactor
+from safeagent._decide import Verdict, classify_exception, decide
+from safeagent._keys import downstream_key
+from safeagent._policy import ExceptionTypes, ReconcileHook, ReconcileRequest, Reconciliation
+from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Record, Status
+from safeagent.errors import (
+    ActionMismatchError,
+    ConfigurationError,
+    FingerprintMismatchError,
+    InProgressError,
+    InvalidTransitionError,
+    LeaseLostError,
+    OutcomeUnknownError,
+    ReplayedFailureError,
+    ResultNotSerializableError,
+    StoreError,
+)
+from safeagent.stores._base import (
+    ClaimRequest,
+    ClaimResult,
+    Completion,
+    Resolution,
+    WriteResult,
+)
+
+POLL_START = 0.002
+POLL_MAX = 0.1
+UNSERIALIZABLE = "safeagent.ResultNotSerializable"
+
+
+# -- the operations a flow yields ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    """Read the record: answers ``(Record | None, now_ms)``."""
+
+    namespace: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Claim atomically: answers a :class:`ClaimResult`."""
+
+    request: ClaimRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Record an outcome (fenced): answers a :class:`WriteResult`."""
+
+    completion: Completion
+
+
+@dataclass(frozen=True, slots=True)
+class TakeOver:
+    """Take a new lease on an in-doubt record (token + 1): answers a :class:`WriteResult`."""
+
+    namespace: str
+    request_id: str
+    expected_token: int
+    owner: str
+    lease_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Append an audit event (``buffered``: with the next write). Answers ``None``."""
+
+    event: AuditEvent
+    buffered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Wait up to ``timeout`` seconds, or until the in-process holder of the claim finishes."""
+
+    namespace: str
+    request_id: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Run ``fn(context)`` under a heartbeat: answers an :class:`Outcome`, never raises."""
+
+    fn: Callable[[ExecutionContext], Any]
+    context: ExecutionContext
+    lease_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AskHook:
+    """Run a reconcile hook under a heartbeat: answers an :class:`Outcome`."""
+
+    hook: ReconcileHook
+    request: ReconcileRequest
+    lease_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """Apply an operator's resolution (fenced): answers a :class:`WriteResult`."""
+
+    resolution: Resolution
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What ``fn`` (or a hook) did: returned ``value``, or raised ``error``."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+Op = Get | Claim | Complete | TakeOver | Emit | Wait | Run | AskHook | Resolve
+Flow = Generator[Op, Any, Receipt]
+
+
+# -- the inputs of a flow --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One validated call: everything the flow needs, computed once."""
+
+    namespace: str
+    request_id: str
+    action: str
+    payload: Any
+    payload_json: str
+    fingerprint: str
+    lease_ms: int
+    wait: float
+    not_executed: ExceptionTypes
+    outcome_unknown: ExceptionTypes
+    reconcile: ReconcileHook | None = None
+    settle_case: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The guard-wide settings a flow reads."""
+
+    owner: str
+    redact: Redactor
+    result_encoder: Callable[[Any], Any]
+
+
+def type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None, ErrorInfo | None]:
+    """JSON text of ``value``, or ``None`` and why it cannot be stored."""
+    try:
+        text = json.dumps(
+            value, default=encoder, allow_nan=False, ensure_ascii=False, separators=(",", ":")
+        )
+    except (TypeError, ValueError, RecursionError) as exc:
+        return None, ErrorInfo(UNSERIALIZABLE, f"{type(value).__name__}: {exc}")
+    return text, None
+
+
+# -- the flows -------------------------------------------------------------------------------
+
+
+def execute_flow(call: Call, fn: Callable[[ExecutionContext], Any], s: Settings) -> Flow:
+    """Run ``fn`` at most once for ``call`` (the behaviour table of DESIGN section 2)."""
+    record, now = yield Get(call.namespace, call.request_id)
+    deadline: float | None = None
+    poll = POLL_START
+    while True:
+        decision = decide(record, call.action, call.fingerprint, now)
+        verdict = decision.verdict
+        if verdict is Verdict.CLAIM:
+            claim: ClaimResult = yield Claim(claim_request(call, s))
+            if claim.won:
+                return (yield from run_flow(call, claim.record, fn, s))
+            record, now = claim.record, claim.now_ms
+            continue
+        assert record is not None
+        if verdict is Verdict.REPLAY:
+            return (yield from replay_flow(call, record, now, s))
+        if verdict is Verdict.CONFLICT_ACTION or verdict is Verdict.CONFLICT_FINGERPRINT:
+            raise (yield from conflict_flow(call, record, now, verdict, s))
+        if verdict is Verdict.IN_DOUBT:
+            if call.reconcile is None:
+                raise (yield from in_doubt_flow(call, record, now, s))
+            receipt = yield from reconcile_flow(call, record, s)
+            if receipt is not None:
+                return receipt
+            # The record was released ("did not happen"), or someone else took it over:
+            # read it again and decide afresh.
+            record, now = yield Get(call.namespace, call.request_id)
+            continue
+        # WAIT: a live claim is held by someone else.
+        if deadline is None:
+            deadline = time.monotonic() + call.wait
+        remaining = deadline - time.monotonic()
+        retry_after = decision.retry_after_ms / 1000
+        if remaining <= 0:
+            raise InProgressError(
+                f"request {call.request_id!r} is still running elsewhere; "
+                f"retry after {retry_after:.3f} s",
+                request_id=call.request_id,
+                namespace=call.namespace,
+                retry_after=retry_after,
+                receipt=Receipt.from_record(record, replay=False, now_ms=now),
+            )
+        yield Wait(call.namespace, call.request_id, max(0.0, min(poll, remaining, retry_after)))
+        poll = min(poll * 2, POLL_MAX)
+        record, now = yield Get(call.namespace, call.request_id)
+
+
+def claim_request(call: Call, s: Settings) -> ClaimRequest:
+    return ClaimRequest(
+        namespace=call.namespace,
+        request_id=call.request_id,
+        action=call.action,
+        fingerprint=call.fingerprint,
+        payload_json=call.payload_json,
+        execution_id=uuid.uuid4().hex,
+        owner=s.owner,
+        lease_ms=call.lease_ms,
+        downstream_key=downstream_key(call.namespace, call.action, call.request_id),
+        detail={"payload": s.redact(call.payload), "fingerprint": call.fingerprint},
+    )
+
+
+def run_flow(
+    call: Call, record: Record, fn: Callable[[ExecutionContext], Any], s: Settings
+) -> Generator[Op, Any, Receipt]:
+    """Run ``fn`` under the claim just won and record what it did."""
+    context = ExecutionContext(
+        request_id=call.request_id,
+        namespace=call.namespace,
+        action=call.action,
+        payload=call.payload,
+        attempt=record.attempt,
+        fencing_token=record.fencing_token,
+        execution_id=record.execution_id,
+        downstream_key=record.downstream_key,
+    )
+    outcome: Outcome = yield Run(fn, context, call.lease_ms)
+    if outcome.error is not None:
+        exc = outcome.error
+        status = classify_exception(exc, call.not_executed, call.outcome_unknown)
+        error = ErrorInfo(type_name(exc), str(exc))
+        written = yield from store_completion(call, record, status, None, error, s, cause=exc)
+        if not written.accepted and isinstance(exc, Exception):
+            raise lease_lost(call, record, written.record) from exc
+        raise exc
+    value = outcome.value
+    if inspect.isawaitable(value):
+        close = getattr(value, "close", None)
+        if close is not None:
+            close()
+        yield from store_completion(
+            call,
+            record,
+            Status.RELEASED,
+            None,
+            ErrorInfo("safeagent.AwaitableReturned", "fn returned an awaitable"),
+            s,
+        )
+        raise ConfigurationError(
+            "fn returned an awaitable, which the sync Guard cannot await (use AsyncGuard); "
+            "nothing ran and the claim was released"
+        )
+    result_json, unstorable = encode_result(value, s.result_encoder)
+    written = yield from store_completion(
+        call, record, Status.SUCCEEDED, result_json, unstorable, s
+    )
+    if not written.accepted or written.record is None:
+        raise lease_lost(call, record, written.record)
+    receipt = Receipt.from_record(written.record, replay=False)
+    if unstorable is not None:
+        raise ResultNotSerializableError(
+            f"{call.action} ran, but its result could not be stored ({unstorable.message}); "
+            "the record is SUCCEEDED without a result and will not run again",
+            receipt=receipt,
+        )
+    return receipt
+
+
+def store_completion(
+    call: Call,
+    record: Record,
+    status: Status,
+    result_json: str | None,
+    error: ErrorInfo | None,
+    s: Settings,
+    *,
+    cause: BaseException | None = None,
+    event_kind: EventKind | None = None,
+    detail: dict[str, Any] | None = None,
+) -> Generator[Op, Any, WriteResult]:
+    """Record an outcome under ``record``'s fencing token. If the store fails, the record
+    stays PENDING (read as in doubt after its lease) and the caller learns why."""
+    completion = Completion(
+        namespace=call.namespace,
+        request_id=call.request_id,
+        fencing_token=record.fencing_token,
+        status=status,
+        result_json=result_json,
+        error=error,
+        actor=s.owner,
+        detail={"error": None if error is None else error.to_dict(), **(detail or {})},
+        settle_case=call.settle_case,
+        event_kind=event_kind,
+    )
+    try:
+        written: WriteResult = yield Complete(completion)
+    except StoreError as exc:
+        if cause is not None and not isinstance(cause, Exception):
+            raise cause from exc  # never swallow KeyboardInterrupt / SystemExit
+        raise StoreError(
+            f"{call.action} ran, but its outcome could not be recorded ({exc}); the "
+            "record stays PENDING and reads as in doubt once its lease expires",
+            request_id=call.request_id,
+            namespace=call.namespace,
+        ) from (cause or exc)
+    return written
+
+
+def lease_lost(call: Call, record: Record, current: Record | None) -> LeaseLostError:
+    return LeaseLostError(
+        f"{call.action} finished, but request {call.request_id!r} was resolved by "
+        "someone else meanwhile (fencing token no longer current); the completion "
+        "was rejected and audited",
+        request_id=call.request_id,
+        namespace=call.namespace,
+        fencing_token=record.fencing_token,
+        receipt=None if current is None else Receipt.from_record(current, replay=False),
+    )
+
+
+def _event(
+    kind: EventKind, call: Call, record: Record, now: int, s: Settings, detail: dict[str, Any]
+) -> AuditEvent:
+    return AuditEvent(
+        kind=kind,
+        at_ms=now,
+        namespace=call.namespace,
+        subject=call.request_id,
+        action=call.action,
+        actor=s.owner,
+        execution_id=record.execution_id,
+        fencing_token=record.fencing_token,
+        detail=detail,
+    )
+
+
+def replay_flow(call: Call, record: Record, now: int, s: Settings) -> Generator[Op, Any, Receipt]:
+    """Return (or raise) the stored outcome; ``fn`` does not run."""
+    yield Emit(
+        _event(EventKind.REPLAYED, call, record, now, s, {"status": record.status.value}),
+        buffered=True,
+    )
+    return replay_receipt(call.request_id, record, now)
+
+
+def replay_receipt(request_id: str, record: Record, now: int) -> Receipt:
+    """The stored outcome as the caller gets it: a receipt, or the typed replay error."""
+    receipt = Receipt.from_record(record, replay=True, now_ms=now)
+    if record.status is Status.FAILED:
+        error = record.error or ErrorInfo("unknown", "")
+        raise ReplayedFailureError(
+            f"request {request_id!r} failed earlier with {error.type}: "
+            f"{error.message} (replayed; not run again)",
+            error_type=error.type,
+            error_message=error.message,
+            receipt=receipt,
+        )
+    if record.error is not None:
+        raise ResultNotSerializableError(
+            f"request {request_id!r} ran, but its result could not be stored "
+            f"({record.error.message}); not run again",
+            receipt=receipt,
+        )
+    return receipt
+
+
+def conflict_flow(
+    call: Call, record: Record, now: int, verdict: Verdict, s: Settings
+) -> Generator[Op, Any, ActionMismatchError | FingerprintMismatchError]:
+    """Audit the rejected request and build the conflict error; nothing runs."""
+    yield Emit(
+        _event(
+            EventKind.CONFLICT,
+            call,
+            record,
+            now,
+            s,
+            {
+                "reason": verdict.value,
+                "stored_action": record.action,
+                "stored_fingerprint": record.fingerprint,
+                "fingerprint": call.fingerprint,
+                "payload": s.redact(call.payload),
+            },
+        ),
+        buffered=False,
+    )
+    receipt = Receipt.from_record(record, replay=False, now_ms=now)
+    if verdict is Verdict.CONFLICT_ACTION:
+        return ActionMismatchError(
+            f"request id {call.request_id!r} is already used by action "
+            f"{record.action!r}, not {call.action!r}; nothing ran",
+            request_id=call.request_id,
+            namespace=call.namespace,
+            receipt=receipt,
+        )
+    return FingerprintMismatchError(
+        f"request id {call.request_id!r} is already used with another payload "
+        f"(fingerprint {record.fingerprint[:12]}..., this one {call.fingerprint[:12]}...); "
+        "nothing ran",
+        request_id=call.request_id,
+        namespace=call.namespace,
+        receipt=receipt,
+    )
+
+
+def in_doubt_flow(
+    call: Call, record: Record, now: int, s: Settings, note: str = ""
+) -> Generator[Op, Any, OutcomeUnknownError]:
+    """Audit the observation and build the "outcome unknown" error; nothing runs."""
+    yield Emit(
+        _event(
+            EventKind.IN_DOUBT,
+            call,
+            record,
+            now,
+            s,
+            {
+                "observed": True,
+                "stored_status": record.status.value,
+                "owner": record.lease_owner,
+                **({"note": note} if note else {}),
+            },
+        ),
+        buffered=True,
+    )
+    return in_doubt_error(call.request_id, call.namespace, record, now, note)
+
+
+def in_doubt_error(
+    request_id: str, namespace: str, record: Record, now: int, note: str = ""
+) -> OutcomeUnknownError:
+    return OutcomeUnknownError(
+        f"request {request_id!r} is in doubt: attempt {record.attempt} by "
+        f"{record.lease_owner} (claimed at {record.claimed_at_ms} ms) never recorded an "
+        "outcome; it is not run again. Resolve it with Guard.resolve or a reconcile hook"
+        + (f" ({note})" if note else ""),
+        request_id=request_id,
+        namespace=namespace,
+        owner=record.lease_owner,
+        claimed_at_ms=record.claimed_at_ms,
+        attempt=record.attempt,
+        receipt=Receipt.from_record(record, replay=False, now_ms=now),
+    )
+
+
+def reconcile_flow(call: Call, record: Record, s: Settings) -> Generator[Op, Any, Receipt | None]:
+    """Take a reconcile lease on an in-doubt record and ask the action's hook.
+
+    Returns the receipt (happened), raises the replayed failure (failed) or "outcome
+    unknown" (unknown, or the hook failed), or returns ``None`` when the caller should
+    read the record again: it was released (did not happen) or someone else took it over.
+    """
+    assert call.reconcile is not None
+    taken: WriteResult = yield TakeOver(
+        call.namespace, call.request_id, record.fencing_token, s.owner, call.lease_ms
+    )
+    if not taken.accepted or taken.record is None:
+        return None
+    lease = taken.record
+    request = ReconcileRequest(
+        namespace=lease.namespace,
+        request_id=lease.request_id,
+        action=lease.action,
+        payload=json.loads(lease.payload_json),
+        attempt=lease.attempt,
+        downstream_key=lease.downstream_key,
+        owner=record.lease_owner,
+        claimed_at_ms=lease.claimed_at_ms,
+        fencing_token=lease.fencing_token,
+    )
+    outcome: Outcome = yield AskHook(call.reconcile, request, call.lease_ms)
+    answer = outcome.value
+    note = ""
+    if outcome.error is not None:
+        if not isinstance(outcome.error, Exception):
+            yield from store_completion(
+                call,
+                lease,
+                Status.IN_DOUBT,
+                None,
+                None,
+                s,
+                cause=outcome.error,
+                event_kind=EventKind.RECONCILED,
+                detail={"verdict": "unknown", "note": "hook interrupted"},
+            )
+            raise outcome.error
+        note = f"reconcile hook raised {type_name(outcome.error)}: {outcome.error}"
+        answer = Reconciliation.unknown(note=note)
+    elif not isinstance(answer, Reconciliation):
+        note = f"reconcile hook returned {type(answer).__name__}, not a Reconciliation"
+        answer = Reconciliation.unknown(note=note)
+    detail = {"verdict": answer.verdict, "note": answer.note}
+    if answer.verdict == "happened":
+        result_json, error = encode_result(answer.result, s.result_encoder)
+        written = yield from store_completion(
+            call,
+            lease,
+            Status.SUCCEEDED,
+            result_json,
+            error,
+            s,
+            event_kind=EventKind.RECONCILED,
+            detail=detail,
+        )
+    elif answer.verdict == "failed":
+        error = ErrorInfo(
+            answer.error_type or "safeagent.ReconciledFailed", answer.error_message or answer.note
+        )
+        written = yield from store_completion(
+            call,
+            lease,
+            Status.FAILED,
+            None,
+            error,
+            s,
+            event_kind=EventKind.RECONCILED,
+            detail=detail,
+        )
+    elif answer.verdict == "not_happened":
+        yield from store_completion(
+            call,
+            lease,
+            Status.RELEASED,
+            None,
+            None,
+            s,
+            event_kind=EventKind.RECONCILED,
+            detail=detail,
+        )
+        return None
+    else:
+        written = yield from store_completion(
+            call,
+            lease,
+            Status.IN_DOUBT,
+            None,
+            None,
+            s,
+            event_kind=EventKind.RECONCILED,
+            detail=detail,
+        )
+        if written.record is not None:
+            raise in_doubt_error(
+                call.request_id,
+                call.namespace,
+                written.record,
+                written.record.updated_at_ms,
+                answer.note or note,
+            )
+        raise in_doubt_error(call.request_id, call.namespace, lease, lease.updated_at_ms, note)
+    if not written.accepted or written.record is None:
+        raise lease_lost(call, lease, written.record)
+    return replay_receipt(call.request_id, written.record, written.record.updated_at_ms)
+
+
+def resolve_flow(
+    namespace: str,
+    request_id: str,
+    status: Status,
+    result_json: str | None,
+    error: ErrorInfo | None,
+    by: str,
+    reason: str,
+    *,
+    rerun: bool,
+    case_prefix: str,
+) -> Generator[Op, Any, Receipt]:
+    """An operator's resolution: in doubt -> SUCCEEDED | FAILED | RELEASED, or (``rerun``)
+    FAILED -> RELEASED. Refused otherwise; a ``case:`` record is never re-run."""
+    record, now = yield Get(namespace, request_id)
+    if record is None:
+        raise InvalidTransitionError(
+            f"no record for request {request_id!r} in namespace {namespace!r}",
+            request_id=request_id,
+            namespace=namespace,
+        )
+    current = record.effective_status(now)
+    is_case = request_id.startswith(case_prefix)
+    if rerun:
+        if is_case:
+            raise InvalidTransitionError(
+                f"{request_id!r} settles a case: it is never re-run (a new decision needs a "
+                "new case)",
+                request_id=request_id,
+                namespace=namespace,
+                status=current,
+            )
+        if current is not Status.FAILED:
+            raise InvalidTransitionError(
+                f"request {request_id!r} is {current.value}: only a FAILED record is re-run",
+                request_id=request_id,
+                namespace=namespace,
+                status=current,
+            )
+    elif current is not Status.IN_DOUBT:
+        raise InvalidTransitionError(
+            f"request {request_id!r} is {current.value}, not in doubt: nothing to resolve",
+            request_id=request_id,
+            namespace=namespace,
+            status=current,
+        )
+    written: WriteResult = yield Resolve(
+        Resolution(
+            namespace,
+            request_id,
+            record.fencing_token,
+            status,
+            result_json,
+            error,
+            actor=by,
+            reason=reason,
+            rerun=rerun,
+            settle_case=request_id[len(case_prefix) :] if is_case else None,
+        )
+    )
+    if not written.accepted or written.record is None:
+        raise InvalidTransitionError(
+            f"request {request_id!r} changed while resolving it; read it again",
+            request_id=request_id,
+            namespace=namespace,
+        )
+    return Receipt.from_record(written.record, replay=False)
+
+
+def call_for_record(
+    record: Record, lease_ms: int, reconcile: ReconcileHook | None, case_prefix: str
+) -> Call:
+    """A :class:`Call` that stands for the stored request (for a proactive reconcile)."""
+    rid = record.request_id
+    return Call(
+        namespace=record.namespace,
+        request_id=rid,
+        action=record.action,
+        payload=json.loads(record.payload_json),
+        payload_json=record.payload_json,
+        fingerprint=record.fingerprint,
+        lease_ms=lease_ms,
+        wait=0.0,
+        not_executed=(),
+        outcome_unknown=(),
+        reconcile=reconcile,
+        settle_case=rid[len(case_prefix) :] if rid.startswith(case_prefix) else None,
+    )

@@ -1,0 +1,178 @@
+"""Settings: durations, exception policies, per-action policies, reconcile hooks, and the
+documented result encoding. Plain values, validated once; no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from safeagent.errors import ConfigurationError
+
+DEFAULT_LEASE = 60.0
+"""Seconds a claim stays live without a heartbeat. While ``fn`` runs, a heartbeat renews
+it every third of its length, so only a dead (or frozen) owner lets it expire."""
+DEFAULT_WAIT = 10.0
+"""Seconds a call waits for another caller's live claim before raising InProgressError."""
+CASE_PREFIX = "case:"
+"""Request ids of case settlements (DESIGN section 4); reserved for FinalityGate.settle."""
+
+ExceptionTypes = tuple[type[BaseException], ...]
+Seconds = float | dt.timedelta
+"""A duration in seconds: a float (or int) or a ``timedelta``."""
+
+
+def seconds(name: str, value: Seconds, *, allow_zero: bool) -> float:
+    """Validate a duration; return it as float seconds.
+
+    Raises:
+        ConfigurationError: not a number or ``timedelta``, negative, NaN, infinite, or
+            zero where zero is not allowed.
+    """
+    if isinstance(value, dt.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"{name} must be seconds (float or timedelta), got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(
+            f"{name} must be a finite number of seconds {bound}, got {value!r}"
+        )
+    return float(value)
+
+
+def exception_types(name: str, value: Collection[type[BaseException]] | None) -> ExceptionTypes:
+    """Validate a collection of exception classes.
+
+    Raises:
+        ConfigurationError: an item that is not an exception class.
+    """
+    if value is None:
+        return ()
+    types: tuple[Any, ...] = (value,) if isinstance(value, type) else tuple(value)
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, BaseException)):
+            raise ConfigurationError(f"{name} must hold exception types, got {t!r}")
+    return types
+
+
+def json_default(value: Any) -> Any:
+    """The documented result encoding for values ``json`` cannot store on its own.
+
+    ``datetime``/``date``/``time`` become ISO 8601 strings, ``Decimal`` and ``UUID``
+    strings, ``Enum`` members their value, sets and frozensets lists, dataclass instances
+    dicts. Anything else raises ``TypeError`` (the result is then not serializable).
+    """
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileRequest:
+    """What a reconcile hook is asked about: one in-doubt execution.
+
+    Attributes:
+        namespace, request_id, action: the record's identity and action.
+        payload: the payload as stored (a JSON value).
+        attempt: the attempt that is in doubt.
+        downstream_key: the idempotency key that attempt handed downstream: ask the
+            downstream system about it ("do you have a charge with this key?").
+        owner: the lease owner of the attempt in doubt.
+        claimed_at_ms: when that attempt claimed, store clock, ms.
+        fencing_token: the token of this reconcile lease.
+    """
+
+    namespace: str
+    request_id: str
+    action: str
+    payload: Any
+    attempt: int
+    downstream_key: str
+    owner: str | None
+    claimed_at_ms: int
+    fencing_token: int
+
+
+Verdict = Literal["happened", "failed", "not_happened", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    """A reconcile hook's answer. Build it with the class methods.
+
+    - :meth:`happened`: the side effect took place; ``result`` becomes the stored result
+      and every later call replays it.
+    - :meth:`failed`: it failed for good; the failure is stored and replayed.
+    - :meth:`not_happened`: it surely did not take place; the record is released and the
+      calling request runs ``fn`` (a proactive reconcile just releases it).
+    - :meth:`unknown`: cannot tell; the record stays in doubt.
+    """
+
+    verdict: Verdict
+    result: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    note: str = ""
+
+    @classmethod
+    def happened(cls, result: Any = None, *, note: str = "") -> Reconciliation:
+        return cls("happened", result=result, note=note)
+
+    @classmethod
+    def failed(cls, error_type: str, error_message: str = "", *, note: str = "") -> Reconciliation:
+        return cls("failed", error_type=error_type, error_message=error_message, note=note)
+
+    @classmethod
+    def not_happened(cls, *, note: str = "") -> Reconciliation:
+        return cls("not_happened", note=note)
+
+    @classmethod
+    def unknown(cls, *, note: str = "") -> Reconciliation:
+        return cls("unknown", note=note)
+
+
+ReconcileHook = Callable[[ReconcileRequest], "Reconciliation | Awaitable[Reconciliation]"]
+"""A reconcile hook: sync, or ``async def`` (with :class:`~safeagent.AsyncGuard`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActionPolicy:
+    """Settings for one action (by name), overriding the guard's defaults.
+
+    A per-call argument overrides the action's setting, which overrides the guard's.
+
+    Attributes:
+        lease: seconds, or ``None`` for the guard's lease.
+        not_executed: exception types that release the claim, or ``None`` for the guard's.
+        outcome_unknown: exception types that leave the record in doubt, or ``None``.
+        reconcile: the hook that decides what happened to an in-doubt record of this
+            action (see :class:`Reconciliation`), or ``None``.
+    """
+
+    lease: Seconds | None = None
+    not_executed: Collection[type[BaseException]] | None = None
+    outcome_unknown: Collection[type[BaseException]] | None = None
+    reconcile: ReconcileHook | None = None
+
+    def __post_init__(self) -> None:
+        if self.lease is not None:
+            seconds("lease", self.lease, allow_zero=False)
+        exception_types("not_executed", self.not_executed)
+        exception_types("outcome_unknown", self.outcome_unknown)
+        if self.reconcile is not None and not callable(self.reconcile):
+            raise ConfigurationError(f"reconcile must be callable, got {self.reconcile!r}")
