@@ -75,10 +75,11 @@ class ConsensusPolicy:
     Scores are compared exactly (rational arithmetic on the given floats), so 3 x 0.8 at
     threshold 0.8 finalizes whatever the float rounding of the sum.
 
-    Worked example, threshold 0.7 and quorum 2: A votes ``approve`` at 0.9, B ``approve``
-    at 0.8, C ``reject`` at 0.6. ``score(approve) = 1.7 / 3 = 0.567`` < 0.7: not final.
-    C replaces its signal with ``approve`` at 0.5: ``score(approve) = 2.2 / 3 = 0.733``,
-    three voters, no rival: FINAL ``approve``.
+    Worked example, threshold 0.7 and quorum 2: A votes ``approve`` at 0.9 (RESOLVED_PROVISIONAL),
+    C votes ``reject`` at 0.6 (a conflict: IN_RECONCILIATION), B votes ``approve`` at 0.8:
+    ``score(approve) = 1.7 / 3 = 0.567`` < 0.7, not final. C replaces its signal with
+    ``approve`` at 0.5: ``score(approve) = 2.2 / 3 = 0.733``, three voters, no rival: FINAL
+    ``approve``.
 
     Args:
         threshold: in (0, 1].
@@ -205,13 +206,22 @@ class CaseRow:
 @dataclass(frozen=True, slots=True)
 class CaseChange:
     """What one signal or resolution does to a case: the states it passes through (each one
-    audited), the new provisional and final outcomes, and whether the signal was late."""
+    audited), the new provisional and final outcomes, and whether the signal was late.
+
+    ``provisional_outcome`` is the one agreed at the RESOLVED_PROVISIONAL step (audited);
+    the case keeps it only while it stays RESOLVED_PROVISIONAL (see :meth:`stored_provisional`).
+    """
 
     path: tuple[CaseState, ...]
     provisional_outcome: str | None
     outcome: str | None
     late: bool = False
     replaced: Signal | None = None
+
+    def stored_provisional(self, state: CaseState) -> str | None:
+        """The provisional outcome a case in ``state`` keeps: only RESOLVED_PROVISIONAL
+        has one."""
+        return self.provisional_outcome if state is CaseState.RESOLVED_PROVISIONAL else None
 
 
 def apply_signal(case: CaseRow, live: Sequence[Signal], signal: Signal) -> CaseChange:
@@ -263,4 +273,4 @@ def apply_resolution(case: CaseRow, outcome: str) -> CaseChange:
             from_state=case.state,
             to_state=CaseState.FINAL,
         )
-    return CaseChange((CaseState.FINAL,), case.provisional_outcome, outcome)
+    return CaseChange((CaseState.FINAL,), None, outcome)

@@ -618,7 +618,7 @@ def resolve_flow(
         )
     current = record.effective_status(now)
     is_case = request_id.startswith(case_prefix)
-    if rerun:
+    if rerun or (is_case and status is Status.RELEASED):
         if is_case:
             raise InvalidTransitionError(
                 f"{request_id!r} settles a case: it is never re-run (a new decision needs a "

@@ -344,7 +344,9 @@ class MemoryStore:
                 after = replace(
                     case,
                     state=change.path[-1] if change.path else case.state,
-                    provisional_outcome=change.provisional_outcome,
+                    provisional_outcome=change.stored_provisional(
+                        change.path[-1] if change.path else case.state
+                    ),
                     outcome=change.outcome,
                     version=case.version + 1,
                     updated_at_ms=now,

@@ -822,7 +822,7 @@ class SQLiteStore:
                     f" WHERE namespace = ? AND case_id = ? RETURNING {CASE_COLUMNS}",
                     (
                         (change.path[-1] if change.path else case.state).value,
-                        change.provisional_outcome,
+                        change.stored_provisional(change.path[-1] if change.path else case.state),
                         change.outcome,
                         now,
                         detail.get("by"),
