@@ -6,15 +6,19 @@ from the guard's database. Tests count the ledger, never the guard's own bookkee
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import os
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from safeagent import Guard, MemoryStore, SQLiteStore
+from safeagent import AsyncGuard, Guard, MemoryStore, SQLiteStore
 
 START_MS = 1_700_000_000_000
 
@@ -85,8 +89,45 @@ def ledger(tmp_path: Path) -> Ledger:
     return Ledger(tmp_path / "ledger.db")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+PG_URL = os.environ.get(
+    "SAFEAGENT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+_pg_problem: list[str | None] = []
+
+
+def postgres_problem() -> str | None:
+    """Why PostgreSQL cannot be used for tests (``None``: it can). Checked once."""
+    if not _pg_problem:
+        try:
+            import psycopg  # noqa: PLC0415
+
+            with psycopg.connect(PG_URL, connect_timeout=3) as conn:
+                conn.execute("SELECT 1")
+            _pg_problem.append(None)
+        except Exception as exc:
+            _pg_problem.append(f"PostgreSQL at {PG_URL} is unreachable: {exc}")
+    return _pg_problem[0]
+
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL is unreachable, except under CI=true, where that fails the run."""
+    problem = postgres_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{problem} (CI=true: PostgreSQL tests must run, not skip)")
+    pytest.skip(problem)
+
+
+def pg_schema() -> str:
+    """A schema name unique to one test, so runs and tests never collide."""
+    return f"sa_t_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store_kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgres":
+        require_postgres()
     return str(request.param)
 
 
@@ -96,21 +137,29 @@ def store_factory(
 ) -> Iterator[Callable[..., Any]]:
     """``make(clock=<the fake clock>)`` builds a store of the parametrized kind.
 
-    SQLite stores all open ``tmp_path / "guard.db"`` (a second one is a "restart");
-    every memory store is a fresh, empty one. All are closed at teardown.
+    SQLite stores all open ``tmp_path / "guard.db"`` and PostgreSQL stores one schema unique
+    to the test (a second one is a "restart"); every memory store is a fresh, empty one.
+    All are closed at teardown, and the test's PostgreSQL schema dropped.
     """
     made: list[Any] = []
+    schema = pg_schema()
 
     def make(clock: Callable[[], int] | None = clock) -> Any:
-        store: Any = (
-            MemoryStore(clock=clock)
-            if store_kind == "memory"
-            else SQLiteStore(tmp_path / "guard.db", clock=clock)
-        )
+        store: Any
+        if store_kind == "memory":
+            store = MemoryStore(clock=clock)
+        elif store_kind == "sqlite":
+            store = SQLiteStore(tmp_path / "guard.db", clock=clock)
+        else:
+            from safeagent.stores.postgres import PostgresStore  # noqa: PLC0415
+
+            store = PostgresStore(PG_URL, schema=schema, clock=clock, max_size=24)
         made.append(store)
         return store
 
     yield make
+    if store_kind == "postgres" and made:
+        made[0].drop_schema()
     for store in made:
         store.close()
 
@@ -120,9 +169,93 @@ def store(store_factory: Callable[..., Any]) -> Any:
     return store_factory()
 
 
+class SyncBridge:
+    """Drives an :class:`AsyncGuard` from sync test code, so that every test written
+    against ``Guard`` also runs through the async driver (the conformance suite runs both
+    API flavours). Coroutines run on a private event loop in its own thread."""
+
+    def __init__(self, aguard: AsyncGuard) -> None:
+        self.aguard = aguard
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name: str) -> Any:  # settings: store, namespace, lease, ...
+        return getattr(self.aguard, name)
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.aguard.execute(*args, **kwargs))
+
+    def resolve(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.aguard.resolve(*args, **kwargs))
+
+    def reconcile(self, **kwargs: Any) -> Any:
+        return self._run(self.aguard.reconcile(**kwargs))
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.aguard.get(*args, **kwargs))
+
+    def in_doubt(self, **kwargs: Any) -> Any:
+        return self._run(self.aguard.in_doubt(**kwargs))
+
+    def audit_trail(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.aguard.audit_trail(*args, **kwargs))
+
+    def guarded(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+        def decorate(func: Callable[..., Any]) -> Any:
+            @functools.wraps(func)
+            async def afunc(*a: Any, **kw: Any) -> Any:
+                return func(*a, **kw)
+
+            guarded = self.aguard.guarded(*args, **kwargs)(afunc)
+
+            @functools.wraps(func)
+            def call_sync(*a: Any, **kw: Any) -> Any:
+                return self._run(guarded(*a, **kw))
+
+            call_sync.call = lambda rid, *a, **kw: self._run(  # type: ignore[attr-defined]
+                guarded.call(rid, *a, **kw)
+            )
+            call_sync.payload = guarded.payload  # type: ignore[attr-defined]
+            return call_sync
+
+        return decorate
+
+    def close(self) -> None:
+        self._run(self.aguard.aclose())
+
+    def shutdown(self) -> None:
+        """Stop the private loop (fixture teardown)."""
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def guard(store: Any) -> Iterator[Guard]:
-    """A guard on the parametrized store with the fake clock: lease 30 s, ``wait=0``."""
+def guard(store: Any, flavour: str) -> Iterator[Any]:
+    """A guard on the parametrized store with the fake clock: lease 30 s, ``wait=0``;
+    a :class:`Guard`, or an :class:`AsyncGuard` driven through :class:`SyncBridge`."""
+    if flavour == "sync":
+        g: Any = Guard(store, lease=30.0, wait=0, owner="owner-1")
+    else:
+        g = SyncBridge(AsyncGuard(store, lease=30.0, wait=0, owner="owner-1"))
+    yield g
+    g.close()
+    if isinstance(g, SyncBridge):
+        g.shutdown()
+
+
+@pytest.fixture
+def sync_guard(store: Any) -> Iterator[Guard]:
+    """A sync :class:`Guard` on the parametrized store (for tests that need the object)."""
     g = Guard(store, lease=30.0, wait=0, owner="owner-1")
     yield g
     g.close()

@@ -82,6 +82,12 @@ def _pair_id(pair: tuple[CaseState, CaseState]) -> str:
 
 
 @pytest.fixture
+def guard(sync_guard: Guard) -> Guard:
+    """The gate drives a sync Guard; AsyncFinalityGate has its own tests (test_gate_async)."""
+    return sync_guard
+
+
+@pytest.fixture
 def gate(guard: Guard) -> FinalityGate:
     """A gate on the parametrized guard with the default policy (threshold 0.8, quorum 1)."""
     return FinalityGate(guard)

@@ -100,8 +100,13 @@ class GuardCore:
         self.redact = redact
         self.result_encoder = result_encoder
         self._owner = owner
-        if store is None or isinstance(store, (str, os.PathLike)):
-            self.store: ReceiptStore = SQLiteStore(store, durability=durability or "durable")
+        if isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
+            from safeagent.stores.postgres import PostgresStore  # noqa: PLC0415 - optional extra
+
+            self.store: ReceiptStore = PostgresStore(store, durability=durability or "durable")
+            self._owns_store = True
+        elif store is None or isinstance(store, (str, os.PathLike)):
+            self.store = SQLiteStore(store, durability=durability or "durable")
             self._owns_store = True
         else:
             store_mode = getattr(store, "durability", None)

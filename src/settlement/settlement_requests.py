@@ -23,13 +23,13 @@ from safeagent._guard import Guard
 from safeagent._receipt import ExecutionContext, Receipt, Status
 from safeagent.errors import (
     ActionMismatchError,
-    ConfigurationError,
     FingerprintMismatchError,
     InProgressError,
     OutcomeUnknownError,
     ReplayedFailureError,
     ResultNotSerializableError,
 )
+from safeagent.stores._base import ReceiptStore
 from safeagent.stores.sqlite import SQLiteStore
 
 __all__ = ["SettlementRequestRegistry"]
@@ -53,9 +53,8 @@ class SettlementRequestRegistry:
         sqlite_path: the SQLite file; ``None`` means ``$SAFEAGENT_DB``, else
             ``safeagent.db`` in the working directory (durable by default, unlike the
             original's in-memory default).
-        postgres_dsn: accepted for compatibility; the PostgreSQL store is not part of this
-            release, so passing one raises :class:`~safeagent.errors.ConfigurationError`
-            rather than silently falling back to SQLite.
+        postgres_dsn: a PostgreSQL DSN: use the PostgreSQL store instead (needs
+            ``pip install 'safeagent[postgres]'``).
         pending_ttl_seconds: the lease length in seconds (default 60): a claim whose process
             died reads as in doubt once it expires.
         wait_seconds: how long a concurrent duplicate waits for the first call's receipt
@@ -76,13 +75,15 @@ class SettlementRequestRegistry:
         outcome_unknown: Collection[type[BaseException]] = (),
         namespace: str = "default",
     ) -> None:
+        store: ReceiptStore
         if postgres_dsn is not None:
-            raise ConfigurationError(
-                "postgres_dsn: the PostgreSQL store is not available in this release; "
-                "use sqlite_path (nothing falls back silently)"
-            )
+            from safeagent.stores.postgres import PostgresStore  # noqa: PLC0415 - optional
+
+            store = PostgresStore(postgres_dsn)
+        else:
+            store = SQLiteStore(sqlite_path)
         self.guard = Guard(
-            SQLiteStore(sqlite_path),
+            store,
             namespace=namespace,
             lease=pending_ttl_seconds,
             wait=wait_seconds,

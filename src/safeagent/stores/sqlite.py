@@ -16,7 +16,6 @@ Durability (DESIGN section 3):
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -26,9 +25,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from safeagent._audit import AuditEvent, EventKind
+from safeagent._audit import AuditEvent
 from safeagent._cases import CaseRow, CaseState, Signal
-from safeagent._receipt import ErrorInfo, Record, Status
+from safeagent._receipt import Record, Status
 from safeagent.errors import InvalidTransitionError, SchemaVersionError, StoreError
 from safeagent.stores._base import (
     CaseMutation,
@@ -50,6 +49,17 @@ from safeagent.stores._base import (
     state_change_event,
     system_clock_ms,
     take_over_event,
+)
+from safeagent.stores._rows import (
+    CASE_COLUMNS,
+    COLUMNS,
+    EVENT_COLUMNS,
+    dumps,
+    event_row,
+    row_to_case,
+    row_to_event,
+    row_to_record,
+    row_to_signal,
 )
 
 T = TypeVar("T")
@@ -137,10 +147,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-CASE_COLUMNS = (
-    "namespace, case_id, state, provisional_outcome, outcome, threshold, quorum, version, "
-    "created_at_ms, updated_at_ms, resolved_by"
-)
 SQL_GET_CASE = f"SELECT {CASE_COLUMNS} FROM cases WHERE namespace = ? AND case_id = ?"
 SQL_OPEN_CASE = f"""
 INSERT INTO cases ({CASE_COLUMNS}) VALUES (?, ?, 'OPEN', NULL, NULL, ?, ?, 1, ?, ?, NULL)
@@ -157,11 +163,6 @@ WHERE namespace = ? AND case_id = ? AND state = 'FINAL'
 RETURNING {CASE_COLUMNS}
 """
 
-COLUMNS = (
-    "namespace, request_id, action, fingerprint, status, payload, result, error_type, "
-    "error_message, execution_id, attempt, fencing_token, lease_owner, lease_expires_at_ms, "
-    "downstream_key, created_at_ms, claimed_at_ms, updated_at_ms, completed_at_ms"
-)
 SQL_GET = f"SELECT {COLUMNS} FROM executions WHERE namespace = ? AND request_id = ?"
 SQL_CLAIM = f"""
 INSERT INTO executions ({COLUMNS})
@@ -228,73 +229,6 @@ SQL_EVENT = (
 def default_path() -> str:
     """The default database file: ``$SAFEAGENT_DB``, else ``safeagent.db`` in the cwd."""
     return os.environ.get(DB_ENV_VAR) or DEFAULT_DB_FILENAME
-
-
-def _row_to_record(row: Sequence[Any]) -> Record:
-    return Record(
-        namespace=row[0],
-        request_id=row[1],
-        action=row[2],
-        fingerprint=row[3],
-        status=Status(row[4]),
-        payload_json=row[5],
-        result_json=row[6],
-        error=None if row[7] is None else ErrorInfo(row[7], row[8] or ""),
-        execution_id=row[9],
-        attempt=row[10],
-        fencing_token=row[11],
-        lease_owner=row[12],
-        lease_expires_at_ms=row[13],
-        downstream_key=row[14],
-        created_at_ms=row[15],
-        claimed_at_ms=row[16],
-        updated_at_ms=row[17],
-        completed_at_ms=row[18],
-    )
-
-
-def _row_to_case(row: Sequence[Any]) -> CaseRow:
-    return CaseRow(
-        namespace=row[0],
-        case_id=row[1],
-        state=CaseState(row[2]),
-        provisional_outcome=row[3],
-        outcome=row[4],
-        threshold=row[5],
-        quorum=row[6],
-        version=row[7],
-        created_at_ms=row[8],
-        updated_at_ms=row[9],
-        resolved_by=row[10],
-    )
-
-
-def _row_to_signal(row: Sequence[Any]) -> Signal:
-    return Signal(
-        source=row[0],
-        outcome=row[1],
-        confidence=row[2],
-        metadata=json.loads(row[3]),
-        at_ms=row[4],
-    )
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def _event_row(event: AuditEvent) -> tuple[Any, ...]:
-    return (
-        event.at_ms,
-        event.kind.value,
-        event.namespace,
-        event.subject,
-        event.action,
-        event.actor,
-        event.execution_id,
-        event.fencing_token,
-        _dumps(dict(event.detail)),
-    )
 
 
 class _ConnHolder:
@@ -411,7 +345,7 @@ class SQLiteStore:
             try:
                 self._check_file()
                 if events:  # observed earlier, so written ahead of this transaction's own
-                    conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
+                    conn.executemany(SQL_EVENT, [event_row(e) for e in events])
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
@@ -498,7 +432,7 @@ class SQLiteStore:
         if self._buffer:
             self._maybe_flush()
         row = self._read(lambda c: c.execute(SQL_GET, (namespace, request_id)).fetchone())
-        return (None if row is None else _row_to_record(row)), self._clock()
+        return (None if row is None else row_to_record(row)), self._clock()
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
         with self._write() as conn:
@@ -522,9 +456,9 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 existing = conn.execute(SQL_GET, (request.namespace, request.request_id)).fetchone()
-                return ClaimResult(won=False, record=_row_to_record(existing), now_ms=now)
-            record = _row_to_record(row)
-            conn.execute(SQL_EVENT, _event_row(claimed_event(request, record, now)))
+                return ClaimResult(won=False, record=row_to_record(existing), now_ms=now)
+            record = row_to_record(row)
+            conn.execute(SQL_EVENT, event_row(claimed_event(request, record, now)))
         return ClaimResult(won=True, record=record, now_ms=now)
 
     def complete(self, completion: Completion) -> WriteResult:
@@ -536,7 +470,7 @@ class SQLiteStore:
             before_row = conn.execute(
                 SQL_GET, (completion.namespace, completion.request_id)
             ).fetchone()
-            before = None if before_row is None else _row_to_record(before_row)
+            before = None if before_row is None else row_to_record(before_row)
             row = conn.execute(
                 SQL_COMPLETE,
                 (
@@ -551,11 +485,11 @@ class SQLiteStore:
                     completion.fencing_token,
                 ),
             ).fetchone()
-            after = None if row is None else _row_to_record(row)
+            after = None if row is None else row_to_record(row)
             events = completion_events(completion, before, after, now)
             if after is not None and terminal and completion.settle_case is not None:
                 events += self._settle(conn, after, completion.settle_case, completion.actor, now)
-            conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
+            conn.executemany(SQL_EVENT, [event_row(e) for e in events])
         if after is None:
             return WriteResult(accepted=False, record=before)
         late = after.lease_expires_at_ms is not None and now >= after.lease_expires_at_ms
@@ -592,13 +526,13 @@ class SQLiteStore:
                     SQL_GET, (resolution.namespace, resolution.request_id)
                 ).fetchone()
                 return WriteResult(
-                    accepted=False, record=None if current is None else _row_to_record(current)
+                    accepted=False, record=None if current is None else row_to_record(current)
                 )
-            record = _row_to_record(row)
+            record = row_to_record(row)
             events = [resolved_event(resolution, record, now)]
             if terminal and resolution.settle_case is not None:
                 events += self._settle(conn, record, resolution.settle_case, resolution.actor, now)
-            conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
+            conn.executemany(SQL_EVENT, [event_row(e) for e in events])
         return WriteResult(accepted=True, record=record)
 
     @staticmethod
@@ -608,7 +542,7 @@ class SQLiteStore:
         row = conn.execute(SQL_SETTLE_CASE, (now, record.namespace, case_id)).fetchone()
         if row is None:
             return []
-        return [settled_event(_row_to_case(row), record.execution_id, actor, now)]
+        return [settled_event(row_to_case(row), record.execution_id, actor, now)]
 
     def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
         with self._write() as conn:
@@ -630,10 +564,10 @@ class SQLiteStore:
             if row is None:
                 current = conn.execute(SQL_GET, (namespace, request_id)).fetchone()
                 return WriteResult(
-                    accepted=False, record=None if current is None else _row_to_record(current)
+                    accepted=False, record=None if current is None else row_to_record(current)
                 )
-            record = _row_to_record(row)
-            conn.execute(SQL_EVENT, _event_row(take_over_event(record, owner, now)))
+            record = row_to_record(row)
+            conn.execute(SQL_EVENT, event_row(take_over_event(record, owner, now)))
         return WriteResult(accepted=True, record=record)
 
     def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
@@ -642,7 +576,7 @@ class SQLiteStore:
             self._maybe_flush()
             return
         with self._write() as conn:
-            conn.execute(SQL_EVENT, _event_row(stamped(event, self._clock())))
+            conn.execute(SQL_EVENT, event_row(stamped(event, self._clock())))
 
     def flush_events(self) -> None:
         if self._buffer and not self._closed:
@@ -658,10 +592,7 @@ class SQLiteStore:
         limit: int | None = None,
     ) -> list[AuditEvent]:
         self.flush_events()
-        sql = (
-            "SELECT id, at_ms, kind, namespace, subject, action, actor, execution_id,"
-            " fencing_token, detail FROM audit_events WHERE id > ?"
-        )
+        sql = f"SELECT {EVENT_COLUMNS} FROM audit_events WHERE id > ?"
         args: list[Any] = [after_id]
         if namespace is not None:
             sql += " AND namespace = ?"
@@ -674,21 +605,7 @@ class SQLiteStore:
             sql += " LIMIT ?"
             args.append(limit)
         rows = self._read(lambda c: c.execute(sql, args).fetchall())
-        return [
-            AuditEvent(
-                id=r[0],
-                at_ms=r[1],
-                kind=EventKind(r[2]),
-                namespace=r[3],
-                subject=r[4],
-                action=r[5],
-                actor=r[6],
-                execution_id=r[7],
-                fencing_token=r[8],
-                detail=json.loads(r[9]),
-            )
-            for r in rows
-        ]
+        return [row_to_event(r) for r in rows]
 
     def records(
         self,
@@ -710,7 +627,7 @@ class SQLiteStore:
             sql += " LIMIT ?"
             args.append(limit)
         rows = self._read(lambda c: c.execute(sql, args).fetchall())
-        return [_row_to_record(r) for r in rows], self._clock()
+        return [row_to_record(r) for r in rows], self._clock()
 
     # -- cases -----------------------------------------------------------------------------
 
@@ -720,7 +637,7 @@ class SQLiteStore:
             if row is None:
                 return None, []
             live = conn.execute(SQL_LIVE_SIGNALS, (namespace, case_id)).fetchall()
-            return _row_to_case(row), [_row_to_signal(r) for r in live]
+            return row_to_case(row), [row_to_signal(r) for r in live]
 
         conn = self._conn()
         try:  # one read transaction, so the case and its signals are one snapshot
@@ -745,19 +662,19 @@ class SQLiteStore:
             SQL_OPEN_CASE, (namespace, case_id, policy[0], policy[1], now, now)
         ).fetchone()
         if row is not None:
-            case = _row_to_case(row)
+            case = row_to_case(row)
             events.append(
                 state_change_event(case, None, CaseState.OPEN, None, "safeagent", {}, now)
             )
             return case
-        return _row_to_case(conn.execute(SQL_GET_CASE, (namespace, case_id)).fetchone())
+        return row_to_case(conn.execute(SQL_GET_CASE, (namespace, case_id)).fetchone())
 
     def open_case(self, namespace: str, case_id: str, threshold: float, quorum: int) -> CaseRow:
         events: list[AuditEvent] = []
         with self._write() as conn:
             now = self._clock()
             case = self._open_case(conn, namespace, case_id, (threshold, quorum), now, events)
-            conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
+            conn.executemany(SQL_EVENT, [event_row(e) for e in events])
         return case
 
     def update_case(
@@ -782,9 +699,9 @@ class SQLiteStore:
                     raise InvalidTransitionError(
                         f"no case {case_id!r} in namespace {namespace!r}", case_id=case_id
                     )
-                case = _row_to_case(row)
+                case = row_to_case(row)
             live = [
-                _row_to_signal(r)
+                row_to_signal(r)
                 for r in conn.execute(SQL_LIVE_SIGNALS, (namespace, case_id)).fetchall()
             ]
             change = mutate(case, live)
@@ -808,7 +725,7 @@ class SQLiteStore:
                         signal.source,
                         signal.outcome,
                         signal.confidence,
-                        _dumps(dict(signal.metadata)),
+                        dumps(dict(signal.metadata)),
                         now,
                         "late" if change.late else "live",
                     ),
@@ -830,9 +747,9 @@ class SQLiteStore:
                         case_id,
                     ),
                 ).fetchone()
-                after = _row_to_case(row)
+                after = row_to_case(row)
             events += case_events(case, change, signal, actor, detail, now)
-            conn.executemany(SQL_EVENT, [_event_row(e) for e in events])
+            conn.executemany(SQL_EVENT, [event_row(e) for e in events])
         return CaseUpdate(case=after, live=live, change=change)
 
     def cases(
@@ -847,7 +764,7 @@ class SQLiteStore:
             sql += f" AND state IN ({', '.join('?' for _ in states)})"
             args.extend(s.value for s in states)
         sql += " ORDER BY created_at_ms, namespace, case_id"
-        return [_row_to_case(r) for r in self._read(lambda c: c.execute(sql, args).fetchall())]
+        return [row_to_case(r) for r in self._read(lambda c: c.execute(sql, args).fetchall())]
 
     def case_signals(self, namespace: str, case_id: str) -> list[tuple[Signal, str]]:
         rows = self._read(
@@ -857,7 +774,7 @@ class SQLiteStore:
                 (namespace, case_id),
             ).fetchall()
         )
-        return [(_row_to_signal(r), r[5]) for r in rows]
+        return [(row_to_signal(r), r[5]) for r in rows]
 
     def close(self) -> None:
         """Write buffered audit events and close every connection this store opened."""

@@ -1,0 +1,106 @@
+"""Row <-> object mapping shared by the SQL stores (column orders are the same in both)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from safeagent._audit import AuditEvent, EventKind
+from safeagent._cases import CaseRow, CaseState, Signal
+from safeagent._receipt import ErrorInfo, Record, Status
+
+COLUMNS = (
+    "namespace, request_id, action, fingerprint, status, payload, result, error_type, "
+    "error_message, execution_id, attempt, fencing_token, lease_owner, lease_expires_at_ms, "
+    "downstream_key, created_at_ms, claimed_at_ms, updated_at_ms, completed_at_ms"
+)
+CASE_COLUMNS = (
+    "namespace, case_id, state, provisional_outcome, outcome, threshold, quorum, version, "
+    "created_at_ms, updated_at_ms, resolved_by"
+)
+EVENT_COLUMNS = (
+    "id, at_ms, kind, namespace, subject, action, actor, execution_id, fencing_token, detail"
+)
+
+
+def row_to_record(row: Sequence[Any]) -> Record:
+    return Record(
+        namespace=row[0],
+        request_id=row[1],
+        action=row[2],
+        fingerprint=row[3],
+        status=Status(row[4]),
+        payload_json=row[5],
+        result_json=row[6],
+        error=None if row[7] is None else ErrorInfo(row[7], row[8] or ""),
+        execution_id=row[9],
+        attempt=row[10],
+        fencing_token=row[11],
+        lease_owner=row[12],
+        lease_expires_at_ms=row[13],
+        downstream_key=row[14],
+        created_at_ms=row[15],
+        claimed_at_ms=row[16],
+        updated_at_ms=row[17],
+        completed_at_ms=row[18],
+    )
+
+
+def row_to_case(row: Sequence[Any]) -> CaseRow:
+    return CaseRow(
+        namespace=row[0],
+        case_id=row[1],
+        state=CaseState(row[2]),
+        provisional_outcome=row[3],
+        outcome=row[4],
+        threshold=row[5],
+        quorum=row[6],
+        version=row[7],
+        created_at_ms=row[8],
+        updated_at_ms=row[9],
+        resolved_by=row[10],
+    )
+
+
+def row_to_signal(row: Sequence[Any]) -> Signal:
+    return Signal(
+        source=row[0],
+        outcome=row[1],
+        confidence=row[2],
+        metadata=json.loads(row[3]),
+        at_ms=row[4],
+    )
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def event_row(event: AuditEvent) -> tuple[Any, ...]:
+    return (
+        event.at_ms,
+        event.kind.value,
+        event.namespace,
+        event.subject,
+        event.action,
+        event.actor,
+        event.execution_id,
+        event.fencing_token,
+        dumps(dict(event.detail)),
+    )
+
+
+def row_to_event(r: Sequence[Any]) -> AuditEvent:
+    return AuditEvent(
+        id=r[0],
+        at_ms=r[1],
+        kind=EventKind(r[2]),
+        namespace=r[3],
+        subject=r[4],
+        action=r[5],
+        actor=r[6],
+        execution_id=r[7],
+        fencing_token=r[8],
+        detail=json.loads(r[9]),
+    )

@@ -1,0 +1,656 @@
+"""The PostgreSQL store: every guarantee across many hosts sharing one database.
+
+psycopg 3 with a ``psycopg_pool`` connection pool. Claims are one atomic
+``INSERT ... ON CONFLICT DO UPDATE ... WHERE status = 'RELEASED' RETURNING`` statement;
+fencing is checked in the statement that completes; lease expiry is judged by the
+database's clock (``clock_timestamp()``), so hosts with skewed clocks agree; the namespace
+is part of every key; audit events are written in the same transaction as the change.
+
+Durability: ``"durable"`` commits claim and completion with the server's
+``synchronous_commit`` (on, by default); ``"claim-durable"`` commits the completion with
+``SET LOCAL synchronous_commit = off``: a server crash can turn a recent receipt back into a
+claim that reads as in doubt, never a duplicate.
+
+A lost connection fails closed: the call raises :class:`~safeagent.errors.StoreError`, and a
+claim that could not be committed means ``fn`` does not run.
+
+Install with ``pip install 'safeagent[postgres]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
+
+from safeagent._audit import AuditEvent
+from safeagent._cases import CaseRow, CaseState, Signal
+from safeagent._receipt import Record, Status
+from safeagent.errors import (
+    ConfigurationError,
+    InvalidTransitionError,
+    SchemaVersionError,
+    StoreError,
+)
+from safeagent.stores import _pg_sql as q
+from safeagent.stores._base import (
+    CaseMutation,
+    CaseUpdate,
+    ClaimRequest,
+    ClaimResult,
+    Clock,
+    Completion,
+    EventBuffer,
+    Resolution,
+    WriteResult,
+    case_events,
+    check_durability,
+    claimed_event,
+    completion_events,
+    resolved_event,
+    settled_event,
+    stamped,
+    state_change_event,
+    take_over_event,
+)
+from safeagent.stores._rows import (
+    dumps,
+    event_row,
+    row_to_case,
+    row_to_event,
+    row_to_record,
+    row_to_signal,
+)
+
+try:
+    import psycopg
+    from psycopg_pool import ConnectionPool
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise ImportError(
+        "the PostgreSQL store needs psycopg 3 and psycopg_pool: pip install 'safeagent[postgres]'"
+    ) from exc
+
+T = TypeVar("T")
+
+DATABASE_URL_ENV = "SAFEAGENT_DATABASE_URL"
+DEFAULT_SCHEMA = "safeagent"
+_MIGRATION_LOCK = 0x5AFE_A6E7  # pg_advisory_xact_lock key: one migrator at a time
+
+
+def _check_schema(name: str) -> str:
+    if not name or len(name) > 63 or not name.replace("_", "").isalnum() or name[0].isdigit():
+        raise ConfigurationError(
+            f"schema must be a plain identifier (letters, digits, _), got {name!r}"
+        )
+    return name.lower()
+
+
+class PostgresStore:
+    """Execution records, cases and the audit trail in PostgreSQL.
+
+    Args:
+        dsn: a libpq connection string or URL; ``None`` reads ``$SAFEAGENT_DATABASE_URL``.
+        schema: the schema holding the tables (created if missing; default ``"safeagent"``).
+            Two stores on one database with different schemas never see each other.
+        durability: ``"durable"`` (default) or ``"claim-durable"`` (module docstring).
+        min_size, max_size: connection pool bounds (default 1 and 10).
+        timeout: seconds to wait for a connection (from the pool or a new one) before
+            failing closed with :class:`~safeagent.errors.StoreError` (default 5.0).
+        clock: integer ms since the epoch, for tests only; by default leases are judged by
+            the database's clock.
+
+    Raises:
+        ConfigurationError: no DSN, a bad schema name or durability mode.
+        StoreError: the database cannot be reached or migrated.
+        SchemaVersionError: the schema was written by a newer SafeAgent.
+    """
+
+    durable = True
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        durability: str = "durable",
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 5.0,
+        clock: Clock | None = None,
+    ) -> None:
+        dsn = dsn or os.environ.get(DATABASE_URL_ENV)
+        if not dsn:
+            raise ConfigurationError(f"no PostgreSQL DSN: pass dsn= or set ${DATABASE_URL_ENV}")
+        self.dsn = dsn
+        self.schema = _check_schema(schema)
+        self.durability = check_durability(durability)
+        self.timeout = float(timeout)
+        self._clock = clock
+        self._sizes = (min_size, max_size)
+        self._sql: dict[str, str] = {
+            name: getattr(q, name).replace("{s}", self.schema)
+            for name in dir(q)
+            if name.isupper() and isinstance(getattr(q, name), str) and name != "NOW"
+        }
+        self._lock = threading.Lock()
+        self._pool: ConnectionPool | None = None
+        self._pid = 0
+        self._closed = False
+        self._buffer = EventBuffer(self.flush_events)
+        self._migrate()
+
+    @property
+    def identity(self) -> str:
+        info = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+        return f"postgresql:{where}/{self.schema}"
+
+    # -- connections and transactions ------------------------------------------------------
+
+    def _get_pool(self) -> ConnectionPool:
+        pool = self._pool
+        if pool is not None and self._pid == os.getpid():
+            return pool
+        with self._lock:
+            if self._closed:
+                raise StoreError("the PostgreSQL store is closed")
+            if self._pool is None or self._pid != os.getpid():
+                # first use, or a forked child: never share the parent's connections
+                self._pool = ConnectionPool(
+                    self.dsn,
+                    min_size=self._sizes[0],
+                    max_size=self._sizes[1],
+                    timeout=self.timeout,
+                    kwargs={"autocommit": True, "connect_timeout": max(1, int(self.timeout))},
+                    open=True,
+                    name=f"safeagent-{self.schema}",
+                )
+                self._pid = os.getpid()
+            return self._pool
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._get_pool().connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL failed: {exc}") from exc
+        except TimeoutError as exc:  # psycopg_pool.PoolTimeout
+            raise StoreError(f"no PostgreSQL connection within {self.timeout} s: {exc}") from exc
+
+    @contextmanager
+    def _write(self, *, durable: bool = True) -> Iterator[psycopg.Cursor[Any]]:
+        """One transaction that also writes buffered audit events first."""
+        events = self._buffer.take() if self._buffer else []
+        try:
+            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+                if not durable:
+                    cur.execute("SET LOCAL synchronous_commit = off")
+                if events:
+                    cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+                yield cur
+        except BaseException:
+            self._buffer.put_back(events)
+            raise
+
+    def _read(self, fn: Callable[[psycopg.Cursor[Any]], T]) -> T:
+        with self._connection() as conn, conn.cursor() as cur:
+            return fn(cur)
+
+    def _p(self, **params: Any) -> dict[str, Any]:
+        params["now"] = None if self._clock is None else self._clock()
+        return params
+
+    def _migrate(self) -> None:
+        with self._write() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.schema}.safeagent_meta"
+                " (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            cur.execute(
+                f"SELECT value FROM {self.schema}.safeagent_meta WHERE key = 'schema_version'"
+            )
+            row = cur.fetchone()
+            version = 0 if row is None else int(row[0])
+            if version > q.SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"schema {self.schema} has version {version}, but this SafeAgent "
+                    f"understands up to {q.SCHEMA_VERSION}: upgrade SafeAgent to use it",
+                    found=version,
+                    supported=q.SCHEMA_VERSION,
+                )
+            for number in range(version + 1, q.SCHEMA_VERSION + 1):
+                for statement in q.MIGRATIONS[number - 1]:
+                    cur.execute(statement.replace("{s}", self.schema))
+            if version != q.SCHEMA_VERSION:
+                cur.execute(
+                    f"INSERT INTO {self.schema}.safeagent_meta VALUES ('schema_version', %s)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(q.SCHEMA_VERSION),),
+                )
+
+    def _maybe_flush(self) -> None:
+        if self._buffer.due():
+            with suppress(StoreError):  # kept for the next write
+                self.flush_events()
+
+    # -- executions --------------------------------------------------------------------------
+
+    def get(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
+        if self._buffer:
+            self._maybe_flush()
+
+        def read(cur: psycopg.Cursor[Any]) -> tuple[Record | None, int]:
+            cur.execute(self._sql["GET"], self._p(ns=namespace, rid=request_id))
+            row = cur.fetchone()
+            if row is not None:
+                return row_to_record(row), int(row[-1])
+            cur.execute(self._sql["NOW_ONLY"], self._p())
+            now = cur.fetchone()
+            return None, int(now[0]) if now else 0
+
+        return self._read(read)
+
+    def claim(self, request: ClaimRequest) -> ClaimResult:
+        with self._write() as cur:
+            cur.execute(
+                self._sql["CLAIM"],
+                self._p(
+                    ns=request.namespace,
+                    rid=request.request_id,
+                    action=request.action,
+                    fp=request.fingerprint,
+                    payload=request.payload_json,
+                    exec_id=request.execution_id,
+                    owner=request.owner,
+                    lease_ms=request.lease_ms,
+                    dkey=request.downstream_key,
+                ),
+            )
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(self._sql["GET"], self._p(ns=request.namespace, rid=request.request_id))
+                existing = cur.fetchone()
+                if existing is None:  # pragma: no cover - the conflicting row is committed
+                    raise StoreError("claim conflicted with a row that then vanished")
+                return ClaimResult(False, row_to_record(existing), int(existing[-1]))
+            record, now = row_to_record(row), int(row[-1])
+            cur.execute(self._sql["EVENT"], event_row(claimed_event(request, record, now)))
+        return ClaimResult(True, record, now)
+
+    def complete(self, completion: Completion) -> WriteResult:
+        terminal = completion.status in (Status.SUCCEEDED, Status.FAILED)
+        error = completion.error
+        with self._write(durable=self.durability == "durable") as cur:
+            cur.execute(
+                self._sql["COMPLETE"],
+                self._p(
+                    status=completion.status.value,
+                    result=completion.result_json,
+                    etype=None if error is None else error.type,
+                    emsg=None if error is None else error.message,
+                    terminal=terminal,
+                    ns=completion.namespace,
+                    rid=completion.request_id,
+                    token=completion.fencing_token,
+                ),
+            )
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(
+                    self._sql["GET"], self._p(ns=completion.namespace, rid=completion.request_id)
+                )
+                current = cur.fetchone()
+                before = None if current is None else row_to_record(current)
+                now = int(current[-1]) if current is not None else 0
+                events = completion_events(completion, before, None, now)
+                cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+                return WriteResult(accepted=False, record=before)
+            after, now = row_to_record(row), int(row[-1])
+            events = completion_events(completion, after, after, now)
+            if terminal and completion.settle_case is not None:
+                events += self._settle(cur, after, completion.settle_case, completion.actor, now)
+            cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+        late = after.lease_expires_at_ms is not None and now >= after.lease_expires_at_ms
+        return WriteResult(accepted=True, record=after, late=late)
+
+    def resolve(self, resolution: Resolution) -> WriteResult:
+        terminal = resolution.status in (Status.SUCCEEDED, Status.FAILED)
+        error = resolution.error
+        with self._write() as cur:
+            if resolution.rerun:
+                cur.execute(
+                    self._sql["RERUN"],
+                    self._p(
+                        ns=resolution.namespace,
+                        rid=resolution.request_id,
+                        token=resolution.expected_token,
+                    ),
+                )
+            else:
+                cur.execute(
+                    self._sql["RESOLVE"],
+                    self._p(
+                        status=resolution.status.value,
+                        result=resolution.result_json,
+                        etype=None if error is None else error.type,
+                        emsg=None if error is None else error.message,
+                        terminal=terminal,
+                        ns=resolution.namespace,
+                        rid=resolution.request_id,
+                        token=resolution.expected_token,
+                    ),
+                )
+            row = cur.fetchone()
+            if row is None:
+                return WriteResult(accepted=False, record=self._current(cur, resolution))
+            record, now = row_to_record(row), int(row[-1])
+            events = [resolved_event(resolution, record, now)]
+            if terminal and resolution.settle_case is not None:
+                events += self._settle(cur, record, resolution.settle_case, resolution.actor, now)
+            cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+        return WriteResult(accepted=True, record=record)
+
+    def _current(self, cur: psycopg.Cursor[Any], resolution: Resolution) -> Record | None:
+        cur.execute(self._sql["GET"], self._p(ns=resolution.namespace, rid=resolution.request_id))
+        row = cur.fetchone()
+        return None if row is None else row_to_record(row)
+
+    def _settle(
+        self, cur: psycopg.Cursor[Any], record: Record, case_id: str, actor: str, now: int
+    ) -> list[AuditEvent]:
+        cur.execute(self._sql["SETTLE_CASE"], {"at": now, "ns": record.namespace, "cid": case_id})
+        row = cur.fetchone()
+        if row is None:
+            return []
+        return [settled_event(row_to_case(row), record.execution_id, actor, now)]
+
+    def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
+        with self._write() as cur:
+            cur.execute(
+                self._sql["RENEW"],
+                self._p(ns=namespace, rid=request_id, token=fencing_token, lease_ms=lease_ms),
+            )
+            return cur.rowcount == 1
+
+    def take_over(
+        self, namespace: str, request_id: str, expected_token: int, owner: str, lease_ms: int
+    ) -> WriteResult:
+        with self._write() as cur:
+            cur.execute(
+                self._sql["TAKE_OVER"],
+                self._p(
+                    ns=namespace,
+                    rid=request_id,
+                    token=expected_token,
+                    owner=owner,
+                    lease_ms=lease_ms,
+                ),
+            )
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(self._sql["GET"], self._p(ns=namespace, rid=request_id))
+                current = cur.fetchone()
+                return WriteResult(
+                    accepted=False, record=None if current is None else row_to_record(current)
+                )
+            record, now = row_to_record(row), int(row[-1])
+            cur.execute(self._sql["EVENT"], event_row(take_over_event(record, owner, now)))
+        return WriteResult(accepted=True, record=record)
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        if self._clock is not None:
+            return self._clock()
+
+        def read(cur: psycopg.Cursor[Any]) -> int:
+            cur.execute(self._sql["NOW_ONLY"], self._p())
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+
+        return self._read(read)
+
+    def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
+        if buffered:
+            self._buffer.add(event if event.at_ms else stamped(event, self._now()))
+            self._maybe_flush()
+            return
+        with self._write() as cur:
+            cur.execute(self._sql["EVENT"], event_row(stamped(event, event.at_ms or self._now())))
+
+    def flush_events(self) -> None:
+        if self._buffer and not self._closed:
+            with self._write():
+                pass  # _write writes the buffer inside its transaction
+
+    def events(
+        self,
+        *,
+        namespace: str | None = None,
+        subject: str | None = None,
+        after_id: int = 0,
+        limit: int | None = None,
+    ) -> list[AuditEvent]:
+        self.flush_events()
+        sql = self._sql["EVENTS"]
+        params: dict[str, Any] = {"after": after_id}
+        if namespace is not None:
+            sql += " AND namespace = %(ns)s"
+            params["ns"] = namespace
+        if subject is not None:
+            sql += " AND subject = %(subject)s"
+            params["subject"] = subject
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT %(limit)s"
+            params["limit"] = limit
+
+        def read(cur: psycopg.Cursor[Any]) -> list[AuditEvent]:
+            cur.execute(sql, params)
+            return [row_to_event(r) for r in cur.fetchall()]
+
+        return self._read(read)
+
+    def records(
+        self,
+        *,
+        namespace: str | None = None,
+        statuses: Sequence[Status] | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[Record], int]:
+        sql = self._sql["RECORDS"]
+        params: dict[str, Any] = {}
+        if namespace is not None:
+            sql += " AND namespace = %(ns)s"
+            params["ns"] = namespace
+        if statuses is not None:
+            sql += " AND status = ANY(%(statuses)s)"
+            params["statuses"] = [s.value for s in statuses]
+        sql += " ORDER BY created_at_ms, namespace, request_id"
+        if limit is not None:
+            sql += " LIMIT %(limit)s"
+            params["limit"] = limit
+
+        def read(cur: psycopg.Cursor[Any]) -> list[Record]:
+            cur.execute(sql, params)
+            return [row_to_record(r) for r in cur.fetchall()]
+
+        records = self._read(read)
+        return records, self._now()
+
+    # -- cases -------------------------------------------------------------------------------
+
+    def get_case(self, namespace: str, case_id: str) -> tuple[CaseRow | None, list[Signal]]:
+        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute(self._sql["GET_CASE"], {"ns": namespace, "cid": case_id})
+            row = cur.fetchone()
+            if row is None:
+                return None, []
+            cur.execute(self._sql["LIVE_SIGNALS"], {"ns": namespace, "cid": case_id})
+            return row_to_case(row), [row_to_signal(r) for r in cur.fetchall()]
+
+    def _open_case(
+        self,
+        cur: psycopg.Cursor[Any],
+        namespace: str,
+        case_id: str,
+        policy: tuple[float, int],
+        events: list[AuditEvent],
+    ) -> CaseRow:
+        cur.execute(
+            self._sql["OPEN_CASE"],
+            self._p(ns=namespace, cid=case_id, threshold=policy[0], quorum=policy[1]),
+        )
+        row = cur.fetchone()
+        if row is not None:
+            case = row_to_case(row)
+            events.append(
+                state_change_event(case, None, CaseState.OPEN, None, "safeagent", {}, int(row[-1]))
+            )
+        cur.execute(self._sql["LOCK_CASE"], {"ns": namespace, "cid": case_id})
+        locked = cur.fetchone()
+        if locked is None:  # pragma: no cover - inserted or present just above
+            raise StoreError(f"case {case_id!r} vanished while opening it")
+        return row_to_case(locked)
+
+    def open_case(self, namespace: str, case_id: str, threshold: float, quorum: int) -> CaseRow:
+        events: list[AuditEvent] = []
+        with self._write() as cur:
+            case = self._open_case(cur, namespace, case_id, (threshold, quorum), events)
+            cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+        return case
+
+    def update_case(
+        self,
+        namespace: str,
+        case_id: str,
+        mutate: CaseMutation,
+        *,
+        signal: Signal | None,
+        actor: str,
+        detail: dict[str, Any],
+        open_with: tuple[float, int] | None = None,
+    ) -> CaseUpdate:
+        events: list[AuditEvent] = []
+        with self._write() as cur:
+            if open_with is not None:
+                case = self._open_case(cur, namespace, case_id, open_with, events)
+            else:
+                cur.execute(self._sql["LOCK_CASE"], {"ns": namespace, "cid": case_id})
+                row = cur.fetchone()
+                if row is None:
+                    raise InvalidTransitionError(
+                        f"no case {case_id!r} in namespace {namespace!r}", case_id=case_id
+                    )
+                case = row_to_case(row)
+            cur.execute(self._sql["LIVE_SIGNALS"], {"ns": namespace, "cid": case_id})
+            live = [row_to_signal(r) for r in cur.fetchall()]
+            change = mutate(case, live)
+            now = self._clock() if self._clock is not None else self._db_now(cur)
+            if signal is not None:
+                signal = Signal(
+                    signal.source, signal.outcome, signal.confidence, signal.metadata, now
+                )
+                if not change.late:
+                    cur.execute(
+                        self._sql["REPLACE_SIGNAL"],
+                        {"ns": namespace, "cid": case_id, "source": signal.source},
+                    )
+                    live = [s for s in live if s.source != signal.source] + [signal]
+                cur.execute(
+                    self._sql["INSERT_SIGNAL"],
+                    {
+                        "ns": namespace,
+                        "cid": case_id,
+                        "source": signal.source,
+                        "outcome": signal.outcome,
+                        "confidence": signal.confidence,
+                        "metadata": dumps(dict(signal.metadata)),
+                        "at": now,
+                        "status": "late" if change.late else "live",
+                    },
+                )
+            after = case
+            if change.path or (signal is not None and not change.late):
+                state = change.path[-1] if change.path else case.state
+                cur.execute(
+                    self._sql["UPDATE_CASE"],
+                    {
+                        "state": state.value,
+                        "provisional": change.stored_provisional(state),
+                        "outcome": change.outcome,
+                        "at": now,
+                        "by": detail.get("by"),
+                        "ns": namespace,
+                        "cid": case_id,
+                    },
+                )
+                updated = cur.fetchone()
+                if updated is not None:
+                    after = row_to_case(updated)
+            events += case_events(case, change, signal, actor, detail, now)
+            cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+        return CaseUpdate(case=after, live=live, change=change)
+
+    def _db_now(self, cur: psycopg.Cursor[Any]) -> int:
+        cur.execute(self._sql["NOW_ONLY"], {"now": None})
+        row = cur.fetchone()
+        return int(row[0]) if row else 0
+
+    def cases(
+        self, *, namespace: str | None = None, states: Sequence[CaseState] | None = None
+    ) -> list[CaseRow]:
+        sql = self._sql["CASES"]
+        params: dict[str, Any] = {}
+        if namespace is not None:
+            sql += " AND namespace = %(ns)s"
+            params["ns"] = namespace
+        if states is not None:
+            sql += " AND state = ANY(%(states)s)"
+            params["states"] = [s.value for s in states]
+        sql += " ORDER BY created_at_ms, namespace, case_id"
+
+        def read(cur: psycopg.Cursor[Any]) -> list[CaseRow]:
+            cur.execute(sql, params)
+            return [row_to_case(r) for r in cur.fetchall()]
+
+        return self._read(read)
+
+    def case_signals(self, namespace: str, case_id: str) -> list[tuple[Signal, str]]:
+        def read(cur: psycopg.Cursor[Any]) -> list[tuple[Signal, str]]:
+            cur.execute(self._sql["CASE_SIGNALS"], {"ns": namespace, "cid": case_id})
+            return [(row_to_signal(r), r[5]) for r in cur.fetchall()]
+
+        return self._read(read)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Write buffered audit events and close the pool."""
+        if self._closed:
+            return
+        try:
+            self.flush_events()
+        finally:
+            with self._lock:
+                self._closed = True
+                self._buffer.detach()
+                pool, self._pool = self._pool, None
+            if pool is not None and self._pid == os.getpid():
+                pool.close()
+
+    def drop_schema(self) -> None:
+        """Drop this store's schema and everything in it (for tests and tear-downs)."""
+        with self._write() as cur:
+            cur.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
