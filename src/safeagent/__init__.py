@@ -13,7 +13,7 @@ from safeagent._audit import AuditEvent, EventKind, default_redactor, no_redacti
 from safeagent._cases import CaseState, ConsensusPolicy, Signal, Tally
 from safeagent._core import ReconcileReport
 from safeagent._decorator import AsyncGuardedFunction, GuardedFunction
-from safeagent._gate import Case, FinalityGate
+from safeagent._gate import AsyncFinalityGate, Case, FinalityGate
 from safeagent._guard import Guard
 from safeagent._policy import (
     DEFAULT_LEASE,
@@ -55,6 +55,7 @@ except _PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [  # noqa: RUF022 - plain sorted(), checked by test_packaging
     "ActionMismatchError",
     "ActionPolicy",
+    "AsyncFinalityGate",
     "AsyncGuard",
     "AsyncGuardedFunction",
     "AuditEvent",

@@ -9,10 +9,12 @@ receipt moves the case to SETTLED in the same transaction as the completion
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from safeagent._aguard import AsyncGuard
 from safeagent._cases import (
     BEFORE_FINAL,
     CaseRow,
@@ -24,7 +26,8 @@ from safeagent._cases import (
     apply_signal,
     check_signal,
 )
-from safeagent._flow import execute_flow
+from safeagent._core import GuardCore
+from safeagent._flow import Call, execute_flow
 from safeagent._guard import Guard
 from safeagent._keys import canonical_json, check_name
 from safeagent._policy import CASE_PREFIX, Seconds
@@ -109,11 +112,85 @@ def _check_case_id(case_id: object) -> str:
     return case_id
 
 
-class FinalityGate:
+class _GateCore:
+    """Validation and bookkeeping shared by :class:`FinalityGate` and its async twin."""
+
+    guard: GuardCore
+    policy: ConsensusPolicy
+
+    def _ns(self, namespace: str | None) -> str:
+        return self.guard.namespace if namespace is None else check_name("namespace", namespace)
+
+    def _signal_args(
+        self,
+        case_id: str,
+        source: str,
+        outcome: str,
+        confidence: float,
+        metadata: Mapping[str, Any] | None,
+        namespace: str | None,
+    ) -> tuple[str, Signal, dict[str, Any]]:
+        ns = self._ns(namespace)
+        _check_case_id(case_id)
+        conf = check_signal(source, outcome, confidence)
+        meta = dict(metadata or {})
+        canonical_json(meta)  # a typed error now, not a store error later
+        return ns, Signal(source, outcome, conf, meta), {"metadata": self.guard.redact(meta)}
+
+    def _resolve_args(
+        self, case_id: str, outcome: str, by: str, reason: str, namespace: str | None
+    ) -> str:
+        ns = self._ns(namespace)
+        _check_case_id(case_id)
+        check_name("outcome", outcome)
+        check_name("by", by)
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidInputError("reason must be a non-empty str")
+        return ns
+
+    def _settle_call(
+        self,
+        ns: str,
+        case_id: str,
+        row: CaseRow | None,
+        live: Sequence[Signal],
+        action: str,
+        options: dict[str, Any],
+    ) -> tuple[Call, str]:
+        """Check the case is FINAL (or SETTLED) and prepare its settlement call."""
+        if row is None or row.state in BEFORE_FINAL:
+            state = None if row is None else row.state
+            raise NotFinalError(
+                f"case {case_id!r} is {'absent' if state is None else state.value}: "
+                "its side effect runs only once it is FINAL",
+                case_id=case_id,
+                namespace=ns,
+                state=state,
+                tally=None if row is None else row.policy.tally(live),
+            )
+        outcome = row.outcome
+        assert outcome is not None
+        call = self.guard._prepare(
+            CASE_PREFIX + case_id,
+            action,
+            {"case_id": case_id, "outcome": outcome},
+            ns,
+            (),
+            options["wait"],
+            options["lease"],
+            options["not_executed"],
+            options["outcome_unknown"],
+            settle_case=case_id,
+        )
+        return call, outcome
+
+
+class FinalityGate(_GateCore):
     """Lets a side effect run only once the decision about it is final.
 
     Sources (agents, models, people) send signals about a case; the policy decides when
     its outcome is FINAL; :meth:`settle` then runs the side effect once through the guard.
+    Cases live in the guard's store, so every store (memory, SQLite, PostgreSQL) holds them.
 
     Args:
         guard: the :class:`~safeagent.Guard` whose store holds the cases and runs
@@ -129,13 +206,12 @@ class FinalityGate:
         gate.settle("refund-17", "issue_refund", lambda outcome, ctx: refund(...))
     """
 
+    guard: Guard
+
     def __init__(self, guard: Guard, *, policy: ConsensusPolicy | None = None) -> None:
         self.guard = guard
         self.store = guard.store
         self.policy = policy or ConsensusPolicy()
-
-    def _ns(self, namespace: str | None) -> str:
-        return self.guard.namespace if namespace is None else check_name("namespace", namespace)
 
     def open(
         self,
@@ -145,7 +221,7 @@ class FinalityGate:
         namespace: str | None = None,
     ) -> Case:
         """Open a case (OPEN) with ``policy``, or return it if it exists (its own policy
-        is kept: a case's policy never changes once it has signals)."""
+        is kept: a case's policy never changes once opened)."""
         ns = self._ns(namespace)
         p = policy or self.policy
         row = self.store.open_case(ns, _check_case_id(case_id), p.threshold, p.quorum)
@@ -180,19 +256,16 @@ class FinalityGate:
         Raises:
             InvalidInputError: a bad field; nothing is recorded.
         """
-        ns = self._ns(namespace)
-        _check_case_id(case_id)
-        conf = check_signal(source, outcome, confidence)
-        meta = dict(metadata or {})
-        canonical_json(meta)  # a typed error now, not a store error later
-        sig = Signal(source, outcome, conf, meta)
+        ns, sig, detail = self._signal_args(
+            case_id, source, outcome, confidence, metadata, namespace
+        )
         update = self.store.update_case(
             ns,
             case_id,
             lambda case, live: apply_signal(case, live, sig),
             signal=sig,
             actor=source,
-            detail={"metadata": self.guard.redact(meta)},
+            detail=detail,
             open_with=(self.policy.threshold, self.policy.quorum),
         )
         return Case._from(update.case, update.live)
@@ -215,12 +288,7 @@ class FinalityGate:
             InvalidTransitionError: no such case, or it is OPEN, FINAL or SETTLED;
                 nothing changes.
         """
-        ns = self._ns(namespace)
-        _check_case_id(case_id)
-        check_name("outcome", outcome)
-        check_name("by", by)
-        if not isinstance(reason, str) or not reason.strip():
-            raise InvalidInputError("reason must be a non-empty str")
+        ns = self._resolve_args(case_id, outcome, by, reason, namespace)
         update = self.store.update_case(
             ns,
             case_id,
@@ -245,11 +313,11 @@ class FinalityGate:
     ) -> Receipt:
         """Run the case's side effect once, only from FINAL: ``fn(outcome, context)``.
 
-        Runs through :meth:`Guard.execute` under request id ``case:<case_id>`` with the
-        payload ``{"case_id", "outcome"}`` (so the fingerprint covers case, outcome and
-        action). A terminal receipt (succeeded or failed) moves the case to SETTLED in the
-        same transaction; a release keeps it FINAL (the next call runs again); in doubt
-        keeps it FINAL with the record in doubt. Asking again returns the stored receipt.
+        Runs through the guard under request id ``case:<case_id>`` with the payload
+        ``{"case_id", "outcome"}`` (so the fingerprint covers case, outcome and action). A
+        terminal receipt (succeeded or failed) moves the case to SETTLED in the same
+        transaction; a release keeps it FINAL (the next call runs again); in doubt keeps it
+        FINAL with the record in doubt. Asking again returns the stored receipt.
 
         Raises:
             NotFinalError: the case does not exist or is not FINAL yet (with its state
@@ -257,34 +325,21 @@ class FinalityGate:
             Whatever :meth:`Guard.execute` raises (a replayed failure, in doubt, ...).
         """
         ns = self._ns(namespace)
-        _check_case_id(case_id)
-        row, live = self.store.get_case(ns, case_id)
-        if row is None or row.state in BEFORE_FINAL:
-            tally = None if row is None else row.policy.tally(live)
-            state = None if row is None else row.state
-            raise NotFinalError(
-                f"case {case_id!r} is {'absent' if state is None else state.value}: "
-                "its side effect runs only once it is FINAL",
-                case_id=case_id,
-                namespace=ns,
-                state=state,
-                tally=tally,
-            )
-        outcome = row.outcome
-        assert outcome is not None
-        guard = self.guard
-        call = guard._prepare(
-            CASE_PREFIX + case_id,
-            action,
-            {"case_id": case_id, "outcome": outcome},
+        row, live = self.store.get_case(ns, _check_case_id(case_id))
+        call, outcome = self._settle_call(
             ns,
-            (),
-            wait,
-            lease,
-            not_executed,
-            outcome_unknown,
-            settle_case=case_id,
+            case_id,
+            row,
+            live,
+            action,
+            {
+                "wait": wait,
+                "lease": lease,
+                "not_executed": not_executed,
+                "outcome_unknown": outcome_unknown,
+            },
         )
+        guard = self.guard
         return guard._drive(execute_flow(call, lambda ctx: fn(outcome, ctx), guard._settings()))
 
     def get(self, case_id: str, *, namespace: str | None = None) -> Case | None:
@@ -304,3 +359,146 @@ class FinalityGate:
     def history(self, case_id: str, *, namespace: str | None = None) -> list[tuple[Signal, str]]:
         """Every signal of the case in arrival order with its status (live, replaced, late)."""
         return self.store.case_signals(self._ns(namespace), _check_case_id(case_id))
+
+
+class AsyncFinalityGate(_GateCore):
+    """The ``async`` twin of :class:`FinalityGate`, on an :class:`~safeagent.AsyncGuard`:
+    the same arguments and behaviour, ``await``-able methods. ``fn`` of :meth:`settle`
+    may be ``async def``."""
+
+    guard: AsyncGuard
+
+    def __init__(self, guard: AsyncGuard, *, policy: ConsensusPolicy | None = None) -> None:
+        self.guard = guard
+        self.store = guard.store
+        self.policy = policy or ConsensusPolicy()
+
+    async def open(
+        self,
+        case_id: str,
+        *,
+        policy: ConsensusPolicy | None = None,
+        namespace: str | None = None,
+    ) -> Case:
+        """See :meth:`FinalityGate.open`."""
+        ns = self._ns(namespace)
+        p = policy or self.policy
+        row = await self.guard._io(
+            self.store.open_case, ns, _check_case_id(case_id), p.threshold, p.quorum
+        )
+        live = (await self.guard._io(self.store.get_case, ns, case_id))[1]
+        return Case._from(row, live)
+
+    async def signal(
+        self,
+        case_id: str,
+        source: str,
+        outcome: str,
+        confidence: float,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        namespace: str | None = None,
+    ) -> Case:
+        """See :meth:`FinalityGate.signal`."""
+        ns, sig, detail = self._signal_args(
+            case_id, source, outcome, confidence, metadata, namespace
+        )
+        update = await self.guard._io(
+            lambda: self.store.update_case(
+                ns,
+                case_id,
+                lambda case, live: apply_signal(case, live, sig),
+                signal=sig,
+                actor=source,
+                detail=detail,
+                open_with=(self.policy.threshold, self.policy.quorum),
+            )
+        )
+        return Case._from(update.case, update.live)
+
+    async def resolve(
+        self,
+        case_id: str,
+        outcome: str,
+        *,
+        by: str,
+        reason: str,
+        namespace: str | None = None,
+    ) -> Case:
+        """See :meth:`FinalityGate.resolve`."""
+        ns = self._resolve_args(case_id, outcome, by, reason, namespace)
+        update = await self.guard._io(
+            lambda: self.store.update_case(
+                ns,
+                case_id,
+                lambda case, _live: apply_resolution(case, outcome),
+                signal=None,
+                actor=by,
+                detail={"by": by, "reason": reason},
+            )
+        )
+        return Case._from(update.case, update.live)
+
+    async def settle(
+        self,
+        case_id: str,
+        action: str,
+        fn: Callable[[str, ExecutionContext], Any],
+        *,
+        namespace: str | None = None,
+        wait: Seconds | None = None,
+        lease: Seconds | None = None,
+        not_executed: Collection[type[BaseException]] | None = None,
+        outcome_unknown: Collection[type[BaseException]] | None = None,
+    ) -> Receipt:
+        """See :meth:`FinalityGate.settle`; ``fn`` may be ``async def``."""
+        ns = self._ns(namespace)
+        row, live = await self.guard._io(self.store.get_case, ns, _check_case_id(case_id))
+        call, outcome = self._settle_call(
+            ns,
+            case_id,
+            row,
+            live,
+            action,
+            {
+                "wait": wait,
+                "lease": lease,
+                "not_executed": not_executed,
+                "outcome_unknown": outcome_unknown,
+            },
+        )
+
+        async def run(ctx: ExecutionContext) -> Any:
+            value = fn(outcome, ctx)
+            return await value if inspect.isawaitable(value) else value
+
+        guard = self.guard
+        return await guard._drive(execute_flow(call, run, guard._settings()))
+
+    async def get(self, case_id: str, *, namespace: str | None = None) -> Case | None:
+        """See :meth:`FinalityGate.get`."""
+        row, live = await self.guard._io(
+            self.store.get_case, self._ns(namespace), _check_case_id(case_id)
+        )
+        return None if row is None else Case._from(row, live)
+
+    async def cases(
+        self, *, namespace: str | None = None, states: Collection[CaseState] | None = None
+    ) -> list[Case]:
+        """See :meth:`FinalityGate.cases`."""
+        return await self.guard._io(
+            lambda: [
+                Case._from(r, self.store.get_case(r.namespace, r.case_id)[1])
+                for r in self.store.cases(
+                    namespace=namespace, states=None if states is None else tuple(states)
+                )
+            ]
+        )
+
+    async def history(
+        self, case_id: str, *, namespace: str | None = None
+    ) -> list[tuple[Signal, str]]:
+        """See :meth:`FinalityGate.history`."""
+        return await self.guard._io(
+            self.store.case_signals, self._ns(namespace), _check_case_id(case_id)
+        )
