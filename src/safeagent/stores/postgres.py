@@ -163,7 +163,11 @@ class PostgresStore:
                     min_size=self._sizes[0],
                     max_size=self._sizes[1],
                     timeout=self.timeout,
-                    kwargs={"autocommit": True, "connect_timeout": max(1, int(self.timeout))},
+                    kwargs={
+                        "autocommit": True,
+                        "connect_timeout": max(1, int(self.timeout)),
+                        "application_name": f"safeagent-{self.schema}",
+                    },
                     open=True,
                     name=f"safeagent-{self.schema}",
                 )

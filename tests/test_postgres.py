@@ -1,0 +1,266 @@
+"""PostgreSQL store: configuration, schema versions, failing closed, and many hosts.
+
+"Many hosts" are separate processes, each with its own connection pool, sharing one
+database: what a fleet of workers on several machines looks like to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from safeagent import (
+    ActionPolicy,
+    ConfigurationError,
+    Guard,
+    OutcomeUnknownError,
+    ReconcileRequest,
+    Reconciliation,
+    StoreError,
+)
+from safeagent.errors import SchemaVersionError
+from safeagent.stores.postgres import PostgresStore
+from tests._workers import append_line, child_env, read_lines, wait_until
+from tests.conftest import PG_URL, pg_schema, require_postgres
+
+pytestmark = pytest.mark.usefixtures("postgres_available")
+
+
+@pytest.fixture
+def postgres_available() -> None:
+    require_postgres()
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    name = pg_schema()
+    yield name
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+def _store(schema: str, **kwargs: Any) -> Any:
+    return PostgresStore(PG_URL, schema=schema, **kwargs)
+
+
+def test_dsn_comes_from_the_environment(schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without dsn=, SAFEAGENT_DATABASE_URL is used; without either, a typed error."""
+    monkeypatch.setenv("SAFEAGENT_DATABASE_URL", PG_URL)
+    with _store_no_dsn(schema) as store:
+        assert Guard(store).execute("r", "a", {}, lambda _ctx: 1).result == 1
+    monkeypatch.delenv("SAFEAGENT_DATABASE_URL")
+    with pytest.raises(ConfigurationError, match="SAFEAGENT_DATABASE_URL"):
+        _store_no_dsn(schema)
+
+
+def _store_no_dsn(schema: str) -> Any:
+    return PostgresStore(schema=schema)
+
+
+def test_a_guard_opens_a_postgres_url(schema: str) -> None:
+    """Guard('postgresql://...') uses the PostgreSQL store (default schema 'safeagent')."""
+    guard = Guard(PG_URL)
+    try:
+        assert type(guard.store).__name__ == "PostgresStore"
+        assert guard.store.identity.endswith("/safeagent")
+    finally:
+        guard.close()
+
+
+def test_a_newer_schema_stops_older_code(schema: str) -> None:
+    """A schema whose version is newer than the code raises SchemaVersionError."""
+    _store(schema).close()
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE {schema}.safeagent_meta SET value = '99' WHERE key = 'schema_version'"
+        )
+    with pytest.raises(SchemaVersionError, match="version 99"):
+        _store(schema)
+
+
+def test_bad_schema_names_are_rejected() -> None:
+    """The schema is an identifier, never SQL."""
+    with pytest.raises(ConfigurationError):
+        _store("safeagent; DROP TABLE x")
+
+
+def test_an_unreachable_database_fails_closed() -> None:
+    """No server at the address: StoreError at open, nothing runs."""
+    with pytest.raises(StoreError):
+        PostgresStore("postgresql://postgres@127.0.0.1:1/test", schema="x", timeout=1.0)
+
+
+def test_a_lost_connection_fails_closed_and_the_next_call_recovers(schema: str) -> None:
+    """The server drops our connections: StoreError, fn not called; then it works again."""
+    store = _store(schema, max_size=2)
+    guard = Guard(store)
+    guard.execute("warm", "a", {}, lambda _ctx: 1)
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            (f"safeagent-{schema}",),
+        ).fetchone()
+    assert killed is not None
+    assert killed[0] >= 1
+    calls: list[int] = []
+    outcomes: list[str] = []
+    for attempt in range(3):
+        try:
+            guard.execute("r", "a", {}, lambda _ctx, n=attempt: calls.append(n) or "done")
+            outcomes.append("ok")
+            break
+        except StoreError:
+            outcomes.append("store-error")
+    # Either the pool noticed the dead connection before use, or the call failed closed
+    # first; never did fn run without a recorded claim, and never twice.
+    assert outcomes[-1] == "ok"
+    assert len(calls) == 1
+    assert guard.get("r").result == "done"  # type: ignore[union-attr]
+    guard.close()
+    store.close()
+
+
+def test_claim_durable_mode_commits_the_completion_asynchronously(schema: str) -> None:
+    """claim-durable records and replays like durable mode (completion with sync commit off)."""
+    store = _store(schema, durability="claim-durable")
+    guard = Guard(store)
+    calls: list[int] = []
+    guard.execute("r", "a", {}, lambda _ctx: calls.append(1) or "ok")
+    assert guard.execute("r", "a", {}, lambda _ctx: calls.append(1) or "ok").replay
+    assert calls == [1]
+    store.close()
+
+
+def test_leases_are_judged_by_the_database_clock(schema: str) -> None:
+    """Lease instants come from the server: the claim time matches the server's clock."""
+    store = _store(schema)
+    receipt = Guard(store).execute("r", "a", {}, lambda _ctx: 1)
+    with psycopg.connect(PG_URL) as conn:
+        row = conn.execute(
+            "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint"
+        ).fetchone()
+    assert row is not None
+    assert abs(int(row[0]) - receipt.claimed_at_ms) < 5_000
+    store.close()
+
+
+HOST = textwrap.dedent(
+    """
+    import json, os, random, sys, time
+    from safeagent import Guard, InProgressError, OutcomeUnknownError
+    from safeagent.stores.postgres import PostgresStore
+    from tests._workers import append_line
+
+    args = json.loads(sys.argv[1])
+    store = PostgresStore(args["url"], schema=args["schema"], max_size=4)
+    guard = Guard(store, lease=args["lease"], wait=30)
+    ids = list(range(args["n"]))
+    random.Random(args["seed"]).shuffle(ids)
+    while not os.path.exists(args["go"]):
+        time.sleep(0.005)
+    seen = {}
+    for i in ids:
+        rid = f"id-{i}"
+
+        def effect(ctx, rid=rid):
+            if args.get("slow_after") is not None and len(seen) >= args["slow_after"]:
+                append_line(args["started"], rid)
+                time.sleep(60)  # killed here, mid-effect
+            append_line(args["ledger"], rid)
+            return {"rid": rid}
+
+        try:
+            seen[rid] = guard.execute(rid, "effect", {"i": i}, effect).execution_id
+        except OutcomeUnknownError:
+            seen[rid] = "in-doubt"
+    with open(args["out"], "w") as fh:
+        json.dump(seen, fh)
+    """
+)
+
+
+def _spawn(tmp_path: Path, name: str, schema: str, **extra: Any) -> subprocess.Popen[bytes]:
+    args = {
+        "url": PG_URL,
+        "schema": schema,
+        "n": 500,
+        "lease": 2.0,
+        "go": str(tmp_path / "go"),
+        "ledger": str(tmp_path / "ledger.txt"),
+        "started": str(tmp_path / "started.txt"),
+        "out": str(tmp_path / f"{name}.json"),
+        "seed": hash(name) % 1000,
+        **extra,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", HOST, json.dumps(args)], env=child_env(), cwd=str(tmp_path)
+    )
+
+
+@pytest.mark.slow
+def test_three_hosts_race_over_500_ids_and_one_is_killed(tmp_path: Path, schema: str) -> None:
+    """Three processes with their own pools race over 500 shared ids: exactly 500 effects.
+    One is SIGKILLed mid-effect: its claim reads in doubt after the lease, and a reconcile
+    hook that asks the ledger resolves it; no id ever has two effects."""
+    _store(schema).close()  # migrate once up front
+    hosts = [_spawn(tmp_path, f"host-{i}", schema) for i in range(2)]
+    victim = _spawn(tmp_path, "victim", schema, slow_after=40)
+    (tmp_path / "go").touch()
+    try:
+        assert wait_until(lambda: read_lines(tmp_path / "started.txt") != [], timeout=60)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        for host in hosts:
+            assert host.wait(120) == 0
+    finally:
+        for proc in (*hosts, victim):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    ledger = read_lines(tmp_path / "ledger.txt")
+    assert len(ledger) == len(set(ledger)), "an id had two effects"
+    killed = read_lines(tmp_path / "started.txt")
+    assert len(killed) == 1
+    doomed = killed[0]
+    assert doomed not in ledger  # killed before its effect
+    assert len(ledger) == 499
+
+    def reconcile(req: ReconcileRequest) -> Reconciliation:
+        lines = read_lines(tmp_path / "ledger.txt")
+        if req.request_id in lines:
+            return Reconciliation.happened({"rid": req.request_id})
+        return Reconciliation.not_happened(note="no effect in the ledger")
+
+    store = _store(schema)
+    plain = Guard(store)
+    time.sleep(2.1)  # the victim's lease (2 s) runs out on the database's clock
+    with pytest.raises(OutcomeUnknownError) as info:
+        plain.execute(doomed, "effect", {"i": int(doomed.split("-")[1])}, lambda _ctx: 1 / 0)
+    assert info.value.attempt == 1
+    assert doomed in [r.request_id for r in plain.in_doubt()]
+
+    def effect(_ctx: Any) -> dict[str, str]:
+        append_line(tmp_path / "ledger.txt", doomed)
+        return {"rid": doomed}
+
+    healer = Guard(store, actions={"effect": ActionPolicy(reconcile=reconcile)})
+    report = healer.reconcile()
+    assert (report.checked, report.not_happened) == (1, 1)
+    receipt = healer.execute(doomed, "effect", {"i": int(doomed.split("-")[1])}, effect)
+    assert receipt.result == {"rid": doomed}
+    ledger = read_lines(tmp_path / "ledger.txt")
+    assert sorted(ledger) == sorted(f"id-{i}" for i in range(500))
+    assert healer.in_doubt() == []
+    store.close()
