@@ -154,3 +154,29 @@ class Both(Refused, Timeout):
 def test_exception_policy(exc: BaseException, status: Status) -> None:
     """Declared types release or leave in doubt (doubt wins); BaseExceptions leave in doubt."""
     assert classify_exception(exc, (Refused,), (Timeout,)) is status
+
+
+def test_derived_request_ids_ignore_key_order_and_need_a_scope() -> None:
+    """sa1: + sha256 of canonical [scope, action, arguments]; key order does not matter."""
+    from safeagent import InvalidInputError, bind_arguments, derive_request_id
+
+    def charge(customer: str, amount_cents: int, currency: str = "EUR") -> None: ...
+
+    bound = bind_arguments(charge, ("CUST-1", 500), {})
+    assert bound == {"customer": "CUST-1", "amount_cents": 500, "currency": "EUR"}
+    rid = derive_request_id("run-1", "charge", bound)
+    expected = hashlib.sha256(
+        b'["run-1","charge",{"amount_cents":500,"currency":"EUR","customer":"CUST-1"}]'
+    ).hexdigest()
+    assert rid == "sa1:" + expected
+    assert rid == derive_request_id("run-1", "charge", dict(reversed(list(bound.items()))))
+    assert rid != derive_request_id("run-2", "charge", bound)
+    assert rid != derive_request_id("run-1", "refund", bound)
+    assert bind_arguments(charge, ("CUST-1", 500), {"currency": "USD"}, exclude={"currency"}) == {
+        "customer": "CUST-1",
+        "amount_cents": 500,
+    }
+    with pytest.raises(InvalidInputError):
+        derive_request_id("", "charge", bound)
+    with pytest.raises(InvalidInputError):
+        bind_arguments(charge, (), {"nope": 1})

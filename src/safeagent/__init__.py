@@ -15,6 +15,7 @@ from safeagent._core import ReconcileReport
 from safeagent._decorator import AsyncGuardedFunction, GuardedFunction
 from safeagent._gate import AsyncFinalityGate, Case, FinalityGate
 from safeagent._guard import Guard
+from safeagent._keys import bind_arguments, derive_request_id
 from safeagent._policy import (
     DEFAULT_LEASE,
     DEFAULT_WAIT,
@@ -99,8 +100,10 @@ __all__ = [  # noqa: RUF022 - plain sorted(), checked by test_packaging
     "StoreError",
     "Tally",
     "__version__",
+    "bind_arguments",
     "current_context",
     "default_redactor",
+    "derive_request_id",
     "json_default",
     "no_redaction",
 ]

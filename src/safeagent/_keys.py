@@ -121,3 +121,52 @@ def key_from_value(value: object) -> str | None:
             f"key value {value!r} cannot be encoded as canonical JSON: {exc}"
         ) from exc
     return check_request_id(encoded)
+
+
+DERIVED_PREFIX = "sa1:"
+
+
+def derive_request_id(scope: str, action: str, arguments: Mapping[str, Any]) -> str:
+    """A request id derived from what the call *is*, for tool calls that models re-emit.
+
+    ``"sa1:"`` + hex SHA-256 of the canonical JSON (RFC 8785) of
+    ``[scope, action, arguments]`` (DESIGN section 6). A model that re-emits the same tool
+    call after a retry mints a new tool-call id, but the same scope, action and arguments
+    give the same request id, so the retry replays instead of running again.
+
+    Args:
+        scope: the business key the call belongs to: a run, conversation, order or
+            ticket id. Required: without it, two intentional identical purchases in two
+            conversations would collapse into one.
+        action: the tool's name.
+        arguments: the bound arguments (see :func:`bind_arguments`), a JSON object.
+
+    Raises:
+        InvalidInputError: an empty scope or action.
+        InvalidPayloadError: arguments that are not a JSON object.
+    """
+    check_name("scope", scope)
+    check_name("action", action)
+    if not isinstance(arguments, Mapping):
+        raise InvalidPayloadError("arguments must be a JSON object (a mapping of names)")
+    body = canonical_json([scope, action, dict(arguments)])
+    return DERIVED_PREFIX + hashlib.sha256(body).hexdigest()
+
+
+def bind_arguments(
+    func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], exclude: Collection[str] = ()
+) -> dict[str, Any]:
+    """Bind a call's arguments through ``func``'s signature, defaults applied, minus the
+    volatile ones named in ``exclude``: the arguments a derived request id covers.
+
+    Raises:
+        InvalidInputError: the arguments do not fit the signature.
+    """
+    import inspect  # noqa: PLC0415 - only the derivation path needs it
+
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidInputError(f"arguments do not fit {func!r}: {exc}") from exc
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if k not in exclude}
