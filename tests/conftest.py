@@ -99,7 +99,7 @@ def postgres_problem() -> str | None:
     """Why PostgreSQL cannot be used for tests (``None``: it can). Checked once."""
     if not _pg_problem:
         try:
-            import psycopg  # noqa: PLC0415
+            import psycopg
 
             with psycopg.connect(PG_URL, connect_timeout=3) as conn:
                 conn.execute("SELECT 1")
@@ -151,7 +151,7 @@ def store_factory(
         elif store_kind == "sqlite":
             store = SQLiteStore(tmp_path / "guard.db", clock=clock)
         else:
-            from safeagent.stores.postgres import PostgresStore  # noqa: PLC0415
+            from safeagent.stores.postgres import PostgresStore
 
             store = PostgresStore(PG_URL, schema=schema, clock=clock, max_size=24)
         made.append(store)
