@@ -180,3 +180,40 @@ def test_derived_request_ids_ignore_key_order_and_need_a_scope() -> None:
         derive_request_id("", "charge", bound)
     with pytest.raises(InvalidInputError):
         bind_arguments(charge, (), {"nope": 1})
+
+
+@given(value=json_values)
+def test_fast_canonical_json_is_byte_identical_to_rfc8785(value: object) -> None:
+    """The hot-path canonicalizer yields exactly the rfc8785 package's bytes."""
+    assert canonical_json(value) == rfc8785.dumps(value)
+
+
+@given(
+    value=st.recursive(
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
+        | st.floats(allow_nan=False, allow_infinity=False, width=64)
+        | st.integers(min_value=-SAFE, max_value=SAFE),
+        lambda inner: st.dictionaries(
+            st.text(alphabet=st.characters(blacklist_categories=("Cs",))), inner, max_size=5
+        )
+        | st.lists(inner, max_size=5),
+        max_leaves=30,
+    )
+)
+def test_fast_canonical_json_matches_on_astral_keys_and_odd_floats(value: object) -> None:
+    """Keys sort by UTF-16 code units and floats format as ECMAScript does, as rfc8785."""
+    assert canonical_json(value) == rfc8785.dumps(value)
+
+
+def test_deep_nesting_is_a_typed_error() -> None:
+    """Payloads nested deeper than MAX_DEPTH are rejected with InvalidPayloadError."""
+    from safeagent._keys import MAX_DEPTH
+
+    ok: object = 1
+    for _ in range(MAX_DEPTH):
+        ok = [ok]
+    canonical_json(ok)
+    with pytest.raises(InvalidPayloadError):
+        canonical_json([ok])
+    with pytest.raises(InvalidPayloadError):
+        canonical_json("\ud800")

@@ -126,8 +126,13 @@ def _sensitive_name(key: str) -> bool:
     )
 
 
-_CARD_NUMBER = re.compile(r"\b(?:\d[ -]?){13,19}\b")
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# Linear-time patterns (a redactor runs on every payload, including megabyte strings):
+# lookarounds pin a card number to the start of a digit run, and the e-mail local part
+# and domain are bounded as RFC 5321 bounds them.
+_CARD_NUMBER = re.compile(r"(?<![\d])\d(?:[ -]?\d){12,18}(?![\d])")
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,255}\.[A-Za-z]{2,24}"
+)
 _BEARER = re.compile(r"(?i)\b(bearer|sk|pk|rk)[_ -][A-Za-z0-9_\-]{8,}")
 
 
@@ -147,7 +152,8 @@ def default_redactor(value: Any) -> Any:
         return [default_redactor(v) for v in value]
     if isinstance(value, str):
         value = _CARD_NUMBER.sub(REDACTED, value)
-        value = _EMAIL.sub(REDACTED, value)
+        if "@" in value:
+            value = _EMAIL.sub(REDACTED, value)
         return _BEARER.sub(REDACTED, value)
     return value
 

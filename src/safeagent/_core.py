@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from safeagent._audit import Redactor, default_redactor
-from safeagent._flow import Call, Settings
+from safeagent._flow import Call, Settings, encode_result
 from safeagent._keys import (
     canonical_json,
     check_name,
@@ -30,6 +30,7 @@ from safeagent._policy import (
     Seconds,
     exception_types,
     json_default,
+    lease_seconds,
     seconds,
 )
 from safeagent._receipt import ErrorInfo, Status
@@ -86,7 +87,7 @@ class GuardCore:
     ) -> None:
         check_name("namespace", namespace)
         self.namespace = namespace
-        self.lease = seconds("lease", lease, allow_zero=False)
+        self.lease = lease_seconds(lease)
         self.wait = seconds("wait", wait, allow_zero=True)
         self.not_executed = exception_types("not_executed", not_executed)
         self.outcome_unknown = exception_types("outcome_unknown", outcome_unknown)
@@ -99,7 +100,7 @@ class GuardCore:
             raise ConfigurationError("redact and result_encoder must be callables")
         self.redact = redact
         self.result_encoder = result_encoder
-        self._owner = owner
+        self._owner = None if owner is None else check_name("owner", owner)
         if isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
             from safeagent.stores.postgres import PostgresStore  # noqa: PLC0415 - optional extra
 
@@ -131,10 +132,10 @@ class GuardCore:
 
     def _lease_ms(self, action: str, lease: Seconds | None = None) -> int:
         if lease is not None:
-            return int(1000 * seconds("lease", lease, allow_zero=False))
+            return int(1000 * lease_seconds(lease))
         policy = self.actions.get(action)
         if policy is not None and policy.lease is not None:
-            return int(1000 * seconds("lease", policy.lease, allow_zero=False))
+            return int(1000 * lease_seconds(policy.lease))
         return int(1000 * self.lease)
 
     def _exceptions(
@@ -243,6 +244,10 @@ class GuardCore:
             raise InvalidInputError(
                 f"outcome must be 'succeeded', 'failed', 'released' or 'rerun', got {outcome!r}"
             )
-        result_json = canonical_json(result).decode() if status is Status.SUCCEEDED else None
+        result_json = None
+        if status is Status.SUCCEEDED:  # stored like fn's results, so replays look alike
+            result_json, unstorable = encode_result(result, self.result_encoder)
+            if unstorable is not None:
+                raise InvalidInputError(f"result cannot be stored: {unstorable.message}")
         error = ErrorInfo(error_type, error_message or reason) if status is Status.FAILED else None
         return ns, status, result_json, error, rerun

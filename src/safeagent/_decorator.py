@@ -7,6 +7,7 @@ argument (``key_arg=``), encoded as canonical JSON (DESIGN section 6).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Collection
@@ -37,7 +38,8 @@ class _Bound:
         options: dict[str, Any],
     ) -> None:
         self.func = func
-        self.action = check_name("action", action or func.__qualname__)
+        # The module keeps two tools named `refund` in two modules apart.
+        self.action = check_name("action", action or f"{func.__module__}.{func.__qualname__}")
         self.signature = inspect.signature(func)
         if key_arg is not None and key_arg not in self.signature.parameters:
             raise ConfigurationError(f"key_arg {key_arg!r} is not a parameter of {func}")
@@ -58,6 +60,28 @@ class _Bound:
         bound.apply_defaults()
         skip = self.exclude | ({self.key_arg} if self.key_arg else set())
         return {k: v for k, v in bound.arguments.items() if k not in skip}
+
+    def request_id_for(self, key: object) -> str:
+        """The request id a key value stands for: its canonical JSON (DESIGN section 6), so
+        ``0``, ``False`` and ``"0"`` differ, and ``"k-1"`` is stored as ``'"k-1"'``. Use it
+        to look a call up with ``guard.get``.
+
+        Raises:
+            MissingKeyError: ``None`` or ``""``.
+        """
+        request_id = key_from_value(key)
+        if request_id is None:
+            raise MissingKeyError(f"{self.action}: the idempotency key is missing; nothing ran")
+        return request_id
+
+    def _bind_self(self, obj: Any) -> Any:
+        """A copy for use as a method of ``obj``: ``self`` is bound and left out of the
+        payload (it is the object, not the request)."""
+        bound = copy.copy(self)
+        first = next(iter(self.signature.parameters), None)
+        if first is not None:
+            bound.exclude = self.exclude | {first}
+        return _Method(bound, obj)
 
     def key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """The request id from ``key_arg``, or ``None`` when it is missing."""
@@ -98,9 +122,13 @@ class GuardedFunction(_Bound, Generic[P, R]):
             return self.func(*args, **kwargs)  # type: ignore[no-any-return]
         return self._execute(request_id, args, kwargs)
 
-    def call(self, request_id: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Call with an explicit request id (the caller's idempotency key)."""
-        return self._execute(request_id, args, kwargs)
+    def call(self, key: object, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call with an explicit idempotency key, encoded exactly like a ``key_arg`` value
+        (so both call forms name the same record)."""
+        return self._execute(self.request_id_for(key), args, kwargs)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else self._bind_self(obj)
 
     def _execute(self, request_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         payload = self.payload(*args, **kwargs)
@@ -132,9 +160,13 @@ class AsyncGuardedFunction(_Bound, Generic[P, R]):
             return await self.func(*args, **kwargs)  # type: ignore[no-any-return]
         return await self._execute(request_id, args, kwargs)
 
-    async def call(self, request_id: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Call with an explicit request id (the caller's idempotency key)."""
-        return await self._execute(request_id, args, kwargs)
+    async def call(self, key: object, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call with an explicit idempotency key, encoded exactly like a ``key_arg`` value
+        (so both call forms name the same record)."""
+        return await self._execute(self.request_id_for(key), args, kwargs)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else self._bind_self(obj)
 
     async def _execute(self, request_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         payload = self.payload(*args, **kwargs)
@@ -144,6 +176,24 @@ class AsyncGuardedFunction(_Bound, Generic[P, R]):
 
         receipt = await self.guard.execute(request_id, self.action, payload, run, **self.options)
         return receipt.result  # type: ignore[no-any-return]
+
+
+class _Method:
+    """A guarded function bound to an object, as a method."""
+
+    def __init__(self, guarded: Any, obj: Any) -> None:
+        self._guarded = guarded
+        self._obj = obj
+        functools.update_wrapper(cast("Callable[..., Any]", self), guarded.func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guarded(self._obj, *args, **kwargs)
+
+    def call(self, key: object, /, *args: Any, **kwargs: Any) -> Any:
+        return self._guarded.call(key, self._obj, *args, **kwargs)
+
+    def payload(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._guarded.payload(self._obj, *args, **kwargs)  # type: ignore[no-any-return]
 
 
 def decorator_options(

@@ -19,7 +19,7 @@ from typing import Any
 
 from safeagent._audit import AuditEvent, EventKind, Redactor
 from safeagent._decide import Verdict, classify_exception, decide
-from safeagent._keys import downstream_key
+from safeagent._keys import downstream_key, storable_text
 from safeagent._policy import ExceptionTypes, ReconcileHook, ReconcileRequest, Reconciliation
 from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Record, Status
 from safeagent.errors import (
@@ -177,7 +177,7 @@ def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None
     """JSON text of ``value``, or ``None`` and why it cannot be stored."""
     try:
         text = json.dumps(
-            value, default=encoder, allow_nan=False, ensure_ascii=False, separators=(",", ":")
+            value, default=encoder, allow_nan=False, ensure_ascii=True, separators=(",", ":")
         )
     except (TypeError, ValueError, RecursionError) as exc:
         return None, ErrorInfo(UNSERIALIZABLE, f"{type(value).__name__}: {exc}")
@@ -268,27 +268,35 @@ def run_flow(
     if outcome.error is not None:
         exc = outcome.error
         status = classify_exception(exc, call.not_executed, call.outcome_unknown)
-        error = ErrorInfo(type_name(exc), str(exc))
+        error = ErrorInfo(type_name(exc), storable_text(str(exc)))
         written = yield from store_completion(call, record, status, None, error, s, cause=exc)
         if not written.accepted and isinstance(exc, Exception):
             raise lease_lost(call, record, written.record) from exc
         raise exc
     value = outcome.value
     if inspect.isawaitable(value):
-        close = getattr(value, "close", None)
-        if close is not None:
-            close()
+        # An un-started coroutine surely did nothing: close it and release the claim. Any
+        # other awaitable (a scheduled Task or Future) may be running: that is in doubt.
+        unstarted = inspect.iscoroutine(value) and (
+            inspect.getcoroutinestate(value) == inspect.CORO_CREATED
+        )
+        if unstarted and inspect.iscoroutine(value):
+            value.close()
         yield from store_completion(
             call,
             record,
-            Status.RELEASED,
+            Status.RELEASED if unstarted else Status.IN_DOUBT,
             None,
             ErrorInfo("safeagent.AwaitableReturned", "fn returned an awaitable"),
             s,
         )
         raise ConfigurationError(
             "fn returned an awaitable, which the sync Guard cannot await (use AsyncGuard); "
-            "nothing ran and the claim was released"
+            + (
+                "it never started, so the claim was released"
+                if unstarted
+                else "it may be running, so the record is in doubt"
+            )
         )
     result_json, unstorable = encode_result(value, s.result_encoder)
     written = yield from store_completion(
@@ -328,7 +336,7 @@ def store_completion(
         result_json=result_json,
         error=error,
         actor=s.owner,
-        detail={"error": None if error is None else error.to_dict(), **(detail or {})},
+        detail={"error": None if error is None else s.redact(error.to_dict()), **(detail or {})},
         settle_case=call.settle_case,
         event_kind=event_kind,
     )
@@ -408,23 +416,24 @@ def conflict_flow(
     call: Call, record: Record, now: int, verdict: Verdict, s: Settings
 ) -> Generator[Op, Any, ActionMismatchError | FingerprintMismatchError]:
     """Audit the rejected request and build the conflict error; nothing runs."""
-    yield Emit(
-        _event(
-            EventKind.CONFLICT,
-            call,
-            record,
-            now,
-            s,
-            {
-                "reason": verdict.value,
-                "stored_action": record.action,
-                "stored_fingerprint": record.fingerprint,
-                "fingerprint": call.fingerprint,
-                "payload": s.redact(call.payload),
-            },
-        ),
-        buffered=False,
+    event = _event(
+        EventKind.CONFLICT,
+        call,
+        record,
+        now,
+        s,
+        {
+            "reason": verdict.value,
+            "stored_action": record.action,
+            "stored_fingerprint": record.fingerprint,
+            "fingerprint": call.fingerprint,
+            "payload": s.redact(call.payload),
+        },
     )
+    try:
+        yield Emit(event, buffered=False)
+    except StoreError:  # the answer matters more: keep the event for the next write
+        yield Emit(event, buffered=True)
     receipt = Receipt.from_record(record, replay=False, now_ms=now)
     if verdict is Verdict.CONFLICT_ACTION:
         return ActionMismatchError(

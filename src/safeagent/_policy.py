@@ -20,6 +20,10 @@ DEFAULT_LEASE = 60.0
 it every third of its length, so only a dead (or frozen) owner lets it expire."""
 DEFAULT_WAIT = 10.0
 """Seconds a call waits for another caller's live claim before raising InProgressError."""
+MIN_LEASE = 0.1
+"""Shortest lease accepted, in seconds (a heartbeat must be able to renew it in time)."""
+MAX_SECONDS = 365 * 24 * 3600.0
+"""Longest duration accepted for a lease or a wait: one year, in seconds."""
 CASE_PREFIX = "case:"
 """Request ids of case settlements (DESIGN section 4); reserved for FinalityGate.settle."""
 
@@ -44,7 +48,20 @@ def seconds(name: str, value: Seconds, *, allow_zero: bool) -> float:
         raise ConfigurationError(
             f"{name} must be a finite number of seconds {bound}, got {value!r}"
         )
+    if value > MAX_SECONDS:
+        raise ConfigurationError(f"{name} must be at most {MAX_SECONDS:.0f} s, got {value!r}")
     return float(value)
+
+
+def lease_seconds(value: Seconds) -> float:
+    """Validate a lease: between :data:`MIN_LEASE` and one year, in seconds."""
+    lease = seconds("lease", value, allow_zero=False)
+    if lease < MIN_LEASE:
+        raise ConfigurationError(
+            f"lease must be at least {MIN_LEASE} s: the heartbeat renews it every third of "
+            f"its length, and a shorter lease expires under ordinary load, got {value!r}"
+        )
+    return lease
 
 
 def exception_types(name: str, value: Collection[type[BaseException]] | None) -> ExceptionTypes:
@@ -171,7 +188,7 @@ class ActionPolicy:
 
     def __post_init__(self) -> None:
         if self.lease is not None:
-            seconds("lease", self.lease, allow_zero=False)
+            lease_seconds(self.lease)
         exception_types("not_executed", self.not_executed)
         exception_types("outcome_unknown", self.outcome_unknown)
         if self.reconcile is not None and not callable(self.reconcile):

@@ -91,23 +91,63 @@ class Beat:
     lost: bool = False
 
 
+class _Beater:
+    """The renewal thread of one store: a stalled store delays only its own leases."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.beats: set[Beat] = set()
+        threading.Thread(target=self._loop, name="safeagent-heartbeat", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                now = time.monotonic()
+                due = [b for b in self.beats if b.next_due <= now]
+                if not due:
+                    wait = min((b.next_due for b in self.beats), default=now + 3600) - now
+                    self.cond.wait(max(wait, 0.001))
+                    continue
+            for beat in due:
+                try:
+                    renewed = beat.store.renew(
+                        beat.namespace, beat.request_id, beat.fencing_token, beat.lease_ms
+                    )
+                except Exception:  # noqa: BLE001 - a failed renewal is retried soon
+                    renewed = None
+                with self.cond:
+                    beat.renewals += 1
+                    if renewed is False:  # the token is no longer current: someone took over
+                        beat.lost = True
+                        self.beats.discard(beat)
+                    elif renewed is None:  # the store failed: try again quickly
+                        beat.next_due = time.monotonic() + min(beat.interval, 0.05)
+                    else:
+                        beat.next_due = time.monotonic() + beat.interval
+
+
 class Heartbeats:
-    """A daemon thread per process that renews the lease of every running ``fn`` each third
-    of its length. It runs off the caller's thread and off any event loop, so a busy
-    caller (or a blocked loop) never lets a live claim expire; a dead or frozen process
-    stops renewing, and its claims read as in doubt once their lease runs out.
+    """Renews the lease of every running ``fn`` each third of its length, from one daemon
+    thread per store (per process). It runs off the caller's thread and off any event
+    loop, so a busy caller (or a blocked loop) never lets a live claim expire, and a store
+    that stalls cannot starve another store's leases. A dead or frozen process stops
+    renewing, and its claims read as in doubt once their lease runs out.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._beats: set[Beat] = set()
+        self._lock = threading.Lock()
+        self._beaters: dict[str, _Beater] = {}
         self._pid = 0
 
-    def _ensure_thread(self) -> None:
-        if self._pid != os.getpid():  # first use, or a forked child: the thread is gone
-            self._pid = os.getpid()
-            self._beats = set()
-            threading.Thread(target=self._loop, name="safeagent-heartbeat", daemon=True).start()
+    def _beater(self, identity: str) -> _Beater:
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a forked child: threads are gone
+                self._pid = os.getpid()
+                self._beaters = {}
+            beater = self._beaters.get(identity)
+            if beater is None:
+                beater = self._beaters[identity] = _Beater()
+            return beater
 
     @contextlib.contextmanager
     def beating(
@@ -118,39 +158,15 @@ class Heartbeats:
         beat = Beat(
             store, namespace, request_id, token, lease_ms, interval, time.monotonic() + interval
         )
-        with self._cond:
-            self._ensure_thread()
-            self._beats.add(beat)
-            self._cond.notify()
+        beater = self._beater(store.identity)
+        with beater.cond:
+            beater.beats.add(beat)
+            beater.cond.notify()
         try:
             yield beat
         finally:
-            with self._cond:
-                self._beats.discard(beat)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                now = time.monotonic()
-                due = [b for b in self._beats if b.next_due <= now]
-                if not due:
-                    wait = min((b.next_due for b in self._beats), default=now + 3600) - now
-                    self._cond.wait(max(wait, 0.001))
-                    continue
-            for beat in due:
-                try:
-                    renewed = beat.store.renew(
-                        beat.namespace, beat.request_id, beat.fencing_token, beat.lease_ms
-                    )
-                except Exception:  # noqa: BLE001 - a failed renewal is retried next round
-                    renewed = True
-                with self._cond:
-                    beat.renewals += 1
-                    if renewed:
-                        beat.next_due = time.monotonic() + beat.interval
-                    else:  # the token is no longer current: someone resolved or took over
-                        beat.lost = True
-                        self._beats.discard(beat)
+            with beater.cond:
+                beater.beats.discard(beat)
 
 
 heartbeats = Heartbeats()

@@ -19,6 +19,7 @@ import inspect
 from collections.abc import Callable, Collection
 from typing import Any
 
+from safeagent._decide import classify_exception
 from safeagent._guard import Guard
 from safeagent._receipt import ExecutionContext, Receipt, Status
 from safeagent.errors import (
@@ -153,10 +154,18 @@ class SettlementRequestRegistry:
         self.guard.close()
 
     def _failed(self, request_id: str, action: str, payload: Any, exc: Exception) -> dict[str, Any]:
+        # The reason comes from the same exception policy the guard applied, not from
+        # reading the record again: another caller may already have claimed it anew.
+        status = classify_exception(exc, self.guard.not_executed, self.guard.outcome_unknown)
         receipt = self.guard.get(request_id)
+        mine = (
+            receipt is not None
+            and receipt.action == action
+            and (receipt.status is status or status is Status.FAILED)
+        )
         out = (
-            self._dict(receipt, False, "", payload)
-            if receipt is not None and receipt.action == action
+            self._dict(receipt, False, "", payload)  # type: ignore[arg-type]
+            if mine
             else {
                 "request_id": request_id,
                 "execution_id": None,
@@ -167,12 +176,10 @@ class SettlementRequestRegistry:
             }
         )
         out["error"] = {"type": type(exc).__name__, "message": str(exc)}
-        if receipt is not None and receipt.status is Status.RELEASED:
-            out["reason"] = "released"
-        elif receipt is not None and receipt.status is Status.IN_DOUBT:
-            out["reason"] = "in_doubt"
-        else:
-            out["reason"] = f"execute_failed:{type(exc).__name__}"
+        out["reason"] = {
+            Status.RELEASED: "released",
+            Status.IN_DOUBT: "in_doubt",
+        }.get(status, f"execute_failed:{type(exc).__name__}")
         out["ok"] = False
         return out
 

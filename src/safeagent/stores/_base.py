@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import threading
 import time
 import weakref
@@ -447,8 +448,10 @@ class EventBuffer:
     """Replay-type audit events waiting for the next write (DESIGN section 5).
 
     Thread-safe. ``due()`` says when the buffer must be written on its own: it holds
-    ``max_events`` events, or its oldest is ``max_age`` seconds old. Registered to be
-    written at interpreter exit through a weak reference to its flush function.
+    ``max_events`` events, or its oldest is ``max_age`` seconds old. Every live buffer is
+    written at interpreter exit (one process-wide hook over a weak set, so stores that are
+    never closed leave nothing behind); a forked child starts with an empty buffer, so
+    the parent's events are never written twice.
     """
 
     def __init__(
@@ -463,9 +466,10 @@ class EventBuffer:
         self._oldest = 0.0
         self.max_events = max_events
         self.max_age = max_age
-        ref = weakref.WeakMethod(flush) if hasattr(flush, "__self__") else (lambda: flush)
-        self._exit_hook = _exit_flusher(ref)
-        atexit.register(self._exit_hook)
+        self._flush: Callable[[], Callable[[], None] | None] = (
+            weakref.WeakMethod(flush) if hasattr(flush, "__self__") else (lambda: flush)
+        )
+        _live_buffers.add(self)
 
     def add(self, event: AuditEvent) -> None:
         with self._lock:
@@ -494,14 +498,32 @@ class EventBuffer:
         return bool(self._events)
 
     def detach(self) -> None:
-        atexit.unregister(self._exit_hook)
+        _live_buffers.discard(self)
 
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._events = []
 
-def _exit_flusher(ref: Callable[[], Callable[[], None] | None]) -> Callable[[], None]:
-    def flush_at_exit() -> None:
-        flush = ref()
-        if flush is not None:
+    def _flush_at_exit(self) -> None:
+        flush = self._flush()
+        if flush is not None and self._events:
             with contextlib.suppress(Exception):  # nothing can be reported at exit
                 flush()
 
-    return flush_at_exit
+
+_live_buffers: weakref.WeakSet[EventBuffer] = weakref.WeakSet()
+
+
+def _flush_all_at_exit() -> None:
+    for buffer in list(_live_buffers):
+        buffer._flush_at_exit()
+
+
+def _forget_all_in_child() -> None:
+    for buffer in list(_live_buffers):
+        buffer._forget()
+
+
+atexit.register(_flush_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_in_child)

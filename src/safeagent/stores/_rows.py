@@ -74,7 +74,7 @@ def row_to_signal(row: Sequence[Any]) -> Signal:
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
 def event_row(event: AuditEvent) -> tuple[Any, ...]:

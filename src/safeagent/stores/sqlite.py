@@ -16,13 +16,13 @@ Durability (DESIGN section 3):
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from pathlib import Path
 from typing import Any, TypeVar
 
 from safeagent._audit import AuditEvent
@@ -290,7 +290,9 @@ class SQLiteStore:
         clock: Clock | None = None,
     ) -> None:
         self.durability = check_durability(durability)
-        self.path = str(Path(path if path is not None else default_path()))
+        # Absolute now: a later os.chdir must not send new threads to another file.
+        raw = str(path if path is not None else default_path())
+        self.path = raw if raw == ":memory:" or raw.startswith("file:") else os.path.abspath(raw)
         self.busy_timeout = float(busy_timeout)
         self._clock = clock or system_clock_ms
         self._local = threading.local()
@@ -383,10 +385,11 @@ class SQLiteStore:
                 f"the SQLite database {self.path} was removed ({exc}); nothing was written"
             ) from exc
         if current != self._file_id:
+            stale = OSError(errno.ESTALE, "the database file's device and inode changed", self.path)
             raise StoreError(
                 f"the SQLite database {self.path} was replaced by another file; "
                 "nothing was written (open a new store to use the new file)"
-            )
+            ) from stale
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
