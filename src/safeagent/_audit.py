@@ -36,6 +36,7 @@ class EventKind(str, enum.Enum):
     COMPLETION_REJECTED = "completion_rejected"
     SIGNAL = "signal"
     STATE_CHANGE = "state_change"
+    PURGED = "purged"
 
     def __str__(self) -> str:
         return self.value

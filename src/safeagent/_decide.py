@@ -1,8 +1,8 @@
 """The pure core: what a call does given the record it finds. No I/O, no clocks.
 
 ``decide`` implements the behaviour table of DESIGN.md section 2; ``classify_exception``
-the exception policy. The sync driver (and, later, the async one) only does the I/O
-these functions ask for, so both flavours share one implementation of the rules.
+the exception policy. The flow (``_flow``) acts on them, and the sync and async drivers
+only do the I/O the flow asks for.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class Verdict(enum.Enum):
     CONFLICT_FINGERPRINT = "conflict_fingerprint"  # same request id, another payload: refuse
     WAIT = "wait"  # PENDING with a live lease: wait for it, bounded
     IN_DOUBT = "in_doubt"  # IN_DOUBT, or PENDING with an expired lease: never re-run silently
+    PURGED = "purged"  # a tombstone left by retention: it happened; its receipt is gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,8 @@ def decide(record: Record | None, action: str, fingerprint: str, now_ms: int) ->
         return Decision(Verdict.CONFLICT_ACTION, record)
     if record.fingerprint != fingerprint:
         return Decision(Verdict.CONFLICT_FINGERPRINT, record)
+    if record.purged_at_ms is not None:
+        return Decision(Verdict.PURGED, record)
     status = record.effective_status(now_ms)
     if status is Status.PENDING:
         assert record.lease_expires_at_ms is not None
@@ -75,8 +78,3 @@ def classify_exception(
     if not isinstance(exc, Exception):
         return Status.IN_DOUBT
     return Status.FAILED
-
-
-def resolvable(record: Record, now_ms: int) -> bool:
-    """Whether an operator may resolve ``record``: it is in doubt (stored or read)."""
-    return record.effective_status(now_ms) is Status.IN_DOUBT

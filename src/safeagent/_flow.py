@@ -30,6 +30,7 @@ from safeagent.errors import (
     InvalidTransitionError,
     LeaseLostError,
     OutcomeUnknownError,
+    ReceiptPurgedError,
     ReplayedFailureError,
     ResultNotSerializableError,
     StoreError,
@@ -206,6 +207,12 @@ def execute_flow(call: Call, fn: Callable[[ExecutionContext], Any], s: Settings)
             return (yield from replay_flow(call, record, now, s))
         if verdict is Verdict.CONFLICT_ACTION or verdict is Verdict.CONFLICT_FINGERPRINT:
             raise (yield from conflict_flow(call, record, now, verdict, s))
+        if verdict is Verdict.PURGED:
+            raise ReceiptPurgedError(
+                f"request {call.request_id!r} ran (status {record.status.value}), but its "
+                "receipt was purged by retention; it is not run again",
+                receipt=Receipt.from_record(record, replay=True, now_ms=now),
+            )
         if verdict is Verdict.IN_DOUBT:
             if call.reconcile is None:
                 raise (yield from in_doubt_flow(call, record, now, s))

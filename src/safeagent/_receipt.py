@@ -66,6 +66,8 @@ class Record:
     claimed_at_ms: int
     updated_at_ms: int
     completed_at_ms: int | None
+    purged_at_ms: int | None = None
+    """Set when retention purged the record's payload and result, leaving a tombstone."""
 
     def effective_status(self, now_ms: int) -> Status:
         """The status as read at ``now_ms``: an expired PENDING lease reads as IN_DOUBT."""
@@ -118,6 +120,9 @@ class Receipt:
     replay: bool
     lease_owner: str | None = None
     lease_expires_at_ms: int | None = None
+    payload: Any = None
+    """The payload as stored (``None`` once retention purged it): what an operator needs
+    to decide an in-doubt record."""
 
     @classmethod
     def from_record(cls, record: Record, *, replay: bool, now_ms: int | None = None) -> Receipt:
@@ -128,6 +133,7 @@ class Receipt:
             action=record.action,
             status=status,
             result=None if record.result_json is None else json.loads(record.result_json),
+            payload=json.loads(record.payload_json) if record.payload_json else None,
             error=record.error,
             execution_id=record.execution_id,
             fingerprint=record.fingerprint,
@@ -165,6 +171,7 @@ class Receipt:
             "claimed_at_ms": self.claimed_at_ms,
             "completed_at_ms": self.completed_at_ms,
             "replay": self.replay,
+            "payload": self.payload,
         }
 
     def to_json(self) -> str:

@@ -14,6 +14,7 @@ Every error SafeAgent raises on its own account derives from :class:`GuardError`
     ├── InProgressError             a live claim is held elsewhere (.retry_after seconds)
     ├── OutcomeUnknownError         the record is in doubt: it may or may not have happened
     ├── ReplayedFailureError        the stored failure of an earlier execution, replayed
+    ├── ReceiptPurgedError          it ran; retention removed its receipt (a tombstone)
     ├── ResultNotSerializableError  fn succeeded but its return value could not be stored
     ├── LeaseLostError              fn finished but its fencing token is no longer current
     ├── InvalidTransitionError      a state change that the state machine does not allow
@@ -49,6 +50,7 @@ __all__ = [
     "NotExecuted",
     "NotFinalError",
     "OutcomeUnknownError",
+    "ReceiptPurgedError",
     "ReplayedFailureError",
     "ResultNotSerializableError",
     "SchemaVersionError",
@@ -61,7 +63,8 @@ class GuardError(Exception):
 
     def __init__(self, message: str | None = None, **attrs: Any) -> None:
         if message is None:  # `raise NotExecuted` with no message: the class says what it is
-            message = (type(self).__doc__ or type(self).__name__).strip().splitlines()[0]
+            doc = (type(self).__doc__ or type(self).__name__).strip().splitlines()[0]
+            message = doc.replace("``", "")
         super().__init__(message)
         self.message = message
         self._attrs = attrs
@@ -160,6 +163,13 @@ class ReplayedFailureError(GuardError):
 
     error_type: str
     error_message: str
+    receipt: Receipt
+
+
+class ReceiptPurgedError(GuardError):
+    """The request ran, but retention purged its receipt and left a tombstone; the side
+    effect is not run again. Attributes: ``receipt`` (status and fingerprint, no result)."""
+
     receipt: Receipt
 
 

@@ -439,6 +439,18 @@ def resolved_event(resolution: Resolution, record: Record, now_ms: int) -> Audit
     )
 
 
+def purged_event(now_ms: int, cutoff_ms: int, actor: str, counts: dict[str, int]) -> AuditEvent:
+    """The audit event of one retention pass (subject ``*retention*``)."""
+    return AuditEvent(
+        kind=EventKind.PURGED,
+        at_ms=now_ms,
+        namespace="*",
+        subject="*retention*",
+        actor=actor,
+        detail={"cutoff_ms": cutoff_ms, **counts},
+    )
+
+
 def stamped(event: AuditEvent, now_ms: int) -> AuditEvent:
     """``event`` with ``at_ms`` set from the store's clock when the caller left it 0."""
     return event if event.at_ms else replace(event, at_ms=now_ms)

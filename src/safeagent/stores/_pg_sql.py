@@ -7,9 +7,16 @@ are qualified with the store's schema when the store is built.
 
 from __future__ import annotations
 
-from safeagent.stores._rows import CASE_COLUMNS, COLUMNS, EVENT_COLUMNS
+from safeagent.stores._rows import (
+    CASE_COLUMNS,
+    CHAIN_COLUMNS,
+    CHAIN_SHARDS,
+    COLUMNS,
+    EVENT_COLUMNS,
+    GENESIS,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 NOW = "COALESCE(%(now)s::bigint, (extract(epoch from clock_timestamp()) * 1000)::bigint)"
 
@@ -86,6 +93,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX signals_case ON {s}.signals (namespace, case_id, status)",
     ),
+    (
+        "ALTER TABLE {s}.executions ADD COLUMN purged_at_ms BIGINT",
+        "ALTER TABLE {s}.audit_events ADD COLUMN shard INTEGER",
+        "ALTER TABLE {s}.audit_events ADD COLUMN seq BIGINT",
+        "ALTER TABLE {s}.audit_events ADD COLUMN prev_hash TEXT",
+        "ALTER TABLE {s}.audit_events ADD COLUMN hash TEXT",
+        "CREATE INDEX audit_events_chain ON {s}.audit_events (shard, seq)",
+        "CREATE TABLE {s}.audit_chain (shard INTEGER PRIMARY KEY, seq BIGINT NOT NULL,"
+        " head TEXT NOT NULL)",
+        "INSERT INTO {s}.audit_chain (shard, seq, head) SELECT g, 0, '"
+        + GENESIS
+        + f"' FROM generate_series(0, {CHAIN_SHARDS - 1}) AS g",
+        "CREATE TABLE {s}.audit_anchors (id BIGSERIAL PRIMARY KEY, at_ms BIGINT NOT NULL,"
+        " heads TEXT NOT NULL, mac TEXT NOT NULL)",
+    ),
 )
 
 GET = (
@@ -97,7 +119,8 @@ CLAIM = f"""
 WITH n AS (SELECT {NOW} AS now)
 INSERT INTO {{s}}.executions AS e ({COLUMNS})
 SELECT %(ns)s, %(rid)s, %(action)s, %(fp)s, 'PENDING', %(payload)s, NULL, NULL, NULL,
-       %(exec_id)s, 1, 1, %(owner)s, n.now + %(lease_ms)s, %(dkey)s, n.now, n.now, n.now, NULL
+       %(exec_id)s, 1, 1, %(owner)s, n.now + %(lease_ms)s, %(dkey)s, n.now, n.now, n.now, NULL,
+       NULL
 FROM n
 ON CONFLICT (namespace, request_id) DO UPDATE SET
     action = excluded.action,
@@ -171,7 +194,35 @@ RETURNING {", ".join("e." + c.strip() for c in COLUMNS.split(","))}, n.now
 """
 EVENT = (
     "INSERT INTO {s}.audit_events (at_ms, kind, namespace, subject, action, actor,"
-    " execution_id, fencing_token, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " execution_id, fencing_token, detail, shard, seq, prev_hash, hash)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+LOCK_HEADS = (
+    "SELECT shard, seq, head FROM {s}.audit_chain WHERE shard = ANY(%s) ORDER BY shard FOR UPDATE"
+)
+UPDATE_HEAD = "UPDATE {s}.audit_chain SET seq = %s, head = %s WHERE shard = %s"
+HEADS = "SELECT shard, seq, head FROM {s}.audit_chain"
+CHAIN = (
+    f"SELECT {CHAIN_COLUMNS} FROM {{s}}.audit_events WHERE shard IS NOT NULL"
+    " ORDER BY shard, seq, id"
+)
+ADD_ANCHOR = (
+    "INSERT INTO {s}.audit_anchors (at_ms, heads, mac)"
+    f" SELECT {NOW}, %(heads)s, %(mac)s RETURNING id, at_ms"
+)
+ANCHORS = "SELECT id, at_ms, heads, mac FROM {s}.audit_anchors ORDER BY id"
+PURGE_RELEASED = (
+    "DELETE FROM {s}.executions WHERE status = 'RELEASED' AND updated_at_ms < %(cutoff)s"
+)
+PURGE_FINISHED = f"""
+UPDATE {{s}}.executions SET payload = '', result = NULL, error_message = NULL,
+    purged_at_ms = {NOW}
+WHERE status IN ('SUCCEEDED', 'FAILED') AND purged_at_ms IS NULL
+  AND COALESCE(completed_at_ms, updated_at_ms) < %(cutoff)s
+"""
+KEPT = (
+    "SELECT status, count(*) FROM {s}.executions"
+    " WHERE status IN ('PENDING', 'IN_DOUBT') GROUP BY status"
 )
 EVENTS = f"SELECT {EVENT_COLUMNS} FROM {{s}}.audit_events WHERE id > %(after)s"
 RECORDS = f"SELECT {COLUMNS} FROM {{s}}.executions WHERE TRUE"

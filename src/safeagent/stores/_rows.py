@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +15,7 @@ from safeagent._receipt import ErrorInfo, Record, Status
 COLUMNS = (
     "namespace, request_id, action, fingerprint, status, payload, result, error_type, "
     "error_message, execution_id, attempt, fencing_token, lease_owner, lease_expires_at_ms, "
-    "downstream_key, created_at_ms, claimed_at_ms, updated_at_ms, completed_at_ms"
+    "downstream_key, created_at_ms, claimed_at_ms, updated_at_ms, completed_at_ms, purged_at_ms"
 )
 CASE_COLUMNS = (
     "namespace, case_id, state, provisional_outcome, outcome, threshold, quorum, version, "
@@ -44,6 +46,7 @@ def row_to_record(row: Sequence[Any]) -> Record:
         claimed_at_ms=row[16],
         updated_at_ms=row[17],
         completed_at_ms=row[18],
+        purged_at_ms=row[19],
     )
 
 
@@ -104,3 +107,45 @@ def row_to_event(r: Sequence[Any]) -> AuditEvent:
         fencing_token=r[8],
         detail=json.loads(r[9]),
     )
+
+
+# -- the hash chains of the audit trail (DESIGN section 5) ---------------------------------
+
+CHAIN_SHARDS = 16
+"""Events are chained per shard of ``(namespace, subject)``: writers on different shards
+never wait for each other, and every shard's head can be anchored."""
+GENESIS = "0" * 64
+Heads = dict[int, tuple[int, str]]
+"""Chain heads: shard -> (seq, hash of the last event)."""
+CHAIN_COLUMNS = (
+    "id, shard, seq, prev_hash, hash, at_ms, kind, namespace, subject, action, actor, "
+    "execution_id, fencing_token, detail"
+)
+
+
+def shard_of(namespace: str, subject: str) -> int:
+    """The chain an event of ``(namespace, subject)`` belongs to."""
+    key = f"{namespace}\x00{subject}".encode("utf-8", "surrogatepass")
+    return zlib.crc32(key) % CHAIN_SHARDS
+
+
+def chain_hash(prev_hash: str, shard: int, seq: int, row: Sequence[Any]) -> str:
+    """SHA-256 over the previous hash, the event's place in its chain and every stored
+    field of the event (``row`` as made by :func:`event_row`, the detail as stored text)."""
+    body = json.dumps([prev_hash, shard, seq, *row], ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode("ascii")).hexdigest()
+
+
+def chain_rows(events: Sequence[AuditEvent], heads: Heads) -> list[tuple[Any, ...]]:
+    """Rows for ``events`` with ``(shard, seq, prev_hash, hash)`` appended, extending the
+    chain ``heads`` (shard -> (seq, hash)), which is updated in place."""
+    rows = []
+    for event in events:
+        shard = shard_of(event.namespace, event.subject)
+        seq, prev = heads.get(shard, (0, GENESIS))
+        seq += 1
+        row = event_row(event)
+        digest = chain_hash(prev, shard, seq, row)
+        rows.append((*row, shard, seq, prev, digest))
+        heads[shard] = (seq, digest)
+    return rows

@@ -24,6 +24,7 @@ from safeagent.stores._base import (
     case_events,
     claimed_event,
     completion_events,
+    purged_event,
     resolved_event,
     settled_event,
     stamped,
@@ -31,6 +32,7 @@ from safeagent.stores._base import (
     system_clock_ms,
     take_over_event,
 )
+from safeagent.stores._rows import CHAIN_SHARDS, GENESIS, Heads, chain_rows
 
 _ids = itertools.count(1)
 
@@ -55,6 +57,9 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._records: dict[tuple[str, str], Record] = {}
         self._events: list[AuditEvent] = []
+        self._heads: Heads = dict.fromkeys(range(CHAIN_SHARDS), (0, GENESIS))
+        self._chain: list[tuple[Any, ...]] = []
+        self._anchors: list[tuple[int, int, str, str]] = []
         self._cases: dict[tuple[str, str], CaseRow] = {}
         self._signals: dict[tuple[str, str], list[tuple[Signal, str]]] = {}
         self._seq = itertools.count(1)
@@ -65,7 +70,10 @@ class MemoryStore:
         return self._identity
 
     def _append(self, event: AuditEvent, now_ms: int) -> None:
-        self._events.append(replace(stamped(event, now_ms), id=next(self._seq)))
+        event = replace(stamped(event, now_ms), id=next(self._seq))
+        self._events.append(event)
+        (row,) = chain_rows([event], self._heads)
+        self._chain.append((event.id, *row[9:11], row[11], row[12], *row[:9]))
 
     def get(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
         with self._lock:
@@ -372,6 +380,59 @@ class MemoryStore:
     def case_signals(self, namespace: str, case_id: str) -> list[tuple[Signal, str]]:
         with self._lock:
             return list(self._signals.get((namespace, case_id), []))
+
+    # -- tamper evidence and retention ---------------------------------------------------
+
+    def audit_chain(self) -> tuple[list[tuple[Any, ...]], Heads]:
+        """Every chained event row (by shard and seq) and the chain heads."""
+        with self._lock:
+            rows = sorted(self._chain, key=lambda r: (r[1], r[2], r[0]))
+            return rows, dict(self._heads)
+
+    def chain_heads(self) -> Heads:
+        with self._lock:
+            return dict(self._heads)
+
+    def add_anchor(self, heads_json: str, mac: str) -> tuple[int, int]:
+        with self._lock:
+            now = self._clock()
+            self._anchors.append((len(self._anchors) + 1, now, heads_json, mac))
+            return len(self._anchors), now
+
+    def anchors(self) -> list[tuple[int, int, str, str]]:
+        with self._lock:
+            return list(self._anchors)
+
+    def purge(self, cutoff_ms: int, actor: str) -> dict[str, int]:
+        """Retention; see :meth:`SQLiteStore.purge`."""
+        with self._lock:
+            now = self._clock()
+            counts = {"tombstoned": 0, "deleted": 0, "kept_pending": 0, "kept_in_doubt": 0}
+            for key, record in list(self._records.items()):
+                finished = record.completed_at_ms or record.updated_at_ms
+                if record.status is Status.RELEASED and record.updated_at_ms < cutoff_ms:
+                    del self._records[key]
+                    counts["deleted"] += 1
+                elif (
+                    record.status in (Status.SUCCEEDED, Status.FAILED)
+                    and record.purged_at_ms is None
+                    and finished < cutoff_ms
+                ):
+                    error = record.error
+                    self._records[key] = replace(
+                        record,
+                        payload_json="",
+                        result_json=None,
+                        purged_at_ms=now,
+                        error=None if error is None else replace(error, message=""),
+                    )
+                    counts["tombstoned"] += 1
+                elif record.status is Status.PENDING:
+                    counts["kept_pending"] += 1
+                elif record.status is Status.IN_DOUBT:
+                    counts["kept_in_doubt"] += 1
+            self._append(purged_event(now, cutoff_ms, actor, counts), now)
+            return counts
 
     def close(self) -> None:
         """Nothing to release."""

@@ -49,6 +49,7 @@ from safeagent.stores._base import (
     check_durability,
     claimed_event,
     completion_events,
+    purged_event,
     resolved_event,
     settled_event,
     stamped,
@@ -56,12 +57,14 @@ from safeagent.stores._base import (
     take_over_event,
 )
 from safeagent.stores._rows import (
+    Heads,
+    chain_rows,
     dumps,
-    event_row,
     row_to_case,
     row_to_event,
     row_to_record,
     row_to_signal,
+    shard_of,
 )
 
 try:
@@ -135,6 +138,7 @@ class PostgresStore:
             if name.isupper() and isinstance(getattr(q, name), str) and name != "NOW"
         }
         self._lock = threading.Lock()
+        self._tx = threading.local()  # .pending: the audit events of this thread's transaction
         self._pool: ConnectionPool | None = None
         self._pid = 0
         self._closed = False
@@ -186,18 +190,38 @@ class PostgresStore:
 
     @contextmanager
     def _write(self, *, durable: bool = True) -> Iterator[psycopg.Cursor[Any]]:
-        """One transaction that also writes buffered audit events first."""
-        events = self._buffer.take() if self._buffer else []
+        """One transaction. Its audit events (buffered ones first, then those the body
+        emits) are chained at the end, after the body's row locks, taking the chain-head
+        locks in shard order: two writers never wait on each other in a cycle."""
+        buffered = self._buffer.take() if self._buffer else []
+        pending: list[AuditEvent] = []
+        self._tx.pending = pending
         try:
             with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
                 if not durable:
                     cur.execute("SET LOCAL synchronous_commit = off")
-                if events:
-                    cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
                 yield cur
+                self._insert_events(cur, [*buffered, *pending])
         except BaseException:
-            self._buffer.put_back(events)
+            self._buffer.put_back(buffered)
             raise
+        finally:
+            self._tx.pending = None
+
+    def _emit(self, events: Sequence[AuditEvent]) -> None:
+        """Audit events of the current transaction, written when it commits."""
+        self._tx.pending.extend(events)
+
+    def _insert_events(self, cur: psycopg.Cursor[Any], events: Sequence[AuditEvent]) -> None:
+        if not events:
+            return
+        shards = sorted({shard_of(e.namespace, e.subject) for e in events})
+        cur.execute(self._sql["LOCK_HEADS"], (shards,))
+        heads: Heads = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
+        cur.executemany(self._sql["EVENT"], chain_rows(events, heads))
+        cur.executemany(
+            self._sql["UPDATE_HEAD"], [(heads[sh][0], heads[sh][1], sh) for sh in shards]
+        )
 
     def _read(self, fn: Callable[[psycopg.Cursor[Any]], T]) -> T:
         with self._connection() as conn, conn.cursor() as cur:
@@ -283,7 +307,7 @@ class PostgresStore:
                     raise StoreError("claim conflicted with a row that then vanished")
                 return ClaimResult(False, row_to_record(existing), int(existing[-1]))
             record, now = row_to_record(row), int(row[-1])
-            cur.execute(self._sql["EVENT"], event_row(claimed_event(request, record, now)))
+            self._emit([claimed_event(request, record, now)])
         return ClaimResult(True, record, now)
 
     def complete(self, completion: Completion) -> WriteResult:
@@ -312,13 +336,13 @@ class PostgresStore:
                 before = None if current is None else row_to_record(current)
                 now = int(current[-1]) if current is not None else 0
                 events = completion_events(completion, before, None, now)
-                cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+                self._emit(events)
                 return WriteResult(accepted=False, record=before)
             after, now = row_to_record(row), int(row[-1])
             events = completion_events(completion, after, after, now)
             if terminal and completion.settle_case is not None:
                 events += self._settle(cur, after, completion.settle_case, completion.actor, now)
-            cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+            self._emit(events)
         late = after.lease_expires_at_ms is not None and now >= after.lease_expires_at_ms
         return WriteResult(accepted=True, record=after, late=late)
 
@@ -356,7 +380,7 @@ class PostgresStore:
             events = [resolved_event(resolution, record, now)]
             if terminal and resolution.settle_case is not None:
                 events += self._settle(cur, record, resolution.settle_case, resolution.actor, now)
-            cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+            self._emit(events)
         return WriteResult(accepted=True, record=record)
 
     def _current(self, cur: psycopg.Cursor[Any], resolution: Resolution) -> Record | None:
@@ -403,7 +427,7 @@ class PostgresStore:
                     accepted=False, record=None if current is None else row_to_record(current)
                 )
             record, now = row_to_record(row), int(row[-1])
-            cur.execute(self._sql["EVENT"], event_row(take_over_event(record, owner, now)))
+            self._emit([take_over_event(record, owner, now)])
         return WriteResult(accepted=True, record=record)
 
     # -- audit -------------------------------------------------------------------------------
@@ -424,8 +448,9 @@ class PostgresStore:
             self._buffer.add(event if event.at_ms else stamped(event, self._now()))
             self._maybe_flush()
             return
-        with self._write() as cur:
-            cur.execute(self._sql["EVENT"], event_row(stamped(event, event.at_ms or self._now())))
+        event = stamped(event, event.at_ms or self._now())
+        with self._write():
+            self._emit([event])
 
     def flush_events(self) -> None:
         if self._buffer and not self._closed:
@@ -526,7 +551,7 @@ class PostgresStore:
         events: list[AuditEvent] = []
         with self._write() as cur:
             case = self._open_case(cur, namespace, case_id, (threshold, quorum), events)
-            cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+            self._emit(events)
         return case
 
     def update_case(
@@ -598,7 +623,7 @@ class PostgresStore:
                 if updated is not None:
                     after = row_to_case(updated)
             events += case_events(case, change, signal, actor, detail, now)
-            cur.executemany(self._sql["EVENT"], [event_row(e) for e in events])
+            self._emit(events)
         return CaseUpdate(case=after, live=live, change=change)
 
     def _db_now(self, cur: psycopg.Cursor[Any]) -> int:
@@ -647,6 +672,65 @@ class PostgresStore:
                 pool, self._pool = self._pool, None
             if pool is not None and self._pid == os.getpid():
                 pool.close()
+
+    # -- tamper evidence and retention -------------------------------------------------
+
+    def audit_chain(self) -> tuple[list[tuple[Any, ...]], Heads]:
+        """Every chained event row (by shard and seq) and the chain heads as stored."""
+        self.flush_events()
+        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cur.execute(self._sql["CHAIN"])
+            rows = [tuple(r) for r in cur.fetchall()]
+            cur.execute(self._sql["HEADS"])
+            heads = {r[0]: (int(r[1]), r[2]) for r in cur.fetchall()}
+        return rows, heads
+
+    def chain_heads(self) -> Heads:
+        """The current head of every chain: shard -> (seq, hash)."""
+        self.flush_events()
+
+        def read(cur: psycopg.Cursor[Any]) -> Heads:
+            cur.execute(self._sql["HEADS"])
+            return {r[0]: (int(r[1]), r[2]) for r in cur.fetchall()}
+
+        return self._read(read)
+
+    def add_anchor(self, heads_json: str, mac: str) -> tuple[int, int]:
+        """Store an anchor of the chain heads; returns ``(id, at_ms)``."""
+        with self._write() as cur:
+            cur.execute(self._sql["ADD_ANCHOR"], self._p(heads=heads_json, mac=mac))
+            row = cur.fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1])
+
+    def anchors(self) -> list[tuple[int, int, str, str]]:
+        """Every anchor ``(id, at_ms, heads_json, mac)``, oldest first."""
+
+        def read(cur: psycopg.Cursor[Any]) -> list[tuple[int, int, str, str]]:
+            cur.execute(self._sql["ANCHORS"])
+            return [(int(r[0]), int(r[1]), r[2], r[3]) for r in cur.fetchall()]
+
+        return self._read(read)
+
+    def purge(self, cutoff_ms: int, actor: str) -> dict[str, int]:
+        """Retention; see :meth:`SQLiteStore.purge`."""
+        with self._write() as cur:
+            cur.execute(self._sql["PURGE_RELEASED"], {"cutoff": cutoff_ms})
+            deleted = cur.rowcount
+            cur.execute(self._sql["PURGE_FINISHED"], self._p(cutoff=cutoff_ms))
+            tombstoned = cur.rowcount
+            cur.execute(self._sql["KEPT"])
+            kept = {r[0]: int(r[1]) for r in cur.fetchall()}
+            counts = {
+                "tombstoned": tombstoned,
+                "deleted": deleted,
+                "kept_pending": kept.get("PENDING", 0),
+                "kept_in_doubt": kept.get("IN_DOUBT", 0),
+            }
+            now = self._clock() if self._clock is not None else self._db_now(cur)
+            self._emit([purged_event(now, cutoff_ms, actor, counts)])
+        return counts
 
     def drop_schema(self) -> None:
         """Drop this store's schema and everything in it (for tests and tear-downs)."""

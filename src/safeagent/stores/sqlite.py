@@ -43,6 +43,7 @@ from safeagent.stores._base import (
     check_durability,
     claimed_event,
     completion_events,
+    purged_event,
     resolved_event,
     settled_event,
     stamped,
@@ -52,14 +53,19 @@ from safeagent.stores._base import (
 )
 from safeagent.stores._rows import (
     CASE_COLUMNS,
+    CHAIN_COLUMNS,
+    CHAIN_SHARDS,
     COLUMNS,
     EVENT_COLUMNS,
+    GENESIS,
+    Heads,
+    chain_rows,
     dumps,
-    event_row,
     row_to_case,
     row_to_event,
     row_to_record,
     row_to_signal,
+    shard_of,
 )
 
 T = TypeVar("T")
@@ -68,7 +74,7 @@ DEFAULT_DB_FILENAME = "safeagent.db"
 DB_ENV_VAR = "SAFEAGENT_DB"
 DEFAULT_BUSY_TIMEOUT = 5.0
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -145,6 +151,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX signals_case ON signals (namespace, case_id, status)",
     ),
+    (
+        "ALTER TABLE executions ADD COLUMN purged_at_ms INTEGER",
+        "ALTER TABLE audit_events ADD COLUMN shard INTEGER",
+        "ALTER TABLE audit_events ADD COLUMN seq INTEGER",
+        "ALTER TABLE audit_events ADD COLUMN prev_hash TEXT",
+        "ALTER TABLE audit_events ADD COLUMN hash TEXT",
+        "CREATE INDEX audit_events_chain ON audit_events (shard, seq)",
+        "CREATE TABLE audit_chain (shard INTEGER PRIMARY KEY, seq INTEGER NOT NULL,"
+        " head TEXT NOT NULL)",
+        "INSERT INTO audit_chain (shard, seq, head) SELECT value, 0, '"
+        + GENESIS
+        + "' FROM (WITH RECURSIVE n(value) AS (SELECT 0 UNION ALL SELECT value + 1 FROM n"
+        f" WHERE value < {CHAIN_SHARDS - 1}) SELECT value FROM n)",
+        "CREATE TABLE audit_anchors (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL,"
+        " heads TEXT NOT NULL, mac TEXT NOT NULL)",
+    ),
 )
 
 SQL_GET_CASE = f"SELECT {CASE_COLUMNS} FROM cases WHERE namespace = ? AND case_id = ?"
@@ -166,7 +188,7 @@ RETURNING {CASE_COLUMNS}
 SQL_GET = f"SELECT {COLUMNS} FROM executions WHERE namespace = ? AND request_id = ?"
 SQL_CLAIM = f"""
 INSERT INTO executions ({COLUMNS})
-VALUES (?, ?, ?, ?, 'PENDING', ?, NULL, NULL, NULL, ?, 1, 1, ?, ?, ?, ?, ?, ?, NULL)
+VALUES (?, ?, ?, ?, 'PENDING', ?, NULL, NULL, NULL, ?, 1, 1, ?, ?, ?, ?, ?, ?, NULL, NULL)
 ON CONFLICT (namespace, request_id) DO UPDATE SET
     action = excluded.action,
     fingerprint = excluded.fingerprint,
@@ -222,7 +244,8 @@ RETURNING {COLUMNS}
 """
 SQL_EVENT = (
     "INSERT INTO audit_events (at_ms, kind, namespace, subject, action, actor, execution_id,"
-    " fencing_token, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " fencing_token, detail, shard, seq, prev_hash, hash)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -347,7 +370,7 @@ class SQLiteStore:
             try:
                 self._check_file()
                 if events:  # observed earlier, so written ahead of this transaction's own
-                    conn.executemany(SQL_EVENT, [event_row(e) for e in events])
+                    self._insert_events(conn, events)
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
@@ -366,6 +389,25 @@ class SQLiteStore:
                     conn.execute("PRAGMA synchronous = FULL")
                 except sqlite3.Error:  # the connection is unusable; the next call reconnects
                     self._local.holder = None
+
+    @staticmethod
+    def _insert_events(conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
+        """Append events to their hash chains (the write lock is held: no one interleaves)."""
+        if not events:
+            return
+        shards = sorted({shard_of(e.namespace, e.subject) for e in events})
+        marks = ", ".join("?" for _ in shards)
+        heads: Heads = {
+            r[0]: (r[1], r[2])
+            for r in conn.execute(
+                f"SELECT shard, seq, head FROM audit_chain WHERE shard IN ({marks})", shards
+            )
+        }
+        conn.executemany(SQL_EVENT, chain_rows(events, heads))
+        conn.executemany(
+            "UPDATE audit_chain SET seq = ?, head = ? WHERE shard = ?",
+            [(heads[shard][0], heads[shard][1], shard) for shard in shards],
+        )
 
     def _stat(self) -> tuple[int, int] | None:
         if self.path == ":memory:" or self.path.startswith("file:"):
@@ -461,7 +503,7 @@ class SQLiteStore:
                 existing = conn.execute(SQL_GET, (request.namespace, request.request_id)).fetchone()
                 return ClaimResult(won=False, record=row_to_record(existing), now_ms=now)
             record = row_to_record(row)
-            conn.execute(SQL_EVENT, event_row(claimed_event(request, record, now)))
+            self._insert_events(conn, [claimed_event(request, record, now)])
         return ClaimResult(won=True, record=record, now_ms=now)
 
     def complete(self, completion: Completion) -> WriteResult:
@@ -492,7 +534,7 @@ class SQLiteStore:
             events = completion_events(completion, before, after, now)
             if after is not None and terminal and completion.settle_case is not None:
                 events += self._settle(conn, after, completion.settle_case, completion.actor, now)
-            conn.executemany(SQL_EVENT, [event_row(e) for e in events])
+            self._insert_events(conn, events)
         if after is None:
             return WriteResult(accepted=False, record=before)
         late = after.lease_expires_at_ms is not None and now >= after.lease_expires_at_ms
@@ -535,7 +577,7 @@ class SQLiteStore:
             events = [resolved_event(resolution, record, now)]
             if terminal and resolution.settle_case is not None:
                 events += self._settle(conn, record, resolution.settle_case, resolution.actor, now)
-            conn.executemany(SQL_EVENT, [event_row(e) for e in events])
+            self._insert_events(conn, events)
         return WriteResult(accepted=True, record=record)
 
     @staticmethod
@@ -570,7 +612,7 @@ class SQLiteStore:
                     accepted=False, record=None if current is None else row_to_record(current)
                 )
             record = row_to_record(row)
-            conn.execute(SQL_EVENT, event_row(take_over_event(record, owner, now)))
+            self._insert_events(conn, [take_over_event(record, owner, now)])
         return WriteResult(accepted=True, record=record)
 
     def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
@@ -579,7 +621,7 @@ class SQLiteStore:
             self._maybe_flush()
             return
         with self._write() as conn:
-            conn.execute(SQL_EVENT, event_row(stamped(event, self._clock())))
+            self._insert_events(conn, [stamped(event, self._clock())])
 
     def flush_events(self) -> None:
         if self._buffer and not self._closed:
@@ -677,7 +719,7 @@ class SQLiteStore:
         with self._write() as conn:
             now = self._clock()
             case = self._open_case(conn, namespace, case_id, (threshold, quorum), now, events)
-            conn.executemany(SQL_EVENT, [event_row(e) for e in events])
+            self._insert_events(conn, events)
         return case
 
     def update_case(
@@ -752,7 +794,7 @@ class SQLiteStore:
                 ).fetchone()
                 after = row_to_case(row)
             events += case_events(case, change, signal, actor, detail, now)
-            conn.executemany(SQL_EVENT, [event_row(e) for e in events])
+            self._insert_events(conn, events)
         return CaseUpdate(case=after, live=live, change=change)
 
     def cases(
@@ -778,6 +820,88 @@ class SQLiteStore:
             ).fetchall()
         )
         return [(row_to_signal(r), r[5]) for r in rows]
+
+    # -- tamper evidence and retention -------------------------------------------------
+
+    def audit_chain(self) -> tuple[list[tuple[Any, ...]], Heads]:
+        """Every chained event row (``CHAIN_COLUMNS`` order, by shard and seq) and the
+        chain heads as stored (shard -> (seq, hash))."""
+        self.flush_events()
+
+        def read(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[tuple[Any, ...]], dict[int, tuple[int, str]]]:
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(
+                    f"SELECT {CHAIN_COLUMNS} FROM audit_events WHERE shard IS NOT NULL"
+                    " ORDER BY shard, seq, id"
+                ).fetchall()
+                heads = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT * FROM audit_chain")}
+            finally:
+                conn.execute("COMMIT")
+            return [tuple(r) for r in rows], heads
+
+        return self._read(read)
+
+    def add_anchor(self, heads_json: str, mac: str) -> tuple[int, int]:
+        """Store an anchor of the chain heads; returns ``(id, at_ms)``."""
+        with self._write() as conn:
+            now = self._clock()
+            cur = conn.execute(
+                "INSERT INTO audit_anchors (at_ms, heads, mac) VALUES (?, ?, ?)",
+                (now, heads_json, mac),
+            )
+            return int(cur.lastrowid or 0), now
+
+    def anchors(self) -> list[tuple[int, int, str, str]]:
+        """Every anchor ``(id, at_ms, heads_json, mac)``, oldest first."""
+        rows = self._read(
+            lambda c: c.execute(
+                "SELECT id, at_ms, heads, mac FROM audit_anchors ORDER BY id"
+            ).fetchall()
+        )
+        return [tuple(r) for r in rows]
+
+    def chain_heads(self) -> dict[int, tuple[int, str]]:
+        """The current head of every chain: shard -> (seq, hash)."""
+        self.flush_events()
+        return self._read(
+            lambda c: {
+                r[0]: (r[1], r[2]) for r in c.execute("SELECT shard, seq, head FROM audit_chain")
+            }
+        )
+
+    def purge(self, cutoff_ms: int, actor: str) -> dict[str, int]:
+        """Retention: records finished before ``cutoff_ms`` lose payload and result and
+        keep a tombstone (identity, action, fingerprint, final status); released records
+        are deleted; pending and in-doubt records are never touched. Audited."""
+        with self._write() as conn:
+            now = self._clock()
+            deleted = conn.execute(
+                "DELETE FROM executions WHERE status = 'RELEASED' AND updated_at_ms < ?",
+                (cutoff_ms,),
+            ).rowcount
+            tombstoned = conn.execute(
+                "UPDATE executions SET payload = '', result = NULL, error_message = NULL,"
+                " purged_at_ms = ? WHERE status IN ('SUCCEEDED', 'FAILED')"
+                " AND purged_at_ms IS NULL AND COALESCE(completed_at_ms, updated_at_ms) < ?",
+                (now, cutoff_ms),
+            ).rowcount
+            kept = dict(
+                conn.execute(
+                    "SELECT status, count(*) FROM executions"
+                    " WHERE status IN ('PENDING', 'IN_DOUBT') GROUP BY status"
+                ).fetchall()
+            )
+            counts = {
+                "tombstoned": tombstoned,
+                "deleted": deleted,
+                "kept_pending": int(kept.get("PENDING", 0)),
+                "kept_in_doubt": int(kept.get("IN_DOUBT", 0)),
+            }
+            self._insert_events(conn, [purged_event(now, cutoff_ms, actor, counts)])
+        return counts
 
     def close(self) -> None:
         """Write buffered audit events and close every connection this store opened."""

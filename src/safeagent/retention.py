@@ -1,0 +1,51 @@
+"""Retention: forget what finished records held, never that they happened.
+
+SafeAgent keeps receipts by default, unlike Stripe's 24 hours: an agent may retry a tool
+call days later (a resumed plan, a replayed queue), and a receipt that expired lets that
+retry charge again. When storage or privacy asks for less, :func:`purge` removes the
+payload and result of records that finished before a cutoff and leaves a **tombstone**:
+namespace, request id, action, fingerprint and final status. A retry after the purge is
+still recognised: with the same request it gets :class:`~safeagent.ReceiptPurgedError`
+(the side effect does not run again), with another request a conflict. Records that are
+pending or in doubt are never touched; released records (no outcome) are deleted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from safeagent._policy import Seconds, seconds
+
+__all__ = ["PurgeReport", "purge"]
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeReport:
+    """What :func:`purge` did: records turned into tombstones, released records deleted,
+    and pending / in-doubt records kept (they are never purged)."""
+
+    tombstoned: int
+    deleted: int
+    kept_pending: int
+    kept_in_doubt: int
+
+
+def purge(store: Any, *, older_than: Seconds, actor: str = "safeagent.retention") -> PurgeReport:
+    """Tombstone every SUCCEEDED or FAILED record that finished more than ``older_than``
+    seconds ago (store clock), and delete RELEASED ones; audited as one ``purged`` event.
+
+    Args:
+        store: a store (``SQLiteStore``, ``PostgresStore`` or ``MemoryStore``).
+        older_than: seconds (float or ``timedelta``), at least 0.
+        actor: who purges, for the audit trail.
+
+    Raises:
+        ConfigurationError: a bad duration.
+        StoreError: the store failed; nothing was purged.
+    """
+    age_ms = int(1000 * seconds("older_than", older_than, allow_zero=True))
+    _, now = store.records(limit=0)
+    counts = store.purge(now - age_ms if now else time.time_ns() // 1_000_000 - age_ms, actor)
+    return PurgeReport(**counts)

@@ -1,0 +1,256 @@
+"""Tamper evidence (hash chains + HMAC anchors), export, stats, and retention tombstones."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from typing import Any
+
+import pytest
+
+from safeagent import (
+    ConfigurationError,
+    EventKind,
+    FingerprintMismatchError,
+    Guard,
+    OutcomeUnknownError,
+    ReceiptPurgedError,
+    SQLiteStore,
+    Status,
+)
+from safeagent.audit import anchor, export, load_key, stats, verify
+from safeagent.retention import purge
+from tests.conftest import PG_URL, FakeClock, pg_schema, require_postgres
+
+KEY = b"k" * 32
+
+
+def _busy(guard: Any, n: int = 6) -> None:
+    for i in range(n):
+        guard.execute(
+            f"r-{i}", "charge", {"amount": i, "card": "4242424242424242"}, lambda _ctx: {"ok": True}
+        )
+        guard.execute(
+            f"r-{i}", "charge", {"amount": i, "card": "4242424242424242"}, lambda _ctx: {"ok": True}
+        )
+
+
+def test_an_untouched_trail_verifies(guard: Any) -> None:
+    """A fresh trail on any store verifies, and a signed anchor checks out with its key."""
+    _busy(guard)
+    guard.close()
+    report = verify(guard.store)
+    assert report.ok, report.problems
+    assert report.events_checked >= 18
+    anchored = anchor(guard.store, key=KEY)
+    assert anchored.heads
+    report = verify(guard.store, key=KEY)
+    assert report.ok
+    assert (report.anchors_checked, report.anchors_unverified) == (1, 0)
+    assert verify(guard.store).anchors_unverified == 1
+
+
+def _sqlite_guard(tmp_path: Any) -> tuple[Guard, str]:
+    path = str(tmp_path / "g.db")
+    guard = Guard(SQLiteStore(path))
+    _busy(guard)
+    guard.close()
+    return guard, path
+
+
+def _tamper(path: str, sql: str, *args: Any) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute(sql, args)
+
+
+def _kinds(report: Any) -> set[str]:
+    return {p.kind for p in report.problems}
+
+
+def test_an_edited_event_is_found(tmp_path: Any) -> None:
+    """Changing one event's detail breaks its hash: 'edited', with the event id."""
+    guard, path = _sqlite_guard(tmp_path)
+    _tamper(path, "UPDATE audit_events SET detail = '{}' WHERE id = 3")
+    report = verify(guard.store)
+    assert not report.ok
+    assert ("edited", 3) in {(p.kind, p.event_id) for p in report.problems}
+
+
+def test_a_deleted_event_is_found(tmp_path: Any) -> None:
+    """Removing an event leaves a gap in its chain: 'deleted'."""
+    guard, path = _sqlite_guard(tmp_path)
+    _tamper(path, "DELETE FROM audit_events WHERE id = 2")
+    assert "deleted" in _kinds(verify(guard.store))
+
+
+def test_a_deleted_tail_is_found_against_the_anchor(tmp_path: Any) -> None:
+    """Deleting the newest events and fixing the head is caught by the anchor."""
+    guard, path = _sqlite_guard(tmp_path)
+    anchor(guard.store, key=KEY)
+    with sqlite3.connect(path) as conn:
+        shard, seq = conn.execute(
+            "SELECT shard, max(seq) FROM audit_events GROUP BY shard ORDER BY 2 DESC LIMIT 1"
+        ).fetchone()
+        conn.execute("DELETE FROM audit_events WHERE shard = ? AND seq = ?", (shard, seq))
+        prev = conn.execute(
+            "SELECT hash FROM audit_events WHERE shard = ? AND seq = ?", (shard, seq - 1)
+        ).fetchone()[0]
+        conn.execute(
+            "UPDATE audit_chain SET seq = ?, head = ? WHERE shard = ?", (seq - 1, prev, shard)
+        )
+    report = verify(guard.store, key=KEY)
+    assert "deleted" in _kinds(report)
+
+
+def test_reordered_events_are_found(tmp_path: Any) -> None:
+    """Swapping the places of two events of one chain is found."""
+    guard, path = _sqlite_guard(tmp_path)
+    with sqlite3.connect(path) as conn:
+        (shard,) = conn.execute(
+            "SELECT shard FROM audit_events GROUP BY shard HAVING count(*) >= 2 LIMIT 1"
+        ).fetchone()
+        (a, sa), (b, sb) = conn.execute(
+            "SELECT id, seq FROM audit_events WHERE shard = ? ORDER BY seq LIMIT 2", (shard,)
+        ).fetchall()
+        conn.execute("UPDATE audit_events SET seq = -1 WHERE id = ?", (a,))
+        conn.execute("UPDATE audit_events SET seq = ? WHERE id = ?", (sa, b))
+        conn.execute("UPDATE audit_events SET seq = ? WHERE id = ?", (sb, a))
+    report = verify(guard.store)
+    assert _kinds(report) & {"reordered", "edited"}
+
+
+def test_a_rewritten_chain_is_found_only_with_the_anchor(tmp_path: Any) -> None:
+    """An attacker who edits an event and recomputes the whole chain passes the chain
+    check, but not the anchor signed with a key they do not hold."""
+    from safeagent.stores._rows import GENESIS, chain_hash
+
+    guard, path = _sqlite_guard(tmp_path)
+    anchor(guard.store, key=KEY)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE audit_events SET detail = '{\"forged\":true}' WHERE id = 1")
+        shards = [r[0] for r in conn.execute("SELECT DISTINCT shard FROM audit_events")]
+        for shard in shards:
+            prev = GENESIS
+            rows = conn.execute(
+                "SELECT id, seq, at_ms, kind, namespace, subject, action, actor, execution_id,"
+                " fencing_token, detail FROM audit_events WHERE shard = ? ORDER BY seq",
+                (shard,),
+            ).fetchall()
+            for row in rows:
+                digest = chain_hash(prev, shard, row[1], row[2:])
+                conn.execute(
+                    "UPDATE audit_events SET prev_hash = ?, hash = ? WHERE id = ?",
+                    (prev, digest, row[0]),
+                )
+                prev = digest
+            conn.execute("UPDATE audit_chain SET head = ? WHERE shard = ?", (prev, shard))
+    report = verify(guard.store, key=KEY)
+    assert _kinds(report) == {"rewritten"}
+
+
+def test_a_forged_anchor_is_found(tmp_path: Any) -> None:
+    """An anchor signed with another key (or edited) fails its HMAC: 'bad_anchor'."""
+    guard, _path = _sqlite_guard(tmp_path)
+    anchor(guard.store, key=b"x" * 32)
+    assert _kinds(verify(guard.store, key=KEY)) == {"bad_anchor"}
+
+
+def test_the_trail_verifies_on_postgres_after_concurrent_writers(tmp_path: Any) -> None:
+    """Chains stay consistent when several threads write on PostgreSQL at once."""
+    require_postgres()
+    import threading
+
+    from safeagent.stores.postgres import PostgresStore
+
+    store = PostgresStore(PG_URL, schema=pg_schema(), max_size=12)
+    try:
+        guard = Guard(store)
+
+        def work(t: int) -> None:
+            for i in range(25):
+                guard.execute(f"t{t}-{i}", "charge", {"i": i}, lambda _ctx: 1)
+                guard.execute(f"shared-{i}", "charge", {"i": i}, lambda _ctx: 1)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        anchor(store, key=KEY)
+        report = verify(store, key=KEY)
+        assert report.ok, report.problems[:3]
+        assert report.events_checked >= 6 * 25 * 2 + 25 * 2
+    finally:
+        store.drop_schema()
+        store.close()
+
+
+def test_load_key_reads_env_or_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key comes from a file or SAFEAGENT_AUDIT_KEY; short or missing keys are refused."""
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"0123456789abcdef0123\n")
+    assert load_key(path=str(key_file)) == b"0123456789abcdef0123"
+    monkeypatch.setenv("SAFEAGENT_AUDIT_KEY", "s" * 20)
+    assert load_key() == b"s" * 20
+    monkeypatch.setenv("SAFEAGENT_AUDIT_KEY", "short")
+    with pytest.raises(ConfigurationError):
+        load_key()
+
+
+def test_export_redacts_and_stats_count(guard: Any) -> None:
+    """Exports (JSONL and CSV) carry every event with secrets redacted; stats count them."""
+    _busy(guard, 3)
+    with pytest.raises(FingerprintMismatchError):
+        guard.execute("r-0", "charge", {"amount": 99}, lambda _ctx: 1)
+    guard.close()
+    out = io.StringIO()
+    written = export(guard.store, out, fmt="jsonl")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert written == len(lines) == 3 * 3 + 1
+    assert "4242424242424242" not in out.getvalue()
+    buf = io.StringIO()
+    export(guard.store, buf, fmt="csv")
+    assert len(list(csv.DictReader(io.StringIO(buf.getvalue())))) == written
+    counted = stats(guard.store)
+    assert (counted.executions, counted.replays, counted.conflicts) == (3, 3, 1)
+    assert counted.per_action["charge"]["replays"] == 3
+
+
+def test_purge_leaves_tombstones_that_still_block_retries(guard: Any, clock: FakeClock) -> None:
+    """After purge, a retry of a finished request gets ReceiptPurgedError (never runs),
+    another payload a conflict; pending and in-doubt records are kept; released deleted."""
+    from safeagent import NotExecuted
+
+    ran: list[str] = []
+    guard.execute("done", "charge", {"a": 1}, lambda _ctx: ran.append("done") or {"x": 1})
+
+    def released(_ctx: Any) -> None:
+        raise NotExecuted
+
+    with pytest.raises(NotExecuted):
+        guard.execute("released", "charge", {"a": 2}, released)
+
+    def doubtful(_ctx: Any) -> None:
+        raise TimeoutError("the bank did not answer")
+
+    with pytest.raises(TimeoutError):
+        guard.execute("doubt", "charge", {"a": 3}, doubtful, outcome_unknown=(TimeoutError,))
+    clock.advance(3600)
+    report = purge(guard.store, older_than=60)
+    assert (report.tombstoned, report.deleted, report.kept_in_doubt) == (1, 1, 1)
+    with pytest.raises(ReceiptPurgedError) as info:
+        guard.execute("done", "charge", {"a": 1}, lambda _ctx: ran.append("again"))
+    assert info.value.receipt.status is Status.SUCCEEDED
+    assert info.value.receipt.result is None
+    with pytest.raises(FingerprintMismatchError):
+        guard.execute("done", "charge", {"a": 9}, lambda _ctx: ran.append("other"))
+    assert ran == ["done"]
+    with pytest.raises(OutcomeUnknownError):
+        guard.execute("doubt", "charge", {"a": 3}, lambda _ctx: ran.append("doubt"))
+    guard.execute("released", "charge", {"a": 2}, lambda _ctx: ran.append("released"))
+    assert ran == ["done", "released"]
+    events = [e for e in guard.audit_trail(all_namespaces=True) if e.kind is EventKind.PURGED]
+    assert events
+    assert events[0].detail["tombstoned"] == 1
