@@ -1,0 +1,586 @@
+"""What the tool-call integrations share. No SDK is imported here.
+
+**Request ids** (DESIGN section 6). By default the request id of a tool call is derived
+from what the call *is*: :func:`safeagent.derive_request_id` over ``(scope, tool name,
+arguments)``, the arguments bound through the tool function's signature with its defaults
+applied, minus the volatile ones the caller names in ``exclude``. A model that re-emits the
+same call after a retry mints a new tool-call id, but gets the same request id, so the
+retry replays instead of running again. With ``key="tool_call_id"`` the tool-call id is the
+request id instead, and :class:`TransportIdWarning` is emitted.
+
+**Outcomes**. A call either ran (or replayed) successfully, failed (the stored failure, on
+the first call and on every replay), was released (the tool raised ``NotExecuted`` or a
+type declared "not executed": the next call runs again), or was rejected before anything
+ran or was recorded (an unknown tool, or arguments that are not a JSON object that fits
+the function's signature). Everything else propagates: SafeAgent's own errors
+(``InProgressError``, ``OutcomeUnknownError``, ``ConflictError``, ``StoreError``,
+``ResultNotSerializableError``, ...) and an exception that left the record in doubt (a type
+declared "outcome unknown").
+
+**Content** (what the model sees). A ``str`` result as it is, any other result as JSON
+(``json.dumps(result, ensure_ascii=False)``); a failure as ``"Error: <Type>: <message>"``
+with the short name of the stored exception type. Failures are rendered from the stored
+error type and message, so a replay shows the model exactly what the first call showed;
+with ``replay_marker`` set, replays are prefixed with it (:data:`REPLAY_MARKER` is the
+suggested one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import warnings
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from safeagent import (
+    AsyncGuard,
+    ErrorInfo,
+    ExecutionContext,
+    Guard,
+    Receipt,
+    Status,
+    bind_arguments,
+    derive_request_id,
+)
+from safeagent.errors import (
+    ConfigurationError,
+    InvalidInputError,
+    ReplayedFailureError,
+)
+
+KeyMode = Literal["derived", "tool_call_id"]
+"""How a tool call's request id is made: ``"derived"`` (default) or ``"tool_call_id"``."""
+
+Exclude = Collection[str] | Mapping[str, Collection[str]]
+"""Volatile argument names left out of request ids and fingerprints: one collection for
+every tool, or a mapping of tool name to names."""
+
+ToolFunction = Callable[..., Any]
+
+REPLAY_MARKER = "[replayed] "
+"""A short marker to pass as ``replay_marker=``: replayed content is prefixed with it."""
+
+MAX_NAME = 255
+
+
+class TransportIdWarning(UserWarning):
+    """A side-effecting tool is keyed on a transport id (the tool-call id), as asked.
+
+    A model that re-emits a tool call after a retry mints a new tool-call id, so a retry
+    keyed on that id runs the side effect again (DESIGN section 6). Emitted by every
+    integration function called with ``key="tool_call_id"`` (by ``guard_tool`` when the
+    tool is wrapped). Keep that mode for ids that are stable across retries.
+
+    .. versionadded:: 0.3
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One tool call as the model emitted it, SDK shapes aside.
+
+    Attributes:
+        call_id: the transport id (``tool_call_id``, ``call_id``, ``tool_use_id``).
+        name: the tool's name.
+        arguments: the JSON text (OpenAI) or the parsed object (Anthropic).
+        kind: ``"function"``; other kinds (OpenAI custom tools) are rejected.
+        extra: SDK fields echoed back with the result (the Responses API ``caller``, an
+            Anthropic ``toolset_name``).
+    """
+
+    call_id: str
+    name: str
+    arguments: Any
+    kind: str = "function"
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one tool call came to.
+
+    Attributes:
+        kind: ``"succeeded"``, ``"failed"`` (a stored failure), ``"released"`` (the tool
+            said it did not happen; the next call runs again) or ``"rejected"`` (nothing
+            ran and nothing was recorded).
+        result: the stored result (a JSON value) when ``kind == "succeeded"``.
+        error: the failure's type and message otherwise.
+        replay: ``True`` when the tool did not run for this call (a stored outcome).
+        receipt: the guard's receipt, when there is one.
+        exception: the exception the tool raised, on the call that ran it.
+    """
+
+    kind: Literal["succeeded", "failed", "released", "rejected"]
+    result: Any = None
+    error: ErrorInfo | None = None
+    replay: bool = False
+    receipt: Receipt | None = None
+    exception: BaseException | None = None
+
+    @property
+    def is_error(self) -> bool:
+        """``True`` unless the call succeeded."""
+        return self.kind != "succeeded"
+
+    def content(self, replay_marker: str | None = None) -> str:
+        """The text the model is shown (see the module docstring)."""
+        if self.kind == "succeeded":
+            text = render(self.result)
+        else:
+            text = error_text(self.error or ErrorInfo("Error", ""))
+        if self.replay and replay_marker:
+            text = replay_marker + text
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A call ready to run through the guard."""
+
+    func: ToolFunction
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    request_id: str
+    action: str
+    payload: dict[str, Any]
+    exclude: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class CallSettings:
+    """The validated options of one integration call."""
+
+    scope: str
+    key: KeyMode
+    namespace: str | None
+    replay_marker: str | None
+    exclude_all: frozenset[str]
+    exclude_by_tool: Mapping[str, frozenset[str]]
+
+    def excluded(self, tool: str) -> frozenset[str]:
+        """The volatile argument names of ``tool``."""
+        return self.exclude_all | self.exclude_by_tool.get(tool, frozenset())
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+def check_scope(scope: object) -> str:
+    """Validate a scope: a non-empty ``str`` of at most 255 characters.
+
+    Raises:
+        InvalidInputError: anything else.
+    """
+    if not isinstance(scope, str) or not scope or len(scope) > MAX_NAME:
+        raise InvalidInputError(
+            f"scope must be a non-empty str of at most {MAX_NAME} characters (a run, "
+            f"conversation or order id), got {scope!r}"
+        )
+    return scope
+
+
+def check_key(key: object) -> KeyMode:
+    """Validate ``key=``.
+
+    Raises:
+        ConfigurationError: not ``"derived"`` or ``"tool_call_id"``.
+    """
+    if key == "derived":
+        return "derived"
+    if key == "tool_call_id":
+        return "tool_call_id"
+    raise ConfigurationError(f"key must be 'derived' or 'tool_call_id', got {key!r}")
+
+
+def check_marker(replay_marker: object) -> str | None:
+    """Validate ``replay_marker=``: ``None`` or a ``str``."""
+    if replay_marker is not None and not isinstance(replay_marker, str):
+        raise ConfigurationError(f"replay_marker must be a str or None, got {replay_marker!r}")
+    return replay_marker
+
+
+def _names(value: object, what: str) -> frozenset[str]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigurationError(f"{what} must be a collection of argument names, got {value!r}")
+    names = frozenset(value)
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigurationError(f"{what} must hold argument names (str), got {value!r}")
+    return names
+
+
+def exclusions(exclude: Exclude) -> tuple[frozenset[str], dict[str, frozenset[str]]]:
+    """Split ``exclude=`` into names for every tool and names by tool.
+
+    Raises:
+        ConfigurationError: a bare ``str`` or anything but names.
+    """
+    if isinstance(exclude, Mapping):
+        return frozenset(), {str(t): _names(v, f"exclude[{t!r}]") for t, v in exclude.items()}
+    return _names(exclude, "exclude"), {}
+
+
+def warn_transport_ids(what: str, stacklevel: int) -> None:
+    """Emit :class:`TransportIdWarning` for ``what`` (a tool or function name)."""
+    warnings.warn(
+        f"{what}: request ids are keyed on tool-call ids; a model that re-emits a call "
+        "after a retry mints a new id, so the retry runs the side effect again. "
+        "Use the default key='derived' unless the ids are stable across retries.",
+        TransportIdWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def settings(
+    *,
+    scope: str,
+    exclude: Exclude,
+    key: KeyMode,
+    namespace: str | None,
+    replay_marker: str | None,
+    caller: str,
+) -> CallSettings:
+    """Validate the options of an integration function named ``caller``; warns when the
+    request ids are keyed on tool-call ids (pointing at the caller's caller)."""
+    exclude_all, exclude_by_tool = exclusions(exclude)
+    checked = CallSettings(
+        scope=check_scope(scope),
+        key=check_key(key),
+        namespace=namespace,
+        replay_marker=check_marker(replay_marker),
+        exclude_all=exclude_all,
+        exclude_by_tool=exclude_by_tool,
+    )
+    if checked.key == "tool_call_id":
+        warn_transport_ids(caller, stacklevel=3)
+    return checked
+
+
+def is_async_callable(func: object) -> bool:
+    """``True`` for an ``async def`` function, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - the method itself, not callable()
+    )
+
+
+def parameter_names(name: str, func: ToolFunction) -> frozenset[str] | None:
+    """The names tool ``name`` (``func``) takes as arguments; ``None`` when it takes
+    ``**kwargs``, so that any name may be an argument.
+
+    Raises:
+        ConfigurationError: ``func``'s signature cannot be read (some builtins), so its
+            arguments cannot be bound for a request id.
+    """
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"tool {name!r} has no readable signature ({exc}); wrap it in a def"
+        ) from exc
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters)
+
+
+def check_excluded(tool: str, names: frozenset[str], accepted: frozenset[str] | None) -> None:
+    """Refuse ``exclude`` names that are no argument of ``tool``: a misspelt volatile
+    argument would silently stay in the request id, and every retry would run again.
+
+    Raises:
+        ConfigurationError: a name the tool does not take.
+    """
+    unknown = sorted(names - accepted) if accepted is not None else []
+    if unknown:
+        raise ConfigurationError(f"exclude names {unknown} that tool {tool!r} does not take")
+
+
+def check_tools(
+    tools: Mapping[str, ToolFunction], options: CallSettings, *, allow_async: bool, twin: str
+) -> Mapping[str, ToolFunction]:
+    """Validate the tool mapping, and ``exclude`` against it, before any call runs.
+
+    Raises:
+        ConfigurationError: not a mapping of names to callables; a tool whose signature
+            cannot be read; an ``async`` tool given to a sync function (the message names
+            the async ``twin``); an ``exclude`` entry for a tool that is not in ``tools``,
+            or naming no argument of its tool(s).
+    """
+    if not isinstance(tools, Mapping):
+        raise ConfigurationError("tools must be a mapping of tool name to function")
+    accepted: dict[str, frozenset[str] | None] = {}
+    for name, func in tools.items():
+        if not isinstance(name, str) or not callable(func):
+            raise ConfigurationError(f"tools[{name!r}] must map a tool name to a function")
+        if not allow_async and is_async_callable(func):
+            raise ConfigurationError(
+                f"tool {name!r} is async: run it with {twin} and an AsyncGuard"
+            )
+        accepted[name] = parameter_names(name, func)
+    for name, names in options.exclude_by_tool.items():
+        if name not in tools:
+            raise ConfigurationError(f"exclude names tool {name!r}, which is not in tools")
+        check_excluded(name, names, accepted[name])
+    if options.exclude_all and tools:
+        if any(names is None for names in accepted.values()):
+            return tools
+        known = frozenset().union(*(n for n in accepted.values() if n is not None))
+        check_excluded(", ".join(sorted(tools)), options.exclude_all, known)
+    return tools
+
+
+def check_guard(guard: object, kind: type[Guard] | type[AsyncGuard], twin: str) -> None:
+    """Make sure the sync functions get a :class:`Guard` and the async ones an
+    :class:`AsyncGuard`.
+
+    Raises:
+        ConfigurationError: the other kind of guard (the message names the ``twin``).
+    """
+    if not isinstance(guard, kind):
+        raise ConfigurationError(f"guard must be a {kind.__name__} here (see {twin})")
+
+
+# -- preparing a call ------------------------------------------------------------------------
+
+
+def rejected(error_type: str, message: str) -> Outcome:
+    """A call refused before anything ran or was recorded."""
+    return Outcome("rejected", error=ErrorInfo(error_type, message))
+
+
+def parse_arguments(arguments: Any) -> dict[str, Any] | Outcome:
+    """The call's arguments as a dict, from JSON text or an already parsed object."""
+    if isinstance(arguments, (str, bytes, bytearray)):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError as exc:
+            return rejected("InvalidArguments", f"arguments are not valid JSON: {exc}")
+    elif arguments is None:
+        arguments = {}
+    if not isinstance(arguments, Mapping) or not all(isinstance(k, str) for k in arguments):
+        return rejected("InvalidArguments", "arguments must be a JSON object")
+    return dict(arguments)
+
+
+def request_id_for(
+    scope: str,
+    action: str,
+    payload: Mapping[str, Any],
+    excluded: Collection[str],
+    key: KeyMode,
+    call_id: str,
+) -> str:
+    """The request id of a call whose bound arguments are ``payload``.
+
+    Raises:
+        InvalidInputError: the arguments are not JSON values (NaN, huge integers, ...).
+    """
+    derived = derive_request_id(
+        scope, action, {k: v for k, v in payload.items() if k not in excluded}
+    )
+    return call_id if key == "tool_call_id" else derived
+
+
+def prepare(
+    call: ToolCall, tools: Mapping[str, ToolFunction], options: CallSettings
+) -> Prepared | Outcome:
+    """Resolve the tool, bind its arguments and derive the request id; or the rejection
+    the model is shown when that fails (nothing ran, nothing was recorded)."""
+    if call.kind != "function":
+        return rejected(
+            "UnsupportedToolCall", f"{call.kind} tool calls are not run here; use function tools"
+        )
+    func = tools.get(call.name)
+    if func is None:
+        return rejected("UnknownTool", f"no tool named {call.name!r}")
+    parsed = parse_arguments(call.arguments)
+    if isinstance(parsed, Outcome):
+        return parsed
+    excluded = options.excluded(call.name)
+    try:
+        payload = bind_arguments(func, (), parsed)
+        request_id = request_id_for(
+            options.scope, call.name, payload, excluded, options.key, call.call_id
+        )
+    except InvalidInputError as exc:
+        cause = exc.__cause__  # bind_arguments names the function object; the model needs less
+        return rejected("InvalidArguments", str(cause if isinstance(cause, TypeError) else exc))
+    return Prepared(func, (), parsed, request_id, call.name, payload, excluded)
+
+
+# -- running a call --------------------------------------------------------------------------
+
+
+def plain(value: Any) -> Any:
+    """``value`` with pydantic models (anything with ``model_dump``) dumped to JSON values,
+    at any depth of lists, tuples and dicts; everything else as it is (the guard's
+    ``result_encoder`` then applies)."""
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and not isinstance(value, type):
+        return dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def render(value: Any) -> str:
+    """A result as the model is shown it: a ``str`` as it is, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def error_text(error: ErrorInfo) -> str:
+    """A failure as the model is shown it: ``"Error: <Type>: <message>"``."""
+    short = error.type.rsplit(".", 1)[-1]
+    return f"Error: {short}: {error.message}" if error.message else f"Error: {short}"
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
+def _after_failure(receipt: Receipt | None, exc: BaseException) -> Outcome | None:
+    """Classify the tool's own exception by the record it left; ``None``: re-raise it."""
+    if receipt is not None and receipt.status is Status.FAILED and receipt.error is not None:
+        return Outcome("failed", error=receipt.error, receipt=receipt, exception=exc)
+    if receipt is not None and receipt.status is Status.RELEASED:
+        error = ErrorInfo(_type_name(exc), str(exc))
+        return Outcome("released", error=error, receipt=receipt, exception=exc)
+    return None  # in doubt (or changed under us): the caller must see the exception
+
+
+def _replayed(err: ReplayedFailureError) -> Outcome:
+    error = ErrorInfo(err.error_type, err.error_message)
+    return Outcome("failed", error=error, replay=True, receipt=err.receipt)
+
+
+def execute(guard: Guard, prepared: Prepared, namespace: str | None) -> Outcome:
+    """Run one prepared call through a sync guard.
+
+    Raises:
+        GuardError: SafeAgent's own errors (in progress, in doubt, conflict, store, ...).
+        BaseException: the tool's exception when it left the record in doubt.
+    """
+    raised: list[BaseException] = []
+
+    def fn(_ctx: ExecutionContext) -> Any:
+        try:
+            return plain(prepared.func(*prepared.args, **prepared.kwargs))
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    try:
+        receipt = guard.execute(
+            prepared.request_id,
+            prepared.action,
+            prepared.payload,
+            fn,
+            namespace=namespace,
+            exclude=prepared.exclude,
+        )
+    except Exception as exc:
+        if raised and exc is raised[-1]:  # the tool's own exception, as the guard recorded it
+            outcome = _after_failure(guard.get(prepared.request_id, namespace=namespace), exc)
+            if outcome is None:
+                raise
+            return outcome
+        if isinstance(exc, ReplayedFailureError):
+            return _replayed(exc)
+        raise
+    return Outcome("succeeded", result=receipt.result, replay=receipt.replay, receipt=receipt)
+
+
+async def aexecute(guard: AsyncGuard, prepared: Prepared, namespace: str | None) -> Outcome:
+    """Run one prepared call through an async guard: an ``async`` tool is awaited, a sync
+    one runs in a worker thread (the guard's rule). Raises as :func:`execute`."""
+    raised: list[BaseException] = []
+    fn: Callable[[ExecutionContext], Any]
+
+    if is_async_callable(prepared.func):
+
+        async def afn(_ctx: ExecutionContext) -> Any:
+            try:
+                return plain(await prepared.func(*prepared.args, **prepared.kwargs))
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        fn = afn
+    else:
+
+        def sfn(_ctx: ExecutionContext) -> Any:
+            try:
+                return plain(prepared.func(*prepared.args, **prepared.kwargs))
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        fn = sfn
+
+    try:
+        receipt = await guard.execute(
+            prepared.request_id,
+            prepared.action,
+            prepared.payload,
+            fn,
+            namespace=namespace,
+            exclude=prepared.exclude,
+        )
+    except Exception as exc:
+        if raised and exc is raised[-1]:  # the tool's own exception, as the guard recorded it
+            outcome = _after_failure(await guard.get(prepared.request_id, namespace=namespace), exc)
+            if outcome is None:
+                raise
+            return outcome
+        if isinstance(exc, ReplayedFailureError):
+            return _replayed(exc)
+        raise
+    return Outcome("succeeded", result=receipt.result, replay=receipt.replay, receipt=receipt)
+
+
+def run_calls(
+    calls: Iterable[ToolCall],
+    tools: Mapping[str, ToolFunction],
+    guard: Guard,
+    options: CallSettings,
+) -> list[tuple[ToolCall, Outcome]]:
+    """Run the calls one after another, in order, through a sync guard."""
+    done: list[tuple[ToolCall, Outcome]] = []
+    for call in calls:
+        prepared = prepare(call, tools, options)
+        if isinstance(prepared, Prepared):
+            done.append((call, execute(guard, prepared, options.namespace)))
+        else:
+            done.append((call, prepared))
+    return done
+
+
+async def arun_calls(
+    calls: Iterable[ToolCall],
+    tools: Mapping[str, ToolFunction],
+    guard: AsyncGuard,
+    options: CallSettings,
+) -> list[tuple[ToolCall, Outcome]]:
+    """Run the calls one after another, in order, through an async guard."""
+    done: list[tuple[ToolCall, Outcome]] = []
+    for call in calls:
+        prepared = prepare(call, tools, options)
+        if isinstance(prepared, Prepared):
+            done.append((call, await aexecute(guard, prepared, options.namespace)))
+        else:
+            done.append((call, prepared))
+    return done
+
+
+def read(obj: Any, name: str) -> Any:
+    """``obj[name]`` for a mapping, else ``getattr(obj, name, None)``: SDK objects and the
+    plain dicts users build or load from JSON are read alike."""
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)

@@ -1,0 +1,272 @@
+"""OpenAI Agents SDK: guard a ``function_tool`` so its function runs at most once per request.
+
+Install with ``pip install 'safeagent[openai-agents]'``::
+
+    from agents import Agent, Runner, function_tool
+    from safeagent import AsyncGuard
+    from safeagent.integrations.openai_agents import guard_tool
+
+    @function_tool
+    def charge_card(customer: str, amount_cents: int) -> dict: ...
+
+    guard = AsyncGuard("agent.db")
+    cashier = Agent(
+        name="cashier",
+        tools=[guard_tool(charge_card, guard=guard, scope=lambda ctx: ctx.context.order_id)],
+    )
+    await Runner.run(cashier, "Charge the order", context=order)
+
+**The scope** is required (DESIGN section 6): either a ``str`` fixed when the tool is
+wrapped (a tool built per conversation), or a function of the ``ToolContext`` the SDK hands
+every tool invocation, usually reading the object you passed as ``Runner.run(...,
+context=...)``: ``scope=lambda ctx: ctx.context.order_id``. A retried run that is given the
+same context gets the same scope, so a re-emitted call replays. The SDK's own ids (the
+tool-call id, the trace or group id) are not used: they change on a retry.
+
+**How it works.** The guarded tool is a copy of the tool (same name, description, params
+JSON schema, strict mode, failure policy, guardrails, approval and timeout settings) whose
+invoker runs a wrapper of the tool's Python function (``tool.__wrapped__``). The SDK still
+parses and validates the model's JSON arguments; the wrapper then binds them through the
+function's signature (defaults applied), turns them into JSON values (pydantic's
+``to_jsonable_python``), derives the request id ``derive_request_id(scope, tool.name,
+arguments)`` without the ``exclude`` names, and runs the function through the guard. Both
+sync and ``async def`` functions work with an :class:`~safeagent.AsyncGuard`; a sync
+:class:`~safeagent.Guard` takes sync functions (the SDK runs them in a worker thread).
+
+**What the model sees.** The tool's return value as stored (a JSON value), the same on the
+first call and every replay; with ``replay_marker`` set, replays are that marker followed
+by the value rendered as text. A failure reaches the SDK as a :class:`ToolCallError` built
+from the stored error type and message, on the first call (chained to the original
+exception) and on every replay, so the tool's ``failure_error_function`` renders the same
+text each time (the SDK's default renders a fixed message without the details).
+A call released with ``NotExecuted`` re-raises that exception (the next call runs again);
+SafeAgent's own errors (in progress, in doubt, conflict, store) and a tool exception that
+left the record in doubt reach the SDK as themselves. With ``failure_error_function=None``
+on the tool, any of them fails the run instead of being shown to the model.
+
+.. versionadded:: 0.3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, cast, get_origin, get_type_hints
+
+try:
+    from agents import FunctionTool, RunContextWrapper, function_tool
+    from agents.tool_context import ToolContext
+    from pydantic_core import to_jsonable_python
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "safeagent.integrations.openai_agents needs the OpenAI Agents SDK: "
+        "pip install 'safeagent[openai-agents]'"
+    ) from exc
+
+from safeagent import AsyncGuard, ErrorInfo, Guard, Receipt, bind_arguments
+from safeagent.errors import ConfigurationError, GuardError
+from safeagent.integrations._common import (
+    REPLAY_MARKER,
+    Exclude,
+    KeyMode,
+    Outcome,
+    Prepared,
+    TransportIdWarning,
+    aexecute,
+    check_excluded,
+    check_key,
+    check_marker,
+    check_scope,
+    error_text,
+    exclusions,
+    execute,
+    is_async_callable,
+    render,
+    request_id_for,
+    warn_transport_ids,
+)
+
+__all__ = ["REPLAY_MARKER", "ToolCallError", "TransportIdWarning", "guard_tool"]
+
+Scope = str | Callable[[ToolContext[Any]], str]
+"""A fixed scope, or a function of the invocation's ``ToolContext`` that returns one."""
+
+_CONTEXT_PARAMETER = "safeagent_tool_context"
+
+
+class ToolCallError(GuardError):
+    """A guarded tool's stored failure, as handed to the SDK's failure handling.
+
+    Raised on the call that ran the tool (``__cause__`` is the original exception) and on
+    every replay, built from the stored error both times, so the model is shown the same
+    text. ``str()`` is ``"<Type>: <message>"`` (with the replay marker, when one is set,
+    on replays).
+
+    Attributes:
+        error_type: the stored exception type (``module.QualName``).
+        error_message: the stored message.
+        replay: ``True`` when the tool did not run for this call.
+        receipt: the guard's receipt of the failure.
+
+    .. versionadded:: 0.3
+    """
+
+    error_type: str
+    error_message: str
+    replay: bool
+    receipt: Receipt | None
+
+
+def _takes_context(annotation: Any) -> bool:
+    origin = get_origin(annotation) or annotation
+    return origin is RunContextWrapper or origin is ToolContext
+
+
+def _answer(outcome: Outcome, replay_marker: str | None) -> Any:
+    """The value handed back to the SDK for ``outcome``, or the exception it raises."""
+    if outcome.kind == "succeeded":
+        if outcome.replay and replay_marker:
+            return replay_marker + render(outcome.result)
+        return outcome.result
+    if outcome.kind == "released" and outcome.exception is not None:
+        raise outcome.exception
+    error = outcome.error or ErrorInfo("Error", "")
+    text = error_text(error).removeprefix("Error: ")
+    if outcome.replay and replay_marker:
+        text = replay_marker + text
+    raise ToolCallError(
+        text,
+        error_type=error.type,
+        error_message=error.message,
+        replay=outcome.replay,
+        receipt=outcome.receipt,
+    ) from outcome.exception
+
+
+def guard_tool(
+    tool: FunctionTool,
+    *,
+    guard: Guard | AsyncGuard,
+    scope: Scope,
+    exclude: Exclude = (),
+    key: KeyMode = "derived",
+    namespace: str | None = None,
+    replay_marker: str | None = None,
+) -> FunctionTool:
+    """A copy of ``tool`` whose function runs through ``guard``: at most once per request id.
+
+    Args:
+        tool: a ``FunctionTool`` made by ``@function_tool`` (sync or ``async def``
+            function, with or without a context parameter).
+        guard: an :class:`~safeagent.AsyncGuard` (any function), or a sync
+            :class:`~safeagent.Guard` (sync functions only).
+        scope: the business key the calls belong to: a ``str``, or a function of the
+            invocation's ``ToolContext`` (``lambda ctx: ctx.context.order_id``) returning a
+            non-empty ``str``. Part of every derived request id.
+        exclude: volatile argument names left out of request ids and fingerprints (a
+            collection, or ``{tool name: names}``).
+        key: ``"derived"`` (default) or ``"tool_call_id"``: key on the SDK's tool-call id,
+            which a re-emitted call does not keep; emits :class:`TransportIdWarning` now.
+        namespace: the guard namespace (tenant) of the records; ``None``: the guard's.
+        replay_marker: prefix for replayed content (see :data:`REPLAY_MARKER`); ``None``
+            (default): a replay returns exactly the first call's value.
+
+    Returns:
+        A new ``FunctionTool`` with the same name, description, params JSON schema and
+        settings; ``tool`` itself is not changed.
+
+    Raises:
+        ConfigurationError: ``tool`` is not a ``FunctionTool`` made by ``@function_tool``,
+            the guard does not fit the function, ``exclude`` names an argument the tool
+            does not take, or an option is invalid.
+        InvalidInputError: a ``str`` scope that is empty or too long.
+    """
+    if not isinstance(tool, FunctionTool):
+        raise ConfigurationError(f"guard_tool needs a FunctionTool, got {type(tool).__name__}")
+    try:
+        func: Callable[..., Any] = tool.__wrapped__
+    except AttributeError as exc:
+        raise ConfigurationError(
+            f"tool {tool.name!r} was not made by @function_tool: guard its on_invoke_tool "
+            "with guard.execute instead"
+        ) from exc
+    if isinstance(scope, str):
+        check_scope(scope)
+    elif not callable(scope):
+        raise ConfigurationError("scope must be a str or a function of the ToolContext")
+    mode = check_key(key)
+    marker = check_marker(replay_marker)
+    exclude_all, exclude_by_tool = exclusions(exclude)
+    excluded = exclude_all | exclude_by_tool.get(tool.name, frozenset())
+    if not isinstance(guard, (Guard, AsyncGuard)):
+        raise ConfigurationError(f"guard must be a Guard or an AsyncGuard, got {guard!r}")
+    if isinstance(guard, Guard) and is_async_callable(func):
+        raise ConfigurationError(f"tool {tool.name!r} is async: guard it with an AsyncGuard")
+    if mode == "tool_call_id":
+        warn_transport_ids(f"guard_tool({tool.name!r})", stacklevel=2)
+
+    signature = inspect.signature(func)
+    hint_source: Any = func if inspect.isroutine(func) else type(func).__call__
+    hints = get_type_hints(hint_source, include_extras=True)
+    params = [
+        p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()
+    ]
+    takes_context = bool(params) and _takes_context(params[0].annotation)
+    context_name = params[0].name if takes_context else _CONTEXT_PARAMETER
+    tool_params = params[1:] if takes_context else params
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in tool_params):
+        check_excluded(tool.name, excluded, frozenset(p.name for p in tool_params))
+    action = tool.name
+
+    def prepare(ctx: ToolContext[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
+        call_args = (ctx, *args) if takes_context else args
+        bound = bind_arguments(
+            func, call_args, kwargs, exclude=(context_name,) if takes_context else ()
+        )
+        payload: dict[str, Any] = to_jsonable_python(bound)
+        scope_value = check_scope(scope(ctx) if callable(scope) else scope)
+        call_id = str(getattr(ctx, "tool_call_id", ""))
+        request_id = request_id_for(scope_value, action, payload, excluded, mode, call_id)
+        return Prepared(func, call_args, kwargs, request_id, action, payload, excluded)
+
+    wrapper: Callable[..., Any]
+    if isinstance(guard, AsyncGuard):
+        async_guard = guard
+
+        async def run_async(ctx: ToolContext[Any], /, *args: Any, **kwargs: Any) -> Any:
+            outcome = await aexecute(async_guard, prepare(ctx, args, kwargs), namespace)
+            return _answer(outcome, marker)
+
+        wrapper = run_async
+    else:
+        sync_guard = guard
+
+        def run_sync(ctx: ToolContext[Any], /, *args: Any, **kwargs: Any) -> Any:
+            return _answer(execute(sync_guard, prepare(ctx, args, kwargs), namespace), marker)
+
+        wrapper = run_sync
+
+    functools.update_wrapper(wrapper, func)
+    context_param = inspect.Parameter(
+        context_name, inspect.Parameter.POSITIONAL_ONLY, annotation=ToolContext[Any]
+    )
+    cast(Any, wrapper).__signature__ = signature.replace(
+        parameters=[context_param, *tool_params],
+        return_annotation=hints.get("return", signature.return_annotation),
+    )
+    wrapper.__annotations__ = {
+        context_name: ToolContext[Any],
+        **{p.name: hints[p.name] for p in tool_params if p.name in hints},
+        **({"return": hints["return"]} if "return" in hints else {}),
+    }
+    built = function_tool(
+        wrapper,
+        name_override=tool.name,
+        description_override=tool.description or None,
+        strict_mode=tool.strict_json_schema,
+    )
+    # A copy keeps every setting of the original; the SDK rebinds the invoker to the copy,
+    # so the copy's failure policy applies.
+    return dataclasses.replace(tool, on_invoke_tool=built.on_invoke_tool)

@@ -1,0 +1,443 @@
+"""OpenAI Agents SDK function tools through the guard.
+
+Runs use the real ``Runner`` with a scripted ``Model`` (the SDK accepts any ``Model``
+implementation on an ``Agent``) that answers with the ``openai`` package's own Responses
+types; no network, tracing off. The first two attempts of a run die when the model call
+after the tool call times out; the run is retried from the start with the same context,
+and the model re-emits ``charge_card`` with the same arguments under a new call id. Side
+effects are counted in the effect ledger (``tests/conftest.py``), separate from the guard's
+database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integrations import require, run_example
+
+require("agents")
+
+from agents import (  # noqa: E402
+    Agent,
+    FunctionTool,
+    RunConfig,
+    RunContextWrapper,
+    Runner,
+    function_tool,
+)
+from agents.items import ModelResponse  # noqa: E402
+from agents.models.interface import Model  # noqa: E402
+from agents.usage import Usage  # noqa: E402
+from openai.types.responses import (  # noqa: E402
+    ResponseFunctionToolCall,
+    ResponseOutputMessage,
+    ResponseOutputText,
+)
+
+from safeagent import AsyncGuard, Guard  # noqa: E402
+from safeagent.errors import ConfigurationError, InvalidInputError  # noqa: E402
+from safeagent.integrations.openai_agents import (  # noqa: E402
+    REPLAY_MARKER,
+    ToolCallError,
+    TransportIdWarning,
+    guard_tool,
+)
+
+ARGS = {"customer": "cus_1", "amount_cents": 1999}
+NO_TRACING = RunConfig(tracing_disabled=True)
+
+
+@dataclasses.dataclass
+class Order:
+    """The run context: what the caller passes as ``Runner.run(..., context=...)``."""
+
+    order_id: str
+
+
+class CardDeclined(Exception):
+    """The payment provider refused the charge."""
+
+
+# -- the scripted model ----------------------------------------------------------------------
+
+
+def function_call(call_id: str, arguments: dict[str, Any], name: str = "charge_card") -> Any:
+    return ResponseFunctionToolCall(
+        type="function_call",
+        id=f"fc_{call_id}",
+        call_id=call_id,
+        name=name,
+        arguments=json.dumps(arguments),
+        status="completed",
+    )
+
+
+def answer(text: str) -> Any:
+    return ResponseOutputMessage(
+        id="msg_1",
+        type="message",
+        role="assistant",
+        status="completed",
+        content=[ResponseOutputText(type="output_text", text=text, annotations=[])],
+    )
+
+
+class ScriptedModel(Model):
+    """Answers each model call with the next turn of a script (a list of output items, or an
+    exception to raise), and remembers the tool outputs it was sent."""
+
+    def __init__(self, turns: list[list[Any] | BaseException]) -> None:
+        self.turns = list(turns)
+        self.tool_outputs: list[dict[str, Any]] = []
+
+    async def get_response(
+        self,
+        system_instructions: str | None,
+        input: str | list[Any],
+        model_settings: Any,
+        tools: list[Any],
+        output_schema: Any,
+        handoffs: list[Any],
+        tracing: Any,
+        *,
+        previous_response_id: str | None = None,
+        conversation_id: str | None = None,
+        prompt: Any = None,
+        **_: Any,
+    ) -> ModelResponse:
+        if isinstance(input, list):
+            seen = {o["call_id"] for o in self.tool_outputs}
+            self.tool_outputs += [
+                dict(item)
+                for item in input
+                if isinstance(item, dict)
+                and item.get("type") == "function_call_output"
+                and item["call_id"] not in seen
+            ]
+        turn = self.turns.pop(0)
+        if isinstance(turn, BaseException):
+            raise turn
+        return ModelResponse(output=turn, usage=Usage(), response_id=None)
+
+    def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        raise NotImplementedError("the scripted model does not stream")
+
+
+async def run_once(tool: FunctionTool, turns: list[Any], order: str = "order-42") -> ScriptedModel:
+    model = ScriptedModel(turns)
+    agent = Agent(name="cashier", instructions="Charge orders.", model=model, tools=[tool])
+    await Runner.run(agent, "Charge the order.", context=Order(order), run_config=NO_TRACING)
+    return model
+
+
+async def run_retried(tool: FunctionTool) -> list[list[dict[str, Any]]]:
+    """Three attempts of one run; the tool outputs the model was sent in each."""
+    per_attempt = []
+    for attempt in (1, 2, 3):
+        turns: list[Any] = [[function_call(f"call_{attempt}", ARGS)]]
+        turns.append(TimeoutError("model call timed out") if attempt < 3 else [answer("Done.")])
+        model = ScriptedModel(turns)
+        agent = Agent(name="cashier", instructions="Charge orders.", model=model, tools=[tool])
+        try:
+            result = await Runner.run(
+                agent, "Charge the order.", context=Order("order-42"), run_config=NO_TRACING
+            )
+            assert result.final_output == "Done."
+        except TimeoutError:
+            assert attempt < 3
+        per_attempt.append(model.tool_outputs)
+    return per_attempt
+
+
+# -- the tools -------------------------------------------------------------------------------
+
+
+def charge_tool(ledger: Any) -> FunctionTool:
+    @function_tool
+    def charge_card(customer: str, amount_cents: int, currency: str = "usd") -> dict[str, Any]:
+        """Charge a customer's card.
+
+        Args:
+            customer: The customer id.
+            amount_cents: The amount, in cents.
+            currency: ISO currency code.
+        """
+        row = ledger.append(f"{customer}:{amount_cents}:{currency}")
+        return {"charge_id": f"ch_{row}", "amount_cents": amount_cents}
+
+    return charge_card
+
+
+@pytest.fixture
+def aguard(tmp_path: Path) -> Any:
+    guard = AsyncGuard(tmp_path / "guard.db")
+    yield guard
+    asyncio.run(guard.aclose())
+
+
+def by_order(ctx: RunContextWrapper[Order]) -> str:
+    return ctx.context.order_id
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+def test_run_retried_three_times_charges_once(ledger, aguard):
+    """A re-emitted charge_card with new call ids charges once; every attempt sees the same."""
+    tool = guard_tool(charge_tool(ledger), guard=aguard, scope=by_order)
+    attempts = asyncio.run(run_retried(tool))
+    assert ledger.count() == 1
+    assert [[o["call_id"] for o in sent] for sent in attempts] == [
+        ["call_1"],
+        ["call_2"],
+        ["call_3"],
+    ]
+    outputs = [sent[0]["output"] for sent in attempts]
+    assert outputs == [outputs[0]] * 3
+    assert "ch_1" in outputs[0]
+
+
+def test_keyed_on_call_ids_charges_every_attempt(ledger, aguard):
+    """Negative control: keyed on the SDK's call ids, the same script charges three times."""
+    with pytest.warns(TransportIdWarning, match="charge_card"):
+        tool = guard_tool(charge_tool(ledger), guard=aguard, scope=by_order, key="tool_call_id")
+    attempts = asyncio.run(run_retried(tool))
+    assert ledger.count() == 3
+    assert len({sent[0]["output"] for sent in attempts}) == 3
+
+
+def test_equivalent_calls_in_one_response_run_once(ledger, aguard):
+    """Three equivalent calls in one response run once; a call with other arguments runs too."""
+    tool = guard_tool(charge_tool(ledger), guard=aguard, scope=by_order)
+    turns: list[Any] = [
+        [
+            function_call("a", {"customer": "cus_1", "amount_cents": 1999}),
+            function_call("b", {"amount_cents": 1999, "customer": "cus_1"}),
+            function_call("c", {"currency": "usd", "customer": "cus_1", "amount_cents": 1999}),
+            function_call("d", {"customer": "cus_1", "amount_cents": 5}),
+        ],
+        [answer("Done.")],
+    ]
+    model = asyncio.run(run_once(tool, turns))
+    outputs = {o["call_id"]: o["output"] for o in model.tool_outputs}
+    assert sorted(outputs) == ["a", "b", "c", "d"]
+    assert outputs["a"] == outputs["b"] == outputs["c"] != outputs["d"]
+    assert ledger.count() == 2
+
+
+def test_guarded_tool_keeps_name_description_and_schema(ledger, aguard):
+    """The guarded copy shows the model the same tool; the original is left unchanged."""
+    original = charge_tool(ledger)
+    schema = json.loads(json.dumps(original.params_json_schema))
+    tool = guard_tool(original, guard=aguard, scope="order-42")
+    assert tool is not original
+    assert (tool.name, tool.description) == ("charge_card", "Charge a customer's card.")
+    assert tool.params_json_schema == schema == original.params_json_schema
+    assert tool.strict_json_schema is original.strict_json_schema is True
+    assert schema["properties"]["amount_cents"]["description"] == "The amount, in cents."
+    assert original.on_invoke_tool is not tool.on_invoke_tool
+
+
+def test_guarded_tool_keeps_the_sdk_settings(ledger, aguard):
+    """Timeout, strict mode, approval and enablement settings survive the wrapping."""
+
+    @function_tool(timeout=5.0, strict_mode=False, needs_approval=True, is_enabled=False)
+    async def charge_card(customer: str, amount_cents: int = 100) -> str:
+        """Charge a customer's card."""
+        return f"charged {ledger.append(customer)}"
+
+    tool = guard_tool(charge_card, guard=aguard, scope="order-42")
+    assert tool.timeout_seconds == 5.0
+    assert tool.strict_json_schema is False
+    assert tool.needs_approval is True
+    assert tool.is_enabled is False
+    assert tool.params_json_schema == charge_card.params_json_schema
+    assert "amount_cents" not in tool.params_json_schema.get("required", [])
+
+
+def test_defaults_are_applied_before_deriving(ledger, aguard):
+    """With a non-strict schema, a call that omits a defaulted argument is the same request."""
+
+    @function_tool(strict_mode=False)
+    def charge_card(customer: str, amount_cents: int, currency: str = "usd") -> str:
+        """Charge a customer's card."""
+        return f"charged {ledger.append(currency)}"
+
+    tool = guard_tool(charge_card, guard=aguard, scope="order-42")
+    turns: list[Any] = [
+        [function_call("a", ARGS), function_call("b", {**ARGS, "currency": "usd"})],
+        [answer("Done.")],
+    ]
+    model = asyncio.run(run_once(tool, turns))
+    assert [o["output"] for o in model.tool_outputs] == ["charged 1", "charged 1"]
+    assert ledger.count() == 1
+
+
+def test_async_tool_with_context_parameter(ledger, aguard):
+    """An async tool that takes the run context is guarded too and still gets its context."""
+    seen: list[str] = []
+
+    @function_tool
+    async def charge_card(ctx: RunContextWrapper[Order], customer: str, amount_cents: int) -> str:
+        """Charge a customer's card."""
+        await asyncio.sleep(0)
+        seen.append(ctx.context.order_id)
+        return f"charged {ledger.append(customer)}"
+
+    tool = guard_tool(charge_card, guard=aguard, scope=by_order)
+    assert "ctx" not in tool.params_json_schema["properties"]
+    for call_id in ("call_1", "call_2"):
+        model = asyncio.run(run_once(tool, [[function_call(call_id, ARGS)], [answer("Done.")]]))
+        assert model.tool_outputs[0]["output"] == "charged 1"
+    assert seen == ["order-42"]
+    assert ledger.count() == 1
+
+
+def test_scope_keeps_two_orders_apart(ledger, aguard):
+    """The same purchase in two runs with two order ids (scopes) charges twice."""
+    tool = guard_tool(charge_tool(ledger), guard=aguard, scope=by_order)
+    for order in ("order-1", "order-2", "order-1"):
+        asyncio.run(run_once(tool, [[function_call("c", ARGS)], [answer("Done.")]], order=order))
+    assert ledger.count() == 2
+
+
+def test_failure_reaches_the_failure_function_identically(ledger, aguard):
+    """A failing tool and its replay both reach failure_error_function as ToolCallError."""
+    errors: list[BaseException] = []
+
+    def show(ctx: RunContextWrapper[Any], error: Exception) -> str:
+        errors.append(error)
+        return f"failed: {error}"
+
+    @function_tool(failure_error_function=show)
+    def charge_card(customer: str, amount_cents: int) -> str:
+        """Charge a customer's card."""
+        ledger.append(customer)
+        raise CardDeclined("insufficient funds")
+
+    tool = guard_tool(charge_card, guard=aguard, scope=by_order)
+    outputs = []
+    for call_id in ("call_1", "call_2"):
+        model = asyncio.run(run_once(tool, [[function_call(call_id, ARGS)], [answer("Sorry.")]]))
+        outputs.append(model.tool_outputs[0]["output"])
+    assert outputs == ["failed: CardDeclined: insufficient funds"] * 2
+    assert ledger.count() == 1
+    assert all(isinstance(e, ToolCallError) for e in errors)
+    first, replay = errors
+    assert isinstance(first.__cause__, CardDeclined)
+    assert replay.__cause__ is None
+    assert (first.replay, replay.replay) == (False, True)
+    assert first.error_type == replay.error_type
+    assert first.error_type.endswith(".CardDeclined")
+
+
+def test_replay_marker_and_volatile_argument(ledger, aguard):
+    """An excluded argument does not split a request; a replay marker prefixes replays."""
+
+    @function_tool
+    def charge_card(customer: str, amount_cents: int, requested_at: str) -> str:
+        """Charge a customer's card."""
+        ledger.append(requested_at)
+        return "charged"
+
+    tool = guard_tool(
+        charge_card,
+        guard=aguard,
+        scope="order-42",
+        exclude=["requested_at"],
+        replay_marker=REPLAY_MARKER,
+    )
+    outputs = []
+    for i, stamp in enumerate(("10:00:01", "10:00:07")):
+        turns = [[function_call(f"c{i}", {**ARGS, "requested_at": stamp})], [answer("Done.")]]
+        outputs.append(asyncio.run(run_once(tool, turns)).tool_outputs[0]["output"])
+    assert outputs == ["charged", REPLAY_MARKER + "charged"]
+    assert ledger.count() == 1
+
+
+def test_sync_guard_runs_sync_tools(ledger, tmp_path):
+    """A sync Guard guards a sync tool (the SDK runs it in a worker thread)."""
+    guard = Guard(tmp_path / "guard.db")
+    try:
+        tool = guard_tool(charge_tool(ledger), guard=guard, scope=by_order)
+        turns: list[Any] = [[function_call("a", ARGS), function_call("b", ARGS)], [answer("ok")]]
+        model = asyncio.run(run_once(tool, turns))
+        asyncio.run(run_once(tool, [[function_call("c", ARGS)], [answer("ok")]]))
+    finally:
+        guard.close()
+    assert ledger.count() == 1
+    assert len({o["output"] for o in model.tool_outputs}) == 1
+
+
+def test_misuse_is_refused_when_wrapping(ledger, aguard, tmp_path):
+    """Hand-built tools, async tools on a sync Guard, bad scopes, excludes, keys are refused."""
+
+    async def invoke(ctx: Any, arguments: str) -> str:
+        return "never"
+
+    hand_built = FunctionTool(
+        name="charge_card",
+        description="Charge a card.",
+        params_json_schema={"type": "object", "properties": {}, "additionalProperties": False},
+        on_invoke_tool=invoke,
+    )
+    with pytest.raises(ConfigurationError, match="@function_tool"):
+        guard_tool(hand_built, guard=aguard, scope="s")
+
+    @function_tool
+    async def refund(customer: str) -> str:
+        """Refund."""
+        return "never"
+
+    guard = Guard(tmp_path / "sync.db")
+    try:
+        with pytest.raises(ConfigurationError, match="AsyncGuard"):
+            guard_tool(refund, guard=guard, scope="s")
+    finally:
+        guard.close()
+    with pytest.raises(InvalidInputError):
+        guard_tool(charge_tool(ledger), guard=aguard, scope="")
+    with pytest.raises(ConfigurationError, match="does not take"):
+        guard_tool(charge_tool(ledger), guard=aguard, scope="s", exclude=["requested_at"])
+    with pytest.raises(ConfigurationError):
+        guard_tool(charge_tool(ledger), guard=aguard, scope="s", key="call_id")  # type: ignore[arg-type]
+    assert ledger.count() == 0
+
+
+def test_scope_function_returning_nothing_runs_nothing(ledger, aguard):
+    """A scope function that returns no scope makes the call fail before the tool runs."""
+    errors: list[BaseException] = []
+
+    def show(ctx: RunContextWrapper[Any], error: Exception) -> str:
+        errors.append(error)
+        return "failed"
+
+    @function_tool(failure_error_function=show)
+    def charge_card(customer: str, amount_cents: int) -> str:
+        """Charge a customer's card."""
+        ledger.append(customer)
+        return "charged"
+
+    no_scope: Callable[[Any], str] = lambda ctx: ""  # noqa: E731
+    tool = guard_tool(charge_card, guard=aguard, scope=no_scope)
+    model = asyncio.run(run_once(tool, [[function_call("c", ARGS)], [answer("Done.")]]))
+    assert model.tool_outputs[0]["output"] == "failed"
+    assert isinstance(errors[0], InvalidInputError)
+    assert ledger.count() == 0
+
+
+@pytest.mark.slow
+def test_example_runs_offline_and_charges_once_on_every_run(tmp_path):
+    """examples/openai_agents_sdk.py runs offline: one charge with derived ids, every run."""
+    for _ in range(2):
+        result = run_example("openai_agents_sdk.py", tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.rstrip().endswith("RESULT: ok")
+    assert (tmp_path / "safeagent.db").exists()
