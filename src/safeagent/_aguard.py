@@ -42,6 +42,7 @@ from safeagent._keys import check_request_id
 from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, _current
 from safeagent._runtime import heartbeats, wakeups
+from safeagent._telemetry import observe
 from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
 from safeagent.stores._base import ClaimResult, Completion
 
@@ -93,7 +94,10 @@ class AsyncGuard(GuardCore):
             not_executed,
             outcome_unknown,
         )
-        return await self._drive(execute_flow(call, fn, self._settings()))
+        with observe(call.action, call.namespace) as seen:
+            receipt = await self._drive(execute_flow(call, fn, self._settings()))
+            seen.replay = receipt.replay
+        return receipt
 
     def guarded(
         self,

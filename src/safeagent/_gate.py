@@ -32,6 +32,7 @@ from safeagent._guard import Guard
 from safeagent._keys import canonical_json, check_name
 from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import ExecutionContext, Receipt
+from safeagent._telemetry import observe
 from safeagent.errors import InvalidInputError, NotFinalError
 
 MAX_CASE_ID_LENGTH = 255 - len(CASE_PREFIX)
@@ -340,7 +341,12 @@ class FinalityGate(_GateCore):
             },
         )
         guard = self.guard
-        return guard._drive(execute_flow(call, lambda ctx: fn(outcome, ctx), guard._settings()))
+        with observe(call.action, call.namespace) as seen:
+            receipt = guard._drive(
+                execute_flow(call, lambda ctx: fn(outcome, ctx), guard._settings())
+            )
+            seen.replay = receipt.replay
+        return receipt
 
     def get(self, case_id: str, *, namespace: str | None = None) -> Case | None:
         """The case as stored now, or ``None``."""
@@ -473,7 +479,10 @@ class AsyncFinalityGate(_GateCore):
             return await value if inspect.isawaitable(value) else value
 
         guard = self.guard
-        return await guard._drive(execute_flow(call, run, guard._settings()))
+        with observe(call.action, call.namespace) as seen:
+            receipt = await guard._drive(execute_flow(call, run, guard._settings()))
+            seen.replay = receipt.replay
+        return receipt
 
     async def get(self, case_id: str, *, namespace: str | None = None) -> Case | None:
         """See :meth:`FinalityGate.get`."""

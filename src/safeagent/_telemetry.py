@@ -1,0 +1,92 @@
+"""OpenTelemetry through ``opentelemetry-api`` only: a no-op until the application
+installs an SDK and exporters.
+
+Each execution is a span ``safeagent.execute`` with the attributes ``safeagent.action``,
+``safeagent.namespace``, ``safeagent.outcome`` and ``safeagent.replay`` (never the payload
+or the result). Counters: ``safeagent.executions`` (``fn`` ran), ``safeagent.replays``
+(duplicates blocked), ``safeagent.conflicts`` and ``safeagent.in_doubt``, each with the
+action and namespace as attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import metrics, trace
+
+from safeagent.errors import (
+    ConflictError,
+    InProgressError,
+    OutcomeUnknownError,
+    ReceiptPurgedError,
+    ReplayedFailureError,
+)
+
+_tracer = trace.get_tracer("safeagent")
+_meter = metrics.get_meter("safeagent")
+_counters = {
+    "executions": _meter.create_counter(
+        "safeagent.executions", description="side effects run (fn called)"
+    ),
+    "replays": _meter.create_counter(
+        "safeagent.replays", description="duplicate calls answered from a stored receipt"
+    ),
+    "conflicts": _meter.create_counter(
+        "safeagent.conflicts", description="request ids reused with another request"
+    ),
+    "in_doubt": _meter.create_counter(
+        "safeagent.in_doubt", description="calls that met an in-doubt record"
+    ),
+}
+
+
+def _outcome(exc: BaseException | None, replay: bool | None) -> tuple[str, str | None]:
+    """``(outcome attribute, counter to increment)`` for how a call ended."""
+    if exc is None:
+        return ("replayed", "replays") if replay else ("executed", "executions")
+    if isinstance(exc, ConflictError):
+        return "conflict", "conflicts"
+    if isinstance(exc, OutcomeUnknownError):
+        return "in_doubt", "in_doubt"
+    if isinstance(exc, (ReplayedFailureError, ReceiptPurgedError)):
+        return "replayed_failure", "replays"
+    if isinstance(exc, InProgressError):
+        return "in_progress", None
+    return "failed", "executions"
+
+
+class Observation:
+    """Filled in by the driver: the receipt's replay flag when the call returns one."""
+
+    __slots__ = ("replay",)
+
+    def __init__(self) -> None:
+        self.replay: bool | None = None
+
+
+@contextmanager
+def observe(action: str, namespace: str) -> Iterator[Observation]:
+    """One span and one counter increment around a guarded call."""
+    seen = Observation()
+    attributes: dict[str, Any] = {"safeagent.action": action, "safeagent.namespace": namespace}
+    with _tracer.start_as_current_span(
+        "safeagent.execute",
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        error: BaseException | None = None
+        try:
+            yield seen
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            outcome, counter = _outcome(error, seen.replay)
+            span.set_attribute("safeagent.outcome", outcome)
+            if seen.replay is not None:
+                span.set_attribute("safeagent.replay", seen.replay)
+            if counter is not None:
+                _counters[counter].add(1, attributes)
