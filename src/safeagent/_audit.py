@@ -124,6 +124,8 @@ def _sensitive_name(key: str) -> bool:
         or "apikey" in joined
         or "privatekey" in joined
         or "password" in joined
+        or "accountnumber" in joined
+        or "routingnumber" in joined
     )
 
 
@@ -134,7 +136,11 @@ _CARD_NUMBER = re.compile(r"(?<![\d])\d(?:[ -]?\d){12,18}(?![\d])")
 _EMAIL = re.compile(
     r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,255}\.[A-Za-z]{2,24}"
 )
-_BEARER = re.compile(r"(?i)\b(bearer|sk|pk|rk)[_ -][A-Za-z0-9_\-]{8,}")
+_BEARER = re.compile(
+    r"(?i)\b(?:bearer|basic|token)\s+[A-Za-z0-9\-._~+/]+=*"  # RFC 6750 / 7617 credentials
+    r"|\b(?:sk|pk|rk)[_-][A-Za-z0-9_\-]{8,}"  # API keys in the sk_live_... style
+    r"|\beyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*"  # bare JWTs
+)
 
 
 def default_redactor(value: Any) -> Any:
