@@ -217,3 +217,19 @@ def test_deep_nesting_is_a_typed_error() -> None:
         canonical_json([ok])
     with pytest.raises(InvalidPayloadError):
         canonical_json("\ud800")
+
+
+def test_results_from_sdks_are_stored_through_model_dump() -> None:
+    """A pydantic model result is stored as its JSON dump (json_default)."""
+    import pydantic
+
+    from safeagent import Guard, MemoryStore
+
+    class Charge(pydantic.BaseModel):
+        id: str
+        amount: int
+
+    receipt = Guard(MemoryStore()).execute(
+        "r", "charge", {}, lambda _ctx: Charge(id="ch_1", amount=5)
+    )
+    assert receipt.result == {"id": "ch_1", "amount": 5}

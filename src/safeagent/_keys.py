@@ -268,9 +268,10 @@ def bind_arguments(
     """
     import inspect  # noqa: PLC0415 - only the derivation path needs it
 
+    name = getattr(func, "__qualname__", type(func).__name__)
     try:
         bound = inspect.signature(func).bind(*args, **kwargs)
-    except TypeError as exc:
-        raise InvalidInputError(f"arguments do not fit {func!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # ValueError: a builtin without a signature
+        raise InvalidInputError(f"arguments do not fit {name}: {exc}") from exc
     bound.apply_defaults()
     return {k: v for k, v in bound.arguments.items() if k not in exclude}

@@ -84,7 +84,8 @@ def json_default(value: Any) -> Any:
 
     ``datetime``/``date``/``time`` become ISO 8601 strings, ``Decimal`` and ``UUID``
     strings, ``Enum`` members their value, sets and frozensets lists, dataclass instances
-    dicts. Anything else raises ``TypeError`` (the result is then not serializable).
+    dicts, pydantic models ``model_dump(mode="json")``. Anything else raises ``TypeError``
+    (the result is then not serializable).
     """
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
@@ -96,6 +97,9 @@ def json_default(value: Any) -> Any:
         return list(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
+    dump = getattr(value, "model_dump", None)  # pydantic v2 models, as every SDK returns
+    if callable(dump) and not isinstance(value, type):
+        return dump(mode="json")
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 

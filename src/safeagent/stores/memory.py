@@ -50,6 +50,7 @@ class MemoryStore:
     """
 
     durable = False
+    durability = "memory"  # not durable: a restart forgets everything
     blocking = False  # AsyncGuard calls it inline: every method returns at once
 
     def __init__(self, *, clock: Clock | None = None) -> None:
