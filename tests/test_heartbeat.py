@@ -1,0 +1,276 @@
+"""Heartbeats: a live fn keeps a short lease live; a dead process lets it expire.
+
+Real short leases on SQLite and the real clock (the heartbeat is a real thread). Side
+effects write rows into an effect ledger (a separate SQLite file) that the tests count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from safeagent import (
+    ActionPolicy,
+    AsyncGuard,
+    EventKind,
+    ExecutionContext,
+    Guard,
+    InProgressError,
+    OutcomeUnknownError,
+    Receipt,
+    Status,
+)
+from tests._workers import ROOT, child_env, wait_until
+from tests.conftest import Ledger
+
+LEASE = 0.3
+WORK = 1.5
+
+
+class Observer:
+    """Another caller (its own guard and connection) hammering the request with ``wait=0``
+    from a thread, and reading the record, until told to stop."""
+
+    def __init__(self, db: Path, request_id: str, fn: Callable[[ExecutionContext], Any]) -> None:
+        self.guard = Guard(db, lease=LEASE, wait=0, owner="observer")
+        self.request_id = request_id
+        self.fn = fn
+        self.answers: list[Any] = []
+        self.statuses: list[Status] = []
+        self.in_doubt_seen = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="observer")
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.answers.append(self.guard.execute(self.request_id, "export", {}, self.fn))
+            except BaseException as exc:
+                self.answers.append(exc)
+            record = self.guard.get(self.request_id)
+            assert record is not None
+            self.statuses.append(record.status)
+            self.in_doubt_seen += len(self.guard.in_doubt())
+            time.sleep(0.02)
+
+    def __enter__(self) -> Observer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.guard.close()
+
+    def check_never_in_doubt(self) -> None:
+        """Every answer was "in progress" (or, once it finished, the replayed receipt), and
+        the record never read as in doubt."""
+        assert len(self.answers) >= 10, self.answers
+        for answer in self.answers:
+            assert not isinstance(answer, OutcomeUnknownError), answer
+            if isinstance(answer, Receipt):
+                assert answer.replay is True
+            else:
+                assert isinstance(answer, InProgressError), answer
+        assert sum(isinstance(a, InProgressError) for a in self.answers) >= 10
+        assert Status.IN_DOUBT not in self.statuses
+        assert self.in_doubt_seen == 0
+
+
+def _kinds(guard: Guard, request_id: str) -> list[EventKind]:
+    return [e.kind for e in guard.audit_trail(request_id)]
+
+
+@pytest.mark.parametrize(
+    ("work", "lease", "duration"),
+    [
+        ("sleep", LEASE, WORK),
+        # A pure-Python loop competes with the heartbeat thread for the GIL; on a loaded
+        # host renewals then come up to ~0.6 s apart, so this variant gets 0.6 s leases.
+        ("busy_loop", 0.6, 1.8),
+    ],
+)
+def test_long_fn_keeps_its_short_lease_live(
+    work: str, lease: float, duration: float, tmp_path: Path, ledger: Ledger
+) -> None:
+    """A sync fn that runs several leases long (sleeping, or busy in pure Python) keeps its
+    claim live: concurrent callers get InProgressError, never OutcomeUnknownError, and the
+    completion is not late."""
+    db = tmp_path / "guard.db"
+    guard = Guard(db, lease=lease, wait=0)
+    started = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def export(ctx: ExecutionContext) -> dict[str, int]:
+        ledger.append(ctx.request_id)
+        started.set()
+        if work == "sleep":
+            time.sleep(duration)
+            return {"rounds": 0}
+        rounds, end = 0, time.monotonic() + duration
+        while time.monotonic() < end:  # pure Python: holds the GIL in bursts
+            rounds += sum(range(2000)) > 0
+        return {"rounds": rounds}
+
+    def run() -> None:
+        try:
+            outcome["receipt"] = guard.execute("hb-1", "export", {}, export)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    assert started.wait(10)
+    with Observer(db, "hb-1", export) as observer:
+        runner.join(30)
+    assert not runner.is_alive()
+    assert "error" not in outcome, outcome
+    receipt = outcome["receipt"]
+    assert receipt.status is Status.SUCCEEDED
+    assert receipt.completed_at_ms - receipt.claimed_at_ms >= duration * 1000 - 50
+    observer.check_never_in_doubt()
+    kinds = _kinds(guard, "hb-1")
+    assert EventKind.SUCCEEDED in kinds
+    assert EventKind.LATE_COMPLETION not in kinds
+    assert ledger.count() == 1
+    guard.close()
+
+
+def test_async_fn_keeps_its_lease_while_the_event_loop_is_blocked(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """An async fn under AsyncGuard keeps its claim live while another task blocks the
+    event loop with time.sleep: renewal happens off the loop, so callers get
+    InProgressError, never OutcomeUnknownError, and the completion is not late."""
+    db = tmp_path / "guard.db"
+
+    async def export(ctx: ExecutionContext) -> dict[str, bool]:
+        ledger.append(ctx.request_id)
+        started.set()
+        await asyncio.sleep(0.05)
+        return {"done": True}
+
+    async def blocker() -> None:
+        time.sleep(WORK)  # a badly behaved tool: blocks the whole loop
+
+    async def main() -> Receipt:
+        aguard = AsyncGuard(db, lease=LEASE, wait=0)
+        job = asyncio.create_task(aguard.execute("hb-2", "export", {}, export))
+        assert await asyncio.to_thread(started.wait, 10)
+        with observer:
+            loop_before = time.monotonic()
+            await asyncio.create_task(blocker())
+            assert time.monotonic() - loop_before >= WORK
+            receipt = await job
+        await aguard.aclose()
+        return receipt
+
+    started = threading.Event()
+    observer = Observer(db, "hb-2", lambda ctx: ledger.append(ctx.request_id))
+    receipt = asyncio.run(main())
+    assert receipt.replay is False
+    assert receipt.status is Status.SUCCEEDED
+    observer.check_never_in_doubt()
+    with Guard(db, wait=0) as guard:
+        kinds = _kinds(guard, "hb-2")
+    assert EventKind.SUCCEEDED in kinds
+    assert EventKind.LATE_COMPLETION not in kinds
+    assert ledger.count() == 1
+
+
+def test_sigkilled_process_lets_its_lease_expire_within_a_lease_and_a_second(
+    tmp_path: Path,
+) -> None:
+    """While a child's long fn runs, its 0.5 s lease stays live (heartbeats); once the
+    child is SIGKILLed the record reads as in doubt within about a lease plus a second."""
+    lease = 0.5
+    db = tmp_path / "guard.db"
+    marker = tmp_path / "marker.json"
+    ledger_file = tmp_path / "ledger.txt"
+    args = {
+        "db": str(db),
+        "ledger": str(ledger_file),
+        "request_id": "hb-3",
+        "action": "export",
+        "payload": {},
+        "lease": lease,
+        "write_ledger": True,
+        "marker": str(marker),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests._workers", "claim_and_hang", json.dumps(args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd=ROOT,
+    )
+    guard = Guard(db, lease=lease, wait=0)
+    try:
+        assert wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60)
+        assert marker.exists(), proc.communicate(timeout=10)
+        # Alive: three leases pass and the claim stays live.
+        end = time.monotonic() + 3 * lease
+        while time.monotonic() < end:
+            assert guard.get("hb-3").status is Status.PENDING
+            with pytest.raises(InProgressError):
+                guard.execute("hb-3", "export", {}, lambda ctx: None)
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    killed_at = time.monotonic()
+    assert wait_until(lambda: guard.get("hb-3").status is Status.IN_DOUBT, timeout=10)
+    assert time.monotonic() - killed_at <= lease + 1.0
+    with pytest.raises(OutcomeUnknownError) as doubt:
+        guard.execute("hb-3", "export", {}, lambda ctx: None)
+    assert str(proc.pid) in doubt.value.owner
+    assert ledger_file.read_text().splitlines() == ["hb-3"]
+    guard.close()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_action_lease_is_what_the_claim_records(flavour: str, store: Any, ledger: Ledger) -> None:
+    """ActionPolicy(lease=...) sets the lease the claim records (lease expiry minus claim
+    time), while fn runs and after it completes; other actions keep the guard's lease."""
+    actions = {"export": ActionPolicy(lease=7.0)}
+    seen: list[Any] = []
+
+    def export(ctx: ExecutionContext) -> str:
+        ledger.append(ctx.request_id)
+        record, _ = store.get(ctx.namespace, ctx.request_id)
+        seen.append(record)
+        return "ok"
+
+    if flavour == "sync":
+        guard = Guard(store, lease=30.0, wait=0, actions=actions)
+        guard.execute("lp-1", "export", {}, export)
+        guard.execute("lp-2", "import", {}, export)
+        after = [guard.get("lp-1"), guard.get("lp-2")]
+        guard.close()
+    else:
+
+        async def main() -> list[Any]:
+            aguard = AsyncGuard(store, lease=30.0, wait=0, actions=actions)
+            await aguard.execute("lp-1", "export", {}, export)
+            await aguard.execute("lp-2", "import", {}, export)
+            out = [await aguard.get("lp-1"), await aguard.get("lp-2")]
+            await aguard.aclose()
+            return out
+
+        after = asyncio.run(main())
+    during = [r.lease_expires_at_ms - r.claimed_at_ms for r in seen]
+    assert during == [7_000, 30_000]
+    assert [r.lease_expires_at_ms - r.claimed_at_ms for r in after] == [7_000, 30_000]
+    assert ledger.count() == 2
