@@ -45,8 +45,7 @@ async def until(predicate: Any, timeout: float = 5.0) -> bool:
 
 
 def test_twenty_tasks_on_one_id_run_fn_once(store: Any, ledger: Ledger) -> None:
-    """Twenty tasks with one request id and a 100 ms fn: fn runs once, one task gets the
-    fresh receipt and nineteen get replays of it."""
+    """Twenty tasks on one id run fn once: one fresh receipt and nineteen replays."""
 
     async def create_ticket(ctx: ExecutionContext) -> dict[str, str]:
         ledger.append(ctx.request_id)
@@ -75,9 +74,7 @@ def test_twenty_tasks_on_one_id_run_fn_once(store: Any, ledger: Ledger) -> None:
 def test_p8_cancelled_after_the_effect_the_receipt_is_still_written_and_replayed(
     store: Any, clock: FakeClock, ledger: Ledger
 ) -> None:
-    """P8: the caller cancelled right after the tool wrote its ledger row gets CancelledError
-    at once; the tool finishes, its receipt is written, and retries (at once, and after
-    the lease would have expired) replay it: ledger 1."""
+    """P8: cancelled after the effect, the caller gets CancelledError; the receipt is still kept."""
 
     async def main() -> None:
         aguard = AsyncGuard(store, lease=30.0, wait=0)
@@ -142,9 +139,7 @@ class SlowClaims:
 def test_p8_task_cancelled_while_claiming_leaves_no_claim_and_its_retry_runs_once(
     store: Any, ledger: Ledger
 ) -> None:
-    """P8: a task cancelled while its claim is still in flight gets CancelledError at once;
-    the claim, once it lands, is released (no claim left behind), fn never ran, and the
-    retry runs fn once."""
+    """P8: a task cancelled mid-claim leaves no live claim, and its retry runs fn once."""
     slow = SlowClaims(store)
 
     async def tool(ctx: ExecutionContext) -> dict[str, str]:
@@ -183,9 +178,7 @@ def test_p8_task_cancelled_while_claiming_leaves_no_claim_and_its_retry_runs_onc
 def test_p8_task_cancelled_while_its_claim_waits_for_the_sqlite_lock_leaves_no_claim(
     tmp_path: Path, ledger: Ledger
 ) -> None:
-    """P8 on a real lock: a task cancelled while its claim waits for another writer's
-    SQLite lock leaves no live claim once the lock is freed (it is released); its retry
-    runs fn once."""
+    """P8: a task cancelled while its claim waits for the SQLite lock leaves no live claim."""
     db = tmp_path / "guard.db"
     store = SQLiteStore(db, busy_timeout=5.0)
 
@@ -228,8 +221,7 @@ def test_p8_task_cancelled_while_its_claim_waits_for_the_sqlite_lock_leaves_no_c
 
 
 def test_async_decorator_runs_once_per_key_and_replays(store: Any, ledger: Ledger) -> None:
-    """@aguard.guarded(key_arg=...) on an async def runs it once per key and returns the
-    stored result on replays; a missing key is a typed error and nothing runs."""
+    """An async def under @aguard.guarded(key_arg=...) runs once per key and replays."""
 
     async def main() -> None:
         aguard = AsyncGuard(store, lease=30.0, wait=0)
@@ -270,8 +262,7 @@ def test_async_decorator_runs_once_per_key_and_replays(store: Any, ledger: Ledge
 
 
 def test_sync_fn_runs_off_the_event_loop(store: Any, ledger: Ledger) -> None:
-    """A sync fn given to AsyncGuard runs in a worker thread: another task keeps ticking
-    while fn blocks in time.sleep for 300 ms."""
+    """A sync fn under AsyncGuard runs in a worker thread while the event loop keeps ticking."""
     seen: dict[str, int] = {}
 
     def slow_export(ctx: ExecutionContext) -> str:
@@ -310,8 +301,7 @@ def test_sync_fn_runs_off_the_event_loop(store: Any, ledger: Ledger) -> None:
 def test_current_context_inside_fn_is_the_calls_context(
     kind: str, store: Any, ledger: Ledger
 ) -> None:
-    """current_context() inside fn (a sync fn in a worker thread, or an async fn) returns
-    the context fn was given; outside any call it is None."""
+    """current_context() inside a sync or async fn is the context fn was given."""
     seen: list[tuple[ExecutionContext, ExecutionContext | None]] = []
 
     def sync_fn(ctx: ExecutionContext) -> str:
@@ -350,9 +340,7 @@ def test_current_context_inside_fn_is_the_calls_context(
 def test_p9_twenty_tasks_behind_a_start_line_run_the_transfer_once(
     wait: float, store: Any, ledger: Ledger
 ) -> None:
-    """P9: twenty tasks released at once on one key, transfer sleeping 200 ms: ledger 1,
-    one fresh receipt, the others the same receipt (or InProgressError when not waiting),
-    and nobody sees a raw database error."""
+    """P9: twenty tasks released at once run the transfer once and see no raw database error."""
     transfer_args = {"src": "ACC-1", "dst": "ACC-2", "amount_cents": 100}
 
     async def transfer(ctx: ExecutionContext) -> dict[str, Any]:

@@ -143,8 +143,7 @@ conn.execute("ROLLBACK")
 def test_claim_fails_closed_while_another_writer_holds_the_lock(
     holder: str, tmp_path: Path, ledger: Ledger
 ) -> None:
-    """A write lock held (by another connection or process) past busy_timeout makes the
-    claim raise a chained StoreError after about busy_timeout; fn does not run."""
+    """A write lock held past busy_timeout fails the claim with a chained StoreError; no fn run."""
     db = tmp_path / "guard.db"
     store = SQLiteStore(db, busy_timeout=0.2)
     guard = Guard(store, wait=0)
@@ -189,8 +188,7 @@ def test_claim_fails_closed_while_another_writer_holds_the_lock(
 def test_claim_fails_closed_on_a_read_only_filesystem(
     tmpfs: Callable[[str], Path], ledger: Ledger
 ) -> None:
-    """When the filesystem holding the database turns read-only, execute raises a chained
-    StoreError and fn does not run; once writable again, nothing was recorded."""
+    """A read-only filesystem fails the call with a chained StoreError; fn never runs."""
     where = tmpfs("4m")
     db = where / "guard.db"
     made: dict[str, Any] = {}
@@ -236,9 +234,7 @@ def test_claim_fails_closed_on_a_read_only_filesystem(
 def test_claim_fails_closed_when_the_database_file_is_removed_or_replaced(
     then: str, tmp_path: Path, ledger: Ledger
 ) -> None:
-    """Removing the database (and its -wal and -shm) under an open guard, or replacing it
-    with another database file, makes execute raise a chained StoreError; fn does not run
-    and nothing is written into the replacement."""
+    """A removed or replaced database file fails the claim with a chained StoreError; no fn run."""
     db = tmp_path / "guard.db"
     store = SQLiteStore(db)
     guard = Guard(store, wait=0)
@@ -269,8 +265,7 @@ def test_claim_fails_closed_when_the_database_file_is_removed_or_replaced(
 def test_claim_fails_closed_on_a_full_filesystem(
     tmpfs: Callable[[str], Path], ledger: Ledger
 ) -> None:
-    """On a full filesystem a claim whose payload needs new pages raises a chained
-    StoreError; fn does not run; after space is freed the same call runs once."""
+    """A full filesystem fails a large claim with a chained StoreError; fn never runs."""
     where = tmpfs("2m")
     db = where / "guard.db"
     store = SQLiteStore(db, busy_timeout=0.2)
@@ -328,9 +323,7 @@ def _check_pending_then_in_doubt(
 def test_completion_that_cannot_be_written_leaves_the_record_pending_then_in_doubt(
     tmp_path: Path, clock: FakeClock, ledger: Ledger
 ) -> None:
-    """If the database file disappears from its path while fn runs, the caller gets a
-    chained StoreError after fn ran; with the file back, the record is still PENDING,
-    reads as in doubt after its lease, and a retry never runs fn again."""
+    """A completion lost to a moved-away file leaves the record PENDING, then in doubt; no rerun."""
     db = tmp_path / "guard.db"
     aside = tmp_path / "aside"
     aside.mkdir()
@@ -359,9 +352,7 @@ def test_completion_that_cannot_be_written_leaves_the_record_pending_then_in_dou
 def test_completion_on_a_full_filesystem_leaves_the_record_pending_then_in_doubt(
     tmpfs: Callable[[str], Path], clock: FakeClock, ledger: Ledger
 ) -> None:
-    """If the filesystem fills up while fn runs and its large result cannot be written,
-    the caller gets a chained StoreError; with space freed, the record is still PENDING,
-    reads as in doubt after its lease, and a retry never runs fn again."""
+    """A completion lost to a full disk leaves the record PENDING, then in doubt, never re-run."""
     where = tmpfs("2m")
     db = where / "guard.db"
     store = SQLiteStore(db, clock=clock, busy_timeout=0.2)

@@ -104,9 +104,7 @@ def _kinds(guard: Guard, request_id: str) -> list[EventKind]:
 def test_long_fn_keeps_its_short_lease_live(
     work: str, lease: float, duration: float, tmp_path: Path, ledger: Ledger
 ) -> None:
-    """A sync fn that runs several leases long (sleeping, or busy in pure Python) keeps its
-    claim live: concurrent callers get InProgressError, never OutcomeUnknownError, and the
-    completion is not late."""
+    """A sync fn running several short leases keeps its claim live and completes on time."""
     db = tmp_path / "guard.db"
     guard = Guard(db, lease=lease, wait=0)
     started = threading.Event()
@@ -150,9 +148,7 @@ def test_long_fn_keeps_its_short_lease_live(
 def test_async_fn_keeps_its_lease_while_the_event_loop_is_blocked(
     tmp_path: Path, ledger: Ledger
 ) -> None:
-    """An async fn under AsyncGuard keeps its claim live while another task blocks the
-    event loop with time.sleep: renewal happens off the loop, so callers get
-    InProgressError, never OutcomeUnknownError, and the completion is not late."""
+    """An async fn keeps its lease live while another task blocks the event loop."""
     db = tmp_path / "guard.db"
 
     async def export(ctx: ExecutionContext) -> dict[str, bool]:
@@ -192,8 +188,7 @@ def test_async_fn_keeps_its_lease_while_the_event_loop_is_blocked(
 def test_sigkilled_process_lets_its_lease_expire_within_a_lease_and_a_second(
     tmp_path: Path,
 ) -> None:
-    """While a child's long fn runs, its 0.5 s lease stays live (heartbeats); once the
-    child is SIGKILLed the record reads as in doubt within about a lease plus a second."""
+    """A SIGKILLed child's live claim reads as in doubt within about a lease plus a second."""
     lease = 0.5
     db = tmp_path / "guard.db"
     marker = tmp_path / "marker.json"
@@ -242,8 +237,7 @@ def test_sigkilled_process_lets_its_lease_expire_within_a_lease_and_a_second(
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_action_lease_is_what_the_claim_records(flavour: str, store: Any, ledger: Ledger) -> None:
-    """ActionPolicy(lease=...) sets the lease the claim records (lease expiry minus claim
-    time), while fn runs and after it completes; other actions keep the guard's lease."""
+    """ActionPolicy(lease=...) is the lease the claim records, during fn and after it."""
     actions = {"export": ActionPolicy(lease=7.0)}
     seen: list[Any] = []
 

@@ -136,8 +136,7 @@ CASES: dict[str, tuple[Any, Any, str]] = {
 def test_hostile_input_works_and_replays_or_is_rejected_typed(
     name: str, store: Any, ledger: Ledger
 ) -> None:
-    """Each hostile request id or payload either runs once and replays identically, or
-    raises InvalidInputError before anything is recorded."""
+    """Each hostile id or payload works and replays, or is rejected typed before any record."""
     request_id, payload, expected = CASES[name]
     guard = Guard(store, wait=0)
     outcome = check_call(guard, ledger, name, request_id, payload, ns="hostile")
@@ -164,8 +163,7 @@ NAMES: dict[str, Any] = {
 def test_hostile_action_or_namespace_works_and_replays_or_is_rejected_typed(
     field: str, name: str, store: Any, ledger: Ledger
 ) -> None:
-    """A hostile action or namespace name either runs once and replays identically, or
-    raises InvalidInputError before anything is recorded in any namespace."""
+    """A hostile action or namespace works and replays, or is rejected typed, recording nothing."""
     value = NAMES[name]
     guard = Guard(store, wait=0)
     action = value if field == "action" else "hostile"
@@ -201,8 +199,7 @@ print("ok", flush=True)
 
 
 def test_one_mebibyte_string_payload_is_handled_in_bounded_time(tmp_path: Path) -> None:
-    """A 1 MiB string payload (a hex blob) is stored and replayed within seconds: hostile
-    input must not stall the guard."""
+    """A 1 MiB string payload is stored and replayed within seconds."""
     ledger = tmp_path / "ledger.txt"
     try:
         done = subprocess.run(
@@ -294,9 +291,7 @@ request_ids = st.one_of(hostile_text, st.integers(), st.binary(max_size=8), st.n
 def test_property_hostile_input_never_corrupts_the_sqlite_store(
     tmp_path: Path, ledger: Ledger
 ) -> None:
-    """Over hostile request ids and payloads, every call works and replays identically or
-    is rejected with InvalidInputError before anything is recorded, and the SQLite file
-    passes its integrity check afterwards."""
+    """Any hostile input works and replays or is rejected typed, and SQLite stays intact."""
     db = tmp_path / "guard.db"
     store = SQLiteStore(db)
     guard = Guard(store, wait=0)

@@ -41,9 +41,7 @@ def framework_invoke(tool: Callable[[], Any], retries: int = RETRIES) -> list[An
 def test_p6_reinvoked_send_email_gets_the_stored_outcome_and_mails_once(
     declared: bool, guard: Any, tmp_path: Path
 ) -> None:
-    """P6: send_email writes the sent-mail row and raises an acknowledgement timeout; every
-    re-invocation gets the stored failure (or, with the error declared outcome unknown,
-    OutcomeUnknownError) and the body ran once: mail ledger 1."""
+    """P6: re-invoking a send_email that timed out returns the stored outcome; one mail is sent."""
     mail = Ledger(tmp_path / "mail.db")
     entered: list[int] = []
 
@@ -73,8 +71,7 @@ def test_p6_reinvoked_send_email_gets_the_stored_outcome_and_mails_once(
 
 
 def test_p6_tool_raising_not_executed_runs_on_every_attempt(guard: Any, ledger: Ledger) -> None:
-    """A tool that raises NotExecuted each time releases its claim, so the framework's
-    every re-invocation runs it again (attempts counted), and nothing is sent."""
+    """A tool raising NotExecuted runs on every re-invocation and sends nothing."""
 
     @guard.guarded(action="send_sms")
     def send_sms(to: str, text: str) -> str:

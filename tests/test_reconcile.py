@@ -251,8 +251,7 @@ MODE_AND_DOUBT = pytest.mark.parametrize(
 def test_happened_verdict_returns_the_hooks_result_as_a_replay_and_keeps_it(
     mode: str, doubt: str, store: Any, clock: FakeClock, ledger: Ledger, make_api: Any
 ) -> None:
-    """A hook answering "happened" gives the caller a replay receipt with the hook's result;
-    later calls replay it and the side effect never runs again."""
+    """A "happened" verdict gives a replay receipt with the hook's result, replayed later."""
     dead = leave_in_doubt(store, clock, ledger, doubt, "r-1", effect=True)
     asked: list[ReconcileRequest] = []
 
@@ -287,8 +286,7 @@ def test_happened_verdict_returns_the_hooks_result_as_a_replay_and_keeps_it(
 def test_failed_verdict_replays_the_stored_failure_now_and_later(
     mode: str, doubt: str, store: Any, clock: FakeClock, ledger: Ledger, make_api: Any
 ) -> None:
-    """A hook answering "failed" makes this call and every later one raise
-    ReplayedFailureError with the hook's error; the side effect never runs."""
+    """A "failed" verdict raises ReplayedFailureError with the hook's error, now and later."""
     leave_in_doubt(store, clock, ledger, doubt, "r-2", effect=False)
     asked: list[ReconcileRequest] = []
 
@@ -315,8 +313,7 @@ def test_failed_verdict_replays_the_stored_failure_now_and_later(
 def test_not_happened_verdict_lets_the_caller_run_fn_once_as_attempt_two(
     mode: str, doubt: str, store: Any, clock: FakeClock, ledger: Ledger, make_api: Any
 ) -> None:
-    """A hook answering "did not happen" lets the same caller run fn once (attempt 2, a new
-    execution id); later calls replay that receipt."""
+    """A "did not happen" verdict lets the caller run fn once as attempt 2, replayed later."""
     dead = leave_in_doubt(store, clock, ledger, doubt, "r-3", effect=False)
     asked: list[ReconcileRequest] = []
 
@@ -367,9 +364,7 @@ def test_unknown_raising_or_junk_answer_keeps_the_record_in_doubt(
     ledger: Ledger,
     make_api: Any,
 ) -> None:
-    """A hook answering "unknown", raising, or returning something that is not a
-    Reconciliation gives OutcomeUnknownError; the record stays in doubt, audited as
-    reconciled with verdict unknown, and fn never runs."""
+    """Unknown, raising or junk hook answers give OutcomeUnknownError; the record stays in doubt."""
     dead = leave_in_doubt(store, clock, ledger, doubt, "r-4", effect=True)
     asked: list[ReconcileRequest] = []
 
@@ -401,8 +396,7 @@ def test_unknown_raising_or_junk_answer_keeps_the_record_in_doubt(
 def test_hook_is_asked_about_the_attempt_in_doubt(
     mode: str, doubt: str, store: Any, clock: FakeClock, ledger: Ledger, make_api: Any
 ) -> None:
-    """The hook receives the request id, action, payload, attempt, the first attempt's
-    downstream key and the owner and claim time of the dead attempt."""
+    """The hook gets the request, the first downstream key, and the dead owner and claim time."""
     dead = leave_in_doubt(store, clock, ledger, doubt, "r-5", effect=False)
     asked: list[ReconcileRequest] = []
 
@@ -433,9 +427,7 @@ def test_hook_is_asked_about_the_attempt_in_doubt(
 def test_eight_threads_one_hook_run_the_others_wait_for_its_answer(
     short_waits: int, store: Any, clock: FakeClock, ledger: Ledger
 ) -> None:
-    """Eight threads meet one in-doubt record: the hook runs once while the others wait;
-    then they get the reconciled receipt, or InProgressError when their wait bound ran
-    out first."""
+    """Of eight threads one runs the hook; the others wait for its answer or time out."""
     leave_in_doubt(store, clock, ledger, "stored", "r-8", effect=True)
     entered, release = threading.Event(), threading.Event()
     runners: list[str] = []
@@ -495,9 +487,7 @@ def test_eight_threads_one_hook_run_the_others_wait_for_its_answer(
 def test_eight_tasks_one_hook_run_the_others_wait_for_its_answer(
     hook_kind: str, short_waits: int, store: Any, clock: FakeClock, ledger: Ledger
 ) -> None:
-    """Eight tasks meet one in-doubt record under AsyncGuard: the hook runs once while the
-    others wait; then they get the reconciled receipt, or InProgressError when their wait
-    bound ran out first."""
+    """Of eight tasks one runs the hook; the others wait for its answer or time out in progress."""
     leave_in_doubt(store, clock, ledger, "stored", "r-9", effect=True)
     caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller")
     runners: list[str] = []
@@ -561,8 +551,7 @@ def test_eight_tasks_one_hook_run_the_others_wait_for_its_answer(
 def test_hook_interrupted_by_keyboard_interrupt_leaves_the_record_in_doubt(
     store: Any, clock: FakeClock, ledger: Ledger
 ) -> None:
-    """A hook that raises KeyboardInterrupt propagates it and leaves the record in doubt;
-    nothing runs, and the next call asks the hook again."""
+    """A hook raising KeyboardInterrupt propagates it and leaves the record in doubt."""
     leave_in_doubt(store, clock, ledger, "stored", "r-10", effect=False)
     asked: list[int] = []
 
@@ -597,8 +586,7 @@ def test_hook_interrupted_by_keyboard_interrupt_leaves_the_record_in_doubt(
 def test_proactive_reconcile_reports_each_verdict_and_retries_follow_it(
     mode: str, store: Any, clock: FakeClock, ledger: Ledger, make_api: Any
 ) -> None:
-    """guard.reconcile() asks each in-doubt record's hook, reports the counts and items,
-    skips records not in doubt and counts actions without a hook; later calls follow."""
+    """guard.reconcile() reports each verdict with counts and items; retries then follow them."""
     answers = {
         "p-happened": Reconciliation.happened({"mail_id": "m-1"}),
         "p-failed": Reconciliation.failed("MailRejected", "bounced"),
@@ -727,8 +715,7 @@ def test_exception_type_precedence_is_per_call_then_action_then_guard(
     ledger: Ledger,
     make_api: Any,
 ) -> None:
-    """Which exceptions release or leave in doubt is decided per call, else per action,
-    else by the guard."""
+    """Exception types are classified per call, else per action, else by the guard."""
     api = make_api(
         kind,
         store,
@@ -759,8 +746,7 @@ def test_exception_type_precedence_is_per_call_then_action_then_guard(
 def test_rerun_turns_a_failure_into_a_release_so_the_next_call_runs_again(
     kind: str, store: Any, ledger: Ledger, make_api: Any
 ) -> None:
-    """resolve(..., "rerun") moves FAILED to RELEASED, audited with rerun, actor and reason;
-    the next call runs fn again and later calls replay its receipt."""
+    """An audited "rerun" turns FAILED into RELEASED, so the next call runs fn again."""
     api = make_api(kind, store)
     attempts: list[int] = []
 
@@ -795,8 +781,7 @@ def test_rerun_turns_a_failure_into_a_release_so_the_next_call_runs_again(
 def test_rerun_is_refused_unless_the_record_failed(
     kind: str, state: str, store: Any, clock: FakeClock, ledger: Ledger, make_api: Any
 ) -> None:
-    """resolve(..., "rerun") raises InvalidTransitionError for a succeeded, in-doubt or
-    absent record and changes nothing."""
+    """A rerun raises InvalidTransitionError for succeeded, in-doubt or absent records."""
     if state == "in_doubt":
         leave_in_doubt(store, clock, ledger, "stored", "q-1", effect=False)
     api = make_api(kind, store)
@@ -812,8 +797,7 @@ def test_rerun_is_refused_unless_the_record_failed(
 
 
 def test_rerun_is_refused_for_a_case_settlement(store: Any, ledger: Ledger) -> None:
-    """A failed case: settlement is never re-run by an operator: rerun raises
-    InvalidTransitionError, the failure stays and is replayed."""
+    """A rerun of a failed case: settlement raises InvalidTransitionError, changing nothing."""
     guard = Guard(store, lease=30.0, wait=0)
     gate = FinalityGate(guard)
     gate.signal("C-1", "agent-1", "refund", 1.0)
@@ -840,9 +824,7 @@ def test_rerun_is_refused_for_a_case_settlement(store: Any, ledger: Ledger) -> N
 def test_p1_dead_claim_is_in_progress_then_in_doubt_then_reconciled_and_run_once(
     tmp_path: Path, clock: FakeClock, ledger: Ledger
 ) -> None:
-    """P1: a child claims send_invoice(INV-1) with lease 30 s and is SIGKILLed before the
-    effect; at t=10 s a retry is in progress (retry-after 20 s), at t=31 s it is in doubt
-    with the dead owner and claim time; a hook saying "did not happen" lets it run once."""
+    """P1: a killed claim is in progress at 10 s, in doubt at 31 s, then reconciled and run once."""
     db = tmp_path / "guard.db"
     marker = tmp_path / "marker.json"
     payload = {"invoice_id": "INV-1"}

@@ -1,0 +1,231 @@
+"""Decisions of the finality gate: ``cases list|show|signal|resolve``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from safeagent import Case, CaseState, EventKind, FinalityGate, Guard
+from safeagent._cli._common import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_SCHEMA,
+    EXIT_CODES,
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CliError,
+    DbOpt,
+    JsonOpt,
+    NsFilterOpt,
+    NsOpt,
+    SchemaOpt,
+    UrlOpt,
+    cli_command,
+    compact,
+    iso,
+    opened,
+    out_console,
+    parse_json,
+    print_json,
+    print_pairs,
+    print_table,
+    receipt_dict,
+    resolve_target,
+    status_text,
+)
+from safeagent._policy import CASE_PREFIX
+
+cases_app = typer.Typer(
+    help="Decisions of the finality gate.", no_args_is_help=True, epilog=EXIT_CODES
+)
+
+
+# -- cases -----------------------------------------------------------------------------------
+
+
+def _case_outcome(case: Case) -> str:
+    if case.outcome is not None:
+        return case.outcome
+    if case.provisional_outcome is not None:
+        return f"{case.provisional_outcome} (provisional)"
+    return "-"
+
+
+@cases_app.command("list", epilog=EXIT_CODES)
+@cli_command
+def cases_list(
+    state: Annotated[
+        list[CaseState] | None,
+        typer.Option("--state", case_sensitive=False, help="Only this state (repeatable)."),
+    ] = None,
+    namespace: NsFilterOpt = None,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    database_url: UrlOpt = None,
+    schema: SchemaOpt = DEFAULT_SCHEMA,
+) -> None:
+    """List cases (decisions), oldest first, optionally by state."""
+    with opened(resolve_target(db, database_url, schema)) as store:
+        cases = FinalityGate(Guard(store)).cases(namespace=namespace, states=state or None)
+    if as_json:
+        print_json([c.to_dict() for c in cases])
+        return
+    print_table(
+        ("NAMESPACE", "CASE ID", "STATE", "OUTCOME", "SIGNALS", "LEADING", "UPDATED"),
+        [
+            (
+                c.namespace,
+                c.case_id,
+                c.state.value,
+                _case_outcome(c),
+                len(c.signals),
+                c.tally.winner,
+                iso(c.updated_at_ms),
+            )
+            for c in cases
+        ],
+    )
+
+
+@cases_app.command("show", epilog=EXIT_CODES)
+@cli_command
+def cases_show(
+    case_id: Annotated[str, typer.Argument(help="The case id.")],
+    namespace: NsOpt = DEFAULT_NAMESPACE,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    database_url: UrlOpt = None,
+    schema: SchemaOpt = DEFAULT_SCHEMA,
+) -> None:
+    """Show a case: its state, tally, every signal (live, replaced, late), its state
+    history from the audit trail, and its settlement receipt. Exit 1 if absent."""
+    with opened(resolve_target(db, database_url, schema)) as store:
+        gate = FinalityGate(Guard(store))
+        case = gate.get(case_id, namespace=namespace)
+        if case is None:
+            raise CliError(EXIT_FAILED, f"no case {case_id!r} in namespace {namespace!r}")
+        history = gate.history(case_id, namespace=namespace)
+        states = [
+            e
+            for e in store.events(namespace=namespace, subject=case_id)
+            if e.kind is EventKind.STATE_CHANGE
+        ]
+        settlement, now = store.get(namespace, CASE_PREFIX + case_id)
+    receipt = (
+        None if settlement is None else receipt_dict(settlement, now, redact=True, payload=False)
+    )
+    if as_json:
+        print_json(
+            {
+                "case": case.to_dict(),
+                "signals": [{**s.to_dict(), "status": status} for s, status in history],
+                "state_history": [e.to_dict() for e in states],
+                "settlement": receipt,
+            }
+        )
+        return
+    print_pairs(
+        [
+            ("state", case.state.value),
+            ("outcome", _case_outcome(case)),
+            ("policy", f"threshold {case.policy.threshold}, quorum {case.policy.quorum}"),
+            ("tally", case.tally.to_dict()),
+            ("resolved_by", case.resolved_by),
+            ("version", case.version),
+            ("created", iso(case.created_at_ms)),
+            ("updated", iso(case.updated_at_ms)),
+            ("settlement", None if receipt is None else status_text(receipt)),
+        ],
+        title=f"case {namespace}/{case_id}",
+    )
+    typer.echo()
+    print_table(
+        ("AT", "SOURCE", "OUTCOME", "CONFIDENCE", "STATUS", "METADATA"),
+        [
+            (iso(s.at_ms), s.source, s.outcome, s.confidence, status, compact(s.metadata))
+            for s, status in history
+        ],
+        title="signals",
+    )
+    typer.echo()
+    print_table(
+        ("AT", "FROM", "TO", "OUTCOME", "ACTOR"),
+        [
+            (
+                iso(e.at_ms),
+                e.detail.get("from"),
+                e.detail.get("to"),
+                e.detail.get("outcome"),
+                e.actor,
+            )
+            for e in states
+        ],
+        title="state history",
+    )
+
+
+@cases_app.command("signal", epilog=EXIT_CODES)
+@cli_command
+def cases_signal(
+    case_id: Annotated[str, typer.Argument(help="The case id.")],
+    source: Annotated[str, typer.Option("--source", help="Who signals.")],
+    outcome: Annotated[str, typer.Option("--outcome", help="What it says should happen.")],
+    confidence: Annotated[float, typer.Option("--confidence", help="In [0, 1].")],
+    metadata: Annotated[
+        str | None, typer.Option("--metadata", help="A JSON object kept with the signal.")
+    ] = None,
+    open_case: Annotated[
+        bool,
+        typer.Option("--open", help="Open the case (default policy) if it does not exist."),
+    ] = False,
+    namespace: NsOpt = DEFAULT_NAMESPACE,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    database_url: UrlOpt = None,
+    schema: SchemaOpt = DEFAULT_SCHEMA,
+) -> None:
+    """Record a signal on a case and apply the transitions it causes. Exit 1 if the
+    case does not exist (unless --open)."""
+    meta = None if metadata is None else parse_json(metadata, "--metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise CliError(EXIT_USAGE, "--metadata must be a JSON object")
+    with opened(resolve_target(db, database_url, schema)) as store:
+        gate = FinalityGate(Guard(store))
+        if not open_case and gate.get(case_id, namespace=namespace) is None:
+            raise CliError(
+                EXIT_FAILED,
+                f"no case {case_id!r} in namespace {namespace!r} (pass --open to open it)",
+            )
+        case = gate.signal(case_id, source, outcome, confidence, metadata=meta, namespace=namespace)
+    if as_json:
+        print_json(case.to_dict())
+        return
+    out_console().print(
+        f"case {case.namespace}/{case.case_id}: {case.state.value}, "
+        f"outcome {_case_outcome(case)}, {len(case.signals)} live signal(s)"
+    )
+
+
+@cases_app.command("resolve", epilog=EXIT_CODES)
+@cli_command
+def cases_resolve(
+    case_id: Annotated[str, typer.Argument(help="The case id.")],
+    outcome: Annotated[str, typer.Option("--outcome", help="The final outcome.")],
+    by: Annotated[str, typer.Option("--by", help="Who resolves (audited).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (audited).")],
+    namespace: NsOpt = DEFAULT_NAMESPACE,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    database_url: UrlOpt = None,
+    schema: SchemaOpt = DEFAULT_SCHEMA,
+) -> None:
+    """Make a case FINAL with an operator's outcome (from RESOLVED_PROVISIONAL or
+    IN_RECONCILIATION). Exit 1 if the case is absent or in another state."""
+    with opened(resolve_target(db, database_url, schema)) as store:
+        case = FinalityGate(Guard(store)).resolve(
+            case_id, outcome, by=by, reason=reason, namespace=namespace
+        )
+    if as_json:
+        print_json(case.to_dict())
+        return
+    out_console().print(f"case {case.namespace}/{case.case_id}: {case.state.value} {case.outcome}")

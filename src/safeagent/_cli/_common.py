@@ -1,0 +1,389 @@
+"""What every command shares: exit codes, store selection, output and parsing."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Annotated, Any, NoReturn, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from safeagent import AuditEvent, SQLiteStore, default_redactor
+from safeagent import audit as audit_lib
+from safeagent._receipt import Receipt, Record
+from safeagent.errors import ConfigurationError, GuardError, InvalidInputError, StoreError
+from safeagent.stores import ReceiptStore
+from safeagent.stores.sqlite import default_path
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_STORE = 3
+
+EXIT_CODES = (
+    "\b\nExit codes:\n"
+    "  0  ok\n"
+    "  1  a check failed, nothing matched, or the request was refused\n"
+    "  2  usage error or bad input\n"
+    "  3  the store is missing, unreachable or failed"
+)
+DATABASE_URL_ENV = "SAFEAGENT_DATABASE_URL"  # the PostgreSQL store's own, without psycopg
+AUDIT_KEY_ENV = audit_lib.KEY_ENV
+DEFAULT_SCHEMA = "safeagent"
+DEFAULT_NAMESPACE = "default"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_URL_PASSWORD = re.compile(r"(://[^/:@]*:)[^@/]*@")
+
+
+class CliError(Exception):
+    """A message for the operator and the exit code that goes with it."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def fail(code: int, message: str) -> NoReturn:
+    err_console().print(f"error: {message}")
+    raise typer.Exit(code)
+
+
+def cli_command(fn: Callable[P, R]) -> Callable[P, R]:
+    """Map the library's exceptions to exit codes and one-line messages."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except CliError as exc:
+            fail(exc.code, exc.message)
+        except StoreError as exc:  # includes SchemaVersionError
+            fail(EXIT_STORE, str(exc))
+        except (ConfigurationError, InvalidInputError) as exc:
+            fail(EXIT_USAGE, str(exc))
+        except GuardError as exc:  # InvalidTransitionError, NotFinalError, ...
+            fail(EXIT_FAILED, str(exc))
+
+    return run
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _console(file: IO[str]) -> Console:
+    wide = file.isatty() or bool(os.environ.get("COLUMNS"))
+    return Console(
+        file=file, width=None if wide else 1000, highlight=False, markup=False, emoji=False
+    )
+
+
+def out_console() -> Console:
+    return _console(sys.stdout)
+
+
+def err_console() -> Console:
+    return _console(sys.stderr)
+
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal; no answer (end of input) is a no."""
+    try:
+        return typer.confirm(question, default=False, err=True)
+    except typer.Abort:
+        typer.echo(err=True)
+        return False
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def iso(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    moment = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def print_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None
+) -> None:
+    table = Table(box=None, pad_edge=False)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*(Text("-" if cell is None else str(cell)) for cell in row))
+    console = out_console()
+    if title is not None:
+        console.print(title)
+    console.print(table)
+
+
+def print_pairs(pairs: Sequence[tuple[str, Any]], title: str | None = None) -> None:
+    print_table(("FIELD", "VALUE"), [(k, compact(v)) for k, v in pairs], title=title)
+
+
+def compact(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+# -- options ---------------------------------------------------------------------------------
+
+DbOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="SQLite database file (default: $SAFEAGENT_DB, else ./safeagent.db).",
+        show_default=False,
+    ),
+]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help=f"PostgreSQL URL (default: ${DATABASE_URL_ENV}); wins over $SAFEAGENT_DB.",
+        show_default=False,
+    ),
+]
+SchemaOpt = Annotated[str, typer.Option("--schema", help="PostgreSQL schema.")]
+NsFilterOpt = Annotated[
+    str | None,
+    typer.Option("--namespace", help="Only this namespace (default: every namespace)."),
+]
+NsOpt = Annotated[str, typer.Option("--namespace", help="The record's namespace.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+SinceOpt = Annotated[
+    str | None,
+    typer.Option("--since", help="From this instant: ISO 8601, or a duration ago (2h, 7d)."),
+]
+UntilOpt = Annotated[
+    str | None,
+    typer.Option("--until", help="Up to this instant: ISO 8601, or a duration ago (30m)."),
+]
+KeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-file", help=f"File holding the audit HMAC key (default: ${AUDIT_KEY_ENV})."
+    ),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where the store is: an SQLite file or a PostgreSQL URL and schema."""
+
+    kind: str  # "sqlite" or "postgres"
+    where: str
+    schema: str = DEFAULT_SCHEMA
+
+    def describe(self) -> str:
+        if self.kind == "sqlite":
+            return self.where
+        masked = _URL_PASSWORD.sub(r"\1***@", self.where)
+        return f"{masked} (schema {self.schema})"
+
+
+def resolve_target(db: Path | None, database_url: str | None, schema: str) -> Target:
+    """The rule: --database-url, --db, $SAFEAGENT_DATABASE_URL, $SAFEAGENT_DB, ./safeagent.db."""
+    if db is not None and database_url:
+        raise CliError(EXIT_USAGE, "--db and --database-url are exclusive: pass one")
+    if database_url:
+        return Target("postgres", database_url, schema)
+    if db is not None:
+        return Target("sqlite", str(db))
+    url = os.environ.get(DATABASE_URL_ENV)
+    if url:
+        return Target("postgres", url, schema)
+    return Target("sqlite", default_path())
+
+
+def _check_sqlite(path: Path) -> None:
+    """Refuse a missing file, or one that is not a SafeAgent database, creating nothing."""
+    if not path.exists():
+        raise CliError(
+            EXIT_STORE,
+            f"no SafeAgent database at {path.absolute()}: pass --db PATH or set $SAFEAGENT_DB "
+            "(nothing was created)",
+        )
+    if not path.is_file():
+        raise CliError(EXIT_STORE, f"{path} is not a file")
+    try:
+        conn = sqlite3.connect(str(path), timeout=5)
+        try:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'safeagent_meta'"
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise CliError(EXIT_STORE, f"cannot read {path}: {exc}") from exc
+    if found is None:
+        raise CliError(EXIT_STORE, f"{path} is not a SafeAgent database (nothing was changed)")
+
+
+def _check_postgres(target: Target) -> None:
+    """Refuse an unreachable server or a schema SafeAgent never created."""
+    if not _SCHEMA_NAME.match(target.schema):
+        raise CliError(EXIT_USAGE, f"--schema must be a plain identifier, got {target.schema!r}")
+    try:
+        import psycopg  # noqa: PLC0415 - optional extra
+    except ImportError as exc:
+        raise CliError(
+            EXIT_USAGE, "PostgreSQL needs psycopg: pip install 'safeagent[postgres]'"
+        ) from exc
+    try:
+        with psycopg.connect(target.where, connect_timeout=5) as conn:
+            row = conn.execute(
+                "SELECT to_regclass(%s)", (f"{target.schema.lower()}.safeagent_meta",)
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise CliError(
+            EXIT_STORE, f"cannot reach PostgreSQL at {target.describe()}: {exc}".strip()
+        ) from exc
+    if row is None or row[0] is None:
+        raise CliError(
+            EXIT_STORE,
+            f"no SafeAgent schema {target.schema!r} at {target.describe()} "
+            "(pass --schema; nothing was created)",
+        )
+
+
+def open_store(target: Target) -> ReceiptStore:
+    """Open the store at ``target``, which must already exist."""
+    if target.kind == "sqlite":
+        path = Path(target.where)
+        _check_sqlite(path)
+        return SQLiteStore(path)
+    _check_postgres(target)
+    from safeagent.stores.postgres import PostgresStore  # noqa: PLC0415 - optional extra
+
+    return PostgresStore(target.where, schema=target.schema)
+
+
+@contextmanager
+def opened(target: Target) -> Iterator[ReceiptStore]:
+    store = open_store(target)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+def parse_duration(text: str, option: str) -> float:
+    """Seconds in ``text`` such as ``90s``, ``15m``, ``2h``, ``7d``, ``2w`` (a unit is
+    required: ``--older-than 30`` could mean seconds or days)."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise CliError(
+            EXIT_USAGE,
+            f"{option}: expected a duration with a unit (ms, s, m, h, d, w) "
+            f"such as 2h or 30d, got {text!r}",
+        )
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_instant(text: str | None, option: str, now_ms: int) -> int | None:
+    """Milliseconds since the epoch: ISO 8601 (naive means UTC) or a duration ago."""
+    if text is None:
+        return None
+    if _DURATION.match(text):
+        return now_ms - round(1000 * parse_duration(text, option))
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(
+            EXIT_USAGE,
+            f"{option}: expected ISO 8601 (2024-05-01T12:00:00Z) or a duration "
+            f"ago (2h, 7d), got {text!r}",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return round(moment.timestamp() * 1000)
+
+
+def time_window(since: str | None, until: str | None) -> tuple[int | None, int | None]:
+    now = time.time_ns() // 1_000_000
+    since_ms = parse_instant(since, "--since", now)
+    until_ms = parse_instant(until, "--until", now)
+    if since_ms is not None and until_ms is not None and since_ms > until_ms:
+        raise CliError(EXIT_USAGE, "--since is after --until")
+    return since_ms, until_ms
+
+
+def parse_json(text: str, option: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CliError(EXIT_USAGE, f"{option}: not valid JSON: {exc}") from exc
+
+
+# -- receipts and events ------------------------------------------------------------------
+
+
+def receipt_dict(record: Record, now_ms: int, *, redact: bool, payload: bool) -> dict[str, Any]:
+    receipt = Receipt.from_record(record, replay=False, now_ms=now_ms)
+    out = receipt.to_dict()
+    out.pop("replay", None)
+    out.pop("payload", None)
+    hide = default_redactor if redact else (lambda v: v)
+    out["result"] = hide(out["result"])
+    out["stored_status"] = record.status.value
+    out["lease_owner"] = record.lease_owner
+    out["lease_expires_at_ms"] = record.lease_expires_at_ms
+    out["updated_at_ms"] = record.updated_at_ms
+    out["purged_at_ms"] = getattr(record, "purged_at_ms", None)
+    if payload:
+        out["payload"] = hide(json.loads(record.payload_json)) if record.payload_json else None
+    return out
+
+
+def status_text(row: Mapping[str, Any]) -> str:
+    status = str(row["status"])
+    if row.get("purged_at_ms") is not None:
+        return f"{status} (tombstone)"
+    if status != row["stored_status"]:
+        return f"{status} (lease expired)"
+    return status
+
+
+def event_line(event: AuditEvent) -> str:
+    where = f"{event.namespace}/{event.subject}"
+    return (
+        f"{iso(event.at_ms)}  #{event.id}  {event.kind.value:<19} {where}  "
+        f"{event.action or '-'}  by {event.actor or '-'}  {compact(dict(event.detail))}"
+    )
+
+
+def print_events(events: Sequence[AuditEvent], title: str) -> None:
+    print_table(
+        ("ID", "AT", "KIND", "ACTOR", "DETAIL"),
+        [(e.id, iso(e.at_ms), e.kind.value, e.actor, compact(dict(e.detail))) for e in events],
+        title=title,
+    )
