@@ -46,6 +46,7 @@ from safeagent.errors import (
     ResultNotSerializableError,
     SchemaVersionError,
     StoreError,
+    TransportIdWarning,
 )
 from safeagent.stores import MemoryStore, ReceiptStore, SQLiteStore
 
@@ -101,6 +102,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), checked by test_packaging
     "Status",
     "StoreError",
     "Tally",
+    "TransportIdWarning",
     "__version__",
     "bind_arguments",
     "current_context",

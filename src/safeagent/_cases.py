@@ -60,6 +60,11 @@ def check_transition(case_id: str, frm: CaseState, to: CaseState) -> None:
         )
 
 
+def _decimal(x: float) -> Fraction:
+    """``x`` as the decimal number it is written as (its shortest repr), exactly."""
+    return Fraction(repr(float(x)))
+
+
 @dataclass(frozen=True, slots=True)
 class ConsensusPolicy:
     """When the live signals make a case FINAL (DESIGN section 4).
@@ -72,8 +77,10 @@ class ConsensusPolicy:
     2. at least ``quorum`` sources vote ``o`` with confidence > 0;
     3. ``score(o)`` is strictly above every other outcome's score (a tie never finalizes).
 
-    Scores are compared exactly (rational arithmetic on the given floats), so 3 x 0.8 at
-    threshold 0.8 finalizes whatever the float rounding of the sum.
+    Scores are compared exactly, in rational arithmetic on the numbers as written in
+    decimal (``0.6`` is 3/5, not the binary float nearest to it), so ``(0.6 + 1.0) / 2``
+    meets a threshold of ``0.8`` and ``3 x 0.7`` meets ``0.7``, whatever float rounding
+    would say.
 
     Worked example, threshold 0.7 and quorum 2: A votes ``approve`` at 0.9 (RESOLVED_PROVISIONAL),
     C votes ``reject`` at 0.6 (a conflict: IN_RECONCILIATION), B votes ``approve`` at 0.8:
@@ -107,11 +114,11 @@ class ConsensusPolicy:
         sums: dict[str, Fraction] = {}
         voters: dict[str, int] = {}
         for s in signals:
-            sums[s.outcome] = sums.get(s.outcome, Fraction(0)) + Fraction(s.confidence)
+            sums[s.outcome] = sums.get(s.outcome, Fraction(0)) + _decimal(s.confidence)
             if s.confidence > 0:
                 voters[s.outcome] = voters.get(s.outcome, 0) + 1
         n = len(signals)
-        threshold = Fraction(self.threshold)
+        threshold = _decimal(self.threshold)
         winner = None
         for outcome, total in sums.items():
             score = total / n

@@ -524,6 +524,7 @@ def reconcile_flow(call: Call, record: Record, s: Settings) -> Generator[Op, Any
         owner=record.lease_owner,
         claimed_at_ms=lease.claimed_at_ms,
         fencing_token=lease.fencing_token,
+        lease_expired_at_ms=record.lease_expires_at_ms,
     )
     outcome: Outcome = yield AskHook(call.reconcile, request, call.lease_ms)
     answer = outcome.value

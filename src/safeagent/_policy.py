@@ -127,6 +127,10 @@ class ReconcileRequest:
     owner: str | None
     claimed_at_ms: int
     fencing_token: int
+    lease_expired_at_ms: int | None = None
+    """When the lease of the attempt in doubt ran out (store clock, ms). Answer
+    ``not_happened`` only once no request that attempt sent can still reach the downstream
+    system: at least its longest request timeout after this instant."""
 
 
 Verdict = Literal["happened", "failed", "not_happened", "unknown"]

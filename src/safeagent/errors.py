@@ -55,6 +55,7 @@ __all__ = [
     "ResultNotSerializableError",
     "SchemaVersionError",
     "StoreError",
+    "TransportIdWarning",
 ]
 
 
@@ -220,6 +221,12 @@ class NotExecuted(GuardError):  # noqa: N818 - the name states the fact, as DESI
 
     The claim is released and the next call with the same request id runs ``fn``.
     """
+
+
+class TransportIdWarning(UserWarning):
+    """A side-effecting tool is keyed on a transport id (a tool-call, JSON-RPC or session
+    id). Models re-emit the same call after a retry with a *new* id, so such a key does
+    not recognise the retry (DESIGN section 6); key on scope and arguments instead."""
 
 
 class StoreError(GuardError):

@@ -50,6 +50,9 @@ from safeagent.errors import (
     InvalidInputError,
     ReplayedFailureError,
 )
+from safeagent.errors import (
+    TransportIdWarning as TransportIdWarning,  # noqa: PLC0414 - public home: safeagent.errors
+)
 
 KeyMode = Literal["derived", "tool_call_id"]
 """How a tool call's request id is made: ``"derived"`` (default) or ``"tool_call_id"``."""
@@ -64,18 +67,6 @@ REPLAY_MARKER = "[replayed] "
 """A short marker to pass as ``replay_marker=``: replayed content is prefixed with it."""
 
 MAX_NAME = 255
-
-
-class TransportIdWarning(UserWarning):
-    """A side-effecting tool is keyed on a transport id (the tool-call id), as asked.
-
-    A model that re-emits a tool call after a retry mints a new tool-call id, so a retry
-    keyed on that id runs the side effect again (DESIGN section 6). Emitted by every
-    integration function called with ``key="tool_call_id"`` (by ``guard_tool`` when the
-    tool is wrapped). Keep that mode for ids that are stable across retries.
-
-    .. versionadded:: 0.3
-    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,224 @@
+"""CrewAI: a tool's side effect runs once, however often CrewAI calls the tool.
+
+``pip install 'safeagent[crewai]'``. CrewAI calls a tool again when it raises: its
+``ToolUsage`` retries a failing call up to three times, and tries each attempt twice
+(once with the arguments filtered to the schema, once with them as the model gave them),
+so a tool that sends an email and then times out on the acknowledgement sends up to six
+emails. The model may also re-emit a call that succeeded. :func:`guard_tool` wraps a CrewAI
+tool (a :class:`crewai.tools.BaseTool` subclass or a ``@tool`` function) into a
+:class:`GuardedTool`, a CrewAI ``BaseTool`` with the same name, description, argument
+schema and settings (``result_as_answer``, ``max_usage_count``, ``cache_function``, ...),
+whose body runs at most once per request id:
+
+- the first call runs the tool; a success is stored and *the stored value* is returned;
+- a failure is stored and the tool's exception re-raised (CrewAI then retries, as usual);
+  every re-invocation raises :class:`~safeagent.errors.ReplayedFailureError` with the
+  stored type and message, without running the tool (DESIGN section 2: the first failure
+  is the outcome);
+- a tool that raises :class:`~safeagent.NotExecuted` (or a type the guard declares
+  "not executed") says nothing happened: the claim is released and the next attempt runs
+  it again.
+
+**Request ids** (DESIGN section 6): :func:`safeagent.derive_request_id` over
+``(scope, tool name, arguments)``, the arguments validated by the tool's schema (its
+defaults applied), minus the volatile ones named in ``exclude``. CrewAI has no
+conversation id to borrow, so the **scope** is required: a fixed ``str`` (a run, order or
+ticket id known when the crew is built), a callable given the call's arguments (return a
+``str``; read a context variable of your own, for example), or ``scope_arg``: the name of
+one of the tool's arguments whose value is the scope (``"order_id"``). A call whose scope
+is missing raises :class:`~safeagent.errors.MissingKeyError` before anything runs.
+
+CrewAI runs tools synchronously, so the guard is a :class:`~safeagent.Guard`; an
+``async`` tool (``_arun``) is awaited through ``arun`` with the guard in a worker thread.
+
+.. versionadded:: 0.3
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from crewai.tools import BaseTool
+from pydantic import ConfigDict, PrivateAttr
+from pydantic_core import PydanticSerializationError, to_jsonable_python
+
+from safeagent import ExecutionContext, Guard, derive_request_id
+from safeagent.errors import ConfigurationError, InvalidPayloadError, MissingKeyError
+from safeagent.integrations._common import check_scope, plain
+
+__all__ = ["CrewScope", "GuardedTool", "guard_tool"]
+
+CrewScope = str | Callable[[Mapping[str, Any]], Any]
+"""A fixed scope, or a callable given the call's validated arguments that returns the
+scope (a non-empty ``str``; ``None`` or ``""`` mean "missing")."""
+
+
+def guard_tool(
+    tool: BaseTool,
+    guard: Guard,
+    *,
+    scope: CrewScope | None = None,
+    scope_arg: str | None = None,
+    exclude: Collection[str] = (),
+    namespace: str | None = None,
+) -> GuardedTool:
+    """Wrap a CrewAI tool so that its side effect runs at most once per request id.
+
+    Args:
+        tool: a ``crewai.tools.BaseTool`` (a subclass instance, or a ``@tool`` function).
+            It is not modified; give the agent the returned tool instead.
+        guard: a sync :class:`~safeagent.Guard`.
+        scope: a fixed scope (``str``), or a callable given the call's arguments (a
+            mapping of name to value) that returns it. Exactly one of ``scope`` and
+            ``scope_arg``.
+        scope_arg: the name of the tool argument whose value is the scope.
+        exclude: names of volatile arguments left out of the request id and of the
+            fingerprint (they are still passed to the tool and stored).
+        namespace: the tenant namespace of the records (default: the guard's).
+
+    Returns:
+        A :class:`GuardedTool` with the tool's name, description and schema.
+
+    Raises:
+        ConfigurationError: ``tool`` is not a CrewAI ``BaseTool`` or is already guarded,
+            ``guard`` is not a :class:`~safeagent.Guard`, not exactly one of ``scope``
+            and ``scope_arg`` is given, or ``scope_arg`` or a name in ``exclude`` is not
+            one of the tool's arguments.
+        InvalidInputError: a fixed ``scope`` that is not a non-empty ``str`` of at most
+            255 characters.
+    """
+    if not isinstance(tool, BaseTool):
+        raise ConfigurationError(f"tool must be a crewai.tools.BaseTool, got {tool!r}")
+    if isinstance(tool, GuardedTool):
+        raise ConfigurationError(f"tool {tool.name!r} is already guarded")
+    if not isinstance(guard, Guard):
+        raise ConfigurationError(
+            f"guard must be a safeagent.Guard (CrewAI runs tools synchronously), got {guard!r}"
+        )
+    if (scope is None) == (scope_arg is None):
+        raise ConfigurationError(
+            f"tool {tool.name!r}: give exactly one of scope= (a str or a callable) and "
+            "scope_arg= (the argument holding the scope)"
+        )
+    if isinstance(scope, str):
+        check_scope(scope)
+    elif scope is not None and not callable(scope):
+        raise ConfigurationError(f"scope must be a str or a callable, got {scope!r}")
+    fields = set(getattr(tool.args_schema, "model_fields", {}) or {})
+    if scope_arg is not None and scope_arg not in fields:
+        raise ConfigurationError(
+            f"tool {tool.name!r} has no argument {scope_arg!r} (scope_arg); it has {sorted(fields)}"
+        )
+    if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):
+        raise ConfigurationError(f"exclude must be a collection of argument names: {exclude!r}")
+    unknown = sorted(set(exclude) - fields)
+    if unknown:  # a misspelt volatile name would stay in the request id: every retry runs
+        raise ConfigurationError(
+            f"tool {tool.name!r} has no arguments {unknown} (exclude); it has {sorted(fields)}"
+        )
+    guarded = GuardedTool(
+        name=tool.name,
+        description=tool.description,
+        env_vars=tool.env_vars,
+        args_schema=tool.args_schema,
+        result_schema=tool.result_schema,
+        cache_function=tool.cache_function,
+        result_as_answer=tool.result_as_answer,
+        max_usage_count=tool.max_usage_count,
+        tool_failure_policy=tool.tool_failure_policy,
+    )
+    guarded._inner = tool
+    guarded._guard = guard
+    guarded._scope = scope
+    guarded._scope_arg = scope_arg
+    guarded._exclude = frozenset(exclude)
+    guarded._namespace = namespace
+    return guarded
+
+
+class GuardedTool(BaseTool):
+    """A CrewAI tool whose side effect runs at most once per request id.
+
+    Made by :func:`guard_tool` (see the module docstring). ``inner`` is the wrapped tool.
+
+    .. versionadded:: 0.3
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    _inner: BaseTool = PrivateAttr()
+    _guard: Guard = PrivateAttr()
+    _scope: CrewScope | None = PrivateAttr(default=None)
+    _scope_arg: str | None = PrivateAttr(default=None)
+    _exclude: frozenset[str] = PrivateAttr(default=frozenset())
+    _namespace: str | None = PrivateAttr(default=None)
+
+    @property
+    def inner(self) -> BaseTool:
+        """The wrapped tool (calling it directly bypasses the guard)."""
+        return self._inner
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        request_id, payload = self._request(args, kwargs)
+
+        def fn(_ctx: ExecutionContext) -> Any:
+            result = self._inner._run(*args, **kwargs)
+            if asyncio.iscoroutine(result):  # as crewai's BaseTool.run does
+                result = asyncio.run(result)
+            return plain(result)
+
+        receipt = self._guard.execute(
+            request_id, self.name, payload, fn, namespace=self._namespace, exclude=self._exclude
+        )
+        return receipt.result
+
+    async def _arun(self, *args: Any, **kwargs: Any) -> Any:
+        request_id, payload = self._request(args, kwargs)
+        loop = asyncio.get_running_loop()
+        inner = self._inner
+        is_async = type(inner)._arun is not BaseTool._arun
+
+        def fn(_ctx: ExecutionContext) -> Any:
+            if is_async:  # the tool body runs on the caller's loop, the guard in a thread
+                coro = inner._arun(*args, **kwargs)
+                return plain(asyncio.run_coroutine_threadsafe(coro, loop).result())
+            return plain(inner._run(*args, **kwargs))
+
+        receipt = await asyncio.to_thread(
+            self._guard.execute,
+            request_id,
+            self.name,
+            payload,
+            fn,
+            namespace=self._namespace,
+            exclude=self._exclude,
+        )
+        return receipt.result
+
+    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any]:
+        """The request id and the payload (the arguments as JSON values)."""
+        try:
+            payload: dict[str, Any] = to_jsonable_python(kwargs)
+            if args:
+                payload["args"] = to_jsonable_python(list(args))
+        except PydanticSerializationError as exc:
+            raise InvalidPayloadError(
+                f"tool {self.name!r}: arguments are not JSON values: {exc}"
+            ) from exc
+        if self._scope_arg is not None:
+            value: Any = kwargs.get(self._scope_arg)
+            where = f"argument {self._scope_arg!r}"
+        elif isinstance(self._scope, str):
+            value, where = self._scope, "scope"
+        else:
+            assert self._scope is not None  # guard_tool checked it
+            value, where = self._scope(dict(kwargs)), "the scope callable"
+        if value is None or value == "":
+            raise MissingKeyError(
+                f"tool {self.name!r} has no scope for its request ids: {where} gave {value!r}"
+            )
+        scope = check_scope(value if isinstance(value, str) else str(value))
+        kept = {k: v for k, v in payload.items() if k not in self._exclude}
+        return derive_request_id(scope, self.name, kept), payload

@@ -1,0 +1,550 @@
+"""LangChain and LangGraph: any ``BaseTool`` runs its side effect at most once per request.
+
+``pip install 'safeagent[langchain]'``. :func:`guard_tool` wraps a LangChain
+:class:`~langchain_core.tools.BaseTool` (a ``@tool`` function, a ``StructuredTool``, a
+subclass, sync or ``async``) into a :class:`GuardedTool`: a ``BaseTool`` with the same
+name, description, argument schema (what the model sees, injected arguments included) and
+error-handling settings, so it drops into LangGraph's ``ToolNode``, a prebuilt ReAct agent
+or ``bind_tools`` unchanged.
+
+**Request ids** (DESIGN section 6). By default a call's request id is derived from what
+the call *is*: :func:`safeagent.derive_request_id` over ``(scope, tool name, arguments)``.
+The arguments are the tool's validated input (its schema's defaults applied), minus the
+injected ones (``InjectedState``, ``InjectedStore``, ``InjectedToolCallId``,
+``ToolRuntime``, callbacks) and the volatile ones named in ``exclude``. Equivalent calls
+(the same arguments in another key order, or re-emitted by the model after a retry under a
+new ``tool_call_id``) get one request id: the side effect runs once and every other call
+gets the stored result.
+
+The **scope** says which calls are "the same" on purpose. By default it is the
+``thread_id`` of the ``RunnableConfig`` (``config={"configurable": {"thread_id": ...}}``,
+which LangGraph checkpointers need anyway): one conversation. Pass ``scope="order-42"``
+to fix it when the tool is wrapped, or ``scope=lambda config: ...`` to read it from the
+config of each call (for example ``config["configurable"]["order_id"]``). A call without a
+scope raises :class:`~safeagent.errors.MissingKeyError` before anything runs: a scope-less
+derived id would merge two intentional identical purchases into one.
+
+``key="tool_call_id"`` keys calls on the model's ``tool_call_id`` instead (a transport id:
+a model that re-emits a call mints a new one, so the retry runs again), and emits
+:class:`TransportIdWarning` when the tool is wrapped.
+
+**Results**. The tool's return value is stored as JSON (pydantic models dumped; see
+:func:`safeagent.json_default`) and *the stored value* is returned, on the first call and
+on every replay, so the ``ToolMessage`` a replay produces is the first one's. With
+``response_format="content_and_artifact"`` the ``(content, artifact)`` pair is stored as a
+two-item list and returned as a tuple. A returned ``ToolMessage`` is stored as its content,
+artifact and status, and rebuilt with the current call's ``tool_call_id``. Tools that
+return a LangGraph ``Command`` are not supported (a ``Command`` is not a stored result).
+
+**Failures**. An exception the tool raises is recorded and re-raised on the call that ran
+it; LangChain and LangGraph then handle it as usual (``handle_tool_error``,
+``ToolNode(handle_tool_errors=...)``). Later calls raise
+:class:`~safeagent.errors.ReplayedFailureError` with the stored type and message, and do
+not run the tool; when the stored failure was a ``ToolException`` they raise
+:class:`ReplayedToolError` (both a ``ToolException`` and a ``ReplayedFailureError``,
+its message the original one), so ``handle_tool_error`` shows the model the same text
+again. ``NotExecuted`` (and types the guard declares "not executed") release the claim:
+the next call runs the tool again. SafeAgent's own errors (``InProgressError``,
+``OutcomeUnknownError``, ``ConflictError``, ``StoreError``, ...) propagate.
+
+**Sync and async**. With a :class:`~safeagent.Guard` the tool works with ``invoke`` and
+``ainvoke`` (the guard then runs in a worker thread and an ``async`` tool body on the
+caller's event loop). With an :class:`~safeagent.AsyncGuard` it works with ``ainvoke``
+(``graph.ainvoke``) only; ``invoke`` raises :class:`~safeagent.errors.ConfigurationError`.
+
+.. versionadded:: 0.3
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import typing
+import warnings
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any, Literal
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForToolRun,
+    CallbackManagerForToolRun,
+)
+from langchain_core.messages import ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool, StructuredTool, ToolException
+from pydantic import ConfigDict, PrivateAttr
+from pydantic_core import PydanticSerializationError, to_jsonable_python
+
+from safeagent import AsyncGuard, ExecutionContext, Guard, derive_request_id
+from safeagent.errors import (
+    ConfigurationError,
+    InvalidPayloadError,
+    MissingKeyError,
+    ReplayedFailureError,
+)
+from safeagent.integrations._common import TransportIdWarning, check_scope, plain
+
+__all__ = [
+    "GuardedTool",
+    "ReplayedToolError",
+    "ScopeSource",
+    "TransportIdWarning",
+    "guard_tool",
+    "guard_tools",
+]
+
+ScopeSource = str | Callable[[RunnableConfig], Any] | None
+"""Where a call's scope comes from: a fixed ``str``; a callable given the call's
+``RunnableConfig`` (returning a non-empty ``str``, or ``None`` for "no scope"); or
+``None`` for the config's ``configurable.thread_id``."""
+
+KeyMode = Literal["derived", "tool_call_id"]
+
+_CALL_ID_KW = "__safeagent_tool_call_id__"
+"""The private keyword that carries the ``tool_call_id`` from input parsing to ``_run``."""
+
+_TOOL_MESSAGE = "__langchain_tool_message__"
+"""Marks a stored ``ToolMessage`` (its content, artifact and status)."""
+
+
+class ReplayedToolError(ReplayedFailureError, ToolException):
+    """A replay of a stored ``ToolException``: the tool did not run again.
+
+    Both a :class:`~safeagent.errors.ReplayedFailureError` (``error_type``,
+    ``error_message``, ``receipt``) and a LangChain ``ToolException`` whose message is the
+    original one, so the tool's ``handle_tool_error`` renders it as it rendered the first.
+
+    .. versionadded:: 0.3
+    """
+
+
+# -- wrapping --------------------------------------------------------------------------------
+
+
+def guard_tool(
+    tool: BaseTool,
+    guard: Guard | AsyncGuard,
+    *,
+    scope: ScopeSource = None,
+    key: KeyMode = "derived",
+    exclude: Collection[str] = (),
+    namespace: str | None = None,
+) -> GuardedTool:
+    """Wrap a LangChain tool so that its side effect runs at most once per request id.
+
+    Args:
+        tool: any ``BaseTool`` (``@tool`` functions, ``StructuredTool``, subclasses; sync
+            or ``async``). It is not modified.
+        guard: a :class:`~safeagent.Guard` (``invoke`` and ``ainvoke``) or an
+            :class:`~safeagent.AsyncGuard` (``ainvoke`` only).
+        scope: where each call's scope comes from (see :data:`ScopeSource`): ``None``
+            (default) for ``config["configurable"]["thread_id"]``, a fixed ``str``, or a
+            callable given the call's ``RunnableConfig``.
+        key: ``"derived"`` (default) or ``"tool_call_id"`` (the model's id for the call;
+            emits :class:`TransportIdWarning`).
+        exclude: names of volatile arguments left out of the request id and of the
+            fingerprint (they are still passed to the tool and stored with the payload).
+        namespace: the tenant namespace of the records (default: the guard's).
+
+    Returns:
+        A :class:`GuardedTool` with the tool's name, description and schemas.
+
+    Raises:
+        ConfigurationError: ``tool`` is not a ``BaseTool`` or is already guarded,
+            ``guard`` is not a guard, a name in ``exclude`` is not one of the tool's
+            arguments, or another option is invalid.
+        InvalidInputError: a fixed ``scope`` that is not a non-empty ``str`` of at most
+            255 characters.
+    """
+    if not isinstance(tool, BaseTool):
+        raise ConfigurationError(f"tool must be a langchain_core BaseTool, got {tool!r}")
+    if isinstance(tool, GuardedTool):
+        raise ConfigurationError(f"tool {tool.name!r} is already guarded")
+    if not isinstance(guard, (Guard, AsyncGuard)):
+        raise ConfigurationError(f"guard must be a Guard or an AsyncGuard, got {guard!r}")
+    if key not in ("derived", "tool_call_id"):
+        raise ConfigurationError(f"key must be 'derived' or 'tool_call_id', got {key!r}")
+    if isinstance(scope, str):
+        check_scope(scope)
+    elif scope is not None and not callable(scope):
+        raise ConfigurationError(f"scope must be a str, a callable or None, got {scope!r}")
+    if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):
+        raise ConfigurationError(f"exclude must be a collection of argument names: {exclude!r}")
+    unknown = sorted(set(exclude) - _argument_names(tool))
+    if unknown:  # a misspelt volatile name would stay in the request id: every retry runs
+        raise ConfigurationError(
+            f"tool {tool.name!r} has no arguments {unknown} (exclude); it has "
+            f"{sorted(_argument_names(tool))}"
+        )
+    if key == "tool_call_id":
+        warnings.warn(
+            f"tool {tool.name!r}: request ids are keyed on tool-call ids; a model that "
+            "re-emits a call after a retry mints a new id, so the retry runs the side "
+            "effect again. Use the default key='derived' unless the ids are stable.",
+            TransportIdWarning,
+            stacklevel=2,
+        )
+    # Every BaseTool setting the installed LangChain has (name, description, args_schema,
+    # return_direct, callbacks, tags, metadata, handle_tool_error, response_format, ...).
+    settings = {f: getattr(tool, f) for f in BaseTool.model_fields if hasattr(tool, f)}
+    guarded = GuardedTool(**settings)
+    guarded._inner = tool
+    guarded._guard = guard
+    guarded._scope = scope
+    guarded._key = key
+    guarded._exclude = frozenset(exclude)
+    guarded._namespace = namespace
+    return guarded
+
+
+def guard_tools(
+    tools: Iterable[BaseTool],
+    guard: Guard | AsyncGuard,
+    *,
+    scope: ScopeSource = None,
+    key: KeyMode = "derived",
+    exclude: Collection[str] | Mapping[str, Collection[str]] = (),
+    namespace: str | None = None,
+) -> list[GuardedTool]:
+    """:func:`guard_tool` for several tools with the same options.
+
+    Args:
+        tools: the tools, in order.
+        guard, scope, key, namespace: as for :func:`guard_tool`.
+        exclude: volatile argument names (each tool leaves out those it has), or a mapping
+            of tool name to names.
+
+    Returns:
+        The guarded tools, in the same order.
+
+    Raises:
+        ConfigurationError: as :func:`guard_tool`; also a name in ``exclude`` that no tool
+            takes, or a mapping entry for a tool that is not there.
+        InvalidInputError: as :func:`guard_tool`.
+    """
+    tools = list(tools)
+    if isinstance(exclude, Mapping):
+        missing = sorted(set(exclude) - {getattr(t, "name", None) for t in tools})
+        if missing:
+            raise ConfigurationError(f"exclude names tools that are not there: {missing}")
+    elif isinstance(exclude, str):
+        raise ConfigurationError(f"exclude must be a collection of argument names: {exclude!r}")
+    else:
+        taken = set().union(*(_argument_names(t) for t in tools if isinstance(t, BaseTool)))
+        unknown = sorted(set(exclude) - taken)
+        if unknown:
+            raise ConfigurationError(f"no tool has the arguments {unknown} (exclude)")
+    result = []
+    for tool in tools:
+        names: Collection[str]
+        if isinstance(exclude, Mapping):
+            names = exclude.get(getattr(tool, "name", ""), ())
+        elif isinstance(tool, BaseTool):
+            names = set(exclude) & _argument_names(tool)
+        else:
+            names = ()
+        result.append(
+            guard_tool(tool, guard, scope=scope, key=key, exclude=names, namespace=namespace)
+        )
+    return result
+
+
+# -- the tool --------------------------------------------------------------------------------
+
+
+class GuardedTool(BaseTool):
+    """A LangChain tool whose side effect runs at most once per request id.
+
+    Made by :func:`guard_tool`; see the module docstring for the request ids, results and
+    failures. ``inner`` is the wrapped tool.
+
+    .. versionadded:: 0.3
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    _inner: BaseTool = PrivateAttr()
+    _guard: Guard | AsyncGuard = PrivateAttr()
+    _scope: ScopeSource = PrivateAttr(default=None)
+    _key: KeyMode = PrivateAttr(default="derived")
+    _exclude: frozenset[str] = PrivateAttr(default=frozenset())
+    _namespace: str | None = PrivateAttr(default=None)
+
+    @property
+    def inner(self) -> BaseTool:
+        """The wrapped tool (calling it directly bypasses the guard)."""
+        return self._inner
+
+    # The schemas are the inner tool's: what the model sees, and what LangGraph's ToolNode
+    # reads to inject state, store and runtime arguments.
+
+    def get_input_schema(self, config: RunnableConfig | None = None) -> Any:
+        """The wrapped tool's input schema."""
+        return self._inner.get_input_schema(config)
+
+    @property
+    def tool_call_schema(self) -> Any:
+        """The wrapped tool's schema for models (injected arguments left out)."""
+        return self._inner.tool_call_schema
+
+    @property
+    def _injected_args_keys(self) -> frozenset[str]:
+        return self._inner._injected_args_keys
+
+    def _to_args_and_kwargs(
+        self, tool_input: str | dict[str, Any], tool_call_id: str | None
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # Parse and validate exactly as the wrapped tool does (injected arguments too);
+        # carry the tool_call_id to _run, which needs it only with key="tool_call_id".
+        args, kwargs = self._inner._to_args_and_kwargs(tool_input, tool_call_id)
+        return tuple(args), {**kwargs, _CALL_ID_KW: tool_call_id}
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _run(
+        self,
+        *args: Any,
+        config: RunnableConfig,
+        run_manager: CallbackManagerForToolRun | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        call_id = kwargs.pop(_CALL_ID_KW, None)
+        guard = self._guard
+        if not isinstance(guard, Guard):
+            raise ConfigurationError(
+                f"tool {self.name!r} is guarded by an AsyncGuard: call it with ainvoke "
+                "(graph.ainvoke / astream), or guard it with a Guard"
+            )
+        request_id, payload = self._request(args, kwargs, config, call_id)
+        raised: list[BaseException] = []
+        inner_kwargs = _with_extras(self._inner._run, kwargs, config, run_manager)
+
+        def fn(_ctx: ExecutionContext) -> Any:
+            try:
+                return self._encode(self._inner._run(*args, **inner_kwargs))
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        try:
+            receipt = guard.execute(
+                request_id, self.name, payload, fn, namespace=self._namespace, exclude=self._exclude
+            )
+        except ReplayedFailureError as err:
+            if raised and err is raised[-1]:
+                raise
+            raise _replayed(err) from None
+        return self._decode(receipt.result, call_id)
+
+    async def _arun(
+        self,
+        *args: Any,
+        config: RunnableConfig,
+        run_manager: AsyncCallbackManagerForToolRun | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        call_id = kwargs.pop(_CALL_ID_KW, None)
+        request_id, payload = self._request(args, kwargs, config, call_id)
+        raised: list[BaseException] = []
+        inner = self._inner
+
+        def sync_body(_ctx: ExecutionContext) -> Any:
+            # A sync tool runs in the guard's worker thread, as BaseTool._arun would run it
+            # in an executor (with the sync twin of the callback manager).
+            manager = run_manager.get_sync() if run_manager is not None else None
+            try:
+                extras = _with_extras(inner._run, kwargs, config, manager)
+                return self._encode(inner._run(*args, **extras))
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        async def async_body(_ctx: ExecutionContext) -> Any:
+            try:
+                extras = _with_extras(inner._arun, kwargs, config, run_manager)
+                return self._encode(await inner._arun(*args, **extras))
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        guard = self._guard
+        try:
+            if isinstance(guard, AsyncGuard):  # it awaits async_body, or runs sync_body in a thread
+                fn: Callable[[ExecutionContext], Any] = (
+                    sync_body if _runs_sync(inner) else async_body
+                )
+                receipt = await guard.execute(
+                    request_id,
+                    self.name,
+                    payload,
+                    fn,
+                    namespace=self._namespace,
+                    exclude=self._exclude,
+                )
+            else:
+                loop = asyncio.get_running_loop()
+
+                def on_loop(ctx: ExecutionContext) -> Any:
+                    # The sync guard runs in a worker thread; an async tool body on this loop.
+                    return asyncio.run_coroutine_threadsafe(async_body(ctx), loop).result()
+
+                receipt = await asyncio.to_thread(
+                    guard.execute,
+                    request_id,
+                    self.name,
+                    payload,
+                    sync_body if _runs_sync(inner) else on_loop,
+                    namespace=self._namespace,
+                    exclude=self._exclude,
+                )
+        except ReplayedFailureError as err:
+            if raised and err is raised[-1]:
+                raise
+            raise _replayed(err) from None
+        return self._decode(receipt.result, call_id)
+
+    # -- request ids -------------------------------------------------------------------------
+
+    def _scope_of(self, config: RunnableConfig | None) -> str:
+        source = self._scope
+        if isinstance(source, str):
+            return source
+        if source is None:
+            configurable = (config or {}).get("configurable") or {}
+            value = configurable.get("thread_id")
+            where = "config['configurable']['thread_id']"
+        else:
+            value = source(config or {})
+            where = "the scope callable"
+        if value is None or value == "":
+            raise MissingKeyError(
+                f"tool {self.name!r} has no scope for its request ids: {where} gave "
+                f"{value!r}. Run it with config={{'configurable': {{'thread_id': ...}}}}, "
+                "or wrap it with scope=..."
+            )
+        return check_scope(value if isinstance(value, str) else str(value))
+
+    def _request(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        config: RunnableConfig | None,
+        call_id: str | None,
+    ) -> tuple[str, dict[str, Any]]:
+        """The request id and the payload (the model-given arguments as JSON values)."""
+        visible = _without_injected(self._inner, kwargs)
+        try:
+            payload: dict[str, Any] = to_jsonable_python(visible)
+            if args:
+                payload["args"] = to_jsonable_python(list(args))
+        except PydanticSerializationError as exc:
+            raise InvalidPayloadError(
+                f"tool {self.name!r}: arguments are not JSON values: {exc}"
+            ) from exc
+        if self._key == "tool_call_id":
+            if not call_id:
+                raise MissingKeyError(
+                    f"tool {self.name!r} is keyed on tool-call ids, but was called without "
+                    "one (invoke it with a ToolCall, as ToolNode does)"
+                )
+            return call_id, payload
+        kept = {k: v for k, v in payload.items() if k not in self._exclude}
+        return derive_request_id(self._scope_of(config), self.name, kept), payload
+
+    # -- results -----------------------------------------------------------------------------
+
+    def _encode(self, value: Any) -> Any:
+        """The tool's return value as a JSON value to store."""
+        if isinstance(value, ToolMessage):
+            return {
+                _TOOL_MESSAGE: {
+                    "content": plain(value.content),
+                    "artifact": plain(value.artifact),
+                    "status": value.status,
+                }
+            }
+        if self.response_format == "content_and_artifact" and isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return plain(value)
+
+    def _decode(self, stored: Any, call_id: str | None) -> Any:
+        """The stored value as the tool returns it (see the module docstring)."""
+        if isinstance(stored, dict) and set(stored) == {_TOOL_MESSAGE}:
+            message = stored[_TOOL_MESSAGE]
+            return ToolMessage(
+                content=message.get("content", ""),
+                artifact=message.get("artifact"),
+                status=message.get("status", "success"),
+                name=self.name,
+                tool_call_id=call_id or "",
+            )
+        if self.response_format == "content_and_artifact" and isinstance(stored, list):
+            return tuple(stored)
+        return stored
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _without_injected(tool: BaseTool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without the arguments LangChain or LangGraph inject (state, store,
+    runtime, tool_call_id, callbacks): they are not what the model asked for."""
+    strip = getattr(tool, "_filter_injected_args", None)  # langchain-core 1.x
+    if callable(strip):
+        return dict(strip(kwargs))
+    injected = set(getattr(tool, "_injected_args_keys", ())) | {"run_manager", "callbacks"}
+    return {k: v for k, v in kwargs.items() if k not in injected}
+
+
+def _runs_sync(tool: BaseTool) -> bool:
+    """``True`` when ``tool`` has no ``async`` body of its own (its ``_arun`` would run
+    ``_run`` in an executor)."""
+    if type(tool)._arun is BaseTool._arun:
+        return True
+    return isinstance(tool, StructuredTool) and tool.coroutine is None
+
+
+def _argument_names(tool: BaseTool) -> set[str]:
+    """The names of the arguments the model gives ``tool`` (``args`` for positional)."""
+    try:
+        names = set(tool.args)
+    except Exception:  # noqa: BLE001 - a schema LangChain cannot render: no names to check
+        return set()
+    return names | {"args"}
+
+
+def _replayed(err: ReplayedFailureError) -> ReplayedFailureError:
+    """The error a replayed failure raises (a ``ToolException`` when it was one)."""
+    if err.error_type.rsplit(".", 1)[-1] == "ToolException":
+        return ReplayedToolError(
+            err.error_message,
+            error_type=err.error_type,
+            error_message=err.error_message,
+            receipt=err.receipt,
+        )
+    return err
+
+
+def _with_extras(
+    method: Callable[..., Any],
+    kwargs: dict[str, Any],
+    config: RunnableConfig,
+    run_manager: Any,
+) -> dict[str, Any]:
+    """``kwargs`` plus the ``run_manager`` and ``RunnableConfig`` parameters that
+    ``method`` declares, as ``BaseTool.run`` passes them."""
+    extra = dict(kwargs)
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return extra
+    if "run_manager" in parameters:
+        extra["run_manager"] = run_manager
+    try:
+        hints = typing.get_type_hints(method)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: no config parameter
+        hints = {}
+    for name, hint in hints.items():
+        if hint is RunnableConfig and name in parameters:
+            extra[name] = config
+            break
+    return extra

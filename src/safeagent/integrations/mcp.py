@@ -1,0 +1,407 @@
+"""MCP: guarded tools on a FastMCP server, and SafeAgent's own MCP server.
+
+``pip install 'safeagent[mcp]'``; written for the official MCP Python SDK's ``FastMCP``
+(``mcp.server.fastmcp``, SDK 1.x).
+
+**Guarding a server's tools.** :func:`guard_server` wraps the tools already registered on
+a ``FastMCP`` server, in place; :func:`guarded` wraps one function before it is
+registered (put it under ``@server.tool()``). Either way the tool keeps its name,
+description and input and output schemas, and its side effect runs at most once per
+request id: the first call runs it and stores the outcome, every later call with the same
+request id gets the stored result (or the stored failure, with the same error text) and
+the tool does not run again. Clients reconnect, time out and retry with the same
+arguments; none of that runs the side effect twice, across sessions and server restarts
+alike (the receipts live in the guard's store).
+
+**Request ids** (DESIGN section 6): :func:`safeagent.derive_request_id` over ``(scope,
+tool name, arguments)``, the arguments as FastMCP validated them (defaults applied),
+minus the FastMCP ``Context`` and the volatile arguments named in ``exclude``. They are
+**never** keyed on JSON-RPC request ids or session ids: those are transport ids, numbered
+afresh by every session (two different calls in two sessions often share JSON-RPC id 1)
+and changed by every reconnect (a retry after a dropped connection has a new one). The
+**scope** is a server-level setting (``scope="tenant-A/run-7"``, for a server that serves
+one run or one conversation) or a tool argument (``scope_arg="order_id"``: each call's
+scope is the value of that argument). A call whose ``scope_arg`` is missing or empty
+raises :class:`~safeagent.errors.MissingKeyError` before anything runs.
+
+**Results and failures.** The stored value is returned on the first call and on every
+replay (pydantic models dumped to JSON values), so a replay never differs from the first
+answer. A tool that raises: the failure is stored and the exception propagates (FastMCP
+shows the client ``"Error executing tool <name>: <message>"``); a replay raises
+:class:`~safeagent.errors.ReplayedFailureError` whose message is the stored one, so the
+client sees the same text. ``NotExecuted`` releases the claim (the next call runs).
+
+**SafeAgent's own server.** :func:`serve` runs an MCP server over stdio (``safeagent
+mcp``, or ``python -m safeagent.integrations.mcp``) that shows MCP clients the receipts,
+in-doubt records, audit trail and cases of a local store, and takes case signals. Tools:
+``list_receipts``, ``get_receipt``, ``list_in_doubt``, ``audit_trail``, ``list_cases``,
+``get_case``, ``signal_case``. Resources: ``safeagent://in-doubt``,
+``safeagent://receipts/{namespace}/{request_id}``, ``safeagent://cases/{namespace}/{case_id}``
+(percent-encode a ``/`` in an id). Payloads, results and signal metadata pass through the
+guard's redaction hook first. It resolves nothing: an in-doubt record is settled by an
+operator (``Guard.resolve``) or a reconcile hook, never by a model. Nothing is hosted:
+the server is a local process reading the local store.
+
+.. versionadded:: 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import sys
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar, cast
+
+import anyio
+import anyio.to_thread
+from pydantic_core import PydanticSerializationError, to_jsonable_python
+
+try:
+    from mcp.server.fastmcp import Context, FastMCP
+except ImportError as exc:  # pragma: no cover - depends on the installed SDK
+    raise ImportError(
+        "safeagent.integrations.mcp needs the MCP Python SDK 1.x (mcp.server.fastmcp): "
+        "pip install 'safeagent[mcp]' (mcp<2)"
+    ) from exc
+
+from safeagent import (
+    AsyncGuard,
+    ExecutionContext,
+    Guard,
+    derive_request_id,
+)
+from safeagent.errors import (
+    ConfigurationError,
+    InvalidPayloadError,
+    MissingKeyError,
+    ReplayedFailureError,
+)
+from safeagent.integrations._common import check_scope, plain
+from safeagent.integrations._mcp_server import build_server, serve
+
+__all__ = ["build_server", "guard_server", "guarded", "main", "serve"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- guarding tools --------------------------------------------------------------------------
+
+
+class _Keying:
+    """How one tool's calls become request ids."""
+
+    def __init__(
+        self,
+        name: str,
+        scope: str | None,
+        scope_arg: str | None,
+        exclude: Collection[str],
+        parameters: Collection[str],
+    ) -> None:
+        if isinstance(scope, str):
+            check_scope(scope)
+        elif scope is not None:
+            raise ConfigurationError(f"scope must be a str or None, got {scope!r}")
+        if scope_arg is not None and scope_arg not in parameters:
+            if scope is None:
+                raise ConfigurationError(
+                    f"tool {name!r} has no argument {scope_arg!r} (scope_arg) and no "
+                    f"server-level scope; its arguments are {sorted(parameters)}"
+                )
+            scope_arg = None  # this tool falls back to the server-level scope
+        if scope is None and scope_arg is None:
+            raise ConfigurationError(
+                f"tool {name!r}: give scope= (a server-level scope) or scope_arg= (the "
+                "argument whose value is the scope); MCP transport ids are never used"
+            )
+        if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):
+            raise ConfigurationError(f"exclude must be a collection of argument names: {exclude!r}")
+        unknown = sorted(set(exclude) - set(parameters))
+        if unknown:  # a misspelt volatile name would stay in the request id: every retry runs
+            raise ConfigurationError(
+                f"tool {name!r} has no arguments {unknown} (exclude); it has {sorted(parameters)}"
+            )
+        self.name = name
+        self.scope = scope
+        self.scope_arg = scope_arg
+        self.exclude = frozenset(exclude)
+
+    def request(self, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The request id and the payload of one call (``arguments`` without Context)."""
+        try:
+            payload: dict[str, Any] = to_jsonable_python(arguments)
+        except PydanticSerializationError as exc:
+            raise InvalidPayloadError(
+                f"tool {self.name!r}: arguments are not JSON values: {exc}"
+            ) from exc
+        if self.scope_arg is not None:
+            value = arguments.get(self.scope_arg)
+            if value is None or value == "":
+                raise MissingKeyError(
+                    f"tool {self.name!r}: argument {self.scope_arg!r} (the scope of its "
+                    f"request ids) is {value!r}"
+                )
+            scope = check_scope(value if isinstance(value, str) else str(value))
+        else:
+            assert self.scope is not None  # checked in __init__
+            scope = self.scope
+        kept = {k: v for k, v in payload.items() if k not in self.exclude}
+        return derive_request_id(scope, self.name, kept), payload
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - the method itself, not callable()
+    )
+
+
+def _wrap(
+    fn: Callable[..., Any],
+    guard: Guard | AsyncGuard,
+    keying: _Keying,
+    namespace: str | None,
+) -> Callable[..., Awaitable[Any]]:
+    """An ``async`` function that runs ``fn`` through the guard (see the module docstring)."""
+    if not isinstance(guard, (Guard, AsyncGuard)):
+        raise ConfigurationError(f"guard must be a Guard or an AsyncGuard, got {guard!r}")
+    fn_is_async = _is_async(fn)
+
+    async def call(**kwargs: Any) -> Any:
+        arguments = {k: v for k, v in kwargs.items() if not isinstance(v, Context)}
+        request_id, payload = keying.request(arguments)
+        raised: list[BaseException] = []
+
+        try:
+            if isinstance(guard, AsyncGuard):
+
+                async def afn(_ctx: ExecutionContext) -> Any:
+                    try:
+                        value = fn(**kwargs)
+                        if inspect.isawaitable(value):
+                            value = await value
+                        return plain(value)
+                    except BaseException as exc:
+                        raised.append(exc)
+                        raise
+
+                receipt = await guard.execute(
+                    request_id,
+                    keying.name,
+                    payload,
+                    afn,
+                    namespace=namespace,
+                    exclude=keying.exclude,
+                )
+            else:
+
+                async def shielded() -> Any:
+                    # Once started, the body runs to completion whatever the caller does
+                    # (a client that cancels or disconnects); its outcome is recorded.
+                    with anyio.CancelScope(shield=True):
+                        return await fn(**kwargs)
+
+                def sfn(_ctx: ExecutionContext) -> Any:
+                    try:
+                        if fn_is_async:  # the body runs on the server's loop
+                            return plain(anyio.from_thread.run(shielded))
+                        return plain(fn(**kwargs))
+                    except BaseException as exc:
+                        raised.append(exc)
+                        raise
+
+                receipt = await anyio.to_thread.run_sync(
+                    functools.partial(
+                        guard.execute,
+                        request_id,
+                        keying.name,
+                        payload,
+                        sfn,
+                        namespace=namespace,
+                        exclude=keying.exclude,
+                    )
+                )
+        except ReplayedFailureError as err:
+            if raised and err is raised[-1]:
+                raise
+            # The client saw "Error executing tool <name>: <message>" the first time.
+            raise ReplayedFailureError(
+                err.error_message or err.error_type,
+                error_type=err.error_type,
+                error_message=err.error_message,
+                receipt=err.receipt,
+            ) from None
+        return receipt.result
+
+    return call
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except (NameError, TypeError):  # annotations that cannot be evaluated here
+        return inspect.signature(fn)
+
+
+def guarded(
+    guard: Guard | AsyncGuard,
+    *,
+    scope: str | None = None,
+    scope_arg: str | None = None,
+    exclude: Collection[str] = (),
+    namespace: str | None = None,
+    name: str | None = None,
+) -> Callable[[F], F]:
+    """Decorator: guard a tool function before FastMCP registers it.
+
+    Put it *under* ``@server.tool()``::
+
+        @server.tool()
+        @guarded(guard, scope_arg="order_id")
+        def create_ticket(order_id: str, title: str, priority: str = "normal") -> dict: ...
+
+    The wrapper keeps the function's name, docstring and signature (so FastMCP derives the
+    same schemas), and is ``async`` (with a sync :class:`~safeagent.Guard` the guard and a
+    sync body run in a worker thread, off the server's event loop).
+
+    Args:
+        guard: a :class:`~safeagent.Guard` or an :class:`~safeagent.AsyncGuard`.
+        scope: a server-level scope (a non-empty ``str``).
+        scope_arg: the name of the argument whose value is each call's scope; with
+            ``scope`` too, ``scope_arg`` wins.
+        exclude: names of volatile arguments left out of the request id and fingerprint.
+        namespace: the tenant namespace of the records (default: the guard's).
+        name: the tool's name (default: the function's name), used as the action; give
+            the same one to ``@server.tool(name=...)``.
+
+    Returns:
+        The decorator.
+
+    Raises:
+        ConfigurationError: neither ``scope`` nor ``scope_arg``, an unknown
+            ``scope_arg`` or ``exclude`` name, or not a guard.
+        InvalidInputError: a ``scope`` that is not a non-empty ``str`` of at most 255
+            characters.
+    """
+
+    def decorate(fn: F) -> F:
+        signature = _signature(fn)
+        tool_name = name or fn.__name__
+        keying = _Keying(tool_name, scope, scope_arg, exclude, signature.parameters)
+        call = _wrap(fn, guard, keying, namespace)
+
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return await call(**bound.arguments)
+
+        wrapper.__signature__ = signature  # type: ignore[attr-defined]
+        return cast(F, wrapper)
+
+    return decorate
+
+
+def guard_server(
+    server: FastMCP,
+    guard: Guard | AsyncGuard,
+    *,
+    scope: str | None = None,
+    scope_arg: str | None = None,
+    tools: Collection[str] | None = None,
+    exclude: Collection[str] | Mapping[str, Collection[str]] = (),
+    namespace: str | None = None,
+) -> FastMCP:
+    """Guard the tools registered on a FastMCP server, in place.
+
+    Tools registered later are not guarded: call this after the last ``@server.tool()``.
+
+    Args:
+        server: a ``mcp.server.fastmcp.FastMCP`` server.
+        guard: a :class:`~safeagent.Guard` or an :class:`~safeagent.AsyncGuard`.
+        scope: a server-level scope (a non-empty ``str``): the scope of the tools that
+            have no ``scope_arg`` argument.
+        scope_arg: the name of the argument whose value is each call's scope, in the
+            tools that have it.
+        tools: the names of the tools to guard (default: all of them; read-only tools
+            need no guard).
+        exclude: names of volatile arguments left out of request ids and fingerprints
+            (each tool leaves out those it has), or a mapping of tool name to names.
+        namespace: the tenant namespace of the records (default: the guard's).
+
+    Returns:
+        ``server``, whose tools now run through the guard.
+
+    Raises:
+        ConfigurationError: an unknown tool name, a tool with neither a ``scope_arg``
+            argument nor a server-level ``scope``, a name in ``exclude`` that no guarded
+            tool takes (or that the tool a mapping names does not take), a tool already
+            guarded, or a server that is not a FastMCP 1.x server.
+        InvalidInputError: a ``scope`` that is not a non-empty ``str`` of at most 255
+            characters.
+    """
+    manager = getattr(server, "_tool_manager", None)
+    if not isinstance(server, FastMCP) or manager is None:
+        raise ConfigurationError(f"server must be an mcp.server.fastmcp.FastMCP, got {server!r}")
+    registered = {tool.name: tool for tool in manager.list_tools()}
+    names = list(registered) if tools is None else list(tools)
+    unknown = [n for n in names if n not in registered]
+    if unknown:
+        raise ConfigurationError(f"no tools named {unknown} on this server")
+    parameters = {n: set(registered[n].fn_metadata.arg_model.model_fields) for n in names}
+    if isinstance(exclude, Mapping):
+        strays = sorted(set(exclude) - set(names))
+        if strays:
+            raise ConfigurationError(f"exclude names tools that are not guarded here: {strays}")
+    elif isinstance(exclude, str):
+        raise ConfigurationError(f"exclude must be a collection of argument names: {exclude!r}")
+    else:
+        unknown = sorted(set(exclude) - set().union(*parameters.values()))
+        if unknown:
+            raise ConfigurationError(f"no guarded tool has the arguments {unknown} (exclude)")
+    for tool_name in names:
+        tool = registered[tool_name]
+        if getattr(tool.fn, "__safeagent_guarded__", False):
+            raise ConfigurationError(f"tool {tool_name!r} is already guarded")
+        own: Collection[str] = (
+            exclude.get(tool_name, ())
+            if isinstance(exclude, Mapping)
+            else set(exclude) & parameters[tool_name]
+        )
+        keying = _Keying(tool_name, scope, scope_arg, own, parameters[tool_name])
+        call = _wrap(tool.fn, guard, keying, namespace)
+        call.__safeagent_guarded__ = True  # type: ignore[attr-defined]
+        tool.fn = call
+        tool.is_async = True
+    return server
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m safeagent.integrations.mcp [--db PATH]``: run :func:`serve`.
+
+    Args:
+        argv: the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status (0).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m safeagent.integrations.mcp",
+        description="SafeAgent's MCP server (stdio): receipts, in-doubt records, cases.",
+    )
+    parser.add_argument(
+        "--db",
+        default=None,
+        help="SQLite file or postgresql:// URL (default: $SAFEAGENT_DB, else ./safeagent.db)",
+    )
+    parser.add_argument("--schema", default=None, help="PostgreSQL schema (with a URL)")
+    args = parser.parse_args(argv)
+    serve(args.db, schema=args.schema)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through a subprocess
+    sys.exit(main())

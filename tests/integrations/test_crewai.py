@@ -1,0 +1,290 @@
+"""CrewAI tools through the guard, with the real ``crewai`` package and its own retries.
+
+The agent's model is a scripted ``crewai.llms.base_llm.BaseLLM`` (CrewAI's documented way
+to plug in a custom model) that answers in CrewAI's ReAct text format; no network, no
+telemetry. Side effects are counted in the effect ledger (``tests/conftest.py``), a SQLite
+file separate from the guard's database.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")  # before crewai is imported
+os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integrations import require
+
+with warnings.catch_warnings():  # as pytest.importorskip does, also under CI=true:
+    warnings.simplefilter("ignore", ImportWarning)  # crewai.rag refuses a child attribute
+    require("crewai")
+
+from crewai import Agent, Crew, Task
+from crewai.llms.base_llm import BaseLLM
+from crewai.tools import BaseTool, tool
+from pydantic import BaseModel, Field
+
+from safeagent import AsyncGuard, Guard, MemoryStore, NotExecuted
+from safeagent.errors import (
+    ConfigurationError,
+    MissingKeyError,
+    ReplayedFailureError,
+)
+from safeagent.integrations.crewai import GuardedTool, guard_tool
+from tests.conftest import Ledger
+from tests.integrations import run_example
+
+# CrewAI warns about its own deprecated fields while building agents; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+MAIL = {"to": "user@example.test", "template": "welcome"}
+
+
+@pytest.fixture(autouse=True)
+def crewai_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep CrewAI's own files (task outputs) in the test's directory."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("CREWAI_STORAGE_DIR", "safeagent-tests")
+
+
+class Scripted(BaseLLM):
+    """A model that answers with ``replies`` in order and records what it was shown."""
+
+    replies: list[str]
+    seen: list[str] = Field(default_factory=list)
+
+    def call(self, messages: Any, *args: Any, **kwargs: Any) -> str:
+        text = messages if isinstance(messages, str) else json.dumps(messages, default=str)
+        self.seen.append(text)
+        return self.replies[min(len(self.seen) - 1, len(self.replies) - 1)]
+
+    def supports_function_calling(self) -> bool:
+        return False  # CrewAI's text tool calling, with ToolUsage and its retries
+
+
+def action(tool_name: str, args: dict[str, Any]) -> str:
+    return f"Thought: I will use the tool.\nAction: {tool_name}\nAction Input: {json.dumps(args)}"
+
+
+FINISH = "Thought: I now know the final answer.\nFinal Answer: done"
+
+
+def kickoff(tools: list[BaseTool], replies: list[str]) -> tuple[Any, Scripted]:
+    """Run a one-agent, one-task crew whose model follows ``replies``."""
+    llm = Scripted(model="scripted", replies=replies)
+    agent = Agent(
+        role="Customer mailer",
+        goal="Send the customer the right email",
+        backstory="Sends transactional emails.",
+        llm=llm,
+        tools=tools,
+        max_iter=4,
+        verbose=False,
+    )
+    task = Task(description="Send the welcome email.", expected_output="status", agent=agent)
+    return Crew(agents=[agent], tasks=[task], verbose=False).kickoff(), llm
+
+
+class SendEmailArgs(BaseModel):
+    to: str
+    template: str
+
+
+class SendEmail(BaseTool):
+    """P6's ``send_email``: writes the sent-mail row, then the acknowledgement times out."""
+
+    name: str = "send_email"
+    description: str = "Send a templated email to a customer."
+    args_schema: type[BaseModel] = SendEmailArgs
+    ledger: Any = None
+    entered: int = 0
+
+    def _run(self, to: str, template: str) -> str:
+        self.entered += 1
+        self.ledger.append("mail", f"{to}|{template}")
+        raise TimeoutError("mail server did not acknowledge")
+
+
+def test_p6_failing_tool_runs_once_under_crewai_retries(tmp_path: Path, ledger: Ledger) -> None:
+    """P6: under CrewAI's retries a failing tool runs once; every retry gets the stored failure."""
+    unguarded = SendEmail(ledger=Ledger(tmp_path / "baseline.db"))
+    kickoff([unguarded], [action("send_email", MAIL), FINISH])
+    assert unguarded.entered > 1  # the default retry path really calls the tool again
+
+    guard = Guard(tmp_path / "guard.db")
+    inner = SendEmail(ledger=ledger)
+    guarded = guard_tool(inner, guard, scope="run-1")
+
+    result, llm = kickoff([guarded], [action("send_email", MAIL), FINISH])
+
+    assert result.raw == "done"
+    assert inner.entered == 1
+    assert ledger.count("mail") == 1
+    assert "mail server did not acknowledge" in llm.seen[1]
+    guard.close()
+    reader = Guard(tmp_path / "guard.db")
+    kinds = [e.kind.value for e in reader.audit_trail()]
+    assert kinds.count("claimed") == 1
+    assert kinds.count("failed") == 1
+    assert kinds.count("replayed") == unguarded.entered - 1
+    [receipt] = [reader.get(e.subject) for e in reader.audit_trail() if e.kind.value == "failed"]
+    assert receipt is not None
+    assert receipt.error is not None
+    assert receipt.error.type == "TimeoutError"
+    reader.close()
+
+
+def test_p6_not_executed_tool_may_run_on_every_attempt(ledger: Ledger) -> None:
+    """P6: a tool raising NotExecuted runs on every CrewAI attempt and writes nothing."""
+    entered: list[str] = []
+
+    @tool("reserve_slot")
+    def reserve_slot(day: str) -> str:
+        """Reserve a delivery slot."""
+        entered.append(day)
+        raise NotExecuted("calendar busy: nothing was reserved")
+
+    guard = Guard(MemoryStore())
+    kickoff(
+        [guard_tool(reserve_slot, guard, scope="run-1")],
+        [action("reserve_slot", {"day": "mon"}), FINISH],
+    )
+
+    assert len(entered) > 1
+    assert ledger.count() == 0
+    kinds = [e.kind.value for e in guard.audit_trail()]
+    assert kinds.count("claimed") == kinds.count("released") == len(entered)
+
+
+def test_succeeding_tool_replayed_when_the_crew_runs_again(tmp_path: Path, ledger: Ledger) -> None:
+    """A crew re-run after a restart gets the stored result of a tool that succeeded."""
+    inner_runs: list[str] = []
+
+    @tool("send_receipt")
+    def send_receipt(to: str, order_id: str) -> dict[str, Any]:
+        """Email the customer a receipt for an order."""
+        inner_runs.append(order_id)
+        return {"message_id": f"M-{ledger.append('mail', order_id)}"}
+
+    outputs = []
+    for _ in range(2):
+        guard = Guard(tmp_path / "guard.db")
+        guarded = guard_tool(send_receipt, guard, scope_arg="order_id")
+        args = {"to": "user@example.test", "order_id": "ORD-1"}
+        _, llm = kickoff([guarded], [action("send_receipt", args), FINISH])
+        outputs.append(llm.seen[1])
+        guard.close()
+
+    assert ledger.count("mail") == 1
+    assert inner_runs == ["ORD-1"]
+    assert all('"message_id": "M-1"' in text or "'message_id': 'M-1'" in text for text in outputs)
+
+
+@tool("create_ticket")
+def create_ticket_tool(order_id: str, title: str, priority: str = "normal") -> str:
+    """Open a support ticket for an order."""
+    return f"T-{LEDGER[0].append('ticket', order_id)}"
+
+
+LEDGER: list[Ledger] = []
+
+
+@pytest.fixture
+def ticket_ledger(ledger: Ledger) -> Any:
+    """The ledger ``create_ticket_tool`` writes to."""
+    LEDGER[:] = [ledger]
+    yield ledger
+    LEDGER.clear()
+
+
+def test_guarded_tool_keeps_name_description_and_schema() -> None:
+    """The guarded tool has the CrewAI tool's name, description and argument schema."""
+    guarded = guard_tool(create_ticket_tool, Guard(MemoryStore()), scope="s")
+
+    assert isinstance(guarded, GuardedTool)
+    assert guarded.inner is create_ticket_tool
+    assert (guarded.name, guarded.description) == ("create_ticket", create_ticket_tool.description)
+    schema = guarded.args_schema.model_json_schema()
+    assert schema == create_ticket_tool.args_schema.model_json_schema()
+
+
+def test_scope_arg_keys_direct_and_structured_calls_alike(ticket_ledger: Ledger) -> None:
+    """run() and CrewAI's structured tool share request ids; another scope value runs again."""
+    guarded = guard_tool(create_ticket_tool, Guard(MemoryStore()), scope_arg="order_id")
+
+    first = guarded.run(order_id="ORD-1", title="Printer on fire")
+    structured = guarded.to_structured_tool()
+    again = structured.invoke({"title": "Printer on fire", "order_id": "ORD-1"})
+    other = guarded.run(order_id="ORD-2", title="Printer on fire")
+
+    assert again == first != other
+    assert ticket_ledger.count("ticket") == 2
+
+
+def test_empty_scope_argument_is_refused(ticket_ledger: Ledger) -> None:
+    """An empty scope argument raises MissingKeyError and runs nothing."""
+    guarded = guard_tool(create_ticket_tool, Guard(MemoryStore()), scope_arg="order_id")
+
+    with pytest.raises(MissingKeyError, match="order_id"):
+        guarded.run(order_id="", title="x")
+    assert ticket_ledger.count() == 0
+
+
+def test_direct_failure_is_raised_once_then_replayed() -> None:
+    """A failing tool raises its own exception once, then ReplayedFailureError."""
+    entered: list[str] = []
+
+    def failing(order_id: str) -> str:
+        entered.append(order_id)
+        raise TimeoutError("late ack")
+
+    flaky = guard_tool(tool("flaky")(_doc(failing)), Guard(MemoryStore()), scope="s")
+
+    with pytest.raises(TimeoutError):
+        flaky.run(order_id="ORD-1")
+    with pytest.raises(ReplayedFailureError, match="late ack"):
+        flaky.run(order_id="ORD-1")
+    assert entered == ["ORD-1"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "exactly one"),
+        ({"scope": "s", "scope_arg": "order_id"}, "exactly one"),
+        ({"scope_arg": "customer"}, "no argument"),
+        ({"scope": "s", "exclude": ["sent_ta"]}, "no arguments"),
+    ],
+)
+def test_bad_scope_settings_are_refused(options: dict[str, Any], message: str) -> None:
+    """guard_tool needs one of scope and scope_arg, and real argument names."""
+    with pytest.raises(ConfigurationError, match=message):
+        guard_tool(create_ticket_tool, Guard(MemoryStore()), **options)
+
+
+def test_async_guard_and_double_guarding_are_refused() -> None:
+    """guard_tool refuses an AsyncGuard (CrewAI runs tools synchronously) and a guarded tool."""
+    with pytest.raises(ConfigurationError, match="Guard"):
+        guard_tool(create_ticket_tool, AsyncGuard(MemoryStore()), scope="s")  # type: ignore[arg-type]
+    guarded = guard_tool(create_ticket_tool, Guard(MemoryStore()), scope="s")
+    with pytest.raises(ConfigurationError, match="already guarded"):
+        guard_tool(guarded, Guard(MemoryStore()), scope="s")
+
+
+def _doc(fn: Any) -> Any:
+    fn.__doc__ = "A tool that fails after sending."
+    return fn
+
+
+def test_example_runs_offline(tmp_path: Path) -> None:
+    """examples/crewai_tools.py runs offline and exits 0."""
+    result = run_example("crewai_tools.py", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "guarded tool: emails sent 1" in result.stdout

@@ -1,0 +1,594 @@
+"""LangChain tools and LangGraph graphs through the guard, with the real packages.
+
+Models are LangChain's own fake chat models (``GenericFakeChatModel``) scripted with
+``AIMessage`` tool calls; no network. Side effects are counted in the effect ledger
+(``tests/conftest.py``), a SQLite file separate from the guard's database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+
+from tests.integrations import require
+
+require("langchain_core")
+require("langgraph")
+
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
+from langchain_core.tools import (  # noqa: E402
+    BaseTool,
+    InjectedToolCallId,
+    StructuredTool,
+    ToolException,
+    tool,
+)
+from langchain_core.utils.function_calling import convert_to_openai_tool  # noqa: E402
+from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
+from langgraph.graph import END, START, MessagesState, StateGraph  # noqa: E402
+from langgraph.prebuilt import InjectedState, ToolNode, tools_condition  # noqa: E402
+
+from safeagent import AsyncGuard, Guard, MemoryStore, NotExecuted  # noqa: E402
+from safeagent.errors import (  # noqa: E402
+    ConfigurationError,
+    MissingKeyError,
+    ReplayedFailureError,
+)
+from safeagent.integrations.langchain import (  # noqa: E402
+    GuardedTool,
+    ReplayedToolError,
+    TransportIdWarning,
+    guard_tool,
+    guard_tools,
+)
+from tests.conftest import Ledger  # noqa: E402
+from tests.integrations import run_example  # noqa: E402
+
+THREAD = {"configurable": {"thread_id": "conv-1"}}
+TICKET = {"order_id": "ORD-1", "title": "Printer on fire", "priority": "high"}
+
+
+def ticket_tool(ledger: Ledger, delay: float = 0.0) -> BaseTool:
+    """``create_ticket``: one ledger row per ticket; the ticket id is the row id."""
+
+    def create_ticket(order_id: str, title: str, priority: str = "normal") -> dict[str, Any]:
+        """Open a support ticket for an order."""
+        time.sleep(delay)
+        row = ledger.append("ticket", f"{order_id}|{title}|{priority}")
+        return {"ticket_id": f"T-{row}", "priority": priority}
+
+    return StructuredTool.from_function(create_ticket)
+
+
+def call(args: dict[str, Any], call_id: str, name: str = "create_ticket") -> dict[str, Any]:
+    return {"name": name, "args": args, "id": call_id, "type": "tool_call"}
+
+
+def scripted(messages: list[AIMessage], tools: list[BaseTool]) -> Any:
+    """A fake chat model that answers with ``messages`` in order, with the tools bound
+    the way ``create_react_agent`` expects (``bind(tools=...)``)."""
+    model = GenericFakeChatModel(messages=iter(messages))
+    return model.bind(tools=[convert_to_openai_tool(t) for t in tools])
+
+
+def react_agent(model: Any, tools: list[BaseTool], **kwargs: Any) -> Any:
+    from langgraph.prebuilt import create_react_agent
+
+    with warnings.catch_warnings():  # deprecated in LangGraph 1.x, and still shipped
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return create_react_agent(model, tools, **kwargs)
+
+
+def tool_graph(model: Any, tools: list[BaseTool], checkpointer: Any = None) -> Any:
+    """agent -> tools -> agent, with a plain ``ToolNode`` running each message's calls."""
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    async def aagent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    from langchain_core.runnables import RunnableLambda
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", RunnableLambda(agent, afunc=aagent))
+    builder.add_node("tools", ToolNode(tools))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    return builder.compile(checkpointer=checkpointer)
+
+
+class ToolSpans(BaseCallbackHandler):
+    """Records when each tool run started and ended (to show calls overlapped)."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self._lock = threading.Lock()
+
+    def on_tool_start(self, *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            self.starts.append(time.monotonic())
+
+    def on_tool_end(self, *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            self.ends.append(time.monotonic())
+
+
+def tool_messages(result: dict[str, Any]) -> list[ToolMessage]:
+    return [m for m in result["messages"] if isinstance(m, ToolMessage)]
+
+
+P7_MESSAGE = AIMessage(
+    content="",
+    tool_calls=[
+        call(TICKET, "call_a"),
+        call({"priority": "high", "title": "Printer on fire", "order_id": "ORD-1"}, "call_b"),
+        call({"title": "Printer on fire", "priority": "high", "order_id": "ORD-1"}, "call_c"),
+    ],
+)
+P7_LATER = AIMessage(content="", tool_calls=[call({**TICKET, "priority": "low"}, "call_d")])
+
+
+# -- P7 --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_p7_parallel_equivalent_calls_in_react_agent(
+    tmp_path: Path, ledger: Ledger, version: str
+) -> None:
+    """P7: equivalent parallel calls in one AI message file one ticket; a new priority, another."""
+    guard = Guard(tmp_path / "guard.db")
+    tools = [guard_tool(ticket_tool(ledger, delay=0.2), guard)]
+    model = scripted(
+        [P7_MESSAGE, AIMessage("Filed."), P7_LATER, AIMessage("Filed the low one.")], tools
+    )
+    agent = react_agent(model, tools, checkpointer=InMemorySaver(), version=version)
+    spans = ToolSpans()
+    config = {**THREAD, "callbacks": [spans]}
+
+    first = agent.invoke({"messages": [HumanMessage("file it")]}, config)
+
+    assert ledger.count("ticket") == 1
+    replies = tool_messages(first)
+    assert sorted(m.tool_call_id for m in replies) == ["call_a", "call_b", "call_c"]
+    assert {m.content for m in replies} == {'{"ticket_id": "T-1", "priority": "high"}'}
+    assert all(m.status == "success" and m.name == "create_ticket" for m in replies)
+    assert len(spans.starts) == 3
+    assert max(spans.starts) < min(spans.ends)
+
+    second = agent.invoke({"messages": [HumanMessage("and a low one")]}, config)
+
+    assert ledger.count("ticket") == 2
+    assert tool_messages(second)[-1].content == '{"ticket_id": "T-2", "priority": "low"}'
+    guard.close()
+
+
+def test_p7_async_tool_node_with_async_guard(tmp_path: Path, ledger: Ledger) -> None:
+    """P7 through graph.ainvoke and an AsyncGuard: one ticket, three replies carrying its id."""
+    guard = AsyncGuard(tmp_path / "guard.db")
+    tools = [guard_tool(ticket_tool(ledger, delay=0.2), guard)]
+    graph = tool_graph(scripted([P7_MESSAGE, AIMessage("Filed.")], tools), tools)
+
+    async def run() -> dict[str, Any]:
+        try:
+            return dict(await graph.ainvoke({"messages": [HumanMessage("file it")]}, THREAD))
+        finally:
+            await guard.aclose()
+
+    result = asyncio.run(run())
+
+    assert ledger.count("ticket") == 1
+    replies = tool_messages(result)
+    assert [m.tool_call_id for m in replies] == ["call_a", "call_b", "call_c"]
+    assert len({m.content for m in replies}) == 1
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def test_graph_resumed_from_checkpoint_after_failure(tmp_path: Path, ledger: Ledger) -> None:
+    """A graph resumed, or forked, from its checkpoint after the tools node failed: one ticket."""
+    pages = {"n": 0}
+
+    @tool
+    def page_oncall(team: str) -> str:
+        """Page the on-call engineer of a team."""
+        pages["n"] += 1
+        if pages["n"] == 1:
+            raise ConnectionError("pager gateway unreachable")
+        return f"paged {team}"
+
+    message = AIMessage(
+        content="",
+        tool_calls=[call(TICKET, "call_1"), call({"team": "ops"}, "call_2", "page_oncall")],
+    )
+    checkpointer = InMemorySaver()
+
+    def fresh_graph() -> tuple[Any, Guard]:
+        guard = Guard(tmp_path / "guard.db")  # a new guard on the same file (a restart)
+        tools = [guard_tool(ticket_tool(ledger), guard), page_oncall]
+        model = scripted([message, AIMessage("Done."), AIMessage("Done again.")], tools)
+        return tool_graph(model, tools, checkpointer=checkpointer), guard
+
+    graph, guard = fresh_graph()
+    with pytest.raises(ConnectionError):
+        graph.invoke({"messages": [HumanMessage("fire!")]}, THREAD)
+    guard.close()
+    assert ledger.count("ticket") == 1
+    [(_, detail)] = ledger.rows("ticket")
+
+    graph, guard = fresh_graph()
+    resumed = graph.invoke(None, THREAD)
+
+    assert ledger.count("ticket") == 1
+    ticket_reply = next(m for m in tool_messages(resumed) if m.name == "create_ticket")
+    assert ticket_reply.content == '{"ticket_id": "T-1", "priority": "high"}'
+    assert detail == "ORD-1|Printer on fire|high"
+    receipt = guard.get(ticket_reply_request_id(guard))
+    assert receipt is not None
+    assert receipt.result == {"ticket_id": "T-1", "priority": "high"}
+
+    before_tools = next(
+        s for s in graph.get_state_history(THREAD) if s.next == ("tools",)
+    )  # the checkpoint the failed run had reached
+    forked = graph.invoke(None, before_tools.config)
+    assert ledger.count("ticket") == 1
+    assert [m.content for m in tool_messages(forked) if m.name == "create_ticket"][-1] == (
+        ticket_reply.content
+    )
+    guard.close()
+
+
+def ticket_reply_request_id(guard: Guard) -> str:
+    """The request id of the only create_ticket record."""
+    [event] = [e for e in guard.audit_trail() if e.kind.value == "claimed"]
+    return event.subject
+
+
+def test_langgraph_retry_policy_reruns_the_node_but_not_the_effect(ledger: Ledger) -> None:
+    """LangGraph's RetryPolicy re-runs the tools node after a late connection reset: one email."""
+    from langgraph.types import RetryPolicy
+
+    entered = {"n": 0}
+
+    @tool
+    def send_email(to: str, template: str) -> str:
+        """Send an email."""
+        entered["n"] += 1
+        ledger.append("mail", to)
+        raise ConnectionResetError("connection reset after the message was handed over")
+
+    guarded = guard_tool(send_email, Guard(MemoryStore()))
+    builder = StateGraph(MessagesState)
+    builder.add_node(
+        "tools",
+        ToolNode([guarded]),
+        retry_policy=RetryPolicy(max_attempts=3, initial_interval=0, jitter=False),
+    )
+    builder.add_edge(START, "tools")
+    builder.add_edge("tools", END)
+    message = AIMessage(
+        "",
+        tool_calls=[call({"to": "user@example.test", "template": "welcome"}, "c1", "send_email")],
+    )
+
+    with pytest.raises(ReplayedFailureError, match="connection reset") as info:
+        builder.compile().invoke({"messages": [message]}, THREAD)
+
+    assert info.value.error_type == "ConnectionResetError"
+    assert entered["n"] == 1
+    assert ledger.count("mail") == 1
+
+
+# -- schema, keys and scope ------------------------------------------------------------------
+
+
+def test_guarded_tool_keeps_name_description_and_schemas(ledger: Ledger) -> None:
+    """The guarded tool has the inner tool's name, description and schemas."""
+    inner = ticket_tool(ledger)
+    guarded = guard_tool(inner, Guard(MemoryStore()))
+
+    assert isinstance(guarded, BaseTool)
+    assert isinstance(guarded, GuardedTool)
+    assert guarded.inner is inner
+    assert (guarded.name, guarded.description) == (inner.name, inner.description)
+    assert guarded.args == inner.args
+    assert convert_to_openai_tool(guarded) == convert_to_openai_tool(inner)
+
+
+def test_guard_tools_wraps_each_tool_and_refuses_guarding_twice(ledger: Ledger) -> None:
+    """guard_tools wraps every tool given; a guarded tool cannot be guarded again."""
+    inner = ticket_tool(ledger)
+    both = guard_tools([inner, inner], Guard(MemoryStore()), exclude={"create_ticket": ["title"]})
+
+    assert [type(t) for t in both] == [GuardedTool, GuardedTool]
+    with pytest.raises(ConfigurationError, match="already guarded"):
+        guard_tool(both[0], Guard(MemoryStore()))
+
+
+def test_single_input_tool_is_keyed_on_its_input(ledger: Ledger) -> None:
+    """A single-input ``Tool`` (a string input, passed positionally) runs once per input."""
+    from langchain_core.tools import Tool
+
+    book = Tool(
+        name="book_room",
+        func=lambda room: f"B-{ledger.append('book', room)}",
+        description="Book a meeting room.",
+    )
+    guarded = guard_tool(book, Guard(MemoryStore()), scope="s")
+
+    assert guarded.invoke("room 1") == guarded.invoke("room 1")
+    assert guarded.invoke("room 2") != guarded.invoke("room 1")
+    assert ledger.count("book") == 2
+
+
+def test_injected_arguments_are_passed_but_not_keyed(ledger: Ledger) -> None:
+    """Injected state and tool_call_id reach the tool but are not part of the request id."""
+    seen: list[tuple[int, str]] = []
+
+    @tool
+    def create_ticket(
+        title: str,
+        state: Annotated[dict[str, Any], InjectedState],
+        tool_call_id: Annotated[str, InjectedToolCallId],
+    ) -> str:
+        """Open a ticket."""
+        seen.append((len(state["messages"]), tool_call_id))
+        return f"T-{ledger.append('ticket', title)}"
+
+    guarded = guard_tool(create_ticket, Guard(MemoryStore()))
+    graph = tool_graph(
+        scripted(
+            [
+                AIMessage("", tool_calls=[call({"title": "x"}, "call_1")]),
+                AIMessage("", tool_calls=[call({"title": "x"}, "call_2")]),
+                AIMessage("done"),
+            ],
+            [guarded],
+        ),
+        [guarded],
+    )
+
+    result = graph.invoke({"messages": [HumanMessage("go")]}, THREAD)
+
+    assert ledger.count("ticket") == 1
+    assert seen == [(2, "call_1")]
+    assert [m.content for m in tool_messages(result)] == ["T-1", "T-1"]
+
+
+def test_thread_id_scope_keeps_conversations_apart(ledger: Ledger) -> None:
+    """By default the thread_id is the scope: the same call in another conversation runs."""
+    guarded = guard_tool(ticket_tool(ledger), Guard(MemoryStore()))
+
+    guarded.invoke(TICKET, {"configurable": {"thread_id": "conv-1"}})
+    guarded.invoke(TICKET, {"configurable": {"thread_id": "conv-1"}})
+    guarded.invoke(TICKET, {"configurable": {"thread_id": "conv-2"}})
+
+    assert ledger.count("ticket") == 2
+
+
+def test_call_without_scope_is_refused(ledger: Ledger) -> None:
+    """A call with no thread_id and no scope= raises MissingKeyError and runs nothing."""
+    guarded = guard_tool(ticket_tool(ledger), Guard(MemoryStore()))
+
+    with pytest.raises(MissingKeyError, match="thread_id"):
+        guarded.invoke(TICKET)
+    assert ledger.count("ticket") == 0
+
+
+def test_fixed_and_config_scopes_key_calls_alike(ledger: Ledger) -> None:
+    """A fixed scope and a scope read from the config give the same call one request id."""
+    inner = ticket_tool(ledger)
+    guard = Guard(MemoryStore())
+    fixed = guard_tool(inner, guard, scope="order-42")
+    from_config = guard_tool(inner, guard, scope=lambda config: config["configurable"]["order"])
+
+    first = fixed.invoke(TICKET, {"configurable": {"thread_id": "conv-1"}})
+    again = from_config.invoke(TICKET, {"configurable": {"order": "order-42"}})
+
+    assert first == again
+    assert ledger.count("ticket") == 1
+
+
+def test_volatile_arguments_can_be_excluded(ledger: Ledger) -> None:
+    """An argument named in exclude (a timestamp) does not make a new request."""
+
+    def notify(user: str, sent_at: str) -> str:
+        """Notify a user."""
+        return f"N-{ledger.append('notify', user)}"
+
+    guarded = guard_tool(
+        StructuredTool.from_function(notify),
+        Guard(MemoryStore()),
+        scope="run-1",
+        exclude=["sent_at"],
+    )
+
+    assert guarded.invoke({"user": "u1", "sent_at": "10:00"}) == "N-1"
+    assert guarded.invoke({"user": "u1", "sent_at": "10:05"}) == "N-1"
+    assert ledger.count("notify") == 1
+
+
+def test_misspelt_volatile_argument_is_refused(ledger: Ledger) -> None:
+    """An exclude name the tool does not take is a ConfigurationError when wrapping."""
+    with pytest.raises(ConfigurationError, match="sent_ta"):
+        guard_tool(ticket_tool(ledger), Guard(MemoryStore()), exclude=["sent_ta"])
+    with pytest.raises(ConfigurationError, match="not there"):
+        guard_tools([ticket_tool(ledger)], Guard(MemoryStore()), exclude={"notify": ["at"]})
+
+
+def test_tool_call_id_keys_warn_and_use_the_transport_id(ledger: Ledger) -> None:
+    """key='tool_call_id' warns when wrapped; then each new tool_call_id runs again."""
+    with pytest.warns(TransportIdWarning, match="create_ticket"):
+        guarded = guard_tool(ticket_tool(ledger), Guard(MemoryStore()), key="tool_call_id")
+
+    guarded.invoke(call(TICKET, "call_1"))
+    guarded.invoke(call(TICKET, "call_1"))
+    guarded.invoke(call(TICKET, "call_2"))
+
+    assert ledger.count("ticket") == 2
+    with pytest.raises(MissingKeyError, match="tool-call ids"):
+        guarded.invoke(TICKET)
+
+
+# -- outcomes --------------------------------------------------------------------------------
+
+
+def test_tool_exception_is_stored_and_shown_the_same_way(ledger: Ledger) -> None:
+    """A stored ToolException is shown to the model with the same text on every call."""
+
+    @tool
+    def send_email(to: str, template: str) -> str:
+        """Send an email."""
+        ledger.append("mail", to)
+        raise ToolException("SMTP acknowledgement timed out")
+
+    send_email.handle_tool_error = True
+    guarded = guard_tool(send_email, Guard(MemoryStore()), scope="run-1")
+    args = {"to": "user@example.test", "template": "welcome"}
+
+    replies = [guarded.invoke(call(args, f"call_{i}", "send_email")) for i in range(3)]
+
+    assert ledger.count("mail") == 1
+    assert {(m.content, m.status) for m in replies} == {("SMTP acknowledgement timed out", "error")}
+
+
+def test_replayed_tool_exception_is_a_replayed_tool_error(ledger: Ledger) -> None:
+    """Without handle_tool_error, a replayed ToolException raises a typed ReplayedToolError."""
+
+    @tool
+    def send_email(to: str, template: str) -> str:
+        """Send an email."""
+        ledger.append("mail", to)
+        raise ToolException("SMTP acknowledgement timed out")
+
+    guarded = guard_tool(send_email, Guard(MemoryStore()), scope="run-1")
+    args = {"to": "user@example.test", "template": "welcome"}
+
+    with pytest.raises(ToolException):
+        guarded.invoke(args)
+    with pytest.raises(ReplayedToolError) as info:
+        guarded.invoke(args)
+
+    assert isinstance(info.value, ReplayedFailureError)
+    assert info.value.error_message == "SMTP acknowledgement timed out"
+    assert ledger.count("mail") == 1
+
+
+def test_plain_failure_is_raised_then_replayed(ledger: Ledger) -> None:
+    """Any other failure is re-raised once, then replayed as ReplayedFailureError."""
+
+    def charge(customer: str, amount_cents: int) -> str:
+        """Charge a card."""
+        ledger.append("charge", customer)
+        raise TimeoutError("acquirer did not answer")
+
+    guarded = guard_tool(StructuredTool.from_function(charge), Guard(MemoryStore()), scope="o-1")
+    args = {"customer": "CUST-1", "amount_cents": 500}
+
+    with pytest.raises(TimeoutError):
+        guarded.invoke(args)
+    with pytest.raises(ReplayedFailureError, match="acquirer did not answer") as info:
+        guarded.invoke(args)
+
+    assert info.value.error_type == "TimeoutError"
+    assert ledger.count("charge") == 1
+
+
+def test_not_executed_releases_the_claim(ledger: Ledger) -> None:
+    """A tool raising NotExecuted runs again on the next call."""
+    attempts = {"n": 0}
+
+    def reserve(slot: str) -> str:
+        """Reserve a slot."""
+        attempts["n"] += 1
+        if attempts["n"] == 1:
+            raise NotExecuted("calendar busy, nothing booked")
+        return f"R-{ledger.append('reserve', slot)}"
+
+    guarded = guard_tool(StructuredTool.from_function(reserve), Guard(MemoryStore()), scope="s")
+
+    with pytest.raises(NotExecuted):
+        guarded.invoke({"slot": "mon"})
+    assert guarded.invoke({"slot": "mon"}) == "R-1"
+    assert guarded.invoke({"slot": "mon"}) == "R-1"
+    assert attempts["n"] == 2
+    assert ledger.count("reserve") == 1
+
+
+def test_content_and_artifact_survive_replays(ledger: Ledger) -> None:
+    """A content_and_artifact tool returns the same content and artifact on a replay."""
+
+    def label(order_id: str) -> tuple[str, dict[str, Any]]:
+        """Create a shipping label."""
+        row = ledger.append("label", order_id)
+        return f"label L-{row}", {"label_id": row}
+
+    tool_ = StructuredTool.from_function(label, response_format="content_and_artifact")
+    guarded = guard_tool(tool_, Guard(MemoryStore()), scope="s")
+
+    first = guarded.invoke(call({"order_id": "ORD-1"}, "c1", "label"))
+    again = guarded.invoke(call({"order_id": "ORD-1"}, "c2", "label"))
+
+    assert (first.content, first.artifact) == (again.content, again.artifact)
+    assert again.artifact == {"label_id": 1}
+    assert ledger.count("label") == 1
+
+
+def test_async_tool_under_a_sync_guard_runs_once(ledger: Ledger) -> None:
+    """An async-only tool guarded by a sync Guard runs once for concurrent ainvoke calls."""
+
+    async def refund(order_id: str) -> str:
+        """Refund an order."""
+        await asyncio.sleep(0.05)
+        return f"RF-{ledger.append('refund', order_id)}"
+
+    tool_ = StructuredTool.from_function(coroutine=refund)
+    guarded = guard_tool(tool_, Guard(MemoryStore()), scope="s")
+
+    results = asyncio.run(_gather(guarded, {"order_id": "ORD-1"}, 3))
+
+    assert len(set(results)) == 1
+    assert ledger.count("refund") == 1
+
+
+def test_many_concurrent_ainvoke_calls_under_a_sync_guard(ledger: Ledger) -> None:
+    """Forty concurrent ainvoke calls of a sync tool under a sync Guard: one ticket, no stall."""
+    guarded = guard_tool(ticket_tool(ledger, delay=0.2), Guard(MemoryStore()), scope="s")
+
+    started = time.monotonic()
+    results = asyncio.run(_gather(guarded, TICKET, 40))
+
+    assert len(set(map(str, results))) == 1
+    assert ledger.count("ticket") == 1
+    assert time.monotonic() - started < 5
+
+
+def test_async_guard_refuses_sync_invoke(ledger: Ledger) -> None:
+    """A tool guarded by an AsyncGuard refuses invoke and points to ainvoke."""
+    guarded = guard_tool(ticket_tool(ledger), AsyncGuard(MemoryStore()), scope="s")
+
+    with pytest.raises(ConfigurationError, match="ainvoke"):
+        guarded.invoke(TICKET)
+    assert ledger.count("ticket") == 0
+
+
+async def _gather(guarded: BaseTool, args: dict[str, Any], n: int) -> list[Any]:
+    return list(await asyncio.gather(*(guarded.ainvoke(args) for _ in range(n))))
+
+
+def test_example_runs_offline(tmp_path: Path) -> None:
+    """examples/langgraph_tools.py runs offline and exits 0."""
+    result = run_example("langgraph_tools.py", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RESULT: ok" in result.stdout
