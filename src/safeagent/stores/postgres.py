@@ -733,9 +733,11 @@ class PostgresStore:
         return counts
 
     def drop_schema(self) -> None:
-        """Drop this store's schema and everything in it (for tests and tear-downs)."""
-        with self._write() as cur:
-            cur.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+        """Drop this store's schema and everything in it (for tests and tear-downs).
+        Buffered audit events are discarded with it."""
+        self._buffer.take()
+        with self._connection() as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
 
     def __enter__(self) -> PostgresStore:
         return self
