@@ -143,7 +143,15 @@ class PostgresStore:
         self._pid = 0
         self._closed = False
         self._buffer = EventBuffer(self.flush_events)
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self._closed = True  # a store that cannot open leaves no pool (or threads) behind
+            self._buffer.detach()
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+            raise
 
     @property
     def identity(self) -> str:
