@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from safeagent import FingerprintMismatchError, Guard, MemoryStore
+from safeagent import FingerprintMismatchError, Guard, MemoryStore, _telemetry
 
 _spans = InMemorySpanExporter()
 _reader = InMemoryMetricReader()
@@ -24,6 +24,8 @@ def _sdk() -> None:
     provider.add_span_processor(SimpleSpanProcessor(_spans))
     trace.set_tracer_provider(provider)
     metrics.set_meter_provider(MeterProvider(metric_readers=[_reader]))
+    # The guard re-checks for a newly installed SDK at most once a second; look now.
+    _telemetry._state["checked_at"] = -1.0
 
 
 def _counts() -> dict[str, int]:

@@ -10,6 +10,7 @@ action and namespace as attributes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -66,10 +67,34 @@ class Observation:
         self.replay: bool | None = None
 
 
+_state = {"configured": False, "checked_at": -1.0}
+
+
+def _configured() -> bool:
+    """Whether the application installed a tracer or meter provider (an SDK). Until then
+    the API's proxies would do nothing, so the hot path skips them altogether. A provider
+    can be installed once and never removed, so a yes is kept; a no is re-checked at most
+    once a second (asking the API costs microseconds)."""
+    if _state["configured"]:
+        return True
+    now = time.monotonic()
+    if now - _state["checked_at"] < 1.0:
+        return False
+    _state["checked_at"] = now
+    configured = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider) or (
+        type(metrics.get_meter_provider()).__name__ != "_ProxyMeterProvider"
+    )
+    _state["configured"] = configured
+    return configured
+
+
 @contextmanager
 def observe(action: str, namespace: str) -> Iterator[Observation]:
     """One span and one counter increment around a guarded call."""
     seen = Observation()
+    if not _configured():
+        yield seen
+        return
     attributes: dict[str, Any] = {"safeagent.action": action, "safeagent.namespace": namespace}
     with _tracer.start_as_current_span(
         "safeagent.execute",
