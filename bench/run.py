@@ -43,7 +43,7 @@ against ``rfc8785.dumps`` + ``hashlib.sha256`` (checked byte-identical on the wa
 
 Concurrency figures are repeated (3 rounds; 1 with --quick), alternating which of SafeAgent
 and floor goes first; medians are reported. The default run takes about 4 minutes on a
-2-core machine, --quick about 30 s. Compare ratios within one run: the machine is noisy
+2-core machine, --quick under a minute. Compare ratios within one run: the machine is noisy
 and absolute numbers depend on the disk's fsync cost.
 """
 
