@@ -512,10 +512,6 @@ class SQLiteStore:
         error = completion.error
         with self._write(synchronous=sync) as conn:
             now = self._clock()
-            before_row = conn.execute(
-                SQL_GET, (completion.namespace, completion.request_id)
-            ).fetchone()
-            before = None if before_row is None else row_to_record(before_row)
             row = conn.execute(
                 SQL_COMPLETE,
                 (
@@ -531,6 +527,12 @@ class SQLiteStore:
                 ),
             ).fetchone()
             after = None if row is None else row_to_record(row)
+            before = after
+            if after is None:  # rejected: read what is there, for the audit trail
+                current = conn.execute(
+                    SQL_GET, (completion.namespace, completion.request_id)
+                ).fetchone()
+                before = None if current is None else row_to_record(current)
             events = completion_events(completion, before, after, now)
             if after is not None and terminal and completion.settle_case is not None:
                 events += self._settle(conn, after, completion.settle_case, completion.actor, now)
