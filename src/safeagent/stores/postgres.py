@@ -142,6 +142,9 @@ class PostgresStore:
         self._pool: ConnectionPool | None = None
         self._pid = 0
         self._closed = False
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+        where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+        self._identity = f"postgresql:{where}/{self.schema}"  # on every call's hot path
         self._buffer = EventBuffer(self.flush_events)
         try:
             self._migrate()
@@ -155,9 +158,7 @@ class PostgresStore:
 
     @property
     def identity(self) -> str:
-        info = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
-        return f"postgresql:{where}/{self.schema}"
+        return self._identity
 
     # -- connections and transactions ------------------------------------------------------
 
