@@ -6,24 +6,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from safeagent.stores._base import ReceiptStore
 
 WakeKey = tuple[str, str, str]  # (store identity, namespace, request id)
 MIN_HEARTBEAT = 0.01
+# Seconds an idle heartbeat thread sleeps before looking again: a beat due later than that
+# (the default 60 s lease renews every 20 s) is picked up without waking the thread.
+IDLE_WAIT = 5.0
 
 
-@dataclass
 class _Slot:
-    event: threading.Event = field(default_factory=threading.Event)
-    async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(
-        default_factory=list
-    )
+    """One running claim: the waiters it must wake when it completes. The event is made
+    only when a caller waits, so a claim nobody waits on costs no lock objects."""
+
+    __slots__ = ("async_waiters", "done", "event")
+
+    def __init__(self) -> None:
+        self.event: threading.Event | None = None
+        self.async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.done = False
 
 
 class Wakeups:
@@ -46,28 +54,38 @@ class Wakeups:
         with self._lock:
             if self._slots.get(key) is slot:
                 del self._slots[key]
-            slot.event.set()
+            slot.done = True
+            event = slot.event
             waiters, slot.async_waiters = slot.async_waiters, []
-        for loop, event in waiters:
+        if event is not None:
+            event.set()
+        for loop, aevent in waiters:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(event.set)
+                loop.call_soon_threadsafe(aevent.set)
 
     def wait(self, key: WakeKey, timeout: float) -> None:
         with self._lock:
             slot = self._slots.get(key)
+            event = None
+            if slot is not None and not slot.done:
+                event = slot.event
+                if event is None:
+                    event = slot.event = threading.Event()
         if slot is None:
             time.sleep(timeout)
-        else:
-            slot.event.wait(timeout)
+        elif event is not None:
+            event.wait(timeout)
 
     async def await_(self, key: WakeKey, timeout: float) -> None:
         event = asyncio.Event()
         with self._lock:
             slot = self._slots.get(key)
-            if slot is not None and not slot.event.is_set():
+            if slot is not None and not slot.done:
                 slot.async_waiters.append((asyncio.get_running_loop(), event))
         if slot is None:
             await asyncio.sleep(timeout)
+            return
+        if slot.done:
             return
         with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
@@ -76,7 +94,7 @@ class Wakeups:
 wakeups = Wakeups()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Beat:
     """One running ``fn`` whose lease the heartbeat renews."""
 
@@ -97,6 +115,10 @@ class _Beater:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.beats: set[Beat] = set()
+        # When the loop's wait ends (monotonic seconds); -inf while it runs. A new beat
+        # due earlier than this wakes it; any other beat costs no wake-up, so a call that
+        # finishes well within its lease never makes the caller and this thread trade the GIL.
+        self.wake_at = -math.inf
         threading.Thread(target=self._loop, name="safeagent-heartbeat", daemon=True).start()
 
     def _loop(self) -> None:
@@ -105,8 +127,11 @@ class _Beater:
                 now = time.monotonic()
                 due = [b for b in self.beats if b.next_due <= now]
                 if not due:
-                    wait = min((b.next_due for b in self.beats), default=now + 3600) - now
-                    self.cond.wait(max(wait, 0.001))
+                    next_due = min((b.next_due for b in self.beats), default=now + IDLE_WAIT)
+                    wait = max(next_due - now, 0.001)
+                    self.wake_at = now + wait
+                    self.cond.wait(wait)
+                    self.wake_at = -math.inf
                     continue
             for beat in due:
                 try:
@@ -161,7 +186,8 @@ class Heartbeats:
         beater = self._beater(store.identity)
         with beater.cond:
             beater.beats.add(beat)
-            beater.cond.notify()
+            if beat.next_due < beater.wake_at:
+                beater.cond.notify()
         try:
             yield beat
         finally:
