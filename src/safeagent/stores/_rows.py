@@ -76,8 +76,13 @@ def row_to_signal(row: Sequence[Any]) -> Signal:
     )
 
 
+# Built once: json.dumps with options builds a new encoder on every call.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=str).encode
+_chain_body = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, default=str)
+    return _dumps(value)
 
 
 def event_row(event: AuditEvent) -> tuple[Any, ...]:
@@ -90,7 +95,7 @@ def event_row(event: AuditEvent) -> tuple[Any, ...]:
         event.actor,
         event.execution_id,
         event.fencing_token,
-        dumps(dict(event.detail)),
+        _dumps(dict(event.detail)),
     )
 
 
@@ -132,7 +137,7 @@ def shard_of(namespace: str, subject: str) -> int:
 def chain_hash(prev_hash: str, shard: int, seq: int, row: Sequence[Any]) -> str:
     """SHA-256 over the previous hash, the event's place in its chain and every stored
     field of the event (``row`` as made by :func:`event_row`, the detail as stored text)."""
-    body = json.dumps([prev_hash, shard, seq, *row], ensure_ascii=True, separators=(",", ":"))
+    body = _chain_body([prev_hash, shard, seq, *row])
     return hashlib.sha256(body.encode("ascii")).hexdigest()
 
 

@@ -59,8 +59,9 @@ from safeagent.stores._rows import (
     EVENT_COLUMNS,
     GENESIS,
     Heads,
-    chain_rows,
+    chain_hash,
     dumps,
+    event_row,
     row_to_case,
     row_to_event,
     row_to_record,
@@ -74,7 +75,7 @@ DEFAULT_DB_FILENAME = "safeagent.db"
 DB_ENV_VAR = "SAFEAGENT_DB"
 DEFAULT_BUSY_TIMEOUT = 5.0
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -167,6 +168,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE audit_anchors (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL,"
         " heads TEXT NOT NULL, mac TEXT NOT NULL)",
     ),
+    (
+        # The chain head follows every chained insert inside SQLite: appending an event is
+        # one statement (SQL_EVENT) instead of read head, insert, update head.
+        "CREATE TRIGGER audit_chain_advance AFTER INSERT ON audit_events"
+        " WHEN NEW.shard IS NOT NULL"
+        " BEGIN UPDATE audit_chain SET seq = NEW.seq, head = NEW.hash"
+        " WHERE shard = NEW.shard; END",
+    ),
 )
 
 SQL_GET_CASE = f"SELECT {CASE_COLUMNS} FROM cases WHERE namespace = ? AND case_id = ?"
@@ -242,11 +251,20 @@ WHERE namespace = ? AND request_id = ? AND fencing_token = ?
   AND (status = 'IN_DOUBT' OR (status = 'PENDING' AND lease_expires_at_ms <= ?))
 RETURNING {COLUMNS}
 """
-SQL_EVENT = (
-    "INSERT INTO audit_events (at_ms, kind, namespace, subject, action, actor, execution_id,"
-    " fencing_token, detail, shard, seq, prev_hash, hash)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+# Appends one event to its shard's chain in one statement: the head is read, the event
+# hashed (chain_hash, registered on each connection as safeagent_chain_hash) and inserted,
+# and the trigger audit_chain_advance moves the head, all under the write lock.
+SQL_EVENT = """
+INSERT INTO audit_events (at_ms, kind, namespace, subject, action, actor, execution_id,
+    fencing_token, detail, shard, seq, prev_hash, hash)
+SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, c.shard, c.seq + 1, c.head,
+    safeagent_chain_hash(c.head, c.shard, c.seq + 1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+FROM audit_chain AS c WHERE c.shard = ?10
+"""
+
+
+def _chain_hash_sql(prev: str, shard: int, seq: int, *row: Any) -> str:
+    return chain_hash(prev, shard, seq, row)
 
 
 def default_path() -> str:
@@ -347,6 +365,7 @@ class SQLiteStore:
                 isolation_level=None,
                 check_same_thread=False,
             )
+            conn.create_function("safeagent_chain_hash", 12, _chain_hash_sql, deterministic=True)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
@@ -392,22 +411,19 @@ class SQLiteStore:
 
     @staticmethod
     def _insert_events(conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
-        """Append events to their hash chains (the write lock is held: no one interleaves)."""
-        if not events:
-            return
-        shards = sorted({shard_of(e.namespace, e.subject) for e in events})
-        marks = ", ".join("?" for _ in shards)
-        heads: Heads = {
-            r[0]: (r[1], r[2])
-            for r in conn.execute(
-                f"SELECT shard, seq, head FROM audit_chain WHERE shard IN ({marks})", shards
+        """Append events to their hash chains, in order (the write lock is held: no one
+        interleaves). Each is one statement; see SQL_EVENT."""
+        if len(events) == 1:
+            event = events[0]
+            cursor = conn.execute(
+                SQL_EVENT, (*event_row(event), shard_of(event.namespace, event.subject))
             )
-        }
-        conn.executemany(SQL_EVENT, chain_rows(events, heads))
-        conn.executemany(
-            "UPDATE audit_chain SET seq = ?, head = ? WHERE shard = ?",
-            [(heads[shard][0], heads[shard][1], shard) for shard in shards],
-        )
+        else:  # executemany runs the statements in order, each seeing the last one's head
+            cursor = conn.executemany(
+                SQL_EVENT, [(*event_row(e), shard_of(e.namespace, e.subject)) for e in events]
+            )
+        if cursor.rowcount != len(events):  # a missing chain head: the schema was altered
+            raise sqlite3.DatabaseError("audit chain head missing; events not written")
 
     def _stat(self) -> tuple[int, int] | None:
         if self.path == ":memory:" or self.path.startswith("file:"):
