@@ -117,6 +117,19 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
 def _sensitive_name(key: str) -> bool:
+    known = _name_verdicts.get(key)
+    if known is None:
+        known = _judge_name(key)
+        if len(_name_verdicts) < _MAX_NAME_VERDICTS:  # payload keys repeat: remember them
+            _name_verdicts[key] = known
+    return known
+
+
+_name_verdicts: dict[str, bool] = {}
+_MAX_NAME_VERDICTS = 4096
+
+
+def _judge_name(key: str) -> bool:
     words = _WORD_SPLIT.split(_CAMEL.sub("_", key).lower())
     joined = "".join(words)
     return (

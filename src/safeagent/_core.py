@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 from safeagent._audit import Redactor, default_redactor
@@ -67,6 +68,17 @@ def tally(items: list[tuple[str, str, str]]) -> ReconcileReport:
     return ReconcileReport(checked=len(items), items=tuple(items), **counts)
 
 
+_MAX_CACHED_ACTIONS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _ActionDefaults:
+    not_executed: ExceptionTypes
+    outcome_unknown: ExceptionTypes
+    lease_ms: int
+    reconcile: ReconcileHook | None
+
+
 class GuardCore:
     """Settings and validation shared by :class:`Guard` and :class:`AsyncGuard`."""
 
@@ -91,7 +103,9 @@ class GuardCore:
         self.wait = seconds("wait", wait, allow_zero=True)
         self.not_executed = exception_types("not_executed", not_executed)
         self.outcome_unknown = exception_types("outcome_unknown", outcome_unknown)
-        self.actions: dict[str, ActionPolicy] = dict(actions or {})
+        # Read-only: the per-action settings below are resolved once and cached.
+        self.actions: Mapping[str, ActionPolicy] = MappingProxyType(dict(actions or {}))
+        self._defaults: dict[str, _ActionDefaults] = {}
         for name, policy in self.actions.items():
             check_name("action", name)
             if not isinstance(policy, ActionPolicy):
@@ -198,7 +212,13 @@ class GuardCore:
         covered = (
             canonical_json(fingerprint_payload(payload, exclude)) if exclude else payload_bytes
         )
-        ne, ou = self._exceptions(action, not_executed, outcome_unknown)
+        defaults = self._defaults.get(action)
+        if defaults is None:
+            defaults = self._action_defaults(action)
+        if not_executed is None and outcome_unknown is None:
+            ne, ou = defaults.not_executed, defaults.outcome_unknown
+        else:
+            ne, ou = self._exceptions(action, not_executed, outcome_unknown)
         return Call(
             namespace=ns,
             request_id=request_id,
@@ -206,13 +226,22 @@ class GuardCore:
             payload=payload,
             payload_json=payload_bytes.decode(),
             fingerprint=fingerprint(action, covered),
-            lease_ms=self._lease_ms(action, lease),
+            lease_ms=defaults.lease_ms if lease is None else self._lease_ms(action, lease),
             wait=self.wait if wait is None else seconds("wait", wait, allow_zero=True),
             not_executed=ne,
             outcome_unknown=ou,
-            reconcile=self._reconcile_hook(action),
+            reconcile=defaults.reconcile,
             settle_case=settle_case,
         )
+
+    def _action_defaults(self, action: str) -> _ActionDefaults:
+        """The guard's and the action's settings for ``action``, resolved once: the hot
+        path reads them from a dict instead of re-validating exception types per call."""
+        ne, ou = self._exceptions(action, None, None)
+        defaults = _ActionDefaults(ne, ou, self._lease_ms(action), self._reconcile_hook(action))
+        if len(self._defaults) < _MAX_CACHED_ACTIONS:
+            self._defaults[action] = defaults
+        return defaults
 
     def _resolution_args(
         self,

@@ -174,12 +174,26 @@ def type_name(exc: BaseException) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
+_encoders: dict[Callable[[Any], Any], Callable[[Any], str]] = {}
+
+
+def _result_encoder(default: Callable[[Any], Any]) -> Callable[[Any], str]:
+    """One ``JSONEncoder`` per ``default`` hook: ``json.dumps`` with options would build a
+    new encoder on every call."""
+    encode = _encoders.get(default)
+    if encode is None:
+        encode = json.JSONEncoder(
+            default=default, allow_nan=False, ensure_ascii=True, separators=(",", ":")
+        ).encode
+        if len(_encoders) < 64:
+            _encoders[default] = encode
+    return encode
+
+
 def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None, ErrorInfo | None]:
     """JSON text of ``value``, or ``None`` and why it cannot be stored."""
     try:
-        text = json.dumps(
-            value, default=encoder, allow_nan=False, ensure_ascii=True, separators=(",", ":")
-        )
+        text = _result_encoder(encoder)(value)
     except (TypeError, ValueError, RecursionError) as exc:
         return None, ErrorInfo(UNSERIALIZABLE, f"{type(value).__name__}: {exc}")
     return text, None

@@ -33,6 +33,7 @@ from safeagent._keys import check_request_id
 from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import ExecutionContext, Receipt, Status, _current
 from safeagent._runtime import heartbeats, wakeups
+from safeagent._telemetry import enabled as telemetry_enabled
 from safeagent._telemetry import observe
 from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
 
@@ -140,6 +141,8 @@ class Guard(GuardCore):
             not_executed,
             outcome_unknown,
         )
+        if not telemetry_enabled():  # the common case: no span, no counter, no wrapper
+            return self._drive(execute_flow(call, fn, self._settings()))
         with observe(call.action, call.namespace) as seen:
             receipt = self._drive(execute_flow(call, fn, self._settings()))
             seen.replay = receipt.replay

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import rfc8785
@@ -24,7 +24,8 @@ DOWNSTREAM_KEY_PREFIX = "sa1-"
 MAX_DEPTH = 100
 """Deepest nesting of arrays and objects accepted in a payload."""
 MAX_SAFE_INTEGER = 2**53 - 1
-_encode_str = json.JSONEncoder(ensure_ascii=False).encode
+# The C string escaper behind JSONEncoder(ensure_ascii=False), called directly.
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def canonical_json(value: Any) -> bytes:
@@ -187,7 +188,7 @@ def fingerprint(action: str, canonical_payload: bytes) -> str:
     so the result equals ``sha256(rfc8785.dumps({"v": 1, "action": a, "payload": p}))``.
     """
     digest = hashlib.sha256(b'{"action":')
-    digest.update(rfc8785.dumps(action))
+    digest.update(canonical_json(action))
     digest.update(b',"payload":')
     digest.update(canonical_payload)
     digest.update(b',"v":1}')
@@ -203,7 +204,7 @@ def downstream_key(namespace: str, action: str, request_id: str) -> str:
     """
     return (
         DOWNSTREAM_KEY_PREFIX
-        + hashlib.sha256(rfc8785.dumps([namespace, action, request_id])).hexdigest()
+        + hashlib.sha256(canonical_json([namespace, action, request_id])).hexdigest()
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -120,9 +120,15 @@ class Receipt:
     replay: bool
     lease_owner: str | None = None
     lease_expires_at_ms: int | None = None
-    payload: Any = None
-    """The payload as stored (``None`` once retention purged it): what an operator needs
-    to decide an in-doubt record."""
+    payload_json: str | None = field(default=None, repr=False)
+    """The payload as stored, canonical JSON text (``None`` once retention purged it)."""
+
+    @property
+    def payload(self) -> Any:
+        """The payload as stored (``None`` once retention purged it): what an operator
+        needs to decide an in-doubt record. Parsed on access, so a replay that never
+        looks at it does not pay for it."""
+        return json.loads(self.payload_json) if self.payload_json else None
 
     @classmethod
     def from_record(cls, record: Record, *, replay: bool, now_ms: int | None = None) -> Receipt:
@@ -133,7 +139,7 @@ class Receipt:
             action=record.action,
             status=status,
             result=None if record.result_json is None else json.loads(record.result_json),
-            payload=json.loads(record.payload_json) if record.payload_json else None,
+            payload_json=record.payload_json or None,
             error=record.error,
             execution_id=record.execution_id,
             fingerprint=record.fingerprint,

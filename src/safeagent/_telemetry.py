@@ -70,6 +70,11 @@ class Observation:
 _state = {"configured": False, "checked_at": -1.0}
 
 
+def enabled() -> bool:
+    """Whether calls are traced and counted (an OpenTelemetry SDK is installed)."""
+    return bool(_state["configured"]) or _configured()
+
+
 def _configured() -> bool:
     """Whether the application installed a tracer or meter provider (an SDK). Until then
     the API's proxies would do nothing, so the hot path skips them altogether. A provider
