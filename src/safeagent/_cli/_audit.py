@@ -5,10 +5,11 @@ from __future__ import annotations
 import enum
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -89,13 +90,24 @@ def audit_tail(
         events = store.events(namespace=namespace, subject=subject)
         show(events[len(events) - lines :])
         last = (events[-1].id or 0) if events else 0
-        with suppress(KeyboardInterrupt):
-            while follow:
+        if not follow:
+            return
+        # Ctrl-C sets a flag the loop checks, instead of raising KeyboardInterrupt at an
+        # arbitrary bytecode, where a finalizer or callback could swallow it and leave the
+        # loop running.
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda _sig, _frame: stop.set())
+        try:
+            while not stop.is_set():
                 time.sleep(interval)
+                if stop.is_set():
+                    break
                 new = store.events(namespace=namespace, subject=subject, after_id=last)
                 if new:
                     show(new)
                     last = new[-1].id or last
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 @audit_app.command("export", epilog=EXIT_CODES)
