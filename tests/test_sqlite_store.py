@@ -6,12 +6,20 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from safeagent import ConfigurationError, Guard, MemoryStore, SQLiteStore, StoreError
+from safeagent import ConfigurationError, Guard, MemoryStore, SQLiteStore, Status, StoreError
+from safeagent._audit import AuditEvent, EventKind
+from safeagent._keys import downstream_key, fingerprint
+from safeagent.audit import verify
 from safeagent.errors import SchemaVersionError
+from safeagent.stores import sqlite as sqlite_module
+from safeagent.stores._base import ClaimRequest
+from safeagent.stores._rows import chain_hash, event_row, shard_of
 
 
 def test_default_path_is_safeagent_db_in_the_working_directory(
@@ -136,3 +144,138 @@ def test_buffered_replay_events_are_written_at_exit(tmp_path: Path) -> None:
     with Guard(path) as guard:
         kinds = [e.kind.value for e in guard.audit_trail("r")]
     assert kinds == ["claimed", "succeeded", "replayed", "replayed", "replayed"]
+
+
+# -- group commit and the one-statement audit append (schema v4) ----------------------------
+
+
+def _claim_request(request_id: str, payload_json: object = "{}") -> ClaimRequest:
+    body = b"{}"
+    return ClaimRequest(
+        namespace="default",
+        request_id=request_id,
+        action="charge",
+        fingerprint=fingerprint("charge", body),
+        payload_json=payload_json,  # type: ignore[arg-type]  # a bad one on purpose below
+        execution_id="e-" + request_id,
+        owner="test",
+        lease_ms=30_000,
+        downstream_key=downstream_key("default", "charge", request_id),
+    )
+
+
+@pytest.mark.parametrize("durability", ["durable", "claim-durable"])
+def test_concurrent_first_executions_commit_together_and_each_runs_once(
+    tmp_path: Path, durability: str
+) -> None:
+    """16 threads over 40 ids each (distinct and shared): claims and completions are
+    group-committed, yet every id runs once, every caller gets the stored result, the
+    records survive a reopen and the audit chains verify."""
+    path = tmp_path / "g.db"
+    guard = Guard(SQLiteStore(path, durability=durability))
+    runs: list[str] = []
+    lock = threading.Lock()
+
+    def effect(ctx: Any) -> dict[str, str]:
+        with lock:
+            runs.append(ctx.request_id)
+        return {"id": ctx.request_id}
+
+    barrier = threading.Barrier(16)
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        barrier.wait()
+        try:
+            for i in range(40):
+                rid = f"shared-{i}" if i % 2 else f"own-{n}-{i}"
+                receipt = guard.execute(rid, "charge", {"i": i}, effect)
+                assert receipt.result == {"id": rid}
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    guard.close()
+    assert errors == []
+    assert sorted(runs) == sorted(set(runs))  # no id ran twice
+    assert len(runs) == 16 * 20 + 20
+    with Guard(SQLiteStore(path, durability=durability)) as again:
+        for rid in set(runs):
+            stored = again.get(rid)
+            assert stored is not None
+            assert stored.status is Status.SUCCEEDED
+        report = verify(again.store)
+        assert report.ok, report
+
+
+def test_one_failing_write_in_a_group_does_not_fail_the_others(tmp_path: Path) -> None:
+    """A claim SQLite refuses (a value it cannot bind) fails alone: the claims committed
+    in the same group (or retried one by one after it) all succeed."""
+    store = SQLiteStore(tmp_path / "g.db")
+    requests = [_claim_request(f"r-{i}") for i in range(24)]
+    requests[11] = _claim_request("r-bad", payload_json={"not": "text"})
+    results: dict[str, object] = {}
+    barrier = threading.Barrier(len(requests))
+
+    def claim(request: ClaimRequest) -> None:
+        barrier.wait()
+        try:
+            results[request.request_id] = store.claim(request).won
+        except StoreError as exc:
+            results[request.request_id] = exc
+
+    threads = [threading.Thread(target=claim, args=(r,)) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results.pop("r-bad"), StoreError)
+    assert results == {f"r-{i}": True for i in range(24) if i != 11}
+    record, _ = store.get("default", "r-bad")
+    assert record is None  # nothing of the refused claim was written
+    assert verify(store).ok
+    store.close()
+
+
+def test_a_version_3_file_is_migrated_and_its_chains_extend(tmp_path: Path) -> None:
+    """A file written at schema version 3 (head kept by the writer, no trigger) opens at
+    version 4; new events extend the old chains and the whole trail verifies."""
+    path = tmp_path / "v3.db"
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.execute("CREATE TABLE safeagent_meta (key TEXT PRIMARY KEY, value TEXT)")
+        for statements in sqlite_module.MIGRATIONS[:3]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute("INSERT INTO safeagent_meta VALUES ('schema_version', '3')")
+        # One event appended the version 3 way: read the head, hash, insert, move the head.
+        event = AuditEvent(
+            kind=EventKind.CLAIMED, at_ms=1, namespace="default", subject="old", detail={}
+        )
+        shard = shard_of("default", "old")
+        seq, head = conn.execute(
+            "SELECT seq, head FROM audit_chain WHERE shard = ?", (shard,)
+        ).fetchone()
+        row = event_row(event)
+        digest = chain_hash(head, shard, seq + 1, row)
+        conn.execute(
+            "INSERT INTO audit_events (at_ms, kind, namespace, subject, action, actor,"
+            " execution_id, fencing_token, detail, shard, seq, prev_hash, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*row, shard, seq + 1, head, digest),
+        )
+        conn.execute(
+            "UPDATE audit_chain SET seq = ?, head = ? WHERE shard = ?", (seq + 1, digest, shard)
+        )
+    with Guard(path) as guard:
+        for i in range(40):
+            guard.execute(f"new-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        assert verify(guard.store).ok
+        assert [e.subject for e in guard.audit_trail("old")] == ["old"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute(
+            "SELECT value FROM safeagent_meta WHERE key = 'schema_version'"
+        ).fetchone() == (str(sqlite_module.SCHEMA_VERSION),)
