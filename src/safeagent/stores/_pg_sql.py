@@ -1,8 +1,15 @@
 """The PostgreSQL store's schema, numbered migrations and statements.
 
-Every statement takes ``%(now)s``: ``NULL`` means "the database's clock" (leases are judged
+Every statement that needs the time takes ``now`` (``%(now)s``, or the first ``%s`` of the
+positional hot-path statements): ``NULL`` means "the database's clock" (leases are judged
 on it, so hosts with skewed clocks agree), an integer is a test's fake clock. Table names
 are qualified with the store's schema when the store is built.
+
+The hot paths (``GET``, ``CLAIM``, ``COMPLETE``, ``RENEW``, ``EVENT``, ``EVENT_ROWS``) take
+positional parameters, so a call passes a tuple instead of building a dict, and each is
+shaped to cost one round trip: a read returns the database clock with the row, a claim or
+a completion locks its audit chain heads in the same statement, and a transaction's events
+and chain heads are written by one statement.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from safeagent.stores._rows import (
 SCHEMA_VERSION = 2
 
 NOW = "COALESCE(%(now)s::bigint, (extract(epoch from clock_timestamp()) * 1000)::bigint)"
+NOW_AT = NOW.replace("%(now)s", "%s")  # the same, for the positional statements
+E_COLUMNS = ", ".join("e." + c.strip() for c in COLUMNS.split(","))
 
 # MIGRATIONS[n - 1] takes the schema from version n - 1 to n. "{s}" is the schema.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -110,49 +119,86 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-GET = (
-    f"SELECT {COLUMNS}, {NOW} FROM {{s}}.executions"
-    " WHERE namespace = %(ns)s AND request_id = %(rid)s"
-)
+# (now, namespace, request_id) -> always one row: the record's columns (all NULL when there
+# is no record) and the clock. A miss costs the same single round trip as a hit.
+GET = f"""
+SELECT {E_COLUMNS}, n.now
+FROM (SELECT {NOW_AT} AS now) AS n
+LEFT JOIN {{s}}.executions AS e ON e.namespace = %s AND e.request_id = %s
+"""
 NOW_ONLY = f"SELECT {NOW}"
+# The chain heads a claim or completion writes to, locked in the same statement as its
+# change and only when that change was made ("won": the name of the CTE holding it):
+# - the change's row lock comes first: EXISTS (SELECT FROM won) runs the data-modifying CTE
+#   before any head is locked, whatever plan is chosen, which is the order every other
+#   writer takes (row, then heads), so no two writers wait on each other in a cycle;
+# - the heads are locked in shard order (LockRows sits above the sort), like LOCK_HEADS;
+# - %s::int[] is a text literal ("{3,11}"): one string is much cheaper for psycopg to adapt
+#   than a Python list.
+_LOCK_WON_HEADS = """
+    SELECT shard, seq, head FROM {s}.audit_chain
+    WHERE shard = ANY(%s::int[]) AND EXISTS (SELECT FROM won)
+    ORDER BY shard FOR UPDATE
+"""
+# (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey, shards) -> no row
+# when the claim lost (the record is someone else's); otherwise one row per locked head:
+# the record's columns, the clock, and (shard, seq, head) of a chain head now locked.
 CLAIM = f"""
-WITH n AS (SELECT {NOW} AS now)
-INSERT INTO {{s}}.executions AS e ({COLUMNS})
-SELECT %(ns)s, %(rid)s, %(action)s, %(fp)s, 'PENDING', %(payload)s, NULL, NULL, NULL,
-       %(exec_id)s, 1, 1, %(owner)s, n.now + %(lease_ms)s, %(dkey)s, n.now, n.now, n.now, NULL,
-       NULL
-FROM n
-ON CONFLICT (namespace, request_id) DO UPDATE SET
-    action = excluded.action,
-    fingerprint = excluded.fingerprint,
-    status = 'PENDING',
-    payload = excluded.payload,
-    result = NULL,
-    error_type = NULL,
-    error_message = NULL,
-    execution_id = excluded.execution_id,
-    attempt = e.attempt + 1,
-    fencing_token = e.fencing_token + 1,
-    lease_owner = excluded.lease_owner,
-    lease_expires_at_ms = excluded.lease_expires_at_ms,
-    downstream_key = excluded.downstream_key,
-    claimed_at_ms = excluded.claimed_at_ms,
-    updated_at_ms = excluded.updated_at_ms,
-    completed_at_ms = NULL
-WHERE e.status = 'RELEASED'
-RETURNING {", ".join("e." + c.strip() for c in COLUMNS.split(","))}, (SELECT now FROM n)
+WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now),
+won AS (
+    INSERT INTO {{s}}.executions AS e ({COLUMNS})
+    SELECT %s, %s, %s, %s, 'PENDING', %s, NULL, NULL, NULL,
+           %s, 1, 1, %s, n.now + %s, %s, n.now, n.now, n.now, NULL, NULL
+    FROM n
+    ON CONFLICT (namespace, request_id) DO UPDATE SET
+        action = excluded.action,
+        fingerprint = excluded.fingerprint,
+        status = 'PENDING',
+        payload = excluded.payload,
+        result = NULL,
+        error_type = NULL,
+        error_message = NULL,
+        execution_id = excluded.execution_id,
+        attempt = e.attempt + 1,
+        fencing_token = e.fencing_token + 1,
+        lease_owner = excluded.lease_owner,
+        lease_expires_at_ms = excluded.lease_expires_at_ms,
+        downstream_key = excluded.downstream_key,
+        claimed_at_ms = excluded.claimed_at_ms,
+        updated_at_ms = excluded.updated_at_ms,
+        completed_at_ms = NULL
+    WHERE e.status = 'RELEASED'
+    RETURNING {E_COLUMNS}
+),
+h AS ({_LOCK_WON_HEADS})
+SELECT won.*, n.now, h.shard, h.seq, h.head FROM won CROSS JOIN n LEFT JOIN h ON TRUE
 """
-COMPLETE = f"""
-WITH n AS (SELECT {NOW} AS now)
-UPDATE {{s}}.executions AS e
-SET status = %(status)s, result = %(result)s, error_type = %(etype)s,
-    error_message = %(emsg)s, updated_at_ms = n.now,
-    completed_at_ms = CASE WHEN %(terminal)s THEN n.now END
-FROM n
-WHERE e.namespace = %(ns)s AND e.request_id = %(rid)s AND e.fencing_token = %(token)s
-  AND e.status = 'PENDING'
-RETURNING {", ".join("e." + c.strip() for c in COLUMNS.split(","))}, n.now
+
+
+def _complete(sync: str) -> str:
+    """(now, status, result, etype, emsg, terminal, ns, rid, token, shards) -> one row per
+    locked head, as CLAIM; when the fencing check refused the completion, one row whose
+    record columns are NULL. ``n`` is the preserved side of the outer join, so it is always
+    evaluated: in COMPLETE_ASYNC it also turns synchronous_commit off for the transaction,
+    refused or not, as ``SET LOCAL`` would, without a round trip of its own."""
+    return f"""
+WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now{sync}),
+won AS (
+    UPDATE {{s}}.executions AS e
+    SET status = %s, result = %s, error_type = %s, error_message = %s, updated_at_ms = n.now,
+        completed_at_ms = CASE WHEN %s THEN n.now END
+    FROM n
+    WHERE e.namespace = %s AND e.request_id = %s AND e.fencing_token = %s
+      AND e.status = 'PENDING'
+    RETURNING {E_COLUMNS}
+),
+h AS ({_LOCK_WON_HEADS})
+SELECT won.*, n.now, h.shard, h.seq, h.head FROM n LEFT JOIN won ON TRUE LEFT JOIN h ON TRUE
 """
+
+
+COMPLETE = _complete("")
+COMPLETE_ASYNC = _complete(", set_config('synchronous_commit', 'off', true) AS sync")
 RESOLVE = f"""
 WITH n AS (SELECT {NOW} AS now)
 UPDATE {{s}}.executions AS e
@@ -174,12 +220,13 @@ WHERE e.namespace = %(ns)s AND e.request_id = %(rid)s AND e.fencing_token = %(to
   AND e.status = 'FAILED'
 RETURNING {", ".join("e." + c.strip() for c in COLUMNS.split(","))}, n.now
 """
+# (now, lease_ms, ns, rid, token) -> rowcount 1 if renewed
 RENEW = f"""
-WITH n AS (SELECT {NOW} AS now)
+WITH n AS (SELECT {NOW_AT} AS now)
 UPDATE {{s}}.executions AS e
-SET lease_expires_at_ms = n.now + %(lease_ms)s, updated_at_ms = n.now
+SET lease_expires_at_ms = n.now + %s, updated_at_ms = n.now
 FROM n
-WHERE e.namespace = %(ns)s AND e.request_id = %(rid)s AND e.fencing_token = %(token)s
+WHERE e.namespace = %s AND e.request_id = %s AND e.fencing_token = %s
   AND e.status = 'PENDING'
 """
 TAKE_OVER = f"""
@@ -192,15 +239,44 @@ WHERE e.namespace = %(ns)s AND e.request_id = %(rid)s AND e.fencing_token = %(to
   AND (e.status = 'IN_DOUBT' OR (e.status = 'PENDING' AND e.lease_expires_at_ms <= n.now))
 RETURNING {", ".join("e." + c.strip() for c in COLUMNS.split(","))}, n.now
 """
-EVENT = (
-    "INSERT INTO {s}.audit_events (at_ms, kind, namespace, subject, action, actor,"
-    " execution_id, fencing_token, detail, shard, seq, prev_hash, hash)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_EVENT_COLUMNS = (
+    "at_ms, kind, namespace, subject, action, actor, execution_id, fencing_token, detail,"
+    " shard, seq, prev_hash, hash"
 )
+# One chained event row (chain_rows) -> the event inserted and its chain's head moved to it,
+# in one statement: the new head is the row itself, so it is not sent twice.
+EVENT = f"""
+WITH ev AS (
+    INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+    RETURNING shard, seq, hash
+)
+UPDATE {{s}}.audit_chain AS a SET seq = ev.seq, head = ev.hash FROM ev WHERE a.shard = ev.shard
+"""
+# Any number of chained rows, as one JSON array of arrays -> the same, in one statement.
+# One JSON text is far cheaper for the client to build and psycopg to adapt than a
+# parameter per column (a Python list per column costs psycopg microseconds per element);
+# jsonb is parsed once, so taking each field out is cheap. Rows are inserted in array order,
+# so ids (the write order) follow the chain order; each touched chain's new head is its row
+# with the highest seq.
+EVENT_ROWS = f"""
+WITH ev AS (
+    INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
+    SELECT (r->>0)::bigint, r->>1, r->>2, r->>3, r->>4, r->>5, r->>6, (r->>7)::bigint, r->>8,
+           (r->>9)::int, (r->>10)::bigint, r->>11, r->>12
+    FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS x(r, i)
+    ORDER BY i
+    RETURNING shard, seq, hash
+)
+UPDATE {{s}}.audit_chain AS a SET seq = x.seq, head = x.hash
+FROM (SELECT DISTINCT ON (shard) shard, seq, hash FROM ev ORDER BY shard, seq DESC) AS x
+WHERE a.shard = x.shard
+"""
+# (shards as a text literal, see _LOCK_WON_HEADS) -> the heads, locked in shard order
 LOCK_HEADS = (
-    "SELECT shard, seq, head FROM {s}.audit_chain WHERE shard = ANY(%s) ORDER BY shard FOR UPDATE"
+    "SELECT shard, seq, head FROM {s}.audit_chain WHERE shard = ANY(%s::int[])"
+    " ORDER BY shard FOR UPDATE"
 )
-UPDATE_HEAD = "UPDATE {s}.audit_chain SET seq = %s, head = %s WHERE shard = %s"
 HEADS = "SELECT shard, seq, head FROM {s}.audit_chain"
 CHAIN = (
     f"SELECT {CHAIN_COLUMNS} FROM {{s}}.audit_events WHERE shard IS NOT NULL"

@@ -8,8 +8,14 @@ is part of every key; audit events are written in the same transaction as the ch
 
 Durability: ``"durable"`` commits claim and completion with the server's
 ``synchronous_commit`` (on, by default); ``"claim-durable"`` commits the completion with
-``SET LOCAL synchronous_commit = off``: a server crash can turn a recent receipt back into a
-claim that reads as in doubt, never a duplicate.
+``synchronous_commit`` off for its transaction (``SET LOCAL``, done by the completing
+statement itself): a server crash can turn a recent receipt back into a claim that reads as
+in doubt, never a duplicate.
+
+Round trips: a read is one statement, which also reads the clock. A claim or a completion
+is two round trips (with libpq 14 or later; four without pipeline mode): BEGIN and the
+statement that makes the change and locks its audit chain heads, then the statement that
+writes the events and moves the heads, and COMMIT.
 
 A lost connection fails closed: the call raises :class:`~safeagent.errors.StoreError`, and a
 claim that could not be committed means ``fn`` does not run.
@@ -19,6 +25,7 @@ Install with ``pip install 'safeagent[postgres]'``.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -90,6 +97,44 @@ def _check_schema(name: str) -> str:
     return name.lower()
 
 
+_ROWS_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_PIPELINE = psycopg.capabilities.has_pipeline()  # libpq 14 or later
+
+
+@contextmanager
+def _pipelined_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Cursor[Any]]:
+    """A transaction in pipeline mode, BEGIN and COMMIT sent as statements: BEGIN goes out
+    with the first statement, COMMIT with the last, and the body waits only where it
+    fetches a result. A claim (BEGIN + claim | events + COMMIT) is then two round trips
+    instead of four. (``conn.transaction()`` syncs the pipeline as it enters and as it
+    leaves: a round trip each.) Any failure rolls back; if the connection is broken, the
+    pool discards it."""
+    try:
+        with conn.pipeline(), conn.cursor() as cur:
+            cur.execute("BEGIN", prepare=False)
+            yield cur
+            cur.execute("COMMIT", prepare=False)
+        # leaving the pipeline waits for every result: an error of any statement, the
+        # COMMIT's included, is raised here
+    except BaseException:
+        with suppress(psycopg.Error):
+            conn.rollback()
+        raise
+
+
+def _int_array(values: set[int]) -> str:
+    """An int[] as its text literal (the statements cast it): psycopg adapts one string
+    several times faster than a Python list."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
+    """GET's one row -> (the record, or None when its columns are NULL; the clock)."""
+    if row is None:  # pragma: no cover - GET always returns its one row
+        return None, 0
+    return (None if row[0] is None else row_to_record(row)), int(row[20])
+
+
 class PostgresStore:
     """Execution records, cases and the audit trail in PostgreSQL.
 
@@ -137,8 +182,16 @@ class PostgresStore:
             for name in dir(q)
             if name.isupper() and isinstance(getattr(q, name), str) and name != "NOW"
         }
+        # claim-durable: the completion's own statement turns synchronous_commit off for its
+        # transaction (no SET LOCAL round trip)
+        self._complete_sql = self._sql[
+            "COMPLETE_ASYNC" if self.durability == "claim-durable" else "COMPLETE"
+        ]
         self._lock = threading.Lock()
-        self._tx = threading.local()  # .pending: the audit events of this thread's transaction
+        # this thread's transaction: .pending, the audit events it emits; .buffered, the
+        # buffered events it writes too; .locked, the chain heads its claim or completion
+        # statement already locked, as (shards, heads)
+        self._tx = threading.local()
         self._pool: ConnectionPool | None = None
         self._pid = 0
         self._closed = False
@@ -198,39 +251,72 @@ class PostgresStore:
             raise StoreError(f"no PostgreSQL connection within {self.timeout} s: {exc}") from exc
 
     @contextmanager
-    def _write(self, *, durable: bool = True) -> Iterator[psycopg.Cursor[Any]]:
+    def _write(self, *, pipelined: bool = False) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction. Its audit events (buffered ones first, then those the body
         emits) are chained at the end, after the body's row locks, taking the chain-head
-        locks in shard order: two writers never wait on each other in a cycle."""
+        locks in shard order: two writers never wait on each other in a cycle. (A claim or
+        completion takes them at the end of its own statement instead: see _lock_for.)
+
+        ``pipelined``: BEGIN travels with the body's first statement and COMMIT with the
+        event statement (see _pipelined_transaction), for a body that only executes and
+        fetches (``rowcount`` is not known before the results are)."""
         buffered = self._buffer.take() if self._buffer else []
         pending: list[AuditEvent] = []
-        self._tx.pending = pending
+        tx = self._tx
+        tx.pending, tx.buffered, tx.locked = pending, buffered, None
         try:
-            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
-                if not durable:
-                    cur.execute("SET LOCAL synchronous_commit = off")
-                yield cur
-                self._insert_events(cur, [*buffered, *pending])
+            with self._connection() as conn:
+                if pipelined and _PIPELINE:
+                    with _pipelined_transaction(conn) as cur:
+                        yield cur
+                        self._insert_events(cur, [*buffered, *pending] if buffered else pending)
+                else:
+                    with conn.transaction(), conn.cursor() as cur:
+                        yield cur
+                        self._insert_events(cur, [*buffered, *pending] if buffered else pending)
         except BaseException:
             self._buffer.put_back(buffered)
             raise
         finally:
-            self._tx.pending = None
+            tx.pending = tx.buffered = tx.locked = None
 
     def _emit(self, events: Sequence[AuditEvent]) -> None:
         """Audit events of the current transaction, written when it commits."""
         self._tx.pending.extend(events)
 
+    def _lock_for(self, namespace: str, subject: str) -> tuple[set[int], str]:
+        """The chain heads a claim or completion on ``subject`` writes to (its own and those
+        of the buffered events written with it): the shards, and the text literal its
+        statement locks them by. Only for a body whose every event is on ``subject``: a
+        head taken later, after these, could break the shard order."""
+        shards = {shard_of(namespace, subject)}
+        for event in self._tx.buffered:
+            shards.add(shard_of(event.namespace, event.subject))
+        return shards, _int_array(shards)
+
+    def _locked(self, shards: set[int], rows: list[Any]) -> None:
+        """Keep the heads a claim or completion statement locked (columns 21-23 of its rows)
+        for _insert_events."""
+        self._tx.locked = (shards, {r[21]: (r[22], r[23]) for r in rows if r[21] is not None})
+
     def _insert_events(self, cur: psycopg.Cursor[Any], events: Sequence[AuditEvent]) -> None:
+        """Chain ``events`` and write them with their new chain heads: one statement, plus
+        one to lock the heads unless the body's claim or completion already did."""
         if not events:
             return
-        shards = sorted({shard_of(e.namespace, e.subject) for e in events})
-        cur.execute(self._sql["LOCK_HEADS"], (shards,))
-        heads: Heads = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
-        cur.executemany(self._sql["EVENT"], chain_rows(events, heads))
-        cur.executemany(
-            self._sql["UPDATE_HEAD"], [(heads[sh][0], heads[sh][1], sh) for sh in shards]
-        )
+        shards = {shard_of(e.namespace, e.subject) for e in events}
+        locked = self._tx.locked
+        if locked is not None and shards <= locked[0]:
+            heads: Heads = locked[1]
+        else:
+            cur.execute(self._sql["LOCK_HEADS"], (_int_array(shards),))
+            heads = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
+        rows = chain_rows(events, heads)
+        if len(rows) == 1:
+            cur.execute(self._sql["EVENT"], rows[0])
+        else:  # one statement however many rows (JSON, ensure_ascii=False: text psycopg
+            # would refuse as a parameter, it refuses the same way inside the JSON)
+            cur.execute(self._sql["EVENT_ROWS"], (_ROWS_JSON(rows),))
 
     def _read(self, fn: Callable[[psycopg.Cursor[Any]], T]) -> T:
         with self._connection() as conn, conn.cursor() as cur:
@@ -239,6 +325,18 @@ class PostgresStore:
     def _p(self, **params: Any) -> dict[str, Any]:
         params["now"] = None if self._clock is None else self._clock()
         return params
+
+    def _at(self) -> int | None:
+        """The ``now`` parameter of the positional statements: None (the database's clock)
+        or the test clock's reading."""
+        return None if self._clock is None else self._clock()
+
+    def _record_at(
+        self, cur: psycopg.Cursor[Any], namespace: str, request_id: str
+    ) -> tuple[Record | None, int]:
+        """The record (or None) and the clock, read in one statement."""
+        cur.execute(self._sql["GET"], (self._at(), namespace, request_id))
+        return _found(cur.fetchone())
 
     def _migrate(self) -> None:
         with self._write() as cur:
@@ -280,77 +378,84 @@ class PostgresStore:
     def get(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
         if self._buffer:
             self._maybe_flush()
-
-        def read(cur: psycopg.Cursor[Any]) -> tuple[Record | None, int]:
-            cur.execute(self._sql["GET"], self._p(ns=namespace, rid=request_id))
-            row = cur.fetchone()
-            if row is not None:
-                return row_to_record(row), int(row[-1])
-            cur.execute(self._sql["NOW_ONLY"], self._p())
-            now = cur.fetchone()
-            return None, int(now[0]) if now else 0
-
-        return self._read(read)
+        with self._connection() as conn:
+            row = conn.execute(self._sql["GET"], (self._at(), namespace, request_id)).fetchone()
+        return _found(row)
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
-        with self._write() as cur:
+        # BEGIN + the claim, its chain heads locked | the events, the heads moved + COMMIT:
+        # two round trips
+        with self._write(pipelined=True) as cur:
+            shards, literal = self._lock_for(request.namespace, request.request_id)
             cur.execute(
                 self._sql["CLAIM"],
-                self._p(
-                    ns=request.namespace,
-                    rid=request.request_id,
-                    action=request.action,
-                    fp=request.fingerprint,
-                    payload=request.payload_json,
-                    exec_id=request.execution_id,
-                    owner=request.owner,
-                    lease_ms=request.lease_ms,
-                    dkey=request.downstream_key,
+                (
+                    self._at(),
+                    request.namespace,
+                    request.request_id,
+                    request.action,
+                    request.fingerprint,
+                    request.payload_json,
+                    request.execution_id,
+                    request.owner,
+                    request.lease_ms,
+                    request.downstream_key,
+                    literal,
                 ),
             )
-            row = cur.fetchone()
-            if row is None:
-                cur.execute(self._sql["GET"], self._p(ns=request.namespace, rid=request.request_id))
-                existing = cur.fetchone()
+            rows = cur.fetchall()
+            if not rows:
+                # Lost: read the winner's row in a statement of its own, whose snapshot sees
+                # the conflicting row even when it was committed after this statement began.
+                existing, now = self._record_at(cur, request.namespace, request.request_id)
                 if existing is None:  # pragma: no cover - the conflicting row is committed
                     raise StoreError("claim conflicted with a row that then vanished")
-                return ClaimResult(False, row_to_record(existing), int(existing[-1]))
-            record, now = row_to_record(row), int(row[-1])
+                return ClaimResult(False, existing, now)
+            self._locked(shards, rows)
+            record, now = row_to_record(rows[0]), int(rows[0][20])
             self._emit([claimed_event(request, record, now)])
         return ClaimResult(True, record, now)
 
     def complete(self, completion: Completion) -> WriteResult:
         terminal = completion.status in (Status.SUCCEEDED, Status.FAILED)
         error = completion.error
-        with self._write(durable=self.durability == "durable") as cur:
+        settle = completion.settle_case if terminal else None
+        with self._write(pipelined=True) as cur:
+            # A completion that settles a case locks the case row after its own: its chain
+            # heads are then taken at the end (after the case), not by this statement.
+            shards, literal = (
+                (set(), "{}")
+                if settle is not None
+                else self._lock_for(completion.namespace, completion.request_id)
+            )
             cur.execute(
-                self._sql["COMPLETE"],
-                self._p(
-                    status=completion.status.value,
-                    result=completion.result_json,
-                    etype=None if error is None else error.type,
-                    emsg=None if error is None else error.message,
-                    terminal=terminal,
-                    ns=completion.namespace,
-                    rid=completion.request_id,
-                    token=completion.fencing_token,
+                self._complete_sql,
+                (
+                    self._at(),
+                    completion.status.value,
+                    completion.result_json,
+                    None if error is None else error.type,
+                    None if error is None else error.message,
+                    terminal,
+                    completion.namespace,
+                    completion.request_id,
+                    completion.fencing_token,
+                    literal,
                 ),
             )
-            row = cur.fetchone()
-            if row is None:
-                cur.execute(
-                    self._sql["GET"], self._p(ns=completion.namespace, rid=completion.request_id)
-                )
-                current = cur.fetchone()
-                before = None if current is None else row_to_record(current)
-                now = int(current[-1]) if current is not None else 0
+            rows = cur.fetchall()
+            if rows[0][0] is None:  # refused by the fencing check: report what is there
+                before, now = self._record_at(cur, completion.namespace, completion.request_id)
+                if before is None:
+                    now = 0  # no record: the rejection is stamped 0, as this store always has
                 events = completion_events(completion, before, None, now)
                 self._emit(events)
                 return WriteResult(accepted=False, record=before)
-            after, now = row_to_record(row), int(row[-1])
+            self._locked(shards, rows)
+            after, now = row_to_record(rows[0]), int(rows[0][20])
             events = completion_events(completion, after, after, now)
-            if terminal and completion.settle_case is not None:
-                events += self._settle(cur, after, completion.settle_case, completion.actor, now)
+            if settle is not None:
+                events += self._settle(cur, after, settle, completion.actor, now)
             self._emit(events)
         late = after.lease_expires_at_ms is not None and now >= after.lease_expires_at_ms
         return WriteResult(accepted=True, record=after, late=late)
@@ -393,9 +498,7 @@ class PostgresStore:
         return WriteResult(accepted=True, record=record)
 
     def _current(self, cur: psycopg.Cursor[Any], resolution: Resolution) -> Record | None:
-        cur.execute(self._sql["GET"], self._p(ns=resolution.namespace, rid=resolution.request_id))
-        row = cur.fetchone()
-        return None if row is None else row_to_record(row)
+        return self._record_at(cur, resolution.namespace, resolution.request_id)[0]
 
     def _settle(
         self, cur: psycopg.Cursor[Any], record: Record, case_id: str, actor: str, now: int
@@ -407,12 +510,14 @@ class PostgresStore:
         return [settled_event(row_to_case(row), record.execution_id, actor, now)]
 
     def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
-        with self._write() as cur:
-            cur.execute(
-                self._sql["RENEW"],
-                self._p(ns=namespace, rid=request_id, token=fencing_token, lease_ms=lease_ms),
-            )
-            return cur.rowcount == 1
+        params = (self._at(), lease_ms, namespace, request_id, fencing_token)
+        if self._buffer:  # buffered events go with the next write, so this one is a transaction
+            with self._write() as cur:
+                cur.execute(self._sql["RENEW"], params)
+                return cur.rowcount == 1
+        # otherwise the renewal is a single statement: its own transaction, one round trip
+        with self._connection() as conn:
+            return conn.execute(self._sql["RENEW"], params).rowcount == 1
 
     def take_over(
         self, namespace: str, request_id: str, expected_token: int, owner: str, lease_ms: int
@@ -430,10 +535,8 @@ class PostgresStore:
             )
             row = cur.fetchone()
             if row is None:
-                cur.execute(self._sql["GET"], self._p(ns=namespace, rid=request_id))
-                current = cur.fetchone()
                 return WriteResult(
-                    accepted=False, record=None if current is None else row_to_record(current)
+                    accepted=False, record=self._record_at(cur, namespace, request_id)[0]
                 )
             record, now = row_to_record(row), int(row[-1])
             self._emit([take_over_event(record, owner, now)])
@@ -458,13 +561,15 @@ class PostgresStore:
             self._maybe_flush()
             return
         event = stamped(event, event.at_ms or self._now())
-        with self._write():
+        with self._write(pipelined=True):
             self._emit([event])
 
     def flush_events(self) -> None:
         if self._buffer and not self._closed:
-            with self._write():
-                pass  # _write writes the buffer inside its transaction
+            # _write writes the buffer inside its transaction: BEGIN + the heads locked |
+            # the events, the heads moved + COMMIT
+            with self._write(pipelined=True):
+                pass
 
     def events(
         self,
