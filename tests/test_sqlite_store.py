@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +282,67 @@ def test_a_version_3_file_is_migrated_and_its_chains_extend(tmp_path: Path) -> N
         assert conn.execute(
             "SELECT value FROM safeagent_meta WHERE key = 'schema_version'"
         ).fetchone() == (str(sqlite_module.SCHEMA_VERSION),)
+
+
+def _slow_clock_for(thread_name: str, delay: float) -> Any:
+    """A store clock that stalls ``thread_name``'s first commit: it then leads a group
+    commit for ``delay`` seconds while other writers queue up."""
+    stalled: list[bool] = []
+
+    def clock() -> int:
+        if threading.current_thread().name == thread_name and not stalled:
+            stalled.append(True)
+            time.sleep(delay)
+        return int(time.time() * 1000)
+
+    return clock
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
+def test_a_writer_interrupted_while_queued_leaves_no_one_waiting(tmp_path: Path) -> None:
+    """Ctrl-C on a thread queued behind a commit withdraws its write; the next writers are
+    not left waiting for a leader that will never come."""
+    store = SQLiteStore(tmp_path / "g.db", clock=_slow_clock_for("leader", 0.6))
+    leader = threading.Thread(target=store.claim, args=(_claim_request("a"),), name="leader")
+    leader.start()
+    time.sleep(0.2)  # the leader is inside its commit
+    threading.Timer(
+        0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)
+    ).start()
+    with pytest.raises(KeyboardInterrupt):
+        store.claim(_claim_request("b"))  # queued behind the leader, then interrupted
+    leader.join()
+    done: list[bool] = []
+    later = threading.Thread(target=lambda: done.append(store.claim(_claim_request("c")).won))
+    later.start()
+    later.join(timeout=10)
+    assert done == [True]
+    record, _ = store.get("default", "b")
+    assert record is None  # withdrawn before any commit held it
+    store.close()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_a_write_from_a_signal_handler_during_a_commit_fails_fast(tmp_path: Path) -> None:
+    """A signal handler that writes while its own thread leads a commit gets a StoreError at
+    once (it cannot wait for itself); the interrupted commit still completes."""
+    store = SQLiteStore(tmp_path / "g.db", clock=_slow_clock_for("MainThread", 0.5))
+    seen: list[BaseException] = []
+
+    def handler(_sig: int, _frame: object) -> None:
+        try:
+            store.claim(_claim_request("from-handler"))
+        except StoreError as exc:
+            seen.append(exc)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        started = time.monotonic()
+        assert store.claim(_claim_request("main")).won
+        assert time.monotonic() - started < 5
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert len(seen) == 1
+    assert "already" in str(seen[0])
+    store.close()

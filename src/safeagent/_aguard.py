@@ -272,6 +272,18 @@ class AsyncGuard(GuardCore):
                     except BaseException as exc:  # noqa: BLE001 - thrown into the flow
                         error = exc
                     continue
+                if isinstance(op, Complete):
+                    # fn has run: its outcome is written even if this caller is cancelled
+                    # while the write waits for a worker thread.
+                    completing = asyncio.ensure_future(self._io(store.complete, op.completion))
+                    try:
+                        answer = await asyncio.shield(completing)
+                    except asyncio.CancelledError:
+                        _keep(completing)
+                        raise
+                    except BaseException as exc:  # noqa: BLE001 - thrown into the flow
+                        error = exc
+                    continue
                 try:
                     answer = await self._perform(op)
                 except asyncio.CancelledError:

@@ -263,8 +263,23 @@ FROM audit_chain AS c WHERE c.shard = ?10
 """
 
 
+_udf = threading.local()
+
+
 def _chain_hash_sql(prev: str, shard: int, seq: int, *row: Any) -> str:
-    return chain_hash(prev, shard, seq, row)
+    try:
+        return chain_hash(prev, shard, seq, row)
+    except BaseException as exc:
+        # sqlite3 turns anything a function raises into "user-defined function raised
+        # exception": keep a Ctrl-C (or any error) so _insert_events re-raises it as is.
+        _udf.error = exc
+        raise
+
+
+def _udf_error() -> BaseException | None:
+    error = getattr(_udf, "error", None)
+    _udf.error = None
+    return error
 
 
 def default_path() -> str:
@@ -282,7 +297,7 @@ class _ConnHolder:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.pid = os.getpid()
-        self._finalizer = weakref.finalize(self, _close_quietly, conn)
+        self._finalizer = weakref.finalize(self, _close_quietly, conn, self.pid)
         self._finalizer.atexit = False  # buffered audit events are written at exit first
 
     def close(self) -> None:
@@ -297,7 +312,9 @@ class _ConnHolder:
         self._finalizer.detach()
 
 
-def _close_quietly(conn: sqlite3.Connection) -> None:
+def _close_quietly(conn: sqlite3.Connection, pid: int) -> None:
+    if os.getpid() != pid:  # inherited across fork: the parent's, never closed here
+        return
     with suppress(sqlite3.Error):
         conn.close()
 
@@ -319,6 +336,13 @@ class _Job:
         self.promoted = False
 
 
+class _TxnState:
+    __slots__ = ("committed",)
+
+    def __init__(self) -> None:
+        self.committed = False
+
+
 class _GroupCommit:
     """Claims and completions from many threads of one process, committed together.
 
@@ -334,6 +358,7 @@ class _GroupCommit:
         self.lock = threading.Lock()
         self.pending: list[_Job] = []
         self.leading = False
+        self.leader: int | None = None  # the thread id leading now
 
 
 class SQLiteStore:
@@ -378,6 +403,7 @@ class SQLiteStore:
         # thread of this process is woken at once, instead of by SQLite's busy handler,
         # which sleeps for milliseconds between tries.
         self._mutex = threading.Lock()
+        self._writer: int | None = None  # the thread holding _mutex
         self._group = _GroupCommit()
         self._pid = os.getpid()
         self._file_id: tuple[int, int] | None = None
@@ -417,33 +443,48 @@ class SQLiteStore:
         return conn
 
     @contextmanager
-    def _write(self, *, synchronous: str = "FULL") -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction that also writes buffered audit events."""
+    def _write(
+        self, *, synchronous: str = "FULL", state: _TxnState | None = None
+    ) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction that also writes buffered audit events.
+
+        ``state``, when given, learns whether the transaction committed (an interrupt can
+        arrive just after COMMIT returned)."""
         conn = self._conn()
         if self._pid != os.getpid():  # a forked child: locks held by the parent's threads
             self._after_fork()
+        me = threading.get_ident()
+        if self._writer == me:  # a signal handler writing while its thread writes
+            raise StoreError(
+                f"SQLite write failed on {self.path}: this thread is already inside a write "
+                "(a re-entrant call, from a signal handler?); nothing was written"
+            )
         if not self._mutex.acquire(timeout=self.busy_timeout):
             raise StoreError(
                 f"SQLite write failed on {self.path}: another thread held the write lock "
                 f"for more than {self.busy_timeout} s"
             )
+        self._writer = me
         try:
-            with self._transaction(conn, synchronous) as txn:
+            with self._transaction(conn, synchronous, state or _TxnState()) as txn:
                 yield txn
         finally:
+            self._writer = None
             self._mutex.release()
 
     def _after_fork(self) -> None:
         self._mutex = threading.Lock()
+        self._writer = None
         self._group = _GroupCommit()
         self._pid = os.getpid()
 
     @contextmanager
     def _transaction(
-        self, conn: sqlite3.Connection, synchronous: str
+        self, conn: sqlite3.Connection, synchronous: str, state: _TxnState
     ) -> Iterator[sqlite3.Connection]:
         switch = synchronous != "FULL"
         events = self._buffer.take() if self._buffer else []
+        committing = False
         try:
             if switch:
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
@@ -453,8 +494,16 @@ class SQLiteStore:
                 if events:  # observed earlier, so written ahead of this transaction's own
                     self._insert_events(conn, events)
                 yield conn
+                committing = True
                 conn.execute("COMMIT")
+                state.committed = True
+            except sqlite3.Error:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
             except BaseException:
+                # An interrupt right after COMMIT returned: the transaction is done.
+                state.committed = committing and not conn.in_transaction
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
@@ -462,7 +511,8 @@ class SQLiteStore:
             self._buffer.put_back(events)
             raise StoreError(f"SQLite write failed on {self.path}: {exc}") from exc
         except BaseException:
-            self._buffer.put_back(events)
+            if not state.committed:  # else they were written: never write them twice
+                self._buffer.put_back(events)
             raise
         finally:
             if switch:
@@ -474,95 +524,156 @@ class SQLiteStore:
     def _grouped(self, work: Callable[[sqlite3.Connection, int], T], synchronous: str) -> T:
         """Run ``work(conn, now_ms)`` in a transaction shared with the writes other threads
         of this process make at the same moment (see :class:`_GroupCommit`); returns its
-        result once that transaction has committed."""
+        result once that transaction has committed.
+
+        Raises:
+            StoreError: the write was not committed (or, after an interrupt of the thread
+                that led the commit, may not have been); the caller must not act on it.
+        """
         if self._pid != os.getpid():
             self._after_fork()
         job = _Job(work, synchronous)
         group = self._group
+        me = threading.get_ident()
         with group.lock:
-            group.pending.append(job)
-            follow = group.leading
-            if follow:
-                job.event = threading.Event()
+            reentrant = group.leading and group.leader == me
+            if not reentrant:
+                group.pending.append(job)
+                follow = group.leading
+                if follow:
+                    job.event = threading.Event()
+                else:
+                    group.leading, group.leader = True, me
+        if reentrant:  # a signal handler writing while its own thread leads a commit
+            raise StoreError(
+                f"SQLite write failed on {self.path}: this thread is already committing "
+                "(a re-entrant call, from a signal handler?); nothing was written"
+            )
+        try:
+            if not follow:
+                self._lead(group, job)
             else:
-                group.leading = True
-        if follow:
-            assert job.event is not None
-            job.event.wait()
-            if job.promoted:  # the last leader handed over: lead the next batch
-                self._lead(group)
-        else:
-            self._lead(group)
+                assert job.event is not None
+                job.event.wait()
+                if job.promoted:  # the last leader handed over: lead the next batch
+                    self._lead(group, job)
+        except BaseException:
+            self._abandon(group, job)
+            raise
         if job.error is not None:
             raise job.error
+        if job.result is _UNSET:  # pragma: no cover - every path sets one or the other
+            raise StoreError(f"SQLite write failed on {self.path}: not committed")
         return job.result  # type: ignore[no-any-return]
 
-    def _lead(self, group: _GroupCommit) -> None:
-        """Commit every queued job as one batch, then hand the lead to a waiting writer."""
+    def _abandon(self, group: _GroupCommit, job: _Job) -> None:
+        """A waiting writer was interrupted: withdraw its job, and if it had just been
+        handed the lead, hand it on, so no one is left waiting for a leader."""
+        successor = None
         with group.lock:
-            batch, group.pending = group.pending, []
+            if job in group.pending:
+                group.pending.remove(job)
+            if job.promoted:
+                job.promoted = False
+                if group.pending:
+                    successor = group.pending[0]
+                    successor.promoted = True
+                else:
+                    group.leading, group.leader = False, None
+        if successor is not None and successor.event is not None:
+            successor.event.set()
+
+    def _lead(self, group: _GroupCommit, own: _Job) -> None:
+        """Commit every queued job as one batch, then hand the lead to a waiting writer."""
+        batch: list[_Job] = []
         try:
-            self._commit_batch(batch)
+            with group.lock:
+                own.promoted = False
+                group.leader = threading.get_ident()
+                batch, group.pending = group.pending, []
+            self._commit_batch(batch, own)
         finally:
             with group.lock:
                 successor = group.pending[0] if group.pending else None
+                group.leader = None  # (leading stays True while a successor takes over)
                 if successor is None:
                     group.leading = False
                 else:
                     successor.promoted = True
+            for job in batch:
+                if job.result is _UNSET and job.error is None:
+                    job.error = StoreError(
+                        f"SQLite write failed on {self.path}: the thread committing it was "
+                        "interrupted; it may not have been written"
+                    )
+                if job.event is not None:
+                    job.event.set()
             if successor is not None and successor.event is not None:
                 successor.event.set()
-            for job in batch:
-                if job.event is not None and not job.promoted:
-                    job.event.set()
 
-    def _commit_batch(self, batch: list[_Job]) -> None:
+    def _commit_batch(self, batch: list[_Job], own: _Job) -> None:
+        """One transaction for ``batch``: with more than one job, each runs under its own
+        savepoint, so a write SQLite refuses is undone and fails alone while the others
+        commit. A failure of the transaction itself (lock, BEGIN, COMMIT) fails them all
+        once, as a single write would."""
         sync = "FULL" if any(job.synchronous == "FULL" for job in batch) else "NORMAL"
+        state = _TxnState()
         try:
-            self._run_jobs(batch, sync)
-        except Exception as exc:  # noqa: BLE001 - handed to the callers, as StoreError if ours
-            if len(batch) == 1:
-                batch[0].error = exc
-                return
-            # One job's failure must not fail the others: retry each in its own
-            # transaction, so each caller gets its own answer.
+            with self._write(synchronous=sync, state=state) as conn:
+                now = self._clock()
+                if len(batch) == 1:
+                    batch[0].result = batch[0].work(conn, now)
+                    return
+                for job in batch:
+                    conn.execute("SAVEPOINT safeagent_job")
+                    try:
+                        job.result = job.work(conn, now)
+                    except Exception as exc:
+                        if not conn.in_transaction:  # SQLite undid the whole transaction
+                            raise
+                        conn.execute("ROLLBACK TO safeagent_job")
+                        job.error = self._own_error(exc)
+                    conn.execute("RELEASE safeagent_job")
+        except BaseException as exc:
+            if state.committed:  # interrupted after COMMIT: every result stands
+                raise
             for job in batch:
-                job.result, job.error = _UNSET, None
-                try:
-                    self._run_jobs([job], job.synchronous)
-                except Exception as own:  # noqa: BLE001 - handed to that job's caller
-                    job.error = own
-        except BaseException as exc:  # interrupted: nothing of this batch was committed
-            for job in batch:
-                job.error = (
-                    exc
-                    if job.event is None
-                    else StoreError(
-                        f"SQLite write failed on {self.path}: the writing thread was "
-                        f"interrupted ({type(exc).__name__}); nothing was written"
-                    )
-                )
-            raise
+                job.result = _UNSET
+                if job is own:
+                    job.error = exc
+                else:
+                    job.error = StoreError(f"SQLite write failed on {self.path}: {exc}")
+                    job.error.__cause__ = exc
+            if not isinstance(exc, Exception):
+                raise  # an interrupt of this thread: its caller sees it
 
-    def _run_jobs(self, batch: list[_Job], synchronous: str) -> None:
-        with self._write(synchronous=synchronous) as conn:
-            now = self._clock()
-            for job in batch:
-                job.result = job.work(conn, now)
+    def _own_error(self, exc: Exception) -> Exception:
+        if isinstance(exc, sqlite3.Error):
+            error = StoreError(f"SQLite write failed on {self.path}: {exc}")
+            error.__cause__ = exc
+            return error
+        return exc
 
     @staticmethod
     def _insert_events(conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
         """Append events to their hash chains, in order (the write lock is held: no one
         interleaves). Each is one statement; see SQL_EVENT."""
-        if len(events) == 1:
-            event = events[0]
-            cursor = conn.execute(
-                SQL_EVENT, (*event_row(event), shard_of(event.namespace, event.subject))
-            )
-        else:  # executemany runs the statements in order, each seeing the last one's head
-            cursor = conn.executemany(
-                SQL_EVENT, [(*event_row(e), shard_of(e.namespace, e.subject)) for e in events]
-            )
+        _udf.error = None
+        try:
+            if len(events) == 1:
+                event = events[0]
+                cursor = conn.execute(
+                    SQL_EVENT, (*event_row(event), shard_of(event.namespace, event.subject))
+                )
+            else:  # executemany runs the statements in order, each seeing the last one's head
+                cursor = conn.executemany(
+                    SQL_EVENT, [(*event_row(e), shard_of(e.namespace, e.subject)) for e in events]
+                )
+        except sqlite3.Error:
+            error = _udf_error()
+            if error is not None and not isinstance(error, Exception):
+                raise error from None
+            raise
         if cursor.rowcount != len(events):  # a missing chain head: the schema was altered
             raise sqlite3.DatabaseError("audit chain head missing; events not written")
 
@@ -1073,9 +1184,16 @@ class SQLiteStore:
         finally:
             self._closed = True
             self._buffer.detach()
-            for holder in list(self._holders):
-                holder.close()
-            self._local = threading.local()
+            # No connection is closed under a thread still writing with it (that crashes
+            # the sqlite3 module): wait for the write lock, as a writer would.
+            locked = self._pid == os.getpid() and self._mutex.acquire(timeout=self.busy_timeout)
+            try:
+                for holder in list(self._holders):
+                    holder.close()
+                self._local = threading.local()
+            finally:
+                if locked:
+                    self._mutex.release()
 
     def __enter__(self) -> SQLiteStore:
         return self
