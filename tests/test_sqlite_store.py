@@ -284,14 +284,16 @@ def test_a_version_3_file_is_migrated_and_its_chains_extend(tmp_path: Path) -> N
         ).fetchone() == (str(sqlite_module.SCHEMA_VERSION),)
 
 
-def _slow_clock_for(thread_name: str, delay: float) -> Any:
+def _slow_clock_for(thread_name: str, delay: float, inside: threading.Event | None = None) -> Any:
     """A store clock that stalls ``thread_name``'s first commit: it then leads a group
-    commit for ``delay`` seconds while other writers queue up."""
+    commit for ``delay`` seconds while other writers queue up (``inside`` is set then)."""
     stalled: list[bool] = []
 
     def clock() -> int:
         if threading.current_thread().name == thread_name and not stalled:
             stalled.append(True)
+            if inside is not None:
+                inside.set()
             time.sleep(delay)
         return int(time.time() * 1000)
 
@@ -302,13 +304,14 @@ def _slow_clock_for(thread_name: str, delay: float) -> Any:
 def test_a_writer_interrupted_while_queued_leaves_no_one_waiting(tmp_path: Path) -> None:
     """Ctrl-C on a thread queued behind a commit withdraws its write; the next writers are
     not left waiting for a leader that will never come."""
-    store = SQLiteStore(tmp_path / "g.db", clock=_slow_clock_for("leader", 0.6))
+    inside = threading.Event()
+    store = SQLiteStore(tmp_path / "g.db", clock=_slow_clock_for("leader", 1.5, inside))
     leader = threading.Thread(target=store.claim, args=(_claim_request("a"),), name="leader")
     leader.start()
-    time.sleep(0.2)  # the leader is inside its commit
-    threading.Timer(
-        0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)
-    ).start()
+    assert inside.wait(10)  # the leader is inside its commit, for 1.5 s more
+    main = threading.main_thread().ident
+    assert main is not None
+    threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
         store.claim(_claim_request("b"))  # queued behind the leader, then interrupted
     leader.join()
@@ -326,7 +329,7 @@ def test_a_writer_interrupted_while_queued_leaves_no_one_waiting(tmp_path: Path)
 def test_a_write_from_a_signal_handler_during_a_commit_fails_fast(tmp_path: Path) -> None:
     """A signal handler that writes while its own thread leads a commit gets a StoreError at
     once (it cannot wait for itself); the interrupted commit still completes."""
-    store = SQLiteStore(tmp_path / "g.db", clock=_slow_clock_for("MainThread", 0.5))
+    store = SQLiteStore(tmp_path / "g.db", clock=_slow_clock_for("MainThread", 1.5))
     seen: list[BaseException] = []
 
     def handler(_sig: int, _frame: object) -> None:
