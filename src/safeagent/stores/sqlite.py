@@ -466,8 +466,7 @@ class SQLiteStore:
             )
         self._writer = me
         try:
-            with self._transaction(conn, synchronous, state or _TxnState()) as txn:
-                yield txn
+            yield from self._transaction(conn, synchronous, state or _TxnState())
         finally:
             self._writer = None
             self._mutex.release()
@@ -478,10 +477,11 @@ class SQLiteStore:
         self._group = _GroupCommit()
         self._pid = os.getpid()
 
-    @contextmanager
     def _transaction(
         self, conn: sqlite3.Connection, synchronous: str, state: _TxnState
     ) -> Iterator[sqlite3.Connection]:
+        """The body of :meth:`_write` once the write lock is held (a generator it
+        delegates to, so a write costs one context manager, not two)."""
         switch = synchronous != "FULL"
         events = self._buffer.take() if self._buffer else []
         committing = False
