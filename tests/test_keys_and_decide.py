@@ -72,6 +72,23 @@ def test_bad_request_ids_are_rejected(bad: object) -> None:
         check_request_id(bad)
 
 
+@given(namespace=st.text(), action=st.text(), request_id=st.text())
+def test_downstream_key_equals_rfc8785_of_the_triple(
+    namespace: str, action: str, request_id: str
+) -> None:
+    """The hand-assembled key equals sha256(rfc8785.dumps([ns, action, rid])), and a lone
+    surrogate is the same typed error canonical_json raises."""
+    try:
+        canonical = rfc8785.dumps([namespace, action, request_id])
+    except (rfc8785.CanonicalizationError, UnicodeEncodeError):
+        with pytest.raises(InvalidPayloadError):
+            downstream_key(namespace, action, request_id)
+        return
+    assert downstream_key(namespace, action, request_id) == (
+        "sa1-" + hashlib.sha256(canonical).hexdigest()
+    )
+
+
 def test_downstream_key_is_sha256_of_namespace_action_request_id() -> None:
     """sa1- + hex sha256 of canonical [namespace, action, request_id]; differs per tenant."""
     expected = "sa1-" + hashlib.sha256(b'["tenant-A","charge","k-1"]').hexdigest()

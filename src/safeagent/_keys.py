@@ -84,14 +84,20 @@ def _canon(value: Any, out: list[str], depth: int) -> None:
     elif isinstance(value, Mapping):
         if depth >= MAX_DEPTH:
             raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        ascii_keys = True
         for key in value:
             if not isinstance(key, str):
                 raise TypeError(f"object keys must be strings, got {type(key).__name__}")
+            if ascii_keys and not key.isascii():
+                ascii_keys = False
         out.append("{")
-        for n, key in enumerate(sorted(value, key=_utf16_key)):
+        # ASCII keys sort the same by code point as by UTF-16 code unit (the usual case)
+        keys = sorted(value) if ascii_keys else sorted(value, key=_utf16_key)
+        for n, key in enumerate(keys):
             if n:
                 out.append(",")
-            key.encode("utf-8")
+            if not ascii_keys:
+                key.encode("utf-8")
             out.append(_encode_str(key))
             out.append(":")
             _canon(value[key], out, depth + 1)
@@ -188,7 +194,7 @@ def fingerprint(action: str, canonical_payload: bytes) -> str:
     so the result equals ``sha256(rfc8785.dumps({"v": 1, "action": a, "payload": p}))``.
     """
     digest = hashlib.sha256(b'{"action":')
-    digest.update(canonical_json(action))
+    digest.update(_canonical_str(action))
     digest.update(b',"payload":')
     digest.update(canonical_payload)
     digest.update(b',"v":1}')
@@ -202,10 +208,20 @@ def downstream_key(namespace: str, action: str, request_id: str) -> str:
     the same on every attempt and across upgrades, and different for two tenants that
     use the same request id.
     """
-    return (
-        DOWNSTREAM_KEY_PREFIX
-        + hashlib.sha256(canonical_json([namespace, action, request_id])).hexdigest()
-    )
+    text = f"[{_encode_str(namespace)},{_encode_str(action)},{_encode_str(request_id)}]"
+    return DOWNSTREAM_KEY_PREFIX + hashlib.sha256(_utf8(text)).hexdigest()
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidPayloadError(f"payload is not valid UTF-8 text: {exc}") from exc
+
+
+def _canonical_str(value: str) -> bytes:
+    """``canonical_json(value)`` for a str, without the generic walk."""
+    return _utf8(_encode_str(value))
 
 
 def key_from_value(value: object) -> str | None:

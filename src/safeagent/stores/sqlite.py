@@ -393,6 +393,7 @@ class SQLiteStore:
         # Absolute now: a later os.chdir must not send new threads to another file.
         raw = str(path if path is not None else default_path())
         self.path = raw if raw == ":memory:" or raw.startswith("file:") else os.path.abspath(raw)
+        self._identity = "sqlite:" + os.path.abspath(self.path)  # read on every call
         self.busy_timeout = float(busy_timeout)
         self._clock = clock or system_clock_ms
         self._local = threading.local()
@@ -412,7 +413,7 @@ class SQLiteStore:
 
     @property
     def identity(self) -> str:
-        return "sqlite:" + os.path.abspath(self.path)
+        return self._identity
 
     # -- connections and transactions ------------------------------------------------
 
