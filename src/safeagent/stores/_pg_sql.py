@@ -5,9 +5,11 @@ positional hot-path statements): ``NULL`` means "the database's clock" (leases a
 on it, so hosts with skewed clocks agree), an integer is a test's fake clock. Table names
 are qualified with the store's schema when the store is built.
 
-The hot paths (``GET``, ``CLAIM``, ``COMPLETE``, ``RENEW``, ``EVENT``, ``EVENT_ROWS``) take
-positional parameters, so a call passes a tuple instead of building a dict, and each is
-shaped to cost one round trip: a read returns the database clock with the row, a claim or
+The hot paths (``GET``, ``CLAIM``, ``COMPLETE``, ``CLAIM_FAST``, ``COMPLETE_FAST``,
+``RENEW``, ``EVENT``, ``EVENT_ROWS``) take positional parameters, so a call passes a tuple
+instead of building a dict, and each is shaped to cost one round trip: a read returns the
+database clock with the row; ``CLAIM_FAST`` and ``COMPLETE_FAST`` are a whole claim or
+completion with its audit event, alone in their transaction; on the general path a claim or
 a completion locks its audit chain heads in the same statement, and a transaction's events
 and chain heads are written by one statement.
 """
@@ -197,8 +199,120 @@ SELECT won.*, n.now, h.shard, h.seq, h.head FROM n LEFT JOIN won ON TRUE LEFT JO
 """
 
 
+_EVENT_COLUMNS = (
+    "at_ms, kind, namespace, subject, action, actor, execution_id, fencing_token, detail,"
+    " shard, seq, prev_hash, hash"
+)
 COMPLETE = _complete("")
-COMPLETE_ASYNC = _complete(", set_config('synchronous_commit', 'off', true) AS sync")
+_SYNC_OFF = ", set_config('synchronous_commit', 'off', true) AS sync"
+COMPLETE_ASYNC = _complete(_SYNC_OFF)
+
+# -- the fast path: a claim or a completion and its one audit event in ONE statement --------
+# Sent alone in autocommit (its own transaction: no BEGIN, no COMMIT, one round trip). The
+# event's chain hash is computed here, by sha256 over the same ASCII text chain_hash() hashes:
+#   ["<prev hash>",<shard>,<seq>,<at_ms>,"<kind>",...,<fencing token>,"<detail, escaped>"]
+# The client sends every string already JSON-encoded (fragments cut from the text its own
+# encoders make, see PostgresStore._claim_fast); this statement only joins them with the
+# integers only the database knows (the head it locks, the clock, the token, the attempt).
+# The database never JSON-encodes a string. convert_to, not ::bytea, turns the text into
+# bytes (::bytea would read its backslashes as escapes).
+# Locks: the change's row first (EXISTS (SELECT FROM won) runs the data-modifying CTE before
+# the head is locked), then the ONE chain head its event goes to (h); the head row locked in
+# h is moved by the same statement (mv): an UPDATE that meets a row version newer than its
+# snapshot, locked by this very transaction, follows it and updates that newest version,
+# whose values h returned. When ``won`` is empty (a lost claim, a completion the fencing
+# or lease check refused) nothing is locked, inserted or moved.
+_CHAIN_TEXT = "'[\"' || h.head || '\",' || h.shard || ',' || (h.seq + 1) || ',' || n.now"
+_FAST_HEAD = """
+h AS (
+    SELECT shard, seq, head FROM {s}.audit_chain
+    WHERE shard = %s AND EXISTS (SELECT FROM won)
+    FOR UPDATE
+),"""
+_FAST_MOVE = """
+mv AS (
+    UPDATE {s}.audit_chain SET seq = (SELECT seq FROM ev), head = (SELECT hash FROM ev)
+    WHERE shard = (SELECT shard FROM ev)
+)
+SELECT won.*, n.now FROM won CROSS JOIN n
+"""
+# (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey, shard,
+#  kind, ns, subject, action, actor, exec_id, detail head, detail tail,
+#  text after at_ms, text after the token, text after the attempt)
+# -> the record's columns and the clock when the claim was won and its claimed event
+# chained; no row when it lost (nothing changed).
+# The event's fencing token and attempt are the row's; its detail is the client's text with
+# the attempt (its last key) in the middle.
+CLAIM_FAST = f"""
+WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now),
+won AS (
+    INSERT INTO {{s}}.executions AS e ({COLUMNS})
+    SELECT %s, %s, %s, %s, 'PENDING', %s, NULL, NULL, NULL,
+           %s, 1, 1, %s, n.now + %s, %s, n.now, n.now, n.now, NULL, NULL
+    FROM n
+    ON CONFLICT (namespace, request_id) DO UPDATE SET
+        action = excluded.action,
+        fingerprint = excluded.fingerprint,
+        status = 'PENDING',
+        payload = excluded.payload,
+        result = NULL,
+        error_type = NULL,
+        error_message = NULL,
+        execution_id = excluded.execution_id,
+        attempt = e.attempt + 1,
+        fencing_token = e.fencing_token + 1,
+        lease_owner = excluded.lease_owner,
+        lease_expires_at_ms = excluded.lease_expires_at_ms,
+        downstream_key = excluded.downstream_key,
+        claimed_at_ms = excluded.claimed_at_ms,
+        updated_at_ms = excluded.updated_at_ms,
+        completed_at_ms = NULL
+    WHERE e.status = 'RELEASED'
+    RETURNING {E_COLUMNS}
+),{_FAST_HEAD}
+ev AS (
+    INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
+    SELECT n.now, %s, %s, %s, %s, %s, %s, won.fencing_token,
+           %s::text || won.attempt || %s::text,
+           h.shard, h.seq + 1, h.head,
+           encode(sha256(convert_to({_CHAIN_TEXT} || %s::text || won.fencing_token
+               || %s::text || won.attempt || %s::text, 'UTF8')), 'hex')
+    FROM won, h, n
+    RETURNING shard, seq, hash
+),{_FAST_MOVE}"""
+
+
+def _complete_fast(sync: str) -> str:
+    """(now, status, result, etype, emsg, terminal, ns, rid, token, action, exec_id, shard,
+    kind, ns, subject, action, actor, exec_id, token, detail, text after at_ms) -> the
+    record's columns and the clock when the completion was accepted on time and its one
+    event chained; no row (nothing changed) when the record is not PENDING under that token
+    and execution (action and execution id: the client's own claim), or its lease has
+    expired (a late completion writes a second event: the general path's)."""
+    return f"""
+WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now{sync}),
+won AS (
+    UPDATE {{s}}.executions AS e
+    SET status = %s, result = %s, error_type = %s, error_message = %s, updated_at_ms = n.now,
+        completed_at_ms = CASE WHEN %s THEN n.now END
+    FROM n
+    WHERE e.namespace = %s AND e.request_id = %s AND e.fencing_token = %s
+      AND e.status = 'PENDING' AND e.lease_expires_at_ms > n.now
+      AND e.action = %s AND e.execution_id = %s
+    RETURNING {E_COLUMNS}
+),{_FAST_HEAD}
+ev AS (
+    INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
+    SELECT n.now, %s, %s, %s, %s, %s, %s, %s, %s,
+           h.shard, h.seq + 1, h.head,
+           encode(sha256(convert_to({_CHAIN_TEXT} || %s::text, 'UTF8')), 'hex')
+    FROM h, n
+    RETURNING shard, seq, hash
+),{_FAST_MOVE}"""
+
+
+COMPLETE_FAST = _complete_fast("")
+COMPLETE_FAST_ASYNC = _complete_fast(_SYNC_OFF)
 RESOLVE = f"""
 WITH n AS (SELECT {NOW} AS now)
 UPDATE {{s}}.executions AS e
@@ -239,10 +353,6 @@ WHERE e.namespace = %(ns)s AND e.request_id = %(rid)s AND e.fencing_token = %(to
   AND (e.status = 'IN_DOUBT' OR (e.status = 'PENDING' AND e.lease_expires_at_ms <= n.now))
 RETURNING {", ".join("e." + c.strip() for c in COLUMNS.split(","))}, n.now
 """
-_EVENT_COLUMNS = (
-    "at_ms, kind, namespace, subject, action, actor, execution_id, fencing_token, detail,"
-    " shard, seq, prev_hash, hash"
-)
 # One chained event row (chain_rows) -> the event inserted and its chain's head moved to it,
 # in one statement: the new head is the row itself, so it is not sent twice.
 EVENT = f"""

@@ -12,10 +12,19 @@ Durability: ``"durable"`` commits claim and completion with the server's
 statement itself): a server crash can turn a recent receipt back into a claim that reads as
 in doubt, never a duplicate.
 
-Round trips: a read is one statement, which also reads the clock. A claim or a completion
-is two round trips (with libpq 14 or later; four without pipeline mode): BEGIN and the
+Round trips: a read is one statement, which also reads the clock. A claim, and the
+completion of a claim this store made, are usually ONE statement each, sent in autocommit
+(its own transaction, no BEGIN or COMMIT): it makes the change, locks the audit chain head
+of its one event, writes the event with its chain hash computed by the database (sha256
+over the text chain_hash() hashes, from fragments the client JSON-encoded), and moves the
+head. It changes nothing when its assumptions do not hold, and the general path follows:
+two round trips (with libpq 14 or later; four without pipeline mode): BEGIN and the
 statement that makes the change and locks its audit chain heads, then the statement that
-writes the events and moves the heads, and COMMIT.
+writes the events and moves the heads, and COMMIT. The general path takes a claim when
+buffered audit events wait to be written (they go with it), and a completion that settles
+a case, is late (a second event), is refused by the fencing check (a rejection event), or
+was claimed elsewhere (by another store, or process). A first execution is then three
+round trips: the read, the claim, the completion.
 
 A lost connection fails closed: the call raises :class:`~safeagent.errors.StoreError`, and a
 claim that could not be committed means ``fn`` does not run.
@@ -30,7 +39,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from safeagent._audit import AuditEvent
 from safeagent._cases import CaseRow, CaseState, Signal
@@ -65,8 +74,10 @@ from safeagent.stores._base import (
 )
 from safeagent.stores._rows import (
     Heads,
+    _chain_body,
     chain_rows,
     dumps,
+    event_row,
     row_to_case,
     row_to_event,
     row_to_record,
@@ -128,6 +139,100 @@ def _int_array(values: set[int]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
+# -- the fast path's text fragments -------------------------------------------------------
+# Integers standing, while a fast statement's fragments are made, for the values only the
+# database knows: the clock, the fencing token and the attempt. The event is built by the
+# function the general path uses (claimed_event, completion_events) and encoded by the
+# encoders the general path uses (event_row, and chain_hash's body); each stand-in is then
+# cut out of that text, which must hold it exactly once, so the fragments around it are
+# exactly what those encoders write, whatever the strings hold. Anything else (a stand-in
+# met twice, an event that is not the one expected) takes the general path.
+_AT = 7_306_147_209_152_331_849
+_TOKEN = 7_306_147_209_152_331_861
+_ATTEMPT = 7_306_147_209_152_331_873
+_AT_OPEN, _TOKEN_TEXT, _ATTEMPT_TEXT = f"[{_AT}", str(_TOKEN), str(_ATTEMPT)
+_MAX_CLAIMS = 100_000  # claims remembered for their completion (past that, forgotten)
+
+
+class _Known:
+    """What claimed_event and completion_events read of a record, before it exists."""
+
+    __slots__ = ("action", "attempt", "execution_id", "fencing_token", "lease_expires_at_ms")
+
+    def __init__(self, action: str, execution_id: str) -> None:
+        self.action = action
+        self.execution_id = execution_id
+        self.fencing_token = _TOKEN
+        self.attempt = _ATTEMPT
+        self.lease_expires_at_ms = None  # not late: the fast statement requires it
+
+
+def _cut(text: str, mark: str) -> tuple[str, str] | None:
+    """``text`` split around ``mark``, which must occur exactly once (else None)."""
+    head, found, tail = text.partition(mark)
+    if not found or mark in tail:
+        return None
+    return head, tail
+
+
+def _chain_tail(row: tuple[Any, ...]) -> str | None:
+    """The text chain_hash hashes for ``row`` (an event_row stamped _AT), after
+    ``["<prev>",<shard>,<seq>,<at_ms>``: the statement writes that start itself."""
+    body = _chain_body(list(row))  # chain_hash's body is _chain_body([prev, shard, seq, *row])
+    if row[0] != _AT or not body.startswith(_AT_OPEN):
+        return None
+    return body[len(_AT_OPEN) :]
+
+
+def _claim_fragments(request: ClaimRequest) -> tuple[Any, ...] | None:
+    """CLAIM_FAST's event parameters: (shard, kind, namespace, subject, action, actor,
+    execution_id, detail before the attempt, detail after it, chain text after the clock,
+    after the token, after the attempt); None when they cannot be cut cleanly."""
+    known = _Known(request.action, request.execution_id)
+    try:
+        row = event_row(claimed_event(request, cast(Record, known), _AT))
+    except (TypeError, ValueError):  # unencodable detail: the general path reports it
+        return None
+    tail = _chain_tail(row)
+    detail = _cut(row[8], _ATTEMPT_TEXT)
+    if tail is None or detail is None or row[7] != _TOKEN:
+        return None
+    at_token = _cut(tail, _TOKEN_TEXT)
+    if at_token is None:
+        return None
+    at_attempt = _cut(at_token[1], _ATTEMPT_TEXT)
+    if at_attempt is None:
+        return None
+    return (
+        shard_of(row[2], row[3]),
+        *row[1:7],
+        *detail,
+        at_token[0],
+        *at_attempt,
+    )
+
+
+def _completion_fragments(
+    completion: Completion, action: str, execution_id: str
+) -> tuple[Any, ...] | None:
+    """COMPLETE_FAST's event parameters: (shard, kind, namespace, subject, action, actor,
+    execution_id, fencing_token, detail, chain text after the clock): the one event
+    completion_events writes for a completion accepted in time."""
+    try:
+        events = completion_events(
+            completion, None, cast(Record, _Known(action, execution_id)), _AT
+        )
+        if len(events) != 1:
+            return None
+        row = event_row(events[0])
+    except (TypeError, ValueError):
+        return None
+    tail = _chain_tail(row)
+    if tail is None:
+        return None
+    return (shard_of(row[2], row[3]), *row[1:9], tail)
+
+
 def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
     """GET's one row -> (the record, or None when its columns are NULL; the clock)."""
     if row is None:  # pragma: no cover - GET always returns its one row
@@ -156,6 +261,7 @@ class PostgresStore:
     """
 
     durable = True
+    _fast_path = True  # tests turn it off on an instance to compare with the general path
 
     def __init__(
         self,
@@ -187,6 +293,12 @@ class PostgresStore:
         self._complete_sql = self._sql[
             "COMPLETE_ASYNC" if self.durability == "claim-durable" else "COMPLETE"
         ]
+        self._complete_fast_sql = self._sql[
+            "COMPLETE_FAST_ASYNC" if self.durability == "claim-durable" else "COMPLETE_FAST"
+        ]
+        # the claims this store won and not yet completed: (namespace, request_id, token) ->
+        # (action, execution_id), for the completion's fast statement (which checks both)
+        self._claims: dict[tuple[str, str, int], tuple[str, str]] = {}
         self._lock = threading.Lock()
         # this thread's transaction: .pending, the audit events it emits; .buffered, the
         # buffered events it writes too; .locked, the chain heads its claim or completion
@@ -382,7 +494,57 @@ class PostgresStore:
             row = conn.execute(self._sql["GET"], (self._at(), namespace, request_id)).fetchone()
         return _found(row)
 
+    def _remember(self, record: Record) -> None:
+        """A claim won: its completion can take the fast statement."""
+        claims = self._claims
+        if len(claims) >= _MAX_CLAIMS:
+            claims.clear()
+        claims[(record.namespace, record.request_id, record.fencing_token)] = (
+            record.action,
+            record.execution_id,
+        )
+
     def claim(self, request: ClaimRequest) -> ClaimResult:
+        if self._fast_path and not self._buffer:
+            fragments = _claim_fragments(request)
+            if fragments is not None:
+                return self._claim_fast(request, fragments)
+        return self._claim_general(request)
+
+    def _claim_fast(self, request: ClaimRequest, fragments: tuple[Any, ...]) -> ClaimResult:
+        """The claim and its claimed event in one autocommit statement: one round trip (two
+        when the claim is lost: the winner's row is read by a statement of its own, whose
+        snapshot sees it even when it was committed after the claim began)."""
+        with self._connection() as conn:
+            row = conn.execute(
+                self._sql["CLAIM_FAST"],
+                (
+                    self._at(),
+                    request.namespace,
+                    request.request_id,
+                    request.action,
+                    request.fingerprint,
+                    request.payload_json,
+                    request.execution_id,
+                    request.owner,
+                    request.lease_ms,
+                    request.downstream_key,
+                    *fragments,
+                ),
+            ).fetchone()
+            if row is None:
+                found = conn.execute(
+                    self._sql["GET"], (self._at(), request.namespace, request.request_id)
+                ).fetchone()
+                existing, now = _found(found)
+                if existing is None:  # pragma: no cover - the conflicting row is committed
+                    raise StoreError("claim conflicted with a row that then vanished")
+                return ClaimResult(False, existing, now)
+        record = row_to_record(row)
+        self._remember(record)
+        return ClaimResult(True, record, int(row[20]))
+
+    def _claim_general(self, request: ClaimRequest) -> ClaimResult:
         # BEGIN + the claim, its chain heads locked | the events, the heads moved + COMMIT:
         # two round trips
         with self._write(pipelined=True) as cur:
@@ -414,12 +576,59 @@ class PostgresStore:
             self._locked(shards, rows)
             record, now = row_to_record(rows[0]), int(rows[0][20])
             self._emit([claimed_event(request, record, now)])
+        self._remember(record)
         return ClaimResult(True, record, now)
 
     def complete(self, completion: Completion) -> WriteResult:
         terminal = completion.status in (Status.SUCCEEDED, Status.FAILED)
-        error = completion.error
         settle = completion.settle_case if terminal else None
+        known = self._claims.pop(
+            (completion.namespace, completion.request_id, completion.fencing_token), None
+        )
+        if known is not None and settle is None and self._fast_path and not self._buffer:
+            fragments = _completion_fragments(completion, *known)
+            if fragments is not None:
+                done = self._complete_fast(completion, terminal, known, fragments)
+                if done is not None:
+                    return done
+        return self._complete_general(completion, terminal, settle)
+
+    def _complete_fast(
+        self,
+        completion: Completion,
+        terminal: bool,
+        known: tuple[str, str],
+        fragments: tuple[Any, ...],
+    ) -> WriteResult | None:
+        """The completion of a claim this store won, and its one event, in one autocommit
+        statement: one round trip. None (nothing changed) unless it was accepted in time:
+        the general path then writes what it must (a rejection, a late completion)."""
+        error = completion.error
+        with self._connection() as conn:
+            row = conn.execute(
+                self._complete_fast_sql,
+                (
+                    self._at(),
+                    completion.status.value,
+                    completion.result_json,
+                    None if error is None else error.type,
+                    None if error is None else error.message,
+                    terminal,
+                    completion.namespace,
+                    completion.request_id,
+                    completion.fencing_token,
+                    *known,
+                    *fragments,
+                ),
+            ).fetchone()
+        if row is None:
+            return None
+        return WriteResult(accepted=True, record=row_to_record(row))
+
+    def _complete_general(
+        self, completion: Completion, terminal: bool, settle: str | None
+    ) -> WriteResult:
+        error = completion.error
         with self._write(pipelined=True) as cur:
             # A completion that settles a case locks the case row after its own: its chain
             # heads are then taken at the end (after the case), not by this statement.
@@ -540,6 +749,7 @@ class PostgresStore:
                 )
             record, now = row_to_record(row), int(row[-1])
             self._emit([take_over_event(record, owner, now)])
+        self._remember(record)
         return WriteResult(accepted=True, record=record)
 
     # -- audit -------------------------------------------------------------------------------
