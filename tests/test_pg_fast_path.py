@@ -1,0 +1,679 @@
+"""PostgresStore's fast path: a claim or a completion and its audit event in ONE statement,
+the event's chain hash computed by the database.
+
+The proofs: the rows it writes verify and carry exactly the hash chain_hash() computes in
+Python, for hostile strings of every kind; a twin store that only takes the general path,
+fed the same calls on the same fake clock, writes a byte-identical trail (events, chain,
+heads), fast path or fallback; and under concurrency every id runs once, every chain
+verifies, and nothing deadlocks.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from safeagent import ExecutionContext, Guard
+from safeagent._audit import AuditEvent, EventKind
+from safeagent._receipt import ErrorInfo, Status
+from safeagent.audit import verify
+from safeagent.errors import StoreError
+from safeagent.stores._base import (
+    ClaimRequest,
+    ClaimResult,
+    Completion,
+    WriteResult,
+    claimed_event,
+    completion_events,
+)
+from safeagent.stores._rows import GENESIS, chain_hash, chain_rows, shard_of
+from safeagent.stores.postgres import _ATTEMPT, _TOKEN, PostgresStore
+from tests.conftest import PG_URL, FakeClock, pg_schema, require_postgres
+
+pytestmark = pytest.mark.usefixtures("postgres_available")
+
+
+@pytest.fixture
+def postgres_available() -> None:
+    require_postgres()
+
+
+class Counted(PostgresStore):
+    """A PostgresStore counting the path each claim and completion took (in ``paths``; a
+    ``_complete_fast_missed`` changed nothing, and the general path followed)."""
+
+    def __init__(self, *args: Any, fast: bool, **kwargs: Any) -> None:
+        self.paths: Counter[str] = Counter()
+        super().__init__(*args, **kwargs)
+        self._fast_path = fast
+
+    def _claim_fast(self, request: ClaimRequest, fragments: tuple[Any, ...]) -> ClaimResult:
+        self.paths["_claim_fast"] += 1
+        return super()._claim_fast(request, fragments)
+
+    def _claim_general(self, request: ClaimRequest) -> ClaimResult:
+        self.paths["_claim_general"] += 1
+        return super()._claim_general(request)
+
+    def _complete_fast(
+        self,
+        completion: Completion,
+        terminal: bool,
+        known: tuple[str, str],
+        fragments: tuple[Any, ...],
+    ) -> WriteResult | None:
+        out = super()._complete_fast(completion, terminal, known, fragments)
+        self.paths["_complete_fast" if out is not None else "_complete_fast_missed"] += 1
+        return out
+
+    def _complete_general(
+        self, completion: Completion, terminal: bool, settle: str | None
+    ) -> WriteResult:
+        self.paths["_complete_general"] += 1
+        return super()._complete_general(completion, terminal, settle)
+
+
+Made = Callable[..., Counted]
+
+
+@pytest.fixture
+def make() -> Iterator[Made]:
+    """``make(fast=True, clock=None, durability="durable", schema=<fresh>)``: a Counted
+    store; every one is closed and its schema dropped at teardown."""
+    made: list[Counted] = []
+
+    def build(
+        *, fast: bool = True, clock: Any = None, durability: str = "durable", schema: str = ""
+    ) -> Counted:
+        store = Counted(
+            PG_URL,
+            schema=schema or pg_schema(),
+            clock=clock,
+            durability=durability,
+            max_size=24,
+            fast=fast,
+        )
+        made.append(store)
+        return store
+
+    yield build
+    schemas = {s.schema for s in made}
+    for store in made:
+        store.close()
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        for schema in schemas:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def _checked_chain(store: PostgresStore) -> list[tuple[Any, ...]]:
+    """Every chained row, after asserting that it verifies and that each stored hash is
+    chain_hash() recomputed in Python from the stored fields."""
+    report = verify(store)
+    assert report.ok, report.problems
+    rows, heads = store.audit_chain()
+    expected: dict[int, tuple[int, str]] = {}
+    for row in rows:
+        shard, seq, prev, digest = int(row[1]), int(row[2]), row[3], row[4]
+        assert digest == chain_hash(prev, shard, seq, row[5:])
+        assert shard == shard_of(row[7], row[8])
+        assert (seq - 1, prev) == expected.get(shard, (0, GENESIS))
+        expected[shard] = (seq, digest)
+    assert {s: h for s, h in heads.items() if h[0]} == expected
+    return rows
+
+
+def _trail(store: PostgresStore) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]], Any]:
+    """What two stores fed the same calls must agree on: events (without ids), the chain
+    rows (without ids) and the heads."""
+    events = [{**e.to_dict(), "id": None} for e in store.events()]
+    rows = [row[1:] for row in _checked_chain(store)]
+    return events, rows, store.chain_heads()
+
+
+def _twins(make: Made, **kwargs: Any) -> tuple[Counted, Counted]:
+    return make(fast=True, clock=FakeClock(), **kwargs), make(
+        fast=False, clock=FakeClock(), **kwargs
+    )
+
+
+def _request(rid: str, **kw: Any) -> ClaimRequest:
+    fields: dict[str, Any] = {
+        "namespace": "ns",
+        "request_id": rid,
+        "action": "charge",
+        "fingerprint": "f" * 64,
+        "payload_json": '{"amount":1}',
+        "execution_id": uuid.uuid5(uuid.NAMESPACE_OID, rid).hex,
+        "owner": "owner-1",
+        "lease_ms": 30_000,
+        "downstream_key": "dk-" + rid,
+        "detail": {"payload": {"amount": 1}, "fingerprint": "f" * 64},
+    }
+    fields.update(kw)
+    return ClaimRequest(**fields)
+
+
+def _completion(req: ClaimRequest, token: int = 1, **kw: Any) -> Completion:
+    fields: dict[str, Any] = {
+        "namespace": req.namespace,
+        "request_id": req.request_id,
+        "fencing_token": token,
+        "status": Status.SUCCEEDED,
+        "result_json": '{"ok":true}',
+        "error": None,
+        "actor": req.owner,
+        "detail": {"error": None},
+    }
+    fields.update(kw)
+    return Completion(**fields)
+
+
+# -- hostile strings: the hash computed in SQL is chain_hash() ---------------------------------
+
+# Text PostgreSQL stores as a column (no NUL, no lone surrogate: both are refused, on either
+# path, before anything is written).
+COLUMN_TEXT = [
+    "",
+    "plain",
+    '"',
+    "\\",
+    '\\"',
+    '"\\',
+    "\\\\\\",
+    "\\u0000",
+    "\x01\x02\x1f\x7f\x80\x9f",
+    "\n\r\t\b\f\v",
+    "\u2028\u2029\ufeff\ufffe\uffff",
+    "é ß ñ",
+    "日本語のテキスト",
+    "\U0001f600\U0001f4a9",
+    "\U0010ffff\U00010000",
+    "{}",
+    "[]",
+    '"]',
+    '",null,"',
+    "'; DROP TABLE executions; --",
+    "%s %(now)s %% {s} {} $1",
+    "' || '",
+    "0" * 64,
+    "x" * 100_000,
+    "\u00e9" * 20_000 + '"\\' * 10_000,
+]
+# JSON-encoded text (the audit detail): anything a Python str can hold.
+DETAIL_TEXT = [*COLUMN_TEXT, "\x00", "a\x00b", "\ud800", "\udfff", "a\udbff\udc00b", "\ud800\x00"]
+
+
+def test_hostile_strings_hash_in_sql_as_chain_hash_does_in_python(make: Made) -> None:
+    """Every hostile string as every field of a fast claim and completion: each row
+    verifies, its hash is chain_hash() of its stored fields, and a general-path twin
+    writes a byte-identical trail."""
+    fast, slow = _twins(make)
+    calls: list[tuple[ClaimRequest, Completion]] = []
+    for i, text in enumerate(COLUMN_TEXT):
+        detail_text = DETAIL_TEXT[i % len(DETAIL_TEXT)]
+        req = _request(
+            f"rid-{i}-{text}",
+            namespace=f"ns-{text}",
+            action=text,
+            owner=f"{text}-owner",
+            execution_id=text + str(i),
+            detail={"payload": {text: detail_text, detail_text: [text]}, "fingerprint": text},
+        )
+        status = [Status.SUCCEEDED, Status.FAILED, Status.RELEASED, Status.IN_DOUBT][i % 4]
+        done = _completion(
+            req,
+            status=status,
+            result_json=None if status is not Status.SUCCEEDED else '"' + text[:50] + '"',
+            error=None if status is Status.SUCCEEDED else ErrorInfo(text, text),
+            actor=f"actor-{text}",
+            detail={"error": {"type": text, "message": detail_text}, text: detail_text},
+            event_kind=EventKind.RECONCILED if i % 5 == 0 else None,
+        )
+        calls.append((req, done))
+    for text in DETAIL_TEXT:  # detail only, in both the claim and the completion
+        req = _request(f"d-{len(calls)}", detail={"payload": text, text: text})
+        calls.append((req, _completion(req, detail={"error": None, text: [text, {text: 1}]})))
+    for store in (fast, slow):
+        for req, done in calls:
+            claimed = store.claim(req)
+            assert claimed.won
+            assert claimed.record.attempt == 1
+            written = store.complete(done)
+            assert written.accepted
+            assert not written.late
+    assert fast.paths == Counter(_claim_fast=len(calls), _complete_fast=len(calls))
+    assert slow.paths == Counter(_claim_general=len(calls), _complete_general=len(calls))
+    assert _trail(fast) == _trail(slow)
+    assert len(fast.events()) == 2 * len(calls)
+
+
+def test_text_no_column_can_hold_fails_on_either_path_and_writes_nothing(make: Made) -> None:
+    """NUL and lone surrogates in a stored column: both paths raise the same error before
+    anything is written (a StoreError for NUL: fn would not run)."""
+    fast, slow = _twins(make)
+    for bad in ("a\x00b", "a\ud800b"):
+        for field in ("request_id", "action", "owner"):
+            errors = []
+            for store in (fast, slow):
+                with pytest.raises((StoreError, UnicodeEncodeError)) as info:
+                    store.claim(_request("r", **{field: bad}))
+                errors.append(info.type)
+            assert errors[0] is errors[1]
+    assert fast.events() == slow.events() == []
+    assert fast.records()[0] == slow.records()[0] == []
+
+
+def test_a_stand_in_met_in_the_strings_takes_the_general_path(make: Made) -> None:
+    """The detail happens to hold the integer standing for the token or the attempt while
+    the fragments are cut: the claim goes the general path, with the same trail."""
+    fast, slow = _twins(make)
+    for store in (fast, slow):
+        for i, odd in enumerate((_TOKEN, _ATTEMPT, str(_ATTEMPT), f"x{_TOKEN}y")):
+            req = _request(f"odd-{i}", detail={"payload": odd})
+            assert store.claim(req).won
+            assert store.complete(_completion(req)).accepted
+    assert fast.paths["_claim_general"] == 4
+    assert fast.paths["_complete_fast"] == 4  # the completion's detail holds no stand-in
+    assert _trail(fast) == _trail(slow)
+
+
+def test_an_attempt_key_in_the_claim_detail_is_handled(make: Made) -> None:
+    """claimed_event puts the attempt where {**detail, "attempt": n} puts it: first, when
+    the caller's detail already had that key. The fast path writes the same."""
+    fast, slow = _twins(make)
+    for store in (fast, slow):
+        req = _request("a", detail={"attempt": "theirs", "x": 1})
+        assert store.claim(req).won
+        assert store.complete(_completion(req)).accepted
+    assert fast.paths["_claim_fast"] == 1
+    assert _trail(fast) == _trail(slow)
+    assert fast.events()[0].detail == {"attempt": 1, "x": 1}
+
+
+def test_fast_events_are_what_the_event_functions_build(make: Made) -> None:
+    """The fast path's events equal claimed_event's and completion_events' (read back)."""
+    clock = FakeClock()
+    store = make(clock=clock)
+    req = _request("r", detail={"payload": {"k": "v"}, "fingerprint": "f"})
+    claimed = store.claim(req)
+    clock.advance(1.5)
+    done = _completion(req, detail={"error": None, "note": "é"})
+    written = store.complete(done)
+    assert written.record is not None
+    claim_event, done_event = store.events()
+    assert claim_event.to_dict() == {
+        **claimed_event(req, claimed.record, claimed.now_ms).to_dict(),
+        "id": claim_event.id,
+    }
+    expected = completion_events(done, written.record, written.record, clock())
+    assert [done_event.to_dict()] == [{**e.to_dict(), "id": done_event.id} for e in expected]
+    assert claim_event.at_ms == claimed.now_ms == 1_700_000_000_000  # the test clock
+    assert done_event.at_ms == clock() == written.record.updated_at_ms
+
+
+# -- fallbacks: the general path, writing what it always wrote ---------------------------------
+
+
+def _both(make: Made, scenario: Callable[[Counted, FakeClock], None], **kw: Any) -> Counted:
+    """Run ``scenario`` on a fast store and on a general-path twin, each with its own fake
+    clock; their trails must be identical. Returns the fast store."""
+    stores = []
+    for fast in (True, False):
+        clock = FakeClock()
+        store = make(fast=fast, clock=clock, **kw)
+        scenario(store, clock)
+        stores.append(store)
+    assert _trail(stores[0]) == _trail(stores[1])
+    assert stores[0].records() == stores[1].records()
+    return stores[0]
+
+
+def test_a_late_completion_falls_back_and_writes_its_second_event(make: Made) -> None:
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        req = _request("late", lease_ms=1_000)
+        store.claim(req)
+        clock.advance(2)
+        written = store.complete(_completion(req))
+        assert (written.accepted, written.late) == (True, True)
+        clock.advance(1)
+        req2 = _request("edge", lease_ms=1_000)
+        store.claim(req2)
+        clock.advance(1)  # now == lease expiry: late, as the general path judges it
+        assert store.complete(_completion(req2)).late
+
+    fast = _both(make, scenario)
+    assert fast.paths["_complete_fast_missed"] == 2
+    assert fast.paths["_complete_general"] == 2
+    kinds = [e.kind for e in fast.events(subject="late")]
+    assert kinds == [EventKind.CLAIMED, EventKind.SUCCEEDED, EventKind.LATE_COMPLETION]
+
+
+def test_a_stale_token_falls_back_to_the_rejection(make: Made) -> None:
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        req = _request("stale")
+        store.claim(req)
+        clock.advance(0.1)
+        assert not store.complete(_completion(req, token=7)).accepted  # never claimed
+        assert not store.complete(_completion(_request("absent"))).accepted  # no record
+        assert store.complete(_completion(req)).accepted
+        clock.advance(0.1)
+        assert not store.complete(_completion(req)).accepted  # twice: no longer PENDING
+
+    fast = _both(make, scenario)
+    assert fast.paths["_complete_fast"] == 1
+    assert fast.paths["_complete_general"] == 3
+    kinds = [e.kind for e in fast.events(subject="stale")]
+    assert kinds == [
+        EventKind.CLAIMED,
+        EventKind.COMPLETION_REJECTED,
+        EventKind.SUCCEEDED,
+        EventKind.COMPLETION_REJECTED,
+    ]
+
+
+def test_a_released_record_is_claimed_again_as_attempt_two(make: Made) -> None:
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        first = _request("again")
+        assert store.claim(first).won
+        assert store.complete(_completion(first, status=Status.RELEASED)).accepted
+        clock.advance(0.5)
+        second = _request("again", execution_id="e2", owner="owner-2", action="charge")
+        claimed = store.claim(second)
+        assert claimed.won
+        assert (claimed.record.attempt, claimed.record.fencing_token) == (2, 2)
+        lost = store.claim(_request("again", execution_id="e3"))
+        assert not lost.won
+        assert lost.record.execution_id == "e2"
+        assert store.complete(_completion(second, token=2)).accepted
+
+    fast = _both(make, scenario)
+    assert fast.paths == Counter(_claim_fast=3, _complete_fast=2)
+    claims = [e for e in fast.events() if e.kind is EventKind.CLAIMED]
+    assert [(e.fencing_token, e.detail["attempt"]) for e in claims] == [(1, 1), (2, 2)]
+
+
+def test_buffered_events_send_claim_and_completion_the_general_way(make: Made) -> None:
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        req = _request("buf")
+        store.claim(req)
+        replay = AuditEvent(EventKind.REPLAYED, clock(), "ns", "other", detail={"x": 1})
+        store.record_event(replay, buffered=True)
+        assert store.complete(_completion(req)).accepted  # takes the buffered event along
+        store.record_event(replay, buffered=True)
+        req2 = _request("buf2")
+        assert store.claim(req2).won
+        assert store.complete(_completion(req2)).accepted
+
+    fast = _both(make, scenario)
+    assert fast.paths == Counter(
+        _claim_fast=1, _complete_general=1, _claim_general=1, _complete_fast=1
+    )
+
+
+def test_a_completion_that_settles_a_case_takes_the_general_path(make: Made) -> None:
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        store.open_case("ns", "case-1", 0.9, 1)
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(
+                f"UPDATE {store.schema}.cases SET state = 'FINAL', outcome = 'yes'"
+                " WHERE case_id = 'case-1'"
+            )
+        req = _request("case:case-1")
+        store.claim(req)
+        assert store.complete(_completion(req, settle_case="case-1")).accepted
+        req2 = _request("not-final")
+        store.claim(req2)  # settle_case on a non-terminal outcome: nothing to settle
+        assert store.complete(
+            _completion(req2, status=Status.RELEASED, settle_case="case-1")
+        ).accepted
+
+    fast = _both(make, scenario)
+    assert fast.paths == Counter(_claim_fast=2, _complete_general=1, _complete_fast=1)
+    settled = [e for e in fast.events() if e.kind is EventKind.STATE_CHANGE]
+    assert settled[-1].detail == {"from": "FINAL", "to": "SETTLED", "outcome": "yes"}
+
+
+def test_a_claim_the_store_did_not_make_completes_the_general_way(make: Made) -> None:
+    """Claimed by another store (another host), or remembered with another execution: the
+    fast statement's WHERE (action and execution id) refuses it; the general path writes it."""
+
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        other = make(fast=store._fast_path, clock=clock, schema=store.schema)
+        req = _request("elsewhere")
+        other.claim(req)
+        assert store.complete(_completion(req)).accepted  # no memory of it: general
+        req2 = _request("forged")
+        store.claim(req2)
+        key = ("ns", "forged", 1)
+        if key in store._claims:  # remembered wrongly: the statement changes nothing
+            store._claims[key] = ("charge", "someone-else")
+        assert store.complete(_completion(req2)).accepted
+
+    fast = _both(make, scenario)
+    assert fast.paths["_complete_general"] == 2
+    assert fast.paths["_complete_fast_missed"] == 1
+    assert [e.execution_id for e in fast.events(subject="forged")] == [
+        _request("forged").execution_id
+    ] * 2
+
+
+def test_claim_durable_takes_the_fast_path_too(make: Made) -> None:
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        for i in range(5):
+            req = _request(f"cd-{i}")
+            assert store.claim(req).won
+            clock.advance(0.01)
+            assert store.complete(_completion(req)).accepted
+
+    fast = _both(make, scenario, durability="claim-durable")
+    assert fast.paths == Counter(_claim_fast=5, _complete_fast=5)
+    assert "synchronous_commit" in fast._complete_fast_sql
+
+
+def test_a_failed_fast_claim_is_a_store_error_and_fn_does_not_run(make: Made) -> None:
+    """The connection dies: the fast claim raises StoreError; fn never runs."""
+    store = make()
+    guard = Guard(store, wait=0)
+    guard.execute("warm", "a", {}, lambda _ctx: 1)
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"safeagent-{store.schema}",),
+        )
+    ran: list[int] = []
+    outcomes = []
+    for _ in range(3):
+        try:
+            guard.execute("r", "a", {}, lambda _ctx: ran.append(1))
+            outcomes.append("ok")
+            break
+        except StoreError:
+            outcomes.append("error")
+    assert outcomes[-1] == "ok"
+    assert ran == [1]
+    guard.close()
+    _checked_chain(store)
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+
+def _threads(n: int, work: Callable[[int], None], timeout: float = 120) -> None:
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            work(k)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a worker is stuck (deadlock?)"
+    assert errors == []
+
+
+def _trail_per_id(store: PostgresStore, ids: list[str]) -> None:
+    kinds: dict[str, Counter[EventKind]] = {rid: Counter() for rid in ids}
+    for event in store.events():
+        if event.subject in kinds:
+            kinds[event.subject][event.kind] += 1
+    for rid in ids:
+        assert kinds[rid][EventKind.CLAIMED] == 1, rid
+        assert kinds[rid][EventKind.SUCCEEDED] == 1, rid
+
+
+def test_sixteen_threads_on_distinct_ids(make: Made) -> None:
+    store = make()
+    guard = Guard(store, wait=0)
+    runs: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def fn(ctx: ExecutionContext) -> str:
+        with lock:
+            runs[ctx.request_id] += 1
+        return ctx.request_id
+
+    def work(k: int) -> None:
+        for i in range(40):
+            guard.execute(f"d-{k}-{i}", "a", {"k": k, "i": i}, fn)
+
+    _threads(16, work)
+    ids = [f"d-{k}-{i}" for k in range(16) for i in range(40)]
+    assert runs == Counter(dict.fromkeys(ids, 1))
+    assert store.paths["_claim_fast"] == len(ids)
+    assert store.paths["_complete_fast"] == len(ids)
+    _trail_per_id(store, ids)
+    assert len(_checked_chain(store)) == 2 * len(ids)
+    guard.close()
+
+
+def test_eight_threads_on_shared_ids_across_two_stores(make: Made) -> None:
+    """Eight threads, half on each of two stores (two pools: two hosts), all race over the
+    same ids in their own orders: one run per id, waiting callers get the receipt."""
+    first = make()
+    second = make(schema=first.schema)
+    guards = [Guard(first, wait=60), Guard(second, wait=60)]
+    ids = [f"s-{i}" for i in range(120)]
+    runs: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def fn(ctx: ExecutionContext) -> str:
+        with lock:
+            runs[ctx.request_id] += 1
+        return ctx.request_id
+
+    def work(k: int) -> None:
+        order = ids[:]
+        random.Random(k).shuffle(order)
+        for rid in order:
+            assert guards[k % 2].execute(rid, "a", {"rid": rid}, fn).result == rid
+
+    _threads(8, work)
+    assert runs == Counter(dict.fromkeys(ids, 1))
+    _trail_per_id(first, ids)
+    _checked_chain(first)
+    for g in guards:
+        g.close()
+
+
+def test_many_writers_on_one_chain_head(make: Made) -> None:
+    """Every id on one shard: sixteen threads contend for one chain head, each fast
+    statement locking it after its row and moving it in the same statement (a head moved
+    by a transaction that committed after the statement's snapshot included), mixed with
+    general-path writers (buffered events) locking the same head: the chain stays whole."""
+    store = make()
+    ids = [rid for rid in (f"h-{i}" for i in range(5000)) if shard_of("ns", rid) == 3][:320]
+
+    def work(k: int) -> None:
+        for i, rid in enumerate(ids[k::16]):
+            if i % 5 == 4:
+                event = AuditEvent(EventKind.REPLAYED, 1, "ns", rid, detail={"k": k})
+                store.record_event(event, buffered=True)
+            req = _request(rid)
+            assert store.claim(req).won
+            assert store.complete(_completion(req)).accepted
+
+    _threads(16, work)
+    store.flush_events()
+    rows = _checked_chain(store)
+    assert {int(r[1]) for r in rows} == {3}
+    assert len(rows) == 2 * len(ids) + sum(len(ids[k::16]) // 5 for k in range(16))
+    assert store.paths["_claim_fast"] > len(ids) // 2
+    assert store.paths["_claim_general"] + store.paths["_complete_general"] > 0
+
+
+@pytest.mark.parametrize("op", ["claim", "complete"])
+def test_a_head_moved_after_the_statement_began_is_chained_onto(make: Made, op: str) -> None:
+    """A general-path writer holds a chain head and moves it; a fast claim (or completion)
+    on that chain waits for the head in its statement, whose snapshot predates the move.
+    When the writer commits, the fast statement chains onto the NEW head and moves it in
+    turn (its UPDATE follows the row to the version its lock returned)."""
+    store = make()
+    rids = [r for r in (f"w-{i}" for i in range(500)) if shard_of("ns", r) == 5][:2]
+    store.claim(_request(rids[0]))  # seq 1 on chain 5
+    if op == "complete":
+        store.claim(_request(rids[1]))  # seq 2
+
+    def fast() -> bool:
+        if op == "claim":
+            return store.claim(_request(rids[1])).won
+        return store.complete(_completion(_request(rids[1]))).accepted
+
+    base = 1 if op == "claim" else 2
+    holder = psycopg.connect(PG_URL)  # a transaction, as the general path's
+    try:
+        heads = {
+            r[0]: (r[1], r[2])
+            for r in holder.execute(
+                store._sql["LOCK_HEADS"].replace("%s::int[]", "'{5}'::int[]")
+            ).fetchall()
+        }
+        assert heads[5][0] == base
+        event = AuditEvent(EventKind.REPLAYED, 42, "ns", rids[0], detail={"held": True})
+        (row,) = chain_rows([event], heads)
+        holder.execute(store._sql["EVENT"], row)  # not committed yet
+        result: list[Any] = []
+        waiter = threading.Thread(target=lambda: result.append(fast()))
+        waiter.start()
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            for _ in range(500):
+                waiting = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                    " AND wait_event_type = 'Lock'",
+                    (f"safeagent-{store.schema}",),
+                ).fetchone()
+                if waiting and waiting[0]:
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the fast claim never waited for the head")
+        holder.commit()
+        waiter.join(30)
+        assert result == [True]
+    finally:
+        holder.close()
+    assert store.paths["_claim_general"] + store.paths["_complete_general"] == 0
+    rows = _checked_chain(store)
+    kinds = (
+        ["claimed", "replayed", "claimed"]
+        if op == "claim"
+        else ["claimed"] * 2
+        + [
+            "replayed",
+            "succeeded",
+        ]
+    )
+    assert [(int(r[2]), r[6]) for r in rows] == list(enumerate(kinds, 1))
+    assert store.chain_heads()[5][0] == len(kinds)
