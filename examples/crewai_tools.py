@@ -101,7 +101,7 @@ def run_crew(tool: BaseTool, order_id: str) -> ScriptedModel:
 
 
 def main() -> int:
-    guard = Guard()  # $SAFEAGENT_DB, else ./safeagent.db
+    guard = Guard()  # $SAFEAGENT_DATABASE_URL, else $SAFEAGENT_DB, else ./safeagent.db
     plain = SendEmail()
     guarded = guard_tool(SendEmail(), guard, scope_arg="order_id")
 

@@ -137,7 +137,7 @@ def resume_after_failure(ticket_tool: BaseTool) -> tuple[int, str]:
 
 
 def main() -> int:
-    guard = Guard()  # $SAFEAGENT_DB, else ./safeagent.db
+    guard = Guard()  # $SAFEAGENT_DATABASE_URL, else $SAFEAGENT_DB, else ./safeagent.db
     guarded = guard_tool(create_ticket, guard)
     ok = True
     print("1. One AI message, three equivalent create_ticket calls, run by ToolNode:")

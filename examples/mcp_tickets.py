@@ -136,7 +136,7 @@ async def client() -> int:
 
 
 def serve(plain: bool) -> None:
-    guard = Guard()  # $SAFEAGENT_DB, else ./safeagent.db
+    guard = Guard()  # $SAFEAGENT_DATABASE_URL, else $SAFEAGENT_DB, else ./safeagent.db
     if not plain:
         guard_server(server, guard, scope_arg="order_id")
     try:

@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from safeagent import (
+    ConfigurationError,
     EventKind,
     ExecutionContext,
     FingerprintMismatchError,
@@ -40,7 +42,7 @@ from safeagent import (
     Status,
 )
 from settlement.settlement_requests import SettlementRequestRegistry
-from tests.conftest import FakeClock, Ledger
+from tests.conftest import PG_URL, FakeClock, Ledger, require_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 RECEIPT_KEYS = {
@@ -57,8 +59,9 @@ RECEIPT_KEYS = {
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a fresh child interpreter: no SAFEAGENT_DB, no PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in ("SAFEAGENT_DB", "PYTHONPATH")}
+    """The environment of a fresh child interpreter: no store variables, no PYTHONPATH."""
+    drop = ("SAFEAGENT_DB", "SAFEAGENT_DATABASE_URL", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(extra)
     return env
 
@@ -190,6 +193,40 @@ def test_item2_safeagent_db_env_var_sets_the_default_file(tmp_path: Path) -> Non
     assert (tmp_path / "ledger.txt").read_text().splitlines() == ["a@example.com"]
 
 
+def test_the_database_url_variable_wins_over_the_sqlite_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$SAFEAGENT_DATABASE_URL set: Guard() opens PostgreSQL, not a per-host SQLite file
+    (which would let every host run the same request once), as the CLI and the docs say."""
+    require_postgres()
+    from safeagent.stores.postgres import PostgresStore
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAFEAGENT_DB", str(tmp_path / "not-this.db"))
+    monkeypatch.setenv("SAFEAGENT_DATABASE_URL", PG_URL)
+    runs: list[int] = []
+    with Guard() as guard:
+        assert isinstance(guard.store, PostgresStore)
+        rid = f"env-{uuid.uuid4().hex}"
+        for _ in range(2):
+            guard.execute(rid, "charge", {"n": 1}, lambda _ctx: runs.append(1))
+    assert runs == [1]
+    assert not (tmp_path / "not-this.db").exists()
+    assert not (tmp_path / "safeagent.db").exists()
+
+
+def test_a_database_url_variable_that_is_not_postgresql_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A set but unusable $SAFEAGENT_DATABASE_URL is a ConfigurationError, never a silent
+    fall back to SQLite."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAFEAGENT_DATABASE_URL", "mysql://db/payments")
+    with pytest.raises(ConfigurationError, match="SAFEAGENT_DATABASE_URL"):
+        Guard()
+    assert not (tmp_path / "safeagent.db").exists()
+
+
 # == item 3: same request id, other payload ==================================================
 
 
@@ -297,6 +334,7 @@ def test_item5_compat_eight_threads_run_once(
     """Item 5 (compat): 8 threads, one request id, default registry: the effect runs once."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SAFEAGENT_DB", raising=False)
+    monkeypatch.delenv("SAFEAGENT_DATABASE_URL", raising=False)
     one = SettlementRequestRegistry()
 
     def send(payload: Any) -> Any:

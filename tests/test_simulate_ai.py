@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def simulate(cwd: Path, *args: str, db: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SAFEAGENT_DB"}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("SAFEAGENT_DB", "SAFEAGENT_DATABASE_URL")
+    }
     if db is not None:
         env["SAFEAGENT_DB"] = str(db)
     return subprocess.run(

@@ -36,7 +36,7 @@ from safeagent._policy import (
 )
 from safeagent._receipt import ErrorInfo, Status
 from safeagent.errors import ConfigurationError, InvalidInputError, InvalidRequestIdError
-from safeagent.stores._base import ReceiptStore
+from safeagent.stores._base import DATABASE_URL_ENV, ReceiptStore
 from safeagent.stores.sqlite import SQLiteStore
 
 Outcome = Literal["succeeded", "failed", "released", "rerun"]
@@ -115,6 +115,12 @@ class GuardCore:
         self.redact = redact
         self.result_encoder = result_encoder
         self._owner = None if owner is None else check_name("owner", owner)
+        if store is None and os.environ.get(DATABASE_URL_ENV):
+            store = os.environ[DATABASE_URL_ENV]  # the rule the CLI follows too
+            if not store.startswith(("postgresql://", "postgres://")):
+                raise ConfigurationError(
+                    f"${DATABASE_URL_ENV} must be a postgresql:// URL, got {store[:40]!r}"
+                )
         if isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
             from safeagent.stores.postgres import PostgresStore  # noqa: PLC0415 - optional extra
 

@@ -46,9 +46,10 @@ class Guard(GuardCore):
     """Runs side effects at most once per ``(namespace, request_id)``.
 
     Args:
-        store: a :class:`~safeagent.stores.ReceiptStore`, or a path to an SQLite file.
-            ``None`` opens the default SQLite file (``$SAFEAGENT_DB``, else
-            ``safeagent.db`` in the working directory).
+        store: a :class:`~safeagent.stores.ReceiptStore`, a ``postgresql://`` URL, or a
+            path to an SQLite file. ``None`` opens ``$SAFEAGENT_DATABASE_URL`` (PostgreSQL)
+            if set, else the SQLite file ``$SAFEAGENT_DB``, else ``safeagent.db`` in the
+            working directory (the CLI's rule too).
         namespace: the default tenant scope (default ``"default"``). A scoping tool, not an
             authorization boundary.
         lease: seconds a claim stays live without a heartbeat (default 60). While ``fn``

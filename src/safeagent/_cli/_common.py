@@ -26,6 +26,7 @@ from safeagent import audit as audit_lib
 from safeagent._receipt import Receipt, Record
 from safeagent.errors import ConfigurationError, GuardError, InvalidInputError, StoreError
 from safeagent.stores import ReceiptStore
+from safeagent.stores._base import DATABASE_URL_ENV
 from safeagent.stores.sqlite import default_path
 
 P = ParamSpec("P")
@@ -43,7 +44,6 @@ EXIT_CODES = (
     "  2  usage error or bad input\n"
     "  3  the store is missing, unreachable or failed"
 )
-DATABASE_URL_ENV = "SAFEAGENT_DATABASE_URL"  # the PostgreSQL store's own, without psycopg
 AUDIT_KEY_ENV = audit_lib.KEY_ENV
 DEFAULT_SCHEMA = "safeagent"
 DEFAULT_NAMESPACE = "default"

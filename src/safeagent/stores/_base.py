@@ -21,6 +21,10 @@ from safeagent._cases import CaseChange, CaseRow, CaseState, Signal
 from safeagent._receipt import ErrorInfo, Record, Status
 from safeagent.errors import ConfigurationError
 
+DATABASE_URL_ENV = "SAFEAGENT_DATABASE_URL"
+"""The PostgreSQL URL ``Guard()`` (no store given) and the CLI use when set; it wins over
+``$SAFEAGENT_DB``."""
+
 Durability = Literal["durable", "claim-durable"]
 DURABILITY_MODES: tuple[str, ...] = ("durable", "claim-durable")
 
