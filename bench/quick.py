@@ -8,7 +8,8 @@ least any durable guard on SQLite must do with the same commit settings: a first
 is SELECT (miss), BEGIN IMMEDIATE, INSERT PENDING, COMMIT, fn(), UPDATE with the JSON
 result; a replay is one SELECT by primary key. Rows alternate between SafeAgent and the
 floor in blocks, so both see the same machine noise. Report: medians and p99 in
-microseconds, and SafeAgent / floor ratios. The full benchmark suite is a later issue.
+microseconds, and SafeAgent / floor ratios. The full suite (concurrency, processes,
+PostgreSQL, memory) is ``bench/run.py``; BENCHMARKS.md has its method and results.
 """
 
 from __future__ import annotations

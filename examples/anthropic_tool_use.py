@@ -1,6 +1,6 @@
 """A retried Anthropic tool-use run charges the card once.
 
-Run it from any directory, offline (``pip install 'safeagent[anthropic]'``)::
+Run it from any directory, offline (``pip install -e '.[anthropic]'``)::
 
     python examples/anthropic_tool_use.py
 

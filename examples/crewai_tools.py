@@ -1,6 +1,6 @@
 """CrewAI retries a failing tool; the guarded tool sends the email once.
 
-Run it from any directory, offline (``pip install 'safeagent[crewai]'``)::
+Run it from any directory, offline (``pip install -e '.[crewai]'``)::
 
     python examples/crewai_tools.py
 

@@ -1,6 +1,6 @@
 """A LangGraph agent files one ticket, however its tool calls are repeated.
 
-Run it from any directory, offline (``pip install 'safeagent[langchain]'``)::
+Run it from any directory, offline (``pip install -e '.[langchain]'``)::
 
     python examples/langgraph_tools.py
 

@@ -1,6 +1,6 @@
 """An MCP client loses its connection mid-call and retries; one ticket is filed.
 
-Run it from any directory, offline (``pip install 'safeagent[mcp]'``)::
+Run it from any directory, offline (``pip install -e '.[mcp]'``)::
 
     python examples/mcp_tickets.py
 

@@ -1,6 +1,6 @@
 """A retried OpenAI Agents SDK run charges the card once.
 
-Run it from any directory, offline (``pip install 'safeagent[openai-agents]'``)::
+Run it from any directory, offline (``pip install -e '.[openai-agents]'``)::
 
     python examples/openai_agents_sdk.py
 

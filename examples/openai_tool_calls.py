@@ -1,6 +1,6 @@
 """A retried OpenAI tool-calling run charges the card once: Chat Completions and Responses.
 
-Run it from any directory, offline (``pip install 'safeagent[openai]'``)::
+Run it from any directory, offline (``pip install -e '.[openai]'``)::
 
     python examples/openai_tool_calls.py
 

@@ -9,7 +9,7 @@ Each case is a refund request with a hidden *true* outcome (``approve`` or ``den
 ``[--confidence-low, --confidence-high]``. With probability ``--change-mind`` an agent later
 changes its mind on a case: it replaces its signal with the other outcome at a new
 confidence. All these signals arrive in one random interleaving, cut into ``--bursts``
-bursts. The gate's policy is ``ConsensusPolicy(--threshold, --quorum)`` (DESIGN section 4).
+bursts. The gate's policy is ``ConsensusPolicy(--threshold, --quorum)`` (docs/design.md section 4).
 
 After every burst the simulation asks to settle *every* case: a case that is not FINAL
 must refuse (``NotFinalError``) and run nothing; a FINAL case runs its side effect once;
@@ -120,12 +120,12 @@ class Ledger:
         self.conn.close()
 
 
-# -- an independent model of DESIGN section 4, to cross-check the gate ------------------------
+# -- an independent model of docs/design.md section 4, to cross-check the gate ----------------
 
 
 @dataclass
 class Referee:
-    """What DESIGN section 4 says the case's state should be after each signal, computed
+    """What docs/design.md section 4 says the case's state should be after each signal, computed
     here from scratch (exact rational scores), compared with what the gate returns."""
 
     policy: ConsensusPolicy
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             all(final_outcome[c] == o for c, o, _, _ in rows),
         ),
         (
-            "gate matched an independent model of DESIGN section 4 after every signal",
+            "gate matched an independent model of docs/design.md section 4 after every signal",
             not t.model_mismatches,
         ),
     ]

@@ -908,7 +908,7 @@ def test_mcp_without_the_integration_is_exit_2(db: Path, monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "safeagent.integrations.mcp", None)
     missing = cli("mcp", "--db", db)
     assert missing.exit_code == 2
-    assert "pip install 'safeagent[mcp]'" in missing.stderr
+    assert "pip install -e '.[mcp]'" in missing.stderr
 
 
 def test_the_package_does_not_import_the_cli() -> None:

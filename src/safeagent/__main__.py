@@ -13,7 +13,8 @@ def main() -> None:
         if exc.name not in ("typer", "rich", "click"):
             raise
         sys.stderr.write(
-            f"error: the safeagent command needs {exc.name}: pip install 'safeagent[cli]'\n"
+            f"error: the safeagent command needs {exc.name}: "
+            "pip install -e '.[cli]' in a SafeAgent clone\n"
         )
         sys.exit(2)
     cli_main()

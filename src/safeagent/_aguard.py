@@ -2,7 +2,7 @@
 
 Store calls run in a worker thread (``asyncio.to_thread``) unless the store says it never
 blocks (the memory store), so SQLite never blocks the event loop. Two moments need care
-(DESIGN section 2, cancellation):
+(docs/design.md section 2, cancellation):
 
 - once ``fn`` has started, it runs to completion shielded from the caller's
   cancellation: the caller gets ``CancelledError`` at once, the outcome is recorded when

@@ -1,4 +1,4 @@
-"""Audit events and the default redaction hook (DESIGN section 5).
+"""Audit events and the default redaction hook (docs/design.md section 5).
 
 Events are append-only. Those that describe a state change (claimed, succeeded,
 failed, released, in-doubt, resolved, late completion) are written in the same

@@ -1,4 +1,4 @@
-"""The finality gate's pure core: case states, transitions and consensus (DESIGN section 4).
+"""The finality gate's pure core: case states, transitions and consensus (docs/design.md section 4).
 
 No I/O here. A store applies :func:`apply_signal` and :func:`apply_resolution` inside one
 transaction (with the case row locked), so the rules are written once for every store.
@@ -42,7 +42,7 @@ TRANSITIONS: Mapping[CaseState, frozenset[CaseState]] = {
     CaseState.FINAL: frozenset({CaseState.SETTLED}),
     CaseState.SETTLED: frozenset(),
 }
-"""DESIGN section 4's transition table: the only (from, to) pairs allowed."""
+"""docs/design.md section 4's transition table: the only (from, to) pairs allowed."""
 
 BEFORE_FINAL = frozenset(
     {CaseState.OPEN, CaseState.RESOLVED_PROVISIONAL, CaseState.IN_RECONCILIATION}
@@ -67,7 +67,7 @@ def _decimal(x: float) -> Fraction:
 
 @dataclass(frozen=True, slots=True)
 class ConsensusPolicy:
-    """When the live signals make a case FINAL (DESIGN section 4).
+    """When the live signals make a case FINAL (docs/design.md section 4).
 
     With live signals ``S`` (one per source), ``score(o)`` is the sum of the confidences of
     the sources voting ``o``, divided by ``|S|``. The case becomes FINAL with outcome ``o``

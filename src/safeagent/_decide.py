@@ -1,6 +1,6 @@
 """The pure core: what a call does given the record it finds. No I/O, no clocks.
 
-``decide`` implements the behaviour table of DESIGN.md section 2; ``classify_exception``
+``decide`` implements the behaviour table of docs/design.md section 2; ``classify_exception``
 the exception policy. The flow (``_flow``) acts on them, and the sync and async drivers
 only do the I/O the flow asks for.
 """

@@ -2,7 +2,7 @@
 
 The payload is the function's arguments bound through its signature with defaults
 applied; the request id comes from the caller (``.call(request_id, ...)``) or from one
-argument (``key_arg=``), encoded as canonical JSON (DESIGN section 6).
+argument (``key_arg=``), encoded as canonical JSON (docs/design.md section 6).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class _Bound:
         return {k: v for k, v in bound.arguments.items() if k not in skip}
 
     def request_id_for(self, key: object) -> str:
-        """The request id a key value stands for: its canonical JSON (DESIGN section 6), so
+        """The request id a key value stands for: its canonical JSON (docs/design.md section 6), so
         ``0``, ``False`` and ``"0"`` differ, and ``"k-1"`` is stored as ``'"k-1"'``. Use it
         to look a call up with ``guard.get``.
 

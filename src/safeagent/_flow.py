@@ -203,7 +203,7 @@ def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None
 
 
 def execute_flow(call: Call, fn: Callable[[ExecutionContext], Any], s: Settings) -> Flow:
-    """Run ``fn`` at most once for ``call`` (the behaviour table of DESIGN section 2)."""
+    """Run ``fn`` at most once for ``call`` (the behaviour table of docs/design.md section 2)."""
     record, now = yield Get(call.namespace, call.request_id)
     deadline: float | None = None
     poll = POLL_START

@@ -4,7 +4,7 @@ The rules are in :mod:`safeagent._cases` (pure); the store applies them atomical
 case's side effect runs through the execution guard under request id ``case:<case_id>``
 with the fingerprint over ``(case_id, outcome, action)``, only from FINAL, and a terminal
 receipt moves the case to SETTLED in the same transaction as the completion
-(DESIGN section 4).
+(docs/design.md section 4).
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ class Guard(GuardCore):
 
         The first call records a durable claim, runs ``fn`` and stores its outcome; every
         later call with the same request, action and payload returns the stored outcome
-        without running ``fn`` (DESIGN section 2; the semantics of Stripe's idempotency keys
+        without running ``fn`` (docs/design.md section 2; the semantics of Stripe's idempotency keys
         and the IETF ``Idempotency-Key`` draft: the key names one request, and reusing it
         with another payload is an error).
 
@@ -168,7 +168,7 @@ class Guard(GuardCore):
         applied (minus ``key_arg`` and ``exclude``). The request id is either given by the
         caller (``fn.call(request_id, *args, **kwargs)``) or taken from the argument named
         ``key_arg``, encoded as canonical JSON so that ``0``, ``False`` and ``"0"`` are
-        three different ids (DESIGN section 6).
+        three different ids (docs/design.md section 6).
 
         Args:
             action: the action name; defaults to the function's ``__qualname__``.
@@ -210,7 +210,7 @@ class Guard(GuardCore):
           happen.
         - ``"rerun"``: an audited re-run of a FAILED record (FAILED -> RELEASED, so the
           next call runs ``fn`` again); refused for ``case:`` records (a new decision needs
-          a new case, DESIGN section 4).
+          a new case, docs/design.md section 4).
 
         The fencing token is bumped, so the attempt in doubt can no longer complete. An
         in-doubt ``case:`` record resolved as succeeded or failed settles its case in the

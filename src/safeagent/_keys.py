@@ -202,7 +202,7 @@ def fingerprint(action: str, canonical_payload: bytes) -> str:
 
 
 def downstream_key(namespace: str, action: str, request_id: str) -> str:
-    """The idempotency key handed to the downstream system (DESIGN section 2).
+    """The idempotency key handed to the downstream system (docs/design.md section 2).
 
     ``"sa1-"`` + hex SHA-256 of the canonical JSON of ``[namespace, action, request_id]``:
     the same on every attempt and across upgrades, and different for two tenants that
@@ -225,7 +225,7 @@ def _canonical_str(value: str) -> bytes:
 
 
 def key_from_value(value: object) -> str | None:
-    """Encode a ``key_arg`` value as a request id (DESIGN section 6).
+    """Encode a ``key_arg`` value as a request id (docs/design.md section 6).
 
     The value is encoded as canonical JSON, so ``0``, ``False`` and ``"0"`` are three
     different ids. ``None`` and ``""`` are a missing key: returns ``None``.
@@ -251,7 +251,7 @@ def derive_request_id(scope: str, action: str, arguments: Mapping[str, Any]) -> 
     """A request id derived from what the call *is*, for tool calls that models re-emit.
 
     ``"sa1:"`` + hex SHA-256 of the canonical JSON (RFC 8785) of
-    ``[scope, action, arguments]`` (DESIGN section 6). A model that re-emits the same tool
+    ``[scope, action, arguments]`` (docs/design.md section 6). A model that re-emits the same tool
     call after a retry mints a new tool-call id, but the same scope, action and arguments
     give the same request id, so the retry replays instead of running again.
 

@@ -25,7 +25,7 @@ MIN_LEASE = 0.1
 MAX_SECONDS = 365 * 24 * 3600.0
 """Longest duration accepted for a lease or a wait: one year, in seconds."""
 CASE_PREFIX = "case:"
-"""Request ids of case settlements (DESIGN section 4); reserved for FinalityGate.settle."""
+"""Request ids of case settlements (docs/design.md section 4); reserved for FinalityGate.settle."""
 
 ExceptionTypes = tuple[type[BaseException], ...]
 Seconds = float | dt.timedelta

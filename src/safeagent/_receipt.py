@@ -10,7 +10,7 @@ from typing import Any
 
 
 class Status(str, enum.Enum):
-    """Stored status of an execution record (DESIGN section 2).
+    """Stored status of an execution record (docs/design.md section 2).
 
     A PENDING record whose lease has expired on the store's clock is *read* as
     IN_DOUBT; expiry is derived on read, never stored.
@@ -187,7 +187,7 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class ExecutionContext:
-    """What ``fn`` gets to know about the attempt it runs in (DESIGN section 2).
+    """What ``fn`` gets to know about the attempt it runs in (docs/design.md section 2).
 
     Attributes:
         request_id: the idempotency key of the call.

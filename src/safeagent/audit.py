@@ -1,6 +1,6 @@
 """The audit trail as evidence: hash chains, HMAC anchors, verification, export, stats.
 
-Every audit event is chained (DESIGN section 5): its hash covers the previous hash of its
+Every audit event is chained (docs/design.md section 5): its hash covers the previous hash of its
 chain, its place in the chain and every stored field. Events are chained per *shard* of
 ``(namespace, subject)`` (16 chains), so writers on different shards never wait for each
 other, on one host or many. A chain alone proves nothing against someone who can rewrite

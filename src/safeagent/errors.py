@@ -103,7 +103,7 @@ class InvalidPayloadError(InvalidInputError):
 
 
 class MissingKeyError(InvalidInputError):
-    """The idempotency key argument is ``None`` or ``""`` (DESIGN section 6)."""
+    """The idempotency key argument is ``None`` or ``""`` (docs/design.md section 6)."""
 
 
 class ConflictError(GuardError):
@@ -216,7 +216,7 @@ class NotFinalError(GuardError):
     tally: Any
 
 
-class NotExecuted(GuardError):  # noqa: N818 - the name states the fact, as DESIGN.md names it
+class NotExecuted(GuardError):  # noqa: N818 - the name states the fact, as docs/design.md names it
     """Raise this from ``fn`` to say the side effect surely did not happen.
 
     The claim is released and the next call with the same request id runs ``fn``.
@@ -226,7 +226,7 @@ class NotExecuted(GuardError):  # noqa: N818 - the name states the fact, as DESI
 class TransportIdWarning(UserWarning):
     """A side-effecting tool is keyed on a transport id (a tool-call, JSON-RPC or session
     id). Models re-emit the same call after a retry with a *new* id, so such a key does
-    not recognise the retry (DESIGN section 6); key on scope and arguments instead."""
+    not recognise the retry (docs/design.md section 6); key on scope and arguments instead."""
 
 
 class StoreError(GuardError):

@@ -1,4 +1,4 @@
-"""Compatibility with the original package's quickstart (DESIGN section 7).
+"""Compatibility with the original package's quickstart (docs/design.md section 7).
 
     from settlement.settlement_requests import SettlementRequestRegistry
 
@@ -55,7 +55,7 @@ class SettlementRequestRegistry:
             ``safeagent.db`` in the working directory (durable by default, unlike the
             original's in-memory default).
         postgres_dsn: a PostgreSQL DSN: use the PostgreSQL store instead (needs
-            ``pip install 'safeagent[postgres]'``).
+            ``pip install -e '.[postgres]'``).
         pending_ttl_seconds: the lease length in seconds (default 60): a claim whose process
             died reads as in doubt once it expires.
         wait_seconds: how long a concurrent duplicate waits for the first call's receipt

@@ -2,7 +2,7 @@
 
 A thin shell over the library: every command opens the store the operator points at,
 calls one library function, and prints its answer as a table or (``--json``) as JSON.
-Install with ``pip install 'safeagent[cli]'``; ``safeagent/__init__.py`` never imports
+Install with ``pip install -e '.[cli]'``; ``safeagent/__init__.py`` never imports
 this module. The commands are documented in ``docs/cli.md``.
 
 Exit codes::
@@ -138,12 +138,14 @@ def mcp(
     schema: SchemaOpt = DEFAULT_SCHEMA,
 ) -> None:
     """Serve the guard's tools over MCP (stdio), with receipts in the chosen store.
-    Needs pip install 'safeagent[mcp]'."""
+    Needs pip install -e '.[mcp]'."""
     try:
         serve = importlib.import_module("safeagent.integrations.mcp").serve
     except (ImportError, AttributeError) as exc:
         raise CliError(
-            EXIT_USAGE, f"the MCP server needs pip install 'safeagent[mcp]' ({exc})"
+            EXIT_USAGE,
+            f"the MCP server needs the mcp extra: pip install -e '.[mcp]' in a SafeAgent clone "
+            f"({exc})",
         ) from exc
     target = resolve_target(db, database_url, schema)
     options: dict[str, str] = {"db": target.where}

@@ -253,7 +253,8 @@ def _check_postgres(target: Target) -> None:
         import psycopg  # noqa: PLC0415 - optional extra
     except ImportError as exc:
         raise CliError(
-            EXIT_USAGE, "PostgreSQL needs psycopg: pip install 'safeagent[postgres]'"
+            EXIT_USAGE,
+            "PostgreSQL needs psycopg: pip install -e '.[postgres]' in a SafeAgent clone",
         ) from exc
     try:
         with psycopg.connect(target.where, connect_timeout=5) as conn:

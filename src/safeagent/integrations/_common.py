@@ -1,6 +1,6 @@
 """What the tool-call integrations share. No SDK is imported here.
 
-**Request ids** (DESIGN section 6). By default the request id of a tool call is derived
+**Request ids** (docs/design.md section 6). By default the request id of a tool call is derived
 from what the call *is*: :func:`safeagent.derive_request_id` over ``(scope, tool name,
 arguments)``, the arguments bound through the tool function's signature with its defaults
 applied, minus the volatile ones the caller names in ``exclude``. A model that re-emits the

@@ -1,6 +1,6 @@
 """Anthropic: run Messages API ``tool_use`` blocks through a guard.
 
-Install with ``pip install 'safeagent[anthropic]'``. The functions read the ``anthropic``
+Install with ``pip install -e '.[anthropic]'``. The functions read the ``anthropic``
 package's own objects (``Message``, ``ToolUseBlock``) or the same shapes as plain dicts,
 and return the ``tool_result`` blocks you send back in the next user turn::
 
@@ -13,7 +13,7 @@ and return the ``tool_result`` blocks you send back in the next user turn::
     results = run_tool_uses(message, {"charge_card": charge_card}, guard=guard, scope=order_id)
     messages.append({"role": "user", "content": results})
 
-Every call's request id is derived from ``(scope, tool name, input)`` (DESIGN section 6;
+Every call's request id is derived from ``(scope, tool name, input)`` (docs/design.md section 6;
 see :mod:`safeagent.integrations._common` for the rules): a model that re-emits
 ``charge_card`` with the same input after a retry replays the stored result under its new
 ``tool_use`` id, and equivalent blocks in one message run once. Blocks run one after

@@ -1,6 +1,6 @@
 """CrewAI: a tool's side effect runs once, however often CrewAI calls the tool.
 
-``pip install 'safeagent[crewai]'``. CrewAI calls a tool again when it raises: its
+``pip install -e '.[crewai]'``. CrewAI calls a tool again when it raises: its
 ``ToolUsage`` retries a failing call up to three times, and tries each attempt twice
 (once with the arguments filtered to the schema, once with them as the model gave them),
 so a tool that sends an email and then times out on the acknowledgement sends up to six
@@ -13,13 +13,13 @@ whose body runs at most once per request id:
 - the first call runs the tool; a success is stored and *the stored value* is returned;
 - a failure is stored and the tool's exception re-raised (CrewAI then retries, as usual);
   every re-invocation raises :class:`~safeagent.errors.ReplayedFailureError` with the
-  stored type and message, without running the tool (DESIGN section 2: the first failure
+  stored type and message, without running the tool (docs/design.md section 2: the first failure
   is the outcome);
 - a tool that raises :class:`~safeagent.NotExecuted` (or a type the guard declares
   "not executed") says nothing happened: the claim is released and the next attempt runs
   it again.
 
-**Request ids** (DESIGN section 6): :func:`safeagent.derive_request_id` over
+**Request ids** (docs/design.md section 6): :func:`safeagent.derive_request_id` over
 ``(scope, tool name, arguments)``, the arguments validated by the tool's schema (its
 defaults applied), minus the volatile ones named in ``exclude``. CrewAI has no
 conversation id to borrow, so the **scope** is required: a fixed ``str`` (a run, order or

@@ -1,13 +1,13 @@
 """LangChain and LangGraph: any ``BaseTool`` runs its side effect at most once per request.
 
-``pip install 'safeagent[langchain]'``. :func:`guard_tool` wraps a LangChain
+``pip install -e '.[langchain]'``. :func:`guard_tool` wraps a LangChain
 :class:`~langchain_core.tools.BaseTool` (a ``@tool`` function, a ``StructuredTool``, a
 subclass, sync or ``async``) into a :class:`GuardedTool`: a ``BaseTool`` with the same
 name, description, argument schema (what the model sees, injected arguments included) and
 error-handling settings, so it drops into LangGraph's ``ToolNode``, a prebuilt ReAct agent
 or ``bind_tools`` unchanged.
 
-**Request ids** (DESIGN section 6). By default a call's request id is derived from what
+**Request ids** (docs/design.md section 6). By default a call's request id is derived from what
 the call *is*: :func:`safeagent.derive_request_id` over ``(scope, tool name, arguments)``.
 The arguments are the tool's validated input (its schema's defaults applied), minus the
 injected ones (``InjectedState``, ``InjectedStore``, ``InjectedToolCallId``,

@@ -1,6 +1,6 @@
 """MCP: guarded tools on a FastMCP server, and SafeAgent's own MCP server.
 
-``pip install 'safeagent[mcp]'``; written for the official MCP Python SDK's ``FastMCP``
+``pip install -e '.[mcp]'``; written for the official MCP Python SDK's ``FastMCP``
 (``mcp.server.fastmcp``, SDK 1.x).
 
 **Guarding a server's tools.** :func:`guard_server` wraps the tools already registered on
@@ -13,7 +13,7 @@ the tool does not run again. Clients reconnect, time out and retry with the same
 arguments; none of that runs the side effect twice, across sessions and server restarts
 alike (the receipts live in the guard's store).
 
-**Request ids** (DESIGN section 6): :func:`safeagent.derive_request_id` over ``(scope,
+**Request ids** (docs/design.md section 6): :func:`safeagent.derive_request_id` over ``(scope,
 tool name, arguments)``, the arguments as FastMCP validated them (defaults applied),
 minus the FastMCP ``Context`` and the volatile arguments named in ``exclude``. They are
 **never** keyed on JSON-RPC request ids or session ids: those are transport ids, numbered
@@ -63,7 +63,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed SDK
     raise ImportError(
         "safeagent.integrations.mcp needs the MCP Python SDK 1.x (mcp.server.fastmcp): "
-        "pip install 'safeagent[mcp]' (mcp<2)"
+        "pip install -e '.[mcp]' in a SafeAgent clone (mcp<2)"
     ) from exc
 
 from safeagent import (

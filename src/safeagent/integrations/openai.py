@@ -1,6 +1,6 @@
 """OpenAI: run Chat Completions tool calls and Responses API function calls through a guard.
 
-Install with ``pip install 'safeagent[openai]'``. The functions read the ``openai``
+Install with ``pip install -e '.[openai]'``. The functions read the ``openai``
 package's own objects (``ChatCompletionMessage``, ``Response``, ``ResponseFunctionToolCall``)
 or the same shapes as plain dicts, and return the plain dicts you send back to the model::
 
@@ -12,7 +12,7 @@ or the same shapes as plain dicts, and return the plain dicts you send back to t
     messages.append(message)
     messages += run_tool_calls(message, {"charge_card": charge_card}, guard=guard, scope=order_id)
 
-Every call's request id is derived from ``(scope, tool name, arguments)`` (DESIGN section
+Every call's request id is derived from ``(scope, tool name, arguments)`` (docs/design.md section
 6; see :mod:`safeagent.integrations._common` for the rules): a model that re-emits
 ``charge_card`` with the same arguments after a retry replays the stored result under its
 new tool-call id, and equivalent calls in one message run once. Calls run one after

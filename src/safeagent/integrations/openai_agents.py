@@ -1,6 +1,6 @@
 """OpenAI Agents SDK: guard a ``function_tool`` so its function runs at most once per request.
 
-Install with ``pip install 'safeagent[openai-agents]'``::
+Install with ``pip install -e '.[openai-agents]'``::
 
     from agents import Agent, Runner, function_tool
     from safeagent import AsyncGuard
@@ -16,7 +16,7 @@ Install with ``pip install 'safeagent[openai-agents]'``::
     )
     await Runner.run(cashier, "Charge the order", context=order)
 
-**The scope** is required (DESIGN section 6): either a ``str`` fixed when the tool is
+**The scope** is required (docs/design.md section 6): either a ``str`` fixed when the tool is
 wrapped (a tool built per conversation), or a function of the ``ToolContext`` the SDK hands
 every tool invocation, usually reading the object you passed as ``Runner.run(...,
 context=...)``: ``scope=lambda ctx: ctx.context.order_id``. A retried run that is given the
@@ -62,7 +62,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "safeagent.integrations.openai_agents needs the OpenAI Agents SDK: "
-        "pip install 'safeagent[openai-agents]'"
+        "pip install -e '.[openai-agents]' in a SafeAgent clone"
     ) from exc
 
 from safeagent import AsyncGuard, ErrorInfo, Guard, Receipt, bind_arguments

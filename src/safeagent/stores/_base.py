@@ -95,7 +95,7 @@ class Completion:
     detail: dict[str, Any] = field(default_factory=dict)
     settle_case: str | None = None
     """A case id: a terminal outcome moves that case FINAL -> SETTLED in the same
-    transaction (DESIGN section 4)."""
+    transaction (docs/design.md section 4)."""
     event_kind: EventKind | None = None
     """The audit event to write instead of the one the status implies (``reconciled``)."""
 
@@ -461,7 +461,7 @@ def stamped(event: AuditEvent, now_ms: int) -> AuditEvent:
 
 
 class EventBuffer:
-    """Replay-type audit events waiting for the next write (DESIGN section 5).
+    """Replay-type audit events waiting for the next write (docs/design.md section 5).
 
     Thread-safe. ``due()`` says when the buffer must be written on its own: it holds
     ``max_events`` events, or its oldest is ``max_age`` seconds old. Every live buffer is

@@ -115,7 +115,7 @@ def row_to_event(r: Sequence[Any]) -> AuditEvent:
     )
 
 
-# -- the hash chains of the audit trail (DESIGN section 5) ---------------------------------
+# -- the hash chains of the audit trail (docs/design.md section 5) ---------------------------------
 
 CHAIN_SHARDS = 16
 """Events are chained per shard of ``(namespace, subject)``: writers on different shards

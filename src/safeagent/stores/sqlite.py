@@ -5,7 +5,7 @@ a busy timeout, and every write in a ``BEGIN IMMEDIATE`` transaction, so many th
 and many processes on one host can share one file. The claim is one atomic
 ``INSERT ... ON CONFLICT DO UPDATE ... WHERE status = 'RELEASED' RETURNING`` statement.
 
-Durability (DESIGN section 3):
+Durability (docs/design.md section 3):
 
 - ``"durable"`` (default): claim and completion commit with ``synchronous=FULL``; in WAL
   mode every commit is fsynced before ``execute`` returns.
