@@ -236,13 +236,15 @@ mv AS (
 )
 SELECT won.*, n.now FROM won CROSS JOIN n
 """
-# (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey, shard,
-#  kind, ns, subject, action, actor, exec_id, detail head, detail tail,
+# (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey, shard, kind,
+#  detail before the attempt, detail after it,
 #  text after at_ms, text after the token, text after the attempt)
 # -> the record's columns and the clock when the claim was won and its claimed event
 # chained; no row when it lost (nothing changed).
-# The event's fencing token and attempt are the row's; its detail is the client's text with
-# the attempt (its last key) in the middle.
+# The event's namespace, subject, action, actor (the owner) and execution id are the row's,
+# which are the claim's parameters (the client checks that the event it encoded has those
+# very values); its fencing token and attempt are the row's; its detail is the client's
+# text with the attempt in the middle.
 CLAIM_FAST = f"""
 WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now),
 won AS (
@@ -272,7 +274,8 @@ won AS (
 ),{_FAST_HEAD}
 ev AS (
     INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
-    SELECT n.now, %s, %s, %s, %s, %s, %s, won.fencing_token,
+    SELECT n.now, %s, won.namespace, won.request_id, won.action, won.lease_owner,
+           won.execution_id, won.fencing_token,
            %s::text || won.attempt || %s::text,
            h.shard, h.seq + 1, h.head,
            encode(sha256(convert_to({_CHAIN_TEXT} || %s::text || won.fencing_token
@@ -284,11 +287,13 @@ ev AS (
 
 def _complete_fast(sync: str) -> str:
     """(now, status, result, etype, emsg, terminal, ns, rid, token, action, exec_id, shard,
-    kind, ns, subject, action, actor, exec_id, token, detail, text after at_ms) -> the
-    record's columns and the clock when the completion was accepted on time and its one
-    event chained; no row (nothing changed) when the record is not PENDING under that token
-    and execution (action and execution id: the client's own claim), or its lease has
-    expired (a late completion writes a second event: the general path's)."""
+    kind, actor, detail, text after at_ms) -> the record's columns and the clock when the
+    completion was accepted on time and its one event chained; no row (nothing changed)
+    when the record is not PENDING under that token and execution (action and execution
+    id: the client's own claim), or its lease has expired (a late completion writes a
+    second event: the general path's). The event's namespace, subject, action, execution
+    id and fencing token are the row's, equal to the parameters the WHERE compared them
+    with (the client checks that the event it encoded has those very values)."""
     return f"""
 WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now{sync}),
 won AS (
@@ -303,10 +308,10 @@ won AS (
 ),{_FAST_HEAD}
 ev AS (
     INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
-    SELECT n.now, %s, %s, %s, %s, %s, %s, %s, %s,
-           h.shard, h.seq + 1, h.head,
+    SELECT n.now, %s, won.namespace, won.request_id, won.action, %s, won.execution_id,
+           won.fencing_token, %s, h.shard, h.seq + 1, h.head,
            encode(sha256(convert_to({_CHAIN_TEXT} || %s::text, 'UTF8')), 'hex')
-    FROM h, n
+    FROM won, h, n
     RETURNING shard, seq, hash
 ),{_FAST_MOVE}"""
 

@@ -185,17 +185,27 @@ def _chain_tail(row: tuple[Any, ...]) -> str | None:
 
 
 def _claim_fragments(request: ClaimRequest) -> tuple[Any, ...] | None:
-    """CLAIM_FAST's event parameters: (shard, kind, namespace, subject, action, actor,
-    execution_id, detail before the attempt, detail after it, chain text after the clock,
-    after the token, after the attempt); None when they cannot be cut cleanly."""
+    """CLAIM_FAST's event parameters: (shard, kind, detail before the attempt, detail after
+    it, chain text after the clock, after the token, after the attempt); None when they
+    cannot be cut cleanly. The statement takes the event's other fields from the row it
+    wrote, so they must be the claim's own."""
     known = _Known(request.action, request.execution_id)
     try:
         row = event_row(claimed_event(request, cast(Record, known), _AT))
     except (TypeError, ValueError):  # unencodable detail: the general path reports it
         return None
+    if row[2:8] != (
+        request.namespace,
+        request.request_id,
+        request.action,
+        request.owner,
+        request.execution_id,
+        _TOKEN,
+    ):
+        return None
     tail = _chain_tail(row)
     detail = _cut(row[8], _ATTEMPT_TEXT)
-    if tail is None or detail is None or row[7] != _TOKEN:
+    if tail is None or detail is None:
         return None
     at_token = _cut(tail, _TOKEN_TEXT)
     if at_token is None:
@@ -203,21 +213,16 @@ def _claim_fragments(request: ClaimRequest) -> tuple[Any, ...] | None:
     at_attempt = _cut(at_token[1], _ATTEMPT_TEXT)
     if at_attempt is None:
         return None
-    return (
-        shard_of(row[2], row[3]),
-        *row[1:7],
-        *detail,
-        at_token[0],
-        *at_attempt,
-    )
+    return (shard_of(row[2], row[3]), row[1], *detail, at_token[0], *at_attempt)
 
 
 def _completion_fragments(
     completion: Completion, action: str, execution_id: str
 ) -> tuple[Any, ...] | None:
-    """COMPLETE_FAST's event parameters: (shard, kind, namespace, subject, action, actor,
-    execution_id, fencing_token, detail, chain text after the clock): the one event
-    completion_events writes for a completion accepted in time."""
+    """COMPLETE_FAST's event parameters: (shard, kind, actor, detail, chain text after the
+    clock): the one event completion_events writes for a completion accepted in time. The
+    statement takes the event's other fields from the row, so they must be the ones its
+    WHERE compares with the completion's and the claim's."""
     try:
         events = completion_events(
             completion, None, cast(Record, _Known(action, execution_id)), _AT
@@ -227,10 +232,18 @@ def _completion_fragments(
         row = event_row(events[0])
     except (TypeError, ValueError):
         return None
+    if (row[2], row[3], row[4], row[6], row[7]) != (
+        completion.namespace,
+        completion.request_id,
+        action,
+        execution_id,
+        completion.fencing_token,
+    ):
+        return None
     tail = _chain_tail(row)
     if tail is None:
         return None
-    return (shard_of(row[2], row[3]), *row[1:9], tail)
+    return (shard_of(row[2], row[3]), row[1], row[5], row[8], tail)
 
 
 def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
@@ -362,6 +375,22 @@ class PostgresStore:
         except TimeoutError as exc:  # psycopg_pool.PoolTimeout
             raise StoreError(f"no PostgreSQL connection within {self.timeout} s: {exc}") from exc
 
+    def _one(self, sql: str, params: Sequence[Any]) -> Any:
+        """One statement alone in autocommit (its own transaction) and its first row (None
+        if it returned none): what _connection does, without its two context managers (the
+        hot paths run this twice or three times per execution)."""
+        pool = self._get_pool()
+        try:
+            conn = pool.getconn()
+        except psycopg.Error as exc:  # PoolTimeout, PoolClosed
+            raise StoreError(f"PostgreSQL failed: {exc}") from exc
+        try:
+            return conn.execute(sql, params).fetchone()
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL failed: {exc}") from exc
+        finally:
+            pool.putconn(conn)  # a broken connection is discarded, not pooled
+
     @contextmanager
     def _write(self, *, pipelined: bool = False) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction. Its audit events (buffered ones first, then those the body
@@ -490,9 +519,7 @@ class PostgresStore:
     def get(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
         if self._buffer:
             self._maybe_flush()
-        with self._connection() as conn:
-            row = conn.execute(self._sql["GET"], (self._at(), namespace, request_id)).fetchone()
-        return _found(row)
+        return _found(self._one(self._sql["GET"], (self._at(), namespace, request_id)))
 
     def _remember(self, record: Record) -> None:
         """A claim won: its completion can take the fast statement."""
@@ -515,31 +542,29 @@ class PostgresStore:
         """The claim and its claimed event in one autocommit statement: one round trip (two
         when the claim is lost: the winner's row is read by a statement of its own, whose
         snapshot sees it even when it was committed after the claim began)."""
-        with self._connection() as conn:
-            row = conn.execute(
-                self._sql["CLAIM_FAST"],
-                (
-                    self._at(),
-                    request.namespace,
-                    request.request_id,
-                    request.action,
-                    request.fingerprint,
-                    request.payload_json,
-                    request.execution_id,
-                    request.owner,
-                    request.lease_ms,
-                    request.downstream_key,
-                    *fragments,
-                ),
-            ).fetchone()
-            if row is None:
-                found = conn.execute(
-                    self._sql["GET"], (self._at(), request.namespace, request.request_id)
-                ).fetchone()
-                existing, now = _found(found)
-                if existing is None:  # pragma: no cover - the conflicting row is committed
-                    raise StoreError("claim conflicted with a row that then vanished")
-                return ClaimResult(False, existing, now)
+        row = self._one(
+            self._sql["CLAIM_FAST"],
+            (
+                self._at(),
+                request.namespace,
+                request.request_id,
+                request.action,
+                request.fingerprint,
+                request.payload_json,
+                request.execution_id,
+                request.owner,
+                request.lease_ms,
+                request.downstream_key,
+                *fragments,
+            ),
+        )
+        if row is None:
+            existing, now = _found(
+                self._one(self._sql["GET"], (self._at(), request.namespace, request.request_id))
+            )
+            if existing is None:  # pragma: no cover - the conflicting row is committed
+                raise StoreError("claim conflicted with a row that then vanished")
+            return ClaimResult(False, existing, now)
         record = row_to_record(row)
         self._remember(record)
         return ClaimResult(True, record, int(row[20]))
@@ -604,23 +629,22 @@ class PostgresStore:
         statement: one round trip. None (nothing changed) unless it was accepted in time:
         the general path then writes what it must (a rejection, a late completion)."""
         error = completion.error
-        with self._connection() as conn:
-            row = conn.execute(
-                self._complete_fast_sql,
-                (
-                    self._at(),
-                    completion.status.value,
-                    completion.result_json,
-                    None if error is None else error.type,
-                    None if error is None else error.message,
-                    terminal,
-                    completion.namespace,
-                    completion.request_id,
-                    completion.fencing_token,
-                    *known,
-                    *fragments,
-                ),
-            ).fetchone()
+        row = self._one(
+            self._complete_fast_sql,
+            (
+                self._at(),
+                completion.status.value,
+                completion.result_json,
+                None if error is None else error.type,
+                None if error is None else error.message,
+                terminal,
+                completion.namespace,
+                completion.request_id,
+                completion.fencing_token,
+                *known,
+                *fragments,
+            ),
+        )
         if row is None:
             return None
         return WriteResult(accepted=True, record=row_to_record(row))
