@@ -503,6 +503,45 @@ def test_a_failed_fast_claim_is_a_store_error_and_fn_does_not_run(make: Made) ->
     _checked_chain(store)
 
 
+def _kill_connections(store: PostgresStore) -> None:
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            (f"safeagent-{store.schema}",),
+        ).fetchone()
+    assert killed is not None
+    assert killed[0] == 1
+
+
+def test_fast_statements_on_a_dead_connection_raise_store_error(make: Made) -> None:
+    """The fast claim's and the fast completion's connection is dead: StoreError, nothing
+    written; the pool replaces the connection and the next call goes through."""
+    store = make()
+    store.close()
+    store = Counted(PG_URL, schema=store.schema, max_size=1, fast=True)
+    try:
+        req = _request("dead")
+        _kill_connections(store)
+        with pytest.raises(StoreError, match="PostgreSQL failed"):
+            store.claim(req)
+        assert store.get("ns", "dead")[0] is None  # nothing claimed: fn would not run
+        assert store.claim(req).won
+        _kill_connections(store)
+        with pytest.raises(StoreError, match="PostgreSQL failed"):
+            store.complete(_completion(req))
+        record = store.get("ns", "dead")[0]
+        assert record is not None
+        assert record.status is Status.PENDING  # the outcome was not recorded
+        assert store.complete(_completion(req)).accepted  # retried: the general path
+        assert store.paths == Counter(_claim_fast=2, _complete_general=1)
+        assert [e.kind for e in store.events()] == [EventKind.CLAIMED, EventKind.SUCCEEDED]
+        _checked_chain(store)
+    finally:
+        store.drop_schema()
+        store.close()
+
+
 # -- concurrency ------------------------------------------------------------------------------
 
 
