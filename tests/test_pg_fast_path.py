@@ -171,6 +171,8 @@ def _completion(req: ClaimRequest, token: int = 1, **kw: Any) -> Completion:
         "error": None,
         "actor": req.owner,
         "detail": {"error": None},
+        "action": req.action,
+        "execution_id": req.execution_id,
     }
     fields.update(kw)
     return Completion(**fields)
@@ -441,28 +443,33 @@ def test_a_completion_that_settles_a_case_takes_the_general_path(make: Made) -> 
     assert settled[-1].detail == {"from": "FINAL", "to": "SETTLED", "outcome": "yes"}
 
 
-def test_a_claim_the_store_did_not_make_completes_the_general_way(make: Made) -> None:
-    """Claimed by another store (another host), or remembered with another execution: the
-    fast statement's WHERE (action and execution id) refuses it; the general path writes it."""
+def test_a_completion_that_does_not_name_its_attempt_completes_the_general_way(
+    make: Made,
+) -> None:
+    """A completion claimed by another store (another host) takes the fast statement as
+    well when it names its attempt; one that names none, or another attempt, does not: the
+    fast statement's WHERE (action and execution id) refuses the second, and the general
+    path writes both, with the record's own execution id in the events."""
 
     def scenario(store: Counted, clock: FakeClock) -> None:
         other = make(fast=store._fast_path, clock=clock, schema=store.schema)
         req = _request("elsewhere")
         other.claim(req)
-        assert store.complete(_completion(req)).accepted  # no memory of it: general
+        assert store.complete(_completion(req)).accepted  # named: fast, from any store
+        req1 = _request("anonymous")
+        store.claim(req1)
+        assert store.complete(_completion(req1, action=None, execution_id=None)).accepted
         req2 = _request("forged")
         store.claim(req2)
-        key = ("ns", "forged", 1)
-        if key in store._claims:  # remembered wrongly: the statement changes nothing
-            store._claims[key] = ("charge", "someone-else")
-        assert store.complete(_completion(req2)).accepted
+        assert store.complete(_completion(req2, execution_id="someone-else")).accepted
 
     fast = _both(make, scenario)
     assert fast.paths["_complete_general"] == 2
     assert fast.paths["_complete_fast_missed"] == 1
-    assert [e.execution_id for e in fast.events(subject="forged")] == [
-        _request("forged").execution_id
-    ] * 2
+    for subject in ("elsewhere", "anonymous", "forged"):
+        assert [e.execution_id for e in fast.events(subject=subject)] == [
+            _request(subject).execution_id
+        ] * 2
 
 
 def test_claim_durable_takes_the_fast_path_too(make: Made) -> None:
@@ -533,8 +540,8 @@ def test_fast_statements_on_a_dead_connection_raise_store_error(make: Made) -> N
         record = store.get("ns", "dead")[0]
         assert record is not None
         assert record.status is Status.PENDING  # the outcome was not recorded
-        assert store.complete(_completion(req)).accepted  # retried: the general path
-        assert store.paths == Counter(_claim_fast=2, _complete_general=1)
+        assert store.complete(_completion(req)).accepted  # retried, in one statement again
+        assert store.paths == Counter(_claim_fast=2, _complete_fast=1)
         assert [e.kind for e in store.events()] == [EventKind.CLAIMED, EventKind.SUCCEEDED]
         _checked_chain(store)
     finally:

@@ -360,6 +360,8 @@ def store_completion(
         detail={"error": None if error is None else s.redact(error.to_dict()), **(detail or {})},
         settle_case=call.settle_case,
         event_kind=event_kind,
+        action=record.action,
+        execution_id=record.execution_id,
     )
     try:
         written: WriteResult = yield Complete(completion)

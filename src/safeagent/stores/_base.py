@@ -98,6 +98,11 @@ class Completion:
     transaction (docs/design.md section 4)."""
     event_kind: EventKind | None = None
     """The audit event to write instead of the one the status implies (``reconciled``)."""
+    action: str | None = None
+    execution_id: str | None = None
+    """The action and execution id of the attempt completing (the record its claim or
+    take-over returned), when the caller knows them: a store may then write the
+    completion and its event in one statement, checked against the row (PostgreSQL)."""
 
 
 @dataclass(frozen=True, slots=True)

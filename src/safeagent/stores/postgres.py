@@ -12,19 +12,20 @@ Durability: ``"durable"`` commits claim and completion with the server's
 statement itself): a server crash can turn a recent receipt back into a claim that reads as
 in doubt, never a duplicate.
 
-Round trips: a read is one statement, which also reads the clock. A claim, and the
-completion of a claim this store made, are usually ONE statement each, sent in autocommit
-(its own transaction, no BEGIN or COMMIT): it makes the change, locks the audit chain head
-of its one event, writes the event with its chain hash computed by the database (sha256
-over the text chain_hash() hashes, from fragments the client JSON-encoded), and moves the
-head. It changes nothing when its assumptions do not hold, and the general path follows:
-two round trips (with libpq 14 or later; four without pipeline mode): BEGIN and the
-statement that makes the change and locks its audit chain heads, then the statement that
-writes the events and moves the heads, and COMMIT. The general path takes a claim when
-buffered audit events wait to be written (they go with it), and a completion that settles
-a case, is late (a second event), is refused by the fencing check (a rejection event), or
-was claimed elsewhere (by another store, or process). A first execution is then three
-round trips: the read, the claim, the completion.
+Round trips: a read is one statement, which also reads the clock. A claim, and a
+completion that names its attempt's action and execution id (the guard's always do), are
+usually ONE statement each, sent in autocommit (its own transaction, no BEGIN or COMMIT):
+it makes the change, locks the audit chain head of its one event, writes the event with
+its chain hash computed by the database (sha256 over the text chain_hash() hashes, from
+fragments the client JSON-encoded), and moves the head. It changes nothing when its
+assumptions do not hold, and the general path follows: two round trips (with libpq 14 or
+later; four without pipeline mode): BEGIN and the statement that makes the change and
+locks its audit chain heads, then the statement that writes the events and moves the
+heads, and COMMIT. The general path takes a claim when buffered audit events wait to be
+written (they go with it), and a completion that settles a case, is late (a second
+event), is refused by the fencing check (a rejection event), or does not name its attempt
+(or names another: the statement checks both against the row). A first execution is then
+three round trips: the read, the claim, the completion.
 
 A lost connection fails closed: the call raises :class:`~safeagent.errors.StoreError`, and a
 claim that could not be committed means ``fn`` does not run.
@@ -151,7 +152,6 @@ _AT = 7_306_147_209_152_331_849
 _TOKEN = 7_306_147_209_152_331_861
 _ATTEMPT = 7_306_147_209_152_331_873
 _AT_OPEN, _TOKEN_TEXT, _ATTEMPT_TEXT = f"[{_AT}", str(_TOKEN), str(_ATTEMPT)
-_MAX_CLAIMS = 100_000  # claims remembered for their completion (past that, forgotten)
 
 
 class _Known:
@@ -309,9 +309,6 @@ class PostgresStore:
         self._complete_fast_sql = self._sql[
             "COMPLETE_FAST_ASYNC" if self.durability == "claim-durable" else "COMPLETE_FAST"
         ]
-        # the claims this store won and not yet completed: (namespace, request_id, token) ->
-        # (action, execution_id), for the completion's fast statement (which checks both)
-        self._claims: dict[tuple[str, str, int], tuple[str, str]] = {}
         self._lock = threading.Lock()
         # this thread's transaction: .pending, the audit events it emits; .buffered, the
         # buffered events it writes too; .locked, the chain heads its claim or completion
@@ -521,16 +518,6 @@ class PostgresStore:
             self._maybe_flush()
         return _found(self._one(self._sql["GET"], (self._at(), namespace, request_id)))
 
-    def _remember(self, record: Record) -> None:
-        """A claim won: its completion can take the fast statement."""
-        claims = self._claims
-        if len(claims) >= _MAX_CLAIMS:
-            claims.clear()
-        claims[(record.namespace, record.request_id, record.fencing_token)] = (
-            record.action,
-            record.execution_id,
-        )
-
     def claim(self, request: ClaimRequest) -> ClaimResult:
         if self._fast_path and not self._buffer:
             fragments = _claim_fragments(request)
@@ -565,9 +552,7 @@ class PostgresStore:
             if existing is None:  # pragma: no cover - the conflicting row is committed
                 raise StoreError("claim conflicted with a row that then vanished")
             return ClaimResult(False, existing, now)
-        record = row_to_record(row)
-        self._remember(record)
-        return ClaimResult(True, record, int(row[20]))
+        return ClaimResult(True, row_to_record(row), int(row[20]))
 
     def _claim_general(self, request: ClaimRequest) -> ClaimResult:
         # BEGIN + the claim, its chain heads locked | the events, the heads moved + COMMIT:
@@ -601,15 +586,13 @@ class PostgresStore:
             self._locked(shards, rows)
             record, now = row_to_record(rows[0]), int(rows[0][20])
             self._emit([claimed_event(request, record, now)])
-        self._remember(record)
         return ClaimResult(True, record, now)
 
     def complete(self, completion: Completion) -> WriteResult:
         terminal = completion.status in (Status.SUCCEEDED, Status.FAILED)
         settle = completion.settle_case if terminal else None
-        known = self._claims.pop(
-            (completion.namespace, completion.request_id, completion.fencing_token), None
-        )
+        action, execution_id = completion.action, completion.execution_id
+        known = None if action is None or execution_id is None else (action, execution_id)
         if known is not None and settle is None and self._fast_path and not self._buffer:
             fragments = _completion_fragments(completion, *known)
             if fragments is not None:
@@ -625,7 +608,7 @@ class PostgresStore:
         known: tuple[str, str],
         fragments: tuple[Any, ...],
     ) -> WriteResult | None:
-        """The completion of a claim this store won, and its one event, in one autocommit
+        """The completion of the attempt it names, and its one event, in one autocommit
         statement: one round trip. None (nothing changed) unless it was accepted in time:
         the general path then writes what it must (a rejection, a late completion)."""
         error = completion.error
@@ -773,7 +756,6 @@ class PostgresStore:
                 )
             record, now = row_to_record(row), int(row[-1])
             self._emit([take_over_event(record, owner, now)])
-        self._remember(record)
         return WriteResult(accepted=True, record=record)
 
     # -- audit -------------------------------------------------------------------------------
