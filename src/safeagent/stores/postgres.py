@@ -30,7 +30,7 @@ three round trips: the read, the claim, the completion.
 A lost connection fails closed: the call raises :class:`~safeagent.errors.StoreError`, and a
 claim that could not be committed means ``fn`` does not run.
 
-Install with ``pip install 'safeagent[postgres]'``.
+Install with ``pip install -e '.[postgres]'``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ try:
     from psycopg_pool import ConnectionPool
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
-        "the PostgreSQL store needs psycopg 3 and psycopg_pool: pip install 'safeagent[postgres]'"
+        "the PostgreSQL store needs psycopg 3 and psycopg_pool: pip install -e '.[postgres]' "
+        "in a SafeAgent clone"
     ) from exc
 
 T = TypeVar("T")
