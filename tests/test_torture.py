@@ -30,7 +30,10 @@ from tests.torture_harness import (
 )
 
 IDS = 500
-KILLS = 60
+# Kills are planned at the n-th occurrence of a point; one planned late in the run may not
+# land before the ids run out (more often on a loaded machine: 48 of 60 landed once), so
+# 70 are planned for the 50 the test requires.
+KILLS = 70
 DECLINE_MOD = 25
 
 
@@ -43,7 +46,8 @@ DECLINE_MOD = 25
 def test_sigkill_torture_leaves_no_duplicate_and_no_lost_id(
     honours_key: bool, hook_in_workers: bool, tmp_path: Path
 ) -> None:
-    """500 ids, 60 SIGKILLs over all kill points: no duplicate effect, every id resolved."""
+    """500 ids, at least 50 SIGKILLs over all kill points: no duplicate effect, every id
+    resolved."""
     cfg = TortureConfig(
         ids=IDS,
         kills=KILLS,
