@@ -241,7 +241,7 @@ def test_purge_leaves_tombstones_that_still_block_retries(guard: Any, clock: Fak
         guard.execute("doubt", "charge", {"a": 3}, doubtful, outcome_unknown=(TimeoutError,))
     clock.advance(3600)
     report = purge(guard.store, older_than=60)
-    assert (report.tombstoned, report.deleted, report.kept_in_doubt) == (1, 1, 1)
+    assert (report.tombstoned, report.released, report.kept_in_doubt) == (1, 1, 1)
     with pytest.raises(ReceiptPurgedError) as info:
         guard.execute("done", "charge", {"a": 1}, lambda _ctx: ran.append("again"))
     assert info.value.receipt.status is Status.SUCCEEDED
@@ -282,3 +282,65 @@ def test_the_chain_text_equals_the_json_encoders(
     from safeagent.stores._rows import _chain_body, _chain_text
 
     assert _chain_text(prev, shard, seq, row) == _chain_body([prev, shard, seq, *row])
+
+
+def test_purging_a_released_record_never_sends_its_fencing_token_back(
+    guard: Any, clock: FakeClock
+) -> None:
+    """A released record's row outlives retention: the next claim of its id goes on from
+    its fencing token, so a stalled worker still holding an old token cannot complete the
+    new attempt (deleting the row restarted the token at 1, and the stale completion was
+    accepted)."""
+    from safeagent._flow import claim_request
+    from safeagent.stores._base import Completion
+
+    store = guard.store
+    ns = guard.namespace
+
+    def request() -> Any:
+        call = guard._prepare("z", "charge", {"a": 1}, None, (), None, 1, None, None)
+        return claim_request(call, guard._settings())
+
+    def completion(req: Any, token: int, status: Status, result: str | None) -> Completion:
+        return Completion(
+            ns,
+            "z",
+            token,
+            status,
+            result,
+            None,
+            actor=req.owner,
+            action=req.action,
+            execution_id=req.execution_id,
+        )
+
+    stalled = request()
+    first = store.claim(stalled)
+    assert first.won
+    clock.advance(5)  # the stalled worker's lease runs out: in doubt
+    taken = store.take_over(ns, "z", first.record.fencing_token, "operator", 1000)
+    assert taken.accepted
+    assert store.complete(
+        completion(stalled, taken.record.fencing_token, Status.RELEASED, None)
+    ).accepted
+    clock.advance(3600)
+    assert purge(store, older_than=60).released == 1
+    purged = guard.get("z")
+    assert purged is not None
+    assert (purged.status, purged.payload) == (Status.RELEASED, None)
+    fresh = request()
+    again = store.claim(fresh)
+    assert again.won
+    assert again.record.fencing_token > taken.record.fencing_token
+    assert again.record.purged_at_ms is None
+    assert again.record.payload_json == fresh.payload_json
+    late = store.complete(completion(stalled, first.record.fencing_token, Status.SUCCEEDED, '"z"'))
+    assert not late.accepted
+    done = store.complete(
+        completion(fresh, again.record.fencing_token, Status.SUCCEEDED, '"fresh"')
+    )
+    assert done.accepted
+    receipt = guard.get("z")
+    assert receipt is not None
+    assert (receipt.result, receipt.execution_id) == ("fresh", fresh.execution_id)
+    assert receipt.payload == {"a": 1}

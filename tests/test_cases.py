@@ -221,9 +221,30 @@ def test_a_database_url_variable_that_is_not_postgresql_is_refused(
     """A set but unusable $SAFEAGENT_DATABASE_URL is a ConfigurationError, never a silent
     fall back to SQLite."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SAFEAGENT_DATABASE_URL", "mysql://db/payments")
-    with pytest.raises(ConfigurationError, match="SAFEAGENT_DATABASE_URL"):
-        Guard()
+    for bad in ("mysql://db/payments", "   "):
+        monkeypatch.setenv("SAFEAGENT_DATABASE_URL", bad)
+        with pytest.raises(ConfigurationError, match="SAFEAGENT_DATABASE_URL"):
+            Guard()
+    assert not (tmp_path / "safeagent.db").exists()
+
+
+def test_a_keyword_connection_string_in_the_variable_opens_postgresql(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq's keyword form (host=... dbname=...) is accepted, as the CLI accepts it."""
+    require_postgres()
+    import psycopg
+
+    from safeagent.stores.postgres import PostgresStore
+
+    info = psycopg.conninfo.conninfo_to_dict(PG_URL)
+    keywords = " ".join(f"{k}={v}" for k, v in info.items())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAFEAGENT_DATABASE_URL", keywords)
+    with Guard() as guard:
+        assert isinstance(guard.store, PostgresStore)
+        rid = f"kw-{uuid.uuid4().hex}"
+        assert guard.execute(rid, "charge", {"n": 1}, lambda _ctx: 7).result == 7
     assert not (tmp_path / "safeagent.db").exists()
 
 

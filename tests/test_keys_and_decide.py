@@ -51,8 +51,18 @@ def test_key_order_never_changes_the_fingerprint(payload: dict[str, object]) -> 
 
 @pytest.mark.parametrize(
     "bad",
-    [float("nan"), float("inf"), -float("inf"), 2**53, -(2**53), {1: "x"}, object(), {1, 2},
-     b"bytes", {"a": [float("nan")]}],
+    [
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        2**53,
+        -(2**53),
+        {1: "x"},
+        object(),
+        {1, 2},
+        b"bytes",
+        {"a": [float("nan")]},
+    ],
 )
 def test_non_json_payloads_are_rejected(bad: object) -> None:
     """NaN, infinities, unsafe integers, non-str keys and non-JSON types are typed errors."""
@@ -107,10 +117,24 @@ def test_key_values_are_encoded_as_canonical_json() -> None:
 
 def _record(status: Status, *, action: str = "a", fp: str = "f", lease_end: int = 100) -> Record:
     return Record(
-        namespace="default", request_id="r", action=action, fingerprint=fp, status=status,
-        payload_json="{}", result_json=None, error=None, execution_id="e", attempt=1,
-        fencing_token=1, lease_owner="o", lease_expires_at_ms=lease_end, downstream_key="k",
-        created_at_ms=0, claimed_at_ms=0, updated_at_ms=0, completed_at_ms=None,
+        namespace="default",
+        request_id="r",
+        action=action,
+        fingerprint=fp,
+        status=status,
+        payload_json="{}",
+        result_json=None,
+        error=None,
+        execution_id="e",
+        attempt=1,
+        fencing_token=1,
+        lease_owner="o",
+        lease_expires_at_ms=lease_end,
+        downstream_key="k",
+        created_at_ms=0,
+        claimed_at_ms=0,
+        updated_at_ms=0,
+        completed_at_ms=None,
     )
 
 
@@ -210,10 +234,12 @@ def test_fast_canonical_json_is_byte_identical_to_rfc8785(value: object) -> None
         st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
         | st.floats(allow_nan=False, allow_infinity=False, width=64)
         | st.integers(min_value=-SAFE, max_value=SAFE),
-        lambda inner: st.dictionaries(
-            st.text(alphabet=st.characters(blacklist_categories=("Cs",))), inner, max_size=5
-        )
-        | st.lists(inner, max_size=5),
+        lambda inner: (
+            st.dictionaries(
+                st.text(alphabet=st.characters(blacklist_categories=("Cs",))), inner, max_size=5
+            )
+            | st.lists(inner, max_size=5)
+        ),
         max_leaves=30,
     )
 )
@@ -250,3 +276,26 @@ def test_results_from_sdks_are_stored_through_model_dump() -> None:
         "r", "charge", {}, lambda _ctx: Charge(id="ch_1", amount=5)
     )
     assert receipt.result == {"id": "ch_1", "amount": 5}
+
+
+class _Backwards(str):
+    """A str subclass that orders itself backwards."""
+
+    def __lt__(self, other: object) -> bool:
+        return str.__gt__(self, other)  # type: ignore[operator]
+
+
+class _Shadowing(dict):  # type: ignore[type-arg]
+    """A dict subclass whose [] lies about its values."""
+
+    def __getitem__(self, key: object) -> object:
+        return "shadow"
+
+
+def test_subclassed_keys_and_mappings_canonicalize_as_rfc8785_does() -> None:
+    """A str subclass's own ordering and a Mapping's own [] do not change the bytes: keys
+    sort by UTF-16 code units, values are read through items()."""
+    keys = {_Backwards("b"): 2, _Backwards("a"): 1}
+    assert canonical_json(keys) == rfc8785.dumps({"a": 1, "b": 2}) == b'{"a":1,"b":2}'
+    shadowed = _Shadowing(a=1)
+    assert canonical_json(shadowed) == rfc8785.dumps({"a": 1})

@@ -115,16 +115,25 @@ class GuardCore:
         self.redact = redact
         self.result_encoder = result_encoder
         self._owner = None if owner is None else check_name("owner", owner)
-        if store is None and os.environ.get(DATABASE_URL_ENV):
-            store = os.environ[DATABASE_URL_ENV]  # the rule the CLI follows too
-            if not store.startswith(("postgresql://", "postgres://")):
-                raise ConfigurationError(
-                    f"${DATABASE_URL_ENV} must be a postgresql:// URL, got {store[:40]!r}"
-                )
-        if isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
+        dsn = os.environ.get(DATABASE_URL_ENV) if store is None else None
+        if dsn and (
+            not dsn.strip()
+            or ("://" in dsn and not dsn.startswith(("postgresql://", "postgres://")))
+        ):
+            raise ConfigurationError(
+                f"${DATABASE_URL_ENV} must be a PostgreSQL URL or connection string, "
+                f"got {dsn[:40]!r}"
+            )
+        if (
+            not dsn
+            and isinstance(store, str)
+            and store.startswith(("postgresql://", "postgres://"))
+        ):
+            dsn = store
+        if dsn:  # the CLI's rule too: a set $SAFEAGENT_DATABASE_URL wins over $SAFEAGENT_DB
             from safeagent.stores.postgres import PostgresStore  # noqa: PLC0415 - optional extra
 
-            self.store: ReceiptStore = PostgresStore(store, durability=durability or "durable")
+            self.store: ReceiptStore = PostgresStore(dsn, durability=durability or "durable")
             self._owns_store = True
         elif store is None or isinstance(store, (str, os.PathLike)):
             self.store = SQLiteStore(store, durability=durability or "durable")

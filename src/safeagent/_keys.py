@@ -84,11 +84,14 @@ def _canon(value: Any, out: list[str], depth: int) -> None:
     elif isinstance(value, Mapping):
         if depth >= MAX_DEPTH:
             raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        if type(value) is not dict:  # a Mapping is read through items(), as rfc8785 does
+            value = dict(value.items())
         ascii_keys = True
         for key in value:
             if not isinstance(key, str):
                 raise TypeError(f"object keys must be strings, got {type(key).__name__}")
-            if ascii_keys and not key.isascii():
+            # exact str only: a subclass may order itself its own way
+            if ascii_keys and not (type(key) is str and key.isascii()):
                 ascii_keys = False
         out.append("{")
         # ASCII keys sort the same by code point as by UTF-16 code unit (the usual case)

@@ -7,7 +7,10 @@ payload and result of records that finished before a cutoff and leaves a **tombs
 namespace, request id, action, fingerprint and final status. A retry after the purge is
 still recognised: with the same request it gets :class:`~safeagent.ReceiptPurgedError`
 (the side effect does not run again), with another request a conflict. Records that are
-pending or in doubt are never touched; released records (no outcome) are deleted.
+pending or in doubt are never touched. Released records (no outcome) lose their payload
+too, but their row stays: deleting it would let the next claim of that id start its
+fencing token again at 1, and a stalled worker still holding the old token 1 could then
+complete the new attempt.
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ __all__ = ["PurgeReport", "purge"]
 
 @dataclass(frozen=True, slots=True)
 class PurgeReport:
-    """What :func:`purge` did: records turned into tombstones, released records deleted,
-    and pending / in-doubt records kept (they are never purged)."""
+    """What :func:`purge` did: finished records turned into tombstones, released records
+    whose payload was removed (their rows stay), and pending / in-doubt records kept (they
+    are never purged)."""
 
     tombstoned: int
-    deleted: int
+    released: int
     kept_pending: int
     kept_in_doubt: int
 
 
 def purge(store: Any, *, older_than: Seconds, actor: str = "safeagent.retention") -> PurgeReport:
     """Tombstone every SUCCEEDED or FAILED record that finished more than ``older_than``
-    seconds ago (store clock), and delete RELEASED ones; audited as one ``purged`` event.
+    seconds ago (store clock), and remove the payload of RELEASED ones (keeping their rows
+    and fencing tokens); audited as one ``purged`` event.
 
     Args:
         store: a store (``SQLiteStore``, ``PostgresStore`` or ``MemoryStore``).

@@ -284,8 +284,8 @@ def purge(
     schema: SchemaOpt = DEFAULT_SCHEMA,
 ) -> None:
     """Retention: records finished before the cutoff lose payload and result and keep a
-    tombstone (so a retry is still recognised and never runs again); released records are
-    deleted; pending and in-doubt records are never touched. Asks first unless --yes; exit
+    tombstone (so a retry is still recognised and never runs again); released records lose
+    their payload; pending and in-doubt records are never touched. Asks first unless --yes; exit
     1 if declined."""
     seconds = parse_duration(older_than, "--older-than")
     target = resolve_target(db, database_url, schema)
@@ -296,7 +296,7 @@ def purge(
             raise CliError(EXIT_FAILED, "not confirmed: nothing was purged")
         report = retention.purge(store, older_than=seconds, actor=by)
     counts = {
-        k: getattr(report, k) for k in ("tombstoned", "deleted", "kept_pending", "kept_in_doubt")
+        k: getattr(report, k) for k in ("tombstoned", "released", "kept_pending", "kept_in_doubt")
     }
     if as_json:
         print_json(counts)

@@ -168,7 +168,8 @@ won AS (
         downstream_key = excluded.downstream_key,
         claimed_at_ms = excluded.claimed_at_ms,
         updated_at_ms = excluded.updated_at_ms,
-        completed_at_ms = NULL
+        completed_at_ms = NULL,
+        purged_at_ms = NULL
     WHERE e.status = 'RELEASED'
     RETURNING {E_COLUMNS}
 ),
@@ -269,7 +270,8 @@ won AS (
         downstream_key = excluded.downstream_key,
         claimed_at_ms = excluded.claimed_at_ms,
         updated_at_ms = excluded.updated_at_ms,
-        completed_at_ms = NULL
+        completed_at_ms = NULL,
+        purged_at_ms = NULL
     WHERE e.status = 'RELEASED'
     RETURNING {E_COLUMNS}
 ),{_FAST_HEAD}
@@ -403,9 +405,11 @@ ADD_ANCHOR = (
     f" SELECT {NOW}, %(heads)s, %(mac)s RETURNING id, at_ms"
 )
 ANCHORS = "SELECT id, at_ms, heads, mac FROM {s}.audit_anchors ORDER BY id"
-PURGE_RELEASED = (
-    "DELETE FROM {s}.executions WHERE status = 'RELEASED' AND updated_at_ms < %(cutoff)s"
-)
+PURGE_RELEASED = f"""
+UPDATE {{s}}.executions SET payload = '', result = NULL, error_message = NULL,
+    purged_at_ms = {NOW}
+WHERE status = 'RELEASED' AND purged_at_ms IS NULL AND updated_at_ms < %(cutoff)s
+"""
 PURGE_FINISHED = f"""
 UPDATE {{s}}.executions SET payload = '', result = NULL, error_message = NULL,
     purged_at_ms = {NOW}

@@ -408,12 +408,18 @@ class MemoryStore:
         """Retention; see :meth:`SQLiteStore.purge`."""
         with self._lock:
             now = self._clock()
-            counts = {"tombstoned": 0, "deleted": 0, "kept_pending": 0, "kept_in_doubt": 0}
+            counts = {"tombstoned": 0, "released": 0, "kept_pending": 0, "kept_in_doubt": 0}
             for key, record in list(self._records.items()):
                 finished = record.completed_at_ms or record.updated_at_ms
-                if record.status is Status.RELEASED and record.updated_at_ms < cutoff_ms:
-                    del self._records[key]
-                    counts["deleted"] += 1
+                if (
+                    record.status is Status.RELEASED
+                    and record.purged_at_ms is None
+                    and record.updated_at_ms < cutoff_ms
+                ):  # the row stays: the next claim goes on from its fencing token
+                    self._records[key] = replace(
+                        record, payload_json="", result_json=None, purged_at_ms=now
+                    )
+                    counts["released"] += 1
                 elif (
                     record.status in (Status.SUCCEEDED, Status.FAILED)
                     and record.purged_at_ms is None

@@ -1047,15 +1047,15 @@ class PostgresStore:
     def purge(self, cutoff_ms: int, actor: str) -> dict[str, int]:
         """Retention; see :meth:`SQLiteStore.purge`."""
         with self._write() as cur:
-            cur.execute(self._sql["PURGE_RELEASED"], {"cutoff": cutoff_ms})
-            deleted = cur.rowcount
+            cur.execute(self._sql["PURGE_RELEASED"], self._p(cutoff=cutoff_ms))
+            released = cur.rowcount
             cur.execute(self._sql["PURGE_FINISHED"], self._p(cutoff=cutoff_ms))
             tombstoned = cur.rowcount
             cur.execute(self._sql["KEPT"])
             kept = {r[0]: int(r[1]) for r in cur.fetchall()}
             counts = {
                 "tombstoned": tombstoned,
-                "deleted": deleted,
+                "released": released,
                 "kept_pending": kept.get("PENDING", 0),
                 "kept_in_doubt": kept.get("IN_DOUBT", 0),
             }

@@ -214,7 +214,8 @@ ON CONFLICT (namespace, request_id) DO UPDATE SET
     downstream_key = excluded.downstream_key,
     claimed_at_ms = excluded.claimed_at_ms,
     updated_at_ms = excluded.updated_at_ms,
-    completed_at_ms = NULL
+    completed_at_ms = NULL,
+    purged_at_ms = NULL
 WHERE executions.status = 'RELEASED'
 RETURNING {COLUMNS}
 """
@@ -1148,12 +1149,16 @@ class SQLiteStore:
     def purge(self, cutoff_ms: int, actor: str) -> dict[str, int]:
         """Retention: records finished before ``cutoff_ms`` lose payload and result and
         keep a tombstone (identity, action, fingerprint, final status); released records
-        are deleted; pending and in-doubt records are never touched. Audited."""
+        lose their payload too but keep their row, so the next claim of the id goes on
+        from their fencing token (it never goes back); pending and in-doubt records are
+        never touched. Audited."""
         with self._write() as conn:
             now = self._clock()
-            deleted = conn.execute(
-                "DELETE FROM executions WHERE status = 'RELEASED' AND updated_at_ms < ?",
-                (cutoff_ms,),
+            released = conn.execute(
+                "UPDATE executions SET payload = '', result = NULL, error_message = NULL,"
+                " purged_at_ms = ? WHERE status = 'RELEASED' AND purged_at_ms IS NULL"
+                " AND updated_at_ms < ?",
+                (now, cutoff_ms),
             ).rowcount
             tombstoned = conn.execute(
                 "UPDATE executions SET payload = '', result = NULL, error_message = NULL,"
@@ -1169,7 +1174,7 @@ class SQLiteStore:
             )
             counts = {
                 "tombstoned": tombstoned,
-                "deleted": deleted,
+                "released": released,
                 "kept_pending": int(kept.get("PENDING", 0)),
                 "kept_in_doubt": int(kept.get("IN_DOUBT", 0)),
             }
