@@ -299,3 +299,20 @@ def test_subclassed_keys_and_mappings_canonicalize_as_rfc8785_does() -> None:
     assert canonical_json(keys) == rfc8785.dumps({"a": 1, "b": 2}) == b'{"a":1,"b":2}'
     shadowed = _Shadowing(a=1)
     assert canonical_json(shadowed) == rfc8785.dumps({"a": 1})
+
+
+def test_in_doubt_messages_give_the_claim_time_in_utc() -> None:
+    """An operator reads when the attempt in doubt was claimed, not raw epoch ms."""
+    from safeagent._flow import _utc, in_doubt_error
+
+    assert _utc(1_700_000_000_123) == "2023-11-14T22:13:20.123Z"
+    record = Record(
+        namespace="ns", request_id="r", action="charge", fingerprint="f",
+        status=Status.PENDING, payload_json="{}", result_json=None, error=None,
+        execution_id="e", attempt=1, fencing_token=1, lease_owner="host:1:main",
+        lease_expires_at_ms=1_700_000_060_123, downstream_key="k",
+        created_at_ms=1_700_000_000_123, claimed_at_ms=1_700_000_000_123,
+        updated_at_ms=1_700_000_000_123, completed_at_ms=None,
+    )  # fmt: skip
+    message = str(in_doubt_error("r", "ns", record, 1_700_000_100_000))
+    assert "claimed at 2023-11-14T22:13:20.123Z" in message

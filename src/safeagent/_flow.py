@@ -9,6 +9,7 @@ holds any rule of its own. This is the "sans-I/O" shape of httpx's auth flows.
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import json
 import time
@@ -328,7 +329,8 @@ def run_flow(
     receipt = Receipt.from_record(written.record, replay=False)
     if unstorable is not None:
         raise ResultNotSerializableError(
-            f"{call.action} ran, but its result could not be stored ({unstorable.message}); "
+            f"request {call.request_id!r} ({call.action}) ran, but its result could not be "
+            f"stored ({unstorable.message}); "
             "the record is SUCCEEDED without a result and will not run again",
             receipt=receipt,
         )
@@ -499,12 +501,21 @@ def in_doubt_flow(
     return in_doubt_error(call.request_id, call.namespace, record, now, note)
 
 
+def _utc(ms: int) -> str:
+    """Store-clock milliseconds as ISO 8601 UTC, for messages."""
+    try:
+        at = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def in_doubt_error(
     request_id: str, namespace: str, record: Record, now: int, note: str = ""
 ) -> OutcomeUnknownError:
     return OutcomeUnknownError(
         f"request {request_id!r} is in doubt: attempt {record.attempt} by "
-        f"{record.lease_owner} (claimed at {record.claimed_at_ms} ms) never recorded an "
+        f"{record.lease_owner} (claimed at {_utc(record.claimed_at_ms)}) never recorded an "
         "outcome; it is not run again. Resolve it with Guard.resolve or a reconcile hook"
         + (f" ({note})" if note else ""),
         request_id=request_id,

@@ -8,7 +8,7 @@ this module. The commands are documented in ``docs/cli.md``.
 Exit codes::
 
     0  ok
-    1  a check failed, nothing matched, or the request was refused
+    1  a check failed, an id was not found, or the request was refused
        (audit verify found tampering, an unknown id, resolving a record not in doubt,
        records still in doubt after a reconcile pass, a declined confirmation)
     2  usage error or bad input (bad option, bad JSON, bad duration, missing key)

@@ -40,7 +40,7 @@ EXIT_STORE = 3
 EXIT_CODES = (
     "\b\nExit codes:\n"
     "  0  ok\n"
-    "  1  a check failed, nothing matched, or the request was refused\n"
+    "  1  a check failed, an id was not found, or the request was refused\n"
     "  2  usage error or bad input\n"
     "  3  the store is missing, unreachable or failed"
 )
