@@ -142,10 +142,10 @@ _LOCK_WON_HEADS = """
     WHERE shard = ANY(%s::int[]) AND EXISTS (SELECT FROM won)
     ORDER BY shard FOR UPDATE
 """
-# (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey, shards) -> no row
-# when the claim lost (the record is someone else's); otherwise one row per locked head:
-# the record's columns, the clock, and (shard, seq, head) of a chain head now locked.
-CLAIM = f"""
+# (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey): the clock, and the
+# claim as a CTE "won" holding the record's columns when the claim was won (a new row, or a
+# RELEASED one taken over: attempt and fencing token go on from it), empty when it lost.
+_CLAIM_WON = f"""
 WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now),
 won AS (
     INSERT INTO {{s}}.executions AS e ({COLUMNS})
@@ -172,7 +172,11 @@ won AS (
         purged_at_ms = NULL
     WHERE e.status = 'RELEASED'
     RETURNING {E_COLUMNS}
-),
+)"""
+# (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey, shards) -> no row
+# when the claim lost (the record is someone else's); otherwise one row per locked head:
+# the record's columns, the clock, and (shard, seq, head) of a chain head now locked.
+CLAIM = f"""{_CLAIM_WON},
 h AS ({_LOCK_WON_HEADS})
 SELECT won.*, n.now, h.shard, h.seq, h.head FROM won CROSS JOIN n LEFT JOIN h ON TRUE
 """
@@ -247,34 +251,7 @@ SELECT won.*, n.now FROM won CROSS JOIN n
 # which are the claim's parameters (the client checks that the event it encoded has those
 # very values); its fencing token and attempt are the row's; its detail is the client's
 # text with the attempt in the middle.
-CLAIM_FAST = f"""
-WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now),
-won AS (
-    INSERT INTO {{s}}.executions AS e ({COLUMNS})
-    SELECT %s, %s, %s, %s, 'PENDING', %s, NULL, NULL, NULL,
-           %s, 1, 1, %s, n.now + %s, %s, n.now, n.now, n.now, NULL, NULL
-    FROM n
-    ON CONFLICT (namespace, request_id) DO UPDATE SET
-        action = excluded.action,
-        fingerprint = excluded.fingerprint,
-        status = 'PENDING',
-        payload = excluded.payload,
-        result = NULL,
-        error_type = NULL,
-        error_message = NULL,
-        execution_id = excluded.execution_id,
-        attempt = e.attempt + 1,
-        fencing_token = e.fencing_token + 1,
-        lease_owner = excluded.lease_owner,
-        lease_expires_at_ms = excluded.lease_expires_at_ms,
-        downstream_key = excluded.downstream_key,
-        claimed_at_ms = excluded.claimed_at_ms,
-        updated_at_ms = excluded.updated_at_ms,
-        completed_at_ms = NULL,
-        purged_at_ms = NULL
-    WHERE e.status = 'RELEASED'
-    RETURNING {E_COLUMNS}
-),{_FAST_HEAD}
+CLAIM_FAST = f"""{_CLAIM_WON},{_FAST_HEAD}
 ev AS (
     INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
     SELECT n.now, %s, won.namespace, won.request_id, won.action, won.lease_owner,

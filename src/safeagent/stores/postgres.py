@@ -602,6 +602,22 @@ class PostgresStore:
                     return done
         return self._complete_general(completion, terminal, settle)
 
+    def _completion_params(self, completion: Completion, terminal: bool) -> tuple[Any, ...]:
+        """(now, status, result, etype, emsg, terminal, ns, rid, token): the parameters the
+        general and the fast completion statements begin with."""
+        error = completion.error
+        return (
+            self._at(),
+            completion.status.value,
+            completion.result_json,
+            None if error is None else error.type,
+            None if error is None else error.message,
+            terminal,
+            completion.namespace,
+            completion.request_id,
+            completion.fencing_token,
+        )
+
     def _complete_fast(
         self,
         completion: Completion,
@@ -612,22 +628,9 @@ class PostgresStore:
         """The completion of the attempt it names, and its one event, in one autocommit
         statement: one round trip. None (nothing changed) unless it was accepted in time:
         the general path then writes what it must (a rejection, a late completion)."""
-        error = completion.error
         row = self._one(
             self._complete_fast_sql,
-            (
-                self._at(),
-                completion.status.value,
-                completion.result_json,
-                None if error is None else error.type,
-                None if error is None else error.message,
-                terminal,
-                completion.namespace,
-                completion.request_id,
-                completion.fencing_token,
-                *known,
-                *fragments,
-            ),
+            (*self._completion_params(completion, terminal), *known, *fragments),
         )
         if row is None:
             return None
@@ -636,7 +639,6 @@ class PostgresStore:
     def _complete_general(
         self, completion: Completion, terminal: bool, settle: str | None
     ) -> WriteResult:
-        error = completion.error
         with self._write(pipelined=True) as cur:
             # A completion that settles a case locks the case row after its own: its chain
             # heads are then taken at the end (after the case), not by this statement.
@@ -646,19 +648,7 @@ class PostgresStore:
                 else self._lock_for(completion.namespace, completion.request_id)
             )
             cur.execute(
-                self._complete_sql,
-                (
-                    self._at(),
-                    completion.status.value,
-                    completion.result_json,
-                    None if error is None else error.type,
-                    None if error is None else error.message,
-                    terminal,
-                    completion.namespace,
-                    completion.request_id,
-                    completion.fencing_token,
-                    literal,
-                ),
+                self._complete_sql, (*self._completion_params(completion, terminal), literal)
             )
             rows = cur.fetchall()
             if rows[0][0] is None:  # refused by the fencing check: report what is there
