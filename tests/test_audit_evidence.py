@@ -242,6 +242,9 @@ def test_purge_leaves_tombstones_that_still_block_retries(guard: Any, clock: Fak
     clock.advance(3600)
     report = purge(guard.store, older_than=60)
     assert (report.tombstoned, report.released, report.kept_in_doubt) == (1, 1, 1)
+    cleared = guard.get("released")
+    assert cleared is not None
+    assert (cleared.payload, cleared.error.message if cleared.error else "") == (None, "")
     with pytest.raises(ReceiptPurgedError) as info:
         guard.execute("done", "charge", {"a": 1}, lambda _ctx: ran.append("again"))
     assert info.value.receipt.status is Status.SUCCEEDED

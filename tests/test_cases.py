@@ -221,7 +221,7 @@ def test_a_database_url_variable_that_is_not_postgresql_is_refused(
     """A set but unusable $SAFEAGENT_DATABASE_URL is a ConfigurationError, never a silent
     fall back to SQLite."""
     monkeypatch.chdir(tmp_path)
-    for bad in ("mysql://db/payments", "   "):
+    for bad in ("mysql://db/payments", "   ", "/var/lib/app/safeagent.db", "host='unclosed"):
         monkeypatch.setenv("SAFEAGENT_DATABASE_URL", bad)
         with pytest.raises(ConfigurationError, match="SAFEAGENT_DATABASE_URL"):
             Guard()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import pytest
 import rfc8785
@@ -286,19 +287,27 @@ class _Backwards(str):
 
 
 class _Shadowing(dict):  # type: ignore[type-arg]
-    """A dict subclass whose [] lies about its values."""
+    """A dict subclass whose [], keys() and items() lie about its entries."""
 
     def __getitem__(self, key: object) -> object:
         return "shadow"
 
+    def items(self) -> Any:
+        return [("_secret", 2), *dict.items(self)]
+
+    def keys(self) -> Any:
+        return ["_secret", *dict.keys(self)]
+
 
 def test_subclassed_keys_and_mappings_canonicalize_as_rfc8785_does() -> None:
-    """A str subclass's own ordering and a Mapping's own [] do not change the bytes: keys
-    sort by UTF-16 code units, values are read through items()."""
+    """A str subclass's own ordering and a dict subclass's own [], keys() and items() do
+    not change the bytes: keys sort by UTF-16 code units, and a dict subclass is read as
+    rfc8785 reads it (dict(value): its own entries)."""
     keys = {_Backwards("b"): 2, _Backwards("a"): 1}
     assert canonical_json(keys) == rfc8785.dumps({"a": 1, "b": 2}) == b'{"a":1,"b":2}'
     shadowed = _Shadowing(a=1)
-    assert canonical_json(shadowed) == rfc8785.dumps({"a": 1})
+    assert canonical_json(shadowed) == rfc8785.dumps(shadowed) == b'{"a":1}'
+    assert canonical_json({"x": [shadowed]}) == rfc8785.dumps({"x": [shadowed]})
 
 
 def test_in_doubt_messages_give_the_claim_time_in_utc() -> None:

@@ -79,6 +79,36 @@ class _ActionDefaults:
     reconcile: ReconcileHook | None
 
 
+def _check_dsn(dsn: str) -> str:
+    """A ``$SAFEAGENT_DATABASE_URL`` value: a ``postgresql://`` URL or a libpq keyword
+    string (``host=... dbname=...``), checked before anything connects.
+
+    Raises:
+        ConfigurationError: anything else (a file path meant for ``$SAFEAGENT_DB``, another
+            database's URL, a blank value).
+    """
+    problem = "it is blank"
+    if dsn.startswith(("postgresql://", "postgres://")):
+        return dsn
+    if dsn and "=" in dsn:
+        try:
+            from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415 - optional extra
+        except ImportError:  # the store's own import says what to install
+            return dsn
+        try:
+            conninfo_to_dict(dsn)
+        except Exception as exc:  # noqa: BLE001 - psycopg.ProgrammingError and kin
+            problem = str(exc).strip()
+        else:
+            return dsn
+    elif dsn:
+        problem = "it is neither a postgresql:// URL nor a key=value connection string"
+    raise ConfigurationError(
+        f"${DATABASE_URL_ENV} must be a PostgreSQL URL or connection string ({problem}); "
+        f"got {dsn[:60]!r}. An SQLite file goes in $SAFEAGENT_DB"
+    )
+
+
 class GuardCore:
     """Settings and validation shared by :class:`Guard` and :class:`AsyncGuard`."""
 
@@ -116,14 +146,8 @@ class GuardCore:
         self.result_encoder = result_encoder
         self._owner = None if owner is None else check_name("owner", owner)
         dsn = os.environ.get(DATABASE_URL_ENV) if store is None else None
-        if dsn and (
-            not dsn.strip()
-            or ("://" in dsn and not dsn.startswith(("postgresql://", "postgres://")))
-        ):
-            raise ConfigurationError(
-                f"${DATABASE_URL_ENV} must be a PostgreSQL URL or connection string, "
-                f"got {dsn[:40]!r}"
-            )
+        if dsn:
+            dsn = _check_dsn(dsn.strip())
         if (
             not dsn
             and isinstance(store, str)

@@ -501,11 +501,14 @@ def in_doubt_flow(
     return in_doubt_error(call.request_id, call.namespace, record, now, note)
 
 
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
 def _utc(ms: int) -> str:
     """Store-clock milliseconds as ISO 8601 UTC, for messages."""
     try:
-        at = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
-    except (OverflowError, OSError, ValueError):
+        at = _EPOCH + datetime.timedelta(milliseconds=ms)  # exact, unlike ms / 1000
+    except (OverflowError, TypeError, ValueError):
         return f"{ms} ms"
     return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

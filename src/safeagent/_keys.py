@@ -84,8 +84,10 @@ def _canon(value: Any, out: list[str], depth: int) -> None:
     elif isinstance(value, Mapping):
         if depth >= MAX_DEPTH:
             raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
-        if type(value) is not dict:  # a Mapping is read through items(), as rfc8785 does
-            value = dict(value.items())
+        if type(value) is not dict:
+            # a dict subclass is copied as rfc8785 copies it (dict(value), which reads the
+            # dict's own entries); another Mapping (rfc8785 refuses those) through items()
+            value = dict(value) if isinstance(value, dict) else dict(value.items())
         ascii_keys = True
         for key in value:
             if not isinstance(key, str):

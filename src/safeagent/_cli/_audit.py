@@ -299,6 +299,6 @@ def purge(
         k: getattr(report, k) for k in ("tombstoned", "released", "kept_pending", "kept_in_doubt")
     }
     if as_json:
-        print_json(counts)
+        print_json({"cutoff": cutoff, **counts})
         return
     print_pairs([("cutoff", cutoff), *counts.items()], title="purge")

@@ -367,8 +367,8 @@ def receipt_dict(record: Record, now_ms: int, *, redact: bool, payload: bool) ->
 
 def status_text(row: Mapping[str, Any]) -> str:
     status = str(row["status"])
-    if row.get("purged_at_ms") is not None:
-        return f"{status} (tombstone)"
+    if row.get("purged_at_ms") is not None:  # a released row still runs on the next call
+        return f"{status} (payload purged)" if status == "RELEASED" else f"{status} (tombstone)"
     if status != row["stored_status"]:
         return f"{status} (lease expired)"
     return status

@@ -416,8 +416,13 @@ class MemoryStore:
                     and record.purged_at_ms is None
                     and record.updated_at_ms < cutoff_ms
                 ):  # the row stays: the next claim goes on from its fencing token
+                    error = record.error
                     self._records[key] = replace(
-                        record, payload_json="", result_json=None, purged_at_ms=now
+                        record,
+                        payload_json="",
+                        result_json=None,
+                        purged_at_ms=now,
+                        error=None if error is None else replace(error, message=""),
                     )
                     counts["released"] += 1
                 elif (
