@@ -182,6 +182,29 @@ SELECT won.*, n.now, h.shard, h.seq, h.head FROM won CROSS JOIN n LEFT JOIN h ON
 """
 
 
+def _completion_won(sync: str, where: str) -> str:
+    """The clock (``n``, with ``sync`` appended to its columns) and the completion as a CTE
+    "won": (now, status, result, etype, emsg, terminal, ns, rid, token, *where's params) ->
+    the record's columns when the PENDING record under that token was updated (and
+    ``where`` held), empty otherwise."""
+    return f"""WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now{sync}),
+won AS (
+    UPDATE {{s}}.executions AS e
+    SET status = %s, result = %s, error_type = %s, error_message = %s, updated_at_ms = n.now,
+        completed_at_ms = CASE WHEN %s THEN n.now END
+    FROM n
+    WHERE e.namespace = %s AND e.request_id = %s AND e.fencing_token = %s
+      AND e.status = 'PENDING'{where}
+    RETURNING {E_COLUMNS}
+)"""
+
+
+# The fast completion's extra conditions: in time (a late one writes a second event), and
+# the attempt the client named (its action and execution id: (action, exec_id) params).
+_ON_TIME_AND_NAMED = """ AND e.lease_expires_at_ms > n.now
+      AND e.action = %s AND e.execution_id = %s"""
+
+
 def _complete(sync: str) -> str:
     """(now, status, result, etype, emsg, terminal, ns, rid, token, shards) -> one row per
     locked head, as CLAIM; when the fencing check refused the completion, one row whose
@@ -189,16 +212,7 @@ def _complete(sync: str) -> str:
     evaluated: in COMPLETE_ASYNC it also turns synchronous_commit off for the transaction,
     refused or not, as ``SET LOCAL`` would, without a round trip of its own."""
     return f"""
-WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now{sync}),
-won AS (
-    UPDATE {{s}}.executions AS e
-    SET status = %s, result = %s, error_type = %s, error_message = %s, updated_at_ms = n.now,
-        completed_at_ms = CASE WHEN %s THEN n.now END
-    FROM n
-    WHERE e.namespace = %s AND e.request_id = %s AND e.fencing_token = %s
-      AND e.status = 'PENDING'
-    RETURNING {E_COLUMNS}
-),
+{_completion_won(sync, "")},
 h AS ({_LOCK_WON_HEADS})
 SELECT won.*, n.now, h.shard, h.seq, h.head FROM n LEFT JOIN won ON TRUE LEFT JOIN h ON TRUE
 """
@@ -275,17 +289,7 @@ def _complete_fast(sync: str) -> str:
     id and fencing token are the row's, equal to the parameters the WHERE compared them
     with (the client checks that the event it encoded has those very values)."""
     return f"""
-WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now{sync}),
-won AS (
-    UPDATE {{s}}.executions AS e
-    SET status = %s, result = %s, error_type = %s, error_message = %s, updated_at_ms = n.now,
-        completed_at_ms = CASE WHEN %s THEN n.now END
-    FROM n
-    WHERE e.namespace = %s AND e.request_id = %s AND e.fencing_token = %s
-      AND e.status = 'PENDING' AND e.lease_expires_at_ms > n.now
-      AND e.action = %s AND e.execution_id = %s
-    RETURNING {E_COLUMNS}
-),{_FAST_HEAD}
+{_completion_won(sync, _ON_TIME_AND_NAMED)},{_FAST_HEAD}
 ev AS (
     INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
     SELECT n.now, %s, won.namespace, won.request_id, won.action, %s, won.execution_id,

@@ -416,28 +416,14 @@ class MemoryStore:
                     and record.purged_at_ms is None
                     and record.updated_at_ms < cutoff_ms
                 ):  # the row stays: the next claim goes on from its fencing token
-                    error = record.error
-                    self._records[key] = replace(
-                        record,
-                        payload_json="",
-                        result_json=None,
-                        purged_at_ms=now,
-                        error=None if error is None else replace(error, message=""),
-                    )
+                    self._records[key] = _purged(record, now)
                     counts["released"] += 1
                 elif (
                     record.status in (Status.SUCCEEDED, Status.FAILED)
                     and record.purged_at_ms is None
                     and finished < cutoff_ms
                 ):
-                    error = record.error
-                    self._records[key] = replace(
-                        record,
-                        payload_json="",
-                        result_json=None,
-                        purged_at_ms=now,
-                        error=None if error is None else replace(error, message=""),
-                    )
+                    self._records[key] = _purged(record, now)
                     counts["tombstoned"] += 1
                 elif record.status is Status.PENDING:
                     counts["kept_pending"] += 1
@@ -448,3 +434,15 @@ class MemoryStore:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _purged(record: Record, now: int) -> Record:
+    """``record`` as retention leaves it: no payload, result or error message."""
+    error = record.error
+    return replace(
+        record,
+        payload_json="",
+        result_json=None,
+        purged_at_ms=now,
+        error=None if error is None else replace(error, message=""),
+    )

@@ -526,26 +526,27 @@ class PostgresStore:
                 return self._claim_fast(request, fragments)
         return self._claim_general(request)
 
+    def _claim_params(self, request: ClaimRequest) -> tuple[Any, ...]:
+        """(now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey): the
+        parameters the general and the fast claim statements begin with."""
+        return (
+            self._at(),
+            request.namespace,
+            request.request_id,
+            request.action,
+            request.fingerprint,
+            request.payload_json,
+            request.execution_id,
+            request.owner,
+            request.lease_ms,
+            request.downstream_key,
+        )
+
     def _claim_fast(self, request: ClaimRequest, fragments: tuple[Any, ...]) -> ClaimResult:
         """The claim and its claimed event in one autocommit statement: one round trip (two
         when the claim is lost: the winner's row is read by a statement of its own, whose
         snapshot sees it even when it was committed after the claim began)."""
-        row = self._one(
-            self._sql["CLAIM_FAST"],
-            (
-                self._at(),
-                request.namespace,
-                request.request_id,
-                request.action,
-                request.fingerprint,
-                request.payload_json,
-                request.execution_id,
-                request.owner,
-                request.lease_ms,
-                request.downstream_key,
-                *fragments,
-            ),
-        )
+        row = self._one(self._sql["CLAIM_FAST"], (*self._claim_params(request), *fragments))
         if row is None:
             existing, now = _found(
                 self._one(self._sql["GET"], (self._at(), request.namespace, request.request_id))
@@ -560,22 +561,7 @@ class PostgresStore:
         # two round trips
         with self._write(pipelined=True) as cur:
             shards, literal = self._lock_for(request.namespace, request.request_id)
-            cur.execute(
-                self._sql["CLAIM"],
-                (
-                    self._at(),
-                    request.namespace,
-                    request.request_id,
-                    request.action,
-                    request.fingerprint,
-                    request.payload_json,
-                    request.execution_id,
-                    request.owner,
-                    request.lease_ms,
-                    request.downstream_key,
-                    literal,
-                ),
-            )
+            cur.execute(self._sql["CLAIM"], (*self._claim_params(request), literal))
             rows = cur.fetchall()
             if not rows:
                 # Lost: read the winner's row in a statement of its own, whose snapshot sees
