@@ -963,3 +963,47 @@ def test_p5_unserializable_result_is_a_clear_error_never_a_second_booking(
     assert record is not None
     assert record.status is Status.SUCCEEDED
     assert ledger.count() == 1
+
+
+def test_the_readme_decorator_lookup_finds_the_record_by_its_quoted_id(tmp_path: Path) -> None:
+    """README: a str key is stored with its JSON quotes; request_id_for gives that id, and
+    guard.get finds the record with it (the bare string does not)."""
+    runs: list[str] = []
+    with Guard(SQLiteStore(tmp_path / "d.db")) as guard:
+
+        @guard.guarded(action="create_ticket", key_arg="request_id")
+        def create_ticket(title: str, request_id: str | None = None) -> str:
+            runs.append(title)
+            return f"T-{len(runs)}"
+
+        assert create_ticket("Printer on fire", request_id="conv-7:ticket-1") == "T-1"
+        assert create_ticket.call("conv-7:ticket-1", "Printer on fire") == "T-1"
+        stored = create_ticket.request_id_for("conv-7:ticket-1")
+        assert stored == '"conv-7:ticket-1"'
+        receipt = guard.get(stored)
+        assert receipt is not None
+        assert receipt.result == "T-1"
+        assert guard.get("conv-7:ticket-1") is None
+    assert runs == ["Printer on fire"]
+
+
+def test_the_readme_async_close_forms_write_buffered_events(tmp_path: Path) -> None:
+    """README: `async with AsyncGuard() as guard` and `await guard.aclose()` write the
+    buffered replay events before the process goes."""
+    import asyncio
+
+    from safeagent import AsyncGuard
+
+    async def main() -> None:
+        async with AsyncGuard(SQLiteStore(tmp_path / "a.db")) as guard:
+            for _ in range(2):
+                await guard.execute("r-1", "charge", {"n": 1}, lambda _ctx: 1)
+        guard2 = AsyncGuard(SQLiteStore(tmp_path / "b.db"))
+        for _ in range(2):
+            await guard2.execute("r-1", "charge", {"n": 1}, lambda _ctx: 1)
+        await guard2.aclose()
+
+    asyncio.run(main())
+    for name in ("a.db", "b.db"):
+        kinds = [e.kind for e in SQLiteStore(tmp_path / name).events(namespace=None)]
+        assert kinds == [EventKind.CLAIMED, EventKind.SUCCEEDED, EventKind.REPLAYED], name
