@@ -40,12 +40,16 @@ class ErrorInfo:
         return {"type": self.type, "message": self.message}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
     """One execution record as a store holds it (JSON kept as text).
 
     Identity is ``(namespace, request_id)``. Instants are integer milliseconds since the
     Unix epoch on the store's clock.
+
+    A snapshot: treat it as read-only. It is not ``frozen`` because every call builds one
+    or two, and a frozen dataclass sets each of its 19 fields through
+    ``object.__setattr__`` (about 2 us per record against 0.2 us).
     """
 
     namespace: str
@@ -133,25 +137,25 @@ class Receipt:
     @classmethod
     def from_record(cls, record: Record, *, replay: bool, now_ms: int | None = None) -> Receipt:
         status = record.status if now_ms is None else record.effective_status(now_ms)
-        return cls(
-            namespace=record.namespace,
-            request_id=record.request_id,
-            action=record.action,
-            status=status,
-            result=None if record.result_json is None else json.loads(record.result_json),
-            payload_json=record.payload_json or None,
-            error=record.error,
-            execution_id=record.execution_id,
-            fingerprint=record.fingerprint,
-            attempt=record.attempt,
-            fencing_token=record.fencing_token,
-            downstream_key=record.downstream_key,
-            created_at_ms=record.created_at_ms,
-            claimed_at_ms=record.claimed_at_ms,
-            completed_at_ms=record.completed_at_ms,
-            replay=replay,
-            lease_owner=record.lease_owner,
-            lease_expires_at_ms=record.lease_expires_at_ms,
+        return cls(  # positional, in field order: one receipt per call, on the hot path
+            record.namespace,
+            record.request_id,
+            record.action,
+            status,
+            None if record.result_json is None else json.loads(record.result_json),
+            record.error,
+            record.execution_id,
+            record.fingerprint,
+            record.attempt,
+            record.fencing_token,
+            record.downstream_key,
+            record.created_at_ms,
+            record.claimed_at_ms,
+            record.completed_at_ms,
+            replay,
+            record.lease_owner,
+            record.lease_expires_at_ms,
+            record.payload_json or None,
         )
 
     @property

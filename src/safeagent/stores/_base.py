@@ -45,7 +45,12 @@ def check_durability(durability: str) -> Durability:
     return durability  # type: ignore[return-value]
 
 
-@dataclass(frozen=True, slots=True)
+# The requests and answers below are plain slots dataclasses: one or two of each per call,
+# never changed after they are built (a frozen dataclass would set each field through
+# object.__setattr__ on the hot path). Treat them as read-only.
+
+
+@dataclass(slots=True)
 class ClaimRequest:
     """Ask the store to claim ``(namespace, request_id)``: insert it PENDING if absent,
     or take over a RELEASED record (attempt + 1, fencing token + 1), atomically.
@@ -66,7 +71,7 @@ class ClaimRequest:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClaimResult:
     """``won``: this request made the claim and ``record`` is its PENDING record.
     Otherwise ``record`` is the record that is there (the winner's). ``now_ms`` is the
@@ -77,7 +82,7 @@ class ClaimResult:
     now_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Completion:
     """Ask the store to record an outcome for the attempt holding ``fencing_token``.
 
@@ -105,7 +110,7 @@ class Completion:
     completion and its event in one statement, checked against the row (PostgreSQL)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Resolution:
     """An operator's resolution of an in-doubt record (stored IN_DOUBT, or PENDING with
     an expired lease), conditional on ``expected_token``; bumps the fencing token so the
@@ -124,7 +129,7 @@ class Resolution:
     """An audited re-run: FAILED -> RELEASED instead of resolving an in-doubt record."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteResult:
     """``accepted``: the change was made (``late``: after the lease had expired).
     ``record``: the record after the change, or as found when refused (``None`` if absent)."""
@@ -250,7 +255,7 @@ CaseMutation = Callable[[CaseRow, list[Signal]], CaseChange]
 """A pure function from (case, live signals) to the change to apply (see ``_cases``)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CaseUpdate:
     """The case after an update, its live signals, and the change that was applied."""
 
