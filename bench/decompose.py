@@ -15,7 +15,7 @@ Three rows per id, interleaved in blocks so all three see the same machine noise
 - ``guard``: ``Guard.execute`` on a fresh id.
 
 ``statements / floor`` is the cost of the record SafeAgent keeps (a 20-column row, an audit
-event with its two index entries and its chain head, in each of the two transactions);
+event with one index entry and its chain head, in each of the two transactions);
 ``guard - statements`` is SafeAgent's Python. On tmpfs (``--dir /dev/shm``) fsync is
 nearly free, which leaves the CPU; on a disk, the extra pages of each commit add to it.
 Medians in microseconds.

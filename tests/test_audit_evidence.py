@@ -59,6 +59,10 @@ def _sqlite_guard(tmp_path: Any) -> tuple[Guard, str]:
     guard = Guard(SQLiteStore(path))
     _busy(guard)
     guard.close()
+    with sqlite3.connect(path) as conn:  # verification reads the chain with no index on it
+        assert conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'audit_events_chain'"
+        ).fetchone() == (0,)
     return guard, path
 
 

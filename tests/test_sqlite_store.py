@@ -282,6 +282,77 @@ def test_a_version_3_file_is_migrated_and_its_chains_extend(tmp_path: Path) -> N
         assert conn.execute(
             "SELECT value FROM safeagent_meta WHERE key = 'schema_version'"
         ).fetchone() == (str(sqlite_module.SCHEMA_VERSION),)
+    assert "audit_events_chain" not in _indexes(path)  # made by migration 3, then dropped
+
+
+def _indexes(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    return {name for (name,) in rows}
+
+
+def _schema_version(path: Path) -> str:
+    with sqlite3.connect(path) as conn:
+        (value,) = conn.execute(
+            "SELECT value FROM safeagent_meta WHERE key = 'schema_version'"
+        ).fetchone()
+    return str(value)
+
+
+def test_a_new_file_has_no_chain_index(tmp_path: Path) -> None:
+    """A file made by this release has the per-request audit index but not
+    audit_events_chain: no event pays for an index entry only verification used."""
+    path = tmp_path / "g.db"
+    with Guard(path) as guard:
+        guard.execute("r", "charge", {}, lambda _ctx: 1)
+        assert verify(guard.store).ok
+    assert "audit_events_subject" in _indexes(path)
+    assert "audit_events_chain" not in _indexes(path)
+
+
+def test_opening_drops_the_previous_releases_chain_index_and_keeps_the_version(
+    tmp_path: Path,
+) -> None:
+    """A file of the previous release (this schema version, plus audit_events_chain) loses
+    the index when opened, its chain still verifies and grows, and its schema version is
+    unchanged, so the previous release's processes sharing it still open it."""
+    path = tmp_path / "g.db"
+    with Guard(path) as guard:
+        for i in range(20):
+            guard.execute(f"old-{i}", "charge", {"i": i}, lambda _ctx: 1)
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE INDEX audit_events_chain ON audit_events (shard, seq)")
+    version = _schema_version(path)
+    with Guard(path) as guard:
+        assert "audit_events_chain" not in _indexes(path)
+        assert verify(guard.store).ok
+        for i in range(20):
+            guard.execute(f"new-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        report = verify(guard.store)
+        assert report.ok, report.problems
+        assert report.events_checked == 2 * 40  # claimed and succeeded
+    assert _schema_version(path) == version == str(sqlite_module.SCHEMA_VERSION)
+
+
+def test_a_store_already_open_keeps_writing_when_another_drops_the_chain_index(
+    tmp_path: Path,
+) -> None:
+    """A process that opened the file while it had the index (its statements prepared
+    with it, as the previous release's are) goes on writing after another process's open
+    drops it, and the whole trail verifies."""
+    path = tmp_path / "g.db"
+    with Guard(path) as old:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE INDEX audit_events_chain ON audit_events (shard, seq)")
+        for i in range(10):
+            old.execute(f"before-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        SQLiteStore(path).close()
+        assert "audit_events_chain" not in _indexes(path)
+        for i in range(10):
+            old.execute(f"after-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        report = verify(old.store)
+        assert report.ok, report.problems
+        assert report.events_checked == 2 * 20
 
 
 def _slow_clock_for(thread_name: str, delay: float, inside: threading.Event | None = None) -> Any:

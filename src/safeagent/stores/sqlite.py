@@ -178,6 +178,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
+# Indexes the numbered migrations made that the schema no longer has: _migrate drops them
+# (DROP INDEX IF EXISTS) on every open, after the numbered migrations. Not a numbered
+# migration, because that would raise the stored schema_version, which older SafeAgent
+# processes still sharing the file during a rolling upgrade refuse to open; dropping an
+# index changes nothing they read or write.
+# - audit_events_chain (shard, seq), made by migration 3: only verification's ORDER BY
+#   used it (the chain heads are in audit_chain), and it cost every audit event an extra
+#   index entry: about one more WAL page per commit.
+DROPPED_INDEXES = ("audit_events_chain",)
+
 SQL_GET_CASE = f"SELECT {CASE_COLUMNS} FROM cases WHERE namespace = ? AND case_id = ?"
 SQL_OPEN_CASE = f"""
 INSERT INTO cases ({CASE_COLUMNS}) VALUES (?, ?, 'OPEN', NULL, NULL, ?, ?, 1, ?, ?, NULL)
@@ -733,6 +743,8 @@ class SQLiteStore:
                     "INSERT OR REPLACE INTO safeagent_meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+            for name in DROPPED_INDEXES:
+                conn.execute(f"DROP INDEX IF EXISTS {name}")
 
     def _maybe_flush(self) -> None:
         """Write the buffer if it is due; a failure keeps the events for the next write
@@ -1099,7 +1111,8 @@ class SQLiteStore:
 
     def audit_chain(self) -> tuple[list[tuple[Any, ...]], Heads]:
         """Every chained event row (``CHAIN_COLUMNS`` order, by shard and seq) and the
-        chain heads as stored (shard -> (seq, hash))."""
+        chain heads as stored (shard -> (seq, hash)). No index serves the order: SQLite
+        sorts the events, which an offline verification can afford."""
         self.flush_events()
 
         def read(
