@@ -193,6 +193,43 @@ def test_the_trail_verifies_on_postgres_after_concurrent_writers(tmp_path: Any) 
         store.close()
 
 
+def test_reordered_and_deleted_events_are_found_on_postgres() -> None:
+    """On PostgreSQL too, where the server sorts the chain for verification (no index
+    serves the order), swapping two events of a chain and deleting one are found."""
+    require_postgres()
+    import psycopg
+
+    from safeagent.stores.postgres import PostgresStore
+
+    schema = pg_schema()
+    store = PostgresStore(PG_URL, schema=schema)
+    try:
+        _busy(Guard(store))
+        assert verify(store).ok
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            row = conn.execute(
+                f"SELECT shard FROM {schema}.audit_events GROUP BY shard"
+                " HAVING count(*) >= 3 LIMIT 1"
+            ).fetchone()
+            assert row is not None
+            (a, sa), (b, sb), (c, _) = conn.execute(
+                f"SELECT id, seq FROM {schema}.audit_events WHERE shard = %s ORDER BY seq",
+                (row[0],),
+            ).fetchall()[:3]
+            conn.execute(f"UPDATE {schema}.audit_events SET seq = -1 WHERE id = %s", (a,))
+            conn.execute(f"UPDATE {schema}.audit_events SET seq = %s WHERE id = %s", (sa, b))
+            conn.execute(f"UPDATE {schema}.audit_events SET seq = %s WHERE id = %s", (sb, a))
+            assert _kinds(verify(store)) & {"reordered", "edited"}
+            conn.execute(f"UPDATE {schema}.audit_events SET seq = %s WHERE id = %s", (sa, a))
+            conn.execute(f"UPDATE {schema}.audit_events SET seq = %s WHERE id = %s", (sb, b))
+            assert verify(store).ok
+            conn.execute(f"DELETE FROM {schema}.audit_events WHERE id = %s", (c,))
+            assert "deleted" in _kinds(verify(store))
+    finally:
+        store.drop_schema()
+        store.close()
+
+
 def test_load_key_reads_env_or_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The key comes from a file or SAFEAGENT_AUDIT_KEY; short or missing keys are refused."""
     key_file = tmp_path / "key"

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,9 @@ from safeagent import (
     Reconciliation,
     StoreError,
 )
+from safeagent.audit import verify
 from safeagent.errors import SchemaVersionError
+from safeagent.stores._pg_sql import SCHEMA_VERSION
 from safeagent.stores.postgres import PostgresStore
 from tests._workers import append_line, child_env, read_lines, wait_until
 from tests.conftest import PG_URL, pg_schema, require_postgres
@@ -153,6 +156,160 @@ def test_leases_are_judged_by_the_database_clock(schema: str) -> None:
     assert row is not None
     assert abs(int(row[0]) - receipt.claimed_at_ms) < 5_000
     store.close()
+
+
+def _indexes(schema: str) -> set[str]:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,)
+        ).fetchall()
+    return {name for (name,) in rows}
+
+
+def _previous_release(schema: str) -> None:
+    """A schema as the previous release left it: this schema version, events on the audit
+    chains, and the audit_events_chain index (made by hand here)."""
+    with _store(schema) as store:
+        guard = Guard(store)
+        for i in range(20):
+            guard.execute(f"old-{i}", "charge", {"i": i}, lambda _ctx: 1)
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE INDEX audit_events_chain ON {schema}.audit_events (shard, seq)")
+    assert "audit_events_chain" in _indexes(schema)
+
+
+def _schema_version(schema: str) -> str:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        row = conn.execute(
+            f"SELECT value FROM {schema}.safeagent_meta WHERE key = 'schema_version'"
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_a_new_schema_has_no_chain_index(schema: str) -> None:
+    """A schema made by this release has the per-request audit index but not
+    audit_events_chain: no event pays for an index entry only verification used."""
+    with _store(schema) as store:
+        Guard(store).execute("r", "charge", {}, lambda _ctx: 1)
+        assert verify(store).ok
+    assert "audit_events_subject" in _indexes(schema)
+    assert "audit_events_chain" not in _indexes(schema)
+
+
+def test_opening_drops_the_previous_releases_chain_index_and_keeps_the_version(
+    schema: str,
+) -> None:
+    """A schema of the previous release loses audit_events_chain when opened, its chains
+    still verify and grow, and its schema version is unchanged, so the previous release's
+    processes sharing it still open it."""
+    _previous_release(schema)
+    version = _schema_version(schema)
+    with _store(schema) as store:
+        assert "audit_events_chain" not in _indexes(schema)
+        assert verify(store).ok
+        guard = Guard(store)
+        for i in range(20):
+            guard.execute(f"new-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        report = verify(store)
+        assert report.ok, report.problems
+        assert report.events_checked == 2 * 40  # claimed and succeeded
+    assert _schema_version(schema) == version == str(SCHEMA_VERSION)
+
+
+def test_a_store_already_open_keeps_writing_when_another_drops_the_chain_index(
+    schema: str,
+) -> None:
+    """A process that opened the schema while it had the index (its statements prepared
+    with it, as the previous release's are) goes on writing after another process's open
+    drops it, and the whole trail verifies."""
+    with _store(schema) as old:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"CREATE INDEX audit_events_chain ON {schema}.audit_events (shard, seq)")
+        guard = Guard(old)
+        for i in range(10):  # psycopg prepares a statement on its 5th use on a connection
+            guard.execute(f"before-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        _store(schema).close()
+        assert "audit_events_chain" not in _indexes(schema)
+        for i in range(10):
+            guard.execute(f"after-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        report = verify(old)
+        assert report.ok, report.problems
+        assert report.events_checked == 2 * 20
+
+
+def test_many_processes_opening_at_once_drop_the_chain_index(schema: str) -> None:
+    """Sixteen stores (each with its own connections, as processes have) open a previous
+    release's schema at once: every open succeeds and the index is gone."""
+    _previous_release(schema)
+    start = threading.Barrier(16)
+    opened: list[Any] = []
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        start.wait()
+        try:
+            opened.append(_store(schema, min_size=1, max_size=1))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for store in opened:
+        store.close()
+    assert errors == []
+    assert len(opened) == 16
+    assert "audit_events_chain" not in _indexes(schema)
+
+
+def test_a_long_reader_delays_neither_opening_nor_writers(schema: str) -> None:
+    """While a long transaction reads the audit table (a verification, pg_dump), an open
+    gives up dropping the index after a moment instead of queueing every writer behind its
+    table lock; it opens, writes go on, and a later open drops the index."""
+    _previous_release(schema)
+    opened: list[Any] = []
+    with psycopg.connect(PG_URL) as reader:
+        reader.execute(f"SELECT count(*) FROM {schema}.audit_events")  # holds its lock
+        opening = threading.Thread(target=lambda: opened.append(_store(schema)))
+        opening.start()
+        opening.join(5.0)
+        try:
+            assert opened, "the open waited for the long reader"
+            assert "audit_events_chain" in _indexes(schema)
+            Guard(opened[0]).execute("during", "charge", {}, lambda _ctx: 1)
+        finally:
+            reader.rollback()  # a stuck open goes on: the test fails instead of hanging
+            opening.join()
+            for store in opened:
+                store.close()
+    with _store(schema) as store:
+        assert verify(store).ok
+    assert "audit_events_chain" not in _indexes(schema)
+
+
+def test_a_role_that_does_not_own_the_index_still_opens(schema: str) -> None:
+    """An application role that may use the tables but does not own them (they were made
+    by another role) cannot drop the index: its store opens and works anyway."""
+    _previous_release(schema)
+    role = schema + "_app"
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"GRANT CREATE ON DATABASE {admin.info.dbname} TO {role}")
+        admin.execute(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}")
+        admin.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {role}")
+        admin.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA {schema} TO {role}")
+    try:
+        dsn = psycopg.conninfo.make_conninfo(PG_URL, user=role)
+        with PostgresStore(dsn, schema=schema) as store:
+            assert Guard(store).execute("app", "charge", {}, lambda _ctx: 1).result == 1
+        assert "audit_events_chain" in _indexes(schema)
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
 
 
 HOST = textwrap.dedent(

@@ -121,6 +121,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
+# Indexes the numbered migrations made that the schema no longer has: after migrating,
+# every open drops those that still exist (PostgresStore._drop_indexes). Not a numbered
+# migration, because that would raise the stored schema_version, which older SafeAgent
+# processes still sharing the schema during a rolling upgrade refuse to open; dropping an
+# index changes nothing they read or write.
+# - audit_events_chain (shard, seq), made by migration 2: only verification's ORDER BY
+#   used it (the chain heads are in audit_chain), and every audit event paid for an entry.
+DROPPED_INDEXES = ("audit_events_chain",)
+
 # (now, namespace, request_id) -> always one row: the record's columns (all NULL when there
 # is no record) and the clock. A miss costs the same single round trip as a hit.
 GET = f"""

@@ -100,6 +100,8 @@ T = TypeVar("T")
 DATABASE_URL_ENV = "SAFEAGENT_DATABASE_URL"
 DEFAULT_SCHEMA = "safeagent"
 _MIGRATION_LOCK = 0x5AFE_A6E7  # pg_advisory_xact_lock key: one migrator at a time
+_DROP_LOCK = _MIGRATION_LOCK + 1  # pg_try_advisory_xact_lock key: one index dropper
+_DROP_LOCK_TIMEOUT = "200ms"  # the longest a drop may hold up the audit table's writers
 
 
 def _check_schema(name: str) -> str:
@@ -506,6 +508,46 @@ class PostgresStore:
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (str(q.SCHEMA_VERSION),),
                 )
+        self._drop_indexes()
+
+    def _drop_indexes(self) -> None:
+        """Drop the indexes of ``DROPPED_INDEXES`` that still exist, never holding up the
+        writers of the fleet for long, nor failing the open.
+
+        ``DROP INDEX`` locks the whole table (ACCESS EXCLUSIVE): while it waits for a long
+        reader (a verification, pg_dump), every writer of the table queues behind it. So:
+
+        - the catalog is read first: an open that finds nothing to drop takes no lock on
+          the table;
+        - it runs after the migration's transaction, and one process at a time drops
+          (a try-lock: the others go on at once), so openers never queue one behind
+          another on a drop;
+        - it waits at most _DROP_LOCK_TIMEOUT for the table, then gives up: the longest a
+          writer queues behind it. It holds no other lock anyone waits for, so it is never
+          part of a deadlock.
+
+        An index that cannot be dropped now (a long transaction holds its table, or this
+        role does not own it) is left for a later open: it only costs writes time.
+        """
+        with self._connection() as conn:
+            present = conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND indexname = ANY(%s)",
+                (self.schema, list(q.DROPPED_INDEXES)),
+            ).fetchall()
+            if not present:
+                return
+            try:
+                with conn.transaction():
+                    row = conn.execute(
+                        "SELECT pg_try_advisory_xact_lock(%s)", (_DROP_LOCK,)
+                    ).fetchone()
+                    if not (row and row[0]):
+                        return  # another process is dropping them
+                    conn.execute(f"SET LOCAL lock_timeout = '{_DROP_LOCK_TIMEOUT}'")
+                    for (name,) in present:
+                        conn.execute(f"DROP INDEX IF EXISTS {self.schema}.{name}")
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.InsufficientPrivilege):
+                pass
 
     def _maybe_flush(self) -> None:
         if self._buffer.due():
@@ -983,7 +1025,9 @@ class PostgresStore:
     # -- tamper evidence and retention -------------------------------------------------
 
     def audit_chain(self) -> tuple[list[tuple[Any, ...]], Heads]:
-        """Every chained event row (by shard and seq) and the chain heads as stored."""
+        """Every chained event row (by shard and seq) and the chain heads as stored. No
+        index serves the order: the server sorts the events, which an offline
+        verification can afford."""
         self.flush_events()
         with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
