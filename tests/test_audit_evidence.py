@@ -21,6 +21,7 @@ from safeagent import (
     ReceiptPurgedError,
     SQLiteStore,
     Status,
+    StoreError,
 )
 from safeagent.audit import anchor, export, load_key, stats, verify
 from safeagent.retention import purge
@@ -73,6 +74,62 @@ def _tamper(path: str, sql: str, *args: Any) -> None:
 
 def _kinds(report: Any) -> set[str]:
     return {p.kind for p in report.problems}
+
+
+def test_batched_and_single_appends_extend_the_same_chains(tmp_path: Any) -> None:
+    """SQLite appends one event with SQL_EVENT (hashed inside the statement) and a batch of
+    buffered replay events with SQL_APPEND (hashed in Python): interleaved over every
+    shard, they still form one unbroken chain per shard, and the stored heads are the
+    chains' last events."""
+    path = str(tmp_path / "mixed.db")
+    guard = Guard(SQLiteStore(path))
+    run = lambda _ctx: {"ok": True}  # noqa: E731
+    for i in range(60):
+        guard.execute(f"m-{i}", "charge", {"n": i}, run)  # single appends
+        if i % 7 == 6:  # a batch of replays goes in ahead of the next claim's own event
+            for j in range(i - 6, i + 1):
+                guard.execute(f"m-{j}", "charge", {"n": j}, run)
+    guard.close()
+    report = verify(guard.store)
+    assert report.ok, report.problems
+    with sqlite3.connect(path) as conn:
+        total = conn.execute("SELECT count(*) FROM audit_events").fetchone()[0]
+        replays = conn.execute(
+            "SELECT count(*) FROM audit_events WHERE kind = 'replayed'"
+        ).fetchone()[0]
+        last = dict(
+            conn.execute(
+                "SELECT shard, hash FROM audit_events AS e WHERE seq ="
+                " (SELECT max(seq) FROM audit_events WHERE shard = e.shard)"
+            ).fetchall()
+        )
+        heads = {s: h for s, _, h in conn.execute("SELECT shard, seq, head FROM audit_chain")}
+    assert report.events_checked == total == 60 * 2 + replays
+    assert replays == 56
+    assert len(last) == 16  # every shard was used
+    assert {s: heads[s] for s in last} == last
+
+
+def test_a_batch_for_a_missing_chain_head_is_refused_and_kept(tmp_path: Any) -> None:
+    """A batch that would extend a chain whose head row is gone (the schema was altered)
+    writes nothing, fails the write, and keeps the buffered events for a later one."""
+    path = str(tmp_path / "headless.db")
+    store = SQLiteStore(path)
+    guard = Guard(store)
+    run = lambda _ctx: {"ok": True}  # noqa: E731
+    for i in range(3):
+        guard.execute(f"h-{i}", "charge", {"n": i}, run)
+        guard.execute(f"h-{i}", "charge", {"n": i}, run)  # a buffered replay event
+    with sqlite3.connect(path) as conn:
+        before = conn.execute("SELECT count(*) FROM audit_events").fetchone()[0]
+        conn.execute("DELETE FROM audit_chain")
+    with pytest.raises(StoreError, match="chain head missing"):
+        store.flush_events()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM audit_events").fetchone()[0] == before
+    assert store._buffer  # still held
+    store._buffer.take()  # (nothing can be written to this file any more)
+    store.close()
 
 
 def test_an_edited_event_is_found(tmp_path: Any) -> None:

@@ -504,11 +504,12 @@ class EventBuffer:
             self._events.append(event)
 
     def due(self) -> bool:
-        with self._lock:
-            return bool(self._events) and (
-                len(self._events) >= self.max_events
-                or time.monotonic() - self._oldest >= self.max_age
-            )
+        # Read without the lock (it runs on every replay, twice): a race with add or take
+        # can only make one flush a little early or late, never lose an event.
+        events = self._events
+        return bool(events) and (
+            len(events) >= self.max_events or time.monotonic() - self._oldest >= self.max_age
+        )
 
     def take(self) -> list[AuditEvent]:
         with self._lock:

@@ -60,6 +60,7 @@ from safeagent.stores._rows import (
     GENESIS,
     Heads,
     chain_hash,
+    chain_rows,
     dumps,
     event_row,
     row_to_case,
@@ -271,6 +272,16 @@ INSERT INTO audit_events (at_ms, kind, namespace, subject, action, actor, execut
 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, c.shard, c.seq + 1, c.head,
     safeagent_chain_hash(c.head, c.shard, c.seq + 1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
 FROM audit_chain AS c WHERE c.shard = ?10
+"""
+# Appends a batch (the buffered replay events, mostly): the heads are read once, the
+# events hashed in Python (chain_rows) and inserted as they are; the trigger still moves
+# each head. A quarter cheaper per event than SQL_EVENT, which crosses into Python for
+# every hash; for a single event SQL_EVENT saves the read of the heads.
+SQL_HEADS = "SELECT shard, seq, head FROM audit_chain"
+SQL_APPEND = """
+INSERT INTO audit_events (at_ms, kind, namespace, subject, action, actor, execution_id,
+    fencing_token, detail, shard, seq, prev_hash, hash)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 
@@ -669,24 +680,27 @@ class SQLiteStore:
     @staticmethod
     def _insert_events(conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
         """Append events to their hash chains, in order (the write lock is held: no one
-        interleaves). Each is one statement; see SQL_EVENT."""
+        interleaves): one event with SQL_EVENT, a batch with SQL_APPEND."""
+        if not events:
+            return
+        if len(events) > 1:
+            heads: Heads = {shard: (seq, head) for shard, seq, head in conn.execute(SQL_HEADS)}
+            if any(shard_of(e.namespace, e.subject) not in heads for e in events):
+                raise sqlite3.DatabaseError("audit chain head missing; events not written")
+            conn.executemany(SQL_APPEND, chain_rows(events, heads))
+            return
         _udf.error = None
+        event = events[0]
         try:
-            if len(events) == 1:
-                event = events[0]
-                cursor = conn.execute(
-                    SQL_EVENT, (*event_row(event), shard_of(event.namespace, event.subject))
-                )
-            else:  # executemany runs the statements in order, each seeing the last one's head
-                cursor = conn.executemany(
-                    SQL_EVENT, [(*event_row(e), shard_of(e.namespace, e.subject)) for e in events]
-                )
+            cursor = conn.execute(
+                SQL_EVENT, (*event_row(event), shard_of(event.namespace, event.subject))
+            )
         except sqlite3.Error:
             error = _udf_error()
             if error is not None and not isinstance(error, Exception):
                 raise error from None
             raise
-        if cursor.rowcount != len(events):  # a missing chain head: the schema was altered
+        if cursor.rowcount != 1:  # a missing chain head: the schema was altered
             raise sqlite3.DatabaseError("audit chain head missing; events not written")
 
     def _stat(self) -> tuple[int, int] | None:
