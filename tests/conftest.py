@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -89,9 +90,7 @@ def ledger(tmp_path: Path) -> Ledger:
     return Ledger(tmp_path / "ledger.db")
 
 
-PG_URL = os.environ.get(
-    "SAFEAGENT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
+PG_URL = os.environ.get("SAFEAGENT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 _pg_problem: list[str | None] = []
 
 
@@ -122,6 +121,29 @@ def require_postgres() -> None:
 def pg_schema() -> str:
     """A schema name unique to one test, so runs and tests never collide."""
     return f"sa_t_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def pg_throwaway_database_url() -> Iterator[str]:
+    """The URL of a PostgreSQL database made for one test and dropped after it: for tests
+    of defaults (``Guard()`` with no store uses the ``safeagent`` schema), which must not
+    leave rows in the shared test database's default schema."""
+    require_postgres()
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"sa_db_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    if PG_URL.startswith(("postgresql://", "postgres://")):  # keep the URL form: Guard(url)
+        url = urlunsplit(urlsplit(PG_URL)._replace(path="/" + name))
+    else:
+        url = make_conninfo("", **{**conninfo_to_dict(PG_URL), "dbname": name})
+    try:
+        yield url
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])

@@ -42,7 +42,7 @@ from safeagent import (
     Status,
 )
 from settlement.settlement_requests import SettlementRequestRegistry
-from tests.conftest import PG_URL, FakeClock, Ledger, require_postgres
+from tests.conftest import FakeClock, Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 RECEIPT_KEYS = {
@@ -194,16 +194,15 @@ def test_item2_safeagent_db_env_var_sets_the_default_file(tmp_path: Path) -> Non
 
 
 def test_the_database_url_variable_wins_over_the_sqlite_default(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_throwaway_database_url: str
 ) -> None:
     """$SAFEAGENT_DATABASE_URL set: Guard() opens PostgreSQL, not a per-host SQLite file
     (which would let every host run the same request once), as the CLI and the docs say."""
-    require_postgres()
     from safeagent.stores.postgres import PostgresStore
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SAFEAGENT_DB", str(tmp_path / "not-this.db"))
-    monkeypatch.setenv("SAFEAGENT_DATABASE_URL", PG_URL)
+    monkeypatch.setenv("SAFEAGENT_DATABASE_URL", pg_throwaway_database_url)
     runs: list[int] = []
     with Guard() as guard:
         assert isinstance(guard.store, PostgresStore)
@@ -229,15 +228,14 @@ def test_a_database_url_variable_that_is_not_postgresql_is_refused(
 
 
 def test_a_keyword_connection_string_in_the_variable_opens_postgresql(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_throwaway_database_url: str
 ) -> None:
     """libpq's keyword form (host=... dbname=...) is accepted, as the CLI accepts it."""
-    require_postgres()
     import psycopg
 
     from safeagent.stores.postgres import PostgresStore
 
-    info = psycopg.conninfo.conninfo_to_dict(PG_URL)
+    info = psycopg.conninfo.conninfo_to_dict(pg_throwaway_database_url)
     keywords = " ".join(f"{k}={v}" for k, v in info.items())
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SAFEAGENT_DATABASE_URL", keywords)

@@ -38,3 +38,20 @@ def test_core_import_pulls_in_no_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_console_script_explains_a_missing_cli_extra() -> None:
+    """The ``safeagent`` script is installed with the core package, so without the ``cli``
+    extra it must say what to install (one line, exit 2: docs/cli.md), not crash."""
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    (script,) = [s for s in scripts if s.name == "safeagent"]
+    assert script.value.split(":")[0] == "safeagent.__main__"
+    code = (
+        "import sys; sys.modules['typer'] = None; "  # as if the cli extra were not installed
+        f"from {script.module} import {script.attr}; {script.attr}()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: the safeagent command needs typer: pip install -e '.[cli]' in a SafeAgent clone"
+    ]

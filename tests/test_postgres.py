@@ -70,9 +70,9 @@ def _store_no_dsn(schema: str) -> Any:
     return PostgresStore(schema=schema)
 
 
-def test_a_guard_opens_a_postgres_url(schema: str) -> None:
+def test_a_guard_opens_a_postgres_url(pg_throwaway_database_url: str) -> None:
     """Guard('postgresql://...') uses the PostgreSQL store (default schema 'safeagent')."""
-    guard = Guard(PG_URL)
+    guard = Guard(pg_throwaway_database_url)
     try:
         assert type(guard.store).__name__ == "PostgresStore"
         assert guard.store.identity.endswith("/safeagent")
