@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -325,3 +326,20 @@ def test_in_doubt_messages_give_the_claim_time_in_utc() -> None:
     )  # fmt: skip
     message = str(in_doubt_error("r", "ns", record, 1_700_000_100_000))
     assert "claimed at 2023-11-14T22:13:20.123Z" in message
+
+
+def test_records_and_store_answers_hash_by_value() -> None:
+    """Record and the store's answers stopped being frozen (for speed) but still hash by
+    value, as they did: a custom store or a caller may keep them in sets or as keys."""
+    from safeagent import Guard, MemoryStore
+    from safeagent.stores import ClaimResult
+
+    store = MemoryStore()
+    Guard(store).execute("r", "a", {}, lambda _ctx: 1)
+    record, _ = store.get("default", "r")
+    assert record is not None
+    copy = dataclasses.replace(record)
+    assert copy is not record
+    assert hash(copy) == hash(record)
+    assert {record, copy} == {record}
+    assert hash(ClaimResult(True, record, 5)) == hash(ClaimResult(True, copy, 5))

@@ -290,6 +290,25 @@ def test_a_long_reader_delays_neither_opening_nor_writers(schema: str) -> None:
     assert "audit_events_chain" not in _indexes(schema)
 
 
+def test_a_short_statement_timeout_does_not_fail_the_open(schema: str) -> None:
+    """A session whose statement_timeout is shorter than the drop's lock wait has its
+    DROP INDEX cancelled while a long reader holds the table: the open still succeeds
+    (the index is left for a later open), as it did before the index was dropped."""
+    _previous_release(schema)
+    dsn = psycopg.conninfo.make_conninfo(PG_URL, options="-c statement_timeout=100")
+    with psycopg.connect(PG_URL) as reader:
+        reader.execute(f"SELECT count(*) FROM {schema}.audit_events")  # holds its lock
+        try:
+            store = PostgresStore(dsn, schema=schema)
+            try:
+                assert Guard(store).execute("r", "charge", {}, lambda _ctx: 1).result == 1
+            finally:
+                store.close()
+            assert "audit_events_chain" in _indexes(schema)
+        finally:
+            reader.rollback()
+
+
 def test_a_role_that_does_not_own_the_index_still_opens(schema: str) -> None:
     """An application role that may use the tables but does not own them (they were made
     by another role) cannot drop the index: its store opens and works anyway."""

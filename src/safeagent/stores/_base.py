@@ -47,10 +47,11 @@ def check_durability(durability: str) -> Durability:
 
 # The requests and answers below are plain slots dataclasses: one or two of each per call,
 # never changed after they are built (a frozen dataclass would set each field through
-# object.__setattr__ on the hot path). Treat them as read-only.
+# object.__setattr__ on the hot path). Treat them as read-only: they still hash by value,
+# as they did when frozen (unsafe_hash), which is only sound if nobody changes them.
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ClaimRequest:
     """Ask the store to claim ``(namespace, request_id)``: insert it PENDING if absent,
     or take over a RELEASED record (attempt + 1, fencing token + 1), atomically.
@@ -71,7 +72,7 @@ class ClaimRequest:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ClaimResult:
     """``won``: this request made the claim and ``record`` is its PENDING record.
     Otherwise ``record`` is the record that is there (the winner's). ``now_ms`` is the
@@ -82,7 +83,7 @@ class ClaimResult:
     now_ms: int
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Completion:
     """Ask the store to record an outcome for the attempt holding ``fencing_token``.
 
@@ -110,7 +111,7 @@ class Completion:
     completion and its event in one statement, checked against the row (PostgreSQL)."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Resolution:
     """An operator's resolution of an in-doubt record (stored IN_DOUBT, or PENDING with
     an expired lease), conditional on ``expected_token``; bumps the fencing token so the
@@ -129,7 +130,7 @@ class Resolution:
     """An audited re-run: FAILED -> RELEASED instead of resolving an in-doubt record."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class WriteResult:
     """``accepted``: the change was made (``late``: after the lease had expired).
     ``record``: the record after the change, or as found when refused (``None`` if absent)."""
@@ -255,7 +256,7 @@ CaseMutation = Callable[[CaseRow, list[Signal]], CaseChange]
 """A pure function from (case, live signals) to the change to apply (see ``_cases``)."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CaseUpdate:
     """The case after an update, its live signals, and the change that was applied."""
 

@@ -526,8 +526,9 @@ class PostgresStore:
           writer queues behind it. It holds no other lock anyone waits for, so it is never
           part of a deadlock.
 
-        An index that cannot be dropped now (a long transaction holds its table, or this
-        role does not own it) is left for a later open: it only costs writes time.
+        An index that cannot be dropped now (a long transaction holds its table past the
+        lock timeout or the session's statement_timeout, or this role does not own it) is
+        left for a later open: it only costs writes time.
         """
         with self._connection() as conn:
             present = conn.execute(
@@ -546,7 +547,11 @@ class PostgresStore:
                     conn.execute(f"SET LOCAL lock_timeout = '{_DROP_LOCK_TIMEOUT}'")
                     for (name,) in present:
                         conn.execute(f"DROP INDEX IF EXISTS {self.schema}.{name}")
-            except (psycopg.errors.LockNotAvailable, psycopg.errors.InsufficientPrivilege):
+            except (
+                psycopg.errors.LockNotAvailable,  # lock_timeout
+                psycopg.errors.QueryCanceled,  # the session's own, shorter statement_timeout
+                psycopg.errors.InsufficientPrivilege,
+            ):
                 pass
 
     def _maybe_flush(self) -> None:
