@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import sqlite3
@@ -297,6 +298,131 @@ def test_load_key_reads_env_or_file(tmp_path: Any, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("SAFEAGENT_AUDIT_KEY", "short")
     with pytest.raises(ConfigurationError):
         load_key()
+
+
+def _edit_record(store: Any, request_id: str, **columns: Any) -> None:
+    """Change a stored execution record behind the guard's back, as someone with write
+    access to the database would (``columns``: column -> value)."""
+    if isinstance(store, SQLiteStore):
+        sets = ", ".join(f"{c} = ?" for c in columns)
+        with sqlite3.connect(store.path) as conn:
+            conn.execute(
+                f"UPDATE executions SET {sets} WHERE request_id = ?",
+                (*columns.values(), request_id),
+            )
+    elif type(store).__name__ == "PostgresStore":
+        import psycopg
+
+        sets = ", ".join(f"{c} = %s" for c in columns)
+        with psycopg.connect(store.dsn, autocommit=True) as conn:
+            conn.execute(
+                f"UPDATE {store.schema}.executions SET {sets} WHERE request_id = %s",
+                (*columns.values(), request_id),
+            )
+    else:  # MemoryStore
+        fields = {"result": "result_json"}
+        key = ("default", request_id)
+        record = store._records[key]
+        changes = {fields.get(c, c): v for c, v in columns.items() if c != "error_message"}
+        if "error_message" in columns:
+            changes["error"] = type(record.error)(record.error.type, columns["error_message"])
+        store._records[key] = dataclasses.replace(record, **changes)
+
+
+def test_an_edited_receipt_is_found(guard: Any, clock: FakeClock) -> None:
+    """The event that stores an outcome carries its digest, so verify finds a stored
+    result or error edited in the database, on every store and for every way an outcome
+    is stored: a completion, a stored failure, an operator's resolution, a reconcile
+    hook's answer, and a re-run's new outcome."""
+    guard.execute("paid", "charge", {"a": 1}, lambda _ctx: {"charge": "ch_1"})
+
+    def boom(_ctx: Any) -> None:
+        raise ValueError("card declined")
+
+    with pytest.raises(ValueError, match="declined"):
+        guard.execute("declined", "charge", {"a": 2}, boom)
+
+    def unknown(_ctx: Any) -> None:
+        raise TimeoutError("no answer")
+
+    with pytest.raises(TimeoutError):
+        guard.execute("doubt", "charge", {"a": 3}, unknown, outcome_unknown=(TimeoutError,))
+    guard.resolve("doubt", "succeeded", by="ops", reason="seen in the PSP", result={"c": 3})
+    with pytest.raises(ValueError, match="declined"):
+        guard.execute("again", "charge", {"a": 4}, boom)
+    guard.resolve("again", "rerun", by="ops", reason="card replaced")
+    guard.execute("again", "charge", {"a": 4}, lambda _ctx: {"charge": "ch_4"})
+    guard.close()
+    report = verify(guard.store)
+    assert report.ok, report.problems
+    assert (report.receipts_checked, report.receipts_unverified) == (4, 0)
+
+    _edit_record(guard.store, "paid", result='{"charge":"ch_EVIL"}')
+    _edit_record(guard.store, "declined", error_message="approved")
+    _edit_record(guard.store, "doubt", result='{"c":300}')
+    _edit_record(guard.store, "again", result="null")
+    report = verify(guard.store)
+    assert _kinds(report) == {"receipt_edited"}
+    assert len(report.problems) == 4
+    assert all(p.event_id is not None for p in report.problems)
+    assert {p.detail.split("'")[1] for p in report.problems} == {
+        "paid",
+        "declined",
+        "doubt",
+        "again",
+    }
+
+
+def test_receipts_without_a_digest_and_purged_ones_are_not_reported(
+    tmp_path: Any, clock: FakeClock
+) -> None:
+    """A finished record with no outcome digest in its events (as a release before digests
+    left it) is counted as unverified, not as tampering; a purged tombstone is skipped."""
+    path = str(tmp_path / "old.db")
+    guard = Guard(SQLiteStore(path, clock=clock))
+    guard.execute("gone", "charge", {}, lambda _ctx: 3)
+    clock.advance(3600)
+    guard.execute("new", "charge", {}, lambda _ctx: 1)
+    with sqlite3.connect(path) as conn:  # "old": a finished record whose events hold no digest
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(executions)")]
+        picked = ", ".join("'old'" if c == "request_id" else c for c in columns)
+        conn.execute(
+            f"INSERT INTO executions ({', '.join(columns)})"
+            f" SELECT {picked} FROM executions WHERE request_id = 'new'"
+        )
+    assert purge(guard.store, older_than=1800).tombstoned == 1
+    report = verify(guard.store)
+    assert report.ok, report.problems
+    assert (report.receipts_checked, report.receipts_unverified) == (1, 1)
+
+
+def test_a_receipt_finished_while_verifying_is_not_reported(tmp_path: Any) -> None:
+    """verify reads the events, then the records: a record re-run and finished in between
+    meets an older digest in the events it read; it is read again, not reported."""
+    guard = Guard(SQLiteStore(str(tmp_path / "race.db")))
+
+    def boom(_ctx: Any) -> None:
+        raise ValueError("first try fails")
+
+    with pytest.raises(ValueError, match="first try"):
+        guard.execute("r", "charge", {}, boom)
+    snapshot = guard.store.audit_chain()  # what verify's first read sees
+
+    class EventsReadEarlier:
+        """The real store, except that its chain read returns the earlier snapshot."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(guard.store, name)
+
+        def audit_chain(self) -> Any:
+            return snapshot
+
+    guard.resolve("r", "rerun", by="ops", reason="retry")
+    guard.execute("r", "charge", {}, lambda _ctx: {"ok": True})
+    guard.close()
+    report = verify(EventsReadEarlier())
+    assert report.ok, report.problems
+    assert report.receipts_checked == 1
 
 
 def test_export_redacts_and_stats_count(guard: Any) -> None:

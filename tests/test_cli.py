@@ -642,6 +642,27 @@ def test_audit_verify_passes_then_finds_an_edited_event(db: Path) -> None:
     assert "warning: no audit key" in table.stderr
 
 
+def test_audit_verify_finds_a_receipt_edited_in_the_database(db: Path) -> None:
+    """verify compares every finished receipt with the outcome digest its event recorded:
+    a result changed with raw SQL is named (exit 1), in the table and in --json."""
+    clean = cli_json("audit", "verify", "--db", db)
+    assert clean["receipts_checked"] >= 1
+    assert clean["receipts_unverified"] == 0
+    (rid,) = sqlite3.connect(db).execute(
+        "SELECT request_id FROM executions WHERE status = 'SUCCEEDED' LIMIT 1"
+    ).fetchone()
+    tamper(db, f"UPDATE executions SET result = '{{\"forged\":1}}' WHERE request_id = '{rid}'")
+    result = cli("audit", "verify", "--db", db, "--json")
+    assert result.exit_code == 1
+    found = json.loads(result.stdout)
+    assert [p["kind"] for p in found["problems"]] == ["receipt_edited"]
+    assert rid in found["problems"][0]["detail"]
+    table = cli("audit", "verify", "--db", db)
+    assert table.exit_code == 1
+    assert "receipt_edited" in table.stdout
+    assert "receipts checked" in table.stdout
+
+
 @pytest.fixture
 def key_file(tmp_path: Path) -> Path:
     path = tmp_path / "audit.key"

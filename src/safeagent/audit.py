@@ -15,6 +15,7 @@ Typical use: ``safeagent audit anchor`` from a cron job with the key, and
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import hmac
@@ -26,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from safeagent._audit import EventKind, Redactor, default_redactor
+from safeagent._receipt import TERMINAL, Record, Status
 from safeagent.errors import ConfigurationError
-from safeagent.stores._rows import GENESIS, Heads, chain_hash
+from safeagent.stores._base import OUTCOME_DIGEST, outcome_digest
+from safeagent.stores._rows import GENESIS, Heads, chain_hash, shard_of
 
 KEY_ENV = "SAFEAGENT_AUDIT_KEY"
 MIN_KEY_BYTES = 16
@@ -53,8 +56,10 @@ class Problem:
     ``"deleted"`` (a gap in a chain, or events missing after an anchored head),
     ``"reordered"`` (an event no longer follows the one it was chained to),
     ``"rewritten"`` (a chain is consistent but differs from what an anchor signed),
-    ``"bad_anchor"`` (an anchor's HMAC does not match: forged, or another key), or
-    ``"head_mismatch"`` (the stored chain head is not the last event's hash).
+    ``"bad_anchor"`` (an anchor's HMAC does not match: forged, or another key),
+    ``"head_mismatch"`` (the stored chain head is not the last event's hash), or
+    ``"receipt_edited"`` (a stored outcome no longer matches the digest its event recorded;
+    ``seq`` and ``event_id`` name that event).
     """
 
     kind: str
@@ -72,6 +77,10 @@ class VerifyReport:
     anchors_checked: int
     anchors_unverified: int
     problems: list[Problem] = field(default_factory=list)
+    receipts_checked: int = 0
+    """Finished records whose stored outcome was compared with its event's digest."""
+    receipts_unverified: int = 0
+    """Finished records with no digest to compare with (written before digests existed)."""
 
     @property
     def ok(self) -> bool:
@@ -138,6 +147,11 @@ def verify(store: Any, *, key: bytes | None = None) -> VerifyReport:
 
     Without ``key`` the anchors' signatures are not checked (``anchors_unverified``), but
     chains are still compared with the heads the anchors recorded.
+
+    Every finished record (SUCCEEDED or FAILED, not purged) is also compared with the
+    outcome digest of the last event that stored its outcome, so an edit of a stored
+    result or error is found too (``receipts_checked``; records older than digests count
+    as ``receipts_unverified``).
     """
     rows, heads = store.audit_chain()
     problems: list[Problem] = []
@@ -248,7 +262,89 @@ def verify(store: Any, *, key: bytes | None = None) -> VerifyReport:
                         f"chain {shard} at seq {seq} differs from what anchor {anchor_id} signed",
                     )
                 )
-    return VerifyReport(len(rows), checked, unverified, problems)
+    receipts = _check_receipts(store, rows, problems)
+    return VerifyReport(len(rows), checked, unverified, problems, *receipts)
+
+
+# CHAIN_COLUMNS positions: id, shard, seq, ..., namespace, subject, ..., detail
+_ID, _SHARD, _SEQ, _NAMESPACE, _SUBJECT, _DETAIL = 0, 1, 2, 7, 8, 13
+
+
+def _outcome_digests(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], tuple[Any, ...]]:
+    """(namespace, request id) -> (digest, shard, seq, event id) of the last event that
+    stored its outcome. A subject's events are all in one chain, read in seq order."""
+    found: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for row in rows:
+        text = row[_DETAIL]
+        if OUTCOME_DIGEST not in text:  # cheap test before parsing
+            continue
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            digest = json.loads(text).get(OUTCOME_DIGEST)
+            if isinstance(digest, str):
+                key = (row[_NAMESPACE], row[_SUBJECT])
+                found[key] = (digest, int(row[_SHARD]), int(row[_SEQ]), row[_ID])
+    return found
+
+
+def _stored_digest(record: Record) -> str:
+    error = record.error
+    return outcome_digest(
+        record.execution_id,
+        record.status.value,
+        record.result_json,
+        None if error is None else error.type,
+        None if error is None else error.message,
+    )
+
+
+def _check_receipts(
+    store: Any, rows: list[tuple[Any, ...]], problems: list[Problem]
+) -> tuple[int, int]:
+    """Compare every finished record with its event's outcome digest; returns (checked,
+    unverified). Records and events are read apart, so a record that finished or was
+    resolved between the two reads is read again with its latest events before it is
+    reported."""
+    digests = _outcome_digests(rows)
+    records, _ = store.records(statuses=(Status.SUCCEEDED, Status.FAILED))
+    checked = unverified = 0
+    for record in records:
+        if record.purged_at_ms is not None:
+            continue  # a tombstone: retention removed what the digest covered
+        key = (record.namespace, record.request_id)
+        expected = digests.get(key)
+        if expected is not None and expected[0] == _stored_digest(record):
+            checked += 1
+            continue
+        current, expected = _read_again(store, record)
+        if current is None or current.status not in TERMINAL or current.purged_at_ms:
+            continue  # changed meanwhile into something with nothing to compare
+        if expected is None:
+            unverified += 1
+            continue
+        checked += 1
+        if expected[0] != _stored_digest(current):
+            problems.append(
+                Problem(
+                    "receipt_edited",
+                    expected[1],
+                    expected[2],
+                    expected[3],
+                    f"request {record.request_id!r} ({record.namespace}): the stored "
+                    f"{current.status.value} outcome differs from the one event "
+                    f"{expected[3]} recorded",
+                )
+            )
+    return checked, unverified
+
+
+def _read_again(store: Any, record: Record) -> tuple[Record | None, tuple[Any, ...] | None]:
+    current, _ = store.get(record.namespace, record.request_id)
+    expected = None
+    for event in store.events(namespace=record.namespace, subject=record.request_id):
+        digest = event.detail.get(OUTCOME_DIGEST) if isinstance(event.detail, dict) else None
+        if isinstance(digest, str):
+            expected = (digest, shard_of(record.namespace, record.request_id), None, event.id)
+    return current, expected
 
 
 def export(

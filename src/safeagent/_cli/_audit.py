@@ -156,7 +156,8 @@ def audit_verify(
     schema: SchemaOpt = DEFAULT_SCHEMA,
 ) -> None:
     """Check the audit trail's hash chains, and (with the key) its anchors: an edited,
-    deleted or reordered event or a rewritten chain is reported. Exit 1 if any is found.
+    deleted or reordered event, a rewritten chain, or a stored receipt whose outcome no
+    longer matches the digest its event recorded is reported. Exit 1 if any is found.
 
     Without a key the anchors cannot be checked, so a wholesale rewrite of a chain goes
     unnoticed: pass --key-file or set $SAFEAGENT_AUDIT_KEY."""
@@ -180,6 +181,8 @@ def audit_verify(
                 "events_checked": report.events_checked,
                 "anchors_checked": report.anchors_checked,
                 "anchors_unverified": report.anchors_unverified,
+                "receipts_checked": report.receipts_checked,
+                "receipts_unverified": report.receipts_unverified,
                 "key": key is not None,
                 "problems": problems,
             }
@@ -196,8 +199,13 @@ def audit_verify(
             )
         verdict = "ok" if report.ok else f"TAMPERED: {len(problems)} problem(s)"
         out_console().print(
-            f"{verdict}: {report.events_checked} events and "
-            f"{report.anchors_checked} anchors checked"
+            f"{verdict}: {report.events_checked} events, {report.anchors_checked} anchors "
+            f"and {report.receipts_checked} receipts checked"
+            + (
+                f" ({report.receipts_unverified} receipts older than outcome digests)"
+                if report.receipts_unverified
+                else ""
+            )
         )
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)

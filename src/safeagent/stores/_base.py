@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
+import json
 import os
 import threading
 import time
@@ -18,7 +20,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from safeagent._audit import REPLAY_BUFFER_EVENTS, REPLAY_BUFFER_SECONDS, AuditEvent, EventKind
 from safeagent._cases import CaseChange, CaseRow, CaseState, Signal
-from safeagent._receipt import ErrorInfo, Record, Status
+from safeagent._receipt import TERMINAL, ErrorInfo, Record, Status
 from safeagent.errors import ConfigurationError
 
 DATABASE_URL_ENV = "SAFEAGENT_DATABASE_URL"
@@ -384,7 +386,17 @@ def completion_events(
             )
         ]
     kind = completion.event_kind or _OUTCOME_EVENTS[completion.status]
-    out = [event(kind, {**completion.detail, "status": completion.status.value})]
+    detail = {**completion.detail, "status": completion.status.value}
+    if completion.status in TERMINAL:
+        error = completion.error
+        detail[OUTCOME_DIGEST] = outcome_digest(
+            after.execution_id,
+            completion.status.value,
+            completion.result_json,
+            None if error is None else error.type,
+            None if error is None else error.message,
+        )
+    out = [event(kind, detail)]
     if after.lease_expires_at_ms is not None and now_ms >= after.lease_expires_at_ms:
         out.append(
             event(
@@ -396,6 +408,28 @@ def completion_events(
             )
         )
     return out
+
+
+OUTCOME_DIGEST = "outcome_sha256"
+"""The detail field of an event that stored an outcome: :func:`outcome_digest` of it."""
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def outcome_digest(
+    execution_id: str,
+    status: str,
+    result_json: str | None,
+    error_type: str | None,
+    error_message: str | None,
+) -> str:
+    """Hex SHA-256 of a stored outcome: the JSON array ``[execution_id, status, result,
+    error_type, error_message]`` (the result as its stored JSON text). The event that
+    stores an outcome carries it, so :func:`safeagent.audit.verify` can tell a receipt
+    edited in the database from the one the chain recorded. The execution id (128 random
+    bits) keeps equal outcomes of different records from having equal digests."""
+    values = (execution_id, status, result_json, error_type, error_message)
+    text = "[" + ",".join("null" if v is None else _json_str(v) for v in values) + "]"
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 _OUTCOME_EVENTS = {
@@ -450,8 +484,23 @@ def resolved_event(resolution: Resolution, record: Record, now_ms: int) -> Audit
             "reason": resolution.reason,
             "previous_fencing_token": resolution.expected_token,
             "error": None if resolution.error is None else resolution.error.to_dict(),
+            **_resolved_outcome(resolution, record),
         },
     )
+
+
+def _resolved_outcome(resolution: Resolution, record: Record) -> dict[str, str]:
+    if resolution.rerun or resolution.status not in TERMINAL:
+        return {}
+    error = resolution.error
+    digest = outcome_digest(
+        record.execution_id,
+        resolution.status.value,
+        resolution.result_json,
+        None if error is None else error.type,
+        None if error is None else error.message,
+    )
+    return {OUTCOME_DIGEST: digest}
 
 
 def purged_event(now_ms: int, cutoff_ms: int, actor: str, counts: dict[str, int]) -> AuditEvent:
