@@ -326,7 +326,82 @@ def _edit_record(store: Any, request_id: str, **columns: Any) -> None:
         changes = {fields.get(c, c): v for c, v in columns.items() if c != "error_message"}
         if "error_message" in columns:
             changes["error"] = type(record.error)(record.error.type, columns["error_message"])
+        if "status" in changes:
+            changes["status"] = Status(changes["status"])
         store._records[key] = dataclasses.replace(record, **changes)
+
+
+def _delete_record(store: Any, request_id: str) -> None:
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path) as conn:
+            conn.execute("DELETE FROM executions WHERE request_id = ?", (request_id,))
+    elif type(store).__name__ == "PostgresStore":
+        import psycopg
+
+        with psycopg.connect(store.dsn, autocommit=True) as conn:
+            conn.execute(
+                f"DELETE FROM {store.schema}.executions WHERE request_id = %s", (request_id,)
+            )
+    else:
+        del store._records[("default", request_id)]
+
+
+def test_a_receipt_turned_back_deleted_or_forged_is_found(guard: Any, clock: FakeClock) -> None:
+    """Edits that would make a retry charge again, or hand it a made-up receipt: a
+    SUCCEEDED record set back to RELEASED (the next call would run fn), a record deleted,
+    and an in-doubt record marked SUCCEEDED with a forged result. The last event that
+    changed each request says otherwise, and verify reports it."""
+    for rid in ("released", "deleted"):
+        guard.execute(rid, "charge", {"r": rid}, lambda _ctx: {"charge": "ch_1"})
+
+    def unknown(_ctx: Any) -> None:
+        raise TimeoutError("no answer")
+
+    with pytest.raises(TimeoutError):
+        guard.execute("doubt", "charge", {}, unknown, outcome_unknown=(TimeoutError,))
+    guard.close()
+    assert verify(guard.store).ok
+    _edit_record(guard.store, "released", status="RELEASED")
+    _delete_record(guard.store, "deleted")
+    _edit_record(guard.store, "doubt", status="SUCCEEDED", result='{"charge":"ch_FAKE"}')
+    report = verify(guard.store)
+    assert _kinds(report) == {"receipt_edited"}
+    assert {p.detail.split("'")[1] for p in report.problems} == {"released", "deleted", "doubt"}
+    assert all(p.event_id is not None for p in report.problems)
+
+
+def test_a_request_re_run_while_verify_reads_it_again_is_not_reported(tmp_path: Any) -> None:
+    """verify's second look at a suspicious request reads the record, its events, then the
+    record again: a request re-run and finished just as its events are read (after the
+    first record read) is read once more, not reported."""
+    guard = Guard(SQLiteStore(str(tmp_path / "again.db")))
+
+    def boom(_ctx: Any) -> None:
+        raise ValueError("first try fails")
+
+    with pytest.raises(ValueError, match="first try"):
+        guard.execute("r", "charge", {}, boom)
+    snapshot = guard.store.audit_chain()  # verify's first read: r FAILED
+    guard.resolve("r", "rerun", by="ops", reason="retry")  # records read next: RELEASED
+    rerun = []
+
+    class ReRunWhileEventsAreRead:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(guard.store, name)
+
+        def audit_chain(self) -> Any:
+            return snapshot
+
+        def events(self, **kwargs: Any) -> Any:
+            if not rerun:  # between _read_again's first record read and its events
+                rerun.append(guard.execute("r", "charge", {}, lambda _ctx: {"ok": True}))
+            return guard.store.events(**kwargs)
+
+    report = verify(ReRunWhileEventsAreRead())
+    assert rerun
+    assert report.ok, report.problems
+
+
 
 
 def test_an_edited_receipt_is_found(guard: Any, clock: FakeClock) -> None:

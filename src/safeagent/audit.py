@@ -15,7 +15,6 @@ Typical use: ``safeagent audit anchor`` from a cron job with the key, and
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import hmac
@@ -58,8 +57,9 @@ class Problem:
     ``"rewritten"`` (a chain is consistent but differs from what an anchor signed),
     ``"bad_anchor"`` (an anchor's HMAC does not match: forged, or another key),
     ``"head_mismatch"`` (the stored chain head is not the last event's hash), or
-    ``"receipt_edited"`` (a stored outcome no longer matches the digest its event recorded;
-    ``seq`` and ``event_id`` name that event).
+    ``"receipt_edited"`` (an execution record no longer holds what the last event that
+    changed it says: another status, a missing record, or an outcome that no longer
+    matches the digest that event recorded; ``seq`` and ``event_id`` name the event).
     """
 
     kind: str
@@ -78,9 +78,10 @@ class VerifyReport:
     anchors_unverified: int
     problems: list[Problem] = field(default_factory=list)
     receipts_checked: int = 0
-    """Finished records whose stored outcome was compared with its event's digest."""
+    """Requests whose record was compared with the last event that changed it."""
     receipts_unverified: int = 0
-    """Finished records with no digest to compare with (written before digests existed)."""
+    """Finished records with no outcome digest to compare with (written by a release
+    before digests, or before the audit trail)."""
 
     @property
     def ok(self) -> bool:
@@ -148,10 +149,13 @@ def verify(store: Any, *, key: bytes | None = None) -> VerifyReport:
     Without ``key`` the anchors' signatures are not checked (``anchors_unverified``), but
     chains are still compared with the heads the anchors recorded.
 
-    Every finished record (SUCCEEDED or FAILED, not purged) is also compared with the
-    outcome digest of the last event that stored its outcome, so an edit of a stored
-    result or error is found too (``receipts_checked``; records older than digests count
-    as ``receipts_unverified``).
+    Every execution record is also compared with the last event that changed its request:
+    the status that event left, and for a finished record the outcome digest it recorded.
+    So a stored result or error edited, a status changed (a charge turned back into a
+    released claim, which would run again) or a record deleted is found too
+    (``receipts_checked``; finished records with no digest to compare count as
+    ``receipts_unverified``). Someone who can write the database can still append a
+    consistent event after the last anchor; anchor often (module docstring).
     """
     rows, heads = store.audit_chain()
     problems: list[Problem] = []
@@ -266,23 +270,68 @@ def verify(store: Any, *, key: bytes | None = None) -> VerifyReport:
     return VerifyReport(len(rows), checked, unverified, problems, *receipts)
 
 
-# CHAIN_COLUMNS positions: id, shard, seq, ..., namespace, subject, ..., detail
-_ID, _SHARD, _SEQ, _NAMESPACE, _SUBJECT, _DETAIL = 0, 1, 2, 7, 8, 13
+# CHAIN_COLUMNS positions: id, shard, seq, ..., kind, namespace, subject, ..., detail
+_ID, _SHARD, _SEQ, _KIND, _NAMESPACE, _SUBJECT, _DETAIL = 0, 1, 2, 6, 7, 8, 13
+# The events that change a record's stored status, and the status each leaves; the others
+# (replays, conflicts, late or rejected completions, in-doubt observations, case events)
+# leave it as it was. None: the status is the event's detail["status"].
+_STATE_EVENTS: dict[str, str | None] = {
+    EventKind.CLAIMED.value: Status.PENDING.value,
+    EventKind.SUCCEEDED.value: None,
+    EventKind.FAILED.value: None,
+    EventKind.RELEASED.value: None,
+    EventKind.IN_DOUBT.value: None,
+    EventKind.RECONCILED.value: None,
+    EventKind.RESOLVED.value: None,
+}
+_FINISHED = frozenset(status.value for status in TERMINAL)
 
 
-def _outcome_digests(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], tuple[Any, ...]]:
-    """(namespace, request id) -> (digest, shard, seq, event id) of the last event that
-    stored its outcome. A subject's events are all in one chain, read in seq order."""
-    found: dict[tuple[str, str], tuple[Any, ...]] = {}
+@dataclass(frozen=True, slots=True)
+class _Expected:
+    """What the last state-changing event of a request says its record holds."""
+
+    status: str | None  # None: unreadable detail (reported by the chain check, if edited)
+    digest: str | None
+    shard: int
+    seq: int | None
+    event_id: int | None
+
+
+def _expectation(kind: str, detail: Any, shard: int, seq: int | None, event_id: Any) -> Any:
+    """The _Expected of one event, or None if the event does not change the status."""
+    if kind not in _STATE_EVENTS:
+        return None
+    if not isinstance(detail, dict):
+        return _Expected(None, None, shard, seq, event_id)
+    if kind == EventKind.IN_DOUBT.value and detail.get("observed"):
+        return None  # a caller saw an expired lease: nothing changed
+    status = _STATE_EVENTS[kind] or detail.get("status")
+    digest = detail.get(OUTCOME_DIGEST)
+    return _Expected(
+        status if isinstance(status, str) else None,
+        digest if isinstance(digest, str) else None,
+        shard,
+        seq,
+        event_id,
+    )
+
+
+def _last_states(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], _Expected]:
+    """(namespace, request id) -> what its last state-changing event says. A request's
+    events are all in one chain, read in seq order."""
+    found: dict[tuple[str, str], _Expected] = {}
     for row in rows:
-        text = row[_DETAIL]
-        if OUTCOME_DIGEST not in text:  # cheap test before parsing
+        kind = row[_KIND]
+        if kind not in _STATE_EVENTS:
             continue
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            digest = json.loads(text).get(OUTCOME_DIGEST)
-            if isinstance(digest, str):
-                key = (row[_NAMESPACE], row[_SUBJECT])
-                found[key] = (digest, int(row[_SHARD]), int(row[_SEQ]), row[_ID])
+        try:
+            detail = json.loads(row[_DETAIL])
+        except (ValueError, TypeError):
+            detail = None
+        expected = _expectation(kind, detail, int(row[_SHARD]), int(row[_SEQ]), row[_ID])
+        if expected is not None:
+            found[(row[_NAMESPACE], row[_SUBJECT])] = expected
     return found
 
 
@@ -297,54 +346,86 @@ def _stored_digest(record: Record) -> str:
     )
 
 
+def _judge(record: Record | None, expected: _Expected | None) -> str | None:
+    """ "ok", "unverified", or what is wrong, for one request (None: nothing to check)."""
+    if record is not None and record.purged_at_ms is not None:
+        return None  # a tombstone: retention removed what the digest covered
+    if expected is None or expected.status is None:
+        if record is not None and record.status.value in _FINISHED:
+            return "unverified"  # no event says what it holds (written before the trail)
+        return None
+    if record is None:
+        return f"the record is gone, though its last event left it {expected.status}"
+    if record.status.value != expected.status:
+        return (
+            f"the record is {record.status.value}, though its last event left it {expected.status}"
+        )
+    if record.status.value not in _FINISHED:
+        return "ok"
+    if expected.digest is None:
+        return "unverified"  # finished by a release that wrote no outcome digests
+    if expected.digest != _stored_digest(record):
+        return f"the stored {record.status.value} outcome differs from the one its event recorded"
+    return "ok"
+
+
 def _check_receipts(
     store: Any, rows: list[tuple[Any, ...]], problems: list[Problem]
 ) -> tuple[int, int]:
-    """Compare every finished record with its event's outcome digest; returns (checked,
-    unverified). Records and events are read apart, so a record that finished or was
-    resolved between the two reads is read again with its latest events before it is
-    reported."""
-    digests = _outcome_digests(rows)
-    records, _ = store.records(statuses=(Status.SUCCEEDED, Status.FAILED))
+    """Compare every record with what the last state-changing event of its request says:
+    its stored status, and for a finished one the outcome digest. Returns (checked,
+    unverified). Records and events are read apart, so a request that looks wrong is
+    read again, record and events together, before it is reported."""
+    states = _last_states(rows)
+    records, _ = store.records()
+    by_key = {(r.namespace, r.request_id): r for r in records}
     checked = unverified = 0
-    for record in records:
-        if record.purged_at_ms is not None:
-            continue  # a tombstone: retention removed what the digest covered
-        key = (record.namespace, record.request_id)
-        expected = digests.get(key)
-        if expected is not None and expected[0] == _stored_digest(record):
-            checked += 1
+    for key in by_key.keys() | states.keys():
+        verdict = _judge(by_key.get(key), states.get(key))
+        if verdict is None:
             continue
-        current, expected = _read_again(store, record)
-        if current is None or current.status not in TERMINAL or current.purged_at_ms:
-            continue  # changed meanwhile into something with nothing to compare
-        if expected is None:
+        if verdict not in ("ok", "unverified"):
+            record, expected = _read_again(store, *key)
+            verdict = _judge(record, expected)
+            if verdict is None:
+                continue
+        if verdict == "unverified":
             unverified += 1
             continue
         checked += 1
-        if expected[0] != _stored_digest(current):
+        if verdict != "ok":
+            where = states.get(key) or _Expected(None, None, shard_of(*key), None, None)
             problems.append(
                 Problem(
                     "receipt_edited",
-                    expected[1],
-                    expected[2],
-                    expected[3],
-                    f"request {record.request_id!r} ({record.namespace}): the stored "
-                    f"{current.status.value} outcome differs from the one event "
-                    f"{expected[3]} recorded",
+                    where.shard,
+                    where.seq,
+                    where.event_id,
+                    f"request {key[1]!r} ({key[0]}): {verdict}",
                 )
             )
     return checked, unverified
 
 
-def _read_again(store: Any, record: Record) -> tuple[Record | None, tuple[Any, ...] | None]:
-    current, _ = store.get(record.namespace, record.request_id)
-    expected = None
-    for event in store.events(namespace=record.namespace, subject=record.request_id):
-        digest = event.detail.get(OUTCOME_DIGEST) if isinstance(event.detail, dict) else None
-        if isinstance(digest, str):
-            expected = (digest, shard_of(record.namespace, record.request_id), None, event.id)
-    return current, expected
+def _read_again(
+    store: Any, namespace: str, request_id: str
+) -> tuple[Record | None, _Expected | None]:
+    """The record and its request's last state-changing event, read until the record is
+    the same before and after the events (a request finishing or re-run meanwhile)."""
+    record, _ = store.get(namespace, request_id)
+    expected: _Expected | None = None
+    for _ in range(5):
+        expected = None
+        shard = shard_of(namespace, request_id)
+        for event in store.events(namespace=namespace, subject=request_id):
+            found = _expectation(event.kind.value, event.detail, shard, None, event.id)
+            if found is not None:
+                expected = found
+        after, _ = store.get(namespace, request_id)
+        if after == record:
+            break
+        record = after
+    return record, expected
 
 
 def export(

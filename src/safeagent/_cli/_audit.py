@@ -156,8 +156,9 @@ def audit_verify(
     schema: SchemaOpt = DEFAULT_SCHEMA,
 ) -> None:
     """Check the audit trail's hash chains, and (with the key) its anchors: an edited,
-    deleted or reordered event, a rewritten chain, or a stored receipt whose outcome no
-    longer matches the digest its event recorded is reported. Exit 1 if any is found.
+    deleted or reordered event, a rewritten chain, or an execution record that no longer
+    holds what its last event recorded (status, or outcome digest) is reported. Exit 1 if
+    any is found.
 
     Without a key the anchors cannot be checked, so a wholesale rewrite of a chain goes
     unnoticed: pass --key-file or set $SAFEAGENT_AUDIT_KEY."""
@@ -202,7 +203,8 @@ def audit_verify(
             f"{verdict}: {report.events_checked} events, {report.anchors_checked} anchors "
             f"and {report.receipts_checked} receipts checked"
             + (
-                f" ({report.receipts_unverified} receipts older than outcome digests)"
+                f" ({report.receipts_unverified} finished receipts have no outcome digest"
+                " to compare: written before digests)"
                 if report.receipts_unverified
                 else ""
             )
