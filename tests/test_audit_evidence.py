@@ -370,6 +370,36 @@ def test_a_receipt_turned_back_deleted_or_forged_is_found(guard: Any, clock: Fak
     assert all(p.event_id is not None for p in report.problems)
 
 
+def test_a_deleted_released_record_is_not_reported_but_a_deleted_claim_is(tmp_path: Any) -> None:
+    """Earlier versions purged released records by deleting them, so a released request
+    with no record is no alarm; a pending claim deleted (the next call would run fn again
+    while the first attempt may have run) is."""
+    from safeagent import NotExecuted
+
+    path = str(tmp_path / "deleted.db")
+    guard = Guard(SQLiteStore(path))
+
+    def not_sent(_ctx: Any) -> None:
+        raise NotExecuted
+
+    with pytest.raises(NotExecuted):
+        guard.execute("released", "charge", {}, not_sent)
+
+    def crash_midway(_ctx: Any) -> None:
+        raise KeyboardInterrupt  # leaves the record in doubt, as a crash would
+
+    with pytest.raises(KeyboardInterrupt):
+        guard.execute("claimed", "charge", {}, crash_midway)
+    guard.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM executions WHERE request_id = 'released'")
+    assert verify(guard.store).ok
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM executions WHERE request_id = 'claimed'")
+    report = verify(guard.store)
+    assert [p.detail.split("'")[1] for p in report.problems] == ["claimed"]
+
+
 def test_a_request_re_run_while_verify_reads_it_again_is_not_reported(tmp_path: Any) -> None:
     """verify's second look at a suspicious request reads the record, its events, then the
     record again: a request re-run and finished just as its events are read (after the

@@ -339,3 +339,74 @@ def test_property_hostile_input_never_corrupts_the_sqlite_store(
     assert not unexpected, "raised neither a receipt nor InvalidInputError:\n" + "\n".join(
         unexpected
     )
+
+
+UNSTORABLE = ["E\x00x", "E\ud800x"]  # NUL (PostgreSQL refuses it), a lone surrogate (not UTF-8)
+
+
+@pytest.mark.parametrize("bad", UNSTORABLE, ids=["nul", "surrogate"])
+def test_unstorable_text_in_a_failure_is_escaped_not_lost(guard: Any, bad: str) -> None:
+    """A NUL or lone surrogate in an exception's type name, a result encoder's complaint,
+    a reconcile hook's failure or an operator's error text is stored escaped: the outcome
+    is recorded (FAILED or SUCCEEDED), never left PENDING by a store that refuses the
+    text, and the caller still gets the original exception."""
+    from safeagent import (
+        ActionPolicy,
+        Reconciliation,
+        ReplayedFailureError,
+        ResultNotSerializableError,
+        Status,
+    )
+
+    class Odd(Exception):
+        pass
+
+    Odd.__qualname__ = bad
+
+    def raise_odd(_ctx: Any) -> None:
+        raise Odd(bad)
+
+    with pytest.raises(Odd):
+        guard.execute("typename", "charge", {}, raise_odd)
+    with pytest.raises(ReplayedFailureError) as replayed:
+        guard.execute("typename", "charge", {}, raise_odd)
+    assert "\\x00" in replayed.value.error_type or "\\ud800" in replayed.value.error_type
+
+    class Unencodable:
+        pass
+
+    def complain(_value: Any) -> Any:
+        raise TypeError(bad)
+
+    g2 = type(guard)(guard.store, result_encoder=complain) if isinstance(guard, Guard) else None
+    if g2 is not None:
+        with pytest.raises(ResultNotSerializableError):
+            g2.execute("encoder", "charge", {}, lambda _ctx: Unencodable())
+        assert g2.get("encoder").status is Status.SUCCEEDED
+
+    def timeout(_ctx: Any) -> None:
+        raise TimeoutError("no answer")
+
+    with pytest.raises(TimeoutError):
+        guard.execute("operator", "charge", {}, timeout, outcome_unknown=(TimeoutError,))
+    resolved = guard.resolve(
+        "operator", "failed", by="ops", reason="checked", error_type=bad, error_message=bad
+    )
+    assert resolved.status is Status.FAILED
+    assert resolved.error is not None
+    assert "\\" in resolved.error.type + resolved.error.message
+    with pytest.raises(InvalidInputError, match="error_type"):
+        guard.resolve("operator", "failed", by="ops", reason="x", error_type=7)
+
+    if isinstance(guard, Guard):
+        hooked = Guard(
+            guard.store,
+            wait=0,
+            outcome_unknown=(TimeoutError,),
+            actions={"refund": ActionPolicy(reconcile=lambda _r: Reconciliation.failed(bad, bad))},
+        )
+        with pytest.raises(TimeoutError):
+            hooked.execute("hook", "refund", {}, timeout)
+        with pytest.raises(ReplayedFailureError):  # the hook's answer, stored and replayed
+            hooked.execute("hook", "refund", {}, timeout)
+        assert hooked.get("hook").status is Status.FAILED

@@ -255,8 +255,8 @@ def test_a_version_3_file_is_migrated_and_its_chains_extend(tmp_path: Path) -> N
                 conn.execute(statement)
         conn.execute("INSERT INTO safeagent_meta VALUES ('schema_version', '3')")
         # One event appended the version 3 way: read the head, hash, insert, move the head.
-        event = AuditEvent(
-            kind=EventKind.CLAIMED, at_ms=1, namespace="default", subject="old", detail={}
+        event = AuditEvent(  # (a conflict: it implies no execution record)
+            kind=EventKind.CONFLICT, at_ms=1, namespace="default", subject="old", detail={}
         )
         shard = shard_of("default", "old")
         seq, head = conn.execute(

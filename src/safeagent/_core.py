@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from safeagent._audit import Redactor, default_redactor
-from safeagent._flow import Call, Settings, encode_result
+from safeagent._flow import Call, Settings, encode_result, stored_error
 from safeagent._keys import (
     canonical_json,
     check_name,
@@ -317,5 +317,11 @@ class GuardCore:
             result_json, unstorable = encode_result(result, self.result_encoder)
             if unstorable is not None:
                 raise InvalidInputError(f"result cannot be stored: {unstorable.message}")
-        error = ErrorInfo(error_type, error_message or reason) if status is Status.FAILED else None
+        if not isinstance(error_type, str) or not error_type:
+            raise InvalidInputError("error_type must be a non-empty str")
+        if error_message is not None and not isinstance(error_message, str):
+            raise InvalidInputError("error_message must be a str")
+        error = (
+            stored_error(error_type, error_message or reason) if status is Status.FAILED else None
+        )
         return ns, status, result_json, error, rerun

@@ -195,12 +195,19 @@ def _result_encoder(default: Callable[[Any], Any]) -> Callable[[Any], str]:
     return encode
 
 
+def stored_error(error_type: str, message: str) -> ErrorInfo:
+    """An :class:`ErrorInfo` whose text can be stored: a lone surrogate or NUL in an
+    exception's type name or message, a hook's answer or an operator's input must not
+    stop the outcome from being recorded (see :func:`~safeagent._keys.storable_text`)."""
+    return ErrorInfo(storable_text(error_type), storable_text(message))
+
+
 def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None, ErrorInfo | None]:
     """JSON text of ``value``, or ``None`` and why it cannot be stored."""
     try:
         text = _result_encoder(encoder)(value)
     except (TypeError, ValueError, RecursionError) as exc:
-        return None, ErrorInfo(UNSERIALIZABLE, f"{type(value).__name__}: {exc}")
+        return None, stored_error(UNSERIALIZABLE, f"{type(value).__name__}: {exc}")
     return text, None
 
 
@@ -294,7 +301,7 @@ def run_flow(
     if outcome.error is not None:
         exc = outcome.error
         status = classify_exception(exc, call.not_executed, call.outcome_unknown)
-        error = ErrorInfo(type_name(exc), storable_text(str(exc)))
+        error = stored_error(type_name(exc), str(exc))
         written = yield from store_completion(call, record, status, None, error, s, cause=exc)
         if not written.accepted and isinstance(exc, Exception):
             raise lease_lost(call, record, written.record) from exc
@@ -596,7 +603,7 @@ def reconcile_flow(call: Call, record: Record, s: Settings) -> Generator[Op, Any
             detail=detail,
         )
     elif answer.verdict == "failed":
-        error = ErrorInfo(
+        error = stored_error(
             answer.error_type or "safeagent.ReconciledFailed", answer.error_message or answer.note
         )
         written = yield from store_completion(
