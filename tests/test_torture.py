@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from safeagent import Status
+from safeagent import SQLiteStore, Status
+from safeagent.audit import verify
 from tests.torture_harness import (
     HALT_POINTS,
     POINTS,
@@ -87,6 +88,14 @@ def test_sigkill_torture_leaves_no_duplicate_and_no_lost_id(
     declined = sum(is_declined(rid, DECLINE_MOD) for rid in request_ids(IDS))
     assert report.final_status == {"SUCCEEDED": IDS - declined, "FAILED": declined}, table
     assert report.effects == IDS, table
+    # The audit trail the killed and restarted workers left verifies, every receipt included
+    store = SQLiteStore(Path(report.workdir) / "guard.db")
+    try:
+        audit = verify(store)
+    finally:
+        store.close()
+    assert audit.ok, audit.problems
+    assert (audit.receipts_checked, audit.receipts_unverified) == (IDS, 0)
 
 
 @pytest.mark.slow
