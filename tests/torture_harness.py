@@ -489,6 +489,7 @@ def worker_main(args: dict[str, Any]) -> int:
     _orphan_watchdog(float(args.get("max_lifetime", 3600)))
     plan = args.get("plan") or {}
     plan_point, plan_nth = plan.get("point"), int(plan.get("nth", 0))
+    fallback_nth = int(plan.get("fallback", 0))  # a reconcile plan's halt if it never meets one
     halt_max = float(args.get("halt_max", 60))
     where = urllib.parse.urlsplit(args["url"])
     host, port = where.hostname or "127.0.0.1", where.port
@@ -511,6 +512,10 @@ def worker_main(args: dict[str, Any]) -> int:
             os._exit(3)
         if plan_point == "random" and name == "before_claim" and seen[name] == plan_nth:
             emit(f"R {rid}")
+        if fallback_nth and name == "before_claim" and seen[name] == fallback_nth:
+            emit(f"H {name} {rid}")
+            time.sleep(halt_max)
+            os._exit(3)
 
     def fn(ctx: Any) -> dict[str, Any]:
         rid = ctx.request_id
@@ -736,7 +741,9 @@ class ChaosDriver:
         self.kill_log: list[tuple[str, str, int]] = []  # (point, request id, wall ms)
         self.last_errors: deque[str] = deque(maxlen=3)
         self._points: list[str] = []
-        self.points = (*POINTS, RECONCILE_POINT) if cfg.hook_in_workers else POINTS
+        # A kill in the reconcile hook needs an in-doubt record met first, and one planned
+        # often finds none: it is drawn three times as often as the other points.
+        self.points = (*POINTS, *[RECONCILE_POINT] * 3) if cfg.hook_in_workers else POINTS
 
     # -- plans --------------------------------------------------------------------------
 
@@ -758,7 +765,10 @@ class ChaosDriver:
         per_kill = max(1.0, remaining / kills_left)
         mean, cap = (per_kill, remaining / k) if point in FN_POINTS else (per_kill * k, remaining)
         if point == RECONCILE_POINT:  # rare: once per in-doubt record met
-            mean = cap = 1.5
+            # A worker that meets no in-doubt record would otherwise run to the end without
+            # being killed: past ``fallback`` ids it halts before its next claim instead.
+            fallback = self.rng.randint(1, max(1, min(round(2 * per_kill * k) - 1, remaining)))
+            return {"point": point, "nth": 1, "fallback": fallback}
         nth = self.rng.randint(1, max(1, min(round(2 * mean) - 1, int(cap))))
         return {"point": point, "nth": nth}
 
