@@ -124,6 +124,13 @@ def pg_schema() -> str:
 
 
 @pytest.fixture
+def postgres_available() -> None:
+    """For ``pytestmark = pytest.mark.usefixtures("postgres_available")``: a PostgreSQL
+    test module skips without a server, except under CI=true (require_postgres)."""
+    require_postgres()
+
+
+@pytest.fixture
 def pg_throwaway_database_url() -> Iterator[str]:
     """The URL of a PostgreSQL database made for one test and dropped after it: for tests
     of defaults (``Guard()`` with no store uses the ``safeagent`` schema), which must not

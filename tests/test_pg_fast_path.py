@@ -36,14 +36,9 @@ from safeagent.stores._base import (
 )
 from safeagent.stores._rows import GENESIS, chain_hash, chain_rows, shard_of
 from safeagent.stores.postgres import _ATTEMPT, _TOKEN, PostgresStore
-from tests.conftest import PG_URL, FakeClock, pg_schema, require_postgres
+from tests.conftest import PG_URL, FakeClock, pg_schema
 
 pytestmark = pytest.mark.usefixtures("postgres_available")
-
-
-@pytest.fixture
-def postgres_available() -> None:
-    require_postgres()
 
 
 class Counted(PostgresStore):
@@ -580,16 +575,23 @@ def _trail_per_id(store: PostgresStore, ids: list[str]) -> None:
         assert kinds[rid][EventKind.SUCCEEDED] == 1, rid
 
 
-def test_sixteen_threads_on_distinct_ids(make: Made) -> None:
-    store = make()
-    guard = Guard(store, wait=0)
-    runs: Counter[str] = Counter()
+def _counting(runs: Counter[str]) -> Callable[[ExecutionContext], str]:
+    """A side effect that counts its runs per request id (thread-safe)."""
     lock = threading.Lock()
 
     def fn(ctx: ExecutionContext) -> str:
         with lock:
             runs[ctx.request_id] += 1
         return ctx.request_id
+
+    return fn
+
+
+def test_sixteen_threads_on_distinct_ids(make: Made) -> None:
+    store = make()
+    guard = Guard(store, wait=0)
+    runs: Counter[str] = Counter()
+    fn = _counting(runs)
 
     def work(k: int) -> None:
         for i in range(40):
@@ -613,12 +615,7 @@ def test_eight_threads_on_shared_ids_across_two_stores(make: Made) -> None:
     guards = [Guard(first, wait=60), Guard(second, wait=60)]
     ids = [f"s-{i}" for i in range(120)]
     runs: Counter[str] = Counter()
-    lock = threading.Lock()
-
-    def fn(ctx: ExecutionContext) -> str:
-        with lock:
-            runs[ctx.request_id] += 1
-        return ctx.request_id
+    fn = _counting(runs)
 
     def work(k: int) -> None:
         order = ids[:]

@@ -34,14 +34,9 @@ from safeagent.errors import SchemaVersionError
 from safeagent.stores._pg_sql import SCHEMA_VERSION
 from safeagent.stores.postgres import PostgresStore
 from tests._workers import append_line, child_env, read_lines, wait_until
-from tests.conftest import PG_URL, pg_schema, require_postgres
+from tests.conftest import PG_URL, pg_schema
 
 pytestmark = pytest.mark.usefixtures("postgres_available")
-
-
-@pytest.fixture
-def postgres_available() -> None:
-    require_postgres()
 
 
 @pytest.fixture
