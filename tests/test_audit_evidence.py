@@ -185,6 +185,34 @@ def test_reordered_events_are_found(tmp_path: Any) -> None:
     assert _kinds(report) & {"reordered", "edited"}
 
 
+def test_renumbered_events_are_found(tmp_path: Any) -> None:
+    """Swapping the ids of a request's claimed and succeeded events (ids are the trail's
+    display order, and not hashed) makes audit_trail show them out of order: verify
+    reports it, with or without the anchor key."""
+    key = b"k" * 32
+    path = tmp_path / "g.db"
+    with Guard(str(path)) as guard:
+        guard.execute("ord-1", "charge", {"amount": 5}, lambda _ctx: {"charge_id": "ch_1"})
+        anchor(guard.store, key=key)
+        assert verify(guard.store, key=key).ok
+    with sqlite3.connect(path) as conn:
+        a, b = (
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM audit_events WHERE subject = 'ord-1' ORDER BY id"
+            ).fetchall()[:2]
+        )
+        conn.execute("UPDATE audit_events SET id = -1 WHERE id = ?", (a,))
+        conn.execute("UPDATE audit_events SET id = ? WHERE id = ?", (a, b))
+        conn.execute("UPDATE audit_events SET id = ? WHERE id = -1", (b,))
+    with Guard(str(path)) as guard:
+        kinds = [e.kind.value for e in guard.audit_trail("ord-1")]
+        assert kinds[:2] == ["succeeded", "claimed"]  # what the edit shows
+        for report in (verify(guard.store, key=key), verify(guard.store)):
+            assert [p.kind for p in report.problems] == ["reordered"]
+            assert report.problems[0].event_id == a
+
+
 def test_a_rewritten_chain_is_found_only_with_the_anchor(tmp_path: Any) -> None:
     """An attacker who edits an event and recomputes the whole chain passes the chain
     check, but not the anchor signed with a key they do not hold."""
@@ -430,8 +458,6 @@ def test_a_request_re_run_while_verify_reads_it_again_is_not_reported(tmp_path: 
     report = verify(ReRunWhileEventsAreRead())
     assert rerun
     assert report.ok, report.problems
-
-
 
 
 def test_an_edited_receipt_is_found(guard: Any, clock: FakeClock) -> None:

@@ -75,6 +75,26 @@ def test_a_guard_opens_a_postgres_url(pg_throwaway_database_url: str) -> None:
         guard.close()
 
 
+def test_a_guard_opens_a_libpq_keyword_string(
+    pg_throwaway_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guard('host=... dbname=...') is PostgreSQL, as $SAFEAGENT_DATABASE_URL and the CLI
+    read it, not an SQLite file named after the string."""
+    info = psycopg.conninfo.conninfo_to_dict(pg_throwaway_database_url)
+    monkeypatch.chdir(tmp_path)
+    for keywords in (
+        " ".join(f"{k}={v}" for k, v in info.items()),
+        " ".join(f"{k}={v}" for k, v in reversed(list(info.items()))),  # user=... first
+    ):
+        guard = Guard(keywords)
+        try:
+            assert type(guard.store).__name__ == "PostgresStore"
+            assert guard.execute("kw", "a", {}, lambda _ctx: 1).result == 1
+        finally:
+            guard.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_newer_schema_stops_older_code(schema: str) -> None:
     """A schema whose version is newer than the code raises SchemaVersionError."""
     _store(schema).close()

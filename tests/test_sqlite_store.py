@@ -420,3 +420,29 @@ def test_a_write_from_a_signal_handler_during_a_commit_fails_fast(tmp_path: Path
     assert len(seen) == 1
     assert "already" in str(seen[0])
     store.close()
+
+
+@pytest.mark.parametrize(
+    "store", ["mysql://db/payments", "sqlite:///x.db", "redis://127.0.0.1:6379/0"]
+)
+def test_a_url_of_another_database_is_a_configuration_error(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL SafeAgent has no store for raises ConfigurationError at once; it is never
+    taken for the name of an SQLite file."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match="URL"):
+        Guard(store)
+    assert list(tmp_path.rglob("*")) == []
+
+
+@pytest.mark.parametrize("name", ["a=b.db", "ledger.db", "hosts=1.db", "with space.db"])
+def test_file_names_that_are_not_connection_strings_stay_sqlite_files(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only strings that begin with a libpq keyword and '=' are read as PostgreSQL."""
+    monkeypatch.chdir(tmp_path)
+    with Guard(name) as guard:
+        assert isinstance(guard.store, SQLiteStore)
+        assert guard.execute("r", "a", {}, lambda _ctx: 1).result == 1
+    assert (tmp_path / name).exists()

@@ -5,6 +5,7 @@ checks of their public methods. The flows (``_flow``) hold the rules; the driver
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Collection, Mapping
@@ -109,6 +110,78 @@ def _check_dsn(dsn: str) -> str:
     )
 
 
+# libpq's connection keywords (PostgreSQL docs, "Parameter Key Words"): a store string that
+# begins with one of them and "=" is a keyword connection string, never an SQLite file name.
+_LIBPQ_KEYWORDS = frozenset(
+    [
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "passfile",
+        "require_auth",
+        "channel_binding",
+        "connect_timeout",
+        "client_encoding",
+        "options",
+        "application_name",
+        "fallback_application_name",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "replication",
+        "gssencmode",
+        "sslmode",
+        "sslnegotiation",
+        "sslcompression",
+        "sslcert",
+        "sslkey",
+        "sslpassword",
+        "sslcertmode",
+        "sslrootcert",
+        "sslcrl",
+        "sslcrldir",
+        "sslsni",
+        "requirepeer",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "krbsrvname",
+        "gsslib",
+        "gssdelegation",
+        "service",
+        "target_session_attrs",
+        "load_balance_hosts",
+    ]
+)
+_KEYWORD_START = re.compile(r"\s*([A-Za-z_]+)\s*=")
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")
+
+
+def _names_a_server(store: str) -> bool:
+    """Whether a ``store`` string names a database server rather than an SQLite file: a
+    ``postgresql://`` URL or a libpq keyword string (``host=... dbname=...``).
+
+    Raises:
+        ConfigurationError: a URL of another scheme (``mysql://``, ``sqlite:///``...),
+            which would otherwise become an SQLite file of that name.
+    """
+    scheme = _URL_SCHEME.match(store)
+    if scheme is not None:
+        if scheme.group(1).lower() in ("postgresql", "postgres"):
+            return True
+        raise ConfigurationError(
+            f"store {store[:60]!r} is a {scheme.group(1)}:// URL: SafeAgent's stores are an "
+            "SQLite file (give its path) and PostgreSQL (a postgresql:// URL or a libpq "
+            "connection string)"
+        )
+    keyword = _KEYWORD_START.match(store)
+    return keyword is not None and keyword.group(1).lower() in _LIBPQ_KEYWORDS
+
+
 class GuardCore:
     """Settings and validation shared by :class:`Guard` and :class:`AsyncGuard`."""
 
@@ -148,12 +221,8 @@ class GuardCore:
         dsn = os.environ.get(DATABASE_URL_ENV) if store is None else None
         if dsn:
             dsn = _check_dsn(dsn.strip())
-        if (
-            not dsn
-            and isinstance(store, str)
-            and store.startswith(("postgresql://", "postgres://"))
-        ):
-            dsn = store
+        if not dsn and isinstance(store, str) and _names_a_server(store):
+            dsn = _check_dsn(store.strip())
         if dsn:  # the CLI's rule too: a set $SAFEAGENT_DATABASE_URL wins over $SAFEAGENT_DB
             from safeagent.stores.postgres import PostgresStore  # noqa: PLC0415 - optional extra
 

@@ -46,10 +46,12 @@ class Guard(GuardCore):
     """Runs side effects at most once per ``(namespace, request_id)``.
 
     Args:
-        store: a :class:`~safeagent.stores.ReceiptStore`, a ``postgresql://`` URL, or a
-            path to an SQLite file. ``None`` opens ``$SAFEAGENT_DATABASE_URL`` (PostgreSQL)
-            if set, else the SQLite file ``$SAFEAGENT_DB``, else ``safeagent.db`` in the
-            working directory (the CLI's rule too).
+        store: a :class:`~safeagent.stores.ReceiptStore`; a PostgreSQL ``postgresql://``
+            URL or libpq keyword string (``"host=db dbname=app"``); or a path to an SQLite
+            file. A URL of another scheme raises ConfigurationError. ``None`` opens
+            ``$SAFEAGENT_DATABASE_URL`` (PostgreSQL) if set, else the SQLite file
+            ``$SAFEAGENT_DB``, else ``safeagent.db`` in the working directory (the CLI's
+            rule too).
         namespace: the default tenant scope (default ``"default"``). A scoping tool, not an
             authorization boundary.
         lease: seconds a claim stays live without a heartbeat (default 60). While ``fn``
@@ -72,7 +74,8 @@ class Guard(GuardCore):
         owner: the lease owner recorded with claims; defaults to ``host:pid:thread``.
 
     Raises:
-        ConfigurationError: an invalid setting.
+        ConfigurationError: an invalid setting, or a store string that is a URL of
+            another database.
         StoreError: the default store cannot be opened.
     """
 
@@ -243,7 +246,8 @@ class Guard(GuardCore):
     def reconcile(
         self, *, namespace: str | None = None, all_namespaces: bool = False
     ) -> ReconcileReport:
-        """Run the reconcile hooks over every record now in doubt (not only when a retry
+        """Run the reconcile hooks over the records now in doubt in ``namespace`` (default:
+        the guard's), or in every namespace with ``all_namespaces=True`` (not only when a retry
         arrives): "happened" stores the result, "failed" the failure, "did not happen"
         releases the record (the next call runs ``fn``), "unknown" leaves it in doubt.
         Records whose action has no hook are counted as ``no_hook``; records someone else

@@ -53,7 +53,8 @@ class Problem:
 
     ``kind`` is one of ``"edited"`` (an event's fields no longer match its hash),
     ``"deleted"`` (a gap in a chain, or events missing after an anchored head),
-    ``"reordered"`` (an event no longer follows the one it was chained to),
+    ``"reordered"`` (an event no longer follows the one it was chained to, or events of
+    one chain were renumbered so the trail shows them in another order),
     ``"rewritten"`` (a chain is consistent but differs from what an anchor signed),
     ``"bad_anchor"`` (an anchor's HMAC does not match: forged, or another key),
     ``"head_mismatch"`` (the stored chain head is not the last event's hash), or
@@ -165,9 +166,24 @@ def verify(store: Any, *, key: bytes | None = None) -> VerifyReport:
     hash_at: dict[tuple[int, int], str] = {}
     for shard, chain in by_shard.items():
         expected_prev, expected_seq = GENESIS, 1
+        last_id: int | None = None
         for row in chain:
             event_id, seq, prev, digest = row[0], int(row[2]), row[3], row[4]
             fields = row[5:]
+            if last_id is not None and event_id <= last_id:
+                # Ids give the trail's display order and are not hashed: within a chain
+                # they must rise with seq, or events were renumbered to show another order.
+                problems.append(
+                    Problem(
+                        "reordered",
+                        shard,
+                        seq,
+                        event_id,
+                        f"event {event_id} (seq {seq}) has a lower id than event {last_id} "
+                        "chained before it: the trail's order was changed",
+                    )
+                )
+            last_id = event_id
             if seq != expected_seq:
                 problems.append(
                     Problem(

@@ -1,9 +1,14 @@
 """The SQLite store: the embedded, durable default.
 
-One connection per thread (and per process: a forked child opens its own), WAL journal,
-a busy timeout, and every write in a ``BEGIN IMMEDIATE`` transaction, so many threads
-and many processes on one host can share one file. The claim is one atomic
+One connection per thread (and per process: a forked child opens its own; see fork()
+below), WAL journal, a busy timeout, and every write in a ``BEGIN IMMEDIATE`` transaction,
+so many threads and many processes on one host can share one file. The claim is one atomic
 ``INSERT ... ON CONFLICT DO UPDATE ... WHERE status = 'RELEASED' RETURNING`` statement.
+
+fork(): SQLite's in-process lock bookkeeping is copied into a forked child, so a child
+forked while another thread of the parent was inside a write can be left unable to write:
+every write then fails closed with StoreError (nothing runs). Open stores after fork, or
+start processes with ``spawn`` (SQLite's FAQ: connections must not cross fork).
 
 Durability (docs/design.md section 3):
 
