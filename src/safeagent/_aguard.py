@@ -28,14 +28,17 @@ from safeagent._flow import (
     Emit,
     Get,
     Op,
+    Reraise,
     Resolve,
     Run,
     TakeOver,
     Wait,
     call_for_record,
+    capture,
     execute_flow,
     reconcile_flow,
     resolve_flow,
+    type_name,
 )
 from safeagent._flow import Outcome as FnOutcome
 from safeagent._keys import check_request_id
@@ -232,16 +235,25 @@ class AsyncGuard(GuardCore):
     # -- the driver ------------------------------------------------------------------------
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        """A store call: inline for a store that never blocks, else in a worker thread."""
+        """A store call: inline for a store that never blocks, else in a worker thread
+        (under :func:`capture`, so whatever the store raises reaches this coroutine)."""
         if getattr(self.store, "blocking", True):
-            return await asyncio.to_thread(fn, *args)
+            value: T = (await asyncio.to_thread(capture, fn, *args)).unwrap()
+            return value
         return fn(*args)
 
     async def _drive(self, flow: Generator[Op, Any, T], answer: Any = None) -> T:
-        """Perform each operation the flow yields until it returns or raises."""
+        """Perform each operation the flow yields until it returns or raises.
+
+        An exception of ``fn`` the flow could not raise itself (:class:`Reraise`: a
+        ``StopIteration``) cannot leave a coroutine either (PEP 479): the caller gets a
+        ``RuntimeError`` whose ``__cause__`` is that exception, as awaiting an ``async``
+        function that raises ``StopIteration`` gives. Its outcome is recorded as usual.
+        """
         store = self.store
         wake: tuple[tuple[str, str, str], Any] | None = None
         error: BaseException | None = None
+        raised: BaseException
         handed_off = False
         try:
             while True:
@@ -249,6 +261,9 @@ class AsyncGuard(GuardCore):
                     op: Op = flow.send(answer) if error is None else flow.throw(error)
                 except StopIteration as stop:
                     return stop.value  # type: ignore[no-any-return]
+                except Reraise as carried:
+                    raised = carried.error
+                    break
                 answer = error = None
                 if isinstance(op, Run):
                     key = (store.identity, op.context.namespace, op.context.request_id)
@@ -290,6 +305,10 @@ class AsyncGuard(GuardCore):
                     raise
                 except BaseException as exc:  # noqa: BLE001 - thrown into the flow
                     error = exc
+            raise RuntimeError(
+                f"fn raised {type_name(raised)}, which cannot propagate out of a coroutine "
+                "(PEP 479); its outcome was recorded, and it is this error's __cause__"
+            ) from raised
         finally:
             if not handed_off:
                 flow.close()
@@ -360,30 +379,44 @@ class AsyncGuard(GuardCore):
             with heartbeats.beating(
                 store, request.namespace, request.request_id, request.fencing_token, op.lease_ms
             ):
-                return await _outcome(op.hook, request)
+                # In a task of its own, like fn (see _outcome).
+                return await asyncio.ensure_future(_outcome(op.hook, request))
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
 
     async def _run(self, op: Run) -> FnOutcome:
+        """Run ``fn`` under a heartbeat (the outermost coroutine of its task); never raises."""
         ctx = op.context
         token = _current.set(ctx)
         try:
             with heartbeats.beating(
                 self.store, ctx.namespace, ctx.request_id, ctx.fencing_token, op.lease_ms
             ):
-                return await _outcome(op.fn, ctx)
+                try:
+                    return await _outcome(op.fn, ctx)
+                except BaseException as exc:  # noqa: BLE001 - see _outcome
+                    return FnOutcome(error=exc)
         finally:
             _current.reset(token)
 
 
 async def _outcome(fn: Callable[[Any], Any], arg: Any) -> FnOutcome:
-    """Call ``fn(arg)``: awaited if async, in a worker thread if not; never raises."""
+    """Call ``fn(arg)``: awaited if async, in a worker thread if not; never raises.
+
+    A plain ``fn`` runs under :func:`capture`, so what it raises comes back from the
+    thread as a value (asyncio cannot carry a ``StopIteration`` through a future: the
+    await would never end). A ``GeneratorExit`` that reaches a task through a future (one
+    an ``async`` fn awaits) is thrown into the task's outermost coroutine, past any
+    handler below it: so ``fn`` and hooks each run in a task of their own, whose outermost
+    coroutine catches it (:meth:`AsyncGuard._run` for ``fn``, this one for a hook).
+    """
     try:
         if inspect.iscoroutinefunction(fn):
-            value = await fn(arg)
-        else:  # a plain function may block: keep it off the event loop
-            value = await asyncio.to_thread(fn, arg)  # copies the context (current_context())
-            if inspect.isawaitable(value):
-                value = await value
+            return FnOutcome(value=await fn(arg))
+        # A plain function may block: keep it off the event loop. to_thread copies the
+        # context (current_context()).
+        outcome = await asyncio.to_thread(capture, fn, arg)
+        if outcome.error is None and inspect.isawaitable(outcome.value):
+            outcome = FnOutcome(value=await outcome.value)
     except BaseException as exc:  # noqa: BLE001 - the flow classifies it
         return FnOutcome(error=exc)
-    return FnOutcome(value=value)
+    return outcome

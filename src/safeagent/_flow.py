@@ -138,6 +138,43 @@ class Outcome:
     value: Any = None
     error: BaseException | None = None
 
+    def unwrap(self) -> Any:
+        """``value``, or raise ``error``."""
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def capture(fn: Callable[..., Any], *args: Any) -> Outcome:
+    """Call ``fn(*args)`` and return what it did as an :class:`Outcome`; never raises.
+
+    Whatever ``fn`` raises travels back as a value: a worker thread hands it to the event
+    loop through a future, and asyncio can deliver neither ``StopIteration`` through a
+    future (the awaiting task never wakes) nor ``GeneratorExit`` to the handler that
+    awaits it (it is thrown into the task's outermost coroutine).
+    """
+    try:
+        return Outcome(value=fn(*args))
+    except BaseException as exc:  # noqa: BLE001 - the flow classifies it
+        return Outcome(error=exc)
+
+
+class Reraise(BaseException):  # a carrier: never reaches the caller
+    """Carries an exception of ``fn`` that a flow cannot raise itself out to its driver.
+
+    A ``StopIteration`` leaving a generator frame becomes ``RuntimeError`` (PEP 479), so
+    the flow raises it wrapped and the driver raises ``error`` outside any generator.
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def raisable(exc: BaseException) -> BaseException:
+    """``exc`` as a flow may raise it: a ``StopIteration`` wrapped in :class:`Reraise`."""
+    return Reraise(exc) if isinstance(exc, StopIteration) else exc
+
 
 Op = Get | Claim | Complete | TakeOver | Emit | Wait | Run | AskHook | Resolve
 Flow = Generator[Op, Any, Receipt]
@@ -173,10 +210,39 @@ class Settings:
     result_encoder: Callable[[Any], Any]
 
 
+_QUALNAME = type.__dict__["__qualname__"]
+
+
 def type_name(exc: BaseException) -> str:
+    """The qualified name of ``exc``'s type (``module.Qualname``; builtins bare), as a
+    failure stores it. Never raises, even for a metaclass that overrides the names."""
     cls = type(exc)
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+    try:
+        module, name = cls.__module__, cls.__qualname__
+        if type(module) is str and type(name) is str:
+            return name if module == "builtins" else f"{module}.{name}"
+    except Exception:  # noqa: BLE001, S110 - fall back to the name the class was built with
+        pass
+    return str(_QUALNAME.__get__(cls))
+
+
+def error_message(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder naming the exception when its ``__str__`` raises:
+    an exception that cannot print itself must still be recorded."""
+    try:
+        text = str(exc)
+    except Exception as failure:  # noqa: BLE001 - any failure of user code
+        return f"<unprintable {type_name(exc)}: __str__ raised {type_name(failure)}>"
+    return text if type(text) is str else str.__str__(text)
+
+
+def value_type_name(value: object) -> str:
+    """The name of ``value``'s type, for messages; never raises."""
+    try:
+        name = type(value).__name__
+    except Exception:  # noqa: BLE001 - a metaclass overriding __name__
+        name = None
+    return name if type(name) is str else str(_QUALNAME.__get__(type(value)))
 
 
 _encoders: dict[Callable[[Any], Any], Callable[[Any], str]] = {}
@@ -203,11 +269,21 @@ def stored_error(error_type: str, message: str) -> ErrorInfo:
 
 
 def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None, ErrorInfo | None]:
-    """JSON text of ``value``, or ``None`` and why it cannot be stored."""
+    """JSON text of ``value``, or ``None`` and why it cannot be stored.
+
+    Any ``Exception`` from encoding counts as "cannot be stored", not only the
+    ``TypeError`` or ``ValueError`` of ``json``: the encoder runs user code (a
+    ``model_dump`` or a field's ``__deepcopy__`` under ``dataclasses.asdict``), and ``fn``
+    has already run, so its success must be recorded whatever that code raises. A
+    ``BaseException`` (``KeyboardInterrupt``) propagates.
+    """
     try:
         text = _result_encoder(encoder)(value)
-    except (TypeError, ValueError, RecursionError) as exc:
-        return None, stored_error(UNSERIALIZABLE, f"{type(value).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - see above
+        reason = error_message(exc)
+        if not isinstance(exc, (TypeError, ValueError, RecursionError)):  # not json's own
+            reason = f"{type_name(exc)}: {reason}"
+        return None, stored_error(UNSERIALIZABLE, f"{value_type_name(value)}: {reason}")
     return text, None
 
 
@@ -301,11 +377,11 @@ def run_flow(
     if outcome.error is not None:
         exc = outcome.error
         status = classify_exception(exc, call.not_executed, call.outcome_unknown)
-        error = stored_error(type_name(exc), str(exc))
+        error = stored_error(type_name(exc), error_message(exc))
         written = yield from store_completion(call, record, status, None, error, s, cause=exc)
         if not written.accepted and isinstance(exc, Exception):
             raise lease_lost(call, record, written.record) from exc
-        raise exc
+        raise raisable(exc)
     value = outcome.value
     if inspect.isawaitable(value):
         # An un-started coroutine surely did nothing: close it and release the claim. Any
@@ -584,10 +660,10 @@ def reconcile_flow(call: Call, record: Record, s: Settings) -> Generator[Op, Any
                 detail={"verdict": "unknown", "note": "hook interrupted"},
             )
             raise outcome.error
-        note = f"reconcile hook raised {type_name(outcome.error)}: {outcome.error}"
+        note = f"reconcile hook raised {type_name(outcome.error)}: {error_message(outcome.error)}"
         answer = Reconciliation.unknown(note=note)
     elif not isinstance(answer, Reconciliation):
-        note = f"reconcile hook returned {type(answer).__name__}, not a Reconciliation"
+        note = f"reconcile hook returned {value_type_name(answer)}, not a Reconciliation"
         answer = Reconciliation.unknown(note=note)
     detail = {"verdict": answer.verdict, "note": answer.note}
     if answer.verdict == "happened":

@@ -19,11 +19,13 @@ from safeagent._flow import (
     Emit,
     Get,
     Op,
+    Reraise,
     Resolve,
     Run,
     TakeOver,
     Wait,
     call_for_record,
+    capture,
     execute_flow,
     reconcile_flow,
     resolve_flow,
@@ -329,18 +331,27 @@ class Guard(GuardCore):
     # -- the driver ------------------------------------------------------------------------
 
     def _drive(self, flow: Generator[Op, Any, T]) -> T:
-        """Perform each operation the flow yields until it returns or raises."""
+        """Perform each operation the flow yields until it returns or raises.
+
+        An exception of ``fn`` the flow could not raise itself (:class:`Reraise`: a
+        ``StopIteration``) is raised here, outside the generator and outside any
+        ``except`` block, so the caller gets it exactly as ``fn`` raised it.
+        """
         store = self.store
         wake_key: tuple[str, str, str] | None = None
         slot = None
         answer: Any = None
         error: BaseException | None = None
+        raised: BaseException
         try:
             while True:
                 try:
                     op: Op = flow.send(answer) if error is None else flow.throw(error)
                 except StopIteration as stop:
                     return stop.value  # type: ignore[no-any-return]
+                except Reraise as carried:
+                    raised = carried.error
+                    break
                 answer = error = None
                 if isinstance(op, Run):
                     wake_key = (store.identity, op.context.namespace, op.context.request_id)
@@ -351,6 +362,7 @@ class Guard(GuardCore):
                     answer = self._perform(op)
                 except BaseException as exc:  # noqa: BLE001 - thrown into the flow
                     error = exc
+            raise raised
         finally:
             flow.close()
             if slot is not None and wake_key is not None:
@@ -384,10 +396,7 @@ class Guard(GuardCore):
                 op.request.fencing_token,
                 op.lease_ms,
             ):
-                try:
-                    return FnOutcome(value=op.hook(op.request))
-                except BaseException as exc:  # noqa: BLE001 - the flow decides
-                    return FnOutcome(error=exc)
+                return capture(op.hook, op.request)
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
 
     def _run(self, op: Run) -> FnOutcome:
@@ -397,9 +406,6 @@ class Guard(GuardCore):
             with heartbeats.beating(
                 self.store, ctx.namespace, ctx.request_id, ctx.fencing_token, op.lease_ms
             ):
-                try:
-                    return FnOutcome(value=op.fn(ctx))
-                except BaseException as exc:  # noqa: BLE001 - the flow classifies it
-                    return FnOutcome(error=exc)
+                return capture(op.fn, ctx)
         finally:
             _current.reset(token)
