@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from safeagent._keys import check_name
 from safeagent.errors import ConfigurationError, InvalidInputError, InvalidTransitionError
 
 
@@ -172,12 +173,16 @@ class Signal:
 def check_signal(source: object, outcome: object, confidence: object) -> float:
     """Validate a signal's fields; return the confidence as a float.
 
+    ``source`` and ``outcome`` are names (:func:`~safeagent._keys.check_name`): every store
+    keeps them as text and the outcome goes into the settlement's payload.
+
     Raises:
-        InvalidInputError: an empty source or outcome, or a confidence outside [0, 1].
+        InvalidInputError: a source or outcome that is not a non-empty ``str`` of at most
+            255 characters of valid UTF-8 without NUL (a lone surrogate, a NUL byte), or a
+            confidence that is not a number in [0, 1].
     """
-    for name, value in (("source", source), ("outcome", outcome)):
-        if not isinstance(value, str) or not value or len(value) > 255:
-            raise InvalidInputError(f"{name} must be a non-empty str of at most 255 characters")
+    check_name("source", source)
+    check_name("outcome", outcome)
     if (
         isinstance(confidence, bool)
         or not isinstance(confidence, (int, float))

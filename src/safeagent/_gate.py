@@ -29,13 +29,20 @@ from safeagent._cases import (
 from safeagent._core import GuardCore
 from safeagent._flow import Call, execute_flow
 from safeagent._guard import Guard
-from safeagent._keys import canonical_json, check_name
+from safeagent._keys import canonical_json, check_name, check_request_id, storable
 from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import ExecutionContext, Receipt
 from safeagent._telemetry import observe
-from safeagent.errors import InvalidInputError, NotFinalError
+from safeagent.errors import (
+    InvalidInputError,
+    InvalidPayloadError,
+    InvalidRequestIdError,
+    NotFinalError,
+)
 
 MAX_CASE_ID_LENGTH = 255 - len(CASE_PREFIX)
+"""Longest case id, in characters: its settlement's request id ``case:<case_id>`` must be
+a valid request id (at most 255 characters)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +112,39 @@ class Case:
 
 
 def _check_case_id(case_id: object) -> str:
-    if not isinstance(case_id, str) or not case_id or len(case_id) > MAX_CASE_ID_LENGTH:
+    """Validate a case id: a non-empty ``str`` such that ``case:<case_id>``, the request id
+    its settlement runs under, is a valid request id: at most :data:`MAX_CASE_ID_LENGTH`
+    (250) characters of valid UTF-8 without NUL. So every case that can go FINAL can be
+    settled, and every store can hold it.
+
+    Raises:
+        InvalidInputError: anything else (checked before the store is touched).
+    """
+    if not isinstance(case_id, str) or not case_id:
+        raise InvalidInputError(f"case id must be a non-empty str, got {case_id!r}")
+    try:
+        check_request_id(CASE_PREFIX + case_id)
+    except InvalidRequestIdError:
+        what = f"{len(case_id)} characters" if len(case_id) > MAX_CASE_ID_LENGTH else f"{case_id!r}"
         raise InvalidInputError(
-            f"case id must be a non-empty str of at most {MAX_CASE_ID_LENGTH} characters, "
-            f"got {case_id!r}"
-        )
+            f"case id must be 1 to {MAX_CASE_ID_LENGTH} characters of valid UTF-8 without "
+            f"NUL (it is settled under request id {CASE_PREFIX}<case id>), got {what}"
+        ) from None
     return case_id
+
+
+def _check_reason(reason: object) -> str:
+    """Validate an operator's reason: free text, not blank, of valid UTF-8 without NUL
+    (it is kept in the audit trail, which is exported as UTF-8 text).
+
+    Raises:
+        InvalidInputError: anything else.
+    """
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidInputError("reason must be a non-empty str")
+    if not storable(reason):
+        raise InvalidInputError(f"reason must be valid UTF-8 text without NUL, got {reason!r}")
+    return reason
 
 
 class _GateCore:
@@ -134,6 +168,10 @@ class _GateCore:
         ns = self._ns(namespace)
         _check_case_id(case_id)
         conf = check_signal(source, outcome, confidence)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidPayloadError(
+                f"metadata must be a JSON object (a mapping), got {type(metadata).__name__}"
+            )
         meta = dict(metadata or {})
         canonical_json(meta)  # a typed error now, not a store error later
         return ns, Signal(source, outcome, conf, meta), {"metadata": self.guard.redact(meta)}
@@ -145,9 +183,19 @@ class _GateCore:
         _check_case_id(case_id)
         check_name("outcome", outcome)
         check_name("by", by)
-        if not isinstance(reason, str) or not reason.strip():
-            raise InvalidInputError("reason must be a non-empty str")
+        _check_reason(reason)
         return ns
+
+    def _settle_args(self, case_id: str, action: str, namespace: str | None) -> str:
+        """Validate a settlement's case id, action and namespace before the store is read."""
+        ns = self._ns(namespace)
+        _check_case_id(case_id)
+        check_name("action", action)
+        return ns
+
+    @staticmethod
+    def _ns_filter(namespace: str | None) -> str | None:
+        return None if namespace is None else check_name("namespace", namespace)
 
     def _settle_call(
         self,
@@ -222,7 +270,11 @@ class FinalityGate(_GateCore):
         namespace: str | None = None,
     ) -> Case:
         """Open a case (OPEN) with ``policy``, or return it if it exists (its own policy
-        is kept: a case's policy never changes once opened)."""
+        is kept: a case's policy never changes once opened).
+
+        Raises:
+            InvalidInputError: a bad case id or namespace; nothing is recorded.
+        """
         ns = self._ns(namespace)
         p = policy or self.policy
         row = self.store.open_case(ns, _check_case_id(case_id), p.threshold, p.quorum)
@@ -244,10 +296,14 @@ class FinalityGate(_GateCore):
         signal replaces the source's earlier one (audited with what it replaced); after
         FINAL it is recorded as late and changes nothing.
 
+        Every text argument must be valid UTF-8 without NUL (no lone surrogates), so that
+        every store holds it the same way.
+
         Args:
-            case_id: the case (at most 250 characters).
-            source: who signals (an agent, model or person).
-            outcome: what it says should happen (any non-empty string).
+            case_id: the case: 1 to 250 characters, so that its settlement's request id
+                ``case:<case_id>`` is valid.
+            source: who signals (an agent, model or person): 1 to 255 characters.
+            outcome: what it says should happen: 1 to 255 characters.
             confidence: in [0, 1].
             metadata: JSON object kept with the signal (redacted in the audit trail).
 
@@ -255,7 +311,8 @@ class FinalityGate(_GateCore):
             The case after the signal.
 
         Raises:
-            InvalidInputError: a bad field; nothing is recorded.
+            InvalidInputError: a bad field (:class:`~safeagent.InvalidPayloadError` for
+                metadata that is not a JSON object); nothing is recorded.
         """
         ns, sig, detail = self._signal_args(
             case_id, source, outcome, confidence, metadata, namespace
@@ -285,7 +342,8 @@ class FinalityGate(_GateCore):
         and ``reason`` in the same transaction.
 
         Raises:
-            InvalidInputError: empty ``outcome``, ``by`` or ``reason``.
+            InvalidInputError: a bad case id or namespace, an empty ``outcome``, ``by`` or
+                ``reason``, or one that is not valid UTF-8 without NUL; nothing changes.
             InvalidTransitionError: no such case, or it is OPEN, FINAL or SETTLED;
                 nothing changes.
         """
@@ -321,12 +379,13 @@ class FinalityGate(_GateCore):
         FINAL with the record in doubt. Asking again returns the stored receipt.
 
         Raises:
+            InvalidInputError: a bad case id, action or namespace; nothing ran.
             NotFinalError: the case does not exist or is not FINAL yet (with its state
                 and tally); nothing ran.
             Whatever :meth:`Guard.execute` raises (a replayed failure, in doubt, ...).
         """
-        ns = self._ns(namespace)
-        row, live = self.store.get_case(ns, _check_case_id(case_id))
+        ns = self._settle_args(case_id, action, namespace)
+        row, live = self.store.get_case(ns, case_id)
         call, outcome = self._settle_call(
             ns,
             case_id,
@@ -349,21 +408,33 @@ class FinalityGate(_GateCore):
         return receipt
 
     def get(self, case_id: str, *, namespace: str | None = None) -> Case | None:
-        """The case as stored now, or ``None``."""
+        """The case as stored now, or ``None``.
+
+        Raises:
+            InvalidInputError: a bad case id or namespace.
+        """
         row, live = self.store.get_case(self._ns(namespace), _check_case_id(case_id))
         return None if row is None else Case._from(row, live)
 
     def cases(
         self, *, namespace: str | None = None, states: Collection[CaseState] | None = None
     ) -> list[Case]:
-        """Cases, oldest first, optionally filtered by namespace and state."""
+        """Cases, oldest first, optionally filtered by namespace and state.
+
+        Raises:
+            InvalidInputError: a namespace that is not a valid name.
+        """
         rows = self.store.cases(
-            namespace=namespace, states=None if states is None else tuple(states)
+            namespace=self._ns_filter(namespace), states=None if states is None else tuple(states)
         )
         return [Case._from(r, self.store.get_case(r.namespace, r.case_id)[1]) for r in rows]
 
     def history(self, case_id: str, *, namespace: str | None = None) -> list[tuple[Signal, str]]:
-        """Every signal of the case in arrival order with its status (live, replaced, late)."""
+        """Every signal of the case in arrival order with its status (live, replaced, late).
+
+        Raises:
+            InvalidInputError: a bad case id or namespace.
+        """
         return self.store.case_signals(self._ns(namespace), _check_case_id(case_id))
 
 
@@ -458,8 +529,8 @@ class AsyncFinalityGate(_GateCore):
         outcome_unknown: Collection[type[BaseException]] | None = None,
     ) -> Receipt:
         """See :meth:`FinalityGate.settle`; ``fn`` may be ``async def``."""
-        ns = self._ns(namespace)
-        row, live = await self.guard._io(self.store.get_case, ns, _check_case_id(case_id))
+        ns = self._settle_args(case_id, action, namespace)
+        row, live = await self.guard._io(self.store.get_case, ns, case_id)
         call, outcome = self._settle_call(
             ns,
             case_id,
@@ -495,6 +566,7 @@ class AsyncFinalityGate(_GateCore):
         self, *, namespace: str | None = None, states: Collection[CaseState] | None = None
     ) -> list[Case]:
         """See :meth:`FinalityGate.cases`."""
+        namespace = self._ns_filter(namespace)
         return await self.guard._io(
             lambda: [
                 Case._from(r, self.store.get_case(r.namespace, r.case_id)[1])

@@ -24,6 +24,10 @@ MIN_LEASE = 0.1
 """Shortest lease accepted, in seconds (a heartbeat must be able to renew it in time)."""
 MAX_SECONDS = 365 * 24 * 3600.0
 """Longest duration accepted for a lease or a wait: one year, in seconds."""
+MAX_RETENTION = 100 * 365 * 24 * 3600.0
+"""Longest ``older_than`` accepted by :func:`safeagent.retention.purge`: 100 years (of 365
+days), in seconds. Records are kept for years (payment records for seven), and the cutoff
+``now - older_than`` stays an instant every store and ``datetime`` can represent."""
 CASE_PREFIX = "case:"
 """Request ids of case settlements (docs/design.md section 4); reserved for FinalityGate.settle."""
 
@@ -32,25 +36,59 @@ Seconds = float | dt.timedelta
 """A duration in seconds: a float (or int) or a ``timedelta``."""
 
 
-def seconds(name: str, value: Seconds, *, allow_zero: bool) -> float:
+def seconds(name: str, value: Seconds, *, allow_zero: bool, maximum: float = MAX_SECONDS) -> float:
     """Validate a duration; return it as float seconds.
 
+    Args:
+        name: the argument's name, for the error message.
+        value: seconds (an int or float) or a ``timedelta``.
+        allow_zero: whether 0 is accepted.
+        maximum: the longest duration accepted, in seconds (default :data:`MAX_SECONDS`,
+            one year).
+
     Raises:
-        ConfigurationError: not a number or ``timedelta``, negative, NaN, infinite, or
-            zero where zero is not allowed.
+        ConfigurationError: not a number or ``timedelta``, negative, NaN, infinite, zero
+            where zero is not allowed, or longer than ``maximum``.
     """
     if isinstance(value, dt.timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError(f"{name} must be seconds (float or timedelta), got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    # Compared as given, not through float(): an int may be too large for a float.
+    if (
+        (isinstance(value, float) and not math.isfinite(value))
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(
-            f"{name} must be a finite number of seconds {bound}, got {value!r}"
+            f"{name} must be a finite number of seconds {bound}, got {_shown(value)}"
         )
-    if value > MAX_SECONDS:
-        raise ConfigurationError(f"{name} must be at most {MAX_SECONDS:.0f} s, got {value!r}")
+    if value > maximum:
+        raise ConfigurationError(
+            f"{name} must be at most {maximum:.0f} s ({maximum / 86400:.0f} days), "
+            f"got {_shown(value)}"
+        )
     return float(value)
+
+
+def _shown(value: float) -> str:
+    """``repr(value)`` for a message, an int of more than 30 digits described instead (one
+    too long is refused by ``str()`` beyond 4300 digits, and unreadable long before)."""
+    if isinstance(value, int) and not -(10**30) < value < 10**30:
+        return "an int of more than 30 digits"
+    return repr(value)
+
+
+def retention_seconds(value: Seconds) -> float:
+    """Validate a retention age (``older_than``): at least 0 and at most
+    :data:`MAX_RETENTION` (100 years), in seconds.
+
+    Raises:
+        ConfigurationError: not a number or ``timedelta``, negative, NaN, infinite, or
+            longer than 100 years.
+    """
+    return seconds("older_than", value, allow_zero=True, maximum=MAX_RETENTION)
 
 
 def lease_seconds(value: Seconds) -> float:

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from safeagent._policy import Seconds, seconds
+from safeagent._keys import check_name
+from safeagent._policy import Seconds, retention_seconds
 
 __all__ = ["PurgeReport", "purge"]
 
@@ -43,14 +44,21 @@ def purge(store: Any, *, older_than: Seconds, actor: str = "safeagent.retention"
 
     Args:
         store: a store (``SQLiteStore``, ``PostgresStore`` or ``MemoryStore``).
-        older_than: seconds (float or ``timedelta``), at least 0.
-        actor: who purges, for the audit trail.
+        older_than: the age, in seconds (int, float or ``timedelta``): at least 0 and at
+            most 100 years (:data:`~safeagent._policy.MAX_RETENTION`, 3 153 600 000 s), so
+            that retention of several years (payment records: seven) works and the cutoff
+            stays a representable instant. ``0`` purges every finished record.
+        actor: who purges, for the audit trail: a non-empty name of at most 255
+            characters of valid UTF-8 without NUL.
 
     Raises:
-        ConfigurationError: a bad duration.
+        ConfigurationError: ``older_than`` is not a finite number of seconds, is negative
+            or is longer than 100 years; nothing was purged.
+        InvalidInputError: a bad ``actor``; nothing was purged.
         StoreError: the store failed; nothing was purged.
     """
-    age_ms = int(1000 * seconds("older_than", older_than, allow_zero=True))
+    age_ms = int(1000 * retention_seconds(older_than))
+    check_name("actor", actor)
     _, now = store.records(limit=0)
     counts = store.purge(now - age_ms if now else time.time_ns() // 1_000_000 - age_ms, actor)
     return PurgeReport(**counts)

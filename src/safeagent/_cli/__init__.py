@@ -11,7 +11,9 @@ Exit codes::
     1  a check failed, an id was not found, or the request was refused
        (audit verify found tampering, an unknown id, resolving a record not in doubt,
        records still in doubt after a reconcile pass, a declined confirmation)
-    2  usage error or bad input (bad option, bad JSON, bad duration, missing key)
+    2  usage error or bad input (bad option, bad JSON, bad duration, missing key, text
+       that is not valid UTF-8, a --database-url that is not PostgreSQL, an input the
+       library refuses with InvalidInputError or ConfigurationError)
     3  the store is missing, unreachable or failed (no database file where pointed,
        PostgreSQL down, StoreError, a schema from a newer SafeAgent)
 

@@ -67,7 +67,8 @@ def audit_tail(
         bool, typer.Option("-f", "--follow", help="Keep printing new events (Ctrl-C stops).")
     ] = False,
     interval: Annotated[
-        float, typer.Option("--interval", min=0.05, help="Seconds between polls (--follow).")
+        float,
+        typer.Option("--interval", min=0.05, max=3600.0, help="Seconds between polls (--follow)."),
     ] = 1.0,
     namespace: NsFilterOpt = None,
     subject: Annotated[

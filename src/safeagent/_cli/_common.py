@@ -9,20 +9,24 @@ import re
 import sqlite3
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
+import typer.models
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from safeagent import AuditEvent, SQLiteStore, default_redactor
 from safeagent import audit as audit_lib
+from safeagent._keys import storable, storable_text
+from safeagent._policy import MAX_RETENTION
 from safeagent._receipt import Receipt, Record
 from safeagent.errors import ConfigurationError, GuardError, InvalidInputError, StoreError
 from safeagent.stores import ReceiptStore
@@ -52,6 +56,12 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _URL_PASSWORD = re.compile(r"(://[^/:@]*:)[^@/]*@")
+_URL_SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.-]*)://")
+MAX_DURATION = MAX_RETENTION
+"""Longest duration a command takes (``--older-than``, ``--since 7d``): 100 years, in
+seconds, the bound of ``safeagent.retention.purge``; an instant that long ago is still
+one ``datetime`` and every store can hold."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class CliError(Exception):
@@ -64,16 +74,74 @@ class CliError(Exception):
 
 
 def fail(code: int, message: str) -> NoReturn:
-    err_console().print(f"error: {message}")
+    """Print ``error: <message>`` on one line of standard error and exit with ``code``.
+
+    Lone surrogates (bytes of a non-UTF-8 argument or file name) and NUL in the message
+    are printed as backslash escapes, so reporting bad input cannot fail in turn.
+    """
+    err_console().print(f"error: {storable_text(message)}")
     raise typer.Exit(code)
 
 
+def shown_text(text: str) -> str:
+    """How a text argument that is not valid UTF-8 is shown in a message: the bytes the
+    operator typed (``b'r\\xff'``), whose lone surrogates are those bytes escaped
+    (``surrogateescape``), else the text with its code points escaped."""
+    try:
+        return repr(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        return ascii(text)
+
+
+def param_label(command: Callable[..., Any], name: str) -> str:
+    """How the command line spells parameter ``name`` of ``command``: an option by its
+    long flag (``--namespace``), an argument as its help shows it (``REQUEST_ID``), read
+    from the ``typer.Option`` / ``typer.Argument`` in its annotation."""
+    try:
+        hint = typing.get_type_hints(command, include_extras=True).get(name)
+    except Exception:  # noqa: BLE001 - only a label for a message
+        hint = None
+    for info in getattr(hint, "__metadata__", ()):
+        if isinstance(info, typer.models.OptionInfo):
+            # In Annotated, typer takes the first flag from `default`.
+            flags = [d for d in (info.default, *(info.param_decls or ())) if isinstance(d, str)]
+            longest = sorted(flags, key=lambda d: not d.startswith("--"))
+            return longest[0] if longest else "--" + name.replace("_", "-")
+        if isinstance(info, typer.models.ArgumentInfo):
+            return name.upper()
+    return name
+
+
+def check_text_arguments(command: Callable[..., Any], values: Mapping[str, Any]) -> None:
+    """Refuse any text argument of ``command`` (a ``str``, or a list of them) that is not
+    valid UTF-8 without NUL: a non-UTF-8 command-line argument reaches Python as lone
+    surrogates (``surrogateescape``), which no store can hold or look up. File paths
+    (``Path``) may hold any bytes and are not checked.
+
+    Raises:
+        CliError: EXIT_USAGE, naming the argument (``--namespace``, ``REQUEST_ID``) and
+            showing the bytes given.
+    """
+    for name, value in values.items():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, str) and not storable(item):
+                raise CliError(
+                    EXIT_USAGE,
+                    f"invalid value for {param_label(command, name)}: not valid UTF-8 text "
+                    f"without NUL: {shown_text(item)}",
+                )
+
+
 def cli_command(fn: Callable[P, R]) -> Callable[P, R]:
-    """Map the library's exceptions to exit codes and one-line messages."""
+    """Check every text argument (:func:`check_text_arguments`), then map the library's
+    exceptions to exit codes and one-line messages: its typed input errors
+    (``InvalidInputError`` and its subclasses, ``ConfigurationError``) to 2, ``StoreError``
+    to 3, other ``GuardError`` refusals to 1."""
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            check_text_arguments(fn, kwargs)
             return fn(*args, **kwargs)
         except CliError as exc:
             fail(exc.code, exc.message)
@@ -121,7 +189,10 @@ def print_json(value: Any) -> None:
 def iso(ms: int | None) -> str:
     if ms is None:
         return "-"
-    moment = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    try:  # exact, and portable to instants before 1970 (fromtimestamp is not)
+        moment = _EPOCH + timedelta(milliseconds=ms)
+    except OverflowError:  # beyond year 1 or 9999
+        return f"{ms} ms since 1970"
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -208,17 +279,62 @@ class Target:
 
 
 def resolve_target(db: Path | None, database_url: str | None, schema: str) -> Target:
-    """The rule: --database-url, --db, $SAFEAGENT_DATABASE_URL, $SAFEAGENT_DB, ./safeagent.db."""
+    """The rule: --database-url, --db, $SAFEAGENT_DATABASE_URL, $SAFEAGENT_DB, ./safeagent.db.
+
+    Raises:
+        CliError: EXIT_USAGE for --db with --database-url, or a URL that is not a
+            PostgreSQL one (:func:`check_database_url`).
+    """
     if db is not None and database_url:
         raise CliError(EXIT_USAGE, "--db and --database-url are exclusive: pass one")
     if database_url:
-        return Target("postgres", database_url, schema)
+        return Target("postgres", check_database_url(database_url, "--database-url"), schema)
     if db is not None:
         return Target("sqlite", str(db))
     url = os.environ.get(DATABASE_URL_ENV)
     if url:
-        return Target("postgres", url, schema)
+        return Target("postgres", check_database_url(url, f"${DATABASE_URL_ENV}"), schema)
     return Target("sqlite", default_path())
+
+
+def check_database_url(url: str, source: str) -> str:
+    """Check, before anything connects, that ``url`` names a PostgreSQL database: a
+    ``postgresql://`` (or ``postgres://``) URL or a libpq ``key=value`` string that
+    libpq can parse. ``source`` names where it came from, for the message.
+
+    Raises:
+        CliError: EXIT_USAGE for anything else (``mysql://...``, a file path, text that
+            is not valid UTF-8); the password is masked in the message.
+    """
+    masked = _URL_PASSWORD.sub(r"\1***@", url)
+    if not storable(url):
+        raise CliError(
+            EXIT_USAGE, f"{source} is not valid UTF-8 text without NUL: {shown_text(masked)}"
+        )
+    scheme = _URL_SCHEME.match(url)
+    if scheme is not None and scheme.group(1).lower() not in ("postgresql", "postgres"):
+        raise CliError(
+            EXIT_USAGE,
+            f"{source} must be a PostgreSQL URL (postgresql://user@host:5432/db) or a libpq "
+            f"key=value string, got a {scheme.group(1)}:// URL: {masked}",
+        )
+    if scheme is None and "=" not in url:
+        raise CliError(
+            EXIT_USAGE,
+            f"{source} must be a PostgreSQL URL (postgresql://user@host:5432/db) or a libpq "
+            "key=value string (an SQLite file goes in --db or $SAFEAGENT_DB)",
+        )
+    try:
+        from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415 - optional extra
+    except ImportError:  # _check_postgres says what to install
+        return url
+    try:
+        conninfo_to_dict(url)
+    except Exception as exc:  # psycopg.ProgrammingError and kin
+        raise CliError(
+            EXIT_USAGE, f"{source} is not a valid PostgreSQL connection string: {exc}".strip()
+        ) from exc
+    return url
 
 
 def _check_sqlite(path: Path) -> None:
@@ -299,7 +415,12 @@ def opened(target: Target) -> Iterator[ReceiptStore]:
 
 def parse_duration(text: str, option: str) -> float:
     """Seconds in ``text`` such as ``90s``, ``15m``, ``2h``, ``7d``, ``2w`` (a unit is
-    required: ``--older-than 30`` could mean seconds or days)."""
+    required: ``--older-than 30`` could mean seconds or days), at most
+    :data:`MAX_DURATION` (100 years).
+
+    Raises:
+        CliError: EXIT_USAGE for no unit, or a duration longer than 100 years.
+    """
     match = _DURATION.match(text)
     if match is None:
         raise CliError(
@@ -307,7 +428,13 @@ def parse_duration(text: str, option: str) -> float:
             f"{option}: expected a duration with a unit (ms, s, m, h, d, w) "
             f"such as 2h or 30d, got {text!r}",
         )
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    value = float(match.group(1)) * _UNITS[match.group(2)]  # inf for absurd digit runs
+    if not value <= MAX_DURATION:
+        raise CliError(
+            EXIT_USAGE,
+            f"{option}: at most 100 years ({MAX_DURATION / 86400:.0f}d), got {text.strip()!r}",
+        )
+    return value
 
 
 def parse_instant(text: str | None, option: str, now_ms: int) -> int | None:

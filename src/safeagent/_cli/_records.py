@@ -53,6 +53,7 @@ from safeagent._cli._common import (
     time_window,
 )
 from safeagent._core import GuardCore, tally
+from safeagent._keys import check_name, check_request_id
 from safeagent._receipt import Receipt
 from safeagent.stores import ReceiptStore
 
@@ -157,7 +158,10 @@ def receipts_show(
     schema: SchemaOpt = DEFAULT_SCHEMA,
 ) -> None:
     """Show one receipt in full (payload and result redacted unless --no-redact) and its
-    audit trail. Exit 1 if there is no such receipt."""
+    audit trail. Exit 1 if there is no such receipt; exit 2 for an id or namespace no
+    record can have."""
+    check_request_id(request_id)
+    check_name("namespace", namespace)
     with opened(resolve_target(db, database_url, schema)) as store:
         record, now = store.get(namespace, request_id)
         if record is None:
