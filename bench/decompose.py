@@ -7,6 +7,9 @@ Three rows per id, interleaved in blocks so all three see the same machine noise
 
 - ``floor``: the raw sqlite3 floor of ``bench/quick.py`` (SELECT; BEGIN IMMEDIATE; INSERT
   PENDING; COMMIT; fn(); UPDATE);
+- ``audited floor``: the floor plus one plain audit row (no index, no hash chain) in each
+  of its two transactions: the least SQL that writes a claim and a completion together
+  with their audit events, as docs/design.md section 5 requires;
 - ``statements``: SafeAgent's SQLite statements for one first execution, replayed through
   raw sqlite3 on a SafeAgent database with no Python of SafeAgent's around them: the GET,
   the claim and its audit event in one transaction, the completion and its audit event in
@@ -14,6 +17,7 @@ Three rows per id, interleaved in blocks so all three see the same machine noise
   chain-head trigger runs, as in the store);
 - ``guard``: ``Guard.execute`` on a fresh id.
 
+``audited floor / floor`` is what the same-transaction audit rule costs by itself;
 ``statements / floor`` is the cost of the record SafeAgent keeps (a 20-column row, an audit
 event with one index entry and its chain head, in each of the two transactions);
 ``guard - statements`` is SafeAgent's Python. On tmpfs (``--dir /dev/shm``) fsync is
@@ -44,6 +48,44 @@ from safeagent.stores.sqlite import SQL_CLAIM, SQL_COMPLETE, SQL_EVENT, SQL_GET
 
 PAYLOAD = {"amount": 1234, "currency": "usd", "customer": "cus_123", "memo": "x" * 40}
 RESULT = {"ok": True}
+
+
+class AuditedFloor(Floor):
+    """The floor with one plain audit row written in each of its two transactions."""
+
+    def __init__(self, path: str, claim_sync: str, complete_sync: str) -> None:
+        super().__init__(path, claim_sync, complete_sync)
+        self.conn.execute(
+            "CREATE TABLE audit (id INTEGER PRIMARY KEY, kind TEXT, subject TEXT, detail TEXT)"
+        )
+
+    def execute(self, request_id: str, fn: Callable[[], Any]) -> Any:
+        conn = self.conn
+        row = conn.execute(
+            "SELECT status, result FROM receipts WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        if row is not None:
+            return json.loads(row[1])
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO receipts VALUES (?, 'PENDING', NULL)", (request_id,))
+        conn.execute(AUDIT_ROW, ("claimed", request_id, "{}"))
+        conn.execute("COMMIT")
+        result = fn()
+        if self.complete_sync != self.claim_sync:
+            conn.execute(f"PRAGMA synchronous={self.complete_sync}")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "UPDATE receipts SET status = 'SUCCEEDED', result = ? WHERE request_id = ?",
+            (json.dumps(result), request_id),
+        )
+        conn.execute(AUDIT_ROW, ("succeeded", request_id, "{}"))
+        conn.execute("COMMIT")
+        if self.complete_sync != self.claim_sync:
+            conn.execute(f"PRAGMA synchronous={self.claim_sync}")
+        return result
+
+
+AUDIT_ROW = "INSERT INTO audit (kind, subject, detail) VALUES (?, ?, ?)"
 
 
 class Statements:
@@ -134,10 +176,12 @@ def main() -> None:
     complete_sync = "NORMAL" if args.mode == "claim-durable" else "FULL"
     with tempfile.TemporaryDirectory(prefix="sa-decompose-", dir=args.dir) as tmp:
         floor = Floor(os.path.join(tmp, "floor.db"), "FULL", complete_sync)
+        audited = AuditedFloor(os.path.join(tmp, "audited.db"), "FULL", complete_sync)
         statements = Statements(os.path.join(tmp, "statements.db"), complete_sync)
         guard = Guard(SQLiteStore(os.path.join(tmp, "guard.db"), durability=args.mode))
         rows: dict[str, Callable[[str], Any]] = {
             "floor": lambda rid: floor.execute(rid, lambda: RESULT),
+            "audited floor": lambda rid: audited.execute(rid, lambda: RESULT),
             "statements": lambda rid: statements.execute(rid, lambda: RESULT),
             "guard": lambda rid: guard.execute(rid, "charge", PAYLOAD, lambda _ctx: RESULT),
         }
@@ -161,7 +205,7 @@ def main() -> None:
         f"SQLite {args.mode}, first execution, n={args.n}, dir={args.dir or tempfile.gettempdir()}"
     )
     for name in rows:
-        print(f"{name:12s} {med[name]:8.1f} us  ({med[name] / med['floor']:.2f}x floor)")
+        print(f"{name:14s} {med[name]:8.1f} us  ({med[name] / med['floor']:.2f}x floor)")
     print(f"SafeAgent's Python (guard - statements): {med['guard'] - med['statements']:.1f} us")
     print(
         f"its record and audit SQL (statements - floor): {med['statements'] - med['floor']:.1f} us"
