@@ -290,29 +290,25 @@ class Nameless(Exception, metaclass=_NamelessModule):
     pass
 
 
-def test_fn_raising_an_unprintable_exception_is_failed(guard: Any, ledger: Ledger) -> None:
-    """``__str__`` raises: FAILED with the type name and a placeholder message; the
-    caller gets the original exception, not the one from ``__str__``."""
-    original = Unprintable()
-    with pytest.raises(Unprintable) as info:
-        call(guard, "execute", "r-1", "charge", {}, raising(ledger, original))
-    assert info.value is original
-    error_type = f"{__name__}.Unprintable"
-    message = f"<unprintable {error_type}: __str__ raised RuntimeError>"
-    assert stored(guard, "r-1") == (Status.FAILED, error_type, message)
-    assert_replays_failure(guard, ledger, error_type, message)
-
-
-def test_fn_raising_an_exception_whose_str_is_not_a_str_is_failed(
-    guard: Any, ledger: Ledger
+@pytest.mark.parametrize(
+    ("make", "str_error"),
+    [
+        pytest.param(Unprintable, "RuntimeError", id="str-raises"),
+        # __str__ returns a non-str: str() raises TypeError
+        pytest.param(NonStrMessage, "TypeError", id="str-not-a-str"),
+    ],
+)
+def test_fn_raising_an_unprintable_exception_is_failed(
+    guard: Any, ledger: Ledger, make: type[BaseException], str_error: str
 ) -> None:
-    """``__str__`` returns a non-str (``str()`` raises TypeError): the same placeholder."""
-    original = NonStrMessage()
-    with pytest.raises(NonStrMessage) as info:
+    """``str(exc)`` fails: FAILED with the type name and a placeholder message; the
+    caller gets the original exception, not the one from ``__str__``."""
+    original = make()
+    with pytest.raises(type(original)) as info:
         call(guard, "execute", "r-1", "charge", {}, raising(ledger, original))
     assert info.value is original
-    error_type = f"{__name__}.NonStrMessage"
-    message = f"<unprintable {error_type}: __str__ raised TypeError>"
+    error_type = f"{__name__}.{type(original).__name__}"
+    message = f"<unprintable {error_type}: __str__ raised {str_error}>"
     assert stored(guard, "r-1") == (Status.FAILED, error_type, message)
     assert_replays_failure(guard, ledger, error_type, message)
 
