@@ -389,14 +389,21 @@ def test_unstorable_text_in_a_failure_is_escaped_not_lost(guard: Any, bad: str) 
 
     with pytest.raises(TimeoutError):
         guard.execute("operator", "charge", {}, timeout, outcome_unknown=(TimeoutError,))
+    # An operator's text is refused before anything changes (as FinalityGate.resolve
+    # does): the operator can type it again, unlike fn's exception or a hook's answer.
+    for field in ("reason", "error_type", "error_message"):
+        texts = {"reason": "checked", "error_type": "Refund", "error_message": "m", field: bad}
+        with pytest.raises(InvalidInputError, match=f"{field} must be valid UTF-8"):
+            guard.resolve("operator", "failed", by="ops", **texts)
+        assert guard.get("operator").status is Status.IN_DOUBT
+    with pytest.raises(InvalidInputError, match="error_type"):
+        guard.resolve("operator", "failed", by="ops", reason="x", error_type=7)
     resolved = guard.resolve(
-        "operator", "failed", by="ops", reason="checked", error_type=bad, error_message=bad
+        "operator", "failed", by="ops", reason="checked", error_type="Refund", error_message=""
     )
     assert resolved.status is Status.FAILED
     assert resolved.error is not None
-    assert "\\" in resolved.error.type + resolved.error.message
-    with pytest.raises(InvalidInputError, match="error_type"):
-        guard.resolve("operator", "failed", by="ops", reason="x", error_type=7)
+    assert (resolved.error.type, resolved.error.message) == ("Refund", "checked")
 
     if isinstance(guard, Guard):
         hooked = Guard(

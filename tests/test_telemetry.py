@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -12,7 +13,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from safeagent import FingerprintMismatchError, Guard, MemoryStore, _telemetry
+from safeagent import (
+    AsyncGuard,
+    FingerprintMismatchError,
+    Guard,
+    MemoryStore,
+    OutcomeUnknownError,
+    SQLiteStore,
+    StoreError,
+    _telemetry,
+)
 
 _spans = InMemorySpanExporter()
 _reader = InMemoryMetricReader()
@@ -28,7 +38,7 @@ def _sdk() -> None:
     _telemetry._state["checked_at"] = -1.0
 
 
-def _counts() -> dict[str, int]:
+def _counts(namespace: str = "otel") -> dict[str, int]:
     data = _reader.get_metrics_data()
     out: dict[str, int] = {}
     for resource in data.resource_metrics if data else []:
@@ -37,7 +47,7 @@ def _counts() -> dict[str, int]:
                 out[metric.name] = sum(
                     int(p.value)
                     for p in metric.data.data_points
-                    if p.attributes.get("safeagent.namespace") == "otel"
+                    if p.attributes.get("safeagent.namespace") == namespace
                 )
     return out
 
@@ -61,3 +71,62 @@ def test_each_execution_is_a_span_with_its_outcome_and_no_payload() -> None:
     counts = _counts()
     assert (counts["safeagent.executions"], counts["safeagent.replays"]) == (1, 1)
     assert counts["safeagent.conflicts"] == 1
+
+
+def _outcomes(namespace: str) -> list[str]:
+    return [
+        str(s.attributes["safeagent.outcome"])
+        for s in _spans.get_finished_spans()
+        if s.name == "safeagent.execute" and s.attributes["safeagent.namespace"] == namespace
+    ]
+
+
+def _timeout(_ctx: object) -> None:
+    raise TimeoutError("the charge API did not answer")
+
+
+def test_a_call_that_leaves_a_record_in_doubt_counts_as_in_doubt(tmp_path: Any) -> None:
+    """fn raising an outcome-unknown exception ran (an execution) and left the record in
+    doubt: the span says in_doubt and both counters move; the retry meets the in-doubt
+    record and counts again. fn raising another error is a failed execution."""
+    guard = Guard(SQLiteStore(tmp_path / "t.db"), namespace="otel-doubt")
+    with pytest.raises(TimeoutError):
+        guard.execute("r-1", "charge", {}, _timeout, outcome_unknown=(TimeoutError,))
+    with pytest.raises(OutcomeUnknownError):
+        guard.execute("r-1", "charge", {}, _timeout, outcome_unknown=(TimeoutError,))
+    with pytest.raises(ValueError, match="invalid literal"):
+        guard.execute("r-2", "charge", {}, lambda _ctx: int("x"))
+    assert _outcomes("otel-doubt") == ["in_doubt", "in_doubt", "failed"]
+    counts = _counts("otel-doubt")
+    assert counts["safeagent.in_doubt"] == 2
+    assert counts["safeagent.executions"] == 2  # fn ran twice: r-1 once, r-2 once
+
+
+def test_a_store_failure_before_the_claim_is_an_error_not_an_execution(tmp_path: Any) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    guard = Guard(store, namespace="otel-error")
+    store.close()
+    ran: list[int] = []
+    with pytest.raises(StoreError):
+        guard.execute("r-1", "charge", {}, lambda _ctx: ran.append(1))
+    assert ran == []
+    assert _outcomes("otel-error") == ["error"]
+    assert _counts("otel-error").get("safeagent.executions", 0) == 0
+
+
+def test_async_guard_counts_in_doubt_the_same_way(tmp_path: Any) -> None:
+    guard = AsyncGuard(SQLiteStore(tmp_path / "t.db"), namespace="otel-async")
+
+    async def timeout(_ctx: object) -> None:
+        raise TimeoutError("no answer")
+
+    async def twice() -> None:
+        with pytest.raises(TimeoutError):
+            await guard.execute("r-1", "charge", {}, timeout, outcome_unknown=(TimeoutError,))
+        with pytest.raises(OutcomeUnknownError):
+            await guard.execute("r-1", "charge", {}, timeout, outcome_unknown=(TimeoutError,))
+
+    asyncio.run(twice())
+    assert _outcomes("otel-async") == ["in_doubt", "in_doubt"]
+    counts = _counts("otel-async")
+    assert (counts["safeagent.in_doubt"], counts["safeagent.executions"]) == (2, 1)

@@ -45,7 +45,7 @@ from safeagent._keys import check_request_id
 from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, _current
 from safeagent._runtime import heartbeats, wakeups
-from safeagent._telemetry import observe
+from safeagent._telemetry import Observation, observe
 from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
 from safeagent.stores._base import ClaimResult, Completion
 
@@ -98,7 +98,7 @@ class AsyncGuard(GuardCore):
             outcome_unknown,
         )
         with observe(call.action, call.namespace) as seen:
-            receipt = await self._drive(execute_flow(call, fn, self._settings()))
+            receipt = await self._drive(execute_flow(call, fn, self._settings()), seen=seen)
             seen.replay = receipt.replay
         return receipt
 
@@ -242,8 +242,11 @@ class AsyncGuard(GuardCore):
             return value
         return fn(*args)
 
-    async def _drive(self, flow: Generator[Op, Any, T], answer: Any = None) -> T:
-        """Perform each operation the flow yields until it returns or raises.
+    async def _drive(
+        self, flow: Generator[Op, Any, T], answer: Any = None, seen: Observation | None = None
+    ) -> T:
+        """Perform each operation the flow yields until it returns or raises; ``seen``
+        (telemetry on) learns whether ``fn`` ran and what outcome was recorded.
 
         An exception of ``fn`` the flow could not raise itself (:class:`Reraise`: a
         ``StopIteration``) cannot leave a coroutine either (PEP 479): the caller gets a
@@ -268,6 +271,8 @@ class AsyncGuard(GuardCore):
                 if isinstance(op, Run):
                     key = (store.identity, op.context.namespace, op.context.request_id)
                     wake = (key, wakeups.register(key))
+                    if seen is not None:
+                        seen.ran = True
                     running = asyncio.ensure_future(self._run(op))
                     try:
                         answer = await asyncio.shield(running)
@@ -288,6 +293,8 @@ class AsyncGuard(GuardCore):
                         error = exc
                     continue
                 if isinstance(op, Complete):
+                    if seen is not None:
+                        seen.status = op.completion.status
                     # fn has run: its outcome is written even if this caller is cancelled
                     # while the write waits for a worker thread.
                     completing = asyncio.ensure_future(self._io(store.complete, op.completion))

@@ -19,6 +19,7 @@ from safeagent._keys import (
     canonical_json,
     check_name,
     check_request_id,
+    check_text,
     fingerprint,
     fingerprint_payload,
 )
@@ -366,8 +367,7 @@ class GuardCore:
         ns = self._ns(namespace)
         check_request_id(request_id)
         check_name("by", by)
-        if not isinstance(reason, str) or not reason.strip():
-            raise InvalidInputError("reason must be a non-empty str")
+        check_text("reason", reason)
         rerun = outcome == "rerun"
         try:
             status = (
@@ -386,10 +386,9 @@ class GuardCore:
             result_json, unstorable = encode_result(result, self.result_encoder)
             if unstorable is not None:
                 raise InvalidInputError(f"result cannot be stored: {unstorable.message}")
-        if not isinstance(error_type, str) or not error_type:
-            raise InvalidInputError("error_type must be a non-empty str")
-        if error_message is not None and not isinstance(error_message, str):
-            raise InvalidInputError("error_message must be a str")
+        check_text("error_type", error_type)
+        if error_message is not None:
+            check_text("error_message", error_message, blank=True)
         error = (
             stored_error(error_type, error_message or reason) if status is Status.FAILED else None
         )

@@ -263,8 +263,9 @@ def _result_encoder(default: Callable[[Any], Any]) -> Callable[[Any], str]:
 
 def stored_error(error_type: str, message: str) -> ErrorInfo:
     """An :class:`ErrorInfo` whose text can be stored: a lone surrogate or NUL in an
-    exception's type name or message, a hook's answer or an operator's input must not
-    stop the outcome from being recorded (see :func:`~safeagent._keys.storable_text`)."""
+    exception's type name or message, or in a hook's answer, must not stop the outcome
+    from being recorded (see :func:`~safeagent._keys.storable_text`). An operator's text
+    is refused instead (:func:`~safeagent._keys.check_text`): it can be typed again."""
     return ErrorInfo(storable_text(error_type), storable_text(message))
 
 

@@ -29,7 +29,7 @@ from safeagent._cases import (
 from safeagent._core import GuardCore
 from safeagent._flow import Call, execute_flow
 from safeagent._guard import Guard
-from safeagent._keys import canonical_json, check_name, check_request_id, storable
+from safeagent._keys import canonical_json, check_name, check_request_id, check_text
 from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import ExecutionContext, Receipt
 from safeagent._telemetry import observe
@@ -134,17 +134,7 @@ def _check_case_id(case_id: object) -> str:
 
 
 def _check_reason(reason: object) -> str:
-    """Validate an operator's reason: free text, not blank, of valid UTF-8 without NUL
-    (it is kept in the audit trail, which is exported as UTF-8 text).
-
-    Raises:
-        InvalidInputError: anything else.
-    """
-    if not isinstance(reason, str) or not reason.strip():
-        raise InvalidInputError("reason must be a non-empty str")
-    if not storable(reason):
-        raise InvalidInputError(f"reason must be valid UTF-8 text without NUL, got {reason!r}")
-    return reason
+    return check_text("reason", reason)
 
 
 class _GateCore:

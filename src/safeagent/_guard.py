@@ -35,8 +35,8 @@ from safeagent._keys import check_request_id
 from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import ExecutionContext, Receipt, Status, _current
 from safeagent._runtime import heartbeats, wakeups
+from safeagent._telemetry import Observation, observe
 from safeagent._telemetry import enabled as telemetry_enabled
-from safeagent._telemetry import observe
 from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
 
 P = ParamSpec("P")
@@ -150,7 +150,7 @@ class Guard(GuardCore):
         if not telemetry_enabled():  # the common case: no span, no counter, no wrapper
             return self._drive(execute_flow(call, fn, self._settings()))
         with observe(call.action, call.namespace) as seen:
-            receipt = self._drive(execute_flow(call, fn, self._settings()))
+            receipt = self._drive(execute_flow(call, fn, self._settings()), seen)
             seen.replay = receipt.replay
         return receipt
 
@@ -225,7 +225,8 @@ class Guard(GuardCore):
             The receipt of the resolved record.
 
         Raises:
-            InvalidInputError: bad arguments.
+            InvalidInputError: bad arguments (text that is blank where it must not be, or
+                not valid UTF-8 without NUL); nothing changes.
             InvalidTransitionError: no such record, or not in a state this outcome allows.
         """
         ns, status, result_json, error, rerun = self._resolution_args(
@@ -330,8 +331,9 @@ class Guard(GuardCore):
 
     # -- the driver ------------------------------------------------------------------------
 
-    def _drive(self, flow: Generator[Op, Any, T]) -> T:
-        """Perform each operation the flow yields until it returns or raises.
+    def _drive(self, flow: Generator[Op, Any, T], seen: Observation | None = None) -> T:
+        """Perform each operation the flow yields until it returns or raises; ``seen``
+        (telemetry on) learns whether ``fn`` ran and what outcome was recorded.
 
         An exception of ``fn`` the flow could not raise itself (:class:`Reraise`: a
         ``StopIteration``) is raised here, outside the generator and outside any
@@ -356,8 +358,12 @@ class Guard(GuardCore):
                 if isinstance(op, Run):
                     wake_key = (store.identity, op.context.namespace, op.context.request_id)
                     slot = wakeups.register(wake_key)
+                    if seen is not None:
+                        seen.ran = True
                     answer = self._run(op)
                     continue
+                if seen is not None and isinstance(op, Complete):
+                    seen.status = op.completion.status
                 try:
                     answer = self._perform(op)
                 except BaseException as exc:  # noqa: BLE001 - thrown into the flow

@@ -178,6 +178,21 @@ def check_name(kind: str, value: object) -> str:
     return value
 
 
+def check_text(kind: str, value: object, *, blank: bool = False) -> str:
+    """Validate an operator's free text (a reason, an error type or message): a ``str`` of
+    valid UTF-8 without NUL, not blank unless ``blank``. It is kept in the record and the
+    audit trail, which every store holds and exports as UTF-8 text.
+
+    Raises:
+        InvalidInputError: anything else.
+    """
+    if not isinstance(value, str) or (not blank and not value.strip()):
+        raise InvalidInputError(f"{kind} must be a non-empty str")
+    if not storable(value):
+        raise InvalidInputError(f"{kind} must be valid UTF-8 text without NUL, got {value!r}")
+    return value
+
+
 def fingerprint_payload(payload: Any, exclude: Collection[str] = ()) -> Any:
     """Return the part of ``payload`` that the fingerprint covers.
 

@@ -4,8 +4,14 @@ installs an SDK and exporters.
 Each execution is a span ``safeagent.execute`` with the attributes ``safeagent.action``,
 ``safeagent.namespace``, ``safeagent.outcome`` and ``safeagent.replay`` (never the payload
 or the result). Counters: ``safeagent.executions`` (``fn`` ran), ``safeagent.replays``
-(duplicates blocked), ``safeagent.conflicts`` and ``safeagent.in_doubt``, each with the
-action and namespace as attributes.
+(duplicates blocked), ``safeagent.conflicts`` and ``safeagent.in_doubt`` (calls that met
+an in-doubt record, or left one: ``fn`` raised an outcome-unknown exception), each with
+the action and namespace as attributes.
+
+``safeagent.outcome`` is one of: ``executed``; ``replayed``; ``replayed_failure`` (a
+stored failure, or a purged receipt); ``conflict``; ``in_doubt``; ``in_progress``;
+``failed`` (``fn`` ran and raised, and its outcome is known); ``error`` (``fn`` did not
+run: bad input, or the store failed before the claim was recorded).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
+from safeagent._receipt import Status
 from safeagent.errors import (
     ConflictError,
     InProgressError,
@@ -43,28 +50,35 @@ _counters = {
 }
 
 
-def _outcome(exc: BaseException | None, replay: bool | None) -> tuple[str, str | None]:
-    """``(outcome attribute, counter to increment)`` for how a call ended."""
+def _outcome(exc: BaseException | None, seen: Observation) -> tuple[str, tuple[str, ...]]:
+    """``(outcome attribute, counters to increment)`` for how a call ended."""
     if exc is None:
-        return ("replayed", "replays") if replay else ("executed", "executions")
+        return ("replayed", ("replays",)) if seen.replay else ("executed", ("executions",))
     if isinstance(exc, ConflictError):
-        return "conflict", "conflicts"
+        return "conflict", ("conflicts",)
     if isinstance(exc, OutcomeUnknownError):
-        return "in_doubt", "in_doubt"
+        return "in_doubt", ("in_doubt",)
     if isinstance(exc, (ReplayedFailureError, ReceiptPurgedError)):
-        return "replayed_failure", "replays"
+        return "replayed_failure", ("replays",)
     if isinstance(exc, InProgressError):
-        return "in_progress", None
-    return "failed", "executions"
+        return "in_progress", ()
+    if seen.status is Status.IN_DOUBT:  # fn ran and raised an outcome-unknown exception
+        return "in_doubt", ("executions", "in_doubt")
+    if seen.ran:
+        return "failed", ("executions",)
+    return "error", ()
 
 
 class Observation:
-    """Filled in by the driver: the receipt's replay flag when the call returns one."""
+    """Filled in by the driver: the receipt's replay flag when the call returns one,
+    whether ``fn`` ran, and the status of the last outcome the call recorded."""
 
-    __slots__ = ("replay",)
+    __slots__ = ("ran", "replay", "status")
 
     def __init__(self) -> None:
         self.replay: bool | None = None
+        self.ran = False
+        self.status: Status | None = None
 
 
 _state = {"configured": False, "checked_at": -1.0}
@@ -114,9 +128,9 @@ def observe(action: str, namespace: str) -> Iterator[Observation]:
             error = exc
             raise
         finally:
-            outcome, counter = _outcome(error, seen.replay)
+            outcome, counters = _outcome(error, seen)
             span.set_attribute("safeagent.outcome", outcome)
             if seen.replay is not None:
                 span.set_attribute("safeagent.replay", seen.replay)
-            if counter is not None:
+            for counter in counters:
                 _counters[counter].add(1, attributes)
