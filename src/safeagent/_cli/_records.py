@@ -172,11 +172,15 @@ def receipts_show(
         print_json({"receipt": receipt, "audit_trail": [e.to_dict() for e in events]})
         return
     receipt["status"] = status_text(receipt)
-    for key in ("created_at_ms", "claimed_at_ms", "completed_at_ms", "updated_at_ms"):
-        receipt[key] = iso(receipt[key])
-    for key in ("lease_expires_at_ms", "purged_at_ms"):
-        receipt[key] = None if receipt[key] is None else iso(receipt[key])
-    print_pairs(list(receipt.items()), title=f"receipt {namespace}/{request_id}")
+    # Store-clock milliseconds shown as ISO 8601 UTC, under names without "_ms" (the JSON
+    # output keeps the integer fields and their names).
+    pairs = [
+        (key[:-3], None if value is None else iso(value))
+        if key.endswith("_at_ms")
+        else (key, value)
+        for key, value in receipt.items()
+    ]
+    print_pairs(pairs, title=f"receipt {namespace}/{request_id}")
     typer.echo()
     print_events(events, "audit trail")
 
