@@ -262,7 +262,8 @@ def test_receipts_show_table_and_namespace(db: Path) -> None:
     assert ["result", "sent"] in rows
     # timestamps are shown as ISO 8601 under names without "_ms"
     created = next(row for row in rows if row and row[0] == "created_at")
-    assert created[1].endswith("Z") and "T" in created[1]
+    assert created[1].endswith("Z")
+    assert "T" in created[1]
     assert not any(row and row[0].endswith("_ms") for row in rows)
     assert any(r[2:4] == ["claimed", "seeder"] for r in rows if len(r) > 3)
 

@@ -463,6 +463,48 @@ def test_tool_exception_is_stored_and_shown_the_same_way(ledger: Ledger) -> None
     assert {(m.content, m.status) for m in replies} == {("SMTP acknowledgement timed out", "error")}
 
 
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (
+            ToolException("SMTP acknowledgement timed out"),
+            "ToolException('SMTP acknowledgement timed out')",
+        ),
+        (ValueError("card declined"), "ValueError('card declined')"),
+    ],
+)
+def test_tool_node_handling_errors_shows_the_model_the_same_text_on_replay(
+    ledger: Ledger, error: Exception, shown: str
+) -> None:
+    """ToolNode(handle_tool_errors=True) renders repr(error): a LangGraph retry of the
+    node replays the stored failure, and the model reads exactly what it read first."""
+
+    @tool
+    def send_email(to: str, template: str) -> str:
+        """Send an email."""
+        ledger.append("mail", to)
+        raise error
+
+    builder = StateGraph(MessagesState)
+    builder.add_node(
+        "tools", ToolNode([guard_tool(send_email, Guard(MemoryStore()))], handle_tool_errors=True)
+    )
+    builder.add_edge(START, "tools")
+    builder.add_edge("tools", END)
+    graph = builder.compile()
+    message = AIMessage(
+        "",
+        tool_calls=[call({"to": "user@example.test", "template": "welcome"}, "c1", "send_email")],
+    )
+
+    replies = [graph.invoke({"messages": [message]}, THREAD)["messages"][-1] for _ in range(3)]
+
+    assert ledger.count("mail") == 1
+    assert len({m.content for m in replies}) == 1  # the same text, first call and replays
+    assert f"Error: {shown}" in replies[0].content
+    assert {m.status for m in replies} == {"error"}
+
+
 def test_replayed_tool_exception_is_a_replayed_tool_error(ledger: Ledger) -> None:
     """Without handle_tool_error, a replayed ToolException raises a typed ReplayedToolError."""
 

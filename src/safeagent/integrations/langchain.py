@@ -43,7 +43,9 @@ it; LangChain and LangGraph then handle it as usual (``handle_tool_error``,
 not run the tool; when the stored failure was a ``ToolException`` they raise
 :class:`ReplayedToolError` (both a ``ToolException`` and a ``ReplayedFailureError``,
 its message the original one), so ``handle_tool_error`` shows the model the same text
-again. ``NotExecuted`` (and types the guard declares "not executed") release the claim:
+again; a replayed failure's ``repr`` is the original exception's too, so
+``ToolNode(handle_tool_errors=True)``, which shows the model ``repr(error)``, does as
+well. ``NotExecuted`` (and types the guard declares "not executed") release the claim:
 the next call runs the tool again. SafeAgent's own errors (``InProgressError``,
 ``OutcomeUnknownError``, ``ConflictError``, ``StoreError``, ...) propagate.
 
@@ -106,15 +108,35 @@ _TOOL_MESSAGE = "__langchain_tool_message__"
 """Marks a stored ``ToolMessage`` (its content, artifact and status)."""
 
 
+def _original_repr(err: ReplayedFailureError) -> str:
+    """``repr`` of the stored failure as the first call's exception printed it (for an
+    exception made from its message: ``ValueError('card declined')``)."""
+    return f"{err.error_type.rsplit('.', 1)[-1]}({err.error_message!r})"
+
+
 class ReplayedToolError(ReplayedFailureError, ToolException):
     """A replay of a stored ``ToolException``: the tool did not run again.
 
     Both a :class:`~safeagent.errors.ReplayedFailureError` (``error_type``,
     ``error_message``, ``receipt``) and a LangChain ``ToolException`` whose message is the
     original one, so the tool's ``handle_tool_error`` renders it as it rendered the first.
+    Its ``repr`` is the original exception's (``ToolException('...')``), because
+    ``ToolNode(handle_tool_errors=True)`` shows the model ``repr(error)``.
 
     .. versionadded:: 0.3
     """
+
+    def __repr__(self) -> str:
+        return _original_repr(self)
+
+
+class _ReplayedToolFailureError(ReplayedFailureError):
+    """A replay of any other stored failure, raised by a guarded tool: a
+    ``ReplayedFailureError`` whose ``repr`` is the original exception's, so a
+    ``ToolNode(handle_tool_errors=True)`` shows the model the same text on every call."""
+
+    def __repr__(self) -> str:
+        return _original_repr(self)
 
 
 # -- wrapping --------------------------------------------------------------------------------
@@ -513,15 +535,15 @@ def _argument_names(tool: BaseTool) -> set[str]:
 
 
 def _replayed(err: ReplayedFailureError) -> ReplayedFailureError:
-    """The error a replayed failure raises (a ``ToolException`` when it was one)."""
-    if err.error_type.rsplit(".", 1)[-1] == "ToolException":
-        return ReplayedToolError(
-            err.error_message,
-            error_type=err.error_type,
-            error_message=err.error_message,
-            receipt=err.receipt,
-        )
-    return err
+    """The error a replayed failure raises: a ``ToolException`` when it was one, else the
+    guard's message; either way its ``repr`` is the original exception's."""
+    is_tool_exception = err.error_type.rsplit(".", 1)[-1] == "ToolException"
+    return (ReplayedToolError if is_tool_exception else _ReplayedToolFailureError)(
+        err.error_message if is_tool_exception else str(err),
+        error_type=err.error_type,
+        error_message=err.error_message,
+        receipt=err.receipt,
+    )
 
 
 def _with_extras(
