@@ -434,3 +434,83 @@ def test_encoder_keyboard_interrupt_still_propagates(sync_guard: Guard, ledger: 
         sync_guard.execute("r-1", "charge", {}, returning(ledger, Interrupting()))
     assert stored(sync_guard, "r-1")[0] is Status.PENDING
     assert ledger.count() == 1
+
+
+# -- fn that cannot take the context -----------------------------------------------------------
+
+
+class _Charger:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def charge(self) -> str:  # no context parameter
+        self.ledger.append("r-1", "ran")
+        return "ch_1"
+
+    def __call__(self) -> str:
+        return self.charge()
+
+
+def _wrong_signatures(ledger: Ledger) -> dict[str, Callable[..., Any]]:
+    def plain() -> str:
+        ledger.append("r-1", "ran")
+        return "ch_1"
+
+    async def coroutine() -> str:
+        ledger.append("r-1", "ran")
+        return "ch_1"
+
+    import functools
+
+    return {
+        "function": plain,
+        "lambda": lambda: ledger.append("r-1", "ran"),
+        "bound method": _Charger(ledger).charge,
+        "callable object": _Charger(ledger),
+        "partial": functools.partial(lambda a, b: ledger.append("r-1", "ran"), 1, 2),
+        "async function": coroutine,
+    }
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["function", "lambda", "bound method", "callable object", "partial", "async function"],
+)
+def test_fn_whose_signature_refuses_the_context_never_ran_and_is_released(
+    guard: Any, ledger: Ledger, kind: str
+) -> None:
+    """Calling fn(context) on a fn that takes no context raises TypeError before any line
+    of fn runs: the claim is released (not stored FAILED for ever), the caller gets the
+    TypeError, and the corrected call with the same request id runs. (An async function
+    called with the context fails the same way under the sync Guard: before it makes a
+    coroutine.)"""
+    fn = _wrong_signatures(ledger)[kind]
+    with pytest.raises(TypeError, match="positional argument"):
+        call(guard, "execute", "r-1", "charge", {}, fn)
+    assert ledger.count() == 0
+    assert stored(guard, "r-1")[0] is Status.RELEASED
+    receipt = call(guard, "execute", "r-1", "charge", {}, returning(ledger, "ch_1"))
+    assert (receipt.result, receipt.replay, ledger.count()) == ("ch_1", False, 1)
+
+
+def test_a_type_error_inside_fn_is_still_a_stored_failure(guard: Any, ledger: Ledger) -> None:
+    """fn ran (its first line booked a ledger row), then raised TypeError: FAILED."""
+
+    def fn(ctx: ExecutionContext) -> Any:
+        ledger.append(ctx.request_id)
+        return len(ctx)  # type: ignore[arg-type]
+
+    with pytest.raises(TypeError, match="has no len"):
+        call(guard, "execute", "r-1", "charge", {}, fn)
+    assert stored(guard, "r-1")[:2] == (Status.FAILED, "TypeError")
+    assert_replays_failure(
+        guard, ledger, "TypeError", "object of type 'ExecutionContext' has no len()"
+    )
+
+
+def test_a_type_error_from_a_c_callable_stays_a_failure(guard: Any, ledger: Ledger) -> None:
+    """A builtin fn raises from no Python frame whether or not it did something first:
+    its TypeError is not taken for a signature mismatch."""
+    with pytest.raises(TypeError):
+        call(guard, "execute", "r-1", "charge", {}, len)
+    assert stored(guard, "r-1")[:2] == (Status.FAILED, "TypeError")

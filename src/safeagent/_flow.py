@@ -10,6 +10,7 @@ holds any rule of its own. This is the "sans-I/O" shape of httpx's auth flows.
 from __future__ import annotations
 
 import datetime
+import functools
 import inspect
 import json
 import time
@@ -157,6 +158,30 @@ def capture(fn: Callable[..., Any], *args: Any) -> Outcome:
         return Outcome(value=fn(*args))
     except BaseException as exc:  # noqa: BLE001 - the flow classifies it
         return Outcome(error=exc)
+
+
+def never_started(fn: Callable[..., Any], exc: BaseException) -> bool:
+    """Whether ``exc`` is the ``TypeError`` of calling ``fn`` with arguments its signature
+    refuses (``fn`` takes no context, say): raised before any line of ``fn`` ran.
+
+    Told apart by the traceback: it has no frame below the one that called ``fn``. Only
+    for ``fn`` written in Python (a function, a method, a ``functools.partial`` of one, an
+    object with a Python ``__call__``): a C callable raises from no Python frame whether or
+    not it did something first, so its ``TypeError`` stays a failure.
+    """
+    if type(exc) is not TypeError:
+        return False
+    tb = exc.__traceback__
+    if tb is None or tb.tb_next is not None:
+        return False
+    target: Any = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.ismethod(target):
+        target = target.__func__
+    if isinstance(target, type):  # a class: type.__call__ runs __new__, maybe in C
+        return False
+    return inspect.isfunction(target) or inspect.isfunction(getattr(type(target), "__call__", None))
 
 
 class Reraise(BaseException):  # a carrier: never reaches the caller
@@ -378,6 +403,8 @@ def run_flow(
     if outcome.error is not None:
         exc = outcome.error
         status = classify_exception(exc, call.not_executed, call.outcome_unknown)
+        if status is Status.FAILED and never_started(fn, exc):
+            status = Status.RELEASED  # fn's code never ran: let the fixed call run
         error = stored_error(type_name(exc), error_message(exc))
         written = yield from store_completion(call, record, status, None, error, s, cause=exc)
         if not written.accepted and isinstance(exc, Exception):
