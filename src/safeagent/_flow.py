@@ -181,7 +181,8 @@ def never_started(fn: Callable[..., Any], exc: BaseException) -> bool:
         target = target.__func__
     if isinstance(target, type):  # a class: type.__call__ runs __new__, maybe in C
         return False
-    return inspect.isfunction(target) or inspect.isfunction(getattr(type(target), "__call__", None))
+    call = inspect.getattr_static(type(target), "__call__", None)
+    return inspect.isfunction(target) or inspect.isfunction(call)
 
 
 class Reraise(BaseException):  # a carrier: never reaches the caller
