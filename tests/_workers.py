@@ -145,9 +145,42 @@ def cmd_claim_and_hang(args: dict[str, Any]) -> dict[str, Any]:
     return {"pid": os.getpid(), "error": "fn returned: the parent should have killed us"}
 
 
+def cmd_reconcile_and_hang(args: dict[str, Any]) -> dict[str, Any]:
+    """Call an in-doubt request whose action has a reconcile hook: take the reconcile lease
+    (short), and inside the hook write the marker (with what the hook was asked) and sleep
+    until killed. ``pg_url`` and ``schema`` pick a PostgreSQL store, else ``db`` (SQLite)."""
+    from safeagent import ActionPolicy, ReconcileRequest, SQLiteStore
+
+    store: Any
+    if "pg_url" in args:
+        from safeagent.stores.postgres import PostgresStore
+
+        store = PostgresStore(args["pg_url"], schema=args["schema"])
+    else:
+        store = SQLiteStore(args["db"])
+
+    def hook(req: ReconcileRequest) -> None:
+        asked = {
+            "pid": os.getpid(),
+            "owner": req.owner,
+            "lease_expired_at_ms": req.lease_expired_at_ms,
+            "fencing_token": req.fencing_token,
+        }
+        tmp = args["marker"] + ".tmp"
+        Path(tmp).write_text(json.dumps(asked))
+        os.replace(tmp, args["marker"])
+        time.sleep(600)  # the parent SIGKILLs us here
+
+    policy = ActionPolicy(reconcile=hook)
+    guard = Guard(store, lease=args["lease"], wait=0, actions={args["action"]: policy})
+    guard.execute(args["request_id"], args["action"], args["payload"], lambda ctx: None)
+    return {"pid": os.getpid(), "error": "the hook returned: the parent should have killed us"}
+
+
 COMMANDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "execute": cmd_execute,
     "claim_and_hang": cmd_claim_and_hang,
+    "reconcile_and_hang": cmd_reconcile_and_hang,
 }
 
 

@@ -608,7 +608,7 @@ def in_doubt_flow(
             {
                 "observed": True,
                 "stored_status": record.status.value,
-                "owner": record.lease_owner,
+                "owner": record.attempt_facts()[0],
                 **({"note": note} if note else {}),
             },
         ),
@@ -632,14 +632,17 @@ def _utc(ms: int) -> str:
 def in_doubt_error(
     request_id: str, namespace: str, record: Record, now: int, note: str = ""
 ) -> OutcomeUnknownError:
+    """The "outcome unknown" error for ``record``: it names the attempt in doubt (the one
+    that ran ``fn``) and its owner, never a reconciler that took the record over since."""
+    owner = record.attempt_facts()[0]
     return OutcomeUnknownError(
         f"request {request_id!r} is in doubt: attempt {record.attempt} by "
-        f"{record.lease_owner} (claimed at {_utc(record.claimed_at_ms)}) never recorded an "
+        f"{owner} (claimed at {_utc(record.claimed_at_ms)}) never recorded an "
         "outcome; it is not run again. Resolve it with Guard.resolve or a reconcile hook"
         + (f" ({note})" if note else ""),
         request_id=request_id,
         namespace=namespace,
-        owner=record.lease_owner,
+        owner=owner,
         claimed_at_ms=record.claimed_at_ms,
         attempt=record.attempt,
         receipt=Receipt.from_record(record, replay=False, now_ms=now),
@@ -660,6 +663,10 @@ def reconcile_flow(call: Call, record: Record, s: Settings) -> Generator[Op, Any
     if not taken.accepted or taken.record is None:
         return None
     lease = taken.record
+    # The take-over recorded the facts of the attempt in doubt (or kept those an earlier
+    # round recorded); lease_owner and lease_expires_at_ms are now this reconciler's own.
+    # A store that records no facts (one of the user's own) leaves the record as read.
+    owner, ended_at = (lease if lease.ended_attempt == lease.attempt else record).attempt_facts()
     request = ReconcileRequest(
         namespace=lease.namespace,
         request_id=lease.request_id,
@@ -667,10 +674,10 @@ def reconcile_flow(call: Call, record: Record, s: Settings) -> Generator[Op, Any
         payload=json.loads(lease.payload_json),
         attempt=lease.attempt,
         downstream_key=lease.downstream_key,
-        owner=record.lease_owner,
+        owner=owner,
         claimed_at_ms=lease.claimed_at_ms,
         fencing_token=lease.fencing_token,
-        lease_expired_at_ms=record.lease_expires_at_ms,
+        lease_expired_at_ms=ended_at,
     )
     outcome: Outcome = yield AskHook(call.reconcile, request, call.lease_ms)
     answer = outcome.value

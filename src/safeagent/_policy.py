@@ -148,12 +148,15 @@ class ReconcileRequest:
     Attributes:
         namespace, request_id, action: the record's identity and action.
         payload: the payload as stored (a JSON value).
-        attempt: the attempt that is in doubt.
+        attempt: the attempt that is in doubt: the one that ran ``fn``.
         downstream_key: the idempotency key that attempt handed downstream: ask the
             downstream system about it ("do you have a charge with this key?").
-        owner: the lease owner of the attempt in doubt.
+        owner: the lease owner of the attempt in doubt (the process that ran ``fn``),
+            never a reconciler: the same in every reconcile round of that attempt,
+            whatever earlier rounds answered, raised or left unfinished.
         claimed_at_ms: when that attempt claimed, store clock, ms.
         fencing_token: the token of this reconcile lease.
+        lease_expired_at_ms: when that attempt ended (see the attribute's own docstring).
     """
 
     namespace: str
@@ -166,9 +169,14 @@ class ReconcileRequest:
     claimed_at_ms: int
     fencing_token: int
     lease_expired_at_ms: int | None = None
-    """When the lease of the attempt in doubt ran out (store clock, ms). Answer
+    """When the attempt in doubt ended, store clock, ms: its lease expiry if it died (its
+    heartbeat stopped), or the instant it recorded the in-doubt outcome itself if ``fn``
+    raised an "outcome unknown" exception (it sent nothing after that). Fixed for the
+    attempt: the same in every reconcile round, however often the record is retaken. Answer
     ``not_happened`` only once no request that attempt sent can still reach the downstream
-    system: at least its longest request timeout after this instant."""
+    system: once the store's clock is at least this instant plus the downstream's longest
+    request timeout (the rule of the README's "Reconcile hooks"). ``None`` only for a record
+    whose lease expiry was never stored."""
 
 
 Verdict = Literal["happened", "failed", "not_happened", "unknown"]

@@ -485,6 +485,9 @@ def receipt_dict(record: Record, now_ms: int, *, redact: bool, payload: bool) ->
     out["stored_status"] = record.status.value
     out["lease_owner"] = record.lease_owner
     out["lease_expires_at_ms"] = record.lease_expires_at_ms
+    # In doubt: the attempt that ran fn and when it ended, not a reconciler that took over.
+    out["attempt_owner"] = receipt.attempt_owner
+    out["attempt_ended_at_ms"] = receipt.attempt_ended_at_ms
     out["updated_at_ms"] = record.updated_at_ms
     out["purged_at_ms"] = getattr(record, "purged_at_ms", None)
     if payload:

@@ -220,7 +220,7 @@ def in_doubt_list(
                 r["action"],
                 "IN_DOUBT" if r["stored_status"] == "IN_DOUBT" else "PENDING, lease expired",
                 r["attempt"],
-                r["lease_owner"],
+                r["attempt_owner"],
                 iso(r["claimed_at_ms"]),
             )
             for r in rows

@@ -56,7 +56,8 @@ def check_durability(durability: str) -> Durability:
 @dataclass(slots=True, unsafe_hash=True)
 class ClaimRequest:
     """Ask the store to claim ``(namespace, request_id)``: insert it PENDING if absent,
-    or take over a RELEASED record (attempt + 1, fencing token + 1), atomically.
+    or take over a RELEASED record (attempt + 1, fencing token + 1, the previous attempt's
+    ``attempt_owner``, ``attempt_ended_at_ms`` and ``ended_attempt`` cleared), atomically.
 
     ``lease_ms`` is measured on the store's clock. ``detail`` goes into the ``claimed``
     audit event written in the same transaction.
@@ -180,7 +181,13 @@ class ReceiptStore(Protocol):
         self, namespace: str, request_id: str, expected_token: int, owner: str, lease_ms: int
     ) -> WriteResult:
         """Take a new lease (token + 1, PENDING) on an in-doubt record (stored IN_DOUBT, or
-        PENDING with an expired lease) whose token is ``expected_token``; audited."""
+        PENDING with an expired lease) whose token is ``expected_token``; audited.
+
+        In the same step, record the facts of the attempt in doubt unless they are already
+        recorded for it (``ended_attempt == attempt``): ``attempt_owner``,
+        ``attempt_ended_at_ms`` and ``ended_attempt`` from :meth:`Record.attempt_facts` of
+        the record before the take-over. Later rounds keep them, so every reconcile round
+        is told about the attempt that ran ``fn``, not a previous reconciler."""
         ...
 
     def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:

@@ -25,7 +25,7 @@ from safeagent.stores._rows import (
     GENESIS,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 NOW = "COALESCE(%(now)s::bigint, (extract(epoch from clock_timestamp()) * 1000)::bigint)"
 NOW_AT = NOW.replace("%(now)s", "%s")  # the same, for the positional statements
@@ -119,6 +119,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE {s}.audit_anchors (id BIGSERIAL PRIMARY KEY, at_ms BIGINT NOT NULL,"
         " heads TEXT NOT NULL, mac TEXT NOT NULL)",
     ),
+    (
+        # The facts of the attempt that ran fn (owner, end, attempt number), which a reconcile
+        # take-over records once and keeps (Record.attempt_facts): the take-over overwrites
+        # lease_owner and lease_expires_at_ms with its own. NULL in rows written before;
+        # adding a nullable column without a default rewrites no row. Numbered, so the
+        # previous release refuses to open the schema; its processes already running go on
+        # (they name their columns), and their claims, which do not clear these, cannot
+        # leave stale facts: ended_attempt is checked.
+        "ALTER TABLE {s}.executions ADD COLUMN attempt_owner TEXT,"
+        " ADD COLUMN attempt_ended_at_ms BIGINT, ADD COLUMN ended_attempt INTEGER",
+    ),
 )
 
 # Indexes the numbered migrations made that the schema no longer has: after migrating,
@@ -159,7 +170,7 @@ WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now),
 won AS (
     INSERT INTO {{s}}.executions AS e ({COLUMNS})
     SELECT %s, %s, %s, %s, 'PENDING', %s, NULL, NULL, NULL,
-           %s, 1, 1, %s, n.now + %s, %s, n.now, n.now, n.now, NULL, NULL
+           %s, 1, 1, %s, n.now + %s, %s, n.now, n.now, n.now, NULL, NULL, NULL, NULL, NULL
     FROM n
     ON CONFLICT (namespace, request_id) DO UPDATE SET
         action = excluded.action,
@@ -178,7 +189,10 @@ won AS (
         claimed_at_ms = excluded.claimed_at_ms,
         updated_at_ms = excluded.updated_at_ms,
         completed_at_ms = NULL,
-        purged_at_ms = NULL
+        purged_at_ms = NULL,
+        attempt_owner = NULL,
+        attempt_ended_at_ms = NULL,
+        ended_attempt = NULL
     WHERE e.status = 'RELEASED'
     RETURNING {E_COLUMNS}
 )"""
@@ -341,11 +355,18 @@ FROM n
 WHERE e.namespace = %s AND e.request_id = %s AND e.fencing_token = %s
   AND e.status = 'PENDING'
 """
+# The first take-over of an attempt records its facts from the row as it was (every
+# right-hand side reads the old row); later ones keep them: Record.attempt_facts.
 TAKE_OVER = f"""
 WITH n AS (SELECT {NOW} AS now)
 UPDATE {{s}}.executions AS e
 SET status = 'PENDING', fencing_token = e.fencing_token + 1, lease_owner = %(owner)s,
-    lease_expires_at_ms = n.now + %(lease_ms)s, updated_at_ms = n.now
+    lease_expires_at_ms = n.now + %(lease_ms)s, updated_at_ms = n.now,
+    attempt_owner = CASE WHEN e.ended_attempt = e.attempt THEN e.attempt_owner
+        ELSE e.lease_owner END,
+    attempt_ended_at_ms = CASE WHEN e.ended_attempt = e.attempt THEN e.attempt_ended_at_ms
+        WHEN e.status = 'IN_DOUBT' THEN e.updated_at_ms ELSE e.lease_expires_at_ms END,
+    ended_attempt = e.attempt
 FROM n
 WHERE e.namespace = %(ns)s AND e.request_id = %(rid)s AND e.fencing_token = %(token)s
   AND (e.status = 'IN_DOUBT' OR (e.status = 'PENDING' AND e.lease_expires_at_ms <= n.now))

@@ -15,8 +15,12 @@ from safeagent._receipt import ErrorInfo, Record, Status
 COLUMNS = (
     "namespace, request_id, action, fingerprint, status, payload, result, error_type, "
     "error_message, execution_id, attempt, fencing_token, lease_owner, lease_expires_at_ms, "
-    "downstream_key, created_at_ms, claimed_at_ms, updated_at_ms, completed_at_ms, purged_at_ms"
+    "downstream_key, created_at_ms, claimed_at_ms, updated_at_ms, completed_at_ms, purged_at_ms, "
+    "attempt_owner, attempt_ended_at_ms, ended_attempt"
 )
+N_COLUMNS = COLUMNS.count(",") + 1
+"""How many columns ``COLUMNS`` names: a statement that returns them and more (the clock,
+chain heads) has its extra columns from this index on."""
 CASE_COLUMNS = (
     "namespace, case_id, state, provisional_outcome, outcome, threshold, quorum, version, "
     "created_at_ms, updated_at_ms, resolved_by"
@@ -53,6 +57,9 @@ def row_to_record(row: Sequence[Any]) -> Record:
         row[17],  # updated_at_ms
         row[18],  # completed_at_ms
         row[19],  # purged_at_ms
+        row[20],  # attempt_owner
+        row[21],  # attempt_ended_at_ms
+        row[22],  # ended_attempt
     )
 
 

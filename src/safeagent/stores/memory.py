@@ -208,6 +208,7 @@ class MemoryStore:
                 or old.effective_status(now) is not Status.IN_DOUBT
             ):
                 return WriteResult(accepted=False, record=old)
+            attempt_owner, ended_at = old.attempt_facts()  # recorded once per attempt
             after = replace(
                 old,
                 status=Status.PENDING,
@@ -215,6 +216,9 @@ class MemoryStore:
                 lease_owner=owner,
                 lease_expires_at_ms=now + lease_ms,
                 updated_at_ms=now,
+                attempt_owner=attempt_owner,
+                attempt_ended_at_ms=ended_at,
+                ended_attempt=old.attempt,
             )
             self._records[key] = after
             self._append(take_over_event(after, owner, now), now)

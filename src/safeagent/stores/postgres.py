@@ -74,6 +74,7 @@ from safeagent.stores._base import (
     take_over_event,
 )
 from safeagent.stores._rows import (
+    N_COLUMNS,
     Heads,
     _chain_body,
     chain_rows,
@@ -253,7 +254,7 @@ def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
     """GET's one row -> (the record, or None when its columns are NULL; the clock)."""
     if row is None:  # pragma: no cover - GET always returns its one row
         return None, 0
-    return (None if row[0] is None else row_to_record(row)), int(row[20])
+    return (None if row[0] is None else row_to_record(row)), int(row[N_COLUMNS])
 
 
 class PostgresStore:
@@ -436,9 +437,10 @@ class PostgresStore:
         return shards, _int_array(shards)
 
     def _locked(self, shards: set[int], rows: list[Any]) -> None:
-        """Keep the heads a claim or completion statement locked (columns 21-23 of its rows)
-        for _insert_events."""
-        self._tx.locked = (shards, {r[21]: (r[22], r[23]) for r in rows if r[21] is not None})
+        """Keep the heads a claim or completion statement locked (the three columns after
+        the record's and the clock in each of its rows) for _insert_events."""
+        i = N_COLUMNS + 1
+        self._tx.locked = (shards, {r[i]: (r[i + 1], r[i + 2]) for r in rows if r[i] is not None})
 
     def _insert_events(self, cur: psycopg.Cursor[Any], events: Sequence[AuditEvent]) -> None:
         """Chain ``events`` and write them with their new chain heads: one statement, plus
@@ -601,7 +603,7 @@ class PostgresStore:
             if existing is None:  # pragma: no cover - the conflicting row is committed
                 raise StoreError("claim conflicted with a row that then vanished")
             return ClaimResult(False, existing, now)
-        return ClaimResult(True, row_to_record(row), int(row[20]))
+        return ClaimResult(True, row_to_record(row), int(row[N_COLUMNS]))
 
     def _claim_general(self, request: ClaimRequest) -> ClaimResult:
         # BEGIN + the claim, its chain heads locked | the events, the heads moved + COMMIT:
@@ -618,7 +620,7 @@ class PostgresStore:
                     raise StoreError("claim conflicted with a row that then vanished")
                 return ClaimResult(False, existing, now)
             self._locked(shards, rows)
-            record, now = row_to_record(rows[0]), int(rows[0][20])
+            record, now = row_to_record(rows[0]), int(rows[0][N_COLUMNS])
             self._emit([claimed_event(request, record, now)])
         return ClaimResult(True, record, now)
 
@@ -692,7 +694,7 @@ class PostgresStore:
                 self._emit(events)
                 return WriteResult(accepted=False, record=before)
             self._locked(shards, rows)
-            after, now = row_to_record(rows[0]), int(rows[0][20])
+            after, now = row_to_record(rows[0]), int(rows[0][N_COLUMNS])
             events = completion_events(completion, after, after, now)
             if settle is not None:
                 events += self._settle(cur, after, settle, completion.actor, now)

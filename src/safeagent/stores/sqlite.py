@@ -81,7 +81,7 @@ DEFAULT_DB_FILENAME = "safeagent.db"
 DB_ENV_VAR = "SAFEAGENT_DB"
 DEFAULT_BUSY_TIMEOUT = 5.0
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -182,6 +182,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " BEGIN UPDATE audit_chain SET seq = NEW.seq, head = NEW.hash"
         " WHERE shard = NEW.shard; END",
     ),
+    (
+        # The facts of the attempt that ran fn (owner, end, attempt number), which a reconcile
+        # take-over records once and keeps (Record.attempt_facts): the take-over overwrites
+        # lease_owner and lease_expires_at_ms with its own. NULL in rows written before.
+        # Numbered (the file is version 5 now), so the previous release refuses to open it;
+        # its processes already running go on (they name their columns), and their claims,
+        # which do not clear these, cannot leave stale facts: ended_attempt is checked.
+        "ALTER TABLE executions ADD COLUMN attempt_owner TEXT",
+        "ALTER TABLE executions ADD COLUMN attempt_ended_at_ms INTEGER",
+        "ALTER TABLE executions ADD COLUMN ended_attempt INTEGER",
+    ),
 )
 
 # Indexes the numbered migrations made that the schema no longer has: _migrate drops them
@@ -213,7 +224,8 @@ RETURNING {CASE_COLUMNS}
 SQL_GET = f"SELECT {COLUMNS} FROM executions WHERE namespace = ? AND request_id = ?"
 SQL_CLAIM = f"""
 INSERT INTO executions ({COLUMNS})
-VALUES (?, ?, ?, ?, 'PENDING', ?, NULL, NULL, NULL, ?, 1, 1, ?, ?, ?, ?, ?, ?, NULL, NULL)
+VALUES (?, ?, ?, ?, 'PENDING', ?, NULL, NULL, NULL, ?, 1, 1, ?, ?, ?, ?, ?, ?, NULL, NULL,
+    NULL, NULL, NULL)
 ON CONFLICT (namespace, request_id) DO UPDATE SET
     action = excluded.action,
     fingerprint = excluded.fingerprint,
@@ -231,7 +243,10 @@ ON CONFLICT (namespace, request_id) DO UPDATE SET
     claimed_at_ms = excluded.claimed_at_ms,
     updated_at_ms = excluded.updated_at_ms,
     completed_at_ms = NULL,
-    purged_at_ms = NULL
+    purged_at_ms = NULL,
+    attempt_owner = NULL,
+    attempt_ended_at_ms = NULL,
+    ended_attempt = NULL
 WHERE executions.status = 'RELEASED'
 RETURNING {COLUMNS}
 """
@@ -260,10 +275,16 @@ SQL_RENEW = """
 UPDATE executions SET lease_expires_at_ms = ?, updated_at_ms = ?
 WHERE namespace = ? AND request_id = ? AND fencing_token = ? AND status = 'PENDING'
 """
+# The first take-over of an attempt records its facts from the row as it was (every
+# right-hand side reads the old row); later ones keep them: Record.attempt_facts.
 SQL_TAKE_OVER = f"""
 UPDATE executions
 SET status = 'PENDING', fencing_token = fencing_token + 1, lease_owner = ?,
-    lease_expires_at_ms = ?, updated_at_ms = ?
+    lease_expires_at_ms = ?, updated_at_ms = ?,
+    attempt_owner = CASE WHEN ended_attempt = attempt THEN attempt_owner ELSE lease_owner END,
+    attempt_ended_at_ms = CASE WHEN ended_attempt = attempt THEN attempt_ended_at_ms
+        WHEN status = 'IN_DOUBT' THEN updated_at_ms ELSE lease_expires_at_ms END,
+    ended_attempt = attempt
 WHERE namespace = ? AND request_id = ? AND fencing_token = ?
   AND (status = 'IN_DOUBT' OR (status = 'PENDING' AND lease_expires_at_ms <= ?))
 RETURNING {COLUMNS}
