@@ -27,8 +27,15 @@ event), is refused by the fencing check (a rejection event), or does not name it
 (or names another: the statement checks both against the row). A first execution is then
 three round trips: the read, the claim, the completion.
 
-A lost connection fails closed: the call raises :class:`~safeagent.errors.StoreError`, and a
-claim that could not be committed means ``fn`` does not run.
+A lost connection (the server restarted, the backend was terminated, a proxy dropped it)
+drains the pool (every idle connection closed and replaced: after a failover they are all
+dead), and the calls whose second try is provably safe run once more, on a connection the
+pool has just opened: a read, a claim, a completion, the opening of a case. The claim and
+the completion recognise their own write when the lost try did commit (the reply was lost,
+not the commit): see :class:`PostgresStore`. Any other failure, a lost connection under
+another write, and a second lost connection fail closed: the call raises
+:class:`~safeagent.errors.StoreError`, and a claim that could not be committed means ``fn``
+does not run.
 
 Install with ``pip install -e '.[postgres]'``.
 """
@@ -257,6 +264,59 @@ def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
     return (None if row[0] is None else row_to_record(row)), int(row[N_COLUMNS])
 
 
+# -- lost connections ------------------------------------------------------------------------
+
+
+def _connection_lost(exc: BaseException, conn: psycopg.Connection[Any] | None) -> bool:
+    """``conn`` died under the call: the server went away (a restart, a failover, the
+    backend terminated, a proxy or the network dropped it) and the connection is now
+    broken. A lock timeout, a cancelled statement, a serialization failure or a deadlock
+    are OperationalErrors too, but they leave the connection open: they are not this."""
+    return isinstance(exc, psycopg.OperationalError) and conn is not None and conn.broken
+
+
+def _lost(err: StoreError) -> bool:
+    """``err`` is a lost connection (see PostgresStore._failed)."""
+    return getattr(err, "connection_lost", False) is True
+
+
+def _claimed_by(record: Record, request: ClaimRequest, now: int) -> bool:
+    """``record`` is the claim ``request`` made, untouched since, its lease live at ``now``:
+    what a second try of a claim finds when its lost first try did commit.
+
+    No other claim writes this execution id (a fresh one per request). Nothing changed the
+    row since: every statement that changes a PENDING row sets updated_at_ms to its clock
+    (the completion, renew, resolve, take-over) or leaves it PENDING no more, and a
+    take-over needs the lease expired, so its clock is past claimed_at_ms + lease_ms > the
+    claim's. The fencing token and the attempt are then the ones the claim set. A lease
+    expired meanwhile is not won: anyone may take the record over (it reads as in doubt),
+    so it is reported as found."""
+    return (
+        record.status is Status.PENDING
+        and record.execution_id == request.execution_id
+        and record.lease_owner == request.owner
+        and request.lease_ms > 0
+        and record.updated_at_ms == record.claimed_at_ms
+        and record.lease_expires_at_ms == record.claimed_at_ms + request.lease_ms
+        and now < record.lease_expires_at_ms
+    )
+
+
+def _carries(record: Record, completion: Completion) -> bool:
+    """``record`` holds exactly what ``completion`` writes: its status, result and error
+    under its fencing token (and the action and execution id it names). Only a completion
+    holding that token writes under it, and fencing accepts only the first one: this is
+    ``completion``'s own write, committed by a try whose reply was lost."""
+    return (
+        record.fencing_token == completion.fencing_token
+        and record.status is completion.status
+        and record.result_json == completion.result_json
+        and record.error == completion.error
+        and completion.action in (None, record.action)
+        and completion.execution_id in (None, record.execution_id)
+    )
+
+
 class PostgresStore:
     """Execution records, cases and the audit trail in PostgreSQL.
 
@@ -270,6 +330,35 @@ class PostgresStore:
             failing closed with :class:`~safeagent.errors.StoreError` (default 5.0).
         clock: integer ms since the epoch, for tests only; by default leases are judged by
             the database's clock.
+
+    Lost connections: a pooled connection is not checked when it is taken (that would be
+    a round trip on every call). A call whose connection turns out dead (psycopg raised
+    ``OperationalError`` and the connection is now broken: the server restarted, the
+    backend was terminated, a proxy dropped it) drains the pool, so the calls after it get
+    new connections, and, where a second try is provably safe, tries once more on a
+    connection the pool has just opened:
+
+    - reads (``get``, ``records``, ``events``, ``get_case``, ``cases``, ...): they change
+      nothing;
+    - ``claim``: it carries a fresh execution id, so if the lost attempt did commit, the
+      second try finds the record PENDING under that execution id and owner, unchanged
+      since (updated when claimed, its lease the claim's own) and its lease live: that is
+      this claim, reported won, and ``fn`` runs once. (Were its lease to have expired
+      meanwhile, the record is reported as found: in doubt, never run twice.) The audit
+      events the lost attempt carried are written once either way;
+    - ``complete``: fencing refuses a second write, so if the lost attempt did commit, the
+      record already holds exactly this completion (its status, result and error under
+      its fencing token, action and execution id): reported accepted, no rejection
+      audited;
+    - ``open_case``: it inserts the case only if absent, and audits only what it inserted.
+
+    Not retried, because a lost attempt may have committed and nothing tells its write
+    from another's, or a second one would add to it: ``resolve``, ``take_over`` (neither
+    writes anything unique to the attempt), ``renew`` (the heartbeat retries a failed
+    renewal itself, within 50 ms), ``update_case`` (a signal would be stored twice),
+    ``record_event``, ``flush_events``, ``add_anchor`` and ``purge``. They, and a second
+    try that fails too, raise :class:`~safeagent.errors.StoreError`; its
+    ``connection_lost`` attribute is ``True`` when the connection was lost.
 
     Raises:
         ConfigurationError: no DSN, a bad schema name or durability mode.
@@ -368,13 +457,35 @@ class PostgresStore:
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        conn = None
         try:
             with self._get_pool().connection() as conn:
                 yield conn
         except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL failed: {exc}") from exc
+            raise self._failed(exc, conn) from exc
         except TimeoutError as exc:  # psycopg_pool.PoolTimeout
             raise StoreError(f"no PostgreSQL connection within {self.timeout} s: {exc}") from exc
+
+    def _failed(self, exc: psycopg.Error, conn: psycopg.Connection[Any] | None) -> StoreError:
+        """The StoreError for ``exc``, which ``conn`` raised. When the connection was lost
+        (_connection_lost), it says so (``connection_lost=True``: the calls that may, try
+        once more) and the pool is drained: after a server restart or a failover every
+        idle connection is dead too, and each would fail a call of its own. Draining closes
+        them (no round trip) and has new ones opened; a connection in use is closed when
+        it is returned. Every connection the pool hands out after this was opened after
+        the drain began. (psycopg_pool before 3.3 has no drain(): check() tests each idle
+        connection instead, a round trip each, only after a loss.)"""
+        if not _connection_lost(exc, conn):
+            return StoreError(f"PostgreSQL failed: {exc}")
+        pool = self._pool
+        if pool is not None and self._pid == os.getpid():
+            drain = getattr(pool, "drain", None)
+            with suppress(Exception):  # a pool closing meanwhile: the retry reports it
+                if drain is not None:
+                    drain()
+                else:  # psycopg_pool before 3.3
+                    pool.check()
+        return StoreError(f"PostgreSQL failed: {exc}", connection_lost=True)
 
     def _one(self, sql: str, params: Sequence[Any]) -> Any:
         """One statement alone in autocommit (its own transaction) and its first row (None
@@ -388,12 +499,18 @@ class PostgresStore:
         try:
             return conn.execute(sql, params).fetchone()
         except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL failed: {exc}") from exc
+            raise self._failed(exc, conn) from exc
         finally:
             pool.putconn(conn)  # a broken connection is discarded, not pooled
 
     @contextmanager
-    def _write(self, *, pipelined: bool = False) -> Iterator[psycopg.Cursor[Any]]:
+    def _write(
+        self,
+        *,
+        pipelined: bool = False,
+        hold: bool = False,
+        carry: list[AuditEvent] | None = None,
+    ) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction. Its audit events (buffered ones first, then those the body
         emits) are chained at the end, after the body's row locks, taking the chain-head
         locks in shard order: two writers never wait on each other in a cycle. (A claim or
@@ -401,8 +518,15 @@ class PostgresStore:
 
         ``pipelined``: BEGIN travels with the body's first statement and COMMIT with the
         event statement (see _pipelined_transaction), for a body that only executes and
-        fetches (``rowcount`` is not known before the results are)."""
-        buffered = self._buffer.take() if self._buffer else []
+        fetches (``rowcount`` is not known before the results are).
+
+        The buffered events go back to the buffer if the transaction fails, except with
+        ``hold`` when the connection was lost: whether they were committed is then unknown,
+        and they are left in ``self._tx.held`` for the caller's second try (_held), which
+        passes them as ``carry`` (written instead of the buffer's) and learns whether its
+        first try committed. A second try that finds its own write clears
+        ``self._tx.buffered``: those events were committed with it."""
+        buffered = carry if carry is not None else self._buffer.take() if self._buffer else []
         pending: list[AuditEvent] = []
         tx = self._tx
         tx.pending, tx.buffered, tx.locked = pending, buffered, None
@@ -416,11 +540,36 @@ class PostgresStore:
                     with conn.transaction(), conn.cursor() as cur:
                         yield cur
                         self._insert_events(cur, [*buffered, *pending] if buffered else pending)
+        except StoreError as err:
+            if hold and _lost(err):
+                tx.held = buffered
+            else:
+                self._buffer.put_back(buffered)
+            raise
         except BaseException:
             self._buffer.put_back(buffered)
             raise
         finally:
             tx.pending = tx.buffered = tx.locked = None
+
+    def _held(self) -> list[AuditEvent]:
+        """The buffered events a write with ``hold`` carried when it lost its connection
+        (none if it never took any), for its second try to carry."""
+        tx = self._tx
+        held: list[AuditEvent] | None = getattr(tx, "held", None)
+        tx.held = None
+        return [] if held is None else held
+
+    def _again(self, call: Callable[[], T]) -> T:
+        """``call`` (a read, or a write a second try cannot double), and once more if its
+        connection was lost: the pool was drained (_failed), so on a connection it has
+        just opened. Only once: a second failure is raised."""
+        try:
+            return call()
+        except StoreError as err:
+            if not _lost(err):
+                raise
+        return call()
 
     def _emit(self, events: Sequence[AuditEvent]) -> None:
         """Audit events of the current transaction, written when it commits."""
@@ -462,8 +611,13 @@ class PostgresStore:
             cur.execute(self._sql["EVENT_ROWS"], (_ROWS_JSON(rows),))
 
     def _read(self, fn: Callable[[psycopg.Cursor[Any]], T]) -> T:
-        with self._connection() as conn, conn.cursor() as cur:
-            return fn(cur)
+        """``fn``, which only reads, on a cursor (once more if the connection was lost)."""
+
+        def once() -> T:
+            with self._connection() as conn, conn.cursor() as cur:
+                return fn(cur)
+
+        return self._again(once)
 
     def _p(self, **params: Any) -> dict[str, Any]:
         params["now"] = None if self._clock is None else self._clock()
@@ -566,14 +720,28 @@ class PostgresStore:
     def get(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
         if self._buffer:
             self._maybe_flush()
-        return _found(self._one(self._sql["GET"], (self._at(), namespace, request_id)))
+        params = (self._at(), namespace, request_id)
+        try:
+            return _found(self._one(self._sql["GET"], params))
+        except StoreError as err:
+            if not _lost(err):
+                raise
+        return _found(self._one(self._sql["GET"], params))  # _again, inline (the hot path)
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
-        if self._fast_path and not self._buffer:
-            fragments = _claim_fragments(request)
-            if fragments is not None:
-                return self._claim_fast(request, fragments)
-        return self._claim_general(request)
+        try:
+            if self._fast_path and not self._buffer:
+                fragments = _claim_fragments(request)
+                if fragments is not None:
+                    return self._claim_fast(request, fragments)
+            return self._claim_general(request)
+        except StoreError as err:
+            if not _lost(err):
+                raise
+        # The connection was lost, perhaps after the claim was committed: once more, on a
+        # connection the pool has just opened (_failed), which recognises the claim's own
+        # row (_claimed_by) and writes the events the first try carried only if it did not
+        return self._claim_general(request, self._held())
 
     def _claim_params(self, request: ClaimRequest) -> tuple[Any, ...]:
         """(now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey): the
@@ -605,10 +773,14 @@ class PostgresStore:
             return ClaimResult(False, existing, now)
         return ClaimResult(True, row_to_record(row), int(row[N_COLUMNS]))
 
-    def _claim_general(self, request: ClaimRequest) -> ClaimResult:
+    def _claim_general(
+        self, request: ClaimRequest, carried: list[AuditEvent] | None = None
+    ) -> ClaimResult:
+        """``carried``: this is the second try of a claim whose connection was lost, with
+        the buffered events its first try carried (claim)."""
         # BEGIN + the claim, its chain heads locked | the events, the heads moved + COMMIT:
         # two round trips
-        with self._write(pipelined=True) as cur:
+        with self._write(pipelined=True, hold=carried is None, carry=carried) as cur:
             shards, literal = self._lock_for(request.namespace, request.request_id)
             cur.execute(self._sql["CLAIM"], (*self._claim_params(request), literal))
             rows = cur.fetchall()
@@ -618,6 +790,11 @@ class PostgresStore:
                 existing, now = self._record_at(cur, request.namespace, request.request_id)
                 if existing is None:  # pragma: no cover - the conflicting row is committed
                     raise StoreError("claim conflicted with a row that then vanished")
+                if carried is not None and existing.execution_id == request.execution_id:
+                    # The first try committed (no other claim writes this execution id),
+                    # and with it the events it carried: they are not written again.
+                    self._tx.buffered.clear()
+                    return ClaimResult(_claimed_by(existing, request, now), existing, now)
                 return ClaimResult(False, existing, now)
             self._locked(shards, rows)
             record, now = row_to_record(rows[0]), int(rows[0][N_COLUMNS])
@@ -629,13 +806,21 @@ class PostgresStore:
         settle = completion.settle_case if terminal else None
         action, execution_id = completion.action, completion.execution_id
         known = None if action is None or execution_id is None else (action, execution_id)
-        if known is not None and settle is None and self._fast_path and not self._buffer:
-            fragments = _completion_fragments(completion, *known)
-            if fragments is not None:
-                done = self._complete_fast(completion, terminal, known, fragments)
-                if done is not None:
-                    return done
-        return self._complete_general(completion, terminal, settle)
+        try:
+            if known is not None and settle is None and self._fast_path and not self._buffer:
+                fragments = _completion_fragments(completion, *known)
+                if fragments is not None:
+                    done = self._complete_fast(completion, terminal, known, fragments)
+                    if done is not None:
+                        return done
+            return self._complete_general(completion, terminal, settle)
+        except StoreError as err:
+            if not _lost(err):
+                raise
+        # The connection was lost, perhaps after the completion was committed: once more, on
+        # a connection the pool has just opened (_failed). Fencing refuses a second write;
+        # the refusal then finds this very completion stored (_carries) and reports it.
+        return self._complete_general(completion, terminal, settle, self._held())
 
     def _completion_params(self, completion: Completion, terminal: bool) -> tuple[Any, ...]:
         """(now, status, result, etype, emsg, terminal, ns, rid, token): the parameters the
@@ -672,9 +857,15 @@ class PostgresStore:
         return WriteResult(accepted=True, record=row_to_record(row))
 
     def _complete_general(
-        self, completion: Completion, terminal: bool, settle: str | None
+        self,
+        completion: Completion,
+        terminal: bool,
+        settle: str | None,
+        carried: list[AuditEvent] | None = None,
     ) -> WriteResult:
-        with self._write(pipelined=True) as cur:
+        """``carried``: this is the second try of a completion whose connection was lost,
+        with the buffered events its first try carried (complete)."""
+        with self._write(pipelined=True, hold=carried is None, carry=carried) as cur:
             # A completion that settles a case locks the case row after its own: its chain
             # heads are then taken at the end (after the case), not by this statement.
             shards, literal = (
@@ -688,6 +879,13 @@ class PostgresStore:
             rows = cur.fetchall()
             if rows[0][0] is None:  # refused by the fencing check: report what is there
                 before, now = self._record_at(cur, completion.namespace, completion.request_id)
+                if carried is not None and before is not None and _carries(before, completion):
+                    # The first try committed, and with it its events and those it carried:
+                    # accepted, nothing written again, no rejection audited.
+                    self._tx.buffered.clear()
+                    expiry = before.lease_expires_at_ms
+                    late = expiry is not None and before.updated_at_ms >= expiry
+                    return WriteResult(accepted=True, record=before, late=late)
                 if before is None:
                     now = 0  # no record: the rejection is stamped 0, as this store always has
                 events = completion_events(completion, before, None, now)
@@ -703,6 +901,10 @@ class PostgresStore:
         return WriteResult(accepted=True, record=after, late=late)
 
     def resolve(self, resolution: Resolution) -> WriteResult:
+        # Not tried again on a lost connection (StoreError): a resolution writes nothing
+        # unique to itself (the token goes up by one, whoever resolved), so a second try
+        # could not tell a first that committed from an identical resolution by another
+        # operator, and a re-run's RELEASED record may be claimed again meanwhile.
         terminal = resolution.status in (Status.SUCCEEDED, Status.FAILED)
         error = resolution.error
         with self._write() as cur:
@@ -752,6 +954,8 @@ class PostgresStore:
         return [settled_event(row_to_case(row), record.execution_id, actor, now)]
 
     def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
+        # Not tried again on a lost connection (StoreError): the heartbeat tries a failed
+        # renewal again itself within 50 ms, on a connection opened after the drain.
         params = (self._at(), lease_ms, namespace, request_id, fencing_token)
         if self._buffer:  # buffered events go with the next write, so this one is a transaction
             with self._write() as cur:
@@ -764,6 +968,10 @@ class PostgresStore:
     def take_over(
         self, namespace: str, request_id: str, expected_token: int, owner: str, lease_ms: int
     ) -> WriteResult:
+        # Not tried again on a lost connection (StoreError): a take-over keeps the execution
+        # id and writes nothing unique to itself, so a second try could not tell its own
+        # committed take-over from that of another caller with the same owner name (threads
+        # of one guard), and both would then run the reconcile hook, or fn.
         with self._write() as cur:
             cur.execute(
                 self._sql["TAKE_OVER"],
@@ -798,6 +1006,8 @@ class PostgresStore:
         return self._read(read)
 
     def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
+        # Not tried again on a lost connection (StoreError), nor flush_events, add_anchor
+        # and purge: an append a lost try may have committed would be written twice.
         if buffered:
             self._buffer.add(event if event.at_ms else stamped(event, self._now()))
             self._maybe_flush()
@@ -871,13 +1081,16 @@ class PostgresStore:
     # -- cases -------------------------------------------------------------------------------
 
     def get_case(self, namespace: str, case_id: str) -> tuple[CaseRow | None, list[Signal]]:
-        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
-            cur.execute(self._sql["GET_CASE"], {"ns": namespace, "cid": case_id})
-            row = cur.fetchone()
-            if row is None:
-                return None, []
-            cur.execute(self._sql["LIVE_SIGNALS"], {"ns": namespace, "cid": case_id})
-            return row_to_case(row), [row_to_signal(r) for r in cur.fetchall()]
+        def read() -> tuple[CaseRow | None, list[Signal]]:
+            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.execute(self._sql["GET_CASE"], {"ns": namespace, "cid": case_id})
+                row = cur.fetchone()
+                if row is None:
+                    return None, []
+                cur.execute(self._sql["LIVE_SIGNALS"], {"ns": namespace, "cid": case_id})
+                return row_to_case(row), [row_to_signal(r) for r in cur.fetchall()]
+
+        return self._again(read)
 
     def _open_case(
         self,
@@ -904,11 +1117,17 @@ class PostgresStore:
         return row_to_case(locked)
 
     def open_case(self, namespace: str, case_id: str, threshold: float, quorum: int) -> CaseRow:
-        events: list[AuditEvent] = []
-        with self._write() as cur:
-            case = self._open_case(cur, namespace, case_id, (threshold, quorum), events)
-            self._emit(events)
-        return case
+        def once() -> CaseRow:
+            events: list[AuditEvent] = []
+            with self._write() as cur:
+                case = self._open_case(cur, namespace, case_id, (threshold, quorum), events)
+                self._emit(events)
+            return case
+
+        # Once more if the connection was lost: the case is inserted only if absent, and
+        # audited only by the statement that inserted it, so a second try adds nothing to a
+        # first that committed; either way it returns the case as stored.
+        return self._again(once)
 
     def update_case(
         self,
@@ -921,6 +1140,9 @@ class PostgresStore:
         detail: dict[str, Any],
         open_with: tuple[float, int] | None = None,
     ) -> CaseUpdate:
+        # Not tried again on a lost connection (StoreError): a second try after a first that
+        # committed would store the signal again (replacing the first) and ask ``mutate``
+        # about a case that has already changed.
         events: list[AuditEvent] = []
         with self._write() as cur:
             if open_with is not None:
@@ -1036,13 +1258,17 @@ class PostgresStore:
         index serves the order: the server sorts the events, which an offline
         verification can afford."""
         self.flush_events()
-        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
-            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            cur.execute(self._sql["CHAIN"])
-            rows = [tuple(r) for r in cur.fetchall()]
-            cur.execute(self._sql["HEADS"])
-            heads = {r[0]: (int(r[1]), r[2]) for r in cur.fetchall()}
-        return rows, heads
+
+        def read() -> tuple[list[tuple[Any, ...]], Heads]:
+            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cur.execute(self._sql["CHAIN"])
+                rows = [tuple(r) for r in cur.fetchall()]
+                cur.execute(self._sql["HEADS"])
+                heads = {r[0]: (int(r[1]), r[2]) for r in cur.fetchall()}
+            return rows, heads
+
+        return self._again(read)
 
     def chain_heads(self) -> Heads:
         """The current head of every chain: shard -> (seq, hash)."""

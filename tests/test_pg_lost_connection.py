@@ -1,0 +1,681 @@
+"""PostgreSQL store: a call whose connection turns out dead goes through on a new one.
+
+After a server restart, a failover, a terminated backend or a proxy that drops idle
+connections, every pooled connection is dead. A call that meets one drains the pool and,
+where a second try is provably safe (reads, claims, completions, opening a case), tries
+once more on a connection the pool has just opened; a claim or a completion whose commit
+landed but whose reply was lost recognises its own write. Everything else, and a second
+loss, fails closed with StoreError.
+
+Connections die for real here: backends are terminated with pg_terminate_backend, and a
+TCP proxy between the store and the server (tests/_pg_proxy.py) drops a request before the
+server sees it, or drops the reply after the server has committed. The server is never
+restarted (other work shares it) and nothing in the store is mocked or hooked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from safeagent import (
+    AsyncGuard,
+    EventKind,
+    Guard,
+    NotExecuted,
+    OutcomeUnknownError,
+    StoreError,
+)
+from safeagent._audit import AuditEvent
+from safeagent._receipt import ErrorInfo, Status
+from safeagent.audit import verify
+from safeagent.stores._base import ClaimRequest, Completion, Resolution
+from safeagent.stores.postgres import PostgresStore, _carries, _claimed_by
+from tests._pg_proxy import PgProxy
+from tests.conftest import PG_URL, START_MS, FakeClock, Ledger, pg_schema
+
+pytestmark = [pytest.mark.usefixtures("postgres_available"), pytest.mark.timeout(120)]
+
+POOL = 4
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    name = pg_schema()
+    yield name
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+@pytest.fixture
+def proxy() -> Iterator[PgProxy]:
+    p = PgProxy(PG_URL)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def stores() -> Iterator[list[PostgresStore]]:
+    """Stores to close at teardown (their schema is dropped by ``schema``)."""
+    made: list[PostgresStore] = []
+    yield made
+    for store in made:
+        store.close()
+
+
+def _backends(schema: str) -> set[int]:
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+            (f"safeagent-{schema}",),
+        ).fetchall()
+    return {int(r[0]) for r in rows}
+
+
+def _terminate_all(schema: str) -> set[int]:
+    """Terminate every backend of the store on ``schema`` (waiting until each is gone)."""
+    pids = _backends(schema)
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+    return pids
+
+
+def _full_pool(store: PostgresStore) -> set[int]:
+    """Fill the pool (POOL connections) and return their backend pids."""
+    store._get_pool().wait(timeout=10)
+    pids = _backends(store.schema)
+    assert len(pids) == POOL
+    return pids
+
+
+def _stat(store: PostgresStore, name: str) -> int:
+    return int(store._get_pool().get_stats().get(name, 0))
+
+
+def _marker(what: str) -> str:
+    return f"{what}-{uuid.uuid4().hex}"
+
+
+def _kinds(store: PostgresStore, rid: str) -> list[EventKind]:
+    return [e.kind for e in store.events(subject=rid)]
+
+
+def _effect(ledger: Ledger, key: str, value: Any = "done") -> Any:
+    def fn(_ctx: Any) -> Any:
+        ledger.append(key)
+        return value
+
+    return fn
+
+
+# -- every pooled connection dead --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drain", ["drain", "check"])
+def test_every_pooled_connection_dead_the_next_calls_all_succeed_once(
+    schema: str, stores: list[PostgresStore], ledger: Ledger, drain: str
+) -> None:
+    """All POOL backends terminated: the next 2 x POOL guarded calls (new ids and replays)
+    all succeed, each side effect ran exactly once, and the dead connections were met and
+    replaced. ``check``: psycopg_pool before 3.3 (no drain()), where the pool's check()
+    discards the dead connections instead."""
+    store = PostgresStore(PG_URL, schema=schema, min_size=POOL, max_size=POOL)
+    stores.append(store)
+    if drain == "check":
+        store._get_pool().drain = None  # type: ignore[assignment, method-assign]
+    guard = Guard(store, wait=0, owner="owner-1")
+    for k in range(POOL):
+        guard.execute(f"warm-{k}", "charge", {"k": k}, _effect(ledger, f"warm-{k}"))
+    before = _full_pool(store)
+    assert _terminate_all(schema) == before
+
+    receipts = []
+    for k in range(2 * POOL):
+        if k % 2:  # a replay: a read only
+            key = f"warm-{k // 2}"
+            receipts.append(guard.execute(key, "charge", {"k": k // 2}, _effect(ledger, key)))
+        else:
+            receipts.append(guard.execute(f"r-{k}", "charge", {"k": k}, _effect(ledger, f"r-{k}")))
+
+    assert [r.result for r in receipts] == ["done"] * (2 * POOL)
+    assert [r.replay for r in receipts] == [k % 2 == 1 for k in range(2 * POOL)]
+    for k in range(2 * POOL):
+        key = f"warm-{k // 2}" if k % 2 else f"r-{k}"
+        assert ledger.count(key) == 1, key
+    assert _stat(store, "returns_bad") + _stat(store, "connections_lost") >= 1  # met one
+    assert not (_backends(schema) & before)  # every connection now is a new one
+    guard.close()
+    assert verify(store).ok
+
+
+def test_concurrent_callers_on_a_dead_pool_each_run_once(
+    schema: str, stores: list[PostgresStore], ledger: Ledger
+) -> None:
+    """2 x POOL threads start together on a pool whose every backend was terminated, three
+    new ids each: every call succeeds and every side effect ran exactly once."""
+    store = PostgresStore(PG_URL, schema=schema, min_size=POOL, max_size=POOL, timeout=10)
+    stores.append(store)
+    guard = Guard(store, wait=5, owner="owner-1")
+    guard.execute("warm", "charge", {}, _effect(ledger, "warm"))
+    before = _full_pool(store)
+    _terminate_all(schema)
+    start = threading.Barrier(2 * POOL)
+    errors: list[BaseException] = []
+    results: list[Any] = []
+
+    def work(t: int) -> None:
+        try:
+            start.wait()
+            for k in range(3):
+                key = f"t{t}-{k}"
+                results.append(guard.execute(key, "charge", {}, _effect(ledger, key)).result)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(2 * POOL)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert results == ["done"] * (2 * POOL * 3)
+    assert ledger.count() == 1 + 2 * POOL * 3
+    assert sorted(k for k, _ in ledger.rows()) == sorted(
+        ["warm"] + [f"t{t}-{k}" for t in range(2 * POOL) for k in range(3)]
+    )
+    assert not (_backends(schema) & before)
+    guard.close()
+    assert verify(store).ok
+
+
+def test_async_callers_on_a_dead_pool_each_run_once(
+    schema: str, stores: list[PostgresStore], ledger: Ledger
+) -> None:
+    """AsyncGuard (store calls in worker threads): 2 x POOL calls gathered at once on a pool
+    whose every backend was terminated all succeed, each side effect once."""
+    store = PostgresStore(PG_URL, schema=schema, min_size=POOL, max_size=POOL, timeout=10)
+    stores.append(store)
+
+    async def main() -> list[Any]:
+        guard = AsyncGuard(store, wait=5, owner="owner-1")
+        await guard.execute("warm", "charge", {}, _effect(ledger, "warm"))
+        _full_pool(store)
+        _terminate_all(schema)
+        calls = [
+            guard.execute(f"a-{k}", "charge", {}, _effect(ledger, f"a-{k}"))
+            for k in range(2 * POOL)
+        ]
+        out = [r.result for r in await asyncio.gather(*calls)]
+        await guard.aclose()
+        return out
+
+    assert asyncio.run(main()) == ["done"] * (2 * POOL)
+    for k in range(2 * POOL):
+        assert ledger.count(f"a-{k}") == 1
+
+
+# -- a claim or a completion committed, its reply lost -----------------------------------------
+
+
+def _via_proxy(proxy: PgProxy, schema: str, **kwargs: Any) -> PostgresStore:
+    return PostgresStore(proxy.url, schema=schema, **{"max_size": 2, "timeout": 3.0, **kwargs})
+
+
+def _prepare(store: PostgresStore, guard: Guard, ledger: Ledger, path: str) -> None:
+    """``general``: the store takes only the general path; ``buffered``: a replay's audit
+    event waits in the buffer, so the next claim takes the general path and carries it (it
+    must be written exactly once)."""
+    guard.execute("warm", "charge", {}, _effect(ledger, "warm"))
+    if path == "general":
+        store._fast_path = False
+    elif path == "buffered":
+        _replay_warm(store, guard, ledger)
+
+
+def _replay_warm(store: PostgresStore, guard: Guard, ledger: Ledger) -> None:
+    assert guard.execute("warm", "charge", {}, _effect(ledger, "warm")).replay
+    assert store._buffer  # the replayed event is buffered
+
+
+def _check_buffered(store: PostgresStore, path: str) -> None:
+    store.flush_events()
+    replayed = [e.kind for e in store.events(subject="warm")].count(EventKind.REPLAYED)
+    assert replayed == (1 if path == "buffered" else 0)
+
+
+@pytest.mark.parametrize("path", ["fast", "general", "buffered"])
+def test_a_claim_committed_whose_reply_was_lost_is_won(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str
+) -> None:
+    """The claim commits and the connection dies before its reply arrives: the second try
+    finds the record PENDING under its own execution id and owner, reports the claim won,
+    fn runs exactly once, and the trail has one claimed event (and the buffered events the
+    lost try carried, once)."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+    _prepare(store, guard, ledger, path)
+    marker = _marker("lose-claim-reply")
+    proxy.lose_reply(marker)  # the payload travels in the claim statement only
+
+    receipt = guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r"))
+
+    assert proxy.lost == 1
+    assert proxy.attempts(marker) >= 2  # the claim was sent again
+    assert (receipt.result, receipt.replay) == ("done", False)
+    assert ledger.count("r") == 1
+    record = store.get("default", "r")[0]
+    assert record is not None
+    assert (record.status, record.attempt, record.fencing_token) == (Status.SUCCEEDED, 1, 1)
+    assert record.execution_id == receipt.execution_id
+    assert _kinds(store, "r") == [EventKind.CLAIMED, EventKind.SUCCEEDED]
+    _check_buffered(store, path)
+    guard.close()
+    assert verify(store).ok
+
+
+@pytest.mark.parametrize("path", ["fast", "general", "buffered"])
+def test_a_completion_committed_whose_reply_was_lost_is_accepted(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str
+) -> None:
+    """The completion commits and the connection dies before its reply arrives: fencing
+    refuses the second try, which finds exactly its own write stored and reports it
+    accepted; no rejection is audited, the outcome is stored once, fn ran once.
+    (``buffered``: fn replays another id, so the completion carries its buffered event.)"""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+    _prepare(store, guard, ledger, "fast" if path == "buffered" else path)
+    marker = _marker("lose-completion-reply")
+    proxy.lose_reply(marker)  # the result travels in the completion statement only
+
+    def fn(_ctx: Any) -> Any:
+        ledger.append("r")
+        if path == "buffered":
+            _replay_warm(store, guard, ledger)
+        return {"m": marker}
+
+    receipt = guard.execute("r", "charge", {}, fn)
+
+    assert proxy.lost == 1
+    assert proxy.attempts(marker) >= 2
+    assert (receipt.result, receipt.replay) == ({"m": marker}, False)
+    assert ledger.count("r") == 1
+    record = store.get("default", "r")[0]
+    assert record is not None
+    assert (record.status, record.fencing_token) == (Status.SUCCEEDED, 1)
+    assert _kinds(store, "r") == [EventKind.CLAIMED, EventKind.SUCCEEDED]
+    assert guard.execute("r", "charge", {}, _effect(ledger, "r")).result == {"m": marker}
+    assert ledger.count("r") == 1
+    _check_buffered(store, path)
+    guard.close()
+    assert verify(store).ok
+
+
+def test_a_late_completion_committed_whose_reply_was_lost_is_accepted_as_late(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore]
+) -> None:
+    """A completion after its lease expired (nobody took over) commits with its late
+    event, and its reply is lost: the second try reports it accepted and late, as the
+    first would have, and writes nothing again."""
+    clock = FakeClock()
+    store = _via_proxy(proxy, schema, clock=clock)
+    stores.append(store)
+    request = ClaimRequest(
+        namespace="ns",
+        request_id="late",
+        action="charge",
+        fingerprint="f" * 64,
+        payload_json="{}",
+        execution_id=uuid.uuid4().hex,
+        owner="owner-1",
+        lease_ms=30_000,
+        downstream_key="dk-late",
+    )
+    claimed = store.claim(request)
+    assert claimed.won
+    clock.advance(31)
+    marker = _marker("lose-late-reply")
+    proxy.lose_reply(marker)
+    written = store.complete(
+        Completion(
+            namespace="ns",
+            request_id="late",
+            fencing_token=1,
+            status=Status.SUCCEEDED,
+            result_json=f'"{marker}"',
+            error=None,
+            actor="owner-1",
+            action="charge",
+            execution_id=request.execution_id,
+        )
+    )
+    assert proxy.lost == 1
+    assert (written.accepted, written.late) == (True, True)
+    assert written.record is not None
+    assert written.record.result_json == f'"{marker}"'
+    kinds = _kinds(store, "late")
+    assert kinds.count(EventKind.LATE_COMPLETION) == 1
+    assert kinds.count(EventKind.SUCCEEDED) == 1
+    assert EventKind.COMPLETION_REJECTED not in kinds
+    assert verify(store).ok
+
+
+@pytest.mark.parametrize("what", ["claim", "completion"])
+def test_a_request_lost_before_the_server_saw_it_is_sent_again(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, what: str
+) -> None:
+    """The connection dies before the claim or the completion reached the server: the
+    second try makes it, once."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+    marker = _marker(f"lose-{what}-request")
+    proxy.lose_request(marker)
+    payload = {"m": marker} if what == "claim" else {}
+    result = {"m": marker} if what == "completion" else "done"
+
+    receipt = guard.execute("r", "charge", payload, _effect(ledger, "r", result))
+
+    assert proxy.lost == 1
+    assert proxy.attempts(marker) >= 2  # (the second try's claim event carries it too)
+    assert receipt.result == result
+    assert ledger.count("r") == 1
+    assert _kinds(store, "r") == [EventKind.CLAIMED, EventKind.SUCCEEDED]
+    assert verify(store).ok
+
+
+def test_a_claim_whose_lease_expired_before_the_second_try_is_not_won(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger
+) -> None:
+    """The claim commits, its reply is lost, and by the second try its lease has expired
+    (the store's clock jumps past it): anyone may take the record over now, so it is not
+    reported won. fn does not run; the call ends as for any claim in doubt."""
+    lease_ms = 30_000
+
+    def clock() -> int:  # jumps past the lease once the reply is lost
+        return START_MS + (lease_ms + 1 if proxy.lost else 0)
+
+    store = _via_proxy(proxy, schema, clock=clock)
+    stores.append(store)
+    guard = Guard(store, lease=lease_ms / 1000, wait=0, owner="owner-1")
+    marker = _marker("lose-claim-reply")
+    proxy.lose_reply(marker)
+    with pytest.raises(OutcomeUnknownError):
+        guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r"))
+    assert proxy.lost == 1
+    assert ledger.count("r") == 0
+    record = store.get("default", "r")[0]
+    assert record is not None
+    assert (record.status, record.attempt, record.fencing_token) == (Status.PENDING, 1, 1)
+    assert _kinds(store, "r").count(EventKind.CLAIMED) == 1
+
+
+# -- what is not tried again ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "error"),
+    [
+        ("lock_timeout", psycopg.errors.LockNotAvailable),
+        ("statement_timeout", psycopg.errors.QueryCanceled),
+    ],
+)
+def test_a_read_that_times_out_is_not_tried_again(
+    schema: str,
+    proxy: PgProxy,
+    stores: list[PostgresStore],
+    setting: str,
+    error: type[Exception],
+) -> None:
+    """A lock or statement timeout is an OperationalError that leaves the connection open:
+    the read fails with StoreError after ONE try, and the connection stays in the pool."""
+    url = proxy.url + f"&options=-c%20{setting}%3D300"
+    store = PostgresStore(url, schema=schema, max_size=1)
+    stores.append(store)
+    rid = _marker("read-timeout")
+    proxy.watch(rid)
+    with psycopg.connect(PG_URL) as admin:
+        admin.execute(f"LOCK TABLE {schema}.executions IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreError) as info:
+            store.get("default", rid)
+        admin.rollback()
+    assert isinstance(info.value.__cause__, error)
+    assert getattr(info.value, "connection_lost", False) is False
+    assert proxy.attempts(rid) == 1
+    assert _stat(store, "returns_bad") == 0
+    assert store.get("default", rid)[0] is None  # same connection, fine
+
+
+def test_a_claim_that_times_out_on_a_lock_is_not_tried_again(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger
+) -> None:
+    """A claim waiting on a row another transaction holds past lock_timeout: StoreError
+    after one try, fn not run; once the lock is gone, the next call runs fn once."""
+    store = PostgresStore(proxy.url + "&options=-c%20lock_timeout%3D300", schema=schema, max_size=1)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+
+    def not_now(_ctx: Any) -> None:
+        raise NotExecuted
+
+    with pytest.raises(NotExecuted):
+        guard.execute("r", "charge", {}, not_now)  # RELEASED: the next call claims it again
+    marker = _marker("claim-lock-timeout")
+    proxy.watch(marker)
+    with psycopg.connect(PG_URL) as admin:
+        admin.execute(
+            f"SELECT 1 FROM {schema}.executions WHERE request_id = 'r' FOR UPDATE"
+        ).fetchone()
+        with pytest.raises(StoreError) as info:
+            guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r"))
+        admin.rollback()
+    assert isinstance(info.value.__cause__, psycopg.errors.LockNotAvailable)
+    assert getattr(info.value, "connection_lost", False) is False
+    assert proxy.attempts(marker) == 1
+    assert ledger.count("r") == 0
+    assert guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r")).result == "done"
+    assert ledger.count("r") == 1
+
+
+@pytest.mark.parametrize("what", ["claim", "read"])
+def test_a_second_lost_connection_fails_closed(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, what: str
+) -> None:
+    """The second try loses its connection too: StoreError (connection_lost), after
+    exactly two tries; a claim that was never recorded never runs fn."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+    marker = _marker(f"lose-{what}-twice")
+    proxy.lose_request(marker)
+    proxy.lose_request(marker)
+
+    def call() -> Any:
+        if what == "claim":
+            return guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r"))
+        return store.get("default", marker)
+
+    with pytest.raises(StoreError) as info:
+        call()
+    assert info.value.connection_lost is True  # type: ignore[attr-defined]
+    assert isinstance(info.value.__cause__, psycopg.OperationalError)
+    assert (proxy.lost, proxy.attempts(marker)) == (2, 2)
+    assert ledger.count("r") == 0
+    assert store.get("default", "r")[0] is None  # nothing claimed
+    assert guard.execute("r", "charge", {}, _effect(ledger, "r")).result == "done"
+
+
+def test_a_second_try_that_cannot_connect_fails_closed(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger
+) -> None:
+    """The claim commits, its reply is lost, and no new connection can be opened: the
+    call fails with StoreError and fn does not run (the claim reads as in doubt after its
+    lease, never run twice)."""
+    store = _via_proxy(proxy, schema, timeout=1.0)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+    marker = _marker("lose-claim-reply")
+    proxy.lose_reply(marker)
+    proxy.refuse()
+    with pytest.raises(StoreError):
+        guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r"))
+    assert ledger.count("r") == 0
+    with psycopg.connect(PG_URL) as admin:  # the pool may be backing off its reconnects
+        row = admin.execute(
+            f"SELECT status, attempt FROM {schema}.executions WHERE request_id = 'r'"
+        ).fetchone()
+    assert row == ("PENDING", 1)  # committed, never run: in doubt once its lease expires
+
+
+def _in_doubt(store: PostgresStore, rid: str) -> None:
+    request = ClaimRequest(
+        namespace="ns",
+        request_id=rid,
+        action="charge",
+        fingerprint="f" * 64,
+        payload_json="{}",
+        execution_id=uuid.uuid4().hex,
+        owner="owner-1",
+        lease_ms=1,
+        downstream_key="dk-" + rid,
+    )
+    assert store.claim(request).won
+    time.sleep(0.01)  # the 1 ms lease expires on the database's clock
+
+
+@pytest.mark.parametrize("write", ["take_over", "resolve", "record_event"])
+def test_writes_that_cannot_be_proved_safe_are_not_tried_again(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], write: str
+) -> None:
+    """A take-over, a resolution or an audit append whose connection is lost: StoreError
+    (connection_lost) after ONE try, nothing changed; the next call goes through."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    _in_doubt(store, "r")
+    marker = _marker(write)  # travels as the owner, the actor, the subject
+
+    def call() -> Any:
+        if write == "take_over":
+            return store.take_over("ns", "r", 1, marker, 30_000)
+        if write == "resolve":
+            return store.resolve(
+                Resolution(
+                    namespace="ns",
+                    request_id="r",
+                    expected_token=1,
+                    status=Status.FAILED,
+                    result_json=None,
+                    error=ErrorInfo("Declined", "no"),
+                    actor=marker,
+                    reason="checked with the bank",
+                )
+            )
+        return store.record_event(
+            AuditEvent(kind=EventKind.CONFLICT, at_ms=0, namespace="ns", subject=marker)
+        )
+
+    proxy.lose_request(marker)
+    with pytest.raises(StoreError) as info:
+        call()
+    assert info.value.connection_lost is True  # type: ignore[attr-defined]
+    assert (proxy.lost, proxy.attempts(marker)) == (1, 1)
+    record = store.get("ns", "r")[0]
+    assert record is not None
+    assert (record.status, record.fencing_token) == (Status.PENDING, 1)
+    assert store.events(subject=marker) == []
+    out = call()  # a new connection: it goes through
+    if write != "record_event":
+        assert out.accepted
+        assert store.get("ns", "r")[0].fencing_token == 2  # type: ignore[union-attr]
+    else:
+        assert [e.kind for e in store.events(subject=marker)] == [EventKind.CONFLICT]
+
+
+def test_open_case_is_tried_again(schema: str, proxy: PgProxy, stores: list[PostgresStore]) -> None:
+    """Opening a case whose reply is lost after it committed: the second try finds the case
+    and returns it; it is opened (and audited) once."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    case_id = _marker("case")
+    proxy.lose_reply(case_id)
+    case = store.open_case("ns", case_id, 0.5, 1)
+    assert proxy.lost == 1
+    assert (case.case_id, case.state.value) == (case_id, "OPEN")
+    assert [e.kind for e in store.events(subject=case_id)] == [EventKind.STATE_CHANGE]
+    assert verify(store).ok
+
+
+# -- what a second try recognises as its own ---------------------------------------------------
+
+
+def test_only_the_claim_itself_untouched_and_live_is_recognised(
+    schema: str, stores: list[PostgresStore]
+) -> None:
+    """_claimed_by accepts the row the claim wrote, and not that row once renewed, taken
+    over (even by the same owner), or under another execution id; _carries accepts only
+    the completion's exact write."""
+    clock = FakeClock()
+    store = PostgresStore(PG_URL, schema=schema, clock=clock)
+    stores.append(store)
+    request = ClaimRequest(
+        namespace="ns",
+        request_id="r",
+        action="charge",
+        fingerprint="f" * 64,
+        payload_json="{}",
+        execution_id=uuid.uuid4().hex,
+        owner="owner-1",
+        lease_ms=30_000,
+        downstream_key="dk-r",
+    )
+    claimed = store.claim(request)
+    assert _claimed_by(claimed.record, request, claimed.now_ms)
+    other = ClaimRequest(**{**_fields(request), "execution_id": uuid.uuid4().hex})
+    assert not _claimed_by(claimed.record, other, claimed.now_ms)
+    assert not _claimed_by(claimed.record, request, claimed.now_ms + 30_000)  # expired
+    clock.advance(1)
+    assert store.renew("ns", "r", 1, 30_000)
+    renewed, now = store.get("ns", "r")
+    assert renewed is not None
+    assert not _claimed_by(renewed, request, now)
+    clock.advance(40)
+    taken = store.take_over("ns", "r", 1, "owner-1", 30_000)  # the same owner name
+    assert taken.accepted
+    assert taken.record is not None
+    assert not _claimed_by(taken.record, request, clock())
+
+    done = Completion(
+        namespace="ns",
+        request_id="r",
+        fencing_token=2,
+        status=Status.SUCCEEDED,
+        result_json='{"ok":true}',
+        error=None,
+        actor="owner-1",
+        action="charge",
+        execution_id=request.execution_id,
+    )
+    stored = store.complete(done).record
+    assert stored is not None
+    assert _carries(stored, done)
+    for change in (
+        {"result_json": '{"ok":false}'},
+        {"status": Status.FAILED},
+        {"fencing_token": 1},
+        {"error": ErrorInfo("E", "m")},
+        {"execution_id": uuid.uuid4().hex},
+    ):
+        assert not _carries(stored, Completion(**{**_fields(done), **change}))
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in type(obj).__slots__}
