@@ -330,7 +330,8 @@ def test_a_hook_following_the_readme_rule_settles_once_the_downstream_timeout_pa
     doubt: str, store: Any, clock: FakeClock, ledger: Ledger
 ) -> None:
     """Calls every 20 s (less than the 30 s lease) each run the hook, which answers
-    not_happened only once the store's clock is at least ``req.lease_expired_at_ms`` plus
+    not_happened only once ``req.now_ms`` (the store's clock) is at least
+    ``req.lease_expired_at_ms`` plus
     the downstream timeout (45 s): the instant does not move between rounds, so the first
     call at or after it settles, and fn runs once, as attempt 2."""
     timeout_ms = 45_000
@@ -340,7 +341,8 @@ def test_a_hook_following_the_readme_rule_settles_once_the_downstream_timeout_pa
     def hook(req: ReconcileRequest) -> Reconciliation:
         asked.append(req)
         assert req.lease_expired_at_ms is not None
-        if clock() >= req.lease_expired_at_ms + timeout_ms:
+        assert req.now_ms == clock()  # the store's clock as the round began
+        if req.now_ms >= req.lease_expired_at_ms + timeout_ms:
             return Reconciliation.not_happened(note="no request of it can still arrive")
         return Reconciliation.unknown(note="a request of it may still be in flight")
 

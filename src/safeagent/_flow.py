@@ -678,6 +678,7 @@ def reconcile_flow(call: Call, record: Record, s: Settings) -> Generator[Op, Any
         claimed_at_ms=lease.claimed_at_ms,
         fencing_token=lease.fencing_token,
         lease_expired_at_ms=ended_at,
+        now_ms=lease.updated_at_ms,  # the take-over's instant, store clock
     )
     outcome: Outcome = yield AskHook(call.reconcile, request, call.lease_ms)
     answer = outcome.value

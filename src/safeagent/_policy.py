@@ -157,6 +157,7 @@ class ReconcileRequest:
         claimed_at_ms: when that attempt claimed, store clock, ms.
         fencing_token: the token of this reconcile lease.
         lease_expired_at_ms: when that attempt ended (see the attribute's own docstring).
+        now_ms: the store's clock as this round began (see the attribute's docstring).
     """
 
     namespace: str
@@ -175,8 +176,13 @@ class ReconcileRequest:
     attempt: the same in every reconcile round, however often the record is retaken. Answer
     ``not_happened`` only once no request that attempt sent can still reach the downstream
     system: once the store's clock is at least this instant plus the downstream's longest
-    request timeout (the rule of the README's "Reconcile hooks"). ``None`` only for a record
-    whose lease expiry was never stored."""
+    request timeout (the rule of the README's "Reconcile hooks"; compare it with
+    :attr:`now_ms`, on the same clock). ``None`` only for a record whose lease expiry was
+    never stored."""
+    now_ms: int | None = None
+    """The store's clock when this round took the record over, ms (the database's clock on
+    PostgreSQL): the instant to compare with :attr:`lease_expired_at_ms`, so a hook's rule
+    does not depend on the skew between its host's clock and the store's."""
 
 
 Verdict = Literal["happened", "failed", "not_happened", "unknown"]
