@@ -96,7 +96,7 @@ from safeagent.stores._rows import (
 
 try:
     import psycopg
-    from psycopg_pool import ConnectionPool
+    from psycopg_pool import ConnectionPool, PoolTimeout
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
         "the PostgreSQL store needs psycopg 3 and psycopg_pool: pip install -e '.[postgres]' "
@@ -461,10 +461,16 @@ class PostgresStore:
         try:
             with self._get_pool().connection() as conn:
                 yield conn
+        except PoolTimeout as exc:  # an OperationalError too: before the generic branch
+            raise self._no_connection(exc) from exc
         except psycopg.Error as exc:
             raise self._failed(exc, conn) from exc
-        except TimeoutError as exc:  # psycopg_pool.PoolTimeout
-            raise StoreError(f"no PostgreSQL connection within {self.timeout} s: {exc}") from exc
+
+    def _no_connection(self, exc: PoolTimeout) -> StoreError:
+        return StoreError(
+            f"no PostgreSQL connection within {self.timeout} s (the server is down or "
+            f"unreachable, or all {self._sizes[1]} pooled connections are busy): {exc}"
+        )
 
     def _failed(self, exc: psycopg.Error, conn: psycopg.Connection[Any] | None) -> StoreError:
         """The StoreError for ``exc``, which ``conn`` raised. When the connection was lost
@@ -494,7 +500,9 @@ class PostgresStore:
         pool = self._get_pool()
         try:
             conn = pool.getconn()
-        except psycopg.Error as exc:  # PoolTimeout, PoolClosed
+        except PoolTimeout as exc:
+            raise self._no_connection(exc) from exc
+        except psycopg.Error as exc:  # PoolClosed
             raise StoreError(f"PostgreSQL failed: {exc}") from exc
         try:
             return conn.execute(sql, params).fetchone()
