@@ -23,6 +23,7 @@ import pytest
 from safeagent import (
     ActionPolicy,
     AsyncGuard,
+    ConfigurationError,
     ExecutionContext,
     Guard,
     OutcomeUnknownError,
@@ -514,3 +515,95 @@ def test_a_type_error_from_a_c_callable_stays_a_failure(guard: Any, ledger: Ledg
     with pytest.raises(TypeError):
         call(guard, "execute", "r-1", "charge", {}, len)
     assert stored(guard, "r-1")[:2] == (Status.FAILED, "TypeError")
+
+
+# -- fn that returns an awaitable ---------------------------------------------------------------
+
+
+class _BadAwaitable:
+    """An ``__await__`` that returns no iterator (as a mistyped one does): awaiting it
+    raises TypeError in the awaiting frame, after fn's body ran."""
+
+    def __await__(self) -> Any:
+        return 42
+
+
+def test_a_type_error_from_awaiting_what_fn_returned_is_not_a_never_started_fn(
+    guard: Any, ledger: Ledger
+) -> None:
+    """fn charged, then returned something that cannot be awaited: the TypeError of the
+    await is not the call's own, so the record is FAILED (AsyncGuard awaits it) or in doubt
+    (the sync Guard cannot await), and retries never charge again."""
+
+    def fn(ctx: ExecutionContext) -> Any:
+        ledger.append(ctx.request_id, "charged")
+        return _BadAwaitable()
+
+    with pytest.raises((TypeError, Exception)):
+        call(guard, "execute", "r-1", "charge", {}, fn)
+    expected = Status.FAILED if isinstance(guard, SyncBridge) else Status.IN_DOUBT
+    assert stored(guard, "r-1")[0] is expected
+    for _ in range(2):
+        with pytest.raises((ReplayedFailureError, OutcomeUnknownError)):
+            call(guard, "execute", "r-1", "charge", {}, fn)
+    assert ledger.count() == 1
+
+
+def test_sync_guard_plain_fn_returning_a_coroutine_is_in_doubt(
+    sync_guard: Guard, ledger: Ledger
+) -> None:
+    """A plain fn ran its own code, then returned a coroutine the sync Guard cannot await:
+    the record is in doubt (the charge may have happened), never released to run again."""
+
+    async def notify() -> None:
+        ledger.append("r-1", "notified")
+
+    def fn(ctx: ExecutionContext) -> Any:
+        ledger.append(ctx.request_id, "charged")
+        return notify()
+
+    with pytest.raises(ConfigurationError, match="in doubt"):
+        sync_guard.execute("r-1", "charge", {}, fn)
+    assert stored(sync_guard, "r-1")[:2] == (Status.IN_DOUBT, "safeagent.AwaitableReturned")
+    for _ in range(2):
+        with pytest.raises(OutcomeUnknownError):
+            sync_guard.execute("r-1", "charge", {}, fn)
+    assert ledger.count() == 1  # charged once, notify never ran
+
+
+def test_sync_guard_async_fn_called_without_await_is_released(
+    sync_guard: Guard, ledger: Ledger
+) -> None:
+    """An ``async def`` fn under the sync Guard returns its body un-started: nothing ran,
+    the claim is released, and the same id runs under a fn the guard can call."""
+
+    async def fn(ctx: ExecutionContext) -> Any:
+        ledger.append(ctx.request_id, "charged")
+
+    with pytest.raises(ConfigurationError, match="released"):
+        sync_guard.execute("r-1", "charge", {}, fn)
+    assert stored(sync_guard, "r-1")[0] is Status.RELEASED
+    assert ledger.count() == 0
+    assert sync_guard.execute("r-1", "charge", {}, returning(ledger, "ok")).result == "ok"
+
+
+def test_the_in_doubt_error_says_what_the_attempt_recorded(guard: Any, ledger: Ledger) -> None:
+    """fn raised a declared outcome-unknown exception: the retry's error names the stored
+    exception (the attempt did record something), not "never recorded an outcome"."""
+    with pytest.raises(TimeoutError):
+        call(
+            guard,
+            "execute",
+            "r-1",
+            "charge",
+            {},
+            raising(ledger, TimeoutError("read timed out after sending")),
+            outcome_unknown=(TimeoutError,),
+        )
+    with pytest.raises(OutcomeUnknownError) as info:
+        call(guard, "execute", "r-1", "charge", {}, returning(ledger, "again"))
+    message = str(info.value)
+    assert "ended with TimeoutError: read timed out after sending" in message
+    assert "may or may not have happened" in message
+    assert "never recorded" not in message
+    assert ledger.count() == 1

@@ -18,7 +18,9 @@ from safeagent import (
     FingerprintMismatchError,
     Guard,
     MemoryStore,
+    NotExecuted,
     OutcomeUnknownError,
+    ResultNotSerializableError,
     SQLiteStore,
     StoreError,
     _telemetry,
@@ -130,3 +132,34 @@ def test_async_guard_counts_in_doubt_the_same_way(tmp_path: Any) -> None:
     assert _outcomes("otel-async") == ["in_doubt", "in_doubt"]
     counts = _counts("otel-async")
     assert (counts["safeagent.in_doubt"], counts["safeagent.executions"]) == (2, 1)
+
+
+def test_each_way_a_call_ends_has_its_outcome(tmp_path: Any) -> None:
+    """released (fn said it did not happen), error (fn could not even be called), executed
+    (a result that could not be stored: fn ran), replayed (that result's replay), and
+    in_doubt (fn ran, then the store failed to record its outcome)."""
+    store = SQLiteStore(tmp_path / "t.db")
+    guard = Guard(store, namespace="otel-ways")
+
+    def not_executed(_ctx: object) -> None:
+        raise NotExecuted("the gateway refused the connection")
+
+    with pytest.raises(NotExecuted):
+        guard.execute("released", "charge", {}, not_executed)
+    with pytest.raises(TypeError):
+        guard.execute("unstarted", "charge", {}, lambda: 1)  # type: ignore[arg-type,misc]
+    for _ in range(2):
+        with pytest.raises(ResultNotSerializableError):
+            guard.execute("unstorable", "charge", {}, lambda _ctx: object())
+
+    def close_then_succeed(_ctx: object) -> int:
+        store.close()  # the completion cannot be written: the record stays PENDING
+        return 1
+
+    with pytest.raises(StoreError):
+        guard.execute("lost", "charge", {}, close_then_succeed)
+    assert _outcomes("otel-ways") == ["released", "error", "executed", "replayed", "in_doubt"]
+    counts = _counts("otel-ways")
+    assert counts["safeagent.executions"] == 3  # released, unstorable, lost: fn ran
+    assert counts["safeagent.replays"] == 1
+    assert counts["safeagent.in_doubt"] == 1

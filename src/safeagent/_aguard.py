@@ -36,6 +36,7 @@ from safeagent._flow import (
     call_for_record,
     capture,
     execute_flow,
+    never_started,
     reconcile_flow,
     resolve_flow,
     type_name,
@@ -272,10 +273,12 @@ class AsyncGuard(GuardCore):
                     key = (store.identity, op.context.namespace, op.context.request_id)
                     wake = (key, wakeups.register(key))
                     if seen is not None:
-                        seen.ran = True
+                        seen.ran = True  # until it says it never started
                     running = asyncio.ensure_future(self._run(op))
                     try:
                         answer = await asyncio.shield(running)
+                        if seen is not None:
+                            seen.ran = not answer.unstarted
                     except asyncio.CancelledError:
                         # fn has started: let it finish and record its outcome without us.
                         handed_off = True
@@ -418,7 +421,11 @@ async def _outcome(fn: Callable[[Any], Any], arg: Any) -> FnOutcome:
     """
     try:
         if inspect.iscoroutinefunction(fn):
-            return FnOutcome(value=await fn(arg))
+            try:
+                started = fn(arg)
+            except TypeError as exc:  # the call itself, not the coroutine's body
+                return FnOutcome(error=exc, unstarted=never_started(fn, exc))
+            return FnOutcome(value=await started)
         # A plain function may block: keep it off the event loop. to_thread copies the
         # context (current_context()).
         outcome = await asyncio.to_thread(capture, fn, arg)

@@ -134,10 +134,13 @@ class Resolve:
 
 @dataclass(slots=True)
 class Outcome:
-    """What ``fn`` (or a hook) did: returned ``value``, or raised ``error``."""
+    """What ``fn`` (or a hook) did: returned ``value``, or raised ``error``; ``unstarted``
+    when ``error`` is the ``TypeError`` of the call itself (:func:`never_started`), decided
+    where ``fn`` is called, so an error of awaiting what it returned never counts."""
 
     value: Any = None
     error: BaseException | None = None
+    unstarted: bool = False
 
     def unwrap(self) -> Any:
         """``value``, or raise ``error``."""
@@ -156,6 +159,8 @@ def capture(fn: Callable[..., Any], *args: Any) -> Outcome:
     """
     try:
         return Outcome(value=fn(*args))
+    except TypeError as exc:
+        return Outcome(error=exc, unstarted=never_started(fn, exc))
     except BaseException as exc:  # noqa: BLE001 - the flow classifies it
         return Outcome(error=exc)
 
@@ -164,7 +169,9 @@ def never_started(fn: Callable[..., Any], exc: BaseException) -> bool:
     """Whether ``exc`` is the ``TypeError`` of calling ``fn`` with arguments its signature
     refuses (``fn`` takes no context, say): raised before any line of ``fn`` ran.
 
-    Told apart by the traceback: it has no frame below the one that called ``fn``. Only
+    Told apart by the traceback, caught right where ``fn`` is called (by :func:`capture`
+    and the async driver, never around an ``await`` of what ``fn`` returned): it has no
+    frame below the one that called ``fn``. Only
     for ``fn`` written in Python (a function, a method, a ``functools.partial`` of one, an
     object with a Python ``__call__``): a C callable raises from no Python frame whether or
     not it did something first, so its ``TypeError`` stays a failure.
@@ -404,7 +411,7 @@ def run_flow(
     if outcome.error is not None:
         exc = outcome.error
         status = classify_exception(exc, call.not_executed, call.outcome_unknown)
-        if status is Status.FAILED and never_started(fn, exc):
+        if status is Status.FAILED and outcome.unstarted:
             status = Status.RELEASED  # fn's code never ran: let the fixed call run
         error = stored_error(type_name(exc), error_message(exc))
         written = yield from store_completion(call, record, status, None, error, s, cause=exc)
@@ -413,13 +420,16 @@ def run_flow(
         raise raisable(exc)
     value = outcome.value
     if inspect.isawaitable(value):
-        # An un-started coroutine surely did nothing: close it and release the claim. Any
-        # other awaitable (a scheduled Task or Future) may be running: that is in doubt.
-        unstarted = inspect.iscoroutine(value) and (
+        # An ``async def`` fn called without await returns its body as an un-started
+        # coroutine: it surely did nothing, so close it and release the claim. A plain fn
+        # that returned a coroutine has run its own code first, and any other awaitable (a
+        # scheduled Task or Future) may be running: both are in doubt.
+        created = inspect.iscoroutine(value) and (
             inspect.getcoroutinestate(value) == inspect.CORO_CREATED
         )
-        if unstarted and inspect.iscoroutine(value):
-            value.close()
+        if created and inspect.iscoroutine(value):
+            value.close()  # never run now: no "was never awaited" warning
+        unstarted = created and inspect.iscoroutinefunction(fn)
         yield from store_completion(
             call,
             record,
@@ -433,7 +443,8 @@ def run_flow(
             + (
                 "it never started, so the claim was released"
                 if unstarted
-                else "it may be running, so the record is in doubt"
+                else "fn's own code ran, or the awaitable may be running, so the record is "
+                "in doubt"
             )
         )
     result_json, unstorable = encode_result(value, s.result_encoder)
@@ -635,11 +646,19 @@ def in_doubt_error(
     """The "outcome unknown" error for ``record``: it names the attempt in doubt (the one
     that ran ``fn``) and its owner, never a reconciler that took the record over since."""
     owner = record.attempt_facts()[0]
+    if record.status is not Status.IN_DOUBT:  # PENDING, its lease expired: the owner died
+        what = "never recorded an outcome (its lease expired)"
+    elif record.error is not None:  # fn raised an "outcome unknown" exception
+        what = (
+            f"ended with {record.error.type}: {record.error.message}, so its side effect "
+            "may or may not have happened"
+        )
+    else:
+        what = "left its outcome unknown"
     return OutcomeUnknownError(
         f"request {request_id!r} is in doubt: attempt {record.attempt} by "
-        f"{owner} (claimed at {_utc(record.claimed_at_ms)}) never recorded an "
-        "outcome; it is not run again. Resolve it with Guard.resolve or a reconcile hook"
-        + (f" ({note})" if note else ""),
+        f"{owner} (claimed at {_utc(record.claimed_at_ms)}) {what}; it is not run again. "
+        "Resolve it with Guard.resolve or a reconcile hook" + (f" ({note})" if note else ""),
         request_id=request_id,
         namespace=namespace,
         owner=owner,

@@ -358,9 +358,9 @@ class Guard(GuardCore):
                 if isinstance(op, Run):
                     wake_key = (store.identity, op.context.namespace, op.context.request_id)
                     slot = wakeups.register(wake_key)
-                    if seen is not None:
-                        seen.ran = True
                     answer = self._run(op)
+                    if seen is not None:
+                        seen.ran = not answer.unstarted
                     continue
                 if seen is not None and isinstance(op, Complete):
                     seen.status = op.completion.status

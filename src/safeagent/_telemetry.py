@@ -8,10 +8,12 @@ or the result). Counters: ``safeagent.executions`` (``fn`` ran), ``safeagent.rep
 an in-doubt record, or left one: ``fn`` raised an outcome-unknown exception), each with
 the action and namespace as attributes.
 
-``safeagent.outcome`` is one of: ``executed``; ``replayed``; ``replayed_failure`` (a
-stored failure, or a purged receipt); ``conflict``; ``in_doubt``; ``in_progress``;
-``failed`` (``fn`` ran and raised, and its outcome is known); ``error`` (``fn`` did not
-run: bad input, or the store failed before the claim was recorded).
+``safeagent.outcome`` is one of: ``executed`` (a result that could not be stored
+included); ``replayed``; ``replayed_failure`` (a stored failure, or a purged receipt);
+``conflict``; ``in_doubt`` (met one, or ``fn`` ran and its outcome is unknown or could not
+be recorded); ``in_progress``; ``released`` (``fn`` raised a "not executed" exception);
+``failed`` (``fn`` ran and raised); ``error`` (``fn`` did not run: the store failed
+before the claim was recorded, or ``fn`` could not be called with the context).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from safeagent.errors import (
     OutcomeUnknownError,
     ReceiptPurgedError,
     ReplayedFailureError,
+    ResultNotSerializableError,
+    StoreError,
 )
 
 _tracer = trace.get_tracer("safeagent")
@@ -62,11 +66,17 @@ def _outcome(exc: BaseException | None, seen: Observation) -> tuple[str, tuple[s
         return "replayed_failure", ("replays",)
     if isinstance(exc, InProgressError):
         return "in_progress", ()
-    if seen.status is Status.IN_DOUBT:  # fn ran and raised an outcome-unknown exception
+    if isinstance(exc, ResultNotSerializableError):  # fn succeeded; its result was not kept
+        return ("executed", ("executions",)) if seen.ran else ("replayed", ("replays",))
+    if not seen.ran:
+        return "error", ()
+    if seen.status is Status.IN_DOUBT or isinstance(exc, StoreError):
+        # fn raised an outcome-unknown exception, or its outcome could not be recorded
+        # (the record stays PENDING and reads as in doubt once its lease expires)
         return "in_doubt", ("executions", "in_doubt")
-    if seen.ran:
-        return "failed", ("executions",)
-    return "error", ()
+    if seen.status is Status.RELEASED:  # fn said it did not happen (NotExecuted)
+        return "released", ("executions",)
+    return "failed", ("executions",)
 
 
 class Observation:
