@@ -604,6 +604,14 @@ def test_purge_leaves_tombstones_that_still_block_retries(guard: Any, clock: Fak
         guard.execute("done", "charge", {"a": 1}, lambda _ctx: ran.append("again"))
     assert info.value.receipt.status is Status.SUCCEEDED
     assert info.value.receipt.result is None
+    assert info.value.receipt.purged_at_ms == clock()  # marked: not a fn that returned None
+    tombstone = guard.get("done")
+    assert tombstone is not None
+    assert tombstone.purged_at_ms == clock()
+    assert tombstone.to_dict()["purged_at_ms"] == clock()
+    kept = guard.get("doubt")
+    assert kept is not None
+    assert kept.purged_at_ms is None
     with pytest.raises(FingerprintMismatchError):
         guard.execute("done", "charge", {"a": 9}, lambda _ctx: ran.append("other"))
     assert ran == ["done"]

@@ -145,6 +145,8 @@ class Receipt:
             its lease expiry if it died, or when it recorded the in-doubt outcome itself),
             whatever reconcile rounds came since (:meth:`Record.attempt_facts`); ``None``
             for a receipt not in doubt.
+        purged_at_ms: when retention purged the payload and result (store clock, ms),
+            else ``None``: tells a tombstone from a ``fn`` that returned ``None``.
     """
 
     namespace: str
@@ -168,6 +170,9 @@ class Receipt:
     """The payload as stored, canonical JSON text (``None`` once retention purged it)."""
     attempt_owner: str | None = None
     attempt_ended_at_ms: int | None = None
+    purged_at_ms: int | None = None
+    """Set (store clock, ms) when retention purged the payload and result, leaving a
+    tombstone: ``result`` and ``payload`` are then ``None`` whatever ``fn`` returned."""
 
     @property
     def payload(self) -> Any:
@@ -203,6 +208,7 @@ class Receipt:
             record.payload_json or None,
             owner,
             ended,
+            record.purged_at_ms,
         )
 
     @property
@@ -229,6 +235,7 @@ class Receipt:
             "completed_at_ms": self.completed_at_ms,
             "replay": self.replay,
             "payload": self.payload,
+            "purged_at_ms": self.purged_at_ms,
         }
 
     def to_json(self) -> str:
