@@ -117,6 +117,16 @@ def test_key_values_are_encoded_as_canonical_json() -> None:
     assert key_from_value({"b": 1, "a": 2}) == json.dumps({"a": 2, "b": 1}, separators=(",", ":"))
 
 
+def test_a_key_value_too_long_once_encoded_says_why() -> None:
+    """253 characters encode to 255 (the quotes): the limit. 254 characters are refused
+    with a message that names both lengths and the quotes, not a length never passed."""
+    assert len(key_from_value("k" * 253) or "") == 255
+    with pytest.raises(
+        InvalidRequestIdError, match="254 characters encodes as a request id of 256"
+    ):
+        key_from_value("k" * 254)
+
+
 def _record(status: Status, *, action: str = "a", fp: str = "f", lease_end: int = 100) -> Record:
     return Record(
         namespace="default",

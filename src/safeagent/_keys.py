@@ -261,6 +261,13 @@ def key_from_value(value: object) -> str | None:
         raise InvalidRequestIdError(
             f"key value {value!r} cannot be encoded as canonical JSON: {exc}"
         ) from exc
+    if len(encoded) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidRequestIdError(
+            f"key value of {len(value) if isinstance(value, str) else len(encoded)} "
+            f"characters encodes as a request id of {len(encoded)} (canonical JSON: a string "
+            f"keeps its quotes and escapes), more than {MAX_REQUEST_ID_LENGTH}",
+            request_id=encoded,
+        )
     return check_request_id(encoded)
 
 
