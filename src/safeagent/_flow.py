@@ -443,8 +443,7 @@ def run_flow(
             + (
                 "it never started, so the claim was released"
                 if unstarted
-                else "fn's own code ran, or the awaitable may be running, so the record is "
-                "in doubt"
+                else "fn's own code ran or it may be running, so the record is in doubt"
             )
         )
     result_json, unstorable = encode_result(value, s.result_encoder)
