@@ -11,6 +11,12 @@ store is mocked or hooked.
   one, with whatever came in the same read, is dropped, and both sides are closed. So
   the commit has happened and the client never learns (it waits for ReadyForQuery in
   vain, whether or not the statement's own results reached it).
+- ``fatal_reply(marker)``: as ``lose_reply``, but the server's replies before that
+  ReadyForQuery reach the client, and it is replaced by what a terminated backend sends
+  (``pg_terminate_backend``: an ErrorResponse FATAL 57P01 "terminating connection due to
+  administrator command"), then both sides are closed. The commit has happened and the
+  client is told the server went away. ``meanwhile``, if given, is called first: what
+  another client does between the commit and the client learning of the loss.
 - ``lose_request(marker)``: the first client message carrying ``marker`` is not passed
   on; both sides are closed. The server never sees the statement.
 - ``attempts(marker)``: how many client messages carried ``marker`` (sent attempts).
@@ -30,10 +36,23 @@ import contextlib
 import socket
 import threading
 from collections import Counter
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 _BUF = 65536
 _MARKER_MIN = 32
+
+
+def _admin_shutdown() -> bytes:
+    """ErrorResponse FATAL 57P01: what a backend sends as pg_terminate_backend ends it."""
+    fields = (
+        b"SFATAL",
+        b"VFATAL",
+        b"C57P01",
+        b"Mterminating connection due to administrator command",
+    )
+    body = b"".join(f + b"\0" for f in fields) + b"\0"
+    return b"E" + (len(body) + 4).to_bytes(4, "big") + body
 
 
 def _check(marker: str) -> None:
@@ -50,6 +69,8 @@ class PgProxy:
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._lose_reply: list[bytes] = []
+        self._fatal_reply: list[bytes] = []
+        self._meanwhile: dict[bytes, Callable[[], None]] = {}
         self._lose_request: list[bytes] = []
         self._seen: Counter[bytes] = Counter()
         self._watched: set[bytes] = set()
@@ -57,6 +78,7 @@ class PgProxy:
         self._closed = False
         self._socks: set[socket.socket] = set()
         self.lost = 0  # connections dropped on purpose
+        self.errors: list[BaseException] = []  # raised by a fatal_reply's meanwhile
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -75,6 +97,14 @@ class PgProxy:
         _check(marker)
         with self._lock:
             self._lose_reply.append(marker.encode())
+            self._watched.add(marker.encode())
+
+    def fatal_reply(self, marker: str, meanwhile: Callable[[], None] | None = None) -> None:
+        _check(marker)
+        with self._lock:
+            self._fatal_reply.append(marker.encode())
+            if meanwhile is not None:
+                self._meanwhile[marker.encode()] = meanwhile
             self._watched.add(marker.encode())
 
     def lose_request(self, marker: str) -> None:
@@ -142,6 +172,8 @@ class _Pair:
         self.client = client
         self.server = server
         self.armed = False  # drop the server's next ReadyForQuery (idle), and close
+        self.fatal = False  # ... passing on what came before it, then a FATAL
+        self.meanwhile: Callable[[], None] | None = None
         self.dead = False
         self.lock = threading.Lock()
         with proxy._lock:
@@ -180,14 +212,18 @@ class _Pair:
                             proxy._seen[marker] += 1
                     drop = proxy._take(proxy._lose_request, window)
                     arm = proxy._take(proxy._lose_reply, window)
-                    if drop is not None or arm is not None:
+                    fatal = proxy._take(proxy._fatal_reply, window)
+                    meanwhile = None if fatal is None else proxy._meanwhile.pop(fatal, None)
+                    if drop is not None or arm is not None or fatal is not None:
                         proxy.lost += 1
                 tail = data[-(_MARKER_MIN - 1) :]
                 if drop is not None:
                     break
-                if arm is not None:
+                if arm is not None or fatal is not None:
                     with self.lock:
                         self.armed = True
+                        self.fatal = fatal is not None
+                        self.meanwhile = meanwhile
                 self.server.sendall(data)
         except OSError:
             pass
@@ -213,7 +249,17 @@ class _Pair:
                     # ReadyForQuery, idle: the transaction has committed (or rolled back)
                     if message[:1] == b"Z" and message[5:6] == b"I":
                         with self.lock:
-                            armed = self.armed
+                            armed, fatal = self.armed, self.fatal
+                        if armed and fatal:  # the client is told the backend was ended
+                            if self.meanwhile is not None:
+                                try:
+                                    self.meanwhile()
+                                except BaseException as exc:  # for the test to see
+                                    self.proxy.errors.append(exc)
+                            with contextlib.suppress(OSError):
+                                self.client.sendall(b"".join(out[:-1]) + _admin_shutdown())
+                            self._kill()
+                            return
                         if armed:
                             self._kill()  # the client never learns
                             return

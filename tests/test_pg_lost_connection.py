@@ -34,10 +34,16 @@ from safeagent import (
     StoreError,
 )
 from safeagent._audit import AuditEvent
-from safeagent._receipt import ErrorInfo, Status
+from safeagent._receipt import ErrorInfo, Record, Status
 from safeagent.audit import verify
 from safeagent.stores._base import ClaimRequest, Completion, Resolution
-from safeagent.stores.postgres import PostgresStore, _carries, _claimed_by
+from safeagent.stores.postgres import (
+    _PIPELINE,
+    PostgresStore,
+    _carries,
+    _claimed_by,
+    _released_then_claimed,
+)
 from tests._pg_proxy import PgProxy
 from tests.conftest import PG_URL, START_MS, FakeClock, Ledger, pg_schema
 
@@ -679,3 +685,258 @@ def test_only_the_claim_itself_untouched_and_live_is_recognised(
 
 def _fields(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in type(obj).__slots__}
+
+
+# -- the backend ended after the commit: FATAL 57P01 -------------------------------------------
+# What pg_terminate_backend (or a server shutting down) sends: an ErrorResponse FATAL, then
+# the socket closes. In pipeline mode (the general path) psycopg then raises "cannot exit
+# pipeline mode while busy" on a connection it never marks broken, though libpq reports it
+# closed: the store must judge the loss by the connection's state, not by psycopg's flag.
+
+
+@pytest.mark.parametrize("path", ["fast", "general", "buffered"])
+def test_a_claim_committed_then_fatal_is_won(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str
+) -> None:
+    """The claim commits and the server answers FATAL 57P01 instead of ReadyForQuery: the
+    loss is recognised, the pool drained, the second try finds the claim its own, fn runs
+    exactly once; one claimed event, and the replayed event the claim carried is written
+    once (``buffered``)."""
+    assert _PIPELINE  # the general path is pipelined
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+    _prepare(store, guard, ledger, path)
+    marker = _marker("fatal-claim")
+    proxy.fatal_reply(marker)  # the payload travels in the claim statement only
+
+    receipt = guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r"))
+
+    assert proxy.lost == 1
+    assert proxy.attempts(marker) >= 2  # the claim was sent again
+    assert (receipt.result, receipt.replay) == ("done", False)
+    assert ledger.count("r") == 1
+    record = store.get("default", "r")[0]
+    assert record is not None
+    assert (record.status, record.attempt, record.fencing_token) == (Status.SUCCEEDED, 1, 1)
+    assert record.execution_id == receipt.execution_id
+    assert _kinds(store, "r") == [EventKind.CLAIMED, EventKind.SUCCEEDED]
+    _check_buffered(store, path)
+    guard.close()
+    assert verify(store).ok
+
+
+@pytest.mark.parametrize("path", ["fast", "general", "buffered"])
+def test_a_completion_committed_then_fatal_is_accepted(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str
+) -> None:
+    """The completion commits and the server answers FATAL 57P01: the second try finds
+    its own write and reports it accepted; no rejection audited, stored once, fn ran once,
+    the buffered event it carried written once."""
+    assert _PIPELINE
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+    _prepare(store, guard, ledger, "fast" if path == "buffered" else path)
+    marker = _marker("fatal-completion")
+    proxy.fatal_reply(marker)  # the result travels in the completion statement only
+
+    def fn(_ctx: Any) -> Any:
+        ledger.append("r")
+        if path == "buffered":
+            _replay_warm(store, guard, ledger)  # the completion takes the pipelined path
+        return {"m": marker}
+
+    receipt = guard.execute("r", "charge", {}, fn)
+
+    assert proxy.lost == 1
+    assert proxy.attempts(marker) >= 2
+    assert (receipt.result, receipt.replay) == ({"m": marker}, False)
+    assert ledger.count("r") == 1
+    record = store.get("default", "r")[0]
+    assert record is not None
+    assert (record.status, record.fencing_token) == (Status.SUCCEEDED, 1)
+    assert _kinds(store, "r") == [EventKind.CLAIMED, EventKind.SUCCEEDED]
+    _check_buffered(store, path)
+    guard.close()
+    assert verify(store).ok
+
+
+def test_a_release_committed_then_claimed_by_another_is_accepted(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger
+) -> None:
+    """fn raises NotExecuted; the release commits, and before its caller learns of it
+    (FATAL) another caller claims the record and runs. The second try of the release is
+    refused by fencing, but the record proves it committed (another execution id under
+    the very next token): the first caller gets its NotExecuted, not LeaseLostError, and
+    no rejection is audited."""
+    store_a = _via_proxy(proxy, schema)
+    store_b = PostgresStore(PG_URL, schema=schema, max_size=2)
+    stores.extend((store_a, store_b))
+    guard_a = Guard(store_a, wait=0, owner="owner-a")
+    guard_b = Guard(store_b, wait=0, owner="owner-b")
+    marker = _marker("fatal-release")
+    ran_b: list[Any] = []
+
+    def b_claims() -> None:  # between the release's commit and its caller's FATAL
+        ran_b.append(guard_b.execute("r", "charge", {}, _effect(ledger, "r-b", "b")))
+
+    proxy.fatal_reply(marker, b_claims)  # the error message travels with the release only
+
+    def not_run(_ctx: Any) -> Any:
+        raise NotExecuted(marker)
+
+    with pytest.raises(NotExecuted):
+        guard_a.execute("r", "charge", {}, not_run)
+
+    assert proxy.errors == []
+    assert proxy.lost == 1
+    assert proxy.attempts(marker) >= 2  # the release was sent again
+    assert [r.result for r in ran_b] == ["b"]
+    assert ledger.count("r-b") == 1
+    record = store_b.get("default", "r")[0]
+    assert record is not None
+    assert (record.status, record.attempt, record.fencing_token) == (Status.SUCCEEDED, 2, 2)
+    assert _kinds(store_b, "r") == [
+        EventKind.CLAIMED,
+        EventKind.RELEASED,
+        EventKind.CLAIMED,
+        EventKind.SUCCEEDED,
+    ]
+    guard_a.close()
+    guard_b.close()
+    assert verify(store_b).ok
+
+
+def test_only_a_release_followed_by_one_claim_is_recognised() -> None:
+    """_released_then_claimed: a RELEASED completion naming its execution id, and a record
+    under another execution id at the very next token; nothing else."""
+    release = Completion(
+        namespace="ns",
+        request_id="r",
+        fencing_token=3,
+        status=Status.RELEASED,
+        result_json=None,
+        error=ErrorInfo("safeagent.errors.NotExecuted", "no"),
+        actor="a",
+        action="charge",
+        execution_id="x-ours",
+    )
+    now = START_MS
+    record = Record(
+        namespace="ns",
+        request_id="r",
+        action="charge",
+        fingerprint="f" * 64,
+        status=Status.PENDING,
+        payload_json="{}",
+        result_json=None,
+        error=None,
+        execution_id="x-theirs",
+        attempt=2,
+        fencing_token=4,
+        lease_owner="b",
+        lease_expires_at_ms=now + 30_000,
+        downstream_key="dk",
+        created_at_ms=now,
+        claimed_at_ms=now,
+        updated_at_ms=now,
+        completed_at_ms=None,
+    )
+    assert _released_then_claimed(record, release)
+    for change in (
+        {"status": Status.IN_DOUBT},
+        {"status": Status.SUCCEEDED},
+        {"execution_id": None},
+        {"execution_id": "x-theirs"},
+        {"fencing_token": 2},
+    ):
+        assert not _released_then_claimed(record, Completion(**{**_fields(release), **change}))
+    for moved in ({"fencing_token": 5}, {"execution_id": "x-ours"}):  # two steps; a take-over
+        assert not _released_then_claimed(Record(**{**_fields(record), **moved}), release)
+
+
+def test_backends_terminated_at_random_never_hide_a_committed_write(
+    schema: str, stores: list[PostgresStore]
+) -> None:
+    """Claims and completions on the general (pipelined) path while every backend of the
+    store is terminated with pg_terminate_backend every few ms: each failure is reported
+    as a lost connection (after its second try was lost too); none is a plain StoreError
+    hiding a claim or completion that committed, as "cannot exit pipeline mode while busy"
+    on a connection psycopg had not marked broken used to be."""
+    store = PostgresStore(PG_URL, schema=schema, max_size=2, timeout=5.0)
+    stores.append(store)
+    store._fast_path = False
+    stop = threading.Event()
+    hidden: list[tuple[str, str]] = []
+    failures = 0
+
+    def killer() -> None:
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            while not stop.wait(0.002 + 0.008 * (time.monotonic() % 1)):
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = %s",
+                    (f"safeagent-{schema}",),
+                )
+
+    def committed(rid: str, check: Any) -> bool:
+        for _ in range(50):
+            try:
+                return bool(check(store.get("default", rid)[0]))
+            except StoreError:
+                time.sleep(0.01)
+        raise AssertionError("the store never came back")
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        for i in range(150):
+            rid, execution_id = f"r{i}", uuid.uuid4().hex
+            request = ClaimRequest(
+                namespace="default",
+                request_id=rid,
+                action="charge",
+                fingerprint="f" * 64,
+                payload_json="{}",
+                execution_id=execution_id,
+                owner="owner-1",
+                lease_ms=60_000,
+                downstream_key=f"dk-{i}",
+            )
+            try:
+                claimed = store.claim(request)
+            except StoreError as err:
+                failures += 1
+                mine = committed(
+                    rid, lambda r, x=execution_id: r is not None and r.execution_id == x
+                )
+                if mine and not getattr(err, "connection_lost", False):
+                    hidden.append(("claim", str(err)))
+                continue
+            if not claimed.won:
+                continue
+            done = Completion(
+                namespace="default",
+                request_id=rid,
+                fencing_token=claimed.record.fencing_token,
+                status=Status.SUCCEEDED,
+                result_json="1",
+                error=None,
+                actor="owner-1",
+                action="charge",
+                execution_id=execution_id,
+            )
+            try:
+                assert store.complete(done).accepted
+            except StoreError as err:
+                failures += 1
+                mine = committed(rid, lambda r: r is not None and r.status is Status.SUCCEEDED)
+                if mine and not getattr(err, "connection_lost", False):
+                    hidden.append(("completion", str(err)))
+    finally:
+        stop.set()
+        thread.join()
+    assert hidden == []
+    assert failures > 0  # the backends were terminated under the calls
+    assert verify(store).ok

@@ -269,10 +269,18 @@ def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
 
 def _connection_lost(exc: BaseException, conn: psycopg.Connection[Any] | None) -> bool:
     """``conn`` died under the call: the server went away (a restart, a failover, the
-    backend terminated, a proxy or the network dropped it) and the connection is now
-    broken. A lock timeout, a cancelled statement, a serialization failure or a deadlock
-    are OperationalErrors too, but they leave the connection open: they are not this."""
-    return isinstance(exc, psycopg.OperationalError) and conn is not None and conn.broken
+    backend terminated, a proxy or the network dropped it). Judged by the connection's
+    state after the error, not by the error: psycopg marks ``broken`` only where it met
+    the failure itself; in pipeline mode a FATAL from the server (57P01, as
+    ``pg_terminate_backend`` sends) or a socket closed after COMMIT surfaces as "cannot
+    exit pipeline mode while busy" on a connection libpq already reports closed (status
+    BAD) but psycopg never marked broken. A lock timeout, a cancelled statement, a
+    serialization failure or a deadlock leave the connection open (status OK): they are
+    not this."""
+    if conn is None or not isinstance(exc, psycopg.Error):
+        return False
+    # closed: libpq's status is BAD; a status other than OK, BAD: mid-(re)connection
+    return conn.broken or conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK
 
 
 def _lost(err: StoreError) -> bool:
@@ -317,6 +325,27 @@ def _carries(record: Record, completion: Completion) -> bool:
     )
 
 
+def _released_then_claimed(record: Record, completion: Completion) -> bool:
+    """``record`` proves that ``completion``, a release (RELEASED), committed, although
+    another claim has since replaced it: the record holds another execution id under the
+    very next fencing token.
+
+    The execution id changes only when a claim takes a RELEASED record over, raising the
+    token by one; nothing else raises it without keeping the execution id (a take-over)
+    or leaving the record RELEASED (a resolution, a re-run: no). So the one claim that
+    raised ``completion``'s token found the record RELEASED under that token, still this
+    attempt's (still its execution id), and only a completion holding the token, this
+    attempt's own, releases it: this completion. A token further on proves nothing (a
+    take-over, then a release by the new holder, then a claim looks the same); an
+    in-doubt completion taken over since is not told from a lease that expired."""
+    return (
+        completion.status is Status.RELEASED
+        and completion.execution_id is not None
+        and record.execution_id != completion.execution_id
+        and record.fencing_token == completion.fencing_token + 1
+    )
+
+
 class PostgresStore:
     """Execution records, cases and the audit trail in PostgreSQL.
 
@@ -333,10 +362,10 @@ class PostgresStore:
 
     Lost connections: a pooled connection is not checked when it is taken (that would be
     a round trip on every call). A call whose connection turns out dead (psycopg raised
-    ``OperationalError`` and the connection is now broken: the server restarted, the
-    backend was terminated, a proxy dropped it) drains the pool, so the calls after it get
-    new connections, and, where a second try is provably safe, tries once more on a
-    connection the pool has just opened:
+    and the connection is now closed or broken: the server restarted, the backend was
+    terminated, a proxy dropped it; see _connection_lost) drains the pool, so the calls
+    after it get new connections, and, where a second try is provably safe, tries once
+    more on a connection the pool has just opened:
 
     - reads (``get``, ``records``, ``events``, ``get_case``, ``cases``, ...): they change
       nothing;
@@ -349,7 +378,9 @@ class PostgresStore:
     - ``complete``: fencing refuses a second write, so if the lost attempt did commit, the
       record already holds exactly this completion (its status, result and error under
       its fencing token, action and execution id): reported accepted, no rejection
-      audited;
+      audited. A release (RELEASED) whose record another claim has taken since is
+      recognised too: another execution id under the very next fencing token proves it
+      (_released_then_claimed);
     - ``open_case``: it inserts the case only if absent, and audits only what it inserted.
 
     Not retried, because a lost attempt may have committed and nothing tells its write
@@ -894,6 +925,16 @@ class PostgresStore:
                     expiry = before.lease_expires_at_ms
                     late = expiry is not None and before.updated_at_ms >= expiry
                     return WriteResult(accepted=True, record=before, late=late)
+                if (
+                    carried is not None
+                    and before is not None
+                    and _released_then_claimed(before, completion)
+                ):
+                    # The first try released the record (committed, with its events and
+                    # those it carried), and a claim has taken it since: accepted, as it
+                    # was, nothing written again; the record is the one there now.
+                    self._tx.buffered.clear()
+                    return WriteResult(accepted=True, record=before)
                 if before is None:
                     now = 0  # no record: the rejection is stamped 0, as this store always has
                 events = completion_events(completion, before, None, now)
