@@ -498,9 +498,18 @@ class PostgresStore:
             raise self._failed(exc, conn) from exc
 
     def _no_connection(self, exc: PoolTimeout) -> StoreError:
+        """The error for a pool that gave no connection within ``timeout``: one direct
+        connection attempt (only on this failure path) tells a server that cannot be
+        reached, with libpq's reason, from a pool whose connections are all busy."""
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=max(1, round(self.timeout))):
+                pass
+        except psycopg.Error as cause:
+            reason = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
+            return StoreError(f"cannot reach PostgreSQL within {self.timeout} s: {reason}")
         return StoreError(
-            f"no PostgreSQL connection within {self.timeout} s (the server is down or "
-            f"unreachable, or all {self._sizes[1]} pooled connections are busy): {exc}"
+            f"no PostgreSQL connection within {self.timeout} s: all {self._sizes[1]} pooled "
+            f"connections are busy ({exc})"
         )
 
     def _failed(self, exc: psycopg.Error, conn: psycopg.Connection[Any] | None) -> StoreError:
