@@ -538,3 +538,187 @@ def test_a_lease_too_large_for_a_float_is_a_configuration_error() -> None:
 
     with pytest.raises(ConfigurationError, match="lease must be at most 31536000 s"):
         Guard(MemoryStore(), lease=10**400)
+
+
+# -- stored text the output cannot encode (the real entry point) -------------------------
+
+STRICT_UTF8 = {"PYTHONIOENCODING": "utf-8"}  # strict: a lone surrogate would raise
+SURROGATE_DETAIL = '{"note":"\\ud800 caf\\u00e9"}'  # an audit detail as stored
+
+
+@pytest.fixture
+def surrogate_db(tmp_path: Path) -> Path:
+    """Legal stored text with lone surrogates: ``fn-res``, whose fn returned one;
+    ``op-res``, resolved by hand with ``result="\\ud800"``; ``r-doubt`` in doubt; a case
+    ``c-1`` whose signal metadata holds one; and audit event 2, whose detail holds one
+    (written as an older or foreign writer could: raw SQL)."""
+    path = tmp_path / "surrogate.db"
+    guard = Guard(path, lease=30.0, wait=0, outcome_unknown=(TimeoutError,))
+    guard.execute("fn-res", "pay", {"who": "café"}, lambda ctx: {"name": "file\udcff.txt"})
+    for request_id in ("op-res", "r-doubt"):
+        with pytest.raises(TimeoutError):
+            guard.execute(request_id, "pay", {}, lambda ctx: (_ for _ in ()).throw(TimeoutError()))
+    guard.resolve("op-res", "succeeded", result="\ud800", by="alice", reason="dashboard")
+    FinalityGate(guard).signal("c-1", source="s", outcome="approve", confidence=0.5)
+    guard.close()
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE signals SET metadata = ?", ('{"k":"\\udcff"}',))
+    conn.execute("UPDATE audit_events SET detail = ? WHERE id = 2", (SURROGATE_DETAIL,))
+    conn.commit()
+    conn.close()
+    return path
+
+
+def ok_output(result: Any) -> str:
+    """Exit 0, no traceback, and standard output that is valid UTF-8."""
+    err = result.stderr.decode("utf-8", "backslashreplace")
+    assert result.returncode == 0, err
+    assert "Traceback" not in err
+    return str(result.stdout.decode("utf-8"))  # strict: no raw surrogate byte
+
+
+def strings(value: Any) -> Iterator[str]:
+    """Every string in a parsed JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+
+
+@pytest.mark.parametrize(
+    ("args", "surrogate"),
+    [
+        (["receipts", "show", "fn-res"], "\udcff"),  # fn's result
+        (["receipts", "show", "op-res"], "\ud800"),  # resolve(result=...)
+        (["receipts", "list"], None),
+        (["in-doubt", "list"], None),
+        (["cases", "show", "c-1"], "\udcff"),  # a signal's metadata
+        (["cases", "list"], None),
+    ],
+)
+def test_stored_lone_surrogates_print_as_json_escapes_and_visible_escapes(
+    surrogate_db: Path, args: list[str], surrogate: str | None
+) -> None:
+    """--json stays valid JSON holding the very value (a \\uXXXX escape); the table shows
+    a backslash escape. Ordinary non-ASCII text is printed as is. Exit 0, no traceback."""
+    as_json = ok_output(run(*args, "--json", "--db", surrogate_db, env=STRICT_UTF8))
+    parsed = json.loads(as_json)
+    table = ok_output(run(*args, "--db", surrogate_db, env=STRICT_UTF8))
+    if surrogate is not None:
+        assert any(surrogate in text for text in strings(parsed)), as_json
+        assert ascii(surrogate)[1:-1] in table  # the six characters \udcff
+    if args == ["receipts", "show", "fn-res"]:
+        assert "\\ud800 café" in table  # audit event 2's detail; café as is
+        assert "\\ud800 café" in as_json
+
+
+def test_one_stored_surrogate_does_not_break_the_json_listing(surrogate_db: Path) -> None:
+    """Every receipt is listed, each result as stored."""
+    rows = json.loads(ok_output(run("receipts", "list", "--json", "--db", surrogate_db)))
+    results = {r["request_id"]: r["result"] for r in rows}
+    assert results["fn-res"] == {"name": "file\udcff.txt"}
+    assert results["op-res"] == "\ud800"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["audit", "tail", "--json"],
+        ["audit", "export"],
+        ["audit", "export", "--format", "csv"],
+    ],
+)
+def test_audit_output_escapes_a_stored_surrogate(surrogate_db: Path, args: list[str]) -> None:
+    """One JSON object per line (tail --json, export jsonl), or CSV whose detail column is
+    JSON: the detail parses back to the stored value."""
+    out = ok_output(run(*args, "--db", surrogate_db, env=STRICT_UTF8))
+    if "csv" in args:
+        import csv
+        import io
+
+        details = [json.loads(row["detail"]) for row in csv.DictReader(io.StringIO(out))]
+    else:
+        details = [json.loads(line)["detail"] for line in out.splitlines()]
+    assert {"note": "\ud800 café"} in details
+    assert "café" in out  # not turned into an escape
+
+
+def test_audit_tail_table_and_export_file_escape_a_stored_surrogate(
+    surrogate_db: Path, tmp_path: Path
+) -> None:
+    table = ok_output(run("audit", "tail", "--db", surrogate_db, env=STRICT_UTF8))
+    assert '{"note":"\\ud800 café"}' in table
+    out = tmp_path / "trail.jsonl"
+    ok_output(run("audit", "export", "--out", out, "--db", surrogate_db, env=STRICT_UTF8))
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert {"note": "\ud800 café"} in [json.loads(line)["detail"] for line in lines]
+
+
+def test_an_ascii_terminal_gets_escapes_not_a_crash(surrogate_db: Path) -> None:
+    """Standard output that cannot encode é either: the JSON escapes it (same value), the
+    table shows \\xe9."""
+    ascii_env = {"PYTHONIOENCODING": "ascii"}
+    args = ("receipts", "show", "fn-res", "--db", surrogate_db, "--no-redact")
+    as_json = run(*args, "--json", env=ascii_env)
+    assert as_json.returncode == 0, as_json.stderr
+    parsed = json.loads(as_json.stdout.decode("ascii"))
+    assert parsed["receipt"]["payload"] == {"who": "café"}
+    table = run(*args, env=ascii_env)
+    assert table.returncode == 0, table.stderr
+    assert '{"who":"caf\\xe9"}' in table.stdout.decode("ascii")
+
+
+# -- an audit key that is not UTF-8 ------------------------------------------------------
+
+RAW_KEY = b"\xff\xfe0123456789abcdefgh"
+
+
+def key_env(raw: bytes) -> dict[str, str]:
+    """$SAFEAGENT_AUDIT_KEY holding ``raw`` as is (os.fsdecode round-trips to the bytes)."""
+    return {"SAFEAGENT_AUDIT_KEY": os.fsdecode(raw)}
+
+
+def test_a_non_utf8_audit_key_in_the_environment_is_its_bytes(db: Path, tmp_path: Path) -> None:
+    """``SAFEAGENT_AUDIT_KEY=$(cat keyfile)`` of random bytes: anchor signs with those
+    bytes, and verify agrees with --key-file holding the same bytes; another key is a
+    bad_anchor (exit 1). No traceback anywhere."""
+    key_file = tmp_path / "audit.key"
+    key_file.write_bytes(RAW_KEY)
+    anchored = run("audit", "anchor", "--json", "--db", db, env=key_env(RAW_KEY))
+    assert json.loads(ok_output(anchored))["id"] == 1
+    by_file = json.loads(
+        ok_output(run("audit", "verify", "--json", "--key-file", key_file, "--db", db))
+    )
+    by_env = json.loads(
+        ok_output(run("audit", "verify", "--json", "--db", db, env=key_env(RAW_KEY)))
+    )
+    assert by_file["ok"]
+    assert by_env["ok"]
+    assert by_file["anchors_checked"] == by_env["anchors_checked"] == 1
+    other = run("audit", "verify", "--db", db, env=key_env(b"\xfe\xff0123456789abcdefgh"))
+    assert other.returncode == 1
+    assert b"bad_anchor" in other.stdout
+    assert b"Traceback" not in other.stderr
+
+
+def test_a_short_non_utf8_audit_key_is_exit_2(db: Path) -> None:
+    """Counted in bytes: three bytes of which two are not UTF-8 is a key too short."""
+    for command in ("anchor", "verify"):
+        result = run("audit", command, "--db", db, env=key_env(b"\xff\xfeab"))
+        assert_usage_error(result, "at least 16 bytes", "got 4")
+
+
+def test_load_key_takes_the_environment_variables_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from safeagent import audit
+
+    monkeypatch.setenv("SAFEAGENT_AUDIT_KEY", os.fsdecode(RAW_KEY))
+    assert audit.load_key() == RAW_KEY
+    monkeypatch.setenv("SAFEAGENT_AUDIT_KEY", "clé-0123456789abcdef")
+    assert audit.load_key() == "clé-0123456789abcdef".encode()

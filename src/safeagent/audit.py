@@ -100,7 +100,10 @@ class Anchor:
 
 
 def load_key(*, path: str | None = None, env: str = KEY_ENV) -> bytes:
-    """The anchoring key: the file at ``path``, else the environment variable ``env``.
+    """The anchoring key: the file at ``path`` (its bytes, surrounding whitespace
+    stripped), else the environment variable ``env`` (its bytes as the process received
+    them, which need not be UTF-8: ``SAFEAGENT_AUDIT_KEY=$(cat keyfile)`` of random bytes
+    is the same key as those bytes).
 
     Keep it away from the database's writers: whoever holds it can sign a rewritten trail.
 
@@ -114,7 +117,9 @@ def load_key(*, path: str | None = None, env: str = KEY_ENV) -> bytes:
         except OSError as exc:
             raise ConfigurationError(f"cannot read the audit key file {path}: {exc}") from exc
     else:
-        key = os.environ.get(env, "").encode()
+        # os.fsencode gives back the bytes a non-UTF-8 value was decoded from (lone
+        # surrogates, surrogateescape); str.encode would refuse them.
+        key = os.fsencode(os.environ.get(env, ""))
     if len(key) < MIN_KEY_BYTES:
         raise ConfigurationError(
             f"an audit key of at least {MIN_KEY_BYTES} bytes is needed "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import json
 import os
 import signal
 import sys
@@ -11,7 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO, cast
 
 import typer
 
@@ -24,6 +23,7 @@ from safeagent._cli._common import (
     EXIT_FAILED,
     CliError,
     DbOpt,
+    JsonEscapingWriter,
     JsonOpt,
     KeyFileOpt,
     NsFilterOpt,
@@ -40,6 +40,7 @@ from safeagent._cli._common import (
     out_console,
     parse_duration,
     print_json,
+    print_line,
     print_pairs,
     print_table,
     resolve_target,
@@ -83,8 +84,10 @@ def audit_tail(
 
     def show(events: Sequence[AuditEvent]) -> None:
         for event in events:
-            line = json.dumps(event.to_dict(), ensure_ascii=False) if as_json else None
-            typer.echo(line if line is not None else event_line(event))
+            if as_json:
+                print_json(event.to_dict(), indent=None)
+            else:
+                print_line(event_line(event))
         sys.stdout.flush()
 
     with opened(resolve_target(db, database_url, schema)) as store:
@@ -128,11 +131,13 @@ def audit_export(
     """Export the audit trail as JSON lines or CSV, redacted by the default redaction hook."""
     with opened(resolve_target(db, database_url, schema)) as store:
         if out is None:
-            count = audit_lib.export(store, sys.stdout, fmt=fmt.value, namespace=namespace)
+            stdout = cast(TextIO, JsonEscapingWriter(sys.stdout))
+            count = audit_lib.export(store, stdout, fmt=fmt.value, namespace=namespace)
         else:
             try:
                 with out.open("w", encoding="utf-8", newline="") as handle:
-                    count = audit_lib.export(store, handle, fmt=fmt.value, namespace=namespace)
+                    escaping = cast(TextIO, JsonEscapingWriter(handle))
+                    count = audit_lib.export(store, escaping, fmt=fmt.value, namespace=namespace)
             except BaseException:
                 out.unlink(missing_ok=True)  # never leave half an export behind
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import os
@@ -158,9 +159,78 @@ def cli_command(fn: Callable[P, R]) -> Callable[P, R]:
 # -- output ----------------------------------------------------------------------------------
 
 
+def _encoding(stream: IO[str]) -> str:
+    """The encoding ``stream`` writes, by its codec's name (UTF-8 when it does not say)."""
+    try:
+        return codecs.lookup(getattr(stream, "encoding", None) or "utf-8").name
+    except LookupError:
+        return "utf-8"
+
+
+def _fits(char: str, encoding: str) -> bool:
+    try:
+        char.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(text: str, stream: IO[str], escape: Callable[[str], str]) -> str:
+    """``text`` with every character ``stream`` cannot encode strictly (a lone surrogate
+    anywhere; ``é`` on an ASCII terminal) replaced by ``escape(char)``, so printing it
+    cannot fail, and never writes a surrogate's raw byte (``surrogateescape``)."""
+    encoding = _encoding(stream)
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return "".join(c if _fits(c, encoding) else escape(c) for c in text)
+    return text
+
+
+def printable(text: str, stream: IO[str] | None = None) -> str:
+    """``text`` as a table or message shows it on ``stream`` (standard output by default):
+    what the stream cannot encode as a visible backslash escape (``\\udcff``, ``\\xe9``)."""
+    return _escaped(
+        text,
+        sys.stdout if stream is None else stream,
+        lambda c: c.encode("ascii", "backslashreplace").decode("ascii"),
+    )
+
+
+def json_printable(text: str, stream: IO[str] | None = None) -> str:
+    """JSON ``text`` as written to ``stream`` (standard output by default): what the stream
+    cannot encode as a JSON ``\\uXXXX`` escape, which only a JSON string can hold, so the
+    output is still valid JSON with the same value; other non-ASCII text is left alone."""
+    return _escaped(text, sys.stdout if stream is None else stream, lambda c: json.dumps(c)[1:-1])
+
+
+class JsonEscapingWriter:
+    """A text stream that writes JSON (or CSV of JSON) to ``stream`` through
+    :func:`json_printable`, for writers that take a stream (``safeagent.audit.export``)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(json_printable(text, self.stream))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _Console(Console):
+    """A rich console whose text (``console.print("...")``) is :func:`printable`: a message
+    holding a lone surrogate or a character the stream cannot encode cannot fail."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(
+            *(printable(o, self.file) if isinstance(o, str) else o for o in objects), **kwargs
+        )
+
+
 def _console(file: IO[str]) -> Console:
     wide = file.isatty() or bool(os.environ.get("COLUMNS"))
-    return Console(
+    return _Console(
         file=file, width=None if wide else 1000, highlight=False, markup=False, emoji=False
     )
 
@@ -182,8 +252,17 @@ def confirm(question: str) -> bool:
         return False
 
 
-def print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+def print_json(value: Any, *, indent: int | None = 2) -> None:
+    """``value`` as JSON on standard output (one line with ``indent=None``): non-ASCII
+    text as is, and what standard output cannot encode (a lone surrogate a stored result
+    may hold) as a ``\\uXXXX`` escape (:func:`json_printable`), so the output is valid JSON."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False, default=str)
+    typer.echo(json_printable(text))
+
+
+def print_line(text: str) -> None:
+    """One line of text on standard output, as a table shows it (:func:`printable`)."""
+    typer.echo(printable(text))
 
 
 def iso(ms: int | None) -> str:
@@ -202,8 +281,8 @@ def print_table(
     table = Table(box=None, pad_edge=False)
     for header in headers:
         table.add_column(header, overflow="fold")
-    for row in rows:
-        table.add_row(*(Text("-" if cell is None else str(cell)) for cell in row))
+    for row in rows:  # escaped before rich measures the columns
+        table.add_row(*(Text("-" if cell is None else printable(str(cell))) for cell in row))
     console = out_console()
     if title is not None:
         console.print(title)
