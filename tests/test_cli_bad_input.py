@@ -722,3 +722,18 @@ def test_load_key_takes_the_environment_variables_bytes(monkeypatch: pytest.Monk
     assert audit.load_key() == RAW_KEY
     monkeypatch.setenv("SAFEAGENT_AUDIT_KEY", "clé-0123456789abcdef")
     assert audit.load_key() == "clé-0123456789abcdef".encode()
+
+
+def test_a_key_file_and_the_same_bytes_in_the_environment_are_one_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Surrounding whitespace (a trailing newline, a CRLF kept by ``$(cat ...)``, a tab)
+    is stripped from both sources, so a key file and ``SAFEAGENT_AUDIT_KEY=$(cat file)``
+    always sign alike."""
+    from safeagent import audit
+
+    for stored in (b" secret-key-0123456789\t", b"\xfe\xffsecret-0123456789\r\n", b"k" * 20):
+        keyfile = tmp_path / "audit.key"
+        keyfile.write_bytes(stored)
+        monkeypatch.setenv("SAFEAGENT_AUDIT_KEY", os.fsdecode(stored.rstrip(b"\n")))
+        assert audit.load_key() == audit.load_key(path=str(keyfile)) == stored.strip()

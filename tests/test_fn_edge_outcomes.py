@@ -607,3 +607,35 @@ def test_the_in_doubt_error_says_what_the_attempt_recorded(guard: Any, ledger: L
     assert "may or may not have happened" in message
     assert "never recorded" not in message
     assert ledger.count() == 1
+
+
+def test_a_proxy_passing_for_an_async_function_is_not_released(
+    sync_guard: Guard, ledger: Ledger
+) -> None:
+    """A class-based decorator that forwards ``__code__`` and friends to an ``async def``
+    (so ``inspect.iscoroutinefunction`` says yes) but runs the side effect in its own
+    synchronous ``__call__`` before returning the coroutine: its code ran, so the record
+    is in doubt, and retries never charge again."""
+
+    async def notify(ctx: ExecutionContext) -> None:
+        ledger.append(ctx.request_id, "notified")
+
+    class Charging:
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def __call__(self, ctx: ExecutionContext) -> Any:
+            ledger.append(ctx.request_id, "charged")
+            return self._inner(ctx)
+
+    fn = Charging(notify)
+    with pytest.raises(ConfigurationError, match="in doubt"):
+        sync_guard.execute("r-1", "charge", {}, fn)
+    assert stored(sync_guard, "r-1")[0] is Status.IN_DOUBT
+    for _ in range(2):
+        with pytest.raises(OutcomeUnknownError):
+            sync_guard.execute("r-1", "charge", {}, fn)
+    assert ledger.count() == 1

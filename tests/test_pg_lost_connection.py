@@ -492,6 +492,33 @@ def test_a_claim_that_times_out_on_a_lock_is_not_tried_again(
     assert ledger.count("r") == 1
 
 
+def test_a_lock_timeout_on_a_connection_the_pool_will_close_is_not_a_lost_connection(
+    schema: str, stores: list[PostgresStore]
+) -> None:
+    """The pool closes a connection it takes back when it is past ``max_lifetime`` or was
+    opened before a drain: a lock timeout on such a (healthy) connection is judged while
+    the connection is still ours, so it is not taken for a lost one (no drain, no retry)."""
+    store = PostgresStore(PG_URL + "?options=-c%20lock_timeout%3D200", schema=schema, max_size=2)
+    stores.append(store)
+    guard = Guard(store, wait=0)
+    guard.execute("warm", "charge", {}, lambda _ctx: 1)
+    pool = store._get_pool()
+    with psycopg.connect(PG_URL) as admin:
+        admin.execute(f"LOCK TABLE {schema}.executions IN ACCESS EXCLUSIVE MODE")
+
+        def read_on_a_drained_connection() -> None:
+            with store._connection() as conn:
+                pool.drain()  # this connection is closed when handed back
+                conn.execute(f"SELECT 1 FROM {schema}.executions")
+
+        with pytest.raises(StoreError) as info:
+            read_on_a_drained_connection()
+        admin.rollback()
+    assert isinstance(info.value.__cause__, psycopg.errors.LockNotAvailable)
+    assert info.value.connection_lost is False
+    assert guard.execute("warm", "charge", {}, lambda _ctx: 2).replay is True
+
+
 @pytest.mark.parametrize("what", ["claim", "read"])
 def test_a_second_lost_connection_fails_closed(
     schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, what: str

@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from safeagent import (
     AsyncGuard,
+    ConfigurationError,
     FingerprintMismatchError,
     Guard,
     MemoryStore,
@@ -163,3 +164,33 @@ def test_each_way_a_call_ends_has_its_outcome(tmp_path: Any) -> None:
     assert counts["safeagent.executions"] == 3  # released, unstorable, lost: fn ran
     assert counts["safeagent.replays"] == 1
     assert counts["safeagent.in_doubt"] == 1
+
+
+def test_what_fn_raises_is_its_own_failure_whatever_its_type(tmp_path: Any) -> None:
+    """fn ran and raised a SafeAgent error of its own (a nested guard's conflict, a store
+    error): a failed execution, not a conflict or an in-doubt record of this call. An
+    ``async def`` fn under the sync Guard never ran: an error, not an execution."""
+    guard = Guard(SQLiteStore(tmp_path / "t.db"), namespace="otel-own")
+    inner = Guard(MemoryStore(), namespace="otel-inner")
+    inner.execute("x", "charge", {"a": 1}, lambda _ctx: 1)
+
+    def nested_conflict(_ctx: object) -> None:
+        inner.execute("x", "charge", {"a": 2}, lambda _ctx: 1)
+
+    def own_store_error(_ctx: object) -> None:
+        raise StoreError("the ledger service's own database failed")
+
+    async def never_awaited(_ctx: object) -> None:
+        pass
+
+    with pytest.raises(FingerprintMismatchError):
+        guard.execute("c", "charge", {}, nested_conflict)
+    with pytest.raises(StoreError, match="ledger service"):
+        guard.execute("s", "charge", {}, own_store_error)
+    with pytest.raises(ConfigurationError, match="released"):
+        guard.execute("n", "charge", {}, never_awaited)
+    assert _outcomes("otel-own") == ["failed", "failed", "error"]
+    counts = _counts("otel-own")
+    assert counts["safeagent.executions"] == 2
+    assert counts.get("safeagent.conflicts", 0) == 0
+    assert counts.get("safeagent.in_doubt", 0) == 0

@@ -308,6 +308,8 @@ class AsyncGuard(GuardCore):
                         raise
                     except BaseException as exc:  # noqa: BLE001 - thrown into the flow
                         error = exc
+                        if seen is not None:
+                            seen.unrecorded = True
                     continue
                 try:
                     answer = await self._perform(op)

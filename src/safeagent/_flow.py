@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import time
+import types
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -135,8 +136,10 @@ class Resolve:
 @dataclass(slots=True)
 class Outcome:
     """What ``fn`` (or a hook) did: returned ``value``, or raised ``error``; ``unstarted``
-    when ``error`` is the ``TypeError`` of the call itself (:func:`never_started`), decided
-    where ``fn`` is called, so an error of awaiting what it returned never counts."""
+    when none of ``fn``'s code ran: ``error`` is the ``TypeError`` of the call itself
+    (:func:`never_started`), or ``value`` is its own un-started ``async def`` body
+    (:func:`body_unstarted`). Decided where ``fn`` is called, so an error of awaiting
+    what it returned never counts."""
 
     value: Any = None
     error: BaseException | None = None
@@ -158,11 +161,23 @@ def capture(fn: Callable[..., Any], *args: Any) -> Outcome:
     awaits it (it is thrown into the task's outermost coroutine).
     """
     try:
-        return Outcome(value=fn(*args))
+        value = fn(*args)
     except TypeError as exc:
         return Outcome(error=exc, unstarted=never_started(fn, exc))
     except BaseException as exc:  # noqa: BLE001 - the flow classifies it
         return Outcome(error=exc)
+    return Outcome(value=value, unstarted=body_unstarted(fn, value))
+
+
+def _python_function(fn: Any) -> types.FunctionType | None:
+    """The Python function ``fn`` calls directly (itself, a bound method's function, the
+    function of a ``functools.partial``), or ``None``. Judged by exact types, which a
+    proxy that fakes ``__class__`` or forwards ``__code__`` cannot pass for."""
+    while type(fn) is functools.partial:
+        fn = fn.func
+    if type(fn) is types.MethodType:
+        fn = fn.__func__
+    return fn if type(fn) is types.FunctionType else None
 
 
 def never_started(fn: Callable[..., Any], exc: BaseException) -> bool:
@@ -171,25 +186,35 @@ def never_started(fn: Callable[..., Any], exc: BaseException) -> bool:
 
     Told apart by the traceback, caught right where ``fn`` is called (by :func:`capture`
     and the async driver, never around an ``await`` of what ``fn`` returned): it has no
-    frame below the one that called ``fn``. Only
-    for ``fn`` written in Python (a function, a method, a ``functools.partial`` of one, an
-    object with a Python ``__call__``): a C callable raises from no Python frame whether or
-    not it did something first, so its ``TypeError`` stays a failure.
+    frame below the one that called ``fn``. Only for ``fn`` written in Python (a function,
+    a method, a ``functools.partial`` of one, an object whose class has a Python
+    ``__call__``): a C callable raises from no Python frame whether or not it did something
+    first, so its ``TypeError`` stays a failure.
     """
     if type(exc) is not TypeError:
         return False
     tb = exc.__traceback__
     if tb is None or tb.tb_next is not None:
         return False
-    target: Any = fn
-    while isinstance(target, functools.partial):
-        target = target.func
-    if inspect.ismethod(target):
-        target = target.__func__
-    if isinstance(target, type):  # a class: type.__call__ runs __new__, maybe in C
+    if _python_function(fn) is not None:
+        return True
+    if isinstance(fn, type):  # a class: type.__call__ runs __new__, maybe in C
         return False
-    call = inspect.getattr_static(type(target), "__call__", None)
-    return inspect.isfunction(target) or inspect.isfunction(call)
+    return type(inspect.getattr_static(type(fn), "__call__", None)) is types.FunctionType
+
+
+def body_unstarted(fn: Callable[..., Any], value: Any) -> bool:
+    """Whether ``value`` is ``fn``'s own ``async def`` body, not started: the coroutine
+    object of exactly that function's code. Only then did nothing run; a plain function,
+    or a wrapper, that returns a coroutine has run its own code first."""
+    if type(value) is not types.CoroutineType:
+        return False
+    func = _python_function(fn)
+    return (
+        func is not None
+        and value.cr_code is func.__code__
+        and inspect.getcoroutinestate(value) == inspect.CORO_CREATED
+    )
 
 
 class Reraise(BaseException):  # a carrier: never reaches the caller
@@ -424,12 +449,11 @@ def run_flow(
         # coroutine: it surely did nothing, so close it and release the claim. A plain fn
         # that returned a coroutine has run its own code first, and any other awaitable (a
         # scheduled Task or Future) may be running: both are in doubt.
-        created = inspect.iscoroutine(value) and (
+        if inspect.iscoroutine(value) and (
             inspect.getcoroutinestate(value) == inspect.CORO_CREATED
-        )
-        if created and inspect.iscoroutine(value):
+        ):
             value.close()  # never run now: no "was never awaited" warning
-        unstarted = created and inspect.iscoroutinefunction(fn)
+        unstarted = outcome.unstarted  # fn's own async body (body_unstarted)
         yield from store_completion(
             call,
             record,

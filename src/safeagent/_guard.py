@@ -368,6 +368,8 @@ class Guard(GuardCore):
                     answer = self._perform(op)
                 except BaseException as exc:  # noqa: BLE001 - thrown into the flow
                     error = exc
+                    if seen is not None and isinstance(op, Complete):
+                        seen.unrecorded = True
             raise raised
         finally:
             flow.close()

@@ -33,7 +33,6 @@ from safeagent.errors import (
     ReceiptPurgedError,
     ReplayedFailureError,
     ResultNotSerializableError,
-    StoreError,
 )
 
 _tracer = trace.get_tracer("safeagent")
@@ -55,40 +54,46 @@ _counters = {
 
 
 def _outcome(exc: BaseException | None, seen: Observation) -> tuple[str, tuple[str, ...]]:
-    """``(outcome attribute, counters to increment)`` for how a call ended."""
+    """``(outcome attribute, counters to increment)`` for how a call ended. Whether ``fn``
+    ran is asked first: what ``fn`` raised is its own failure, whatever its type (a nested
+    guard's conflict, a store error of its own)."""
     if exc is None:
         return ("replayed", ("replays",)) if seen.replay else ("executed", ("executions",))
+    if seen.ran:
+        if seen.unrecorded or seen.status is Status.IN_DOUBT:
+            # its outcome could not be recorded (the record stays PENDING and reads as in
+            # doubt once its lease expires), or fn raised an outcome-unknown exception
+            return "in_doubt", ("executions", "in_doubt")
+        if isinstance(exc, ResultNotSerializableError):  # fn succeeded; result not kept
+            return "executed", ("executions",)
+        if seen.status is Status.RELEASED:  # fn said it did not happen (NotExecuted)
+            return "released", ("executions",)
+        return "failed", ("executions",)
     if isinstance(exc, ConflictError):
         return "conflict", ("conflicts",)
     if isinstance(exc, OutcomeUnknownError):
         return "in_doubt", ("in_doubt",)
     if isinstance(exc, (ReplayedFailureError, ReceiptPurgedError)):
         return "replayed_failure", ("replays",)
+    if isinstance(exc, ResultNotSerializableError):
+        return "replayed", ("replays",)
     if isinstance(exc, InProgressError):
         return "in_progress", ()
-    if isinstance(exc, ResultNotSerializableError):  # fn succeeded; its result was not kept
-        return ("executed", ("executions",)) if seen.ran else ("replayed", ("replays",))
-    if not seen.ran:
-        return "error", ()
-    if seen.status is Status.IN_DOUBT or isinstance(exc, StoreError):
-        # fn raised an outcome-unknown exception, or its outcome could not be recorded
-        # (the record stays PENDING and reads as in doubt once its lease expires)
-        return "in_doubt", ("executions", "in_doubt")
-    if seen.status is Status.RELEASED:  # fn said it did not happen (NotExecuted)
-        return "released", ("executions",)
-    return "failed", ("executions",)
+    return "error", ()
 
 
 class Observation:
     """Filled in by the driver: the receipt's replay flag when the call returns one,
-    whether ``fn`` ran, and the status of the last outcome the call recorded."""
+    whether ``fn`` ran (any of its code), the status of the last outcome the call tried
+    to record, and whether recording it failed."""
 
-    __slots__ = ("ran", "replay", "status")
+    __slots__ = ("ran", "replay", "status", "unrecorded")
 
     def __init__(self) -> None:
         self.replay: bool | None = None
         self.ran = False
         self.status: Status | None = None
+        self.unrecorded = False  # the store failed to record fn's outcome
 
 
 _state = {"configured": False, "checked_at": -1.0}

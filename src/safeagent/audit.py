@@ -100,10 +100,12 @@ class Anchor:
 
 
 def load_key(*, path: str | None = None, env: str = KEY_ENV) -> bytes:
-    """The anchoring key: the file at ``path`` (its bytes, surrounding whitespace
-    stripped), else the environment variable ``env`` (its bytes as the process received
-    them, which need not be UTF-8: ``SAFEAGENT_AUDIT_KEY=$(cat keyfile)`` of random bytes
-    is the same key as those bytes).
+    """The anchoring key: the bytes of the file at ``path``, else of the environment
+    variable ``env`` (as the process received them, which need not be UTF-8), with
+    surrounding ASCII whitespace stripped from both, so ``SAFEAGENT_AUDIT_KEY=$(cat
+    keyfile)`` (which drops trailing newlines and keeps a ``\r``) and ``--key-file
+    keyfile`` are the same key. A shell cannot carry a NUL byte: keep a key of random
+    bytes in a file, or hex-encode it.
 
     Keep it away from the database's writers: whoever holds it can sign a rewritten trail.
 
@@ -119,7 +121,7 @@ def load_key(*, path: str | None = None, env: str = KEY_ENV) -> bytes:
     else:
         # os.fsencode gives back the bytes a non-UTF-8 value was decoded from (lone
         # surrogates, surrogateescape); str.encode would refuse them.
-        key = os.fsencode(os.environ.get(env, ""))
+        key = os.fsencode(os.environ.get(env, "")).strip()
     if len(key) < MIN_KEY_BYTES:
         raise ConfigurationError(
             f"an audit key of at least {MIN_KEY_BYTES} bytes is needed "

@@ -270,17 +270,26 @@ def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
 def _connection_lost(exc: BaseException, conn: psycopg.Connection[Any] | None) -> bool:
     """``conn`` died under the call: the server went away (a restart, a failover, the
     backend terminated, a proxy or the network dropped it). Judged by the connection's
-    state after the error, not by the error: psycopg marks ``broken`` only where it met
-    the failure itself; in pipeline mode a FATAL from the server (57P01, as
+    state after the error, while the connection is still the caller's (the pool may close
+    a healthy one it takes back), not by the error: psycopg marks ``broken`` only where it
+    met the failure itself; in pipeline mode a FATAL from the server (57P01, as
     ``pg_terminate_backend`` sends) or a socket closed after COMMIT surfaces as "cannot
-    exit pipeline mode while busy" on a connection libpq already reports closed (status
-    BAD) but psycopg never marked broken. A lock timeout, a cancelled statement, a
-    serialization failure or a deadlock leave the connection open (status OK): they are
-    not this."""
+    exit pipeline mode while busy" on a connection still busy, not yet marked broken. A
+    lock timeout, a cancelled statement, a serialization failure or a deadlock leave the
+    connection open and idle (status OK): they are not this."""
     if conn is None or not isinstance(exc, psycopg.Error):
         return False
-    # closed: libpq's status is BAD; a status other than OK, BAD: mid-(re)connection
-    return conn.broken or conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK
+    if conn.broken or conn.closed:
+        return True
+    pgconn = conn.pgconn
+    # A status other than OK: BAD (closed), or mid-(re)connection. A connection the error
+    # left busy (a pipeline cut off mid-flight: the server's FATAL may not even have been
+    # read yet) can never be used again, and the server may be gone: lost too. A lock
+    # timeout or a cancel leaves it idle or in a failed transaction, not busy.
+    return (
+        pgconn.status != psycopg.pq.ConnStatus.OK
+        or pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE
+    )
 
 
 def _lost(err: StoreError) -> bool:
@@ -488,14 +497,20 @@ class PostgresStore:
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        conn = None
+        """A pooled connection for the block. An error the block raises is judged while
+        the connection is still ours (_failed): once the pool takes it back, it may close
+        it for reasons of its own (past ``max_lifetime``, or opened before a drain), and a
+        closed connection would pass for a lost one."""
         try:
             with self._get_pool().connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                except psycopg.Error as exc:
+                    raise self._failed(exc, conn) from exc
         except PoolTimeout as exc:  # an OperationalError too: before the generic branch
             raise self._no_connection(exc) from exc
-        except psycopg.Error as exc:
-            raise self._failed(exc, conn) from exc
+        except psycopg.Error as exc:  # handing the connection out or back (PoolClosed)
+            raise StoreError(f"PostgreSQL failed: {exc}", connection_lost=False) from exc
 
     def _no_connection(self, exc: PoolTimeout) -> StoreError:
         """The error for a pool that gave no connection within ``timeout``: one direct
@@ -522,7 +537,7 @@ class PostgresStore:
         the drain began. (psycopg_pool before 3.3 has no drain(): check() tests each idle
         connection instead, a round trip each, only after a loss.)"""
         if not _connection_lost(exc, conn):
-            return StoreError(f"PostgreSQL failed: {exc}")
+            return StoreError(f"PostgreSQL failed: {exc}", connection_lost=False)
         pool = self._pool
         if pool is not None and self._pid == os.getpid():
             drain = getattr(pool, "drain", None)
