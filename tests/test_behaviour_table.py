@@ -804,3 +804,14 @@ def test_receipt_is_immutable_and_serializes_to_json(guard: Guard, ledger: Ledge
     assert as_dict["status"] == "SUCCEEDED"
     assert as_dict["result"] == {"booked": "r-1", "attempt": 1}
     assert as_dict["error"] is None
+
+
+def test_a_receipt_holding_a_lone_surrogate_still_serializes(guard: Guard) -> None:
+    """A result may hold a lone surrogate (a file name read with surrogateescape): its
+    receipt's JSON text escapes it, so any UTF-8 transport (MCP, HTTP) can carry it."""
+    receipt = guard.execute("r-1", "read", {}, lambda _ctx: {"file": "caf\udce9.txt"})
+    text = receipt.to_json()
+    text.encode("utf-8")
+    assert json.loads(text)["result"] == {"file": "caf\udce9.txt"}
+    plain = guard.execute("r-2", "read", {}, lambda _ctx: {"file": "café.txt"}).to_json()
+    assert "café" in plain  # ordinary non-ASCII text is left as is

@@ -790,3 +790,24 @@ def test_a_reconciler_sigkilled_inside_its_hook_leaves_the_attempt_for_the_next_
         if store_kind == "postgres":
             store.drop_schema()
         store.close()
+
+
+@DOUBTS
+def test_each_take_over_event_names_the_attempt_in_doubt(
+    doubt: str, store: Any, clock: FakeClock
+) -> None:
+    """The audit event of every reconcile take-over carries the attempt's owner and end,
+    in the hash chain: what each round was told can be checked against the trail."""
+    attempt = LEAVE_IN_DOUBT[doubt](store, clock, "r-ev")
+    for owner in ("reconciler-1", "reconciler-2"):
+        call("sync", store, owner, lambda _req: Reconciliation.unknown(), "r-ev")
+        clock.advance(20)
+    take_overs = [
+        e
+        for e in store.events(subject="r-ev")
+        if e.kind is EventKind.CLAIMED and e.detail.get("reconcile")
+    ]
+    assert [e.actor for e in take_overs] == ["reconciler-1", "reconciler-2"]
+    assert {(e.detail["attempt_owner"], e.detail["attempt_ended_at_ms"]) for e in take_overs} == {
+        (attempt.owner, attempt.ended_at_ms)
+    }

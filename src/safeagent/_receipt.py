@@ -236,11 +236,20 @@ class Receipt:
             "replay": self.replay,
             "payload": self.payload,
             "purged_at_ms": self.purged_at_ms,
+            "attempt_owner": self.attempt_owner,
+            "attempt_ended_at_ms": self.attempt_ended_at_ms,
         }
 
     def to_json(self) -> str:
-        """The receipt as a JSON string (see :meth:`to_dict`)."""
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        """The receipt as a JSON string (see :meth:`to_dict`): UTF-8 text as is, except
+        when a stored string holds a lone surrogate (a result may), which no UTF-8
+        transport can carry: then every non-ASCII character is a ``\\uXXXX`` escape."""
+        text = json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=True)
+        return text
 
 
 @dataclass(frozen=True, slots=True)

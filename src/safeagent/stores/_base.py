@@ -448,6 +448,10 @@ _OUTCOME_EVENTS = {
 
 
 def take_over_event(record: Record, owner: str, now_ms: int) -> AuditEvent:
+    """The event of a reconcile take-over (``record`` as it is after it): it names the
+    attempt in doubt's owner and end (:meth:`Record.attempt_facts`), kept in the hash
+    chain, so the facts each round was told can be checked against the trail."""
+    attempt_owner, ended_at = record.attempt_facts()
     return AuditEvent(
         kind=EventKind.CLAIMED,
         at_ms=now_ms,
@@ -457,7 +461,12 @@ def take_over_event(record: Record, owner: str, now_ms: int) -> AuditEvent:
         actor=owner,
         execution_id=record.execution_id,
         fencing_token=record.fencing_token,
-        detail={"reconcile": True, "attempt": record.attempt},
+        detail={
+            "reconcile": True,
+            "attempt": record.attempt,
+            "attempt_owner": attempt_owner,
+            "attempt_ended_at_ms": ended_at,
+        },
     )
 
 
