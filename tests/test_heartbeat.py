@@ -34,8 +34,11 @@ from safeagent import (
 from tests._workers import ROOT, child_env, wait_until
 from tests.conftest import Ledger
 
-LEASE = 0.3
-WORK = 1.5
+# A renewal is a durable write: a disk that stalls one fsync for more than two thirds of
+# the lease lets it expire (seen once in CI with 0.3 s leases). 0.6 s leases leave 0.4 s,
+# and fn still outlives three of them.
+LEASE = 0.6
+WORK = 1.8
 
 
 class Observer:
