@@ -1005,3 +1005,17 @@ def test_the_readme_async_close_forms_write_buffered_events(tmp_path: Path) -> N
     for name in ("a.db", "b.db"):
         kinds = [e.kind for e in SQLiteStore(tmp_path / name).events(namespace=None)]
         assert kinds == [EventKind.CLAIMED, EventKind.SUCCEEDED, EventKind.REPLAYED], name
+
+
+def test_case_prefixed_request_ids_are_reserved_on_the_original_api_too(tmp_path: Path) -> None:
+    """``case:`` request ids belong to the finality gate's settlements (README): the
+    original package's API refuses one with a typed error before anything runs."""
+    from safeagent import InvalidRequestIdError
+
+    original = registry(tmp_path / "r.db")
+    ran: list[int] = []
+    with pytest.raises(InvalidRequestIdError, match="reserved"):
+        original.execute(
+            request_id="case:123", action="refund", payload={}, execute_fn=lambda: ran.append(1)
+        )
+    assert ran == []

@@ -967,3 +967,40 @@ def test_backends_terminated_at_random_never_hide_a_committed_write(
     assert hidden == []
     assert failures > 0  # the backends were terminated under the calls
     assert verify(store).ok
+
+
+@pytest.mark.parametrize("loss", ["after_commit", "before_the_server"])
+def test_buffered_events_carried_by_a_lost_write_are_written_once(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, loss: str
+) -> None:
+    """A write that is not tried again (an operator's resolve) carries a buffered replay
+    event and loses its connection: after its COMMIT landed (the server's FATAL follows),
+    or before the server saw it. The caller gets StoreError (fail closed) either way; the
+    event, whose fate was unknown, is looked up by the next write: found, it is not written
+    again; missing, it is written then. Exactly once in both cases."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+
+    def timeout(_ctx: Any) -> None:
+        raise TimeoutError("no answer")
+
+    with pytest.raises(TimeoutError):
+        guard.execute("doubt", "charge", {}, timeout, outcome_unknown=(TimeoutError,))
+    guard.execute("warm", "charge", {}, _effect(ledger, "warm"))
+    _replay_warm(store, guard, ledger)
+    marker = _marker("resolve-lost")
+    if loss == "after_commit":
+        proxy.fatal_reply(marker)
+    else:
+        proxy.lose_request(marker)
+    with pytest.raises(StoreError) as info:
+        guard.resolve("doubt", "succeeded", result={"ok": 1}, by="op", reason=marker)
+    assert info.value.connection_lost is True
+    committed = loss == "after_commit"
+    assert guard.get("doubt").status is (Status.SUCCEEDED if committed else Status.IN_DOUBT)
+    guard.execute("other", "charge", {}, _effect(ledger, "other"))  # the next write
+    store.flush_events()
+    replayed = [e.kind for e in store.events(subject="warm")].count(EventKind.REPLAYED)
+    assert replayed == 1
+    assert verify(store).ok

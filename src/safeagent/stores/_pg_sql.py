@@ -141,6 +141,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 #   used it (the chain heads are in audit_chain), and every audit event paid for an entry.
 DROPPED_INDEXES = ("audit_events_chain",)
 
+# Whether an event is in the trail, by its chain hash (unique) under its subject's index.
+EVENT_BY_HASH = (
+    "SELECT 1 FROM {s}.audit_events WHERE namespace = %s AND subject = %s AND hash = %s LIMIT 1"
+)
+
 # (now, namespace, request_id) -> always one row: the record's columns (all NULL when there
 # is no record) and the clock. A miss costs the same single round trip as a hit.
 GET = f"""

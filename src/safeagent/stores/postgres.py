@@ -447,6 +447,8 @@ class PostgresStore:
         # buffered events it writes too; .locked, the chain heads its claim or completion
         # statement already locked, as (shards, heads)
         self._tx = threading.local()
+        self._uncertain: list[tuple[list[AuditEvent], tuple[str, str, str]]] = []
+        self._uncertain_lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._pid = 0
         self._closed = False
@@ -590,9 +592,11 @@ class PostgresStore:
         first try committed. A second try that finds its own write clears
         ``self._tx.buffered``: those events were committed with it."""
         buffered = carry if carry is not None else self._buffer.take() if self._buffer else []
+        if self._uncertain and buffered and carry is None:
+            buffered = self._unwritten(buffered)
         pending: list[AuditEvent] = []
         tx = self._tx
-        tx.pending, tx.buffered, tx.locked = pending, buffered, None
+        tx.pending, tx.buffered, tx.locked, tx.rows = pending, buffered, None, None
         try:
             with self._connection() as conn:
                 if pipelined and _PIPELINE:
@@ -606,6 +610,14 @@ class PostgresStore:
         except StoreError as err:
             if hold and _lost(err):
                 tx.held = buffered
+            elif _lost(err) and buffered and tx.rows is not None:
+                # Sent with a COMMIT whose reply was lost: written or not, unknown. They go
+                # back to the buffer marked, and the write that takes them next looks for
+                # the last of them first (_unwritten).
+                last = tx.rows[len(buffered) - 1]
+                with self._uncertain_lock:
+                    self._uncertain.append((buffered, (last[2], last[3], last[-1])))
+                self._buffer.put_back(buffered)
             else:
                 self._buffer.put_back(buffered)
             raise
@@ -614,6 +626,35 @@ class PostgresStore:
             raise
         finally:
             tx.pending = tx.buffered = tx.locked = None
+
+    def _unwritten(self, buffered: list[AuditEvent]) -> list[AuditEvent]:
+        """``buffered`` without the batches a lost write carried and did commit (see
+        _write): a batch is in the trail if its last event is, found by its chain hash
+        through the subject index (one read, only after a lost connection). A batch whose
+        look-up fails goes back to the buffer, still marked, for a later write."""
+        with self._uncertain_lock:
+            batches, self._uncertain = self._uncertain, []
+        taken = {id(event) for event in buffered}
+        for events, last in batches:
+            if not all(id(event) in taken for event in events):
+                continue  # another write took them (and this mark) already
+
+            def look(cur: psycopg.Cursor[Any], last: tuple[str, str, str] = last) -> Any:
+                return cur.execute(self._sql["EVENT_BY_HASH"], last).fetchone()
+
+            try:
+                found = self._read(look) is not None
+            except StoreError:
+                found = None
+            if found is False:
+                continue  # not written: they go with this write
+            batch = {id(event) for event in events}
+            buffered = [event for event in buffered if id(event) not in batch]
+            if found is None:  # unknown still: keep them aside, marked
+                with self._uncertain_lock:
+                    self._uncertain.append((events, last))
+                self._buffer.put_back(events)
+        return buffered
 
     def _held(self) -> list[AuditEvent]:
         """The buffered events a write with ``hold`` carried when it lost its connection
@@ -667,6 +708,7 @@ class PostgresStore:
             cur.execute(self._sql["LOCK_HEADS"], (_int_array(shards),))
             heads = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
         rows = chain_rows(events, heads)
+        self._tx.rows = rows
         if len(rows) == 1:
             cur.execute(self._sql["EVENT"], rows[0])
         else:  # one statement however many rows (JSON, ensure_ascii=False: text psycopg
