@@ -710,3 +710,47 @@ def test_purging_a_released_record_never_sends_its_fencing_token_back(
     assert receipt is not None
     assert (receipt.result, receipt.execution_id) == ("fresh", fresh.execution_id)
     assert receipt.payload == {"a": 1}
+
+
+def test_edited_facts_of_the_attempt_in_doubt_are_found(guard: Any, clock: FakeClock) -> None:
+    """The owner and end of the attempt in doubt decide when a reconcile hook may answer
+    "did not happen": moved earlier behind the guard's back, a hook could settle too soon.
+    Each take-over event records them in the chain, and verify compares the record with
+    it; facts on a record no take-over ever touched are reported too."""
+    from safeagent import ActionPolicy, Reconciliation
+
+    store = guard.store
+    hooked = Guard(
+        store,
+        wait=0,
+        owner="worker-A",
+        outcome_unknown=(TimeoutError,),
+        actions={"charge": ActionPolicy(reconcile=lambda _req: Reconciliation.unknown())},
+    )
+
+    def timeout(_ctx: Any) -> None:
+        raise TimeoutError("no answer")
+
+    for rid in ("doubt", "never-taken-over"):
+        with pytest.raises(TimeoutError):
+            hooked.execute(rid, "charge", {"r": rid}, timeout)
+    for _ in range(2):  # two reconcile rounds, both unknown
+        with pytest.raises(OutcomeUnknownError):
+            hooked.execute("doubt", "charge", {"r": "doubt"}, timeout)
+        clock.advance(5)
+    hooked.close()
+    assert verify(store).ok
+    record, _ = store.get("default", "doubt")
+    assert record is not None
+    assert record.attempt_owner == "worker-A"
+    assert record.attempt_ended_at_ms is not None
+    _edit_record(store, "doubt", attempt_ended_at_ms=record.attempt_ended_at_ms - 3_600_000)
+    _edit_record(
+        store, "never-taken-over", attempt_owner="x", attempt_ended_at_ms=1, ended_attempt=1
+    )
+    report = verify(store)
+    assert _kinds(report) == {"receipt_edited"}
+    details = {p.detail.split("'")[1]: p.detail for p in report.problems}
+    assert set(details) == {"doubt", "never-taken-over"}
+    assert "owner or end of the attempt in doubt differs" in details["doubt"]
+    assert "no take-over event recorded" in details["never-taken-over"]

@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from safeagent._audit import EventKind, Redactor, default_redactor
@@ -59,8 +59,9 @@ class Problem:
     ``"bad_anchor"`` (an anchor's HMAC does not match: forged, or another key),
     ``"head_mismatch"`` (the stored chain head is not the last event's hash), or
     ``"receipt_edited"`` (an execution record no longer holds what the last event that
-    changed it says: another status, a missing record, or an outcome that no longer
-    matches the digest that event recorded; ``seq`` and ``event_id`` name the event).
+    changed it says: another status, a missing record, an outcome that no longer matches
+    the digest that event recorded, or facts of the attempt in doubt other than its last
+    reconcile take-over recorded; ``seq`` and ``event_id`` name the event).
     """
 
     kind: str
@@ -319,6 +320,25 @@ class _Expected:
     shard: int
     seq: int | None
     event_id: int | None
+    facts: tuple[Any, Any, Any] | None = None
+    """(attempt_owner, attempt_ended_at_ms, attempt) the last reconcile take-over of the
+    current attempt recorded, if one did (Record.attempt_facts)."""
+
+
+def _facts_after(kind: str, detail: Any, facts: tuple[Any, Any, Any] | None) -> Any:
+    """The take-over facts in force after one event: a reconcile take-over that recorded
+    them sets them; another claim (a new attempt) clears them; other events keep them."""
+    if kind != EventKind.CLAIMED.value:
+        return facts
+    if isinstance(detail, dict) and detail.get("reconcile"):
+        if "attempt_owner" in detail:
+            return (
+                detail["attempt_owner"],
+                detail.get("attempt_ended_at_ms"),
+                detail.get("attempt"),
+            )
+        return facts  # a take-over by a release that recorded none
+    return None
 
 
 def _expectation(kind: str, detail: Any, shard: int, seq: int | None, event_id: Any) -> Any:
@@ -344,6 +364,7 @@ def _last_states(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], _Expected
     """(namespace, request id) -> what its last state-changing event says. A request's
     events are all in one chain, read in seq order."""
     found: dict[tuple[str, str], _Expected] = {}
+    facts: dict[tuple[str, str], Any] = {}
     for row in rows:
         kind = row[_KIND]
         if kind not in _STATE_EVENTS:
@@ -352,10 +373,15 @@ def _last_states(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], _Expected
             detail = json.loads(row[_DETAIL])
         except (ValueError, TypeError):
             detail = None
+        key = (row[_NAMESPACE], row[_SUBJECT])
+        facts[key] = _facts_after(kind, detail, facts.get(key))
         expected = _expectation(kind, detail, int(row[_SHARD]), int(row[_SEQ]), row[_ID])
         if expected is not None:
-            found[(row[_NAMESPACE], row[_SUBJECT])] = expected
-    return found
+            found[key] = expected
+    return {
+        key: expected if facts.get(key) is None else replace(expected, facts=facts[key])
+        for key, expected in found.items()
+    }
 
 
 def _stored_digest(record: Record) -> str:
@@ -385,6 +411,9 @@ def _judge(record: Record | None, expected: _Expected | None) -> str | None:
         return (
             f"the record is {record.status.value}, though its last event left it {expected.status}"
         )
+    facts = _judge_facts(record, expected)
+    if facts is not None:
+        return facts
     if record.status.value not in _FINISHED:
         return "ok"
     if expected.digest is None:
@@ -392,6 +421,25 @@ def _judge(record: Record | None, expected: _Expected | None) -> str | None:
     if expected.digest != _stored_digest(record):
         return f"the stored {record.status.value} outcome differs from the one its event recorded"
     return "ok"
+
+
+def _judge_facts(record: Record, expected: _Expected) -> str | None:
+    """What is wrong with the record's facts of the attempt in doubt (the owner and end a
+    reconcile hook is told, which decide when it may answer "did not happen"), against
+    the take-over event that recorded them; None if nothing is, or nothing can be told."""
+    if record.ended_attempt is None or record.ended_attempt != record.attempt:
+        return None  # none recorded for this attempt
+    if expected.facts is None:
+        return "it holds facts of the attempt in doubt that no take-over event recorded"
+    owner, ended_at, attempt = expected.facts
+    if attempt != record.attempt:
+        return None  # the event describes another attempt (a claim by an older release)
+    if (record.attempt_owner, record.attempt_ended_at_ms) != (owner, ended_at):
+        return (
+            "the owner or end of the attempt in doubt differs from what its take-over "
+            "event recorded"
+        )
+    return None
 
 
 def _check_receipts(
@@ -441,11 +489,15 @@ def _read_again(
     expected: _Expected | None = None
     for _ in range(5):
         expected = None
+        facts = None
         shard = shard_of(namespace, request_id)
         for event in store.events(namespace=namespace, subject=request_id):
+            facts = _facts_after(event.kind.value, event.detail, facts)
             found = _expectation(event.kind.value, event.detail, shard, None, event.id)
             if found is not None:
                 expected = found
+        if expected is not None and facts is not None:
+            expected = replace(expected, facts=facts)
         after, _ = store.get(namespace, request_id)
         if after == record:
             break
