@@ -630,14 +630,16 @@ class PostgresStore:
     def _unwritten(self, buffered: list[AuditEvent]) -> list[AuditEvent]:
         """``buffered`` without the batches a lost write carried and did commit (see
         _write): a batch is in the trail if its last event is, found by its chain hash
-        through the subject index (one read, only after a lost connection). A batch whose
-        look-up fails goes back to the buffer, still marked, for a later write."""
+        through the subject index (one read, only after a lost connection). A mark stays
+        in ``_uncertain`` until the write holding its events has checked it (others see it
+        meanwhile); a batch whose look-up fails goes back to the buffer, still marked."""
         with self._uncertain_lock:
-            batches, self._uncertain = self._uncertain, []
+            batches = list(self._uncertain)
         taken = {id(event) for event in buffered}
-        for events, last in batches:
+        for batch in batches:
+            events, last = batch
             if not all(id(event) in taken for event in events):
-                continue  # another write took them (and this mark) already
+                continue  # another write holds them: its own check settles this mark
 
             def look(cur: psycopg.Cursor[Any], last: tuple[str, str, str] = last) -> Any:
                 return cur.execute(self._sql["EVENT_BY_HASH"], last).fetchone()
@@ -645,15 +647,16 @@ class PostgresStore:
             try:
                 found = self._read(look) is not None
             except StoreError:
-                found = None
-            if found is False:
-                continue  # not written: they go with this write
-            batch = {id(event) for event in events}
-            buffered = [event for event in buffered if id(event) not in batch]
-            if found is None:  # unknown still: keep them aside, marked
-                with self._uncertain_lock:
-                    self._uncertain.append((events, last))
+                # unknown still: keep them aside, marked, for a later write
+                ids = {id(event) for event in events}
+                buffered = [event for event in buffered if id(event) not in ids]
                 self._buffer.put_back(events)
+                continue
+            with self._uncertain_lock:
+                self._uncertain = [b for b in self._uncertain if b is not batch]
+            if found:  # written by the lost write: not again
+                ids = {id(event) for event in events}
+                buffered = [event for event in buffered if id(event) not in ids]
         return buffered
 
     def _held(self) -> list[AuditEvent]:
