@@ -1004,3 +1004,19 @@ def test_buffered_events_carried_by_a_lost_write_are_written_once(
     replayed = [e.kind for e in store.events(subject="warm")].count(EventKind.REPLAYED)
     assert replayed == 1
     assert verify(store).ok
+
+
+def test_reading_the_trail_after_a_failover_flushes_once_and_succeeds(
+    schema: str, stores: list[PostgresStore], ledger: Ledger
+) -> None:
+    """Reading the trail writes the buffered events first. On a dead pool that write is
+    tried once more on a new connection, and the buffered replay event is there once."""
+    store = PostgresStore(PG_URL, schema=schema, max_size=2)
+    stores.append(store)
+    guard = Guard(store, wait=0)
+    guard.execute("warm", "charge", {}, _effect(ledger, "warm"))
+    _replay_warm(store, guard, ledger)
+    _terminate_all(schema)
+    kinds = [e.kind for e in store.events(subject="warm")]
+    assert kinds.count(EventKind.REPLAYED) == 1
+    assert verify(store).ok

@@ -1134,6 +1134,18 @@ class PostgresStore:
         with self._write(pipelined=True):
             self._emit([event])
 
+    def _flush_for_read(self) -> None:
+        """Write the buffered events before a read of the trail, once more if the
+        connection was lost (the pool was drained): the events that write carried were
+        marked, and the second write checks them by chain hash (_unwritten), so each is
+        written once either way."""
+        try:
+            self.flush_events()
+        except StoreError as err:
+            if not _lost(err):
+                raise
+            self.flush_events()
+
     def flush_events(self) -> None:
         if self._buffer and not self._closed:
             # _write writes the buffer inside its transaction: BEGIN + the heads locked |
@@ -1149,7 +1161,7 @@ class PostgresStore:
         after_id: int = 0,
         limit: int | None = None,
     ) -> list[AuditEvent]:
-        self.flush_events()
+        self._flush_for_read()
         sql = self._sql["EVENTS"]
         params: dict[str, Any] = {"after": after_id}
         if namespace is not None:
@@ -1375,7 +1387,7 @@ class PostgresStore:
         """Every chained event row (by shard and seq) and the chain heads as stored. No
         index serves the order: the server sorts the events, which an offline
         verification can afford."""
-        self.flush_events()
+        self._flush_for_read()
 
         def read() -> tuple[list[tuple[Any, ...]], Heads]:
             with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
@@ -1390,7 +1402,7 @@ class PostgresStore:
 
     def chain_heads(self) -> Heads:
         """The current head of every chain: shard -> (seq, hash)."""
-        self.flush_events()
+        self._flush_for_read()
 
         def read(cur: psycopg.Cursor[Any]) -> Heads:
             cur.execute(self._sql["HEADS"])
