@@ -257,20 +257,28 @@ def _check_buffered(store: PostgresStore, path: str) -> None:
     assert replayed == (1 if path == "buffered" else 0)
 
 
+# How the reply of a committed write is lost: the connection dies before it arrives, or
+# the server answers FATAL 57P01 (as pg_terminate_backend does) instead of ReadyForQuery,
+# which on the pipelined path surfaces on a connection not yet marked broken.
+LOSSES = pytest.mark.parametrize("loss", ["lose_reply", "fatal_reply"])
+
+
+@LOSSES
 @pytest.mark.parametrize("path", ["fast", "general", "buffered"])
 def test_a_claim_committed_whose_reply_was_lost_is_won(
-    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str, loss: str
 ) -> None:
-    """The claim commits and the connection dies before its reply arrives: the second try
-    finds the record PENDING under its own execution id and owner, reports the claim won,
-    fn runs exactly once, and the trail has one claimed event (and the buffered events the
-    lost try carried, once)."""
+    """The claim commits and its reply is lost (see LOSSES): the loss is recognised, the
+    second try finds the record PENDING under its own execution id and owner, reports the
+    claim won, fn runs exactly once, and the trail has one claimed event (and the buffered
+    events the lost try carried, once)."""
+    assert _PIPELINE  # the general path is pipelined
     store = _via_proxy(proxy, schema)
     stores.append(store)
     guard = Guard(store, wait=0, owner="owner-1")
     _prepare(store, guard, ledger, path)
     marker = _marker("lose-claim-reply")
-    proxy.lose_reply(marker)  # the payload travels in the claim statement only
+    getattr(proxy, loss)(marker)  # the payload travels in the claim statement only
 
     receipt = guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r"))
 
@@ -288,20 +296,22 @@ def test_a_claim_committed_whose_reply_was_lost_is_won(
     assert verify(store).ok
 
 
+@LOSSES
 @pytest.mark.parametrize("path", ["fast", "general", "buffered"])
 def test_a_completion_committed_whose_reply_was_lost_is_accepted(
-    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str, loss: str
 ) -> None:
-    """The completion commits and the connection dies before its reply arrives: fencing
-    refuses the second try, which finds exactly its own write stored and reports it
-    accepted; no rejection is audited, the outcome is stored once, fn ran once.
-    (``buffered``: fn replays another id, so the completion carries its buffered event.)"""
+    """The completion commits and its reply is lost (see LOSSES): fencing refuses the
+    second try, which finds exactly its own write stored and reports it accepted; no
+    rejection is audited, the outcome is stored once, fn ran once. (``buffered``: fn
+    replays another id, so the completion takes the pipelined path and carries its
+    buffered event.)"""
     store = _via_proxy(proxy, schema)
     stores.append(store)
     guard = Guard(store, wait=0, owner="owner-1")
     _prepare(store, guard, ledger, "fast" if path == "buffered" else path)
     marker = _marker("lose-completion-reply")
-    proxy.lose_reply(marker)  # the result travels in the completion statement only
+    getattr(proxy, loss)(marker)  # the result travels in the completion statement only
 
     def fn(_ctx: Any) -> Any:
         ledger.append("r")
@@ -719,74 +729,6 @@ def _fields(obj: Any) -> dict[str, Any]:
 # the socket closes. In pipeline mode (the general path) psycopg then raises "cannot exit
 # pipeline mode while busy" on a connection it never marks broken, though libpq reports it
 # closed: the store must judge the loss by the connection's state, not by psycopg's flag.
-
-
-@pytest.mark.parametrize("path", ["fast", "general", "buffered"])
-def test_a_claim_committed_then_fatal_is_won(
-    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str
-) -> None:
-    """The claim commits and the server answers FATAL 57P01 instead of ReadyForQuery: the
-    loss is recognised, the pool drained, the second try finds the claim its own, fn runs
-    exactly once; one claimed event, and the replayed event the claim carried is written
-    once (``buffered``)."""
-    assert _PIPELINE  # the general path is pipelined
-    store = _via_proxy(proxy, schema)
-    stores.append(store)
-    guard = Guard(store, wait=0, owner="owner-1")
-    _prepare(store, guard, ledger, path)
-    marker = _marker("fatal-claim")
-    proxy.fatal_reply(marker)  # the payload travels in the claim statement only
-
-    receipt = guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r"))
-
-    assert proxy.lost == 1
-    assert proxy.attempts(marker) >= 2  # the claim was sent again
-    assert (receipt.result, receipt.replay) == ("done", False)
-    assert ledger.count("r") == 1
-    record = store.get("default", "r")[0]
-    assert record is not None
-    assert (record.status, record.attempt, record.fencing_token) == (Status.SUCCEEDED, 1, 1)
-    assert record.execution_id == receipt.execution_id
-    assert _kinds(store, "r") == [EventKind.CLAIMED, EventKind.SUCCEEDED]
-    _check_buffered(store, path)
-    guard.close()
-    assert verify(store).ok
-
-
-@pytest.mark.parametrize("path", ["fast", "general", "buffered"])
-def test_a_completion_committed_then_fatal_is_accepted(
-    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str
-) -> None:
-    """The completion commits and the server answers FATAL 57P01: the second try finds
-    its own write and reports it accepted; no rejection audited, stored once, fn ran once,
-    the buffered event it carried written once."""
-    assert _PIPELINE
-    store = _via_proxy(proxy, schema)
-    stores.append(store)
-    guard = Guard(store, wait=0, owner="owner-1")
-    _prepare(store, guard, ledger, "fast" if path == "buffered" else path)
-    marker = _marker("fatal-completion")
-    proxy.fatal_reply(marker)  # the result travels in the completion statement only
-
-    def fn(_ctx: Any) -> Any:
-        ledger.append("r")
-        if path == "buffered":
-            _replay_warm(store, guard, ledger)  # the completion takes the pipelined path
-        return {"m": marker}
-
-    receipt = guard.execute("r", "charge", {}, fn)
-
-    assert proxy.lost == 1
-    assert proxy.attempts(marker) >= 2
-    assert (receipt.result, receipt.replay) == ({"m": marker}, False)
-    assert ledger.count("r") == 1
-    record = store.get("default", "r")[0]
-    assert record is not None
-    assert (record.status, record.fencing_token) == (Status.SUCCEEDED, 1)
-    assert _kinds(store, "r") == [EventKind.CLAIMED, EventKind.SUCCEEDED]
-    _check_buffered(store, path)
-    guard.close()
-    assert verify(store).ok
 
 
 def test_a_release_committed_then_claimed_by_another_is_accepted(
