@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +59,35 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
+
+
+def kill_when_marked(module: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run ``python -m <module> <command> <args as JSON>`` in a fresh interpreter, wait
+    until it writes its JSON marker to ``args["marker"]`` (it is then inside ``fn`` or a
+    hook, holding its claim), SIGKILL it, and return the marker's content.
+
+    Raises:
+        AssertionError: the child never wrote its marker (its stderr says why), or did
+            not die of the SIGKILL.
+    """
+    marker = Path(args["marker"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, command, json.dumps(args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd=ROOT,
+    )
+    try:
+        assert wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60)
+        assert marker.exists(), proc.communicate(timeout=10)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    result: dict[str, Any] = json.loads(marker.read_text())
+    return result
 
 
 def _describe(exc: BaseException) -> str:

@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +39,7 @@ from safeagent import (
 )
 from safeagent._keys import canonical_json, downstream_key, fingerprint
 from safeagent.stores import ClaimRequest
-from tests._workers import ROOT, child_env, wait_until
+from tests._workers import kill_when_marked
 from tests.conftest import FakeClock, Ledger
 
 INVOICE = {"invoice_id": "INV-1", "amount_cents": 500}
@@ -838,22 +833,7 @@ def test_p1_dead_claim_is_in_progress_then_in_doubt_then_reconciled_and_run_once
         "write_ledger": False,  # killed before the side effect
         "marker": str(marker),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests._workers", "claim_and_hang", json.dumps(args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        cwd=ROOT,
-    )
-    try:
-        assert wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60)
-        assert marker.exists(), proc.communicate(timeout=10)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    child = json.loads(marker.read_text())
+    child = kill_when_marked("tests._workers", "claim_and_hang", args)
 
     # The parent judges leases on a fake clock that starts at the stored claim time.
     probe = SQLiteStore(db)

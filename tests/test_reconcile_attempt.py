@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +42,7 @@ from safeagent import (
 from safeagent._keys import canonical_json, downstream_key, fingerprint
 from safeagent.stores import ClaimRequest
 from safeagent.stores import sqlite as sqlite_module
-from tests._workers import ROOT, child_env, wait_until
+from tests._workers import kill_when_marked, wait_until
 from tests.conftest import PG_URL, START_MS, FakeClock, Ledger, pg_schema, require_postgres
 
 ACTION = "send_invoice"
@@ -745,22 +741,7 @@ def test_a_reconciler_sigkilled_inside_its_hook_leaves_the_attempt_for_the_next_
         }
         args.update({"db": str(db)} if store_kind == "sqlite" else {"pg_url": PG_URL})
         args["schema"] = schema
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests._workers", "reconcile_and_hang", json.dumps(args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=child_env(),
-            cwd=ROOT,
-        )
-        try:
-            assert wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60)
-            assert marker.exists(), proc.communicate(timeout=10)
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=30)
-        assert proc.returncode == -signal.SIGKILL
-        child = json.loads(marker.read_text())
+        child = kill_when_marked("tests._workers", "reconcile_and_hang", args)
         assert (child["owner"], child["lease_expired_at_ms"]) == (ATTEMPT_OWNER, t)
 
         left, _ = store.get("default", "r-sigkill")
