@@ -1,15 +1,20 @@
-"""Where a first execution's time goes on SQLite: the floor, SafeAgent's own SQL, and the
-whole guarded call, side by side in one run.
+"""Where a first execution's and a replay's time goes on SQLite: the floor, a least
+guard, SafeAgent's own SQL, and the whole guarded call, side by side in one run.
 
     python bench/decompose.py [--n 2000] [--dir DIR] [--mode durable|claim-durable]
 
-Three rows per id, interleaved in blocks so all three see the same machine noise:
+Rows, interleaved in blocks so all of them see the same machine noise:
 
 - ``floor``: the raw sqlite3 floor of ``bench/quick.py`` (SELECT; BEGIN IMMEDIATE; INSERT
   PENDING; COMMIT; fn(); UPDATE);
 - ``audited floor``: the floor plus one plain audit row (no index, no hash chain) in each
   of its two transactions: the least SQL that writes a claim and a completion together
   with their audit events, as docs/design.md section 5 requires;
+- ``least guard``: the audited floor plus the least Python any guard keeping that
+  contract runs (request id check, canonical JSON and fingerprint, execution id, event
+  details as JSON, each event hashed into one chain whose head stays in memory, the
+  result as JSON; replays checked against the fingerprint and their events buffered, 64
+  to a write): a lower bound for a CPython guard, not a design;
 - ``statements``: SafeAgent's SQLite statements for one first execution, replayed through
   raw sqlite3 on a SafeAgent database with no Python of SafeAgent's around them: the GET,
   the claim and its audit event in one transaction, the completion and its audit event in
@@ -17,19 +22,22 @@ Three rows per id, interleaved in blocks so all three see the same machine noise
   chain-head trigger runs, as in the store);
 - ``guard``: ``Guard.execute`` on a fresh id.
 
-``audited floor / floor`` is what the same-transaction audit rule costs by itself;
-``statements / floor`` is the cost of the record SafeAgent keeps (a 20-column row, an audit
-event with one index entry and its chain head, in each of the two transactions);
-``guard - statements`` is SafeAgent's Python. On tmpfs (``--dir /dev/shm``) fsync is
-nearly free, which leaves the CPU; on a disk, the extra pages of each commit add to it.
-Medians in microseconds.
+Then the floor, the least guard and the guard replay the same ids, next to the cost of
+one fingerprint alone. ``audited floor / floor`` is what the same-transaction audit rule
+costs by itself; ``least guard / floor`` is the least any CPython guard can reach here;
+``statements / floor`` is the cost of the record SafeAgent keeps; ``guard - statements``
+is SafeAgent's Python. On tmpfs (``--dir /dev/shm``) fsync is nearly free, which leaves
+the CPU. Medians of wall time in microseconds; CPU is the thread's mean per call (exact),
+and its user part is sampled at the timer tick by the kernel (a rough split).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -43,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quick import Floor
 
 from safeagent import Guard, SQLiteStore
+from safeagent._keys import canonical_json, fingerprint
 from safeagent.stores._rows import shard_of
 from safeagent.stores.sqlite import SQL_CLAIM, SQL_COMPLETE, SQL_EVENT, SQL_GET
 
@@ -86,6 +95,81 @@ class AuditedFloor(Floor):
 
 
 AUDIT_ROW = "INSERT INTO audit (kind, subject, detail) VALUES (?, ?, ?)"
+CHAINED_ROW = "INSERT INTO audit (kind, subject, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?)"
+
+
+class LeastGuard(Floor):
+    """The audited floor plus the least Python a guard keeping docs/design.md's contract
+    must run per first execution: check the request id, canonical JSON of the payload and
+    its SHA-256 fingerprint, an execution id, each audit event's detail as JSON and its
+    hash chained to the previous event's (one chain, its head kept in memory), the result
+    as JSON. No record fields beyond the floor's, no index, no redaction, no lease: a lower
+    bound for any CPython guard, not a design."""
+
+    def __init__(self, path: str, claim_sync: str, complete_sync: str) -> None:
+        super().__init__(path, claim_sync, complete_sync)
+        self.conn.execute(
+            "CREATE TABLE audit (id INTEGER PRIMARY KEY, kind TEXT, subject TEXT, detail TEXT,"
+            " prev_hash TEXT, hash TEXT)"
+        )
+        self.conn.execute("ALTER TABLE receipts ADD COLUMN fingerprint TEXT")
+        self.head = "0" * 64
+        self.buffered: list[tuple[str, str, str]] = []  # replay events, written in batches
+
+    def _flush(self) -> None:
+        rows = []
+        for kind, request_id, text in self.buffered:
+            prev = self.head
+            self.head = hashlib.sha256(f"{prev}|{kind}|{request_id}|{text}".encode()).hexdigest()
+            rows.append((kind, request_id, text, prev, self.head))
+        self.buffered.clear()
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.executemany(CHAINED_ROW, rows)
+        self.conn.execute("COMMIT")
+
+    def _event(self, kind: str, request_id: str, detail: dict[str, Any]) -> None:
+        text = json.dumps(detail, separators=(",", ":"))
+        prev = self.head
+        self.head = hashlib.sha256(f"{prev}|{kind}|{request_id}|{text}".encode()).hexdigest()
+        self.conn.execute(CHAINED_ROW, (kind, request_id, text, prev, self.head))
+
+    def execute(self, request_id: str, fn: Callable[[], Any], payload: Any = PAYLOAD) -> Any:
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 255:
+            raise ValueError(request_id)
+        conn = self.conn
+        digest = fingerprint("charge", canonical_json(payload))
+        row = conn.execute(
+            "SELECT status, result, fingerprint FROM receipts WHERE request_id = ?",
+            (request_id,),
+        ).fetchone()
+        if row is not None:  # a replay: its event is buffered, written 64 at a time
+            if row[0] != "SUCCEEDED" or row[2] != digest:
+                raise ValueError(request_id)
+            self.buffered.append(("replayed", request_id, json.dumps({"fingerprint": digest})))
+            if len(self.buffered) >= 64:
+                self._flush()
+            return json.loads(row[1])
+        execution_id = uuid.uuid4().hex
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO receipts VALUES (?, 'PENDING', NULL, ?)", (request_id, digest))
+        self._event(
+            "claimed", request_id, {"payload": payload, "fingerprint": digest, "id": execution_id}
+        )
+        conn.execute("COMMIT")
+        result = fn()
+        text = json.dumps(result, separators=(",", ":"))
+        if self.complete_sync != self.claim_sync:
+            conn.execute(f"PRAGMA synchronous={self.complete_sync}")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "UPDATE receipts SET status = 'SUCCEEDED', result = ? WHERE request_id = ?",
+            (text, request_id),
+        )
+        self._event("succeeded", request_id, {"status": "SUCCEEDED", "id": execution_id})
+        conn.execute("COMMIT")
+        if self.complete_sync != self.claim_sync:
+            conn.execute(f"PRAGMA synchronous={self.claim_sync}")
+        return result
 
 
 class Statements:
@@ -167,6 +251,14 @@ class Statements:
             conn.execute("PRAGMA synchronous = FULL")
 
 
+def _thread_cpu() -> tuple[float, float]:
+    """The calling thread's CPU seconds: the total, exact (``CLOCK_THREAD_CPUTIME_ID``),
+    and the user part, which Linux samples at the timer tick (``getrusage``; the process's
+    figure where the per-thread one is missing: the benchmark runs one thread)."""
+    who = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+    return time.thread_time(), resource.getrusage(who).ru_utime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="first executions per row")
@@ -179,37 +271,74 @@ def main() -> None:
         audited = AuditedFloor(os.path.join(tmp, "audited.db"), "FULL", complete_sync)
         statements = Statements(os.path.join(tmp, "statements.db"), complete_sync)
         guard = Guard(SQLiteStore(os.path.join(tmp, "guard.db"), durability=args.mode))
+        least = LeastGuard(os.path.join(tmp, "least.db"), "FULL", complete_sync)
         rows: dict[str, Callable[[str], Any]] = {
             "floor": lambda rid: floor.execute(rid, lambda: RESULT),
             "audited floor": lambda rid: audited.execute(rid, lambda: RESULT),
+            "least guard": lambda rid: least.execute(rid, lambda: RESULT, PAYLOAD),
             "statements": lambda rid: statements.execute(rid, lambda: RESULT),
             "guard": lambda rid: guard.execute(rid, "charge", PAYLOAD, lambda _ctx: RESULT),
         }
         for name, run in rows.items():  # warm up: connections, statement caches
             for i in range(50):
                 run(f"warm-{name}-{i}")
-        samples: dict[str, list[float]] = {name: [] for name in rows}
-        block, order = 50, list(rows)
-        for start in range(0, args.n, block):
-            order = order[1:] + order[:1]  # rotate who goes first
-            for name in order:
-                run = rows[name]
-                for i in range(start, min(start + block, args.n)):
-                    t0 = time.perf_counter_ns()
-                    run(f"{name}-{i}")
-                    samples[name].append((time.perf_counter_ns() - t0) / 1000)
+        first = _measure(rows, args.n)
+        replays = {  # the same ids again: each a replay of its stored receipt
+            name: rows[name] for name in ("floor", "least guard", "guard")
+        }
+        replays["fingerprint"] = lambda _rid: fingerprint("charge", canonical_json(PAYLOAD))
+        again = _measure(replays, args.n)
         guard.close()
         statements.store.close()
-    med = {name: statistics.median(v) for name, v in samples.items()}
     print(
         f"SQLite {args.mode}, first execution, n={args.n}, dir={args.dir or tempfile.gettempdir()}"
     )
-    for name in rows:
-        print(f"{name:14s} {med[name]:8.1f} us  ({med[name] / med['floor']:.2f}x floor)")
+    _table(first, "floor", args.n)
+    med = {name: statistics.median(v) for name, (v, _) in first.items()}
     print(f"SafeAgent's Python (guard - statements): {med['guard'] - med['statements']:.1f} us")
     print(
         f"its record and audit SQL (statements - floor): {med['statements'] - med['floor']:.1f} us"
     )
+    print("\nreplay of the same ids (fingerprint: computing one, alone)")
+    _table(again, "floor", args.n)
+    bound = sum(statistics.median(again[name][0]) for name in ("floor", "fingerprint"))
+    for name in ("least guard", "guard"):
+        print(
+            f"{name} / (floor replay + one fingerprint): "
+            f"{statistics.median(again[name][0]) / bound:.2f}x"
+        )
+
+
+def _measure(
+    rows: dict[str, Callable[[str], Any]], n: int
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Per row: each call's wall time and the thread's CPU and user CPU per call, all in
+    microseconds, timed in blocks of 50 whose order rotates so every row sees the same
+    noise. Row ``name`` calls ids ``f"{name}-{i}"``."""
+    samples: dict[str, list[float]] = {name: [] for name in rows}
+    cpu = {name: [0.0, 0.0] for name in rows}
+    block, order = 50, list(rows)
+    for start in range(0, n, block):
+        order = order[1:] + order[:1]  # rotate who goes first
+        for name in order:
+            run = rows[name]
+            before = _thread_cpu()
+            for i in range(start, min(start + block, n)):
+                t0 = time.perf_counter_ns()
+                run(f"{name}-{i}")
+                samples[name].append((time.perf_counter_ns() - t0) / 1000)
+            after = _thread_cpu()
+            cpu[name][0] += (after[0] - before[0]) * 1e6 / n
+            cpu[name][1] += (after[1] - before[1]) * 1e6 / n
+    return {name: (samples[name], cpu[name]) for name in rows}
+
+
+def _table(measured: dict[str, tuple[list[float], list[float]]], base: str, n: int) -> None:
+    print(f"{'':14s} {'median':>8s}     {'/ floor':>7s}  {'CPU':>9s}  {'user (sampled)':>14s}")
+    floor = statistics.median(measured[base][0])
+    for name, (walls, (total, user)) in measured.items():
+        med = statistics.median(walls)
+        print(f"{name:14s} {med:8.1f} us  {med / floor:6.2f}x  {total:6.1f} us  {user:11.1f} us")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def test_quick_prints_both_modes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["durable", "claim-durable"])
-def test_decompose_prints_floor_statements_and_guard(tmp_path: Path, mode: str) -> None:
+def test_decompose_prints_every_row_first_and_replay(tmp_path: Path, mode: str) -> None:
     out = _run(
         str(BENCH / "decompose.py"),
         "--n",
@@ -47,10 +47,13 @@ def test_decompose_prints_floor_statements_and_guard(tmp_path: Path, mode: str) 
         mode,
         cwd=tmp_path,
     )
-    figures = {
-        m.group(1): float(m.group(2))
-        for m in re.finditer(r"^(floor|statements|guard)\s+([\d.]+) us", out, re.M)
-    }
-    assert set(figures) == {"floor", "statements", "guard"}, out
+    first, _, replay = out.partition("replay of the same ids")
+    row = r"^(floor|audited floor|least guard|statements|guard|fingerprint)\s+([\d.]+) us"
+    figures = {m.group(1): float(m.group(2)) for m in re.finditer(row, first, re.M)}
+    assert set(figures) == {"floor", "audited floor", "least guard", "statements", "guard"}, out
     assert all(v > 0 for v in figures.values()), out
+    again = {m.group(1): float(m.group(2)) for m in re.finditer(row, replay, re.M)}
+    assert set(again) == {"floor", "least guard", "guard", "fingerprint"}, out
+    assert all(v > 0 for v in again.values()), out
+    assert re.search(r"^guard / \(floor replay \+ one fingerprint\): [\d.]+x$", replay, re.M), out
     assert not list(tmp_path.glob("sa-decompose-*")), "the temporary files were removed"
