@@ -964,8 +964,9 @@ def test_p5_unserializable_result_is_a_clear_error_never_a_second_booking(
 
 
 def test_the_readme_decorator_lookup_finds_the_record_by_its_quoted_id(tmp_path: Path) -> None:
-    """README: a str key is stored with its JSON quotes; request_id_for gives that id, and
-    guard.get finds the record with it (the bare string does not)."""
+    """docs/guide.md ("Request ids from the decorator"): a str key is stored with its JSON
+    quotes; request_id_for gives that id, and guard.get finds the record with it (the bare
+    string does not)."""
     runs: list[str] = []
     with Guard(SQLiteStore(tmp_path / "d.db")) as guard:
 

@@ -176,7 +176,7 @@ class ReconcileRequest:
     attempt: the same in every reconcile round, however often the record is retaken. Answer
     ``not_happened`` only once no request that attempt sent can still reach the downstream
     system: once the store's clock is at least this instant plus the downstream's longest
-    request timeout (the rule of the README's "Reconcile hooks"; compare it with
+    request timeout (the rule of docs/guide.md's "Reconcile hooks"; compare it with
     :attr:`now_ms`, on the same clock). ``None`` only for a record whose lease expiry was
     never stored."""
     now_ms: int | None = None
