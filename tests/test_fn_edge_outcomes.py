@@ -14,7 +14,9 @@ regression that hangs fails the test instead of stalling the run.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -203,6 +205,45 @@ def test_reconcile_hook_raising_stop_iteration_leaves_it_in_doubt(
     report = call(guard, "reconcile")
     assert (report.checked, report.unknown) == (1, 1)
     assert stored(guard, "r-1")[0] is Status.IN_DOUBT
+    assert ledger.count() == 1
+
+
+def test_work_a_sync_fn_waits_for_that_is_cancelled_is_in_doubt(
+    sync_guard: Guard, ledger: Ledger
+) -> None:
+    """A sync ``fn`` that sends the request from a coroutine on another event loop and waits
+    for it (``run_coroutine_threadsafe(...).result()``, as the LangChain and CrewAI adapters
+    do for async tool bodies): when that loop cancels the coroutine midway, ``result()``
+    raises ``concurrent.futures.CancelledError``, an ordinary ``Exception``. The request may
+    have been sent, so the record is in doubt, not a stored failure a retry would replay."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    sent = threading.Event()
+
+    async def send_then_wait(request_id: str) -> str:
+        ledger.append(request_id, "sent")
+        sent.set()
+        await asyncio.sleep(30)  # the answer never comes: the loop cancels us first
+        return "charged"
+
+    def fn(ctx: ExecutionContext) -> Any:
+        future = asyncio.run_coroutine_threadsafe(send_then_wait(ctx.request_id), loop)
+        assert sent.wait(TIMEOUT)
+        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
+        return future.result(TIMEOUT)
+
+    try:
+        with pytest.raises(concurrent.futures.CancelledError):
+            sync_guard.execute("r-1", "charge", {}, fn)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(TIMEOUT)
+        loop.close()
+    record = sync_guard.get("r-1")
+    assert record is not None and record.status is Status.IN_DOUBT
+    with pytest.raises(OutcomeUnknownError):
+        sync_guard.execute("r-1", "charge", {}, fn)
     assert ledger.count() == 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -202,10 +204,13 @@ class Both(Refused, Timeout):
         (ValueError(), Status.FAILED),
         (KeyboardInterrupt(), Status.IN_DOUBT),
         (SystemExit(1), Status.IN_DOUBT),
+        (asyncio.CancelledError(), Status.IN_DOUBT),
+        (concurrent.futures.CancelledError(), Status.IN_DOUBT),
     ],
 )
 def test_exception_policy(exc: BaseException, status: Status) -> None:
-    """Declared types release or leave in doubt (doubt wins); BaseExceptions leave in doubt."""
+    """Declared types release or leave in doubt (doubt wins); BaseExceptions leave in doubt,
+    and so does the ``Exception`` a future's ``result()`` raises for cancelled work."""
     assert classify_exception(exc, (Refused,), (Timeout,)) is status
 
 

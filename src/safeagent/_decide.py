@@ -7,6 +7,7 @@ only do the I/O the flow asks for.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 from dataclasses import dataclass
 
@@ -68,13 +69,16 @@ def classify_exception(
       lists, doubt is the safe reading);
     - :class:`~safeagent.errors.NotExecuted` and declared "not executed" types: RELEASED;
     - any ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``,
-      ``SystemExit``, ``CancelledError``): IN_DOUBT, since ``fn`` was cut off midway;
+      ``SystemExit``, ``asyncio.CancelledError``), and ``concurrent.futures``'
+      ``CancelledError`` (an ``Exception``: what ``Future.result()`` raises when the work
+      it waits for, such as a coroutine run with ``asyncio.run_coroutine_threadsafe``, was
+      cancelled): IN_DOUBT, since ``fn`` or the work it waited for was cut off midway;
     - anything else: FAILED, stored and replayed.
     """
     if outcome_unknown and isinstance(exc, outcome_unknown):
         return Status.IN_DOUBT
     if isinstance(exc, NotExecuted) or (not_executed and isinstance(exc, not_executed)):
         return Status.RELEASED
-    if not isinstance(exc, Exception):
+    if not isinstance(exc, Exception) or isinstance(exc, concurrent.futures.CancelledError):
         return Status.IN_DOUBT
     return Status.FAILED
