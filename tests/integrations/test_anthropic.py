@@ -23,7 +23,7 @@ require("anthropic")
 from anthropic.types import Message, TextBlock, ToolUseBlock, Usage  # noqa: E402
 
 from safeagent import AsyncGuard, Guard  # noqa: E402
-from safeagent.errors import ConfigurationError  # noqa: E402
+from safeagent.errors import ConfigurationError, ResultNotSerializableError  # noqa: E402
 from safeagent.integrations.anthropic import (  # noqa: E402
     REPLAY_MARKER,
     TransportIdWarning,
@@ -246,6 +246,50 @@ def test_async_twin_retried_run_charges_once(tmp_path, ledger):
     assert ledger.count() == 1
     assert len({r["content"] for r in results}) == 1
     assert [r["tool_use_id"] for r in results] == ["toolu_1", "toolu_2", "toolu_3"]
+
+
+def test_async_result_that_cannot_be_dumped_is_a_success_never_a_failure(tmp_path, ledger):
+    """arun_tool_uses, for an async and a sync tool, each with a ``**kwargs`` volatile
+    argument excluded for it: the tool charged, then returned a pydantic model whose dump
+    raises. The record is SUCCEEDED without a stored result, every attempt gets
+    ResultNotSerializableError, and the re-emitted block with a new timestamp runs
+    nothing."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Charge(pydantic.BaseModel):
+        raw: bytes
+
+    async def charge_async(customer: str, amount_cents: int, **extra: Any) -> Any:
+        await asyncio.sleep(0)
+        ledger.append(f"async:{extra['requested_at']}")
+        return Charge(raw=b"\xff")
+
+    def charge_sync(customer: str, amount_cents: int, **extra: Any) -> Any:
+        ledger.append(f"sync:{extra['requested_at']}")
+        return Charge(raw=b"\xff")
+
+    tools = {"charge_async": charge_async, "charge_sync": charge_sync}
+    exclude = {name: ["requested_at"] for name in tools}
+
+    async def main() -> list[Any]:
+        guard = AsyncGuard(tmp_path / "guard.db")
+        try:
+            for name in tools:
+                for stamp in ("10:00:01", "10:00:07"):
+                    block = tool_use(
+                        f"toolu_{name}_{stamp}", {**INPUT, "requested_at": stamp}, name
+                    )
+                    with pytest.raises(ResultNotSerializableError):
+                        await arun_tool_uses(
+                            message(block), tools, guard=guard, scope=ORDER, exclude=exclude
+                        )
+            return list(guard.store.records()[0])
+        finally:
+            await guard.aclose()
+
+    records = asyncio.run(main())
+    assert sorted(r.status.value for r in records) == ["SUCCEEDED", "SUCCEEDED"]
+    assert ledger.count() == 2
 
 
 def test_sync_function_refuses_an_async_guard(charge_card, tmp_path):

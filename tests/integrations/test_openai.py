@@ -36,11 +36,12 @@ from openai.types.responses import (  # noqa: E402
     ResponseOutputText,
 )
 
-from safeagent import AsyncGuard, Guard, NotExecuted, current_context  # noqa: E402
+from safeagent import AsyncGuard, Guard, NotExecuted, Status, current_context  # noqa: E402
 from safeagent.errors import (  # noqa: E402
     ConfigurationError,
     InvalidInputError,
     OutcomeUnknownError,
+    ResultNotSerializableError,
 )
 from safeagent.integrations.openai import (  # noqa: E402
     REPLAY_MARKER,
@@ -298,6 +299,123 @@ def test_chat_volatile_argument_is_excluded_on_request(guards, ledger):
     assert ledger.count() == 2
 
 
+def test_chat_volatile_argument_inside_kwargs_is_excluded_on_request(guards, ledger):
+    """A tool taking ``**extra``: the volatile name the model passes lands in that dict, and
+    excluding it for that tool leaves it out of the request id and the fingerprint, so the
+    re-emitted call with a new timestamp replays. The tool still gets the argument, and the
+    stored payload keeps it."""
+
+    def charge_card(customer: str, amount_cents: int, **extra: Any) -> str:
+        ledger.append(extra["requested_at"])
+        return f"charged at {extra['requested_at']}"
+
+    guard = guards()
+    tools = {"charge_card": charge_card}
+    contents = []
+    for i, stamp in enumerate(("10:00:01", "10:00:07")):
+        message = completion(chat_call(f"c{i}", {**ARGS, "requested_at": stamp})).choices[0]
+        sent = run_tool_calls(
+            message.message,
+            tools,
+            guard=guard,
+            scope=ORDER,
+            exclude={"charge_card": ["requested_at"]},
+        )
+        contents.append(sent[0]["content"])
+    assert ledger.rows() == [("10:00:01", None)]
+    assert contents == ["charged at 10:00:01"] * 2
+    (record,), _ = guard.store.records()
+    assert json.loads(record.payload_json) == {**ARGS, "requested_at": "10:00:01", "extra": {}}
+
+
+def test_chat_exclude_names_for_kwargs_are_given_per_tool(guards, ledger):
+    """A name for every tool must be a named argument of some tool: a ``**kwargs`` tool
+    must not vouch for a misspelt name of another tool (which would stay in that tool's
+    request id, so every retry charges again); a name meant for the ``**kwargs`` goes in
+    the per-tool form."""
+
+    def charge_card(customer: str, amount_cents: int, requested_at: str = "") -> str:
+        ledger.append(requested_at)
+        return "ok"
+
+    def log_event(**fields: Any) -> str:
+        return "logged"
+
+    message = completion(chat_call("c1", {**ARGS, "requested_at": "10:00:01"})).choices[0]
+    tools = {"charge_card": charge_card, "log_event": log_event}
+    with pytest.raises(ConfigurationError, match=r"\['requsted_at'\].*exclude=\{'log_event'"):
+        run_tool_calls(message.message, tools, guard=guards(), scope=ORDER, exclude=["requsted_at"])
+    with pytest.raises(ConfigurationError, match="name them for that tool"):
+        run_tool_calls(
+            message.message,
+            {"log_event": log_event},
+            guard=guards(),
+            scope=ORDER,
+            exclude=["ts"],
+        )
+    assert ledger.count() == 0
+    run_tool_calls(  # the named argument of one tool is fine for every tool
+        message.message, tools, guard=guards(), scope=ORDER, exclude=["requested_at"]
+    )
+    run_tool_calls(
+        message.message,
+        {"log_event": log_event},
+        guard=guards(),
+        scope=ORDER,
+        exclude={"log_event": ["ts"]},
+    )
+    assert ledger.count() == 1
+
+
+def test_chat_result_that_cannot_be_dumped_is_a_success_never_a_failure(guards, ledger):
+    """The tool charged, then returned a pydantic model whose dump raises (``bytes`` that
+    are not UTF-8). The dump is not the tool failing: the record is SUCCEEDED without a
+    stored result and the caller gets ResultNotSerializableError, as from the core guard;
+    never FAILED, a status an operator may re-run."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Charge(pydantic.BaseModel):
+        charge_id: str
+        raw: bytes
+
+    def charge_card(customer: str, amount_cents: int) -> Any:
+        ledger.append(customer)
+        return Charge(charge_id="ch_1", raw=b"\xff\xfe")
+
+    guard = guards()
+    message = completion(chat_call("c1", ARGS)).choices[0].message
+    for _ in range(2):
+        with pytest.raises(ResultNotSerializableError):
+            run_tool_calls(message, {"charge_card": charge_card}, guard=guard, scope=ORDER)
+    (record,), _ = guard.store.records()
+    assert record.status is Status.SUCCEEDED
+    assert record.error is not None
+    assert record.error.type == "safeagent.ResultNotSerializable"
+    assert guard.in_doubt() == []
+    assert ledger.count() == 1
+
+
+def test_chat_bad_tool_call_id_is_refused_for_that_call_only(charge_card, guards, ledger):
+    """Keyed on tool-call ids, an id that cannot be a request id (empty, too long, the
+    reserved ``case:`` prefix) refuses that call, before anything runs for it, and the
+    caller still gets every other call's output."""
+    calls = [
+        chat_call("call_ok", ARGS),
+        chat_call("", {**ARGS, "customer": "cus_2"}),
+        chat_call("x" * 256, {**ARGS, "customer": "cus_3"}),
+        chat_call("case:1", {**ARGS, "customer": "cus_4"}),
+    ]
+    message = completion(*calls).choices[0].message
+    with pytest.warns(TransportIdWarning):
+        sent = run_tool_calls(
+            message, {"charge_card": charge_card}, guard=guards(), scope=ORDER, key="tool_call_id"
+        )
+    assert [m["tool_call_id"] for m in sent] == ["call_ok", "", "x" * 256, "case:1"]
+    assert json.loads(sent[0]["content"])["charge_id"] == "ch_1"
+    assert [m["content"].split(":")[:2] for m in sent[1:]] == [["Error", " InvalidToolCallId"]] * 3
+    assert ledger.count() == 1
+
+
 def test_chat_unknown_tool_and_bad_arguments_run_nothing(charge_card, guards, ledger):
     """Unknown tools and unfit arguments are shown to the model; nothing runs or is stored."""
     guard = guards()
@@ -411,7 +529,7 @@ def test_chat_misuse_is_refused_before_anything_runs(charge_card, guards, db, le
         run_tool_calls(message, {"charge_card": async_tool}, guard=guards(), scope=ORDER)
     with pytest.raises(ConfigurationError, match="exclude"):
         run_tool_calls(message, tools, guard=guards(), scope=ORDER, exclude="currency")
-    with pytest.raises(ConfigurationError, match="does not take"):
+    with pytest.raises(ConfigurationError, match=r"no tool \(charge_card\) takes"):
         run_tool_calls(message, tools, guard=guards(), scope=ORDER, exclude=["requested_at"])
     with pytest.raises(ConfigurationError, match="not in tools"):
         run_tool_calls(message, tools, guard=guards(), scope=ORDER, exclude={"refund": ["x"]})

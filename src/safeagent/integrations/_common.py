@@ -45,9 +45,12 @@ from safeagent import (
     bind_arguments,
     derive_request_id,
 )
+from safeagent._keys import check_request_id
+from safeagent._policy import CASE_PREFIX
 from safeagent.errors import (
     ConfigurationError,
     InvalidInputError,
+    InvalidRequestIdError,
     ReplayedFailureError,
 )
 from safeagent.errors import (
@@ -256,9 +259,22 @@ def is_async_callable(func: object) -> bool:
     )
 
 
-def parameter_names(name: str, func: ToolFunction) -> frozenset[str] | None:
-    """The names tool ``name`` (``func``) takes as arguments; ``None`` when it takes
-    ``**kwargs``, so that any name may be an argument.
+@dataclass(frozen=True, slots=True)
+class Parameters:
+    """The argument names of a tool function.
+
+    Attributes:
+        named: the parameters it names (not ``*args`` or ``**kwargs``).
+        var_keyword: the name of its ``**kwargs`` parameter, if it has one: then any other
+            name may be an argument too, and lands in that dict.
+    """
+
+    named: frozenset[str]
+    var_keyword: str | None
+
+
+def parameter_names(name: str, func: ToolFunction) -> Parameters:
+    """The argument names tool ``name`` (``func``) takes.
 
     Raises:
         ConfigurationError: ``func``'s signature cannot be read (some builtins), so its
@@ -270,21 +286,43 @@ def parameter_names(name: str, func: ToolFunction) -> frozenset[str] | None:
         raise ConfigurationError(
             f"tool {name!r} has no readable signature ({exc}); wrap it in a def"
         ) from exc
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return frozenset(p.name for p in parameters)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    var_keyword = next(
+        (p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None
+    )
+    return Parameters(frozenset(p.name for p in parameters if p.kind not in variadic), var_keyword)
 
 
-def check_excluded(tool: str, names: frozenset[str], accepted: frozenset[str] | None) -> None:
+def check_excluded(tool: str, names: frozenset[str], accepted: Parameters) -> None:
     """Refuse ``exclude`` names that are no argument of ``tool``: a misspelt volatile
-    argument would silently stay in the request id, and every retry would run again.
+    argument would silently stay in the request id, and every retry would run again. A
+    tool that takes ``**kwargs`` accepts any name (it cannot be checked).
 
     Raises:
         ConfigurationError: a name the tool does not take.
     """
-    unknown = sorted(names - accepted) if accepted is not None else []
+    unknown = sorted(names - accepted.named) if accepted.var_keyword is None else []
     if unknown:
         raise ConfigurationError(f"exclude names {unknown} that tool {tool!r} does not take")
+
+
+def hoist_excluded(
+    payload: dict[str, Any], var_keyword: str | None, excluded: Collection[str]
+) -> dict[str, Any]:
+    """``payload`` (bound arguments) with the excluded names found in its ``**kwargs``
+    dict moved up beside the named arguments, so that leaving top-level names out of the
+    request id and the fingerprint leaves them out too; the call itself still gets them
+    as keyword arguments. ``payload`` is not changed."""
+    extra = payload.get(var_keyword) if var_keyword is not None else None
+    if not isinstance(extra, dict) or not any(n in extra for n in excluded):
+        return payload
+    hoisted = dict(payload)
+    kept = dict(extra)
+    for name in excluded:
+        if name in kept and name not in hoisted:
+            hoisted[name] = kept.pop(name)
+    hoisted[var_keyword] = kept  # type: ignore[index]
+    return hoisted
 
 
 def check_tools(
@@ -300,7 +338,7 @@ def check_tools(
     """
     if not isinstance(tools, Mapping):
         raise ConfigurationError("tools must be a mapping of tool name to function")
-    accepted: dict[str, frozenset[str] | None] = {}
+    accepted: dict[str, Parameters] = {}
     for name, func in tools.items():
         if not isinstance(name, str) or not callable(func):
             raise ConfigurationError(f"tools[{name!r}] must map a tool name to a function")
@@ -314,10 +352,23 @@ def check_tools(
             raise ConfigurationError(f"exclude names tool {name!r}, which is not in tools")
         check_excluded(name, names, accepted[name])
     if options.exclude_all and tools:
-        if any(names is None for names in accepted.values()):
-            return tools
-        known = frozenset().union(*(n for n in accepted.values() if n is not None))
-        check_excluded(", ".join(sorted(tools)), options.exclude_all, known)
+        # Names for every tool must each be a named argument of some tool: one tool's
+        # **kwargs must not vouch for a name misspelt for another. A name only a
+        # **kwargs tool can take is given for that tool, in the mapping form.
+        named = frozenset().union(*(p.named for p in accepted.values()))
+        unknown = sorted(options.exclude_all - named)
+        if unknown:
+            takers = sorted(n for n, p in accepted.items() if p.var_keyword is not None)
+            hint = (
+                f"; for a tool that takes **kwargs, name them for that tool: "
+                f"exclude={{{takers[0]!r}: {unknown}}}"
+                if takers
+                else ""
+            )
+            raise ConfigurationError(
+                f"exclude names {unknown} that no tool ({', '.join(sorted(tools))}) takes "
+                f"as a named argument{hint}"
+            )
     return tools
 
 
@@ -385,18 +436,33 @@ def prepare(
     func = tools.get(call.name)
     if func is None:
         return rejected("UnknownTool", f"no tool named {call.name!r}")
+    if options.key == "tool_call_id":  # the transport id is the request id: check it here
+        try:
+            check_request_id(call.call_id)
+        except InvalidRequestIdError as exc:
+            return rejected("InvalidToolCallId", str(exc))
+        if call.call_id.startswith(CASE_PREFIX):
+            return rejected(
+                "InvalidToolCallId",
+                f"tool-call ids starting with {CASE_PREFIX!r} are reserved for case settlement",
+            )
     parsed = parse_arguments(call.arguments)
     if isinstance(parsed, Outcome):
         return parsed
     excluded = options.excluded(call.name)
     try:
         payload = bind_arguments(func, (), parsed)
+    except InvalidInputError as exc:
+        cause = exc.__cause__  # bind_arguments names the function object; the model needs less
+        return rejected("InvalidArguments", str(cause if isinstance(cause, TypeError) else exc))
+    if excluded:
+        payload = hoist_excluded(payload, parameter_names(call.name, func).var_keyword, excluded)
+    try:
         request_id = request_id_for(
             options.scope, call.name, payload, excluded, options.key, call.call_id
         )
     except InvalidInputError as exc:
-        cause = exc.__cause__  # bind_arguments names the function object; the model needs less
-        return rejected("InvalidArguments", str(cause if isinstance(cause, TypeError) else exc))
+        return rejected("InvalidArguments", str(exc))
     return Prepared(func, (), parsed, request_id, call.name, payload, excluded)
 
 
@@ -415,6 +481,19 @@ def plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     return value
+
+
+def storable(value: Any) -> Any:
+    """What a guarded tool body returns for the guard to store: ``plain(value)``, or
+    ``value`` unchanged when dumping it raises. The tool has already run, so a conversion
+    that fails is not the tool's failure: the guard's result encoder meets the same value,
+    records the call as succeeded without a stored result and raises
+    :class:`~safeagent.errors.ResultNotSerializableError` (docs/exceptions.md), so the call
+    is never recorded as FAILED, a status an operator may re-run."""
+    try:
+        return plain(value)
+    except Exception:  # noqa: BLE001 - any dump error: the encoder reports it
+        return value
 
 
 def render(value: Any) -> str:
@@ -461,10 +540,11 @@ def execute(guard: Guard, prepared: Prepared, namespace: str | None) -> Outcome:
 
     def fn(_ctx: ExecutionContext) -> Any:
         try:
-            return plain(prepared.func(*prepared.args, **prepared.kwargs))
+            value = prepared.func(*prepared.args, **prepared.kwargs)
         except BaseException as exc:
             raised.append(exc)
             raise
+        return storable(value)
 
     try:
         receipt = guard.execute(
@@ -497,20 +577,22 @@ async def aexecute(guard: AsyncGuard, prepared: Prepared, namespace: str | None)
 
         async def afn(_ctx: ExecutionContext) -> Any:
             try:
-                return plain(await prepared.func(*prepared.args, **prepared.kwargs))
+                value = await prepared.func(*prepared.args, **prepared.kwargs)
             except BaseException as exc:
                 raised.append(exc)
                 raise
+            return storable(value)
 
         fn = afn
     else:
 
         def sfn(_ctx: ExecutionContext) -> Any:
             try:
-                return plain(prepared.func(*prepared.args, **prepared.kwargs))
+                value = prepared.func(*prepared.args, **prepared.kwargs)
             except BaseException as exc:
                 raised.append(exc)
                 raise
+            return storable(value)
 
         fn = sfn
 

@@ -72,6 +72,7 @@ from safeagent.integrations._common import (
     Exclude,
     KeyMode,
     Outcome,
+    Parameters,
     Prepared,
     TransportIdWarning,
     aexecute,
@@ -82,6 +83,7 @@ from safeagent.integrations._common import (
     error_text,
     exclusions,
     execute,
+    hoist_excluded,
     is_async_callable,
     render,
     request_id_for,
@@ -216,8 +218,15 @@ def guard_tool(
     takes_context = bool(params) and _takes_context(params[0].annotation)
     context_name = params[0].name if takes_context else _CONTEXT_PARAMETER
     tool_params = params[1:] if takes_context else params
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in tool_params):
-        check_excluded(tool.name, excluded, frozenset(p.name for p in tool_params))
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    var_keyword = next(
+        (p.name for p in tool_params if p.kind is inspect.Parameter.VAR_KEYWORD), None
+    )
+    check_excluded(
+        tool.name,
+        excluded,
+        Parameters(frozenset(p.name for p in tool_params if p.kind not in variadic), var_keyword),
+    )
     action = tool.name
 
     def prepare(ctx: ToolContext[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
@@ -225,7 +234,7 @@ def guard_tool(
         bound = bind_arguments(
             func, call_args, kwargs, exclude=(context_name,) if takes_context else ()
         )
-        payload: dict[str, Any] = to_jsonable_python(bound)
+        payload: dict[str, Any] = hoist_excluded(to_jsonable_python(bound), var_keyword, excluded)
         scope_value = check_scope(scope(ctx) if callable(scope) else scope)
         call_id = str(getattr(ctx, "tool_call_id", ""))
         request_id = request_id_for(scope_value, action, payload, excluded, mode, call_id)
