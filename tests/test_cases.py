@@ -821,6 +821,29 @@ def test_p3_keyless_calls_never_share_a_receipt(guard: Guard, ledger: Ledger) ->
     assert ledger.count() == 2
 
 
+def test_decorator_exclude_is_checked_and_reaches_into_kwargs(guard: Guard, ledger: Ledger) -> None:
+    """A misspelt ``exclude`` name is a ConfigurationError when decorating (it would stay in
+    the fingerprint, and every retry with a new timestamp would be refused as another
+    request); for a function taking ``**kwargs``, an excluded name passed in them is left
+    out of the fingerprint too, so the retry replays."""
+    with pytest.raises(ConfigurationError, match=r"\['requsted_at'\]"):
+
+        @guard.guarded(action="book", key_arg="request_id", exclude=["requsted_at"])
+        def book(title: str, request_id: str, requested_at: str = "") -> Any: ...
+
+    @guard.guarded(action="book", key_arg="request_id", exclude=["requested_at"])
+    def book_kw(title: str, request_id: str, **extra: Any) -> Any:
+        ledger.append(request_id, extra["requested_at"])
+        return {"booked": title}
+
+    assert book_kw("room", request_id="k-1", requested_at="10:00:01") == {"booked": "room"}
+    assert book_kw("room", request_id="k-1", requested_at="10:00:07") == {"booked": "room"}
+    assert ledger.rows() == [("k-1", "10:00:01")]
+    with pytest.raises(FingerprintMismatchError):  # the rest of **kwargs still counts
+        book_kw("room", request_id="k-1", requested_at="x", floor=3)
+    assert ledger.count() == 1
+
+
 # == P4: same key, other payload: a conflict on every path =====================================
 
 

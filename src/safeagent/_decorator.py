@@ -45,6 +45,16 @@ class _Bound:
             raise ConfigurationError(f"key_arg {key_arg!r} is not a parameter of {func}")
         if isinstance(exclude, str):
             raise ConfigurationError("exclude must be a collection of parameter names")
+        parameters = self.signature.parameters.values()
+        self.var_keyword = next(
+            (p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None
+        )
+        unknown = sorted(set(exclude) - set(self.signature.parameters))
+        if unknown and self.var_keyword is None:
+            # A misspelt volatile name would stay in the fingerprint: every retry with a
+            # new value would be refused as another request. Names a **kwargs parameter
+            # may receive cannot be checked.
+            raise ConfigurationError(f"exclude names {unknown} that {func} does not take")
         self.key_arg = key_arg
         self.exclude = frozenset(exclude)
         self.allow_missing_key = allow_missing_key
@@ -59,7 +69,12 @@ class _Bound:
             raise InvalidInputError(f"{self.action}: {exc}") from exc
         bound.apply_defaults()
         skip = self.exclude | ({self.key_arg} if self.key_arg else set())
-        return {k: v for k, v in bound.arguments.items() if k not in skip}
+        payload = {k: v for k, v in bound.arguments.items() if k not in skip}
+        var_keyword = self.var_keyword
+        extra = payload.get(var_keyword) if var_keyword is not None else None
+        if var_keyword is not None and isinstance(extra, dict) and not skip.isdisjoint(extra):
+            payload[var_keyword] = {k: v for k, v in extra.items() if k not in skip}  # **kwargs
+        return payload
 
     def request_id_for(self, key: object) -> str:
         """The request id a key value stands for: its canonical JSON (docs/design.md section 6), so

@@ -178,7 +178,8 @@ class Guard(GuardCore):
         Args:
             action: the action name; defaults to the function's ``__qualname__``.
             key_arg: the parameter whose value is the request id.
-            exclude: parameters left out of the payload and fingerprint (volatile ones).
+            exclude: parameters left out of the payload and fingerprint (volatile ones);
+                for a function taking ``**kwargs``, names passed in them are left out too.
             allow_missing_key: when the ``key_arg`` value is ``None`` or ``""``, run the
                 function unguarded (nothing is recorded) instead of raising
                 :class:`~safeagent.errors.MissingKeyError`.
@@ -186,6 +187,11 @@ class Guard(GuardCore):
 
         Returns:
             A decorator producing a :class:`GuardedFunction`.
+
+        Raises:
+            ConfigurationError: when decorating: ``key_arg`` or a name in ``exclude`` is
+                not a parameter of the function (``exclude`` names cannot be checked for a
+                function taking ``**kwargs``), or ``exclude`` is a bare ``str``.
         """
         options = decorator_options(namespace, wait, lease, not_executed, outcome_unknown)
 
