@@ -197,6 +197,10 @@ def test_pending_same_waits_up_to_the_bound(guard: Guard, ledger: Ledger) -> Non
         waited = time.monotonic() - started
         assert 0.25 <= waited < 2.0
         assert info.value.retry_after == pytest.approx(30.0)  # fake clock did not move
+        # The message names the holder and says a dead owner's claim turns in doubt.
+        assert info.value.receipt is not None
+        assert f"claimed by {info.value.receipt.lease_owner} " in str(info.value)
+        assert "reads as in doubt, never re-run" in str(info.value)
     finally:
         release.set()
         holder.join(10)

@@ -273,7 +273,27 @@ def test_receipts_show_unknown_id_exits_1(db: Path) -> None:
     result = cli("receipts", "show", "nope", "--db", db)
     assert result.exit_code == 1
     assert "no receipt 'nope' in namespace 'default'" in result.stderr
+    assert "stored quoted" not in result.stderr
     assert cli("receipts", "show", "t-1", "--db", db).exit_code == 1
+
+
+def test_receipts_show_points_at_a_decorator_key_stored_quoted(tmp_path: Path) -> None:
+    """The decorator stores a str key as its JSON text: asked for the bare id, the CLI says
+    there is a record under the quoted one; an empty listing says so plainly."""
+    path = tmp_path / "d.db"
+    SQLiteStore(path).close()
+    assert "no matching receipts" in cli("receipts", "list", "--db", path).stderr
+    with Guard(SQLiteStore(path)) as guard:
+
+        @guard.guarded(action="create_ticket", key_arg="request_id")
+        def create_ticket(title: str, request_id: str) -> str:
+            return title
+
+        create_ticket("printer", request_id="conv-7:ticket-1")
+    result = cli("receipts", "show", "conv-7:ticket-1", "--db", path)
+    assert result.exit_code == 1
+    assert 'there is one for "conv-7:ticket-1"' in result.stderr
+    assert cli("receipts", "show", '"conv-7:ticket-1"', "--db", path).exit_code == 0
 
 
 # -- in doubt, reconcile, resolve ------------------------------------------------------------

@@ -241,7 +241,8 @@ def test_work_a_sync_fn_waits_for_that_is_cancelled_is_in_doubt(
         thread.join(TIMEOUT)
         loop.close()
     record = sync_guard.get("r-1")
-    assert record is not None and record.status is Status.IN_DOUBT
+    assert record is not None
+    assert record.status is Status.IN_DOUBT
     with pytest.raises(OutcomeUnknownError):
         sync_guard.execute("r-1", "charge", {}, fn)
     assert ledger.count() == 1

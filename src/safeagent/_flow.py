@@ -391,8 +391,10 @@ def execute_flow(call: Call, fn: Callable[[ExecutionContext], Any], s: Settings)
         retry_after = decision.retry_after_ms / 1000
         if remaining <= 0:
             raise InProgressError(
-                f"request {call.request_id!r} is still running elsewhere; "
-                f"retry after {retry_after:.3f} s",
+                f"request {call.request_id!r} is claimed by {record.lease_owner} under a "
+                f"live lease: it is running, or its owner died and the lease has not run "
+                f"out yet (then it reads as in doubt, never re-run); retry after "
+                f"{retry_after:.3f} s",
                 request_id=call.request_id,
                 namespace=call.namespace,
                 retry_after=retry_after,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,7 @@ from safeagent._cli._common import (
     time_window,
 )
 from safeagent._core import GuardCore, tally
-from safeagent._keys import check_name, check_request_id
+from safeagent._keys import MAX_REQUEST_ID_LENGTH, check_name, check_request_id
 from safeagent._receipt import Receipt
 from safeagent.stores import ReceiptStore
 
@@ -140,8 +141,11 @@ def receipts_list(
             for r in page
         ],
     )
-    shown = f"{offset + 1}-{offset + len(page)}" if page else "none"
-    err_console().print(f"{shown} of {len(rows)} matching receipts")
+    if not rows:
+        err_console().print("no matching receipts")
+    else:
+        shown = f"{offset + 1}-{offset + len(page)}" if page else "none"
+        err_console().print(f"{shown} of {len(rows)} matching receipts")
 
 
 @receipts_app.command("show", epilog=EXIT_CODES)
@@ -165,7 +169,12 @@ def receipts_show(
     with opened(resolve_target(db, database_url, schema)) as store:
         record, now = store.get(namespace, request_id)
         if record is None:
-            raise CliError(EXIT_FAILED, f"no receipt {request_id!r} in namespace {namespace!r}")
+            message = f"no receipt {request_id!r} in namespace {namespace!r}"
+            quoted = json.dumps(request_id, ensure_ascii=False)
+            if len(quoted) <= MAX_REQUEST_ID_LENGTH and store.get(namespace, quoted)[0]:
+                # The decorator stores a str key as its JSON text (docs/design.md section 6).
+                message += f"; there is one for {quoted} (a decorator's key, stored quoted)"
+            raise CliError(EXIT_FAILED, message)
         events = store.events(namespace=namespace, subject=request_id)
     receipt = receipt_dict(record, now, redact=not no_redact, payload=True)
     if as_json:
