@@ -19,6 +19,7 @@ from safeagent import (
     AsyncFinalityGate,
     AsyncGuard,
     CaseState,
+    ConfigurationError,
     ConsensusPolicy,
     FinalityGate,
     Guard,
@@ -253,6 +254,86 @@ def test_settle_with_a_bad_action_runs_nothing_and_writes_no_record(
     case = gate.get(CID)
     assert case is not None
     assert case.state is CaseState.FINAL
+
+
+def _forgot_the_context(outcome: str) -> None:
+    raise AssertionError("the side effect must not run")
+
+
+async def _async_refund(outcome: str, ctx: Any) -> None:
+    raise AssertionError("the side effect must not run")
+
+
+@pytest.mark.parametrize(
+    ("fn", "match"),
+    [
+        pytest.param(_forgot_the_context, "must take .outcome, context.", id="one-argument"),
+        pytest.param(lambda: None, "must take .outcome, context.", id="no-argument"),
+        pytest.param(None, "must be a function", id="none"),
+        pytest.param(_async_refund, "AsyncFinalityGate", id="async-on-sync-gate"),
+    ],
+)
+def test_settle_with_an_fn_that_cannot_start_settles_nothing(
+    store: Any, gate: FinalityGate, ledger: Ledger, fn: Any, match: str
+) -> None:
+    """An ``fn`` that could never be called as ``fn(outcome, context)`` (it forgot the
+    context, is not callable, or is async on the sync gate) is refused before anything is
+    recorded: the case stays FINAL, and the corrected call settles it, once. (Run through
+    the guard, the wrapper's TypeError looked like a failure inside ``fn``: the case was
+    SETTLED as FAILED for good, the refund never ran.)"""
+    finalize(gate)
+    before = written(store)
+    with pytest.raises(ConfigurationError, match=match):
+        gate.settle(CID, "issue_refund", fn)
+    assert written(store) == before
+    case = gate.get(CID)
+    assert case is not None
+    assert case.state is CaseState.FINAL
+
+    def refund(outcome: str, ctx: Any) -> str:
+        ledger.append(ctx.request_id, outcome)
+        return "refunded"
+
+    assert gate.settle(CID, "issue_refund", refund).result == "refunded"
+    assert gate.settle(CID, "issue_refund", refund).replay
+    assert ledger.count() == 1
+
+
+def test_the_async_gate_refuses_an_fn_that_cannot_start(store: Any, ledger: Ledger) -> None:
+    """The async gate applies the same check (an ``async def`` fn is fine there)."""
+
+    async def main() -> None:
+        gate = AsyncFinalityGate(
+            AsyncGuard(store, wait=0), policy=ConsensusPolicy(threshold=0.5, quorum=1)
+        )
+        await gate.signal(CID, "fraud-model", APPROVE, 0.9)
+        with pytest.raises(ConfigurationError, match="must take"):
+            await gate.settle(CID, "issue_refund", _forgot_the_context)
+
+        async def refund(outcome: str, ctx: Any) -> str:
+            ledger.append(ctx.request_id, outcome)
+            return "refunded"
+
+        assert (await gate.settle(CID, "issue_refund", refund)).result == "refunded"
+
+    asyncio.run(main())
+    assert ledger.count() == 1
+
+
+def test_cases_states_take_names_and_refuse_unknown_ones(gate: FinalityGate) -> None:
+    """``states=`` takes members or their names; anything else is a typed error, as is a
+    policy that is not a ConsensusPolicy."""
+    finalize(gate)
+    assert [c.case_id for c in gate.cases(states=["FINAL"])] == [CID]
+    assert [c.case_id for c in gate.cases(states=[CaseState.FINAL, "OPEN"])] == [CID]
+    assert gate.cases(states=["SETTLED"]) == []
+    for bad in (["final"], ["NOPE"], "FINAL", [None]):
+        with pytest.raises(InvalidInputError, match="states must"):
+            gate.cases(states=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="ConsensusPolicy"):
+        FinalityGate(gate.guard, policy={"threshold": 0.7})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="ConsensusPolicy"):
+        gate.open("other", policy=0.7)  # type: ignore[arg-type]
 
 
 # -- namespaces --------------------------------------------------------------------------

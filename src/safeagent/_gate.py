@@ -34,11 +34,66 @@ from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import ExecutionContext, Receipt
 from safeagent._telemetry import observe
 from safeagent.errors import (
+    ConfigurationError,
     InvalidInputError,
     InvalidPayloadError,
     InvalidRequestIdError,
     NotFinalError,
 )
+
+
+def _states(states: Collection[CaseState | str] | None) -> tuple[CaseState, ...] | None:
+    """``states=`` as case states: members or their names (``"FINAL"``).
+
+    Raises:
+        InvalidInputError: a bare ``str``, or a value that names no state.
+    """
+    if states is None:
+        return None
+    if isinstance(states, str):
+        raise InvalidInputError(f"states must be a collection of case states, got {states!r}")
+    try:
+        return tuple(CaseState(s) for s in states)
+    except (ValueError, TypeError) as exc:
+        names = ", ".join(state.value for state in CaseState)
+        raise InvalidInputError(f"states must name case states ({names}): {exc}") from exc
+
+
+def _check_policy(policy: object) -> None:
+    """Raises ConfigurationError: ``policy`` is neither ``None`` nor a ConsensusPolicy."""
+    if policy is not None and not isinstance(policy, ConsensusPolicy):
+        raise ConfigurationError(f"policy must be a ConsensusPolicy, got {policy!r}")
+
+
+def _check_settle_fn(fn: object, *, sync: bool) -> None:
+    """Refuse a settlement ``fn`` that cannot be called as ``fn(outcome, context)``.
+
+    Raises:
+        ConfigurationError: ``fn`` is not callable, its signature cannot take two
+            positional arguments, or it is ``async def`` and ``sync`` (use
+            :class:`AsyncFinalityGate`). A signature that cannot be read (some builtins)
+            is not checked.
+    """
+    if not callable(fn):
+        raise ConfigurationError(
+            f"fn must be a function called as fn(outcome, context), got {fn!r}; nothing ran"
+        )
+    if sync and (
+        inspect.iscoroutinefunction(fn)
+        or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
+    ):
+        raise ConfigurationError(f"{fn!r} is async: settle it with AsyncFinalityGate; nothing ran")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins: nothing to check
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"fn must take (outcome, context): {fn!r} cannot ({exc}); nothing ran"
+        ) from exc
+
 
 MAX_CASE_ID_LENGTH = 255 - len(CASE_PREFIX)
 """Longest case id, in characters: its settlement's request id ``case:<case_id>`` must be
@@ -176,11 +231,15 @@ class _GateCore:
         _check_reason(reason)
         return ns
 
-    def _settle_args(self, case_id: str, action: str, namespace: str | None) -> str:
-        """Validate a settlement's case id, action and namespace before the store is read."""
+    def _settle_args(
+        self, case_id: str, action: str, namespace: str | None, fn: object, *, sync: bool
+    ) -> str:
+        """Validate a settlement's case id, action, namespace and ``fn`` before the store is
+        read: a settlement that could never start must not settle its case as FAILED."""
         ns = self._ns(namespace)
         _check_case_id(case_id)
         check_name("action", action)
+        _check_settle_fn(fn, sync=sync)
         return ns
 
     @staticmethod
@@ -250,6 +309,7 @@ class FinalityGate(_GateCore):
     def __init__(self, guard: Guard, *, policy: ConsensusPolicy | None = None) -> None:
         self.guard = guard
         self.store = guard.store
+        _check_policy(policy)
         self.policy = policy or ConsensusPolicy()
 
     def open(
@@ -266,6 +326,7 @@ class FinalityGate(_GateCore):
             InvalidInputError: a bad case id or namespace; nothing is recorded.
         """
         ns = self._ns(namespace)
+        _check_policy(policy)
         p = policy or self.policy
         row = self.store.open_case(ns, _check_case_id(case_id), p.threshold, p.quorum)
         return Case._from(row, self.store.get_case(ns, case_id)[1])
@@ -370,11 +431,13 @@ class FinalityGate(_GateCore):
 
         Raises:
             InvalidInputError: a bad case id, action or namespace; nothing ran.
+            ConfigurationError: ``fn`` cannot be called as ``fn(outcome, context)`` (or
+                is ``async def``: use :class:`AsyncFinalityGate`); nothing ran.
             NotFinalError: the case does not exist or is not FINAL yet (with its state
                 and tally); nothing ran.
             Whatever :meth:`Guard.execute` raises (a replayed failure, in doubt, ...).
         """
-        ns = self._settle_args(case_id, action, namespace)
+        ns = self._settle_args(case_id, action, namespace, fn, sync=True)
         row, live = self.store.get_case(ns, case_id)
         call, outcome = self._settle_call(
             ns,
@@ -407,16 +470,16 @@ class FinalityGate(_GateCore):
         return None if row is None else Case._from(row, live)
 
     def cases(
-        self, *, namespace: str | None = None, states: Collection[CaseState] | None = None
+        self, *, namespace: str | None = None, states: Collection[CaseState | str] | None = None
     ) -> list[Case]:
-        """Cases, oldest first, optionally filtered by namespace and state.
+        """Cases, oldest first, optionally filtered by namespace and state (``states``:
+        :class:`CaseState` members or their names, such as ``"FINAL"``).
 
         Raises:
-            InvalidInputError: a namespace that is not a valid name.
+            InvalidInputError: a namespace that is not a valid name, or ``states`` naming
+                no case state.
         """
-        rows = self.store.cases(
-            namespace=self._ns_filter(namespace), states=None if states is None else tuple(states)
-        )
+        rows = self.store.cases(namespace=self._ns_filter(namespace), states=_states(states))
         return [Case._from(r, self.store.get_case(r.namespace, r.case_id)[1]) for r in rows]
 
     def history(self, case_id: str, *, namespace: str | None = None) -> list[tuple[Signal, str]]:
@@ -438,6 +501,7 @@ class AsyncFinalityGate(_GateCore):
     def __init__(self, guard: AsyncGuard, *, policy: ConsensusPolicy | None = None) -> None:
         self.guard = guard
         self.store = guard.store
+        _check_policy(policy)
         self.policy = policy or ConsensusPolicy()
 
     async def open(
@@ -449,6 +513,7 @@ class AsyncFinalityGate(_GateCore):
     ) -> Case:
         """See :meth:`FinalityGate.open`."""
         ns = self._ns(namespace)
+        _check_policy(policy)
         p = policy or self.policy
         row = await self.guard._io(
             self.store.open_case, ns, _check_case_id(case_id), p.threshold, p.quorum
@@ -519,7 +584,7 @@ class AsyncFinalityGate(_GateCore):
         outcome_unknown: Collection[type[BaseException]] | None = None,
     ) -> Receipt:
         """See :meth:`FinalityGate.settle`; ``fn`` may be ``async def``."""
-        ns = self._settle_args(case_id, action, namespace)
+        ns = self._settle_args(case_id, action, namespace, fn, sync=False)
         row, live = await self.guard._io(self.store.get_case, ns, case_id)
         call, outcome = self._settle_call(
             ns,
@@ -553,16 +618,15 @@ class AsyncFinalityGate(_GateCore):
         return None if row is None else Case._from(row, live)
 
     async def cases(
-        self, *, namespace: str | None = None, states: Collection[CaseState] | None = None
+        self, *, namespace: str | None = None, states: Collection[CaseState | str] | None = None
     ) -> list[Case]:
         """See :meth:`FinalityGate.cases`."""
         namespace = self._ns_filter(namespace)
+        wanted = _states(states)
         return await self.guard._io(
             lambda: [
                 Case._from(r, self.store.get_case(r.namespace, r.case_id)[1])
-                for r in self.store.cases(
-                    namespace=namespace, states=None if states is None else tuple(states)
-                )
+                for r in self.store.cases(namespace=namespace, states=wanted)
             ]
         )
 
