@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")  # before crewai is imported
 os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
 
+import asyncio
 import json
 import warnings
 from pathlib import Path
@@ -31,11 +32,13 @@ from crewai.llms.base_llm import BaseLLM
 from crewai.tools import BaseTool, tool
 from pydantic import BaseModel, Field
 
-from safeagent import AsyncGuard, Guard, MemoryStore, NotExecuted
+from safeagent import AsyncGuard, Guard, MemoryStore, NotExecuted, Status, derive_request_id
 from safeagent.errors import (
     ConfigurationError,
     MissingKeyError,
+    OutcomeUnknownError,
     ReplayedFailureError,
+    ResultNotSerializableError,
 )
 from safeagent.integrations.crewai import GuardedTool, guard_tool
 from tests.conftest import Ledger
@@ -276,6 +279,147 @@ def test_async_guard_and_double_guarding_are_refused() -> None:
     guarded = guard_tool(create_ticket_tool, Guard(MemoryStore()), scope="s")
     with pytest.raises(ConfigurationError, match="already guarded"):
         guard_tool(guarded, Guard(MemoryStore()), scope="s")
+
+
+class PspReceipt(BaseModel):
+    """A payment provider's answer with its raw body: non-UTF-8 ``bytes`` cannot be dumped."""
+
+    charge_id: str
+    raw: bytes
+
+
+class ChargeArgs(BaseModel):
+    order_id: str
+    amount_cents: int
+
+
+class AsyncCharge(BaseTool):
+    """A CrewAI tool with an async body only: ``_run`` refuses, ``_arun`` charges."""
+
+    name: str = "charge"
+    description: str = "Charge the order's card."
+    args_schema: type[BaseModel] = ChargeArgs
+    ledger: Any = None
+    delay: float = 0.0
+    unstorable: bool = False
+
+    def _run(self, order_id: str, amount_cents: int) -> Any:
+        """No sync body."""
+        raise NotImplementedError("charge is async-only: use arun")
+
+    async def _arun(self, order_id: str, amount_cents: int) -> Any:
+        row = self.ledger.append("charge", order_id)  # the request went out
+        await asyncio.sleep(self.delay)  # waiting for the provider's answer
+        if self.unstorable:
+            return PspReceipt(charge_id=f"ch_{row}", raw=b"\xff\xfe")
+        return {"charge_id": f"ch_{row}"}
+
+
+def test_result_that_cannot_be_stored_is_never_recorded_as_failed(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """The tool charged the card and returned a result whose dump fails. The record is
+    SUCCEEDED without a result (never FAILED, which an operator may re-run): every CrewAI
+    retry, a re-run crew, run() and arun() get ResultNotSerializableError; one charge."""
+
+    @tool("charge_card")
+    def charge_card(order_id: str) -> PspReceipt:
+        """Charge the order's card."""
+        return PspReceipt(charge_id=f"ch_{ledger.append('charge', order_id)}", raw=b"\xff")
+
+    guard = Guard(tmp_path / "guard.db")
+    guarded = guard_tool(charge_card, guard, scope_arg="order_id")
+    async_charge = guard_tool(AsyncCharge(ledger=ledger, unstorable=True), guard, scope="run-1")
+
+    result, llm = kickoff([guarded], [action("charge_card", {"order_id": "ORD-1"}), FINISH])
+    assert result.raw == "done"
+    assert "ran, but its result could not be stored" in llm.seen[1]
+    with pytest.raises(ResultNotSerializableError):
+        guarded.run(order_id="ORD-1")
+    with pytest.raises(ResultNotSerializableError):
+        asyncio.run(guarded.arun(order_id="ORD-1"))
+    for _ in range(2):
+        with pytest.raises(ResultNotSerializableError):
+            asyncio.run(async_charge.arun(order_id="ORD-2", amount_cents=5))
+
+    assert ledger.rows("charge") == [("charge", "ORD-1"), ("charge", "ORD-2")]
+    for request_id in (
+        derive_request_id("ORD-1", "charge_card", {"order_id": "ORD-1"}),
+        derive_request_id("run-1", "charge", {"order_id": "ORD-2", "amount_cents": 5}),
+    ):
+        receipt = guard.get(request_id)
+        assert receipt is not None
+        assert receipt.status is Status.SUCCEEDED
+        assert receipt.error is not None
+        assert receipt.error.type == "safeagent.ResultNotSerializable"
+    guard.close()
+
+
+@pytest.mark.parametrize("retry", ["run", "arun"])
+def test_cancelled_async_body_is_in_doubt(tmp_path: Path, ledger: Ledger, retry: str) -> None:
+    """An async tool body cut off when the caller times out and its event loop shuts down
+    may have sent its request: the record is IN_DOUBT, and the retry raises
+    OutcomeUnknownError without charging again."""
+    guard = Guard(tmp_path / "guard.db")
+    guarded = guard_tool(AsyncCharge(ledger=ledger, delay=5), guard, scope_arg="order_id")
+
+    async def caller_times_out() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(guarded.arun(order_id="ORD-1", amount_cents=500), 0.3)
+
+    asyncio.run(caller_times_out())  # the loop's shutdown cancels the tool body
+
+    args = {"order_id": "ORD-1", "amount_cents": 500}
+    receipt = guard.get(derive_request_id("ORD-1", "charge", args))
+    assert receipt is not None
+    assert receipt.status is Status.IN_DOUBT
+    assert receipt.error is not None
+    assert receipt.error.type == "concurrent.futures._base.CancelledError"
+    guard.close()
+
+    again = guard_tool(
+        AsyncCharge(ledger=ledger), Guard(tmp_path / "guard.db"), scope_arg="order_id"
+    )
+    with pytest.raises(OutcomeUnknownError, match="in doubt"):
+        again.run(**args) if retry == "run" else asyncio.run(again.arun(**args))
+    assert ledger.count("charge") == 1
+
+
+def test_sync_run_of_an_async_only_tool_leaves_no_outcome(ledger: Ledger) -> None:
+    """run() on a tool whose _run only raises NotImplementedError runs nothing and stores
+    no outcome: ConfigurationError, the claim released; the later arun charges once, and a
+    run() after that replays the stored result."""
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(AsyncCharge(ledger=ledger), guard, scope_arg="order_id")
+    args = {"order_id": "ORD-1", "amount_cents": 5}
+
+    with pytest.raises(ConfigurationError, match=r"no sync body.*call it with arun"):
+        guarded.run(**args)
+    receipt = guard.get(derive_request_id("ORD-1", "charge", args))
+    assert receipt is not None
+    assert receipt.status is Status.RELEASED
+
+    assert asyncio.run(guarded.arun(**args)) == {"charge_id": "ch_1"}
+    assert guarded.run(**args) == {"charge_id": "ch_1"}
+    assert ledger.count("charge") == 1
+
+
+def test_arun_of_a_sync_tool_function_runs_its_body_once(ledger: Ledger) -> None:
+    """arun() on a sync ``@tool`` function runs it once in the guard's thread and returns
+    its result (crewai's own Tool._arun would run it and then raise NotImplementedError,
+    which would be stored as the tool's failure)."""
+
+    @tool("send_receipt")
+    def send_receipt(order_id: str) -> str:
+        """Email the customer a receipt."""
+        return f"M-{ledger.append('mail', order_id)}"
+
+    guarded = guard_tool(send_receipt, Guard(MemoryStore()), scope_arg="order_id")
+
+    assert asyncio.run(guarded.arun(order_id="ORD-1")) == "M-1"
+    assert asyncio.run(guarded.arun(order_id="ORD-1")) == "M-1"
+    assert guarded.run(order_id="ORD-1") == "M-1"
+    assert ledger.count("mail") == 1
 
 
 def _doc(fn: Any) -> Any:

@@ -35,12 +35,23 @@ from langchain_core.utils.function_calling import convert_to_openai_tool  # noqa
 from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from langgraph.graph import END, START, MessagesState, StateGraph  # noqa: E402
 from langgraph.prebuilt import InjectedState, ToolNode, tools_condition  # noqa: E402
+from langgraph.types import Command  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
 
-from safeagent import AsyncGuard, Guard, MemoryStore, NotExecuted  # noqa: E402
+from safeagent import (  # noqa: E402
+    AsyncGuard,
+    Guard,
+    MemoryStore,
+    NotExecuted,
+    Status,
+    derive_request_id,
+)
 from safeagent.errors import (  # noqa: E402
     ConfigurationError,
     MissingKeyError,
+    OutcomeUnknownError,
     ReplayedFailureError,
+    ResultNotSerializableError,
 )
 from safeagent.integrations.langchain import (  # noqa: E402
     GuardedTool,
@@ -332,6 +343,70 @@ def test_single_input_tool_is_keyed_on_its_input(ledger: Ledger) -> None:
     assert ledger.count("book") == 2
 
 
+def test_string_input_and_its_dict_form_are_one_request(ledger: Ledger) -> None:
+    """invoke("hello") and invoke({"text": "hello"}) are one call: LangChain validates a
+    string as the tool's first argument, so both get the dict form's request id (the one
+    the dict form always had), and the SMS is sent once."""
+
+    @tool
+    def send_sms(text: str) -> str:
+        """Send an SMS."""
+        return f"sent {ledger.append('sms', text)}"
+
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(send_sms, guard, scope="conv-1")
+
+    replies = [
+        guarded.invoke("hello"),
+        guarded.invoke({"text": "hello"}),
+        guarded.invoke(call({"text": "hello"}, "c1", "send_sms")).content,
+        guarded.invoke("hello"),
+        asyncio.run(guarded.ainvoke("hello")),
+    ]
+
+    assert replies == ["sent 1"] * 5
+    assert ledger.count("sms") == 1
+    receipt = guard.get(derive_request_id("conv-1", "send_sms", {"text": "hello"}))
+    assert receipt is not None
+    assert receipt.payload == {"text": "hello"}
+
+
+class Lookup(BaseTool):
+    """A ``BaseTool`` subclass without an ``args_schema``: LangChain reads its arguments
+    from ``_run``'s signature."""
+
+    name: str = "lookup_order"
+    description: str = "Look an order up."
+    ledger: Any = None
+
+    def _run(self, order_id: str, fields: str = "all") -> str:
+        return f"L-{self.ledger.append('lookup', f'{order_id}|{fields}')}"
+
+
+def test_string_input_keys_like_its_dict_form_with_defaults(ledger: Ledger) -> None:
+    """A string input stands for the first argument, with the schema's defaults applied
+    (a ``@tool`` with a default), or as given (a subclass without a schema): one run each."""
+
+    @tool
+    def notify(user: str, channel: str = "sms") -> str:
+        """Notify a user."""
+        return f"N-{ledger.append('notify', f'{user}|{channel}')}"
+
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(notify, guard, scope="s")
+    lookup = guard_tool(Lookup(ledger=ledger), guard, scope="s")
+
+    assert guarded.invoke("u1") == guarded.invoke({"user": "u1"}) == "N-1"
+    assert guarded.invoke({"user": "u1", "channel": "sms"}) == "N-1"
+    assert guarded.invoke({"user": "u1", "channel": "mail"}) == "N-2"
+    assert lookup.invoke("ORD-1") == lookup.invoke({"order_id": "ORD-1"}) == "L-3"
+    assert ledger.rows() == [
+        ("notify", "u1|sms"),
+        ("notify", "u1|mail"),
+        ("lookup", "ORD-1|all"),
+    ]
+
+
 def test_injected_arguments_are_passed_but_not_keyed(ledger: Ledger) -> None:
     """Injected state and tool_call_id reach the tool but are not part of the request id."""
     seen: list[tuple[int, str]] = []
@@ -505,6 +580,54 @@ def test_tool_node_handling_errors_shows_the_model_the_same_text_on_replay(
     assert {m.status for m in replies} == {"error"}
 
 
+def error_node_graph(tools: list[BaseTool]) -> Any:
+    """START -> ToolNode(handle_tool_errors=True) -> END."""
+    builder = StateGraph(MessagesState)
+    builder.add_node("tools", ToolNode(tools, handle_tool_errors=True))
+    builder.add_edge(START, "tools")
+    builder.add_edge("tools", END)
+    return builder.compile()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KeyError("k"),
+        KeyError(42),
+        RuntimeError(),
+        ToolException(),
+        ValueError('it\'s "quoted"\n'),
+        ConnectionRefusedError(111, "Connection refused"),
+        FileNotFoundError(2, "No such file or directory", "labels/L-1.pdf"),
+    ],
+    ids=repr,
+)
+def test_replayed_failure_shows_the_model_the_unguarded_text(
+    ledger: Ledger, error: Exception
+) -> None:
+    """Under ToolNode(handle_tool_errors=True) the first call and every replay show the
+    model exactly the text the unguarded tool shows it (repr of its exception)."""
+
+    @tool
+    def send_email(to: str, template: str) -> str:
+        """Send an email."""
+        ledger.append("mail", to)
+        raise error
+
+    message = AIMessage(
+        "",
+        tool_calls=[call({"to": "user@example.test", "template": "welcome"}, "c1", "send_email")],
+    )
+    unguarded = error_node_graph([send_email]).invoke({"messages": [message]}, THREAD)
+    graph = error_node_graph([guard_tool(send_email, Guard(MemoryStore()))])
+
+    replies = [graph.invoke({"messages": [message]}, THREAD)["messages"][-1] for _ in range(3)]
+
+    assert ledger.count("mail") == 2  # the unguarded run, then one guarded run
+    assert [m.content for m in replies] == [unguarded["messages"][-1].content] * 3
+    assert f"Error: {error!r}" in replies[0].content
+
+
 def test_replayed_tool_exception_is_a_replayed_tool_error(ledger: Ledger) -> None:
     """Without handle_tool_error, a replayed ToolException raises a typed ReplayedToolError."""
 
@@ -614,6 +737,245 @@ def test_many_concurrent_ainvoke_calls_under_a_sync_guard(ledger: Ledger) -> Non
     assert len(set(map(str, results))) == 1
     assert ledger.count("ticket") == 1
     assert time.monotonic() - started < 5
+
+
+class Receipt(BaseModel):
+    """A payment provider's answer, with its raw body: ``bytes`` that are not UTF-8 cannot
+    be dumped to JSON."""
+
+    charge_id: str
+    raw: bytes
+
+
+def unstorable_tool(ledger: Ledger, shape: str, body: str) -> BaseTool:
+    """``charge``: one ledger row, then a result whose conversion to JSON fails."""
+
+    def result() -> Any:
+        row = ledger.append("charge", "C1")
+        receipt = Receipt(charge_id=f"ch_{row}", raw=b"\xff\xfe")
+        if shape == "content_and_artifact":
+            return f"charged ch_{row}", receipt
+        if shape == "tool_message":
+            return ToolMessage(f"charged ch_{row}", artifact=receipt, tool_call_id="x")
+        return receipt
+
+    def charge(customer: str) -> Any:
+        """Charge a card."""
+        return result()
+
+    async def acharge(customer: str) -> Any:
+        """Charge a card."""
+        await asyncio.sleep(0)
+        return result()
+
+    response_format = "content_and_artifact" if shape == "content_and_artifact" else "content"
+    if body == "async":
+        return StructuredTool.from_function(
+            coroutine=acharge, name="charge", response_format=response_format
+        )
+    return StructuredTool.from_function(charge, response_format=response_format)
+
+
+@pytest.mark.parametrize("shape", ["value", "content_and_artifact", "tool_message"])
+@pytest.mark.parametrize(
+    ("body", "guard_kind", "entry"),
+    [
+        ("sync", Guard, "invoke"),
+        ("sync", Guard, "ainvoke"),
+        ("async", Guard, "ainvoke"),
+        ("sync", AsyncGuard, "ainvoke"),
+        ("async", AsyncGuard, "ainvoke"),
+    ],
+)
+def test_result_that_cannot_be_stored_is_never_recorded_as_failed(
+    tmp_path: Path, ledger: Ledger, shape: str, body: str, guard_kind: type, entry: str
+) -> None:
+    """The tool ran and returned; dumping its result failed. The record is SUCCEEDED
+    without a result (never FAILED, which an operator may re-run), the call and its retry
+    raise ResultNotSerializableError, and the card is charged once."""
+    guarded = guard_tool(unstorable_tool(ledger, shape, body), guard_kind(tmp_path / "g.db"))
+    tool_call = call({"customer": "C1"}, "c1", "charge")
+
+    async def ainvoke() -> Any:
+        return await guarded.ainvoke(tool_call, THREAD)
+
+    for _ in range(2):
+        with pytest.raises(ResultNotSerializableError, match="ran, but its result"):
+            guarded.invoke(tool_call, THREAD) if entry == "invoke" else asyncio.run(ainvoke())
+
+    assert ledger.count("charge") == 1
+    reader = Guard(tmp_path / "g.db")
+    [record] = [reader.get(e.subject) for e in reader.audit_trail() if e.kind.value == "claimed"]
+    assert record is not None
+    assert record.status is Status.SUCCEEDED
+    assert record.error is not None
+    assert record.error.type == "safeagent.ResultNotSerializable"
+    reader.close()
+
+
+@pytest.mark.parametrize("retry", ["invoke", "ainvoke"])
+def test_cancelled_async_body_under_a_sync_guard_is_in_doubt(
+    tmp_path: Path, ledger: Ledger, retry: str
+) -> None:
+    """An async tool body run from a sync Guard, cut off when the caller times out and
+    its event loop shuts down, may have sent its request: the record is IN_DOUBT and the
+    retry raises OutcomeUnknownError without charging again."""
+
+    @tool
+    async def charge_card(customer: str, amount_cents: int) -> dict[str, Any]:
+        """Charge a card."""
+        ledger.append("charge", customer)  # the request went out
+        await asyncio.sleep(5)  # waiting for the provider's answer
+        return {"ok": True}
+
+    guard = Guard(tmp_path / "g.db")
+    guarded = guard_tool(charge_card, guard, scope="order-42")
+    args = {"customer": "C1", "amount_cents": 500}
+
+    async def caller_times_out() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(guarded.ainvoke(args), 0.3)
+
+    asyncio.run(caller_times_out())  # the loop's shutdown cancels the tool body
+
+    request_id = derive_request_id("order-42", "charge_card", args)
+    receipt = guard.get(request_id)
+    assert receipt is not None
+    assert receipt.status is Status.IN_DOUBT
+    assert receipt.error is not None
+    assert receipt.error.type == "concurrent.futures._base.CancelledError"
+    guard.close()
+
+    again = guard_tool(charge_card, Guard(tmp_path / "g.db"), scope="order-42")
+    with pytest.raises(OutcomeUnknownError, match="in doubt"):
+        again.invoke(args) if retry == "invoke" else asyncio.run(again.ainvoke(args))
+    assert ledger.count("charge") == 1
+
+
+class AsyncOnlyRefund(BaseTool):
+    """A ``BaseTool`` subclass with an async body only: its ``_run`` refuses."""
+
+    name: str = "refund"
+    description: str = "Refund an order."
+    ledger: Any = None
+
+    def _run(self, order_id: str, amount_cents: int) -> str:
+        """No sync body."""
+        raise NotImplementedError("refund is async-only: use ainvoke")
+
+    async def _arun(self, order_id: str, amount_cents: int) -> str:
+        await asyncio.sleep(0)
+        return f"RF-{self.ledger.append('refund', order_id)}"
+
+
+@pytest.mark.parametrize("kind", ["@tool", "subclass"])
+def test_sync_invoke_of_an_async_only_tool_leaves_no_outcome(ledger: Ledger, kind: str) -> None:
+    """invoke() on a tool without a sync body runs nothing and stores no outcome: it raises
+    ConfigurationError, the claim is released, the later ainvoke runs the tool once, and a
+    sync invoke after that replays the stored result."""
+
+    @tool
+    async def refund(order_id: str, amount_cents: int) -> str:
+        """Refund an order."""
+        await asyncio.sleep(0)
+        return f"RF-{ledger.append('refund', order_id)}"
+
+    inner = refund if kind == "@tool" else AsyncOnlyRefund(ledger=ledger)
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(inner, guard, scope="o1")
+    args = {"order_id": "o1", "amount_cents": 5}
+
+    with pytest.raises(ConfigurationError, match="no sync body: call it with ainvoke"):
+        guarded.invoke(args)
+    receipt = guard.get(derive_request_id("o1", "refund", args))
+    assert receipt is not None
+    assert receipt.status is Status.RELEASED
+
+    assert asyncio.run(guarded.ainvoke(args)) == "RF-1"
+    assert guarded.invoke(args) == "RF-1"
+    assert asyncio.run(guarded.ainvoke(args)) == "RF-1"
+    assert ledger.count("refund") == 1
+
+
+class StatusTool(BaseTool):
+    """A ``BaseTool`` subclass whose ``_run`` is annotated to return a ``Command``."""
+
+    name: str = "set_status"
+    description: str = "Set the order's status."
+
+    def _run(self, status: str) -> Command:
+        return Command(update={"status": status})
+
+
+def test_tool_annotated_to_return_a_command_is_refused_when_wrapped() -> None:
+    """A tool whose return annotation names a LangGraph Command (alone, generic, in a union
+    or a list; a ``@tool`` or a subclass) cannot be guarded: ConfigurationError."""
+
+    def plain_command(status: str) -> Command:
+        """Set the status."""
+        return Command(update={"status": status})
+
+    def generic_command(status: str) -> Command[str] | None:
+        """Set the status."""
+        return None
+
+    async def command_list(status: str) -> list[Command | ToolMessage]:
+        """Set the status."""
+        return []
+
+    tools = [
+        StructuredTool.from_function(plain_command),
+        StructuredTool.from_function(generic_command),
+        StructuredTool.from_function(coroutine=command_list),
+        StatusTool(),
+    ]
+    for inner in tools:
+        with pytest.raises(ConfigurationError, match="returns a LangGraph Command"):
+            guard_tool(inner, Guard(MemoryStore()), scope="s")
+
+
+class OrderState(MessagesState):
+    status: str
+
+
+@pytest.mark.parametrize("shape", ["command", "list"])
+def test_command_returned_anyway_is_refused_loudly_and_not_rerun(
+    ledger: Ledger, shape: str
+) -> None:
+    """A Command returned by a tool whose annotation does not say so is not mangled into a
+    stored dict: the tool ran, so the record is SUCCEEDED without a result; the graph raises
+    ResultNotSerializableError naming the Command on that run and on every retry, and the
+    tool does not run again."""
+
+    @tool
+    def set_status(status: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Any:
+        """Set the order's status."""
+        ledger.append("status", status)
+        command = Command(
+            update={
+                "messages": [ToolMessage(f"status={status}", tool_call_id=tool_call_id)],
+                "status": status,
+            }
+        )
+        return command if shape == "command" else [command]
+
+    guard = Guard(MemoryStore())
+    builder = StateGraph(OrderState)
+    builder.add_node("tools", ToolNode([guard_tool(set_status, guard)]))
+    builder.add_edge(START, "tools")
+    builder.add_edge("tools", END)
+    graph = builder.compile()
+    message = AIMessage("", tool_calls=[call({"status": "paid"}, "s1", "set_status")])
+
+    for _ in range(2):
+        with pytest.raises(ResultNotSerializableError, match="returned a LangGraph Command"):
+            graph.invoke({"messages": [message]}, THREAD)
+
+    assert ledger.count("status") == 1
+    receipt = guard.get(derive_request_id("conv-1", "set_status", {"status": "paid"}))
+    assert receipt is not None
+    assert receipt.status is Status.SUCCEEDED
+    assert receipt.result is None
 
 
 def test_async_guard_refuses_sync_invoke(ledger: Ledger) -> None:

@@ -27,9 +27,12 @@ suggested one).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import inspect
 import json
+import textwrap
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -257,6 +260,30 @@ def is_async_callable(func: object) -> bool:
     return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
         getattr(func, "__call__", None)  # noqa: B004 - the method itself, not callable()
     )
+
+
+@functools.lru_cache(maxsize=256)
+def is_stub(method: Callable[..., Any]) -> bool:
+    """``True`` when ``method``'s body (after its docstring) is one ``raise
+    NotImplementedError...``: calling it surely does nothing, so a framework tool whose
+    sync (or async) body is such a stub has no body of that kind. Read from the source
+    once per method; ``False`` when the source cannot be read (the body then runs, and what
+    it raises is recorded as usual)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    func = tree.body[0] if tree.body else None
+    if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+    body = func.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    if len(body) != 1 or not isinstance(body[0], ast.Raise):
+        return False
+    raised = body[0].exc
+    raised = raised.func if isinstance(raised, ast.Call) else raised
+    return isinstance(raised, ast.Name) and raised.id == "NotImplementedError"
 
 
 @dataclass(frozen=True, slots=True)

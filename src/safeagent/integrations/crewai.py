@@ -28,8 +28,20 @@ ticket id known when the crew is built), a callable given the call's arguments (
 one of the tool's arguments whose value is the scope (``"order_id"``). A call whose scope
 is missing raises :class:`~safeagent.errors.MissingKeyError` before anything runs.
 
+**Results**. The stored JSON value is returned (pydantic models dumped). A result that
+cannot be stored (a model whose dump fails) leaves the record SUCCEEDED without a result,
+and that call and every re-invocation raise
+:class:`~safeagent.errors.ResultNotSerializableError`: the tool ran, so it is never
+recorded as failed and never runs again.
+
 CrewAI runs tools synchronously, so the guard is a :class:`~safeagent.Guard`; an
-``async`` tool (``_arun``) is awaited through ``arun`` with the guard in a worker thread.
+``async`` tool (an ``async`` ``_arun``, or a ``@tool`` ``async def``) is awaited through
+``arun`` on the caller's loop with the guard in a worker thread, and a sync one runs in
+that thread. ``run`` on a tool without a sync body (a ``_run`` that only raises
+``NotImplementedError``) raises :class:`~safeagent.errors.ConfigurationError`; the claim
+is released, so a later ``arun`` runs it (a stored outcome is still replayed). A body cut
+off by the caller's event loop shutting down leaves the record in doubt
+(:class:`~safeagent.errors.OutcomeUnknownError` on a retry).
 
 .. versionadded:: 0.3
 """
@@ -41,12 +53,13 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from crewai.tools import BaseTool
+from crewai.tools.base_tool import Tool
 from pydantic import ConfigDict, PrivateAttr
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from safeagent import ExecutionContext, Guard, derive_request_id
+from safeagent import ExecutionContext, Guard, NotExecuted, derive_request_id
 from safeagent.errors import ConfigurationError, InvalidPayloadError, MissingKeyError
-from safeagent.integrations._common import check_scope, plain
+from safeagent.integrations._common import check_scope, is_async_callable, is_stub, storable
 
 __all__ = ["CrewScope", "GuardedTool", "guard_tool"]
 
@@ -162,40 +175,73 @@ class GuardedTool(BaseTool):
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         request_id, payload = self._request(args, kwargs)
+        unrunnable = self._unrunnable("call it with arun")
 
         def fn(_ctx: ExecutionContext) -> Any:
-            result = self._inner._run(*args, **kwargs)
-            if asyncio.iscoroutine(result):  # as crewai's BaseTool.run does
-                result = asyncio.run(result)
-            return plain(result)
+            if unrunnable is not None:  # nothing can run: the claim is released
+                raise unrunnable
+            return storable(self._run_sync(args, kwargs))
 
-        receipt = self._guard.execute(
-            request_id, self.name, payload, fn, namespace=self._namespace, exclude=self._exclude
-        )
+        try:
+            receipt = self._guard.execute(
+                request_id, self.name, payload, fn, namespace=self._namespace, exclude=self._exclude
+            )
+        except NotExecuted as exc:
+            if exc is unrunnable:
+                raise ConfigurationError(str(exc)) from None
+            raise
         return receipt.result
 
     async def _arun(self, *args: Any, **kwargs: Any) -> Any:
         request_id, payload = self._request(args, kwargs)
         loop = asyncio.get_running_loop()
         inner = self._inner
-        is_async = type(inner)._arun is not BaseTool._arun
+        is_async = _has_async_body(inner)
+        unrunnable = None if is_async else self._unrunnable("it has no async body either")
 
         def fn(_ctx: ExecutionContext) -> Any:
             if is_async:  # the tool body runs on the caller's loop, the guard in a thread
                 coro = inner._arun(*args, **kwargs)
-                return plain(asyncio.run_coroutine_threadsafe(coro, loop).result())
-            return plain(inner._run(*args, **kwargs))
+                value = asyncio.run_coroutine_threadsafe(coro, loop).result()
+            elif unrunnable is not None:
+                raise unrunnable
+            else:
+                value = self._run_sync(args, kwargs)
+            return storable(value)  # the tool has run: a conversion error is not its failure
 
-        receipt = await asyncio.to_thread(
-            self._guard.execute,
-            request_id,
-            self.name,
-            payload,
-            fn,
-            namespace=self._namespace,
-            exclude=self._exclude,
-        )
+        try:
+            receipt = await asyncio.to_thread(
+                self._guard.execute,
+                request_id,
+                self.name,
+                payload,
+                fn,
+                namespace=self._namespace,
+                exclude=self._exclude,
+            )
+        except NotExecuted as exc:
+            if exc is unrunnable:
+                raise ConfigurationError(str(exc)) from None
+            raise
         return receipt.result
+
+    def _run_sync(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The tool's sync body, as crewai's ``BaseTool.run`` runs it (a coroutine it
+        returns is run to completion)."""
+        result = self._inner._run(*args, **kwargs)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return result
+
+    def _unrunnable(self, hint: str) -> NotExecuted | None:
+        """What ``fn`` raises when the tool has no sync body (nothing ran, so the guard
+        releases the claim and the caller gets a ``ConfigurationError``), else ``None``."""
+        if not is_stub(type(self._inner)._run):
+            return None
+        return NotExecuted(
+            f"tool {self.name!r} has no sync body (its _run only raises "
+            f"NotImplementedError): nothing ran; {hint}"
+        )
 
     def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any]:
         """The request id and the payload (the arguments as JSON values)."""
@@ -222,3 +268,13 @@ class GuardedTool(BaseTool):
         scope = check_scope(value if isinstance(value, str) else str(value))
         kept = {k: v for k, v in payload.items() if k not in self._exclude}
         return derive_request_id(scope, self.name, kept), payload
+
+
+def _has_async_body(tool: BaseTool) -> bool:
+    """``True`` when ``tool`` has an ``async`` body of its own: an ``async def`` ``@tool``
+    function, or an ``_arun`` that does more than raise ``NotImplementedError``. (A sync
+    ``@tool`` function has none: crewai's ``Tool._arun`` would run it, then raise.)"""
+    if isinstance(tool, Tool):
+        return is_async_callable(tool.func)
+    arun = type(tool)._arun
+    return arun is not BaseTool._arun and not is_stub(arun)

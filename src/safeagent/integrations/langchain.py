@@ -14,7 +14,8 @@ injected ones (``InjectedState``, ``InjectedStore``, ``InjectedToolCallId``,
 ``ToolRuntime``, callbacks) and the volatile ones named in ``exclude``. Equivalent calls
 (the same arguments in another key order, or re-emitted by the model after a retry under a
 new ``tool_call_id``) get one request id: the side effect runs once and every other call
-gets the stored result.
+gets the stored result. A string input (``tool.invoke("hello")``) stands for its first
+argument, as LangChain validates it: it gets the request id of ``{"text": "hello"}``.
 
 The **scope** says which calls are "the same" on purpose. By default it is the
 ``thread_id`` of the ``RunnableConfig`` (``config={"configurable": {"thread_id": ...}}``,
@@ -33,8 +34,15 @@ a model that re-emits a call mints a new one, so the retry runs again), and emit
 on every replay, so the ``ToolMessage`` a replay produces is the first one's. With
 ``response_format="content_and_artifact"`` the ``(content, artifact)`` pair is stored as a
 two-item list and returned as a tuple. A returned ``ToolMessage`` is stored as its content,
-artifact and status, and rebuilt with the current call's ``tool_call_id``. Tools that
-return a LangGraph ``Command`` are not supported (a ``Command`` is not a stored result).
+artifact and status, and rebuilt with the current call's ``tool_call_id``. A result that
+cannot be stored (a pydantic model whose dump fails) leaves the record SUCCEEDED without a
+result, and that call and every replay raise
+:class:`~safeagent.errors.ResultNotSerializableError`: the tool ran, so it is never
+recorded as failed. Tools that return a LangGraph ``Command`` are not supported (a state
+update is not a result that can be stored and replayed): :func:`guard_tool` refuses a tool
+whose return annotation names ``Command``, and a ``Command`` returned anyway is recorded
+the same way (SUCCEEDED, no result, ``ResultNotSerializableError``; its update is not
+applied, and the tool does not run again).
 
 **Failures**. An exception the tool raises is recorded and re-raised on the call that ran
 it; LangChain and LangGraph then handle it as usual (``handle_tool_error``,
@@ -43,16 +51,25 @@ it; LangChain and LangGraph then handle it as usual (``handle_tool_error``,
 not run the tool; when the stored failure was a ``ToolException`` they raise
 :class:`ReplayedToolError` (both a ``ToolException`` and a ``ReplayedFailureError``,
 its message the original one), so ``handle_tool_error`` shows the model the same text
-again; a replayed failure's ``repr`` is the original exception's too, so
-``ToolNode(handle_tool_errors=True)``, which shows the model ``repr(error)``, does as
-well. ``NotExecuted`` (and types the guard declares "not executed") release the claim:
-the next call runs the tool again. SafeAgent's own errors (``InProgressError``,
+again. A replayed failure's ``repr`` is the original exception's, rebuilt from the stored
+type and message (``ValueError('card declined')``, ``KeyError('k')``, ``RuntimeError()``,
+``ConnectionRefusedError(111, 'Connection refused')``), so
+``ToolNode(handle_tool_errors=True)``, which shows the model ``repr(error)``, shows the
+same text too; only an exception whose ``repr`` its message does not determine (several
+arguments, a non-``str`` argument) is shown as ``Type('message')`` on a replay.
+``NotExecuted`` (and types the guard declares "not executed") release the claim: the next
+call runs the tool again. SafeAgent's own errors (``InProgressError``,
 ``OutcomeUnknownError``, ``ConflictError``, ``StoreError``, ...) propagate.
 
 **Sync and async**. With a :class:`~safeagent.Guard` the tool works with ``invoke`` and
 ``ainvoke`` (the guard then runs in a worker thread and an ``async`` tool body on the
 caller's event loop). With an :class:`~safeagent.AsyncGuard` it works with ``ainvoke``
 (``graph.ainvoke``) only; ``invoke`` raises :class:`~safeagent.errors.ConfigurationError`.
+``invoke`` on a tool without a sync body (an ``async``-only ``@tool``, or a ``_run`` that
+only raises ``NotImplementedError``) raises ``ConfigurationError`` too, and records
+nothing that stays: the claim is released, so the later ``ainvoke`` runs the tool (a
+stored outcome is still replayed). A body cut off by the caller's event loop shutting down
+leaves the record in doubt (``OutcomeUnknownError`` on a retry).
 
 .. versionadded:: 0.3
 """
@@ -60,7 +77,9 @@ caller's event loop). With an :class:`~safeagent.AsyncGuard` it works with ``ain
 from __future__ import annotations
 
 import asyncio
+import builtins
 import inspect
+import re
 import typing
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -72,18 +91,25 @@ from langchain_core.callbacks import (
 )
 from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langchain_core.tools import BaseTool, StructuredTool, ToolException
+from langchain_core.tools import BaseTool, StructuredTool, Tool, ToolException
+from langchain_core.utils.pydantic import get_fields
 from pydantic import ConfigDict, PrivateAttr
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from safeagent import AsyncGuard, ExecutionContext, Guard, derive_request_id
+from safeagent import AsyncGuard, ExecutionContext, Guard, NotExecuted, derive_request_id
 from safeagent.errors import (
     ConfigurationError,
     InvalidPayloadError,
     MissingKeyError,
     ReplayedFailureError,
 )
-from safeagent.integrations._common import TransportIdWarning, check_scope, plain
+from safeagent.integrations._common import TransportIdWarning, check_scope, is_stub, storable
+
+_Command: type[Any] | None
+try:  # langgraph ships with the [langchain] extra; langchain-core alone has no Command
+    from langgraph.types import Command as _Command
+except ImportError:  # pragma: no cover - langgraph not installed
+    _Command = None
 
 __all__ = [
     "GuardedTool",
@@ -104,14 +130,39 @@ KeyMode = Literal["derived", "tool_call_id"]
 _CALL_ID_KW = "__safeagent_tool_call_id__"
 """The private keyword that carries the ``tool_call_id`` from input parsing to ``_run``."""
 
+_KEYED_KW = "__safeagent_keyed_input__"
+"""The private keyword that carries, for a string input, the ``(args, kwargs)`` of its dict
+form from input parsing to ``_run``: the request id is derived from those."""
+
 _TOOL_MESSAGE = "__langchain_tool_message__"
 """Marks a stored ``ToolMessage`` (its content, artifact and status)."""
 
+_ERRNO = re.compile(
+    r"\[Errno (-?\d+)\] (.*?)"  # OSError.__str__: "[Errno N] strerror[: 'file'[ -> 'file2']]"
+    r"(?:: (?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")"
+    r"(?: -> (?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"))?)?",
+    re.DOTALL,
+)
+
 
 def _original_repr(err: ReplayedFailureError) -> str:
-    """``repr`` of the stored failure as the first call's exception printed it (for an
-    exception made from its message: ``ValueError('card declined')``)."""
-    return f"{err.error_type.rsplit('.', 1)[-1]}({err.error_message!r})"
+    """``repr`` of the stored failure as the first call's exception printed it, rebuilt
+    from the stored type and message (``str(exc)``): ``ValueError('card declined')``,
+    ``RuntimeError()`` (no message), ``KeyError('k')`` (its message is ``repr`` of the
+    key), ``ConnectionRefusedError(111, 'Connection refused')`` (a builtin ``OSError``
+    with an errno). Any other exception whose ``repr`` its message does not determine
+    (several arguments, a non-``str`` one) is shown as ``Type('message')``."""
+    short = err.error_type.rsplit(".", 1)[-1]
+    message = err.error_message
+    if not message:
+        return f"{short}()"
+    builtin = getattr(builtins, err.error_type, None)
+    if builtin is KeyError:
+        return f"KeyError({message})"
+    errno = _ERRNO.fullmatch(message)
+    if errno and isinstance(builtin, type) and issubclass(builtin, OSError):
+        return f"{short}({errno[1]}, {errno[2]!r})"
+    return f"{short}({message!r})"
 
 
 class ReplayedToolError(ReplayedFailureError, ToolException):
@@ -171,9 +222,10 @@ def guard_tool(
         A :class:`GuardedTool` with the tool's name, description and schemas.
 
     Raises:
-        ConfigurationError: ``tool`` is not a ``BaseTool`` or is already guarded,
-            ``guard`` is not a guard, a name in ``exclude`` is not one of the tool's
-            arguments, or another option is invalid.
+        ConfigurationError: ``tool`` is not a ``BaseTool`` or is already guarded, its
+            return annotation names a LangGraph ``Command`` (not a result that can be
+            stored), ``guard`` is not a guard, a name in ``exclude`` is not one of the
+            tool's arguments, or another option is invalid.
         InvalidInputError: a fixed ``scope`` that is not a non-empty ``str`` of at most
             255 characters.
     """
@@ -181,6 +233,12 @@ def guard_tool(
         raise ConfigurationError(f"tool must be a langchain_core BaseTool, got {tool!r}")
     if isinstance(tool, GuardedTool):
         raise ConfigurationError(f"tool {tool.name!r} is already guarded")
+    if _returns_command(tool):
+        raise ConfigurationError(
+            f"tool {tool.name!r} returns a LangGraph Command: a state update is not a result "
+            "SafeAgent can store and replay, so it cannot be guarded. Return the result "
+            "(a JSON value, a ToolMessage) and update the state in a graph node"
+        )
     if not isinstance(guard, (Guard, AsyncGuard)):
         raise ConfigurationError(f"guard must be a Guard or an AsyncGuard, got {guard!r}")
     if key not in ("derived", "tool_call_id"):
@@ -317,8 +375,17 @@ class GuardedTool(BaseTool):
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         # Parse and validate exactly as the wrapped tool does (injected arguments too);
         # carry the tool_call_id to _run, which needs it only with key="tool_call_id".
-        args, kwargs = self._inner._to_args_and_kwargs(tool_input, tool_call_id)
-        return tuple(args), {**kwargs, _CALL_ID_KW: tool_call_id}
+        inner = self._inner
+        args, kwargs = inner._to_args_and_kwargs(tool_input, tool_call_id)
+        extra: dict[str, Any] = {_CALL_ID_KW: tool_call_id}
+        name = _string_argument(inner) if isinstance(tool_input, str) else None
+        if name is not None:
+            # LangChain passes a string input on positionally, but validates it as
+            # {first argument: input}: key the call on that dict form, so that
+            # invoke("hi") and invoke({"text": "hi"}) are one request.
+            keyed_args, keyed_kwargs = inner._to_args_and_kwargs({name: tool_input}, tool_call_id)
+            extra[_KEYED_KW] = (tuple(keyed_args), keyed_kwargs)
+        return tuple(args), {**kwargs, **extra}
 
     # -- running -----------------------------------------------------------------------------
 
@@ -330,31 +397,44 @@ class GuardedTool(BaseTool):
         **kwargs: Any,
     ) -> Any:
         call_id = kwargs.pop(_CALL_ID_KW, None)
+        keyed = kwargs.pop(_KEYED_KW, None)
         guard = self._guard
         if not isinstance(guard, Guard):
             raise ConfigurationError(
                 f"tool {self.name!r} is guarded by an AsyncGuard: call it with ainvoke "
                 "(graph.ainvoke / astream), or guard it with a Guard"
             )
-        request_id, payload = self._request(args, kwargs, config, call_id)
+        key_args, key_kwargs = keyed or (args, kwargs)
+        request_id, payload = self._request(key_args, key_kwargs, config, call_id)
         raised: list[BaseException] = []
-        inner_kwargs = _with_extras(self._inner._run, kwargs, config, run_manager)
+        inner = self._inner
+        # Without a sync body nothing can run: the claim is released (a stored outcome is
+        # still replayed), and the caller is told to use ainvoke.
+        unrunnable = (
+            None
+            if _has_sync_body(inner)
+            else self._unrunnable("sync body: call it with ainvoke (graph.ainvoke)")
+        )
 
         def fn(_ctx: ExecutionContext) -> Any:
+            if unrunnable is not None:
+                raise unrunnable
             try:
-                return self._encode(self._inner._run(*args, **inner_kwargs))
+                value = inner._run(*args, **_with_extras(inner._run, kwargs, config, run_manager))
             except BaseException as exc:
                 raised.append(exc)
                 raise
+            return self._encode(value)  # the tool has run: a conversion error is not its failure
 
         try:
             receipt = guard.execute(
                 request_id, self.name, payload, fn, namespace=self._namespace, exclude=self._exclude
             )
-        except ReplayedFailureError as err:
-            if raised and err is raised[-1]:
+        except (NotExecuted, ReplayedFailureError) as exc:
+            error = self._caller_error(exc, raised, unrunnable)
+            if error is exc:
                 raise
-            raise _replayed(err) from None
+            raise error from None
         return self._decode(receipt.result, call_id)
 
     async def _arun(
@@ -365,35 +445,44 @@ class GuardedTool(BaseTool):
         **kwargs: Any,
     ) -> Any:
         call_id = kwargs.pop(_CALL_ID_KW, None)
-        request_id, payload = self._request(args, kwargs, config, call_id)
+        keyed = kwargs.pop(_KEYED_KW, None)
+        key_args, key_kwargs = keyed or (args, kwargs)
+        request_id, payload = self._request(key_args, key_kwargs, config, call_id)
         raised: list[BaseException] = []
         inner = self._inner
+        runs_sync = _runs_sync(inner)
+        unrunnable = (
+            self._unrunnable("body (its _run and _arun only raise NotImplementedError)")
+            if runs_sync and not _has_sync_body(inner)
+            else None
+        )
 
         def sync_body(_ctx: ExecutionContext) -> Any:
             # A sync tool runs in the guard's worker thread, as BaseTool._arun would run it
             # in an executor (with the sync twin of the callback manager).
+            if unrunnable is not None:
+                raise unrunnable
             manager = run_manager.get_sync() if run_manager is not None else None
             try:
-                extras = _with_extras(inner._run, kwargs, config, manager)
-                return self._encode(inner._run(*args, **extras))
+                value = inner._run(*args, **_with_extras(inner._run, kwargs, config, manager))
             except BaseException as exc:
                 raised.append(exc)
                 raise
+            return self._encode(value)  # the tool has run: a conversion error is not its failure
 
         async def async_body(_ctx: ExecutionContext) -> Any:
             try:
                 extras = _with_extras(inner._arun, kwargs, config, run_manager)
-                return self._encode(await inner._arun(*args, **extras))
+                value = await inner._arun(*args, **extras)
             except BaseException as exc:
                 raised.append(exc)
                 raise
+            return self._encode(value)
 
         guard = self._guard
         try:
             if isinstance(guard, AsyncGuard):  # it awaits async_body, or runs sync_body in a thread
-                fn: Callable[[ExecutionContext], Any] = (
-                    sync_body if _runs_sync(inner) else async_body
-                )
+                fn: Callable[[ExecutionContext], Any] = sync_body if runs_sync else async_body
                 receipt = await guard.execute(
                     request_id,
                     self.name,
@@ -414,15 +503,36 @@ class GuardedTool(BaseTool):
                     request_id,
                     self.name,
                     payload,
-                    sync_body if _runs_sync(inner) else on_loop,
+                    sync_body if runs_sync else on_loop,
                     namespace=self._namespace,
                     exclude=self._exclude,
                 )
-        except ReplayedFailureError as err:
-            if raised and err is raised[-1]:
+        except (NotExecuted, ReplayedFailureError) as exc:
+            error = self._caller_error(exc, raised, unrunnable)
+            if error is exc:
                 raise
-            raise _replayed(err) from None
+            raise error from None
         return self._decode(receipt.result, call_id)
+
+    def _unrunnable(self, what: str) -> NotExecuted:
+        """What ``fn`` raises for a call the tool has no body for: nothing ran, so the
+        guard releases the claim (the caller gets a ``ConfigurationError``)."""
+        return NotExecuted(f"tool {self.name!r} has no {what}; nothing ran")
+
+    def _caller_error(
+        self,
+        exc: NotExecuted | ReplayedFailureError,
+        raised: list[BaseException],
+        unrunnable: NotExecuted | None,
+    ) -> BaseException:
+        """The exception the caller gets for ``exc`` from the guard: the tool's own
+        exceptions as they are, a replayed failure as :func:`_replayed` makes it, and a
+        call the tool has no body for as a ``ConfigurationError``."""
+        if exc is unrunnable:
+            return ConfigurationError(str(exc))
+        if isinstance(exc, ReplayedFailureError) and not (raised and exc is raised[-1]):
+            return _replayed(exc)
+        return exc
 
     # -- request ids -------------------------------------------------------------------------
 
@@ -475,18 +585,23 @@ class GuardedTool(BaseTool):
     # -- results -----------------------------------------------------------------------------
 
     def _encode(self, value: Any) -> Any:
-        """The tool's return value as a JSON value to store."""
+        """The tool's return value as a JSON value to store. It never raises: the tool has
+        run, so a value that cannot be converted is handed to the guard as it is, whose
+        encoder records the call as succeeded without a result and raises
+        ``ResultNotSerializableError``; a LangGraph ``Command`` likewise."""
+        if _holds_command(value):
+            return _RefusedCommand(self.name)
         if isinstance(value, ToolMessage):
             return {
                 _TOOL_MESSAGE: {
-                    "content": plain(value.content),
-                    "artifact": plain(value.artifact),
+                    "content": storable(value.content),
+                    "artifact": storable(value.artifact),
                     "status": value.status,
                 }
             }
         if self.response_format == "content_and_artifact" and isinstance(value, tuple):
-            return [plain(v) for v in value]
-        return plain(value)
+            return [storable(v) for v in value]
+        return storable(value)
 
     def _decode(self, stored: Any, call_id: str | None) -> Any:
         """The stored value as the tool returns it (see the module docstring)."""
@@ -519,10 +634,91 @@ def _without_injected(tool: BaseTool, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _runs_sync(tool: BaseTool) -> bool:
     """``True`` when ``tool`` has no ``async`` body of its own (its ``_arun`` would run
-    ``_run`` in an executor)."""
-    if type(tool)._arun is BaseTool._arun:
+    ``_run`` in an executor, or only raises ``NotImplementedError``)."""
+    if isinstance(tool, (StructuredTool, Tool)):
+        return tool.coroutine is None
+    arun = type(tool)._arun
+    return arun is BaseTool._arun or is_stub(arun)
+
+
+def _has_sync_body(tool: BaseTool) -> bool:
+    """``False`` when ``tool`` surely cannot run synchronously: an async-only ``@tool``
+    (no ``func``), or a ``_run`` that only raises ``NotImplementedError``."""
+    if isinstance(tool, (StructuredTool, Tool)):
+        return tool.func is not None
+    return not is_stub(type(tool)._run)
+
+
+def _string_argument(tool: BaseTool) -> str | None:
+    """The argument a string input stands for: the first field of the tool's input
+    schema, as ``BaseTool._parse_input`` validates a string; ``None`` when there is none
+    (a single-input ``Tool``: the string stays its one positional argument)."""
+    try:
+        names = list(get_fields(tool.get_input_schema()))
+    except Exception:  # noqa: BLE001 - a schema LangChain cannot build: keep the input positional
+        return None
+    return names[0] if names and names[0] not in ("args", "kwargs") else None
+
+
+def _returns_command(tool: BaseTool) -> bool:
+    """``True`` when a return annotation of ``tool``'s body names a LangGraph ``Command``
+    (``Command``, a subclass, ``Command[...]``, or a union or container holding one)."""
+    if _Command is None:  # pragma: no cover - langgraph not installed
+        return False
+    if isinstance(tool, (StructuredTool, Tool)):
+        bodies = [tool.func, tool.coroutine]
+    else:
+        bodies = [type(tool)._run, type(tool)._arun]
+    return any(_names_command(_return_hint(body)) for body in bodies if body is not None)
+
+
+def _return_hint(body: Callable[..., Any]) -> Any:
+    """``body``'s return annotation, or ``None`` when it cannot be resolved (the run-time
+    check still refuses a returned ``Command``)."""
+    try:
+        return typing.get_type_hints(body).get("return")
+    except Exception:  # noqa: BLE001 - any failure of user annotations
+        return None
+
+
+def _names_command(hint: Any) -> bool:
+    """``True`` when the annotation ``hint`` is, or holds, ``Command`` or a subclass."""
+    if isinstance(hint, type) and not typing.get_args(hint):
+        try:
+            return _Command is not None and issubclass(hint, _Command)
+        except TypeError:  # pragma: no cover - a generic alias posing as a type
+            return False
+    parts = (typing.get_origin(hint), *typing.get_args(hint))
+    return any(_names_command(part) for part in parts if part is not None)
+
+
+def _holds_command(value: Any) -> bool:
+    """``True`` for a LangGraph ``Command``, or a list or tuple holding one (LangGraph
+    applies both)."""
+    if _Command is None:  # pragma: no cover - langgraph not installed
+        return False
+    if isinstance(value, _Command):
         return True
-    return isinstance(tool, StructuredTool) and tool.coroutine is None
+    return isinstance(value, (list, tuple)) and any(_holds_command(v) for v in value)
+
+
+class _RefusedCommand(dict[str, str]):
+    """What a guarded tool that returned a LangGraph ``Command`` hands the guard: a value
+    no result encoder can store (``json`` reads a ``dict`` subclass through ``items()``,
+    which refuses), so the call is recorded as succeeded without a result and raises
+    ``ResultNotSerializableError``, whatever the guard's ``result_encoder``."""
+
+    def __init__(self, tool: str) -> None:
+        super().__init__(tool=tool)
+
+    def items(self) -> Any:
+        raise TypeError(
+            f"tool {self['tool']!r} returned a LangGraph Command, which SafeAgent cannot "
+            "store or replay; its state update was not applied"
+        )
+
+
+_RefusedCommand.__name__ = _RefusedCommand.__qualname__ = "Command"  # the record names the type
 
 
 def _argument_names(tool: BaseTool) -> set[str]:
