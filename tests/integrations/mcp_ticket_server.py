@@ -1,9 +1,11 @@
 """A FastMCP server with guarded tools, run over stdio by ``test_mcp.py``.
 
 Environment: ``GUARD_DB`` (the guard's SQLite file), ``LEDGER_DB`` (the effect ledger,
-``tests/conftest.py``'s table), ``TOOL_DELAY`` (seconds ``create_ticket`` takes after its
-effect, so a client can drop the connection while the answer is on its way) and
-``SCOPE`` (the server-level scope of the tools without an ``order_id``).
+``tests/conftest.py``'s table), ``TOOL_DELAY`` (seconds ``create_ticket`` and
+``book_courier`` take after their effect, so a client can drop the connection while the
+answer is on its way), ``SCOPE`` (the server-level scope of the tools without an
+``order_id``), ``GUARD_KIND`` (``sync``, the default: a ``Guard``; ``async``: an
+``AsyncGuard``) and ``LEASE`` (the guard's lease in seconds).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import sqlite3
 import time
 from typing import Any
 
+import anyio
 from mcp.server.fastmcp import FastMCP
 
-from safeagent import Guard
+from safeagent import AsyncGuard, Guard
 from safeagent.integrations.mcp import guard_server
 
 server = FastMCP("tickets")
@@ -40,6 +43,15 @@ def create_ticket(order_id: str, title: str, priority: str = "normal") -> dict[s
 
 
 @server.tool()
+async def book_courier(order_id: str, address: str) -> dict[str, Any]:
+    """Book a courier: the request goes out at once, the answer comes TOOL_DELAY s later."""
+    row = effect("courier", f"{order_id}|{address}")
+    await anyio.sleep(float(os.environ.get("TOOL_DELAY", "0")))
+    effect("courier-answer", str(row))
+    return {"booking_id": f"B-{row}"}
+
+
+@server.tool()
 def send_email(to: str, template: str) -> str:
     """Send a templated email; the mail server never acknowledges."""
     effect("mail", f"{to}|{template}")
@@ -47,9 +59,14 @@ def send_email(to: str, template: str) -> str:
 
 
 if __name__ == "__main__":
-    guard = Guard(os.environ["GUARD_DB"])
+    kind = AsyncGuard if os.environ.get("GUARD_KIND") == "async" else Guard
+    lease = {"lease": float(os.environ["LEASE"])} if os.environ.get("LEASE") else {}
+    guard = kind(os.environ["GUARD_DB"], **lease)
     guard_server(server, guard, scope=os.environ.get("SCOPE", "run-1"), scope_arg="order_id")
     try:
         server.run("stdio")
     finally:
-        guard.close()
+        if isinstance(guard, AsyncGuard):
+            anyio.run(guard.aclose)
+        else:
+            guard.close()

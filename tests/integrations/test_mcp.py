@@ -8,10 +8,13 @@ sessions against one server object). Side effects are counted in the effect ledg
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import datetime as dt
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,18 +28,26 @@ require("mcp")
 import anyio  # noqa: E402
 from mcp import ClientSession, StdioServerParameters  # noqa: E402
 from mcp.client.stdio import stdio_client  # noqa: E402
-from mcp.server.fastmcp import Context, FastMCP  # noqa: E402
+from mcp.server.fastmcp import Audio, Context, FastMCP, Image  # noqa: E402
 from mcp.shared.memory import create_connected_server_and_client_session  # noqa: E402
-from mcp.types import CallToolResult  # noqa: E402
-from pydantic import AnyUrl  # noqa: E402
+from mcp.types import (  # noqa: E402
+    CallToolResult,
+    EmbeddedResource,
+    ImageContent,
+    TextContent,
+    TextResourceContents,
+)
+from pydantic import AnyUrl, BaseModel, ConfigDict, Field  # noqa: E402
 
 from safeagent import (  # noqa: E402
     AsyncGuard,
+    ErrorInfo,
     FinalityGate,
     Guard,
     MemoryStore,
     NotExecuted,
     Status,
+    derive_request_id,
 )
 from safeagent.errors import ConfigurationError  # noqa: E402
 from safeagent.integrations.mcp import build_server, guard_server, guarded  # noqa: E402
@@ -53,14 +64,16 @@ def text(result: CallToolResult) -> str:
 
 @asynccontextmanager
 async def stdio_session(
-    tmp_path: Path, ledger: Ledger, *args: str, delay: float = 0.0
+    tmp_path: Path, ledger: Ledger, *args: str, delay: float = 0.0, **settings: str
 ) -> AsyncIterator[ClientSession]:
-    """A client session with a fresh server process (``mcp_ticket_server.py``)."""
+    """A client session with a fresh server process (``mcp_ticket_server.py``; ``settings``:
+    more of its environment, such as ``GUARD_KIND`` and ``LEASE``)."""
     env = {
         **os.environ,
         "GUARD_DB": str(tmp_path / "guard.db"),
         "LEDGER_DB": ledger.path,
         "TOOL_DELAY": str(delay),
+        **settings,
     }
     params = StdioServerParameters(
         command=sys.executable, args=[str(HERE / "mcp_ticket_server.py"), *args], env=env
@@ -280,6 +293,491 @@ def test_not_executed_lets_the_next_call_run(ledger: Ledger) -> None:
     assert text(ran) == text(replayed) == "R-1"
     assert len(tries) == 2
     assert ledger.count("reserve") == 1
+
+
+# -- what the client is shown, first and on every replay --------------------------------------
+
+
+def shown(result: CallToolResult) -> dict[str, Any]:
+    """A tool result as the client receives it (what goes over the wire)."""
+    return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Charge(BaseModel):
+    """A charge whose JSON names differ from its Python ones (an alias)."""
+
+    model_config = ConfigDict(populate_by_name=False)
+
+    charge_id: str = Field(alias="chargeId")
+    amount_cents: int
+
+
+class Opaque:
+    """A return value pydantic-like enough to be dumped, except that dumping it fails;
+    FastMCP shows it as its ``str``."""
+
+    def model_dump(self, **_: Any) -> Any:
+        raise RuntimeError("no JSON form")
+
+    def __str__(self) -> str:
+        return "opaque receipt #7"
+
+
+PNG = b"\x89PNG\r\n\x1a\n-receipt"
+WAV = b"RIFF\x00\x00\x00\x00WAVE"
+OUTPUTS = [
+    "text",
+    "mapping",
+    "model",
+    "note",
+    "picture",
+    "sound",
+    "attachment",
+    "blocks",
+    "result",
+    "opaque",
+]
+
+
+def outputs_server(ledger: Ledger, wrap: Callable[[Any], Any] = lambda f: f) -> FastMCP:
+    """A server whose tools return each kind of value FastMCP renders; each call of a tool
+    writes one ledger row under its name. ``wrap`` decorates every tool function."""
+    server = FastMCP("outputs")
+
+    @server.tool()
+    @wrap
+    def text(order_id: str) -> str:
+        ledger.append("text")
+        return "filed"
+
+    @server.tool()
+    @wrap
+    def mapping(order_id: str) -> dict[str, Any]:
+        ledger.append("mapping")
+        return {"ticket": "T-1", "at": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)}
+
+    @server.tool()
+    @wrap
+    def model(order_id: str) -> Charge:
+        ledger.append("model")
+        return Charge(chargeId="ch_1", amount_cents=500)
+
+    @server.tool()
+    @wrap
+    def note(order_id: str) -> TextContent:
+        ledger.append("note")
+        return TextContent(type="text", text="hello")
+
+    @server.tool()
+    @wrap
+    def picture(order_id: str) -> Image:
+        ledger.append("picture")
+        return Image(data=PNG, format="png")
+
+    @server.tool()
+    @wrap
+    def sound(order_id: str) -> Audio:
+        ledger.append("sound")
+        return Audio(data=WAV, format="wav")
+
+    @server.tool()
+    @wrap
+    def attachment(order_id: str) -> EmbeddedResource:
+        ledger.append("attachment")
+        resource = TextResourceContents(
+            uri=AnyUrl("file:///receipts/1.txt"), text="paid", mimeType="text/plain"
+        )
+        return EmbeddedResource(type="resource", resource=resource)
+
+    @server.tool()
+    @wrap
+    def blocks(order_id: str):  # type: ignore[no-untyped-def]  # unannotated on purpose
+        ledger.append("blocks")
+        return [TextContent(type="text", text="scan"), Image(data=PNG, format="png"), {"k": 1}]
+
+    @server.tool()
+    @wrap
+    def result(order_id: str) -> CallToolResult:
+        ledger.append("result")
+        return CallToolResult(
+            content=[TextContent(type="text", text="done")], structuredContent={"ok": True}
+        )
+
+    @server.tool()
+    @wrap
+    def opaque(order_id: str):  # type: ignore[no-untyped-def]  # unannotated on purpose
+        ledger.append("opaque")
+        return Opaque()
+
+    return server
+
+
+@pytest.mark.parametrize("how", ["guard_server", "guarded"])
+def test_every_kind_of_result_is_replayed_as_first_shown(
+    tmp_path: Path, ledger: Ledger, how: str
+) -> None:
+    """Strings, JSON values, models, content blocks, Image/Audio and CallToolResult: the
+    first guarded call and every replay (a new server, a new guard over the same database)
+    show the client exactly what an unguarded server shows, and each tool runs once."""
+    calls = [(name, {"order_id": "o1"}) for name in OUTPUTS]
+    unguarded = call_all(outputs_server(Ledger(tmp_path / "unguarded.db")), calls)
+
+    def guarded_server() -> FastMCP:
+        if how == "guard_server":
+            guard = Guard(tmp_path / "guard.db")
+            return guard_server(outputs_server(ledger), guard, scope_arg="order_id")
+        aguard = AsyncGuard(tmp_path / "guard.db")
+        return outputs_server(ledger, guarded(aguard, scope_arg="order_id"))
+
+    first = call_all(guarded_server(), calls)
+    replayed = call_all(guarded_server(), calls)
+
+    for name, plain_result, first_result, replay in zip(
+        OUTPUTS, unguarded, first, replayed, strict=True
+    ):
+        assert not plain_result.isError, (name, text(plain_result))
+        assert shown(first_result) == shown(plain_result), name
+        assert shown(replay) == shown(plain_result), name
+        assert ledger.count(name) == 1, name
+    by_name = dict(zip(OUTPUTS, replayed, strict=True))
+    assert text(by_name["note"]) == "hello"
+    assert text(by_name["opaque"]) == json.dumps("opaque receipt #7")  # as FastMCP shows it
+    [image] = by_name["picture"].content
+    assert isinstance(image, ImageContent)
+    assert (image.data, image.mimeType) == (base64.b64encode(PNG).decode(), "image/png")
+    assert [c.type for c in by_name["blocks"].content] == ["text", "image", "text"]
+    assert by_name["model"].structuredContent == {"chargeId": "ch_1", "amount_cents": 500}
+    guard = Guard(tmp_path / "guard.db")
+    stored = guard.get(derive_request_id("o1", "text", {"order_id": "o1"}))
+    guard.close()
+    assert stored is not None
+    assert stored.result == "filed"  # plain values are stored as they are
+
+
+def error_result_server(ledger: Ledger, guard: Guard | AsyncGuard | None) -> FastMCP:
+    """Tools that report their own failure with ``CallToolResult(isError=True)``."""
+    server = FastMCP("pay")
+
+    @server.tool()
+    async def charge(order_id: str, amount_cents: int) -> CallToolResult:
+        ledger.append("charge")
+        return CallToolResult(
+            isError=True, content=[TextContent(type="text", text="card declined")]
+        )
+
+    @server.tool()
+    def scan(order_id: str) -> CallToolResult:
+        ledger.append("scan")
+        return CallToolResult(
+            isError=True,
+            content=[
+                TextContent(type="text", text="blurry"),
+                ImageContent(
+                    type="image", data=base64.b64encode(PNG).decode(), mimeType="image/png"
+                ),
+            ],
+        )
+
+    if guard is not None:
+        guard_server(server, guard, scope_arg="order_id")
+    return server
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_tool_error_result_is_stored_failed_and_replayed(
+    tmp_path: Path, ledger: Ledger, kind: str
+) -> None:
+    """A tool that returns an error result: the record is FAILED (with a type and the
+    text), the tool never runs again, and every replay shows the client the same error
+    result (isError, the same content) as the first call and an unguarded server."""
+    calls = [
+        ("charge", {"order_id": "o1", "amount_cents": 500}),
+        ("scan", {"order_id": "o1"}),
+    ]
+    unguarded = call_all(error_result_server(Ledger(tmp_path / "unguarded.db"), None), calls)
+
+    def new_guard() -> Guard | AsyncGuard:
+        return Guard(tmp_path / "guard.db") if kind == "sync" else AsyncGuard(tmp_path / "guard.db")
+
+    first = call_all(error_result_server(ledger, new_guard()), calls)
+    replayed = call_all(error_result_server(ledger, new_guard()), calls * 2)
+
+    for plain_result, first_result, replays in zip(
+        unguarded, first, (replayed[::2], replayed[1::2]), strict=True
+    ):
+        assert plain_result.isError
+        assert shown(first_result) == shown(plain_result)
+        assert [shown(r) for r in replays] == [shown(plain_result)] * 2
+    assert text(first[0]) == "card declined"
+    assert ledger.count("charge") == ledger.count("scan") == 1
+    guard = Guard(tmp_path / "guard.db")
+    charge = guard.get(derive_request_id("o1", "charge", calls[0][1]))
+    scan = guard.get(derive_request_id("o1", "scan", calls[1][1]))
+    guard.close()
+    assert charge is not None
+    assert scan is not None
+    assert charge.status is scan.status is Status.FAILED
+    assert charge.error == ErrorInfo("safeagent.integrations.mcp.ToolErrorResult", "card declined")
+    assert scan.error is not None
+    assert json.loads(scan.error.message)["content"][0] == {"type": "text", "text": "blurry"}
+
+
+def test_operator_result_of_an_in_doubt_call_is_shown_as_fastmcp_shows_it(
+    ledger: Ledger,
+) -> None:
+    """An operator resolves an in-doubt call with a plain result: the retry shows it as
+    FastMCP shows that value (text and structured content), and the tool does not run."""
+    server = FastMCP("tickets")
+
+    @server.tool()
+    def create_ticket(order_id: str) -> dict[str, Any]:
+        ledger.append("ticket")
+        raise TimeoutError("no answer")
+
+    guard = Guard(MemoryStore(), outcome_unknown=(TimeoutError,))
+    guard_server(server, guard, scope_arg="order_id")
+    [in_doubt] = call_all(server, [("create_ticket", {"order_id": "o1"})])
+    rid = derive_request_id("o1", "create_ticket", {"order_id": "o1"})
+    guard.resolve(rid, Status.SUCCEEDED, by="ops", reason="found it", result={"ticket_id": "T-9"})
+
+    [retry] = call_all(server, [("create_ticket", {"order_id": "o1"})])
+
+    assert in_doubt.isError
+    assert not retry.isError
+    assert retry.structuredContent == {"ticket_id": "T-9"}
+    assert json.loads(text(retry)) == {"ticket_id": "T-9"}
+    assert ledger.count("ticket") == 1
+
+
+def test_guarded_follows_structured_output_false(tmp_path: Path, ledger: Ledger) -> None:
+    """``guarded(structured_output=False)`` under ``@server.tool(structured_output=False)``:
+    the first call and the replay show what the unguarded tool shows (no structured
+    content), for a value stored as FastMCP's rendering (a model with an alias)."""
+
+    def make(wrap: Callable[[Any], Any], book: Ledger) -> FastMCP:
+        server = FastMCP("pay")
+
+        @server.tool(structured_output=False)
+        @wrap
+        def charge(order_id: str) -> Charge:
+            book.append("charge")
+            return Charge(chargeId="ch_1", amount_cents=500)
+
+        return server
+
+    calls = [("charge", {"order_id": "o1"})]
+    [unguarded] = call_all(make(lambda f: f, Ledger(tmp_path / "unguarded.db")), calls)
+    guard = Guard(MemoryStore())
+    wrap = guarded(guard, scope_arg="order_id", structured_output=False)
+
+    first, replay = call_all(make(wrap, ledger), calls * 2)
+
+    assert unguarded.structuredContent is None
+    assert shown(first) == shown(replay) == shown(unguarded)
+    assert ledger.count("charge") == 1
+
+
+class RawReceipt(BaseModel):
+    """A result whose bytes are not UTF-8: pydantic cannot turn it into JSON."""
+
+    charge_id: str
+    raw: bytes
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_result_that_cannot_be_stored_is_not_recorded_as_failed(
+    tmp_path: Path, ledger: Ledger, kind: str
+) -> None:
+    """The tool ran, then its value could not be turned into JSON: the record is
+    SUCCEEDED without a result (never FAILED, which an operator might re-run), the client
+    gets ResultNotSerializableError, and a retry does not run the tool again."""
+    server = FastMCP("pay")
+
+    @server.tool()
+    def charge(order_id: str) -> RawReceipt:
+        ledger.append("charge")
+        return RawReceipt(charge_id="ch_1", raw=b"\xff\xfe")
+
+    guard: Guard | AsyncGuard = (
+        Guard(tmp_path / "guard.db") if kind == "sync" else AsyncGuard(tmp_path / "guard.db")
+    )
+    guard_server(server, guard, scope_arg="order_id")
+
+    first, retry = call_all(server, [("charge", {"order_id": "o1"})] * 2)
+
+    assert first.isError
+    assert retry.isError
+    assert "could not be stored" in text(first)
+    assert "could not be stored" in text(retry)
+    assert ledger.count("charge") == 1
+    check = Guard(tmp_path / "guard.db")
+    record = check.get(derive_request_id("o1", "charge", {"order_id": "o1"}))
+    check.close()
+    assert record is not None
+    assert record.status is Status.SUCCEEDED
+    assert record.result is None
+    assert record.error is not None
+    assert record.error.type == "safeagent.ResultNotSerializable"
+
+
+def test_failure_with_an_empty_message_replays_the_same_text(ledger: Ledger) -> None:
+    """An exception with no message: the replay shows the first call's exact text."""
+    server = FastMCP("t")
+
+    @server.tool()
+    def fail_empty(order_id: str) -> str:
+        ledger.append("fail")
+        raise RuntimeError
+
+    guard_server(server, Guard(MemoryStore()), scope_arg="order_id")
+
+    first, replay = call_all(server, [("fail_empty", {"order_id": "o1"})] * 2)
+
+    assert first.isError
+    assert replay.isError
+    assert text(first) == text(replay) == "Error executing tool fail_empty: "
+    assert ledger.count("fail") == 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_stdio_body_finishes_after_the_client_disconnects(
+    tmp_path: Path, ledger: Ledger, kind: str
+) -> None:
+    """Over stdio, a client gives up mid-call and closes the connection: the server process
+    lets the started body finish and records it before it exits; the retry, in a new
+    server process, replays it (with an AsyncGuard as with a Guard)."""
+    args = {"order_id": "ORD-9", "address": "1 Main St"}
+
+    async def scenario() -> tuple[int, CallToolResult]:
+        try:
+            async with (
+                stdio_session(tmp_path, ledger, delay=1.0, GUARD_KIND=kind) as session,
+                anyio.create_task_group() as calls,
+            ):
+                calls.start_soon(session.call_tool, "book_courier", args)
+                await wait_for(lambda: ledger.count("courier") == 1)  # the request went out
+                calls.cancel_scope.cancel()  # the client gives up and disconnects
+        except Exception as exc:
+            if not late_answer(exc):
+                raise
+        answered = ledger.count("courier-answer")  # the old server process has exited
+        async with stdio_session(tmp_path, ledger, GUARD_KIND=kind) as session:
+            return answered, await session.call_tool("book_courier", args)
+
+    answered, retry = anyio.run(scenario)
+
+    assert answered == 1
+    assert not retry.isError, text(retry)
+    assert retry.structuredContent == {"booking_id": "B-1"}
+    assert ledger.count("courier") == ledger.count("courier-answer") == 1
+    guard = Guard(tmp_path / "guard.db")
+    record = guard.get(derive_request_id("ORD-9", "book_courier", args))
+    guard.close()
+    assert record is not None
+    assert record.status is Status.SUCCEEDED
+
+
+def test_stdio_server_killed_mid_body_leaves_the_record_in_doubt(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """A body still running when the client kills the server (the SDK's stdio client
+    terminates it 2 s after closing its stdin) is cut off: once its lease has expired, the
+    retry gets "in doubt" and the tool does not run again."""
+    args = {"order_id": "ORD-9", "address": "1 Main St"}
+
+    async def scenario() -> CallToolResult:
+        try:
+            async with (
+                stdio_session(tmp_path, ledger, delay=6.0, GUARD_KIND="async", LEASE="1") as s,
+                anyio.create_task_group() as calls,
+            ):
+                calls.start_soon(s.call_tool, "book_courier", args)
+                await wait_for(lambda: ledger.count("courier") == 1)
+                calls.cancel_scope.cancel()
+        except Exception as exc:
+            if not late_answer(exc):
+                raise
+        await anyio.sleep(1.5)  # the lease of the killed attempt expires
+        async with stdio_session(tmp_path, ledger, GUARD_KIND="async") as session:
+            return await session.call_tool("book_courier", args)
+
+    retry = anyio.run(scenario)
+
+    assert retry.isError
+    assert "in doubt" in text(retry)
+    assert ledger.count("courier") == 1
+    assert ledger.count("courier-answer") == 0
+
+
+class CancelAfterClaim(MemoryStore):
+    """A store that, once, runs ``cancel`` ``turns`` event-loop turns after a claim is
+    won: sweeping ``turns`` moves the cancellation across the moments around the start of
+    the tool body (still claiming; the body handed to its task but not started; running)."""
+
+    def __init__(self, turns: int) -> None:
+        super().__init__()
+        self.turns = turns
+        self.cancel: Callable[[], None] | None = None
+
+    def claim(self, *args: Any, **kwargs: Any) -> Any:
+        answer = super().claim(*args, **kwargs)
+        cancel, self.cancel = self.cancel, None
+        if cancel is not None:
+            loop = asyncio.get_running_loop()
+
+            def later(turns: int) -> None:
+                if turns:
+                    loop.call_soon(later, turns - 1)
+                else:
+                    cancel()
+
+            later(self.turns)
+        return answer
+
+
+async def cancelled_booking(ledger: Ledger, turns: int) -> tuple[bool, Any]:
+    """Call a guarded ``book`` tool (AsyncGuard) and cancel the call ``turns`` loop turns
+    after its claim; once the call has returned: was it cancelled, and its record."""
+    store = CancelAfterClaim(turns)
+    guard = AsyncGuard(store)
+    server = FastMCP("couriers")
+
+    @server.tool()
+    async def book(order_id: str) -> str:
+        ledger.append(f"courier-{order_id}")
+        await anyio.sleep(0.05)
+        ledger.append(f"answer-{order_id}")
+        return "B-1"
+
+    guard_server(server, guard, scope_arg="order_id")
+    request = {"order_id": f"o{turns}"}
+    request_id = derive_request_id(f"o{turns}", "book", request)
+    with anyio.CancelScope() as scope:
+        store.cancel = scope.cancel
+        await server.call_tool("book", request)
+    record = await guard.get(request_id)
+    if ledger.count(f"courier-o{turns}") == 0:  # cancelled while claiming: the guard
+        await anyio.sleep(0.05)  # releases the claim in the background
+        record = await guard.get(request_id)
+    return scope.cancelled_caught, record
+
+
+def test_async_guard_cancelled_call_ends_after_its_outcome_is_recorded(ledger: Ledger) -> None:
+    """With an AsyncGuard, a call cancelled at any moment returns only once nothing is
+    left running: either the body never started (the claim is released) or it has
+    finished and its outcome is recorded, so a server that exits as soon as its handlers
+    return (a stdio server whose client disconnected) does not cut the body off."""
+    seen: set[tuple[bool, Status]] = set()
+    for turns in range(8):
+        cancelled, record = anyio.run(cancelled_booking, ledger, turns)
+
+        ran = ledger.count(f"courier-o{turns}")
+        assert ledger.count(f"answer-o{turns}") == ran, turns  # never cut off
+        assert record is not None
+        assert record.status is (Status.SUCCEEDED if ran else Status.RELEASED), turns
+        seen.add((cancelled, record.status))
+    # the sweep met a call cancelled before the body and one cancelled once it had started
+    assert {(True, Status.RELEASED), (True, Status.SUCCEEDED)} <= seen, seen
 
 
 # -- SafeAgent's own server -------------------------------------------------------------------

@@ -24,12 +24,23 @@ one run or one conversation) or a tool argument (``scope_arg="order_id"``: each 
 scope is the value of that argument). A call whose ``scope_arg`` is missing or empty
 raises :class:`~safeagent.errors.MissingKeyError` before anything runs.
 
-**Results and failures.** The stored value is returned on the first call and on every
-replay (pydantic models dumped to JSON values), so a replay never differs from the first
-answer. A tool that raises: the failure is stored and the exception propagates (FastMCP
-shows the client ``"Error executing tool <name>: <message>"``); a replay raises
+**Results and failures.** A tool's return value is stored as FastMCP shows it (its own
+conversion: content blocks and structured output): as the value itself when its JSON form
+is shown the same way (strings, JSON values, most pydantic models), else as FastMCP's
+rendering, ``{"mcp.CallToolResult": {...}}`` (content blocks, ``Image``/``Audio``,
+``CallToolResult``, models with aliases, datetimes, ...). The first call and every replay
+show the client the stored result, exactly what an unguarded server shows. A value that
+FastMCP cannot render and that has no JSON form is recorded SUCCEEDED without a result
+(:class:`~safeagent.errors.ResultNotSerializableError`, first call and replays), never as
+a failure: the tool has run. A tool that returns ``CallToolResult(isError=True)`` has
+failed: the record is FAILED (:class:`ToolErrorResult`) and every replay shows the same
+error result. A tool that raises: the failure is stored and the exception propagates
+(FastMCP shows the client ``"Error executing tool <name>: <message>"``); a replay raises
 :class:`~safeagent.errors.ReplayedFailureError` whose message is the stored one, so the
-client sees the same text. ``NotExecuted`` releases the claim (the next call runs).
+client sees the same text. ``NotExecuted`` releases the claim (the next call runs). A
+body that has started runs to completion, and its outcome is recorded, whatever becomes
+of the request: the call returns only then, so a stdio server whose client disconnected
+exits after the body has finished (unless the process is killed first).
 
 **SafeAgent's own server.** :func:`serve` runs an MCP server over stdio (``safeagent
 mcp``, or ``python -m safeagent.integrations.mcp``) that shows MCP clients the receipts,
@@ -50,6 +61,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import json
 import sys
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -60,6 +72,9 @@ from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 try:
     from mcp.server.fastmcp import Context, FastMCP
+    from mcp.server.fastmcp.utilities.context_injection import find_context_parameter
+    from mcp.server.fastmcp.utilities.func_metadata import FuncMetadata, func_metadata
+    from mcp.types import CallToolResult, TextContent
 except ImportError as exc:  # pragma: no cover - depends on the installed SDK
     raise ImportError(
         "safeagent.integrations.mcp needs the MCP Python SDK 1.x (mcp.server.fastmcp): "
@@ -70,6 +85,7 @@ from safeagent import (
     AsyncGuard,
     ExecutionContext,
     Guard,
+    Status,
     derive_request_id,
 )
 from safeagent.errors import (
@@ -78,10 +94,10 @@ from safeagent.errors import (
     MissingKeyError,
     ReplayedFailureError,
 )
-from safeagent.integrations._common import check_scope, plain
+from safeagent.integrations._common import check_scope, storable
 from safeagent.integrations._mcp_server import build_server, serve
 
-__all__ = ["build_server", "guard_server", "guarded", "main", "serve"]
+__all__ = ["ToolErrorResult", "build_server", "guard_server", "guarded", "main", "serve"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -159,16 +175,171 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     )
 
 
+class ToolErrorResult(Exception):  # noqa: N818 - named after what the tool returned
+    """How a guarded tool's own error result, ``CallToolResult(isError=True)``, is recorded:
+    a FAILED call with this type (``safeagent.integrations.mcp.ToolErrorResult``) whose
+    message is the result's text when it is one plain text block (a ``"card declined"``),
+    else the whole result as JSON. Every replay shows the client the same error result;
+    the tool does not run again. Raised inside the guard only: the client never sees it."""
+
+
+_TOOL_ERROR = f"{ToolErrorResult.__module__}.{ToolErrorResult.__qualname__}"
+_RESULT_KEY = "mcp.CallToolResult"  # a stored {_RESULT_KEY: result}: FastMCP's rendering
+
+
+def _dump(result: CallToolResult) -> dict[str, Any]:
+    """``result`` as JSON values, as the client receives it."""
+    return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _error_message(result: CallToolResult) -> str:
+    """The stored message of an error result (see :class:`ToolErrorResult`)."""
+    try:
+        blocks = result.content
+        if len(blocks) == 1 and isinstance(blocks[0], TextContent):
+            message = blocks[0].text
+            simple = CallToolResult(content=[TextContent(type="text", text=message)], isError=True)
+            if result == simple and not isinstance(_json_or_none(message), dict):
+                return message
+        return json.dumps(_dump(result), ensure_ascii=False)
+    except Exception:  # noqa: BLE001 - the tool ran: its failure is recorded whatever happens
+        return "\n".join(getattr(block, "text", "") for block in result.content)
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _error_result(message: str) -> CallToolResult:
+    """The error result a stored :class:`ToolErrorResult` message stands for."""
+    data = _json_or_none(message)
+    if isinstance(data, dict):
+        try:
+            return CallToolResult.model_validate({**data, "isError": True})
+        except ValueError:
+            pass
+    return CallToolResult(content=[TextContent(type="text", text=message)], isError=True)
+
+
+def _shown(stored: Any) -> Any:
+    """What the wrapper returns to FastMCP for a stored value: the stored value itself, or
+    the :class:`CallToolResult` it stands for."""
+    if isinstance(stored, dict) and len(stored) == 1 and isinstance(stored.get(_RESULT_KEY), dict):
+        try:
+            return CallToolResult.model_validate(stored[_RESULT_KEY])
+        except ValueError:
+            pass
+    return stored
+
+
+class _Results:
+    """How one tool's return values are stored, with FastMCP's own conversion of return
+    values (``FuncMetadata.convert_result``: content blocks and structured output)."""
+
+    def __init__(self, metadata: FuncMetadata, encoder: Callable[[Any], Any]) -> None:
+        self._convert = metadata.convert_result
+        self._encoder = encoder
+
+    def _rendered(self, value: Any) -> dict[str, Any]:
+        converted = self._convert(value)
+        if isinstance(converted, CallToolResult):
+            return _dump(converted)
+        if isinstance(converted, tuple):  # (content blocks, structured content)
+            content, structured = converted
+            return _dump(CallToolResult(content=list(content), structuredContent=structured))
+        return _dump(CallToolResult(content=list(converted)))
+
+    def stored(self, value: Any) -> Any:
+        """What the guard stores for the value a tool returned (the tool has run): the
+        value as JSON when FastMCP shows that exactly as it shows the value, else
+        FastMCP's rendering of the value (``{"mcp.CallToolResult": ...}``), else the value
+        as it is (the guard then records SUCCEEDED without a result and raises
+        ``ResultNotSerializableError``). Never raises, but :class:`ToolErrorResult` for an
+        error result."""
+        if isinstance(value, CallToolResult) and value.isError:
+            raise ToolErrorResult(_error_message(value))
+        kept = storable(value)
+        try:
+            rendered = self._rendered(value)
+        except Exception:  # noqa: BLE001 - FastMCP cannot show it either: store what we have
+            return kept
+        try:
+            text = json.dumps(kept, default=self._encoder, allow_nan=False)
+            if self._rendered(_shown(json.loads(text))) == rendered:
+                return kept
+        except Exception:  # noqa: BLE001, S110 - not faithful as JSON: store the rendering
+            pass
+        return {_RESULT_KEY: rendered}
+
+
+async def _until_recorded(
+    guard: AsyncGuard, request_id: str, namespace: str | None, ended: anyio.Event
+) -> None:
+    """Wait, shielded, until a body the guard took over from a cancelled call has ended
+    and its outcome is recorded (the guard records it in the background; at most 30 s
+    after the body ended)."""
+    with anyio.CancelScope(shield=True):
+        await ended.wait()
+        with anyio.move_on_after(30):
+            while True:
+                receipt = await guard.get(request_id, namespace=namespace)
+                if receipt is None or receipt.status is not Status.PENDING:
+                    return
+                await anyio.sleep(0.01)
+
+
 def _wrap(
     fn: Callable[..., Any],
     guard: Guard | AsyncGuard,
     keying: _Keying,
     namespace: str | None,
+    metadata: FuncMetadata,
 ) -> Callable[..., Awaitable[Any]]:
-    """An ``async`` function that runs ``fn`` through the guard (see the module docstring)."""
+    """An ``async`` function that runs ``fn`` through the guard (see the module docstring);
+    ``metadata``: the tool's FastMCP metadata, which converts its return values."""
     if not isinstance(guard, (Guard, AsyncGuard)):
         raise ConfigurationError(f"guard must be a Guard or an AsyncGuard, got {guard!r}")
     fn_is_async = _is_async(fn)
+    results = _Results(metadata, guard.result_encoder)
+
+    async def run_async(
+        guard: AsyncGuard,
+        request_id: str,
+        payload: Any,
+        kwargs: dict[str, Any],
+        raised: list[BaseException],
+    ) -> Any:
+        started: list[bool] = []
+        ended = anyio.Event()
+
+        async def afn(_ctx: ExecutionContext) -> Any:
+            started.append(True)
+            try:
+                value = fn(**kwargs)
+                if inspect.isawaitable(value):
+                    value = await value
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+            finally:
+                ended.set()
+            return results.stored(value)
+
+        try:
+            return await guard.execute(
+                request_id, keying.name, payload, afn, namespace=namespace, exclude=keying.exclude
+            )
+        except anyio.get_cancelled_exc_class():
+            # The guard lets a started body finish in the background and records its
+            # outcome then. Return only after that: a server whose handlers have all
+            # returned may exit (a stdio server whose client disconnected), and that
+            # would cut the body off.
+            if started:
+                await _until_recorded(guard, request_id, namespace, ended)
+            raise
 
     async def call(**kwargs: Any) -> Any:
         arguments = {k: v for k, v in kwargs.items() if not isinstance(v, Context)}
@@ -177,25 +348,7 @@ def _wrap(
 
         try:
             if isinstance(guard, AsyncGuard):
-
-                async def afn(_ctx: ExecutionContext) -> Any:
-                    try:
-                        value = fn(**kwargs)
-                        if inspect.isawaitable(value):
-                            value = await value
-                        return plain(value)
-                    except BaseException as exc:
-                        raised.append(exc)
-                        raise
-
-                receipt = await guard.execute(
-                    request_id,
-                    keying.name,
-                    payload,
-                    afn,
-                    namespace=namespace,
-                    exclude=keying.exclude,
-                )
+                receipt = await run_async(guard, request_id, payload, kwargs, raised)
             else:
 
                 async def shielded() -> Any:
@@ -206,13 +359,14 @@ def _wrap(
 
                 def sfn(_ctx: ExecutionContext) -> Any:
                     try:
-                        if fn_is_async:  # the body runs on the server's loop
-                            return plain(anyio.from_thread.run(shielded))
-                        return plain(fn(**kwargs))
+                        # an async body runs on the server's loop
+                        value = anyio.from_thread.run(shielded) if fn_is_async else fn(**kwargs)
                     except BaseException as exc:
                         raised.append(exc)
                         raise
+                    return results.stored(value)
 
+                # Not cancellable: the worker thread runs the body to completion anyway.
                 receipt = await anyio.to_thread.run_sync(
                     functools.partial(
                         guard.execute,
@@ -224,17 +378,21 @@ def _wrap(
                         exclude=keying.exclude,
                     )
                 )
+        except ToolErrorResult as err:  # the tool's error result, recorded as a failure
+            return _error_result(str(err))
         except ReplayedFailureError as err:
             if raised and err is raised[-1]:
                 raise
+            if err.error_type == _TOOL_ERROR:
+                return _error_result(err.error_message)
             # The client saw "Error executing tool <name>: <message>" the first time.
             raise ReplayedFailureError(
-                err.error_message or err.error_type,
+                err.error_message,
                 error_type=err.error_type,
                 error_message=err.error_message,
                 receipt=err.receipt,
             ) from None
-        return receipt.result
+        return _shown(receipt.result)
 
     return call
 
@@ -254,6 +412,7 @@ def guarded(
     exclude: Collection[str] = (),
     namespace: str | None = None,
     name: str | None = None,
+    structured_output: bool | None = None,
 ) -> Callable[[F], F]:
     """Decorator: guard a tool function before FastMCP registers it.
 
@@ -276,6 +435,9 @@ def guarded(
         namespace: the tenant namespace of the records (default: the guard's).
         name: the tool's name (default: the function's name), used as the action; give
             the same one to ``@server.tool(name=...)``.
+        structured_output: give the same value as to
+            ``@server.tool(structured_output=...)`` (default ``None``: FastMCP decides from
+            the return annotation); results are stored as FastMCP shows them.
 
     Returns:
         The decorator.
@@ -285,13 +447,19 @@ def guarded(
             ``scope_arg`` or ``exclude`` name, or not a guard.
         InvalidInputError: a ``scope`` that is not a non-empty ``str`` of at most 255
             characters.
+        InvalidSignature: (FastMCP's) a return annotation FastMCP refuses, as
+            ``@server.tool()`` would.
     """
 
     def decorate(fn: F) -> F:
         signature = _signature(fn)
         tool_name = name or fn.__name__
         keying = _Keying(tool_name, scope, scope_arg, exclude, signature.parameters)
-        call = _wrap(fn, guard, keying, namespace)
+        context = find_context_parameter(fn)
+        metadata = func_metadata(
+            fn, skip_names=[context] if context else [], structured_output=structured_output
+        )
+        call = _wrap(fn, guard, keying, namespace, metadata)
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -372,7 +540,7 @@ def guard_server(
             else set(exclude) & parameters[tool_name]
         )
         keying = _Keying(tool_name, scope, scope_arg, own, parameters[tool_name])
-        call = _wrap(tool.fn, guard, keying, namespace)
+        call = _wrap(tool.fn, guard, keying, namespace, tool.fn_metadata)
         call.__safeagent_guarded__ = True  # type: ignore[attr-defined]
         tool.fn = call
         tool.is_async = True
