@@ -282,6 +282,38 @@ def test_a_nul_in_an_argument_is_exit_2_and_nothing_written(
             "confidence",
             id="nan-confidence",
         ),
+        pytest.param(
+            [
+                "cases",
+                "signal",
+                "case-2",
+                "--source",
+                "s",
+                "--outcome",
+                "o",
+                "--confidence",
+                "0.5",
+                "--metadata",
+                '{"a":' + "[" * 5000 + "]" * 5000 + "}",
+            ],
+            "--metadata: JSON nested too deeply",
+            id="metadata-5000-deep",
+        ),
+        pytest.param(
+            [
+                "resolve",
+                "r-1",
+                "--succeeded",
+                "--result",
+                "[" * 5000 + "]" * 5000,
+                "--by",
+                "x",
+                "--reason",
+                "y",
+            ],
+            "--result: JSON nested too deeply",
+            id="result-5000-deep",
+        ),
     ],
 )
 def test_the_librarys_input_errors_are_exit_2(db: Path, args: list[str], needle: str) -> None:

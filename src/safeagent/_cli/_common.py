@@ -545,10 +545,14 @@ def time_window(since: str | None, until: str | None) -> tuple[int | None, int |
 
 
 def parse_json(text: str, option: str) -> Any:
+    """``text`` parsed as JSON; a usage error (exit 2) for anything that is not JSON or
+    nests too deeply for the parser (the library allows 100 levels)."""
     try:
         return json.loads(text)
     except ValueError as exc:
         raise CliError(EXIT_USAGE, f"{option}: not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise CliError(EXIT_USAGE, f"{option}: JSON nested too deeply") from exc
 
 
 # -- receipts and events ------------------------------------------------------------------
