@@ -50,7 +50,9 @@ def test_async_gate_signals_resolves_and_settles_once(store: Any, ledger: Ledger
         await gate.signal("c-2", "B", "reject", 0.9)
         resolved = await gate.resolve("c-2", "reject", by="ops", reason="manual review")
         assert (resolved.state, resolved.outcome, resolved.resolved_by) == (
-            CaseState.FINAL, "reject", "ops",
+            CaseState.FINAL,
+            "reject",
+            "ops",
         )
         with pytest.raises(InvalidTransitionError):
             await gate.resolve("c-2", "approve", by="ops", reason="again")
