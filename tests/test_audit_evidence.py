@@ -6,7 +6,9 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import sqlite3
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,6 +28,7 @@ from safeagent import (
 )
 from safeagent.audit import anchor, export, load_key, stats, verify
 from safeagent.retention import purge
+from safeagent.stores._rows import COLUMNS, shard_of
 from tests.conftest import PG_URL, FakeClock, pg_schema, require_postgres
 
 KEY = b"k" * 32
@@ -504,27 +507,33 @@ def test_an_edited_receipt_is_found(guard: Any, clock: FakeClock) -> None:
     }
 
 
-def test_receipts_without_a_digest_and_purged_ones_are_not_reported(
+def test_receipts_without_a_digest_are_unverified_and_tombstones_are_checked(
     tmp_path: Any, clock: FakeClock
 ) -> None:
-    """A finished record with no outcome digest in its events (as a release before digests
-    left it) is counted as unverified, not as tampering; a purged tombstone is skipped."""
+    """A finished record whose chained events hold no outcome digest (as a release before
+    digests left it) is counted as unverified, not as tampering; a tombstone retention
+    left is compared with its events (status, and the retention pass that covers it)."""
     path = str(tmp_path / "old.db")
     guard = Guard(SQLiteStore(path, clock=clock))
     guard.execute("gone", "charge", {}, lambda _ctx: 3)
     clock.advance(3600)
+    guard.execute("old", "charge", {}, lambda _ctx: 1)
     guard.execute("new", "charge", {}, lambda _ctx: 1)
-    with sqlite3.connect(path) as conn:  # "old": a finished record whose events hold no digest
-        columns = [r[1] for r in conn.execute("PRAGMA table_info(executions)")]
-        picked = ", ".join("'old'" if c == "request_id" else c for c in columns)
+    guard.close()
+    with sqlite3.connect(path) as conn:  # "old": its succeeded event without the digest
+        event_id, detail = conn.execute(
+            "SELECT id, detail FROM audit_events WHERE subject = 'old' AND kind = 'succeeded'"
+        ).fetchone()
+        stripped = {k: v for k, v in json.loads(detail).items() if k != "outcome_sha256"}
         conn.execute(
-            f"INSERT INTO executions ({', '.join(columns)})"
-            f" SELECT {picked} FROM executions WHERE request_id = 'new'"
+            "UPDATE audit_events SET detail = ? WHERE id = ?",
+            (json.dumps(stripped, separators=(",", ":")), event_id),
         )
+    _rechain(guard.store)  # as that release chained it
     assert purge(guard.store, older_than=1800).tombstoned == 1
     report = verify(guard.store)
     assert report.ok, report.problems
-    assert (report.receipts_checked, report.receipts_unverified) == (1, 1)
+    assert (report.receipts_checked, report.receipts_unverified) == (2, 1)
 
 
 def test_a_receipt_finished_while_verifying_is_not_reported(tmp_path: Any) -> None:
@@ -754,3 +763,557 @@ def test_edited_facts_of_the_attempt_in_doubt_are_found(guard: Any, clock: FakeC
     assert set(details) == {"doubt", "never-taken-over"}
     assert "owner or end of the attempt in doubt differs" in details["doubt"]
     assert "no take-over event recorded" in details["never-taken-over"]
+
+
+# -- raw SQL on SQLite and PostgreSQL: the holes a database writer could use ----------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_store(request: pytest.FixtureRequest, tmp_path: Any, clock: FakeClock) -> Any:
+    """An SQLite or PostgreSQL store on the fake clock, for tampering with raw SQL."""
+    if request.param == "sqlite":
+        store: Any = SQLiteStore(str(tmp_path / "raw.db"), clock=clock)
+        yield store
+        store.close()
+        return
+    require_postgres()
+    from safeagent.stores.postgres import PostgresStore
+
+    store = PostgresStore(PG_URL, schema=pg_schema(), clock=clock)
+    try:
+        yield store
+    finally:
+        store.drop_schema()
+        store.close()
+
+
+def _sql(store: Any, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run ``statement`` on the store's database behind its back, as someone with write
+    access would: ``{s}.`` prefixes a table (the PostgreSQL schema), ``%s`` a parameter."""
+    if not hasattr(store, "dsn"):  # an SQLite store, or the path of its file
+        conn = sqlite3.connect(store.path)
+        try:
+            with conn:
+                cur = conn.execute(statement.replace("{s}.", "").replace("%s", "?"), args)
+                return [tuple(r) for r in cur.fetchall()]
+        finally:
+            conn.close()
+    import psycopg
+
+    with psycopg.connect(store.dsn, autocommit=True) as pg:
+        cur = pg.execute(statement.replace("{s}", store.schema), args)  # type: ignore[arg-type]
+        return [tuple(r) for r in cur.fetchall()] if cur.description else []
+
+
+_EVENT_INSERT = (
+    "INSERT INTO {s}.audit_events (at_ms, kind, namespace, subject, action, actor,"
+    " execution_id, fencing_token, detail, shard, seq, prev_hash, hash)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
+)
+
+
+def _forge_event(store: Any, subject: str, kind: str, detail: dict[str, Any], *chain: Any) -> int:
+    """Insert an event row for ``subject``; ``chain``: (shard, seq, prev_hash, hash), all
+    NULL by default (an unchained row). Returns its id."""
+    row = (1, kind, "default", subject, "charge", "mallory", None, None, json.dumps(detail))
+    return int(_sql(store, _EVENT_INSERT, *row, *(chain or (None,) * 4))[0][0])
+
+
+def _append_chained(store: Any, shard: int, subject: str, kind: str, detail: Any) -> int:
+    """Append an event for ``subject`` to chain ``shard`` consistently (its hash and the
+    head moved), as a writer who knows the hash format can. Returns its id."""
+    from safeagent.stores._rows import chain_hash
+
+    ((seq, head),) = _sql(store, "SELECT seq, head FROM {s}.audit_chain WHERE shard = %s", shard)
+    row = (2, kind, "default", subject, "charge", "mallory", None, None, json.dumps(detail))
+    digest = chain_hash(head, shard, seq + 1, row)
+    event_id = int(_sql(store, _EVENT_INSERT, *row, shard, seq + 1, head, digest)[0][0])
+    _sql(
+        store,
+        "UPDATE {s}.audit_chain SET seq = %s, head = %s WHERE shard = %s",
+        seq + 1,
+        digest,
+        shard,
+    )
+    return event_id
+
+
+def _rechain(store: Any) -> None:
+    """Recompute every chain's hashes and heads from the stored fields (a consistent
+    rewrite of the whole trail, which only an anchor can expose)."""
+    from safeagent.stores._rows import GENESIS, chain_hash
+
+    for (shard,) in _sql(
+        store, "SELECT DISTINCT shard FROM {s}.audit_events WHERE shard IS NOT NULL"
+    ):
+        prev = GENESIS
+        for row in _sql(
+            store,
+            "SELECT id, seq, at_ms, kind, namespace, subject, action, actor, execution_id,"
+            " fencing_token, detail FROM {s}.audit_events WHERE shard = %s ORDER BY seq",
+            shard,
+        ):
+            digest = chain_hash(prev, shard, row[1], row[2:])
+            _sql(
+                store,
+                "UPDATE {s}.audit_events SET prev_hash = %s, hash = %s WHERE id = %s",
+                prev,
+                digest,
+                row[0],
+            )
+            prev = digest
+        _sql(store, "UPDATE {s}.audit_chain SET head = %s WHERE shard = %s", prev, shard)
+
+
+def _named(report: Any, kind: str = "receipt_edited") -> set[str]:
+    """The request ids the problems of ``kind`` name."""
+    return {p.detail.split("'")[1] for p in report.problems if p.kind == kind}
+
+
+def _normal_use(store: Any, clock: FakeClock) -> tuple[Guard, Any]:
+    """Everything a trail holds under normal use: executions and replays, a stored failure,
+    a release, an operator's resolutions (succeeded, rerun), a reconcile hook's answer,
+    finality-gate settlements (one released first), a retention pass over all of it, and
+    activity after it; anchored twice. Returns the guard and the last anchor."""
+    from safeagent import ActionPolicy, FinalityGate, NotExecuted, Reconciliation
+
+    guard = Guard(
+        store,
+        wait=0,
+        lease=30.0,
+        owner="worker-A",
+        outcome_unknown=(TimeoutError,),
+        actions={"lookup": ActionPolicy(reconcile=lambda _req: Reconciliation.happened(7))},
+    )
+
+    def boom(_ctx: Any) -> None:
+        raise ValueError("card declined")
+
+    def not_sent(_ctx: Any) -> None:
+        raise NotExecuted
+
+    def unknown(_ctx: Any) -> None:
+        raise TimeoutError("no answer")
+
+    for _ in range(2):
+        guard.execute("paid", "charge", {"a": 1}, lambda _ctx: {"charge": "ch_1"})
+    with pytest.raises(ValueError, match="declined"):
+        guard.execute("declined", "charge", {"a": 2}, boom)
+    with pytest.raises(NotExecuted):
+        guard.execute("released", "charge", {"a": 3}, not_sent)
+    with pytest.raises(TimeoutError):
+        guard.execute("doubt", "charge", {"a": 4}, unknown)
+    guard.resolve("doubt", "succeeded", by="ops", reason="seen in the PSP", result={"c": 4})
+    with pytest.raises(ValueError, match="declined"):
+        guard.execute("rerun", "charge", {"a": 5}, boom)
+    guard.resolve("rerun", "rerun", by="ops", reason="card replaced")
+    guard.execute("rerun", "charge", {"a": 5}, lambda _ctx: {"charge": "ch_5"})
+    with pytest.raises(TimeoutError):
+        guard.execute("looked-up", "lookup", {"a": 6}, unknown)
+    assert guard.execute("looked-up", "lookup", {"a": 6}, unknown).result == 7  # the hook
+    gate = FinalityGate(guard)
+    gate.signal("case-1", "model", "approve", 1.0)
+    gate.settle("case-1", "pay", lambda outcome, _ctx: outcome)
+    gate.signal("case-2", "model", "approve", 1.0)
+    with pytest.raises(NotExecuted):
+        gate.settle("case-2", "pay", lambda _outcome, _ctx: not_sent(_ctx))
+    gate.settle("case-2", "pay", lambda outcome, _ctx: outcome)
+    anchor(store, key=KEY)
+    clock.advance(3600)
+    report = purge(store, older_than=60)
+    assert (report.tombstoned, report.released) == (7, 1)
+    with pytest.raises(ReceiptPurgedError):
+        guard.execute("paid", "charge", {"a": 1}, lambda _ctx: {"charge": "ch_2"})
+    guard.execute("released", "charge", {"a": 3}, lambda _ctx: "now sent")
+    for i in range(4):
+        guard.execute(f"fresh-{i}", "charge", {"i": i}, lambda _ctx: {"charge": "ch_f"})
+    gate.signal("case-3", "model", "approve", 1.0)
+    gate.settle("case-3", "pay", lambda outcome, _ctx: outcome)
+    guard.close()
+    return guard, anchor(store, key=KEY)
+
+
+def test_a_trail_of_normal_use_verifies_with_no_problem(store: Any, clock: FakeClock) -> None:
+    """Executions, replays, failures, releases, operator resolutions, a reconcile hook's
+    answer, gate settlements, a retention pass and anchors: on every store the trail
+    verifies with the key and the last anchor pinned, every record checked against its
+    events (the tombstones too), none unverified and nothing legacy."""
+    _, last = _normal_use(store, clock)
+    report = verify(store, key=KEY, last_anchor=last)
+    assert report.ok, report.problems
+    records, _ = store.records()
+    assert (report.receipts_checked, report.receipts_unverified) == (len(records), 0)
+    assert sum(1 for r in records if r.purged_at_ms is not None) == 7  # "released" re-ran
+    assert (report.anchors_checked, report.events_legacy) == (2, 0)
+    assert verify(store, key=KEY, last_anchor=last.pin).ok
+    assert verify(store, last_anchor=(last.id, last.mac)).ok
+
+
+def test_a_tombstone_keeps_its_status_and_needs_the_retention_pass(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """purged_at_ms no longer hides a record from verify: a tombstone keeps its final
+    status (a SUCCEEDED charge marked purged and RELEASED would run again), holds nothing
+    retention clears, and is covered by a chained retention pass whose cutoff is after
+    its last change. Each edit below is a receipt_edited naming its request."""
+    _normal_use(db_store, clock)
+    assert verify(db_store).ok
+    # the reviewer's edit: a charge turned into a released claim, hidden as purged
+    _sql(
+        db_store,
+        "UPDATE {s}.executions SET status = 'RELEASED', purged_at_ms = 1"
+        " WHERE request_id = 'fresh-0'",
+    )
+    _sql(
+        db_store,
+        "UPDATE {s}.executions SET status = 'IN_DOUBT', purged_at_ms = 1"
+        " WHERE request_id = 'fresh-1'",
+    )
+    _sql(
+        db_store,
+        "UPDATE {s}.executions SET result = '{\"c\":0}', purged_at_ms = 1"
+        " WHERE request_id = 'fresh-2'",
+    )
+    # a tombstone made by hand, as retention would have left it, but no pass covers it
+    _sql(
+        db_store,
+        "UPDATE {s}.executions SET payload = '', result = NULL, purged_at_ms = %s"
+        " WHERE request_id = 'fresh-3'",
+        clock(),
+    )
+    # real tombstones edited: a status, a settlement released, a result put back
+    _sql(db_store, "UPDATE {s}.executions SET status = 'RELEASED' WHERE request_id = 'paid'")
+    _sql(db_store, "UPDATE {s}.executions SET status = 'RELEASED' WHERE request_id = 'case:case-1'")
+    _sql(db_store, "UPDATE {s}.executions SET result = '\"x\"' WHERE request_id = 'doubt'")
+    report = verify(db_store)
+    assert _kinds(report) == {"receipt_edited"}
+    assert _named(report) == {
+        "fresh-0",
+        "fresh-1",
+        "fresh-2",
+        "fresh-3",
+        "paid",
+        "case:case-1",
+        "doubt",
+    }
+    details = {p.detail.split("'")[1]: p.detail for p in report.problems}
+    assert "left it SUCCEEDED (and it is marked purged)" in details["fresh-0"]
+    assert "no retention pass in the chains covers it" in details["fresh-3"]
+    assert "still holds a payload, result or error message" in details["doubt"]
+
+
+def test_events_outside_the_chains_are_reported_and_never_trusted(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """An event row with no shard, seq or hash, a shard outside 0-15, or a consistent
+    append to another subject's chain is an unchained_event, and verify never takes it as
+    a request's last state: a forged 'released' event does not excuse a SUCCEEDED record
+    turned RELEASED (which the next retry would run again)."""
+    guard = Guard(db_store)
+    guard.execute("paid", "charge", {"a": 1}, lambda _ctx: {"charge": "ch_1"})
+    guard.close()
+    anchor(db_store, key=KEY)
+    assert verify(db_store, key=KEY).ok
+    _sql(db_store, "UPDATE {s}.executions SET status = 'RELEASED' WHERE request_id = 'paid'")
+    released = {"status": "RELEASED"}
+    unchained = _forge_event(db_store, "paid", "released", released)
+    report = verify(db_store, key=KEY)
+    assert [(p.kind, p.event_id) for p in report.problems if p.kind != "receipt_edited"] == [
+        ("unchained_event", unchained)
+    ]
+    assert _named(report) == {"paid"}  # still reported: the unchained event is not trusted
+    from safeagent.stores._rows import GENESIS, chain_hash
+
+    shard = shard_of("default", "paid")
+    fields = (1, "released", "default", "paid", "charge", "mallory", None, None, "{}")
+    out_of_range = _forge_event(
+        db_store, "paid", "released", released, 99, 1, GENESIS, chain_hash(GENESIS, 99, 1, fields)
+    )
+    no_seq = _forge_event(db_store, "paid", "released", released, -1, None, None, None)
+    elsewhere = _append_chained(db_store, (shard + 1) % 16, "paid", "released", released)
+    report = verify(db_store, key=KEY)
+    assert _kinds(report) == {"unchained_event", "receipt_edited"}
+    assert {p.event_id for p in report.problems if p.kind == "unchained_event"} == {
+        unchained,
+        out_of_range,
+        no_seq,
+        elsewhere,
+    }
+    assert _named(report) == {"paid"}
+
+
+def test_events_written_before_the_chains_are_legacy_not_problems(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """A database created by a pre-chain schema (SQLite version 2, PostgreSQL version 1)
+    and migrated keeps its old events, with every chain column NULL and ids below every
+    chained one: counted as events_legacy, and a record whose events are all legacy is
+    unverified, not forged. A row outside the chains written after the first chained one
+    is still an unchained_event."""
+    from safeagent._keys import canonical_json, downstream_key, fingerprint
+
+    legacy_store = _pre_chain_store(db_store, clock)
+    payload = {"a": 1}
+    body = canonical_json(payload).decode()
+    record = (
+        "default", "old", "charge", fingerprint("charge", canonical_json(payload)), "SUCCEEDED",
+        body, '{"charge":"ch_0"}', None, None, "exec-old", 1, 1, "worker", 1,
+        downstream_key("default", "charge", "old"), 1, 1, 2, 2,
+    )  # fmt: skip
+    legacy_store.exec_(
+        "INSERT INTO {s}.executions (namespace, request_id, action, fingerprint, status,"
+        " payload, result, error_type, error_message, execution_id, attempt, fencing_token,"
+        " lease_owner, lease_expires_at_ms, downstream_key, created_at_ms, claimed_at_ms,"
+        " updated_at_ms, completed_at_ms)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        *record,
+    )
+    for kind, detail in (("claimed", {"attempt": 1}), ("succeeded", {"status": "SUCCEEDED"})):
+        legacy_store.exec_(
+            "INSERT INTO {s}.audit_events (at_ms, kind, namespace, subject, action, actor,"
+            " execution_id, fencing_token, detail) VALUES (1, %s, 'default', 'old', 'charge',"
+            " 'worker', 'exec-old', 1, %s)",
+            kind,
+            json.dumps(detail),
+        )
+    store = legacy_store.open()  # migrated to the current schema
+    guard = Guard(store)
+    assert guard.execute("old", "charge", payload, lambda _ctx: 0).result == {"charge": "ch_0"}
+    guard.execute("new", "charge", {"a": 2}, lambda _ctx: 1)
+    guard.close()
+    report = verify(store)
+    assert report.ok, report.problems
+    assert (report.events_legacy, report.receipts_unverified, report.receipts_checked) == (
+        2,
+        1,
+        1,
+    )
+    late = _forge_event(store, "old", "resolved", {"status": "SUCCEEDED"})
+    report = verify(store)
+    assert [(p.kind, p.event_id) for p in report.problems] == [("unchained_event", late)]
+    store.close()
+
+
+class _PreChain:
+    """A database at the last schema version without hash chains, written by hand."""
+
+    def __init__(self, store: Any, clock: FakeClock) -> None:
+        self.store = store
+        self.clock = clock
+
+    def exec_(self, statement: str, *args: Any) -> None:
+        _sql(self.store, statement, *args)
+
+    def open(self) -> Any:
+        if not hasattr(self.store, "dsn"):
+            return SQLiteStore(self.store.path, clock=self.clock)
+        from safeagent.stores.postgres import PostgresStore
+
+        return PostgresStore(PG_URL, schema=self.store.schema, clock=self.clock)
+
+
+def _pre_chain_store(db_store: Any, clock: FakeClock) -> _PreChain:
+    """Empty ``db_store``'s database and rebuild it at the pre-chain schema version."""
+    if isinstance(db_store, SQLiteStore):
+        from safeagent.stores import sqlite as module
+
+        path = db_store.path
+        db_store.close()
+        os.remove(path)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.remove(path + suffix)
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE safeagent_meta (key TEXT PRIMARY KEY, value TEXT)")
+            for statements in module.MIGRATIONS[:2]:
+                for statement in statements:
+                    conn.execute(statement)
+            conn.execute("INSERT INTO safeagent_meta VALUES ('schema_version', '2')")
+        return _PreChain(SimpleNamespace(path=path), clock)
+    import psycopg
+
+    from safeagent.stores import _pg_sql as module
+
+    schema = db_store.schema
+    db_store.drop_schema()
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")  # type: ignore[arg-type]
+        conn.execute(
+            f"CREATE TABLE {schema}.safeagent_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"  # type: ignore[arg-type]
+        )
+        for statement in module.MIGRATIONS[0]:
+            conn.execute(statement.replace("{s}", schema))  # type: ignore[arg-type]
+        conn.execute(f"INSERT INTO {schema}.safeagent_meta VALUES ('schema_version', '1')")  # type: ignore[arg-type]
+    return _PreChain(SimpleNamespace(dsn=PG_URL, schema=schema), clock)
+
+
+def test_a_record_no_chained_event_names_is_forged(db_store: Any, clock: FakeClock) -> None:
+    """Every writer appends a claim's event in the claim's transaction, so a record with
+    no chained event at all was written by hand: a forged SUCCEEDED receipt (which a
+    retry would replay) and a forged IN_DOUBT record (which would block the request) are
+    receipt_edited, not "written before digests"."""
+    guard = Guard(db_store)
+    guard.execute("paid", "charge", {"a": 1}, lambda _ctx: {"charge": "ch_1"})
+    guard.close()
+    columns = [c.strip() for c in COLUMNS.split(",")]
+
+    def copy_as(request_id: str, status: str) -> None:
+        given = {"request_id": request_id, "status": status}
+        picked = ", ".join("%s" if c in given else c for c in columns)
+        _sql(
+            db_store,
+            f"INSERT INTO {{s}}.executions ({', '.join(columns)}) SELECT {picked}"
+            " FROM {s}.executions WHERE request_id = 'paid'",
+            *(given[c] for c in columns if c in given),
+        )
+
+    copy_as("forged-paid", "SUCCEEDED")
+    copy_as("forged-doubt", "IN_DOUBT")
+    report = verify(db_store)
+    assert _kinds(report) == {"receipt_edited"}
+    assert _named(report) == {"forged-paid", "forged-doubt"}
+    assert all("no chained event records its claim" in p.detail for p in report.problems)
+    assert report.receipts_unverified == 0
+
+
+def test_a_chain_head_moved_back_or_removed_is_a_head_mismatch(db_store: Any) -> None:
+    """The stored head must be its chain's last event: set back to the event before it
+    (seq and hash), or gone (even that of a chain with no event yet), it is a
+    head_mismatch for that chain."""
+    guard = Guard(db_store)
+    for _ in range(3):
+        guard.execute("r", "charge", {}, lambda _ctx: 1)  # claimed, succeeded, 2 replays
+    guard.close()
+    shard = shard_of("default", "r")
+    ((seq,),) = _sql(db_store, "SELECT seq FROM {s}.audit_chain WHERE shard = %s", shard)
+    assert seq == 4
+    _sql(
+        db_store,
+        "UPDATE {s}.audit_chain SET seq = seq - 1, head = (SELECT prev_hash FROM"
+        " {s}.audit_events AS e WHERE e.shard = %s AND e.seq = %s) WHERE shard = %s",
+        shard,
+        seq,
+        shard,
+    )
+    report = verify(db_store)
+    assert [(p.kind, p.shard, p.seq) for p in report.problems] == [("head_mismatch", shard, 3)]
+    _sql(db_store, "DELETE FROM {s}.audit_chain WHERE shard = %s", shard)
+    report = verify(db_store)
+    assert [(p.kind, p.shard, p.seq) for p in report.problems] == [("head_mismatch", shard, 4)]
+    empty = (shard + 1) % 16  # a chain with no event yet: without its head, no writer
+    _sql(db_store, "DELETE FROM {s}.audit_chain WHERE shard = %s", empty)  # can chain to it
+    report = verify(db_store)
+    assert {(p.kind, p.shard) for p in report.problems} == {
+        ("head_mismatch", shard),
+        ("head_mismatch", empty),
+    }
+
+
+def _anchored_thrice(store: Any) -> list[Any]:
+    guard = Guard(store)
+    made = []
+    for i in range(3):
+        guard.execute(f"r-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        guard.close()
+        made.append(anchor(store, key=KEY))
+    assert [a.id for a in made] == [1, 2, 3]
+    assert verify(store, key=KEY).ok
+    return made
+
+
+def test_a_deleted_or_renumbered_middle_anchor_is_found(db_store: Any) -> None:
+    """Each anchor signs the one stored before it, so an anchor deleted from between two
+    others is a missing_anchor: by the gap in the ids, and when the later ones are
+    renumbered to close the gap, by the predecessor the next one names."""
+    _anchored_thrice(db_store)
+    _sql(db_store, "DELETE FROM {s}.audit_anchors WHERE id = 2")
+    report = verify(db_store, key=KEY)
+    assert [p.kind for p in report.problems] == ["missing_anchor"]
+    _sql(db_store, "UPDATE {s}.audit_anchors SET id = 2 WHERE id = 3")
+    report = verify(db_store, key=KEY)
+    assert [p.kind for p in report.problems] == ["missing_anchor"]
+    assert "signed right after anchor 2" in report.problems[0].detail
+
+
+def test_ids_the_database_skipped_between_anchors_are_no_alarm() -> None:
+    """PostgreSQL skips sequence values (a failed or lost write, a crash): an anchor that
+    names the one before it as its predecessor explains the gap."""
+    require_postgres()
+    from safeagent.stores.postgres import PostgresStore
+
+    store = PostgresStore(PG_URL, schema=pg_schema())
+    try:
+        Guard(store).execute("r", "charge", {}, lambda _ctx: 1)
+        _sql(store, "SELECT nextval('{s}.audit_anchors_id_seq')")  # before the first
+        first = anchor(store, key=KEY)
+        for _ in range(3):
+            _sql(store, "SELECT nextval('{s}.audit_anchors_id_seq')")
+        last = anchor(store, key=KEY)
+        assert (first.id, last.id) == (2, 6)
+        assert verify(store, key=KEY, last_anchor=last).ok
+    finally:
+        store.drop_schema()
+        store.close()
+
+
+def test_with_a_key_a_trail_no_anchor_signs_is_reported(db_store: Any) -> None:
+    """With the key, events and no anchor at all (every anchor deleted looks the same) is
+    a no_anchor problem, unless the caller allows a trail never anchored; without a key,
+    or with no events, there is nothing to say."""
+    assert verify(db_store, key=KEY).ok  # no events yet
+    _anchored_thrice(db_store)
+    _sql(db_store, "DELETE FROM {s}.audit_anchors")
+    report = verify(db_store, key=KEY)
+    assert [p.kind for p in report.problems] == ["no_anchor"]
+    assert "no anchor signs this trail" in report.problems[0].detail
+    assert verify(db_store, key=KEY, allow_unanchored=True).ok
+    assert verify(db_store).ok
+
+
+def test_the_last_anchor_kept_outside_bounds_deleting_the_newest(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """Deleting the newest anchor and rewriting the events only it signed (a charge
+    turned into a released claim, its events re-chained to match) passes every check
+    that reads only the database. The anchor recorded outside it exposes the deletion,
+    also once its id has been used again by a later anchor."""
+    guard = Guard(db_store)
+    guard.execute("order-0", "charge", {"a": 0}, lambda _ctx: {"charge": "ch_0"})
+    guard.close()
+    anchor(db_store, key=KEY)
+    guard.execute("order-1", "charge", {"a": 1}, lambda _ctx: {"charge": "ch_1"})
+    guard.close()
+    kept = anchor(db_store, key=KEY)
+    assert verify(db_store, key=KEY, last_anchor=kept.pin).ok
+    _sql(db_store, "DELETE FROM {s}.audit_anchors WHERE id = %s", kept.id)
+    _sql(
+        db_store,
+        "UPDATE {s}.executions SET status = 'RELEASED', result = NULL,"
+        " completed_at_ms = NULL WHERE request_id = 'order-1'",
+    )
+    _sql(
+        db_store,
+        "UPDATE {s}.audit_events SET kind = 'released', detail = '{\"status\":\"RELEASED\"}'"
+        " WHERE subject = 'order-1' AND kind = 'succeeded'",
+    )
+    _rechain(db_store)
+    assert verify(db_store, key=KEY).ok  # what cannot be seen from inside the database
+    report = verify(db_store, key=KEY, last_anchor=kept)
+    assert [p.kind for p in report.problems] == ["missing_anchor"]
+    anchor(db_store, key=KEY)  # SQLite gives it the deleted anchor's id again
+    report = verify(db_store, key=KEY, last_anchor=(kept.id, kept.mac))
+    assert [p.kind for p in report.problems] == ["missing_anchor"]
+
+
+def test_an_anchor_pin_round_trips_and_a_bad_one_is_refused(db_store: Any) -> None:
+    """Anchor.pin is '<id>:<mac>'; parse_pin reads it back; anything else given as
+    last_anchor is a ConfigurationError before anything is read."""
+    from safeagent.audit import parse_pin
+
+    Guard(db_store).execute("r", "charge", {}, lambda _ctx: 1)
+    made = anchor(db_store, key=KEY)
+    assert made.pin == f"{made.id}:{made.mac}"
+    assert parse_pin(f" {made.pin.upper()}\n") == (made.id, made.mac)
+    for bad in ("1", "0:" + "a" * 64, "1:" + "g" * 64, "x:" + "a" * 64, 1):
+        with pytest.raises(ConfigurationError):
+            verify(db_store, last_anchor=bad)  # type: ignore[arg-type]

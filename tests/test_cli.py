@@ -673,9 +673,11 @@ def test_audit_verify_finds_a_receipt_edited_in_the_database(db: Path) -> None:
     clean = cli_json("audit", "verify", "--db", db)
     assert clean["receipts_checked"] >= 1
     assert clean["receipts_unverified"] == 0
-    (rid,) = sqlite3.connect(db).execute(
-        "SELECT request_id FROM executions WHERE status = 'SUCCEEDED' LIMIT 1"
-    ).fetchone()
+    (rid,) = (
+        sqlite3.connect(db)
+        .execute("SELECT request_id FROM executions WHERE status = 'SUCCEEDED' LIMIT 1")
+        .fetchone()
+    )
     tamper(db, f"UPDATE executions SET result = '{{\"forged\":1}}' WHERE request_id = '{rid}'")
     result = cli("audit", "verify", "--db", db, "--json")
     assert result.exit_code == 1
@@ -745,6 +747,61 @@ def test_audit_verify_finds_a_deleted_event_after_the_anchor(db: Path, key_file:
     result = cli("audit", "verify", "--key-file", key_file, "--db", db, "--json")
     assert result.exit_code == 1
     assert "deleted" in {p["kind"] for p in json.loads(result.stdout)["problems"]}
+
+
+def test_audit_anchor_gives_its_pin_and_verify_checks_the_pinned_anchor(
+    db: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """audit anchor prints the pin to keep outside the database (ID:MAC; --json has it
+    too) and --pin-file writes it; verify --pin-file / --last-anchor report the pinned
+    anchor deleted (exit 1), and refuse a bad pin or both options (exit 2)."""
+    first = cli_json("audit", "anchor", "--key-file", key_file, "--db", db)
+    assert first["pin"] == f"{first['id']}:{first['mac']}"
+    pin_file = tmp_path / "audit.pin"
+    text = cli("audit", "anchor", "--key-file", key_file, "--db", db, "--pin-file", pin_file)
+    assert text.exit_code == 0, text.output
+    second = pin_file.read_text().strip()
+    assert second.startswith("2:")
+    assert f"pin {second} written to {pin_file}" in text.stdout
+    shown = cli("audit", "anchor", "--key-file", key_file, "--db", db)
+    assert "pin (keep it outside the database): 3:" in shown.stdout
+    checked = cli_json(
+        "audit", "verify", "--key-file", key_file, "--pin-file", pin_file, "--db", db
+    )
+    assert (checked["ok"], checked["last_anchor"]) == (True, 2)
+    assert cli("audit", "verify", "--last-anchor", first["pin"], "--db", db).exit_code == 0
+    table = cli("audit", "verify", "--key-file", key_file, "--pin-file", pin_file, "--db", db)
+    assert "last anchor #2 checked against its pin" in table.stdout
+    tamper(db, "DELETE FROM audit_anchors WHERE id >= 2")
+    result = cli("audit", "verify", "--key-file", key_file, "--pin-file", pin_file, "--db", db)
+    assert result.exit_code == 1
+    assert "missing_anchor" in result.stdout
+    found = cli("audit", "verify", "--last-anchor", second, "--db", db, "--json")
+    assert [p["kind"] for p in json.loads(found.stdout)["problems"]] == ["missing_anchor"]
+    for bad in (["--last-anchor", "2:xyz"], ["--pin-file", tmp_path / "none.pin"]):
+        refused = cli("audit", "verify", *bad, "--db", db)
+        assert refused.exit_code == 2
+        assert refused.stderr.startswith("error:")
+    both = cli("audit", "verify", "--last-anchor", second, "--pin-file", pin_file, "--db", db)
+    assert both.exit_code == 2
+    no_dir = cli(
+        "audit", "anchor", "--key-file", key_file, "--db", db,
+        "--pin-file", tmp_path / "no" / "such.pin",
+    )  # fmt: skip
+    assert no_dir.exit_code == 2
+    assert cli_json("audit", "verify", "--db", db)["anchors_checked"] == 1  # nothing anchored
+
+
+def test_audit_verify_with_a_key_reports_a_trail_no_anchor_signs(db: Path, key_file: Path) -> None:
+    """With the key, a trail with events and no anchor at all (every anchor deleted) is
+    a no_anchor problem (exit 1); --allow-unanchored accepts a trail never anchored."""
+    result = cli("audit", "verify", "--key-file", key_file, "--db", db)
+    assert result.exit_code == 1
+    assert "no_anchor" in result.stdout
+    assert "no anchor signs this trail" in result.stdout
+    allowed = cli_json("audit", "verify", "--key-file", key_file, "--allow-unanchored", "--db", db)
+    assert (allowed["ok"], allowed["anchors_checked"]) == (True, 0)
+    assert cli("audit", "verify", "--db", db).exit_code == 0  # no key: nothing to check
 
 
 def test_stats_counts_executions_replays_conflicts_and_in_doubt(db: Path) -> None:

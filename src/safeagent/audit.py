@@ -9,17 +9,25 @@ the database's writers do not hold (an environment variable or a file on the ope
 machine); :func:`verify` then finds an edited, deleted or reordered event, or a chain
 rewritten after an anchor, and says which.
 
-Typical use: ``safeagent audit anchor`` from a cron job with the key, and
-``safeagent audit verify`` when evidence matters.
+Anchors live in the database too, so someone who can write it can delete the newest ones
+and rewrite what only they signed. Keep the last anchor's pin (:attr:`Anchor.pin`, its id
+and MAC) outside the database and give it to :func:`verify` (``last_anchor=``): a deleted
+or replaced anchor is then found, and only events written after that anchor stay
+unbounded.
+
+Typical use: ``safeagent audit anchor --pin-file PATH`` from a cron job with the key, and
+``safeagent audit verify --pin-file PATH`` when evidence matters.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import hmac
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -29,7 +37,7 @@ from safeagent._audit import EventKind, Redactor, default_redactor
 from safeagent._receipt import TERMINAL, Record, Status
 from safeagent.errors import ConfigurationError
 from safeagent.stores._base import OUTCOME_DIGEST, outcome_digest
-from safeagent.stores._rows import GENESIS, Heads, chain_hash, shard_of
+from safeagent.stores._rows import CHAIN_SHARDS, GENESIS, Heads, chain_hash, shard_of
 
 KEY_ENV = "SAFEAGENT_AUDIT_KEY"
 MIN_KEY_BYTES = 16
@@ -42,6 +50,7 @@ __all__ = [
     "anchor",
     "export",
     "load_key",
+    "parse_pin",
     "stats",
     "verify",
 ]
@@ -56,12 +65,22 @@ class Problem:
     ``"reordered"`` (an event no longer follows the one it was chained to, or events of
     one chain were renumbered so the trail shows them in another order),
     ``"rewritten"`` (a chain is consistent but differs from what an anchor signed),
+    ``"unchained_event"`` (an event row outside the hash chains: no shard, seq or hash, a
+    shard outside 0-15, or a chain other than its subject's; it is shown by the trail's
+    readers but never trusted by verification),
     ``"bad_anchor"`` (an anchor's HMAC does not match: forged, or another key),
-    ``"head_mismatch"`` (the stored chain head is not the last event's hash), or
+    ``"missing_anchor"`` (an anchor was deleted: a gap in the anchors' ids, an anchor a
+    later one was signed after is gone or replaced, or the anchor given as
+    ``last_anchor`` is gone or differs),
+    ``"no_anchor"`` (a key was given and the trail has events, but no anchor signs it),
+    ``"head_mismatch"`` (the stored chain head is not the last event's hash: another
+    hash, moved back to an earlier event, or missing), or
     ``"receipt_edited"`` (an execution record no longer holds what the last event that
     changed it says: another status, a missing record, an outcome that no longer matches
-    the digest that event recorded, or facts of the attempt in doubt other than its last
-    reconcile take-over recorded; ``seq`` and ``event_id`` name the event).
+    the digest that event recorded, facts of the attempt in doubt other than its last
+    reconcile take-over recorded, a tombstone no retention pass covers or that holds
+    what retention clears, or a record no chained event names at all; ``seq`` and
+    ``event_id`` name the event, when there is one).
     """
 
     kind: str
@@ -83,7 +102,11 @@ class VerifyReport:
     """Requests whose record was compared with the last event that changed it."""
     receipts_unverified: int = 0
     """Finished records with no outcome digest to compare with (written by a release
-    before digests, or before the audit trail)."""
+    before digests), and records whose only events were written before the chains."""
+    events_legacy: int = 0
+    """Event rows written before the audit trail was chained (a database created by a
+    pre-chain schema and migrated): every chain column NULL, and an id below every
+    chained event's. Kept and shown, but neither verified nor trusted."""
 
     @property
     def ok(self) -> bool:
@@ -98,6 +121,31 @@ class Anchor:
     at_ms: int
     heads: Mapping[int, tuple[int, str]]
     mac: str
+
+    @property
+    def pin(self) -> str:
+        """``"<id>:<mac>"``: what to keep outside the database and give to
+        :func:`verify` as ``last_anchor`` (``safeagent audit verify --last-anchor``)."""
+        return f"{self.id}:{self.mac}"
+
+
+_PIN = re.compile(r"([1-9][0-9]{0,18}):([0-9a-fA-F]{64})")
+
+
+def parse_pin(text: str) -> tuple[int, str]:
+    """``(id, mac)`` from an anchor's pin, ``"<id>:<mac>"`` (:attr:`Anchor.pin`; surrounding
+    whitespace ignored).
+
+    Raises:
+        ConfigurationError: not a pin.
+    """
+    match = _PIN.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ConfigurationError(
+            "an anchor pin is '<id>:<mac>' (what `safeagent audit anchor` prints: a positive "
+            "id, a colon and 64 hex digits)"
+        )
+    return int(match.group(1)), match.group(2).lower()
 
 
 def load_key(*, path: str | None = None, env: str = KEY_ENV) -> bytes:
@@ -131,8 +179,24 @@ def load_key(*, path: str | None = None, env: str = KEY_ENV) -> bytes:
     return key
 
 
+def _latest_anchor(store: Any) -> tuple[int, int, str, str] | None:
+    try:
+        found = store.anchors(last=1)
+    except TypeError:  # a store whose anchors() takes no arguments
+        found = store.anchors()[-1:]
+    if not found:
+        return None
+    anchor_id, at_ms, heads_json, mac = found[-1]
+    return anchor_id, at_ms, heads_json, mac
+
+
 def anchor(store: Any, *, key: bytes) -> Anchor:
     """Sign the current head of every chain with ``key`` and store the anchor.
+
+    The signed text also names the newest anchor already stored (its id and MAC), so
+    :func:`verify` finds an anchor deleted from between two others even when the ids
+    were renumbered. Keep the returned anchor's :attr:`~Anchor.pin` outside the database:
+    nothing in the database can show that the newest anchors were deleted.
 
     Raises:
         ConfigurationError: a key shorter than 16 bytes.
@@ -141,9 +205,11 @@ def anchor(store: Any, *, key: bytes) -> Anchor:
     if len(key) < MIN_KEY_BYTES:
         raise ConfigurationError(f"an audit key of at least {MIN_KEY_BYTES} bytes is needed")
     heads: Heads = store.chain_heads()
+    latest = _latest_anchor(store)
     signed = {
         "signed_at_ms": time.time_ns() // 1_000_000,
         "heads": {str(shard): [seq, digest] for shard, (seq, digest) in sorted(heads.items())},
+        "prev": None if latest is None else [latest[0], latest[3]],
     }
     heads_json = json.dumps(signed, separators=(",", ":"), sort_keys=True)
     mac = hmac.new(key, heads_json.encode(), hashlib.sha256).hexdigest()
@@ -151,33 +217,206 @@ def anchor(store: Any, *, key: bytes) -> Anchor:
     return Anchor(anchor_id, at_ms, heads, mac)
 
 
-def verify(store: Any, *, key: bytes | None = None) -> VerifyReport:
+def _pin_of(last_anchor: Any) -> tuple[int, str] | None:
+    if last_anchor is None:
+        return None
+    if isinstance(last_anchor, Anchor):
+        return last_anchor.id, last_anchor.mac
+    if isinstance(last_anchor, str):
+        return parse_pin(last_anchor)
+    if (
+        isinstance(last_anchor, tuple)
+        and len(last_anchor) == 2
+        and type(last_anchor[0]) is int
+        and isinstance(last_anchor[1], str)
+    ):
+        return parse_pin(f"{last_anchor[0]}:{last_anchor[1]}")
+    raise ConfigurationError(
+        "last_anchor must be an Anchor, an (id, mac) pair or a '<id>:<mac>' pin, "
+        f"got {type(last_anchor).__name__}"
+    )
+
+
+def verify(
+    store: Any,
+    *,
+    key: bytes | None = None,
+    last_anchor: Anchor | tuple[int, str] | str | None = None,
+    allow_unanchored: bool = False,
+) -> VerifyReport:
     """Check every chain, and every anchor (its HMAC with ``key``, and that the chain still
     passes through the head it signed).
 
     Without ``key`` the anchors' signatures are not checked (``anchors_unverified``), but
-    chains are still compared with the heads the anchors recorded.
+    chains are still compared with the heads the anchors recorded. With ``key``, a trail
+    that has events but no anchor at all is a ``no_anchor`` problem (every anchor deleted
+    looks the same), unless ``allow_unanchored``.
 
-    Every execution record is also compared with the last event that changed its request:
-    the status that event left, and for a finished record the outcome digest it recorded.
-    So a stored result or error edited, a status changed (a charge turned back into a
-    released claim, which would run again) or a record deleted is found too
-    (``receipts_checked``; finished records with no digest to compare count as
-    ``receipts_unverified``). Someone who can write the database can still append a
-    consistent event after the last anchor; anchor often (module docstring).
+    ``last_anchor``: the newest anchor recorded outside the database (an :class:`Anchor`
+    as :func:`anchor` returned it, its ``(id, mac)``, or its pin ``"<id>:<mac>"``). If
+    it is gone, or another anchor has its id, that is a ``missing_anchor`` problem; with
+    anchors naming the one before them, so is any older anchor deleted. Without it the
+    newest anchors can be deleted unseen, and the events only they signed rewritten.
+
+    Every event row outside the chains is reported (``unchained_event``) and never
+    trusted, except rows written before the trail was chained (``events_legacy``).
+
+    Every execution record is also compared with the last chained event that changed
+    its request: the status that event left, and for a finished record the outcome
+    digest it recorded; a retention tombstone keeps its status and must be covered by a
+    chained retention pass. So a stored result or error edited, a status changed (a
+    charge turned back into a released claim, which would run again), a record deleted
+    or forged without events, or a tombstone faked is found too (``receipts_checked``;
+    finished records with no digest to compare count as ``receipts_unverified``).
+    Someone who can write the database can still append a consistent event after the
+    last anchor; anchor often (module docstring).
+
+    Raises:
+        ConfigurationError: ``last_anchor`` is not an anchor, a pair or a pin.
     """
+    pin = _pin_of(last_anchor)
+    # Anchors first: chains only grow, so every anchor read signs heads the chains read
+    # next still hold (one made in between would sign events the chains' read lacks).
+    anchors = store.anchors()
     rows, heads = store.audit_chain()
     problems: list[Problem] = []
-    by_shard: dict[int, list[tuple[Any, ...]]] = {}
+    trail = _split(rows, problems)
+    hash_at, tops = _check_chains(trail.by_shard, problems)
+    _check_heads(heads, hash_at, tops, problems)
+    checked, unverified = _check_anchors(anchors, key, hash_at, pin, problems)
+    if key is not None and not anchors and trail.chained and not allow_unanchored:
+        problems.append(
+            Problem(
+                "no_anchor",
+                -1,
+                None,
+                None,
+                f"no anchor signs this trail of {trail.chained} events: every anchor was "
+                "deleted, or none was ever made (anchor it; allow_unanchored / "
+                "--allow-unanchored accepts a trail never anchored)",
+            )
+        )
+    receipts = _check_receipts(store, trail, problems)
+    return VerifyReport(
+        trail.chained, checked, unverified, problems, *receipts, events_legacy=trail.legacy
+    )
+
+
+# CHAIN_COLUMNS positions: id, shard, seq, prev_hash, hash, at_ms, kind, namespace, subject,
+# action, actor, execution_id, fencing_token, detail
+_ID, _SHARD, _SEQ, _PREV, _HASH, _AT = 0, 1, 2, 3, 4, 5
+_KIND, _NAMESPACE, _SUBJECT, _EXECUTION_ID, _DETAIL = 6, 7, 8, 11, 13
+
+
+@dataclass(slots=True)
+class _Trail:
+    """The event rows of one read, sorted out (:func:`_split`)."""
+
+    by_shard: dict[int, list[tuple[Any, ...]]] = field(default_factory=dict)
+    """Rows in chain form, per shard, in the store's (shard, seq, id) order."""
+    trusted: list[tuple[Any, ...]] = field(default_factory=list)
+    """Rows in chain form and in their own subject's chain: the only ones whose content
+    verification relies on."""
+    untrusted: set[Any] = field(default_factory=set)
+    """Ids of every other row (unchained, legacy, in another subject's chain)."""
+    legacy_keys: set[tuple[Any, Any]] = field(default_factory=set)
+    """(namespace, subject) of legacy rows."""
+    chained: int = 0
+    legacy: int = 0
+
+
+def _in_chain_form(row: tuple[Any, ...]) -> bool:
+    shard = row[_SHARD]
+    return (
+        type(shard) is int
+        and 0 <= shard < CHAIN_SHARDS
+        and type(row[_SEQ]) is int
+        and isinstance(row[_PREV], str)
+        and isinstance(row[_HASH], str)
+    )
+
+
+def _split(rows: list[tuple[Any, ...]], problems: list[Problem]) -> _Trail:
+    """Sort the rows into chain members, legacy rows and rows outside the chains; report
+    the last (``unchained_event``).
+
+    Every writer since the chains exist appends each event to its subject's chain, in the
+    transaction of the change it describes (the PostgreSQL fast path too: its one
+    statement inserts the event with its shard, seq and hash, or nothing). Rows without
+    them can only predate the chains: a database created by a pre-chain schema (SQLite
+    before version 3, PostgreSQL before version 2) and migrated kept its old events,
+    with every chain column NULL and ids below every chained event's, since ids only
+    grow. Those are legacy rows; any other row outside the chains was put there by hand.
+    """
+    trail = _Trail()
+    first_chained = min((row[_ID] for row in rows if _in_chain_form(row)), default=None)
     for row in rows:
-        by_shard.setdefault(int(row[1]), []).append(row)
+        event_id = row[_ID]
+        if _in_chain_form(row):
+            shard = row[_SHARD]
+            trail.chained += 1
+            trail.by_shard.setdefault(shard, []).append(row)
+            namespace, subject = row[_NAMESPACE], row[_SUBJECT]
+            own = (
+                shard_of(namespace, subject)
+                if isinstance(namespace, str) and isinstance(subject, str)
+                else None
+            )
+            if own == shard:
+                trail.trusted.append(row)
+                continue
+            trail.untrusted.add(event_id)
+            problems.append(
+                Problem(
+                    "unchained_event",
+                    shard,
+                    row[_SEQ],
+                    event_id,
+                    f"event {event_id} ({row[_KIND]} of {namespace}/{subject}) is chained in "
+                    f"chain {shard}, but its subject's events belong to chain {own}: "
+                    "not trusted",
+                )
+            )
+            continue
+        trail.untrusted.add(event_id)
+        if (
+            all(row[i] is None for i in (_SHARD, _SEQ, _PREV, _HASH))
+            and type(event_id) is int
+            and event_id >= 1
+            and (first_chained is None or event_id < first_chained)
+        ):
+            trail.legacy += 1
+            trail.legacy_keys.add((row[_NAMESPACE], row[_SUBJECT]))
+            continue
+        shard, seq = row[_SHARD], row[_SEQ]
+        problems.append(
+            Problem(
+                "unchained_event",
+                shard if type(shard) is int else -1,
+                seq if type(seq) is int else None,
+                event_id,
+                f"event {event_id} ({row[_KIND]} of {row[_NAMESPACE]}/{row[_SUBJECT]}) is "
+                f"outside the hash chains (shard {shard}, seq {seq}, "
+                f"hash {'missing' if row[_HASH] is None else 'present'}): not verified, "
+                "not trusted",
+            )
+        )
+    return trail
+
+
+def _check_chains(
+    by_shard: dict[int, list[tuple[Any, ...]]], problems: list[Problem]
+) -> tuple[dict[tuple[int, int], str], dict[int, int]]:
+    """Check each chain link by link; returns the hash at every (shard, seq) and each
+    chain's highest seq."""
     hash_at: dict[tuple[int, int], str] = {}
+    tops: dict[int, int] = {}
     for shard, chain in by_shard.items():
         expected_prev, expected_seq = GENESIS, 1
         last_id: int | None = None
         for row in chain:
-            event_id, seq, prev, digest = row[0], int(row[2]), row[3], row[4]
-            fields = row[5:]
+            event_id, seq, prev, digest = row[_ID], row[_SEQ], row[_PREV], row[_HASH]
+            fields = row[_AT:]
             if last_id is not None and event_id <= last_id:
                 # Ids give the trail's display order and are not hashed: within a chain
                 # they must rise with seq, or events were renumbered to show another order.
@@ -224,7 +463,19 @@ def verify(store: Any, *, key: bytes | None = None) -> VerifyReport:
                     )
                 )
             hash_at[(shard, seq)] = digest
+            tops[shard] = max(tops.get(shard, 0), seq)
             expected_prev, expected_seq = digest, seq + 1
+    return hash_at, tops
+
+
+def _check_heads(
+    heads: Heads,
+    hash_at: dict[tuple[int, int], str],
+    tops: dict[int, int],
+    problems: list[Problem],
+) -> None:
+    """Each of the 16 chains has a stored head, and it is the chain's last event: that
+    event's seq and hash."""
     for shard, (seq, digest) in heads.items():
         last = hash_at.get((shard, seq)) if seq else GENESIS
         if seq and last is None:
@@ -247,13 +498,65 @@ def verify(store: Any, *, key: bytes | None = None) -> VerifyReport:
                     f"chain {shard}'s stored head does not match its last event",
                 )
             )
+        elif seq < tops.get(shard, 0):
+            problems.append(
+                Problem(
+                    "head_mismatch",
+                    shard,
+                    seq,
+                    None,
+                    f"chain {shard}'s stored head is seq {seq}, but the chain goes on to seq "
+                    f"{tops[shard]}: the head was moved back",
+                )
+            )
+    for shard in range(CHAIN_SHARDS):  # every store keeps all 16 (a writer needs its head)
+        if shard not in heads:
+            top = tops.get(shard, 0)
+            problems.append(
+                Problem(
+                    "head_mismatch",
+                    shard,
+                    top,
+                    None,
+                    f"chain {shard} has no stored head"
+                    + (f", though it has events up to seq {top}" if top else ""),
+                )
+            )
+
+
+_NO_LINK = object()
+
+
+def _signed_text(heads_json: Any) -> dict[str, Any] | None:
+    try:
+        signed = json.loads(heads_json)
+    except (TypeError, ValueError):
+        return None
+    return signed if isinstance(signed, dict) and isinstance(signed.get("heads"), dict) else None
+
+
+def _check_anchors(
+    anchors: list[tuple[int, int, str, str]],
+    key: bytes | None,
+    hash_at: dict[tuple[int, int], str],
+    pin: tuple[int, str] | None,
+    problems: list[Problem],
+) -> tuple[int, int]:
+    """Check every anchor: its HMAC (with ``key``), the heads it signed, that none before
+    it is gone (ids, and the anchor it names as its predecessor), and the pinned one.
+    Returns (checked, unverified)."""
     checked = unverified = 0
-    for anchor_id, _at_ms, heads_json, mac in store.anchors():
+    macs: dict[Any, Any] = {}
+    previous: tuple[Any, Any] | None = None
+    for anchor_id, _at_ms, heads_json, mac in anchors:
         checked += 1
+        signed = _signed_text(heads_json)
+        authentic = True
         if key is None:
             unverified += 1
         elif not hmac.compare_digest(
-            hmac.new(key, heads_json.encode(), hashlib.sha256).hexdigest(), mac
+            hmac.new(key, str(heads_json).encode(), hashlib.sha256).hexdigest().encode(),
+            str(mac).encode(),
         ):
             problems.append(
                 Problem(
@@ -264,8 +567,19 @@ def verify(store: Any, *, key: bytes | None = None) -> VerifyReport:
                     f"anchor {anchor_id}'s signature does not match (forged, or another key)",
                 )
             )
+            authentic = False
+        if authentic and signed is None:
+            problems.append(
+                Problem("bad_anchor", -1, None, None, f"anchor {anchor_id} is unreadable")
+            )
+            authentic = False
+        link = signed.get("prev", _NO_LINK) if authentic and signed is not None else _NO_LINK
+        _check_link(anchor_id, link, previous, macs, problems)
+        macs[anchor_id] = mac
+        previous = (anchor_id, mac)
+        if not authentic or signed is None:
             continue
-        for shard_text, (seq, digest) in json.loads(heads_json)["heads"].items():
+        for shard_text, (seq, digest) in signed["heads"].items():
             shard = int(shard_text)
             if seq == 0:
                 continue
@@ -290,12 +604,79 @@ def verify(store: Any, *, key: bytes | None = None) -> VerifyReport:
                         f"chain {shard} at seq {seq} differs from what anchor {anchor_id} signed",
                     )
                 )
-    receipts = _check_receipts(store, rows, problems)
-    return VerifyReport(len(rows), checked, unverified, problems, *receipts)
+    if pin is not None:
+        pinned_id, pinned_mac = pin
+        stored = macs.get(pinned_id)
+        if stored is None:
+            problems.append(
+                Problem(
+                    "missing_anchor",
+                    -1,
+                    None,
+                    None,
+                    f"anchor {pinned_id}, the last one recorded outside the database, is "
+                    "missing: deleted, with the events only it signed open to a rewrite",
+                )
+            )
+        elif not hmac.compare_digest(str(stored).encode(), pinned_mac.encode()):
+            problems.append(
+                Problem(
+                    "missing_anchor",
+                    -1,
+                    None,
+                    None,
+                    f"anchor {pinned_id} is not the one recorded outside the database (its "
+                    "MAC differs): that anchor was deleted and its id used again",
+                )
+            )
+    return checked, unverified
 
 
-# CHAIN_COLUMNS positions: id, shard, seq, ..., kind, namespace, subject, ..., detail
-_ID, _SHARD, _SEQ, _KIND, _NAMESPACE, _SUBJECT, _DETAIL = 0, 1, 2, 6, 7, 8, 13
+def _check_link(
+    anchor_id: Any,
+    link: Any,
+    previous: tuple[Any, Any] | None,
+    macs: dict[Any, Any],
+    problems: list[Problem],
+) -> None:
+    """An anchor's place among the others: ids rise by one from 1, except where the
+    anchor signed that it came right after the one before it (the database skipped ids:
+    a failed or lost write, a PostgreSQL crash); an anchor it names as its predecessor
+    must still be there, with the same MAC."""
+    expected_id = 1 if previous is None else previous[0] + 1
+    if isinstance(link, list) and len(link) == 2:
+        named, named_mac = link
+        stored = macs.get(named)
+        if stored is None or stored != named_mac:
+            problems.append(
+                Problem(
+                    "missing_anchor",
+                    -1,
+                    None,
+                    None,
+                    f"anchor {anchor_id} was signed right after anchor {named}, which is "
+                    + ("missing: deleted" if stored is None else "now another anchor: replaced"),
+                )
+            )
+            return
+        if previous is not None and [previous[0], previous[1]] == [named, named_mac]:
+            return  # ids skipped between them were never anchors
+    elif link is None and previous is None:
+        return  # the first anchor ever: ids before it were never anchors
+    if anchor_id != expected_id:
+        problems.append(
+            Problem(
+                "missing_anchor",
+                -1,
+                None,
+                None,
+                f"anchor {anchor_id} follows "
+                + ("no anchor" if previous is None else f"anchor {previous[0]}")
+                + f": anchor ids from {expected_id} to {anchor_id - 1} are missing (deleted)",
+            )
+        )
+
+
 # The events that change a record's stored status, and the status each leaves; the others
 # (replays, conflicts, late or rejected completions, in-doubt observations, case events)
 # leave it as it was. None: the status is the event's detail["status"].
@@ -309,6 +690,10 @@ _STATE_EVENTS: dict[str, str | None] = {
     EventKind.RESOLVED.value: None,
 }
 _FINISHED = frozenset(status.value for status in TERMINAL)
+# What retention purges (retention.purge): finished records, and released ones.
+_PURGEABLE = _FINISHED | {Status.RELEASED.value}
+# The subject of a retention pass's event (stores._base.purged_event).
+_RETENTION = ("*", "*retention*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +708,10 @@ class _Expected:
     facts: tuple[Any, Any, Any] | None = None
     """(attempt_owner, attempt_ended_at_ms, attempt) the last reconcile take-over of the
     current attempt recorded, if one did (Record.attempt_facts)."""
+    at_ms: Any = None
+    """When the event was written (store clock): when the record last changed."""
+    execution_id: Any = None
+    """The attempt the event names."""
 
 
 def _facts_after(kind: str, detail: Any, facts: tuple[Any, Any, Any] | None) -> Any:
@@ -341,12 +730,20 @@ def _facts_after(kind: str, detail: Any, facts: tuple[Any, Any, Any] | None) -> 
     return None
 
 
-def _expectation(kind: str, detail: Any, shard: int, seq: int | None, event_id: Any) -> Any:
+def _expectation(
+    kind: str,
+    detail: Any,
+    shard: int,
+    seq: int | None,
+    event_id: Any,
+    at_ms: Any = None,
+    execution_id: Any = None,
+) -> Any:
     """The _Expected of one event, or None if the event does not change the status."""
     if kind not in _STATE_EVENTS:
         return None
     if not isinstance(detail, dict):
-        return _Expected(None, None, shard, seq, event_id)
+        return _Expected(None, None, shard, seq, event_id, None, at_ms, execution_id)
     if kind == EventKind.IN_DOUBT.value and detail.get("observed"):
         return None  # a caller saw an expired lease: nothing changed
     status = _STATE_EVENTS[kind] or detail.get("status")
@@ -357,6 +754,9 @@ def _expectation(kind: str, detail: Any, shard: int, seq: int | None, event_id: 
         shard,
         seq,
         event_id,
+        None,
+        at_ms,
+        execution_id,
     )
 
 
@@ -375,13 +775,58 @@ def _last_states(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], _Expected
             detail = None
         key = (row[_NAMESPACE], row[_SUBJECT])
         facts[key] = _facts_after(kind, detail, facts.get(key))
-        expected = _expectation(kind, detail, int(row[_SHARD]), int(row[_SEQ]), row[_ID])
+        expected = _expectation(
+            kind, detail, row[_SHARD], row[_SEQ], row[_ID], row[_AT], row[_EXECUTION_ID]
+        )
         if expected is not None:
             found[key] = expected
     return {
         key: expected if facts.get(key) is None else replace(expected, facts=facts[key])
         for key, expected in found.items()
     }
+
+
+_CLOCK_STEP_MS = 1000
+
+
+class _Purges:
+    """The retention passes in the chains: answers whether one of them covers a tombstone."""
+
+    def __init__(self, marks: list[tuple[int, int]]) -> None:
+        marks.sort()
+        self._at = [at for at, _ in marks]
+        # _reach[i]: the latest cutoff of any pass written at or after self._at[i]
+        self._reach = [0] * len(marks)
+        reach = -(2**63)
+        for i in range(len(marks) - 1, -1, -1):
+            reach = max(reach, marks[i][1])
+            self._reach[i] = reach
+
+    @staticmethod
+    def mark(kind: Any, namespace: Any, subject: Any, at_ms: Any, detail: Any) -> Any:
+        """(at_ms, cutoff_ms) of a retention pass's event, or None for any other event."""
+        if kind != EventKind.PURGED.value or (namespace, subject) != _RETENTION:
+            return None
+        if isinstance(detail, str):
+            try:
+                detail = json.loads(detail)
+            except ValueError:
+                return None
+        cutoff = detail.get("cutoff_ms") if isinstance(detail, Mapping) else None
+        if type(at_ms) is not int or type(cutoff) is not int:
+            return None
+        return at_ms, cutoff
+
+    def cover(self, purged_at_ms: Any, changed_at_ms: Any) -> bool:
+        """Whether a pass written at or after ``purged_at_ms`` (retention stamps its
+        tombstones before it writes its event, in the same transaction) had a cutoff
+        after ``changed_at_ms`` (the record's last change): that pass purged it."""
+        if type(purged_at_ms) is not int or type(changed_at_ms) is not int:
+            return False
+        # On PostgreSQL the tombstones and the event read the server's clock a moment
+        # apart: a step back of that clock in between must not look like tampering.
+        i = bisect.bisect_left(self._at, purged_at_ms - _CLOCK_STEP_MS)
+        return i < len(self._at) and self._reach[i] > changed_at_ms
 
 
 def _stored_digest(record: Record) -> str:
@@ -395,14 +840,25 @@ def _stored_digest(record: Record) -> str:
     )
 
 
-def _judge(record: Record | None, expected: _Expected | None) -> str | None:
-    """ "ok", "unverified", or what is wrong, for one request (None: nothing to check)."""
-    if record is not None and record.purged_at_ms is not None:
-        return None  # a tombstone: retention removed what the digest covered
-    if expected is None or expected.status is None:
-        if record is not None and record.status.value in _FINISHED:
-            return "unverified"  # no event says what it holds (written before the trail)
-        return None
+def _judge(
+    record: Record | None, expected: _Expected | None, legacy: bool, purges: _Purges
+) -> str | None:
+    """ "ok", "unverified", or what is wrong, for one request (None: nothing to check).
+    ``legacy``: the request has events from before the chains."""
+    if expected is None:
+        if record is None:
+            return None
+        if legacy:
+            return "unverified"  # its events predate the chains: nothing trusted to compare
+        # Every writer appends a claim's event in the claim's own transaction (the
+        # original package's API and the finality gate write through the guard).
+        return (
+            f"no chained event records its claim or any change to it, though every "
+            f"writer appends one in the same transaction: a {record.status.value} record "
+            "written behind the guard's back"
+        )
+    if expected.status is None:
+        return None  # its last event's detail is unreadable: reported as edited
     if record is None:
         if expected.status == Status.RELEASED.value:
             return None  # earlier versions purged released records by deleting them
@@ -410,16 +866,47 @@ def _judge(record: Record | None, expected: _Expected | None) -> str | None:
     if record.status.value != expected.status:
         return (
             f"the record is {record.status.value}, though its last event left it {expected.status}"
+            + (" (and it is marked purged)" if record.purged_at_ms is not None else "")
         )
     facts = _judge_facts(record, expected)
     if facts is not None:
         return facts
+    if record.purged_at_ms is not None:
+        return _judge_tombstone(record, expected, purges)
     if record.status.value not in _FINISHED:
         return "ok"
     if expected.digest is None:
         return "unverified"  # finished by a release that wrote no outcome digests
     if expected.digest != _stored_digest(record):
         return f"the stored {record.status.value} outcome differs from the one its event recorded"
+    return "ok"
+
+
+def _judge_tombstone(record: Record, expected: _Expected, purges: _Purges) -> str:
+    """A record marked purged (its status already matches its last event): retention
+    keeps identity, action, fingerprint, final status and execution id, clears payload,
+    result and error message, and writes a chained ``purged`` event in the same
+    transaction, whose cutoff is after the record's last change."""
+    status = record.status.value
+    if status not in _PURGEABLE:
+        return f"it is marked purged, but retention never purges a {status} record"
+    if (
+        record.payload_json
+        or record.result_json is not None
+        or (record.error and record.error.message)
+    ):
+        return (
+            "it is marked purged, but still holds a payload, result or error message, "
+            "which retention clears"
+        )
+    if expected.execution_id is not None and record.execution_id != expected.execution_id:
+        return "its execution id is not the one its last event names"
+    if not purges.cover(record.purged_at_ms, expected.at_ms):
+        return (
+            f"it is marked purged (at {record.purged_at_ms}), but no retention pass in the "
+            "chains covers it: none written since then had a cutoff after its last change "
+            f"(at {expected.at_ms})"
+        )
     return "ok"
 
 
@@ -442,24 +929,38 @@ def _judge_facts(record: Record, expected: _Expected) -> str | None:
     return None
 
 
-def _check_receipts(
-    store: Any, rows: list[tuple[Any, ...]], problems: list[Problem]
-) -> tuple[int, int]:
-    """Compare every record with what the last state-changing event of its request says:
-    its stored status, and for a finished one the outcome digest. Returns (checked,
-    unverified). Records and events are read apart, so a request that looks wrong is
-    read again, record and events together, before it is reported."""
-    states = _last_states(rows)
+def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[int, int]:
+    """Compare every record with what the last trusted state-changing event of its
+    request says: its stored status, and for a finished one the outcome digest (for a
+    tombstone, the retention pass that covers it). Returns (checked, unverified). Records
+    and events are read apart, so a request that looks wrong is read again, record and
+    events together, before it is reported."""
+    states = _last_states(trail.trusted)
+    purges = _Purges(
+        [
+            mark
+            for row in trail.trusted
+            if (
+                mark := _Purges.mark(
+                    row[_KIND], row[_NAMESPACE], row[_SUBJECT], row[_AT], row[_DETAIL]
+                )
+            )
+        ]
+    )
+    fresh: _Purges | None = None
     records, _ = store.records()
     by_key = {(r.namespace, r.request_id): r for r in records}
     checked = unverified = 0
     for key in by_key.keys() | states.keys():
-        verdict = _judge(by_key.get(key), states.get(key))
+        legacy = key in trail.legacy_keys
+        verdict = _judge(by_key.get(key), states.get(key), legacy, purges)
         if verdict is None:
             continue
         if verdict not in ("ok", "unverified"):
-            record, expected = _read_again(store, *key)
-            verdict = _judge(record, expected)
+            if fresh is None:  # retention passes since the first read, once
+                fresh = _read_purges(store, trail.untrusted)
+            record, expected = _read_again(store, key[0], key[1], trail.untrusted)
+            verdict = _judge(record, expected, legacy, fresh)
             if verdict is None:
                 continue
         if verdict == "unverified":
@@ -480,11 +981,24 @@ def _check_receipts(
     return checked, unverified
 
 
+def _read_purges(store: Any, untrusted: set[Any]) -> _Purges:
+    events = store.events(namespace=_RETENTION[0], subject=_RETENTION[1])
+    return _Purges(
+        [
+            mark
+            for e in events
+            if e.id not in untrusted
+            and (mark := _Purges.mark(e.kind.value, e.namespace, e.subject, e.at_ms, e.detail))
+        ]
+    )
+
+
 def _read_again(
-    store: Any, namespace: str, request_id: str
+    store: Any, namespace: str, request_id: str, untrusted: set[Any]
 ) -> tuple[Record | None, _Expected | None]:
     """The record and its request's last state-changing event, read until the record is
-    the same before and after the events (a request finishing or re-run meanwhile)."""
+    the same before and after the events (a request finishing or re-run meanwhile).
+    Events the first read found outside the chains (``untrusted``) are left out."""
     record, _ = store.get(namespace, request_id)
     expected: _Expected | None = None
     for _ in range(5):
@@ -492,8 +1006,18 @@ def _read_again(
         facts = None
         shard = shard_of(namespace, request_id)
         for event in store.events(namespace=namespace, subject=request_id):
+            if event.id in untrusted:
+                continue
             facts = _facts_after(event.kind.value, event.detail, facts)
-            found = _expectation(event.kind.value, event.detail, shard, None, event.id)
+            found = _expectation(
+                event.kind.value,
+                event.detail,
+                shard,
+                None,
+                event.id,
+                event.at_ms,
+                event.execution_id,
+            )
             if found is not None:
                 expected = found
         if expected is not None and facts is not None:

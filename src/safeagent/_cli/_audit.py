@@ -21,6 +21,7 @@ from safeagent._cli._common import (
     DEFAULT_SCHEMA,
     EXIT_CODES,
     EXIT_FAILED,
+    EXIT_USAGE,
     CliError,
     DbOpt,
     JsonEscapingWriter,
@@ -152,25 +153,74 @@ def _load_key(key_file: Path | None, *, required: bool) -> bytes | None:
     return audit_lib.load_key(path=None if key_file is None else str(key_file))
 
 
+PinFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--pin-file",
+        help="File holding the last anchor's pin (ID:MAC; its last line), kept outside the "
+        "database.",
+    ),
+]
+
+
+def _read_pin(last_anchor: str | None, pin_file: Path | None) -> str | None:
+    """The pin of the last anchor recorded outside the database: --last-anchor, or the
+    last non-empty line of --pin-file."""
+    if last_anchor is not None and pin_file is not None:
+        raise CliError(EXIT_USAGE, "give --last-anchor or --pin-file, not both")
+    if pin_file is None:
+        return last_anchor
+    try:
+        text = pin_file.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise CliError(EXIT_USAGE, f"cannot read the pin file {pin_file}: {exc}") from exc
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise CliError(EXIT_USAGE, f"the pin file {pin_file} holds no pin")
+    return lines[-1]
+
+
 @audit_app.command("verify", epilog=EXIT_CODES)
 @cli_command
 def audit_verify(
     key_file: KeyFileOpt = None,
+    last_anchor: Annotated[
+        str | None,
+        typer.Option(
+            "--last-anchor",
+            help="The last anchor's pin (ID:MAC, as `audit anchor` printed it), kept outside "
+            "the database: a missing or replaced anchor is then found.",
+        ),
+    ] = None,
+    pin_file: PinFileOpt = None,
+    allow_unanchored: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unanchored",
+            help="With a key, accept a trail no anchor signs (one never anchored).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     db: DbOpt = None,
     database_url: UrlOpt = None,
     schema: SchemaOpt = DEFAULT_SCHEMA,
 ) -> None:
     """Check the audit trail's hash chains, and (with the key) its anchors: an edited,
-    deleted or reordered event, a rewritten chain, or an execution record that no longer
-    holds what its last event recorded (status, or outcome digest) is reported. Exit 1 if
-    any is found.
+    deleted or reordered event, a rewritten chain, an event outside the chains, a deleted
+    anchor, or an execution record that no longer holds what its last event recorded
+    (status, outcome digest, retention tombstone) is reported. Exit 1 if any is found.
 
     Without a key the anchors cannot be checked, so a wholesale rewrite of a chain goes
-    unnoticed: pass --key-file or set $SAFEAGENT_AUDIT_KEY."""
+    unnoticed: pass --key-file or set $SAFEAGENT_AUDIT_KEY. Without --last-anchor or
+    --pin-file, the newest anchors can be deleted unnoticed."""
+    pin = _read_pin(last_anchor, pin_file)
     key = _load_key(key_file, required=False)
+    if pin is not None:
+        audit_lib.parse_pin(pin)  # a bad pin is a usage error before the store is opened
     with opened(resolve_target(db, database_url, schema)) as store:
-        report = audit_lib.verify(store, key=key)
+        report = audit_lib.verify(
+            store, key=key, last_anchor=pin, allow_unanchored=allow_unanchored
+        )
     problems = [
         {
             "kind": p.kind,
@@ -181,13 +231,16 @@ def audit_verify(
         }
         for p in report.problems
     ]
+    pinned = None if pin is None else audit_lib.parse_pin(pin)[0]
     if as_json:
         print_json(
             {
                 "ok": report.ok,
                 "events_checked": report.events_checked,
+                "events_legacy": report.events_legacy,
                 "anchors_checked": report.anchors_checked,
                 "anchors_unverified": report.anchors_unverified,
+                "last_anchor": pinned,
                 "receipts_checked": report.receipts_checked,
                 "receipts_unverified": report.receipts_unverified,
                 "key": key is not None,
@@ -205,24 +258,54 @@ def audit_verify(
                 [tuple(p.values()) for p in problems],
             )
         verdict = "ok" if report.ok else f"TAMPERED: {len(problems)} problem(s)"
+        notes = []
+        if pinned is not None:
+            notes.append(f"last anchor #{pinned} checked against its pin")
+        if report.receipts_unverified:
+            notes.append(
+                f"{report.receipts_unverified} receipts unverified: no outcome digest to "
+                "compare, or only events from before the chains"
+            )
+        if report.events_legacy:
+            notes.append(
+                f"{report.events_legacy} legacy events from before the chains, not verified"
+            )
         out_console().print(
             f"{verdict}: {report.events_checked} events, {report.anchors_checked} anchors "
             f"and {report.receipts_checked} receipts checked"
-            + (
-                f" ({report.receipts_unverified} finished receipts have no outcome digest"
-                " to compare: written before digests)"
-                if report.receipts_unverified
-                else ""
-            )
+            + (f" ({'; '.join(notes)})" if notes else "")
         )
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _write_pin(path: Path, pin: str) -> None:
+    """Replace ``path`` with ``pin`` and a newline, atomically (a reader sees the old pin
+    or the new one), fsynced."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="ascii") as handle:
+            handle.write(pin + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 @audit_app.command("anchor", epilog=EXIT_CODES)
 @cli_command
 def audit_anchor(
     key_file: KeyFileOpt = None,
+    pin_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--pin-file",
+            help="Also write the new anchor's pin (ID:MAC) to this file, replacing it: keep "
+            "it outside the database, for `audit verify --pin-file`.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     db: DbOpt = None,
     database_url: UrlOpt = None,
@@ -230,17 +313,44 @@ def audit_anchor(
 ) -> None:
     """Anchor the heads of the audit chains with the HMAC key (held outside the database):
     run it periodically (cron); events written after the last anchor are only as safe as
-    the database. Exit 2 without a key."""
+    the database. Prints the anchor's pin (ID:MAC): keep it outside the database (or use
+    --pin-file), so `audit verify` can tell that no anchor was deleted. Exit 2 without a
+    key."""
     key = _load_key(key_file, required=True)
     assert key is not None
+    if pin_file is not None and not pin_file.parent.is_dir():
+        raise CliError(EXIT_USAGE, f"no directory for the pin file {pin_file}: nothing anchored")
     with opened(resolve_target(db, database_url, schema)) as store:
         anchor = audit_lib.anchor(store, key=key)
     heads = {str(shard): list(head) for shard, head in sorted(anchor.heads.items())}
+    if pin_file is not None:
+        try:
+            _write_pin(pin_file, anchor.pin)
+        except OSError as exc:
+            raise CliError(
+                EXIT_FAILED,
+                f"anchor #{anchor.id} was stored, but the pin file {pin_file} could not be "
+                f"written ({exc}): keep {anchor.pin} outside the database yourself",
+            ) from exc
     if as_json:
-        print_json({"id": anchor.id, "at_ms": anchor.at_ms, "heads": heads})
+        print_json(
+            {
+                "id": anchor.id,
+                "at_ms": anchor.at_ms,
+                "heads": heads,
+                "mac": anchor.mac,
+                "pin": anchor.pin,
+            }
+        )
         return
     out_console().print(
         f"anchor #{anchor.id} at {iso(anchor.at_ms)}: {len(heads)} chain heads signed"
+    )
+    # plain, on one line, however narrow the terminal: it is copied as it is
+    print_line(
+        f"pin {anchor.pin} written to {pin_file}"
+        if pin_file is not None
+        else f"pin (keep it outside the database): {anchor.pin}"
     )
 
 

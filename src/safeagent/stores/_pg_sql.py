@@ -412,15 +412,17 @@ LOCK_HEADS = (
     " ORDER BY shard FOR UPDATE"
 )
 HEADS = "SELECT shard, seq, head FROM {s}.audit_chain"
-CHAIN = (
-    f"SELECT {CHAIN_COLUMNS} FROM {{s}}.audit_events WHERE shard IS NOT NULL"
-    " ORDER BY shard, seq, id"
-)
+# Every event row, those outside the chains (NULL shard) too: verification reports them.
+CHAIN = f"SELECT {CHAIN_COLUMNS} FROM {{s}}.audit_events ORDER BY shard, seq, id"
 ADD_ANCHOR = (
     "INSERT INTO {s}.audit_anchors (at_ms, heads, mac)"
     f" SELECT {NOW}, %(heads)s, %(mac)s RETURNING id, at_ms"
 )
 ANCHORS = "SELECT id, at_ms, heads, mac FROM {s}.audit_anchors ORDER BY id"
+ANCHORS_LAST = (
+    "SELECT * FROM (SELECT id, at_ms, heads, mac FROM {s}.audit_anchors"
+    " ORDER BY id DESC LIMIT %(last)s) AS a ORDER BY id"
+)
 PURGE_RELEASED = f"""
 UPDATE {{s}}.executions SET payload = '', result = NULL, error_message = NULL,
     purged_at_ms = {NOW}

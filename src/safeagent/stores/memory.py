@@ -404,9 +404,11 @@ class MemoryStore:
             self._anchors.append((len(self._anchors) + 1, now, heads_json, mac))
             return len(self._anchors), now
 
-    def anchors(self) -> list[tuple[int, int, str, str]]:
+    def anchors(self, *, last: int | None = None) -> list[tuple[int, int, str, str]]:
         with self._lock:
-            return list(self._anchors)
+            if last is None:
+                return list(self._anchors)
+            return self._anchors[max(0, len(self._anchors) - last) :]
 
     def purge(self, cutoff_ms: int, actor: str) -> dict[str, int]:
         """Retention; see :meth:`SQLiteStore.purge`."""

@@ -1384,7 +1384,8 @@ class PostgresStore:
     # -- tamper evidence and retention -------------------------------------------------
 
     def audit_chain(self) -> tuple[list[tuple[Any, ...]], Heads]:
-        """Every chained event row (by shard and seq) and the chain heads as stored. No
+        """Every event row (by shard and seq; rows outside the chains, with a NULL shard,
+        come too, so verification can report them) and the chain heads as stored. No
         index serves the order: the server sorts the events, which an offline
         verification can afford."""
         self._flush_for_read()
@@ -1418,11 +1419,15 @@ class PostgresStore:
             assert row is not None
             return int(row[0]), int(row[1])
 
-    def anchors(self) -> list[tuple[int, int, str, str]]:
-        """Every anchor ``(id, at_ms, heads_json, mac)``, oldest first."""
+    def anchors(self, *, last: int | None = None) -> list[tuple[int, int, str, str]]:
+        """Every anchor ``(id, at_ms, heads_json, mac)``, oldest first; with ``last``,
+        only the newest ``last`` of them."""
 
         def read(cur: psycopg.Cursor[Any]) -> list[tuple[int, int, str, str]]:
-            cur.execute(self._sql["ANCHORS"])
+            if last is None:
+                cur.execute(self._sql["ANCHORS"])
+            else:
+                cur.execute(self._sql["ANCHORS_LAST"], {"last": last})
             return [(int(r[0]), int(r[1]), r[2], r[3]) for r in cur.fetchall()]
 
         return self._read(read)

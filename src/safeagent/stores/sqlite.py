@@ -1150,7 +1150,8 @@ class SQLiteStore:
     # -- tamper evidence and retention -------------------------------------------------
 
     def audit_chain(self) -> tuple[list[tuple[Any, ...]], Heads]:
-        """Every chained event row (``CHAIN_COLUMNS`` order, by shard and seq) and the
+        """Every event row (``CHAIN_COLUMNS`` order, by shard and seq; rows outside the
+        chains, with a NULL shard, come too, so verification can report them) and the
         chain heads as stored (shard -> (seq, hash)). No index serves the order: SQLite
         sorts the events, which an offline verification can afford."""
         self.flush_events()
@@ -1161,8 +1162,7 @@ class SQLiteStore:
             conn.execute("BEGIN")
             try:
                 rows = conn.execute(
-                    f"SELECT {CHAIN_COLUMNS} FROM audit_events WHERE shard IS NOT NULL"
-                    " ORDER BY shard, seq, id"
+                    f"SELECT {CHAIN_COLUMNS} FROM audit_events ORDER BY shard, seq, id"
                 ).fetchall()
                 heads = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT * FROM audit_chain")}
             finally:
@@ -1181,13 +1181,15 @@ class SQLiteStore:
             )
             return int(cur.lastrowid or 0), now
 
-    def anchors(self) -> list[tuple[int, int, str, str]]:
-        """Every anchor ``(id, at_ms, heads_json, mac)``, oldest first."""
-        rows = self._read(
-            lambda c: c.execute(
-                "SELECT id, at_ms, heads, mac FROM audit_anchors ORDER BY id"
-            ).fetchall()
-        )
+    def anchors(self, *, last: int | None = None) -> list[tuple[int, int, str, str]]:
+        """Every anchor ``(id, at_ms, heads_json, mac)``, oldest first; with ``last``,
+        only the newest ``last`` of them."""
+        sql = "SELECT id, at_ms, heads, mac FROM audit_anchors ORDER BY id"
+        args: tuple[Any, ...] = ()
+        if last is not None:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
+            args = (last,)
+        rows = self._read(lambda c: c.execute(sql, args).fetchall())
         return [tuple(r) for r in rows]
 
     def chain_heads(self) -> dict[int, tuple[int, str]]:
