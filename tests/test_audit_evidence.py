@@ -29,7 +29,7 @@ from safeagent import (
 from safeagent.audit import anchor, export, load_key, stats, verify
 from safeagent.retention import purge
 from safeagent.stores._rows import COLUMNS, shard_of
-from tests.conftest import PG_URL, FakeClock, pg_schema, require_postgres
+from tests.conftest import PG_URL, FakeClock, Ledger, pg_schema, require_postgres
 
 KEY = b"k" * 32
 
@@ -1317,3 +1317,38 @@ def test_an_anchor_pin_round_trips_and_a_bad_one_is_refused(db_store: Any) -> No
     for bad in ("1", "0:" + "a" * 64, "1:" + "g" * 64, "x:" + "a" * 64, 1):
         with pytest.raises(ConfigurationError):
             verify(db_store, last_anchor=bad)  # type: ignore[arg-type]
+
+
+def test_a_claim_or_completion_whose_chain_head_is_gone_is_not_written(
+    db_store: Any, ledger: Ledger
+) -> None:
+    """A claim whose event cannot be chained (its shard's head row was deleted) fails
+    closed on every store, PostgreSQL's one-statement path included (it used to commit the
+    record with no event): StoreError, ``fn`` not run, no record. A completion whose head
+    vanished after the claim is refused the same way: the record stays PENDING (then in
+    doubt), never SUCCEEDED without its event."""
+    guard = Guard(db_store, wait=0)
+    shard = shard_of("default", "r-1")
+    _sql(db_store, "DELETE FROM {s}.audit_chain WHERE shard = %s", shard)
+    with pytest.raises(StoreError, match="chain head"):
+        guard.execute("r-1", "charge", {"n": 1}, lambda ctx: ledger.append(ctx.request_id))
+    assert ledger.count() == 0
+    assert guard.get("r-1") is None
+
+    rid = next(f"r-{i}" for i in range(2, 200) if shard_of("default", f"r-{i}") != shard)
+
+    def charge_then_lose_the_head(ctx: Any) -> str:
+        ledger.append(ctx.request_id)
+        _sql(
+            db_store,
+            "DELETE FROM {s}.audit_chain WHERE shard = %s",
+            shard_of("default", ctx.request_id),
+        )
+        return "charged"
+
+    with pytest.raises(StoreError):
+        guard.execute(rid, "charge", {"n": 2}, charge_then_lose_the_head)
+    receipt = guard.get(rid)
+    assert receipt is not None
+    assert receipt.status is Status.PENDING
+    assert ledger.count() == 1

@@ -283,7 +283,15 @@ mv AS (
     WHERE shard = (SELECT shard FROM ev)
 )
 SELECT won.*, n.now FROM won CROSS JOIN n
+WHERE CASE WHEN EXISTS (SELECT FROM ev) THEN true ELSE won.fencing_token / 0 > 0 END
 """
+# The WHERE fails the whole statement (division by zero: CHAIN_HEAD_MISSING) when the
+# claim or completion was won but its event was not chained, because the shard's head row
+# is missing: the write is undone with it, never committed without its event. When
+# nothing was won, no row reaches the WHERE and nothing fails. (It names a column of won
+# on purpose: a condition on ev alone would be planned as a one-time filter, run before
+# the join, and fail every lost claim too.)
+CHAIN_HEAD_MISSING = "22012"  # SQLSTATE division_by_zero, raised only by that WHERE here
 # (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey, shard, kind,
 #  detail before the attempt, detail after it,
 #  text after at_ms, text after the token, text after the attempt)

@@ -539,6 +539,13 @@ class PostgresStore:
         the drain began. (psycopg_pool before 3.3 has no drain(): check() tests each idle
         connection instead, a round trip each, only after a loss.)"""
         if not _connection_lost(exc, conn):
+            if getattr(exc, "sqlstate", None) == q.CHAIN_HEAD_MISSING:
+                return StoreError(
+                    "PostgreSQL write refused: the audit chain head of its event is missing "
+                    "(a row of audit_chain was deleted?), so the event cannot be chained; "
+                    "nothing was written (run `safeagent audit verify`)",
+                    connection_lost=False,
+                )
             return StoreError(f"PostgreSQL failed: {exc}", connection_lost=False)
         pool = self._pool
         if pool is not None and self._pid == os.getpid():
