@@ -640,6 +640,12 @@ def test_audit_export_jsonl_and_csv_are_redacted(db: Path, tmp_path: Path) -> No
     assert [r["kind"] for r in rows] == ["claimed", "succeeded"]
     assert {r["subject"] for r in rows} == {"t-1"}
     assert cli("audit", "export", "--format", "xml", "--db", db).exit_code == 2
+    for where, why in ((tmp_path, "Is a directory"), (tmp_path / "no" / "x.csv", "No such")):
+        refused = cli("audit", "export", "--out", where, "--db", db)
+        assert refused.exit_code == 2
+        assert f"--out: cannot write {where}: {why}" in refused.stderr
+        assert "Traceback" not in refused.stderr + refused.stdout
+    assert tmp_path.is_dir()
 
 
 def tamper(db: Path, sql: str) -> None:

@@ -135,8 +135,14 @@ def audit_export(
             stdout = cast(TextIO, JsonEscapingWriter(sys.stdout))
             count = audit_lib.export(store, stdout, fmt=fmt.value, namespace=namespace)
         else:
+            try:  # a path that cannot be written is a usage error, not a traceback
+                handle = out.open("w", encoding="utf-8", newline="")
+            except OSError as exc:
+                raise CliError(
+                    EXIT_USAGE, f"--out: cannot write {out}: {exc.strerror or exc}"
+                ) from exc
             try:
-                with out.open("w", encoding="utf-8", newline="") as handle:
+                with handle:
                     escaping = cast(TextIO, JsonEscapingWriter(handle))
                     count = audit_lib.export(store, escaping, fmt=fmt.value, namespace=namespace)
             except BaseException:
