@@ -842,6 +842,10 @@ def test_decorator_exclude_is_checked_and_reaches_into_kwargs(guard: Guard, ledg
     with pytest.raises(FingerprintMismatchError):  # the rest of **kwargs still counts
         book_kw("room", request_id="k-1", requested_at="x", floor=3)
     assert ledger.count() == 1
+    with pytest.raises(ConfigurationError, match="the \\*\\*kwargs parameter"):
+
+        @guard.guarded(action="book", key_arg="request_id", exclude=["extra"])
+        def book_all(title: str, request_id: str, **extra: Any) -> Any: ...
 
 
 # == P4: same key, other payload: a conflict on every path =====================================

@@ -27,6 +27,14 @@ class Verdict(enum.Enum):
     PURGED = "purged"  # a tombstone left by retention: it happened; its receipt is gone
 
 
+class ReportedFailure(Exception):  # noqa: N818 - a failure reported, not raised into
+    """A failure the side effect reported itself: it returned normally, saying it failed
+    (an MCP tool's ``CallToolResult(isError=True)``). An integration raises a subclass
+    inside the guard to record it; it is FAILED whatever ``outcome_unknown`` or
+    ``not_executed`` name, since those classify exceptions a side effect ran into, and
+    this one is a definite answer."""
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     verdict: Verdict
@@ -65,6 +73,7 @@ def classify_exception(
 ) -> Status:
     """Map an exception raised by ``fn`` to the status its record gets.
 
+    - :class:`ReportedFailure` (a failure the side effect returned): FAILED;
     - declared "outcome unknown" types: IN_DOUBT (checked first: when a type matches both
       lists, doubt is the safe reading);
     - :class:`~safeagent.errors.NotExecuted` and declared "not executed" types: RELEASED;
@@ -75,6 +84,8 @@ def classify_exception(
       cancelled): IN_DOUBT, since ``fn`` or the work it waited for was cut off midway;
     - anything else: FAILED, stored and replayed.
     """
+    if isinstance(exc, ReportedFailure):
+        return Status.FAILED
     if outcome_unknown and isinstance(exc, outcome_unknown):
         return Status.IN_DOUBT
     if isinstance(exc, NotExecuted) or (not_executed and isinstance(exc, not_executed)):

@@ -49,6 +49,12 @@ class _Bound:
         self.var_keyword = next(
             (p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None
         )
+        if self.var_keyword is not None and self.var_keyword in set(exclude):
+            raise ConfigurationError(
+                f"exclude names {self.var_keyword!r}, the **kwargs parameter of {func}: that "
+                "would leave every keyword argument in it out of the fingerprint; name the "
+                "volatile keys themselves"
+            )
         unknown = sorted(set(exclude) - set(self.signature.parameters))
         if unknown and self.var_keyword is None:
             # A misspelt volatile name would stay in the fingerprint: every retry with a

@@ -191,7 +191,8 @@ class Guard(GuardCore):
         Raises:
             ConfigurationError: when decorating: ``key_arg`` or a name in ``exclude`` is
                 not a parameter of the function (``exclude`` names cannot be checked for a
-                function taking ``**kwargs``), or ``exclude`` is a bare ``str``.
+                function taking ``**kwargs``, but the name of that parameter itself is
+                refused), or ``exclude`` is a bare ``str``.
         """
         options = decorator_options(namespace, wait, lease, not_executed, outcome_unknown)
 

@@ -14,6 +14,7 @@ os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")  # before crewai is im
 os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
 
 import asyncio
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -30,7 +31,7 @@ with warnings.catch_warnings():  # as pytest.importorskip does, also under CI=tr
 from crewai import Agent, Crew, Task
 from crewai.llms.base_llm import BaseLLM
 from crewai.tools import BaseTool, tool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from safeagent import AsyncGuard, Guard, MemoryStore, NotExecuted, Status, derive_request_id
 from safeagent.errors import (
@@ -432,3 +433,76 @@ def test_example_runs_offline(tmp_path: Path) -> None:
     result = run_example("crewai_tools.py", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "guarded tool: emails sent 1" in result.stdout
+
+
+class EmStyleAsyncCharge(AsyncCharge):
+    """The same async-only tool with its stub written as ruff's EM101 asks."""
+
+    def _run(self, order_id: str, amount_cents: int) -> Any:
+        msg = f"{self.name} is async-only: use arun"
+        raise NotImplementedError(msg)
+
+
+def _logged(method: Any) -> Any:
+    """A decorator that supplies the body: the wrapped method is only a placeholder."""
+
+    @functools.wraps(method)
+    def run(self: Any, order_id: str, amount_cents: int) -> Any:
+        return {"charge_id": f"ch_{self.ledger.append('charge', order_id)}"}
+
+    return run
+
+
+class DecoratedCharge(AsyncCharge):
+    """A tool whose ``_run`` body comes from its decorator: it is not a stub."""
+
+    @_logged
+    def _run(self, order_id: str, amount_cents: int) -> Any:
+        raise NotImplementedError
+
+
+def test_a_stub_in_the_em101_style_is_a_stub_and_a_decorated_one_is_not(ledger: Ledger) -> None:
+    """run() of a tool whose _run assigns its message and then raises NotImplementedError
+    releases the claim (arun charges later, once); a _run whose decorator supplies the body
+    runs, and its result is replayed."""
+    args = {"order_id": "ORD-1", "amount_cents": 5}
+    guard = Guard(MemoryStore())
+    em = guard_tool(EmStyleAsyncCharge(ledger=ledger), guard, scope_arg="order_id")
+    with pytest.raises(ConfigurationError, match="no sync body"):
+        em.run(**args)
+    assert asyncio.run(em.arun(**args)) == {"charge_id": "ch_1"}
+    assert em.run(**args) == {"charge_id": "ch_1"}
+
+    decorated = guard_tool(
+        DecoratedCharge(ledger=ledger), Guard(MemoryStore()), scope_arg="order_id"
+    )
+    assert decorated.run(**args) == {"charge_id": "ch_2"}
+    assert decorated.run(**args) == {"charge_id": "ch_2"}
+    assert ledger.count("charge") == 2
+
+
+class CardArgs(BaseModel):
+    card_token: SecretStr
+    amount_cents: int
+
+
+class SecretCharge(BaseTool):
+    name: str = "charge"
+    description: str = "Charge a card token."
+    args_schema: type[BaseModel] = CardArgs
+    ledger: Any = None
+
+    def _run(self, card_token: SecretStr, amount_cents: int) -> Any:
+        return f"ch_{self.ledger.append('charge', card_token.get_secret_value())}"
+
+
+def test_charges_to_two_card_tokens_are_two_requests(ledger: Ledger) -> None:
+    """A SecretStr argument counts toward the request id by its secret's SHA-256 (pydantic
+    dumps every secret as '**********', which made two cards one request)."""
+    store = MemoryStore()
+    guarded = guard_tool(SecretCharge(ledger=ledger), Guard(store), scope="run-1")
+    firsts = [guarded.run(card_token=t, amount_cents=500) for t in ("tok_ALICE", "tok_BOB")]
+    again = [guarded.run(card_token=t, amount_cents=500) for t in ("tok_ALICE", "tok_BOB")]
+    assert firsts == again == ["ch_1", "ch_2"]
+    assert [detail for _, detail in ledger.rows()] == ["tok_ALICE", "tok_BOB"]
+    assert "tok_ALICE" not in " ".join(r.payload_json for r in store.records()[0])

@@ -37,7 +37,7 @@ from mcp.types import (  # noqa: E402
     TextContent,
     TextResourceContents,
 )
-from pydantic import AnyUrl, BaseModel, ConfigDict, Field  # noqa: E402
+from pydantic import AnyUrl, BaseModel, ConfigDict, Field, SecretStr  # noqa: E402
 
 from safeagent import (  # noqa: E402
     AsyncGuard,
@@ -904,3 +904,85 @@ def test_example_runs_offline(tmp_path: Path) -> None:
     result = run_example("mcp_tickets.py", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "guarded server: tickets filed 1" in result.stdout
+
+
+def test_error_result_stays_failed_under_a_guard_that_doubts_every_exception(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """A guard declaring every Exception "outcome unknown" (a cautious default) must not
+    turn a tool's definite error result into a record in doubt: it is FAILED, and every
+    replay shows the first call's error result, not an in-doubt error."""
+    calls = [("charge", {"order_id": "o1", "amount_cents": 500})]
+
+    def cautious() -> Guard:
+        return Guard(tmp_path / "guard.db", outcome_unknown=(Exception,))
+
+    first = call_all(error_result_server(ledger, cautious()), calls)
+    replayed = call_all(error_result_server(ledger, cautious()), calls * 2)
+    assert [shown(r) for r in replayed] == [shown(first[0])] * 2
+    assert text(first[0]) == "card declined"
+    assert first[0].isError
+    guard = cautious()
+    record = guard.get(derive_request_id("o1", "charge", calls[0][1]))
+    guard.close()
+    assert record is not None
+    assert record.status is Status.FAILED
+    assert ledger.count("charge") == 1
+
+
+class Card(BaseModel):
+    """A card whose token pydantic masks when it dumps it."""
+
+    token: SecretStr
+
+
+class Payee(BaseModel):
+    """A payee whose IBAN pydantic leaves out when it dumps it."""
+
+    name: str
+    iban: str = Field(exclude=True)
+
+
+def test_calls_differing_only_in_a_secret_or_an_excluded_field_are_two_requests(
+    ledger: Ledger,
+) -> None:
+    """pydantic dumps a SecretStr as '**********' and leaves out an ``exclude=True`` field:
+    keyed on that dump, a charge to another card (a payout to another IBAN) got the first
+    one's request id and was replayed as it. Each distinct call runs once; the same call
+    again replays; the stored payload never holds the secret in clear."""
+    server = FastMCP("pay")
+
+    @server.tool()
+    def charge(order_id: str, card: Card, amount_cents: int) -> str:
+        ledger.append("charge", card.token.get_secret_value())
+        return f"charged {card.token.get_secret_value()}"
+
+    @server.tool()
+    def payout(order_id: str, payee: Payee, amount_cents: int) -> str:
+        ledger.append("payout", payee.iban)
+        return f"paid {payee.iban}"
+
+    store = MemoryStore()
+    guard_server(server, Guard(store), scope_arg="order_id")
+    calls = [
+        ("charge", {"order_id": "o1", "card": {"token": "tok_ALICE"}, "amount_cents": 500}),
+        ("charge", {"order_id": "o1", "card": {"token": "tok_BOB"}, "amount_cents": 500}),
+        ("payout", {"order_id": "o1", "payee": {"name": "A", "iban": "DE111"}, "amount_cents": 5}),
+        ("payout", {"order_id": "o1", "payee": {"name": "A", "iban": "FR999"}, "amount_cents": 5}),
+    ]
+    results = call_all(server, calls * 2)
+    assert [text(r) for r in results] == [
+        "charged tok_ALICE",
+        "charged tok_BOB",
+        "paid DE111",
+        "paid FR999",
+    ] * 2
+    assert ledger.rows() == [
+        ("charge", "tok_ALICE"),
+        ("charge", "tok_BOB"),
+        ("payout", "DE111"),
+        ("payout", "FR999"),
+    ]
+    stored = " ".join(r.payload_json for r in store.records()[0])
+    assert "tok_ALICE" not in stored
+    assert "secret_sha256" in stored

@@ -365,6 +365,14 @@ def test_chat_exclude_names_for_kwargs_are_given_per_tool(guards, ledger):
         exclude={"log_event": ["ts"]},
     )
     assert ledger.count() == 1
+    with pytest.raises(ConfigurationError, match="the \\*\\*kwargs parameter"):
+        run_tool_calls(  # the whole **kwargs dict out of the request id: two calls as one
+            message.message,
+            {"log_event": log_event},
+            guard=guards(),
+            scope=ORDER,
+            exclude={"log_event": ["fields"]},
+        )
 
 
 def test_chat_result_that_cannot_be_dumped_is_a_success_never_a_failure(guards, ledger):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import hashlib
 import inspect
 import json
 import textwrap
@@ -264,26 +265,55 @@ def is_async_callable(func: object) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def is_stub(method: Callable[..., Any]) -> bool:
-    """``True`` when ``method``'s body (after its docstring) is one ``raise
-    NotImplementedError...``: calling it surely does nothing, so a framework tool whose
-    sync (or async) body is such a stub has no body of that kind. Read from the source
-    once per method; ``False`` when the source cannot be read (the body then runs, and what
-    it raises is recorded as usual)."""
+    """``True`` when ``method`` surely does nothing but raise ``NotImplementedError``: its
+    body (after its docstring) is that ``raise``, optionally after assignments of a
+    message (``msg = "..."; raise NotImplementedError(msg)``, the style ruff's EM101 asks
+    for), with no call anywhere, so a framework tool whose sync (or async) body is such a
+    stub has no body of that kind. Read from the source once per method. ``False`` when
+    the source cannot be read, or for a decorated method (its decorator may supply the
+    behaviour): the body then runs, and what it raises is recorded as usual."""
+    if getattr(method, "__wrapped__", None) is not None:
+        return False
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
     except (OSError, TypeError, SyntaxError):
         return False
     func = tree.body[0] if tree.body else None
-    if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) or func.decorator_list:
         return False
     body = func.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]
-    if len(body) != 1 or not isinstance(body[0], ast.Raise):
+    if not body or not isinstance(body[-1], ast.Raise) or body[-1].cause is not None:
         return False
-    raised = body[0].exc
-    raised = raised.func if isinstance(raised, ast.Call) else raised
+    for statement in body[:-1]:  # message assignments only
+        if not (
+            isinstance(statement, ast.Assign)
+            and all(isinstance(t, ast.Name) for t in statement.targets)
+            and _inert(statement.value)
+        ):
+            return False
+    raised = body[-1].exc
+    if isinstance(raised, ast.Call):
+        if raised.keywords or not all(_inert(a) for a in raised.args):
+            return False
+        raised = raised.func
     return isinstance(raised, ast.Name) and raised.id == "NotImplementedError"
+
+
+def _inert(node: ast.expr) -> bool:
+    """An expression that calls nothing: a constant, a name, a ``self.attr``-style
+    attribute, or an f-string of those."""
+    if isinstance(node, (ast.Constant, ast.Name)):
+        return True
+    if isinstance(node, ast.Attribute):
+        return _inert(node.value)
+    if isinstance(node, ast.JoinedStr):
+        return all(
+            _inert(v.value) if isinstance(v, ast.FormattedValue) else isinstance(v, ast.Constant)
+            for v in node.values
+        )
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,14 +353,21 @@ def parameter_names(name: str, func: ToolFunction) -> Parameters:
 def check_excluded(tool: str, names: frozenset[str], accepted: Parameters) -> None:
     """Refuse ``exclude`` names that are no argument of ``tool``: a misspelt volatile
     argument would silently stay in the request id, and every retry would run again. A
-    tool that takes ``**kwargs`` accepts any name (it cannot be checked).
+    tool that takes ``**kwargs`` accepts any name (it cannot be checked) but the name of
+    that parameter itself.
 
     Raises:
-        ConfigurationError: a name the tool does not take.
+        ConfigurationError: a name the tool does not take, or its ``**kwargs`` parameter.
     """
     unknown = sorted(names - accepted.named) if accepted.var_keyword is None else []
     if unknown:
         raise ConfigurationError(f"exclude names {unknown} that tool {tool!r} does not take")
+    if accepted.var_keyword is not None and accepted.var_keyword in names:
+        raise ConfigurationError(
+            f"exclude names {accepted.var_keyword!r}, the **kwargs parameter of tool {tool!r}: "
+            "that would leave every keyword argument in it out of the request id, so two "
+            "different calls would be one; name the volatile keys themselves"
+        )
 
 
 def hoist_excluded(
@@ -521,6 +558,58 @@ def storable(value: Any) -> Any:
         return plain(value)
     except Exception:  # noqa: BLE001 - any dump error: the encoder reports it
         return value
+
+
+def key_form(value: Any) -> Any:
+    """``value`` (a call's bound arguments) as the JSON values its request id and
+    fingerprint cover, with pydantic's ``to_jsonable_python``, except where that would
+    hide what tells two calls apart: a ``SecretStr``/``SecretBytes`` (masked as
+    ``"**********"`` by pydantic) counts by the SHA-256 of its secret (never stored in
+    clear), and a model with a secret or a field declared ``exclude=True`` (left out by
+    pydantic) counts by every field. Two charges with different card tokens or IBANs must
+    never get one request id. Values without either convert exactly as before, so their
+    request ids do not change.
+
+    Raises:
+        pydantic_core.PydanticSerializationError: a value pydantic cannot convert.
+    """
+    from pydantic_core import to_jsonable_python  # noqa: PLC0415 - the SDKs bring pydantic
+
+    return to_jsonable_python(_reveal(value))
+
+
+def _secret_digest(value: Any) -> dict[str, str] | None:
+    """``{"secret_sha256": ...}`` for a pydantic secret, else ``None``."""
+    getter = getattr(value, "get_secret_value", None)
+    if getter is None or type(value).__name__ not in ("SecretStr", "SecretBytes"):
+        return None
+    secret = getter()
+    data = secret.encode("utf-8", "surrogatepass") if isinstance(secret, str) else bytes(secret)
+    return {"secret_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _reveal(value: Any) -> Any:
+    """``value`` with secrets replaced by their digests and models that hold a secret or
+    an excluded field turned into dicts of every field; ``value`` itself (the same
+    object) when it holds neither, so that pydantic converts it as it always did."""
+    digest = _secret_digest(value)
+    if digest is not None:
+        return digest
+    fields = getattr(type(value), "model_fields", None)
+    if isinstance(fields, dict) and not isinstance(value, type):
+        every = {name: getattr(value, name) for name in fields}
+        extra = getattr(value, "__pydantic_extra__", None) or {}
+        revealed = {k: _reveal(v) for k, v in {**every, **extra}.items()}
+        hidden = any(getattr(f, "exclude", None) for f in fields.values())
+        changed = any(revealed[k] is not v for k, v in {**every, **extra}.items())
+        return revealed if hidden or changed else value
+    if isinstance(value, dict):
+        items = {k: _reveal(v) for k, v in value.items()}
+        return items if any(items[k] is not v for k, v in value.items()) else value
+    if isinstance(value, (list, tuple)):
+        parts = [_reveal(v) for v in value]
+        return parts if any(p is not v for p, v in zip(parts, value, strict=True)) else value
+    return value
 
 
 def render(value: Any) -> str:

@@ -55,11 +55,17 @@ from typing import Any
 from crewai.tools import BaseTool
 from crewai.tools.base_tool import Tool
 from pydantic import ConfigDict, PrivateAttr
-from pydantic_core import PydanticSerializationError, to_jsonable_python
+from pydantic_core import PydanticSerializationError
 
 from safeagent import ExecutionContext, Guard, NotExecuted, derive_request_id
 from safeagent.errors import ConfigurationError, InvalidPayloadError, MissingKeyError
-from safeagent.integrations._common import check_scope, is_async_callable, is_stub, storable
+from safeagent.integrations._common import (
+    check_scope,
+    is_async_callable,
+    is_stub,
+    key_form,
+    storable,
+)
 
 __all__ = ["CrewScope", "GuardedTool", "guard_tool"]
 
@@ -246,9 +252,9 @@ class GuardedTool(BaseTool):
     def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any]:
         """The request id and the payload (the arguments as JSON values)."""
         try:
-            payload: dict[str, Any] = to_jsonable_python(kwargs)
+            payload: dict[str, Any] = key_form(kwargs)
             if args:
-                payload["args"] = to_jsonable_python(list(args))
+                payload["args"] = key_form(list(args))
         except PydanticSerializationError as exc:
             raise InvalidPayloadError(
                 f"tool {self.name!r}: arguments are not JSON values: {exc}"

@@ -68,7 +68,7 @@ from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.to_thread
-from pydantic_core import PydanticSerializationError, to_jsonable_python
+from pydantic_core import PydanticSerializationError
 
 try:
     from mcp.server.fastmcp import Context, FastMCP
@@ -88,13 +88,14 @@ from safeagent import (
     Status,
     derive_request_id,
 )
+from safeagent._decide import ReportedFailure
 from safeagent.errors import (
     ConfigurationError,
     InvalidPayloadError,
     MissingKeyError,
     ReplayedFailureError,
 )
-from safeagent.integrations._common import check_scope, storable
+from safeagent.integrations._common import check_scope, key_form, storable
 from safeagent.integrations._mcp_server import build_server, serve
 
 __all__ = ["ToolErrorResult", "build_server", "guard_server", "guarded", "main", "serve"]
@@ -147,7 +148,7 @@ class _Keying:
     def request(self, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """The request id and the payload of one call (``arguments`` without Context)."""
         try:
-            payload: dict[str, Any] = to_jsonable_python(arguments)
+            payload: dict[str, Any] = key_form(arguments)
         except PydanticSerializationError as exc:
             raise InvalidPayloadError(
                 f"tool {self.name!r}: arguments are not JSON values: {exc}"
@@ -175,12 +176,14 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     )
 
 
-class ToolErrorResult(Exception):  # noqa: N818 - named after what the tool returned
+class ToolErrorResult(ReportedFailure):
     """How a guarded tool's own error result, ``CallToolResult(isError=True)``, is recorded:
     a FAILED call with this type (``safeagent.integrations.mcp.ToolErrorResult``) whose
     message is the result's text when it is one plain text block (a ``"card declined"``),
     else the whole result as JSON. Every replay shows the client the same error result;
-    the tool does not run again. Raised inside the guard only: the client never sees it."""
+    the tool does not run again. It is FAILED whatever the guard's ``outcome_unknown``
+    names (a definite answer, not an exception the tool ran into). Raised inside the
+    guard only: the client never sees it."""
 
 
 _TOOL_ERROR = f"{ToolErrorResult.__module__}.{ToolErrorResult.__qualname__}"

@@ -28,10 +28,12 @@ JSON schema, strict mode, failure policy, guardrails, approval and timeout setti
 invoker runs a wrapper of the tool's Python function (``tool.__wrapped__``). The SDK still
 parses and validates the model's JSON arguments; the wrapper then binds them through the
 function's signature (defaults applied), turns them into JSON values (pydantic's
-``to_jsonable_python``), derives the request id ``derive_request_id(scope, tool.name,
-arguments)`` without the ``exclude`` names, and runs the function through the guard. Both
-sync and ``async def`` functions work with an :class:`~safeagent.AsyncGuard`; a sync
-:class:`~safeagent.Guard` takes sync functions (the SDK runs them in a worker thread).
+``to_jsonable_python``; a ``SecretStr`` counts by the SHA-256 of its secret, and a model
+with a secret or an ``exclude=True`` field by every field), derives the request id
+``derive_request_id(scope, tool.name, arguments)`` without the ``exclude`` names, and runs
+the function through the guard. Both sync and ``async def`` functions work with an
+:class:`~safeagent.AsyncGuard`; a sync :class:`~safeagent.Guard` takes sync functions (the
+SDK runs them in a worker thread).
 
 **What the model sees.** The tool's return value as stored (a JSON value), the same on the
 first call and every replay; with ``replay_marker`` set, replays are that marker followed
@@ -58,7 +60,6 @@ from typing import Any, cast, get_origin, get_type_hints
 try:
     from agents import FunctionTool, RunContextWrapper, function_tool
     from agents.tool_context import ToolContext
-    from pydantic_core import to_jsonable_python
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "safeagent.integrations.openai_agents needs the OpenAI Agents SDK: "
@@ -85,6 +86,7 @@ from safeagent.integrations._common import (
     execute,
     hoist_excluded,
     is_async_callable,
+    key_form,
     render,
     request_id_for,
     warn_transport_ids,
@@ -234,7 +236,7 @@ def guard_tool(
         bound = bind_arguments(
             func, call_args, kwargs, exclude=(context_name,) if takes_context else ()
         )
-        payload: dict[str, Any] = hoist_excluded(to_jsonable_python(bound), var_keyword, excluded)
+        payload: dict[str, Any] = hoist_excluded(key_form(bound), var_keyword, excluded)
         scope_value = check_scope(scope(ctx) if callable(scope) else scope)
         call_id = str(getattr(ctx, "tool_call_id", ""))
         request_id = request_id_for(scope_value, action, payload, excluded, mode, call_id)
