@@ -8,6 +8,10 @@ Models are LangChain's own fake chat models (``GenericFakeChatModel``) scripted 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -26,6 +30,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
 from langchain_core.tools import (  # noqa: E402
     BaseTool,
+    InjectedToolArg,
     InjectedToolCallId,
     StructuredTool,
     ToolException,
@@ -34,9 +39,15 @@ from langchain_core.tools import (  # noqa: E402
 from langchain_core.utils.function_calling import convert_to_openai_tool  # noqa: E402
 from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from langgraph.graph import END, START, MessagesState, StateGraph  # noqa: E402
-from langgraph.prebuilt import InjectedState, ToolNode, tools_condition  # noqa: E402
+from langgraph.prebuilt import (  # noqa: E402
+    InjectedState,
+    InjectedStore,
+    ToolNode,
+    ToolRuntime,
+    tools_condition,
+)
 from langgraph.types import Command  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+from pydantic import BaseModel, Field, SecretStr  # noqa: E402
 
 from safeagent import (  # noqa: E402
     AsyncGuard,
@@ -48,6 +59,7 @@ from safeagent import (  # noqa: E402
 )
 from safeagent.errors import (  # noqa: E402
     ConfigurationError,
+    InvalidPayloadError,
     MissingKeyError,
     OutcomeUnknownError,
     ReplayedFailureError,
@@ -516,6 +528,297 @@ def test_tool_call_id_keys_warn_and_use_the_transport_id(ledger: Ledger) -> None
         guarded.invoke(TICKET)
 
 
+class CardCharge(BaseModel):
+    card_token: SecretStr
+    amount_cents: int
+
+
+class Parcel(BaseModel):
+    order_id: str
+    total: int
+
+
+class Payout(BaseModel):
+    name: str
+    iban: str = Field(exclude=True)  # left out of model_dump: it must still tell calls apart
+
+
+def test_secret_arguments_tell_calls_apart(ledger: Ledger) -> None:
+    """A SecretStr argument counts by the digest of its secret: charges to two cards run
+    twice (pydantic would mask both as '**********'), the same card runs once, and the
+    stored payload never holds the secret in clear."""
+
+    def charge(card_token: SecretStr, amount_cents: int) -> str:
+        """Charge a card."""
+        return f"C-{ledger.append('charge', card_token.get_secret_value())}"
+
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(
+        StructuredTool.from_function(charge, args_schema=CardCharge), guard, scope="s"
+    )
+
+    assert guarded.invoke({"card_token": "tok_ALICE", "amount_cents": 500}) == "C-1"
+    assert guarded.invoke({"card_token": "tok_BOB", "amount_cents": 500}) == "C-2"
+    assert guarded.invoke({"card_token": "tok_ALICE", "amount_cents": 500}) == "C-1"
+    assert ledger.rows() == [("charge", "tok_ALICE"), ("charge", "tok_BOB")]
+    digest = hashlib.sha256(b"tok_ALICE").hexdigest()
+    receipt = guard.get(
+        derive_request_id(
+            "s", "charge", {"card_token": {"secret_sha256": digest}, "amount_cents": 500}
+        )
+    )
+    assert receipt is not None
+    assert "tok_ALICE" not in json.dumps(receipt.payload)
+
+
+def test_excluded_model_fields_tell_calls_apart(ledger: Ledger) -> None:
+    """A model field declared exclude=True (an IBAN) still counts: payouts to two IBANs
+    run twice, a retry to the same IBAN once."""
+
+    @tool
+    def pay_out(payout: Payout, amount_cents: int) -> str:
+        """Pay a supplier out."""
+        return f"P-{ledger.append('payout', payout.iban)}"
+
+    guarded = guard_tool(pay_out, Guard(MemoryStore()), scope="s")
+    first = {"payout": {"name": "ACME", "iban": "DE01"}, "amount_cents": 900}
+
+    assert guarded.invoke(first) == "P-1"
+    assert guarded.invoke({**first, "payout": {"name": "ACME", "iban": "DE02"}}) == "P-2"
+    assert guarded.invoke(first) == "P-1"
+    assert ledger.rows() == [("payout", "DE01"), ("payout", "DE02")]
+
+
+def test_model_arguments_without_secrets_keep_their_request_ids(ledger: Ledger) -> None:
+    """A model argument with no secret and no excluded field is keyed as pydantic dumps
+    it, as it always was: stored request ids do not change."""
+
+    @tool
+    def pay_out(payout: Parcel, note: str = "") -> str:
+        """Pay out."""
+        return f"P-{ledger.append('payout', payout.order_id)}"
+
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(pay_out, guard, scope="s")
+    guarded.invoke({"payout": {"order_id": "ORD-1", "total": 5}})
+
+    expected = {"payout": {"order_id": "ORD-1", "total": 5}, "note": ""}
+    assert guard.get(derive_request_id("s", "pay_out", expected)) is not None
+
+
+def test_caller_injected_argument_counts_toward_the_request_id(ledger: Ledger) -> None:
+    """A plain InjectedToolArg is supplied by the caller (hidden from the model only): a
+    charge for another account is another request; the same account replays."""
+
+    @tool
+    def charge(account: Annotated[str, InjectedToolArg], amount_cents: int = 500) -> str:
+        """Charge the caller's account."""
+        return f"C-{ledger.append('charge', f'{account}|{amount_cents}')}"
+
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(charge, guard)
+
+    assert guarded.invoke({"account": "acct-ALICE", "amount_cents": 500}, THREAD) == "C-1"
+    assert guarded.invoke({"account": "acct-BOB", "amount_cents": 500}, THREAD) == "C-2"
+    assert guarded.invoke({"account": "acct-ALICE"}, THREAD) == "C-1"
+    assert asyncio.run(guarded.ainvoke({"account": "acct-BOB"}, THREAD)) == "C-2"
+    assert ledger.rows() == [("charge", "acct-ALICE|500"), ("charge", "acct-BOB|500")]
+    keyed = {"account": "acct-ALICE", "amount_cents": 500}
+    assert guard.get(derive_request_id("conv-1", "charge", keyed)) is not None
+
+
+class SmsClient:
+    """An application's client, injected into the tool: not a JSON value."""
+
+
+def test_caller_injected_argument_can_be_excluded(ledger: Ledger) -> None:
+    """A caller-injected argument that does not tell calls apart (a trace id, a client)
+    can be named in exclude; a client that is not a JSON value and is not excluded is
+    refused loudly before anything runs, with the way out in the message."""
+
+    @tool
+    def notify(
+        user: str,
+        trace_id: Annotated[str, InjectedToolArg],
+        client: Annotated[Any, InjectedToolArg],
+    ) -> str:
+        """Notify a user."""
+        assert isinstance(client, SmsClient)
+        return f"N-{ledger.append('notify', user)}"
+
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(notify, guard, scope="s", exclude=["trace_id", "client"])
+    strict = guard_tool(notify, guard, scope="s2", exclude=["trace_id"])
+
+    assert guarded.invoke({"user": "u1", "trace_id": "t-1", "client": SmsClient()}) == "N-1"
+    assert guarded.invoke({"user": "u1", "trace_id": "t-2", "client": SmsClient()}) == "N-1"
+    with pytest.raises(InvalidPayloadError, match=r"\['client'\].*exclude"):
+        strict.invoke({"user": "u1", "trace_id": "t-1", "client": SmsClient()})
+    assert ledger.count("notify") == 1
+    receipt = guard.get(derive_request_id("s", "notify", {"user": "u1"}))
+    assert receipt is not None
+    assert receipt.payload == {"user": "u1"}  # an excluded injected value is not stored
+
+
+def test_framework_injected_arguments_keep_their_request_ids(ledger: Ledger) -> None:
+    """State, store, runtime and tool_call_id that ToolNode injects are left out of the
+    request id (the state grows between the calls): one run, and the id is that of the
+    model's arguments alone, as before."""
+    from langgraph.store.memory import InMemoryStore
+
+    @tool
+    def create_ticket(
+        title: str,
+        state: Annotated[dict[str, Any], InjectedState],
+        store: Annotated[Any, InjectedStore()],
+        runtime: ToolRuntime,
+        tool_call_id: Annotated[str, InjectedToolCallId],
+    ) -> str:
+        """Open a ticket."""
+        seen = len(state["messages"])
+        return f"T-{ledger.append('ticket', f'{title}|{seen}')}"
+
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(create_ticket, guard)
+    model = scripted(
+        [
+            AIMessage("", tool_calls=[call({"title": "x"}, "call_1")]),
+            AIMessage("", tool_calls=[call({"title": "x"}, "call_2")]),
+            AIMessage("done"),
+        ],
+        [guarded],
+    )
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("tools", ToolNode([guarded]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    graph = builder.compile(store=InMemoryStore())
+
+    result = graph.invoke({"messages": [HumanMessage("go")]}, THREAD)
+
+    assert [m.content for m in tool_messages(result)] == ["T-1", "T-1"]
+    assert ledger.rows() == [("ticket", "x|2")]
+    assert guard.get(derive_request_id("conv-1", "create_ticket", {"title": "x"})) is not None
+
+
+def test_string_input_never_collapses_on_an_injected_first_argument(ledger: Ledger) -> None:
+    """A string input goes to the tool's first argument. When LangGraph injects that
+    argument (state), the string is keyed positionally: two strings are two requests. A
+    caller-injected first argument counts, so the string keys like its dict form."""
+
+    @tool
+    def pay(user: Annotated[str, InjectedState("user")], amount: int = 1) -> str:
+        """Pay."""
+        return f"P-{ledger.append('pay', user)}"
+
+    @tool
+    def charge(account: Annotated[str, InjectedToolArg], amount_cents: int = 500) -> str:
+        """Charge the caller's account."""
+        return f"C-{ledger.append('charge', account)}"
+
+    guard = Guard(MemoryStore())
+    paying = guard_tool(pay, guard, scope="s")
+    charging = guard_tool(charge, guard, scope="s")
+
+    assert [paying.invoke("alice"), paying.invoke("bob"), paying.invoke("alice")] == [
+        "P-1",
+        "P-2",
+        "P-1",
+    ]
+    assert guard.get(derive_request_id("s", "pay", {"args": ["bob"]})) is not None
+    assert charging.invoke("acct-CAROL") == "C-3"
+    assert charging.invoke("acct-DAVE") == "C-4"
+    assert charging.invoke({"account": "acct-CAROL"}) == "C-3"
+    assert ledger.rows() == [
+        ("pay", "alice"),
+        ("pay", "bob"),
+        ("charge", "acct-CAROL"),
+        ("charge", "acct-DAVE"),
+    ]
+
+
+class Transfer(BaseTool):
+    """A ``BaseTool`` subclass without an ``args_schema``: LangChain passes the model's
+    arguments as they are, without ``_run``'s defaults."""
+
+    name: str = "transfer"
+    description: str = "Send money to an account."
+    ledger: Any = None
+
+    def _run(self, target: str, amount: int = 100) -> str:
+        return f"X-{self.ledger.append('transfer', f'{target}|{amount}')}"
+
+
+def test_subclass_defaults_count_as_given(ledger: Ledger) -> None:
+    """A re-emitted call that spells out a ``_run`` default is the same request: the
+    transfer runs once, and the id is the one the spelled-out call always had."""
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(Transfer(ledger=ledger), guard, scope="s")
+
+    assert guarded.invoke({"target": "acct"}) == "X-1"
+    assert guarded.invoke({"target": "acct", "amount": 100}) == "X-1"
+    assert guarded.invoke("acct") == "X-1"
+    assert asyncio.run(guarded.ainvoke({"amount": 100, "target": "acct"})) == "X-1"
+    assert guarded.invoke({"target": "acct", "amount": 50}) == "X-2"
+    assert ledger.rows() == [("transfer", "acct|100"), ("transfer", "acct|50")]
+    spelled_out = {"target": "acct", "amount": 100}
+    receipt = guard.get(derive_request_id("s", "transfer", spelled_out))
+    assert receipt is not None
+    assert receipt.payload == spelled_out
+
+
+def test_json_schema_defaults_count_as_given(ledger: Ledger) -> None:
+    """A tool whose args_schema is a JSON schema (as MCP adapters build): a model that
+    re-emits the call with a default spelled out, under a new tool_call_id, replays."""
+
+    def refund(**kwargs: Any) -> str:
+        return f"R-{ledger.append('refund', json.dumps(kwargs, sort_keys=True))}"
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "order_id": {"type": "string"},
+            "currency": {"type": "string", "default": "USD"},
+        },
+        "required": ["order_id"],
+    }
+    inner = StructuredTool(
+        name="refund", description="Refund an order.", args_schema=schema, func=refund
+    )
+    guard = Guard(MemoryStore())
+    guarded = guard_tool(inner, guard)
+    graph = tool_graph(
+        scripted(
+            [
+                AIMessage("", tool_calls=[call({"order_id": "o1"}, "call_1", "refund")]),
+                AIMessage(
+                    "",
+                    tool_calls=[call({"order_id": "o1", "currency": "USD"}, "call_2", "refund")],
+                ),
+                AIMessage(
+                    "",
+                    tool_calls=[call({"order_id": "o1", "currency": "EUR"}, "call_3", "refund")],
+                ),
+                AIMessage("done"),
+            ],
+            [guarded],
+        ),
+        [guarded],
+    )
+
+    result = graph.invoke({"messages": [HumanMessage("go")]}, THREAD)
+
+    assert [m.content for m in tool_messages(result)] == ["R-1", "R-1", "R-2"]
+    assert ledger.rows() == [
+        ("refund", '{"order_id": "o1"}'),
+        ("refund", '{"currency": "EUR", "order_id": "o1"}'),
+    ]
+    spelled_out = {"order_id": "o1", "currency": "USD"}
+    assert guard.get(derive_request_id("conv-1", "refund", spelled_out)) is not None
+
+
 # -- outcomes --------------------------------------------------------------------------------
 
 
@@ -648,6 +951,115 @@ def test_replayed_tool_exception_is_a_replayed_tool_error(ledger: Ledger) -> Non
     assert isinstance(info.value, ReplayedFailureError)
     assert info.value.error_message == "SMTP acknowledgement timed out"
     assert ledger.count("mail") == 1
+
+
+class CardDeclined(ToolException):
+    """An application's own ToolException."""
+
+
+def test_tool_exception_subclass_is_replayed_as_a_tool_exception(ledger: Ledger) -> None:
+    """A ToolException subclass is handled by handle_tool_error on the first call and on
+    every replay alike (the stored type is looked up among the imported modules)."""
+
+    def charge(amount_cents: int) -> str:
+        """Charge a card."""
+        ledger.append("charge", str(amount_cents))
+        raise CardDeclined("card declined (insufficient funds)")
+
+    inner = StructuredTool.from_function(charge, handle_tool_error=True)
+    guarded = guard_tool(inner, Guard(MemoryStore()), scope="s")
+
+    replies = [guarded.invoke(call({"amount_cents": 5}, f"c{i}", "charge")) for i in range(3)]
+
+    assert [(m.content, m.status) for m in replies] == [
+        ("card declined (insufficient funds)", "error")
+    ] * 3
+    assert ledger.count("charge") == 1
+    guarded.handle_tool_error = False
+    with pytest.raises(ReplayedToolError) as info:
+        guarded.invoke({"amount_cents": 5})
+    assert info.value.error_type == f"{__name__}.CardDeclined"
+    assert repr(info.value) == "CardDeclined('card declined (insufficient funds)')"
+
+
+@pytest.mark.parametrize(
+    ("error_type", "is_tool_exception"),
+    [
+        ("safeagent_test_never_imported.ToolException", True),  # not loaded: by its name
+        ("safeagent_test_never_imported.CardDeclined", False),
+        ("tests.integrations.test_langchain.CardDeclined", True),
+        ("tests.integrations.test_langchain.Transfer", False),  # found: not a ToolException
+        ("langchain_core.tools.base.ToolException", True),
+        ("ValueError", False),
+    ],
+)
+def test_stored_type_is_looked_up_only_among_imported_modules(
+    error_type: str, is_tool_exception: bool
+) -> None:
+    """Whether a replay is a ToolException is read from the class the stored type names,
+    when its module is already imported; nothing is imported from stored data."""
+    from safeagent.integrations.langchain import _replayed
+
+    stored = ReplayedFailureError("x", error_type=error_type, error_message="m", receipt=None)
+    replayed = _replayed(stored)
+
+    assert isinstance(replayed, ReplayedToolError) is is_tool_exception
+    assert "safeagent_test_never_imported" not in sys.modules
+
+
+SHOP = '''
+from langchain_core.tools import StructuredTool, ToolException
+
+
+class CardDeclined(ToolException):
+    pass
+
+
+def charge_tool(ledger_path):
+    def charge(amount_cents: int) -> str:
+        """Charge a card."""
+        with open(ledger_path, "a") as ledger:
+            ledger.write("charged\\n")
+        raise CardDeclined("card declined (insufficient funds)")
+
+    return StructuredTool.from_function(charge, handle_tool_error=True)
+'''
+
+APP = """
+import sys
+
+from safeagent import Guard
+from safeagent.integrations.langchain import guard_tool
+from shop import charge_tool
+
+guarded = guard_tool(charge_tool(sys.argv[2]), Guard(sys.argv[1]), scope="order-1")
+call = {"name": "charge", "args": {"amount_cents": 5}, "id": sys.argv[3], "type": "tool_call"}
+print(guarded.invoke(call).content)
+"""
+
+
+def test_tool_exception_subclass_is_replayed_in_a_fresh_process(tmp_path: Path) -> None:
+    """The app is restarted between the first call and the retry: the new process imports
+    the module of the exception class as the app does, and the replay is handled the same."""
+    (tmp_path / "shop.py").write_text(SHOP)
+    (tmp_path / "app.py").write_text(APP)
+    db, effects = tmp_path / "guard.db", tmp_path / "effects.txt"
+
+    outputs = []
+    for call_id in ("call_1", "call_2"):
+        done = subprocess.run(
+            [sys.executable, str(tmp_path / "app.py"), str(db), str(effects), call_id],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs.append(done.stdout)
+
+    assert outputs == ["card declined (insufficient funds)\n"] * 2
+    assert effects.read_text() == "charged\n"
 
 
 def test_plain_failure_is_raised_then_replayed(ledger: Ledger) -> None:

@@ -9,13 +9,26 @@ or ``bind_tools`` unchanged.
 
 **Request ids** (docs/design.md section 6). By default a call's request id is derived from what
 the call *is*: :func:`safeagent.derive_request_id` over ``(scope, tool name, arguments)``.
-The arguments are the tool's validated input (its schema's defaults applied), minus the
-injected ones (``InjectedState``, ``InjectedStore``, ``InjectedToolCallId``,
-``ToolRuntime``, callbacks) and the volatile ones named in ``exclude``. Equivalent calls
-(the same arguments in another key order, or re-emitted by the model after a retry under a
-new ``tool_call_id``) get one request id: the side effect runs once and every other call
-gets the stored result. A string input (``tool.invoke("hello")``) stands for its first
-argument, as LangChain validates it: it gets the request id of ``{"text": "hello"}``.
+The arguments are the tool's input as LangChain validates it, with the defaults the tool
+declares applied (a pydantic schema's; for a subclass without an ``args_schema``, its
+``_run`` signature's; for a JSON-schema ``args_schema``, as MCP adapters build, its
+``default`` values), as JSON values (``_common.key_form``): a ``SecretStr`` or
+``SecretBytes`` counts by the SHA-256 of its secret (pydantic masks it as ``"**********"``;
+the secret is not stored in clear), and a model holding one, or a field declared
+``exclude=True``, counts by every field. Left out are the context LangChain and LangGraph
+inject (``InjectedToolCallId``, ``InjectedState``, ``InjectedStore``, ``ToolRuntime``,
+callbacks, the ``RunnableConfig``) and the volatile arguments named in ``exclude``. An
+argument annotated with a plain ``InjectedToolArg`` (or an application's own subclass) is
+hidden from the model but supplied by the caller, so it counts: a charge for another
+account is another request. Name it in ``exclude`` when it does not tell calls apart (a
+client, a session): it is then left out of the stored payload too, and need not be a JSON
+value. Equivalent calls (the same arguments in another key order, a default spelled out
+or not, or re-emitted by the model after a retry under a new ``tool_call_id``) get one
+request id: the side effect runs once and every other call gets the stored result. A
+string input (``tool.invoke("hello")``) stands for its first argument, as LangChain
+validates it: it gets the request id of ``{"text": "hello"}``. When that first argument is
+the framework's injected context, the string, which LangChain passes to the tool
+positionally, is keyed positionally: ``{"args": ["hello"]}``.
 
 The **scope** says which calls are "the same" on purpose. By default it is the
 ``thread_id`` of the ``RunnableConfig`` (``config={"configurable": {"thread_id": ...}}``,
@@ -48,11 +61,13 @@ applied, and the tool does not run again).
 it; LangChain and LangGraph then handle it as usual (``handle_tool_error``,
 ``ToolNode(handle_tool_errors=...)``). Later calls raise
 :class:`~safeagent.errors.ReplayedFailureError` with the stored type and message, and do
-not run the tool; when the stored failure was a ``ToolException`` they raise
-:class:`ReplayedToolError` (both a ``ToolException`` and a ``ReplayedFailureError``,
-its message the original one), so ``handle_tool_error`` shows the model the same text
-again. A replayed failure's ``repr`` is the original exception's, rebuilt from the stored
-type and message (``ValueError('card declined')``, ``KeyError('k')``, ``RuntimeError()``,
+not run the tool; when the stored failure was a ``ToolException`` or a subclass (the
+stored type is looked up among the modules already imported, never imported from stored
+data; one that is not there counts by its name) they raise :class:`ReplayedToolError`
+(both a ``ToolException`` and a ``ReplayedFailureError``, its message the original one),
+so ``handle_tool_error`` shows the model the same text again. A replayed failure's
+``repr`` is the original exception's, rebuilt from the stored type and message
+(``ValueError('card declined')``, ``KeyError('k')``, ``RuntimeError()``,
 ``ConnectionRefusedError(111, 'Connection refused')``), so
 ``ToolNode(handle_tool_errors=True)``, which shows the model ``repr(error)``, shows the
 same text too; only an exception whose ``repr`` its message does not determine (several
@@ -80,6 +95,7 @@ import asyncio
 import builtins
 import inspect
 import re
+import sys
 import typing
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -91,10 +107,18 @@ from langchain_core.callbacks import (
 )
 from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langchain_core.tools import BaseTool, StructuredTool, Tool, ToolException
+from langchain_core.tools import (
+    BaseTool,
+    InjectedToolArg,
+    InjectedToolCallId,
+    StructuredTool,
+    Tool,
+    ToolException,
+)
+from langchain_core.tools.base import get_all_basemodel_annotations
 from langchain_core.utils.pydantic import get_fields
 from pydantic import ConfigDict, PrivateAttr
-from pydantic_core import PydanticSerializationError, to_jsonable_python
+from pydantic_core import PydanticSerializationError
 
 from safeagent import AsyncGuard, ExecutionContext, Guard, NotExecuted, derive_request_id
 from safeagent.errors import (
@@ -103,7 +127,13 @@ from safeagent.errors import (
     MissingKeyError,
     ReplayedFailureError,
 )
-from safeagent.integrations._common import TransportIdWarning, check_scope, is_stub, storable
+from safeagent.integrations._common import (
+    TransportIdWarning,
+    check_scope,
+    is_stub,
+    key_form,
+    storable,
+)
 
 _Command: type[Any] | None
 try:  # langgraph ships with the [langchain] extra; langchain-core alone has no Command
@@ -137,6 +167,9 @@ form from input parsing to ``_run``: the request id is derived from those."""
 _TOOL_MESSAGE = "__langchain_tool_message__"
 """Marks a stored ``ToolMessage`` (its content, artifact and status)."""
 
+_FILTERED_ARGS = frozenset({"run_manager", "callbacks"})
+"""The callback arguments LangChain passes to a tool body (``FILTERED_ARGS``)."""
+
 _ERRNO = re.compile(
     r"\[Errno (-?\d+)\] (.*?)"  # OSError.__str__: "[Errno N] strerror[: 'file'[ -> 'file2']]"
     r"(?:: (?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")"
@@ -166,13 +199,17 @@ def _original_repr(err: ReplayedFailureError) -> str:
 
 
 class ReplayedToolError(ReplayedFailureError, ToolException):
-    """A replay of a stored ``ToolException``: the tool did not run again.
+    """A replay of a stored ``ToolException`` (or a subclass, such as an application's
+    ``CardDeclined``): the tool did not run again.
 
     Both a :class:`~safeagent.errors.ReplayedFailureError` (``error_type``,
     ``error_message``, ``receipt``) and a LangChain ``ToolException`` whose message is the
     original one, so the tool's ``handle_tool_error`` renders it as it rendered the first.
-    Its ``repr`` is the original exception's (``ToolException('...')``), because
-    ``ToolNode(handle_tool_errors=True)`` shows the model ``repr(error)``.
+    Its ``repr`` is the original exception's (``ToolException('...')``,
+    ``CardDeclined('...')``), because ``ToolNode(handle_tool_errors=True)`` shows the model
+    ``repr(error)``. It is not an instance of the original subclass (nothing is rebuilt
+    from stored data): a ``handle_tool_error`` callable that tells subclasses apart reads
+    ``error_type``.
 
     .. versionadded:: 0.3
     """
@@ -215,7 +252,8 @@ def guard_tool(
         key: ``"derived"`` (default) or ``"tool_call_id"`` (the model's id for the call;
             emits :class:`TransportIdWarning`).
         exclude: names of volatile arguments left out of the request id and of the
-            fingerprint (they are still passed to the tool and stored with the payload).
+            fingerprint (they are still passed to the tool and stored with the payload;
+            a caller-injected ``InjectedToolArg`` named here is not stored).
         namespace: the tenant namespace of the records (default: the guard's).
 
     Returns:
@@ -273,6 +311,8 @@ def guard_tool(
     guarded._key = key
     guarded._exclude = frozenset(exclude)
     guarded._namespace = namespace
+    guarded._caller_injected = _caller_injected(tool)
+    guarded._defaults = _declared_defaults(tool)
     return guarded
 
 
@@ -348,6 +388,8 @@ class GuardedTool(BaseTool):
     _key: KeyMode = PrivateAttr(default="derived")
     _exclude: frozenset[str] = PrivateAttr(default=frozenset())
     _namespace: str | None = PrivateAttr(default=None)
+    _caller_injected: frozenset[str] = PrivateAttr(default=frozenset())
+    _defaults: _Defaults | None = PrivateAttr(default=None)
 
     @property
     def inner(self) -> BaseTool:
@@ -379,6 +421,11 @@ class GuardedTool(BaseTool):
         args, kwargs = inner._to_args_and_kwargs(tool_input, tool_call_id)
         extra: dict[str, Any] = {_CALL_ID_KW: tool_call_id}
         name = _string_argument(inner) if isinstance(tool_input, str) else None
+        if name is not None and self._is_context(name):
+            # The first argument is injected by LangChain or LangGraph (state, store,
+            # tool_call_id): the string, which LangChain passes to the tool positionally,
+            # is keyed positionally too, never as {injected: input} (an empty key).
+            name = None
         if name is not None:
             # LangChain passes a string input on positionally, but validates it as
             # {first argument: input}: key the call on that dict form, so that
@@ -562,15 +609,24 @@ class GuardedTool(BaseTool):
         config: RunnableConfig | None,
         call_id: str | None,
     ) -> tuple[str, dict[str, Any]]:
-        """The request id and the payload (the model-given arguments as JSON values)."""
-        visible = _without_injected(self._inner, kwargs)
+        """The request id and the payload: the call's arguments (the defaults the tool
+        declares applied, LangChain's and LangGraph's injected context left out) as the
+        JSON values :func:`~safeagent.integrations._common.key_form` makes of them."""
+        visible = self._keyed(_with_defaults(self._defaults, args, kwargs))
         try:
-            payload: dict[str, Any] = to_jsonable_python(visible)
+            payload: dict[str, Any] = key_form(visible)
             if args:
-                payload["args"] = to_jsonable_python(list(args))
+                payload["args"] = key_form(list(args))
         except PydanticSerializationError as exc:
+            injected = sorted(set(visible) & self._caller_injected)
+            hint = (
+                f"; the injected arguments {injected} count toward the request id: name "
+                "those that do not tell two calls apart (a client, a session) in exclude=..."
+                if injected
+                else ""
+            )
             raise InvalidPayloadError(
-                f"tool {self.name!r}: arguments are not JSON values: {exc}"
+                f"tool {self.name!r}: arguments are not JSON values: {exc}{hint}"
             ) from exc
         if self._key == "tool_call_id":
             if not call_id:
@@ -581,6 +637,21 @@ class GuardedTool(BaseTool):
             return call_id, payload
         kept = {k: v for k, v in payload.items() if k not in self._exclude}
         return derive_request_id(self._scope_of(config), self.name, kept), payload
+
+    def _is_context(self, name: str) -> bool:
+        """``True`` when LangChain or LangGraph inject argument ``name`` themselves."""
+        return name not in self._caller_injected and not _without_injected(
+            self._inner, {name: None}
+        )
+
+    def _keyed(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` without the context LangChain or LangGraph inject (what the request
+        id never covers); a caller-injected ``InjectedToolArg`` stays, unless it is named
+        in ``exclude`` (then, like the framework's context, it is not stored either: it
+        need not be a JSON value)."""
+        visible = _without_injected(self._inner, kwargs)
+        counted = self._caller_injected - self._exclude
+        return {k: v for k, v in kwargs.items() if k in visible or k in counted}
 
     # -- results -----------------------------------------------------------------------------
 
@@ -623,13 +694,187 @@ class GuardedTool(BaseTool):
 
 
 def _without_injected(tool: BaseTool, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` without the arguments LangChain or LangGraph inject (state, store,
-    runtime, tool_call_id, callbacks): they are not what the model asked for."""
+    """``kwargs`` without every argument LangChain counts as injected (annotated with
+    ``InjectedToolArg`` or a subclass, ``ToolRuntime``, callbacks)."""
     strip = getattr(tool, "_filter_injected_args", None)  # langchain-core 1.x
     if callable(strip):
         return dict(strip(kwargs))
-    injected = set(getattr(tool, "_injected_args_keys", ())) | {"run_manager", "callbacks"}
+    injected = set(getattr(tool, "_injected_args_keys", ())) | _FILTERED_ARGS
     return {k: v for k, v in kwargs.items() if k not in injected}
+
+
+def _framework_marks() -> tuple[type[Any], ...]:
+    """The annotations of the context LangChain and LangGraph inject themselves: the
+    ``tool_call_id``, the graph state, the store, the ``ToolRuntime``."""
+    marks: list[type[Any]] = [InjectedToolCallId]
+    try:  # langgraph ships with the [langchain] extra
+        from langgraph.prebuilt import (  # noqa: PLC0415 - optional, and heavy
+            InjectedState,
+            InjectedStore,
+            ToolRuntime,
+        )
+    except ImportError:  # pragma: no cover - langgraph not installed
+        pass
+    else:
+        marks += [InjectedState, InjectedStore, ToolRuntime]
+    try:  # ToolRuntime's base: an argument injected by its type, not an annotation
+        from langchain_core.tools.base import (  # noqa: PLC0415
+            _DirectlyInjectedToolArg,
+        )
+    except ImportError:  # pragma: no cover - older langchain-core
+        pass
+    else:
+        marks.append(_DirectlyInjectedToolArg)
+    return tuple(marks)
+
+
+def _is_mark(value: Any, kinds: type[Any] | tuple[type[Any], ...]) -> bool:
+    """``True`` for an instance or a subclass of ``kinds`` (how LangChain reads marks)."""
+    if isinstance(value, kinds):
+        return True
+    try:
+        return isinstance(value, type) and issubclass(value, kinds)
+    except TypeError:  # a generic alias posing as a type
+        return False
+
+
+def _supplied_by_caller(annotation: Any, framework: tuple[type[Any], ...]) -> bool | None:
+    """``True`` when ``annotation`` marks an argument the caller injects (a plain
+    ``InjectedToolArg``, or a subclass of the application's own); ``False`` for the
+    context the framework injects (``framework``); ``None`` when it is not injected."""
+    marks = typing.get_args(annotation)[1:]  # Annotated metadata, as langchain-core reads it
+    base = typing.get_args(annotation)[0] if marks else annotation
+    for kind in (annotation, typing.get_origin(annotation), base, typing.get_origin(base)):
+        if kind is not None and _is_mark(kind, framework):
+            return False  # injected by its type: ToolRuntime, ToolRuntime[...]
+    if any(_is_mark(m, framework) for m in marks):
+        return False
+    return True if any(_is_mark(m, InjectedToolArg) for m in marks) else None
+
+
+def _annotations(tool: BaseTool) -> list[dict[str, Any]]:
+    """The argument annotations of ``tool``, from each place LangChain reads injected
+    arguments: its input schema and the signatures of its bodies."""
+    found: list[dict[str, Any]] = []
+    if not isinstance(tool.args_schema, dict):
+        try:
+            schema = tool.get_input_schema()
+            found.append(dict(get_all_basemodel_annotations(schema)))
+        except Exception:  # noqa: BLE001 - a schema LangChain cannot build: the bodies tell
+            found.append({})
+    if isinstance(tool, (StructuredTool, Tool)):
+        bodies = [tool.func, tool.coroutine]
+    else:
+        bodies = [tool._run, tool._arun]
+    for body in bodies:
+        if body is None:
+            continue
+        try:
+            found.append(typing.get_type_hints(body, include_extras=True))
+        except Exception:  # noqa: BLE001 - unresolvable annotations: take the live ones
+            try:
+                parameters = inspect.signature(body).parameters.values()
+            except (TypeError, ValueError):  # pragma: no cover - builtins
+                continue
+            found.append({p.name: p.annotation for p in parameters})
+    return found
+
+
+def _caller_injected(tool: BaseTool) -> frozenset[str]:
+    """The arguments of ``tool`` that are hidden from the model but supplied by the caller
+    (annotated with a plain ``InjectedToolArg``, not with the framework's
+    ``InjectedToolCallId``, ``InjectedState``, ``InjectedStore`` or ``ToolRuntime``):
+    they count toward the request id, since two values are two different calls."""
+    framework = _framework_marks()
+    verdicts: dict[str, set[bool]] = {}
+    for hints in _annotations(tool):
+        for name, annotation in hints.items():
+            verdict = _supplied_by_caller(annotation, framework)
+            if verdict is not None:
+                verdicts.setdefault(name, set()).add(verdict)
+    return frozenset(
+        name
+        for name, seen in verdicts.items()
+        # ToolNode injects its ToolRuntime into an argument named "runtime" whatever its
+        # annotation: the framework's context too.
+        if seen == {True} and name not in _FILTERED_ARGS and name != "runtime"
+    )
+
+
+_Defaults = tuple[tuple[str, ...], dict[str, Any]]
+"""The argument names a tool takes positionally, in order, and the defaults it declares."""
+
+
+def _declared_defaults(tool: BaseTool) -> _Defaults | None:
+    """The defaults LangChain does not apply to ``tool``'s input, which the request id
+    must: the JSON schema's ``default`` values when its ``args_schema`` is a JSON schema
+    (as MCP adapters build), the body's signature defaults for a subclass without an
+    ``args_schema``. ``None`` when LangChain applies them (a pydantic schema) or the tool
+    has none (a single-input ``Tool``)."""
+    schema = tool.args_schema
+    if isinstance(schema, dict):
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            return None
+        defaults = {
+            name: spec["default"]
+            for name, spec in properties.items()
+            if isinstance(name, str) and isinstance(spec, dict) and "default" in spec
+        }
+        return ((), defaults) if defaults else None
+    if schema is not None or isinstance(tool, (StructuredTool, Tool)):
+        return None
+    cls = type(tool)
+    body = tool._arun if is_stub(cls._run) and not _runs_sync(tool) else tool._run
+    try:
+        parameters = inspect.signature(body).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return None
+    try:
+        hints = typing.get_type_hints(body)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: no config parameter known
+        hints = {}
+    named = [
+        p
+        for p in parameters
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        and p.name not in _FILTERED_ARGS
+        and hints.get(p.name) is not RunnableConfig
+    ]
+    positional = tuple(
+        p.name
+        for p in named
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    )
+    defaults = {
+        p.name: p.default
+        for p in named
+        if p.default is not inspect.Parameter.empty and _is_json_value(p.default)
+    }
+    return (positional, defaults) if defaults else None
+
+
+def _is_json_value(value: Any) -> bool:
+    """``True`` when ``value`` has a JSON form for a request id (a default that has none,
+    a sentinel, is left as LangChain leaves it: unapplied)."""
+    try:
+        key_form(value)
+    except Exception:  # noqa: BLE001 - any conversion failure
+        return False
+    return True
+
+
+def _with_defaults(
+    declared: _Defaults | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """``kwargs`` with the declared defaults of the arguments the call does not give (by
+    name, or positionally in ``args``) filled in."""
+    if declared is None:
+        return kwargs
+    positional, defaults = declared
+    given = set(kwargs) | set(positional[: len(args)])
+    missing = {k: v for k, v in defaults.items() if k not in given}
+    return {**kwargs, **missing} if missing else kwargs
 
 
 def _runs_sync(tool: BaseTool) -> bool:
@@ -722,18 +967,45 @@ _RefusedCommand.__name__ = _RefusedCommand.__qualname__ = "Command"  # the recor
 
 
 def _argument_names(tool: BaseTool) -> set[str]:
-    """The names of the arguments the model gives ``tool`` (``args`` for positional)."""
+    """The names of the arguments the model or the caller gives ``tool``: its schema's,
+    its caller-injected ones, and ``args`` for positional."""
     try:
         names = set(tool.args)
     except Exception:  # noqa: BLE001 - a schema LangChain cannot render: no names to check
         return set()
-    return names | {"args"}
+    return names | _caller_injected(tool) | {"args"}
+
+
+def _stored_class(error_type: str) -> type[Any] | None:
+    """The class a stored ``module.QualName`` type names, looked up only among the
+    modules already imported (nothing is imported, and no module or class attribute hook
+    runs, for stored data); ``None`` when it is not there (its module is not loaded, a
+    class local to a function, a builtin)."""
+    parts = error_type.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:cut]))
+        if module is None:
+            continue
+        found: Any = vars(module).get(parts[cut])
+        for part in parts[cut + 1 :]:  # a nested class: Outer.Inner
+            if not isinstance(found, type):
+                return None
+            found = vars(found).get(part)
+        return found if isinstance(found, type) else None
+    return None
 
 
 def _replayed(err: ReplayedFailureError) -> ReplayedFailureError:
-    """The error a replayed failure raises: a ``ToolException`` when it was one, else the
-    guard's message; either way its ``repr`` is the original exception's."""
-    is_tool_exception = err.error_type.rsplit(".", 1)[-1] == "ToolException"
+    """The error a replayed failure raises: a ``ToolException`` when it was one (the
+    stored class, when it is imported, is ``ToolException`` or a subclass; otherwise its
+    name is ``ToolException``), else the guard's message; either way its ``repr`` is the
+    original exception's."""
+    stored = _stored_class(err.error_type)
+    is_tool_exception = (
+        issubclass(stored, ToolException)
+        if stored is not None
+        else err.error_type.rsplit(".", 1)[-1] == "ToolException"
+    )
     return (ReplayedToolError if is_tool_exception else _ReplayedToolFailureError)(
         err.error_message if is_tool_exception else str(err),
         error_type=err.error_type,
