@@ -873,8 +873,10 @@ def _named(report: Any, kind: str = "receipt_edited") -> set[str]:
 def _normal_use(store: Any, clock: FakeClock) -> tuple[Guard, Any]:
     """Everything a trail holds under normal use: executions and replays, a stored failure,
     a release, an operator's resolutions (succeeded, rerun), a reconcile hook's answer,
-    finality-gate settlements (one released first), a retention pass over all of it, and
-    activity after it; anchored twice. Returns the guard and the last anchor."""
+    finality-gate decisions (_gate_decisions) and settlements (one released first, one
+    in doubt resolved by an operator, one in doubt answered by a reconcile hook), a
+    retention pass over all of it, and activity after it; anchored twice. Returns the
+    guard and the last anchor."""
     from safeagent import ActionPolicy, FinalityGate, NotExecuted, Reconciliation
 
     guard = Guard(
@@ -918,6 +920,7 @@ def _normal_use(store: Any, clock: FakeClock) -> tuple[Guard, Any]:
     with pytest.raises(NotExecuted):
         gate.settle("case-2", "pay", lambda _outcome, _ctx: not_sent(_ctx))
     gate.settle("case-2", "pay", lambda outcome, _ctx: outcome)
+    _gate_decisions(gate)
     anchor(store, key=KEY)
     clock.advance(3600)
     report = purge(store, older_than=60)
@@ -929,8 +932,47 @@ def _normal_use(store: Any, clock: FakeClock) -> tuple[Guard, Any]:
         guard.execute(f"fresh-{i}", "charge", {"i": i}, lambda _ctx: {"charge": "ch_f"})
     gate.signal("case-3", "model", "approve", 1.0)
     gate.settle("case-3", "pay", lambda outcome, _ctx: outcome)
+    for case_id in ("refund-7", "refund-8"):
+        gate.settle(case_id, "pay", lambda outcome, _ctx: outcome)
+    gate.signal("refund-7", "audit-bot", "reject", 1.0)  # late, after SETTLED
+    with pytest.raises(TimeoutError):
+        gate.settle("refund-9", "pay", lambda _outcome, ctx: unknown(ctx))  # in doubt
+    guard.resolve("case:refund-9", "succeeded", by="ops", reason="paid", result="approve")
+    with pytest.raises(TimeoutError):
+        gate.settle("refund-10", "lookup", lambda _outcome, ctx: unknown(ctx))
+    assert gate.settle("refund-10", "lookup", lambda _o, ctx: unknown(ctx)).result == 7
     guard.close()
     return guard, anchor(store, key=KEY)
+
+
+def _gate_decisions(gate: Any) -> None:
+    """Cases in every state, through every path the gate has: consensus with a quorum
+    (docs/guide.md's worked example), a conflict, a source replacing its signal, an
+    operator's resolution from IN_RECONCILIATION and from RESOLVED_PROVISIONAL, signals
+    after FINAL (late), a case only opened, and one in another namespace."""
+    from safeagent import ConsensusPolicy
+
+    gate.open("refund-7", policy=ConsensusPolicy(0.7, 2))
+    gate.signal("refund-7", "A", "approve", 0.9)  # RESOLVED_PROVISIONAL
+    gate.signal("refund-7", "C", "reject", 0.6)  # IN_RECONCILIATION
+    gate.signal("refund-7", "B", "approve", 0.8, metadata={"note": "second look"})
+    assert gate.signal("refund-7", "C", "approve", 0.5).state.value == "FINAL"
+    gate.signal("refund-7", "D", "reject", 0.9)  # late
+    gate.signal("refund-8", "model", "approve", 0.5)
+    gate.signal("refund-8", "rules", "reject", 0.5)  # a conflict
+    gate.resolve("refund-8", "reject", by="alice", reason="manual review")
+    gate.signal("refund-8", "model", "approve", 1.0)  # late
+    gate.signal("refund-9", "model", "approve", 0.5)
+    gate.resolve("refund-9", "approve", by="bob", reason="low risk")  # from provisional
+    gate.signal("refund-10", "model", "approve", 1.0)  # FINAL at once
+    gate.signal("pending", "model", "approve", 0.4)
+    gate.signal("pending", "model", "approve", 0.6)  # replaces, still provisional
+    gate.signal("pending", "rules", "approve", 0.5)
+    gate.signal("split", "model", "approve", 0.5)
+    gate.signal("split", "rules", "reject", 0.5)  # stays IN_RECONCILIATION
+    gate.open("opened")
+    gate.signal("decided", "model", "reject", 0.9)  # FINAL, not settled
+    gate.signal("eu-1", "model", "approve", 0.3, namespace="eu")
 
 
 def test_a_trail_of_normal_use_verifies_with_no_problem(store: Any, clock: FakeClock) -> None:
@@ -945,6 +987,18 @@ def test_a_trail_of_normal_use_verifies_with_no_problem(store: Any, clock: FakeC
     assert (report.receipts_checked, report.receipts_unverified) == (len(records), 0)
     assert sum(1 for r in records if r.purged_at_ms is not None) == 7  # "released" re-ran
     assert (report.anchors_checked, report.events_legacy) == (2, 0)
+    cases = store.cases()
+    assert {c.state.value for c in cases} == {
+        "OPEN",
+        "RESOLVED_PROVISIONAL",
+        "IN_RECONCILIATION",
+        "FINAL",
+        "SETTLED",
+    }
+    assert (report.cases_checked, report.cases_unverified) == (len(cases), 0)
+    signals = [s for c in cases for s in store.case_signals(c.namespace, c.case_id)]
+    assert {status for _, status in signals} == {"live", "replaced", "late"}
+    assert report.signals_checked == len(signals)
     assert verify(store, key=KEY, last_anchor=last.pin).ok
     assert verify(store, last_anchor=(last.id, last.mac)).ok
 
@@ -1048,8 +1102,9 @@ def test_events_written_before_the_chains_are_legacy_not_problems(
     """A database created by a pre-chain schema (SQLite version 2, PostgreSQL version 1)
     and migrated keeps its old events, with every chain column NULL and ids below every
     chained one: counted as events_legacy, and a record whose events are all legacy is
-    unverified, not forged. A row outside the chains written after the first chained one
-    is still an unchained_event."""
+    unverified, not forged; so is a case opened before the chains, even once it has
+    chained events too (its history starts before them). A row outside the chains
+    written after the first chained one is still an unchained_event."""
     from safeagent._keys import canonical_json, downstream_key, fingerprint
 
     legacy_store = _pre_chain_store(db_store, clock)
@@ -1076,18 +1131,51 @@ def test_events_written_before_the_chains_are_legacy_not_problems(
             kind,
             json.dumps(detail),
         )
+    legacy_store.exec_(
+        "INSERT INTO {s}.cases (namespace, case_id, state, provisional_outcome, outcome,"
+        " threshold, quorum, version, created_at_ms, updated_at_ms, resolved_by) VALUES"
+        " ('default', 'old-case', 'RESOLVED_PROVISIONAL', 'approve', NULL, 0.8, 1, 2, 1, 1,"
+        " NULL)"
+    )
+    legacy_store.exec_(
+        "INSERT INTO {s}.signals (namespace, case_id, source, outcome, confidence, metadata,"
+        " at_ms, status) VALUES ('default', 'old-case', 'model-a', 'approve', 0.5, '{}', 1,"
+        " 'live')"
+    )
+    for kind, actor, detail in (
+        ("state_change", "safeagent", {"from": None, "to": "OPEN", "outcome": None}),
+        ("signal", "model-a", {"outcome": "approve", "confidence": 0.5, "late": False}),
+        (
+            "state_change",
+            "model-a",
+            {"from": "OPEN", "to": "RESOLVED_PROVISIONAL", "outcome": "approve"},
+        ),
+    ):
+        legacy_store.exec_(
+            "INSERT INTO {s}.audit_events (at_ms, kind, namespace, subject, actor, detail)"
+            " VALUES (1, %s, 'default', 'old-case', %s, %s)",
+            kind,
+            actor,
+            json.dumps(detail),
+        )
     store = legacy_store.open()  # migrated to the current schema
     guard = Guard(store)
     assert guard.execute("old", "charge", payload, lambda _ctx: 0).result == {"charge": "ch_0"}
     guard.execute("new", "charge", {"a": 2}, lambda _ctx: 1)
+    from safeagent import FinalityGate
+
+    gate = FinalityGate(guard)
+    assert gate.signal("old-case", "model-b", "approve", 0.5).version == 3  # still provisional
+    gate.signal("new-case", "model-a", "approve", 1.0)
     guard.close()
     report = verify(store)
     assert report.ok, report.problems
     assert (report.events_legacy, report.receipts_unverified, report.receipts_checked) == (
-        2,
+        5,
         1,
         1,
     )
+    assert (report.cases_checked, report.cases_unverified) == (1, 1)
     late = _forge_event(store, "old", "resolved", {"status": "SUCCEEDED"})
     report = verify(store)
     assert [(p.kind, p.event_id) for p in report.problems] == [("unchained_event", late)]
@@ -1352,3 +1440,310 @@ def test_a_claim_or_completion_whose_chain_head_is_gone_is_not_written(
     assert receipt is not None
     assert receipt.status is Status.PENDING
     assert ledger.count() == 1
+
+
+# -- finality-gate cases and signals against their events -----------------------------------
+
+
+def _decided(store: Any) -> Any:
+    """A gate history on ``store`` (policy 0.9, quorum 2), verified clean: ``split`` IN_
+    RECONCILIATION, ``agreed`` RESOLVED_PROVISIONAL (its source replaced its signal),
+    ``paid`` SETTLED with a late signal after it, ``ruled`` FINAL by an operator. Returns
+    the gate."""
+    from safeagent import ConsensusPolicy, FinalityGate
+
+    guard = Guard(store, wait=0)
+    gate = FinalityGate(guard, policy=ConsensusPolicy(0.9, 2))
+    gate.signal("split", "model-a", "approve", 0.9)
+    gate.signal("split", "model-b", "reject", 0.9)
+    gate.signal("agreed", "model-a", "approve", 0.6)
+    gate.signal("agreed", "model-a", "approve", 0.7)
+    gate.signal("paid", "model-a", "approve", 1.0)
+    gate.signal("paid", "model-b", "approve", 1.0)
+    gate.settle("paid", "pay", lambda outcome, _ctx: outcome)
+    gate.signal("paid", "model-c", "reject", 1.0)
+    gate.signal("ruled", "model-a", "approve", 0.9)
+    gate.signal("ruled", "model-b", "reject", 0.9)
+    gate.resolve("ruled", "reject", by="alice", reason="manual review")
+    guard.close()
+    states = {c.case_id: c.state.value for c in gate.cases()}
+    assert states == {
+        "split": "IN_RECONCILIATION",
+        "agreed": "RESOLVED_PROVISIONAL",
+        "paid": "SETTLED",
+        "ruled": "FINAL",
+    }
+    report = verify(store)
+    assert report.ok, report.problems
+    assert (report.cases_checked, report.cases_unverified, report.signals_checked) == (4, 0, 9)
+    return gate
+
+
+_SIGNAL_INSERT = (
+    "INSERT INTO {s}.signals (namespace, case_id, source, outcome, confidence, metadata,"
+    " at_ms, status) VALUES ('default', %s, %s, 'approve', 1.0, '{}', %s, %s)"
+)
+
+_CASE_TAMPERS = {
+    # the reviewer's edit: a decision nobody made, which settle would carry out
+    "a conflict made FINAL": (
+        ["UPDATE {s}.cases SET state = 'FINAL', outcome = 'approve' WHERE case_id = 'split'"],
+        "split",
+        "its state is 'FINAL', though its events left 'IN_RECONCILIATION'",
+    ),
+    "SETTLED turned back into FINAL": (
+        ["UPDATE {s}.cases SET state = 'FINAL' WHERE case_id = 'paid'"],
+        "paid",
+        "its state is 'FINAL', though its events left 'SETTLED'",
+    ),
+    "an operator's outcome edited": (
+        ["UPDATE {s}.cases SET outcome = 'approve' WHERE case_id = 'ruled'"],
+        "ruled",
+        "its outcome is 'approve', though its events left 'reject'",
+    ),
+    "a provisional outcome edited": (
+        ["UPDATE {s}.cases SET provisional_outcome = 'reject' WHERE case_id = 'agreed'"],
+        "agreed",
+        "its provisional outcome is 'reject', though its events left 'approve'",
+    ),
+    "the resolver edited": (
+        ["UPDATE {s}.cases SET resolved_by = 'mallory' WHERE case_id = 'ruled'"],
+        "ruled",
+        "its resolver is 'mallory', though its events left 'alice'",
+    ),
+    "the version edited": (
+        ["UPDATE {s}.cases SET version = version + 5 WHERE case_id = 'agreed'"],
+        "agreed",
+        "its version is 8, though its events left 3",
+    ),
+    "a case deleted": (
+        ["DELETE FROM {s}.cases WHERE case_id = 'ruled'"],
+        "ruled",
+        "the case is gone, though its events left it FINAL",
+    ),
+    "a case forged": (
+        [
+            "INSERT INTO {s}.cases (namespace, case_id, state, provisional_outcome, outcome,"
+            " threshold, quorum, version, created_at_ms, updated_at_ms, resolved_by)"
+            " VALUES ('default', 'forged', 'FINAL', NULL, 'approve', 0.9, 2, 3, 1, 1, NULL)"
+        ],
+        "forged",
+        "no chained event records its opening or any change to it",
+    ),
+    "a policy loosened": (
+        ["UPDATE {s}.cases SET threshold = 0.5, quorum = 1 WHERE case_id = 'agreed'"],
+        "agreed",
+        "but its stored policy (threshold 0.5, quorum 1) over the signals its events record "
+        "gives RESOLVED_PROVISIONAL 'approve', FINAL 'approve'",
+    ),
+    "a policy loosened, against its opening": (
+        ["UPDATE {s}.cases SET threshold = 0.5 WHERE case_id = 'agreed'"],
+        "agreed",
+        "its policy is threshold 0.5, quorum 2, though it was opened with threshold 0.9, "
+        "quorum 2",
+    ),
+    "a policy no gate accepts": (
+        ["UPDATE {s}.cases SET threshold = 0 WHERE case_id = 'split'"],
+        "split",
+        "its policy (threshold 0.0, quorum 2) is not one any gate opens a case with",
+    ),
+    "a signal's confidence edited": (
+        ["UPDATE {s}.signals SET confidence = 0.1 WHERE case_id = 'split' AND source = 'model-b'"],
+        "split",
+        "the signal of 'model-b' at",
+    ),
+    "a signal's outcome edited": (
+        [
+            "UPDATE {s}.signals SET outcome = 'reject'"
+            " WHERE case_id = 'ruled' AND source = 'model-a'"
+        ],
+        "ruled",
+        "holds 'reject' at confidence 0.9, live, though its event recorded 'approve' at "
+        "confidence 0.9, live",
+    ),
+    "a replaced signal made live again": (
+        ["UPDATE {s}.signals SET status = 'live' WHERE case_id = 'agreed' AND status = 'replaced'"],
+        "agreed",
+        "holds 'approve' at confidence 0.6, live, though its event recorded 'approve' at "
+        "confidence 0.6, replaced",
+    ),
+    "a signal deleted": (
+        ["DELETE FROM {s}.signals WHERE case_id = 'paid' AND source = 'model-c'"],
+        "paid",
+        "the signal of 'model-c' at",
+    ),
+    "a signal forged": (
+        [_SIGNAL_INSERT.replace("%s", "'split'", 1).replace("%s", "'model-z'", 1)],
+        "split",
+        "a signal row of 'model-z' ('approve' at confidence 1.0, live, at",
+    ),
+}
+
+
+@pytest.mark.parametrize("tamper", sorted(_CASE_TAMPERS))
+def test_an_edited_deleted_or_forged_case_or_signal_is_found(
+    db_store: Any, clock: FakeClock, tamper: str
+) -> None:
+    """verify compares every case row and every signal row with the case's chained
+    events, replayed: each edit made behind the gate's back is one case_edited naming the
+    case, and saying what differs."""
+    _decided(db_store)
+    statements, case_id, says = _CASE_TAMPERS[tamper]
+    for statement in statements:  # the forged signal's instant and status, if it has them
+        _sql(db_store, statement.replace("%s", str(clock()), 1).replace("%s", "'live'", 1))
+    report = verify(db_store)
+    assert _kinds(report) == {"case_edited"}, report.problems
+    assert _named(report, "case_edited") == {case_id}
+    (problem,) = report.problems
+    assert says in problem.detail, problem.detail
+    assert problem.shard == shard_of("default", case_id)
+
+
+def test_a_case_edited_to_final_and_settled_stays_found(db_store: Any, clock: FakeClock) -> None:
+    """The reviewer's finding: a case in reconciliation set to FINAL in the database, then
+    settled (the side effect runs on a decision nobody made). Before the settlement the
+    case differs from its events; after it, the settlement's own event says it was settled
+    from FINAL though the case's events left it in reconciliation. An outcome edited on a
+    FINAL case before its settlement is found the same way."""
+    gate = _decided(db_store)
+    _sql(
+        db_store,
+        "UPDATE {s}.cases SET state = 'FINAL', outcome = 'approve' WHERE case_id = 'split'",
+    )
+    report = verify(db_store)
+    assert _named(report, "case_edited") == {"split"}
+    ran: list[str] = []
+    gate.settle("split", "pay", lambda outcome, _ctx: ran.append(outcome))
+    assert ran == ["approve"]
+    assert gate.get("split").state.value == "SETTLED"
+    report = verify(db_store)
+    assert _kinds(report) == {"case_edited"}
+    (problem,) = report.problems
+    assert "settled from FINAL, though its events left it IN_RECONCILIATION" in problem.detail
+    settled = [e for e in gate.guard.audit_trail("split") if e.kind is EventKind.STATE_CHANGE]
+    assert problem.event_id == settled[-1].id  # the settlement's event is named
+    _sql(db_store, "UPDATE {s}.cases SET outcome = 'approve' WHERE case_id = 'ruled'")
+    gate.settle("ruled", "pay", lambda outcome, _ctx: outcome)
+    report = verify(db_store)
+    assert _named(report, "case_edited") == {"split", "ruled"}
+    ruled = next(p for p in report.problems if "'ruled'" in p.detail)
+    assert "settled with outcome 'approve', though it went FINAL with 'reject'" in ruled.detail
+
+
+def test_signals_edited_then_used_are_found_by_the_events_after_them(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """A signal edited in the database and then replaced by its source leaves a
+    ``replaced`` event recording the edited values; a live signal forged to tip the
+    consensus and deleted once it did leaves transitions the events' own signals do not
+    give. Both are case_edited, though the rows hold nothing odd any more."""
+    from safeagent import ConsensusPolicy
+
+    gate = _decided(db_store)
+    _sql(
+        db_store,
+        "UPDATE {s}.signals SET confidence = 0.2 WHERE case_id = 'agreed' AND status = 'live'",
+    )
+    gate.signal("agreed", "model-a", "approve", 0.8)  # replaces the edited one
+    _sql(  # and the edit undone: the replaced row holds what its event recorded again
+        db_store,
+        "UPDATE {s}.signals SET confidence = 0.7 WHERE case_id = 'agreed' AND confidence = 0.2",
+    )
+    report = verify(db_store)
+    assert _named(report, "case_edited") == {"agreed"}
+    (problem,) = report.problems
+    assert "replaced a live one holding ('approve', 0.2), though its events left" in problem.detail
+    gate.open("tipped", policy=ConsensusPolicy(0.6, 1))
+    gate.signal("tipped", "model-a", "approve", 0.5)
+    gate.signal("tipped", "model-b", "reject", 0.5)
+    _sql(db_store, _SIGNAL_INSERT, "tipped", "model-z", clock(), "live")
+    assert gate.signal("tipped", "model-a", "approve", 1.0).state.value == "FINAL"
+    _sql(db_store, "DELETE FROM {s}.signals WHERE source = 'model-z'")
+    report = verify(db_store)
+    assert _named(report, "case_edited") == {"agreed", "tipped"}
+    tipped = next(p for p in report.problems if "'tipped'" in p.detail)
+    assert "a signal led to FINAL 'approve', but its stored policy" in tipped.detail
+    assert "gives no transition" in tipped.detail
+
+
+def test_cases_changing_while_verify_reads_them_are_not_reported(tmp_path: Any) -> None:
+    """verify reads the events, then the cases and their signals: every kind of case
+    write landing in between (a signal, a consensus, a settlement, a late signal, an
+    operator's resolution, a new case) meets older events; the case is read again, not
+    reported. A case changing again during that second read (after its first row read,
+    before its events) is read once more."""
+    from safeagent import ConsensusPolicy, FinalityGate
+
+    guard = Guard(SQLiteStore(str(tmp_path / "cases.db")), wait=0)
+    gate = FinalityGate(guard, policy=ConsensusPolicy(0.9, 2))
+    gate.signal("c", "model-a", "approve", 0.9)
+    gate.signal("r", "model-a", "approve", 0.9)
+    gate.signal("r", "model-b", "reject", 0.9)
+    snapshot = guard.store.audit_chain()  # what verify's first read sees
+    gate.signal("c", "model-b", "approve", 1.0)  # FINAL
+    gate.settle("c", "pay", lambda outcome, _ctx: outcome)
+    gate.signal("c", "model-c", "reject", 1.0)  # late
+    gate.resolve("r", "reject", by="alice", reason="manual review")
+    gate.signal("new", "model-a", "approve", 0.5)
+    changed = []
+
+    class ChangingWhileRead:
+        """The real store, whose chain read returns the earlier snapshot, and whose first
+        read of case r's events is preceded by a late signal on it."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(guard.store, name)
+
+        def audit_chain(self) -> Any:
+            return snapshot
+
+        def events(self, **kwargs: Any) -> Any:
+            if kwargs.get("subject") == "r" and not changed:
+                changed.append(gate.signal("r", "model-c", "approve", 1.0))
+            return guard.store.events(**kwargs)
+
+    guard.close()
+    report = verify(ChangingWhileRead())
+    assert changed
+    assert report.ok, report.problems
+    assert (report.cases_checked, report.signals_checked) == (3, 7)
+
+
+def test_verify_running_beside_gate_writers_finds_nothing(db_store: Any) -> None:
+    """verify run over and over while threads send signals, resolve and settle cases:
+    never a false alarm, on SQLite and PostgreSQL."""
+    import threading
+
+    from safeagent import ConsensusPolicy, FinalityGate
+
+    guard = Guard(db_store, wait=0)
+    gate = FinalityGate(guard, policy=ConsensusPolicy(0.9, 2))
+    failures: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        try:
+            for i in range(12):
+                case_id = f"w{worker}-{i}"
+                gate.signal(case_id, "model-a", "approve", 0.9)
+                gate.signal(case_id, "model-b", "reject" if i % 3 == 0 else "approve", 0.9)
+                if i % 3 == 0:
+                    gate.resolve(case_id, "reject", by="ops", reason="conflict")
+                gate.settle(case_id, "pay", lambda outcome, _ctx: outcome)
+                gate.signal(case_id, "model-c", "approve", 0.5)  # late
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(3)]
+    for thread in writers:
+        thread.start()
+    reports = []
+    while any(t.is_alive() for t in writers) or not reports:
+        reports.append(verify(db_store))
+    for thread in writers:
+        thread.join()
+    guard.close()
+    assert not failures, failures
+    assert all(r.ok for r in reports), [r.problems for r in reports if not r.ok][:1]
+    final = verify(db_store)
+    assert final.ok, final.problems
+    assert (final.cases_checked, final.signals_checked) == (36, 108)

@@ -23,6 +23,7 @@ import pytest
 
 from safeagent import ExecutionContext, Guard
 from safeagent._audit import AuditEvent, EventKind
+from safeagent._cases import Signal, apply_signal
 from safeagent._receipt import ErrorInfo, Status
 from safeagent.audit import verify
 from safeagent.errors import StoreError
@@ -424,11 +425,15 @@ def test_buffered_events_send_claim_and_completion_the_general_way(make: Made) -
 def test_a_completion_that_settles_a_case_takes_the_general_path(make: Made) -> None:
     def scenario(store: Counted, clock: FakeClock) -> None:
         store.open_case("ns", "case-1", 0.9, 1)
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(
-                f"UPDATE {store.schema}.cases SET state = 'FINAL', outcome = 'yes'"
-                " WHERE case_id = 'case-1'"
-            )
+        vote = Signal("model", "yes", 1.0)
+        store.update_case(  # FINAL "yes", as a gate's signal makes it (audited)
+            "ns",
+            "case-1",
+            lambda case, live: apply_signal(case, live, vote),
+            signal=vote,
+            actor="model",
+            detail={"metadata": {}},
+        )
         req = _request("case:case-1")
         store.claim(req)
         assert store.complete(_completion(req, settle_case="case-1")).accepted

@@ -340,6 +340,9 @@ def state_change_event(
                 else change.provisional_outcome
             ),
             **{k: v for k, v in detail.items() if k in ("by", "reason", "execution_id")},
+            # The opening records the case's policy, which no later event repeats: verify
+            # compares the stored one with it.
+            **({"threshold": case.threshold, "quorum": case.quorum} if frm is None else {}),
         },
     )
 
