@@ -1539,8 +1539,7 @@ _CASE_TAMPERS = {
     "a policy loosened, against its opening": (
         ["UPDATE {s}.cases SET threshold = 0.5 WHERE case_id = 'agreed'"],
         "agreed",
-        "its policy is threshold 0.5, quorum 2, though it was opened with threshold 0.9, "
-        "quorum 2",
+        "its policy is threshold 0.5, quorum 2, though it was opened with threshold 0.9, quorum 2",
     ),
     "a policy no gate accepts": (
         ["UPDATE {s}.cases SET threshold = 0 WHERE case_id = 'split'"],
