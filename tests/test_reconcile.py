@@ -771,6 +771,41 @@ def test_rerun_turns_a_failure_into_a_release_so_the_next_call_runs_again(
     assert resolved.detail["reason"] == "relay fixed"
 
 
+def test_rerun_of_a_purged_failure_is_no_tombstone_and_verifies(
+    store: Any, clock: FakeClock, ledger: Ledger
+) -> None:
+    """A FAILED record purged by retention, then re-opened by an operator's rerun: the
+    record is RELEASED and no longer a tombstone (``purged_at_ms`` cleared), so the next
+    call runs fn once, and ``verify`` finds nothing wrong at any point (it reported the
+    re-opened row as a tombstone no retention pass covered)."""
+    from safeagent.audit import verify
+    from safeagent.retention import purge
+
+    guard = Guard(store)
+    attempts: list[int] = []
+
+    def flaky(ctx: ExecutionContext) -> dict[str, int]:
+        ledger.append(ctx.request_id, str(ctx.attempt))
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise Declined("SMTP 550: relay denied")
+        return {"attempt": ctx.attempt}
+
+    with pytest.raises(Declined):
+        guard.execute("p-1", ACTION, INVOICE, flaky)
+    clock.advance(10.0)
+    assert purge(store, older_than=1.0).tombstoned == 1
+    assert verify(store).ok, verify(store).problems
+    released = guard.resolve("p-1", "rerun", by="alice", reason="relay fixed")
+    assert released.status is Status.RELEASED
+    assert released.purged_at_ms is None
+    assert verify(store).ok, verify(store).problems
+    assert guard.execute("p-1", ACTION, INVOICE, flaky).result == {"attempt": 2}
+    assert guard.execute("p-1", ACTION, INVOICE, flaky).replay is True
+    assert attempts == [1, 2]
+    assert verify(store).ok, verify(store).problems
+
+
 @pytest.mark.parametrize("state", ["succeeded", "in_doubt", "absent"])
 @pytest.mark.parametrize("kind", API_KINDS)
 def test_rerun_is_refused_unless_the_record_failed(

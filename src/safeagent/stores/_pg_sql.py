@@ -350,10 +350,12 @@ WHERE e.namespace = %(ns)s AND e.request_id = %(rid)s AND e.fencing_token = %(to
   AND (e.status = 'IN_DOUBT' OR (e.status = 'PENDING' AND e.lease_expires_at_ms <= n.now))
 RETURNING {", ".join("e." + c.strip() for c in COLUMNS.split(","))}, n.now
 """
+# A rerun re-opens a FAILED record, a retention tombstone too: it is no tombstone after.
 RERUN = f"""
 WITH n AS (SELECT {NOW} AS now)
 UPDATE {{s}}.executions AS e
-SET status = 'RELEASED', updated_at_ms = n.now, fencing_token = e.fencing_token + 1
+SET status = 'RELEASED', updated_at_ms = n.now, fencing_token = e.fencing_token + 1,
+    purged_at_ms = NULL
 FROM n
 WHERE e.namespace = %(ns)s AND e.request_id = %(rid)s AND e.fencing_token = %(token)s
   AND e.status = 'FAILED'

@@ -159,11 +159,12 @@ class MemoryStore:
                 return WriteResult(accepted=False, record=old)
             terminal = resolution.status in (Status.SUCCEEDED, Status.FAILED)
             if resolution.rerun:
-                after = replace(
+                after = replace(  # a tombstone re-opened is no tombstone after
                     old,
                     status=Status.RELEASED,
                     fencing_token=old.fencing_token + 1,
                     updated_at_ms=now,
+                    purged_at_ms=None,
                 )
             else:
                 after = replace(

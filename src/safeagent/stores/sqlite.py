@@ -265,9 +265,11 @@ WHERE namespace = ? AND request_id = ? AND fencing_token = ?
   AND (status = 'IN_DOUBT' OR (status = 'PENDING' AND lease_expires_at_ms <= ?))
 RETURNING {COLUMNS}
 """
+# A rerun re-opens a FAILED record, a retention tombstone too: it is no tombstone after.
 SQL_RERUN = f"""
 UPDATE executions
-SET status = 'RELEASED', updated_at_ms = ?, fencing_token = fencing_token + 1
+SET status = 'RELEASED', updated_at_ms = ?, fencing_token = fencing_token + 1,
+    purged_at_ms = NULL
 WHERE namespace = ? AND request_id = ? AND fencing_token = ? AND status = 'FAILED'
 RETURNING {COLUMNS}
 """
