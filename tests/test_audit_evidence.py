@@ -401,36 +401,6 @@ def test_a_receipt_turned_back_deleted_or_forged_is_found(guard: Any, clock: Fak
     assert all(p.event_id is not None for p in report.problems)
 
 
-def test_a_deleted_released_record_is_not_reported_but_a_deleted_claim_is(tmp_path: Any) -> None:
-    """Earlier versions purged released records by deleting them, so a released request
-    with no record is no alarm; a pending claim deleted (the next call would run fn again
-    while the first attempt may have run) is."""
-    from safeagent import NotExecuted
-
-    path = str(tmp_path / "deleted.db")
-    guard = Guard(SQLiteStore(path))
-
-    def not_sent(_ctx: Any) -> None:
-        raise NotExecuted
-
-    with pytest.raises(NotExecuted):
-        guard.execute("released", "charge", {}, not_sent)
-
-    def crash_midway(_ctx: Any) -> None:
-        raise KeyboardInterrupt  # leaves the record in doubt, as a crash would
-
-    with pytest.raises(KeyboardInterrupt):
-        guard.execute("claimed", "charge", {}, crash_midway)
-    guard.close()
-    with sqlite3.connect(path) as conn:
-        conn.execute("DELETE FROM executions WHERE request_id = 'released'")
-    assert verify(guard.store).ok
-    with sqlite3.connect(path) as conn:
-        conn.execute("DELETE FROM executions WHERE request_id = 'claimed'")
-    report = verify(guard.store)
-    assert [p.detail.split("'")[1] for p in report.problems] == ["claimed"]
-
-
 def test_a_request_re_run_while_verify_reads_it_again_is_not_reported(tmp_path: Any) -> None:
     """verify's second look at a suspicious request reads the record, its events, then the
     record again: a request re-run and finished just as its events are read (after the
@@ -1746,3 +1716,209 @@ def test_verify_running_beside_gate_writers_finds_nothing(db_store: Any) -> None
     final = verify(db_store)
     assert final.ok, final.problems
     assert (final.cases_checked, final.signals_checked) == (36, 108)
+
+
+# -- false alarms under concurrent purges, and holes found by review -------------------------
+
+
+def test_a_record_purged_while_verify_reads_it_again_is_not_reported(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """Two requests finish after verify read the chains (their records meet no event, and
+    are read again), and a retention pass purges both right after verify read the
+    retention passes for the first of them: the second is read again as a tombstone whose
+    pass the earlier read lacks; the passes are read again, and nothing is reported."""
+    guard = Guard(db_store)
+    guard.execute("warm", "charge", {}, lambda _ctx: 1)
+    purged: list[Any] = []
+
+    class PurgedWhileRead:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(db_store, name)
+
+        def records(self, **kwargs: Any) -> Any:
+            if kwargs.get("limit") != 0 and not purged:
+                for rid in ("x", "y"):
+                    guard.execute(rid, "charge", {"r": rid}, lambda _ctx: {"ok": True})
+            return db_store.records(**kwargs)
+
+        def events(self, **kwargs: Any) -> Any:
+            found = db_store.events(**kwargs)
+            if kwargs.get("subject") == "*retention*" and not purged:
+                clock.advance(5)
+                purged.append(purge(db_store, older_than=1))
+            return found
+
+    report = verify(PurgedWhileRead())
+    assert purged
+    assert purged[0].tombstoned == 3
+    assert report.ok, report.problems
+    guard.close()
+    assert verify(db_store).ok
+
+
+def _shift_ids_and_add_a_legacy_row(store: Any, subject: str, kind: str) -> None:
+    """What a database writer can do, since ids are not hashed: move every event's id up,
+    and put a row with every chain column NULL below them all, as a pre-chain schema's
+    event would be."""
+    _sql(store, "UPDATE {s}.audit_events SET id = id + 100000")
+    _sql(
+        store,
+        "INSERT INTO {s}.audit_events (id, at_ms, kind, namespace, subject, detail)"
+        " VALUES (1, 0, %s, 'default', %s, '{}')",
+        kind,
+        subject,
+    )
+
+
+def test_a_legacy_row_added_by_hand_hides_no_chained_subject(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """A case with chained events is judged on them, whatever rows outside the chains
+    claim to be its earlier history: edited to FINAL behind one hand-made "legacy" row, it
+    is still a case_edited. A record forged with no chained event behind such a row was
+    changed after the chains began, which no record written before them was: a
+    receipt_edited, not an unverified legacy record."""
+    from safeagent import ConsensusPolicy, FinalityGate
+
+    guard = Guard(db_store)
+    gate = FinalityGate(guard, policy=ConsensusPolicy(threshold=0.7, quorum=2))
+    gate.signal("refund-1", "fraud", "approve", 0.9)
+    clock.advance(1)
+    gate.signal("refund-1", "policy", "reject", 0.9)  # IN_RECONCILIATION
+    clock.advance(1)
+    guard.execute("paid", "charge", {"a": 1}, lambda _ctx: {"charge": "ch_1"})
+    guard.close()
+    assert verify(db_store).ok
+    _shift_ids_and_add_a_legacy_row(db_store, "refund-1", "signal")
+    _sql(
+        db_store,
+        "UPDATE {s}.cases SET state = 'FINAL', outcome = 'approve', provisional_outcome = NULL"
+        " WHERE case_id = 'refund-1'",
+    )
+    report = verify(db_store)
+    assert report.events_legacy == 1
+    assert _kinds(report) == {"case_edited"}
+    assert _named(report, "case_edited") == {"refund-1"}
+    assert report.cases_unverified == 0
+    columns = [c.strip() for c in COLUMNS.split(",")]
+    picked = ", ".join("%s" if c == "request_id" else c for c in columns)
+    _sql(
+        db_store,
+        f"INSERT INTO {{s}}.executions ({', '.join(columns)}) SELECT {picked}"
+        " FROM {s}.executions WHERE request_id = 'paid'",
+        "order-9",
+    )
+    _sql(
+        db_store,
+        "INSERT INTO {s}.audit_events (id, at_ms, kind, namespace, subject, detail)"
+        " VALUES (2, 0, 'claimed', 'default', 'order-9', '{}')",
+    )
+    report = verify(db_store)
+    assert _named(report) == {"order-9"}
+    assert "after the chains began" in next(
+        p.detail for p in report.problems if p.kind == "receipt_edited"
+    )
+    assert report.receipts_unverified == 0
+
+
+def _in_doubt_guard(store: Any, hook: Any = None) -> Guard:
+    from safeagent import ActionPolicy
+
+    actions = {} if hook is None else {"charge": ActionPolicy(reconcile=hook)}
+    return Guard(store, wait=0, owner="worker-A", outcome_unknown=(TimeoutError,), actions=actions)
+
+
+def _timeout(_ctx: Any) -> None:
+    raise TimeoutError("no answer")
+
+
+def test_facts_of_the_attempt_in_doubt_cleared_after_a_take_over_are_found(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """After a reconcile take-over recorded the attempt's facts, clearing ended_attempt
+    (so a hook is told the record's own owner and end, moved an hour back) is a
+    receipt_edited: the record no longer holds what the take-over recorded."""
+    from safeagent import Reconciliation
+
+    guard = _in_doubt_guard(db_store, lambda _req: Reconciliation.unknown())
+    with pytest.raises(TimeoutError):
+        guard.execute("pay-2", "charge", {}, _timeout)
+    clock.advance(5)
+    with pytest.raises(OutcomeUnknownError):
+        guard.execute("pay-2", "charge", {}, _timeout)  # taken over, the hook: unknown
+    guard.close()
+    assert verify(db_store).ok
+    _sql(
+        db_store,
+        "UPDATE {s}.executions SET ended_attempt = NULL, updated_at_ms = updated_at_ms -"
+        " 3600000 WHERE request_id = 'pay-2'",
+    )
+    report = verify(db_store)
+    assert _named(report) == {"pay-2"}
+    assert "differs from what its take-over event recorded" in report.problems[0].detail
+
+
+def test_the_owner_or_end_of_an_attempt_in_doubt_moved_before_a_take_over_is_found(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """Before any take-over, a hook is told the in-doubt record's lease owner and its
+    last change: the owner of its claim and the instant of the event that left it
+    IN_DOUBT. Either moved (the end by more than a second) is a receipt_edited."""
+    guard = _in_doubt_guard(db_store)
+    for rid in ("owner", "end"):
+        with pytest.raises(TimeoutError):
+            guard.execute(rid, "charge", {}, _timeout)
+    guard.close()
+    assert verify(db_store).ok
+    _sql(db_store, "UPDATE {s}.executions SET lease_owner = 'someone' WHERE request_id = 'owner'")
+    _sql(
+        db_store,
+        "UPDATE {s}.executions SET updated_at_ms = updated_at_ms - 3600000"
+        " WHERE request_id = 'end'",
+    )
+    report = verify(db_store)
+    assert _named(report) == {"owner", "end"}
+    details = {p.detail.split("'")[1]: p.detail for p in report.problems}
+    assert "though its claim was 'worker-A'" in details["owner"]
+    assert "though the event that left it IN_DOUBT is at" in details["end"]
+
+
+def test_a_deleted_released_record_is_reported_unless_an_old_retention_pass_covers_it(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """Releases before retention kept released rows deleted them (their passes count
+    them as "deleted"): a released record deleted is no alarm when such a pass, with a
+    cutoff after its release, is in the chains; otherwise (its fencing tokens would start
+    again at 1) it is a receipt_edited, and so is a pending claim deleted."""
+    from safeagent import NotExecuted
+    from safeagent.stores._base import purged_event
+
+    guard = Guard(db_store)
+
+    def not_sent(_ctx: Any) -> None:
+        raise NotExecuted
+
+    for _ in range(3):
+        with pytest.raises(NotExecuted):
+            guard.execute("released", "charge", {}, not_sent)
+
+    def crash_midway(_ctx: Any) -> None:
+        raise KeyboardInterrupt  # leaves the record in doubt, as a crash would
+
+    with pytest.raises(KeyboardInterrupt):
+        guard.execute("claimed", "charge", {}, crash_midway)
+    guard.close()
+    _sql(db_store, "DELETE FROM {s}.executions WHERE request_id = 'released'")
+    report = verify(db_store)
+    assert _named(report) == {"released"}
+    assert "no retention pass that deleted released records" in report.problems[0].detail
+    clock.advance(10)
+    # this release's pass (it keeps released rows, and counts them as "released")
+    purge(db_store, older_than=1)
+    assert _named(verify(db_store)) == {"released"}
+    counts = {"tombstoned": 0, "deleted": 1, "kept_pending": 1, "kept_in_doubt": 0}
+    db_store.record_event(purged_event(clock(), clock() - 1000, "old", counts))
+    assert verify(db_store).ok
+    _sql(db_store, "DELETE FROM {s}.executions WHERE request_id = 'claimed'")
+    assert _named(verify(db_store)) == {"claimed"}

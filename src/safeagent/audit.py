@@ -78,11 +78,14 @@ class Problem:
     ``"head_mismatch"`` (the stored chain head is not the last event's hash: another
     hash, moved back to an earlier event, or missing),
     ``"receipt_edited"`` (an execution record no longer holds what the last event that
-    changed it says: another status, a missing record, an outcome that no longer matches
-    the digest that event recorded, facts of the attempt in doubt other than its last
-    reconcile take-over recorded, a tombstone no retention pass covers or that holds
-    what retention clears, or a record no chained event names at all; ``seq`` and
-    ``event_id`` name the event, when there is one), or
+    changed it says: another status, a missing record (a released one only when no
+    retention pass of a release that deleted released records covers it), an outcome
+    that no longer matches the digest that event recorded, facts of the attempt in doubt
+    other than its last reconcile take-over recorded (or, before one, an owner or end of
+    an in-doubt record other than its claim and its in-doubt event), a tombstone no
+    retention pass covers or that holds what retention clears, or a record no chained
+    event names at all (with only legacy events, one changed after the chains began);
+    ``seq`` and ``event_id`` name the event, when there is one), or
     ``"case_edited"`` (a finality-gate case or its signals no longer hold what the case's
     chained ``signal`` and ``state_change`` events say: another state, outcome,
     provisional outcome, version, resolver or timestamp than its events left; a case row
@@ -115,7 +118,8 @@ class VerifyReport:
     """Requests whose record was compared with the last event that changed it."""
     receipts_unverified: int = 0
     """Finished records with no outcome digest to compare with (written by a release
-    before digests), and records whose only events were written before the chains."""
+    before digests), and records whose only events were written before the chains (and
+    that were last changed before the first chained event)."""
     events_legacy: int = 0
     """Event rows written before the audit trail was chained (a database created by a
     pre-chain schema and migrated): every chain column NULL, and an id below every
@@ -278,7 +282,9 @@ def verify(
     newest anchors can be deleted unseen, and the events only they signed rewritten.
 
     Every event row outside the chains is reported (``unchained_event``) and never
-    trusted, except rows written before the trail was chained (``events_legacy``).
+    trusted, except rows written before the trail was chained (``events_legacy``),
+    which never excuse a request or a case opened in the chains: those are judged on
+    their chained events.
 
     Every execution record is also compared with the last chained event that changed
     its request: the status that event left, and for a finished record the outcome
@@ -364,6 +370,9 @@ class _Trail:
     """(namespace, subject) of legacy rows."""
     chained: int = 0
     legacy: int = 0
+    chains_began: int | None = None
+    """The earliest instant (at_ms) of a trusted chained event: every legacy row, and every
+    record only legacy rows name, was written before it."""
 
 
 def _in_chain_form(row: tuple[Any, ...]) -> bool:
@@ -405,6 +414,9 @@ def _split(rows: list[tuple[Any, ...]], problems: list[Problem]) -> _Trail:
             )
             if own == shard:
                 trail.trusted.append(row)
+                at = row[_AT]
+                if type(at) is int and (trail.chains_began is None or at < trail.chains_began):
+                    trail.chains_began = at
                 continue
             trail.untrusted.add(event_id)
             problems.append(
@@ -753,6 +765,9 @@ class _Expected:
     """When the event was written (store clock): when the record last changed."""
     execution_id: Any = None
     """The attempt the event names."""
+    owner: Any = None
+    """Who made the request's last claim (its event's actor): the owner of the attempt
+    that ran fn, or of the last take-over."""
 
 
 def _facts_after(kind: str, detail: Any, facts: tuple[Any, Any, Any] | None) -> Any:
@@ -806,6 +821,7 @@ def _last_states(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], _Expected
     events are all in one chain, read in seq order."""
     found: dict[tuple[str, str], _Expected] = {}
     facts: dict[tuple[str, str], Any] = {}
+    owners: dict[tuple[str, str], Any] = {}
     for row in rows:
         kind = row[_KIND]
         if kind not in _STATE_EVENTS:
@@ -816,13 +832,15 @@ def _last_states(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], _Expected
             detail = None
         key = (row[_NAMESPACE], row[_SUBJECT])
         facts[key] = _facts_after(kind, detail, facts.get(key))
+        if kind == EventKind.CLAIMED.value:
+            owners[key] = row[_ACTOR]
         expected = _expectation(
             kind, detail, row[_SHARD], row[_SEQ], row[_ID], row[_AT], row[_EXECUTION_ID]
         )
         if expected is not None:
             found[key] = expected
     return {
-        key: expected if facts.get(key) is None else replace(expected, facts=facts[key])
+        key: replace(expected, facts=facts.get(key), owner=owners.get(key))
         for key, expected in found.items()
     }
 
@@ -831,21 +849,26 @@ _CLOCK_STEP_MS = 1000
 
 
 class _Purges:
-    """The retention passes in the chains: answers whether one of them covers a tombstone."""
+    """The retention passes in the chains: answers whether one of them covers a tombstone,
+    or a released record deleted by a release that deleted them."""
 
-    def __init__(self, marks: list[tuple[int, int]]) -> None:
+    def __init__(self, marks: list[tuple[int, int, bool]]) -> None:
         marks.sort()
-        self._at = [at for at, _ in marks]
+        self._at = [at for at, _, _ in marks]
         # _reach[i]: the latest cutoff of any pass written at or after self._at[i]
         self._reach = [0] * len(marks)
         reach = -(2**63)
         for i in range(len(marks) - 1, -1, -1):
             reach = max(reach, marks[i][1])
             self._reach[i] = reach
+        # The latest cutoff of a pass that deleted released records (only the releases
+        # before retention kept them did: their passes count them as "deleted").
+        self._deleting = max((cutoff for _, cutoff, deleted in marks if deleted), default=None)
 
     @staticmethod
     def mark(kind: Any, namespace: Any, subject: Any, at_ms: Any, detail: Any) -> Any:
-        """(at_ms, cutoff_ms) of a retention pass's event, or None for any other event."""
+        """(at_ms, cutoff_ms, deleted released records) of a retention pass's event, or
+        None for any other event."""
         if kind != EventKind.PURGED.value or (namespace, subject) != _RETENTION:
             return None
         if isinstance(detail, str):
@@ -853,10 +876,13 @@ class _Purges:
                 detail = json.loads(detail)
             except ValueError:
                 return None
-        cutoff = detail.get("cutoff_ms") if isinstance(detail, Mapping) else None
+        if not isinstance(detail, Mapping):
+            return None
+        cutoff = detail.get("cutoff_ms")
         if type(at_ms) is not int or type(cutoff) is not int:
             return None
-        return at_ms, cutoff
+        deleted = detail.get("deleted")
+        return at_ms, cutoff, type(deleted) is int and deleted > 0
 
     def cover(self, purged_at_ms: Any, changed_at_ms: Any) -> bool:
         """Whether a pass written at or after ``purged_at_ms`` (retention stamps its
@@ -868,6 +894,16 @@ class _Purges:
         # apart: a step back of that clock in between must not look like tampering.
         i = bisect.bisect_left(self._at, purged_at_ms - _CLOCK_STEP_MS)
         return i < len(self._at) and self._reach[i] > changed_at_ms
+
+    def cover_deletion(self, changed_at_ms: Any) -> bool:
+        """Whether a pass of a release that deleted released records (its event counts
+        them as ``deleted``, none of this release's does) had a cutoff after
+        ``changed_at_ms`` (the record's release): that pass may have deleted it."""
+        return (
+            type(changed_at_ms) is int
+            and self._deleting is not None
+            and self._deleting > changed_at_ms
+        )
 
 
 def _stored_digest(record: Record) -> str:
@@ -882,15 +918,29 @@ def _stored_digest(record: Record) -> str:
 
 
 def _judge(
-    record: Record | None, expected: _Expected | None, legacy: bool, purges: _Purges
+    record: Record | None,
+    expected: _Expected | None,
+    legacy: bool,
+    purges: _Purges,
+    chains_began: Any = None,
 ) -> str | None:
     """ "ok", "unverified", or what is wrong, for one request (None: nothing to check).
-    ``legacy``: the request has events from before the chains."""
+    ``legacy``: the request has events from before the chains; ``chains_began``: the
+    earliest instant of a chained event (None: no chained event)."""
     if expected is None:
         if record is None:
             return None
         if legacy:
-            return "unverified"  # its events predate the chains: nothing trusted to compare
+            # Its events predate the chains: nothing trusted to compare, but a record
+            # written before them was last changed before the first chained event.
+            changed = _last_change(record)
+            if type(chains_began) is int and changed is not None and changed >= chains_began:
+                return (
+                    f"its only events are from before the chains, but the record was changed "
+                    f"at {changed}, after the chains began (at {chains_began}): a "
+                    f"{record.status.value} record written behind the guard's back"
+                )
+            return "unverified"
         # Every writer appends a claim's event in the claim's own transaction (the
         # original package's API and the finality gate write through the guard).
         return (
@@ -902,7 +952,13 @@ def _judge(
         return None  # its last event's detail is unreadable: reported as edited
     if record is None:
         if expected.status == Status.RELEASED.value:
-            return None  # earlier versions purged released records by deleting them
+            if purges.cover_deletion(expected.at_ms):
+                return None  # a pass of a release that deleted released records did it
+            return (
+                "the record is gone, though its last event left it RELEASED and no "
+                "retention pass that deleted released records (written by a release before "
+                "retention kept them) covers it: its fencing tokens would start again"
+            )
         return f"the record is gone, though its last event left it {expected.status}"
     if record.status.value != expected.status:
         return (
@@ -951,22 +1007,75 @@ def _judge_tombstone(record: Record, expected: _Expected, purges: _Purges) -> st
     return "ok"
 
 
-def _judge_facts(record: Record, expected: _Expected) -> str | None:
-    """What is wrong with the record's facts of the attempt in doubt (the owner and end a
-    reconcile hook is told, which decide when it may answer "did not happen"), against
-    the take-over event that recorded them; None if nothing is, or nothing can be told."""
-    if record.ended_attempt is None or record.ended_attempt != record.attempt:
-        return None  # none recorded for this attempt
-    if expected.facts is None:
-        return "it holds facts of the attempt in doubt that no take-over event recorded"
-    owner, ended_at, attempt = expected.facts
-    if attempt != record.attempt:
-        return None  # the event describes another attempt (a claim by an older release)
-    if (record.attempt_owner, record.attempt_ended_at_ms) != (owner, ended_at):
-        return (
-            "the owner or end of the attempt in doubt differs from what its take-over "
-            "event recorded"
+def _last_change(record: Record) -> int | None:
+    stamps = [
+        t
+        for t in (
+            record.created_at_ms,
+            record.claimed_at_ms,
+            record.updated_at_ms,
+            record.completed_at_ms,
+            record.purged_at_ms,
         )
+        if type(t) is int
+    ]
+    return max(stamps, default=None)
+
+
+_WAITING = frozenset({Status.IN_DOUBT.value, Status.PENDING.value})
+
+
+def _judge_facts(record: Record, expected: _Expected) -> str | None:
+    """What is wrong with the facts of the attempt in doubt a reconcile hook is told
+    (Record.attempt_facts: the owner and end that decide when it may answer "did not
+    happen"), against the events; None if nothing is, or nothing can be told.
+
+    After a take-over that recorded them for the current attempt, the record must hold
+    them (ended_attempt, owner and end). Before any, a record stored IN_DOUBT is told its
+    lease owner and its last change: the owner of its last claim, and the instant of the
+    event that left it IN_DOUBT (the same write)."""
+    recorded = record.ended_attempt is not None and record.ended_attempt == record.attempt
+    taken = expected.facts is not None and expected.facts[2] == record.attempt
+    if recorded and expected.facts is None:
+        return "it holds facts of the attempt in doubt that no take-over event recorded"
+    if taken and expected.facts is not None:
+        if record.status.value not in _WAITING and not recorded:
+            return None  # finished or released since: the facts no longer count
+        owner, ended_at, _ = expected.facts
+        if not recorded or (record.attempt_owner, record.attempt_ended_at_ms) != (
+            owner,
+            ended_at,
+        ):
+            told = record.attempt_facts()
+            return (
+                "the owner or end of the attempt in doubt differs from what its take-over "
+                f"event recorded (a reconcile hook is told {told[0]!r} ended at {told[1]}, "
+                f"the event recorded {owner!r} at {ended_at})"
+            )
+        return None
+    if recorded:
+        return None  # the event describes another attempt (a claim by an older release)
+    if (
+        record.status.value == Status.IN_DOUBT.value
+        and expected.status == Status.IN_DOUBT.value
+        and expected.facts is None
+    ):
+        wrong = []
+        if expected.owner is not None and record.lease_owner != expected.owner:
+            wrong.append(f"owner {record.lease_owner!r}, though its claim was {expected.owner!r}")
+        if (
+            type(expected.at_ms) is int
+            and type(record.updated_at_ms) is int
+            and abs(record.updated_at_ms - expected.at_ms) > _CLOCK_STEP_MS
+        ):
+            wrong.append(
+                f"end {record.updated_at_ms}, though the event that left it IN_DOUBT is at "
+                f"{expected.at_ms}"
+            )
+        if wrong:
+            return "the attempt in doubt a reconcile hook would be told of has " + " and ".join(
+                wrong
+            )
     return None
 
 
@@ -992,16 +1101,23 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
     records, _ = store.records()
     by_key = {(r.namespace, r.request_id): r for r in records}
     checked = unverified = 0
+    began = trail.chains_began
     for key in by_key.keys() | states.keys():
         legacy = key in trail.legacy_keys
-        verdict = _judge(by_key.get(key), states.get(key), legacy, purges)
+        verdict = _judge(by_key.get(key), states.get(key), legacy, purges, began)
         if verdict is None:
             continue
         if verdict not in ("ok", "unverified"):
-            if fresh is None:  # retention passes since the first read, once
-                fresh = _read_purges(store, trail.untrusted)
             record, expected = _read_again(store, key[0], key[1], trail.untrusted)
-            verdict = _judge(record, expected, legacy, fresh)
+            # The retention passes are read after the record: a tombstone (or a deletion)
+            # read again was written by a pass that committed before that read, so it is
+            # in them. They are read again whenever the last read may predate it.
+            if fresh is None or (
+                _judge(record, expected, legacy, fresh, began) not in (None, "ok", "unverified")
+                and (record is None or record.purged_at_ms is not None)
+            ):
+                fresh = _read_purges(store, trail.untrusted)
+            verdict = _judge(record, expected, legacy, fresh, began)
             if verdict is None:
                 continue
         if verdict == "unverified":
@@ -1044,12 +1160,14 @@ def _read_again(
     expected: _Expected | None = None
     for _ in range(5):
         expected = None
-        facts = None
+        facts = owner = None
         shard = shard_of(namespace, request_id)
         for event in store.events(namespace=namespace, subject=request_id):
             if event.id in untrusted:
                 continue
             facts = _facts_after(event.kind.value, event.detail, facts)
+            if event.kind is EventKind.CLAIMED:
+                owner = event.actor
             found = _expectation(
                 event.kind.value,
                 event.detail,
@@ -1061,8 +1179,8 @@ def _read_again(
             )
             if found is not None:
                 expected = found
-        if expected is not None and facts is not None:
-            expected = replace(expected, facts=facts)
+        if expected is not None:
+            expected = replace(expected, facts=facts, owner=owner)
         after, _ = store.get(namespace, request_id)
         if after == record:
             break
@@ -1476,7 +1594,9 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
     checked = unverified = signals_checked = 0
     for key in rows.keys() | by_case.keys():
         namespace, case_id = key
-        legacy = key in trail.legacy_keys
+        # A case opened in the chains is judged on its chained events, whatever rows
+        # outside them claim to be its history from before the chains.
+        legacy = key in trail.legacy_keys and not _opened_in_chains(by_case.get(key, []))
         try:
             signals = [] if legacy else store.case_signals(namespace, case_id)
             verdict = _judge_case(rows.get(key), signals, by_case.get(key, []), legacy)
@@ -1510,6 +1630,17 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
                 )
             )
     return checked, unverified, signals_checked
+
+
+def _opened_in_chains(events: list[_CaseEvent]) -> bool:
+    """Whether a chained event opened the case (a ``state_change`` from nothing)."""
+    return any(
+        e[0] == EventKind.STATE_CHANGE.value
+        and isinstance(e[3], dict)
+        and "from" in e[3]
+        and e[3]["from"] is None
+        for e in events
+    )
 
 
 def _read_case_again(
