@@ -1,0 +1,477 @@
+"""How :func:`safeagent.audit.verify` checks the execution records against the trail: each
+record must hold what the last chained event that changed it says (status, outcome digest,
+the facts of an attempt in doubt; a tombstone, the retention pass that made it), read
+again before a mismatch is reported, so writers racing with verification raise no alarm."""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from safeagent._audit import EventKind
+from safeagent._receipt import TERMINAL, Record, Status
+from safeagent._verify import (
+    _ACTOR,
+    _AT,
+    _DETAIL,
+    _EXECUTION_ID,
+    _ID,
+    _KIND,
+    _NAMESPACE,
+    _SEQ,
+    _SHARD,
+    _STATE_EVENTS,
+    _SUBJECT,
+    Problem,
+    _Trail,
+)
+from safeagent.stores._base import OUTCOME_DIGEST, outcome_digest
+from safeagent.stores._rows import shard_of
+
+_FINISHED = frozenset(status.value for status in TERMINAL)
+# What retention purges (retention.purge): finished records, and released ones.
+_PURGEABLE = _FINISHED | {Status.RELEASED.value}
+# The subject of a retention pass's event (stores._base.purged_event).
+_RETENTION = ("*", "*retention*")
+
+
+@dataclass(frozen=True, slots=True)
+class _Expected:
+    """What the last state-changing event of a request says its record holds."""
+
+    status: str | None  # None: unreadable detail (reported by the chain check, if edited)
+    digest: str | None
+    shard: int
+    seq: int | None
+    event_id: int | None
+    facts: tuple[Any, Any, Any] | None = None
+    """(attempt_owner, attempt_ended_at_ms, attempt) the last reconcile take-over of the
+    current attempt recorded, if one did (Record.attempt_facts)."""
+    at_ms: Any = None
+    """When the event was written (store clock): when the record last changed."""
+    execution_id: Any = None
+    """The attempt the event names."""
+    owner: Any = None
+    """Who made the request's last claim (its event's actor): the owner of the attempt
+    that ran fn, or of the last take-over."""
+
+
+def _facts_after(kind: str, detail: Any, facts: tuple[Any, Any, Any] | None) -> Any:
+    """The take-over facts in force after one event: a reconcile take-over that recorded
+    them sets them; another claim (a new attempt) clears them; other events keep them."""
+    if kind != EventKind.CLAIMED.value:
+        return facts
+    if isinstance(detail, dict) and detail.get("reconcile"):
+        if "attempt_owner" in detail:
+            return (
+                detail["attempt_owner"],
+                detail.get("attempt_ended_at_ms"),
+                detail.get("attempt"),
+            )
+        return facts  # a take-over by a release that recorded none
+    return None
+
+
+def _expectation(
+    kind: str,
+    detail: Any,
+    shard: int,
+    seq: int | None,
+    event_id: Any,
+    at_ms: Any = None,
+    execution_id: Any = None,
+) -> Any:
+    """The _Expected of one event, or None if the event does not change the status."""
+    if kind not in _STATE_EVENTS:
+        return None
+    if not isinstance(detail, dict):
+        return _Expected(None, None, shard, seq, event_id, None, at_ms, execution_id)
+    if kind == EventKind.IN_DOUBT.value and detail.get("observed"):
+        return None  # a caller saw an expired lease: nothing changed
+    status = _STATE_EVENTS[kind] or detail.get("status")
+    digest = detail.get(OUTCOME_DIGEST)
+    return _Expected(
+        status if isinstance(status, str) else None,
+        digest if isinstance(digest, str) else None,
+        shard,
+        seq,
+        event_id,
+        None,
+        at_ms,
+        execution_id,
+    )
+
+
+def _last_states(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], _Expected]:
+    """(namespace, request id) -> what its last state-changing event says. A request's
+    events are all in one chain, read in seq order."""
+    found: dict[tuple[str, str], _Expected] = {}
+    facts: dict[tuple[str, str], Any] = {}
+    owners: dict[tuple[str, str], Any] = {}
+    for row in rows:
+        kind = row[_KIND]
+        if kind not in _STATE_EVENTS:
+            continue
+        try:
+            detail = json.loads(row[_DETAIL])
+        except (ValueError, TypeError):
+            detail = None
+        key = (row[_NAMESPACE], row[_SUBJECT])
+        facts[key] = _facts_after(kind, detail, facts.get(key))
+        if kind == EventKind.CLAIMED.value:
+            owners[key] = row[_ACTOR]
+        expected = _expectation(
+            kind, detail, row[_SHARD], row[_SEQ], row[_ID], row[_AT], row[_EXECUTION_ID]
+        )
+        if expected is not None:
+            found[key] = expected
+    return {
+        key: replace(expected, facts=facts.get(key), owner=owners.get(key))
+        for key, expected in found.items()
+    }
+
+
+_CLOCK_STEP_MS = 1000
+
+
+class _Purges:
+    """The retention passes in the chains: answers whether one of them covers a tombstone,
+    or a released record deleted by a release that deleted them."""
+
+    def __init__(self, marks: list[tuple[int, int, bool]]) -> None:
+        marks.sort()
+        self._at = [at for at, _, _ in marks]
+        # _reach[i]: the latest cutoff of any pass written at or after self._at[i]
+        self._reach = [0] * len(marks)
+        reach = -(2**63)
+        for i in range(len(marks) - 1, -1, -1):
+            reach = max(reach, marks[i][1])
+            self._reach[i] = reach
+        # The latest cutoff of a pass that deleted released records (only the releases
+        # before retention kept them did: their passes count them as "deleted").
+        self._deleting = max((cutoff for _, cutoff, deleted in marks if deleted), default=None)
+
+    @staticmethod
+    def mark(kind: Any, namespace: Any, subject: Any, at_ms: Any, detail: Any) -> Any:
+        """(at_ms, cutoff_ms, deleted released records) of a retention pass's event, or
+        None for any other event."""
+        if kind != EventKind.PURGED.value or (namespace, subject) != _RETENTION:
+            return None
+        if isinstance(detail, str):
+            try:
+                detail = json.loads(detail)
+            except ValueError:
+                return None
+        if not isinstance(detail, Mapping):
+            return None
+        cutoff = detail.get("cutoff_ms")
+        if type(at_ms) is not int or type(cutoff) is not int:
+            return None
+        deleted = detail.get("deleted")
+        return at_ms, cutoff, type(deleted) is int and deleted > 0
+
+    def cover(self, purged_at_ms: Any, changed_at_ms: Any) -> bool:
+        """Whether a pass written at or after ``purged_at_ms`` (retention stamps its
+        tombstones before it writes its event, in the same transaction) had a cutoff
+        after ``changed_at_ms`` (the record's last change): that pass purged it."""
+        if type(purged_at_ms) is not int or type(changed_at_ms) is not int:
+            return False
+        # On PostgreSQL the tombstones and the event read the server's clock a moment
+        # apart: a step back of that clock in between must not look like tampering.
+        i = bisect.bisect_left(self._at, purged_at_ms - _CLOCK_STEP_MS)
+        return i < len(self._at) and self._reach[i] > changed_at_ms
+
+    def cover_deletion(self, changed_at_ms: Any) -> bool:
+        """Whether a pass of a release that deleted released records (its event counts
+        them as ``deleted``, none of this release's does) had a cutoff after
+        ``changed_at_ms`` (the record's release): that pass may have deleted it."""
+        return (
+            type(changed_at_ms) is int
+            and self._deleting is not None
+            and self._deleting > changed_at_ms
+        )
+
+
+def _stored_digest(record: Record) -> str:
+    error = record.error
+    return outcome_digest(
+        record.execution_id,
+        record.status.value,
+        record.result_json,
+        None if error is None else error.type,
+        None if error is None else error.message,
+    )
+
+
+def _judge(
+    record: Record | None,
+    expected: _Expected | None,
+    legacy: bool,
+    purges: _Purges,
+    chains_began: Any = None,
+) -> str | None:
+    """ "ok", "unverified", or what is wrong, for one request (None: nothing to check).
+    ``legacy``: the request has events from before the chains; ``chains_began``: the
+    earliest instant of a chained event (None: no chained event)."""
+    if expected is None:
+        if record is None:
+            return None
+        if legacy:
+            # Its events predate the chains: nothing trusted to compare, but a record
+            # written before them was last changed before the first chained event.
+            changed = _last_change(record)
+            if type(chains_began) is int and changed is not None and changed >= chains_began:
+                return (
+                    f"its only events are from before the chains, but the record was changed "
+                    f"at {changed}, after the chains began (at {chains_began}): a "
+                    f"{record.status.value} record written behind the guard's back"
+                )
+            return "unverified"
+        # Every writer appends a claim's event in the claim's own transaction (the
+        # original package's API and the finality gate write through the guard).
+        return (
+            f"no chained event records its claim or any change to it, though every "
+            f"writer appends one in the same transaction: a {record.status.value} record "
+            "written behind the guard's back"
+        )
+    if expected.status is None:
+        return None  # its last event's detail is unreadable: reported as edited
+    if record is None:
+        if expected.status == Status.RELEASED.value:
+            if purges.cover_deletion(expected.at_ms):
+                return None  # a pass of a release that deleted released records did it
+            return (
+                "the record is gone, though its last event left it RELEASED and no "
+                "retention pass that deleted released records (written by a release before "
+                "retention kept them) covers it: its fencing tokens would start again"
+            )
+        return f"the record is gone, though its last event left it {expected.status}"
+    if record.status.value != expected.status:
+        return (
+            f"the record is {record.status.value}, though its last event left it {expected.status}"
+            + (" (and it is marked purged)" if record.purged_at_ms is not None else "")
+        )
+    facts = _judge_facts(record, expected)
+    if facts is not None:
+        return facts
+    if record.purged_at_ms is not None:
+        return _judge_tombstone(record, expected, purges)
+    if record.status.value not in _FINISHED:
+        return "ok"
+    if expected.digest is None:
+        return "unverified"  # finished by a release that wrote no outcome digests
+    if expected.digest != _stored_digest(record):
+        return f"the stored {record.status.value} outcome differs from the one its event recorded"
+    return "ok"
+
+
+def _judge_tombstone(record: Record, expected: _Expected, purges: _Purges) -> str:
+    """A record marked purged (its status already matches its last event): retention
+    keeps identity, action, fingerprint, final status and execution id, clears payload,
+    result and error message, and writes a chained ``purged`` event in the same
+    transaction, whose cutoff is after the record's last change."""
+    status = record.status.value
+    if status not in _PURGEABLE:
+        return f"it is marked purged, but retention never purges a {status} record"
+    if (
+        record.payload_json
+        or record.result_json is not None
+        or (record.error and record.error.message)
+    ):
+        return (
+            "it is marked purged, but still holds a payload, result or error message, "
+            "which retention clears"
+        )
+    if expected.execution_id is not None and record.execution_id != expected.execution_id:
+        return "its execution id is not the one its last event names"
+    if not purges.cover(record.purged_at_ms, expected.at_ms):
+        return (
+            f"it is marked purged (at {record.purged_at_ms}), but no retention pass in the "
+            "chains covers it: none written since then had a cutoff after its last change "
+            f"(at {expected.at_ms})"
+        )
+    return "ok"
+
+
+def _last_change(record: Record) -> int | None:
+    stamps = [
+        t
+        for t in (
+            record.created_at_ms,
+            record.claimed_at_ms,
+            record.updated_at_ms,
+            record.completed_at_ms,
+            record.purged_at_ms,
+        )
+        if type(t) is int
+    ]
+    return max(stamps, default=None)
+
+
+_WAITING = frozenset({Status.IN_DOUBT.value, Status.PENDING.value})
+
+
+def _judge_facts(record: Record, expected: _Expected) -> str | None:
+    """What is wrong with the facts of the attempt in doubt a reconcile hook is told
+    (Record.attempt_facts: the owner and end that decide when it may answer "did not
+    happen"), against the events; None if nothing is, or nothing can be told.
+
+    After a take-over that recorded them for the current attempt, the record must hold
+    them (ended_attempt, owner and end). Before any, a record stored IN_DOUBT is told its
+    lease owner and its last change: the owner of its last claim, and the instant of the
+    event that left it IN_DOUBT (the same write)."""
+    recorded = record.ended_attempt is not None and record.ended_attempt == record.attempt
+    taken = expected.facts is not None and expected.facts[2] == record.attempt
+    if recorded and expected.facts is None:
+        return "it holds facts of the attempt in doubt that no take-over event recorded"
+    if taken and expected.facts is not None:
+        if record.status.value not in _WAITING and not recorded:
+            return None  # finished or released since: the facts no longer count
+        owner, ended_at, _ = expected.facts
+        if not recorded or (record.attempt_owner, record.attempt_ended_at_ms) != (
+            owner,
+            ended_at,
+        ):
+            told = record.attempt_facts()
+            return (
+                "the owner or end of the attempt in doubt differs from what its take-over "
+                f"event recorded (a reconcile hook is told {told[0]!r} ended at {told[1]}, "
+                f"the event recorded {owner!r} at {ended_at})"
+            )
+        return None
+    if recorded:
+        return None  # the event describes another attempt (a claim by an older release)
+    if (
+        record.status.value == Status.IN_DOUBT.value
+        and expected.status == Status.IN_DOUBT.value
+        and expected.facts is None
+    ):
+        wrong = []
+        if expected.owner is not None and record.lease_owner != expected.owner:
+            wrong.append(f"owner {record.lease_owner!r}, though its claim was {expected.owner!r}")
+        if (
+            type(expected.at_ms) is int
+            and type(record.updated_at_ms) is int
+            and abs(record.updated_at_ms - expected.at_ms) > _CLOCK_STEP_MS
+        ):
+            wrong.append(
+                f"end {record.updated_at_ms}, though the event that left it IN_DOUBT is at "
+                f"{expected.at_ms}"
+            )
+        if wrong:
+            return "the attempt in doubt a reconcile hook would be told of has " + " and ".join(
+                wrong
+            )
+    return None
+
+
+def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[int, int]:
+    """Compare every record with what the last trusted state-changing event of its
+    request says: its stored status, and for a finished one the outcome digest (for a
+    tombstone, the retention pass that covers it). Returns (checked, unverified). Records
+    and events are read apart, so a request that looks wrong is read again, record and
+    events together, before it is reported."""
+    states = _last_states(trail.trusted)
+    purges = _Purges(
+        [
+            mark
+            for row in trail.trusted
+            if (
+                mark := _Purges.mark(
+                    row[_KIND], row[_NAMESPACE], row[_SUBJECT], row[_AT], row[_DETAIL]
+                )
+            )
+        ]
+    )
+    fresh: _Purges | None = None
+    records, _ = store.records()
+    by_key = {(r.namespace, r.request_id): r for r in records}
+    checked = unverified = 0
+    began = trail.chains_began
+    for key in by_key.keys() | states.keys():
+        legacy = key in trail.legacy_keys
+        verdict = _judge(by_key.get(key), states.get(key), legacy, purges, began)
+        if verdict is None:
+            continue
+        if verdict not in ("ok", "unverified"):
+            record, expected = _read_again(store, key[0], key[1], trail.untrusted)
+            # The retention passes are read after the record: a tombstone (or a deletion)
+            # read again was written by a pass that committed before that read, so it is
+            # in them. They are read again whenever the last read may predate it.
+            if fresh is None or (
+                _judge(record, expected, legacy, fresh, began) not in (None, "ok", "unverified")
+                and (record is None or record.purged_at_ms is not None)
+            ):
+                fresh = _read_purges(store, trail.untrusted)
+            verdict = _judge(record, expected, legacy, fresh, began)
+            if verdict is None:
+                continue
+        if verdict == "unverified":
+            unverified += 1
+            continue
+        checked += 1
+        if verdict != "ok":
+            where = states.get(key) or _Expected(None, None, shard_of(*key), None, None)
+            problems.append(
+                Problem(
+                    "receipt_edited",
+                    where.shard,
+                    where.seq,
+                    where.event_id,
+                    f"request {key[1]!r} ({key[0]}): {verdict}",
+                )
+            )
+    return checked, unverified
+
+
+def _read_purges(store: Any, untrusted: set[Any]) -> _Purges:
+    events = store.events(namespace=_RETENTION[0], subject=_RETENTION[1])
+    return _Purges(
+        [
+            mark
+            for e in events
+            if e.id not in untrusted
+            and (mark := _Purges.mark(e.kind.value, e.namespace, e.subject, e.at_ms, e.detail))
+        ]
+    )
+
+
+def _read_again(
+    store: Any, namespace: str, request_id: str, untrusted: set[Any]
+) -> tuple[Record | None, _Expected | None]:
+    """The record and its request's last state-changing event, read until the record is
+    the same before and after the events (a request finishing or re-run meanwhile).
+    Events the first read found outside the chains (``untrusted``) are left out."""
+    record, _ = store.get(namespace, request_id)
+    expected: _Expected | None = None
+    for _ in range(5):
+        expected = None
+        facts = owner = None
+        shard = shard_of(namespace, request_id)
+        for event in store.events(namespace=namespace, subject=request_id):
+            if event.id in untrusted:
+                continue
+            facts = _facts_after(event.kind.value, event.detail, facts)
+            if event.kind is EventKind.CLAIMED:
+                owner = event.actor
+            found = _expectation(
+                event.kind.value,
+                event.detail,
+                shard,
+                None,
+                event.id,
+                event.at_ms,
+                event.execution_id,
+            )
+            if found is not None:
+                expected = found
+        if expected is not None:
+            expected = replace(expected, facts=facts, owner=owner)
+        after, _ = store.get(namespace, request_id)
+        if after == record:
+            break
+        record = after
+    return record, expected
