@@ -737,13 +737,8 @@ def test_exception_type_precedence_is_per_call_then_action_then_guard(
 # -- audited re-run of a failure ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", API_KINDS)
-def test_rerun_turns_a_failure_into_a_release_so_the_next_call_runs_again(
-    kind: str, store: Any, ledger: Ledger, make_api: Any
-) -> None:
-    """An audited "rerun" turns FAILED into RELEASED, so the next call runs fn again."""
-    api = make_api(kind, store)
-    attempts: list[int] = []
+def fails_first(ledger: Ledger, attempts: list[int]) -> Callable[[ExecutionContext], Any]:
+    """A side effect that books each attempt; the first is refused (Declined)."""
 
     def flaky(ctx: ExecutionContext) -> dict[str, int]:
         ledger.append(ctx.request_id, str(ctx.attempt))
@@ -751,6 +746,18 @@ def test_rerun_turns_a_failure_into_a_release_so_the_next_call_runs_again(
         if ctx.attempt == 1:
             raise Declined("SMTP 550: relay denied")
         return {"attempt": ctx.attempt}
+
+    return flaky
+
+
+@pytest.mark.parametrize("kind", API_KINDS)
+def test_rerun_turns_a_failure_into_a_release_so_the_next_call_runs_again(
+    kind: str, store: Any, ledger: Ledger, make_api: Any
+) -> None:
+    """An audited "rerun" turns FAILED into RELEASED, so the next call runs fn again."""
+    api = make_api(kind, store)
+    attempts: list[int] = []
+    flaky = fails_first(ledger, attempts)
 
     with pytest.raises(Declined):
         api.execute("f-1", ACTION, INVOICE, flaky)
@@ -783,13 +790,7 @@ def test_rerun_of_a_purged_failure_is_no_tombstone_and_verifies(
 
     guard = Guard(store)
     attempts: list[int] = []
-
-    def flaky(ctx: ExecutionContext) -> dict[str, int]:
-        ledger.append(ctx.request_id, str(ctx.attempt))
-        attempts.append(ctx.attempt)
-        if ctx.attempt == 1:
-            raise Declined("SMTP 550: relay denied")
-        return {"attempt": ctx.attempt}
+    flaky = fails_first(ledger, attempts)
 
     with pytest.raises(Declined):
         guard.execute("p-1", ACTION, INVOICE, flaky)
