@@ -329,6 +329,16 @@ class Parameters:
     named: frozenset[str]
     var_keyword: str | None
 
+    @classmethod
+    def of(cls, parameters: Iterable[inspect.Parameter]) -> Parameters:
+        """The names of ``parameters`` (a signature's, or part of one)."""
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        listed = list(parameters)
+        var_keyword = next(
+            (p.name for p in listed if p.kind is inspect.Parameter.VAR_KEYWORD), None
+        )
+        return cls(frozenset(p.name for p in listed if p.kind not in variadic), var_keyword)
+
 
 def parameter_names(name: str, func: ToolFunction) -> Parameters:
     """The argument names tool ``name`` (``func``) takes.
@@ -343,11 +353,7 @@ def parameter_names(name: str, func: ToolFunction) -> Parameters:
         raise ConfigurationError(
             f"tool {name!r} has no readable signature ({exc}); wrap it in a def"
         ) from exc
-    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    var_keyword = next(
-        (p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None
-    )
-    return Parameters(frozenset(p.name for p in parameters if p.kind not in variadic), var_keyword)
+    return Parameters.of(parameters)
 
 
 def check_excluded(tool: str, names: frozenset[str], accepted: Parameters) -> None:

@@ -220,15 +220,9 @@ def guard_tool(
     takes_context = bool(params) and _takes_context(params[0].annotation)
     context_name = params[0].name if takes_context else _CONTEXT_PARAMETER
     tool_params = params[1:] if takes_context else params
-    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    var_keyword = next(
-        (p.name for p in tool_params if p.kind is inspect.Parameter.VAR_KEYWORD), None
-    )
-    check_excluded(
-        tool.name,
-        excluded,
-        Parameters(frozenset(p.name for p in tool_params if p.kind not in variadic), var_keyword),
-    )
+    accepted = Parameters.of(tool_params)
+    check_excluded(tool.name, excluded, accepted)
+    var_keyword = accepted.var_keyword
     action = tool.name
 
     def prepare(ctx: ToolContext[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
