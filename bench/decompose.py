@@ -18,8 +18,8 @@ Rows, interleaved in blocks so all of them see the same machine noise:
 - ``statements``: SafeAgent's SQLite statements for one first execution, replayed through
   raw sqlite3 on a SafeAgent database with no Python of SafeAgent's around them: the GET,
   the claim and its audit event in one transaction, the completion and its audit event in
-  another (the event statements call the chain-hash function SafeAgent registers, and the
-  chain-head trigger runs, as in the store);
+  another (each event reads its chain head and is inserted, and the chain-head trigger
+  runs, as in the store; the hash itself is SafeAgent's Python, left to the guard row);
 - ``guard``: ``Guard.execute`` on a fresh id.
 
 Then the floor, the least guard and the guard replay the same ids, next to the cost of
@@ -53,7 +53,7 @@ from quick import Floor
 from safeagent import Guard, SQLiteStore
 from safeagent._keys import canonical_json, fingerprint
 from safeagent.stores._rows import shard_of
-from safeagent.stores.sqlite import SQL_CLAIM, SQL_COMPLETE, SQL_EVENT, SQL_GET
+from safeagent.stores.sqlite import SQL_APPEND, SQL_CLAIM, SQL_COMPLETE, SQL_GET, SQL_HEAD
 
 PAYLOAD = {"amount": 1234, "currency": "usd", "customer": "cus_123", "memo": "x" * 40}
 RESULT = {"ok": True}
@@ -176,7 +176,7 @@ class Statements:
     """SafeAgent's statements for one first execution, through raw sqlite3."""
 
     def __init__(self, path: str, complete_sync: str) -> None:
-        self.store = SQLiteStore(path)  # creates the schema; its connection has the hash UDF
+        self.store = SQLiteStore(path)  # creates the schema and the chain-head trigger
         self.conn = self.store._conn()
         self.complete_sync = complete_sync
         self.payload = json.dumps(PAYLOAD, separators=(",", ":"), sort_keys=True)
@@ -184,6 +184,14 @@ class Statements:
             {"payload": PAYLOAD, "fingerprint": "f" * 64, "attempt": 1}, separators=(",", ":")
         )
         self.done_detail = json.dumps({"error": None, "status": "SUCCEEDED"}, separators=(",", ":"))
+
+    @staticmethod
+    def _append(conn: Any, row: tuple[Any, ...], shard: int) -> None:
+        """The store's single-event append: read the shard's head, insert the event (a
+        fixed hash stands for chain_hash, which is SafeAgent's Python); the trigger
+        moves the head."""
+        seq, head = conn.execute(SQL_HEAD, (shard,)).fetchone()
+        conn.execute(SQL_APPEND, (*row, shard, seq + 1, head, "h" * 64))
 
     def execute(self, rid: str, fn: Callable[[], Any]) -> None:
         conn, now = self.conn, time.time_ns() // 1_000_000
@@ -207,20 +215,10 @@ class Statements:
                 now,
             ),
         ).fetchone()
-        conn.execute(
-            SQL_EVENT,
-            (
-                now,
-                "claimed",
-                "default",
-                rid,
-                "charge",
-                "host:1:main",
-                eid,
-                1,
-                self.claim_detail,
-                shard,
-            ),
+        self._append(
+            conn,
+            (now, "claimed", "default", rid, "charge", "host:1:main", eid, 1, self.claim_detail),
+            shard,
         )
         conn.execute("COMMIT")
         result = json.dumps(fn(), separators=(",", ":"))
@@ -231,20 +229,10 @@ class Statements:
         conn.execute(
             SQL_COMPLETE, ("SUCCEEDED", result, None, None, now, now, "default", rid, 1)
         ).fetchone()
-        conn.execute(
-            SQL_EVENT,
-            (
-                now,
-                "succeeded",
-                "default",
-                rid,
-                "charge",
-                "host:1:main",
-                eid,
-                1,
-                self.done_detail,
-                shard,
-            ),
+        self._append(
+            conn,
+            (now, "succeeded", "default", rid, "charge", "host:1:main", eid, 1, self.done_detail),
+            shard,
         )
         conn.execute("COMMIT")
         if switch:

@@ -81,8 +81,8 @@ def _kinds(report: Any) -> set[str]:
 
 
 def test_batched_and_single_appends_extend_the_same_chains(tmp_path: Any) -> None:
-    """SQLite appends one event with SQL_EVENT (hashed inside the statement) and a batch of
-    buffered replay events with SQL_APPEND (hashed in Python): interleaved over every
+    """SQLite appends one event after reading its one chain head and a batch of buffered
+    replay events after reading every head: interleaved over every
     shard, they still form one unbroken chain per shard, and the stored heads are the
     chains' last events."""
     path = str(tmp_path / "mixed.db")

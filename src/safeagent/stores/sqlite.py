@@ -176,7 +176,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (
         # The chain head follows every chained insert inside SQLite: appending an event is
-        # one statement (SQL_EVENT) instead of read head, insert, update head.
+        # read head, insert (SQL_HEAD, SQL_APPEND), with no statement to move the head.
         "CREATE TRIGGER audit_chain_advance AFTER INSERT ON audit_events"
         " WHEN NEW.shard IS NOT NULL"
         " BEGIN UPDATE audit_chain SET seq = NEW.seq, head = NEW.hash"
@@ -291,45 +291,18 @@ WHERE namespace = ? AND request_id = ? AND fencing_token = ?
   AND (status = 'IN_DOUBT' OR (status = 'PENDING' AND lease_expires_at_ms <= ?))
 RETURNING {COLUMNS}
 """
-# Appends one event to its shard's chain in one statement: the head is read, the event
-# hashed (chain_hash, registered on each connection as safeagent_chain_hash) and inserted,
-# and the trigger audit_chain_advance moves the head, all under the write lock.
-SQL_EVENT = """
-INSERT INTO audit_events (at_ms, kind, namespace, subject, action, actor, execution_id,
-    fencing_token, detail, shard, seq, prev_hash, hash)
-SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, c.shard, c.seq + 1, c.head,
-    safeagent_chain_hash(c.head, c.shard, c.seq + 1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-FROM audit_chain AS c WHERE c.shard = ?10
-"""
-# Appends a batch (the buffered replay events, mostly): the heads are read once, the
-# events hashed in Python (chain_rows) and inserted as they are; the trigger still moves
-# each head. A quarter cheaper per event than SQL_EVENT, which crosses into Python for
-# every hash; for a single event SQL_EVENT saves the read of the heads.
+# Events are appended to their shards' chains under the write lock (no one interleaves):
+# the heads are read, the events hashed in Python (chain_rows) and inserted as they are,
+# and the trigger audit_chain_advance moves each head. (Releases before 0.9 hashed a
+# single event inside its INSERT through a function registered on each connection;
+# calling into Python from SQLite cost more than reading the one head does.)
+SQL_HEAD = "SELECT seq, head FROM audit_chain WHERE shard = ?"
 SQL_HEADS = "SELECT shard, seq, head FROM audit_chain"
 SQL_APPEND = """
 INSERT INTO audit_events (at_ms, kind, namespace, subject, action, actor, execution_id,
     fencing_token, detail, shard, seq, prev_hash, hash)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
-
-
-_udf = threading.local()
-
-
-def _chain_hash_sql(prev: str, shard: int, seq: int, *row: Any) -> str:
-    try:
-        return chain_hash(prev, shard, seq, row)
-    except BaseException as exc:
-        # sqlite3 turns anything a function raises into "user-defined function raised
-        # exception": keep a Ctrl-C (or any error) so _insert_events re-raises it as is.
-        _udf.error = exc
-        raise
-
-
-def _udf_error() -> BaseException | None:
-    error = getattr(_udf, "error", None)
-    _udf.error = None
-    return error
 
 
 def default_path() -> str:
@@ -482,7 +455,6 @@ class SQLiteStore:
                 isolation_level=None,
                 check_same_thread=False,
             )
-            conn.create_function("safeagent_chain_hash", 12, _chain_hash_sql, deterministic=True)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
@@ -708,28 +680,27 @@ class SQLiteStore:
     @staticmethod
     def _insert_events(conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
         """Append events to their hash chains, in order (the write lock is held: no one
-        interleaves): one event with SQL_EVENT, a batch with SQL_APPEND."""
+        interleaves): the heads they extend are read (one row for a single event, the
+        table for a batch), the events hashed in Python and inserted; the trigger moves
+        each head. A missing head (the schema was altered) writes nothing."""
         if not events:
             return
-        if len(events) > 1:
-            heads: Heads = {shard: (seq, head) for shard, seq, head in conn.execute(SQL_HEADS)}
-            if any(shard_of(e.namespace, e.subject) not in heads for e in events):
+        if len(events) == 1:
+            event = events[0]
+            shard = shard_of(event.namespace, event.subject)
+            head = conn.execute(SQL_HEAD, (shard,)).fetchone()
+            if head is None:
                 raise sqlite3.DatabaseError("audit chain head missing; events not written")
-            conn.executemany(SQL_APPEND, chain_rows(events, heads))
-            return
-        _udf.error = None
-        event = events[0]
-        try:
-            cursor = conn.execute(
-                SQL_EVENT, (*event_row(event), shard_of(event.namespace, event.subject))
+            seq = head[0] + 1
+            row = event_row(event)
+            conn.execute(
+                SQL_APPEND, (*row, shard, seq, head[1], chain_hash(head[1], shard, seq, row))
             )
-        except sqlite3.Error:
-            error = _udf_error()
-            if error is not None and not isinstance(error, Exception):
-                raise error from None
-            raise
-        if cursor.rowcount != 1:  # a missing chain head: the schema was altered
+            return
+        heads: Heads = {shard: (seq, head) for shard, seq, head in conn.execute(SQL_HEADS)}
+        if any(shard_of(e.namespace, e.subject) not in heads for e in events):
             raise sqlite3.DatabaseError("audit chain head missing; events not written")
+        conn.executemany(SQL_APPEND, chain_rows(events, heads))
 
     def _stat(self) -> tuple[int, int] | None:
         if self.path == ":memory:" or self.path.startswith("file:"):
