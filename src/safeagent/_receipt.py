@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -187,12 +187,17 @@ class Receipt:
         owner = ended = None
         if status is _IN_DOUBT:
             owner, ended = record.attempt_facts()
-        return cls(  # positional, in field order: one receipt per call, on the hot path
+        receipt = _new_object(cls)
+        # Field by field through the slots' own setters, in field order: one receipt per
+        # call on the hot path, and the frozen __init__ goes through object.__setattr__
+        # for each of its 21 fields (about 1 us more). Equal to cls(...) with the same
+        # values (tests/test_receipt.py).
+        values = (
             record.namespace,
             record.request_id,
             record.action,
             status,
-            None if record.result_json is None else json.loads(record.result_json),
+            None if record.result_json is None else _decode(record.result_json),
             record.error,
             record.execution_id,
             record.fingerprint,
@@ -210,6 +215,9 @@ class Receipt:
             ended,
             record.purged_at_ms,
         )
+        for setter, value in zip(_RECEIPT_SETTERS, values, strict=True):
+            setter(receipt, value)
+        return receipt
 
     @property
     def ok(self) -> bool:
@@ -250,6 +258,12 @@ class Receipt:
         except UnicodeEncodeError:
             return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=True)
         return text
+
+
+_new_object = object.__new__
+_decode = json.JSONDecoder().decode  # json.loads with default options, without its checks
+# The member descriptors of Receipt's slots, in field order (what Receipt.from_record sets).
+_RECEIPT_SETTERS = tuple(Receipt.__dict__[f.name].__set__ for f in fields(Receipt))
 
 
 @dataclass(frozen=True, slots=True)

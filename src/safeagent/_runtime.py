@@ -10,7 +10,6 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from safeagent.stores._base import ReceiptStore
@@ -113,7 +112,10 @@ class _Beater:
     """The renewal thread of one store: a stalled store delays only its own leases."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
+        # A plain lock under the condition: the hot path takes it directly (a C-level
+        # with), which costs less than the condition's own Python-level __enter__.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.beats: set[Beat] = set()
         # When the loop's wait ends (monotonic seconds); -inf while it runs. A new beat
         # due earlier than this wakes it; any other beat costs no wake-up, so a call that
@@ -174,25 +176,38 @@ class Heartbeats:
                 beater = self._beaters[identity] = _Beater()
             return beater
 
-    @contextlib.contextmanager
     def beating(
         self, store: ReceiptStore, namespace: str, request_id: str, token: int, lease_ms: int
-    ) -> Iterator[Beat]:
-        """Renew this lease until the block ends."""
+    ) -> _Beating:
+        """Renew this lease until the block ends (a context manager giving the Beat)."""
         interval = max(MIN_HEARTBEAT, lease_ms / 3000)
         beat = Beat(
             store, namespace, request_id, token, lease_ms, interval, time.monotonic() + interval
         )
-        beater = self._beater(store.identity)
-        with beater.cond:
+        return _Beating(self._beater(store.identity), beat)
+
+
+class _Beating:
+    """The block of :meth:`Heartbeats.beating`: a class, not a generator-based context
+    manager, because every guarded call enters one."""
+
+    __slots__ = ("beat", "beater")
+
+    def __init__(self, beater: _Beater, beat: Beat) -> None:
+        self.beater = beater
+        self.beat = beat
+
+    def __enter__(self) -> Beat:
+        beater, beat = self.beater, self.beat
+        with beater.lock:
             beater.beats.add(beat)
             if beat.next_due < beater.wake_at:
                 beater.cond.notify()
-        try:
-            yield beat
-        finally:
-            with beater.cond:
-                beater.beats.discard(beat)
+        return beat
+
+    def __exit__(self, *exc: object) -> None:
+        with self.beater.lock:
+            self.beater.beats.discard(self.beat)
 
 
 heartbeats = Heartbeats()

@@ -437,8 +437,13 @@ def outcome_digest(
     stores an outcome carries it, so :func:`safeagent.audit.verify` can tell a receipt
     edited in the database from the one the chain recorded. The execution id (128 random
     bits) keeps equal outcomes of different records from having equal digests."""
-    values = (execution_id, status, result_json, error_type, error_message)
-    text = "[" + ",".join("null" if v is None else _json_str(v) for v in values) + "]"
+    text = (
+        f"[{'null' if execution_id is None else _json_str(execution_id)},"
+        f"{'null' if status is None else _json_str(status)},"
+        f"{'null' if result_json is None else _json_str(result_json)},"
+        f"{'null' if error_type is None else _json_str(error_type)},"
+        f"{'null' if error_message is None else _json_str(error_message)}]"
+    )
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 

@@ -639,12 +639,18 @@ class SQLiteStore:
         savepoint, so a write SQLite refuses is undone and fails alone while the others
         commit. A failure of the transaction itself (lock, BEGIN, COMMIT) fails them all
         once, as a single write would."""
-        sync = "FULL" if any(job.synchronous == "FULL" for job in batch) else "NORMAL"
+        single = len(batch) == 1
+        full = (
+            batch[0].synchronous == "FULL"
+            if single
+            else any(job.synchronous == "FULL" for job in batch)
+        )
+        sync = "FULL" if full else "NORMAL"
         state = _TxnState()
         try:
             with self._write(synchronous=sync, state=state) as conn:
                 now = self._clock()
-                if len(batch) == 1:
+                if single:
                     batch[0].result = batch[0].work(conn, now)
                     return
                 for job in batch:
