@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from safeagent import (
+    AuditEvent,
     ConfigurationError,
     EventKind,
     FingerprintMismatchError,
@@ -627,6 +629,145 @@ def test_the_chain_text_equals_the_json_encoders(
     from safeagent.stores._rows import _chain_body, _chain_text
 
     assert _chain_text(prev, shard, seq, row) == _chain_body([prev, shard, seq, *row])
+
+
+class _Text(str):
+    pass
+
+
+class _Number(int):
+    pass
+
+
+class _Opaque:
+    """Not JSON: the detail encoder writes str() of it."""
+
+    def __str__(self) -> str:
+        return "opaque \u00e9 \ud800"
+
+
+_detail_keys = st.one_of(st.text(max_size=8), st.integers(), st.none(), st.booleans(), st.floats())
+_detail_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(),
+        st.text(),
+        st.builds(_Text, st.text(max_size=8)),
+        st.builds(_Number, st.integers()),
+        st.just(_Opaque()),
+    ),
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4),
+        st.lists(kids, max_size=4).map(tuple),
+        st.dictionaries(_detail_keys, kids, max_size=4),
+    ),
+    max_leaves=12,
+)
+_events = st.builds(
+    AuditEvent,
+    kind=st.sampled_from(list(EventKind)),
+    at_ms=st.integers(min_value=0, max_value=2**62),
+    namespace=st.text(max_size=8),
+    subject=st.text(max_size=12),
+    action=st.one_of(st.none(), st.text(max_size=12)),
+    actor=st.one_of(st.none(), st.text(max_size=12)),
+    execution_id=st.one_of(st.none(), st.text(max_size=32)),
+    fencing_token=st.one_of(st.none(), st.integers(min_value=0, max_value=2**63 - 1)),
+    detail=st.dictionaries(st.text(max_size=8), _detail_values, max_size=5),
+)
+
+
+def _plain_chain_rows(events: list[Any], heads: dict[int, tuple[int, str]]) -> list[Any]:
+    """chain_rows written plainly: the JSON encoders' own encode() and hashlib."""
+    from safeagent.stores._rows import GENESIS, _chain_body, _dumps
+
+    rows = []
+    for event in events:
+        shard = shard_of(event.namespace, event.subject)
+        seq, prev = heads.get(shard, (0, GENESIS))
+        seq += 1
+        row = (
+            event.at_ms,
+            event.kind.value,
+            event.namespace,
+            event.subject,
+            event.action,
+            event.actor,
+            event.execution_id,
+            event.fencing_token,
+            _dumps(dict(event.detail)),
+        )
+        body = _chain_body([prev, shard, seq, *row]).encode("ascii")
+        digest = hashlib.sha256(body).hexdigest()
+        rows.append((*row, shard, seq, prev, digest))
+        heads[shard] = (seq, digest)
+    return rows
+
+
+@given(
+    events=st.lists(_events, max_size=4),
+    heads=st.dictionaries(
+        st.integers(min_value=0, max_value=15),
+        st.tuples(st.integers(min_value=0, max_value=2**40), st.text(max_size=70)),
+    ),
+)
+def test_event_and_chain_rows_equal_the_plain_encoders(
+    events: list[Any], heads: dict[int, tuple[int, str]]
+) -> None:
+    """event_row and chain_rows, which call the C encoder built once, give byte for byte
+    what the JSON encoders' encode() gives, for details of every JSON type, non-str keys,
+    NaN, str and int subclasses, values only str() can write, and chain heads of any
+    text; and they move the heads the same way."""
+    from safeagent.stores._rows import chain_rows, event_row
+
+    plain_heads = dict(heads)
+    expected = _plain_chain_rows(events, plain_heads)
+    assert chain_rows(events, heads) == expected
+    assert heads == plain_heads
+    assert [event_row(event) for event in events] == [row[:9] for row in expected]
+
+
+def test_a_cyclic_value_fails_as_with_the_plain_encoders() -> None:
+    """Built once, the C encoder has no circular-reference check: a cycle ends in
+    RecursionError and the plain encoder then reports it, as it always did."""
+    from safeagent.stores._rows import _chain_text, event_row
+
+    detail: dict[str, Any] = {"a": [1]}
+    detail["a"].append(detail)
+    event = AuditEvent(kind=EventKind.SIGNAL, at_ms=1, namespace="n", subject="s", detail=detail)
+    with pytest.raises(ValueError, match="Circular reference"):
+        event_row(event)
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference"):
+        _chain_text("0" * 64, 1, 1, [loop])
+    with pytest.raises(TypeError, match="bytes is not JSON serializable"):
+        _chain_text("0" * 64, 1, 1, [b"x"])
+
+
+def test_the_encoders_are_the_plain_ones_where_the_c_encoder_is_missing_or_differs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the C encoder (another interpreter), or with one that writes anything else
+    than encode() does, the prebuilt encoder is encode() itself."""
+    import json.encoder
+
+    from safeagent.stores._rows import _CHAIN_BODY, _DUMPS, _PROBE, _prebuilt
+
+    value = {"a": [1, 2.5, None, "\u00e9"], "b": _Opaque()}
+    for encoder in (_DUMPS, _CHAIN_BODY):
+        built = _prebuilt(encoder)
+        assert type(built).__name__ == "Encoder"  # the C encoder, on CPython
+        assert "".join(built(_PROBE, 0)) == encoder.encode(_PROBE)
+
+    real = json.encoder.c_make_encoder
+    for make in (None, lambda *args: lambda value, level: ["[]"], real):
+        monkeypatch.setattr(json.encoder, "c_make_encoder", make)
+        built = _prebuilt(_DUMPS)
+        assert (type(built).__name__ == "Encoder") is (make is real)
+        assert "".join(built(value, 0)) == _DUMPS.encode(value)
 
 
 def test_purging_a_released_record_never_sends_its_fencing_token_back(

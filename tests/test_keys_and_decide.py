@@ -358,3 +358,50 @@ def test_records_and_store_answers_hash_by_value() -> None:
     assert hash(copy) == hash(record)
     assert {record, copy} == {record}
     assert hash(ClaimResult(True, record, 5)) == hash(ClaimResult(True, copy, 5))
+
+
+def test_execution_ids_are_random_version_4_uuids_in_hex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """new_execution_id() has the format of uuid.uuid4().hex: 32 lowercase hex digits of a
+    version-4, RFC 4122 variant UUID, the other 122 bits random; ids do not repeat. From
+    the same 16 random bytes it gives what uuid4 does."""
+    import os
+    import uuid
+
+    from safeagent import _keys
+    from safeagent._keys import new_execution_id
+
+    ids = [new_execution_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    for x in ids[:2000]:
+        assert len(x) == 32
+        assert set(x) <= set("0123456789abcdef")
+        parsed = uuid.UUID(hex=x)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert parsed.hex == x
+    for n in range(32):  # every digit not fixed by the version and variant varies fully
+        seen = {x[n] for x in ids}
+        assert seen == ({"4"} if n == 12 else set("89ab") if n == 16 else set("0123456789abcdef"))
+
+    for raw in (bytes(16), b"\xff" * 16, os.urandom(16), bytes(range(16))):
+        monkeypatch.setattr(_keys.os, "urandom", lambda n, raw=raw: raw[:n])
+        assert new_execution_id() == uuid.UUID(bytes=raw, version=4).hex
+
+
+def test_a_claim_gets_a_fresh_version_4_execution_id() -> None:
+    """Each attempt's execution id, as stored, is a new version-4 UUID in hex."""
+    import uuid
+
+    from safeagent import Guard, MemoryStore
+
+    store = MemoryStore()
+    guard = Guard(store)
+    seen = set()
+    for n in range(3):
+        guard.execute(f"r{n}", "a", {}, lambda _ctx: 1)
+        record, _ = store.get("default", f"r{n}")
+        assert record is not None
+        assert record.execution_id is not None
+        assert uuid.UUID(hex=record.execution_id).version == 4
+        seen.add(record.execution_id)
+    assert len(seen) == 3

@@ -15,14 +15,13 @@ import inspect
 import json
 import time
 import types
-import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
 from safeagent._audit import AuditEvent, EventKind, Redactor
 from safeagent._decide import Verdict, classify_exception, decide
-from safeagent._keys import downstream_key, storable_text
+from safeagent._keys import downstream_key, new_execution_id, storable_text
 from safeagent._policy import ExceptionTypes, ReconcileHook, ReconcileRequest, Reconciliation
 from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Record, Status
 from safeagent.errors import (
@@ -364,8 +363,12 @@ def execute_flow(call: Call, fn: Callable[[ExecutionContext], Any], s: Settings)
             record, now = claim.record, claim.now_ms
             continue
         assert record is not None
-        if verdict is Verdict.REPLAY:
-            return (yield from replay_flow(call, record, now, s))
+        if verdict is Verdict.REPLAY:  # the stored outcome; fn does not run
+            yield Emit(
+                _event(EventKind.REPLAYED, call, record, now, s, {"status": record.status.value}),
+                buffered=True,
+            )
+            return replay_receipt(call.request_id, record, now)
         if verdict is Verdict.CONFLICT_ACTION or verdict is Verdict.CONFLICT_FINGERPRINT:
             raise (yield from conflict_flow(call, record, now, verdict, s))
         if verdict is Verdict.PURGED:
@@ -412,7 +415,7 @@ def claim_request(call: Call, s: Settings) -> ClaimRequest:
         action=call.action,
         fingerprint=call.fingerprint,
         payload_json=call.payload_json,
-        execution_id=uuid.uuid4().hex,
+        execution_id=new_execution_id(),
         owner=s.owner,
         lease_ms=call.lease_ms,
         downstream_key=downstream_key(call.namespace, call.action, call.request_id),
@@ -557,15 +560,6 @@ def _event(
         fencing_token=record.fencing_token,
         detail=detail,
     )
-
-
-def replay_flow(call: Call, record: Record, now: int, s: Settings) -> Generator[Op, Any, Receipt]:
-    """Return (or raise) the stored outcome; ``fn`` does not run."""
-    yield Emit(
-        _event(EventKind.REPLAYED, call, record, now, s, {"status": record.status.value}),
-        buffered=True,
-    )
-    return replay_receipt(call.request_id, record, now)
 
 
 def replay_receipt(request_id: str, record: Record, now: int) -> Receipt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -230,6 +231,16 @@ def downstream_key(namespace: str, action: str, request_id: str) -> str:
     """
     text = f"[{_encode_str(namespace)},{_encode_str(action)},{_encode_str(request_id)}]"
     return DOWNSTREAM_KEY_PREFIX + hashlib.sha256(_utf8(text)).hexdigest()
+
+
+def new_execution_id() -> str:
+    """A fresh execution id: 32 lowercase hex digits of a random version-4 UUID (RFC 4122
+    variant), the format of ``uuid.uuid4().hex``, made from ``os.urandom(16)`` as uuid4 makes
+    it but without building the UUID object (a third of the cost)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # variant 10xx: RFC 4122
+    return raw.hex()
 
 
 def _utf8(text: str) -> bytes:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from safeagent._audit import AuditEvent, EventKind
 from safeagent._cases import CaseRow, CaseState, Signal
@@ -90,9 +90,60 @@ def row_to_signal(row: Sequence[Any]) -> Signal:
 
 
 # Built once: json.dumps with options builds a new encoder on every call.
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=str).encode
-_chain_body = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-_json_str = json.encoder.encode_basestring_ascii  # what _chain_body does for a str
+_DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=str)
+_CHAIN_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+_dumps = _DUMPS.encode
+_chain_body = _CHAIN_BODY.encode
+_join = "".join
+_sha256 = hashlib.sha256
+
+# Every JSON type, escapes, a lone surrogate and an astral character, nested.
+_PROBE: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -(2**70),
+    1.5,
+    -0.0,
+    1e300,
+    '\u00e9"\\\n\x7f\ud800\U0001f600',
+]
+_PROBE.append({"k": [1, {}, ()], "\u00e9": {"x": None}, "": list(_PROBE)})
+
+
+def _prebuilt(encoder: json.JSONEncoder) -> Callable[[Any, int], Sequence[str]]:
+    """``encoder.encode`` without its set-up, which costs a quarter of encoding a small
+    event: the C encoder that ``encode`` builds on every call, built once, for the hot
+    path (called as ``"".join(encode(value, 0))``). Unlike ``encode`` it has no
+    circular-reference check (a table that would be per call): a cycle runs into
+    RecursionError instead, and the callers then ask ``encoder.encode``, which fails on it
+    as before. Where the C encoder is missing or differs (another interpreter, another
+    version), ``encoder.encode`` itself."""
+    encode = encoder.encode
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is not None and encoder.ensure_ascii and encoder.indent is None:
+        try:
+            built = make(
+                None,  # markers: no circular-reference check
+                encoder.default,
+                json.encoder.encode_basestring_ascii,
+                None,  # indent
+                encoder.key_separator,
+                encoder.item_separator,
+                encoder.sort_keys,
+                encoder.skipkeys,
+                encoder.allow_nan,
+            )
+            if _join(built(_PROBE, 0)) == encode(_PROBE):
+                return cast(Callable[[Any, int], Sequence[str]], built)
+        except Exception:  # noqa: BLE001, S110 - any surprise: keep encoder.encode
+            pass
+    return lambda value, _level: (encode(value),)
+
+
+_dumps_fast = _prebuilt(_DUMPS)
+_chain_body_fast = _prebuilt(_CHAIN_BODY)
 
 
 def dumps(value: Any) -> str:
@@ -100,16 +151,24 @@ def dumps(value: Any) -> str:
 
 
 def event_row(event: AuditEvent) -> tuple[Any, ...]:
+    kind = event.kind._value_  # what .value returns, without the enum property's Python code
+    detail = event.detail
+    if type(detail) is not dict:
+        detail = dict(detail)
+    try:
+        text = _join(_dumps_fast(detail, 0))
+    except RecursionError:  # a cycle: _dumps reports it (ValueError) as it always did
+        text = _dumps(detail)
     return (
         event.at_ms,
-        event.kind.value,
+        kind,
         event.namespace,
         event.subject,
         event.action,
         event.actor,
         event.execution_id,
         event.fencing_token,
-        _dumps(detail if type(detail := event.detail) is dict else dict(detail)),
+        text,
     )
 
 
@@ -151,25 +210,18 @@ def shard_of(namespace: str, subject: str) -> int:
 def chain_hash(prev_hash: str, shard: int, seq: int, row: Sequence[Any]) -> str:
     """SHA-256 over the previous hash, the event's place in its chain and every stored
     field of the event (``row`` as made by :func:`event_row`, the detail as stored text)."""
-    return hashlib.sha256(_chain_text(prev_hash, shard, seq, row).encode("ascii")).hexdigest()
+    # The text is ASCII (the encoder escapes the rest): encode() gives its ASCII bytes.
+    return _sha256(_chain_text(prev_hash, shard, seq, row).encode()).hexdigest()
 
 
 def _chain_text(prev_hash: str, shard: int, seq: int, row: Sequence[Any]) -> str:
-    """``_chain_body([prev_hash, shard, seq, *row])``, built from the C string escaper
-    directly for the field types a stored event has (str, int, None); anything else goes
-    through the encoder. Byte-identical either way (tests/test_audit_evidence.py)."""
-    parts = []
-    for value in (prev_hash, shard, seq, *row):
-        kind = type(value)
-        if kind is str:
-            parts.append(_json_str(value))
-        elif kind is int:
-            parts.append(int.__repr__(value))
-        elif value is None:
-            parts.append("null")
-        else:
-            return _chain_body([prev_hash, shard, seq, *row])
-    return "[" + ",".join(parts) + "]"
+    """``_chain_body([prev_hash, shard, seq, *row])``, byte for byte, from the C encoder
+    built once (tests/test_audit_evidence.py compares them)."""
+    fields = [prev_hash, shard, seq, *row]
+    try:
+        return _join(_chain_body_fast(fields, 0))
+    except RecursionError:  # a cycle: _chain_body reports it (ValueError) as it always did
+        return _chain_body(fields)
 
 
 def chain_rows(events: Sequence[AuditEvent], heads: Heads) -> list[tuple[Any, ...]]:

@@ -777,7 +777,10 @@ class SQLiteStore:
     def get(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
         if self._buffer:
             self._maybe_flush()
-        row = self._read(lambda c: c.execute(SQL_GET, (namespace, request_id)).fetchone())
+        try:  # _read, inline: every call reads its record first
+            row = self._conn().execute(SQL_GET, (namespace, request_id)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
         return (None if row is None else row_to_record(row)), self._clock()
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
