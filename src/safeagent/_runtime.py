@@ -112,9 +112,11 @@ class _Beater:
     """The renewal thread of one store: a stalled store delays only its own leases."""
 
     def __init__(self) -> None:
-        # A plain lock under the condition: the hot path takes it directly (a C-level
-        # with), which costs less than the condition's own Python-level __enter__.
-        self.lock = threading.Lock()
+        # The condition's lock, taken directly on the hot path (a C-level with costs less
+        # than the condition's Python-level __enter__). Re-entrant, as the condition's own
+        # default is: a signal handler that runs a guarded call while this thread holds
+        # it must not deadlock (nor stall every lease of the store).
+        self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.beats: set[Beat] = set()
         # When the loop's wait ends (monotonic seconds); -inf while it runs. A new beat

@@ -116,10 +116,10 @@ def _prebuilt(encoder: json.JSONEncoder) -> Callable[[Any, int], Sequence[str]]:
     """``encoder.encode`` without its set-up, which costs a quarter of encoding a small
     event: the C encoder that ``encode`` builds on every call, built once, for the hot
     path (called as ``"".join(encode(value, 0))``). Unlike ``encode`` it has no
-    circular-reference check (a table that would be per call): a cycle runs into
-    RecursionError instead, and the callers then ask ``encoder.encode``, which fails on it
-    as before. Where the C encoder is missing or differs (another interpreter, another
-    version), ``encoder.encode`` itself."""
+    circular-reference check (a table that would be per call), so it is only given flat
+    lists of scalars, which cannot loop or nest (:func:`_chain_text`). Where the C encoder
+    is missing or differs (another interpreter, another version), ``encoder.encode``
+    itself."""
     encode = encoder.encode
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is not None and encoder.ensure_ascii and encoder.indent is None:
@@ -142,8 +142,8 @@ def _prebuilt(encoder: json.JSONEncoder) -> Callable[[Any, int], Sequence[str]]:
     return lambda value, _level: (encode(value),)
 
 
-_dumps_fast = _prebuilt(_DUMPS)
 _chain_body_fast = _prebuilt(_CHAIN_BODY)
+_FLAT = frozenset({str, int, type(None)})
 
 
 def dumps(value: Any) -> str:
@@ -153,12 +153,10 @@ def dumps(value: Any) -> str:
 def event_row(event: AuditEvent) -> tuple[Any, ...]:
     kind = event.kind._value_  # what .value returns, without the enum property's Python code
     detail = event.detail
-    if type(detail) is not dict:
-        detail = dict(detail)
-    try:
-        text = _join(_dumps_fast(detail, 0))
-    except RecursionError:  # a cycle: _dumps reports it (ValueError) as it always did
-        text = _dumps(detail)
+    # The checked encoder: a detail holds what a redact hook returned, which may nest
+    # deeply or loop, and only the circular-reference check stops a loop before it runs
+    # the C stack out (a segfault under a raised recursion limit or in a small thread).
+    text = _dumps(detail if type(detail) is dict else dict(detail))
     return (
         event.at_ms,
         kind,
@@ -218,10 +216,9 @@ def _chain_text(prev_hash: str, shard: int, seq: int, row: Sequence[Any]) -> str
     """``_chain_body([prev_hash, shard, seq, *row])``, byte for byte, from the C encoder
     built once (tests/test_audit_evidence.py compares them)."""
     fields = [prev_hash, shard, seq, *row]
-    try:
+    if _FLAT.issuperset(map(type, fields)):  # as stored: nothing nests, nothing can loop
         return _join(_chain_body_fast(fields, 0))
-    except RecursionError:  # a cycle: _chain_body reports it (ValueError) as it always did
-        return _chain_body(fields)
+    return _chain_body(fields)
 
 
 def chain_rows(events: Sequence[AuditEvent], heads: Heads) -> list[tuple[Any, ...]]:

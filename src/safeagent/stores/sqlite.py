@@ -305,6 +305,12 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 
+def _corrupt_head(exc: Exception) -> sqlite3.DatabaseError:
+    """A chain head that cannot be extended (a value of the wrong type: the table was
+    edited): a store failure, so nothing is written and the caller gets StoreError."""
+    return sqlite3.DatabaseError(f"audit chain head unusable ({exc}); events not written")
+
+
 def default_path() -> str:
     """The default database file: ``$SAFEAGENT_DB``, else ``safeagent.db`` in the cwd."""
     return os.environ.get(DB_ENV_VAR) or DEFAULT_DB_FILENAME
@@ -697,16 +703,22 @@ class SQLiteStore:
             head = conn.execute(SQL_HEAD, (shard,)).fetchone()
             if head is None:
                 raise sqlite3.DatabaseError("audit chain head missing; events not written")
-            seq = head[0] + 1
             row = event_row(event)
-            conn.execute(
-                SQL_APPEND, (*row, shard, seq, head[1], chain_hash(head[1], shard, seq, row))
-            )
+            try:
+                seq = head[0] + 1
+                digest = chain_hash(head[1], shard, seq, row)
+            except (TypeError, ValueError) as exc:
+                raise _corrupt_head(exc) from exc
+            conn.execute(SQL_APPEND, (*row, shard, seq, head[1], digest))
             return
         heads: Heads = {shard: (seq, head) for shard, seq, head in conn.execute(SQL_HEADS)}
         if any(shard_of(e.namespace, e.subject) not in heads for e in events):
             raise sqlite3.DatabaseError("audit chain head missing; events not written")
-        conn.executemany(SQL_APPEND, chain_rows(events, heads))
+        try:
+            rows = chain_rows(events, heads)
+        except (TypeError, ValueError) as exc:
+            raise _corrupt_head(exc) from exc
+        conn.executemany(SQL_APPEND, rows)
 
     def _stat(self) -> tuple[int, int] | None:
         if self.path == ":memory:" or self.path.startswith("file:"):
