@@ -28,7 +28,8 @@ costs by itself; ``least guard / floor`` is the least any CPython guard can reac
 ``statements / floor`` is the cost of the record SafeAgent keeps; ``guard - statements``
 is SafeAgent's Python. On tmpfs (``--dir /dev/shm``) fsync is nearly free, which leaves
 the CPU. Medians of wall time in microseconds; CPU is the thread's mean per call (exact),
-and its user part is sampled at the timer tick by the kernel (a rough split).
+and its user part is sampled at the timer tick by the kernel (a rough split). Last, the
+WAL pages each row writes per first execution (100 more, the log emptied first).
 """
 
 from __future__ import annotations
@@ -276,6 +277,14 @@ def main() -> None:
         }
         replays["fingerprint"] = lambda _rid: fingerprint("charge", canonical_json(PAYLOAD))
         again = _measure(replays, args.n)
+        connections = {
+            "floor": floor.conn,
+            "audited floor": audited.conn,
+            "least guard": least.conn,
+            "statements": statements.conn,
+            "guard": guard.store._conn(),  # type: ignore[attr-defined]
+        }
+        pages = {name: _wal_pages(connections[name], rows[name]) for name in connections}
         guard.close()
         statements.store.close()
     print(
@@ -287,6 +296,10 @@ def main() -> None:
     print(
         f"its record and audit SQL (statements - floor): {med['statements'] - med['floor']:.1f} us"
     )
+    print(
+        "WAL pages written per first execution: "
+        + ", ".join(f"{name} {count:.1f}" for name, count in pages.items())
+    )
     print("\nreplay of the same ids (fingerprint: computing one, alone)")
     _table(again, "floor", args.n)
     bound = sum(statistics.median(again[name][0]) for name in ("floor", "fingerprint"))
@@ -295,6 +308,18 @@ def main() -> None:
             f"{name} / (floor replay + one fingerprint): "
             f"{statistics.median(again[name][0]) / bound:.2f}x"
         )
+
+
+def _wal_pages(conn: Any, run: Callable[[str], Any], k: int = 100) -> float:
+    """WAL frames (pages) that ``k`` fresh first executions append, per execution: the
+    log is emptied first and not checkpointed meanwhile, so its length counts them all."""
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    path = conn.execute("PRAGMA database_list").fetchone()[2] + "-wal"
+    for i in range(k):
+        run(f"wal-{i}-{uuid.uuid4().hex}")
+    frame = 24 + conn.execute("PRAGMA page_size").fetchone()[0]
+    return os.path.getsize(path) / frame / k
 
 
 def _measure(

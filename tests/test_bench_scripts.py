@@ -56,4 +56,9 @@ def test_decompose_prints_every_row_first_and_replay(tmp_path: Path, mode: str) 
     assert set(again) == {"floor", "least guard", "guard", "fingerprint"}, out
     assert all(v > 0 for v in again.values()), out
     assert re.search(r"^guard / \(floor replay \+ one fingerprint\): [\d.]+x$", replay, re.M), out
+    wal = re.search(r"^WAL pages written per first execution: (.+)$", first, re.M)
+    assert wal, out
+    pages = dict(part.rsplit(" ", 1) for part in wal.group(1).split(", "))
+    assert set(pages) == {"floor", "audited floor", "least guard", "statements", "guard"}, out
+    assert all(float(v) >= 1 for v in pages.values()), out  # each commit writes a page
     assert not list(tmp_path.glob("sa-decompose-*")), "the temporary files were removed"
