@@ -42,24 +42,24 @@ def test_masking_keeps_the_surrounding_text() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "card_number",
-        "cardNumber",
-        "cvv",
-        "password",
-        "api_key",
-        "apiKey",
-        "client_secret",
-        "access_token",
-        "Authorization",
-        "email",
-        "account_number",
-        "iban",
-        "private_key",
-    ],
-)
+SENSITIVE_KEYS = [
+    "card_number",
+    "cardNumber",
+    "cvv",
+    "password",
+    "api_key",
+    "apiKey",
+    "client_secret",
+    "access_token",
+    "Authorization",
+    "email",
+    "account_number",
+    "iban",
+    "private_key",
+]
+
+
+@pytest.mark.parametrize("key", SENSITIVE_KEYS)
 def test_sensitive_field_names_are_masked(key: str) -> None:
     """Values under sensitive field names are masked whatever they hold."""
     assert default_redactor({key: "x", "nested": [{key: 1}]}) == {
@@ -184,26 +184,7 @@ _texts = st.lists(
     max_size=6,
 ).map("".join)
 _key_names = st.sampled_from(
-    [
-        "card_number",
-        "cardNumber",
-        "cvv",
-        "password",
-        "api_key",
-        "apiKey",
-        "client_secret",
-        "access_token",
-        "Authorization",
-        "email",
-        "account_number",
-        "private_key",
-        "company",
-        "amount",
-        "memo",
-        "customer",
-        "currency",
-        "",
-    ]
+    [*SENSITIVE_KEYS, "company", "amount", "memo", "customer", "currency", ""]
 )
 _keys = st.one_of(
     _key_names,
