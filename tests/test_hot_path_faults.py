@@ -415,3 +415,442 @@ def test_old_and_new_releases_interleave_on_one_file_and_the_trail_verifies(
     )
     out = _run_child(check, str(db), pythonpath=old / "src")
     assert "ok True" in out.stdout, out.stderr
+
+
+# -- a second review of b8dea3d ------------------------------------------------------------
+# Faults first (each names whether the release before, a4039f0, had it), then what held.
+
+
+def _head_of(path: Path, request_id: str) -> tuple[Any, Any]:
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute(
+            "SELECT seq, head FROM audit_chain WHERE shard = ?", (shard_of("default", request_id),)
+        ).fetchone()
+    finally:
+        conn.close()
+    return row[0], row[1]
+
+
+def _events_on_shard(path: Path, request_id: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(
+            "SELECT id, kind, subject, seq FROM audit_events WHERE shard = ? ORDER BY id",
+            (shard_of("default", request_id),),
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("seq", ["9223372036854775807", "2.5"], ids=["int64-max", "real"])
+@pytest.mark.parametrize("path_kind", ["claim", "replay-flush"])
+def test_a_chain_head_seq_out_of_range_or_fractional_is_a_store_error(
+    seq: str, path_kind: str, tmp_path: Path
+) -> None:
+    """_corrupt_head catches TypeError/ValueError around ``head[0] + 1`` and chain_hash
+    only. A head seq SQLite stores as INTEGER 2**63-1 passes both, and the INSERT then
+    raises OverflowError ("Python int too large to convert to SQLite INTEGER"), which is
+    no sqlite3.Error: it leaves Guard.execute as is (a claim), and out of a replay, since
+    _maybe_flush suppresses only StoreError (the buffer is put back, so every later write
+    of the store, on any shard, raises it again). a4039f0 computed ``c.seq + 1`` in SQL,
+    which overflows to REAL: it wrote (the claim path is a regression; the batched path
+    raised OverflowError before too). A REAL seq (2.5) is a head of the wrong type as well,
+    but it is extended silently, old release and new: events with seq 3.5, 4.5 ... that
+    verify can only report as unchained. Either way the head is unusable: StoreError,
+    nothing written, fn not run, the replay still answered."""
+    path = tmp_path / "seq.db"
+    store = SQLiteStore(path)
+    guard = Guard(store)
+    if path_kind == "replay-flush":
+        assert guard.execute("r1", "a", {}, lambda _ctx: 1).result == 1
+    before = _events_on_shard(path, "r1")
+    _corrupt_head(path, "r1", f"UPDATE audit_chain SET seq = {seq} WHERE shard = ?")
+    ran: list[int] = []
+    if path_kind == "claim":
+        with pytest.raises(StoreError):
+            guard.execute("r1", "a", {}, lambda _ctx: ran.append(1))
+        assert ran == []
+        assert store.get("default", "r1")[0] is None
+    else:
+        store._buffer.max_events = 2  # the second replay flushes both: the batched path
+        for _ in range(2):
+            receipt = guard.execute("r1", "a", {}, lambda _ctx: ran.append(1))
+            assert receipt.replay
+            assert receipt.result == 1
+        assert ran == []
+        assert len(store._buffer._events) == 2  # kept for a later write, not lost
+    assert _events_on_shard(path, "r1") == before
+    store._buffer.take()  # nothing left for close() to try
+    store.close()
+
+
+def test_a_replay_of_a_result_stored_as_a_blob_returns_it_as_before(tmp_path: Path) -> None:
+    """d5a4272 decodes a stored result with ``json.JSONDecoder().decode`` ("json.loads
+    without its checks"). One of those checks is the type: json.loads takes bytes, decode
+    does not. A result column holding a BLOB (a row written by another tool, or cast by
+    hand) now fails the replay with a bare TypeError from the decoder's regex ("cannot
+    use a string pattern on a bytes-like object") out of Guard.execute; a4039f0 returned
+    the stored result. Fix: ``_decode(text) if type(text) is str else json.loads(text)``."""
+    path = tmp_path / "blob.db"
+    store = SQLiteStore(path)
+    guard = Guard(store)
+    assert guard.execute("r1", "a", {}, lambda _ctx: {"x": 1}).result == {"x": 1}
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE executions SET result = CAST(result AS BLOB)")
+    conn.close()
+    receipt = guard.execute("r1", "a", {}, lambda _ctx: {"x": 2})
+    assert receipt.replay
+    assert receipt.result == {"x": 1}
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE audit_events SET at_ms = CAST(at_ms AS BLOB) WHERE id = 1",
+        "UPDATE audit_events SET detail = CAST(detail AS BLOB) WHERE id = 2",
+        "UPDATE audit_events SET actor = X'ff' WHERE id = 1",
+        "UPDATE executions SET result = CAST(result AS BLOB)",
+    ],
+    ids=["event-at_ms", "event-detail", "event-actor", "record-result"],
+)
+def test_verify_reports_a_blob_written_into_the_trail_instead_of_raising(
+    sql: str, tmp_path: Path
+) -> None:
+    """verify re-hashes each chained row with chain_hash: a BLOB in any hashed column (a
+    hand edit in the sqlite3 shell, CAST(... AS BLOB)) is not one of the flat types, goes
+    to the checked encoder and raises TypeError ("Object of type bytes is not JSON
+    serializable") out of verify, whose only documented error is ConfigurationError; a
+    BLOB result raises from outcome_digest the same way. Whoever can edit the file thus
+    turns verification into a crash that reports none of the other problems. The same on
+    PostgreSQL after ALTER COLUMN ... TYPE numeric / bytea / jsonb (Decimal, bytes,
+    dict). Not a regression: a4039f0 raised the same. Fix: in _check_chains, a row whose
+    hashed fields are not all str/int/float/None is "edited" (catch TypeError/ValueError
+    around chain_hash), and the receipt check compares only str outcomes."""
+    path = tmp_path / "blobtrail.db"
+    store = SQLiteStore(path)
+    guard = Guard(store)
+    guard.execute("r1", "a", {}, lambda _ctx: {"x": 1})
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(sql)
+    conn.close()
+    report = verify(store)
+    assert not report.ok
+    assert report.problems
+    store.close()
+
+
+def test_a_str_enum_namespace_writes_a_trail_that_verifies(tmp_path: Path) -> None:
+    """Names are checked with isinstance(value, str), so a ``class Tenant(str, Enum)``
+    member is accepted as a namespace (and a request id), and stored as its value. But
+    shard_of builds its key with an f-string, which formats the member as "Tenant.ACME"
+    on Python 3.11+ (as str() does, not the value), while verify recomputes the shard from the
+    stored value: the events land in another chain than verify expects, and a clean trail
+    reports ``unchained_event`` for each and ``receipt_edited`` for the record. The
+    chain text itself is right (the checked encoder writes the value, as SQLite stores it).
+    Not a regression (shard_of is unchanged since a4039f0). Fix: shard_of concatenates
+    (``namespace + "\\x00" + subject``, which uses the characters, not __str__/__format__),
+    or check_name / check_request_id return ``str.__str__(value)`` for a subclass."""
+    import enum
+
+    class Tenant(str, enum.Enum):
+        ACME = "acme"
+
+    store = SQLiteStore(tmp_path / "enum.db")
+    guard = Guard(store)
+    assert guard.execute("r1", "a", {}, lambda _ctx: 1, namespace=Tenant.ACME).result == 1
+    assert guard.execute("r1", "a", {}, lambda _ctx: 2, namespace="acme").replay
+    report = verify(store)
+    assert report.ok, [p.kind for p in report.problems]
+    store.close()
+
+
+_SIGNAL_IN_A_HOT_PATH_LOCK = """
+import signal, sys, linecache
+from safeagent import Guard, SQLiteStore
+
+guard = Guard(SQLiteStore(sys.argv[1]))
+seen = []
+
+def handler(_sig, _frame):
+    try:
+        seen.append(guard.execute("from-handler", "act", {}, lambda _ctx: 2).result)
+    except Exception as exc:  # a StoreError ("re-entrant call") would be acceptable
+        seen.append(type(exc).__name__)
+
+signal.signal(signal.SIGUSR1, handler)
+fired = []
+module, window = sys.argv[2], sys.argv[3]
+
+def local(frame, event, _arg):
+    if event == "line" and not fired:
+        if window in linecache.getline(frame.f_code.co_filename, frame.f_lineno):
+            fired.append(1)
+            signal.raise_signal(signal.SIGUSR1)
+    return local
+
+sys.settrace(lambda f, e, a: local if f.f_code.co_filename.endswith(module) else None)
+result = guard.execute("main", "act", {}, lambda _ctx: 1).result
+sys.settrace(None)
+print("main", result, "handler", seen, "fired", len(fired))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+@pytest.mark.parametrize(
+    ("module", "window"),
+    [
+        ("_runtime.py", "return beater"),  # Heartbeats._lock, in Heartbeats._beater
+        ("_runtime.py", "self._slots[key] = slot"),  # Wakeups._lock, in register
+        ("_runtime.py", "slot.done = True"),  # Wakeups._lock, in done
+        ("sqlite.py", "group.pending.append(job)"),  # _GroupCommit.lock, in _grouped
+    ],
+    ids=["heartbeats-lock", "wakeups-register", "wakeups-done", "group-commit-lock"],
+)
+def test_a_guarded_call_from_a_signal_handler_inside_another_hot_path_lock_does_not_deadlock(
+    module: str, window: str, tmp_path: Path
+) -> None:
+    """b8dea3d made _Beater.lock an RLock so a signal handler's guarded call cannot
+    deadlock on it, but every guarded call takes other plain threading.Locks in short
+    critical sections: Heartbeats._lock (in beating(), the same module), Wakeups._lock
+    (register, done) and the SQLite store's _GroupCommit.lock (whose re-entrancy check,
+    meant for exactly this case, runs only after taking that lock). A signal arriving in
+    any of them hangs the process just as the fixed one did. Not a regression: a4039f0
+    hangs at the same places. Fix: RLocks there too (and for the group commit, check for
+    the re-entrant leader before taking group.lock), or keep signal handlers out by
+    design and say so."""
+    out = None
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        out = _run_child(
+            _SIGNAL_IN_A_HOT_PATH_LOCK, str(tmp_path / "sig.db"), module, window, timeout=10
+        )
+    assert out is not None, (
+        f"deadlock: the handler's guarded call waits on a lock held at {window!r}"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "main 1" in out.stdout
+    assert "fired 1" in out.stdout
+
+
+_HANDLER_LEASE_UNDER_THE_BEATER_LOCK = """
+import signal, sys, linecache, time
+from safeagent import Guard, SQLiteStore
+
+store = SQLiteStore(sys.argv[1])
+guard = Guard(store)
+seen = []
+
+def handler(_sig, _frame):
+    def fn(_ctx):
+        expired = []
+        for _ in range(10):
+            time.sleep(0.2)
+            record, now = store.get("default", "from-handler")
+            expired.append(record.lease_expires_at_ms < now)
+        return expired
+    seen.append(guard.execute("from-handler", "act", {}, fn, lease=0.6).result)
+
+signal.signal(signal.SIGUSR1, handler)
+fired = []
+
+def local(frame, event, _arg):
+    if event == "line" and not fired and frame.f_code.co_name != "_loop":
+        if "beats.add(" in linecache.getline(frame.f_code.co_filename, frame.f_lineno):
+            fired.append(1)
+            signal.raise_signal(signal.SIGUSR1)
+    return local
+
+sys.settrace(lambda f, e, a: local if f.f_code.co_filename.endswith("_runtime.py") else None)
+guard.execute("main", "act", {}, lambda _ctx: 1)
+sys.settrace(None)
+print("expired", seen[0].count(True), "of", len(seen[0]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit, as in every release so far: a signal handler's guarded call that "
+    "interrupts its thread inside the heartbeat lock stalls the store's lease renewals "
+    "until it returns; the fix (a lock-free beat set, the loop woken through a "
+    "SimpleQueue) is left for a later round",
+)
+def test_a_signal_handlers_guarded_call_inside_the_beater_lock_keeps_its_lease(
+    tmp_path: Path,
+) -> None:
+    """The RLock ends the deadlock, not the stall b8dea3d's comment also rules out ("nor
+    stall every lease of the store"): while the handler's guarded call runs, its thread
+    still holds the outer level of beater.lock (the interrupted ``with`` in
+    _Beating.__enter__), so the heartbeat thread cannot take it and renews no lease of
+    the store, the handler's own included. Here a 0.6 s lease runs out while the
+    handler's fn is still running 2 s: the claim reads as in doubt, and a reconcile or
+    another worker may take it over and run the side effect a second time. a4039f0 did
+    the same (the Condition's RLock, held by the generator's ``with``). Fix: no lock the
+    renewal thread needs held around code a signal can interrupt; e.g. add/discard the
+    beat without the lock (set operations are atomic under the GIL; the loop iterates
+    over ``tuple(self.beats)``) and wake the loop through a queue.SimpleQueue, whose
+    put() is documented as re-entrant (safe from signal handlers)."""
+    out = _run_child(_HANDLER_LEASE_UNDER_THE_BEATER_LOCK, str(tmp_path / "lease.db"), timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "expired 0 of 10" in out.stdout, out.stdout
+
+
+# -- properties that held (second review) --------------------------------------------------
+
+
+def test_only_exact_str_int_and_none_reach_the_unchecked_encoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_chain_text gates the prebuilt encoder (no circular-reference check) on type(), so
+    bool, IntEnum, IntFlag, str-Enum, str/int/float subclasses and any container go to the
+    checked encoder; either way the text is byte for byte the plain encoder's."""
+    import enum
+    import json
+
+    from safeagent.stores import _rows
+
+    class Color(enum.IntEnum):
+        RED = 1
+
+    class Perm(enum.IntFlag):
+        R = 4
+
+    class Word(str, enum.Enum):
+        A = "a\u00e9"
+
+    class Loud(str):
+        def __str__(self) -> str:
+            return "LOUD"
+
+    class Big(int):
+        def __repr__(self) -> str:
+            return "BIG"
+
+    class Half(float):
+        def __repr__(self) -> str:
+            return "HALF"
+
+    loop: list[Any] = []
+    loop.append(loop)
+    reference = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+    fast = _rows._chain_body_fast
+    given: list[list[Any]] = []
+
+    def spy(fields: list[Any], level: int) -> Any:
+        given.append(list(fields))
+        return fast(fields, level)
+
+    monkeypatch.setattr(_rows, "_chain_body_fast", spy)
+    values: list[Any] = [
+        True, False, Color.RED, Perm.R, Word.A, Loud("x\ud800"), Big(7), Half(0.5), 1.5,
+        2**70, "\U0001f600", None, [1], {"k": 1},
+    ]  # fmt: skip
+    for value in values:
+        row = (1, "claimed", "ns", value, None, "o", "e", 3, '{"a":1}')
+        expected = reference(["p" * 64, 2, 5, *row])
+        assert _rows._chain_text("p" * 64, 2, 5, row) == expected, value
+        assert chain_hash("p" * 64, 2, 5, row) == hashlib.sha256(expected.encode()).hexdigest()
+    with pytest.raises(ValueError, match="Circular reference"):
+        _rows._chain_text("p" * 64, 2, 5, (1, "k", "ns", loop, None, "o", "e", 3, "{}"))
+    assert {type(v) for fields in given for v in fields} <= {str, int, type(None)}
+    assert {repr(fields[6]) for fields in given} == {repr(2**70), repr("\U0001f600"), "None"}
+
+
+def test_a_failed_batched_flush_keeps_the_replay_events_and_writes_them_once(
+    tmp_path: Path,
+) -> None:
+    """A batched flush of replay events meeting a corrupt head (a BLOB, non-numeric text
+    seq): the replays are still answered, nothing reaches the caller, the events are put
+    back (ahead of newer ones), and once the head is repaired the next write stores each
+    exactly once; the trail verifies."""
+    path = tmp_path / "flush.db"
+    store = SQLiteStore(path)
+    guard = Guard(store)
+    guard.execute("r1", "a", {}, lambda _ctx: 1)
+    seq, head = _head_of(path, "r1")
+    store._buffer.max_events = 2
+    for corrupt in ("head = X'00ff'", "seq = 'abc'"):
+        _corrupt_head(path, "r1", f"UPDATE audit_chain SET {corrupt} WHERE shard = ?")
+        for _ in range(2):
+            assert guard.execute("r1", "a", {}, lambda _ctx: 2).result == 1
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute(
+            "UPDATE audit_chain SET seq = ?, head = ? WHERE shard = ?",
+            (seq, head, shard_of("default", "r1")),
+        )
+        conn.close()
+    assert len(store._buffer._events) == 4
+    assert guard.execute("r2", "a", {}, lambda _ctx: 3).result == 3  # writes the buffer
+    assert not store._buffer
+    kinds = [row[1] for row in _events_on_shard(path, "r1") if row[2] == "r1"]
+    assert kinds == ["claimed", "succeeded", "replayed", "replayed", "replayed", "replayed"]
+    assert verify(store).ok
+    store.close()
+
+
+@pytest.mark.slow
+def test_leases_are_renewed_while_many_threads_enter_and_leave_heartbeat_blocks(
+    tmp_path: Path,
+) -> None:
+    """Four threads run fn for 1.5 s under a 1 s lease (renewed every third) while eight
+    others enter and leave heartbeat blocks as fast as they can, most of them due at once
+    (so the beater's Condition.wait, the notify from __enter__ and the RLock interleave
+    all the time): no long call ever finds its lease expired, each was renewed, and no
+    beat is left in the set."""
+    from safeagent._runtime import heartbeats
+
+    store = SQLiteStore(tmp_path / "hb.db", busy_timeout=30)
+    guard = Guard(store)
+    stop = threading.Event()
+    expired: list[str] = []
+    errors: list[BaseException] = []
+
+    def long_call(t: int) -> None:
+        rid = f"long-{t}"
+        leases: list[int] = []
+
+        def fn(_ctx: Any) -> int:
+            for _ in range(6):
+                stop.wait(0.25)
+                record, now = store.get("default", rid)
+                assert record is not None
+                assert record.lease_expires_at_ms is not None
+                leases.append(record.lease_expires_at_ms)
+                if record.lease_expires_at_ms < now:
+                    expired.append(rid)
+            return 1
+
+        try:
+            assert guard.execute(rid, "a", {}, fn, lease=1.0).result == 1
+            assert leases[-1] > leases[0], "never renewed"
+        except BaseException as exc:
+            errors.append(exc)
+
+    def churn(t: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            if t < 1:  # real guarded calls
+                try:
+                    guard.execute(f"c-{t}-{n}", "a", {}, lambda _ctx: 0, lease=0.1)
+                except BaseException as exc:
+                    errors.append(exc)
+            else:  # bare blocks due in 10 ms: each one wakes the beater's wait
+                with heartbeats.beating(store, "default", f"c-{t}-{n}", 1, 30):
+                    pass
+
+    longs = [threading.Thread(target=long_call, args=(t,)) for t in range(4)]
+    churners = [threading.Thread(target=churn, args=(t,)) for t in range(8)]
+    for thread in longs + churners:
+        thread.start()
+    for thread in longs:
+        thread.join()
+    stop.set()
+    for thread in churners:
+        thread.join()
+    assert errors == []
+    assert expired == []
+    assert heartbeats._beater(store.identity).beats == set()
+    store.close()

@@ -192,7 +192,7 @@ class Receipt:
             record.request_id,
             record.action,
             status,
-            None if record.result_json is None else _decode(record.result_json),
+            _result(record.result_json),
             record.error,
             record.execution_id,
             record.fingerprint,
@@ -264,6 +264,16 @@ class Receipt:
 
 _new_object = object.__new__
 _decode = json.JSONDecoder().decode  # json.loads with default options, without its checks
+
+
+def _result(text: str | None) -> Any:
+    """The stored result parsed; text from the store, or bytes where a row holds a BLOB
+    (written by another tool), which json.loads reads and the bare decoder does not."""
+    if text is None:
+        return None
+    return _decode(text) if type(text) is str else json.loads(text)
+
+
 # The member descriptors of Receipt's slots, in field order (what Receipt.from_record sets).
 _RECEIPT_SETTERS = tuple(Receipt.__dict__[f.name].__set__ for f in fields(Receipt))
 

@@ -40,7 +40,7 @@ class Wakeups:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: see _Beater.lock
         self._slots: dict[WakeKey, _Slot] = {}
 
     def register(self, key: WakeKey) -> _Slot:
@@ -114,8 +114,10 @@ class _Beater:
     def __init__(self) -> None:
         # The condition's lock, taken directly on the hot path (a C-level with costs less
         # than the condition's Python-level __enter__). Re-entrant, as the condition's own
-        # default is: a signal handler that runs a guarded call while this thread holds
-        # it must not deadlock (nor stall every lease of the store).
+        # default is, like every lock a guarded call takes in passing: a signal handler
+        # that runs a guarded call while its thread holds one must not deadlock. (While
+        # such a handler's fn runs inside this one, the loop cannot take it and renews no
+        # lease of the store: tests/test_hot_path_faults.py, a known limit.)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.beats: set[Beat] = set()
@@ -164,7 +166,7 @@ class Heartbeats:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: see _Beater.lock
         self._beaters: dict[str, _Beater] = {}
         self._pid = 0
 

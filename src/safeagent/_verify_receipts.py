@@ -195,15 +195,20 @@ class _Purges:
         )
 
 
-def _stored_digest(record: Record) -> str:
+def _stored_digest(record: Record) -> str | None:
+    """The outcome digest of the record as stored, or None where a field holds what no
+    writer stores (a BLOB: an edit by hand), which then matches no recorded digest."""
     error = record.error
-    return outcome_digest(
-        record.execution_id,
-        record.status.value,
-        record.result_json,
-        None if error is None else error.type,
-        None if error is None else error.message,
-    )
+    try:
+        return outcome_digest(
+            record.execution_id,
+            record.status.value,
+            record.result_json,
+            None if error is None else error.type,
+            None if error is None else error.message,
+        )
+    except (TypeError, ValueError):
+        return None
 
 
 def _judge(

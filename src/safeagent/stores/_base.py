@@ -561,7 +561,7 @@ class EventBuffer:
         max_events: int = REPLAY_BUFFER_EVENTS,
         max_age: float = REPLAY_BUFFER_SECONDS,
     ) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a signal handler's replay may re-enter
         self._events: list[AuditEvent] = []
         self._oldest = 0.0
         self.max_events = max_events
@@ -602,7 +602,7 @@ class EventBuffer:
         _live_buffers.discard(self)
 
     def _forget(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a signal handler's replay may re-enter
         self._events = []
 
     def _flush_at_exit(self) -> None:

@@ -201,7 +201,9 @@ CHAIN_COLUMNS = (
 
 def shard_of(namespace: str, subject: str) -> int:
     """The chain an event of ``(namespace, subject)`` belongs to."""
-    key = f"{namespace}\x00{subject}".encode("utf-8", "surrogatepass")
+    # Concatenated, not formatted: a str subclass (a str-valued Enum) counts by its
+    # characters, as the database stores it, not by its __format__ ("Tenant.ACME").
+    key = (namespace + "\x00" + subject).encode("utf-8", "surrogatepass")
     return zlib.crc32(key) % CHAIN_SHARDS
 
 

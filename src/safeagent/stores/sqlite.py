@@ -305,10 +305,17 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 
-def _corrupt_head(exc: Exception) -> sqlite3.DatabaseError:
-    """A chain head that cannot be extended (a value of the wrong type: the table was
-    edited): a store failure, so nothing is written and the caller gets StoreError."""
-    return sqlite3.DatabaseError(f"audit chain head unusable ({exc}); events not written")
+_MAX_SEQ = 2**63 - 2  # the next seq must still fit SQLite's INTEGER
+
+
+def _check_head(shard: int, seq: Any, head: Any) -> None:
+    """Refuse to extend a chain head of the wrong type or range (the table was edited):
+    a store failure (DatabaseError, so the caller gets StoreError), nothing written."""
+    if type(seq) is not int or not 0 <= seq <= _MAX_SEQ or type(head) is not str:
+        raise sqlite3.DatabaseError(
+            f"audit chain head of shard {shard} unusable (seq {seq!r}, head {head!r:.80}); "
+            "events not written"
+        )
 
 
 def default_path() -> str:
@@ -384,7 +391,9 @@ class _GroupCommit:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # Re-entrant: a signal handler's write that arrives while its own thread holds it
+        # reaches the re-entrancy check in _grouped (a StoreError) instead of deadlocking.
+        self.lock = threading.RLock()
         self.pending: list[_Job] = []
         self.leading = False
         self.leader: int | None = None  # the thread id leading now
@@ -703,22 +712,19 @@ class SQLiteStore:
             head = conn.execute(SQL_HEAD, (shard,)).fetchone()
             if head is None:
                 raise sqlite3.DatabaseError("audit chain head missing; events not written")
+            _check_head(shard, head[0], head[1])
             row = event_row(event)
-            try:
-                seq = head[0] + 1
-                digest = chain_hash(head[1], shard, seq, row)
-            except (TypeError, ValueError) as exc:
-                raise _corrupt_head(exc) from exc
-            conn.execute(SQL_APPEND, (*row, shard, seq, head[1], digest))
+            seq = head[0] + 1
+            conn.execute(
+                SQL_APPEND, (*row, shard, seq, head[1], chain_hash(head[1], shard, seq, row))
+            )
             return
         heads: Heads = {shard: (seq, head) for shard, seq, head in conn.execute(SQL_HEADS)}
         if any(shard_of(e.namespace, e.subject) not in heads for e in events):
             raise sqlite3.DatabaseError("audit chain head missing; events not written")
-        try:
-            rows = chain_rows(events, heads)
-        except (TypeError, ValueError) as exc:
-            raise _corrupt_head(exc) from exc
-        conn.executemany(SQL_APPEND, rows)
+        for shard, (seq, head) in heads.items():
+            _check_head(shard, seq, head)
+        conn.executemany(SQL_APPEND, chain_rows(events, heads))
 
     def _stat(self) -> tuple[int, int] | None:
         if self.path == ":memory:" or self.path.startswith("file:"):
