@@ -677,13 +677,6 @@ print("expired", seen[0].count(True), "of", len(seen[0]))
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit, as in every release so far: a signal handler's guarded call that "
-    "interrupts its thread inside the heartbeat lock stalls the store's lease renewals "
-    "until it returns; the fix (a lock-free beat set, the loop woken through a "
-    "SimpleQueue) is left for a later round",
-)
 def test_a_signal_handlers_guarded_call_inside_the_beater_lock_keeps_its_lease(
     tmp_path: Path,
 ) -> None:

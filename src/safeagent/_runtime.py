@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import math
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class Wakeups:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()  # re-entrant: see _Beater.lock
+        self._lock = threading.RLock()  # re-entrant: a signal handler's guarded call may take it
         self._slots: dict[WakeKey, _Slot] = {}
 
     def register(self, key: WakeKey) -> _Slot:
@@ -109,36 +110,49 @@ class Beat:
 
 
 class _Beater:
-    """The renewal thread of one store: a stalled store delays only its own leases."""
+    """The renewal thread of one store: a stalled store delays only its own leases.
+
+    No lock is shared with the callers: they add and discard their beats in the set
+    (single operations, atomic under the GIL) and wake the loop through a SimpleQueue,
+    whose put() may be called re-entrantly. So a signal handler that runs a guarded call
+    wherever its thread was interrupted can neither deadlock on this thread nor keep it
+    from renewing the store's leases (tests/test_hot_path_faults.py).
+    """
 
     def __init__(self) -> None:
-        # The condition's lock, taken directly on the hot path (a C-level with costs less
-        # than the condition's Python-level __enter__). Re-entrant, as the condition's own
-        # default is, like every lock a guarded call takes in passing: a signal handler
-        # that runs a guarded call while its thread holds one must not deadlock. (While
-        # such a handler's fn runs inside this one, the loop cannot take it and renews no
-        # lease of the store: tests/test_hot_path_faults.py, a known limit.)
-        self.lock = threading.RLock()
-        self.cond = threading.Condition(self.lock)
         self.beats: set[Beat] = set()
-        # When the loop's wait ends (monotonic seconds); -inf while it runs. A new beat
-        # due earlier than this wakes it; any other beat costs no wake-up, so a call that
-        # finishes well within its lease never makes the caller and this thread trade the GIL.
-        self.wake_at = -math.inf
+        self.wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
+        # When the loop's wait ends (monotonic seconds); +inf while it looks at the beats,
+        # so a beat added meanwhile always wakes it. A new beat due earlier than this wakes
+        # it; any other beat costs no wake-up, so a call that finishes well within its
+        # lease never makes the caller and this thread trade the GIL.
+        self.wake_at = math.inf
         threading.Thread(target=self._loop, name="safeagent-heartbeat", daemon=True).start()
+
+    def add(self, beat: Beat) -> None:
+        self.beats.add(beat)
+        if beat.next_due < self.wake_at:
+            self.wakeups.put(None)
+
+    def discard(self, beat: Beat) -> None:
+        self.beats.discard(beat)
 
     def _loop(self) -> None:
         while True:
-            with self.cond:
-                now = time.monotonic()
-                due = [b for b in self.beats if b.next_due <= now]
-                if not due:
-                    next_due = min((b.next_due for b in self.beats), default=now + IDLE_WAIT)
-                    wait = max(next_due - now, 0.001)
-                    self.wake_at = now + wait
-                    self.cond.wait(wait)
-                    self.wake_at = -math.inf
-                    continue
+            self.wake_at = math.inf
+            now = time.monotonic()
+            beats = tuple(self.beats)  # one C-level copy: callers may add meanwhile
+            due = [b for b in beats if b.next_due <= now]
+            if not due:
+                next_due = min((b.next_due for b in beats), default=now + IDLE_WAIT)
+                wait = max(next_due - now, 0.001)
+                self.wake_at = now + wait
+                with contextlib.suppress(queue.Empty):
+                    self.wakeups.get(timeout=wait)
+                with contextlib.suppress(queue.Empty):
+                    while True:  # wake-ups that came while it looked: it looks again now
+                        self.wakeups.get_nowait()
+                continue
             for beat in due:
                 try:
                     renewed = beat.store.renew(
@@ -146,15 +160,14 @@ class _Beater:
                     )
                 except Exception:  # noqa: BLE001 - a failed renewal is retried soon
                     renewed = None
-                with self.cond:
-                    beat.renewals += 1
-                    if renewed is False:  # the token is no longer current: someone took over
-                        beat.lost = True
-                        self.beats.discard(beat)
-                    elif renewed is None:  # the store failed: try again quickly
-                        beat.next_due = time.monotonic() + min(beat.interval, 0.05)
-                    else:
-                        beat.next_due = time.monotonic() + beat.interval
+                beat.renewals += 1
+                if renewed is False:  # the token is no longer current: someone took over
+                    beat.lost = True
+                    self.beats.discard(beat)
+                elif renewed is None:  # the store failed: try again quickly
+                    beat.next_due = time.monotonic() + min(beat.interval, 0.05)
+                else:
+                    beat.next_due = time.monotonic() + beat.interval
 
 
 class Heartbeats:
@@ -166,7 +179,7 @@ class Heartbeats:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()  # re-entrant: see _Beater.lock
+        self._lock = threading.RLock()  # re-entrant: a signal handler's guarded call may take it
         self._beaters: dict[str, _Beater] = {}
         self._pid = 0
 
@@ -202,16 +215,11 @@ class _Beating:
         self.beat = beat
 
     def __enter__(self) -> Beat:
-        beater, beat = self.beater, self.beat
-        with beater.lock:
-            beater.beats.add(beat)
-            if beat.next_due < beater.wake_at:
-                beater.cond.notify()
-        return beat
+        self.beater.add(self.beat)
+        return self.beat
 
     def __exit__(self, *exc: object) -> None:
-        with self.beater.lock:
-            self.beater.beats.discard(self.beat)
+        self.beater.discard(self.beat)
 
 
 heartbeats = Heartbeats()
