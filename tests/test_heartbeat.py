@@ -271,3 +271,63 @@ def test_action_lease_is_what_the_claim_records(flavour: str, store: Any, ledger
     assert during == [7_000, 30_000]
     assert [r.lease_expires_at_ms - r.claimed_at_ms for r in after] == [7_000, 30_000]
     assert ledger.count() == 2
+
+
+def test_interrupt_inside_beating_enter_leaves_no_beat_renewing_forever(tmp_path: Any) -> None:
+    """A KeyboardInterrupt (a signal) that lands in ``_Beating.__enter__`` after the beat
+    joined the set, e.g. as ``SimpleQueue.put`` returns, escapes the ``with`` without
+    ``__exit__``: the beat must not stay in the set, or the renewal thread keeps that
+    claim's lease live for the life of the process and nobody can ever take it over."""
+    from safeagent import SQLiteStore
+    from safeagent._runtime import Heartbeats
+    from safeagent.stores._base import ClaimRequest
+
+    store = SQLiteStore(str(tmp_path / "enter.db"))
+    claim = store.claim(
+        ClaimRequest(
+            namespace="n",
+            request_id="interrupted",
+            action="act",
+            fingerprint="f" * 64,
+            payload_json="{}",
+            execution_id="e" * 32,
+            owner="test",
+            lease_ms=300,
+            downstream_key="sa1-x",
+            detail={},
+        )
+    )
+    token = claim.record.fencing_token
+    hb = Heartbeats()
+    with hb.beating(store, "n", "warm", 1, 60_000):
+        pass  # starts the renewal thread, which then idles for IDLE_WAIT
+    beater = hb._beaters[store.identity]
+    real = beater.wakeups
+
+    class InterruptedPut:
+        def put(self, item: Any) -> None:
+            real.put(item)
+            raise KeyboardInterrupt  # the pending SIGINT, raised as put() returns
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    deadline = time.monotonic() + 5
+    while beater.wake_at == float("inf") and time.monotonic() < deadline:
+        time.sleep(0.01)  # let the loop settle into its idle wait
+    beater.wakeups = InterruptedPut()  # type: ignore[assignment]
+    try:
+        # due before the idle wait ends, so the beat's add wakes the loop
+        with pytest.raises(KeyboardInterrupt), hb.beating(store, "n", "interrupted", token, 300):
+            pytest.fail("the block never runs")
+    finally:
+        beater.wakeups = real
+    time.sleep(0.5)
+    leaked = set(beater.beats)
+    beater.beats.clear()  # stop renewing, pass or fail
+    record, now = store.get("n", "interrupted")
+    store.close()
+    assert not leaked, "a beat outlived its block"
+    assert record is not None
+    assert record.lease_expires_at_ms is not None
+    assert record.lease_expires_at_ms <= now  # nobody renewed the 300 ms lease

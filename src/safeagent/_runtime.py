@@ -215,7 +215,13 @@ class _Beating:
         self.beat = beat
 
     def __enter__(self) -> Beat:
-        self.beater.add(self.beat)
+        try:
+            self.beater.add(self.beat)
+        except BaseException:
+            # An interrupt after the beat joined the set: ``with`` calls no __exit__, and
+            # a beat left there would renew its lease for as long as the process lives.
+            self.beater.discard(self.beat)
+            raise
         return self.beat
 
     def __exit__(self, *exc: object) -> None:
