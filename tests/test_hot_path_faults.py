@@ -32,7 +32,7 @@ from safeagent import Guard, SQLiteStore, StoreError
 from safeagent._audit import AuditEvent, EventKind
 from safeagent._receipt import ErrorInfo, Receipt, Record, Status
 from safeagent.audit import verify
-from safeagent.stores import sqlite as sqlite_module
+from safeagent.stores import _rows as rows_module
 from safeagent.stores._rows import _chain_body, _dumps, chain_hash, event_row, shard_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,7 +258,7 @@ def test_ctrl_c_inside_the_hash_writes_nothing_and_leaves_the_store_usable(
     interrupt reaches the caller as is, the next call works and the trail verifies."""
     store = SQLiteStore(tmp_path / "ki.db")
     guard = Guard(store)
-    real = sqlite_module.chain_hash  # type: ignore[attr-defined]
+    real = rows_module.chain_hash  # what the store's chain_rows calls
     calls = [0]
 
     def interrupted(*args: Any) -> str:
@@ -267,11 +267,11 @@ def test_ctrl_c_inside_the_hash_writes_nothing_and_leaves_the_store_usable(
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(sqlite_module, "chain_hash", interrupted)
+    monkeypatch.setattr(rows_module, "chain_hash", interrupted)
     ran: list[int] = []
     with pytest.raises(KeyboardInterrupt):
         guard.execute("r1", "a", {}, lambda _ctx: ran.append(1))
-    monkeypatch.setattr(sqlite_module, "chain_hash", real)
+    monkeypatch.setattr(rows_module, "chain_hash", real)
     record, _ = store.get("default", "r1")
     if which == 1:
         assert ran == []

@@ -64,10 +64,8 @@ from safeagent.stores._rows import (
     EVENT_COLUMNS,
     GENESIS,
     Heads,
-    chain_hash,
     chain_rows,
     dumps,
-    event_row,
     row_to_case,
     row_to_event,
     row_to_record,
@@ -701,29 +699,23 @@ class SQLiteStore:
     @staticmethod
     def _insert_events(conn: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
         """Append events to their hash chains, in order (the write lock is held: no one
-        interleaves): the heads they extend are read (one row for a single event, the
-        table for a batch), the events hashed in Python and inserted; the trigger moves
-        each head. A missing head (the schema was altered) writes nothing."""
+        interleaves): the heads they extend are read (one row when they share a chain, the
+        table otherwise), checked, the events hashed in Python and inserted; the trigger
+        moves each head. A missing or unusable head (the table was altered) writes
+        nothing."""
         if not events:
             return
-        if len(events) == 1:
-            event = events[0]
-            shard = shard_of(event.namespace, event.subject)
-            head = conn.execute(SQL_HEAD, (shard,)).fetchone()
-            if head is None:
+        shards = {shard_of(e.namespace, e.subject) for e in events}
+        if len(shards) == 1:  # one head to read (every claim and completion)
+            (shard,) = shards
+            row = conn.execute(SQL_HEAD, (shard,)).fetchone()
+            heads: Heads = {} if row is None else {shard: (row[0], row[1])}
+        else:
+            heads = {shard: (seq, head) for shard, seq, head in conn.execute(SQL_HEADS)}
+        for shard in shards:
+            if shard not in heads:
                 raise sqlite3.DatabaseError("audit chain head missing; events not written")
-            _check_head(shard, head[0], head[1])
-            row = event_row(event)
-            seq = head[0] + 1
-            conn.execute(
-                SQL_APPEND, (*row, shard, seq, head[1], chain_hash(head[1], shard, seq, row))
-            )
-            return
-        heads: Heads = {shard: (seq, head) for shard, seq, head in conn.execute(SQL_HEADS)}
-        if any(shard_of(e.namespace, e.subject) not in heads for e in events):
-            raise sqlite3.DatabaseError("audit chain head missing; events not written")
-        for shard, (seq, head) in heads.items():
-            _check_head(shard, seq, head)
+            _check_head(shard, *heads[shard])
         conn.executemany(SQL_APPEND, chain_rows(events, heads))
 
     def _stat(self) -> tuple[int, int] | None:
