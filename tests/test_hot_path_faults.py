@@ -573,6 +573,42 @@ def test_a_str_enum_namespace_writes_a_trail_that_verifies(tmp_path: Path) -> No
     store.close()
 
 
+class _Spelled(str):
+    """A str subclass whose __str__ and __format__ say something other than its
+    characters, as a ``(str, Enum)`` member's do ("Tenant.ACME" for "acme")."""
+
+    def __str__(self) -> str:
+        return "NOT-" + str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return "NOT-" + str.__str__(self)
+
+
+def test_every_name_of_a_str_subclass_is_kept_as_its_characters(store: Any) -> None:
+    """The whole class of the str-Enum fault above: a request id, action and namespace
+    given as str subclasses reach the store, the keys, the chain text and the receipt as
+    plain str of their characters, on every store, so a retry spelled with plain str
+    replays, the trail verifies and no "NOT-" spelling is stored anywhere."""
+    guard = Guard(store)
+    first = guard.execute(
+        _Spelled("r1"), _Spelled("charge"), {"n": 1}, lambda _ctx: 1, namespace=_Spelled("t1")
+    )
+    assert (first.request_id, first.action, first.namespace) == ("r1", "charge", "t1")
+    assert all(
+        type(v) is str for v in (first.request_id, first.action, first.namespace)
+    )
+    again = guard.execute("r1", "charge", {"n": 1}, lambda _ctx: 2, namespace="t1")
+    assert again.replay
+    assert again.result == 1
+    assert again.downstream_key == first.downstream_key
+    assert again.fingerprint == first.fingerprint
+    report = verify(store)
+    assert report.ok, [p.kind for p in report.problems]
+    trail = guard.audit_trail("r1", namespace="t1")
+    assert [e.kind for e in trail][:2] == ["claimed", "succeeded"]
+    assert all("NOT-" not in repr(e) for e in trail)
+
+
 _SIGNAL_IN_A_HOT_PATH_LOCK = """
 import signal, sys, linecache
 from safeagent import Guard, SQLiteStore

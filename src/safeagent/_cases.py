@@ -181,8 +181,8 @@ def check_signal(source: object, outcome: object, confidence: object) -> float:
             255 characters of valid UTF-8 without NUL (a lone surrogate, a NUL byte), or a
             confidence that is not a number in [0, 1].
     """
-    check_name("source", source)
-    check_name("outcome", outcome)
+    source = check_name("source", source)
+    outcome = check_name("outcome", outcome)
     if (
         isinstance(confidence, bool)
         or not isinstance(confidence, (int, float))

@@ -201,17 +201,18 @@ class GuardCore:
         result_encoder: Callable[[Any], Any] = json_default,
         owner: str | None = None,
     ) -> None:
-        check_name("namespace", namespace)
+        namespace = check_name("namespace", namespace)
         self.namespace = namespace
         self.lease = lease_seconds(lease)
         self.wait = seconds("wait", wait, allow_zero=True)
         self.not_executed = exception_types("not_executed", not_executed)
         self.outcome_unknown = exception_types("outcome_unknown", outcome_unknown)
         # Read-only: the per-action settings below are resolved once and cached.
-        self.actions: Mapping[str, ActionPolicy] = MappingProxyType(dict(actions or {}))
+        self.actions: Mapping[str, ActionPolicy] = MappingProxyType(
+            {check_name("action", name): policy for name, policy in (actions or {}).items()}
+        )
         self._defaults: dict[str, _ActionDefaults] = {}
         for name, policy in self.actions.items():
-            check_name("action", name)
             if not isinstance(policy, ActionPolicy):
                 raise ConfigurationError(f"actions[{name!r}] must be an ActionPolicy")
         if not callable(redact) or not callable(result_encoder):
@@ -306,14 +307,14 @@ class GuardCore:
         settle_case: str | None = None,
     ) -> Call:
         """Validate one call and compute its fingerprint, before anything is recorded."""
-        check_request_id(request_id)
+        request_id = check_request_id(request_id)
         if settle_case is None and request_id.startswith(CASE_PREFIX):
             raise InvalidRequestIdError(
                 f"request ids starting with {CASE_PREFIX!r} are reserved for case "
                 "settlement (FinalityGate.settle)",
                 request_id=request_id,
             )
-        check_name("action", action)
+        action = check_name("action", action)
         ns = self._ns(namespace)
         if isinstance(exclude, str):
             raise InvalidInputError("exclude must be a collection of field names, not a str")
@@ -365,8 +366,8 @@ class GuardCore:
     ) -> tuple[str, Status, str | None, ErrorInfo | None, bool]:
         """Validate a resolution: ``(namespace, status, result_json, error, rerun)``."""
         ns = self._ns(namespace)
-        check_request_id(request_id)
-        check_name("by", by)
+        request_id = check_request_id(request_id)
+        by = check_name("by", by)
         check_text("reason", reason)
         rerun = outcome == "rerun"
         try:

@@ -226,8 +226,8 @@ class _GateCore:
     ) -> str:
         ns = self._ns(namespace)
         _check_case_id(case_id)
-        check_name("outcome", outcome)
-        check_name("by", by)
+        outcome = check_name("outcome", outcome)
+        by = check_name("by", by)
         _check_reason(reason)
         return ns
 
@@ -238,7 +238,7 @@ class _GateCore:
         read: a settlement that could never start must not settle its case as FAILED."""
         ns = self._ns(namespace)
         _check_case_id(case_id)
-        check_name("action", action)
+        action = check_name("action", action)
         _check_settle_fn(fn, sync=sync)
         return ns
 

@@ -113,7 +113,8 @@ def _canon(value: Any, out: list[str], depth: int) -> None:
 
 
 def check_request_id(request_id: object) -> str:
-    """Validate a request id: a non-empty ``str`` of at most 255 characters.
+    """Validate a request id: a non-empty ``str`` of at most 255 characters, returned as
+    a plain ``str`` (a subclass, such as a ``(str, Enum)`` member, by its characters).
 
     Raises:
         InvalidRequestIdError: anything else.
@@ -133,7 +134,10 @@ def check_request_id(request_id: object) -> str:
             f"request id must be valid UTF-8 text without NUL, got {request_id!r}",
             request_id=request_id,
         )
-    return request_id
+    # A str subclass (a ``(str, Enum)`` member, say) is kept as its characters: its
+    # __str__/__format__ may say something else ("Tenant.ACME"), and every store, key and
+    # chain text must see one spelling.
+    return request_id if type(request_id) is str else str.__str__(request_id)
 
 
 def storable(text: str) -> bool:
@@ -161,7 +165,8 @@ def storable_text(text: str) -> str:
 
 def check_name(kind: str, value: object) -> str:
     """Validate a name (action, namespace, actor): a non-empty ``str`` of at most 255
-    characters of valid UTF-8 without NUL.
+    characters of valid UTF-8 without NUL, returned as a plain ``str`` (as
+    :func:`check_request_id`).
 
     Raises:
         InvalidInputError: anything else.
@@ -176,7 +181,7 @@ def check_name(kind: str, value: object) -> str:
             f"{kind} must be a non-empty str of at most {MAX_REQUEST_ID_LENGTH} characters "
             f"of valid UTF-8 without NUL, got {value!r}"
         )
-    return value
+    return value if type(value) is str else str.__str__(value)  # as check_request_id
 
 
 def check_text(kind: str, value: object, *, blank: bool = False) -> str:
@@ -304,8 +309,8 @@ def derive_request_id(scope: str, action: str, arguments: Mapping[str, Any]) -> 
         InvalidInputError: an empty scope or action.
         InvalidPayloadError: arguments that are not a JSON object.
     """
-    check_name("scope", scope)
-    check_name("action", action)
+    scope = check_name("scope", scope)
+    action = check_name("action", action)
     if not isinstance(arguments, Mapping):
         raise InvalidPayloadError("arguments must be a JSON object (a mapping of names)")
     body = canonical_json([scope, action, dict(arguments)])

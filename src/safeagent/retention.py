@@ -58,7 +58,7 @@ def purge(store: Any, *, older_than: Seconds, actor: str = "safeagent.retention"
         StoreError: the store failed; nothing was purged.
     """
     age_ms = int(1000 * retention_seconds(older_than))
-    check_name("actor", actor)
+    actor = check_name("actor", actor)
     _, now = store.records(limit=0)
     counts = store.purge(now - age_ms if now else time.time_ns() // 1_000_000 - age_ms, actor)
     return PurgeReport(**counts)

@@ -164,8 +164,8 @@ def receipts_show(
     """Show one receipt in full (payload and result redacted unless --no-redact) and its
     audit trail. Exit 1 if there is no such receipt; exit 2 for an id or namespace no
     record can have."""
-    check_request_id(request_id)
-    check_name("namespace", namespace)
+    request_id = check_request_id(request_id)
+    namespace = check_name("namespace", namespace)
     with opened(resolve_target(db, database_url, schema)) as store:
         record, now = store.get(namespace, request_id)
         if record is None:
