@@ -62,3 +62,18 @@ def test_decompose_prints_every_row_first_and_replay(tmp_path: Path, mode: str) 
     assert set(pages) == {"floor", "audited floor", "least guard", "statements", "guard"}, out
     assert all(float(v) >= 1 for v in pages.values()), out  # each commit writes a page
     assert not list(tmp_path.glob("sa-decompose-*")), "the temporary files were removed"
+
+
+def test_instructions_runs_every_workload_directly(tmp_path: Path) -> None:
+    """bench/instructions.py counts instructions under valgrind; ``--direct`` runs the
+    same child workloads without it, so the script is checked where valgrind is missing."""
+    out = _run(
+        str(BENCH / "instructions.py"),
+        "--direct",
+        "--n",
+        "20",
+        "--dir",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
+    assert "direct run: 7 workloads of 20 calls each ran" in out, out
