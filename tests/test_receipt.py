@@ -1,5 +1,6 @@
-"""Hot-path constructions that must stay equal to their plain definitions: receipts built
-without the frozen __init__, and the outcome digest built without the JSON encoder."""
+"""Hot-path constructions that must stay equal to their plain definitions: receipts and
+audit events built without the frozen __init__, and the outcome digest built without the
+JSON encoder."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from safeagent._audit import AuditEvent, EventKind, new_event
 from safeagent._receipt import ErrorInfo, Receipt, Record, Status
 from safeagent.stores._base import outcome_digest
 
@@ -123,3 +125,43 @@ def test_outcome_digest_is_sha256_of_the_json_array(values: tuple[str | None, ..
     hashed must never change."""
     text = json.dumps(list(values), separators=(",", ":"), ensure_ascii=True)
     assert outcome_digest(*values) == hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+@given(
+    kind=st.sampled_from(EventKind),
+    at_ms=ints,
+    names=st.tuples(text, text, st.none() | text, st.none() | text, st.none() | text),
+    token=maybe_int,
+    detail=st.dictionaries(st.text(max_size=4), st.none() | st.integers() | text, max_size=3),
+    event_id=maybe_int,
+)
+def test_new_event_equals_the_constructed_event(
+    kind: EventKind,
+    at_ms: int,
+    names: tuple[str, str, str | None, str | None, str | None],
+    token: int | None,
+    detail: dict[str, object],
+    event_id: int | None,
+) -> None:
+    namespace, subject, action, actor, execution_id = names
+    event = new_event(
+        kind, at_ms, namespace, subject, action, actor, execution_id, token, detail, event_id
+    )
+    reference = AuditEvent(
+        kind=kind,
+        at_ms=at_ms,
+        namespace=namespace,
+        subject=subject,
+        action=action,
+        actor=actor,
+        execution_id=execution_id,
+        fencing_token=token,
+        detail=detail,
+        id=event_id,
+    )
+    assert event == reference
+    assert repr(event) == repr(reference)
+    assert dataclasses.astuple(event) == dataclasses.astuple(reference)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.at_ms = 0  # type: ignore[misc]
+    assert new_event(kind, at_ms, namespace, subject, None, None, None, None, {}).id is None

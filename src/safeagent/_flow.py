@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from safeagent._audit import AuditEvent, EventKind, Redactor
+from safeagent._audit import AuditEvent, EventKind, Redactor, new_event
 from safeagent._decide import Verdict, classify_exception, decide
 from safeagent._keys import downstream_key, new_execution_id, storable_text
 from safeagent._policy import ExceptionTypes, ReconcileHook, ReconcileRequest, Reconciliation
@@ -549,16 +549,16 @@ def lease_lost(call: Call, record: Record, current: Record | None) -> LeaseLostE
 def _event(
     kind: EventKind, call: Call, record: Record, now: int, s: Settings, detail: dict[str, Any]
 ) -> AuditEvent:
-    return AuditEvent(
-        kind=kind,
-        at_ms=now,
-        namespace=call.namespace,
-        subject=call.request_id,
-        action=call.action,
-        actor=s.owner,
-        execution_id=record.execution_id,
-        fencing_token=record.fencing_token,
-        detail=detail,
+    return new_event(
+        kind,
+        now,
+        call.namespace,
+        call.request_id,
+        call.action,
+        s.owner,
+        record.execution_id,
+        record.fencing_token,
+        detail,
     )
 
 

@@ -18,7 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from safeagent._audit import REPLAY_BUFFER_EVENTS, REPLAY_BUFFER_SECONDS, AuditEvent, EventKind
+from safeagent._audit import (
+    REPLAY_BUFFER_EVENTS,
+    REPLAY_BUFFER_SECONDS,
+    AuditEvent,
+    EventKind,
+    new_event,
+)
 from safeagent._cases import CaseChange, CaseRow, CaseState, Signal
 from safeagent._receipt import TERMINAL, ErrorInfo, Record, Status
 from safeagent.errors import ConfigurationError
@@ -371,16 +377,16 @@ def completion_events(
     known = after or before
 
     def event(kind: EventKind, detail: dict[str, Any]) -> AuditEvent:
-        return AuditEvent(
-            kind=kind,
-            at_ms=now_ms,
-            namespace=completion.namespace,
-            subject=completion.request_id,
-            action=None if known is None else known.action,
-            actor=completion.actor,
-            execution_id=None if known is None else known.execution_id,
-            fencing_token=completion.fencing_token,
-            detail=detail,
+        return new_event(
+            kind,
+            now_ms,
+            completion.namespace,
+            completion.request_id,
+            None if known is None else known.action,
+            completion.actor,
+            None if known is None else known.execution_id,
+            completion.fencing_token,
+            detail,
         )
 
     if after is None:
@@ -479,16 +485,16 @@ def take_over_event(record: Record, owner: str, now_ms: int) -> AuditEvent:
 
 
 def claimed_event(request: ClaimRequest, record: Record, now_ms: int) -> AuditEvent:
-    return AuditEvent(
-        kind=EventKind.CLAIMED,
-        at_ms=now_ms,
-        namespace=request.namespace,
-        subject=request.request_id,
-        action=request.action,
-        actor=request.owner,
-        execution_id=record.execution_id,
-        fencing_token=record.fencing_token,
-        detail={**request.detail, "attempt": record.attempt},
+    return new_event(
+        EventKind.CLAIMED,
+        now_ms,
+        request.namespace,
+        request.request_id,
+        request.action,
+        request.owner,
+        record.execution_id,
+        record.fencing_token,
+        {**request.detail, "attempt": record.attempt},
     )
 
 
