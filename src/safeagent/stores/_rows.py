@@ -223,12 +223,16 @@ def _chain_text(prev_hash: str, shard: int, seq: int, row: Sequence[Any]) -> str
     return _chain_body(fields)
 
 
-def chain_rows(events: Sequence[AuditEvent], heads: Heads) -> list[tuple[Any, ...]]:
+def chain_rows(
+    events: Sequence[AuditEvent], heads: Heads, shards: Sequence[int] | None = None
+) -> list[tuple[Any, ...]]:
     """Rows for ``events`` with ``(shard, seq, prev_hash, hash)`` appended, extending the
-    chain ``heads`` (shard -> (seq, hash)), which is updated in place."""
+    chain ``heads`` (shard -> (seq, hash)), which is updated in place. ``shards``: each
+    event's :func:`shard_of`, when the caller has computed them already."""
+    if shards is None:
+        shards = [shard_of(event.namespace, event.subject) for event in events]
     rows = []
-    for event in events:
-        shard = shard_of(event.namespace, event.subject)
+    for event, shard in zip(events, shards, strict=True):
         seq, prev = heads.get(shard, (0, GENESIS))
         seq += 1
         row = event_row(event)

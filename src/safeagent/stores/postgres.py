@@ -710,14 +710,15 @@ class PostgresStore:
         one to lock the heads unless the body's claim or completion already did."""
         if not events:
             return
-        shards = {shard_of(e.namespace, e.subject) for e in events}
+        each = [shard_of(e.namespace, e.subject) for e in events]
+        shards = set(each)
         locked = self._tx.locked
         if locked is not None and shards <= locked[0]:
             heads: Heads = locked[1]
         else:
             cur.execute(self._sql["LOCK_HEADS"], (_int_array(shards),))
             heads = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
-        rows = chain_rows(events, heads)
+        rows = chain_rows(events, heads, each)
         self._tx.rows = rows
         if len(rows) == 1:
             cur.execute(self._sql["EVENT"], rows[0])

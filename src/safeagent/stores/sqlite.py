@@ -705,7 +705,8 @@ class SQLiteStore:
         nothing."""
         if not events:
             return
-        shards = {shard_of(e.namespace, e.subject) for e in events}
+        each = [shard_of(e.namespace, e.subject) for e in events]
+        shards = set(each)
         if len(shards) == 1:  # one head to read (every claim and completion)
             (shard,) = shards
             row = conn.execute(SQL_HEAD, (shard,)).fetchone()
@@ -716,7 +717,7 @@ class SQLiteStore:
             if shard not in heads:
                 raise sqlite3.DatabaseError("audit chain head missing; events not written")
             _check_head(shard, *heads[shard])
-        conn.executemany(SQL_APPEND, chain_rows(events, heads))
+        conn.executemany(SQL_APPEND, chain_rows(events, heads, each))
 
     def _stat(self) -> tuple[int, int] | None:
         if self.path == ":memory:" or self.path.startswith("file:"):
