@@ -8,17 +8,28 @@ blocks (the memory store), so SQLite never blocks the event loop. Two moments ne
   cancellation: the caller gets ``CancelledError`` at once, the outcome is recorded when
   ``fn`` ends, and retries wait for it and replay it;
 - a task cancelled while it is still claiming leaves no claim behind: if the claim lands
-  after all, it is released before anyone could run ``fn`` under it.
+  after all, it is released before anyone could run ``fn`` under it (a reconcile
+  take-over that lands after its caller was cancelled is handed back, in doubt).
+
+Both hold when the event loop itself ends meanwhile (``asyncio.run`` returning cancels
+every task): the writes that must follow a cancellation (the release, the outcome of a
+``fn`` that ran) are made by worker threads or by tasks that carry on through a
+cancellation, and ``asyncio.run`` waits for both. :meth:`AsyncGuard.aclose` waits for them
+too, before it closes the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
 import inspect
+import threading
 from collections.abc import Awaitable, Callable, Collection, Generator
 from typing import Any, ParamSpec, TypeVar
 
-from safeagent._audit import AuditEvent
+from safeagent._audit import AuditEvent, EventKind
 from safeagent._core import GuardCore, Outcome, ReconcileReport, tally
 from safeagent._decorator import AsyncGuardedFunction, decorator_options
 from safeagent._flow import (
@@ -48,19 +59,46 @@ from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, _cu
 from safeagent._runtime import heartbeats, wakeups
 from safeagent._telemetry import Observation, observe
 from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
-from safeagent.stores._base import ClaimResult, Completion
+from safeagent.stores._base import ClaimResult, Completion, WriteResult
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-_background: set[asyncio.Task[Any]] = set()
+
+class _Ticket:
+    """Hands the result of a store write from its worker thread to the task awaiting it,
+    unless that task was cancelled first: then the thread undoes the write itself. The
+    lock makes the two exclusive, so exactly one side undoes a write nobody will use."""
+
+    __slots__ = ("abandoned", "handed", "lock", "result")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.handed = False
+        self.result: Any = None
 
 
-def _keep(task: asyncio.Task[Any]) -> None:
-    """Hold a reference to a background task until it ends (asyncio keeps only weak ones)."""
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+async def _through(future: asyncio.Future[T]) -> T:
+    """The result of ``future``, awaited through any cancellation of the awaiting task: for
+    background work that must finish (recording an outcome) even while the event loop
+    shuts down, which cancels every task and then waits for them to end."""
+    while True:
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.cancelled():
+                raise
+
+
+def _submit(fn: Callable[..., T], *args: Any) -> asyncio.Future[FnOutcome]:
+    """``capture(fn, *args)`` in the loop's default executor, in a copy of the current
+    context (as ``asyncio.to_thread`` does). A future, not a task: the loop's shutdown
+    cancels tasks, and this thread, once submitted, runs to its end (``asyncio.run`` waits
+    for the executor before it returns)."""
+    call = functools.partial(contextvars.copy_context().run, capture, fn, *args)
+    return asyncio.get_running_loop().run_in_executor(None, call)
 
 
 class AsyncGuard(GuardCore):
@@ -224,8 +262,36 @@ class AsyncGuard(GuardCore):
         return await self._io(lambda: self.store.events(namespace=ns, subject=request_id))
 
     async def aclose(self) -> None:
-        """Write buffered audit events; close the store if the guard opened it."""
+        """Wait for the work this guard handed off (a ``fn`` whose caller was cancelled,
+        and the write of its outcome; a cancelled claim's release), then write buffered
+        audit events, and close the store if the guard opened it."""
+        await self.drain()
         await self._io(self.store.close if self._owns_store else self.store.flush_events)
+
+    async def drain(self) -> None:
+        """Wait until every piece of work this guard handed off on the running event loop
+        has ended: each ``fn`` whose caller was cancelled has returned and its outcome is
+        recorded, and each claim a cancelled caller left is released. Work handed off on
+        another event loop is not waited for (it ran or was cancelled with that loop)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            mine = [f for f in self._handed_off() if f.get_loop() is loop and not f.done()]
+            if not mine:
+                return
+            await asyncio.gather(*mine, return_exceptions=True)
+
+    def _handed_off(self) -> set[asyncio.Future[Any]]:
+        handed: set[asyncio.Future[Any]] | None = self.__dict__.get("_handed")
+        if handed is None:
+            handed = self.__dict__["_handed"] = set()
+        return handed
+
+    def _keep(self, future: asyncio.Future[Any]) -> None:
+        """Hold a reference to background work until it ends (asyncio keeps only weak
+        ones to tasks), for :meth:`drain` to wait on."""
+        handed = self._handed_off()
+        handed.add(future)
+        future.add_done_callback(handed.discard)
 
     async def __aenter__(self) -> AsyncGuard:
         return self
@@ -244,10 +310,17 @@ class AsyncGuard(GuardCore):
         return fn(*args)
 
     async def _drive(
-        self, flow: Generator[Op, Any, T], answer: Any = None, seen: Observation | None = None
+        self,
+        flow: Generator[Op, Any, T],
+        answer: Any = None,
+        seen: Observation | None = None,
+        *,
+        background: bool = False,
     ) -> T:
         """Perform each operation the flow yields until it returns or raises; ``seen``
         (telemetry on) learns whether ``fn`` ran and what outcome was recorded.
+        ``background``: the rest of a flow whose caller was cancelled (_finish), which
+        carries on through cancellations until ``fn``'s outcome is recorded.
 
         An exception of ``fn`` the flow could not raise itself (:class:`Reraise`: a
         ``StopIteration``) cannot leave a coroutine either (PEP 479): the caller gets a
@@ -274,23 +347,51 @@ class AsyncGuard(GuardCore):
                     wake = (key, wakeups.register(key))
                     if seen is not None:
                         seen.ran = True  # until it says it never started
-                    running = asyncio.ensure_future(self._run(op))
+                    started: list[bool] = []
+                    running = asyncio.ensure_future(self._run(op, started))
                     try:
                         answer = await asyncio.shield(running)
                         if seen is not None:
                             seen.ran = not answer.unstarted
                     except asyncio.CancelledError:
+                        if not started:
+                            # fn's task has not begun (no other task ran since it was
+                            # made): it never will, and the claim is released.
+                            running.cancel()
+                            if seen is not None:
+                                seen.ran = False
+                            self._undo_now(self._release_unstarted, op.context)
+                            raise
                         # fn has started: let it finish and record its outcome without us.
                         handed_off = True
-                        _keep(asyncio.ensure_future(self._finish(flow, running, wake)))
+                        self._keep(asyncio.ensure_future(self._finish(flow, running, wake)))
                         raise
                     continue
                 if isinstance(op, Claim):
-                    claiming = asyncio.ensure_future(self._io(store.claim, op.request))
+                    request = op.request
                     try:
-                        answer = await asyncio.shield(claiming)
+                        answer = await self._write_or_undo(
+                            functools.partial(store.claim, request), self._release
+                        )
                     except asyncio.CancelledError:
-                        _keep(asyncio.ensure_future(self._undo_claim(claiming)))
+                        raise
+                    except BaseException as exc:  # noqa: BLE001 - thrown into the flow
+                        error = exc
+                    continue
+                if isinstance(op, TakeOver):
+                    try:
+                        answer = await self._write_or_undo(
+                            functools.partial(
+                                store.take_over,
+                                op.namespace,
+                                op.request_id,
+                                op.expected_token,
+                                op.owner,
+                                op.lease_ms,
+                            ),
+                            self._hand_back,
+                        )
+                    except asyncio.CancelledError:
                         raise
                     except BaseException as exc:  # noqa: BLE001 - thrown into the flow
                         error = exc
@@ -299,12 +400,10 @@ class AsyncGuard(GuardCore):
                     if seen is not None:
                         seen.status = op.completion.status
                     # fn has run: its outcome is written even if this caller is cancelled
-                    # while the write waits for a worker thread.
-                    completing = asyncio.ensure_future(self._io(store.complete, op.completion))
+                    # while the write waits for a worker thread, or the loop ends.
                     try:
-                        answer = await asyncio.shield(completing)
+                        answer = await self._complete(op.completion, background)
                     except asyncio.CancelledError:
-                        _keep(completing)
                         raise
                     except BaseException as exc:  # noqa: BLE001 - thrown into the flow
                         error = exc
@@ -333,36 +432,141 @@ class AsyncGuard(GuardCore):
         running: asyncio.Future[FnOutcome],
         wake: tuple[tuple[str, str, str], Any],
     ) -> None:
-        """Record the outcome of a ``fn`` whose caller was cancelled."""
+        """Record the outcome of a ``fn`` whose caller was cancelled: through any
+        cancellation (the event loop's shutdown cancels this task too, then waits for it)."""
         try:
-            await self._drive(flow, await running)
+            await self._drive(flow, await _through(running), background=True)
         except BaseException:  # noqa: BLE001, S110 - the outcome is recorded; nobody to tell
             pass
         finally:
             wakeups.done(*wake)
 
-    async def _undo_claim(self, claiming: asyncio.Future[ClaimResult]) -> None:
-        """A caller was cancelled while claiming: release the claim if it landed."""
-        try:
-            claim = await claiming
-        except BaseException:  # noqa: BLE001 - no claim was recorded
-            return
-        if not claim.won:
-            return
-        record = claim.record
-        await self._io(
-            self.store.complete,
-            Completion(
-                namespace=record.namespace,
-                request_id=record.request_id,
-                fencing_token=record.fencing_token,
-                status=Status.RELEASED,
-                result_json=None,
-                error=ErrorInfo("asyncio.CancelledError", "cancelled before fn started"),
-                actor=self._owner_name(),
-                detail={"cancelled": True},
-            ),
+    async def _complete(self, completion: Completion, background: bool) -> Any:
+        """``store.complete`` in a worker thread that runs to its end even if the caller is
+        cancelled meanwhile (kept for :meth:`drain`); ``background`` awaits it through
+        cancellations."""
+        if not getattr(self.store, "blocking", True):
+            return self.store.complete(completion)
+        completing = _submit(self.store.complete, completion)
+        self._keep(completing)
+        outcome: FnOutcome = await (
+            _through(completing) if background else asyncio.shield(completing)
         )
+        return outcome.unwrap()
+
+    async def _write_or_undo(self, write: Callable[[], T], undo: Callable[[T], None]) -> T:
+        """``write()`` (a claim or a take-over) in a worker thread. If the caller is
+        cancelled before its result reached it, the write is undone (``undo(result)``): by
+        the worker thread when it finishes after the cancellation, else in a thread of its
+        own; either way even if the event loop ends meanwhile. Raises what ``write``
+        raised, or ``CancelledError``."""
+        if not getattr(self.store, "blocking", True):
+            result = write()  # inline: nothing can cancel it midway
+            try:
+                await asyncio.sleep(0)  # a cancellation pending now undoes it, as below
+            except asyncio.CancelledError:
+                undo(result)
+                raise
+            return result
+        ticket = _Ticket()
+
+        def run() -> T:
+            result = write()
+            with ticket.lock:
+                if not ticket.abandoned:
+                    ticket.handed, ticket.result = True, result
+                    return result
+            undo(result)  # the caller is gone: nobody will use this write
+            return result
+
+        writing = _submit(run)
+        try:
+            outcome: FnOutcome = await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            with ticket.lock:
+                ticket.abandoned = True
+                handed, result = ticket.handed, ticket.result
+            if handed:  # the thread handed it over just before: undo it from here
+                self._undo_now(undo, result)
+            else:
+                self._keep(writing)
+            raise
+        value: T = outcome.unwrap()
+        return value
+
+    def _undo_now(self, undo: Callable[[T], None], result: T) -> None:
+        """Start ``undo(result)`` now, without awaiting it: inline for a store that never
+        blocks, else in a worker thread that runs to its end even if the loop ends (kept
+        for :meth:`drain`; in a thread of its own if the executor is already shut down)."""
+        if not getattr(self.store, "blocking", True):
+            undo(result)
+            return
+        try:
+            self._keep(_submit(undo, result))
+        except RuntimeError:
+            threading.Thread(target=capture, args=(undo, result)).start()
+
+    def _release(self, claim: ClaimResult) -> None:
+        """Undo a claim whose caller was cancelled before it could run ``fn``: released,
+        audited (never raises: a claim left behind reads as in doubt after its lease)."""
+        if claim.won:
+            record = claim.record
+            self._release_attempt(
+                record.namespace,
+                record.request_id,
+                record.fencing_token,
+                record.action,
+                record.execution_id,
+            )
+
+    def _release_unstarted(self, ctx: ExecutionContext) -> None:
+        """Undo the claim ``fn`` was about to run under, its caller cancelled first."""
+        self._release_attempt(
+            ctx.namespace, ctx.request_id, ctx.fencing_token, ctx.action, ctx.execution_id
+        )
+
+    def _release_attempt(
+        self, namespace: str, request_id: str, token: int, action: str, execution_id: str
+    ) -> None:
+        with contextlib.suppress(Exception):
+            self.store.complete(
+                Completion(
+                    namespace=namespace,
+                    request_id=request_id,
+                    fencing_token=token,
+                    status=Status.RELEASED,
+                    result_json=None,
+                    error=ErrorInfo("asyncio.CancelledError", "cancelled before fn started"),
+                    actor=self._owner_name(),
+                    detail={"cancelled": True},
+                    action=action,
+                    execution_id=execution_id,
+                )
+            )
+
+    def _hand_back(self, taken: WriteResult) -> None:
+        """Undo a reconcile take-over whose caller was cancelled before asking the hook:
+        the record goes back in doubt at once, audited as an unknown verdict, instead of
+        reading as running under a lease nobody renews (never raises: the lease runs out)."""
+        if not taken.accepted or taken.record is None:
+            return
+        record = taken.record
+        with contextlib.suppress(Exception):
+            self.store.complete(
+                Completion(
+                    namespace=record.namespace,
+                    request_id=record.request_id,
+                    fencing_token=record.fencing_token,
+                    status=Status.IN_DOUBT,
+                    result_json=None,
+                    error=None,
+                    actor=self._owner_name(),
+                    detail={"verdict": "unknown", "note": "cancelled before the hook ran"},
+                    event_kind=EventKind.RECONCILED,
+                    action=record.action,
+                    execution_id=record.execution_id,
+                )
+            )
 
     async def _perform(self, op: Op) -> Any:
         store = self.store
@@ -375,15 +579,6 @@ class AsyncGuard(GuardCore):
         if isinstance(op, Wait):
             await wakeups.await_((store.identity, op.namespace, op.request_id), op.timeout)
             return None
-        if isinstance(op, TakeOver):
-            return await self._io(
-                store.take_over,
-                op.namespace,
-                op.request_id,
-                op.expected_token,
-                op.owner,
-                op.lease_ms,
-            )
         if isinstance(op, Resolve):
             return await self._io(store.resolve, op.resolution)
         if isinstance(op, AskHook):
@@ -395,8 +590,11 @@ class AsyncGuard(GuardCore):
                 return await asyncio.ensure_future(_outcome(op.hook, request))
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
 
-    async def _run(self, op: Run) -> FnOutcome:
-        """Run ``fn`` under a heartbeat (the outermost coroutine of its task); never raises."""
+    async def _run(self, op: Run, started: list[bool]) -> FnOutcome:
+        """Run ``fn`` under a heartbeat (the outermost coroutine of its task); never raises.
+        ``started`` gets an item as the task begins (before that, cancelling the task
+        means ``fn`` never runs)."""
+        started.append(True)
         ctx = op.context
         token = _current.set(ctx)
         try:
@@ -404,15 +602,19 @@ class AsyncGuard(GuardCore):
                 self.store, ctx.namespace, ctx.request_id, ctx.fencing_token, op.lease_ms
             ):
                 try:
-                    return await _outcome(op.fn, ctx)
+                    return await _outcome(op.fn, ctx, through=True)
                 except BaseException as exc:  # noqa: BLE001 - see _outcome
                     return FnOutcome(error=exc)
         finally:
             _current.reset(token)
 
 
-async def _outcome(fn: Callable[[Any], Any], arg: Any) -> FnOutcome:
+async def _outcome(fn: Callable[[Any], Any], arg: Any, *, through: bool = False) -> FnOutcome:
     """Call ``fn(arg)``: awaited if async, in a worker thread if not; never raises.
+    ``through``: a plain ``fn``'s thread is awaited through cancellations of this task
+    (the task running ``fn``, which only the event loop's shutdown cancels: nothing can
+    stop the thread, so the outcome recorded is what ``fn`` did); else a cancellation
+    stops the wait (a hook whose caller is cancelled: its verdict is no longer used).
 
     A plain ``fn`` runs under :func:`capture`, so what it raises comes back from the
     thread as a value (asyncio cannot carry a ``StopIteration`` through a future: the
@@ -428,9 +630,10 @@ async def _outcome(fn: Callable[[Any], Any], arg: Any) -> FnOutcome:
             except TypeError as exc:  # the call itself, not the coroutine's body
                 return FnOutcome(error=exc, unstarted=never_started(fn, exc))
             return FnOutcome(value=await started)
-        # A plain function may block: keep it off the event loop. to_thread copies the
-        # context (current_context()).
-        outcome = await asyncio.to_thread(capture, fn, arg)
+        # A plain function may block: keep it off the event loop, in a worker thread
+        # (the context copied, as to_thread does).
+        thread = _submit(fn, arg)
+        outcome = await (_through(thread) if through else thread)
         if outcome.error is None and inspect.isawaitable(outcome.value):
             outcome = FnOutcome(value=await outcome.value)
     except BaseException as exc:  # noqa: BLE001 - the flow classifies it

@@ -600,9 +600,17 @@ class AsyncFinalityGate(_GateCore):
             },
         )
 
-        async def run(ctx: ExecutionContext) -> Any:
-            value = fn(outcome, ctx)
-            return await value if inspect.isawaitable(value) else value
+        run: Callable[[ExecutionContext], Any]
+        if inspect.iscoroutinefunction(fn):
+
+            async def run(ctx: ExecutionContext) -> Any:
+                return await fn(outcome, ctx)
+
+        else:  # a plain fn runs in a worker thread, as AsyncGuard runs one (what it
+            # returns, if awaitable, is awaited there too)
+
+            def run(ctx: ExecutionContext) -> Any:
+                return fn(outcome, ctx)
 
         guard = self.guard
         with observe(call.action, call.namespace) as seen:

@@ -78,17 +78,25 @@ class Wakeups:
 
     async def await_(self, key: WakeKey, timeout: float) -> None:
         event = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), event)
         with self._lock:
             slot = self._slots.get(key)
             if slot is not None and not slot.done:
-                slot.async_waiters.append((asyncio.get_running_loop(), event))
+                slot.async_waiters.append(waiter)
         if slot is None:
             await asyncio.sleep(timeout)
             return
         if slot.done:
             return
-        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        try:
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            # A waiter that timed out (to poll the store again) or was cancelled takes its
+            # registration back: a long claim polled every POLL_MAX would otherwise gather
+            # one per poll and waiter until it completes.
+            with self._lock, contextlib.suppress(ValueError):  # done() took the list
+                slot.async_waiters.remove(waiter)
 
 
 wakeups = Wakeups()
