@@ -17,7 +17,8 @@ Two processes talk over HTTP on 127.0.0.1 (ephemeral ports):
 The scenario runs twice. Without the guard, the retry charges the card again: two
 charges. With the guard (``Guard().execute(request_id, "charge_card", ...)`` in the
 service), the retry gets the original receipt back, marked as a replay, and the card is
-charged once. The guard keeps its records in the default embedded SQLite file:
+charged once. The guard keeps its records where ``Guard()`` puts them: the PostgreSQL
+database of ``$SAFEAGENT_DATABASE_URL`` if that is set, else the embedded SQLite file,
 ``$SAFEAGENT_DB`` if set, else ``safeagent.db`` in the working directory. Request ids are
 unique to each run, so the demo works on every run, not only the first.
 
@@ -382,14 +383,22 @@ def print_audit_trail(guard: Guard, request_id: str) -> None:
         print(line.rstrip())
 
 
+def where(guard: Guard) -> str:
+    """Where the guard keeps its records, as ``Guard()`` chose: the embedded SQLite file,
+    or the PostgreSQL database of ``$SAFEAGENT_DATABASE_URL`` (its URL is not printed: it
+    may hold a password)."""
+    path = getattr(guard.store, "path", None)
+    if path is not None:
+        return f"{os.path.abspath(path)}  ($SAFEAGENT_DB, else ./safeagent.db)"
+    schema = getattr(guard.store, "schema", "?")
+    return f"PostgreSQL, schema {schema}  ($SAFEAGENT_DATABASE_URL is set)"
+
+
 def main() -> int:
     token = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="safeagent-demo-") as tmp, Guard() as guard:
         ledger = os.path.join(tmp, "ledger.db")
-        print(
-            f"Guard database:  {os.path.abspath(guard.store.path)}"
-            "  ($SAFEAGENT_DB, else ./safeagent.db)"
-        )
+        print(f"Guard database:  {where(guard)}")
         print(f"Payments ledger: {ledger}")
         print(
             f"Each run, the agent asks once to charge cus_ada 4200 cents (up to {MAX_ATTEMPTS}"

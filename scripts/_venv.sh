@@ -4,7 +4,17 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SAFEAGENT_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
+too_old='import sys; sys.exit(sys.version_info < (3, 10))'
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c "$too_old"; then
+  echo "error: $VENV was made by $("$VENV/bin/python" -V 2>&1); SafeAgent needs 3.10+." >&2
+  echo "Remove it (rm -rf '$VENV') and run again, with PYTHON=python3.X if python3 is older." >&2
+  exit 2
+fi
 if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PY" -c "$too_old"; then
+    echo "error: $PY is $("$PY" -V 2>&1); SafeAgent needs Python 3.10+ (set PYTHON=...)." >&2
+    exit 2
+  fi
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
 fi

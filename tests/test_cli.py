@@ -1197,6 +1197,21 @@ def test_entry_point_demo_runs_the_example(tmp_path: Path) -> None:
     assert not (tmp_path / "safeagent.db").exists()
 
 
+@pytest.mark.slow
+def test_entry_point_demo_db_wins_over_a_database_url(
+    tmp_path: Path, pg_throwaway_database_url: str
+) -> None:
+    """demo --db keeps the records in that SQLite file even with $SAFEAGENT_DATABASE_URL
+    set (as its help says), in the demo and in the service process it starts."""
+    db = tmp_path / "demo.db"
+    env = {"SAFEAGENT_DATABASE_URL": pg_throwaway_database_url}
+    result = run("demo", "--db", db, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RESULT: ok" in result.stdout
+    assert f"Guard database:  {db}" in result.stdout
+    assert db.exists()
+
+
 @pytest.fixture
 def pg_store() -> Iterator[tuple[Any, str]]:
     """A seeded PostgreSQL schema unique to the test, dropped afterwards."""

@@ -16,12 +16,16 @@ TIMEOUT = 60
 pytestmark = pytest.mark.slow
 
 
-def run_example(name: str, cwd: Path, db: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_example(
+    name: str, cwd: Path, db: Path | None = None, url: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {
         k: v for k, v in os.environ.items() if k not in ("SAFEAGENT_DB", "SAFEAGENT_DATABASE_URL")
     }
     if db is not None:
         env["SAFEAGENT_DB"] = str(db)
+    if url is not None:
+        env["SAFEAGENT_DATABASE_URL"] = url
     return subprocess.run(
         [sys.executable, str(EXAMPLES / name)],
         cwd=cwd,
@@ -62,6 +66,19 @@ def test_safe_agent_demo_honours_safeagent_db(tmp_path):
     assert db.exists()
     assert not (cwd / "safeagent.db").exists()
     assert f"Guard database:  {db}" in result.stdout
+
+
+def test_safe_agent_demo_runs_on_the_postgresql_of_safeagent_database_url(
+    tmp_path, pg_throwaway_database_url
+):
+    """With $SAFEAGENT_DATABASE_URL set, Guard() (in the demo and its service process)
+    keeps the records in that PostgreSQL database, and the demo says so without printing
+    the URL, which may hold a password."""
+    result = run_example("safe_agent_demo.py", tmp_path, url=pg_throwaway_database_url)
+    assert_demo_ok(result)
+    assert "Guard database:  PostgreSQL, schema safeagent" in result.stdout
+    assert pg_throwaway_database_url not in result.stdout
+    assert not (tmp_path / "safeagent.db").exists()
 
 
 def test_persist_demo_executes_once_then_replays_from_sqlite(tmp_path):

@@ -109,7 +109,8 @@ def demo(db: DbOpt = None) -> None:
     """Run the payment demo (an agent retries a charge, with and without the guard).
 
     It runs examples/safe_agent_demo.py from a source checkout; a pip-installed package has
-    no examples folder (exit 2). It creates the database if needed: --db, else
+    no examples folder (exit 2). Its records go to --db (a SQLite file, created if
+    needed), else where Guard() puts them: $SAFEAGENT_DATABASE_URL's PostgreSQL, else
     $SAFEAGENT_DB, else ./safeagent.db. Exit 1 if a claim of the demo does not hold."""
     if not DEMO_PATH.is_file():
         raise CliError(
@@ -117,8 +118,9 @@ def demo(db: DbOpt = None) -> None:
             f"the demo needs a source checkout ({DEMO_PATH} not found); a pip-installed "
             "SafeAgent has no examples folder",
         )
-    if db is not None:
+    if db is not None:  # --db wins: the demo and its service process both read these
         os.environ["SAFEAGENT_DB"] = str(db.resolve())
+        os.environ.pop("SAFEAGENT_DATABASE_URL", None)
     spec = importlib.util.spec_from_file_location("safeagent_demo", DEMO_PATH)
     assert spec is not None
     assert spec.loader is not None
