@@ -120,6 +120,47 @@ def test_claim_durable_mode_records_and_replays(tmp_path: Path) -> None:
     assert calls == [1]
 
 
+@pytest.mark.parametrize("mode", ["durable", "claim-durable"])
+def test_each_commit_of_a_first_execution_runs_under_its_modes_synchronous_setting(
+    tmp_path: Path, mode: str
+) -> None:
+    """What the durability modes promise (README, docs/guide.md): in durable mode both the
+    claim's and the completion's COMMIT run with ``synchronous=FULL`` (fsynced before
+    ``execute`` returns); in claim-durable mode the claim's does and the completion's runs
+    with ``NORMAL``, the connection then set back to FULL. Read from the store's own
+    connection (SQLite's statement trace); a replay commits nothing."""
+    store = SQLiteStore(tmp_path / "sync.db", durability=mode)
+    guard = Guard(store)
+    guard.execute("warm", "a", {}, lambda _ctx: 1)  # this thread's connection exists
+    conn = store._conn()
+    seen: list[str] = []
+
+    def trace(statement: str) -> None:
+        # The COMMITs and every switch of the connection's synchronous setting, in order
+        # (the connection starts at FULL, asserted below).
+        if statement.strip().upper() == "COMMIT":
+            seen.append("COMMIT")
+        elif statement.upper().startswith("PRAGMA SYNCHRONOUS"):
+            seen.append(statement.split("=")[1].strip().upper())
+
+    conn.set_trace_callback(trace)
+    try:
+        guard.execute("r1", "a", {}, lambda _ctx: 2)
+        first = list(seen)
+        seen.clear()
+        assert guard.execute("r1", "a", {}, lambda _ctx: 3).replay
+        replay = list(seen)
+    finally:
+        conn.set_trace_callback(None)
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL, set at connect
+    if mode == "durable":
+        assert first == ["COMMIT", "COMMIT"]  # both under the connection's FULL
+    else:
+        assert first == ["COMMIT", "NORMAL", "COMMIT", "FULL"]
+    assert replay == []
+    guard.close()
+
+
 def test_durability_is_checked(tmp_path: Path) -> None:
     """An unknown durability mode, or one that contradicts the store's, is rejected."""
     with pytest.raises(ConfigurationError):
