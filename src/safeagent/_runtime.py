@@ -44,6 +44,21 @@ class Wakeups:
         self._lock = threading.RLock()  # re-entrant: a signal handler's guarded call may take it
         self._slots: dict[WakeKey, _Slot] = {}
 
+    def _forget_in_child(self) -> None:
+        """In a forked child, before any other of its code runs: a new lock (the old one may
+        be held by a thread of the parent, which does not exist here), and no slots. The
+        parent's claims are another process's to this child (its callers poll them), and a
+        slot's event or loop belongs to the parent's threads: setting it here could block
+        on a lock one of them held, or wake the parent's event loop through the pipe they
+        share. A claim of the thread that forked (a fork inside ``fn``) still ends in
+        :meth:`done`, which then finds nothing to wake.
+        """
+        self._lock = threading.RLock()
+        for slot in self._slots.values():
+            slot.event = None
+            slot.async_waiters = []
+        self._slots = {}
+
     def register(self, key: WakeKey) -> _Slot:
         slot = _Slot()
         with self._lock:
@@ -191,6 +206,17 @@ class Heartbeats:
         self._beaters: dict[str, _Beater] = {}
         self._pid = 0
 
+    def _forget_in_child(self) -> None:
+        """In a forked child, before any other of its code runs: a new lock (the old one may
+        be held by a thread of the parent, which does not exist here) and no renewal threads
+        (theirs did not survive the fork either). The first lease this child takes starts
+        a renewal thread of its own. The pid check in :meth:`_beater` stays: it still drops
+        the threads in a child made by a C-level fork(), which runs no handlers.
+        """
+        self._lock = threading.RLock()
+        self._beaters = {}
+        self._pid = os.getpid()
+
     def _beater(self, identity: str) -> _Beater:
         with self._lock:
             if self._pid != os.getpid():  # first use, or a forked child: threads are gone
@@ -237,3 +263,15 @@ class _Beating:
 
 
 heartbeats = Heartbeats()
+
+
+def _forget_all_in_child() -> None:
+    wakeups._forget_in_child()
+    heartbeats._forget_in_child()
+
+
+# Run only at a fork, never on a call: a thread of the parent inside one of these locks at
+# that moment would otherwise leave it held for good in the child, and the child's first
+# guarded call would wait on it forever (tests/test_fork_safety.py).
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_in_child)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar, cast
@@ -443,6 +444,7 @@ class PostgresStore:
             "COMPLETE_FAST_ASYNC" if self.durability == "claim-durable" else "COMPLETE_FAST"
         ]
         self._lock = threading.Lock()
+        _live_stores.add(self)  # its locks are made anew in a forked child
         # this thread's transaction: .pending, the audit events it emits; .buffered, the
         # buffered events it writes too; .locked, the chain heads its claim or completion
         # statement already locked, as (shards, heads)
@@ -469,6 +471,21 @@ class PostgresStore:
     @property
     def identity(self) -> str:
         return self._identity
+
+    def _forget_in_child(self) -> None:
+        """In a forked child, before any other of its code runs: new locks (a thread of the
+        parent may have held one at the fork, and it does not exist here), and no pool. The
+        parent's pool is not this process's: marked closed, it is never used or closed here
+        (its __del__ would stop the parent's worker threads, taking locks one of them may
+        have held at the fork; psycopg never closes an inherited connection either). The
+        first call opens a pool of the child's own. Uncertain marks name events of the
+        parent's buffer, which the child forgot (EventBuffer)."""
+        self._lock = threading.Lock()
+        self._uncertain_lock = threading.Lock()
+        self._uncertain = []
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool._closed = True
 
     # -- connections and transactions ------------------------------------------------------
 
@@ -1471,3 +1488,16 @@ class PostgresStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_live_stores: weakref.WeakSet[PostgresStore] = weakref.WeakSet()
+
+
+def _forget_all_in_child() -> None:
+    for store in list(_live_stores):
+        store._forget_in_child()
+
+
+# Run only at a fork, never on a call (tests/test_fork_safety.py).
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_in_child)

@@ -443,6 +443,8 @@ class SQLiteStore:
         self._writer: int | None = None  # the thread holding _mutex
         self._group = _GroupCommit()
         self._pid = os.getpid()
+        self._forking = False  # the thread calling os.fork holds _mutex across it
+        _live_stores.add(self)  # see _before_fork and _after_fork
         self._file_id: tuple[int, int] | None = None
         self._migrate()
         self._file_id = self._stat()
@@ -507,11 +509,37 @@ class SQLiteStore:
             self._writer = None
             self._mutex.release()
 
+    def _before_fork(self) -> None:
+        """In the thread calling os.fork, just before it forks: wait for the write in
+        progress to commit (at most ``busy_timeout``), and hold the write lock across the
+        fork. SQLite keeps its file locks per process, in memory: a child forked inside
+        another thread's write transaction would inherit the WAL write lock as held by a
+        connection of its own that nobody will ever finish, and every write the child
+        makes to this file, on any connection, would fail ("database is locked")."""
+        self._forking = (
+            not self._closed
+            and self._pid == os.getpid()
+            and self._writer != threading.get_ident()  # fork from inside a write
+            and self._mutex.acquire(timeout=self.busy_timeout)
+        )
+
+    def _after_fork_in_parent(self) -> None:
+        if self._forking:
+            self._forking = False
+            self._mutex.release()
+
     def _after_fork(self) -> None:
+        """New locks in a forked child: the parent's may be held by its threads, which do
+        not exist here. Runs once, at the fork, before any other code of the child
+        (_after_fork_in_child). The pid checks in _write and _grouped stay for a child made
+        without os.fork's handlers, but are not enough alone: two threads of a child that
+        both saw the parent's pid would each make new locks, and one could then release
+        the write lock the other holds."""
         self._mutex = threading.Lock()
         self._writer = None
         self._group = _GroupCommit()
         self._pid = os.getpid()
+        self._forking = False
 
     def _transaction(
         self, conn: sqlite3.Connection, synchronous: str, state: _TxnState
@@ -1254,3 +1282,30 @@ class SQLiteStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_live_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for store in list(_live_stores):
+        store._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for store in list(_live_stores):
+        store._after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_live_stores):
+        store._after_fork()
+
+
+# Run only at a fork, never on a call (tests/test_fork_safety.py).
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
