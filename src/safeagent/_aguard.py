@@ -13,9 +13,9 @@ blocks (the memory store), so SQLite never blocks the event loop. Two moments ne
 
 Both hold when the event loop itself ends meanwhile (``asyncio.run`` returning cancels
 every task): the writes that must follow a cancellation (the release, the outcome of a
-``fn`` that ran) are made by worker threads or by tasks that carry on through a
-cancellation, and ``asyncio.run`` waits for both. :meth:`AsyncGuard.aclose` waits for them
-too, before it closes the store.
+``fn`` that ran) are made by worker threads, which ``asyncio.run`` waits for, never by a
+task the shutdown could cancel first. :meth:`AsyncGuard.aclose` waits for them too, before
+it closes the store.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ class _Ticket:
 
 async def _through(future: asyncio.Future[T]) -> T:
     """The result of ``future``, awaited through any cancellation of the awaiting task: for
-    background work that must finish (recording an outcome) even while the event loop
-    shuts down, which cancels every task and then waits for them to end."""
+    the task running a plain ``fn``, whose thread nothing can stop, so that what is
+    recorded is what ``fn`` did even while the event loop shuts down (which cancels every
+    task, then waits for them to end)."""
     while True:
         try:
             return await asyncio.shield(future)
@@ -274,11 +275,18 @@ class AsyncGuard(GuardCore):
         recorded, and each claim a cancelled caller left is released. Work handed off on
         another event loop is not waited for (it ran or was cancelled with that loop)."""
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()  # a handed-off fn calling this waits for the others
         while True:
-            mine = [f for f in self._handed_off() if f.get_loop() is loop and not f.done()]
+            mine = [
+                f
+                for f in self._handed_off()
+                if f.get_loop() is loop and not f.done() and f is not me
+            ]
             if not mine:
                 return
-            await asyncio.gather(*mine, return_exceptions=True)
+            # wait(), not gather(): cancelling this wait (a timeout on aclose) must leave
+            # the work itself alone, and end the wait at once.
+            await asyncio.wait(mine)
 
     def _handed_off(self) -> set[asyncio.Future[Any]]:
         handed: set[asyncio.Future[Any]] | None = self.__dict__.get("_handed")
@@ -314,13 +322,9 @@ class AsyncGuard(GuardCore):
         flow: Generator[Op, Any, T],
         answer: Any = None,
         seen: Observation | None = None,
-        *,
-        background: bool = False,
     ) -> T:
         """Perform each operation the flow yields until it returns or raises; ``seen``
         (telemetry on) learns whether ``fn`` ran and what outcome was recorded.
-        ``background``: the rest of a flow whose caller was cancelled (_finish), which
-        carries on through cancellations until ``fn``'s outcome is recorded.
 
         An exception of ``fn`` the flow could not raise itself (:class:`Reraise`: a
         ``StopIteration``) cannot leave a coroutine either (PEP 479): the caller gets a
@@ -360,11 +364,14 @@ class AsyncGuard(GuardCore):
                             running.cancel()
                             if seen is not None:
                                 seen.ran = False
-                            self._undo_now(self._release_unstarted, op.context)
+                            self._start(self._release_unstarted, op.context)
                             raise
                         # fn has started: let it finish and record its outcome without us.
+                        # Not in a new task: one made now, as the loop ends, could be
+                        # cancelled before its first step; fn's task has begun.
                         handed_off = True
-                        self._keep(asyncio.ensure_future(self._finish(flow, running, wake)))
+                        self._keep(running)
+                        running.add_done_callback(functools.partial(self._finish, flow, wake))
                         raise
                     continue
                 if isinstance(op, Claim):
@@ -402,7 +409,7 @@ class AsyncGuard(GuardCore):
                     # fn has run: its outcome is written even if this caller is cancelled
                     # while the write waits for a worker thread, or the loop ends.
                     try:
-                        answer = await self._complete(op.completion, background)
+                        answer = await self._complete(op.completion)
                     except asyncio.CancelledError:
                         raise
                     except BaseException as exc:  # noqa: BLE001 - thrown into the flow
@@ -426,32 +433,49 @@ class AsyncGuard(GuardCore):
                 if wake is not None:
                     wakeups.done(*wake)
 
-    async def _finish(
+    def _finish(
         self,
         flow: Generator[Op, Any, Any],
-        running: asyncio.Future[FnOutcome],
         wake: tuple[tuple[str, str, str], Any],
+        running: asyncio.Future[FnOutcome],
     ) -> None:
-        """Record the outcome of a ``fn`` whose caller was cancelled: through any
-        cancellation (the event loop's shutdown cancels this task too, then waits for it)."""
-        try:
-            await self._drive(flow, await _through(running), background=True)
-        except BaseException:  # noqa: BLE001, S110 - the outcome is recorded; nobody to tell
-            pass
-        finally:
-            wakeups.done(*wake)
+        """Record the outcome of a ``fn`` whose caller was cancelled, once its task ends (a
+        done callback of that task): the rest of the flow (the completion and its event)
+        runs in a worker thread, which runs to its end even if the event loop is ending."""
+        outcome = running.result()  # _run never raises, and it had begun (not cancelled)
 
-    async def _complete(self, completion: Completion, background: bool) -> Any:
+        def rest() -> None:
+            try:
+                op = flow.send(outcome)
+                while True:
+                    try:
+                        if isinstance(op, Complete):
+                            answer: Any = self.store.complete(op.completion)
+                        elif isinstance(op, Emit):
+                            self.store.record_event(op.event, buffered=op.buffered)
+                            answer = None
+                        else:  # pragma: no cover - run_flow yields nothing else after Run
+                            raise TypeError(f"unexpected operation after fn ran: {op!r}")
+                    except BaseException as exc:  # noqa: BLE001 - thrown into the flow
+                        op = flow.throw(exc)
+                        continue
+                    op = flow.send(answer)
+            except BaseException:  # noqa: BLE001, S110 - the outcome is recorded; nobody to tell
+                pass
+            finally:
+                flow.close()
+                wakeups.done(*wake)
+
+        self._start(rest)
+
+    async def _complete(self, completion: Completion) -> Any:
         """``store.complete`` in a worker thread that runs to its end even if the caller is
-        cancelled meanwhile (kept for :meth:`drain`); ``background`` awaits it through
-        cancellations."""
+        cancelled meanwhile (kept for :meth:`drain`)."""
         if not getattr(self.store, "blocking", True):
             return self.store.complete(completion)
         completing = _submit(self.store.complete, completion)
         self._keep(completing)
-        outcome: FnOutcome = await (
-            _through(completing) if background else asyncio.shield(completing)
-        )
+        outcome: FnOutcome = await asyncio.shield(completing)
         return outcome.unwrap()
 
     async def _write_or_undo(self, write: Callable[[], T], undo: Callable[[T], None]) -> T:
@@ -487,24 +511,24 @@ class AsyncGuard(GuardCore):
                 ticket.abandoned = True
                 handed, result = ticket.handed, ticket.result
             if handed:  # the thread handed it over just before: undo it from here
-                self._undo_now(undo, result)
+                self._start(undo, result)
             else:
                 self._keep(writing)
             raise
         value: T = outcome.unwrap()
         return value
 
-    def _undo_now(self, undo: Callable[[T], None], result: T) -> None:
-        """Start ``undo(result)`` now, without awaiting it: inline for a store that never
+    def _start(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Start ``fn(*args)`` now, without awaiting it: inline for a store that never
         blocks, else in a worker thread that runs to its end even if the loop ends (kept
         for :meth:`drain`; in a thread of its own if the executor is already shut down)."""
         if not getattr(self.store, "blocking", True):
-            undo(result)
+            fn(*args)
             return
         try:
-            self._keep(_submit(undo, result))
+            self._keep(_submit(fn, *args))
         except RuntimeError:
-            threading.Thread(target=capture, args=(undo, result)).start()
+            threading.Thread(target=capture, args=(fn, *args)).start()
 
     def _release(self, claim: ClaimResult) -> None:
         """Undo a claim whose caller was cancelled before it could run ``fn``: released,
@@ -632,7 +656,10 @@ async def _outcome(fn: Callable[[Any], Any], arg: Any, *, through: bool = False)
             return FnOutcome(value=await started)
         # A plain function may block: keep it off the event loop, in a worker thread
         # (the context copied, as to_thread does).
-        thread = _submit(fn, arg)
+        try:
+            thread = _submit(fn, arg)
+        except RuntimeError as exc:  # the executor is shut down: fn never started
+            return FnOutcome(error=exc, unstarted=True)
         outcome = await (_through(thread) if through else thread)
         if outcome.error is None and inspect.isawaitable(outcome.value):
             outcome = FnOutcome(value=await outcome.value)
