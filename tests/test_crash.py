@@ -356,3 +356,68 @@ def test_keyboard_interrupt_in_fn_leaves_the_record_in_doubt(tmp_path: Path) -> 
         assert runs == [1]
         assert read_lines(ledger) == ["K"]
         assert [r.request_id for r in guard.in_doubt()] == ["K"]
+
+
+def _wal_commit_ends(wal: bytes) -> list[int]:
+    """The byte offset just past each commit frame of a SQLite WAL file: a frame's header
+    (24 bytes, after the file's 32-byte header) holds, at bytes 4-7, the database size in
+    pages after a commit, and 0 in the other frames of a transaction (sqlite.org/walformat)."""
+    page_size = int.from_bytes(wal[8:12], "big")
+    frame = 24 + page_size
+    ends = []
+    offset = 32
+    while offset + frame <= len(wal):
+        if int.from_bytes(wal[offset + 4 : offset + 8], "big"):
+            ends.append(offset + frame)
+        offset += frame
+    return ends
+
+
+@pytest.mark.parametrize("mode", ["durable", "claim-durable"])
+def test_a_lost_completion_leaves_an_in_doubt_claim_never_a_second_run(
+    tmp_path: Path, mode: str, clock: Any
+) -> None:
+    """What a power loss can do (README, "Durability"): lose the last transactions not yet
+    on disk. In claim-durable mode that may be a completion (not fsynced); in durable mode
+    only one whose commit had not returned. Emulated on a copy of the database whose WAL
+    is cut after the claim's commit frame, so the completion transaction, and its audit
+    event, never happened: SQLite replays the WAL up to the last whole commit on open.
+    The receipt is then a PENDING claim, in doubt once its lease runs out; a retry gets
+    OutcomeUnknownError and does not run ``fn``; the trail verifies."""
+    from safeagent.audit import verify
+
+    db = tmp_path / "live.db"
+    ledger = tmp_path / "ledger.txt"
+    store = SQLiteStore(db, durability=mode, clock=clock)
+    guard = Guard(store, lease=30)
+    guard.execute("warm", "charge", CHARGE, lambda _ctx: 0)  # schema and first commits
+    before = len(_wal_commit_ends((tmp_path / "live.db-wal").read_bytes()))
+
+    def charge(ctx: Any) -> str:
+        append_line(ledger, ctx.request_id)
+        return "ch_1"
+
+    assert guard.execute("r1", "charge", CHARGE, charge).result == "ch_1"
+    wal = (tmp_path / "live.db-wal").read_bytes()  # read while open: closing checkpoints
+    ends = _wal_commit_ends(wal)
+    assert len(ends) == before + 2  # the claim's transaction, then the completion's
+    copy = tmp_path / "after-power-loss"
+    copy.mkdir()
+    (copy / "g.db").write_bytes(db.read_bytes())
+    (copy / "g.db-wal").write_bytes(wal[: ends[-2]])  # the completion is lost
+    guard.close()
+
+    survivor = SQLiteStore(copy / "g.db", durability=mode, clock=clock)
+    again = Guard(survivor, lease=30)
+    record = again.get("r1")
+    assert record is not None
+    assert record.status is Status.PENDING  # the claim survived, its outcome did not
+    clock.advance(31)
+    assert again.get("r1").status is Status.IN_DOUBT  # type: ignore[union-attr]
+    with pytest.raises(errors.OutcomeUnknownError):
+        again.execute("r1", "charge", CHARGE, charge)
+    assert read_lines(ledger) == ["r1"]  # the charge ran once, and not again
+    report = verify(survivor)
+    assert report.ok, [p.kind for p in report.problems]
+    assert [e.kind for e in again.audit_trail("r1")][:1] == [EventKind.CLAIMED]
+    again.close()
