@@ -28,6 +28,7 @@ from safeagent import (
     InvalidPayloadError,
     InvalidRequestIdError,
     InvalidTransitionError,
+    MemoryStore,
     NotExecuted,
     OutcomeUnknownError,
     Receipt,
@@ -819,3 +820,49 @@ def test_a_receipt_holding_a_lone_surrogate_still_serializes(guard: Guard) -> No
     assert json.loads(text)["result"] == {"file": "caf\udce9.txt"}
     plain = guard.execute("r-2", "read", {}, lambda _ctx: {"file": "café.txt"}).to_json()
     assert "café" in plain  # ordinary non-ASCII text is left as is
+
+
+def test_the_documented_defaults_a_60_second_lease_and_a_10_second_wait(
+    clock: FakeClock,
+) -> None:
+    """README: "lease default 60 s", "wait=10" by default: a claim's lease runs 60,000 ms
+    of the store's clock from the claim, and a caller waits up to 10 s for a live claim."""
+    guard = Guard(MemoryStore(clock=clock))
+    assert (guard.lease, guard.wait) == (60.0, 10.0)
+    seen: list[Any] = []
+
+    def fn(ctx: Any) -> int:
+        seen.append(guard.get(ctx.request_id))
+        return 1
+
+    guard.execute("d-1", "act", {}, fn)
+    (during,) = seen
+    assert during.status is Status.PENDING
+    assert during.lease_expires_at_ms - during.claimed_at_ms == 60_000
+
+
+def test_a_decorated_functions_payload_is_its_bound_arguments_with_defaults_minus_key_and_exclude(
+    clock: FakeClock, ledger: Ledger
+) -> None:
+    """README: the payload is the arguments bound through the signature, defaults applied,
+    minus ``key_arg`` and ``exclude``: a call that spells a default out is the same request
+    (a replay), one that changes an excluded argument too, and one that changes a real
+    argument is refused as another payload under the same key."""
+    guard = Guard(MemoryStore(clock=clock))
+
+    @guard.guarded(action="create_ticket", key_arg="request_id", exclude=("trace",))
+    def create(
+        title: str, priority: str = "normal", trace: str | None = None, request_id: str = ""
+    ) -> str:
+        ledger.append(request_id, title)
+        return "T-1"
+
+    assert create("Printer on fire", request_id="k-1", trace="a") == "T-1"
+    stored = guard.get(create.request_id_for("k-1"))
+    assert stored is not None
+    assert stored.payload == {"title": "Printer on fire", "priority": "normal"}
+    assert create("Printer on fire", "normal", request_id="k-1", trace="b") == "T-1"
+    assert ledger.count() == 1
+    with pytest.raises(FingerprintMismatchError):
+        create("Printer on fire", "high", request_id="k-1")
+    assert ledger.count() == 1
