@@ -102,7 +102,9 @@ def param_label(command: Callable[..., Any], name: str) -> str:
         hint = typing.get_type_hints(command, include_extras=True).get(name)
     except Exception:  # noqa: BLE001 - only a label for a message
         hint = None
-    for info in getattr(hint, "__metadata__", ()):
+    # Python 3.10 wraps the Annotated of a parameter defaulting to None in Optional[...]
+    annotated = [h for h in (hint, *typing.get_args(hint)) if hasattr(h, "__metadata__")]
+    for info in annotated[0].__metadata__ if annotated else ():
         if isinstance(info, typer.models.OptionInfo):
             # In Annotated, typer takes the first flag from `default`.
             flags = [d for d in (info.default, *(info.param_decls or ())) if isinstance(d, str)]
