@@ -444,7 +444,6 @@ class PostgresStore:
             "COMPLETE_FAST_ASYNC" if self.durability == "claim-durable" else "COMPLETE_FAST"
         ]
         self._lock = threading.Lock()
-        _live_stores.add(self)  # its locks are made anew in a forked child
         # this thread's transaction: .pending, the audit events it emits; .buffered, the
         # buffered events it writes too; .locked, the chain heads its claim or completion
         # statement already locked, as (shards, heads)
@@ -458,6 +457,7 @@ class PostgresStore:
         where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
         self._identity = f"postgresql:{where}/{self.schema}"  # on every call's hot path
         self._buffer = EventBuffer(self.flush_events)
+        _live_stores.add(self)  # last: a fork's handler reads what is set above
         try:
             self._migrate()
         except BaseException:
@@ -1495,7 +1495,8 @@ _live_stores: weakref.WeakSet[PostgresStore] = weakref.WeakSet()
 
 def _forget_all_in_child() -> None:
     for store in list(_live_stores):
-        store._forget_in_child()
+        with suppress(Exception):  # one store cannot keep the others unhandled
+            store._forget_in_child()
 
 
 # Run only at a fork, never on a call (tests/test_fork_safety.py).

@@ -443,8 +443,7 @@ class SQLiteStore:
         self._writer: int | None = None  # the thread holding _mutex
         self._group = _GroupCommit()
         self._pid = os.getpid()
-        self._forking = False  # the thread calling os.fork holds _mutex across it
-        _live_stores.add(self)  # see _before_fork and _after_fork
+        _live_stores.add(self)  # see _lock_for_fork and _after_fork
         self._file_id: tuple[int, int] | None = None
         self._migrate()
         self._file_id = self._stat()
@@ -509,24 +508,20 @@ class SQLiteStore:
             self._writer = None
             self._mutex.release()
 
-    def _before_fork(self) -> None:
+    def _lock_for_fork(self) -> bool:
         """In the thread calling os.fork, just before it forks: wait for the write in
         progress to commit (at most ``busy_timeout``), and hold the write lock across the
-        fork. SQLite keeps its file locks per process, in memory: a child forked inside
-        another thread's write transaction would inherit the WAL write lock as held by a
+        fork; True if this thread now holds it (it releases it after the fork). SQLite
+        keeps its file locks per process, in memory: a child forked inside another
+        thread's write transaction would inherit the WAL write lock as held by a
         connection of its own that nobody will ever finish, and every write the child
         makes to this file, on any connection, would fail ("database is locked")."""
-        self._forking = (
+        return (
             not self._closed
             and self._pid == os.getpid()
             and self._writer != threading.get_ident()  # fork from inside a write
             and self._mutex.acquire(timeout=self.busy_timeout)
         )
-
-    def _after_fork_in_parent(self) -> None:
-        if self._forking:
-            self._forking = False
-            self._mutex.release()
 
     def _after_fork(self) -> None:
         """New locks in a forked child: the parent's may be held by its threads, which do
@@ -539,7 +534,6 @@ class SQLiteStore:
         self._writer = None
         self._group = _GroupCommit()
         self._pid = os.getpid()
-        self._forking = False
 
     def _transaction(
         self, conn: sqlite3.Connection, synchronous: str, state: _TxnState
@@ -1285,21 +1279,33 @@ class SQLiteStore:
 
 
 _live_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+# The stores whose write lock the forking thread took (per thread: two threads may fork at
+# once, and each releases only what it took).
+_fork_held = threading.local()
 
 
 def _before_fork() -> None:
+    held: list[SQLiteStore] = []
+    _fork_held.stores = held
     for store in list(_live_stores):
-        store._before_fork()
+        with suppress(Exception):  # one store cannot keep the others from being handled
+            if store._lock_for_fork():
+                held.append(store)
 
 
 def _after_fork_in_parent() -> None:
-    for store in list(_live_stores):
-        store._after_fork_in_parent()
+    held: list[SQLiteStore] = getattr(_fork_held, "stores", [])
+    _fork_held.stores = []
+    for store in held:
+        with suppress(RuntimeError):
+            store._mutex.release()
 
 
 def _after_fork_in_child() -> None:
+    _fork_held.stores = []  # the child remakes every lock, those included
     for store in list(_live_stores):
-        store._after_fork()
+        with suppress(Exception):
+            store._after_fork()
 
 
 # Run only at a fork, never on a call (tests/test_fork_safety.py).
