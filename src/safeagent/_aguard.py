@@ -374,30 +374,22 @@ class AsyncGuard(GuardCore):
                         running.add_done_callback(functools.partial(self._finish, flow, wake))
                         raise
                     continue
-                if isinstance(op, Claim):
-                    request = op.request
+                if isinstance(op, (Claim, TakeOver)):  # undone if this caller is cancelled
                     try:
-                        answer = await self._write_or_undo(
-                            functools.partial(store.claim, request), self._release
-                        )
-                    except asyncio.CancelledError:
-                        raise
-                    except BaseException as exc:  # noqa: BLE001 - thrown into the flow
-                        error = exc
-                    continue
-                if isinstance(op, TakeOver):
-                    try:
-                        answer = await self._write_or_undo(
-                            functools.partial(
+                        if isinstance(op, Claim):
+                            answer = await self._write_or_undo(
+                                functools.partial(store.claim, op.request), self._release
+                            )
+                        else:
+                            taking = functools.partial(
                                 store.take_over,
                                 op.namespace,
                                 op.request_id,
                                 op.expected_token,
                                 op.owner,
                                 op.lease_ms,
-                            ),
-                            self._hand_back,
-                        )
+                            )
+                            answer = await self._write_or_undo(taking, self._hand_back)
                     except asyncio.CancelledError:
                         raise
                     except BaseException as exc:  # noqa: BLE001 - thrown into the flow
