@@ -438,8 +438,35 @@ def threads_shared(spec: dict[str, Any], n_threads: int, n_ids: int) -> dict[str
     }
 
 
+def _local_postgres_cpu_s() -> float | None:
+    """CPU seconds used so far by this machine's ``postgres`` processes, from
+    ``/proc/<pid>/schedstat`` (the scheduler's nanoseconds: a run of a fraction of a second
+    is below the clock-tick resolution of ``/proc/<pid>/stat``); ``None`` off Linux or when
+    none can be read (a remote server). A difference of two readings is the server's share
+    of a run, plus whatever else the server did meanwhile (other clients, autovacuum), less
+    the processes that exited in between."""
+    total, seen = 0, False
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                if not fh.read().startswith("postgres"):
+                    continue
+            with open(f"/proc/{pid}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        seen = True
+    return total / 1e9 if seen else None
+
+
 def threads_distinct(spec: dict[str, Any], n_threads: int, per_thread: int) -> dict[str, Any]:
-    """n_threads share one instance; each executes its own distinct ids."""
+    """n_threads share one instance; each executes its own distinct ids. Also the CPU
+    used per execution by this process (all its threads) and, on a local PostgreSQL, by
+    the server: which side's CPU bounds the rate."""
     impl = make_impl(spec)
     errors: Counter[str] = Counter()
     lock, fn = threading.Lock(), CountingFn()
@@ -456,18 +483,25 @@ def threads_distinct(spec: dict[str, Any], n_threads: int, per_thread: int) -> d
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
         for t in threads:
             t.start()
+        server = spec["backend"] == "postgres"
         barrier.wait()
+        cpu0, server0 = time.process_time(), _local_postgres_cpu_s() if server else None
         t0 = time.perf_counter()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        server1 = _local_postgres_cpu_s() if server0 is not None else None
     finally:
         impl.close()
+    runs = max(fn.runs, 1)
     return {
         "wall_s": round(wall, 4),
         "executions": fn.runs,
         "exec_per_s": round(fn.runs / wall, 1),
         "errors": dict(errors),
+        "client_cpu_us": round(cpu / runs * 1e6, 1),
+        "server_cpu_us": None if server1 is None else round((server1 - server0) / runs * 1e6, 1),
     }
 
 
@@ -933,6 +967,17 @@ def fmt_errors(errors: dict[str, int]) -> str:
     return ",".join(f"{k}x{v}" for k, v in sorted(errors.items())) or "-"
 
 
+def cpu_cells(fig: dict[str, Any]) -> list[str]:
+    """Median CPU per execution over rounds, per implementation: ``client; server`` (µs)."""
+    cells = []
+    for name in ("safeagent", "floor"):
+        rounds = fig[name]["rounds"]
+        client = med([x["client_cpu_us"] for x in rounds if x.get("client_cpu_us") is not None])
+        server = med([x["server_cpu_us"] for x in rounds if x.get("server_cpu_us") is not None])
+        cells.append("; ".join("n/a" if v is None else f"{v:.0f}" for v in (client, server)))
+    return cells
+
+
 def table(results: dict[str, Any]) -> str:
     rows: list[list[str]] = [["backend/mode", "figure", "SafeAgent", "floor", "ratio"]]
 
@@ -979,6 +1024,8 @@ def table(results: dict[str, Any]) -> str:
                 v = f[name][f"{unit}_median"]
                 cells.append(f"{v:.2f}" if unit == "wall_s" else f"{v:.0f}")
             rows.append([key, label, *cells, r(f["ratio"])])
+            if fig == "workers16_distinct":
+                rows.append([key, "  CPU us/exec: client; local server", *cpu_cells(f), ""])
             if fig == "threads_shared":
                 cells = [
                     f"{'/'.join(str(x['executions']) for x in f[n]['rounds'])}; "

@@ -3,12 +3,15 @@ this checks that they work, not how fast anything is)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import PG_URL, require_postgres
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -77,3 +80,46 @@ def test_instructions_runs_every_workload_directly(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert "direct run: 7 workloads of 20 calls each ran" in out, out
+
+
+def test_run_quick_measures_every_figure_on_both_backends(tmp_path: Path) -> None:
+    """bench/run.py, the suite BENCHMARKS.md reports, end to end at its smallest preset:
+    every figure for SQLite in both modes and for PostgreSQL, with the 16-worker row's CPU
+    split between this process and the local server."""
+    require_postgres()
+    out_json = tmp_path / "run.json"
+    out = _run(
+        str(BENCH / "run.py"),
+        "--quick",
+        "--no-memory",
+        "--postgres",
+        PG_URL,
+        "--tmpdir",
+        str(tmp_path),
+        "--json",
+        str(out_json),
+        cwd=tmp_path,
+    )
+    results = json.loads(out_json.read_text())
+    backends = results["backends"]
+    assert set(backends) == {
+        "sqlite/durable",
+        "sqlite/claim-durable",
+        "postgres/durable",
+        "postgres/claim-durable",
+    }, out
+    for key, res in backends.items():
+        assert "skipped" not in res, (key, res)
+        for fig in ("latency", "threads_shared", "procs_shared", "threads_distinct"):
+            assert fig in res, (key, fig)
+            assert "failed" not in res[fig], (key, fig, res[fig])
+        shared = res["threads_shared"]["safeagent"]["rounds"]
+        assert all(r["executions"] == 100 for r in shared), (key, shared)  # --quick: 100 ids
+    for mode in ("durable", "claim-durable"):
+        w16 = backends[f"postgres/{mode}"]["workers16_distinct"]
+        for name in ("safeagent", "floor"):
+            for r in w16[name]["rounds"]:
+                assert r["executions"] > 0, (name, r)
+                assert r["client_cpu_us"] > 0, (name, r)
+                assert r["server_cpu_us"] is None or r["server_cpu_us"] >= 0, (name, r)
+    assert re.search(r"^\| postgres/durable\s+\|\s+CPU us/exec: client; local server", out, re.M)
