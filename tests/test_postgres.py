@@ -470,3 +470,39 @@ def test_three_hosts_race_over_500_ids_and_one_is_killed(tmp_path: Path, schema:
     assert sorted(ledger) == sorted(f"id-{i}" for i in range(500))
     assert healer.in_doubt() == []
     store.close()
+
+
+def test_schema_names_are_limited_to_postgresql_identifier_bytes() -> None:
+    """PostgreSQL keeps the first 63 bytes of an identifier: two names that differ only
+    after them would share one schema, so one tenant would replay another's receipts.
+    The limit is counted in UTF-8 bytes, and refused before anything is created."""
+    base = "s" + "\u00e9" * 31  # 63 bytes
+    for name in (base + "_tenant_a", base + "_tenant_b", "x" * 64):
+        with pytest.raises(ConfigurationError, match="63"):
+            PostgresStore(PG_URL, schema=name)
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        made = conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE %s", (base[:20] + "%",)
+        ).fetchone()
+    assert made == (0,)
+
+
+def test_a_schema_name_of_63_bytes_and_its_case_folding() -> None:
+    """At the limit the store works; names are folded to lower case as PostgreSQL folds
+    unquoted identifiers, so "Tenant_A" and "tenant_a" are the same schema (documented)."""
+    name = pg_schema()[:40] + "\u00e9" * 11  # 40 + 22 = 62 bytes
+    name = name + "x" * (63 - len(name.encode()))
+    assert len(name.encode()) == 63
+    store = PostgresStore(PG_URL, schema=name)
+    upper = PostgresStore(PG_URL, schema=name.upper())
+    try:
+        assert upper.schema == store.schema == name
+        guard = Guard(store)
+        assert guard.execute("r", "a", {}, lambda _ctx: "first").result == "first"
+        receipt = Guard(upper).execute("r", "a", {}, lambda _ctx: "second")
+        assert (receipt.result, receipt.replay) == ("first", True)
+    finally:
+        upper.close()
+        store.close()
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')

@@ -487,3 +487,59 @@ def test_file_names_that_are_not_connection_strings_stay_sqlite_files(
         assert isinstance(guard.store, SQLiteStore)
         assert guard.execute("r", "a", {}, lambda _ctx: 1).result == 1
     assert (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize(
+    ("path", "hint"),
+    [
+        (":memory:", "MemoryStore"),
+        ("file::memory:?cache=shared", "MemoryStore"),
+        ("file:receipts.db?mode=rwc", "file: URI"),
+        ("file:receipts.db", "file: URI"),
+        ("", "path of a database file"),
+    ],
+)
+def test_a_path_each_thread_would_open_differently_is_refused(
+    path: str, hint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every thread opens its own connection: ":memory:" would give each thread an empty
+    database of its own (a claim made on one thread invisible to the next), and a relative
+    "file:" URI follows the cwd at the moment a thread connects (a thread started after
+    os.chdir would claim in another file and run the side effect again). Both are refused
+    before any file is made, through the store, the Guard and $SAFEAGENT_DB alike."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=hint):
+        SQLiteStore(path)
+    if path:
+        with pytest.raises(ConfigurationError, match=hint):
+            Guard(path)
+        monkeypatch.setenv("SAFEAGENT_DB", path)
+        with pytest.raises(ConfigurationError, match=hint):
+            Guard()
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_a_relative_path_stays_the_same_file_for_threads_started_after_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path is made absolute when the store is built: a thread that connects after
+    os.chdir replays from the same file instead of running the side effect again."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    runs: list[str] = []
+    with Guard("receipts.db") as guard:
+        guard.execute("r", "charge", {}, lambda _ctx: runs.append(os.getcwd()))
+        monkeypatch.chdir(second)
+        answers: list[bool] = []
+        worker = threading.Thread(
+            target=lambda: answers.append(
+                guard.execute("r", "charge", {}, lambda _ctx: runs.append(os.getcwd())).replay
+            )
+        )
+        worker.start()
+        worker.join()
+    assert answers == [True]
+    assert runs == [str(first)]
+    assert not (second / "receipts.db").exists()

@@ -114,11 +114,27 @@ _DROP_LOCK_TIMEOUT = "200ms"  # the longest a drop may hold up the audit table's
 
 
 def _check_schema(name: str) -> str:
-    if not name or len(name) > 63 or not name.replace("_", "").isalnum() or name[0].isdigit():
+    """``name`` as PostgreSQL will name the schema: an unquoted identifier, folded to lower
+    case. The limit is PostgreSQL's NAMEDATALEN - 1 = 63 *bytes* of UTF-8, not characters:
+    the server silently cuts a longer name, and two names that differ only after the cut
+    would share one schema (one tenant replaying another's receipts)."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or not name.replace("_", "").isalnum()
+        or name[0].isdigit()
+    ):
         raise ConfigurationError(
             f"schema must be a plain identifier (letters, digits, _), got {name!r}"
         )
-    return name.lower()
+    folded = name.lower()
+    size = len(folded.encode("utf-8"))
+    if size > 63:
+        raise ConfigurationError(
+            f"schema {name!r} is {size} bytes in UTF-8; PostgreSQL keeps only the first 63 "
+            "of an identifier, so a longer name could share a schema with another"
+        )
+    return folded
 
 
 _ROWS_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -361,8 +377,11 @@ class PostgresStore:
 
     Args:
         dsn: a libpq connection string or URL; ``None`` reads ``$SAFEAGENT_DATABASE_URL``.
-        schema: the schema holding the tables (created if missing; default ``"safeagent"``).
-            Two stores on one database with different schemas never see each other.
+        schema: the schema holding the tables (created if missing; default ``"safeagent"``):
+            letters, digits and ``_``, at most 63 bytes of UTF-8 (PostgreSQL's identifier
+            limit), folded to lower case as PostgreSQL folds unquoted names, so
+            ``"Tenant_A"`` and ``"tenant_a"`` are one schema. Two stores on one database
+            with different schemas never see each other.
         durability: ``"durable"`` (default) or ``"claim-durable"`` (module docstring).
         min_size, max_size: connection pool bounds (default 1 and 10).
         timeout: seconds to wait for a connection (from the pool or a new one) before

@@ -33,7 +33,12 @@ from typing import Any, TypeVar
 from safeagent._audit import AuditEvent
 from safeagent._cases import CaseRow, CaseState, Signal
 from safeagent._receipt import Record, Status
-from safeagent.errors import InvalidTransitionError, SchemaVersionError, StoreError
+from safeagent.errors import (
+    ConfigurationError,
+    InvalidTransitionError,
+    SchemaVersionError,
+    StoreError,
+)
 from safeagent.stores._base import (
     CaseMutation,
     CaseUpdate,
@@ -410,7 +415,8 @@ class SQLiteStore:
             are judged on it; pass a fake one in tests only.
 
     Raises:
-        ConfigurationError: an unknown durability mode.
+        ConfigurationError: an unknown durability mode, or a path that is not a file's
+            (``":memory:"``: use :class:`~safeagent.MemoryStore`; a ``file:`` URI).
         StoreError: the file cannot be opened or migrated.
         SchemaVersionError: the file was written by a newer SafeAgent.
     """
@@ -426,10 +432,25 @@ class SQLiteStore:
         clock: Clock | None = None,
     ) -> None:
         self.durability = check_durability(durability)
+        raw = os.fspath(path) if path is not None else default_path()
+        if not isinstance(raw, str) or raw == ":memory:" or raw.startswith("file:") or not raw:
+            # Each thread opens its own connection: ":memory:" would give each an empty
+            # database of its own, and a "file:" URI (read as one by SQLite builds with URI
+            # support) keeps a relative path relative to whatever the cwd is when a thread
+            # connects, so a thread started after os.chdir would claim in another file.
+            raise ConfigurationError(
+                f"SQLiteStore needs the path of a database file, got {raw!r}"
+                + (
+                    " (for a store in memory, use safeagent.MemoryStore)"
+                    if isinstance(raw, str) and "memory" in raw
+                    else " (not a file: URI: SafeAgent sets the connection's mode itself)"
+                    if isinstance(raw, str) and raw.startswith("file:")
+                    else ""
+                )
+            )
         # Absolute now: a later os.chdir must not send new threads to another file.
-        raw = str(path if path is not None else default_path())
-        self.path = raw if raw == ":memory:" or raw.startswith("file:") else os.path.abspath(raw)
-        self._identity = "sqlite:" + os.path.abspath(self.path)  # read on every call
+        self.path = os.path.abspath(raw)
+        self._identity = "sqlite:" + self.path  # read on every call
         self.busy_timeout = float(busy_timeout)
         self._clock = clock or system_clock_ms
         self._local = threading.local()
@@ -741,16 +762,14 @@ class SQLiteStore:
             _check_head(shard, *heads[shard])
         conn.executemany(SQL_APPEND, chain_rows(events, heads, each))
 
-    def _stat(self) -> tuple[int, int] | None:
-        if self.path == ":memory:" or self.path.startswith("file:"):
-            return None
+    def _stat(self) -> tuple[int, int]:
         st = os.stat(self.path)
         return (st.st_dev, st.st_ino)
 
     def _check_file(self) -> None:
         """Fail closed if the database file was removed or replaced under us: SQLite would
         go on writing into the unlinked file, and every receipt written there is lost."""
-        if self._file_id is None:  # still opening, or not a file
+        if self._file_id is None:  # still opening
             return
         try:
             current = self._stat()
