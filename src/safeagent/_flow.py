@@ -817,7 +817,9 @@ def resolve_flow(
     case_prefix: str,
 ) -> Generator[Op, Any, Receipt]:
     """An operator's resolution: in doubt -> SUCCEEDED | FAILED | RELEASED, or (``rerun``)
-    FAILED -> RELEASED. Refused otherwise; a ``case:`` record is never re-run."""
+    FAILED -> RELEASED. Refused otherwise; a ``case:`` record is never re-run by an
+    operator, so neither ``rerun`` nor ``released`` is accepted for one (resolve it
+    succeeded or failed; only its reconcile hook, which asks the provider, may release it)."""
     record, now = yield Get(namespace, request_id)
     if record is None:
         raise InvalidTransitionError(
@@ -830,8 +832,9 @@ def resolve_flow(
     if rerun or (is_case and status is Status.RELEASED):
         if is_case:
             raise InvalidTransitionError(
-                f"{request_id!r} settles a case: it is never re-run (a new decision needs a "
-                "new case)",
+                f"{request_id!r} settles a case: an operator never re-runs it, so it cannot "
+                f"be {'re-run' if rerun else 'released'} (resolve it succeeded or failed; a "
+                "new decision needs a new case)",
                 request_id=request_id,
                 namespace=namespace,
                 status=current,

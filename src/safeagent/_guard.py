@@ -221,8 +221,12 @@ class Guard(GuardCore):
           lets the next call run ``fn``: use it only when you know the side effect did not
           happen.
         - ``"rerun"``: an audited re-run of a FAILED record (FAILED -> RELEASED, so the
-          next call runs ``fn`` again); refused for ``case:`` records (a new decision needs
-          a new case, docs/design.md section 4).
+          next call runs ``fn`` again).
+
+        A ``case:`` record is never re-run by an operator (a new decision needs a new
+        case, docs/design.md section 4): ``"rerun"`` and ``"released"`` are refused for
+        one; resolve it succeeded or failed. (Its reconcile hook, which asks the
+        provider, may still answer "did not happen" and release it.)
 
         The fencing token is bumped, so the attempt in doubt can no longer complete. An
         in-doubt ``case:`` record resolved as succeeded or failed settles its case in the
