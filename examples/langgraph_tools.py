@@ -9,9 +9,10 @@ network and no API key are needed. Two scenes, each played with the plain tool a
 tool wrapped by ``safeagent.integrations.langchain.guard_tool``:
 
 1. **Parallel duplicates.** The model emits one message with three ``create_ticket`` calls
-   with the same arguments (two with the keys in another order), which the prebuilt ReAct
-   agent's ``ToolNode`` runs concurrently. Plain: three tickets. Guarded: one ticket, and
-   three tool messages carrying its id, each under its own ``tool_call_id``.
+   with the same arguments (two with the keys in another order), which the agent that
+   ``langchain.agents.create_agent`` builds runs concurrently. Plain: three tickets.
+   Guarded: one ticket, and three tool messages carrying its id, each under its own
+   ``tool_call_id``.
 2. **Resume after a failure.** The model asks for ``create_ticket`` and ``page_oncall`` in
    one message; the pager is down, so the tools node fails *after* the ticket was filed.
    The graph is resumed from its checkpoint, and the tools node runs again. Plain: a
@@ -29,9 +30,9 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 from typing import Any
 
+from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
@@ -39,7 +40,7 @@ from langchain_core.tools import BaseTool, tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode, create_react_agent, tools_condition
+from langgraph.prebuilt import ToolNode, tools_condition
 
 from safeagent import Guard
 from safeagent.integrations.langchain import guard_tool
@@ -73,8 +74,16 @@ def call(name: str, args: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "args": args, "id": f"call_{uuid.uuid4().hex[:8]}"}
 
 
+class ScriptedModel(GenericFakeChatModel):
+    """LangChain's fake chat model, answering with its scripted messages whatever tools
+    an agent binds to it (a real model sends the tools to its API)."""
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        return self
+
+
 def model(messages: list[AIMessage], tools: list[BaseTool]) -> Any:
-    """A scripted chat model with the tools bound, as create_react_agent expects."""
+    """A scripted chat model with the tools bound, for a hand-built graph."""
     fake = GenericFakeChatModel(messages=iter(messages))
     return fake.bind(tools=[convert_to_openai_tool(t) for t in tools])
 
@@ -92,9 +101,7 @@ def parallel_duplicates(ticket_tool: BaseTool) -> tuple[int, list[str]]:
         ],
     )
     tools = [ticket_tool]
-    with warnings.catch_warnings():  # create_react_agent is deprecated in LangGraph 1.x
-        warnings.simplefilter("ignore", DeprecationWarning)
-        agent = create_react_agent(model([duplicated, AIMessage("Filed.")], tools), tools)
+    agent = create_agent(ScriptedModel(messages=iter([duplicated, AIMessage("Filed.")])), tools)
     before = len(TICKETS)
     thread = {"configurable": {"thread_id": f"conv-{uuid.uuid4().hex[:8]}"}}
     result = agent.invoke({"messages": [HumanMessage("The printer is on fire!")]}, thread)
@@ -140,7 +147,7 @@ def main() -> int:
     guard = Guard()  # $SAFEAGENT_DATABASE_URL, else $SAFEAGENT_DB, else ./safeagent.db
     guarded = guard_tool(create_ticket, guard)
     ok = True
-    print("1. One AI message, three equivalent create_ticket calls, run by ToolNode:")
+    print("1. One AI message, three equivalent create_ticket calls, run by a create_agent agent:")
     for label, ticket_tool, expected in (("plain", create_ticket, 3), ("guarded", guarded, 1)):
         filed, replies = parallel_duplicates(ticket_tool)
         print(f"   {label:8} tickets filed: {filed}   tool messages: {replies}")

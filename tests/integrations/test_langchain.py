@@ -24,7 +24,9 @@ from tests.integrations import require
 
 require("langchain_core")
 require("langgraph")
+require("langchain")
 
+from langchain.agents import create_agent  # noqa: E402
 from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
@@ -163,6 +165,65 @@ P7_LATER = AIMessage(content="", tool_calls=[call({**TICKET, "priority": "low"},
 
 
 # -- P7 --------------------------------------------------------------------------------------
+
+
+class ScriptedModel(GenericFakeChatModel):
+    """The fake chat model for ``create_agent``, which binds tools with ``bind_tools``
+    (the scripted messages carry the calls, so the tools need not reach it)."""
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        return self
+
+
+def test_create_agent_files_one_ticket_for_parallel_duplicates_and_a_replayed_turn(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """LangChain 1.x's ``create_agent`` (which replaces LangGraph's deprecated
+    ``create_react_agent``) with guarded tools: three equivalent calls in one message file
+    one ticket, and a later turn in which the model repeats the call gets the same ticket
+    back; another conversation files its own."""
+    guard = Guard(tmp_path / "guard.db")
+    tools = guard_tools([ticket_tool(ledger, delay=0.2)], guard)
+    repeated = AIMessage(content="", tool_calls=[call(TICKET, "call_e")])
+    model = ScriptedModel(
+        messages=iter([P7_MESSAGE, AIMessage("Filed."), repeated, AIMessage("Same one.")])
+    )
+    agent = create_agent(model, tools, checkpointer=InMemorySaver())
+
+    first = agent.invoke({"messages": [HumanMessage("file it")]}, THREAD)
+    assert ledger.count("ticket") == 1
+    assert {m.content for m in tool_messages(first)} == {'{"ticket_id": "T-1", "priority": "high"}'}
+
+    again = agent.invoke({"messages": [HumanMessage("did you file it?")]}, THREAD)
+    assert ledger.count("ticket") == 1
+    assert tool_messages(again)[-1].tool_call_id == "call_e"
+    assert tool_messages(again)[-1].content == '{"ticket_id": "T-1", "priority": "high"}'
+
+    other = create_agent(
+        ScriptedModel(messages=iter([repeated, AIMessage("Filed.")])),
+        tools,
+        checkpointer=InMemorySaver(),
+    )
+    other.invoke({"messages": [HumanMessage("file it")]}, {"configurable": {"thread_id": "c2"}})
+    assert ledger.count("ticket") == 2
+    guard.close()
+
+
+def test_create_agent_without_a_thread_id_runs_no_tool(tmp_path: Path, ledger: Ledger) -> None:
+    """docs/integrations/langchain.md: with a checkpointer LangGraph refuses a run without
+    a thread_id; without one, the guarded tool refuses it (MissingKeyError). No ticket."""
+    guard = Guard(tmp_path / "guard.db")
+    tools = guard_tools([ticket_tool(ledger)], guard)
+    with_memory = create_agent(
+        ScriptedModel(messages=iter([P7_MESSAGE])), tools, checkpointer=InMemorySaver()
+    )
+    with pytest.raises(ValueError, match="thread_id"):
+        with_memory.invoke({"messages": [HumanMessage("file it")]})
+    bare = create_agent(ScriptedModel(messages=iter([P7_MESSAGE])), tools)
+    with pytest.raises(MissingKeyError):
+        bare.invoke({"messages": [HumanMessage("file it")]})
+    assert ledger.count("ticket") == 0
+    guard.close()
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
