@@ -165,9 +165,9 @@ def test_durability_is_checked(tmp_path: Path) -> None:
     """An unknown durability mode, or one that contradicts the store's, is rejected."""
     with pytest.raises(ConfigurationError):
         SQLiteStore(tmp_path / "g.db", durability="eventually")
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError, match="set it on the store"):
         Guard(SQLiteStore(tmp_path / "g.db"), durability="claim-durable")
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError, match="MemoryStore has no durability mode"):
         Guard(MemoryStore(), durability="durable")
 
 

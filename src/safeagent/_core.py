@@ -235,6 +235,12 @@ class GuardCore:
             self._owns_store = True
         else:
             store_mode = getattr(store, "durability", None)
+            if durability is not None and store_mode is None:
+                raise ConfigurationError(
+                    f"durability={durability!r} is for a store the guard opens itself; "
+                    f"{type(store).__name__} has no durability mode (a MemoryStore keeps "
+                    "nothing across a crash)"
+                )
             if durability is not None and store_mode != durability:
                 raise ConfigurationError(
                     f"durability={durability!r} conflicts with the store's own mode "
