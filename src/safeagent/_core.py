@@ -235,11 +235,11 @@ class GuardCore:
             self._owns_store = True
         else:
             store_mode = getattr(store, "durability", None)
-            if durability is not None and store_mode is None:
+            if durability is not None and store_mode in (None, "memory"):
                 raise ConfigurationError(
                     f"durability={durability!r} is for a store the guard opens itself; "
-                    f"{type(store).__name__} has no durability mode (a MemoryStore keeps "
-                    "nothing across a crash)"
+                    f"{type(store).__name__} has no durability mode"
+                    + (": it keeps nothing across a restart" if store_mode == "memory" else "")
                 )
             if durability is not None and store_mode != durability:
                 raise ConfigurationError(
