@@ -43,6 +43,7 @@ from safeagent._verify import (
 from safeagent._verify_cases import _check_cases
 from safeagent._verify_receipts import _check_receipts
 from safeagent.errors import ConfigurationError
+from safeagent.retention import _store_of
 from safeagent.stores._rows import Heads
 
 KEY_ENV = "SAFEAGENT_AUDIT_KEY"
@@ -177,10 +178,14 @@ def anchor(store: Any, *, key: bytes) -> Anchor:
     were renumbered. Keep the returned anchor's :attr:`~Anchor.pin` outside the database:
     nothing in the database can show that the newest anchors were deleted.
 
+    ``store``: a store, or a ``Guard`` / ``AsyncGuard`` whose store is used.
+
     Raises:
-        ConfigurationError: a key shorter than 16 bytes.
+        ConfigurationError: ``store`` is neither a store nor a guard; a key shorter than
+            16 bytes.
         StoreError: the store failed.
     """
+    store = _store_of(store, "audit.anchor", ("chain_heads", "anchors", "add_anchor"))
     if len(key) < MIN_KEY_BYTES:
         raise ConfigurationError(f"an audit key of at least {MIN_KEY_BYTES} bytes is needed")
     heads: Heads = store.chain_heads()
@@ -265,9 +270,13 @@ def verify(
     Someone who can write the database can still append a consistent event after the
     last anchor; anchor often (module docstring).
 
+    ``store``: a store, or a ``Guard`` / ``AsyncGuard`` whose store is used.
+
     Raises:
-        ConfigurationError: ``last_anchor`` is not an anchor, a pair or a pin.
+        ConfigurationError: ``store`` is neither a store nor a guard; ``last_anchor`` is
+            not an anchor, a pair or a pin.
     """
+    store = _store_of(store, "audit.verify", ("anchors", "audit_chain"))
     pin = _pin_of(last_anchor)
     # Anchors first: chains only grow, so every anchor read signs heads the chains read
     # next still hold (one made in between would sign events the chains' read lacks).
@@ -314,11 +323,13 @@ def export(
     redact: Redactor = default_redactor,
 ) -> int:
     """Write the audit trail to ``out`` as JSON lines or CSV, details redacted with
-    ``redact``; returns the number of events written.
+    ``redact``; returns the number of events written. ``store``: a store, or a
+    ``Guard`` / ``AsyncGuard`` whose store is used.
 
     Raises:
-        ConfigurationError: an unknown format.
+        ConfigurationError: ``store`` is neither a store nor a guard; an unknown format.
     """
+    store = _store_of(store, "audit.export", ("events",))
     if fmt not in ("jsonl", "csv"):
         raise ConfigurationError(f"format must be 'jsonl' or 'csv', got {fmt!r}")
     events = store.events(namespace=namespace)
@@ -377,7 +388,13 @@ def stats(
     namespace: str | None = None,
 ) -> Stats:
     """Count executions, replays, conflicts and in-doubt events between ``since_ms`` and
-    ``until_ms`` (store-clock ms; ``None``: unbounded)."""
+    ``until_ms`` (store-clock ms; ``None``: unbounded). ``store``: a store, or a
+    ``Guard`` / ``AsyncGuard`` whose store is used.
+
+    Raises:
+        ConfigurationError: ``store`` is neither a store nor a guard.
+    """
+    store = _store_of(store, "audit.stats", ("events",))
     totals = dict.fromkeys(("executions", "replays", "conflicts", "in_doubt"), 0)
     per_action: dict[str, dict[str, int]] = {}
     for event in store.events(namespace=namespace):

@@ -16,13 +16,38 @@ complete the new attempt.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from safeagent._core import GuardCore
 from safeagent._keys import check_name
 from safeagent._policy import Seconds, retention_seconds
+from safeagent.errors import ConfigurationError
 
 __all__ = ["PurgeReport", "purge"]
+
+
+def _store_of(target: Any, function: str, needs: Iterable[str]) -> Any:
+    """The store behind ``target``: ``target`` itself if it has every method in
+    ``needs``, the store of a ``Guard`` / ``AsyncGuard``, or of a ``FinalityGate`` /
+    ``AsyncFinalityGate`` (its guard's store).
+
+    Raises:
+        ConfigurationError: ``target`` is none of these (a path, a URL, ``None``),
+            naming ``function`` and what it takes; nothing was done.
+    """
+    guard = target if isinstance(target, GuardCore) else getattr(target, "guard", None)
+    store = guard.store if isinstance(guard, GuardCore) else target
+    if isinstance(store, (str, bytes)) or not all(
+        callable(getattr(store, name, None)) for name in needs
+    ):
+        # Only the type is named: a path or URL given by mistake may hold a password.
+        raise ConfigurationError(
+            f"{function} takes a store (SQLiteStore, PostgresStore or MemoryStore) or a "
+            f"Guard / AsyncGuard (whose store is used), got {type(target).__name__}"
+        )
+    return store
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +68,8 @@ def purge(store: Any, *, older_than: Seconds, actor: str = "safeagent.retention"
     and fencing tokens); audited as one ``purged`` event.
 
     Args:
-        store: a store (``SQLiteStore``, ``PostgresStore`` or ``MemoryStore``).
+        store: a store (``SQLiteStore``, ``PostgresStore`` or ``MemoryStore``), or a
+            ``Guard`` / ``AsyncGuard`` (or finality gate), whose store is used.
         older_than: the age, in seconds (int, float or ``timedelta``): at least 0 and at
             most 100 years (:data:`~safeagent._policy.MAX_RETENTION`, 3 153 600 000 s), so
             that retention of several years (payment records: seven) works and the cutoff
@@ -52,11 +78,13 @@ def purge(store: Any, *, older_than: Seconds, actor: str = "safeagent.retention"
             characters of valid UTF-8 without NUL.
 
     Raises:
-        ConfigurationError: ``older_than`` is not a finite number of seconds, is negative
-            or is longer than 100 years; nothing was purged.
+        ConfigurationError: ``store`` is neither a store nor a guard; ``older_than`` is
+            not a finite number of seconds, is negative or is longer than 100 years;
+            nothing was purged.
         InvalidInputError: a bad ``actor``; nothing was purged.
         StoreError: the store failed; nothing was purged.
     """
+    store = _store_of(store, "retention.purge", ("records", "purge"))
     age_ms = int(1000 * retention_seconds(older_than))
     actor = check_name("actor", actor)
     _, now = store.records(limit=0)

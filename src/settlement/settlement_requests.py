@@ -27,6 +27,7 @@ from safeagent.errors import (
     FingerprintMismatchError,
     InProgressError,
     OutcomeUnknownError,
+    ReceiptPurgedError,
     ReplayedFailureError,
     ResultNotSerializableError,
 )
@@ -105,7 +106,7 @@ class SettlementRequestRegistry:
         payload. Reasons: ``executed``, ``dedup_same_request_id``,
         ``execute_failed:<ExceptionType>``, ``released``, ``conflict_payload_mismatch``,
         ``conflict_action_mismatch``, ``claim_pending``, ``in_doubt``,
-        ``missing_request_id``.
+        ``receipt_purged``, ``missing_request_id``.
         """
         base: dict[str, Any] = {
             "request_id": request_id,
@@ -140,6 +141,14 @@ class SettlementRequestRegistry:
             return self._dict(exc.receipt, False, "in_doubt", payload)
         if isinstance(exc, ReplayedFailureError):
             return self._dict(exc.receipt, False, "dedup_same_request_id", payload)
+        if isinstance(exc, ReceiptPurgedError):
+            # It ran, and retention kept only a tombstone: no result to return, and the
+            # side effect is not run again. ``ok`` is the outcome's, as on any replay (a
+            # caller reading ok=False as "it failed" would try again under a new id and
+            # charge twice); ``error`` is None for a success, the failure's type (its
+            # message purged) for a failure.
+            succeeded = exc.receipt.status is Status.SUCCEEDED
+            return self._dict(exc.receipt, succeeded, "receipt_purged", payload)
         if isinstance(exc, ResultNotSerializableError):
             reason = (
                 "dedup_same_request_id"

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from safeagent import Case, CaseState, EventKind, FinalityGate, Guard
+from safeagent import Case, CaseState, EventKind, FinalityGate, Guard, MemoryStore
 from safeagent._cli._common import (
     DEFAULT_NAMESPACE,
     DEFAULT_SCHEMA,
@@ -33,6 +33,8 @@ from safeagent._cli._common import (
     resolve_target,
     status_text,
 )
+from safeagent._gate import _check_case_id
+from safeagent._keys import check_name
 from safeagent._policy import CASE_PREFIX
 
 cases_app = typer.Typer(
@@ -41,6 +43,13 @@ cases_app = typer.Typer(
 
 
 # -- cases -----------------------------------------------------------------------------------
+
+
+def _checking_gate() -> FinalityGate:
+    """A gate on an empty in-memory store, only to check a command's arguments with the
+    library's own rules before the real store is opened or read: bad input is exit 2
+    whether or not the case (or the database) exists, and nothing is touched."""
+    return FinalityGate(Guard(MemoryStore()))
 
 
 def _case_outcome(case: Case) -> str:
@@ -99,6 +108,8 @@ def cases_show(
 ) -> None:
     """Show a case: its state, tally, every signal (live, replaced, late), its state
     history from the audit trail, and its settlement receipt. Exit 1 if absent."""
+    _check_case_id(case_id)
+    namespace = check_name("namespace", namespace)
     with opened(resolve_target(db, database_url, schema)) as store:
         gate = FinalityGate(Guard(store))
         case = gate.get(case_id, namespace=namespace)
@@ -185,10 +196,13 @@ def cases_signal(
     schema: SchemaOpt = DEFAULT_SCHEMA,
 ) -> None:
     """Record a signal on a case and apply the transitions it causes. Exit 1 if the
-    case does not exist (unless --open)."""
+    case does not exist (unless --open); exit 2 for bad input, whether or not it exists."""
     meta = None if metadata is None else parse_json(metadata, "--metadata")
     if meta is not None and not isinstance(meta, dict):
         raise CliError(EXIT_USAGE, "--metadata must be a JSON object")
+    # Every argument first (InvalidInputError: exit 2), then the store (exit 3), then
+    # whether the case exists (exit 1).
+    _checking_gate()._signal_args(case_id, source, outcome, confidence, meta, namespace)
     with opened(resolve_target(db, database_url, schema)) as store:
         gate = FinalityGate(Guard(store))
         if not open_case and gate.get(case_id, namespace=namespace) is None:
@@ -220,7 +234,9 @@ def cases_resolve(
     schema: SchemaOpt = DEFAULT_SCHEMA,
 ) -> None:
     """Make a case FINAL with an operator's outcome (from RESOLVED_PROVISIONAL or
-    IN_RECONCILIATION). Exit 1 if the case is absent or in another state."""
+    IN_RECONCILIATION). Exit 1 if the case is absent or in another state; exit 2 for bad
+    input, whether or not it exists."""
+    _checking_gate()._resolve_args(case_id, outcome, by, reason, namespace)
     with opened(resolve_target(db, database_url, schema)) as store:
         case = FinalityGate(Guard(store)).resolve(
             case_id, outcome, by=by, reason=reason, namespace=namespace

@@ -11,6 +11,7 @@ import sqlite3
 import sys
 import time
 import typing
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,7 +57,27 @@ DEFAULT_NAMESPACE = "default"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_URL_PASSWORD = re.compile(r"(://[^/:@]*:)[^@/]*@")
+# A password in a URL's user info: after the first ":" of the authority, up to its last
+# "@" before any "?" or "#" (a "/" in it too, which libpq would not read as a password
+# but its owner meant as one; libpq reads a "?" as part of one: see mask_conninfo)
+_URL_PASSWORD = re.compile(r"(://[^/:?#\s]*:)([^?#\s]*)@")
+# libpq's secret keywords: the password, and the passphrase of the client's SSL key.
+_SECRET_KEYS = ("password", "sslpassword")
+# ...as a URL query parameter (?password=...&...), up to the next parameter or fragment
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:ssl)?password=)([^&#\s]*)")
+# ...in a key=value string: a quoted value (unterminated too), else a bare one and the
+# bare words after it that hold no "=" (libpq refuses them, but they are likely the rest
+# of a password with spaces, and its error message would echo them)
+_KV_SECRET = re.compile(
+    r"(?i)(?<![A-Za-z0-9_])((?:ssl)?password\s*=\s*)"
+    r"('(?:[^'\\]|\\.)*(?:'|$)|[^\s']\S*(?:\s+[^\s=']+(?=\s|$))*)"
+)
+# ...in free text (a driver's message): the same, a bare value stopping at a quote or "&"
+_TEXT_SECRET = re.compile(
+    r"(?i)(?<![A-Za-z0-9_])((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*(?:'|$)|[^\s'\"&]+)"
+)
+MASK = "***"
+_IN_PLAY: list[str] = []  # connection strings this command was given: masked in messages
 _URL_SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.-]*)://")
 MAX_DURATION = MAX_RETENTION
 """Longest duration a command takes (``--older-than``, ``--since 7d``): 100 years, in
@@ -78,10 +99,106 @@ def fail(code: int, message: str) -> NoReturn:
     """Print ``error: <message>`` on one line of standard error and exit with ``code``.
 
     Lone surrogates (bytes of a non-UTF-8 argument or file name) and NUL in the message
-    are printed as backslash escapes, so reporting bad input cannot fail in turn.
+    are printed as backslash escapes, so reporting bad input cannot fail in turn. Every
+    password of a connection string the command was given (and of
+    ``$SAFEAGENT_DATABASE_URL``) is masked (:func:`scrub`), whoever wrote the message.
     """
-    err_console().print(f"error: {storable_text(message)}")
+    err_console().print(f"error: {storable_text(scrub(message))}")
     raise typer.Exit(code)
+
+
+# -- passwords in connection strings ----------------------------------------------------------
+
+
+def _conninfo(url: str) -> dict[str, str] | None:
+    """``url`` as psycopg's (libpq's) own parser reads it; ``None`` without psycopg, or
+    when it cannot parse it."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415 - optional extra
+
+        return {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}
+    except Exception:  # noqa: BLE001 - ImportError, psycopg.ProgrammingError and kin
+        return None
+
+
+def _is_url(text: str) -> bool:
+    return _URL_SCHEME.match(text) is not None
+
+
+def _mask_forms(text: str, *, kind: str) -> str:
+    """``text`` with the password of every form masked by pattern: ``user:pass@`` and
+    ``?password=`` in a URL, ``password=`` (quoted or not) in a key=value string, and
+    ``sslpassword`` alike. ``kind``: ``"url"``, ``"conninfo"`` (key=value) or
+    ``"text"`` (a message: every form)."""
+    text = _URL_PASSWORD.sub(rf"\g<1>{MASK}@", text)
+    text = _QUERY_SECRET.sub(rf"\g<1>{MASK}", text)
+    if kind == "url":
+        return text
+    return (_KV_SECRET if kind == "conninfo" else _TEXT_SECRET).sub(rf"\g<1>{MASK}", text)
+
+
+def mask_conninfo(url: str) -> str:
+    """``url`` (a PostgreSQL URL or libpq key=value string) as messages show it: every
+    password masked. The patterns of :func:`_mask_forms` do it; when psycopg is installed
+    its own parser checks the result, and if the masked string still yields a password
+    (a form the patterns miss: ``?pass%77ord=``, a ``/`` in the password), the string is
+    rebuilt from what the parser read with every password replaced
+    (``psycopg.conninfo.make_conninfo``)."""
+    masked = _mask_forms(url, kind="url" if _is_url(url) else "conninfo")
+    info = _conninfo(url)
+    if info is None or not any(info.get(k) for k in _SECRET_KEYS):
+        return masked
+    again = _conninfo(masked)
+    if again is not None and all(again.get(k) in (None, "", MASK) for k in _SECRET_KEYS):
+        return masked
+    from psycopg.conninfo import make_conninfo  # noqa: PLC0415 - parsed by psycopg above
+
+    return make_conninfo("", **{k: MASK if k in _SECRET_KEYS else v for k, v in info.items()})
+
+
+def _secrets(url: str) -> set[str]:
+    """Every text that may be a password of ``url``: what psycopg's parser reads, and what
+    the patterns find (raw, percent-decoded, unquoted, and each word of a value with
+    spaces, which libpq's error messages quote one by one)."""
+    found: set[str] = set()
+    info = _conninfo(url)
+    if info is not None:
+        found.update(info.get(k, "") for k in _SECRET_KEYS)
+    values = [m.group(2) for m in _URL_PASSWORD.finditer(url)]
+    values += [m.group(2) for m in _QUERY_SECRET.finditer(url)]
+    if not _is_url(url):
+        values += [m.group(2) for m in _KV_SECRET.finditer(url)]
+    for value in values:
+        bare = value.strip("'")
+        unescaped = re.sub(r"\\(.)", r"\1", bare)
+        found.update((value, bare, unescaped, *unescaped.split()))
+        found.update((urllib.parse.unquote(value), urllib.parse.unquote_plus(value)))
+    found.discard(MASK)
+    return {s for s in found if s.strip()}
+
+
+def scrub(text: str, *urls: str) -> str:
+    """``text`` (a message, possibly a driver's, which may echo the connection string or
+    part of it) with every password masked: those of ``urls`` and of every connection
+    string this command was given (:func:`remember_conninfo`), by value, and any
+    ``password=`` or ``user:pass@`` by pattern. A value shorter than 4 characters is
+    masked only as a whole word, so the rest of the message stays readable."""
+    for url in (*urls, *_IN_PLAY):
+        if url in text:
+            text = text.replace(url, mask_conninfo(url))
+    secrets = set().union(*(_secrets(url) for url in (*urls, *_IN_PLAY)))
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, MASK)
+        else:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", MASK, text)
+    return _mask_forms(text, kind="text")
+
+
+def remember_conninfo(url: str | None) -> None:
+    """Mask ``url``'s passwords in every message this command prints from now on."""
+    if url and url not in _IN_PLAY:
+        _IN_PLAY.append(url)
 
 
 def shown_text(text: str) -> str:
@@ -143,6 +260,10 @@ def cli_command(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        _IN_PLAY.clear()  # one command per call (CliRunner runs many in one process)
+        remember_conninfo(os.environ.get(DATABASE_URL_ENV))
+        given = kwargs.get("database_url")
+        remember_conninfo(given if isinstance(given, str) else None)
         try:
             check_text_arguments(fn, kwargs)
             return fn(*args, **kwargs)
@@ -355,8 +476,7 @@ class Target:
     def describe(self) -> str:
         if self.kind == "sqlite":
             return self.where
-        masked = _URL_PASSWORD.sub(r"\1***@", self.where)
-        return f"{masked} (schema {self.schema})"
+        return f"{mask_conninfo(self.where)} (schema {self.schema})"
 
 
 def resolve_target(db: Path | None, database_url: str | None, schema: str) -> Target:
@@ -387,7 +507,8 @@ def check_database_url(url: str, source: str) -> str:
         CliError: EXIT_USAGE for anything else (``mysql://...``, a file path, text that
             is not valid UTF-8); the password is masked in the message.
     """
-    masked = _URL_PASSWORD.sub(r"\1***@", url)
+    remember_conninfo(url)
+    masked = mask_conninfo(url)
     if not storable(url):
         raise CliError(
             EXIT_USAGE, f"{source} is not valid UTF-8 text without NUL: {shown_text(masked)}"
@@ -412,8 +533,9 @@ def check_database_url(url: str, source: str) -> str:
     try:
         conninfo_to_dict(url)
     except Exception as exc:  # psycopg.ProgrammingError and kin
+        detail = scrub(str(exc), url)  # libpq quotes what it could not parse
         raise CliError(
-            EXIT_USAGE, f"{source} is not a valid PostgreSQL connection string: {exc}".strip()
+            EXIT_USAGE, f"{source} is not a valid PostgreSQL connection string: {detail}".strip()
         ) from exc
     return url
 
@@ -459,8 +581,9 @@ def _check_postgres(target: Target) -> None:
                 "SELECT to_regclass(%s)", (f"{target.schema.lower()}.safeagent_meta",)
             ).fetchone()
     except psycopg.Error as exc:
+        detail = scrub(str(exc), target.where)  # libpq may echo the connection string
         raise CliError(
-            EXIT_STORE, f"cannot reach PostgreSQL at {target.describe()}: {exc}".strip()
+            EXIT_STORE, f"cannot reach PostgreSQL at {target.describe()}: {detail}".strip()
         ) from exc
     if row is None or row[0] is None:
         raise CliError(

@@ -58,6 +58,9 @@ from safeagent._keys import MAX_REQUEST_ID_LENGTH, check_name, check_request_id
 from safeagent._receipt import Receipt
 from safeagent.stores import ReceiptStore
 
+# guard.resolve's own default, for checking the arguments before the store is opened
+_DEFAULT_ERROR_TYPE = inspect.signature(Guard.resolve).parameters["error_type"].default
+
 receipts_app = typer.Typer(
     help="Execution records (receipts).", no_args_is_help=True, epilog=EXIT_CODES
 )
@@ -397,7 +400,8 @@ def resolve(
     """Resolve an in-doubt record by hand (--succeeded, --failed or --released), or
     re-run a FAILED one (--rerun); audited with --by and --reason.
 
-    Exit 1 if there is no such record or it is not in a state the outcome allows."""
+    Exit 1 if there is no such record or it is not in a state the outcome allows; exit 2
+    for bad input, whether or not it exists."""
     chosen = [
         name
         for name, on in (
@@ -421,6 +425,18 @@ def resolve(
         extra["error_type"] = error_type
     if error_message is not None:
         extra["error_message"] = error_message
+    # Every argument first, with the library's own rules (InvalidInputError: exit 2), so
+    # bad input is exit 2 whether or not the record (or the database) exists.
+    Guard(MemoryStore())._resolution_args(
+        request_id,
+        outcome,  # type: ignore[arg-type]  # one of the four literals, checked above
+        by,
+        reason,
+        namespace,
+        value,
+        extra.get("error_type", _DEFAULT_ERROR_TYPE),
+        error_message,
+    )
     with opened(resolve_target(db, database_url, schema)) as store:
         guard = Guard(store)
         receipt = guard.resolve(
