@@ -567,6 +567,28 @@ def test_cases_signal_opens_a_case_only_with_open(db: Path) -> None:
     assert (opened["state"], opened["outcome"]) == ("FINAL", "approve")
 
 
+def test_cases_signal_open_takes_the_new_cases_policy(db: Path) -> None:
+    """--open with --threshold/--quorum opens the case under that policy (one confident
+    signal no longer makes it FINAL under quorum 2); the policy of an existing case never
+    changes, so asking for another one is exit 1 and records nothing; the options without
+    --open, or out of range, are exit 2."""
+    opened = cli_json(*signal_args("case-9", "0.9", "--open", "--threshold", "0.95",
+                                   "--quorum", "2", "--db", db))  # fmt: skip
+    assert (opened["state"], opened["policy"]) == (
+        "RESOLVED_PROVISIONAL",
+        {"threshold": 0.95, "quorum": 2},
+    )
+    other = cli(*signal_args("case-9", "1", "--open", "--quorum", "1", "--db", db))
+    assert other.exit_code == 1
+    assert "policy never changes" in other.stderr
+    assert len(cli_json("cases", "show", "case-9", "--db", db)["signals"]) == 1
+    for extra in (["--threshold", "0.5"], ["--open", "--threshold", "1.5"],
+                  ["--open", "--quorum", "0"]):  # fmt: skip
+        bad = cli(*signal_args("case-10", "1", *extra, "--db", db))
+        assert bad.exit_code == 2, bad.output
+    assert cli("cases", "show", "case-10", "--db", db).exit_code == 1
+
+
 def test_cases_resolve_finalizes_once(db: Path) -> None:
     """cases resolve makes an IN_RECONCILIATION case FINAL; resolving it again is exit 1."""
     args = ["cases", "resolve", "case-2", "--outcome", "reject", "--by", "carol",

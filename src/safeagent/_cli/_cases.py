@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from safeagent import Case, CaseState, EventKind, FinalityGate, Guard, MemoryStore
+from safeagent import (
+    Case,
+    CaseState,
+    ConsensusPolicy,
+    EventKind,
+    FinalityGate,
+    Guard,
+    MemoryStore,
+)
 from safeagent._cli._common import (
     DEFAULT_NAMESPACE,
     DEFAULT_SCHEMA,
@@ -187,8 +195,21 @@ def cases_signal(
     ] = None,
     open_case: Annotated[
         bool,
-        typer.Option("--open", help="Open the case (default policy) if it does not exist."),
+        typer.Option("--open", help="Open the case if it does not exist."),
     ] = False,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="With --open: the new case's consensus threshold, in (0, 1] (default 0.8).",
+        ),
+    ] = None,
+    quorum: Annotated[
+        int | None,
+        typer.Option(
+            "--quorum", help="With --open: sources that must vote the outcome (default 1)."
+        ),
+    ] = None,
     namespace: NsOpt = DEFAULT_NAMESPACE,
     as_json: JsonOpt = False,
     db: DbOpt = None,
@@ -196,19 +217,39 @@ def cases_signal(
     schema: SchemaOpt = DEFAULT_SCHEMA,
 ) -> None:
     """Record a signal on a case and apply the transitions it causes. Exit 1 if the
-    case does not exist (unless --open); exit 2 for bad input, whether or not it exists."""
+    case does not exist (unless --open), or exists with another policy than --threshold /
+    --quorum ask for; exit 2 for bad input, whether or not it exists."""
     meta = None if metadata is None else parse_json(metadata, "--metadata")
     if meta is not None and not isinstance(meta, dict):
         raise CliError(EXIT_USAGE, "--metadata must be a JSON object")
+    policy = None
+    if threshold is not None or quorum is not None:
+        if not open_case:
+            raise CliError(EXIT_USAGE, "--threshold and --quorum set the policy of --open")
+        defaults = ConsensusPolicy()
+        policy = ConsensusPolicy(  # ConfigurationError (exit 2) when out of range
+            defaults.threshold if threshold is None else threshold,
+            defaults.quorum if quorum is None else quorum,
+        )
     # Every argument first (InvalidInputError: exit 2), then the store (exit 3), then
     # whether the case exists (exit 1).
     _checking_gate()._signal_args(case_id, source, outcome, confidence, meta, namespace)
     with opened(resolve_target(db, database_url, schema)) as store:
         gate = FinalityGate(Guard(store))
-        if not open_case and gate.get(case_id, namespace=namespace) is None:
+        existing = gate.get(case_id, namespace=namespace)
+        if existing is None and not open_case:
             raise CliError(
                 EXIT_FAILED,
                 f"no case {case_id!r} in namespace {namespace!r} (pass --open to open it)",
+            )
+        if existing is None:
+            gate.open(case_id, policy=policy, namespace=namespace)
+        elif policy is not None and existing.policy != policy:
+            raise CliError(
+                EXIT_FAILED,
+                f"case {case_id!r} exists with threshold {existing.policy.threshold} and "
+                f"quorum {existing.policy.quorum}; a case's policy never changes (no signal "
+                "recorded)",
             )
         case = gate.signal(case_id, source, outcome, confidence, metadata=meta, namespace=namespace)
     if as_json:
