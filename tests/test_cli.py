@@ -1012,6 +1012,27 @@ def serve_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return calls
 
 
+@pytest.mark.parametrize("install_hint_in_error", [True, False])
+def test_mcp_without_its_extra_says_how_to_install_it_once(
+    db: Path, monkeypatch: pytest.MonkeyPatch, install_hint_in_error: bool
+) -> None:
+    """Without the mcp extra: exit 2 and one install hint, whether the integration's own
+    ImportError (which names the command) or a bare one from the SDK arrives."""
+    import safeagent._cli as cli_module
+
+    def missing(name: str) -> Any:
+        raise ImportError(
+            "needs the MCP Python SDK: pip install -e '.[mcp]' in a SafeAgent clone"
+            if install_hint_in_error
+            else "No module named 'mcp'"
+        )
+
+    monkeypatch.setattr(cli_module.importlib, "import_module", missing)
+    result = cli("mcp", "--db", db)
+    assert result.exit_code == 2
+    assert result.stderr.count("pip install -e '.[mcp]'") == 1, result.stderr
+
+
 def test_mcp_calls_serve_with_the_chosen_database(db: Path, serve_calls: list[Any]) -> None:
     """mcp imports the integration lazily and calls serve(db=<the database>)."""
     assert cli("mcp", "--db", db).exit_code == 0

@@ -146,10 +146,13 @@ def mcp(
     try:
         serve = importlib.import_module("safeagent.integrations.mcp").serve
     except (ImportError, AttributeError) as exc:
+        detail = str(exc)  # the integration's own ImportError already says how to install
         raise CliError(
             EXIT_USAGE,
-            f"the MCP server needs the mcp extra: pip install -e '.[mcp]' in a SafeAgent clone "
-            f"({exc})",
+            detail
+            if "pip install" in detail
+            else f"the MCP server needs the mcp extra: pip install -e '.[mcp]' in a SafeAgent "
+            f"clone ({detail})",
         ) from exc
     target = resolve_target(db, database_url, schema)
     options: dict[str, str] = {"db": target.where}
