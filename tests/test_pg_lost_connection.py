@@ -24,7 +24,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from safeagent import (
     AsyncGuard,
     EventKind,
@@ -34,6 +33,7 @@ from safeagent import (
     StoreError,
 )
 from safeagent._audit import AuditEvent
+from safeagent._keys import downstream_key
 from safeagent._receipt import ErrorInfo, Record, Status
 from safeagent.audit import verify
 from safeagent.stores._base import ClaimRequest, Completion, Resolution
@@ -44,6 +44,7 @@ from safeagent.stores.postgres import (
     _claimed_by,
     _released_then_claimed,
 )
+
 from tests._pg_proxy import PgProxy
 from tests.conftest import PG_URL, START_MS, FakeClock, Ledger, pg_schema
 
@@ -354,7 +355,7 @@ def test_a_late_completion_committed_whose_reply_was_lost_is_accepted_as_late(
         execution_id=uuid.uuid4().hex,
         owner="owner-1",
         lease_ms=30_000,
-        downstream_key="dk-late",
+        downstream_key=downstream_key("ns", "charge", "late"),
     )
     claimed = store.claim(request)
     assert claimed.won
@@ -589,7 +590,7 @@ def _in_doubt(store: PostgresStore, rid: str) -> None:
         execution_id=uuid.uuid4().hex,
         owner="owner-1",
         lease_ms=1,
-        downstream_key="dk-" + rid,
+        downstream_key=downstream_key("ns", "charge", rid),
     )
     assert store.claim(request).won
     time.sleep(0.01)  # the 1 ms lease expires on the database's clock
@@ -678,7 +679,7 @@ def test_only_the_claim_itself_untouched_and_live_is_recognised(
         execution_id=uuid.uuid4().hex,
         owner="owner-1",
         lease_ms=30_000,
-        downstream_key="dk-r",
+        downstream_key=downstream_key("ns", "charge", "r"),
     )
     claimed = store.claim(request)
     assert _claimed_by(claimed.record, request, claimed.now_ms)
@@ -871,7 +872,7 @@ def test_backends_terminated_at_random_never_hide_a_committed_write(
                 execution_id=execution_id,
                 owner="owner-1",
                 lease_ms=60_000,
-                downstream_key=f"dk-{i}",
+                downstream_key=downstream_key("default", "charge", rid),
             )
             try:
                 claimed = store.claim(request)

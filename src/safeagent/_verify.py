@@ -29,7 +29,9 @@ class Problem:
     ``"unchained_event"`` (an event row outside the hash chains: no shard, seq or hash, a
     shard outside 0-15, or a chain other than its subject's; it is shown by the trail's
     readers but never trusted by verification),
-    ``"bad_anchor"`` (an anchor's HMAC does not match: forged, or another key),
+    ``"bad_anchor"`` (an anchor's HMAC does not match: forged, or another key; or, with
+    or without the key, its heads or the predecessor it names are in a form no anchor is
+    written in),
     ``"missing_anchor"`` (an anchor was deleted: a gap in the anchors' ids, an anchor a
     later one was signed after is gone or replaced, or the anchor given as
     ``last_anchor`` is gone or differs),
@@ -37,14 +39,17 @@ class Problem:
     ``"head_mismatch"`` (the stored chain head is not the last event's hash: another
     hash, moved back to an earlier event, or missing),
     ``"receipt_edited"`` (an execution record no longer holds what the last event that
-    changed it says: another status, a missing record (a released one only when no
+    changed it says: another status (or one no release writes), an attempt number other
+    than its last claim or take-over recorded, an action, fingerprint or claim instant
+    other than its claim recorded, a downstream key other than (namespace, action, request
+    id) give, a missing record (a released one only when no
     retention pass of a release that deleted released records covers it), an outcome
     that no longer matches the digest that event recorded, facts of the attempt in doubt
     other than its last reconcile take-over recorded (or, before one, an owner or end of
     an in-doubt record other than its claim and its in-doubt event), a tombstone no
     retention pass covers or that holds what retention clears, or a record no chained
     event names at all (with only legacy events, one changed after the chains began);
-    ``seq`` and ``event_id`` name the event, when there is one), or
+    ``seq`` and ``event_id`` name the event, when there is one),
     ``"case_edited"`` (a finality-gate case or its signals no longer hold what the case's
     chained ``signal`` and ``state_change`` events say: another state, outcome,
     provisional outcome, version, resolver or timestamp than its events left; a case row
@@ -55,7 +60,10 @@ class Problem:
     outcome than the one it went FINAL with, a signal that replaced another live signal
     than its events recorded, or transitions other than its stored policy gives over the
     signals its events record; ``seq`` and ``event_id`` name the event, when there is
-    one).
+    one), or
+    ``"busy"`` (not tampering: a request or case changed under each of the bounded reads
+    again of a store without a snapshot read, so it was not judged; SQLite and PostgreSQL
+    read it again in one snapshot and never report it; verify again).
     """
 
     kind: str
@@ -68,7 +76,7 @@ class Problem:
 # CHAIN_COLUMNS positions: id, shard, seq, prev_hash, hash, at_ms, kind, namespace, subject,
 # action, actor, execution_id, fencing_token, detail
 _ID, _SHARD, _SEQ, _PREV, _HASH, _AT = 0, 1, 2, 3, 4, 5
-_KIND, _NAMESPACE, _SUBJECT, _ACTOR, _EXECUTION_ID, _DETAIL = 6, 7, 8, 10, 11, 13
+_KIND, _NAMESPACE, _SUBJECT, _ACTION, _ACTOR, _EXECUTION_ID, _DETAIL = 6, 7, 8, 9, 10, 11, 13
 
 
 @dataclass(slots=True)
@@ -313,6 +321,31 @@ def _signed_text(heads_json: Any) -> dict[str, Any] | None:
     return signed if isinstance(signed, dict) and isinstance(signed.get("heads"), dict) else None
 
 
+def _signed_heads(heads: dict[Any, Any]) -> list[tuple[int, int, str]] | str:
+    """The (shard, seq, hash) an anchor signed, each as :func:`safeagent.audit.anchor`
+    writes it (``{"<shard 0-15>": [seq >= 0, "<hash>"]}``), or what is wrong with the first
+    one that is not: a hand-made anchor (only checked for its MAC with the key)."""
+    found: list[tuple[int, int, str]] = []
+    for shard_text, value in heads.items():
+        shard = (
+            int(shard_text)
+            if isinstance(shard_text, str) and shard_text.isascii() and shard_text.isdigit()
+            else None
+        )
+        if (
+            shard is None
+            or not 0 <= shard < CHAIN_SHARDS
+            or not isinstance(value, list)
+            or len(value) != 2
+            or type(value[0]) is not int
+            or value[0] < 0
+            or not isinstance(value[1], str)
+        ):
+            return f"chain {shard_text!r}: {value!r}"[:200]
+        found.append((shard, value[0], value[1]))
+    return found
+
+
 def _check_anchors(
     anchors: list[tuple[int, int, str, str]],
     key: bytes | None,
@@ -357,17 +390,28 @@ def _check_anchors(
         previous = (anchor_id, mac)
         if not authentic or signed is None:
             continue
-        for shard_text, (seq, digest) in signed["heads"].items():
-            shard = int(shard_text)
+        heads = _signed_heads(signed["heads"])
+        if isinstance(heads, str):
+            problems.append(
+                Problem(
+                    "bad_anchor",
+                    -1,
+                    None,
+                    None,
+                    f"anchor {anchor_id} holds heads no anchor writes ({heads}): forged",
+                )
+            )
+            continue
+        for shard, seq, digest in heads:
             if seq == 0:
                 continue
-            found = hash_at.get((shard, int(seq)))
+            found = hash_at.get((shard, seq))
             if found is None:
                 problems.append(
                     Problem(
                         "deleted",
                         shard,
-                        int(seq),
+                        seq,
                         None,
                         f"anchor {anchor_id} signed chain {shard} up to seq {seq}, now missing",
                     )
@@ -377,7 +421,7 @@ def _check_anchors(
                     Problem(
                         "rewritten",
                         shard,
-                        int(seq),
+                        seq,
                         None,
                         f"chain {shard} at seq {seq} differs from what anchor {anchor_id} signed",
                     )
@@ -422,7 +466,28 @@ def _check_link(
     a failed or lost write, a PostgreSQL crash); an anchor it names as its predecessor
     must still be there, with the same MAC."""
     expected_id = 1 if previous is None else previous[0] + 1
-    if isinstance(link, list) and len(link) == 2:
+    if (
+        link is not _NO_LINK
+        and link is not None
+        and not (
+            isinstance(link, list)
+            and len(link) == 2
+            and type(link[0]) is int
+            and isinstance(link[1], str)
+        )
+    ):
+        problems.append(
+            Problem(
+                "bad_anchor",
+                -1,
+                None,
+                None,
+                f"anchor {anchor_id} names its predecessor as {link!r}"[:200]
+                + ", which no anchor writes (its id and MAC): forged",
+            )
+        )
+        return
+    if isinstance(link, list):
         named, named_mac = link
         stored = macs.get(named)
         if stored is None or stored != named_mac:

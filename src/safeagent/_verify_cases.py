@@ -24,6 +24,7 @@ from safeagent._verify import (
     Problem,
     _Trail,
 )
+from safeagent._verify_receipts import _TRIES, _busy, _parsed, _snapshot_reader
 from safeagent.errors import ConfigurationError
 from safeagent.stores._rows import shard_of
 
@@ -441,9 +442,11 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
             verdict = _judge_case(rows.get(key), signals, by_case.get(key, []), legacy)
             if verdict is not None and verdict[0] == "wrong":
                 seqs = {e[5]: e[4] for e in by_case.get(key, [])}
-                row, signals, events = _read_case_again(
-                    store, namespace, case_id, trail.untrusted, seqs
-                )
+                again = _read_case_again(store, namespace, case_id, trail.untrusted, seqs)
+                if again is None:
+                    problems.append(_busy("case", key, _TRIES))
+                    continue
+                row, signals, events = again
                 verdict = _judge_case(row, signals, events, legacy)
         except ValueError as exc:  # metadata that is not JSON, a state no release writes
             verdict = "wrong", [f"its rows cannot be read: {exc}"], (None, None)
@@ -484,16 +487,25 @@ def _opened_in_chains(events: list[_CaseEvent]) -> bool:
 
 def _read_case_again(
     store: Any, namespace: str, case_id: str, untrusted: set[Any], seqs: dict[Any, Any]
-) -> tuple[CaseRow | None, list[tuple[Signal, str]], list[_CaseEvent]]:
-    """The case, its signals and its events, read until the case and its signals are the
-    same before and after the events: every write to a case raises its version or adds a
-    signal row, so nothing changed it in between (a signal or settlement meanwhile).
-    Events the first read found outside the chains (``untrusted``) are left out; ``seqs``
-    gives the seq of those it found in the chains."""
+) -> tuple[CaseRow | None, list[tuple[Signal, str]], list[_CaseEvent]] | None:
+    """The case, its signals and its events, read together; None if they never held
+    still. A store with a snapshot read (SQLite, PostgreSQL: :func:`_snapshot_reader`)
+    reads them in one. Any other is read case and signals, events, case and signals,
+    until the case and its signals are the same before and after the events (every write
+    to a case raises its version or adds a signal row, so nothing changed it in between),
+    at most :data:`_TRIES` times. Events the first read found outside the chains
+    (``untrusted``) are left out; ``seqs`` gives the seq of those it found in the chains."""
+    snapshot = _snapshot_reader(store)
+    if snapshot is not None:
+        _, row, signals, rows = snapshot(namespace, case_id)
+        events = []
+        for event_id, at_ms, kind, _, _, _, actor, _, _, detail in rows:  # EVENT_COLUMNS
+            if event_id not in untrusted and kind in _CASE_KINDS:
+                events.append((kind, actor, at_ms, _parsed(detail), seqs.get(event_id), event_id))
+        return row, signals, events
     row = store.get_case(namespace, case_id)[0]
     signals = store.case_signals(namespace, case_id)
-    events: list[_CaseEvent] = []
-    for _ in range(5):
+    for _ in range(_TRIES):
         events = [
             (e.kind.value, e.actor, e.at_ms, e.detail, seqs.get(e.id), e.id)
             for e in store.events(namespace=namespace, subject=case_id)
@@ -502,6 +514,6 @@ def _read_case_again(
         after = store.get_case(namespace, case_id)[0]
         after_signals = store.case_signals(namespace, case_id)
         if (after, after_signals) == (row, signals):
-            break
+            return row, signals, events
         row, signals = after, after_signals
-    return row, signals, events
+    return None

@@ -12,8 +12,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from safeagent._audit import EventKind
+from safeagent._keys import downstream_key
 from safeagent._receipt import TERMINAL, Record, Status
 from safeagent._verify import (
+    _ACTION,
     _ACTOR,
     _AT,
     _DETAIL,
@@ -57,6 +59,18 @@ class _Expected:
     owner: Any = None
     """Who made the request's last claim (its event's actor): the owner of the attempt
     that ran fn, or of the last take-over."""
+    attempt: int | None = None
+    """The attempt number its last claim recorded (a take-over records the attempt it
+    took over); None when that claim recorded none (an older release)."""
+    action: Any = None
+    """The action of its last claim that started an attempt (not a take-over, which
+    changes no action); None if no chained event records one."""
+    fingerprint: str | None = None
+    """The fingerprint that claim recorded (None if it recorded none)."""
+    claim_id: Any = None
+    """The id of that claim's event."""
+    claimed_at: Any = None
+    """When that claim was written (store clock): the attempt's ``claimed_at_ms``."""
 
 
 def _facts_after(kind: str, detail: Any, facts: tuple[Any, Any, Any] | None) -> Any:
@@ -105,33 +119,108 @@ def _expectation(
     )
 
 
+class _History:
+    """What a request's events, fed in chain order, say its record holds: the last
+    state-changing event (:class:`_Expected`), with the claim and take-over facts in force
+    after it."""
+
+    __slots__ = (
+        "action",
+        "attempt",
+        "claim_id",
+        "claimed_at",
+        "expected",
+        "facts",
+        "fingerprint",
+        "owner",
+    )
+
+    def __init__(self) -> None:
+        self.expected: _Expected | None = None
+        self.facts: Any = None
+        self.owner: Any = None
+        self.attempt: int | None = None
+        self.action: Any = None
+        self.fingerprint: str | None = None
+        self.claim_id: Any = None
+        self.claimed_at: Any = None
+
+    def feed(
+        self,
+        kind: Any,
+        detail: Any,
+        actor: Any,
+        action: Any,
+        where: tuple[int, Any, Any],
+        at_ms: Any,
+        execution_id: Any,
+    ) -> None:
+        """One event: ``where`` is (shard, seq or None, event id)."""
+        if kind not in _STATE_EVENTS:
+            return
+        self.facts = _facts_after(kind, detail, self.facts)
+        if kind == EventKind.CLAIMED.value:
+            self.owner = actor
+            fields = detail if isinstance(detail, dict) else {}
+            attempt = fields.get("attempt")
+            attempt = attempt if type(attempt) is int else None
+            if fields.get("reconcile"):
+                # A take-over: same attempt, same action (one by an older release may
+                # record no attempt number: the one before still holds).
+                self.attempt = attempt if attempt is not None else self.attempt
+            else:
+                fingerprint = fields.get("fingerprint")
+                self.attempt, self.action, self.claim_id = attempt, action, where[2]
+                self.claimed_at = at_ms
+                self.fingerprint = fingerprint if isinstance(fingerprint, str) else None
+        found = _expectation(kind, detail, *where, at_ms, execution_id)
+        if found is not None:
+            self.expected = found
+
+    def result(self) -> _Expected | None:
+        if self.expected is None:
+            return None
+        return replace(
+            self.expected,
+            facts=self.facts,
+            owner=self.owner,
+            attempt=self.attempt,
+            action=self.action,
+            fingerprint=self.fingerprint,
+            claim_id=self.claim_id,
+            claimed_at=self.claimed_at,
+        )
+
+
+def _parsed(detail: Any) -> Any:
+    try:
+        return json.loads(detail)
+    except (ValueError, TypeError):
+        return None
+
+
 def _last_states(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], _Expected]:
     """(namespace, request id) -> what its last state-changing event says. A request's
     events are all in one chain, read in seq order."""
-    found: dict[tuple[str, str], _Expected] = {}
-    facts: dict[tuple[str, str], Any] = {}
-    owners: dict[tuple[str, str], Any] = {}
+    found: dict[tuple[str, str], _History] = {}
     for row in rows:
         kind = row[_KIND]
         if kind not in _STATE_EVENTS:
             continue
-        try:
-            detail = json.loads(row[_DETAIL])
-        except (ValueError, TypeError):
-            detail = None
         key = (row[_NAMESPACE], row[_SUBJECT])
-        facts[key] = _facts_after(kind, detail, facts.get(key))
-        if kind == EventKind.CLAIMED.value:
-            owners[key] = row[_ACTOR]
-        expected = _expectation(
-            kind, detail, row[_SHARD], row[_SEQ], row[_ID], row[_AT], row[_EXECUTION_ID]
+        history = found.get(key)
+        if history is None:
+            history = found[key] = _History()
+        history.feed(
+            kind,
+            _parsed(row[_DETAIL]),
+            row[_ACTOR],
+            row[_ACTION],
+            (row[_SHARD], row[_SEQ], row[_ID]),
+            row[_AT],
+            row[_EXECUTION_ID],
         )
-        if expected is not None:
-            found[key] = expected
-    return {
-        key: replace(expected, facts=facts.get(key), owner=owners.get(key))
-        for key, expected in found.items()
-    }
+    return {key: e for key, history in found.items() if (e := history.result()) is not None}
 
 
 _CLOCK_STEP_MS = 1000
@@ -259,6 +348,9 @@ def _judge(
             f"the record is {record.status.value}, though its last event left it {expected.status}"
             + (" (and it is marked purged)" if record.purged_at_ms is not None else "")
         )
+    identity = _judge_identity(record, expected)
+    if identity is not None:
+        return identity
     facts = _judge_facts(record, expected)
     if facts is not None:
         return facts
@@ -271,6 +363,51 @@ def _judge(
     if expected.digest != _stored_digest(record):
         return f"the stored {record.status.value} outcome differs from the one its event recorded"
     return "ok"
+
+
+def _judge_identity(record: Record, expected: _Expected) -> str | None:
+    """What is wrong with what the record says it is (None: nothing): the attempt number,
+    action and fingerprint its last claim event recorded, when that claim was written
+    (within a second, as the store's clock may be read twice), and the downstream key,
+    which is always derived from (namespace, action, request id). A reconcile hook looks the
+    effect up by that key, and is picked by that action: edited, a hook finds nothing, or
+    another action's hook answers, and the request runs again."""
+    wrong = []
+    if expected.attempt is not None and record.attempt != expected.attempt:
+        wrong.append(
+            f"attempt {record.attempt!r}, though its last claim or take-over recorded "
+            f"attempt {expected.attempt}"
+        )
+    if expected.action is not None and record.action != expected.action:
+        wrong.append(
+            f"action {record.action!r}, though its claim (event {expected.claim_id}) was for "
+            f"{expected.action!r}"
+        )
+    if expected.fingerprint is not None and record.fingerprint != expected.fingerprint:
+        wrong.append(
+            f"fingerprint {record.fingerprint!r}, though its claim (event {expected.claim_id}) "
+            f"recorded {expected.fingerprint!r}"
+        )
+    if (
+        type(expected.claimed_at) is int
+        and type(record.claimed_at_ms) is int
+        and abs(record.claimed_at_ms - expected.claimed_at) > _CLOCK_STEP_MS
+    ):
+        wrong.append(
+            f"claimed_at_ms {record.claimed_at_ms}, though its claim (event "
+            f"{expected.claim_id}) was written at {expected.claimed_at}"
+        )
+    action = record.action if expected.action is None else expected.action
+    try:
+        derived: str | None = downstream_key(record.namespace, action, record.request_id)
+    except (TypeError, ValueError):  # fields of other types: an edit by hand
+        derived = None
+    if record.downstream_key != derived:
+        wrong.append(
+            f"downstream key {record.downstream_key!r}, though its namespace, action "
+            f"{action!r} and request id give {derived!r}"
+        )
+    return "it holds " + " and ".join(wrong) if wrong else None
 
 
 def _judge_tombstone(record: Record, expected: _Expected, purges: _Purges) -> str:
@@ -348,7 +485,12 @@ def _judge_facts(record: Record, expected: _Expected) -> str | None:
             )
         return None
     if recorded:
-        return None  # the event describes another attempt (a claim by an older release)
+        if expected.attempt is None:
+            return None  # the last claim, by an older release, says no attempt number
+        return (
+            f"it holds facts of attempt {record.attempt} in doubt that no take-over of that "
+            "attempt recorded"
+        )
     if (
         record.status.value == Status.IN_DOUBT.value
         and expected.status == Status.IN_DOUBT.value
@@ -375,10 +517,11 @@ def _judge_facts(record: Record, expected: _Expected) -> str | None:
 
 def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[int, int]:
     """Compare every record with what the last trusted state-changing event of its
-    request says: its stored status, and for a finished one the outcome digest (for a
-    tombstone, the retention pass that covers it). Returns (checked, unverified). Records
-    and events are read apart, so a request that looks wrong is read again, record and
-    events together, before it is reported."""
+    request says: its stored status, attempt, action, fingerprint and downstream key, and
+    for a finished one the outcome digest (for a tombstone, the retention pass that covers
+    it). Returns (checked, unverified). Records and events are read apart, so a request
+    that looks wrong is read again, record and events together (:func:`_read_again`),
+    before it is reported."""
     states = _last_states(trail.trusted)
     purges = _Purges(
         [
@@ -392,7 +535,13 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
         ]
     )
     fresh: _Purges | None = None
-    records, _ = store.records()
+    try:
+        records, _ = store.records()
+    except ValueError as exc:  # a status no release writes (Status refuses it)
+        problems.append(
+            Problem("receipt_edited", -1, None, None, f"an execution record cannot be read: {exc}")
+        )
+        return 0, 0
     by_key = {(r.namespace, r.request_id): r for r in records}
     checked = unverified = 0
     began = trail.chains_began
@@ -402,16 +551,25 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
         if verdict is None:
             continue
         if verdict not in ("ok", "unverified"):
-            record, expected = _read_again(store, key[0], key[1], trail.untrusted)
-            # The retention passes are read after the record: a tombstone (or a deletion)
-            # read again was written by a pass that committed before that read, so it is
-            # in them. They are read again whenever the last read may predate it.
-            if fresh is None or (
-                _judge(record, expected, legacy, fresh, began) not in (None, "ok", "unverified")
-                and (record is None or record.purged_at_ms is not None)
-            ):
-                fresh = _read_purges(store, trail.untrusted)
-            verdict = _judge(record, expected, legacy, fresh, began)
+            settled: bool | None = None
+            try:
+                settled, record, expected = _read_again(store, key[0], key[1], trail.untrusted)
+            except ValueError as exc:  # a status or an event kind no release writes
+                verdict = f"its record or events cannot be read: {exc}"
+            if settled is False:
+                problems.append(_busy("request", key, _TRIES))
+                continue
+            if settled:
+                # The retention passes are read after the record: a tombstone (or a
+                # deletion) read again was written by a pass that committed before that
+                # read, so it is in them. They are read again whenever the last read
+                # may predate it.
+                if fresh is None or (
+                    _judge(record, expected, legacy, fresh, began) not in (None, "ok", "unverified")
+                    and (record is None or record.purged_at_ms is not None)
+                ):
+                    fresh = _read_purges(store, trail.untrusted)
+                verdict = _judge(record, expected, legacy, fresh, began)
             if verdict is None:
                 continue
         if verdict == "unverified":
@@ -432,6 +590,30 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
     return checked, unverified
 
 
+_TRIES = 5
+"""How many times a store without :func:`_snapshot_reader` is read again."""
+
+
+def _snapshot_reader(store: Any) -> Any:
+    """The store's ``subject_snapshot`` (one subject's record, case, signals and events
+    in one snapshot), if its class has one (SQLite and PostgreSQL): None for a store
+    without one, and for an object that only forwards attributes to a store (whose own
+    read methods then are what is read)."""
+    read = getattr(type(store), "subject_snapshot", None)
+    return store.subject_snapshot if callable(read) else None
+
+
+def _busy(what: str, key: tuple[Any, Any], tries: int) -> Problem:
+    return Problem(
+        "busy",
+        shard_of(*key),
+        None,
+        None,
+        f"{what} {key[1]!r} ({key[0]}) changed during each of {tries} reads of it and its "
+        "events, so it was not judged: no sign of tampering, verify again when it is quieter",
+    )
+
+
 def _read_purges(store: Any, untrusted: set[Any]) -> _Purges:
     events = store.events(namespace=_RETENTION[0], subject=_RETENTION[1])
     return _Purges(
@@ -446,37 +628,43 @@ def _read_purges(store: Any, untrusted: set[Any]) -> _Purges:
 
 def _read_again(
     store: Any, namespace: str, request_id: str, untrusted: set[Any]
-) -> tuple[Record | None, _Expected | None]:
-    """The record and its request's last state-changing event, read until the record is
-    the same before and after the events (a request finishing or re-run meanwhile).
-    Events the first read found outside the chains (``untrusted``) are left out."""
+) -> tuple[bool, Record | None, _Expected | None]:
+    """(settled, the record, what its request's last state-changing event says), read
+    together. A store with a snapshot read (:func:`_snapshot_reader`) reads them in one;
+    any other is read record, events, record, until the record is the same before and
+    after the events (a request finishing or re-run meanwhile), at most :data:`_TRIES`
+    times: ``settled`` is False if it never was. Events the first read found outside the
+    chains (``untrusted``) are left out."""
+    shard = shard_of(namespace, request_id)
+    snapshot = _snapshot_reader(store)
+    if snapshot is not None:
+        record, _, _, rows = snapshot(namespace, request_id)
+        history = _History()
+        for row in rows:  # EVENT_COLUMNS order
+            event_id, at_ms, kind, _, _, action, actor, execution_id, _, detail = row
+            if event_id not in untrusted:
+                where = (shard, None, event_id)
+                history.feed(kind, _parsed(detail), actor, action, where, at_ms, execution_id)
+        return True, record, history.result()
     record, _ = store.get(namespace, request_id)
     expected: _Expected | None = None
-    for _ in range(5):
-        expected = None
-        facts = owner = None
-        shard = shard_of(namespace, request_id)
+    for _ in range(_TRIES):
+        history = _History()
         for event in store.events(namespace=namespace, subject=request_id):
             if event.id in untrusted:
                 continue
-            facts = _facts_after(event.kind.value, event.detail, facts)
-            if event.kind is EventKind.CLAIMED:
-                owner = event.actor
-            found = _expectation(
+            history.feed(
                 event.kind.value,
                 event.detail,
-                shard,
-                None,
-                event.id,
+                event.actor,
+                event.action,
+                (shard, None, event.id),
                 event.at_ms,
                 event.execution_id,
             )
-            if found is not None:
-                expected = found
-        if expected is not None:
-            expected = replace(expected, facts=facts, owner=owner)
+        expected = history.result()
         after, _ = store.get(namespace, request_id)
         if after == record:
-            break
+            return True, record, expected
         record = after
-    return record, expected
+    return False, record, expected

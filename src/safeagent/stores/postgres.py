@@ -1445,6 +1445,37 @@ class PostgresStore:
 
         return self._again(read)
 
+    def subject_snapshot(
+        self, namespace: str, subject: str
+    ) -> tuple[Record | None, CaseRow | None, list[tuple[Signal, str]], list[tuple[Any, ...]]]:
+        """One subject as one snapshot, for verification to read again what looked wrong:
+        the execution record with request id ``subject``, the case with case id ``subject``
+        and its signals (as :meth:`case_signals`), and the subject's event rows by id
+        (``EVENT_COLUMNS`` order, unparsed), all in one REPEATABLE READ transaction."""
+        self._flush_for_read()
+        named = {"ns": namespace, "cid": subject, "subject": subject, "after": 0}
+
+        def read() -> tuple[Any, ...]:
+            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                record = cur.execute(self._sql["GET"], (self._at(), namespace, subject)).fetchone()
+                case = cur.execute(self._sql["GET_CASE"], named).fetchone()
+                signals = cur.execute(self._sql["CASE_SIGNALS"], named).fetchall()
+                events = cur.execute(
+                    self._sql["EVENTS"]
+                    + " AND namespace = %(ns)s AND subject = %(subject)s ORDER BY id",
+                    named,
+                ).fetchall()
+            return record, case, signals, events
+
+        record, case, signals, events = self._again(read)
+        return (
+            _found(record)[0],
+            None if case is None else row_to_case(case),
+            [(row_to_signal(r), r[5]) for r in signals],
+            [tuple(r) for r in events],
+        )
+
     def chain_heads(self) -> Heads:
         """The current head of every chain: shard -> (seq, hash)."""
         self._flush_for_read()

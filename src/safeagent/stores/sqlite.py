@@ -1205,6 +1205,44 @@ class SQLiteStore:
 
         return self._read(read)
 
+    def subject_snapshot(
+        self, namespace: str, subject: str
+    ) -> tuple[Record | None, CaseRow | None, list[tuple[Signal, str]], list[tuple[Any, ...]]]:
+        """One subject as one snapshot, for verification to read again what looked wrong:
+        the execution record with request id ``subject``, the case with case id ``subject``
+        and its signals (as :meth:`case_signals`), and the subject's event rows by id
+        (``EVENT_COLUMNS`` order, unparsed), all in one read transaction."""
+        self.flush_events()
+
+        def read(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            conn.execute("BEGIN")
+            try:
+                key = (namespace, subject)
+                return (
+                    conn.execute(SQL_GET, key).fetchone(),
+                    conn.execute(SQL_GET_CASE, key).fetchone(),
+                    conn.execute(
+                        "SELECT source, outcome, confidence, metadata, at_ms, status FROM signals"
+                        " WHERE namespace = ? AND case_id = ? ORDER BY id",
+                        key,
+                    ).fetchall(),
+                    conn.execute(
+                        f"SELECT {EVENT_COLUMNS} FROM audit_events"
+                        " WHERE namespace = ? AND subject = ? ORDER BY id",
+                        key,
+                    ).fetchall(),
+                )
+            finally:
+                conn.execute("COMMIT")
+
+        record, case, signals, events = self._read(read)
+        return (
+            None if record is None else row_to_record(record),
+            None if case is None else row_to_case(case),
+            [(row_to_signal(r), r[5]) for r in signals],
+            [tuple(r) for r in events],
+        )
+
     def add_anchor(self, heads_json: str, mac: str) -> tuple[int, int]:
         """Store an anchor of the chain heads; returns ``(id, at_ms)``."""
         with self._write() as conn:

@@ -1,0 +1,533 @@
+"""verify against someone who can write the database but does not hold the anchor key:
+what a reconcile hook is told of a record in doubt (attempt, owner, end, action,
+downstream key), cases and records read again in one snapshot while writers run, and
+anchors or rows holding what no writer stores (docs/design.md section 5)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from safeagent import ActionPolicy, Guard, Reconciliation, SQLiteStore, Status
+from safeagent._keys import downstream_key
+from safeagent.audit import anchor, verify
+from safeagent.retention import purge
+from tests.conftest import PG_URL, FakeClock, pg_schema, require_postgres
+
+KEY = b"k" * 32
+
+
+class Timeout(Exception):
+    """The downstream system's answer was lost: the outcome is unknown."""
+
+
+def _lost(_ctx: Any) -> None:
+    raise Timeout("response lost")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_store(request: pytest.FixtureRequest, tmp_path: Any, clock: FakeClock) -> Any:
+    """A real SQLite file or PostgreSQL schema, on the fake clock, to tamper with by SQL."""
+    if request.param == "sqlite":
+        store: Any = SQLiteStore(str(tmp_path / "tamper.db"), clock=clock)
+        yield store
+        store.close()
+        return
+    require_postgres()
+    from safeagent.stores.postgres import PostgresStore
+
+    store = PostgresStore(PG_URL, schema=pg_schema(), clock=clock)
+    try:
+        yield store
+    finally:
+        store.drop_schema()
+        store.close()
+
+
+def _sql(store: Any, statement: str, *args: Any) -> None:
+    """``statement`` run behind the store's back: ``{s}.`` prefixes a table (the
+    PostgreSQL schema), ``%s`` is a parameter."""
+    if not hasattr(store, "dsn"):
+        conn = sqlite3.connect(store.path)
+        try:
+            with conn:
+                conn.execute(statement.replace("{s}.", "").replace("%s", "?"), args)
+        finally:
+            conn.close()
+        return
+    import psycopg
+
+    with psycopg.connect(store.dsn, autocommit=True) as pg:
+        pg.execute(statement.replace("{s}", store.schema), args)  # type: ignore[arg-type]
+
+
+def _edit(store: Any, request_id: str, **columns: Any) -> None:
+    sets = ", ".join(f"{column} = %s" for column in columns)
+    _sql(
+        store,
+        f"UPDATE {{s}}.executions SET {sets} WHERE request_id = %s",
+        *columns.values(),
+        request_id,
+    )
+
+
+def _kinds(report: Any) -> list[str]:
+    return sorted(p.kind for p in report.problems)
+
+
+def _by_request(report: Any) -> dict[str, str]:
+    return {p.detail.split("'")[1]: p.detail for p in report.problems}
+
+
+def _guard(store: Any, hook: Any = None, **kwargs: Any) -> Guard:
+    answer = hook or (lambda _req: Reconciliation.unknown())
+    return Guard(
+        store,
+        wait=0,
+        outcome_unknown=[Timeout],
+        actions={
+            "charge": ActionPolicy(reconcile=answer),
+            "ping": ActionPolicy(reconcile=lambda _req: Reconciliation.not_happened()),
+        },
+        **kwargs,
+    )
+
+
+def _in_doubt(guard: Guard, *request_ids: str, action: str = "charge") -> None:
+    for rid in request_ids:
+        with pytest.raises(Timeout):
+            guard.execute(rid, action, {"amount": 500, "r": rid}, _lost)
+
+
+# -- 1. the attempt a take-over recorded ------------------------------------------------------
+
+
+def test_an_attempt_renumbered_with_forged_facts_is_found(db_store: Any) -> None:
+    """After a reconcile take-over recorded the attempt's owner and end, editing them is
+    found; so is editing them with ``attempt`` and ``ended_attempt`` moved to another
+    number (which made the take-over look like another attempt's), and ``attempt`` alone.
+    The last claim event recorded the attempt number: the record must hold it."""
+    guard = _guard(db_store)
+    _in_doubt(guard, "facts", "renumbered", "attempt-only")
+    guard.reconcile()  # take-over: records the facts, the hook says unknown
+    guard.close()
+    pin = anchor(db_store, key=KEY).pin
+    assert verify(db_store, key=KEY, last_anchor=pin).ok
+    for rid in ("facts", "renumbered", "attempt-only"):
+        record, _ = db_store.get("default", rid)
+        assert record is not None
+        assert record.status is Status.IN_DOUBT
+        assert record.ended_attempt == record.attempt == 1
+    _edit(db_store, "facts", attempt_owner="nobody", attempt_ended_at_ms=0)
+    _edit(
+        db_store,
+        "renumbered",
+        attempt_owner="nobody",
+        attempt_ended_at_ms=0,
+        attempt=7,
+        ended_attempt=7,
+    )
+    _edit(db_store, "attempt-only", attempt=2)
+    report = verify(db_store, key=KEY, last_anchor=pin)
+    assert _kinds(report) == ["receipt_edited"] * 3
+    found = _by_request(report)
+    assert set(found) == {"facts", "renumbered", "attempt-only"}
+    assert "owner or end of the attempt in doubt differs" in found["facts"]
+    assert "attempt 7, though its last claim or take-over recorded attempt 1" in found["renumbered"]
+    assert "attempt 2, though" in found["attempt-only"]
+
+
+def test_legitimate_take_overs_resolutions_and_re_claims_raise_no_alarm(
+    store_factory: Any, clock: FakeClock
+) -> None:
+    """On every store: reconcile rounds (take-overs recording the facts, then keeping
+    them), answers of every kind, an operator's resolution, a release and a claim of the
+    next attempt (under another action, too), and retention: verify finds nothing."""
+    store = store_factory()
+    answers = {
+        "unknown": Reconciliation.unknown(),
+        "happened": Reconciliation.happened({"charge": "ch_1"}),
+        "not-happened": Reconciliation.not_happened(),
+    }
+    guard = _guard(store, hook=lambda req: answers.get(req.request_id, answers["unknown"]))
+    _in_doubt(guard, "unknown", "happened", "not-happened", "resolved")
+    guard.reconcile()
+    guard.reconcile()  # a second round keeps the facts of the first
+    record, _ = store.get("default", "unknown")
+    assert record is not None
+    assert (record.status, record.ended_attempt, record.attempt) == (Status.IN_DOUBT, 1, 1)
+    guard.resolve("resolved", "succeeded", by="ops", reason="seen at the PSP", result={"c": 1})
+    again = guard.execute("not-happened", "charge", {"amount": 500}, lambda _ctx: "ch_2")
+    assert again.attempt == 2
+    with pytest.raises(ValueError, match="declined"):
+        guard.execute("rerun", "charge", {}, _declined)
+    guard.resolve("rerun", "rerun", by="ops", reason="retry")
+    other = guard.execute("rerun", "ping", {"n": 1}, lambda _ctx: "pong")
+    assert (other.action, other.attempt) == ("ping", 2)
+    report = verify(store)
+    assert report.ok, report.problems
+    clock.advance(5)
+    assert purge(store, older_than=1).tombstoned == 4
+    report = verify(store)
+    assert report.ok, report.problems
+    assert report.receipts_checked == 5
+    guard.close()
+
+
+def _declined(_ctx: Any) -> None:
+    raise ValueError("card declined")
+
+
+# -- 2. the action, downstream key and fingerprint of a record ---------------------------------
+
+
+def test_an_edited_action_downstream_key_or_fingerprint_is_found(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """A reconcile hook looks the effect up by the record's downstream key, and is picked
+    by its action: edited on a record in doubt, the hook finds nothing (or another
+    action's hook answers) and the request runs again. The action, fingerprint and claim
+    instant are compared with the claim's event, the key with the one (namespace, action,
+    request id) give; a tombstone keeps them, and is checked too."""
+    guard = _guard(db_store)
+    _in_doubt(guard, "key", "action", "both", "fingerprint", "claimed")
+    guard.execute("done", "charge", {"amount": 1}, lambda _ctx: "ch_done")
+    guard.execute("purged", "charge", {"amount": 2}, lambda _ctx: "ch_purged")
+    clock.advance(5)
+    assert purge(db_store, older_than=1).tombstoned == 2
+    _edit(db_store, "done", action="done-other")
+    guard.close()
+    pin = anchor(db_store, key=KEY).pin
+    assert _kinds(verify(db_store, key=KEY, last_anchor=pin)) == ["receipt_edited"]
+    _edit(db_store, "done", action="charge")
+    assert verify(db_store, key=KEY, last_anchor=pin).ok
+
+    record, _ = db_store.get("default", "key")
+    assert record is not None
+    _edit(db_store, "key", downstream_key=record.downstream_key[:-1] + "0")
+    _edit(db_store, "action", action="ping")
+    _edit(db_store, "both", action="ping", downstream_key=downstream_key("default", "ping", "both"))
+    _edit(db_store, "fingerprint", fingerprint="0" * 64)
+    _edit(db_store, "purged", downstream_key="sa1-" + "0" * 64)
+    _edit(db_store, "claimed", claimed_at_ms=0)
+    report = verify(db_store, key=KEY, last_anchor=pin)
+    assert _kinds(report) == ["receipt_edited"] * 6
+    found = _by_request(report)
+    assert set(found) == {"key", "action", "both", "fingerprint", "purged", "claimed"}
+    assert "claimed_at_ms 0, though its claim" in found["claimed"]
+    assert "downstream key" in found["key"]
+    assert "action 'ping', though its claim" in found["action"]
+    assert "action 'ping'" in found["both"]
+    assert "downstream key" in found["both"]  # not the one the claimed action gives
+    assert "fingerprint" in found["fingerprint"]
+    assert "downstream key" in found["purged"]
+
+
+def test_an_edited_action_no_longer_lets_another_hook_release_the_request(
+    db_store: Any,
+) -> None:
+    """The whole attack: the action of a charge in doubt edited to one whose hook answers
+    "did not happen". verify reports it before any reconcile round runs."""
+    charges: list[str] = []
+
+    def charge(ctx: Any) -> None:
+        charges.append(ctx.downstream_key)
+        raise Timeout("response lost")
+
+    guard = _guard(db_store, hook=lambda req: Reconciliation.happened("ch_1"))
+    with pytest.raises(Timeout):
+        guard.execute("order-1", "charge", {"amount": 500}, charge)
+    guard.close()
+    pin = anchor(db_store, key=KEY).pin
+    _edit(db_store, "order-1", action="ping")
+    report = verify(db_store, key=KEY, last_anchor=pin)
+    assert _kinds(report) == ["receipt_edited"]
+    assert "action 'ping', though its claim" in report.problems[0].detail
+
+
+def test_the_payload_is_not_compared(db_store: Any) -> None:
+    """The claim's event holds the payload only as the redaction hook left it, and the
+    fingerprint may leave fields out (``exclude=``), so neither tells the stored payload:
+    an edited payload is not found (docs/guide.md says so). The fingerprint is."""
+    guard = _guard(db_store)
+    _in_doubt(guard, "p")
+    guard.close()
+    _edit(db_store, "p", payload='{"amount":50000}')
+    assert verify(db_store).ok
+    _edit(db_store, "p", fingerprint="f" * 64)
+    assert _kinds(verify(db_store)) == ["receipt_edited"]
+
+
+# -- 3. read again in one snapshot ---------------------------------------------------------
+
+
+class _Hooks:
+    """A store of the real class (so its snapshot read is the real one) whose trail read
+    and events reads run a callback, as another process writing right then would."""
+
+    after_chain: Any = None
+    after_records: Any = None
+    after_events: Any = None
+
+    def audit_chain(self) -> Any:
+        found = super().audit_chain()  # type: ignore[misc]
+        if self.after_chain:
+            self.after_chain()
+        return found
+
+    def records(self, **kwargs: Any) -> Any:
+        found = super().records(**kwargs)  # type: ignore[misc]
+        if self.after_records:
+            self.after_records()
+        return found
+
+    def events(self, **kwargs: Any) -> Any:
+        found = super().events(**kwargs)  # type: ignore[misc]
+        if self.after_events:
+            self.after_events(kwargs)
+        return found
+
+
+def _hooked(store: Any, clock: FakeClock) -> Any:
+    """Another store object of the same class on the same database, with :class:`_Hooks`."""
+    cls = type("Hooked" + type(store).__name__, (_Hooks, type(store)), {})
+    if isinstance(store, SQLiteStore):
+        return cls(store.path, clock=clock)
+    return cls(store.dsn, schema=store.schema, clock=clock)
+
+
+def test_a_busy_case_is_read_in_one_snapshot_not_reported(db_store: Any, clock: FakeClock) -> None:
+    """A case receiving a signal after verify's trail read and after every one of its
+    reads of events (r19): read again in one snapshot (SQLite: one read transaction;
+    PostgreSQL: REPEATABLE READ), it is consistent, and nothing is reported."""
+    from safeagent import ConsensusPolicy, FinalityGate
+
+    gate = FinalityGate(Guard(db_store, wait=0), policy=ConsensusPolicy(0.9, 5))
+    gate.signal("hot", "s0", "y", 0.5)
+    sent = iter(range(1000))
+    hooked = _hooked(db_store, clock)
+
+    def signal(*_args: Any) -> None:
+        clock.advance(0.001)
+        gate.signal("hot", f"s{next(sent) % 3}", "y", 0.5)
+
+    hooked.after_chain = signal
+    hooked.after_events = signal
+    try:
+        report = verify(hooked)
+    finally:
+        hooked.close()
+    assert report.ok, report.problems
+    assert report.cases_checked == 1
+    assert verify(db_store).ok
+
+
+def test_requests_changing_while_verify_reads_them_are_read_in_one_snapshot(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """Requests re-run, finished, taken over and resolved after verify's trail read and
+    again after its records read: read again in one snapshot, none is reported."""
+    guard = _guard(db_store, hook=lambda _req: Reconciliation.happened("ch"))
+    with pytest.raises(ValueError, match="declined"):
+        guard.execute("rerun", "charge", {}, _declined)
+    _in_doubt(guard, "doubt", "resolve")
+    hooked = _hooked(db_store, clock)
+    steps = iter(
+        [
+            lambda: (
+                guard.resolve("rerun", "rerun", by="ops", reason="retry"),
+                guard.execute("new", "charge", {}, lambda _ctx: 1),
+            ),
+            lambda: (
+                guard.execute("rerun", "charge", {}, lambda _ctx: "ok"),
+                guard.resolve("resolve", "failed", by="ops", reason="refunded"),
+                guard.reconcile(),  # "doubt": taken over, the hook says it happened
+            ),
+        ]
+    )
+
+    def step() -> None:
+        for write in steps:
+            write()
+            return
+
+    hooked.after_chain = step
+    hooked.after_records = step
+    try:
+        report = verify(hooked)
+    finally:
+        hooked.close()
+    assert report.ok, report.problems
+    assert report.receipts_checked == 4
+    guard.close()
+    assert verify(db_store).ok
+
+
+def test_a_store_without_a_snapshot_read_reports_what_never_holds_still_as_busy(
+    store_factory: Any,
+) -> None:
+    """A store with no snapshot read (the memory store, or a wrapper that only forwards
+    to a store, whose own reads are what is read) is read again until the rows hold
+    still, a bounded number of times. A case or request that changes under every read is
+    reported ``busy`` (not judged), never as tampering; once quiet, it verifies."""
+    from safeagent import ConsensusPolicy, FinalityGate
+
+    store = store_factory()
+    guard = Guard(store, wait=0)
+    gate = FinalityGate(guard, policy=ConsensusPolicy(0.9, 5))
+    gate.signal("hot", "s0", "y", 0.5)
+    with pytest.raises(ValueError, match="declined"):
+        guard.execute("r", "charge", {}, _declined)
+    sent = iter(range(1000))
+
+    def rerun() -> None:
+        guard.resolve("r", "rerun", by="ops", reason="retry")
+        with pytest.raises(ValueError, match="declined"):
+            guard.execute("r", "charge", {}, _declined)
+
+    class Forwarding:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def audit_chain(self) -> Any:
+            found = store.audit_chain()
+            gate.signal("hot", "s9", "y", 0.5)
+            rerun()
+            return found
+
+        def events(self, **kwargs: Any) -> Any:
+            found = store.events(**kwargs)
+            if kwargs.get("subject") == "hot":
+                gate.signal("hot", f"s{next(sent) % 3}", "y", 0.5)
+            elif kwargs.get("subject") == "r":
+                rerun()
+            return found
+
+    report = verify(Forwarding())
+    assert _kinds(report) == ["busy", "busy"], report.problems
+    details = sorted(p.detail for p in report.problems)
+    assert details[0].startswith("case 'hot' (default) changed during each of 5 reads")
+    assert details[1].startswith("request 'r' (default) changed during each of 5 reads")
+    assert "no sign of tampering" in details[0]
+    quiet = verify(store)
+    assert quiet.ok, quiet.problems
+    guard.close()
+
+
+def test_verify_beside_writers_reconcilers_and_gates_finds_nothing(db_store: Any) -> None:
+    """Threads claiming, finishing, timing out, reconciling (take-overs), resolving and
+    signalling while verify runs again and again, as r18 did: no report of any kind."""
+    from safeagent import ConsensusPolicy, FinalityGate
+    from safeagent.errors import GuardError
+
+    stop = time.monotonic() + 2.0
+    failures: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        answers = [Reconciliation.happened(1), Reconciliation.not_happened()]
+        guard = Guard(
+            db_store,
+            wait=0,
+            outcome_unknown=[Timeout],
+            actions={"a": ActionPolicy(reconcile=lambda req: answers[len(req.request_id) % 2])},
+        )
+        gate = FinalityGate(guard, policy=ConsensusPolicy(0.6, 1))
+        i = 0
+        try:
+            while time.monotonic() < stop:
+                i += 1
+                rid = f"w{worker}-{i % 7}"
+                try:
+                    if i % 5 == 0:
+                        guard.reconcile()
+                    elif i % 5 == 1:
+                        gate.signal(f"c{i % 4}", f"s{worker}", "yes", 0.7)
+                    elif i % 5 == 2:
+                        guard.resolve(rid, "rerun", by="ops", reason="retry")
+                    else:
+                        fn = _lost if i % 3 else lambda _ctx, n=i: n
+                        guard.execute(rid, "a", {"i": i % 7}, fn)
+                except (GuardError, Timeout, ValueError):
+                    pass
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(3)]
+    for thread in threads:
+        thread.start()
+    reports = []
+    while any(t.is_alive() for t in threads) or not reports:
+        reports.append(verify(db_store))
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    assert all(r.ok for r in reports), [r.problems for r in reports if not r.ok][:1]
+    assert verify(db_store).ok
+
+
+# -- 4. what no writer stores: reported, not raised ------------------------------------------
+
+_BAD_ANCHORS = [
+    '{"heads": {"x": [1, "a"]}}',
+    '{"heads": {"0": 5}}',
+    '{"heads": {"0": [1]}}',
+    '{"heads": {"16": [1, "a"]}}',
+    '{"heads": {"0": [true, "a"]}}',
+    '{"heads": {}, "prev": [[1], "x"]}',
+    '{"heads": {}, "prev": "x"}',
+]
+
+
+@pytest.mark.parametrize("heads", _BAD_ANCHORS)
+def test_an_anchor_of_a_shape_no_writer_stores_is_a_bad_anchor(db_store: Any, heads: str) -> None:
+    """An anchor inserted by hand, whose heads are not {"<shard 0-15>": [seq, hash]} or
+    whose predecessor is not [id, mac]: without the key its MAC is not checked, so its
+    shape is, and it is a ``bad_anchor`` (verify used to raise)."""
+    guard = Guard(db_store)
+    guard.execute("r1", "a", {}, lambda _ctx: 1)
+    guard.close()
+    _sql(
+        db_store,
+        "INSERT INTO {s}.audit_anchors (id, at_ms, heads, mac) VALUES (1, 0, %s, 'ff')",
+        heads,
+    )
+    assert _kinds(verify(db_store)) == ["bad_anchor"]
+    assert _kinds(verify(db_store, key=KEY)) == ["bad_anchor"]
+
+
+def test_a_forged_predecessor_after_a_real_anchor_is_a_bad_anchor(db_store: Any) -> None:
+    guard = Guard(db_store)
+    guard.execute("r1", "a", {}, lambda _ctx: 1)
+    guard.close()
+    real = anchor(db_store, key=KEY)
+    _sql(
+        db_store,
+        "INSERT INTO {s}.audit_anchors (id, at_ms, heads, mac) VALUES (%s, 0, %s, 'ff')",
+        real.id + 1,
+        '{"heads": {}, "prev": [{"id": 1}, "x"]}',
+    )
+    assert _kinds(verify(db_store)) == ["bad_anchor"]
+
+
+def test_a_status_no_writer_stores_is_reported_not_raised(db_store: Any, tmp_path: Any) -> None:
+    """An execution record whose status was edited to a value no release writes is a
+    ``receipt_edited`` (verify used to raise ValueError); the CLI exits 1."""
+    guard = Guard(db_store)
+    guard.execute("r1", "a", {}, lambda _ctx: 1)
+    guard.close()
+    _edit(db_store, "r1", status="BOGUS")
+    report = verify(db_store)
+    assert _kinds(report) == ["receipt_edited"]
+    assert "cannot be read" in report.problems[0].detail
+    if isinstance(db_store, SQLiteStore):
+        from typer.testing import CliRunner
+
+        from safeagent._cli import app
+
+        result = CliRunner().invoke(app, ["audit", "verify", "--db", db_store.path])
+        assert result.exit_code == 1, result.output
+        assert "receipt_edited" in result.output
