@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
+
 from safeagent import ExecutionContext, Guard
 from safeagent._audit import AuditEvent, EventKind
 from safeagent._cases import Signal, apply_signal
@@ -37,7 +38,6 @@ from safeagent.stores._base import (
 )
 from safeagent.stores._rows import GENESIS, chain_hash, chain_rows, shard_of
 from safeagent.stores.postgres import _ATTEMPT, _TOKEN, PostgresStore
-
 from tests.conftest import PG_URL, FakeClock, pg_schema
 
 pytestmark = pytest.mark.usefixtures("postgres_available")

@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 import pytest
+
 from safeagent import (
     AsyncGuard,
     EventKind,
@@ -44,7 +45,6 @@ from safeagent.stores.postgres import (
     _claimed_by,
     _released_then_claimed,
 )
-
 from tests._pg_proxy import PgProxy
 from tests.conftest import PG_URL, START_MS, FakeClock, Ledger, pg_schema
 

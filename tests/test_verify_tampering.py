@@ -137,7 +137,10 @@ def test_an_attempt_renumbered_with_forged_facts_is_found(db_store: Any) -> None
     found = _by_request(report)
     assert set(found) == {"facts", "renumbered", "attempt-only"}
     assert "owner or end of the attempt in doubt differs" in found["facts"]
-    assert "attempt 7, though its last claim or take-over recorded attempt 1" in found["renumbered"]
+    assert (
+        "attempt 7, though its claim and take-over events put it at attempt 1"
+        in found["renumbered"]
+    )
     assert "attempt 2, though" in found["attempt-only"]
 
 
@@ -531,3 +534,298 @@ def test_a_status_no_writer_stores_is_reported_not_raised(db_store: Any, tmp_pat
         result = CliRunner().invoke(app, ["audit", "verify", "--db", db_store.path])
         assert result.exit_code == 1, result.output
         assert "receipt_edited" in result.output
+
+
+# -- 6. what a reconcile take-over or a claim copied from an edited record -------------------
+
+
+def _take_over_events(store: Any, request_id: str) -> list[Any]:
+    return [
+        e
+        for e in store.events(namespace="default", subject=request_id)
+        if e.kind.value == "claimed" and e.detail.get("reconcile")
+    ]
+
+
+def _problems_of(report: Any, request_id: str) -> list[Any]:
+    return [p for p in report.problems if p.detail.startswith(f"request {request_id!r}")]
+
+
+def test_an_edited_attempt_a_take_over_copied_into_the_chain_is_found(db_store: Any) -> None:
+    """An attempt number edited on a record in doubt is copied by the next reconcile
+    take-over into its event (and the hook is told it). A take-over never changes the
+    attempt: its event must record the attempt its claim started. Found after the
+    take-over, naming it, and still after the record is edited back."""
+    told: list[Any] = []
+
+    def hook(req: Any) -> Any:
+        told.append(req.attempt)
+        return Reconciliation.unknown()
+
+    guard = _guard(db_store, hook=hook)
+    _in_doubt(guard, "laundered")
+    _edit(db_store, "laundered", attempt=3)
+    assert "attempt 3, though" in _by_request(verify(db_store))["laundered"]
+    guard.reconcile()
+    assert told == [3]
+    take_over = _take_over_events(db_store, "laundered")[0]
+    assert take_over.detail["attempt"] == 3
+    report = verify(db_store)
+    assert set(_kinds(report)) == {"receipt_edited"}
+    named = [p for p in report.problems if p.event_id == take_over.id]
+    assert len(named) == 1, report.problems
+    assert (
+        f"its reconcile take-over (event {take_over.id}) recorded attempt 3, though the claim "
+        "that started the attempt" in named[0].detail
+    )
+    assert "recorded attempt 1" in named[0].detail
+    # the record itself is compared with the claim, not with the take-over that copied it
+    assert any("it holds attempt 3" in p.detail for p in report.problems)
+    _edit(db_store, "laundered", attempt=1, ended_attempt=1)
+    guard.reconcile()  # a later take-over of the same attempt
+    report = verify(db_store)
+    assert [p.event_id for p in report.problems] == [take_over.id], report.problems
+    guard.close()
+
+
+def test_an_edited_owner_or_end_the_first_take_over_copied_is_found(db_store: Any) -> None:
+    """The first take-over of an attempt records its owner and end as it reads them from
+    the record: for a record stored IN_DOUBT, its claim's owner and the instant of the
+    event that left it in doubt. Edited before it, they are found in its event."""
+    guard = _guard(db_store, owner="worker-1")
+    _in_doubt(guard, "both", "owner", "end", "kept")
+    _edit(db_store, "both", lease_owner="someone-else")
+    _sql(
+        db_store,
+        "UPDATE {s}.executions SET updated_at_ms = updated_at_ms - 3600000 "
+        "WHERE request_id IN (%s, %s)",
+        "both",
+        "end",
+    )
+    _edit(db_store, "owner", lease_owner="someone-else")
+    guard.close()
+    reconciler = _guard(db_store, owner="reconciler")
+    reconciler.reconcile()
+    reconciler.reconcile()  # later take-overs keep the facts: not reported again
+    report = verify(db_store)
+    found = _by_request(report)
+    assert set(found) == {"both", "owner", "end"}, report.problems
+    assert _kinds(report) == ["receipt_edited"] * 3
+    for rid in ("both", "owner", "end"):
+        first = _take_over_events(db_store, rid)[0]
+        (problem,) = _problems_of(report, rid)
+        assert problem.event_id == first.id
+        assert f"its first reconcile take-over (event {first.id})" in problem.detail
+    assert "owner 'someone-else', though its claim was 'worker-1'" in found["both"]
+    assert "though the event that left it IN_DOUBT" in found["both"]
+    assert "end" not in found["owner"].split("recorded the attempt in doubt's")[1]
+    assert "owner" not in found["end"].split("recorded the attempt in doubt's")[1]
+    reconciler.close()
+
+
+def test_the_owner_of_an_expired_lease_is_checked_its_end_is_not(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """A record PENDING with an expired lease: its first take-over records the claim's
+    owner, checked, and its lease expiry as the end, which no event records: an edited
+    expiry is not found (the docs say so)."""
+    guard = _guard(db_store, owner="worker-1", lease=30.0)
+    for rid in ("owner", "expiry"):
+        guard.store.claim(_claim_request(rid, "worker-1"))
+    guard.close()
+    clock.advance(31)
+    _edit(db_store, "owner", lease_owner="someone-else")
+    _sql(
+        db_store,
+        "UPDATE {s}.executions SET lease_expires_at_ms = lease_expires_at_ms - 20000 "
+        "WHERE request_id = %s",
+        "expiry",
+    )
+    reconciler = _guard(db_store, owner="reconciler")
+    reconciler.reconcile()
+    report = verify(db_store)
+    assert set(_by_request(report)) == {"owner"}, report.problems
+    assert "owner 'someone-else', though its claim was 'worker-1'" in report.problems[0].detail
+    reconciler.close()
+
+
+def _claim_request(request_id: str, owner: str, lease_ms: int = 30_000) -> Any:
+    from safeagent._keys import canonical_json, fingerprint
+    from safeagent.stores import ClaimRequest
+
+    body = canonical_json({"amount": 500})
+    return ClaimRequest(
+        namespace="default",
+        request_id=request_id,
+        action="charge",
+        fingerprint=fingerprint("charge", body),
+        payload_json=body.decode(),
+        execution_id="dead-" + request_id,
+        owner=owner,
+        lease_ms=lease_ms,
+        downstream_key=downstream_key("default", "charge", request_id),
+    )
+
+
+class NotDone(Exception):
+    """The downstream system refused: nothing happened, the record is released."""
+
+
+def _not_done(_ctx: Any) -> None:
+    raise NotDone("refused")
+
+
+def test_an_attempt_edited_while_released_is_found_at_the_next_claim(db_store: Any) -> None:
+    """A claim numbers the next attempt (attempt + 1 of the released record): an attempt
+    edited while released is copied, plus one, into the next claim's event. Each claim
+    must record one more than the claim before it."""
+    guard = Guard(db_store, not_executed=[NotDone], wait=0)
+    with pytest.raises(NotDone):
+        guard.execute("r2", "charge", {"a": 1}, _not_done)
+    _edit(db_store, "r2", attempt=41)
+    assert "attempt 41, though" in _by_request(verify(db_store))["r2"]
+    assert guard.execute("r2", "charge", {"a": 1}, lambda ctx: ctx.attempt).result == 42
+    claim = [
+        e for e in db_store.events(namespace="default", subject="r2") if e.kind.value == "claimed"
+    ]
+    report = verify(db_store)
+    assert _kinds(report) == ["receipt_edited"]
+    assert report.problems[0].event_id == claim[-1].id
+    assert (
+        f"its claim (event {claim[-1].id}) recorded attempt 42, though the attempt before it "
+        f"(claim event {claim[0].id}) was 1" in report.problems[0].detail
+    )
+    guard.close()
+
+
+def test_legitimate_rounds_owners_re_claims_and_purges_raise_no_false_alarm(
+    store_factory: Any, clock: FakeClock
+) -> None:
+    """On every store: reconcile rounds answering unknown, then happened / did not happen,
+    by reconcilers of different owners; an operator's resolution after a take-over; a
+    release and claims of the next attempts; a FAILED record re-run twice; a first
+    take-over of a PENDING record whose lease expired (by claim and by a guard); retention
+    purges and a re-run of a tombstone: none of the take-over, claim or facts checks fires."""
+    store = store_factory()
+    answers = {
+        "later-happened": [Reconciliation.unknown(), Reconciliation.happened("ch")],
+        "later-not": [
+            Reconciliation.unknown(),
+            Reconciliation.unknown(),
+            Reconciliation.not_happened(),
+        ],
+    }
+
+    def hook(req: Any) -> Any:
+        queue = answers.get(req.request_id)
+        if not queue:
+            return Reconciliation.unknown()
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+    workers = [_guard(store, hook=hook, owner=f"w{n}", lease=30.0) for n in range(3)]
+    with pytest.raises(Timeout):
+        workers[0].execute("later-happened", "charge", {"a": 1}, _lost)
+    with pytest.raises(Timeout):
+        workers[1].execute("later-not", "charge", {"a": 1}, _lost)
+    with pytest.raises(Timeout):
+        workers[0].execute("resolved", "charge", {"a": 1}, _lost)
+    store.claim(_claim_request("expired", "w2"))
+    store.claim(_claim_request("expired-resolved", "w2"))
+    clock.advance(31)
+    for n in range(3):
+        workers[(n + 1) % 3].reconcile()  # each round by another owner
+        clock.advance(1)
+    workers[2].resolve("resolved", "released", by="ops", reason="seen nothing")
+    workers[0].resolve("expired-resolved", "succeeded", by="ops", reason="seen", result=1)
+    for rid in ("later-not", "resolved"):
+        assert workers[1].execute(rid, "charge", {"a": 2}, lambda ctx: ctx.attempt).result == 2
+    guard = Guard(store, not_executed=[NotDone], wait=0, owner="w9")
+    for n in range(3):
+        with pytest.raises(NotDone):
+            guard.execute("released", "charge", {"n": n}, _not_done)
+    assert guard.execute("released", "charge", {"n": 9}, lambda ctx: ctx.attempt).result == 4
+    for _ in range(2):
+        with pytest.raises(ValueError, match="declined"):
+            guard.execute("failed", "charge", {}, _declined)
+        guard.resolve("failed", "rerun", by="ops", reason="retry")
+    with pytest.raises(ValueError, match="declined"):
+        guard.execute("failed-tombstone", "charge", {}, _declined)
+    report = verify(store)
+    assert report.ok, report.problems
+    clock.advance(5)
+    purged = purge(store, older_than=1)
+    assert purged.tombstoned == 6
+    guard.resolve("failed-tombstone", "rerun", by="ops", reason="retry")
+    assert guard.execute("failed-tombstone", "charge", {}, lambda ctx: ctx.attempt).result == 2
+    with pytest.raises(NotDone):
+        guard.execute("released-late", "charge", {}, _not_done)
+    clock.advance(5)
+    purge(store, older_than=1)
+    assert guard.execute("released-late", "charge", {}, lambda ctx: ctx.attempt).result == 2
+    assert guard.execute("failed", "ping", {}, lambda ctx: ctx.attempt).result == 3
+    report = verify(store)
+    assert report.ok, report.problems
+    for worker in workers:
+        worker.close()
+    guard.close()
+
+
+def test_events_without_attempt_numbers_are_not_judged() -> None:
+    """Claims and take-overs by older releases may record no attempt number, no facts,
+    and a request's first chained claim may follow events from before the chains: none
+    of these is reported."""
+    from safeagent._verify_receipts import _last_states
+
+    def row(event_id: int, subject: str, detail: dict[str, Any], kind: str = "claimed") -> Any:
+        import json as _json
+
+        fields: list[Any] = [None] * 16
+        from safeagent import _verify as v
+
+        fields[v._ID], fields[v._KIND], fields[v._NAMESPACE] = event_id, kind, "default"
+        fields[v._SUBJECT], fields[v._DETAIL], fields[v._ACTOR] = subject, _json.dumps(detail), "w"
+        fields[v._ACTION], fields[v._SHARD], fields[v._SEQ] = "charge", 0, event_id
+        fields[v._AT], fields[v._EXECUTION_ID] = 1000 * event_id, "e"
+        return tuple(fields)
+
+    rows = [
+        row(1, "old", {}),  # a claim with no attempt number
+        row(2, "old", {"status": "IN_DOUBT"}, "in_doubt"),
+        row(3, "old", {"reconcile": True, "attempt": 5}),  # nothing to compare it with
+        row(4, "old", {"reconcile": True}),  # no attempt, no facts
+        row(5, "old", {"status": "RELEASED"}, "released"),
+        row(6, "old", {"attempt": 6}),  # the attempt before it is unknown
+        row(7, "legacy", {"attempt": 3}),  # its first claims are from before the chains
+        row(8, "facts", {"attempt": 1}),
+        row(9, "facts", {"reconcile": True}),  # an older take-over recorded no facts
+        row(10, "facts", {"reconcile": True, "attempt": 1, "attempt_owner": "w2"}),
+    ]
+    states, edits = _last_states(rows, {("default", "legacy")})
+    assert edits == []
+    assert states[("default", "old")].attempt == 6
+    _, edits = _last_states(rows, set())
+    assert [e[1][2] for e in edits] == [7]  # a first claim, with no legacy event, of attempt 3
+
+
+def test_the_cli_tells_busy_from_tampered(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Every problem ``busy``: nothing vouched for (exit 1), but no sign of tampering, and
+    the verdict says so; a ``busy`` beside any other problem is still TAMPERED."""
+    SQLiteStore(str(tmp_path / "busy.db")).close()
+    from typer.testing import CliRunner
+
+    from safeagent import audit as audit_lib
+    from safeagent._cli import app
+    from safeagent.audit import Problem, VerifyReport
+
+    busy = Problem("busy", 0, None, None, "request 'r' (default) changed during each of 5 reads")
+    edited = Problem("receipt_edited", 0, 1, 1, "request 's' (default): edited")
+    for problems, verdict in (
+        ([busy, busy], "NOT VERIFIED: 2 subject(s) changed under every read; run it again"),
+        ([busy, edited], "TAMPERED: 2 problem(s)"),
+    ):
+        report = VerifyReport(0, 0, 0, problems=list(problems))
+        monkeypatch.setattr(audit_lib, "verify", lambda *_a, _r=report, **_k: _r)
+        result = CliRunner().invoke(app, ["audit", "verify", "--db", str(tmp_path / "busy.db")])
+        assert result.exit_code == 1, result.output
+        assert verdict in " ".join(result.output.split()), result.output
+        assert ("TAMPERED" in result.output) == (verdict.startswith("TAMPERED"))

@@ -60,8 +60,10 @@ class _Expected:
     """Who made the request's last claim (its event's actor): the owner of the attempt
     that ran fn, or of the last take-over."""
     attempt: int | None = None
-    """The attempt number its last claim recorded (a take-over records the attempt it
-    took over); None when that claim recorded none (an older release)."""
+    """The attempt number its last claim that started an attempt recorded, or, when that
+    claim recorded none (an older release), the last take-over that did (a take-over
+    records the attempt it took over, which must be the claim's: _History checks it);
+    None when none did."""
     action: Any = None
     """The action of its last claim that started an attempt (not a take-over, which
     changes no action); None if no chained event records one."""
@@ -122,17 +124,23 @@ def _expectation(
 class _History:
     """What a request's events, fed in chain order, say its record holds: the last
     state-changing event (:class:`_Expected`), with the claim and take-over facts in force
-    after it."""
+    after it; and the events that contradict the ones before them (:attr:`edits`: a
+    take-over or claim that copied an edit of the record into the chain)."""
 
     __slots__ = (
         "action",
         "attempt",
         "claim_id",
+        "claim_owner",
         "claimed_at",
+        "edits",
         "expected",
         "facts",
         "fingerprint",
+        "first_claim",
         "owner",
+        "started",
+        "taken",
     )
 
     def __init__(self) -> None:
@@ -144,6 +152,20 @@ class _History:
         self.fingerprint: str | None = None
         self.claim_id: Any = None
         self.claimed_at: Any = None
+        self.started: int | None = None
+        """The attempt number the last claim that started an attempt recorded (None:
+        none recorded one, or none is in the chains)."""
+        self.claim_owner: Any = None
+        """That claim's actor: the lease owner of the attempt it started."""
+        self.taken = False
+        """Whether a take-over of that attempt came after it."""
+        self.first_claim: tuple[tuple[int, Any, Any], int] | None = None
+        """(where, attempt) of the first claim in the chains, if it recorded an attempt
+        number other than 1 (a new record's is 1): wrong only if the request has no event
+        from before the chains (:func:`_last_states` decides)."""
+        self.edits: list[tuple[tuple[int, Any, Any], str]] = []
+        """(where, what): events that contradict the ones before them, which only an edit
+        of the record between them explains (the later event copied what it read)."""
 
     def feed(
         self,
@@ -167,15 +189,89 @@ class _History:
             if fields.get("reconcile"):
                 # A take-over: same attempt, same action (one by an older release may
                 # record no attempt number: the one before still holds).
-                self.attempt = attempt if attempt is not None else self.attempt
+                self._check_take_over(fields, attempt, where)
+                self.taken = True
+                if self.started is None:
+                    self.attempt = attempt if attempt is not None else self.attempt
             else:
+                self._check_claim(attempt, where)
                 fingerprint = fields.get("fingerprint")
                 self.attempt, self.action, self.claim_id = attempt, action, where[2]
+                self.started, self.claim_owner, self.taken = attempt, actor, False
                 self.claimed_at = at_ms
                 self.fingerprint = fingerprint if isinstance(fingerprint, str) else None
         found = _expectation(kind, detail, *where, at_ms, execution_id)
         if found is not None:
             self.expected = found
+
+    def _check_claim(self, attempt: int | None, where: tuple[int, Any, Any]) -> None:
+        """A claim that starts an attempt: the store numbers it one more than the attempt
+        before (it claims only a RELEASED record), or 1 for a new record (one an earlier
+        release's retention deleted when released, too). Another number means the record's
+        attempt was edited while it was released, and the claim counted on from the edit."""
+        if attempt is None or attempt == 1:
+            return
+        if self.expected is None:
+            self.first_claim = (where, attempt)
+            return
+        if self.started is not None and attempt != self.started + 1:
+            self.edits.append(
+                (
+                    where,
+                    f"its claim (event {where[2]}) recorded attempt {attempt}, though the "
+                    f"attempt before it (claim event {self.claim_id}) was {self.started}: a "
+                    "claim numbers the next attempt, so the record's attempt was edited in "
+                    "between",
+                )
+            )
+
+    def _check_take_over(
+        self, fields: Mapping[str, Any], attempt: int | None, where: tuple[int, Any, Any]
+    ) -> None:
+        """A reconcile take-over records the attempt it took over, read from the record,
+        which a take-over never changes: it must be the one the claim that started the
+        attempt recorded. The first take-over of an attempt also records, read from the
+        record, that attempt's owner (its claim's actor) and end (for a record stored
+        IN_DOUBT, the instant of the event that left it so; for a PENDING one whose lease
+        expired, its lease expiry, which no event records). A take-over that recorded
+        other values copied an edit of the record into the chain (and told the hook it)."""
+        if self.started is not None and attempt is not None and attempt != self.started:
+            self.edits.append(
+                (
+                    where,
+                    f"its reconcile take-over (event {where[2]}) recorded attempt {attempt}, "
+                    f"though the claim that started the attempt (event {self.claim_id}) "
+                    f"recorded attempt {self.started}: a take-over never changes the attempt, "
+                    "so the record's attempt was edited before it",
+                )
+            )
+        if self.taken or self.claim_owner is None or "attempt_owner" not in fields:
+            return  # a later take-over keeps the facts; none recorded by an older release
+        before = self.expected
+        wrong = []
+        owner = fields.get("attempt_owner")
+        if owner != self.claim_owner:
+            wrong.append(f"owner {owner!r}, though its claim was {self.claim_owner!r}")
+        ended_at = fields.get("attempt_ended_at_ms")
+        if (
+            before is not None
+            and before.status == Status.IN_DOUBT.value
+            and type(before.at_ms) is int
+            and (type(ended_at) is not int or abs(ended_at - before.at_ms) > _CLOCK_STEP_MS)
+        ):
+            wrong.append(
+                f"end {ended_at!r}, though the event that left it IN_DOUBT (event "
+                f"{before.event_id}) is at {before.at_ms}"
+            )
+        if wrong:
+            self.edits.append(
+                (
+                    where,
+                    f"its first reconcile take-over (event {where[2]}) recorded the attempt "
+                    "in doubt's " + " and ".join(wrong) + ": it read them from the record, "
+                    "so they were edited before it",
+                )
+            )
 
     def result(self) -> _Expected | None:
         if self.expected is None:
@@ -199,8 +295,16 @@ def _parsed(detail: Any) -> Any:
         return None
 
 
-def _last_states(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], _Expected]:
-    """(namespace, request id) -> what its last state-changing event says. A request's
+_Edit = tuple[tuple[str, str], tuple[int, Any, Any], str]
+"""(namespace, request id), (shard, seq, event id) and what an event contradicts."""
+
+
+def _last_states(
+    rows: list[tuple[Any, ...]], legacy_keys: Any = frozenset()
+) -> tuple[dict[tuple[str, str], _Expected], list[_Edit]]:
+    """(namespace, request id) -> what its last state-changing event says, and the events
+    that contradict the ones before them (:attr:`_History.edits`; the first claim of a
+    request with no event from before the chains must be its first attempt). A request's
     events are all in one chain, read in seq order."""
     found: dict[tuple[str, str], _History] = {}
     for row in rows:
@@ -220,7 +324,21 @@ def _last_states(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], _Expected
             row[_AT],
             row[_EXECUTION_ID],
         )
-    return {key: e for key, history in found.items() if (e := history.result()) is not None}
+    edits: list[_Edit] = []
+    for key, history in found.items():
+        if history.first_claim is not None and key not in legacy_keys:
+            where, attempt = history.first_claim
+            edits.append(
+                (
+                    key,
+                    where,
+                    f"its first claim (event {where[2]}) recorded attempt {attempt}, though "
+                    "no event precedes it and a new record's first attempt is 1",
+                )
+            )
+        edits.extend((key, where, what) for where, what in history.edits)
+    states = {key: e for key, history in found.items() if (e := history.result()) is not None}
+    return states, edits
 
 
 _CLOCK_STEP_MS = 1000
@@ -375,7 +493,7 @@ def _judge_identity(record: Record, expected: _Expected) -> str | None:
     wrong = []
     if expected.attempt is not None and record.attempt != expected.attempt:
         wrong.append(
-            f"attempt {record.attempt!r}, though its last claim or take-over recorded "
+            f"attempt {record.attempt!r}, though its claim and take-over events put it at "
             f"attempt {expected.attempt}"
         )
     if expected.action is not None and record.action != expected.action:
@@ -519,10 +637,17 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
     """Compare every record with what the last trusted state-changing event of its
     request says: its stored status, attempt, action, fingerprint and downstream key, and
     for a finished one the outcome digest (for a tombstone, the retention pass that covers
-    it). Returns (checked, unverified). Records and events are read apart, so a request
-    that looks wrong is read again, record and events together (:func:`_read_again`),
-    before it is reported."""
-    states = _last_states(trail.trusted)
+    it); and report the take-overs and claims whose events contradict the events before
+    them (:attr:`_History.edits`). Returns (checked, unverified). Records and events are
+    read apart, so a request that looks wrong is read again, record and events together
+    (:func:`_read_again`), before it is reported."""
+    states, edits = _last_states(trail.trusted, trail.legacy_keys)
+    # Events of the chains that contradict each other: the chains are append-only and
+    # hashed, so unlike a record they need no second read.
+    problems.extend(
+        Problem("receipt_edited", shard, seq, event_id, f"request {key[1]!r} ({key[0]}): {what}")
+        for key, (shard, seq, event_id), what in edits
+    )
     purges = _Purges(
         [
             mark
