@@ -5,10 +5,13 @@ below), WAL journal, a busy timeout, and every write in a ``BEGIN IMMEDIATE`` tr
 so many threads and many processes on one host can share one file. The claim is one atomic
 ``INSERT ... ON CONFLICT DO UPDATE ... WHERE status = 'RELEASED' RETURNING`` statement.
 
-fork(): SQLite's in-process lock bookkeeping is copied into a forked child, so a child
-forked while another thread of the parent was inside a write can be left unable to write:
-every write then fails closed with StoreError (nothing runs). Open stores after fork, or
-start processes with ``spawn`` (SQLite's FAQ: connections must not cross fork).
+fork(): SQLite's in-process lock bookkeeping and its process-wide mutexes are copied into a
+forked child, so a child forked while another thread of the parent was inside a write can
+be left unable to write, and one forked while a thread was inside any SQLite call can hang
+in its first. The fork handlers at the end of this module wait for a write in progress and
+for every SQLite call of SafeAgent's threads (_ForkGate), at most ``busy_timeout``. Still,
+open stores after fork, or start processes with ``spawn`` (SQLite's FAQ: connections must
+not cross fork).
 
 Durability (docs/design.md section 3):
 
@@ -25,9 +28,11 @@ import errno
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from threading import get_ident
 from typing import Any, TypeVar
 
 from safeagent._audit import AuditEvent
@@ -354,8 +359,145 @@ class _ConnHolder:
 def _close_quietly(conn: sqlite3.Connection, pid: int) -> None:
     if os.getpid() != pid:  # inherited across fork: the parent's, never closed here
         return
-    with suppress(sqlite3.Error):
-        conn.close()
+    gate = _gate  # closing steps SQLite too (a thread's end closes its connection here)
+    me = gate.enter()
+    try:
+        with suppress(sqlite3.Error):
+            conn.close()
+    finally:
+        gate.exit(me)
+
+
+class _ForkGate:
+    """Keeps os.fork out of SQLite's C code. SQLite has process-wide mutexes of its own (its
+    memory allocator's, the unix VFS's inode and shm mutexes, the main static mutex), taken
+    inside almost any call and out of reach from Python: a child forked while another
+    thread of the parent held one inherits it held by a thread that does not exist there,
+    and waits forever in its first SQLite call (bench/fork_hang.py: 18 forks in 200 beside
+    8 busy threads before this gate, none after).
+
+    Every region of this module that calls into SQLite (connecting, each read with its
+    fetches, each write transaction from BEGIN to COMMIT or ROLLBACK, closing a
+    connection) holds the gate shared: ``me = gate.enter()``, then ``gate.exit(me)`` on
+    the same gate object (a child's stale region exits on the gate it entered), inlined in
+    the two hot ones (:meth:`SQLiteStore.get`, :meth:`SQLiteStore._write`). The
+    before-fork handler closes it (:meth:`close_for_fork`): new regions wait, and the fork
+    waits for the regions in progress to end, at most ``timeout`` seconds, after which it
+    goes on as it would without the gate; the parent's after-fork handler reopens it
+    (:meth:`open_after_fork`), and a child makes a fresh gate of its own (_renew_gate).
+
+    Cheap: a region appends its thread's id to ``inside`` and removes it after (list
+    operations are atomic), and reads ``forks``: no lock, no thread-local. A region that
+    finds a fork pending backs out and waits on the Condition (:meth:`wait_for_forks`);
+    the fork checks ``inside`` after raising ``forks``, so one of the two sees the other.
+    The thread ids tell a thread already inside (a nested region, a signal handler's):
+    it never waits, and a fork from inside a region does not wait for its own thread.
+
+    Lock order: a writer takes its store's write lock first, then the gate (the fork
+    handler takes the write locks, then closes the gate), and no region waits on any
+    other lock. Only SQLite calls made through SafeAgent are gated: other code of the
+    process using SQLite (its own sqlite3 connections) is not.
+    """
+
+    __slots__ = ("_forkers", "_idle", "_lock", "forks", "inside", "pid")
+
+    def __init__(self) -> None:
+        self.inside: list[int] = []  # the id of each thread inside a region, once per region
+        self.forks = 0  # forks pending (two threads may fork at once); changed under _lock
+        self._forkers: list[int] = []  # their threads, which pass the closed gate
+        # Re-entrant: a connection collected by the cyclic GC while this thread holds it
+        # (in notify, say) is closed in a region of its own, which may come here.
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)  # waited on only while a fork is pending
+        self.pid = os.getpid()
+
+    def enter(self) -> int:
+        me = get_ident()
+        self.inside.append(me)
+        if self.forks:
+            try:
+                self.wait_for_forks(me)
+            except BaseException:  # interrupted while waiting: not inside
+                self.exit(me)
+                raise
+        return me
+
+    def exit(self, me: int) -> None:
+        self.inside.remove(me)
+        if self.forks:
+            self.notify()
+
+    def wait_for_forks(self, me: int) -> None:
+        """A region entered (``me`` appended) while a fork is pending: unless this thread
+        is inside already or is the one forking (a connection collected and closed by its
+        later before-fork handlers, say), back out, wait for the fork, and enter again.
+        Bounded, so a fork that never reopens the gate cannot stop the process's SQLite.
+        ``me`` is in ``inside`` again when it returns or raises (the caller's exit removes
+        it)."""
+        inside = self.inside
+        if me in self._forkers or inside.count(me) > 1:
+            return  # (checked before the lock too: the forking thread may hold it)
+        with self._lock:
+            if not self.forks or me in self._forkers or inside.count(me) > 1:
+                return
+            inside.remove(me)
+            try:
+                self._idle.notify_all()  # the fork may have seen this entry, and wait for it
+                deadline = time.monotonic() + _GATE_ENTRY_WAIT
+                while self.forks:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._idle.wait(left)
+            finally:
+                inside.append(me)  # under the lock: a fork closing the gate after sees it
+
+    def notify(self) -> None:
+        with self._lock:
+            self._idle.notify_all()
+
+    def close_for_fork(self, timeout: float) -> None:
+        """In the forking thread, before the fork: hold new regions back and wait for the
+        regions of other threads to end (at most ``timeout`` seconds)."""
+        me = get_ident()
+        inside = self.inside
+        with self._lock:
+            self.forks += 1
+            self._forkers.append(me)
+            deadline = time.monotonic() + timeout
+            # A fork from inside a region (a signal handler's) does not wait for itself.
+            while len(inside) > inside.count(me):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break  # give up: the fork goes on as it would without the gate
+                self._idle.wait(left)
+
+    def open_after_fork(self) -> None:
+        """In the parent, after the fork: let the regions held back go."""
+        me = get_ident()
+        with self._lock:
+            if me in self._forkers:
+                self._forkers.remove(me)
+                self.forks -= 1
+            if not self.forks:
+                self._idle.notify_all()
+
+    def reset_in_child(self) -> None:
+        """In a child, on the gate inherited: fresh locks and no fork pending, so a region
+        the forking thread was inside at the fork can still exit on it."""
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self.forks = 0
+        self._forkers = []
+
+
+# Seconds a region waits for a pending fork before going on without it (a fork handler
+# that never reopens the gate must not stop the process; a fork takes milliseconds).
+_GATE_ENTRY_WAIT = 10.0
+# The fork's wait for regions in progress is the longest busy_timeout of the open stores
+# (a region can wait that long in SQLite's busy handler), and at least this.
+_GATE_MIN_FORK_WAIT = 1.0
+_gate = _ForkGate()  # one for the process: SQLite's mutexes are process-wide
 
 
 _UNSET: Any = object()
@@ -483,6 +625,8 @@ class SQLiteStore:
             holder.abandon()  # inherited across fork: never touch the parent's connection
         if self._closed:
             raise StoreError(f"store {self.path} is closed")
+        gate = _gate
+        me = gate.enter()
         try:
             conn = sqlite3.connect(
                 self.path,
@@ -495,6 +639,8 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+        finally:
+            gate.exit(me)
         holder = _ConnHolder(conn)
         self._local.holder = holder
         self._holders.add(holder)
@@ -511,7 +657,7 @@ class SQLiteStore:
         conn = self._conn()
         if self._pid != os.getpid():  # a forked child: locks held by the parent's threads
             self._after_fork()
-        me = threading.get_ident()
+        me = get_ident()
         if self._writer == me:  # a signal handler writing while its thread writes
             raise StoreError(
                 f"SQLite write failed on {self.path}: this thread is already inside a write "
@@ -523,9 +669,16 @@ class SQLiteStore:
                 f"for more than {self.busy_timeout} s"
             )
         self._writer = me
+        gate = _gate  # after the write lock, never before: the fork handler's order
+        gate.inside.append(me)  # gate.enter(), inline (every write)
         try:
+            if gate.forks:
+                gate.wait_for_forks(me)
             yield from self._transaction(conn, synchronous, state or _TxnState())
         finally:
+            gate.inside.remove(me)  # gate.exit(me)
+            if gate.forks:
+                gate.notify()
             self._writer = None
             self._mutex.release()
 
@@ -555,6 +708,8 @@ class SQLiteStore:
         self._writer = None
         self._group = _GroupCommit()
         self._pid = os.getpid()
+        if _gate.pid != self._pid:  # a child made without os.fork's handlers
+            _renew_gate()
 
     def _transaction(
         self, conn: sqlite3.Connection, synchronous: str, state: _TxnState
@@ -785,10 +940,16 @@ class SQLiteStore:
             ) from stale
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(conn)``, its fetches included, inside the fork gate (fn takes no lock)."""
+        conn = self._conn()
+        gate = _gate
+        me = gate.enter()
         try:
-            return fn(self._conn())
+            return fn(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
+        finally:
+            gate.exit(me)
 
     def _migrate(self) -> None:
         with self._write() as conn:
@@ -829,10 +990,20 @@ class SQLiteStore:
     def get(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
         if self._buffer:
             self._maybe_flush()
-        try:  # _read, inline: every call reads its record first
-            row = self._conn().execute(SQL_GET, (namespace, request_id)).fetchone()
+        conn = self._conn()
+        gate = _gate  # _read, with the gate inline: every call reads its record first
+        me = get_ident()
+        gate.inside.append(me)
+        try:
+            if gate.forks:
+                gate.wait_for_forks(me)
+            row = conn.execute(SQL_GET, (namespace, request_id)).fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
+        finally:
+            gate.inside.remove(me)
+            if gate.forks:
+                gate.notify()
         return (None if row is None else row_to_record(row)), self._clock()
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
@@ -1044,15 +1215,14 @@ class SQLiteStore:
             live = conn.execute(SQL_LIVE_SIGNALS, (namespace, case_id)).fetchall()
             return row_to_case(row), [row_to_signal(r) for r in live]
 
-        conn = self._conn()
-        try:  # one read transaction, so the case and its signals are one snapshot
-            conn.execute("BEGIN")
+        def snapshot(conn: sqlite3.Connection) -> tuple[CaseRow | None, list[Signal]]:
+            conn.execute("BEGIN")  # one read transaction: the case and its signals agree
             try:
                 return read(conn)
             finally:
                 conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
+
+        return self._read(snapshot)
 
     def _open_case(
         self,
@@ -1336,21 +1506,43 @@ class SQLiteStore:
 
 
 _live_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
-# The stores whose write lock the forking thread took (per thread: two threads may fork at
-# once, and each releases only what it took).
+# The stores whose write lock the forking thread took, and the gate it closed (per thread:
+# two threads may fork at once, and each releases only what it took).
 _fork_held = threading.local()
 
 
+def _renew_gate() -> None:
+    """In a child: a fresh gate for the regions to come; the inherited one is reset, so a
+    region the forking thread was inside at the fork exits on it without waiting."""
+    global _gate
+    old, _gate = _gate, _ForkGate()
+    old.reset_in_child()
+
+
 def _before_fork() -> None:
+    """Write locks first (a fork waits for a write in progress, and holds the lock across
+    the fork), then the gate: no SafeAgent thread is inside SQLite at the fork."""
     held: list[SQLiteStore] = []
     _fork_held.stores = held
-    for store in list(_live_stores):
+    _fork_held.gate = None
+    stores = list(_live_stores)
+    for store in stores:
         with suppress(Exception):  # one store cannot keep the others from being handled
             if store._lock_for_fork():
                 held.append(store)
+    wait = max((getattr(s, "busy_timeout", 0.0) for s in stores), default=0.0)
+    gate = _gate
+    _fork_held.gate = gate
+    with suppress(Exception):
+        gate.close_for_fork(max(wait, _GATE_MIN_FORK_WAIT))
 
 
 def _after_fork_in_parent() -> None:
+    gate: _ForkGate | None = getattr(_fork_held, "gate", None)
+    _fork_held.gate = None
+    if gate is not None:
+        with suppress(Exception):
+            gate.open_after_fork()
     held: list[SQLiteStore] = getattr(_fork_held, "stores", [])
     _fork_held.stores = []
     for store in held:
@@ -1360,6 +1552,8 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     _fork_held.stores = []  # the child remakes every lock, those included
+    _fork_held.gate = None
+    _renew_gate()
     for store in list(_live_stores):
         with suppress(Exception):
             store._after_fork()
