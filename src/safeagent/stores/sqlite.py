@@ -352,20 +352,34 @@ class _ConnHolder:
 
     def abandon(self) -> None:
         """Forget a connection inherited from a parent process without closing it
-        (closing could checkpoint or remove the parent's WAL under its feet)."""
+        (closing could checkpoint or remove the parent's WAL under its feet, or wait on a
+        mutex of SQLite's a parent thread held at the fork). It is kept referenced for
+        the life of this process: a collected connection object closes itself."""
         self._finalizer.detach()
+        _abandoned.append(self.conn)
+
+
+# Connections inherited across fork and never to be closed here (_ConnHolder.abandon).
+_abandoned: list[sqlite3.Connection] = []
 
 
 def _close_quietly(conn: sqlite3.Connection, pid: int) -> None:
     if os.getpid() != pid:  # inherited across fork: the parent's, never closed here
         return
-    gate = _gate  # closing steps SQLite too (a thread's end closes its connection here)
-    me = gate.enter()
+    gate, me = _gate, get_ident()  # closing steps SQLite too (a thread's end closes here)
     try:
+        gate.inside.append(me)
+        if gate.forks:
+            gate.wait_for_forks(me)
         with suppress(sqlite3.Error):
             conn.close()
     finally:
-        gate.exit(me)
+        try:  # noqa: SIM105 - inline, no call: a signal could land before the remove
+            gate.inside.remove(me)
+        except ValueError:  # interrupted before the append
+            pass
+        if gate.forks:
+            gate.notify()
 
 
 class _ForkGate:
@@ -399,7 +413,7 @@ class _ForkGate:
     process using SQLite (its own sqlite3 connections) is not.
     """
 
-    __slots__ = ("_forkers", "_idle", "_lock", "forks", "inside", "pid")
+    __slots__ = ("_closed_at", "_forkers", "_idle", "_lock", "forks", "inside", "pid")
 
     def __init__(self) -> None:
         self.inside: list[int] = []  # the id of each thread inside a region, once per region
@@ -409,6 +423,7 @@ class _ForkGate:
         # (in notify, say) is closed in a region of its own, which may come here.
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)  # waited on only while a fork is pending
+        self._closed_at: float | None = None  # when the last fork was about to happen
         self.pid = os.getpid()
 
     def enter(self) -> int:
@@ -444,13 +459,27 @@ class _ForkGate:
             try:
                 self._idle.notify_all()  # the fork may have seen this entry, and wait for it
                 deadline = time.monotonic() + _GATE_ENTRY_WAIT
-                while self.forks:
+                while self.forks and not self._expire_stale_fork():
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._idle.wait(left)
             finally:
                 inside.append(me)  # under the lock: a fork closing the gate after sees it
+
+    def _expire_stale_fork(self) -> bool:
+        """Under the lock: True, and the gate reopened, when a fork closed it more than
+        ``_GATE_ENTRY_WAIT`` seconds ago and its after-fork handler never ran (an interrupt
+        landed in it, which CPython reports and drops): else every region would wait that
+        long from then on. A fork itself takes milliseconds."""
+        closed = self._closed_at
+        if closed is None or time.monotonic() - closed <= _GATE_ENTRY_WAIT:
+            return False
+        self.forks = 0
+        self._forkers.clear()
+        self._closed_at = None
+        self._idle.notify_all()
+        return True
 
     def notify(self) -> None:
         with self._lock:
@@ -470,7 +499,11 @@ class _ForkGate:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break  # give up: the fork goes on as it would without the gate
-                self._idle.wait(left)
+                try:
+                    self._idle.wait(left)
+                except BaseException:  # noqa: BLE001, S112 - a Ctrl-C here: CPython drops
+                    continue  # it and forks anyway, so the wait must not end mid-call
+            self._closed_at = time.monotonic()
 
     def open_after_fork(self) -> None:
         """In the parent, after the fork: let the regions held back go."""
@@ -480,6 +513,7 @@ class _ForkGate:
                 self._forkers.remove(me)
                 self.forks -= 1
             if not self.forks:
+                self._closed_at = None
                 self._idle.notify_all()
 
     def reset_in_child(self) -> None:
@@ -489,6 +523,7 @@ class _ForkGate:
         self._idle = threading.Condition(self._lock)
         self.forks = 0
         self._forkers = []
+        self._closed_at = None
 
 
 # Seconds a region waits for a pending fork before going on without it (a fork handler
@@ -625,9 +660,12 @@ class SQLiteStore:
             holder.abandon()  # inherited across fork: never touch the parent's connection
         if self._closed:
             raise StoreError(f"store {self.path} is closed")
-        gate = _gate
-        me = gate.enter()
+        gate, me = _gate, get_ident()
+        conn = None
         try:
+            gate.inside.append(me)
+            if gate.forks:
+                gate.wait_for_forks(me)
             conn = sqlite3.connect(
                 self.path,
                 timeout=self.busy_timeout,
@@ -638,9 +676,17 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
+            if conn is not None:  # closed here, in the gate, not by a later collection
+                with suppress(sqlite3.Error):
+                    conn.close()
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
         finally:
-            gate.exit(me)
+            try:  # noqa: SIM105 - inline, no call: a signal could land before the remove
+                gate.inside.remove(me)
+            except ValueError:  # interrupted before the append
+                pass
+            if gate.forks:
+                gate.notify()
         holder = _ConnHolder(conn)
         self._local.holder = holder
         self._holders.add(holder)
@@ -668,15 +714,18 @@ class SQLiteStore:
                 f"SQLite write failed on {self.path}: another thread held the write lock "
                 f"for more than {self.busy_timeout} s"
             )
-        self._writer = me
         gate = _gate  # after the write lock, never before: the fork handler's order
-        gate.inside.append(me)  # gate.enter(), inline (every write)
         try:
+            self._writer = me
+            gate.inside.append(me)  # gate.enter(), inline (every write)
             if gate.forks:
                 gate.wait_for_forks(me)
             yield from self._transaction(conn, synchronous, state or _TxnState())
         finally:
-            gate.inside.remove(me)  # gate.exit(me)
+            try:  # noqa: SIM105 - leave the gate inline (every write)
+                gate.inside.remove(me)
+            except ValueError:  # interrupted before the append
+                pass
             if gate.forks:
                 gate.notify()
             self._writer = None
@@ -942,14 +991,21 @@ class SQLiteStore:
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(conn)``, its fetches included, inside the fork gate (fn takes no lock)."""
         conn = self._conn()
-        gate = _gate
-        me = gate.enter()
+        gate, me = _gate, get_ident()
         try:
+            gate.inside.append(me)
+            if gate.forks:
+                gate.wait_for_forks(me)
             return fn(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
         finally:
-            gate.exit(me)
+            try:  # noqa: SIM105 - inline, no call: a signal could land before the remove
+                gate.inside.remove(me)
+            except ValueError:  # interrupted before the append
+                pass
+            if gate.forks:
+                gate.notify()
 
     def _migrate(self) -> None:
         with self._write() as conn:
@@ -993,15 +1049,18 @@ class SQLiteStore:
         conn = self._conn()
         gate = _gate  # _read, with the gate inline: every call reads its record first
         me = get_ident()
-        gate.inside.append(me)
         try:
+            gate.inside.append(me)
             if gate.forks:
                 gate.wait_for_forks(me)
             row = conn.execute(SQL_GET, (namespace, request_id)).fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
         finally:
-            gate.inside.remove(me)
+            try:  # noqa: SIM105 - leave the gate inline
+                gate.inside.remove(me)
+            except ValueError:  # interrupted before the append
+                pass
             if gate.forks:
                 gate.notify()
         return (None if row is None else row_to_record(row)), self._clock()
@@ -1519,40 +1578,52 @@ def _renew_gate() -> None:
     old.reset_in_child()
 
 
+def _fork_stack() -> list[tuple[list[SQLiteStore], _ForkGate | None]]:
+    """This thread's forks in progress, innermost last: (stores whose write lock it took,
+    the gate it closed). A stack, because a signal handler may fork while its thread's
+    own fork waits in these handlers."""
+    stack: list[tuple[list[SQLiteStore], _ForkGate | None]] | None = getattr(
+        _fork_held, "stack", None
+    )
+    if stack is None:
+        stack = _fork_held.stack = []
+    return stack
+
+
 def _before_fork() -> None:
     """Write locks first (a fork waits for a write in progress, and holds the lock across
     the fork), then the gate: no SafeAgent thread is inside SQLite at the fork."""
+    stack = _fork_stack()
+    outer = {id(store) for stores, _ in stack for store in stores}  # held by this thread
     held: list[SQLiteStore] = []
-    _fork_held.stores = held
-    _fork_held.gate = None
+    stack.append((held, None))
     stores = list(_live_stores)
     for store in stores:
+        if id(store) in outer:
+            continue  # its outer fork holds the lock: waiting for it would wait for itself
         with suppress(Exception):  # one store cannot keep the others from being handled
             if store._lock_for_fork():
                 held.append(store)
     wait = max((getattr(s, "busy_timeout", 0.0) for s in stores), default=0.0)
     gate = _gate
-    _fork_held.gate = gate
+    stack[-1] = (held, gate)
     with suppress(Exception):
         gate.close_for_fork(max(wait, _GATE_MIN_FORK_WAIT))
 
 
 def _after_fork_in_parent() -> None:
-    gate: _ForkGate | None = getattr(_fork_held, "gate", None)
-    _fork_held.gate = None
+    stack = _fork_stack()
+    held, gate = stack.pop() if stack else ([], None)
     if gate is not None:
         with suppress(Exception):
             gate.open_after_fork()
-    held: list[SQLiteStore] = getattr(_fork_held, "stores", [])
-    _fork_held.stores = []
     for store in held:
         with suppress(RuntimeError):
             store._mutex.release()
 
 
 def _after_fork_in_child() -> None:
-    _fork_held.stores = []  # the child remakes every lock, those included
-    _fork_held.gate = None
+    _fork_held.stack = []  # the child remakes every lock, those included
     _renew_gate()
     for store in list(_live_stores):
         with suppress(Exception):
