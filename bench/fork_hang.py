@@ -34,11 +34,14 @@ def main() -> int:
     parser.add_argument("--forks", type=int, default=200)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per child")
+    parser.add_argument(
+        "--dir", default=None, help="where the database goes (default: a new temp dir)"
+    )
     args = parser.parse_args()
     if not hasattr(os, "fork"):
         print("os.fork is not available here")
         return 0
-    folder = tempfile.mkdtemp(prefix="sa-fork-")
+    folder = args.dir or tempfile.mkdtemp(prefix="sa-fork-")
     guard = Guard(os.path.join(folder, "fork.db"))
     stop = threading.Event()
 
@@ -51,6 +54,7 @@ def main() -> int:
     threads = [threading.Thread(target=busy, args=(k,), daemon=True) for k in range(args.threads)]
     for t in threads:
         t.start()
+    time.sleep(0.2)  # the threads are busy before the first fork
     hung = failed = 0
     started = time.monotonic()
     try:
@@ -79,12 +83,14 @@ def main() -> int:
         stop.set()
         for t in threads:
             t.join()
-        guard.close()
     took = time.monotonic() - started
+    recorded = sum(guard.get(f"child-{i}") is not None for i in range(args.forks))
+    guard.close()
     print(
         f"{args.forks} forks beside {args.threads} busy threads in {took:.1f} s: "
         f"{hung} hung (> {args.timeout:g} s, killed), {failed} failed, "
-        f"{args.forks - hung - failed} ok; hang rate {hung / args.forks:.1%}"
+        f"{args.forks - hung - failed} ok; hang rate {hung / args.forks:.1%}; "
+        f"{recorded} child receipts recorded"
     )
     return 0
 

@@ -54,6 +54,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def run_script(script: str, *args: str, timeout: float = 60.0) -> str:
+    """``script`` in a fresh interpreter run from the repository's root (for fork tests:
+    the order of imports decides the order of the at-fork handlers, so the test process's
+    own imports must not decide the outcome); killed on timeout. Its stdout, once it
+    exited 0."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
 def child_env() -> dict[str, str]:
     """The environment for ``subprocess`` children: ``tests`` importable."""
     env = dict(os.environ)

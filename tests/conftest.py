@@ -153,6 +153,26 @@ def pg_throwaway_database_url() -> Iterator[str]:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[Any]:
+    """A real SQLite file or PostgreSQL schema on the fake clock, closed (and the schema
+    dropped) after the test: for tests that tamper with the rows by raw SQL."""
+    if request.param == "sqlite":
+        store: Any = SQLiteStore(str(tmp_path / "tamper.db"), clock=clock)
+        yield store
+        store.close()
+        return
+    require_postgres()
+    from safeagent.stores.postgres import PostgresStore
+
+    store = PostgresStore(PG_URL, schema=pg_schema(), clock=clock)
+    try:
+        yield store
+    finally:
+        store.drop_schema()
+        store.close()
+
+
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     if request.param == "postgres":

@@ -879,24 +879,6 @@ def test_edited_facts_of_the_attempt_in_doubt_are_found(guard: Any, clock: FakeC
 # -- raw SQL on SQLite and PostgreSQL: the holes a database writer could use ----------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_store(request: pytest.FixtureRequest, tmp_path: Any, clock: FakeClock) -> Any:
-    """An SQLite or PostgreSQL store on the fake clock, for tampering with raw SQL."""
-    if request.param == "sqlite":
-        store: Any = SQLiteStore(str(tmp_path / "raw.db"), clock=clock)
-        yield store
-        store.close()
-        return
-    require_postgres()
-    from safeagent.stores.postgres import PostgresStore
-
-    store = PostgresStore(PG_URL, schema=pg_schema(), clock=clock)
-    try:
-        yield store
-    finally:
-        store.drop_schema()
-        store.close()
-
 
 def _sql(store: Any, statement: str, *args: Any) -> list[tuple[Any, ...]]:
     """Run ``statement`` on the store's database behind its back, as someone with write

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from safeagent.stores import sqlite as sqlite_mod
+from tests._workers import run_script
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
@@ -186,19 +187,6 @@ def test_a_region_entered_while_its_thread_holds_the_gate_lock_does_not_deadlock
     assert (gate.inside, gate.forks, gate._forkers) == ([], 0, [])
 
 
-def _run_script(script: str, *args: str, timeout: float) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=ROOT,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
 FORK_INSIDE_REGION = r"""
 import os, sys, time
 from safeagent import Guard
@@ -241,63 +229,12 @@ def test_a_fork_from_inside_a_gated_region_does_not_deadlock(tmp_path: Path) -> 
     """The forking thread is inside a region (a signal handler's fork): the fork does not
     wait for it (it would wait for itself until its timeout), the child's guarded call
     completes and the parent's gate is open again after."""
-    out = _run_script(FORK_INSIDE_REGION, str(tmp_path), timeout=60)
+    out = run_script(FORK_INSIDE_REGION, str(tmp_path), timeout=60)
     took = float(out.split("fork took ")[1].split()[0])
     assert took < 1, out
     assert "child exit 0" in out, out
     assert "parent parent" in out, out
     assert "gate 0 0" in out, out
-
-
-FORK_LOOP = r"""
-import os, signal, sys, threading, time
-from safeagent import Guard
-
-folder, forks, threads, child_timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 20.0
-guard = Guard(os.path.join(folder, "fork.db"))
-stop = threading.Event()
-
-def busy(k):
-    n = 0
-    while not stop.is_set():
-        guard.execute(f"busy-{k}-{n % 50}", "work", {"n": n % 50}, lambda _ctx: "ok")
-        n += 1
-
-workers = [threading.Thread(target=busy, args=(k,), daemon=True) for k in range(threads)]
-for t in workers:
-    t.start()
-time.sleep(0.2)
-hung = failed = 0
-try:
-    for i in range(forks):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                receipt = guard.execute(f"child-{i}", "work", {}, lambda _ctx: "child")
-                code = 0 if receipt.result == "child" else 1
-            finally:
-                os._exit(code)
-        deadline = time.monotonic() + child_timeout
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                failed += os.waitstatus_to_exitcode(status) != 0
-                break
-            if time.monotonic() > deadline:
-                hung += 1
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.005)
-finally:
-    stop.set()
-    for t in workers:
-        t.join(30)
-rows = [guard.get(f"child-{i}") for i in range(forks)]
-print("hung", hung, "failed", failed, "recorded", sum(r is not None for r in rows))
-guard.close()
-"""
 
 
 @needs_fork
@@ -307,5 +244,12 @@ def test_children_forked_beside_busy_threads_never_hang(tmp_path: Path) -> None:
     same SQLite-backed Guard: each completes its guarded call (none waits forever on a
     SQLite mutex a parent thread held at the fork; before the gate, about 1 in 11 did),
     and the parent reads every child's receipt."""
-    out = _run_script(FORK_LOOP, str(tmp_path), "40", "6", timeout=900)
-    assert "hung 0 failed 0 recorded 40" in out, out
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "fork_hang.py"), "--forks", "40",
+         "--threads", "6", "--timeout", "20", "--dir", str(tmp_path)],
+        capture_output=True, check=False, text=True, timeout=900,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert ": 0 hung (> 20 s, killed), 0 failed, 40 ok;" in out, out
+    assert "; 40 child receipts recorded" in out, out

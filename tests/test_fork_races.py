@@ -14,28 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from tests._workers import run_script
 from tests.conftest import PG_URL, require_postgres
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only"),
     pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
 ]
-
-
-def _run_script(script: str, *args: str, timeout: float = 60.0) -> str:
-    """``script`` in a fresh interpreter (the order of imports decides the order of the
-    at-fork handlers, so the test process's own imports must not decide the outcome);
-    killed on timeout. Its stdout."""
-    proc = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=ROOT,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
 
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -121,7 +106,7 @@ def test_two_threads_forking_at_once_do_not_leave_the_write_lock_held(tmp_path: 
     after sqlite.py's, such as concurrent.futures.thread's, runs first and takes a lock
     that serialises the two forks; a process that imported it before safeagent, or never,
     has no such lock.)"""
-    out = _run_script(TWO_FORKS, str(tmp_path))
+    out = run_script(TWO_FORKS, str(tmp_path))
     assert "locked False" in out, out
     assert "write ok" in out, out
 

@@ -16,7 +16,7 @@ from safeagent import ActionPolicy, Guard, Reconciliation, SQLiteStore, Status
 from safeagent._keys import downstream_key
 from safeagent.audit import anchor, verify
 from safeagent.retention import purge
-from tests.conftest import PG_URL, FakeClock, pg_schema, require_postgres
+from tests.conftest import FakeClock
 
 KEY = b"k" * 32
 
@@ -28,24 +28,6 @@ class Timeout(Exception):
 def _lost(_ctx: Any) -> None:
     raise Timeout("response lost")
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_store(request: pytest.FixtureRequest, tmp_path: Any, clock: FakeClock) -> Any:
-    """A real SQLite file or PostgreSQL schema, on the fake clock, to tamper with by SQL."""
-    if request.param == "sqlite":
-        store: Any = SQLiteStore(str(tmp_path / "tamper.db"), clock=clock)
-        yield store
-        store.close()
-        return
-    require_postgres()
-    from safeagent.stores.postgres import PostgresStore
-
-    store = PostgresStore(PG_URL, schema=pg_schema(), clock=clock)
-    try:
-        yield store
-    finally:
-        store.drop_schema()
-        store.close()
 
 
 def _sql(store: Any, statement: str, *args: Any) -> None:
