@@ -53,7 +53,7 @@ from quick import Floor
 
 from safeagent import Guard, SQLiteStore
 from safeagent._keys import canonical_json, fingerprint
-from safeagent.stores._rows import shard_of
+from safeagent.stores._rows import CHAIN_SHARDS, shard_of
 from safeagent.stores.sqlite import SQL_APPEND, SQL_CLAIM, SQL_COMPLETE, SQL_GET, SQL_HEAD
 
 PAYLOAD = {"amount": 1234, "currency": "usd", "customer": "cus_123", "memo": "x" * 40}
@@ -197,7 +197,7 @@ class Statements:
     def execute(self, rid: str, fn: Callable[[], Any]) -> None:
         conn, now = self.conn, time.time_ns() // 1_000_000
         conn.execute(SQL_GET, ("default", rid)).fetchone()
-        shard, eid = shard_of("default", rid), uuid.uuid4().hex
+        shard, eid = shard_of("default", rid, CHAIN_SHARDS), uuid.uuid4().hex
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(
             SQL_CLAIM,

@@ -30,7 +30,7 @@ from safeagent import (
 )
 from safeagent.audit import anchor, export, load_key, stats, verify
 from safeagent.retention import purge
-from safeagent.stores._rows import COLUMNS, shard_of
+from safeagent.stores._rows import CHAIN_SHARDS, COLUMNS, shard_of
 from tests.conftest import PG_URL, FakeClock, Ledger, pg_schema, require_postgres
 
 KEY = b"k" * 32
@@ -685,7 +685,7 @@ def _plain_chain_rows(events: list[Any], heads: dict[int, tuple[int, str]]) -> l
 
     rows = []
     for event in events:
-        shard = shard_of(event.namespace, event.subject)
+        shard = shard_of(event.namespace, event.subject, CHAIN_SHARDS)
         seq, prev = heads.get(shard, (0, GENESIS))
         seq += 1
         row = (
@@ -724,7 +724,8 @@ def test_event_and_chain_rows_equal_the_plain_encoders(
 
     plain_heads = dict(heads)
     expected = _plain_chain_rows(events, plain_heads)
-    assert chain_rows(events, heads) == expected
+    shards = [shard_of(e.namespace, e.subject, CHAIN_SHARDS) for e in events]
+    assert chain_rows(events, heads, shards) == expected
     assert heads == plain_heads
     assert [event_row(event) for event in events] == [row[:9] for row in expected]
 
@@ -877,7 +878,6 @@ def test_edited_facts_of_the_attempt_in_doubt_are_found(guard: Any, clock: FakeC
 
 
 # -- raw SQL on SQLite and PostgreSQL: the holes a database writer could use ----------------
-
 
 
 def _sql(store: Any, statement: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -1171,13 +1171,22 @@ def test_events_outside_the_chains_are_reported_and_never_trusted(
     assert _named(report) == {"paid"}  # still reported: the unchained event is not trusted
     from safeagent.stores._rows import GENESIS, chain_hash
 
-    shard = shard_of("default", "paid")
+    chains = db_store.chain_shards
+    shard = shard_of("default", "paid", chains)
     fields = (1, "released", "default", "paid", "charge", "mallory", None, None, "{}")
+    beyond = chains  # the first shard past the store's chains
     out_of_range = _forge_event(
-        db_store, "paid", "released", released, 99, 1, GENESIS, chain_hash(GENESIS, 99, 1, fields)
+        db_store,
+        "paid",
+        "released",
+        released,
+        beyond,
+        1,
+        GENESIS,
+        chain_hash(GENESIS, beyond, 1, fields),
     )
     no_seq = _forge_event(db_store, "paid", "released", released, -1, None, None, None)
-    elsewhere = _append_chained(db_store, (shard + 1) % 16, "paid", "released", released)
+    elsewhere = _append_chained(db_store, (shard + 1) % chains, "paid", "released", released)
     report = verify(db_store, key=KEY)
     assert _kinds(report) == {"unchained_event", "receipt_edited"}
     assert {p.event_id for p in report.problems if p.kind == "unchained_event"} == {
@@ -1365,7 +1374,7 @@ def test_a_chain_head_moved_back_or_removed_is_a_head_mismatch(db_store: Any) ->
     for _ in range(3):
         guard.execute("r", "charge", {}, lambda _ctx: 1)  # claimed, succeeded, 2 replays
     guard.close()
-    shard = shard_of("default", "r")
+    shard = shard_of("default", "r", db_store.chain_shards)
     ((seq,),) = _sql(db_store, "SELECT seq FROM {s}.audit_chain WHERE shard = %s", shard)
     assert seq == 4
     _sql(
@@ -1381,7 +1390,9 @@ def test_a_chain_head_moved_back_or_removed_is_a_head_mismatch(db_store: Any) ->
     _sql(db_store, "DELETE FROM {s}.audit_chain WHERE shard = %s", shard)
     report = verify(db_store)
     assert [(p.kind, p.shard, p.seq) for p in report.problems] == [("head_mismatch", shard, 4)]
-    empty = (shard + 1) % 16  # a chain with no event yet: without its head, no writer
+    empty = (
+        shard + 1
+    ) % db_store.chain_shards  # a chain with no event yet: without its head, no writer
     _sql(db_store, "DELETE FROM {s}.audit_chain WHERE shard = %s", empty)  # can chain to it
     report = verify(db_store)
     assert {(p.kind, p.shard) for p in report.problems} == {
@@ -1509,21 +1520,25 @@ def test_a_claim_or_completion_whose_chain_head_is_gone_is_not_written(
     vanished after the claim is refused the same way: the record stays PENDING (then in
     doubt), never SUCCEEDED without its event."""
     guard = Guard(db_store, wait=0)
-    shard = shard_of("default", "r-1")
+    shard = shard_of("default", "r-1", db_store.chain_shards)
     _sql(db_store, "DELETE FROM {s}.audit_chain WHERE shard = %s", shard)
     with pytest.raises(StoreError, match="chain head"):
         guard.execute("r-1", "charge", {"n": 1}, lambda ctx: ledger.append(ctx.request_id))
     assert ledger.count() == 0
     assert guard.get("r-1") is None
 
-    rid = next(f"r-{i}" for i in range(2, 200) if shard_of("default", f"r-{i}") != shard)
+    rid = next(
+        f"r-{i}"
+        for i in range(2, 200)
+        if shard_of("default", f"r-{i}", db_store.chain_shards) != shard
+    )
 
     def charge_then_lose_the_head(ctx: Any) -> str:
         ledger.append(ctx.request_id)
         _sql(
             db_store,
             "DELETE FROM {s}.audit_chain WHERE shard = %s",
-            shard_of("default", ctx.request_id),
+            shard_of("default", ctx.request_id, db_store.chain_shards),
         )
         return "charged"
 
@@ -1688,7 +1703,7 @@ def test_an_edited_deleted_or_forged_case_or_signal_is_found(
     assert _named(report, "case_edited") == {case_id}
     (problem,) = report.problems
     assert says in problem.detail, problem.detail
-    assert problem.shard == shard_of("default", case_id)
+    assert problem.shard == shard_of("default", case_id, db_store.chain_shards)
 
 
 def test_a_case_edited_to_final_and_settled_stays_found(db_store: Any, clock: FakeClock) -> None:

@@ -33,7 +33,14 @@ from safeagent._audit import AuditEvent, EventKind
 from safeagent._receipt import ErrorInfo, Receipt, Record, Status
 from safeagent.audit import verify
 from safeagent.stores import _rows as rows_module
-from safeagent.stores._rows import _chain_body, _dumps, chain_hash, event_row, shard_of
+from safeagent.stores._rows import (
+    CHAIN_SHARDS,
+    _chain_body,
+    _dumps,
+    chain_hash,
+    event_row,
+    shard_of,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
@@ -150,7 +157,7 @@ def test_a_cyclic_audit_detail_fails_cleanly_under_a_raised_recursion_limit(
 def _corrupt_head(path: Path, request_id: str, sql: str) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        conn.execute(sql, (shard_of("default", request_id),))
+        conn.execute(sql, (shard_of("default", request_id, CHAIN_SHARDS),))
     finally:
         conn.close()
 
@@ -237,7 +244,9 @@ def test_a_missing_chain_head_fails_closed_single_and_batched(tmp_path: Path) ->
     with pytest.raises(StoreError, match="chain head missing"):
         guard.execute("r1", "a", {}, lambda _ctx: ran.append("r1"))
     other = next(
-        f"o{n}" for n in range(100) if shard_of("default", f"o{n}") != shard_of("default", "r1")
+        f"o{n}"
+        for n in range(100)
+        if shard_of("default", f"o{n}", CHAIN_SHARDS) != shard_of("default", "r1", CHAIN_SHARDS)
     )
     assert guard.execute(other, "a", {}, lambda _ctx: ran.append(other) or 1).result == 1  # type: ignore[func-returns-value]
     assert ran == [other]
@@ -432,7 +441,8 @@ def _head_of(path: Path, request_id: str) -> tuple[Any, Any]:
     conn = sqlite3.connect(path)
     try:
         row = conn.execute(
-            "SELECT seq, head FROM audit_chain WHERE shard = ?", (shard_of("default", request_id),)
+            "SELECT seq, head FROM audit_chain WHERE shard = ?",
+            (shard_of("default", request_id, CHAIN_SHARDS),),
         ).fetchone()
     finally:
         conn.close()
@@ -444,7 +454,7 @@ def _events_on_shard(path: Path, request_id: str) -> list[tuple[Any, ...]]:
     try:
         return conn.execute(
             "SELECT id, kind, subject, seq FROM audit_events WHERE shard = ? ORDER BY id",
-            (shard_of("default", request_id),),
+            (shard_of("default", request_id, CHAIN_SHARDS),),
         ).fetchall()
     finally:
         conn.close()
@@ -594,9 +604,7 @@ def test_every_name_of_a_str_subclass_is_kept_as_its_characters(store: Any) -> N
         _Spelled("r1"), _Spelled("charge"), {"n": 1}, lambda _ctx: 1, namespace=_Spelled("t1")
     )
     assert (first.request_id, first.action, first.namespace) == ("r1", "charge", "t1")
-    assert all(
-        type(v) is str for v in (first.request_id, first.action, first.namespace)
-    )
+    assert all(type(v) is str for v in (first.request_id, first.action, first.namespace))
     again = guard.execute("r1", "charge", {"n": 1}, lambda _ctx: 2, namespace="t1")
     assert again.replay
     assert again.result == 1
@@ -814,7 +822,7 @@ def test_a_failed_batched_flush_keeps_the_replay_events_and_writes_them_once(
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute(
             "UPDATE audit_chain SET seq = ?, head = ? WHERE shard = ?",
-            (seq, head, shard_of("default", "r1")),
+            (seq, head, shard_of("default", "r1", CHAIN_SHARDS)),
         )
         conn.close()
     assert len(store._buffer._events) == 4

@@ -10,6 +10,7 @@ verifies, and nothing deadlocks.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -126,7 +127,7 @@ def _checked_chain(store: PostgresStore) -> list[tuple[Any, ...]]:
     for row in rows:
         shard, seq, prev, digest = int(row[1]), int(row[2]), row[3], row[4]
         assert digest == chain_hash(prev, shard, seq, row[5:])
-        assert shard == shard_of(row[7], row[8])
+        assert shard == shard_of(row[7], row[8], store.chain_shards)
         assert (seq - 1, prev) == expected.get(shard, (0, GENESIS))
         expected[shard] = (seq, digest)
     assert {s: h for s, h in heads.items() if h[0]} == expected
@@ -659,7 +660,11 @@ def test_many_writers_on_one_chain_head(make: Made) -> None:
     by a transaction that committed after the statement's snapshot included), mixed with
     general-path writers (buffered events) locking the same head: the chain stays whole."""
     store = make()
-    ids = [rid for rid in (f"h-{i}" for i in range(5000)) if shard_of("ns", rid) == 3][:320]
+    chains = store.chain_shards
+    on_3 = (
+        rid for rid in (f"h-{i}" for i in itertools.count()) if shard_of("ns", rid, chains) == 3
+    )
+    ids = list(itertools.islice(on_3, 320))
 
     def work(k: int) -> None:
         for i, rid in enumerate(ids[k::16]):
@@ -686,7 +691,9 @@ def test_a_head_moved_after_the_statement_began_is_chained_onto(make: Made, op: 
     When the writer commits, the fast statement chains onto the NEW head and moves it in
     turn (its UPDATE follows the row to the version its lock returned)."""
     store = make()
-    rids = [r for r in (f"w-{i}" for i in range(500)) if shard_of("ns", r) == 5][:2]
+    rids = [
+        r for r in (f"w-{i}" for i in range(5000)) if shard_of("ns", r, store.chain_shards) == 5
+    ][:2]
     store.claim(_request(rids[0]))  # seq 1 on chain 5
     if op == "complete":
         store.claim(_request(rids[1]))  # seq 2
@@ -707,7 +714,7 @@ def test_a_head_moved_after_the_statement_began_is_chained_onto(make: Made, op: 
         }
         assert heads[5][0] == base
         event = AuditEvent(EventKind.REPLAYED, 42, "ns", rids[0], detail={"held": True})
-        (row,) = chain_rows([event], heads)
+        (row,) = chain_rows([event], heads, [5])
         holder.execute(store._sql["EVENT"], row)  # not committed yet
         result: list[Any] = []
         waiter = threading.Thread(target=lambda: result.append(fast()))

@@ -506,3 +506,178 @@ def test_a_schema_name_of_63_bytes_and_its_case_folding() -> None:
         store.close()
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+# -- the number of audit chains ----------------------------------------------------------------
+
+
+def _meta(schema: str, key: str) -> str | None:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        row = conn.execute(
+            f"SELECT value FROM {schema}.safeagent_meta WHERE key = %s", (key,)
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _event_shards(schema: str) -> set[int]:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        rows = conn.execute(f"SELECT DISTINCT shard FROM {schema}.audit_events").fetchall()
+    return {int(shard) for (shard,) in rows}
+
+
+def test_a_new_schema_has_256_chains_and_anchors_them_all(schema: str) -> None:
+    """A schema this release makes has NEW_CHAIN_SHARDS (256) chains, stored in
+    safeagent_meta: subjects spread over all of them (concurrent writers rarely share a
+    head), every head is anchored, and the trail verifies with the key."""
+    from safeagent.audit import anchor
+    from safeagent.stores._pg_sql import NEW_CHAIN_SHARDS
+
+    with _store(schema) as store:
+        assert store.chain_shards == NEW_CHAIN_SHARDS == 256
+        guard = Guard(store)
+        for i in range(300):
+            guard.execute(f"r-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        guard.close()
+        signed = anchor(store, key=b"k" * 32)
+        assert len(signed.heads) == 256
+        report = verify(store, key=b"k" * 32)
+        assert report.ok, report.problems
+        assert report.events_checked == 600
+    assert _meta(schema, "chain_shards") == "256"
+    shards = _event_shards(schema)
+    assert max(shards) < 256
+    assert len(shards) > 150  # 300 subjects over 256 chains: ~200 distinct, never <= 16
+    with _store(schema) as again:  # another process opening it reads the same number
+        assert again.chain_shards == 256
+
+
+def _version_3_schema(schema: str, subjects: list[str]) -> None:
+    """A schema as SafeAgent's schema version 3 made it: 16 chains, holding a CONFLICT
+    event (it implies no execution record) for each of ``subjects``, chained by 16 as
+    that release chained them."""
+    from safeagent._audit import AuditEvent, EventKind
+    from safeagent.stores import _pg_sql
+    from safeagent.stores._rows import GENESIS, chain_rows, shard_of
+
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(
+            f"CREATE TABLE {schema}.safeagent_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+        )
+        for statements in _pg_sql.MIGRATIONS[:3]:
+            for statement in statements:
+                conn.execute(statement.replace("{s}", schema))
+        conn.execute(f"DELETE FROM {schema}.audit_chain WHERE shard >= 16")  # what it made
+        conn.execute(f"INSERT INTO {schema}.safeagent_meta VALUES ('schema_version', '3')")
+        heads: dict[int, tuple[int, str]] = dict.fromkeys(range(16), (0, GENESIS))
+        for at, subject in enumerate(subjects, 1):
+            event = AuditEvent(EventKind.CONFLICT, at, "default", subject, detail={"n": at})
+            rows = chain_rows([event], heads, [shard_of("default", subject, 16)])
+            conn.execute(_pg_sql.EVENT.replace("{s}", schema), rows[0])
+
+
+def test_a_schema_made_by_version_3_keeps_its_16_chains(schema: str) -> None:
+    """Opening a version 3 schema records its 16 chains (it does not widen them: moving a
+    subject to another chain would make its earlier events look misplaced), so its old
+    events verify and every new event is chained by 16 too; the version moves to 4, so the
+    previous release, which cannot read the number, refuses the schema."""
+    from safeagent.stores._rows import shard_of
+
+    old = [f"old-{i}" for i in range(40)]
+    assert any(shard_of("default", s, 16) != shard_of("default", s, 256) for s in old)
+    _version_3_schema(schema, old)
+    with _store(schema) as store:
+        assert store.chain_shards == 16
+        report = verify(store)
+        assert report.ok, report.problems
+        assert report.events_checked == 40
+        guard = Guard(store)
+        for i in range(60):
+            guard.execute(f"new-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        guard.close()
+        report = verify(store)
+        assert report.ok, report.problems
+        assert report.events_checked == 40 + 120
+    assert _event_shards(schema) <= set(range(16))
+    assert _meta(schema, "chain_shards") == "16"
+    assert _schema_version(schema) == str(SCHEMA_VERSION) == "4"
+
+
+# the last: "16" in fullwidth digits, which str.isdigit() accepts
+@pytest.mark.parametrize("stored", [None, "", "abc", "0", "-1", "4097", "\uff11\uff16"])
+def test_a_schema_without_a_valid_number_of_chains_is_not_opened(
+    schema: str, stored: str | None
+) -> None:
+    """Without a valid stored number of chains, a store cannot know which chain a subject's
+    events go on: opening it raises StoreError (nothing is written), naming the key."""
+    with _store(schema):
+        pass
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        if stored is None:
+            conn.execute(f"DELETE FROM {schema}.safeagent_meta WHERE key = 'chain_shards'")
+        else:
+            conn.execute(
+                f"UPDATE {schema}.safeagent_meta SET value = %s WHERE key = 'chain_shards'",
+                (stored,),
+            )
+    with pytest.raises(StoreError, match="chain_shards"):
+        _store(schema)
+
+
+def test_a_number_of_chains_edited_by_hand_is_found_by_verify(schema: str) -> None:
+    """A schema of 256 chains whose stored number is set to 16: verification finds the
+    heads beyond chain 15 and the events now on the wrong chain of their subject, and
+    trusts none of those events."""
+    with _store(schema) as store:
+        guard = Guard(store)
+        for i in range(50):
+            guard.execute(f"r-{i}", "charge", {"i": i}, lambda _ctx: 1)
+        guard.close()
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"UPDATE {schema}.safeagent_meta SET value = '16' WHERE key = 'chain_shards'")
+    with _store(schema) as store:
+        assert store.chain_shards == 16
+        report = verify(store)
+    kinds = {p.kind for p in report.problems}
+    assert {"head_mismatch", "unchained_event"} <= kinds
+    assert sum(p.kind == "head_mismatch" for p in report.problems) == 240
+    assert not report.ok
+
+
+def test_a_version_3_schema_missing_a_head_still_has_16_chains(schema: str) -> None:
+    """The number is the version's, not the rows': a version 3 schema whose chain 15 head
+    was deleted by hand opens with 16 chains, and verification reports that one head
+    (were it 15 chains, every subject would seem to be on the wrong chain)."""
+    from safeagent.stores._rows import shard_of
+
+    subjects = ["b", "c", "d"]
+    assert 15 not in {shard_of("default", s, 16) for s in subjects}  # chain 15 is empty
+    _version_3_schema(schema, subjects)
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"DELETE FROM {schema}.audit_chain WHERE shard = 15")
+        assert conn.execute(f"SELECT count(*) FROM {schema}.audit_chain").fetchone() == (15,)
+    with _store(schema) as store:
+        assert store.chain_shards == 16
+        report = verify(store)
+    assert [(p.kind, p.shard) for p in report.problems] == [("head_mismatch", 15)]
+
+
+def test_a_schema_without_chains_gets_256_when_they_begin(schema: str) -> None:
+    """A version 1 schema (no chains yet) migrated by this release begins its chains with
+    256, as a new schema does."""
+    from safeagent.stores import _pg_sql
+
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(
+            f"CREATE TABLE {schema}.safeagent_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+        )
+        for statement in _pg_sql.MIGRATIONS[0]:
+            conn.execute(statement.replace("{s}", schema))
+        conn.execute(f"INSERT INTO {schema}.safeagent_meta VALUES ('schema_version', '1')")
+    with _store(schema) as store:
+        assert store.chain_shards == 256
+        Guard(store).execute("r", "charge", {}, lambda _ctx: 1)
+        report = verify(store)
+        assert report.ok, report.problems
+    assert _meta(schema, "chain_shards") == "256"

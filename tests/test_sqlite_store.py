@@ -22,7 +22,7 @@ from safeagent.audit import verify
 from safeagent.errors import SchemaVersionError
 from safeagent.stores import sqlite as sqlite_module
 from safeagent.stores._base import ClaimRequest
-from safeagent.stores._rows import chain_hash, event_row, shard_of
+from safeagent.stores._rows import CHAIN_SHARDS, chain_hash, event_row, shard_of
 
 
 def test_default_path_is_safeagent_db_in_the_working_directory(
@@ -299,7 +299,7 @@ def test_a_version_3_file_is_migrated_and_its_chains_extend(tmp_path: Path) -> N
         event = AuditEvent(  # (a conflict: it implies no execution record)
             kind=EventKind.CONFLICT, at_ms=1, namespace="default", subject="old", detail={}
         )
-        shard = shard_of("default", "old")
+        shard = shard_of("default", "old", CHAIN_SHARDS)
         seq, head = conn.execute(
             "SELECT seq, head FROM audit_chain WHERE shard = ?", (shard,)
         ).fetchone()

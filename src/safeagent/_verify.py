@@ -92,6 +92,8 @@ class _Trail:
     """Ids of every other row (unchained, legacy, in another subject's chain)."""
     legacy_keys: set[tuple[Any, Any]] = field(default_factory=set)
     """(namespace, subject) of legacy rows."""
+    chains: int = CHAIN_SHARDS
+    """How many chains the store has (its ``chain_shards``)."""
     chained: int = 0
     legacy: int = 0
     chains_began: int | None = None
@@ -99,18 +101,18 @@ class _Trail:
     record only legacy rows name, was written before it."""
 
 
-def _in_chain_form(row: tuple[Any, ...]) -> bool:
+def _in_chain_form(row: tuple[Any, ...], chains: int) -> bool:
     shard = row[_SHARD]
     return (
         type(shard) is int
-        and 0 <= shard < CHAIN_SHARDS
+        and 0 <= shard < chains
         and type(row[_SEQ]) is int
         and isinstance(row[_PREV], str)
         and isinstance(row[_HASH], str)
     )
 
 
-def _split(rows: list[tuple[Any, ...]], problems: list[Problem]) -> _Trail:
+def _split(rows: list[tuple[Any, ...]], problems: list[Problem], chains: int) -> _Trail:
     """Sort the rows into chain members, legacy rows and rows outside the chains; report
     the last (``unchained_event``).
 
@@ -122,17 +124,17 @@ def _split(rows: list[tuple[Any, ...]], problems: list[Problem]) -> _Trail:
     with every chain column NULL and ids below every chained event's, since ids only
     grow. Those are legacy rows; any other row outside the chains was put there by hand.
     """
-    trail = _Trail()
-    first_chained = min((row[_ID] for row in rows if _in_chain_form(row)), default=None)
+    trail = _Trail(chains=chains)
+    first_chained = min((row[_ID] for row in rows if _in_chain_form(row, chains)), default=None)
     for row in rows:
         event_id = row[_ID]
-        if _in_chain_form(row):
+        if _in_chain_form(row, chains):
             shard = row[_SHARD]
             trail.chained += 1
             trail.by_shard.setdefault(shard, []).append(row)
             namespace, subject = row[_NAMESPACE], row[_SUBJECT]
             own = (
-                shard_of(namespace, subject)
+                shard_of(namespace, subject, chains)
                 if isinstance(namespace, str) and isinstance(subject, str)
                 else None
             )
@@ -259,10 +261,23 @@ def _check_heads(
     hash_at: dict[tuple[int, int], str],
     tops: dict[int, int],
     problems: list[Problem],
+    chains: int,
 ) -> None:
-    """Each of the 16 chains has a stored head, and it is the chain's last event: that
-    event's seq and hash."""
+    """Each of the store's ``chains`` chains has a stored head, and it is the chain's last
+    event: that event's seq and hash. There is no other head."""
     for shard, (seq, digest) in heads.items():
+        if not 0 <= shard < chains:
+            problems.append(
+                Problem(
+                    "head_mismatch",
+                    shard,
+                    seq,
+                    None,
+                    f"a head is stored for chain {shard}, but the store has chains 0 to "
+                    f"{chains - 1} only (its number of chains was edited, or the head added)",
+                )
+            )
+            continue
         last = hash_at.get((shard, seq)) if seq else GENESIS
         if seq and last is None:
             problems.append(
@@ -295,7 +310,7 @@ def _check_heads(
                     f"{tops[shard]}: the head was moved back",
                 )
             )
-    for shard in range(CHAIN_SHARDS):  # every store keeps all 16 (a writer needs its head)
+    for shard in range(chains):  # every store keeps all its heads (a writer needs its head)
         if shard not in heads:
             top = tops.get(shard, 0)
             problems.append(
@@ -321,10 +336,11 @@ def _signed_text(heads_json: Any) -> dict[str, Any] | None:
     return signed if isinstance(signed, dict) and isinstance(signed.get("heads"), dict) else None
 
 
-def _signed_heads(heads: dict[Any, Any]) -> list[tuple[int, int, str]] | str:
+def _signed_heads(heads: dict[Any, Any], chains: int) -> list[tuple[int, int, str]] | str:
     """The (shard, seq, hash) an anchor signed, each as :func:`safeagent.audit.anchor`
-    writes it (``{"<shard 0-15>": [seq >= 0, "<hash>"]}``), or what is wrong with the first
-    one that is not: a hand-made anchor (only checked for its MAC with the key)."""
+    writes it (``{"<shard, 0 to chains - 1>": [seq >= 0, "<hash>"]}``), or what is wrong
+    with the first one that is not: a hand-made anchor (only checked for its MAC with the
+    key)."""
     found: list[tuple[int, int, str]] = []
     for shard_text, value in heads.items():
         shard = (
@@ -334,7 +350,7 @@ def _signed_heads(heads: dict[Any, Any]) -> list[tuple[int, int, str]] | str:
         )
         if (
             shard is None
-            or not 0 <= shard < CHAIN_SHARDS
+            or not 0 <= shard < chains
             or not isinstance(value, list)
             or len(value) != 2
             or type(value[0]) is not int
@@ -352,6 +368,7 @@ def _check_anchors(
     hash_at: dict[tuple[int, int], str],
     pin: tuple[int, str] | None,
     problems: list[Problem],
+    chains: int,
 ) -> tuple[int, int]:
     """Check every anchor: its HMAC (with ``key``), the heads it signed, that none before
     it is gone (ids, and the anchor it names as its predecessor), and the pinned one.
@@ -390,7 +407,7 @@ def _check_anchors(
         previous = (anchor_id, mac)
         if not authentic or signed is None:
             continue
-        heads = _signed_heads(signed["heads"])
+        heads = _signed_heads(signed["heads"], chains)
         if isinstance(heads, str):
             problems.append(
                 Problem(

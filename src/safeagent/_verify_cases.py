@@ -444,7 +444,7 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
                 seqs = {e[5]: e[4] for e in by_case.get(key, [])}
                 again = _read_case_again(store, namespace, case_id, trail.untrusted, seqs)
                 if again is None:
-                    problems.append(_busy("case", key, _TRIES))
+                    problems.append(_busy("case", key, _TRIES, trail.chains))
                     continue
                 row, signals, events = again
                 verdict = _judge_case(row, signals, events, legacy)
@@ -465,7 +465,7 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
             problems.append(
                 Problem(
                     "case_edited",
-                    shard_of(namespace, case_id),
+                    shard_of(namespace, case_id, trail.chains),
                     seq,
                     event_id,
                     f"case {case_id!r} ({namespace}): " + "; ".join(shown),

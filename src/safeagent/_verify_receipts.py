@@ -678,11 +678,13 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
         if verdict not in ("ok", "unverified"):
             settled: bool | None = None
             try:
-                settled, record, expected = _read_again(store, key[0], key[1], trail.untrusted)
+                settled, record, expected = _read_again(
+                    store, key[0], key[1], trail.untrusted, trail.chains
+                )
             except ValueError as exc:  # a status or an event kind no release writes
                 verdict = f"its record or events cannot be read: {exc}"
             if settled is False:
-                problems.append(_busy("request", key, _TRIES))
+                problems.append(_busy("request", key, _TRIES, trail.chains))
                 continue
             if settled:
                 # The retention passes are read after the record: a tombstone (or a
@@ -702,7 +704,9 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
             continue
         checked += 1
         if verdict != "ok":
-            where = states.get(key) or _Expected(None, None, shard_of(*key), None, None)
+            where = states.get(key) or _Expected(
+                None, None, shard_of(key[0], key[1], trail.chains), None, None
+            )
             problems.append(
                 Problem(
                     "receipt_edited",
@@ -728,10 +732,10 @@ def _snapshot_reader(store: Any) -> Any:
     return store.subject_snapshot if callable(read) else None
 
 
-def _busy(what: str, key: tuple[Any, Any], tries: int) -> Problem:
+def _busy(what: str, key: tuple[Any, Any], tries: int, chains: int) -> Problem:
     return Problem(
         "busy",
-        shard_of(*key),
+        shard_of(*key, chains),
         None,
         None,
         f"{what} {key[1]!r} ({key[0]}) changed during each of {tries} reads of it and its "
@@ -752,7 +756,7 @@ def _read_purges(store: Any, untrusted: set[Any]) -> _Purges:
 
 
 def _read_again(
-    store: Any, namespace: str, request_id: str, untrusted: set[Any]
+    store: Any, namespace: str, request_id: str, untrusted: set[Any], chains: int
 ) -> tuple[bool, Record | None, _Expected | None]:
     """(settled, the record, what its request's last state-changing event says), read
     together. A store with a snapshot read (:func:`_snapshot_reader`) reads them in one;
@@ -760,7 +764,7 @@ def _read_again(
     after the events (a request finishing or re-run meanwhile), at most :data:`_TRIES`
     times: ``settled`` is False if it never was. Events the first read found outside the
     chains (``untrusted``) are left out."""
-    shard = shard_of(namespace, request_id)
+    shard = shard_of(namespace, request_id, chains)
     snapshot = _snapshot_reader(store)
     if snapshot is not None:
         record, _, _, rows = snapshot(namespace, request_id)

@@ -2,8 +2,9 @@
 
 Every audit event is chained (docs/design.md section 5): its hash covers the previous hash of its
 chain, its place in the chain and every stored field. Events are chained per *shard* of
-``(namespace, subject)`` (16 chains), so writers on different shards never wait for each
-other, on one host or many. A chain alone proves nothing against someone who can rewrite
+``(namespace, subject)`` (16 chains; 256 in a PostgreSQL schema made by schema version 4
+or later, where many hosts write at once), so writers on different shards never wait for
+each other, on one host or many. A chain alone proves nothing against someone who can rewrite
 the whole database, so :func:`anchor` signs the heads of all chains with an HMAC key that
 the database's writers do not hold (an environment variable or a file on the operator's
 machine); :func:`verify` then finds an edited, deleted or reordered event, or a chain
@@ -44,7 +45,7 @@ from safeagent._verify_cases import _check_cases
 from safeagent._verify_receipts import _check_receipts
 from safeagent.errors import ConfigurationError
 from safeagent.retention import _store_of
-from safeagent.stores._rows import Heads
+from safeagent.stores._rows import CHAIN_SHARDS, Heads
 
 KEY_ENV = "SAFEAGENT_AUDIT_KEY"
 MIN_KEY_BYTES = 16
@@ -201,6 +202,15 @@ def anchor(store: Any, *, key: bytes) -> Anchor:
     return Anchor(anchor_id, at_ms, heads, mac)
 
 
+def _chains_of(store: Any) -> int:
+    """How many audit chains ``store`` has: its ``chain_shards``, or 16 for a store that
+    does not say (as every store did before PostgreSQL schema version 4)."""
+    chains = getattr(store, "chain_shards", CHAIN_SHARDS)
+    if type(chains) is not int or chains < 1:
+        raise ConfigurationError(f"the store's chain_shards must be a positive int: {chains!r}")
+    return chains
+
+
 def _pin_of(last_anchor: Any) -> tuple[int, str] | None:
     if last_anchor is None:
         return None
@@ -282,11 +292,12 @@ def verify(
     # next still hold (one made in between would sign events the chains' read lacks).
     anchors = store.anchors()
     rows, heads = store.audit_chain()
+    chains = _chains_of(store)
     problems: list[Problem] = []
-    trail = _split(rows, problems)
+    trail = _split(rows, problems, chains)
     hash_at, tops = _check_chains(trail.by_shard, problems)
-    _check_heads(heads, hash_at, tops, problems)
-    checked, unverified = _check_anchors(anchors, key, hash_at, pin, problems)
+    _check_heads(heads, hash_at, tops, problems, chains)
+    checked, unverified = _check_anchors(anchors, key, hash_at, pin, problems, chains)
     if key is not None and not anchors and trail.chained and not allow_unanchored:
         problems.append(
             Problem(

@@ -19,13 +19,22 @@ from __future__ import annotations
 from safeagent.stores._rows import (
     CASE_COLUMNS,
     CHAIN_COLUMNS,
-    CHAIN_SHARDS,
     COLUMNS,
     EVENT_COLUMNS,
     GENESIS,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+NEW_CHAIN_SHARDS = 256
+"""The number of audit chains of a schema whose chains this release begins (made new, or
+migrated from version 1, which had none): with 16, as schemas made by versions 2 and 3
+keep, concurrent writers wait on each other's chain head (held through the commit's WAL
+flush) about as often as two of them draw the same of 16; with 256, a sixteenth as often
+(BENCHMARKS.md, round 11). The number is stored (``safeagent_meta.chain_shards``): every
+writer and verification must agree on each subject's chain."""
+CHAIN_SHARDS_KEY = "chain_shards"
+MAX_CHAIN_SHARDS = 4096
 
 NOW = "COALESCE(%(now)s::bigint, (extract(epoch from clock_timestamp()) * 1000)::bigint)"
 NOW_AT = NOW.replace("%(now)s", "%s")  # the same, for the positional statements
@@ -115,7 +124,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " head TEXT NOT NULL)",
         "INSERT INTO {s}.audit_chain (shard, seq, head) SELECT g, 0, '"
         + GENESIS
-        + f"' FROM generate_series(0, {CHAIN_SHARDS - 1}) AS g",
+        + f"' FROM generate_series(0, {NEW_CHAIN_SHARDS - 1}) AS g",
         "CREATE TABLE {s}.audit_anchors (id BIGSERIAL PRIMARY KEY, at_ms BIGINT NOT NULL,"
         " heads TEXT NOT NULL, mac TEXT NOT NULL)",
     ),
@@ -129,6 +138,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # leave stale facts: ended_attempt is checked.
         "ALTER TABLE {s}.executions ADD COLUMN attempt_owner TEXT,"
         " ADD COLUMN attempt_ended_at_ms BIGINT, ADD COLUMN ended_attempt INTEGER",
+    ),
+    (
+        # The number of chains, read at every open. "{chains}" is filled in by the opener
+        # from the version it found: a schema whose chains began at version 2 or 3 has 16
+        # (migration 2 then made 16 heads) and keeps them, since moving a subject to
+        # another chain would break its chain's evidence; one whose chains migration 2
+        # makes now has NEW_CHAIN_SHARDS. Numbered, so the previous release, which chains
+        # by 16 whatever the schema holds, refuses to open the schema.
+        "INSERT INTO {s}.safeagent_meta (key, value)"
+        f" VALUES ('{CHAIN_SHARDS_KEY}', '{{chains}}') ON CONFLICT (key) DO NOTHING",
     ),
 )
 

@@ -189,7 +189,9 @@ def row_to_event(r: Sequence[Any]) -> AuditEvent:
 
 CHAIN_SHARDS = 16
 """Events are chained per shard of ``(namespace, subject)``: writers on different shards
-never wait for each other, and every shard's head can be anchored."""
+never wait for each other, and every shard's head can be anchored. A store has this many
+chains unless it says otherwise (its ``chain_shards``): the SQLite and memory stores, and
+PostgreSQL schemas whose chains began before version 4 (see ``_pg_sql.NEW_CHAIN_SHARDS``)."""
 GENESIS = "0" * 64
 Heads = dict[int, tuple[int, str]]
 """Chain heads: shard -> (seq, hash of the last event)."""
@@ -199,12 +201,13 @@ CHAIN_COLUMNS = (
 )
 
 
-def shard_of(namespace: str, subject: str) -> int:
-    """The chain an event of ``(namespace, subject)`` belongs to."""
+def shard_of(namespace: str, subject: str, chains: int) -> int:
+    """The chain an event of ``(namespace, subject)`` belongs to, in a store of ``chains``
+    chains: CRC-32 of the UTF-8 text, modulo ``chains``."""
     # Concatenated, not formatted: a str subclass (a str-valued Enum) counts by its
     # characters, as the database stores it, not by its __format__ ("Tenant.ACME").
     key = (namespace + "\x00" + subject).encode("utf-8", "surrogatepass")
-    return zlib.crc32(key) % CHAIN_SHARDS
+    return zlib.crc32(key) % chains
 
 
 def chain_hash(prev_hash: str, shard: int, seq: int, row: Sequence[Any]) -> str:
@@ -224,13 +227,11 @@ def _chain_text(prev_hash: str, shard: int, seq: int, row: Sequence[Any]) -> str
 
 
 def chain_rows(
-    events: Sequence[AuditEvent], heads: Heads, shards: Sequence[int] | None = None
+    events: Sequence[AuditEvent], heads: Heads, shards: Sequence[int]
 ) -> list[tuple[Any, ...]]:
     """Rows for ``events`` with ``(shard, seq, prev_hash, hash)`` appended, extending the
     chain ``heads`` (shard -> (seq, hash)), which is updated in place. ``shards``: each
-    event's :func:`shard_of`, when the caller has computed them already."""
-    if shards is None:
-        shards = [shard_of(event.namespace, event.subject) for event in events]
+    event's :func:`shard_of` in the store's number of chains."""
     rows = []
     for event, shard in zip(events, shards, strict=True):
         seq, prev = heads.get(shard, (0, GENESIS))

@@ -32,7 +32,7 @@ from safeagent.stores._base import (
     system_clock_ms,
     take_over_event,
 )
-from safeagent.stores._rows import CHAIN_SHARDS, GENESIS, Heads, chain_rows
+from safeagent.stores._rows import CHAIN_SHARDS, GENESIS, Heads, chain_rows, shard_of
 
 _ids = itertools.count(1)
 
@@ -52,13 +52,14 @@ class MemoryStore:
     durable = False
     durability = "memory"  # not durable: a restart forgets everything
     blocking = False  # AsyncGuard calls it inline: every method returns at once
+    chain_shards = CHAIN_SHARDS  # audit chains
 
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock = clock or system_clock_ms
         self._lock = threading.Lock()
         self._records: dict[tuple[str, str], Record] = {}
         self._events: list[AuditEvent] = []
-        self._heads: Heads = dict.fromkeys(range(CHAIN_SHARDS), (0, GENESIS))
+        self._heads: Heads = dict.fromkeys(range(self.chain_shards), (0, GENESIS))
         self._chain: list[tuple[Any, ...]] = []
         self._anchors: list[tuple[int, int, str, str]] = []
         self._cases: dict[tuple[str, str], CaseRow] = {}
@@ -73,7 +74,8 @@ class MemoryStore:
     def _append(self, event: AuditEvent, now_ms: int) -> None:
         event = replace(stamped(event, now_ms), id=next(self._seq))
         self._events.append(event)
-        (row,) = chain_rows([event], self._heads)
+        shard = shard_of(event.namespace, event.subject, self.chain_shards)
+        (row,) = chain_rows([event], self._heads, [shard])
         self._chain.append((event.id, *row[9:11], row[11], row[12], *row[:9]))
 
     def get(self, namespace: str, request_id: str) -> tuple[Record | None, int]:

@@ -82,6 +82,7 @@ from safeagent.stores._base import (
     take_over_event,
 )
 from safeagent.stores._rows import (
+    CHAIN_SHARDS,
     N_COLUMNS,
     Heads,
     _chain_body,
@@ -212,7 +213,7 @@ def _chain_tail(row: tuple[Any, ...]) -> str | None:
     return body[len(_AT_OPEN) :]
 
 
-def _claim_fragments(request: ClaimRequest) -> tuple[Any, ...] | None:
+def _claim_fragments(request: ClaimRequest, chains: int) -> tuple[Any, ...] | None:
     """CLAIM_FAST's event parameters: (shard, kind, detail before the attempt, detail after
     it, chain text after the clock, after the token, after the attempt); None when they
     cannot be cut cleanly. The statement takes the event's other fields from the row it
@@ -241,11 +242,11 @@ def _claim_fragments(request: ClaimRequest) -> tuple[Any, ...] | None:
     at_attempt = _cut(at_token[1], _ATTEMPT_TEXT)
     if at_attempt is None:
         return None
-    return (shard_of(row[2], row[3]), row[1], *detail, at_token[0], *at_attempt)
+    return (shard_of(row[2], row[3], chains), row[1], *detail, at_token[0], *at_attempt)
 
 
 def _completion_fragments(
-    completion: Completion, action: str, execution_id: str
+    completion: Completion, action: str, execution_id: str, chains: int
 ) -> tuple[Any, ...] | None:
     """COMPLETE_FAST's event parameters: (shard, kind, actor, detail, chain text after the
     clock): the one event completion_events writes for a completion accepted in time. The
@@ -271,7 +272,7 @@ def _completion_fragments(
     tail = _chain_tail(row)
     if tail is None:
         return None
-    return (shard_of(row[2], row[3]), row[1], row[5], row[8], tail)
+    return (shard_of(row[2], row[3], chains), row[1], row[5], row[8], tail)
 
 
 def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
@@ -476,6 +477,9 @@ class PostgresStore:
         where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
         self._identity = f"postgresql:{where}/{self.schema}"  # on every call's hot path
         self._buffer = EventBuffer(self.flush_events)
+        # the number of audit chains, as the schema stores it (read by _migrate): 16 in a
+        # schema whose chains began before version 4, else q.NEW_CHAIN_SHARDS
+        self.chain_shards = CHAIN_SHARDS
         _live_stores.add(self)  # last: a fork's handler reads what is set above
         try:
             self._migrate()
@@ -730,9 +734,10 @@ class PostgresStore:
         of the buffered events written with it): the shards, and the text literal its
         statement locks them by. Only for a body whose every event is on ``subject``: a
         head taken later, after these, could break the shard order."""
-        shards = {shard_of(namespace, subject)}
+        chains = self.chain_shards
+        shards = {shard_of(namespace, subject, chains)}
         for event in self._tx.buffered:
-            shards.add(shard_of(event.namespace, event.subject))
+            shards.add(shard_of(event.namespace, event.subject, chains))
         return shards, _int_array(shards)
 
     def _locked(self, shards: set[int], rows: list[Any]) -> None:
@@ -746,7 +751,8 @@ class PostgresStore:
         one to lock the heads unless the body's claim or completion already did."""
         if not events:
             return
-        each = [shard_of(e.namespace, e.subject) for e in events]
+        chains = self.chain_shards
+        each = [shard_of(e.namespace, e.subject, chains) for e in events]
         shards = set(each)
         locked = self._tx.locked
         if locked is not None and shards <= locked[0]:
@@ -807,16 +813,38 @@ class PostgresStore:
                     found=version,
                     supported=q.SCHEMA_VERSION,
                 )
+            # a schema with chains (version 2 or later) keeps its number: 16 until version 4
+            chains = str(CHAIN_SHARDS if version >= 2 else q.NEW_CHAIN_SHARDS)
             for number in range(version + 1, q.SCHEMA_VERSION + 1):
                 for statement in q.MIGRATIONS[number - 1]:
-                    cur.execute(statement.replace("{s}", self.schema))
+                    cur.execute(statement.replace("{s}", self.schema).replace("{chains}", chains))
             if version != q.SCHEMA_VERSION:
                 cur.execute(
                     f"INSERT INTO {self.schema}.safeagent_meta VALUES ('schema_version', %s)"
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (str(q.SCHEMA_VERSION),),
                 )
+            cur.execute(
+                f"SELECT value FROM {self.schema}.safeagent_meta WHERE key = %s",
+                (q.CHAIN_SHARDS_KEY,),
+            )
+            self.chain_shards = self._stored_chain_shards(cur.fetchone())
         self._drop_indexes()
+
+    def _stored_chain_shards(self, row: Sequence[Any] | None) -> int:
+        """The number of chains ``safeagent_meta`` stores; a schema without a valid one
+        cannot be written: its events would land on chains verification does not expect."""
+        text = None if row is None else row[0]
+        if isinstance(text, str) and text.isascii() and text.isdigit():
+            number = int(text)
+            if 1 <= number <= q.MAX_CHAIN_SHARDS:
+                return number
+        raise StoreError(
+            f"schema {self.schema} stores no valid number of audit chains "
+            f"(safeagent_meta.{q.CHAIN_SHARDS_KEY} = {text!r}): it was edited by hand; "
+            "restore it (16 for a schema made before SafeAgent's schema version 4, else "
+            f"the rows of {self.schema}.audit_chain)"
+        )
 
     def _drop_indexes(self) -> None:
         """Drop the indexes of ``DROPPED_INDEXES`` that still exist, never holding up the
@@ -883,7 +911,7 @@ class PostgresStore:
     def claim(self, request: ClaimRequest) -> ClaimResult:
         try:
             if self._fast_path and not self._buffer:
-                fragments = _claim_fragments(request)
+                fragments = _claim_fragments(request, self.chain_shards)
                 if fragments is not None:
                     return self._claim_fast(request, fragments)
             return self._claim_general(request)
@@ -960,7 +988,7 @@ class PostgresStore:
         known = None if action is None or execution_id is None else (action, execution_id)
         try:
             if known is not None and settle is None and self._fast_path and not self._buffer:
-                fragments = _completion_fragments(completion, *known)
+                fragments = _completion_fragments(completion, *known, self.chain_shards)
                 if fragments is not None:
                     done = self._complete_fast(completion, terminal, known, fragments)
                     if done is not None:

@@ -599,6 +599,7 @@ class SQLiteStore:
     """
 
     durable = True
+    chain_shards = CHAIN_SHARDS  # audit chains: one writer at a time, more would not help
 
     def __init__(
         self,
@@ -952,7 +953,7 @@ class SQLiteStore:
         nothing."""
         if not events:
             return
-        each = [shard_of(e.namespace, e.subject) for e in events]
+        each = [shard_of(e.namespace, e.subject, CHAIN_SHARDS) for e in events]
         shards = set(each)
         if len(shards) == 1:  # one head to read (every claim and completion)
             (shard,) = shards
