@@ -123,3 +123,23 @@ def test_run_quick_measures_every_figure_on_both_backends(tmp_path: Path) -> Non
                 assert r["client_cpu_us"] > 0, (name, r)
                 assert r["server_cpu_us"] is None or r["server_cpu_us"] >= 0, (name, r)
     assert re.search(r"^\| postgres/durable\s+\|\s+CPU us/exec: client; local server", out, re.M)
+
+
+def test_pg_chains_compares_16_and_256_chains_beside_the_floor(tmp_path: Path) -> None:
+    """bench/pg_chains.py (BENCHMARKS.md round 11): every variant's row and the ratios;
+    its 16-chain variant really has 16 chains (the script asserts it)."""
+    require_postgres()
+    out = _run(
+        str(BENCH / "pg_chains.py"),
+        "--rounds",
+        "1",
+        "--per-thread",
+        "5",
+        "--postgres",
+        PG_URL,
+        cwd=tmp_path,
+    )
+    for variant in ("floor", "chains16", "chains256"):
+        assert re.search(rf"^{variant}\s+\d+\s+\d+\s+(\d+|-)\s+\d+\s+[\d.]+%$", out, re.M), out
+    for ratio in ("chains16 / floor", "chains256 / floor", "chains256 / chains16"):
+        assert re.search(rf"^{ratio}: [\d.]+x$", out, re.M), out
