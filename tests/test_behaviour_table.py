@@ -34,6 +34,7 @@ from safeagent import (
     Receipt,
     ReplayedFailureError,
     Status,
+    _flow,
 )
 from tests.conftest import FakeClock, Ledger
 
@@ -238,15 +239,17 @@ def _wakeup_lag(guard: Guard, ledger: Ledger, rid: str, release_after: float) ->
 
 
 def test_pending_same_in_process_wakeup_returns_receipt_when_holder_finishes(
-    guard: Guard, ledger: Ledger
+    guard: Guard, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PENDING live + same: a waiter wakes as soon as the in-process holder finishes."""
-    # The waiter's polls back off to 0.1 s apart after about 0.23 s. Releasing at four
-    # phases across one poll interval means polling alone would lag up to ~0.1 s at least
-    # once; the in-process wake-up answers within milliseconds every time.
-    delays = (0.23, 0.255, 0.28, 0.305)
+    """PENDING live + same: a waiter wakes as soon as the in-process holder finishes, not at
+    its next poll. The polls are set 8 s apart here, so polling alone would answer about
+    8 s after the release; the wake-up answers within milliseconds (the bound leaves room
+    for a loaded machine)."""
+    monkeypatch.setattr(_flow, "POLL_START", 8.0)
+    monkeypatch.setattr(_flow, "POLL_MAX", 8.0)
+    delays = (0.05, 0.2, 0.35)
     lags = [_wakeup_lag(guard, ledger, f"r-{i}", d) for i, d in enumerate(delays)]
-    assert max(lags) < 0.04, lags
+    assert max(lags) < 2.0, lags
     assert ledger.count() == len(delays)
 
 
