@@ -83,7 +83,7 @@ def test_p8_cancelled_after_the_effect_the_receipt_is_still_written_and_replayed
         async def tool(ctx: ExecutionContext) -> dict[str, str]:
             ledger.append(ctx.request_id)
             row_written.set()
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
             return {"ticket": "T-8"}
 
         task = asyncio.create_task(aguard.execute("p8", "create_ticket", TICKET, tool))
@@ -92,7 +92,7 @@ def test_p8_cancelled_after_the_effect_the_receipt_is_still_written_and_replayed
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert time.monotonic() - cancelled_at < 0.05  # promptly, not after the 100 ms
+        assert time.monotonic() - cancelled_at < 0.5  # promptly, not after the tool's 1 s
         assert ledger.count() == 1
 
         # A retry at once waits (up to 5 s) for the shielded tool and replays its receipt.
@@ -154,7 +154,7 @@ def test_p8_task_cancelled_while_claiming_leaves_no_claim_and_its_retry_runs_onc
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert time.monotonic() - cancelled_at < 0.05
+        assert time.monotonic() - cancelled_at < 1.0  # not waiting for the claim it left
         slow.gate.set()  # the claim lands now ...
 
         async def released() -> bool:

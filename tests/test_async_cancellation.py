@@ -338,7 +338,9 @@ def test_cancelled_while_the_completion_waits_for_the_lock_the_receipt_still_lan
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert time.monotonic() - cancelled_at < 0.1
+        # at once: the lock it waits for is only freed below (a generous bound for a
+        # loaded machine; waiting for the lock would never return)
+        assert time.monotonic() - cancelled_at < 2.0
         threading.Timer(0.3, locks[0]).start()
         if loop_ends:
             waiter.cancel()
