@@ -31,7 +31,6 @@ from safeagent import (
 )
 from safeagent.audit import verify
 from safeagent.errors import SchemaVersionError
-from safeagent.stores._pg_sql import SCHEMA_VERSION
 from safeagent.stores.postgres import PostgresStore
 from tests._workers import append_line, child_env, read_lines, wait_until
 from tests.conftest import PG_URL, pg_schema
@@ -196,15 +195,35 @@ def _indexes(schema: str) -> set[str]:
     return {name for (name,) in rows}
 
 
-def _previous_release(schema: str) -> None:
-    """A schema as the previous release left it: this schema version, events on the audit
-    chains, and the audit_events_chain index (made by hand here)."""
-    with _store(schema) as store:
-        guard = Guard(store)
-        for i in range(20):
-            guard.execute(f"old-{i}", "charge", {"i": i}, lambda _ctx: 1)
+def _version_3_schema(schema: str, subjects: list[str]) -> None:
+    """A schema as SafeAgent's schema version 3 made it: 16 chains, holding a CONFLICT
+    event (it implies no execution record) for each of ``subjects``, chained by 16 as
+    that release chained them."""
+    from safeagent._audit import AuditEvent, EventKind
+    from safeagent.stores import _pg_sql
+    from safeagent.stores._rows import GENESIS, chain_rows, shard_of
+
     with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE INDEX audit_events_chain ON {schema}.audit_events (shard, seq)")
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(
+            f"CREATE TABLE {schema}.safeagent_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+        )
+        for statements in _pg_sql.MIGRATIONS[:3]:
+            for statement in statements:
+                conn.execute(statement.replace("{s}", schema))
+        conn.execute(f"DELETE FROM {schema}.audit_chain WHERE shard >= 16")  # what it made
+        conn.execute(f"INSERT INTO {schema}.safeagent_meta VALUES ('schema_version', '3')")
+        heads: dict[int, tuple[int, str]] = dict.fromkeys(range(16), (0, GENESIS))
+        for at, subject in enumerate(subjects, 1):
+            event = AuditEvent(EventKind.CONFLICT, at, "default", subject, detail={"n": at})
+            rows = chain_rows([event], heads, [shard_of("default", subject, 16)])
+            conn.execute(_pg_sql.EVENT.replace("{s}", schema), rows[0])
+
+
+def _previous_release(schema: str) -> None:
+    """A schema as the releases before the index was dropped left it: version 3, 16 chains
+    holding 20 events, and the audit_events_chain index migration 2 made."""
+    _version_3_schema(schema, [f"old-{i}" for i in range(20)])
     assert "audit_events_chain" in _indexes(schema)
 
 
@@ -243,8 +262,8 @@ def test_opening_drops_the_previous_releases_chain_index_and_keeps_the_version(
             guard.execute(f"new-{i}", "charge", {"i": i}, lambda _ctx: 1)
         report = verify(store)
         assert report.ok, report.problems
-        assert report.events_checked == 2 * 40  # claimed and succeeded
-    assert _schema_version(schema) == version == str(SCHEMA_VERSION)
+        assert report.events_checked == 20 + 2 * 20  # the old events; claimed and succeeded
+    assert _schema_version(schema) == version == "3"
 
 
 def test_a_store_already_open_keeps_writing_when_another_drops_the_chain_index(
@@ -551,36 +570,11 @@ def test_a_new_schema_has_256_chains_and_anchors_them_all(schema: str) -> None:
         assert again.chain_shards == 256
 
 
-def _version_3_schema(schema: str, subjects: list[str]) -> None:
-    """A schema as SafeAgent's schema version 3 made it: 16 chains, holding a CONFLICT
-    event (it implies no execution record) for each of ``subjects``, chained by 16 as
-    that release chained them."""
-    from safeagent._audit import AuditEvent, EventKind
-    from safeagent.stores import _pg_sql
-    from safeagent.stores._rows import GENESIS, chain_rows, shard_of
-
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-        conn.execute(
-            f"CREATE TABLE {schema}.safeagent_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-        )
-        for statements in _pg_sql.MIGRATIONS[:3]:
-            for statement in statements:
-                conn.execute(statement.replace("{s}", schema))
-        conn.execute(f"DELETE FROM {schema}.audit_chain WHERE shard >= 16")  # what it made
-        conn.execute(f"INSERT INTO {schema}.safeagent_meta VALUES ('schema_version', '3')")
-        heads: dict[int, tuple[int, str]] = dict.fromkeys(range(16), (0, GENESIS))
-        for at, subject in enumerate(subjects, 1):
-            event = AuditEvent(EventKind.CONFLICT, at, "default", subject, detail={"n": at})
-            rows = chain_rows([event], heads, [shard_of("default", subject, 16)])
-            conn.execute(_pg_sql.EVENT.replace("{s}", schema), rows[0])
-
-
-def test_a_schema_made_by_version_3_keeps_its_16_chains(schema: str) -> None:
-    """Opening a version 3 schema records its 16 chains (it does not widen them: moving a
-    subject to another chain would make its earlier events look misplaced), so its old
-    events verify and every new event is chained by 16 too; the version moves to 4, so the
-    previous release, which cannot read the number, refuses the schema."""
+def test_a_schema_made_by_version_3_keeps_its_16_chains_and_its_version(schema: str) -> None:
+    """Opening a version 3 schema keeps its 16 chains (moving a subject to another chain
+    would make its earlier events look misplaced), so its old events verify and every new
+    event is chained by 16 too, as the previous release chains them; its version stays 3
+    and nothing is added to safeagent_meta, so the previous release still opens it."""
     from safeagent.stores._rows import shard_of
 
     old = [f"old-{i}" for i in range(40)]
@@ -599,8 +593,41 @@ def test_a_schema_made_by_version_3_keeps_its_16_chains(schema: str) -> None:
         assert report.ok, report.problems
         assert report.events_checked == 40 + 120
     assert _event_shards(schema) <= set(range(16))
-    assert _meta(schema, "chain_shards") == "16"
-    assert _schema_version(schema) == str(SCHEMA_VERSION) == "4"
+    assert _meta(schema, "chain_shards") is None
+    assert _schema_version(schema) == "3"
+
+
+@pytest.mark.parametrize("made", ["new", "version 3"])
+def test_processes_opening_at_once_agree_on_the_number_of_chains(schema: str, made: str) -> None:
+    """Eight stores (each with its own connections, as processes have) open a schema at
+    once, a new one or a version 3 one: each gets the same number of chains (256, or 16),
+    the head rows are exactly those chains, and the version is 4, or still 3."""
+    if made == "version 3":
+        _version_3_schema(schema, ["a", "b"])
+    expected = 256 if made == "new" else 16
+    start = threading.Barrier(8)
+    numbers: list[int] = []
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        start.wait()
+        try:
+            with _store(schema, min_size=1, max_size=1) as store:
+                numbers.append(store.chain_shards)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert numbers == [expected] * 8
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        shards = [r[0] for r in conn.execute(f"SELECT shard FROM {schema}.audit_chain")]
+    assert sorted(shards) == list(range(expected))
+    assert _schema_version(schema) == ("4" if made == "new" else "3")
 
 
 # the last: "16" in fullwidth digits, which str.isdigit() accepts
@@ -624,24 +651,28 @@ def test_a_schema_without_a_valid_number_of_chains_is_not_opened(
         _store(schema)
 
 
-def test_a_number_of_chains_edited_by_hand_is_found_by_verify(schema: str) -> None:
-    """A schema of 256 chains whose stored number is set to 16: verification finds the
-    heads beyond chain 15 and the events now on the wrong chain of their subject, and
-    trusts none of those events."""
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE {s}.safeagent_meta SET value = '16' WHERE key = 'chain_shards'",
+        "UPDATE {s}.safeagent_meta SET value = '3' WHERE key = 'schema_version'",
+        "INSERT INTO {s}.audit_chain VALUES (300, 0, 'x')",
+    ],
+    ids=["number-lowered", "version-lowered", "head-added"],
+)
+def test_a_schema_with_a_head_beyond_its_chains_is_not_opened(schema: str, edit: str) -> None:
+    """A 256-chain schema whose stored number of chains (or version, which implies 16) was
+    lowered by hand, or with a head added beyond its chains: opening it raises StoreError
+    naming the head, so no event goes on another chain than its subject's earlier ones."""
     with _store(schema) as store:
         guard = Guard(store)
-        for i in range(50):
+        for i in range(20):
             guard.execute(f"r-{i}", "charge", {"i": i}, lambda _ctx: 1)
         guard.close()
     with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"UPDATE {schema}.safeagent_meta SET value = '16' WHERE key = 'chain_shards'")
-    with _store(schema) as store:
-        assert store.chain_shards == 16
-        report = verify(store)
-    kinds = {p.kind for p in report.problems}
-    assert {"head_mismatch", "unchained_event"} <= kinds
-    assert sum(p.kind == "head_mismatch" for p in report.problems) == 240
-    assert not report.ok
+        conn.execute(edit.replace("{s}", schema))
+    with pytest.raises(StoreError, match=r"a chain head for chain (255|300)"):
+        _store(schema)
 
 
 def test_a_version_3_schema_missing_a_head_still_has_16_chains(schema: str) -> None:

@@ -459,7 +459,7 @@ _BAD_ANCHORS = [
     '{"heads": {"x": [1, "a"]}}',
     '{"heads": {"0": 5}}',
     '{"heads": {"0": [1]}}',
-    '{"heads": {"65536": [1, "a"]}}',  # beyond every store's chains
+    '{"heads": {"<chains>": [1, "a"]}}',  # the first chain beyond the store's
     '{"heads": {"0": [true, "a"]}}',
     '{"heads": {}, "prev": [[1], "x"]}',
     '{"heads": {}, "prev": "x"}',
@@ -477,7 +477,7 @@ def test_an_anchor_of_a_shape_no_writer_stores_is_a_bad_anchor(db_store: Any, he
     _sql(
         db_store,
         "INSERT INTO {s}.audit_anchors (id, at_ms, heads, mac) VALUES (1, 0, %s, 'ff')",
-        heads,
+        heads.replace("<chains>", str(db_store.chain_shards)),
     )
     assert _kinds(verify(db_store)) == ["bad_anchor"]
     assert _kinds(verify(db_store, key=KEY)) == ["bad_anchor"]
@@ -810,3 +810,76 @@ def test_the_cli_tells_busy_from_tampered(monkeypatch: pytest.MonkeyPatch, tmp_p
         assert result.exit_code == 1, result.output
         assert verdict in " ".join(result.output.split()), result.output
         assert ("TAMPERED" in result.output) == (verdict.startswith("TAMPERED"))
+
+
+# -- 5. the number of chains ------------------------------------------------------------------
+
+
+def test_a_head_added_beyond_the_chains_is_reported_and_never_anchored(tmp_path: Any) -> None:
+    """A head row added by hand beyond the store's chains (SQLite, 16; a PostgreSQL store
+    refuses to open with one, tests/test_postgres.py): verify reports that head, and an
+    anchor made meanwhile signs only the store's own chains, so it stays authentic once
+    the row is gone."""
+    store = SQLiteStore(tmp_path / "a.db")
+    guard = Guard(store)
+    guard.execute("r", "charge", {}, lambda _ctx: 1)
+    _sql(store, "INSERT INTO {s}.audit_chain (shard, seq, head) VALUES (99, 0, %s)", "0" * 64)
+    report = verify(store)
+    assert [(p.kind, p.shard) for p in report.problems] == [("head_mismatch", 99)]
+    signed = anchor(store, key=KEY)
+    assert sorted(signed.heads) == list(range(16))
+    _sql(store, "DELETE FROM {s}.audit_chain WHERE shard = 99")
+    report = verify(store, key=KEY, last_anchor=signed)
+    assert report.ok, report.problems
+    guard.close()
+
+
+def test_an_anchor_signed_when_the_store_had_more_chains_says_so(db_store: Any) -> None:
+    """An anchor the key signed that names a chain beyond the store's: the store's number
+    of chains was lowered since (no anchor() of this store writes one). Reported as a
+    bad_anchor saying so, not as forged; without the key, it cannot be told from forged."""
+    import hashlib
+    import hmac
+    import json
+
+    guard = Guard(db_store)
+    guard.execute("r", "charge", {}, lambda _ctx: 1)
+    guard.close()
+    beyond = db_store.chain_shards
+    text = json.dumps({"heads": {str(beyond): [0, "0" * 64]}, "prev": None}, sort_keys=True)
+    mac = hmac.new(KEY, text.encode(), hashlib.sha256).hexdigest()
+    _sql(
+        db_store,
+        "INSERT INTO {s}.audit_anchors (id, at_ms, heads, mac) VALUES (1, 0, %s, %s)",
+        text,
+        mac,
+    )
+    (problem,) = verify(db_store, key=KEY).problems
+    assert problem.kind == "bad_anchor"
+    assert "number of chains was lowered" in problem.detail, problem.detail
+    (problem,) = verify(db_store).problems
+    assert problem.kind == "bad_anchor"
+    assert "forged" in problem.detail, problem.detail
+
+
+def test_a_store_that_does_not_say_its_number_of_chains_is_refused(tmp_path: Any) -> None:
+    """verify and anchor need the store's number of chains (chain_shards): an object that
+    forwards only a store's methods is a ConfigurationError, not a trail judged by a guess
+    (which would report every event of a 256-chain store as misplaced)."""
+    from safeagent import ConfigurationError
+
+    store = SQLiteStore(tmp_path / "a.db")
+    Guard(store).execute("r", "charge", {}, lambda _ctx: 1)
+
+    class Methods:
+        anchors = store.anchors
+        audit_chain = store.audit_chain
+        chain_heads = store.chain_heads
+        add_anchor = store.add_anchor
+
+    with pytest.raises(ConfigurationError, match="chain_shards"):
+        verify(Methods())
+    with pytest.raises(ConfigurationError, match="chain_shards"):
+        anchor(Methods(), key=KEY)
+    assert store.anchors() == []
+    store.close()

@@ -27,8 +27,8 @@ class Problem:
     one chain were renumbered so the trail shows them in another order),
     ``"rewritten"`` (a chain is consistent but differs from what an anchor signed),
     ``"unchained_event"`` (an event row outside the hash chains: no shard, seq or hash, a
-    shard outside 0-15, or a chain other than its subject's; it is shown by the trail's
-    readers but never trusted by verification),
+    shard outside the store's chains, or a chain other than its subject's; it is shown by
+    the trail's readers but never trusted by verification),
     ``"bad_anchor"`` (an anchor's HMAC does not match: forged, or another key; or, with
     or without the key, its heads or the predecessor it names are in a form no anchor is
     written in),
@@ -336,11 +336,13 @@ def _signed_text(heads_json: Any) -> dict[str, Any] | None:
     return signed if isinstance(signed, dict) and isinstance(signed.get("heads"), dict) else None
 
 
-def _signed_heads(heads: dict[Any, Any], chains: int) -> list[tuple[int, int, str]] | str:
+def _signed_heads(
+    heads: dict[Any, Any], chains: int
+) -> list[tuple[int, int, str]] | tuple[str, bool]:
     """The (shard, seq, hash) an anchor signed, each as :func:`safeagent.audit.anchor`
     writes it (``{"<shard, 0 to chains - 1>": [seq >= 0, "<hash>"]}``), or what is wrong
-    with the first one that is not: a hand-made anchor (only checked for its MAC with the
-    key)."""
+    with the first one that is not, and whether that is only its shard being beyond the
+    store's chains: a hand-made anchor (only checked for its MAC with the key)."""
     found: list[tuple[int, int, str]] = []
     for shard_text, value in heads.items():
         shard = (
@@ -350,14 +352,15 @@ def _signed_heads(heads: dict[Any, Any], chains: int) -> list[tuple[int, int, st
         )
         if (
             shard is None
-            or not 0 <= shard < chains
             or not isinstance(value, list)
             or len(value) != 2
             or type(value[0]) is not int
             or value[0] < 0
             or not isinstance(value[1], str)
         ):
-            return f"chain {shard_text!r}: {value!r}"[:200]
+            return f"chain {shard_text!r}: {value!r}"[:200], False
+        if not 0 <= shard < chains:
+            return f"chain {shard}"[:200], True
         found.append((shard, value[0], value[1]))
     return found
 
@@ -408,14 +411,20 @@ def _check_anchors(
         if not authentic or signed is None:
             continue
         heads = _signed_heads(signed["heads"], chains)
-        if isinstance(heads, str):
+        if isinstance(heads, tuple):
+            # anchor() signs only the store's own chains, in this shape. A chain beyond
+            # them in an anchor the key signed: the store had more chains then (its number
+            # was lowered since); without the key, it may as well be forged.
+            what, beyond = heads
+            why = "the store's number of chains was lowered since" if key and beyond else "forged"
             problems.append(
                 Problem(
                     "bad_anchor",
                     -1,
                     None,
                     None,
-                    f"anchor {anchor_id} holds heads no anchor writes ({heads}): forged",
+                    f"anchor {anchor_id} holds heads no anchor writes for this store's "
+                    f"{chains} chains ({what}): {why}",
                 )
             )
             continue

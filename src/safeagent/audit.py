@@ -2,8 +2,8 @@
 
 Every audit event is chained (docs/design.md section 5): its hash covers the previous hash of its
 chain, its place in the chain and every stored field. Events are chained per *shard* of
-``(namespace, subject)`` (16 chains; 256 in a PostgreSQL schema made by schema version 4
-or later, where many hosts write at once), so writers on different shards never wait for
+``(namespace, subject)`` (16 chains; 256 in a PostgreSQL schema whose chains began under
+schema version 4, where many hosts write at once), so writers on different shards never wait for
 each other, on one host or many. A chain alone proves nothing against someone who can rewrite
 the whole database, so :func:`anchor` signs the heads of all chains with an HMAC key that
 the database's writers do not hold (an environment variable or a file on the operator's
@@ -45,7 +45,7 @@ from safeagent._verify_cases import _check_cases
 from safeagent._verify_receipts import _check_receipts
 from safeagent.errors import ConfigurationError
 from safeagent.retention import _store_of
-from safeagent.stores._rows import CHAIN_SHARDS, Heads
+from safeagent.stores._rows import Heads
 
 KEY_ENV = "SAFEAGENT_AUDIT_KEY"
 MIN_KEY_BYTES = 16
@@ -182,14 +182,17 @@ def anchor(store: Any, *, key: bytes) -> Anchor:
     ``store``: a store, or a ``Guard`` / ``AsyncGuard`` whose store is used.
 
     Raises:
-        ConfigurationError: ``store`` is neither a store nor a guard; a key shorter than
-            16 bytes.
+        ConfigurationError: ``store`` is neither a store nor a guard, or does not say how
+            many audit chains it has (``chain_shards``); a key shorter than 16 bytes.
         StoreError: the store failed.
     """
     store = _store_of(store, "audit.anchor", ("chain_heads", "anchors", "add_anchor"))
     if len(key) < MIN_KEY_BYTES:
         raise ConfigurationError(f"an audit key of at least {MIN_KEY_BYTES} bytes is needed")
-    heads: Heads = store.chain_heads()
+    chains = _chains_of(store)
+    # only the store's own chains: a head row beyond them (added by hand) is not signed,
+    # and verify reports it
+    heads: Heads = {s: h for s, h in store.chain_heads().items() if 0 <= s < chains}
     latest = _latest_anchor(store)
     signed = {
         "signed_at_ms": time.time_ns() // 1_000_000,
@@ -203,11 +206,19 @@ def anchor(store: Any, *, key: bytes) -> Anchor:
 
 
 def _chains_of(store: Any) -> int:
-    """How many audit chains ``store`` has: its ``chain_shards``, or 16 for a store that
-    does not say (as every store did before PostgreSQL schema version 4)."""
-    chains = getattr(store, "chain_shards", CHAIN_SHARDS)
+    """How many audit chains ``store`` has: its ``chain_shards`` (16 on SQLite and in
+    memory; 16 or 256 on PostgreSQL). Guessing would misjudge every subject's chain.
+
+    Raises:
+        ConfigurationError: the store does not say, or says something other than an int
+            of at least 1 (an object forwarding only a store's methods).
+    """
+    chains = getattr(store, "chain_shards", None)
     if type(chains) is not int or chains < 1:
-        raise ConfigurationError(f"the store's chain_shards must be a positive int: {chains!r}")
+        raise ConfigurationError(
+            f"the store ({type(store).__name__}) must say how many audit chains it has "
+            f"(chain_shards, an int >= 1), got {chains!r}"
+        )
     return chains
 
 
@@ -283,16 +294,17 @@ def verify(
     ``store``: a store, or a ``Guard`` / ``AsyncGuard`` whose store is used.
 
     Raises:
-        ConfigurationError: ``store`` is neither a store nor a guard; ``last_anchor`` is
-            not an anchor, a pair or a pin.
+        ConfigurationError: ``store`` is neither a store nor a guard, or does not say how
+            many audit chains it has (``chain_shards``); ``last_anchor`` is not an anchor,
+            a pair or a pin.
     """
     store = _store_of(store, "audit.verify", ("anchors", "audit_chain"))
+    chains = _chains_of(store)
     pin = _pin_of(last_anchor)
     # Anchors first: chains only grow, so every anchor read signs heads the chains read
     # next still hold (one made in between would sign events the chains' read lacks).
     anchors = store.anchors()
     rows, heads = store.audit_chain()
-    chains = _chains_of(store)
     problems: list[Problem] = []
     trail = _split(rows, problems, chains)
     hash_at, tops = _check_chains(trail.by_shard, problems)

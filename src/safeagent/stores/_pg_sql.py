@@ -25,22 +25,37 @@ from safeagent.stores._rows import (
 )
 
 SCHEMA_VERSION = 4
+"""The newest schema version this release opens. Versions 1-3 are MIGRATIONS' results;
+version 4 is a schema whose audit chains began under this release (migration 2 ran now):
+NEW_CHAIN_SHARDS chains, their number stored in ``safeagent_meta.chain_shards``. Older
+SafeAgent, which chains by 16, refuses it. A schema whose chains began at version 2 or 3
+keeps its 16 chains and its version (3), so the previous release still opens it during a
+rolling upgrade: a subject never changes chain."""
 
 NEW_CHAIN_SHARDS = 256
 """The number of audit chains of a schema whose chains this release begins (made new, or
-migrated from version 1, which had none): with 16, as schemas made by versions 2 and 3
-keep, concurrent writers wait on each other's chain head (held through the commit's WAL
-flush) about as often as two of them draw the same of 16; with 256, a sixteenth as often
-(BENCHMARKS.md, round 11). The number is stored (``safeagent_meta.chain_shards``): every
-writer and verification must agree on each subject's chain."""
+migrated from version 1, which had none): with 16, concurrent writers wait on each
+other's chain head (held through the commit's WAL flush) about as often as two of them
+draw the same of 16; with 256, a sixteenth as often (BENCHMARKS.md, round 11)."""
 CHAIN_SHARDS_KEY = "chain_shards"
 MAX_CHAIN_SHARDS = 4096
+# (number of chains as text) -> stored once, when the chains begin (schema version 4)
+SET_CHAIN_SHARDS = (
+    "INSERT INTO {s}.safeagent_meta (key, value) VALUES ('"
+    + CHAIN_SHARDS_KEY
+    + "', %s) ON CONFLICT (key) DO NOTHING"
+)
+GET_CHAIN_SHARDS = "SELECT value FROM {s}.safeagent_meta WHERE key = '" + CHAIN_SHARDS_KEY + "'"
+# -> the highest shard with a head row (NULL when there is none)
+TOP_HEAD = "SELECT max(shard) FROM {s}.audit_chain"
 
 NOW = "COALESCE(%(now)s::bigint, (extract(epoch from clock_timestamp()) * 1000)::bigint)"
 NOW_AT = NOW.replace("%(now)s", "%s")  # the same, for the positional statements
 E_COLUMNS = ", ".join("e." + c.strip() for c in COLUMNS.split(","))
 
-# MIGRATIONS[n - 1] takes the schema from version n - 1 to n. "{s}" is the schema.
+# MIGRATIONS[n - 1] takes the schema from version n - 1 to n. "{s}" is the schema. Migration
+# 2 begins the chains with NEW_CHAIN_SHARDS heads (the release that wrote it made 16), so
+# the opener that runs it makes the schema version 4 (SCHEMA_VERSION).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """
@@ -138,16 +153,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # leave stale facts: ended_attempt is checked.
         "ALTER TABLE {s}.executions ADD COLUMN attempt_owner TEXT,"
         " ADD COLUMN attempt_ended_at_ms BIGINT, ADD COLUMN ended_attempt INTEGER",
-    ),
-    (
-        # The number of chains, read at every open. "{chains}" is filled in by the opener
-        # from the version it found: a schema whose chains began at version 2 or 3 has 16
-        # (migration 2 then made 16 heads) and keeps them, since moving a subject to
-        # another chain would break its chain's evidence; one whose chains migration 2
-        # makes now has NEW_CHAIN_SHARDS. Numbered, so the previous release, which chains
-        # by 16 whatever the schema holds, refuses to open the schema.
-        "INSERT INTO {s}.safeagent_meta (key, value)"
-        f" VALUES ('{CHAIN_SHARDS_KEY}', '{{chains}}') ON CONFLICT (key) DO NOTHING",
     ),
 )
 

@@ -477,8 +477,8 @@ class PostgresStore:
         where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
         self._identity = f"postgresql:{where}/{self.schema}"  # on every call's hot path
         self._buffer = EventBuffer(self.flush_events)
-        # the number of audit chains, as the schema stores it (read by _migrate): 16 in a
-        # schema whose chains began before version 4, else q.NEW_CHAIN_SHARDS
+        # the number of audit chains (set by _migrate): 16 in a schema whose chains began
+        # before version 4, else as the schema stores it (q.NEW_CHAIN_SHARDS)
         self.chain_shards = CHAIN_SHARDS
         _live_stores.add(self)  # last: a fork's handler reads what is set above
         try:
@@ -813,22 +813,37 @@ class PostgresStore:
                     found=version,
                     supported=q.SCHEMA_VERSION,
                 )
-            # a schema with chains (version 2 or later) keeps its number: 16 until version 4
-            chains = str(CHAIN_SHARDS if version >= 2 else q.NEW_CHAIN_SHARDS)
-            for number in range(version + 1, q.SCHEMA_VERSION + 1):
+            for number in range(version + 1, len(q.MIGRATIONS) + 1):
                 for statement in q.MIGRATIONS[number - 1]:
-                    cur.execute(statement.replace("{s}", self.schema).replace("{chains}", chains))
-            if version != q.SCHEMA_VERSION:
+                    cur.execute(statement.replace("{s}", self.schema))
+            # Migration 2 ran just now: the chains begin, with NEW_CHAIN_SHARDS heads, and
+            # the schema is version 4. One whose chains began at version 2 or 3 keeps its
+            # 16 and its version, which the previous release still opens.
+            began_now = version < 2
+            target = q.SCHEMA_VERSION if began_now else max(version, len(q.MIGRATIONS))
+            if began_now:
+                cur.execute(self._sql["SET_CHAIN_SHARDS"], (str(q.NEW_CHAIN_SHARDS),))
+            if version != target:
                 cur.execute(
                     f"INSERT INTO {self.schema}.safeagent_meta VALUES ('schema_version', %s)"
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (str(q.SCHEMA_VERSION),),
+                    (str(target),),
                 )
-            cur.execute(
-                f"SELECT value FROM {self.schema}.safeagent_meta WHERE key = %s",
-                (q.CHAIN_SHARDS_KEY,),
-            )
-            self.chain_shards = self._stored_chain_shards(cur.fetchone())
+            if target < q.SCHEMA_VERSION:
+                self.chain_shards = CHAIN_SHARDS
+            else:
+                cur.execute(self._sql["GET_CHAIN_SHARDS"])
+                self.chain_shards = self._stored_chain_shards(cur.fetchone())
+            cur.execute(self._sql["TOP_HEAD"])
+            (top,) = cur.fetchone() or (None,)
+            if top is not None and top >= self.chain_shards:
+                raise StoreError(
+                    f"schema {self.schema} holds a chain head for chain {top}, but has "
+                    f"{self.chain_shards} chains (0 to {self.chain_shards - 1}): its number "
+                    f"of chains (safeagent_meta.{q.CHAIN_SHARDS_KEY}, or its schema_version) "
+                    "was lowered, or a head added, by hand; events would go on other chains "
+                    "than its earlier ones. Restore it and run safeagent audit verify"
+                )
         self._drop_indexes()
 
     def _stored_chain_shards(self, row: Sequence[Any] | None) -> int:
@@ -840,10 +855,10 @@ class PostgresStore:
             if 1 <= number <= q.MAX_CHAIN_SHARDS:
                 return number
         raise StoreError(
-            f"schema {self.schema} stores no valid number of audit chains "
-            f"(safeagent_meta.{q.CHAIN_SHARDS_KEY} = {text!r}): it was edited by hand; "
-            "restore it (16 for a schema made before SafeAgent's schema version 4, else "
-            f"the rows of {self.schema}.audit_chain)"
+            f"schema {self.schema} (version {q.SCHEMA_VERSION}) stores no valid number of "
+            f"audit chains (safeagent_meta.{q.CHAIN_SHARDS_KEY} = {text!r}): it was edited "
+            f"by hand; restore it (the number of rows of {self.schema}.audit_chain, "
+            f"{q.NEW_CHAIN_SHARDS} unless those were edited too) and run safeagent audit verify"
         )
 
     def _drop_indexes(self) -> None:
