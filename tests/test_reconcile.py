@@ -345,6 +345,10 @@ UNKNOWN_ANSWERS: dict[str, Callable[[ReconcileRequest], Any]] = {
     "unknown": lambda req: Reconciliation.unknown(note="mail API unreachable"),
     "raises": _hook_raises,
     "junk": lambda req: {"verdict": "happened"},  # not a Reconciliation
+    # a status code for the error type: refused (InvalidInputError) inside the hook, which
+    # used to surface as a bare TypeError with the record left PENDING under the hook's lease
+    "mistyped": lambda req: Reconciliation.failed(402, "card declined"),  # type: ignore[arg-type]
+    "no such verdict": lambda req: Reconciliation("maybe"),  # type: ignore[arg-type]
 }
 
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from safeagent.errors import ConfigurationError
+from safeagent.errors import ConfigurationError, InvalidInputError
 
 DEFAULT_LEASE = 60.0
 """Seconds a claim stays live without a heartbeat. While ``fn`` runs, a heartbeat renews
@@ -186,6 +186,7 @@ class ReconcileRequest:
 
 
 Verdict = Literal["happened", "failed", "not_happened", "unknown"]
+_VERDICTS: tuple[str, ...] = ("happened", "failed", "not_happened", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +199,11 @@ class Reconciliation:
     - :meth:`not_happened`: it surely did not take place; the record is released and the
       calling request runs ``fn`` (a proactive reconcile just releases it).
     - :meth:`unknown`: cannot tell; the record stays in doubt.
+
+    Raises:
+        InvalidInputError: a verdict other than these four, or an ``error_type``,
+            ``error_message`` or ``note`` that is not a str (raised in the hook, which
+            leaves the record in doubt, as any exception the hook raises does).
     """
 
     verdict: Verdict
@@ -221,6 +227,24 @@ class Reconciliation:
     @classmethod
     def unknown(cls, *, note: str = "") -> Reconciliation:
         return cls("unknown", note=note)
+
+    def __post_init__(self) -> None:
+        """Refuse an answer that could not be recorded as given, while the hook is still
+        running: it then raised, which leaves the record in doubt ("unknown")."""
+        if self.verdict not in _VERDICTS:
+            raise InvalidInputError(
+                f"a Reconciliation's verdict is one of {_VERDICTS}, got {self.verdict!r}"
+            )
+        for name in ("error_type", "error_message"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidInputError(
+                    f"Reconciliation {name} must be a str, got {type(value).__name__}"
+                )
+        if not isinstance(self.note, str):
+            raise InvalidInputError(
+                f"Reconciliation note must be a str, got {type(self.note).__name__}"
+            )
 
 
 ReconcileHook = Callable[[ReconcileRequest], "Reconciliation | Awaitable[Reconciliation]"]
