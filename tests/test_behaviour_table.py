@@ -276,6 +276,29 @@ def test_pending_other_payload_conflicts_at_once(guard: Guard, ledger: Ledger) -
 # -- SUCCEEDED ----------------------------------------------------------------------------
 
 
+def test_a_result_nested_near_the_recursion_limit_replays_from_a_deeper_stack(
+    guard: Guard, ledger: Ledger
+) -> None:
+    """A result nested 900 levels deep is stored (the encoder ran from a shallow stack)
+    and replays whole from a caller 200 frames deeper, where decoding it would pass the
+    recursion limit: it is decoded on a fresh stack, not a RecursionError."""
+    value: Any = "bottom"
+    for _ in range(900):
+        value = [value]
+    first = guard.execute("r-deep", "charge", {}, booking(ledger, value))
+    assert first.result == value
+
+    def deeper(frames: int) -> Any:
+        if frames == 0:
+            return guard.execute("r-deep", "charge", {}, booking(ledger, None))
+        return deeper(frames - 1)
+
+    again = deeper(200)
+    assert again.replay is True
+    assert again.result == value
+    assert ledger.count() == 1
+
+
 def test_succeeded_dict_result_round_trips(guard: Guard, ledger: Ledger) -> None:
     """SUCCEEDED + same: the stored receipt, marked replay, with an equal dict result."""
     value = {"charge_id": "ch_1", "amount": 5, "items": [1, 2], "meta": {"x": None}}

@@ -1324,3 +1324,34 @@ def test_entry_point_missing_postgresql_schema_is_exit_3_and_not_created(tmp_pat
             "SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (absent,)
         ).fetchone()
     assert found is None
+
+
+def _nested(levels: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_receipts_of_a_result_nested_near_the_recursion_limit_are_shown(tmp_path: Path) -> None:
+    """A result nested 900 levels deep is stored (the encoder allows it) and replays whole;
+    receipts show and list print it down to 100 levels with a note for the rest, instead
+    of a RecursionError traceback (redaction and printing recurse)."""
+    path = tmp_path / "deep.db"
+    store = SQLiteStore(path)
+    guard = Guard(store)
+    deep = _nested(900)
+    assert guard.execute("deep", "a", {}, lambda _ctx: deep).result == deep
+    guard.close()
+    store.close()
+    for flags in ((), ("--no-redact",)):
+        result = cli("receipts", "show", "deep", "--db", path, "--json", *flags)
+        assert result.exit_code == 0, result.output
+        value = json.loads(result.stdout)["receipt"]["result"]
+        for _ in range(100):
+            (value,) = value
+        assert value == "[nested deeper than 100 levels: not shown]"
+    result = cli("receipts", "show", "deep", "--db", path)
+    assert result.exit_code == 0, result.output
+    result = cli("receipts", "list", "--db", path, "--json")
+    assert result.exit_code == 0, result.output

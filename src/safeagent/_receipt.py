@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import json
+import threading
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -271,7 +273,32 @@ def _result(text: str | None) -> Any:
     (written by another tool), which json.loads reads and the bare decoder does not."""
     if text is None:
         return None
-    return _decode(text) if type(text) is str else json.loads(text)
+    try:
+        return _decode(text) if type(text) is str else json.loads(text)
+    except RecursionError:
+        # Nested nearly as deep as the recursion limit allows: encoded from a shallow
+        # stack, read from a deeper one. A new thread's stack is empty.
+        return _on_a_fresh_stack(json.loads, text)
+
+
+def _on_a_fresh_stack(fn: Callable[[Any], Any], arg: Any) -> Any:
+    """``fn(arg)`` in a new thread, whose Python stack starts empty; its exception is
+    raised here."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn(arg)))
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            box.append((False, exc))
+
+    thread = threading.Thread(target=run, name="safeagent-decode")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 # The member descriptors of Receipt's slots, in field order (what Receipt.from_record sets).

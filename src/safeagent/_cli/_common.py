@@ -683,12 +683,32 @@ def parse_json(text: str, option: str) -> Any:
 # -- receipts and events ------------------------------------------------------------------
 
 
+SHOWN_DEPTH = 100
+"""Levels of a stored value the CLI shows (the most a payload may have): a result may be
+nested nearly as deep as the recursion limit, and would fail redaction or printing."""
+
+
+def shown(value: Any, depth: int = 0) -> Any:
+    """``value`` with every list or object nested deeper than :data:`SHOWN_DEPTH` levels
+    replaced by a note saying so (the library still returns it whole)."""
+    if isinstance(value, (dict, list)):
+        if depth >= SHOWN_DEPTH:
+            return f"[nested deeper than {SHOWN_DEPTH} levels: not shown]"
+        if isinstance(value, dict):
+            return {key: shown(item, depth + 1) for key, item in value.items()}
+        return [shown(item, depth + 1) for item in value]
+    return value
+
+
 def receipt_dict(record: Record, now_ms: int, *, redact: bool, payload: bool) -> dict[str, Any]:
     receipt = Receipt.from_record(record, replay=False, now_ms=now_ms)
     out = receipt.to_dict()
     out.pop("replay", None)
     out.pop("payload", None)
-    hide = default_redactor if redact else (lambda v: v)
+
+    def hide(value: Any) -> Any:
+        return default_redactor(shown(value)) if redact else shown(value)
+
     out["result"] = hide(out["result"])
     out["stored_status"] = record.status.value
     out["lease_owner"] = record.lease_owner

@@ -50,6 +50,7 @@ from safeagent._cli._common import (
     print_table,
     receipt_dict,
     resolve_target,
+    shown,
     status_text,
     time_window,
 )
@@ -451,9 +452,9 @@ def resolve(
     if as_json:
         out = receipt.to_dict()
         out.pop("replay", None)
-        out["result"] = default_redactor(out["result"])
+        out["result"] = default_redactor(shown(out["result"]))
         if "payload" in out:
-            out["payload"] = default_redactor(out["payload"])
+            out["payload"] = default_redactor(shown(out["payload"]))
         print_json(out)
         return
     out_console().print(
