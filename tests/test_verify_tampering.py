@@ -517,6 +517,79 @@ def test_a_status_no_writer_stores_is_reported_not_raised(db_store: Any, tmp_pat
         assert "receipt_edited" in result.output
 
 
+_UNREADABLE_EDITS = {
+    "signal metadata not JSON": "UPDATE {s}.signals SET metadata = 'zz'",
+    "purge's detail not JSON": "UPDATE {s}.audit_events SET detail = 'zz' WHERE kind = 'purged'",
+    "purge's kind unknown": "UPDATE {s}.audit_events SET kind = 'zz' WHERE kind = 'purged'",
+}
+
+
+@pytest.mark.parametrize("edit", sorted(_UNREADABLE_EDITS))
+def test_rows_no_writer_stores_are_reported_not_raised(
+    db_store: Any, clock: FakeClock, edit: str
+) -> None:
+    """A signal's metadata, or the retention pass's own event, edited into text no reader
+    parses: verify reports the edit (verify used to raise UnboundLocalError,
+    JSONDecodeError or ValueError)."""
+    from safeagent import ConsensusPolicy, FinalityGate
+
+    guard = Guard(db_store)
+    guard.execute("r1", "charge", {"amount": 5}, lambda _ctx: {"charge": "ch_1"})
+    gate = FinalityGate(guard, policy=ConsensusPolicy(0.6, 1))
+    gate.signal("c1", "model", "approve", 0.9, metadata={"why": "ok"})
+    clock.advance(10)
+    assert purge(db_store, older_than=1).tombstoned == 1
+    guard.close()
+    assert verify(db_store).ok
+    _sql(db_store, _UNREADABLE_EDITS[edit])
+    report = verify(db_store)
+    assert not report.ok
+    assert set(_kinds(report)) <= {"edited", "case_edited", "receipt_edited"}, report.problems
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE audit_chain SET seq = '' WHERE shard = 0",
+        "UPDATE audit_chain SET head = 7 WHERE shard = 0",
+        "UPDATE executions SET namespace = X'6465' WHERE request_id = 'r1'",
+        "UPDATE executions SET claimed_at_ms = 'zz' WHERE request_id = 'r1'",
+        "UPDATE executions SET claimed_at_ms = 1.5 WHERE request_id = 'r1'",
+    ],
+)
+def test_sqlite_values_of_another_type_are_reported_not_raised(tmp_path: Any, edit: str) -> None:
+    """SQLite keeps a value of any type in any column: a chain head, a record's namespace
+    or claim instant edited to another type is reported (verify used to raise TypeError,
+    or judged the claim instant only when it was an int)."""
+    store = SQLiteStore(tmp_path / "a.db")
+    guard = Guard(store)
+    guard.execute("r1", "charge", {}, lambda _ctx: 1)
+    guard.close()
+    assert verify(store).ok
+    _sql(store, edit)
+    report = verify(store)
+    assert not report.ok
+    assert set(_kinds(report)) <= {"head_mismatch", "receipt_edited"}, report.problems
+    store.close()
+
+
+@pytest.mark.parametrize("value", ["zz", "", "4.0", "-1"])
+def test_a_schema_version_no_writer_stores_is_a_store_error(db_store: Any, value: str) -> None:
+    """safeagent_meta.schema_version edited to something other than a decimal integer:
+    opening the store raises StoreError naming it (it used to raise a bare ValueError)."""
+    from safeagent import StoreError
+
+    _sql(db_store, "UPDATE {s}.safeagent_meta SET value = %s WHERE key = 'schema_version'", value)
+    if isinstance(db_store, SQLiteStore):
+        with pytest.raises(StoreError, match="schema_version"):
+            SQLiteStore(db_store.path)
+        return
+    from safeagent.stores.postgres import PostgresStore
+
+    with pytest.raises(StoreError, match="schema_version"):
+        PostgresStore(db_store.dsn, schema=db_store.schema)
+
+
 # -- 6. what a reconcile take-over or a claim copied from an edited record -------------------
 
 

@@ -101,6 +101,14 @@ class _Trail:
     record only legacy rows name, was written before it."""
 
 
+def shard_named(namespace: Any, subject: Any, chains: int) -> int:
+    """The chain a report names for ``(namespace, subject)`` as read: its :func:`shard_of`,
+    or -1 when an edit left either not text (SQLite keeps any type)."""
+    if isinstance(namespace, str) and isinstance(subject, str):
+        return shard_of(namespace, subject, chains)
+    return -1
+
+
 def _in_chain_form(row: tuple[Any, ...], chains: int) -> bool:
     shard = row[_SHARD]
     return (
@@ -266,6 +274,18 @@ def _check_heads(
     """Each of the store's ``chains`` chains has a stored head, and it is the chain's last
     event: that event's seq and hash. There is no other head."""
     for shard, (seq, digest) in heads.items():
+        if type(shard) is not int or type(seq) is not int or not isinstance(digest, str):
+            problems.append(  # no writer stores one (SQLite would keep any type)
+                Problem(
+                    "head_mismatch",
+                    shard if type(shard) is int else -1,
+                    None,
+                    None,
+                    f"chain {shard!r}'s stored head is not a (seq, hash) pair: "
+                    f"({seq!r}, {digest!r})"[:300],
+                )
+            )
+            continue
         if not 0 <= shard < chains:
             problems.append(
                 Problem(

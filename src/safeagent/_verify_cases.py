@@ -23,10 +23,10 @@ from safeagent._verify import (
     _SUBJECT,
     Problem,
     _Trail,
+    shard_named,
 )
 from safeagent._verify_receipts import _TRIES, _busy, _parsed, _snapshot_reader
 from safeagent.errors import ConfigurationError
-from safeagent.stores._rows import shard_of
 
 # -- cases and signals (the finality gate) --------------------------------------------------
 
@@ -437,6 +437,7 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
         # A case opened in the chains is judged on its chained events, whatever rows
         # outside them claim to be its history from before the chains.
         legacy = key in trail.legacy_keys and not _opened_in_chains(by_case.get(key, []))
+        signals: list[Any] = []  # as read, if they could be
         try:
             signals = [] if legacy else store.case_signals(namespace, case_id)
             verdict = _judge_case(rows.get(key), signals, by_case.get(key, []), legacy)
@@ -465,7 +466,7 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
             problems.append(
                 Problem(
                     "case_edited",
-                    shard_of(namespace, case_id, trail.chains),
+                    shard_named(namespace, case_id, trail.chains),
                     seq,
                     event_id,
                     f"case {case_id!r} ({namespace}): " + "; ".join(shown),

@@ -29,9 +29,9 @@ from safeagent._verify import (
     _SUBJECT,
     Problem,
     _Trail,
+    shard_named,
 )
 from safeagent.stores._base import OUTCOME_DIGEST, outcome_digest
-from safeagent.stores._rows import shard_of
 
 _FINISHED = frozenset(status.value for status in TERMINAL)
 # What retention purges (retention.purge): finished records, and released ones.
@@ -506,10 +506,9 @@ def _judge_identity(record: Record, expected: _Expected) -> str | None:
             f"fingerprint {record.fingerprint!r}, though its claim (event {expected.claim_id}) "
             f"recorded {expected.fingerprint!r}"
         )
-    if (
-        type(expected.claimed_at) is int
-        and type(record.claimed_at_ms) is int
-        and abs(record.claimed_at_ms - expected.claimed_at) > _CLOCK_STEP_MS
+    if type(expected.claimed_at) is int and (
+        type(record.claimed_at_ms) is not int  # no writer stores another type
+        or abs(record.claimed_at_ms - expected.claimed_at) > _CLOCK_STEP_MS
     ):
         wrong.append(
             f"claimed_at_ms {record.claimed_at_ms}, though its claim (event "
@@ -695,7 +694,7 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
                     _judge(record, expected, legacy, fresh, began) not in (None, "ok", "unverified")
                     and (record is None or record.purged_at_ms is not None)
                 ):
-                    fresh = _read_purges(store, trail.untrusted)
+                    fresh = _read_purges(store, trail.untrusted, purges)
                 verdict = _judge(record, expected, legacy, fresh, began)
             if verdict is None:
                 continue
@@ -705,7 +704,7 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
         checked += 1
         if verdict != "ok":
             where = states.get(key) or _Expected(
-                None, None, shard_of(key[0], key[1], trail.chains), None, None
+                None, None, shard_named(key[0], key[1], trail.chains), None, None
             )
             problems.append(
                 Problem(
@@ -735,7 +734,7 @@ def _snapshot_reader(store: Any) -> Any:
 def _busy(what: str, key: tuple[Any, Any], tries: int, chains: int) -> Problem:
     return Problem(
         "busy",
-        shard_of(*key, chains),
+        shard_named(*key, chains),
         None,
         None,
         f"{what} {key[1]!r} ({key[0]}) changed during each of {tries} reads of it and its "
@@ -743,8 +742,13 @@ def _busy(what: str, key: tuple[Any, Any], tries: int, chains: int) -> Problem:
     )
 
 
-def _read_purges(store: Any, untrusted: set[Any]) -> _Purges:
-    events = store.events(namespace=_RETENTION[0], subject=_RETENTION[1])
+def _read_purges(store: Any, untrusted: set[Any], first: _Purges) -> _Purges:
+    """The retention passes read again (``first``, the trail's, if an edited event makes
+    them unreadable: its kind or detail no release writes, which the chains report)."""
+    try:
+        events = store.events(namespace=_RETENTION[0], subject=_RETENTION[1])
+    except ValueError:  # EventKind refuses the kind, or the detail is not JSON
+        return first
     return _Purges(
         [
             mark
@@ -764,7 +768,7 @@ def _read_again(
     after the events (a request finishing or re-run meanwhile), at most :data:`_TRIES`
     times: ``settled`` is False if it never was. Events the first read found outside the
     chains (``untrusted``) are left out."""
-    shard = shard_of(namespace, request_id, chains)
+    shard = shard_named(namespace, request_id, chains)
     snapshot = _snapshot_reader(store)
     if snapshot is not None:
         record, _, _, rows = snapshot(namespace, request_id)

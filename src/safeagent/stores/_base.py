@@ -27,7 +27,7 @@ from safeagent._audit import (
 )
 from safeagent._cases import CaseChange, CaseRow, CaseState, Signal
 from safeagent._receipt import TERMINAL, ErrorInfo, Record, Status
-from safeagent.errors import ConfigurationError
+from safeagent.errors import ConfigurationError, StoreError
 
 DATABASE_URL_ENV = "SAFEAGENT_DATABASE_URL"
 """The PostgreSQL URL ``Guard()`` (no store given) and the CLI use when set; it wins over
@@ -43,6 +43,23 @@ Clock = Callable[[], int]
 def system_clock_ms() -> int:
     """The host's wall clock in integer milliseconds since the Unix epoch."""
     return time.time_ns() // 1_000_000
+
+
+def stored_version(value: Any, where: str) -> int:
+    """``safeagent_meta.schema_version`` as read from ``where`` (a file or a schema): a
+    decimal integer as every release writes it.
+
+    Raises:
+        StoreError: anything else (edited by hand, or another program's table).
+    """
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    if type(value) is int and value >= 0:  # SQLite keeps what it was given
+        return value
+    raise StoreError(
+        f"{where} has a schema_version of {value!r}, which no SafeAgent writes: it was edited "
+        "by hand, or the table is another program's"
+    )
 
 
 def check_durability(durability: str) -> Durability:

@@ -79,6 +79,7 @@ from safeagent.stores._base import (
     settled_event,
     stamped,
     state_change_event,
+    stored_version,
     take_over_event,
 )
 from safeagent.stores._rows import (
@@ -805,7 +806,7 @@ class PostgresStore:
                 f"SELECT value FROM {self.schema}.safeagent_meta WHERE key = 'schema_version'"
             )
             row = cur.fetchone()
-            version = 0 if row is None else int(row[0])
+            version = 0 if row is None else stored_version(row[0], f"schema {self.schema}")
             if version > q.SCHEMA_VERSION:
                 raise SchemaVersionError(
                     f"schema {self.schema} has version {version}, but this SafeAgent "

@@ -63,6 +63,7 @@ from safeagent.stores._base import (
     settled_event,
     stamped,
     state_change_event,
+    stored_version,
     system_clock_ms,
     take_over_event,
 )
@@ -1016,7 +1017,7 @@ class SQLiteStore:
             row = conn.execute(
                 "SELECT value FROM safeagent_meta WHERE key = 'schema_version'"
             ).fetchone()
-            version = 0 if row is None else int(row[0])
+            version = 0 if row is None else stored_version(row[0], str(self.path))
             if version > SCHEMA_VERSION:
                 raise SchemaVersionError(
                     f"{self.path} has schema version {version}, but this SafeAgent "
