@@ -529,6 +529,10 @@ def test_chat_misuse_is_refused_before_anything_runs(charge_card, guards, db, le
         run_tool_calls(message, tools, guard=guards(), scope="")
     with pytest.raises(TypeError, match=r"choices\[0\]\.message"):
         run_tool_calls(completion(chat_call("call_1", ARGS)), tools, guard=guards(), scope=ORDER)
+    for not_a_list in (True, 5, "call_1"):
+        bad = {"role": "assistant", "tool_calls": not_a_list}
+        with pytest.raises(TypeError, match="tool_calls is a list of tool calls"):
+            run_tool_calls(bad, tools, guard=guards(), scope=ORDER)
     aguard = AsyncGuard(db)
     with pytest.raises(ConfigurationError, match="arun_tool_calls"):
         run_tool_calls(message, tools, guard=aguard, scope=ORDER)  # type: ignore[arg-type]

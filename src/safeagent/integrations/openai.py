@@ -74,8 +74,13 @@ __all__ = [
 def _chat_calls(message: Any) -> list[ToolCall]:
     if read(message, "choices") is not None:
         raise TypeError("pass the assistant message (completion.choices[0].message)")
+    tool_calls = read(message, "tool_calls") or ()
+    if not isinstance(tool_calls, (list, tuple)):
+        raise TypeError(
+            f"the message's tool_calls is a list of tool calls, got {type(tool_calls).__name__}"
+        )
     calls = []
-    for tool_call in read(message, "tool_calls") or ():
+    for tool_call in tool_calls:
         kind = read(tool_call, "type") or "function"
         function = read(tool_call, "function")
         calls.append(
@@ -143,7 +148,8 @@ def run_tool_calls(
         request and only the first ran).
 
     Raises:
-        TypeError: ``message`` is a whole ``ChatCompletion`` (pass its message).
+        TypeError: ``message`` is a whole ``ChatCompletion`` (pass its message), or its
+            ``tool_calls`` is not a list.
         ConfigurationError: a bad option, an ``AsyncGuard``, or an ``async`` tool.
         InvalidInputError: an empty scope.
         GuardError: SafeAgent's own errors (in progress, in doubt, conflict, store).
