@@ -377,7 +377,7 @@ def export(
         if writer is None:
             out.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
         else:
-            row["detail"] = json.dumps(row["detail"], ensure_ascii=False)
+            row["detail"] = json.dumps(row["detail"], ensure_ascii=False, separators=(",", ":"))
             writer.writerow(row)
     return len(events)
 

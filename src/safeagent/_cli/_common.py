@@ -735,7 +735,7 @@ def status_text(row: Mapping[str, Any]) -> str:
 def event_line(event: AuditEvent) -> str:
     where = f"{event.namespace}/{event.subject}"
     return (
-        f"{iso(event.at_ms)}  #{event.id}  {event.kind.value:<19} {where}  "
+        f"{iso(event.at_ms)}  {'#' + str(event.id):<8} {event.kind.value:<19} {where}  "
         f"{event.action or '-'}  by {event.actor or '-'}  {compact(dict(event.detail))}"
     )
 
