@@ -631,7 +631,7 @@ def test_processes_opening_at_once_agree_on_the_number_of_chains(schema: str, ma
 
 
 # the last: "16" in fullwidth digits, which str.isdigit() accepts
-@pytest.mark.parametrize("stored", [None, "", "abc", "0", "-1", "4097", "\uff11\uff16"])
+@pytest.mark.parametrize("stored", [None, "", "abc", "0", "-1", "4097", "\uff11\uff16", "9" * 5000])
 def test_a_schema_without_a_valid_number_of_chains_is_not_opened(
     schema: str, stored: str | None
 ) -> None:
@@ -660,10 +660,11 @@ def test_a_schema_without_a_valid_number_of_chains_is_not_opened(
     ],
     ids=["number-lowered", "version-lowered", "head-added"],
 )
-def test_a_schema_with_a_head_beyond_its_chains_is_not_opened(schema: str, edit: str) -> None:
+def test_a_schema_with_a_head_beyond_its_chains_is_read_not_written(schema: str, edit: str) -> None:
     """A 256-chain schema whose stored number of chains (or version, which implies 16) was
-    lowered by hand, or with a head added beyond its chains: opening it raises StoreError
-    naming the head, so no event goes on another chain than its subject's earlier ones."""
+    lowered by hand, or with a head added beyond its chains: it opens, verify reports the
+    heads beyond (head_mismatch), and every write raises StoreError naming the head before
+    anything runs, so no event goes on another chain than its subject's earlier ones."""
     with _store(schema) as store:
         guard = Guard(store)
         for i in range(20):
@@ -671,8 +672,19 @@ def test_a_schema_with_a_head_beyond_its_chains_is_not_opened(schema: str, edit:
         guard.close()
     with psycopg.connect(PG_URL, autocommit=True) as conn:
         conn.execute(edit.replace("{s}", schema))
+    ran: list[str] = []
+    store = _store(schema)
+    report = verify(store)
+    assert "head_mismatch" in {p.kind for p in report.problems}, report.problems
+    assert not report.ok
+    guard = Guard(store)
     with pytest.raises(StoreError, match=r"a chain head for chain (255|300)"):
-        _store(schema)
+        guard.execute("new", "charge", {}, lambda _ctx: ran.append("new"))
+    assert store.get("default", "new")[0] is None
+    assert guard.execute("r-1", "charge", {"i": 1}, lambda _ctx: 2).result == 1  # replay
+    with pytest.raises(StoreError, match=r"a chain head for chain (255|300)"):
+        store.close()  # the replay's buffered event cannot be written either
+    assert ran == []
 
 
 def test_a_version_3_schema_missing_a_head_still_has_16_chains(schema: str) -> None:

@@ -52,7 +52,7 @@ def stored_version(value: Any, where: str) -> int:
     Raises:
         StoreError: anything else (edited by hand, or another program's table).
     """
-    if isinstance(value, str) and value.isascii() and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
         return int(value)
     if type(value) is int and value >= 0:  # SQLite keeps what it was given
         return value

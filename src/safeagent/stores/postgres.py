@@ -481,6 +481,8 @@ class PostgresStore:
         # the number of audit chains (set by _migrate): 16 in a schema whose chains began
         # before version 4, else as the schema stores it (q.NEW_CHAIN_SHARDS)
         self.chain_shards = CHAIN_SHARDS
+        # why this store must not write (a head beyond its chains, found at open), or None
+        self._unwritable: str | None = None
         _live_stores.add(self)  # last: a fork's handler reads what is set above
         try:
             self._migrate()
@@ -639,6 +641,8 @@ class PostgresStore:
         passes them as ``carry`` (written instead of the buffer's) and learns whether its
         first try committed. A second try that finds its own write clears
         ``self._tx.buffered``: those events were committed with it."""
+        if self._unwritable is not None:
+            raise StoreError(self._unwritable)
         buffered = carry if carry is not None else self._buffer.take() if self._buffer else []
         if self._uncertain and buffered and carry is None:
             buffered = self._unwritten(buffered)
@@ -837,21 +841,24 @@ class PostgresStore:
                 self.chain_shards = self._stored_chain_shards(cur.fetchone())
             cur.execute(self._sql["TOP_HEAD"])
             (top,) = cur.fetchone() or (None,)
-            if top is not None and top >= self.chain_shards:
-                raise StoreError(
-                    f"schema {self.schema} holds a chain head for chain {top}, but has "
-                    f"{self.chain_shards} chains (0 to {self.chain_shards - 1}): its number "
-                    f"of chains (safeagent_meta.{q.CHAIN_SHARDS_KEY}, or its schema_version) "
-                    "was lowered, or a head added, by hand; events would go on other chains "
-                    "than its earlier ones. Restore it and run safeagent audit verify"
-                )
+        if top is not None and top >= self.chain_shards:
+            # Written to, its events would go on other chains than their subjects' earlier
+            # ones; read, it shows verify what was done (head_mismatch).
+            self._unwritable = (
+                f"schema {self.schema} holds a chain head for chain {top}, but has "
+                f"{self.chain_shards} chains (0 to {self.chain_shards - 1}): its number of "
+                f"chains (safeagent_meta.{q.CHAIN_SHARDS_KEY}, or its schema_version) was "
+                "lowered, or a head added, by hand. Nothing is written to it until that is "
+                "undone; safeagent audit verify reports it"
+            )
+            self._fast_path = False  # every write then goes through _write, which refuses
         self._drop_indexes()
 
     def _stored_chain_shards(self, row: Sequence[Any] | None) -> int:
         """The number of chains ``safeagent_meta`` stores; a schema without a valid one
         cannot be written: its events would land on chains verification does not expect."""
         text = None if row is None else row[0]
-        if isinstance(text, str) and text.isascii() and text.isdigit():
+        if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 9:
             number = int(text)
             if 1 <= number <= q.MAX_CHAIN_SHARDS:
                 return number
