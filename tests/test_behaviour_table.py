@@ -290,12 +290,14 @@ def test_a_result_nested_near_the_recursion_limit_replays_from_a_deeper_stack(
 
     def deeper(frames: int) -> Any:
         if frames == 0:
-            return guard.execute("r-deep", "charge", {}, booking(ledger, None))
+            receipt = guard.execute("r-deep", "charge", {}, booking(ledger, None))
+            return receipt, receipt.to_json()
         return deeper(frames - 1)
 
-    again = deeper(200)
+    again, text = deeper(200)
     assert again.replay is True
     assert again.result == value
+    assert text == first.to_json().replace('"replay":false', '"replay":true')
     assert ledger.count() == 1
 
 

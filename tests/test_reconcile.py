@@ -28,6 +28,7 @@ from safeagent import (
     FinalityGate,
     Guard,
     InProgressError,
+    InvalidInputError,
     InvalidTransitionError,
     OutcomeUnknownError,
     Receipt,
@@ -350,6 +351,16 @@ UNKNOWN_ANSWERS: dict[str, Callable[[ReconcileRequest], Any]] = {
     "mistyped": lambda req: Reconciliation.failed(402, "card declined"),  # type: ignore[arg-type]
     "no such verdict": lambda req: Reconciliation("maybe"),  # type: ignore[arg-type]
 }
+
+
+def test_a_reconciliation_takes_none_for_no_note_or_message() -> None:
+    """note=None and error_message=None are accepted (a hook may pass them), read as no
+    note and no message; any other non-str is refused."""
+    assert Reconciliation.happened({"ok": 1}, note=None).note == ""  # type: ignore[arg-type]
+    failed = Reconciliation.failed("Declined", None, note=None)  # type: ignore[arg-type]
+    assert (failed.error_message, failed.note) == (None, "")
+    with pytest.raises(InvalidInputError, match="note"):
+        Reconciliation.unknown(note=5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("answer_kind", sorted(UNKNOWN_ANSWERS))

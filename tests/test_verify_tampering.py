@@ -460,6 +460,7 @@ _BAD_ANCHORS = [
     '{"heads": {"0": 5}}',
     '{"heads": {"0": [1]}}',
     '{"heads": {"<chains>": [1, "a"]}}',  # the first chain beyond the store's
+    '{"heads": {"' + "9" * 5000 + '": [1, "a"]}}',  # more digits than int() reads
     '{"heads": {"0": [true, "a"]}}',
     '{"heads": {}, "prev": [[1], "x"]}',
     '{"heads": {}, "prev": "x"}',
@@ -547,6 +548,38 @@ def test_rows_no_writer_stores_are_reported_not_raised(
     assert set(_kinds(report)) <= {"edited", "case_edited", "receipt_edited"}, report.problems
 
 
+_DEEP = "[" * 5000 + "]" * 5000
+"""JSON nested past the recursion limit: json.loads raises RecursionError on it."""
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE {s}.signals SET metadata = %s",
+        "UPDATE {s}.audit_events SET detail = %s WHERE kind = 'claimed'",
+        "UPDATE {s}.audit_anchors SET heads = %s",
+    ],
+    ids=["signal metadata", "event detail", "anchor heads"],
+)
+def test_json_nested_past_the_recursion_limit_is_reported_not_raised(
+    db_store: Any, edit: str
+) -> None:
+    """A JSON column edited into text nested 5,000 deep: verify reports it, with the key
+    or without (verify used to raise RecursionError)."""
+    from safeagent import ConsensusPolicy, FinalityGate
+
+    guard = Guard(db_store)
+    guard.execute("r1", "charge", {}, lambda _ctx: 1)
+    FinalityGate(guard, policy=ConsensusPolicy(0.6, 1)).signal("c1", "m", "yes", 0.9, metadata={})
+    guard.close()
+    anchor(db_store, key=KEY)
+    _sql(db_store, edit, _DEEP)
+    for key in (None, KEY):
+        report = verify(db_store, key=key)
+        assert not report.ok
+        assert set(_kinds(report)) <= {"edited", "case_edited", "bad_anchor"}, report.problems
+
+
 @pytest.mark.parametrize(
     "edit",
     [
@@ -573,7 +606,7 @@ def test_sqlite_values_of_another_type_are_reported_not_raised(tmp_path: Any, ed
     store.close()
 
 
-@pytest.mark.parametrize("value", ["zz", "", "4.0", "-1"])
+@pytest.mark.parametrize("value", ["zz", "", "4.0", "-1", "9" * 5000])
 def test_a_schema_version_no_writer_stores_is_a_store_error(db_store: Any, value: str) -> None:
     """safeagent_meta.schema_version edited to something other than a decimal integer:
     opening the store raises StoreError naming it (it used to raise a bare ValueError)."""

@@ -202,8 +202,9 @@ class Reconciliation:
 
     Raises:
         InvalidInputError: a verdict other than these four, or an ``error_type``,
-            ``error_message`` or ``note`` that is not a str (raised in the hook, which
-            leaves the record in doubt, as any exception the hook raises does).
+            ``error_message`` or ``note`` that is not a str (``None`` is taken for no
+            error message, or an empty note), raised in the hook, which leaves the record
+            in doubt, as any exception the hook raises does.
     """
 
     verdict: Verdict
@@ -241,6 +242,8 @@ class Reconciliation:
                 raise InvalidInputError(
                     f"Reconciliation {name} must be a str, got {type(value).__name__}"
                 )
+        if self.note is None:  # accepted before the checks: a hook may pass note=None
+            object.__setattr__(self, "note", "")
         if not isinstance(self.note, str):
             raise InvalidInputError(
                 f"Reconciliation note must be a str, got {type(self.note).__name__}"

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 
 class Status(str, enum.Enum):
@@ -256,12 +256,19 @@ class Receipt:
         """The receipt as a JSON string (see :meth:`to_dict`): UTF-8 text as is, except
         when a stored string holds a lone surrogate (a result may), which no UTF-8
         transport can carry: then every non-ASCII character is a ``\\uXXXX`` escape."""
-        text = json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=True)
-        return text
+            return _json_text(self.to_dict())
+        except RecursionError:  # a result nested nearly as deep as the limit allows
+            return cast(str, _on_a_fresh_stack(_json_text, self.to_dict()))
+
+
+def _json_text(value: dict[str, Any]) -> str:
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+    return text
 
 
 _new_object = object.__new__

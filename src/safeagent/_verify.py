@@ -260,7 +260,7 @@ def _rehash(prev: Any, shard: int, seq: int, fields: tuple[Any, ...]) -> str | N
     (a BLOB, a number of another type: an edit by hand), which then matches no hash."""
     try:
         return chain_hash(prev, shard, seq, fields)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
 
 
@@ -351,7 +351,7 @@ _NO_LINK = object()
 def _signed_text(heads_json: Any) -> dict[str, Any] | None:
     try:
         signed = json.loads(heads_json)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
     return signed if isinstance(signed, dict) and isinstance(signed.get("heads"), dict) else None
 
@@ -367,7 +367,10 @@ def _signed_heads(
     for shard_text, value in heads.items():
         shard = (
             int(shard_text)
-            if isinstance(shard_text, str) and shard_text.isascii() and shard_text.isdigit()
+            if isinstance(shard_text, str)
+            and shard_text.isascii()
+            and shard_text.isdigit()
+            and len(shard_text) <= 9  # int() refuses over 4,300 digits
             else None
         )
         if (

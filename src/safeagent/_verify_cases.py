@@ -214,7 +214,7 @@ class _CaseHistory:
                 self.policy.threshold, self.policy.quorum, self.version, 0, 0,
             )  # fmt: skip
             change = apply_signal(case, live, Signal(source, outcome, float(confidence)))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return None  # a state or confidence no gate writes: nothing to replay
         return [
             (to.value, change.outcome if to is CaseState.FINAL else change.provisional_outcome)
@@ -410,7 +410,7 @@ def _case_events(rows: list[tuple[Any, ...]]) -> dict[tuple[Any, Any], list[_Cas
             continue
         try:
             detail = json.loads(row[_DETAIL])
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             detail = None
         found.setdefault((row[_NAMESPACE], row[_SUBJECT]), []).append(
             (row[_KIND], row[_ACTOR], row[_AT], detail, row[_SEQ], row[_ID])
@@ -428,7 +428,7 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
     by_case = _case_events(trail.trusted)
     try:
         rows = {(r.namespace, r.case_id): r for r in store.cases()}
-    except ValueError as exc:  # a state no release writes (CaseState refuses it)
+    except (ValueError, RecursionError) as exc:  # a state no release writes (CaseState refuses it)
         problems.append(Problem("case_edited", -1, None, None, f"a case row cannot be read: {exc}"))
         return 0, 0, 0
     checked = unverified = signals_checked = 0
@@ -449,7 +449,10 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
                     continue
                 row, signals, events = again
                 verdict = _judge_case(row, signals, events, legacy)
-        except ValueError as exc:  # metadata that is not JSON, a state no release writes
+        except (
+            ValueError,
+            RecursionError,
+        ) as exc:  # metadata that is not JSON, a state no release writes
             verdict = "wrong", [f"its rows cannot be read: {exc}"], (None, None)
         if verdict is None:
             continue

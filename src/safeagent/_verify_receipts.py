@@ -291,7 +291,7 @@ class _History:
 def _parsed(detail: Any) -> Any:
     try:
         return json.loads(detail)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return None
 
 
@@ -370,7 +370,7 @@ class _Purges:
         if isinstance(detail, str):
             try:
                 detail = json.loads(detail)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         if not isinstance(detail, Mapping):
             return None
@@ -414,7 +414,7 @@ def _stored_digest(record: Record) -> str | None:
             None if error is None else error.type,
             None if error is None else error.message,
         )
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
 
 
@@ -517,7 +517,7 @@ def _judge_identity(record: Record, expected: _Expected) -> str | None:
     action = record.action if expected.action is None else expected.action
     try:
         derived: str | None = downstream_key(record.namespace, action, record.request_id)
-    except (TypeError, ValueError):  # fields of other types: an edit by hand
+    except (TypeError, ValueError, RecursionError):  # fields of other types: an edit by hand
         derived = None
     if record.downstream_key != derived:
         wrong.append(
@@ -661,7 +661,7 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
     fresh: _Purges | None = None
     try:
         records, _ = store.records()
-    except ValueError as exc:  # a status no release writes (Status refuses it)
+    except (ValueError, RecursionError) as exc:  # a status no release writes (Status refuses it)
         problems.append(
             Problem("receipt_edited", -1, None, None, f"an execution record cannot be read: {exc}")
         )
@@ -680,7 +680,10 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
                 settled, record, expected = _read_again(
                     store, key[0], key[1], trail.untrusted, trail.chains
                 )
-            except ValueError as exc:  # a status or an event kind no release writes
+            except (
+                ValueError,
+                RecursionError,
+            ) as exc:  # a status or an event kind no release writes
                 verdict = f"its record or events cannot be read: {exc}"
             if settled is False:
                 problems.append(_busy("request", key, _TRIES, trail.chains))
@@ -747,7 +750,7 @@ def _read_purges(store: Any, untrusted: set[Any], first: _Purges) -> _Purges:
     them unreadable: its kind or detail no release writes, which the chains report)."""
     try:
         events = store.events(namespace=_RETENTION[0], subject=_RETENTION[1])
-    except ValueError:  # EventKind refuses the kind, or the detail is not JSON
+    except (ValueError, RecursionError):  # EventKind refuses the kind, or the detail is not JSON
         return first
     return _Purges(
         [
