@@ -682,9 +682,22 @@ def test_a_schema_with_a_head_beyond_its_chains_is_read_not_written(schema: str,
         guard.execute("new", "charge", {}, lambda _ctx: ran.append("new"))
     assert store.get("default", "new")[0] is None
     assert guard.execute("r-1", "charge", {"i": 1}, lambda _ctx: 2).result == 1  # replay
+    # reads go on with the replay's event still buffered, verify included
+    assert [e.kind.value for e in guard.audit_trail("r-1")] == ["claimed", "succeeded"]
+    assert not verify(store).ok
+    record, _ = store.get("default", "r-1")
+    assert record is not None
+    with pytest.raises(StoreError, match=r"a chain head for chain (255|300)"):
+        store.renew("default", "r-1", record.fencing_token, 60_000)
+    store._fast_path = True  # the refusal does not hang on the fast path's switch
+    with pytest.raises(StoreError, match=r"a chain head for chain (255|300)"):
+        guard.execute("new-2", "charge", {}, lambda _ctx: ran.append("new-2"))
     with pytest.raises(StoreError, match=r"a chain head for chain (255|300)"):
         store.close()  # the replay's buffered event cannot be written either
     assert ran == []
+    with _store(schema) as again:
+        assert again.get("default", "new")[0] is None
+        assert again.get("default", "new-2")[0] is None
 
 
 def test_a_version_3_schema_missing_a_head_still_has_16_chains(schema: str) -> None:

@@ -843,7 +843,8 @@ class PostgresStore:
             (top,) = cur.fetchone() or (None,)
         if top is not None and top >= self.chain_shards:
             # Written to, its events would go on other chains than their subjects' earlier
-            # ones; read, it shows verify what was done (head_mismatch).
+            # ones; read, it shows verify what was done (head_mismatch). claim, complete,
+            # renew and _write (every other write) refuse; the migrations above are done.
             self._unwritable = (
                 f"schema {self.schema} holds a chain head for chain {top}, but has "
                 f"{self.chain_shards} chains (0 to {self.chain_shards - 1}): its number of "
@@ -851,7 +852,6 @@ class PostgresStore:
                 "lowered, or a head added, by hand. Nothing is written to it until that is "
                 "undone; safeagent audit verify reports it"
             )
-            self._fast_path = False  # every write then goes through _write, which refuses
         self._drop_indexes()
 
     def _stored_chain_shards(self, row: Sequence[Any] | None) -> int:
@@ -932,6 +932,8 @@ class PostgresStore:
         return _found(self._one(self._sql["GET"], params))  # _again, inline (the hot path)
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
+        if self._unwritable is not None:
+            raise StoreError(self._unwritable)
         try:
             if self._fast_path and not self._buffer:
                 fragments = _claim_fragments(request, self.chain_shards)
@@ -1005,6 +1007,8 @@ class PostgresStore:
         return ClaimResult(True, record, now)
 
     def complete(self, completion: Completion) -> WriteResult:
+        if self._unwritable is not None:
+            raise StoreError(self._unwritable)
         terminal = completion.status in (Status.SUCCEEDED, Status.FAILED)
         settle = completion.settle_case if terminal else None
         action, execution_id = completion.action, completion.execution_id
@@ -1169,6 +1173,8 @@ class PostgresStore:
     def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
         # Not tried again on a lost connection (StoreError): the heartbeat tries a failed
         # renewal again itself within 50 ms, on a connection opened after the drain.
+        if self._unwritable is not None:
+            raise StoreError(self._unwritable)
         params = (self._at(), lease_ms, namespace, request_id, fencing_token)
         if self._buffer:  # buffered events go with the next write, so this one is a transaction
             with self._write() as cur:
@@ -1233,7 +1239,9 @@ class PostgresStore:
         """Write the buffered events before a read of the trail, once more if the
         connection was lost (the pool was drained): the events that write carried were
         marked, and the second write checks them by chain hash (_unwritten), so each is
-        written once either way."""
+        written once either way. A store that must not write reads without them."""
+        if self._unwritable is not None:
+            return
         try:
             self.flush_events()
         except StoreError as err:
