@@ -115,6 +115,10 @@ def test_run_quick_measures_every_figure_on_both_backends(tmp_path: Path) -> Non
             assert "failed" not in res[fig], (key, fig, res[fig])
         shared = res["threads_shared"]["safeagent"]["rounds"]
         assert all(r["executions"] == 100 for r in shared), (key, shared)  # --quick: 100 ids
+        for phase in ("first", "replay"):
+            for name in ("safeagent", "floor"):
+                assert res["latency"][phase][name]["mean_us"] > 0, (key, phase, name)
+        assert re.search(rf"^\| {re.escape(key)}\s+\|\s+replay mean µs\s+\| \d+", out, re.M), out
     for mode in ("durable", "claim-durable"):
         w16 = backends[f"postgres/{mode}"]["workers16_distinct"]
         for name in ("safeagent", "floor"):
