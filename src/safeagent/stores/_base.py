@@ -45,17 +45,27 @@ def system_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def stored_version(value: Any, where: str) -> int:
-    """``safeagent_meta.schema_version`` as read from ``where`` (a file or a schema): a
-    decimal integer as every release writes it.
-
-    Raises:
-        StoreError: anything else (edited by hand, or another program's table).
-    """
+def stored_number(value: Any) -> int | None:
+    """A number ``safeagent_meta`` holds, as every release writes it: decimal digits (at
+    most 9; ``int()`` refuses over 4,300), or an int >= 0 (SQLite keeps what it was
+    given); ``None`` for anything else."""
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
         return int(value)
-    if type(value) is int and value >= 0:  # SQLite keeps what it was given
+    if type(value) is int and value >= 0:
         return value
+    return None
+
+
+def stored_version(value: Any, where: str) -> int:
+    """``safeagent_meta.schema_version`` as read from ``where`` (a file or a schema).
+
+    Raises:
+        StoreError: not a :func:`stored_number` (edited by hand, or another program's
+            table).
+    """
+    version = stored_number(value)
+    if version is not None:
+        return version
     raise StoreError(
         f"{where} has a schema_version of {value!r}, which no SafeAgent writes: it was edited "
         "by hand, or the table is another program's"

@@ -79,6 +79,7 @@ from safeagent.stores._base import (
     settled_event,
     stamped,
     state_change_event,
+    stored_number,
     stored_version,
     take_over_event,
 )
@@ -858,10 +859,9 @@ class PostgresStore:
         """The number of chains ``safeagent_meta`` stores; a schema without a valid one
         cannot be written: its events would land on chains verification does not expect."""
         text = None if row is None else row[0]
-        if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 9:
-            number = int(text)
-            if 1 <= number <= q.MAX_CHAIN_SHARDS:
-                return number
+        number = stored_number(text)
+        if number is not None and 1 <= number <= q.MAX_CHAIN_SHARDS:
+            return number
         raise StoreError(
             f"schema {self.schema} (version {q.SCHEMA_VERSION}) stores no valid number of "
             f"audit chains (safeagent_meta.{q.CHAIN_SHARDS_KEY} = {text!r}): it was edited "
