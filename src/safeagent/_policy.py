@@ -11,7 +11,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from safeagent.errors import ConfigurationError, InvalidInputError
 
@@ -186,7 +186,7 @@ class ReconcileRequest:
 
 
 Verdict = Literal["happened", "failed", "not_happened", "unknown"]
-_VERDICTS: tuple[str, ...] = ("happened", "failed", "not_happened", "unknown")
+_VERDICTS: tuple[str, ...] = get_args(Verdict)
 
 
 @dataclass(frozen=True, slots=True)
