@@ -227,6 +227,18 @@ def _previous_release(schema: str) -> None:
     assert "audit_events_chain" in _indexes(schema)
 
 
+def _lock_holders(schema: str) -> list[tuple[Any, ...]]:
+    """Other sessions' advisory locks and locks on ``schema``'s tables, with what they run."""
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT l.pid, l.locktype, l.mode, l.granted, a.state, a.backend_type,"
+            " left(a.query, 80) FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid)"
+            " WHERE l.pid <> pg_backend_pid() AND (l.locktype = 'advisory' OR l.relation IN"
+            " (SELECT oid FROM pg_class WHERE relnamespace = %s::regnamespace))",
+            (schema,),
+        ).fetchall()
+
+
 def _schema_version(schema: str) -> str:
     with psycopg.connect(PG_URL, autocommit=True) as conn:
         row = conn.execute(
@@ -255,7 +267,13 @@ def test_opening_drops_the_previous_releases_chain_index_and_keeps_the_version(
     _previous_release(schema)
     version = _schema_version(schema)
     with _store(schema) as store:
-        assert "audit_events_chain" not in _indexes(schema)
+        if "audit_events_chain" in _indexes(schema):
+            # Left for a later open, as _drop_indexes documents, when another session held
+            # its try-lock or the table past 200 ms (seen once in a full CI run): name the
+            # sessions, and open once more, which must drop it.
+            holders = _lock_holders(schema)
+            _store(schema).close()
+            assert "audit_events_chain" not in _indexes(schema), holders
         assert verify(store).ok
         guard = Guard(store)
         for i in range(20):
