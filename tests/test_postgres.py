@@ -13,7 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -305,26 +305,35 @@ def test_a_store_already_open_keeps_writing_when_another_drops_the_chain_index(
         assert report.events_checked == 2 * 20
 
 
-def test_many_processes_opening_at_once_drop_the_chain_index(schema: str) -> None:
-    """Sixteen stores (each with its own connections, as processes have) open a previous
-    release's schema at once: every open succeeds and the index is gone."""
-    _previous_release(schema)
-    start = threading.Barrier(16)
-    opened: list[Any] = []
+def _open_at_once(
+    schema: str, n: int, keep: Callable[[Any], Any]
+) -> tuple[list[Any], list[BaseException]]:
+    """``n`` stores (each with its own connection, as processes have) opened on ``schema``
+    at once, each passed to ``keep``: what ``keep`` returned, and what the opens raised."""
+    start = threading.Barrier(n)
+    kept: list[Any] = []
     errors: list[BaseException] = []
 
     def open_store() -> None:
         start.wait()
         try:
-            opened.append(_store(schema, min_size=1, max_size=1))
+            kept.append(keep(_store(schema, min_size=1, max_size=1)))
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=open_store) for _ in range(16)]
+    threads = [threading.Thread(target=open_store) for _ in range(n)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(30)
+    return kept, errors
+
+
+def test_many_processes_opening_at_once_drop_the_chain_index(schema: str) -> None:
+    """Sixteen stores (each with its own connections, as processes have) open a previous
+    release's schema at once: every open succeeds and the index is gone."""
+    _previous_release(schema)
+    opened, errors = _open_at_once(schema, 16, lambda store: store)
     for store in opened:
         store.close()
     assert errors == []
@@ -623,23 +632,12 @@ def test_processes_opening_at_once_agree_on_the_number_of_chains(schema: str, ma
     if made == "version 3":
         _version_3_schema(schema, ["a", "b"])
     expected = 256 if made == "new" else 16
-    start = threading.Barrier(8)
-    numbers: list[int] = []
-    errors: list[BaseException] = []
 
-    def open_store() -> None:
-        start.wait()
-        try:
-            with _store(schema, min_size=1, max_size=1) as store:
-                numbers.append(store.chain_shards)
-        except BaseException as exc:
-            errors.append(exc)
+    def number(store: Any) -> int:
+        store.close()
+        return int(store.chain_shards)
 
-    threads = [threading.Thread(target=open_store) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    numbers, errors = _open_at_once(schema, 8, number)
     assert errors == []
     assert numbers == [expected] * 8
     with psycopg.connect(PG_URL, autocommit=True) as conn:
