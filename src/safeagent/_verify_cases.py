@@ -449,10 +449,9 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
                     continue
                 row, signals, events = again
                 verdict = _judge_case(row, signals, events, legacy)
-        except (
-            ValueError,
-            RecursionError,
-        ) as exc:  # metadata that is not JSON, a state no release writes
+        # metadata that is not JSON (or nests past the recursion limit), a state no
+        # release writes
+        except (ValueError, RecursionError) as exc:
             verdict = "wrong", [f"its rows cannot be read: {exc}"], (None, None)
         if verdict is None:
             continue

@@ -680,10 +680,8 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
                 settled, record, expected = _read_again(
                     store, key[0], key[1], trail.untrusted, trail.chains
                 )
-            except (
-                ValueError,
-                RecursionError,
-            ) as exc:  # a status or an event kind no release writes
+            # a status or an event kind no release writes, a detail past the recursion limit
+            except (ValueError, RecursionError) as exc:
                 verdict = f"its record or events cannot be read: {exc}"
             if settled is False:
                 problems.append(_busy("request", key, _TRIES, trail.chains))
