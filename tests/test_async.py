@@ -135,6 +135,11 @@ class SlowClaims:
         assert self.gate.wait(10)
         return self.inner.claim(request)
 
+    def claim_new(self, request: Any) -> Any:  # PostgreSQL's first step (claim_first)
+        self.entered.set()
+        assert self.gate.wait(10)
+        return self.inner.claim_new(request)
+
 
 def test_p8_task_cancelled_while_claiming_leaves_no_claim_and_its_retry_runs_once(
     store: Any, ledger: Ledger

@@ -592,7 +592,12 @@ def _cancel_after_claim(base: type) -> type:
         cancel: Callable[[], None] | None = None
 
         def claim(self, *args: Any, **kwargs: Any) -> Any:
-            answer = super().claim(*args, **kwargs)
+            return self._cancelling(super().claim(*args, **kwargs))
+
+        def claim_new(self, *args: Any, **kwargs: Any) -> Any:  # PostgreSQL's first step
+            return self._cancelling(super().claim_new(*args, **kwargs))
+
+        def _cancelling(self, answer: Any) -> Any:
             cancel, self.cancel = self.cancel, None
             if cancel is not None:
                 cancel()

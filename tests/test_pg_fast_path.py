@@ -38,7 +38,7 @@ from safeagent.stores._base import (
     completion_events,
 )
 from safeagent.stores._rows import GENESIS, chain_hash, chain_rows, shard_of
-from safeagent.stores.postgres import _ATTEMPT, _TOKEN, PostgresStore
+from safeagent.stores.postgres import _ATTEMPT, _TOKEN, PostgresStore, _claim_fragments
 from tests.conftest import PG_URL, FakeClock, pg_schema
 
 pytestmark = pytest.mark.usefixtures("postgres_available")
@@ -56,6 +56,10 @@ class Counted(PostgresStore):
     def _claim_fast(self, request: ClaimRequest, fragments: tuple[Any, ...]) -> ClaimResult:
         self.paths["_claim_fast"] += 1
         return super()._claim_fast(request, fragments)
+
+    def _claim_new_fast(self, request: ClaimRequest, fragments: tuple[Any, ...]) -> ClaimResult:
+        self.paths["_claim_new_fast"] += 1
+        return super()._claim_new_fast(request, fragments)
 
     def _claim_general(
         self, request: ClaimRequest, carried: list[AuditEvent] | None = None
@@ -221,10 +225,12 @@ COLUMN_TEXT = [
 DETAIL_TEXT = [*COLUMN_TEXT, "\x00", "a\x00b", "\ud800", "\udfff", "a\udbff\udc00b", "\ud800\x00"]
 
 
-def test_hostile_strings_hash_in_sql_as_chain_hash_does_in_python(make: Made) -> None:
-    """Every hostile string as every field of a fast claim and completion: each row
-    verifies, its hash is chain_hash() of its stored fields, and a general-path twin
-    writes a byte-identical trail."""
+@pytest.mark.parametrize("claim", ["claim", "claim_new"])
+def test_hostile_strings_hash_in_sql_as_chain_hash_does_in_python(make: Made, claim: str) -> None:
+    """Every hostile string as every field of a fast claim (CLAIM_FAST, or CLAIM_NEW_FAST:
+    the guard's first step here) and completion: each row verifies, its hash is
+    chain_hash() of its stored fields, and a general-path twin writes a byte-identical
+    trail."""
     fast, slow = _twins(make)
     calls: list[tuple[ClaimRequest, Completion]] = []
     for i, text in enumerate(COLUMN_TEXT):
@@ -254,13 +260,14 @@ def test_hostile_strings_hash_in_sql_as_chain_hash_does_in_python(make: Made) ->
         calls.append((req, _completion(req, detail={"error": None, text: [text, {text: 1}]})))
     for store in (fast, slow):
         for req, done in calls:
-            claimed = store.claim(req)
+            claimed = getattr(store, claim)(req)
             assert claimed.won
             assert claimed.record.attempt == 1
             written = store.complete(done)
             assert written.accepted
             assert not written.late
-    assert fast.paths == Counter(_claim_fast=len(calls), _complete_fast=len(calls))
+    fast_claims = "_claim_fast" if claim == "claim" else "_claim_new_fast"
+    assert fast.paths == Counter({fast_claims: len(calls), "_complete_fast": len(calls)})
     assert slow.paths == Counter(_claim_general=len(calls), _complete_general=len(calls))
     assert _trail(fast) == _trail(slow)
     assert len(fast.events()) == 2 * len(calls)
@@ -567,6 +574,159 @@ def test_fast_statements_on_a_dead_connection_are_tried_once_more(make: Made) ->
         store.close()
 
 
+# -- the claim before the read (claim_new, the guard's first step here) -----------------------
+
+
+def _row_state(store: PostgresStore, rid: str) -> tuple[Any, ...]:
+    """The row's system columns and values: xmin and xmax change when a statement writes
+    or locks it (a lock by ON CONFLICT DO UPDATE, or FOR UPDATE, sets xmax)."""
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        row = conn.execute(
+            f"SELECT xmin::text, xmax::text, e.* FROM {store.schema}.executions AS e"
+            " WHERE namespace = 'ns' AND request_id = %s",
+            (rid,),
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+@pytest.mark.parametrize(
+    "status", [Status.SUCCEEDED, Status.FAILED, Status.RELEASED, Status.IN_DOUBT, None]
+)
+def test_claim_new_returns_the_record_there_and_changes_nothing(
+    make: Made, status: Status | None
+) -> None:
+    """A request id with a record (PENDING when status is None): claim_new does not win,
+    answers the record as get() reads it, and neither writes nor locks the row (xmin and
+    xmax unchanged), writes no event and moves no chain head. A RELEASED record is
+    answered too, not taken over: the guard decides, then claims it with claim()."""
+    store = make()
+    first = _request("r")
+    assert store.claim(first).won
+    if status is not None:
+        assert store.complete(_completion(first, status=status, result_json=None)).accepted
+    before, heads, events = _row_state(store, "r"), store.chain_heads(), store.events()
+    other = _request("r", execution_id="e" * 32, owner="owner-2")
+    found = store.claim_new(other)
+    assert not found.won
+    assert found.record == store.get("ns", "r")[0]
+    assert found.record.execution_id == first.execution_id
+    assert found.now_ms > 0
+    assert _row_state(store, "r") == before
+    assert before[1] == "0"  # never locked
+    assert (store.chain_heads(), store.events()) == (heads, events)
+    assert store.paths["_claim_new_fast"] == 1
+    if status is Status.RELEASED:
+        taken = store.claim(other)  # what the guard does next
+        assert taken.won
+        assert (taken.record.attempt, taken.record.fencing_token) == (2, 2)
+    _checked_chain(store)
+
+
+def test_claim_new_meets_a_row_committed_after_its_statement_began(make: Made) -> None:
+    """Another transaction inserts the row and commits while claim_new's statement waits on
+    it: the statement's snapshot cannot see the row it conflicted with, so the record is
+    read by a statement of its own, and answered, not won."""
+    store = make()
+    reads: list[str] = []
+    get = store.get
+
+    def counting_get(namespace: str, request_id: str) -> Any:
+        reads.append(request_id)
+        return get(namespace, request_id)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    theirs, mine = _request("race"), _request("race", execution_id="e" * 32, owner="owner-2")
+    fragments = _claim_fragments(theirs, store.chain_shards)
+    assert fragments is not None
+    holder = psycopg.connect(PG_URL)  # a transaction: its claim is not committed yet
+    try:
+        row = holder.execute(
+            store._sql["CLAIM_FAST"], (*store._claim_params(theirs), *fragments)
+        ).fetchone()
+        assert row is not None
+        result: list[ClaimResult] = []
+        waiter = threading.Thread(target=lambda: result.append(store.claim_new(mine)))
+        waiter.start()
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            for _ in range(500):
+                waiting = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                    " AND wait_event_type = 'Lock'",
+                    (f"safeagent-{store.schema}",),
+                ).fetchone()
+                if waiting and waiting[0]:
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("claim_new never waited for the other insert")
+        holder.commit()
+        waiter.join(30)
+    finally:
+        holder.close()
+    assert len(result) == 1
+    assert not result[0].won
+    assert result[0].record.execution_id == theirs.execution_id
+    assert reads == ["race"]  # the read of its own
+    assert [e.execution_id for e in store.events()] == [theirs.execution_id]
+    _checked_chain(store)
+
+
+def test_claim_new_where_its_one_statement_is_not_used(make: Made) -> None:
+    """Buffered events to write, or the general path only: claim_new reads, then claims
+    when there is no record (the general way, carrying the buffered events), and answers
+    the record when there is one; the trail is the same as the one statement's."""
+    store = make()
+    store.record_event(AuditEvent(EventKind.REPLAYED, 1, "ns", "x", detail={}), buffered=True)
+    claimed = store.claim_new(_request("a"))
+    assert claimed.won
+    assert store.paths == Counter(_claim_general=1)
+    assert not store._buffer  # written with the claim
+    found = store.claim_new(_request("a", execution_id="e" * 32))
+    assert not found.won
+    assert found.record.execution_id == claimed.record.execution_id
+    assert store.paths == Counter(_claim_general=1, _claim_new_fast=1)
+    slow = make(fast=False)
+    assert slow.claim_new(_request("b")).won
+    assert not slow.claim_new(_request("b", execution_id="e" * 32)).won
+    assert slow.paths == Counter(_claim_general=1)
+    assert [e.kind for e in store.events()] == [EventKind.REPLAYED, EventKind.CLAIMED]
+    _checked_chain(store)
+    _checked_chain(slow)
+
+
+def test_claim_new_from_sixteen_threads_on_shared_ids(make: Made) -> None:
+    """Sixteen threads call claim_new on the same 60 ids in their own orders: one wins
+    each id, every other call answers the winner's record, one claimed event per id."""
+    store = make()
+    ids = [f"s-{i}" for i in range(60)]
+    won: Counter[str] = Counter()
+    winners: dict[str, str] = {}
+    seen: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def work(k: int) -> None:
+        order = ids[:]
+        random.Random(k).shuffle(order)
+        for rid in order:
+            req = _request(rid, execution_id=f"{k:02d}" + "0" * 30, owner=f"owner-{k}")
+            result = store.claim_new(req)
+            with lock:
+                if result.won:
+                    won[rid] += 1
+                    winners[rid] = result.record.execution_id
+                else:
+                    seen.append((rid, result.record.execution_id))
+
+    _threads(16, work)
+    assert won == Counter(dict.fromkeys(ids, 1))
+    assert all(winners[rid] == execution_id for rid, execution_id in seen)
+    assert len(seen) == 15 * len(ids)
+    claimed = Counter(e.subject for e in store.events() if e.kind is EventKind.CLAIMED)
+    assert claimed == Counter(dict.fromkeys(ids, 1))
+    _checked_chain(store)
+
+
 # -- concurrency ------------------------------------------------------------------------------
 
 
@@ -623,8 +783,7 @@ def test_sixteen_threads_on_distinct_ids(make: Made) -> None:
     _threads(16, work)
     ids = [f"d-{k}-{i}" for k in range(16) for i in range(40)]
     assert runs == Counter(dict.fromkeys(ids, 1))
-    assert store.paths["_claim_fast"] == len(ids)
-    assert store.paths["_complete_fast"] == len(ids)
+    assert store.paths == Counter(_claim_new_fast=len(ids), _complete_fast=len(ids))
     _trail_per_id(store, ids)
     assert len(_checked_chain(store)) == 2 * len(ids)
     guard.close()
@@ -684,7 +843,7 @@ def test_many_writers_on_one_chain_head(make: Made) -> None:
     assert store.paths["_claim_general"] + store.paths["_complete_general"] > 0
 
 
-@pytest.mark.parametrize("op", ["claim", "complete"])
+@pytest.mark.parametrize("op", ["claim", "claim_new", "complete"])
 def test_a_head_moved_after_the_statement_began_is_chained_onto(make: Made, op: str) -> None:
     """A general-path writer holds a chain head and moves it; a fast claim (or completion)
     on that chain waits for the head in its statement, whose snapshot predates the move.
@@ -699,11 +858,11 @@ def test_a_head_moved_after_the_statement_began_is_chained_onto(make: Made, op: 
         store.claim(_request(rids[1]))  # seq 2
 
     def fast() -> bool:
-        if op == "claim":
-            return store.claim(_request(rids[1])).won
+        if op != "complete":
+            return bool(getattr(store, op)(_request(rids[1])).won)
         return store.complete(_completion(_request(rids[1]))).accepted
 
-    base = 1 if op == "claim" else 2
+    base = 1 if op != "complete" else 2
     holder = psycopg.connect(PG_URL)  # a transaction, as the general path's
     try:
         heads = {
@@ -737,10 +896,11 @@ def test_a_head_moved_after_the_statement_began_is_chained_onto(make: Made, op: 
     finally:
         holder.close()
     assert store.paths["_claim_general"] + store.paths["_complete_general"] == 0
+    assert store.paths["_claim_new_fast"] == (op == "claim_new")
     rows = _checked_chain(store)
     kinds = (
         ["claimed", "replayed", "claimed"]
-        if op == "claim"
+        if op != "complete"
         else ["claimed"] * 2
         + [
             "replayed",

@@ -497,7 +497,9 @@ def test_a_claim_that_times_out_on_a_lock_is_not_tried_again(
         admin.rollback()
     assert isinstance(info.value.__cause__, psycopg.errors.LockNotAvailable)
     assert getattr(info.value, "connection_lost", False) is False
-    assert proxy.attempts(marker) == 1
+    # the first look (claim_new, which neither locks nor waits for an existing row: it
+    # found the record RELEASED), then the claim itself, once
+    assert proxy.attempts(marker) == 2
     assert ledger.count("r") == 0
     assert guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r")).result == "done"
     assert ledger.count("r") == 1

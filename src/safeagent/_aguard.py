@@ -27,7 +27,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Awaitable, Callable, Collection, Generator
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from safeagent._audit import AuditEvent, EventKind
 from safeagent._core import GuardCore, Outcome, ReconcileReport, tally
@@ -59,7 +59,7 @@ from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, _cu
 from safeagent._runtime import heartbeats, wakeups
 from safeagent._telemetry import Observation, observe
 from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
-from safeagent.stores._base import ClaimResult, Completion, WriteResult
+from safeagent.stores._base import ClaimFirstStore, ClaimResult, Completion, WriteResult
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -377,8 +377,11 @@ class AsyncGuard(GuardCore):
                 if isinstance(op, (Claim, TakeOver)):  # undone if this caller is cancelled
                     try:
                         if isinstance(op, Claim):
+                            claim = (
+                                cast(ClaimFirstStore, store).claim_new if op.new else store.claim
+                            )
                             answer = await self._write_or_undo(
-                                functools.partial(store.claim, op.request), self._release
+                                functools.partial(claim, op.request), self._release
                             )
                         else:
                             taking = functools.partial(

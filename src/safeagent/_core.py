@@ -248,6 +248,10 @@ class GuardCore:
                 )
             self.store = store
             self._owns_store = False
+        # A store that claims before it reads (PostgreSQL): see Settings.claim_first.
+        self._claim_first = getattr(self.store, "claim_first", False) is True and callable(
+            getattr(self.store, "claim_new", None)
+        )
 
     # -- settings -------------------------------------------------------------------------
 
@@ -258,7 +262,7 @@ class GuardCore:
         return self._owner or f"{_HOST}:{os.getpid()}:{threading.current_thread().name}"
 
     def _settings(self) -> Settings:
-        return Settings(self._owner_name(), self.redact, self.result_encoder)
+        return Settings(self._owner_name(), self.redact, self.result_encoder, self._claim_first)
 
     def _lease_ms(self, action: str, lease: Seconds | None = None) -> int:
         if lease is not None:

@@ -67,9 +67,12 @@ class Get:
 
 @dataclass(slots=True)
 class Claim:
-    """Claim atomically: answers a :class:`ClaimResult`."""
+    """Claim atomically: answers a :class:`ClaimResult`. ``new``: only if the request id
+    has no record, else answer the record that is there, unchanged (the store's
+    ``claim_new``, on a store whose ``claim_first`` is true)."""
 
     request: ClaimRequest
+    new: bool = False
 
 
 @dataclass(slots=True)
@@ -265,6 +268,9 @@ class Settings:
     owner: str
     redact: Redactor
     result_encoder: Callable[[Any], Any]
+    claim_first: bool = False
+    """The store claims before it reads (its ``claim_new``): a call's first step is a claim
+    of a new record, which answers the record that is there when it is not new."""
 
 
 _QUALNAME = type.__dict__["__qualname__"]
@@ -350,7 +356,13 @@ def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None
 
 def execute_flow(call: Call, fn: Callable[[ExecutionContext], Any], s: Settings) -> Flow:
     """Run ``fn`` at most once for ``call`` (the behaviour table of docs/design.md section 2)."""
-    record, now = yield Get(call.namespace, call.request_id)
+    if s.claim_first:
+        first: ClaimResult = yield Claim(claim_request(call, s), new=True)
+        if first.won:
+            return (yield from run_flow(call, first.record, fn, s))
+        record, now = first.record, first.now_ms
+    else:
+        record, now = yield Get(call.namespace, call.request_id)
     deadline: float | None = None
     poll = POLL_START
     while True:

@@ -7,7 +7,7 @@ All rules live in :mod:`safeagent._decide` (what a call meets) and :mod:`safeage
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Generator
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from safeagent._audit import AuditEvent
 from safeagent._core import GuardCore, Outcome, ReconcileReport, tally
@@ -38,6 +38,7 @@ from safeagent._runtime import heartbeats, wakeups
 from safeagent._telemetry import Observation, observe
 from safeagent._telemetry import enabled as telemetry_enabled
 from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
+from safeagent.stores._base import ClaimFirstStore
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -395,6 +396,8 @@ class Guard(GuardCore):
             store.record_event(op.event, buffered=op.buffered)
             return None
         if isinstance(op, Claim):
+            if op.new:
+                return cast(ClaimFirstStore, store).claim_new(op.request)
             return store.claim(op.request)
         if isinstance(op, Complete):
             return store.complete(op.completion)

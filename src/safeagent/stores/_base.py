@@ -294,6 +294,22 @@ class ReceiptStore(Protocol):
         ...
 
 
+class ClaimFirstStore(ReceiptStore, Protocol):
+    """A store that claims before it reads: with ``claim_first`` true, a guard's first step
+    for a call is :meth:`claim_new`, not :meth:`get`, so a first execution costs one round
+    trip fewer and a replay's read is the claim statement (PostgreSQL). Optional: a store
+    without it is read first (SQLite, where a read is cheap and a claim takes the write
+    lock)."""
+
+    claim_first: bool
+
+    def claim_new(self, request: ClaimRequest) -> ClaimResult:
+        """Claim ``request``'s id only if it has no record, atomically, with its audit
+        event; when it has one (any status, RELEASED too), change nothing and answer it,
+        not won."""
+        ...
+
+
 CaseMutation = Callable[[CaseRow, list[Signal]], CaseChange]
 """A pure function from (case, live signals) to the change to apply (see ``_cases``)."""
 

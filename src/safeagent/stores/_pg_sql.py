@@ -194,14 +194,15 @@ _LOCK_WON_HEADS = """
 # (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey): the clock, and the
 # claim as a CTE "won" holding the record's columns when the claim was won (a new row, or a
 # RELEASED one taken over: attempt and fencing token go on from it), empty when it lost.
-_CLAIM_WON = f"""
+_CLAIM_INSERT = f"""
 WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now),
 won AS (
     INSERT INTO {{s}}.executions AS e ({COLUMNS})
     SELECT %s, %s, %s, %s, 'PENDING', %s, NULL, NULL, NULL,
            %s, 1, 1, %s, n.now + %s, %s, n.now, n.now, n.now, NULL, NULL, NULL, NULL, NULL
     FROM n
-    ON CONFLICT (namespace, request_id) DO UPDATE SET
+    ON CONFLICT (namespace, request_id) DO"""
+_CLAIM_WON = f"""{_CLAIM_INSERT} UPDATE SET
         action = excluded.action,
         fingerprint = excluded.fingerprint,
         status = 'PENDING',
@@ -223,6 +224,13 @@ won AS (
         attempt_ended_at_ms = NULL,
         ended_attempt = NULL
     WHERE e.status = 'RELEASED'
+    RETURNING {E_COLUMNS}
+)"""
+# The same, for a claim made before the record is read (CLAIM_NEW_FAST): only a new row is
+# won. On a conflict DO NOTHING neither locks nor writes the row that is there (DO UPDATE
+# would lock it even when its WHERE refuses the update), so a replay that goes through this
+# statement takes no lock and writes nothing.
+_CLAIM_NEW = f"""{_CLAIM_INSERT} NOTHING
     RETURNING {E_COLUMNS}
 )"""
 # (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey, shards) -> no row
@@ -301,14 +309,15 @@ h AS (
     WHERE shard = %s AND EXISTS (SELECT FROM won)
     FOR UPDATE
 ),"""
-_FAST_MOVE = """
+_MOVE_AND_SELECT = """
 mv AS (
     UPDATE {s}.audit_chain SET seq = (SELECT seq FROM ev), head = (SELECT hash FROM ev)
     WHERE shard = (SELECT shard FROM ev)
 )
-SELECT won.*, n.now FROM won CROSS JOIN n
+SELECT <lead>won.*, n.now FROM won CROSS JOIN n
 WHERE CASE WHEN EXISTS (SELECT FROM ev) THEN true ELSE won.fencing_token / 0 > 0 END
 """
+_FAST_MOVE = _MOVE_AND_SELECT.replace("<lead>", "")
 # The WHERE fails the whole statement (division by zero: CHAIN_HEAD_MISSING) when the
 # claim or completion was won but its event was not chained, because the shard's head row
 # is missing: the write is undone with it, never committed without its event. When
@@ -325,7 +334,7 @@ CHAIN_HEAD_MISSING = "22012"  # SQLSTATE division_by_zero, raised only by that W
 # which are the claim's parameters (the client checks that the event it encoded has those
 # very values); its fencing token and attempt are the row's; its detail is the client's
 # text with the attempt in the middle.
-CLAIM_FAST = f"""{_CLAIM_WON},{_FAST_HEAD}
+_CLAIMED_EVENT = f"""{_FAST_HEAD}
 ev AS (
     INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
     SELECT n.now, %s, won.namespace, won.request_id, won.action, won.lease_owner,
@@ -336,7 +345,22 @@ ev AS (
                || %s::text || won.attempt || %s::text, 'UTF8')), 'hex')
     FROM won, h, n
     RETURNING shard, seq, hash
-),{_FAST_MOVE}"""
+),"""
+CLAIM_FAST = f"""{_CLAIM_WON},{_CLAIMED_EVENT}{_FAST_MOVE}"""
+# CLAIM_FAST's parameters, then (ns, rid) again -> one row: a leading boolean, then the
+# record's columns and the clock. True: the claim was won (a new row) and its claimed event
+# chained, as CLAIM_FAST. False: the request id has a record, left as it is, and the row is
+# that record as the statement's snapshot saw it, or all NULL when the conflicting row was
+# committed after the statement began (the caller then reads it with a statement of its
+# own). A RELEASED record is returned, not taken over: the caller decides, then claims it
+# with CLAIM_FAST. The guard's first step on PostgreSQL (PostgresStore.claim_new): a first
+# execution's claim needs no read before it, a replay's read is this statement.
+CLAIM_NEW_FAST = f"""{_CLAIM_NEW},{_CLAIMED_EVENT}{_MOVE_AND_SELECT.replace("<lead>", "true, ")}
+UNION ALL
+SELECT false, {E_COLUMNS}, n.now
+FROM n LEFT JOIN {{s}}.executions AS e ON e.namespace = %s AND e.request_id = %s
+WHERE NOT EXISTS (SELECT FROM won)
+"""
 
 
 def _complete_fast(sync: str) -> str:

@@ -24,8 +24,13 @@ locks its audit chain heads, then the statement that writes the events and moves
 heads, and COMMIT. The general path takes a claim when buffered audit events wait to be
 written (they go with it), and a completion that settles a case, is late (a second
 event), is refused by the fencing check (a rejection event), or does not name its attempt
-(or names another: the statement checks both against the row). A first execution is then
-three round trips: the read, the claim, the completion.
+(or names another: the statement checks both against the row).
+
+The guard claims before it reads here (``claim_first``, :meth:`PostgresStore.claim_new`):
+its first statement for a call inserts the record only if there is none (``ON CONFLICT DO
+NOTHING``, which neither locks nor writes the row that is there) and otherwise returns
+that row. A first execution is then two round trips, the claim and the completion; a
+replay is still one, a heavier statement than a plain read (BENCHMARKS.md, round 12).
 
 A lost connection (the server restarted, the backend was terminated, a proxy dropped it)
 drains the pool (every idle connection closed and replaced: after a failover they are all
@@ -430,6 +435,8 @@ class PostgresStore:
     """
 
     durable = True
+    claim_first = True
+    """A guard's first step on this store is :meth:`claim_new`, not :meth:`get`."""
     _fast_path = True  # tests turn it off on an instance to compare with the general path
 
     def __init__(
@@ -947,6 +954,59 @@ class PostgresStore:
         # connection the pool has just opened (_failed), which recognises the claim's own
         # row (_claimed_by) and writes the events the first try carried only if it did not
         return self._claim_general(request, self._held())
+
+    def claim_new(self, request: ClaimRequest) -> ClaimResult:
+        """Claim ``request``'s id only if it has no record; when it has one, change
+        nothing and return it, not won (a RELEASED record too: the caller decides, then
+        claims it with :meth:`claim`). The guard's first step here (``claim_first``): a
+        first execution needs no read before its claim, one round trip fewer, while a
+        replay's read is this statement, which on a conflict neither locks nor writes.
+
+        Raises:
+            StoreError: as :meth:`claim`; nothing was claimed, or a lost connection's
+                second try could not tell.
+        """
+        if self._unwritable is not None or not self._fast_path or self._buffer:
+            return self._read_then_claim(request)
+        fragments = _claim_fragments(request, self.chain_shards)
+        if fragments is None:
+            return self._read_then_claim(request)
+        try:
+            return self._claim_new_fast(request, fragments)
+        except StoreError as err:
+            if not _lost(err):
+                raise
+        # Perhaps committed: the general claim's second try recognises its own row
+        # (_claimed_by). It would also take over a RELEASED record, which is what the
+        # caller does next with one (decide: a released record is claimed).
+        return self._claim_general(request, self._held())
+
+    def _claim_new_fast(self, request: ClaimRequest, fragments: tuple[Any, ...]) -> ClaimResult:
+        """:meth:`claim_new` in one autocommit statement (CLAIM_NEW_FAST): one round trip,
+        two when the record it met was committed after the statement began."""
+        params = (*self._claim_params(request), *fragments, request.namespace, request.request_id)
+        row = self._one(self._sql["CLAIM_NEW_FAST"], params)
+        if row is None:  # pragma: no cover - the statement always returns one row
+            raise StoreError("the claim returned no row")
+        if row[0]:
+            return ClaimResult(True, row_to_record(row[1:]), int(row[1 + N_COLUMNS]))
+        if row[1] is not None:
+            return ClaimResult(False, row_to_record(row[1:]), int(row[1 + N_COLUMNS]))
+        # The conflicting row was committed after the statement's snapshot: read it with a
+        # statement of its own, whose snapshot sees it.
+        existing, now = self.get(request.namespace, request.request_id)
+        if existing is None:  # pragma: no cover - the conflicting row is committed
+            raise StoreError("claim conflicted with a row that then vanished")
+        return ClaimResult(False, existing, now)
+
+    def _read_then_claim(self, request: ClaimRequest) -> ClaimResult:
+        """:meth:`claim_new` in two steps, where its one statement is not used (buffered
+        events to write, an unencodable event, a read-only schema): the record if there
+        is one, else the claim."""
+        existing, now = self.get(request.namespace, request.request_id)
+        if existing is not None:
+            return ClaimResult(False, existing, now)
+        return self.claim(request)
 
     def _claim_params(self, request: ClaimRequest) -> tuple[Any, ...]:
         """(now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey): the
