@@ -35,6 +35,7 @@ from safeagent import (
     ReplayedFailureError,
     Status,
     _flow,
+    default_redactor,
 )
 from tests.conftest import FakeClock, Ledger
 
@@ -95,6 +96,53 @@ def released_record(guard: Guard, ledger: Ledger, rid: str = "r-1") -> Receipt:
 
 
 # -- none / RELEASED ----------------------------------------------------------------------
+
+
+def test_a_replay_never_depends_on_the_redact_hook(store: Any, ledger: Ledger) -> None:
+    """The redact hook fails on a payload it handled when the call ran (it was changed, or
+    its service is down): the replay answers the receipt all the same, on every store (on
+    PostgreSQL the guard claims before it reads, and that claim's event would call the
+    hook: the call reads first instead). A new call fails before anything is written."""
+    failing = {"now": False}
+
+    def redact(value: Any) -> Any:
+        if failing["now"]:
+            raise RuntimeError("redactor down")
+        return default_redactor(value)
+
+    guard = Guard(store, lease=30.0, wait=0, redact=redact)
+    first = guard.execute("r", "charge", {"amount": 1}, booking(ledger))
+    failing["now"] = True
+    again = guard.execute("r", "charge", {"amount": 1}, booking(ledger))
+    assert (again.replay, again.result, again.execution_id) == (
+        True,
+        first.result,
+        first.execution_id,
+    )
+    with pytest.raises(RuntimeError, match="redactor down"):
+        guard.execute("new", "charge", {"amount": 2}, booking(ledger))
+    assert ledger.count("r") == 1
+    assert ledger.count("new") == 0
+    assert guard.get("new") is None
+    guard.close()
+
+
+@pytest.mark.parametrize("size", [_flow.CLAIM_FIRST_MAX_PAYLOAD - 100, 50_000])
+def test_payloads_either_side_of_the_claim_first_limit_run_once_and_replay(
+    store: Any, ledger: Ledger, size: int
+) -> None:
+    """A payload under and over CLAIM_FIRST_MAX_PAYLOAD characters (on PostgreSQL the
+    guard claims first under it, reads first over it): one run, then replays."""
+    guard = Guard(store, lease=30.0, wait=0)
+    payload = {"memo": "x" * size}
+    first = guard.execute("big", "charge", payload, booking(ledger, result="ok"))
+    for _ in range(2):
+        again = guard.execute("big", "charge", payload, booking(ledger, result="ok"))
+        assert (again.replay, again.execution_id) == (True, first.execution_id)
+    with pytest.raises(FingerprintMismatchError):
+        guard.execute("big", "charge", {"memo": "y" * size}, booking(ledger))
+    assert ledger.count("big") == 1
+    guard.close()
 
 
 def test_absent_same_runs_once_then_replays(guard: Guard, ledger: Ledger) -> None:

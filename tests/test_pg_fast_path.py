@@ -25,6 +25,7 @@ import pytest
 from safeagent import ExecutionContext, Guard
 from safeagent._audit import AuditEvent, EventKind
 from safeagent._cases import Signal, apply_signal
+from safeagent._flow import CLAIM_FIRST_MAX_PAYLOAD
 from safeagent._keys import downstream_key
 from safeagent._receipt import ErrorInfo, Status
 from safeagent.audit import verify
@@ -693,6 +694,102 @@ def test_claim_new_where_its_one_statement_is_not_used(make: Made) -> None:
     assert [e.kind for e in store.events()] == [EventKind.REPLAYED, EventKind.CLAIMED]
     _checked_chain(store)
     _checked_chain(slow)
+
+
+def test_a_replay_waits_no_longer_than_the_lock_timeout_on_a_row_being_changed(
+    make: Made,
+) -> None:
+    """A transaction is changing the record's row and stays open (as a long purge does):
+    ON CONFLICT DO NOTHING would wait for it to end, a read never does. The replay gives
+    up waiting after CLAIM_NEW_LOCK_TIMEOUT, reads the committed record and replays it;
+    a first execution on another id is not held up."""
+    store = make()
+    guard = Guard(store, wait=0)
+    runs: Counter[str] = Counter()
+    fn = _counting(runs)
+    guard.execute("busy", "a", {"k": 1}, fn)
+    store.flush_events()
+    holder = psycopg.connect(PG_URL)
+    try:
+        holder.execute(
+            f"UPDATE {store.schema}.executions SET updated_at_ms = updated_at_ms + 1"
+            " WHERE request_id = 'busy'"
+        )
+        answers: list[Any] = []
+        caller = threading.Thread(
+            target=lambda: answers.extend(
+                [guard.execute("busy", "a", {"k": 1}, fn), guard.execute("other", "a", {}, fn)]
+            )
+        )
+        caller.start()
+        caller.join(10)  # the timeout (0.1 s) and a read, not the holder's whole transaction
+        assert not caller.is_alive(), "the replay waited for the transaction holding its row"
+    finally:
+        holder.rollback()
+        holder.close()
+    replay, fresh = answers
+    assert (replay.replay, replay.result) == (True, "busy")
+    assert fresh.replay is False
+    assert runs == Counter(busy=1, other=1)
+    # the first execution's and the replay's, which timed out; the replay then read, and
+    # its buffered event sent the next call the general way (_read_then_claim)
+    assert store.paths["_claim_new_fast"] == 2
+    _checked_chain(store)
+
+
+def test_a_database_turned_read_only_still_replays(pg_throwaway_database_url: str) -> None:
+    """The database turns read-only after the store opened (a full disk, a failover onto
+    a standby): claim_new's statement is refused, so it reads instead; a replay answers,
+    and a new call fails closed before fn runs."""
+    url = pg_throwaway_database_url
+    name = url.rsplit("/", 1)[1]
+    store = Counted(url, schema="ro", fast=True, max_size=2)
+    try:
+        guard = Guard(store, wait=0)
+        runs: Counter[str] = Counter()
+        fn = _counting(runs)
+        guard.execute("paid", "a", {"amount": 5}, fn)
+        store.flush_events()
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+        replay = None
+        for _ in range(3):  # the first call after the kill may meet a dead connection
+            try:
+                replay = guard.execute("paid", "a", {"amount": 5}, fn)
+                break
+            except StoreError:
+                continue
+        assert replay is not None
+        assert (replay.replay, replay.result) == (True, "paid")
+        assert store.paths["_claim_new_fast"] >= 2  # refused on the read-only database
+        with pytest.raises(StoreError):
+            guard.execute("new", "a", {"amount": 6}, fn)
+        assert runs == Counter(paid=1)
+    finally:
+        store._buffer.take()  # the replayed events cannot be written to this database
+        store.close()
+
+
+def test_a_payload_over_the_limit_is_read_first(make: Made) -> None:
+    """Over CLAIM_FIRST_MAX_PAYLOAD characters of payload the guard reads first, so a
+    replay does not send the payload again: the first execution is the read, CLAIM_FAST
+    and the completion, the replay a read alone; under the limit, claim_new."""
+    store = make()
+    guard = Guard(store, wait=0)
+    big = {"memo": "x" * (CLAIM_FIRST_MAX_PAYLOAD + 1)}
+    assert not guard.execute("big", "a", big, lambda _ctx: 1).replay
+    assert guard.execute("big", "a", big, lambda _ctx: 1).replay
+    assert store.paths == Counter(_claim_fast=1, _complete_fast=1)
+    store.flush_events()
+    small = {"memo": "x" * 100}
+    assert not guard.execute("small", "a", small, lambda _ctx: 1).replay
+    assert guard.execute("small", "a", small, lambda _ctx: 1).replay
+    assert store.paths == Counter(_claim_fast=1, _claim_new_fast=2, _complete_fast=2)
+    guard.close()
 
 
 def test_claim_new_from_sixteen_threads_on_shared_ids(make: Made) -> None:

@@ -48,6 +48,9 @@ from safeagent.stores._base import (
 POLL_START = 0.002
 POLL_MAX = 0.1
 UNSERIALIZABLE = "safeagent.ResultNotSerializable"
+CLAIM_FIRST_MAX_PAYLOAD = 8192
+"""On a store that claims before it reads, a call whose canonical payload is longer than
+this (characters) reads first: its replays would otherwise send the whole payload again."""
 
 
 # -- the operations a flow yields ------------------------------------------------------------
@@ -356,8 +359,9 @@ def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None
 
 def execute_flow(call: Call, fn: Callable[[ExecutionContext], Any], s: Settings) -> Flow:
     """Run ``fn`` at most once for ``call`` (the behaviour table of docs/design.md section 2)."""
-    if s.claim_first:
-        first: ClaimResult = yield Claim(claim_request(call, s), new=True)
+    request = _first_claim(call, s) if s.claim_first else None
+    if request is not None:
+        first: ClaimResult = yield Claim(request, new=True)
         if first.won:
             return (yield from run_flow(call, first.record, fn, s))
         record, now = first.record, first.now_ms
@@ -418,6 +422,20 @@ def execute_flow(call: Call, fn: Callable[[ExecutionContext], Any], s: Settings)
         yield Wait(call.namespace, call.request_id, max(0.0, min(poll, remaining, retry_after)))
         poll = min(poll * 2, POLL_MAX)
         record, now = yield Get(call.namespace, call.request_id)
+
+
+def _first_claim(call: Call, s: Settings) -> ClaimRequest | None:
+    """The claim a call makes before it reads (``s.claim_first``), or None to read first:
+    when the payload is over CLAIM_FIRST_MAX_PAYLOAD characters, or the redact hook fails
+    on it. A replay must cost what a read costs and never depend on the hook; a call that
+    does claim after its read builds its request again, and a failing hook then fails it
+    before anything is written, as on any store."""
+    if len(call.payload_json) > CLAIM_FIRST_MAX_PAYLOAD:
+        return None
+    try:
+        return claim_request(call, s)
+    except Exception:  # noqa: BLE001 - the read-first path raises it where it belongs
+        return None
 
 
 def claim_request(call: Call, s: Settings) -> ClaimRequest:

@@ -195,14 +195,14 @@ _LOCK_WON_HEADS = """
 # claim as a CTE "won" holding the record's columns when the claim was won (a new row, or a
 # RELEASED one taken over: attempt and fencing token go on from it), empty when it lost.
 _CLAIM_INSERT = f"""
-WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now),
+WITH n AS MATERIALIZED (SELECT {NOW_AT} AS now<extra>),
 won AS (
     INSERT INTO {{s}}.executions AS e ({COLUMNS})
     SELECT %s, %s, %s, %s, 'PENDING', %s, NULL, NULL, NULL,
            %s, 1, 1, %s, n.now + %s, %s, n.now, n.now, n.now, NULL, NULL, NULL, NULL, NULL
     FROM n
     ON CONFLICT (namespace, request_id) DO"""
-_CLAIM_WON = f"""{_CLAIM_INSERT} UPDATE SET
+_CLAIM_WON = f"""{_CLAIM_INSERT.replace("<extra>", "")} UPDATE SET
         action = excluded.action,
         fingerprint = excluded.fingerprint,
         status = 'PENDING',
@@ -229,8 +229,16 @@ _CLAIM_WON = f"""{_CLAIM_INSERT} UPDATE SET
 # The same, for a claim made before the record is read (CLAIM_NEW_FAST): only a new row is
 # won. On a conflict DO NOTHING neither locks nor writes the row that is there (DO UPDATE
 # would lock it even when its WHERE refuses the update), so a replay that goes through this
-# statement takes no lock and writes nothing.
-_CLAIM_NEW = f"""{_CLAIM_INSERT} NOTHING
+# statement takes no lock and writes nothing. It does wait for a transaction still changing
+# that row (a completion, or a purge of many records), which a plain read never does: the
+# statement's lock_timeout (set_config(..., true), for its own transaction, as SET LOCAL
+# would) bounds the wait, and the caller then reads instead (PostgresStore.claim_new).
+CLAIM_NEW_LOCK_TIMEOUT = "100ms"
+_CLAIM_NEW = f"""{
+    _CLAIM_INSERT.replace(
+        "<extra>", f", set_config('lock_timeout', '{CLAIM_NEW_LOCK_TIMEOUT}', true) AS wait"
+    )
+} NOTHING
     RETURNING {E_COLUMNS}
 )"""
 # (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey, shards) -> no row

@@ -282,6 +282,12 @@ def _completion_fragments(
     return (shard_of(row[2], row[3], chains), row[1], row[5], row[8], tail)
 
 
+# The failures of CLAIM_NEW_FAST after which claim_new reads instead: a read-only
+# transaction (a database turned read-only, a standby), and the statement's own
+# lock_timeout (or a shorter one of the session's).
+_READ_INSTEAD = (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.LockNotAvailable)
+
+
 def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
     """GET's one row -> (the record, or None when its columns are NULL; the clock)."""
     if row is None:  # pragma: no cover - GET always returns its one row
@@ -961,6 +967,10 @@ class PostgresStore:
         claims it with :meth:`claim`). The guard's first step here (``claim_first``): a
         first execution needs no read before its claim, one round trip fewer, while a
         replay's read is this statement, which on a conflict neither locks nor writes.
+        It reads instead, as :meth:`get` does, where its one statement cannot serve: a
+        database that turned read-only after the store opened, a wait longer than
+        ``CLAIM_NEW_LOCK_TIMEOUT`` (100 ms) on a transaction still changing the row, buffered
+        audit events to write, an event the statement cannot encode.
 
         Raises:
             StoreError: as :meth:`claim`; nothing was claimed, or a lost connection's
@@ -974,6 +984,11 @@ class PostgresStore:
         try:
             return self._claim_new_fast(request, fragments)
         except StoreError as err:
+            if isinstance(err.__cause__, _READ_INSTEAD) and not _lost(err):
+                # Nothing was written (the statement failed whole): a database that turned
+                # read-only still answers replays, and a wait on a transaction changing the
+                # row (CLAIM_NEW_LOCK_TIMEOUT) gives way to a read, which never waits.
+                return self._read_then_claim(request)
             if not _lost(err):
                 raise
         # Perhaps committed: the general claim's second try recognises its own row
