@@ -785,11 +785,61 @@ def test_a_payload_over_the_limit_is_read_first(make: Made) -> None:
     assert guard.execute("big", "a", big, lambda _ctx: 1).replay
     assert store.paths == Counter(_claim_fast=1, _complete_fast=1)
     store.flush_events()
-    small = {"memo": "x" * 100}
+    accented = {"memo": "\u00e9" * (CLAIM_FIRST_MAX_PAYLOAD // 6)}  # each counts six
+    assert not guard.execute("accented", "a", accented, lambda _ctx: 1).replay
+    assert guard.execute("accented", "a", accented, lambda _ctx: 1).replay
+    assert store.paths == Counter(_claim_fast=2, _complete_fast=2)
+    store.flush_events()
+    small = {"memo": "x" * 100, "name": "\u00e9" * 100}
     assert not guard.execute("small", "a", small, lambda _ctx: 1).replay
     assert guard.execute("small", "a", small, lambda _ctx: 1).replay
-    assert store.paths == Counter(_claim_fast=1, _claim_new_fast=2, _complete_fast=2)
+    assert store.paths == Counter(_claim_fast=2, _claim_new_fast=2, _complete_fast=3)
     guard.close()
+
+
+@pytest.mark.parametrize(
+    ("session", "statement"), [("0", "100ms"), ("5s", "100ms"), ("50ms", "50ms"), ("1ms", "1ms")]
+)
+def test_claim_new_waits_no_longer_than_the_sessions_lock_timeout(
+    make: Made, session: str, statement: str
+) -> None:
+    """CLAIM_NEW_FAST's lock_timeout is CLAIM_NEW_LOCK_TIMEOUT, or the session's own when
+    that is shorter (0 means none), for its own transaction only."""
+    store = make()
+    wait = store._sql["CLAIM_NEW_FAST"].split("won AS", 1)[0].rstrip().rstrip(",")  # n alone
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"SET lock_timeout = '{session}'")
+        row = conn.execute(wait + "SELECT current_setting('lock_timeout') FROM n", (None,))
+        assert row.fetchone() == (statement,)
+        assert conn.execute("SHOW lock_timeout").fetchone() == (session,)
+
+
+def test_a_replay_under_a_short_statement_timeout_reads_instead(make: Made) -> None:
+    """The session's statement_timeout (50 ms, in the URL) cancels claim_new's statement
+    while it waits on a transaction changing the row: nothing was written, so it reads
+    instead, and the replay answers."""
+    store = make()
+    guard = Guard(store, wait=0)
+    runs: Counter[str] = Counter()
+    guard.execute("busy", "a", {"k": 1}, _counting(runs))
+    guard.close()
+    url = PG_URL + ("&" if "?" in PG_URL else "?") + "options=-c%20statement_timeout%3D50"
+    short = Counted(url, schema=store.schema, fast=True, max_size=2)
+    holder = psycopg.connect(PG_URL)
+    try:
+        holder.execute(
+            f"UPDATE {store.schema}.executions SET updated_at_ms = updated_at_ms + 1"
+            " WHERE request_id = 'busy'"
+        )
+        replay = Guard(short, wait=0).execute("busy", "a", {"k": 1}, _counting(runs))
+    finally:
+        holder.rollback()
+        holder.close()
+        short._buffer.take()
+        short.close()
+    assert (replay.replay, replay.result) == (True, "busy")
+    assert short.paths == Counter(_claim_new_fast=1)
+    assert runs == Counter(busy=1)
 
 
 def test_claim_new_from_sixteen_threads_on_shared_ids(make: Made) -> None:

@@ -48,9 +48,11 @@ from safeagent.stores._base import (
 POLL_START = 0.002
 POLL_MAX = 0.1
 UNSERIALIZABLE = "safeagent.ResultNotSerializable"
-CLAIM_FIRST_MAX_PAYLOAD = 8192
+CLAIM_FIRST_MAX_PAYLOAD = 2048
 """On a store that claims before it reads, a call whose canonical payload is longer than
-this (characters) reads first: its replays would otherwise send the whole payload again."""
+this reads first: a replay would otherwise send the payload again, about three times over
+(the record's column, and the claimed event's detail twice: its text and its chain text).
+Counted in characters, each non-ASCII one as six (the event escapes it as six ASCII)."""
 
 
 # -- the operations a flow yields ------------------------------------------------------------
@@ -426,11 +428,14 @@ def execute_flow(call: Call, fn: Callable[[ExecutionContext], Any], s: Settings)
 
 def _first_claim(call: Call, s: Settings) -> ClaimRequest | None:
     """The claim a call makes before it reads (``s.claim_first``), or None to read first:
-    when the payload is over CLAIM_FIRST_MAX_PAYLOAD characters, or the redact hook fails
-    on it. A replay must cost what a read costs and never depend on the hook; a call that
-    does claim after its read builds its request again, and a failing hook then fails it
-    before anything is written, as on any store."""
-    if len(call.payload_json) > CLAIM_FIRST_MAX_PAYLOAD:
+    when the payload is over CLAIM_FIRST_MAX_PAYLOAD, or the redact hook raises an
+    ``Exception`` on it. Building the claim calls the hook, so on such a store it runs for
+    every call, replays included (a hook must be a pure function of the payload); a
+    replay does not fail when it fails. A call that does claim after its read builds its
+    request again, and a hook failing then fails the call before anything is written, as
+    on any store."""
+    payload = call.payload_json
+    if (len(payload) if payload.isascii() else 6 * len(payload)) > CLAIM_FIRST_MAX_PAYLOAD:
         return None
     try:
         return claim_request(call, s)

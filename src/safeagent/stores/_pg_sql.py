@@ -232,13 +232,16 @@ _CLAIM_WON = f"""{_CLAIM_INSERT.replace("<extra>", "")} UPDATE SET
 # statement takes no lock and writes nothing. It does wait for a transaction still changing
 # that row (a completion, or a purge of many records), which a plain read never does: the
 # statement's lock_timeout (set_config(..., true), for its own transaction, as SET LOCAL
-# would) bounds the wait, and the caller then reads instead (PostgresStore.claim_new).
+# would: CLAIM_NEW_LOCK_TIMEOUT, or the session's own when that is shorter) bounds the
+# wait, and the caller then reads instead (PostgresStore.claim_new).
 CLAIM_NEW_LOCK_TIMEOUT = "100ms"
-_CLAIM_NEW = f"""{
-    _CLAIM_INSERT.replace(
-        "<extra>", f", set_config('lock_timeout', '{CLAIM_NEW_LOCK_TIMEOUT}', true) AS wait"
-    )
-} NOTHING
+_SESSION_LOCK_TIMEOUT = "current_setting('lock_timeout')"
+_CLAIM_NEW_WAIT = (
+    f", set_config('lock_timeout', CASE WHEN {_SESSION_LOCK_TIMEOUT}::interval > '0'"
+    f" AND {_SESSION_LOCK_TIMEOUT}::interval < '{CLAIM_NEW_LOCK_TIMEOUT}'"
+    f" THEN {_SESSION_LOCK_TIMEOUT} ELSE '{CLAIM_NEW_LOCK_TIMEOUT}' END, true) AS wait"
+)
+_CLAIM_NEW = f"""{_CLAIM_INSERT.replace("<extra>", _CLAIM_NEW_WAIT)} NOTHING
     RETURNING {E_COLUMNS}
 )"""
 # (now, ns, rid, action, fp, payload, exec_id, owner, lease_ms, dkey, shards) -> no row

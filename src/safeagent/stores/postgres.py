@@ -282,10 +282,15 @@ def _completion_fragments(
     return (shard_of(row[2], row[3], chains), row[1], row[5], row[8], tail)
 
 
-# The failures of CLAIM_NEW_FAST after which claim_new reads instead: a read-only
-# transaction (a database turned read-only, a standby), and the statement's own
-# lock_timeout (or a shorter one of the session's).
-_READ_INSTEAD = (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.LockNotAvailable)
+# The failures of CLAIM_NEW_FAST after which claim_new reads instead (the statement
+# failed whole: nothing was written): a read-only transaction (a database turned
+# read-only, a standby), the statement's lock_timeout (CLAIM_NEW_LOCK_TIMEOUT, or the
+# session's when shorter), and a cancel (the session's own statement_timeout, shorter).
+_READ_INSTEAD = (
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.QueryCanceled,
+)
 
 
 def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
@@ -969,8 +974,10 @@ class PostgresStore:
         replay's read is this statement, which on a conflict neither locks nor writes.
         It reads instead, as :meth:`get` does, where its one statement cannot serve: a
         database that turned read-only after the store opened, a wait longer than
-        ``CLAIM_NEW_LOCK_TIMEOUT`` (100 ms) on a transaction still changing the row, buffered
-        audit events to write, an event the statement cannot encode.
+        ``CLAIM_NEW_LOCK_TIMEOUT`` (100 ms, or the session's shorter ``lock_timeout``) on a
+        transaction still changing the row, a statement cancelled (the session's
+        ``statement_timeout``), buffered audit events to write, an event the statement
+        cannot encode.
 
         Raises:
             StoreError: as :meth:`claim`; nothing was claimed, or a lost connection's
