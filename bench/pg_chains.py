@@ -7,9 +7,12 @@ workers often want the same head and one waits. This runs ``bench/run.py``'s 16-
 figure on fresh schemas of each kind and on the psycopg floor, alternating the order each
 round, and prints per variant the median executions/s, client and server CPU per
 execution, WAL bytes per execution (pg_stat_wal, the whole server: run it on a quiet one)
-and the share of sampled active backends waiting on a lock; then the ratios.
+and the share of sampled active backends waiting on a lock; then the ratios. With
+``--replays N`` each first execution is followed by N retries of it (a mixed load: they
+replay); rates and CPU are then per first execution, the retries' included.
 
     .venv/bin/python bench/pg_chains.py [--rounds 5] [--per-thread 40] [--mode durable]
+        [--replays 0]
 """
 
 from __future__ import annotations
@@ -93,14 +96,16 @@ def _wal_bytes(url: str) -> int:
     return int(row[0])
 
 
-def one(base: dict[str, Any], variant: str, tag: str, per_thread: int) -> dict[str, Any]:
+def one(
+    base: dict[str, Any], variant: str, tag: str, per_thread: int, replays: int = 0
+) -> dict[str, Any]:
     impl = "floor" if variant == "floor" else "safeagent"
     with fresh_spec(base, impl, tag) as spec:
         if variant == "chains16":
             _sixteen_chains(spec)
         wal0 = _wal_bytes(base["url"])
         with LockSampler(base["url"]) as sampler:
-            row = threads_distinct(spec, 16, per_thread)
+            row = threads_distinct(spec, 16, per_thread, replays)
         row["wal_bytes"] = (_wal_bytes(base["url"]) - wal0) / max(row["executions"], 1)
         row["lock_wait_share"] = round(sampler.share, 3)
         assert not row["errors"], row["errors"]
@@ -113,6 +118,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-thread", type=int, default=40)
     parser.add_argument("--mode", choices=("durable", "claim-durable"), default="durable")
+    parser.add_argument(
+        "--replays", type=int, default=0, help="retries (replays) after each first execution"
+    )
     parser.add_argument("--postgres", default=DEFAULT_PG)
     args = parser.parse_args()
     problem = pg_reachable(args.postgres)
@@ -124,10 +132,11 @@ def main() -> int:
     for r in range(args.rounds):
         order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
         for variant in order:
-            runs[variant].append(one(base, variant, f"ch{r}", args.per_thread))
+            runs[variant].append(one(base, variant, f"ch{r}", args.per_thread, args.replays))
+    retried = f", each then replayed {args.replays}x" if args.replays else ""
     print(
-        f"PostgreSQL {args.mode}, 16 threads x {args.per_thread} distinct ids, "
-        f"{args.rounds} rounds (medians)"
+        f"PostgreSQL {args.mode}, 16 threads x {args.per_thread} distinct ids{retried}, "
+        f"{args.rounds} rounds (medians; rates and CPU per first execution)"
     )
     header = f"{'variant':<10} {'exec/s':>9} {'client us':>10} {'server us':>10}"
     print(f"{header} {'WAL bytes':>10} {'lock waits':>11}")

@@ -466,10 +466,13 @@ def _local_postgres_cpu_s() -> float | None:
     return total / 1e9 if seen else None
 
 
-def threads_distinct(spec: dict[str, Any], n_threads: int, per_thread: int) -> dict[str, Any]:
-    """n_threads share one instance; each executes its own distinct ids. Also the CPU
-    used per execution by this process (all its threads) and, on a local PostgreSQL, by
-    the server: which side's CPU bounds the rate."""
+def threads_distinct(
+    spec: dict[str, Any], n_threads: int, per_thread: int, replays: int = 0
+) -> dict[str, Any]:
+    """n_threads share one instance; each executes its own distinct ids, each followed by
+    ``replays`` retries of it (a mixed load: the retries replay). Also the CPU used per
+    execution by this process (all its threads) and, on a local PostgreSQL, by the
+    server: which side's CPU bounds the rate. Rates count first executions."""
     impl = make_impl(spec)
     errors: Counter[str] = Counter()
     lock, fn = threading.Lock(), CountingFn()
@@ -482,6 +485,8 @@ def threads_distinct(spec: dict[str, Any], n_threads: int, per_thread: int) -> d
             barrier.wait()
             for rid in ids:
                 _call(impl, rid, fn, errors, lock)
+                for _ in range(replays):
+                    _call(impl, rid, fn, errors, lock)
 
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
         for t in threads:

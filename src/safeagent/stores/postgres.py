@@ -21,10 +21,12 @@ fragments the client JSON-encoded), and moves the head. It changes nothing when 
 assumptions do not hold, and the general path follows: two round trips (with libpq 14 or
 later; four without pipeline mode): BEGIN and the statement that makes the change and
 locks its audit chain heads, then the statement that writes the events and moves the
-heads, and COMMIT. The general path takes a claim when buffered audit events wait to be
-written (they go with it), and a completion that settles a case, is late (a second
-event), is refused by the fencing check (a rejection event), or does not name its attempt
-(or names another: the statement checks both against the row).
+heads, and COMMIT. The general path takes a completion that settles a case, is late (a
+second event), is refused by the fencing check (a rejection event), or does not name its
+attempt (or names another: the statement checks both against the row). Buffered audit
+events (replays) go with a general-path write; the one-statement paths leave them
+waiting, and they are written by a transaction of their own when due (256 events, 1 s,
+checked on every call), before the trail is read, and at exit.
 
 The guard claims before it reads here (``claim_first``, :meth:`PostgresStore.claim_new`):
 its first statement for a call inserts the record only if there is none (``ON CONFLICT DO
@@ -952,8 +954,10 @@ class PostgresStore:
     def claim(self, request: ClaimRequest) -> ClaimResult:
         if self._unwritable is not None:
             raise StoreError(self._unwritable)
+        if self._buffer:
+            self._maybe_flush()  # due: written on their own (they never slow a claim)
         try:
-            if self._fast_path and not self._buffer:
+            if self._fast_path:
                 fragments = _claim_fragments(request, self.chain_shards)
                 if fragments is not None:
                     return self._claim_fast(request, fragments)
@@ -976,14 +980,18 @@ class PostgresStore:
         database that turned read-only after the store opened, a wait longer than
         ``CLAIM_NEW_LOCK_TIMEOUT`` (100 ms, or the session's shorter ``lock_timeout``) on a
         transaction still changing the row, a statement cancelled (the session's
-        ``statement_timeout``), buffered audit events to write, an event the statement
-        cannot encode.
+        ``statement_timeout``), an event the statement cannot encode. Buffered audit
+        events do not go with it (they would send it the general way, with a read
+        before it): they are written by a transaction of their own when due (the
+        buffer's bounds, checked here as on every call).
 
         Raises:
             StoreError: as :meth:`claim`; nothing was claimed, or a lost connection's
                 second try could not tell.
         """
-        if self._unwritable is not None or not self._fast_path or self._buffer:
+        if self._buffer:
+            self._maybe_flush()  # due: written on their own (they never slow a claim)
+        if self._unwritable is not None or not self._fast_path:
             return self._read_then_claim(request)
         fragments = _claim_fragments(request, self.chain_shards)
         if fragments is None:
@@ -1095,8 +1103,10 @@ class PostgresStore:
         settle = completion.settle_case if terminal else None
         action, execution_id = completion.action, completion.execution_id
         known = None if action is None or execution_id is None else (action, execution_id)
+        if self._buffer:
+            self._maybe_flush()  # due: written on their own (they never slow a completion)
         try:
-            if known is not None and settle is None and self._fast_path and not self._buffer:
+            if known is not None and settle is None and self._fast_path:
                 fragments = _completion_fragments(completion, *known, self.chain_shards)
                 if fragments is not None:
                     done = self._complete_fast(completion, terminal, known, fragments)
