@@ -237,13 +237,13 @@ def _via_proxy(proxy: PgProxy, schema: str, **kwargs: Any) -> PostgresStore:
 
 
 def _prepare(store: PostgresStore, guard: Guard, ledger: Ledger, path: str) -> None:
-    """``general``: the store takes only the general path; ``buffered``: that too, and a
-    replay's audit event waits in the buffer, so the next claim carries it (it must be
-    written exactly once; the one-statement paths leave buffered events waiting)."""
+    """``general``: the store takes only the general path; ``buffered``: a replay's audit
+    event waits in the buffer, so the next claim takes the general path and carries it (it
+    must be written exactly once)."""
     guard.execute("warm", "charge", {}, _effect(ledger, "warm"))
-    if path in ("general", "buffered"):
+    if path == "general":
         store._fast_path = False
-    if path == "buffered":
+    elif path == "buffered":
         _replay_warm(store, guard, ledger)
 
 

@@ -3,11 +3,9 @@
 Events are append-only. Those that describe a state change (claimed, succeeded,
 failed, released, in-doubt, resolved, late completion) are written in the same
 transaction as the change. Replay and in-doubt-read events are buffered and written with
-the process's next write (on PostgreSQL, a claim's or completion's one-statement path
-leaves them waiting), when the buffer holds ``REPLAY_BUFFER_EVENTS`` events, when
+the process's next write, when the buffer holds ``REPLAY_BUFFER_EVENTS`` events, when
 ``REPLAY_BUFFER_SECONDS`` have passed (checked on the next call; there is no background
-thread), before the trail is read, and at interpreter exit: a crash loses at most that
-many of them.
+thread) and at interpreter exit: a crash loses at most that many of them.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from safeagent._audit import Redactor, default_redactor
 from safeagent._flow import Call, Settings, encode_result, stored_error
@@ -38,7 +38,7 @@ from safeagent._policy import (
 )
 from safeagent._receipt import ErrorInfo, Status
 from safeagent.errors import ConfigurationError, InvalidInputError, InvalidRequestIdError
-from safeagent.stores._base import DATABASE_URL_ENV, ReceiptStore
+from safeagent.stores._base import DATABASE_URL_ENV, ClaimFirstStore, ReceiptStore
 from safeagent.stores.sqlite import SQLiteStore
 
 Outcome = Literal["succeeded", "failed", "released", "rerun"]
@@ -248,8 +248,9 @@ class GuardCore:
                 )
             self.store = store
             self._owns_store = False
-        # A store that claims before it reads (PostgreSQL): see Settings.claim_first.
-        self._claim_first = getattr(self.store, "claim_first", False) is True and callable(
+        # A store that can claim before it reads (PostgreSQL): see Settings.claim_first; it
+        # says per call whether to (ClaimFirstStore.claim_first).
+        self._claim_first = hasattr(self.store, "claim_first") and callable(
             getattr(self.store, "claim_new", None)
         )
 
@@ -262,7 +263,12 @@ class GuardCore:
         return self._owner or f"{_HOST}:{os.getpid()}:{threading.current_thread().name}"
 
     def _settings(self) -> Settings:
-        return Settings(self._owner_name(), self.redact, self.result_encoder, self._claim_first)
+        return Settings(
+            self._owner_name(),
+            self.redact,
+            self.result_encoder,
+            self._claim_first and cast(ClaimFirstStore, self.store).claim_first is True,
+        )
 
     def _lease_ms(self, action: str, lease: Seconds | None = None) -> int:
         if lease is not None:

@@ -274,8 +274,9 @@ class Settings:
     redact: Redactor
     result_encoder: Callable[[Any], Any]
     claim_first: bool = False
-    """The store claims before it reads (its ``claim_new``): a call's first step is a claim
-    of a new record, which answers the record that is there when it is not new."""
+    """The store claims before it reads, for this call (its ``claim_new``, while its
+    ``claim_first`` says so): the first step is a claim of a new record, which answers the
+    record that is there when it is not new."""
 
 
 _QUALNAME = type.__dict__["__qualname__"]

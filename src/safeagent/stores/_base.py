@@ -295,13 +295,16 @@ class ReceiptStore(Protocol):
 
 
 class ClaimFirstStore(ReceiptStore, Protocol):
-    """A store that claims before it reads: with ``claim_first`` true, a guard's first step
-    for a call is :meth:`claim_new`, not :meth:`get`, so a first execution costs one round
-    trip fewer and a replay's read is the claim statement (PostgreSQL). Optional: a store
-    without it is read first (SQLite, where a read is cheap and a claim takes the write
-    lock)."""
+    """A store that can claim before it reads: while ``claim_first`` is true, a guard's
+    first step for a call is :meth:`claim_new`, not :meth:`get`, so a first execution
+    costs one round trip fewer and a replay's read is the claim statement (PostgreSQL).
+    Optional: a store without it is read first (SQLite, where a read is cheap and a claim
+    takes the write lock)."""
 
-    claim_first: bool
+    @property
+    def claim_first(self) -> bool:
+        """Read per call: whether the next call should claim first."""
+        ...
 
     def claim_new(self, request: ClaimRequest) -> ClaimResult:
         """Claim ``request``'s id only if it has no record, atomically, with its audit

@@ -21,18 +21,18 @@ fragments the client JSON-encoded), and moves the head. It changes nothing when 
 assumptions do not hold, and the general path follows: two round trips (with libpq 14 or
 later; four without pipeline mode): BEGIN and the statement that makes the change and
 locks its audit chain heads, then the statement that writes the events and moves the
-heads, and COMMIT. The general path takes a completion that settles a case, is late (a
-second event), is refused by the fencing check (a rejection event), or does not name its
-attempt (or names another: the statement checks both against the row). Buffered audit
-events (replays) go with a general-path write; the one-statement paths leave them
-waiting, and they are written by a transaction of their own when due (256 events, 1 s,
-checked on every call), before the trail is read, and at exit.
+heads, and COMMIT. The general path takes a claim when buffered audit events wait to be
+written (they go with it), and a completion that settles a case, is late (a second
+event), is refused by the fencing check (a rejection event), or does not name its attempt
+(or names another: the statement checks both against the row).
 
-The guard claims before it reads here (``claim_first``, :meth:`PostgresStore.claim_new`):
-its first statement for a call inserts the record only if there is none (``ON CONFLICT DO
-NOTHING``, which neither locks nor writes the row that is there) and otherwise returns
-that row. A first execution is then two round trips, the claim and the completion; a
-replay is still one, a heavier statement than a plain read (BENCHMARKS.md, round 12).
+The guard claims before it reads here (``claim_first``, :meth:`PostgresStore.claim_new`)
+while fewer than a quarter of the store's recent look-ups found a record and no buffered
+audit events wait: its first statement for a call inserts the record only if there is
+none (``ON CONFLICT DO NOTHING``, which neither locks nor writes the row that is there)
+and otherwise returns that row. A first execution is then two round trips, the claim and
+the completion; a replay is still one, but a statement about twice a read's CPU on both
+sides, so a store whose calls are mostly replays reads first (BENCHMARKS.md, round 12).
 
 A lost connection (the server restarted, the backend was terminated, a proxy dropped it)
 drains the pool (every idle connection closed and replaced: after a failover they are all
@@ -295,6 +295,12 @@ _READ_INSTEAD = (
 )
 
 
+CLAIM_FIRST_FOUND_SHARE = 0.25
+"""A store claims first (PostgresStore.claim_first) while less than this share of its
+recent look-ups (reads and claim_new's answers) found a record."""
+_LOOK_WEIGHT = 1 / 16  # each look-up's weight in that share (an exponential average)
+
+
 def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
     """GET's one row -> (the record, or None when its columns are NULL; the clock)."""
     if row is None:  # pragma: no cover - GET always returns its one row
@@ -448,8 +454,6 @@ class PostgresStore:
     """
 
     durable = True
-    claim_first = True
-    """A guard's first step on this store is :meth:`claim_new`, not :meth:`get`."""
     _fast_path = True  # tests turn it off on an instance to compare with the general path
 
     def __init__(
@@ -499,6 +503,7 @@ class PostgresStore:
         where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
         self._identity = f"postgresql:{where}/{self.schema}"  # on every call's hot path
         self._buffer = EventBuffer(self.flush_events)
+        self._found = 0.0  # the share of recent look-ups that found a record (claim_first)
         # the number of audit chains (set by _migrate): 16 in a schema whose chains began
         # before version 4, else as the schema stores it (q.NEW_CHAIN_SHARDS)
         self.chain_shards = CHAIN_SHARDS
@@ -945,19 +950,19 @@ class PostgresStore:
             self._maybe_flush()
         params = (self._at(), namespace, request_id)
         try:
-            return _found(self._one(self._sql["GET"], params))
+            row = self._one(self._sql["GET"], params)
         except StoreError as err:
             if not _lost(err):
                 raise
-        return _found(self._one(self._sql["GET"], params))  # _again, inline (the hot path)
+            row = self._one(self._sql["GET"], params)  # _again, inline (the hot path)
+        self._found += ((row is not None and row[0] is not None) - self._found) * _LOOK_WEIGHT
+        return _found(row)
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
         if self._unwritable is not None:
             raise StoreError(self._unwritable)
-        if self._buffer:
-            self._maybe_flush()  # due: written on their own (they never slow a claim)
         try:
-            if self._fast_path:
+            if self._fast_path and not self._buffer:
                 fragments = _claim_fragments(request, self.chain_shards)
                 if fragments is not None:
                     return self._claim_fast(request, fragments)
@@ -970,6 +975,22 @@ class PostgresStore:
         # row (_claimed_by) and writes the events the first try carried only if it did not
         return self._claim_general(request, self._held())
 
+    @property
+    def claim_first(self) -> bool:
+        """Whether a guard's next call should begin with :meth:`claim_new` (its one
+        statement) rather than :meth:`get`. Not while buffered audit events wait: a claim
+        then carries them the general way (docs/design.md section 5: they are written
+        with the process's next write), after a read either way. Not while most recent
+        look-ups found a record (``CLAIM_FIRST_FOUND_SHARE``, weighted over about the
+        last 16): a replay through claim_new costs about twice a read's CPU on both sides
+        (BENCHMARKS.md, round 12), which only the first executions' saved read pays for."""
+        return (
+            self._found < CLAIM_FIRST_FOUND_SHARE
+            and self._fast_path
+            and not self._buffer
+            and self._unwritable is None
+        )
+
     def claim_new(self, request: ClaimRequest) -> ClaimResult:
         """Claim ``request``'s id only if it has no record; when it has one, change
         nothing and return it, not won (a RELEASED record too: the caller decides, then
@@ -980,18 +1001,14 @@ class PostgresStore:
         database that turned read-only after the store opened, a wait longer than
         ``CLAIM_NEW_LOCK_TIMEOUT`` (100 ms, or the session's shorter ``lock_timeout``) on a
         transaction still changing the row, a statement cancelled (the session's
-        ``statement_timeout``), an event the statement cannot encode. Buffered audit
-        events do not go with it (they would send it the general way, with a read
-        before it): they are written by a transaction of their own when due (the
-        buffer's bounds, checked here as on every call).
+        ``statement_timeout``), buffered audit events to write, an event the statement
+        cannot encode.
 
         Raises:
             StoreError: as :meth:`claim`; nothing was claimed, or a lost connection's
                 second try could not tell.
         """
-        if self._buffer:
-            self._maybe_flush()  # due: written on their own (they never slow a claim)
-        if self._unwritable is not None or not self._fast_path:
+        if self._unwritable is not None or not self._fast_path or self._buffer:
             return self._read_then_claim(request)
         fragments = _claim_fragments(request, self.chain_shards)
         if fragments is None:
@@ -1018,6 +1035,7 @@ class PostgresStore:
         row = self._one(self._sql["CLAIM_NEW_FAST"], params)
         if row is None:  # pragma: no cover - the statement always returns one row
             raise StoreError("the claim returned no row")
+        self._found += ((not row[0]) - self._found) * _LOOK_WEIGHT
         if row[0]:
             return ClaimResult(True, row_to_record(row[1:]), int(row[1 + N_COLUMNS]))
         if row[1] is not None:
@@ -1103,10 +1121,8 @@ class PostgresStore:
         settle = completion.settle_case if terminal else None
         action, execution_id = completion.action, completion.execution_id
         known = None if action is None or execution_id is None else (action, execution_id)
-        if self._buffer:
-            self._maybe_flush()  # due: written on their own (they never slow a completion)
         try:
-            if known is not None and settle is None and self._fast_path:
+            if known is not None and settle is None and self._fast_path and not self._buffer:
                 fragments = _completion_fragments(completion, *known, self.chain_shards)
                 if fragments is not None:
                     done = self._complete_fast(completion, terminal, known, fragments)
