@@ -39,7 +39,13 @@ from safeagent.stores._base import (
     completion_events,
 )
 from safeagent.stores._rows import GENESIS, chain_hash, chain_rows, shard_of
-from safeagent.stores.postgres import _ATTEMPT, _TOKEN, PostgresStore, _claim_fragments
+from safeagent.stores.postgres import (
+    _ATTEMPT,
+    _TOKEN,
+    CLAIM_FIRST_FOUND_SHARE,
+    PostgresStore,
+    _claim_fragments,
+)
 from tests.conftest import PG_URL, FakeClock, pg_schema
 
 pytestmark = pytest.mark.usefixtures("postgres_available")
@@ -842,23 +848,28 @@ def test_a_replay_under_a_short_statement_timeout_reads_instead(make: Made) -> N
     assert runs == Counter(busy=1)
 
 
-def test_the_guard_reads_first_while_most_look_ups_find_a_record(make: Made) -> None:
-    """claim_first follows the share of recent look-ups that found a record: after a run
-    of replays the guard reads first (a replay through claim_new costs about twice a read's
-    CPU), and after a run of first executions it claims first again."""
+def test_the_guard_reads_first_while_first_steps_mostly_find_a_record(make: Made) -> None:
+    """claim_first follows the share of the recent calls' first steps (claim_new's
+    answers, and look's when a call read first) that found a record: after a run of
+    replays the guard reads first (a replay through claim_new costs about twice a read's
+    CPU), and after a run of first executions it claims first again. Other reads (receipt
+    look-ups, a waiting caller's polls) do not count."""
     store = make()
     guard = Guard(store, wait=0)
     guard.execute("a", "x", {}, lambda _ctx: 1)
+    for _ in range(50):
+        assert guard.get("a") is not None  # reads: not counted
     assert store.claim_first
     for _ in range(40):
         assert guard.execute("a", "x", {}, lambda _ctx: 1).replay
-    store.flush_events()  # (buffered events alone also send the guard the read's way)
+        store.flush_events()  # (buffered events alone also send the guard the read's way)
+    assert store._found >= CLAIM_FIRST_FOUND_SHARE
     assert not store.claim_first
     before = store.paths.copy()
     guard.execute("b", "x", {}, lambda _ctx: 1)
     assert store.paths - before == Counter(_claim_fast=1, _complete_fast=1)  # read, claim
     for i in range(60):
-        guard.execute(f"n{i}", "x", {}, lambda _ctx: 1)
+        guard.execute(f"n{i}", "x", {}, lambda _ctx: 1)  # each read first misses
     assert store.claim_first
     before = store.paths.copy()
     guard.execute("c", "x", {}, lambda _ctx: 1)

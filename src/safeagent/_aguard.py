@@ -590,7 +590,10 @@ class AsyncGuard(GuardCore):
     async def _perform(self, op: Op) -> Any:
         store = self.store
         if isinstance(op, Get):
-            return await self._io(store.get, op.namespace, op.request_id)
+            read = store.get
+            if op.first and self._claim_first:
+                read = cast(ClaimFirstStore, store).look
+            return await self._io(read, op.namespace, op.request_id)
         if isinstance(op, Emit):
             return await self._io(lambda: store.record_event(op.event, buffered=op.buffered))
         if isinstance(op, Complete):

@@ -64,10 +64,12 @@ Counted in characters, each non-ASCII one as six (the event escapes it as six AS
 
 @dataclass(slots=True)
 class Get:
-    """Read the record: answers ``(Record | None, now_ms)``."""
+    """Read the record: answers ``(Record | None, now_ms)``. ``first``: a call's first
+    step (the store's ``look`` on a :class:`ClaimFirstStore`, which counts its answer)."""
 
     namespace: str
     request_id: str
+    first: bool = False
 
 
 @dataclass(slots=True)
@@ -369,7 +371,7 @@ def execute_flow(call: Call, fn: Callable[[ExecutionContext], Any], s: Settings)
             return (yield from run_flow(call, first.record, fn, s))
         record, now = first.record, first.now_ms
     else:
-        record, now = yield Get(call.namespace, call.request_id)
+        record, now = yield Get(call.namespace, call.request_id, True)
     deadline: float | None = None
     poll = POLL_START
     while True:

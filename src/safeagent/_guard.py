@@ -391,6 +391,8 @@ class Guard(GuardCore):
     def _perform(self, op: Op) -> Any:
         store = self.store
         if isinstance(op, Get):
+            if op.first and self._claim_first:
+                return cast(ClaimFirstStore, store).look(op.namespace, op.request_id)
             return store.get(op.namespace, op.request_id)
         if isinstance(op, Emit):
             store.record_event(op.event, buffered=op.buffered)

@@ -299,7 +299,8 @@ class ClaimFirstStore(ReceiptStore, Protocol):
     first step for a call is :meth:`claim_new`, not :meth:`get`, so a first execution
     costs one round trip fewer and a replay's read is the claim statement (PostgreSQL).
     Optional: a store without it is read first (SQLite, where a read is cheap and a claim
-    takes the write lock)."""
+    takes the write lock). A wrapper or subclass that changes :meth:`claim` must change
+    :meth:`claim_new` too: a call's first claim may go through either."""
 
     @property
     def claim_first(self) -> bool:
@@ -310,6 +311,11 @@ class ClaimFirstStore(ReceiptStore, Protocol):
         """Claim ``request``'s id only if it has no record, atomically, with its audit
         event; when it has one (any status, RELEASED too), change nothing and answer it,
         not won."""
+        ...
+
+    def look(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
+        """:meth:`get`, as a call's first step when it reads first: what it finds tells
+        the store whether claiming first would have paid."""
         ...
 
 

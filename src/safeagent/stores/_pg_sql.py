@@ -364,8 +364,9 @@ CLAIM_FAST = f"""{_CLAIM_WON},{_CLAIMED_EVENT}{_FAST_MOVE}"""
 # that record as the statement's snapshot saw it, or all NULL when the conflicting row was
 # committed after the statement began (the caller then reads it with a statement of its
 # own). A RELEASED record is returned, not taken over: the caller decides, then claims it
-# with CLAIM_FAST. The guard's first step on PostgreSQL (PostgresStore.claim_new): a first
-# execution's claim needs no read before it, a replay's read is this statement.
+# with CLAIM_FAST. The guard's first step on PostgreSQL while it pays
+# (PostgresStore.claim_new, claim_first): a first execution's claim needs no read before
+# it, a replay's read is this statement.
 CLAIM_NEW_FAST = f"""{_CLAIM_NEW},{_CLAIMED_EVENT}{_MOVE_AND_SELECT.replace("<lead>", "true, ")}
 UNION ALL
 SELECT false, {E_COLUMNS}, n.now

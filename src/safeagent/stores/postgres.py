@@ -27,10 +27,11 @@ event), is refused by the fencing check (a rejection event), or does not name it
 (or names another: the statement checks both against the row).
 
 The guard claims before it reads here (``claim_first``, :meth:`PostgresStore.claim_new`)
-while fewer than a quarter of the store's recent look-ups found a record and no buffered
-audit events wait: its first statement for a call inserts the record only if there is
-none (``ON CONFLICT DO NOTHING``, which neither locks nor writes the row that is there)
-and otherwise returns that row. A first execution is then two round trips, the claim and
+while fewer than a quarter of the recent calls' first steps found a record and no
+buffered audit events wait: its
+first statement for a call inserts the record only if there is none (``ON CONFLICT DO
+NOTHING``, which neither locks nor writes the row that is there) and otherwise returns
+that row. A first execution is then two round trips, the claim and
 the completion; a replay is still one, but a statement about twice a read's CPU on both
 sides, so a store whose calls are mostly replays reads first (BENCHMARKS.md, round 12).
 
@@ -296,9 +297,10 @@ _READ_INSTEAD = (
 
 
 CLAIM_FIRST_FOUND_SHARE = 0.25
-"""A store claims first (PostgresStore.claim_first) while less than this share of its
-recent look-ups (reads and claim_new's answers) found a record."""
-_LOOK_WEIGHT = 1 / 16  # each look-up's weight in that share (an exponential average)
+"""A store claims first (PostgresStore.claim_first) while less than this share of the
+recent first steps of calls (claim_new's answers, and look's when a call read first)
+found a record."""
+_LOOK_WEIGHT = 1 / 16  # each answer's weight in that share (an exponential average)
 
 
 def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
@@ -503,7 +505,7 @@ class PostgresStore:
         where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
         self._identity = f"postgresql:{where}/{self.schema}"  # on every call's hot path
         self._buffer = EventBuffer(self.flush_events)
-        self._found = 0.0  # the share of recent look-ups that found a record (claim_first)
+        self._found = 0.0  # the share of recent first steps that found a record (claim_first)
         # the number of audit chains (set by _migrate): 16 in a schema whose chains began
         # before version 4, else as the schema stores it (q.NEW_CHAIN_SHARDS)
         self.chain_shards = CHAIN_SHARDS
@@ -950,13 +952,11 @@ class PostgresStore:
             self._maybe_flush()
         params = (self._at(), namespace, request_id)
         try:
-            row = self._one(self._sql["GET"], params)
+            return _found(self._one(self._sql["GET"], params))
         except StoreError as err:
             if not _lost(err):
                 raise
-            row = self._one(self._sql["GET"], params)  # _again, inline (the hot path)
-        self._found += ((row is not None and row[0] is not None) - self._found) * _LOOK_WEIGHT
-        return _found(row)
+        return _found(self._one(self._sql["GET"], params))  # _again, inline (the hot path)
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
         if self._unwritable is not None:
@@ -975,15 +975,24 @@ class PostgresStore:
         # row (_claimed_by) and writes the events the first try carried only if it did not
         return self._claim_general(request, self._held())
 
+    def look(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
+        """:meth:`get`, as a guard's first step for a call (it read first): whether it
+        found a record counts in :attr:`claim_first`'s share, as claim_new's answers do.
+        Other reads (a caller's receipt look-ups, a waiting call's polls) do not."""
+        found = self.get(namespace, request_id)
+        self._found += ((found[0] is not None) - self._found) * _LOOK_WEIGHT
+        return found
+
     @property
     def claim_first(self) -> bool:
         """Whether a guard's next call should begin with :meth:`claim_new` (its one
-        statement) rather than :meth:`get`. Not while buffered audit events wait: a claim
-        then carries them the general way (docs/design.md section 5: they are written
-        with the process's next write), after a read either way. Not while most recent
-        look-ups found a record (``CLAIM_FIRST_FOUND_SHARE``, weighted over about the
-        last 16): a replay through claim_new costs about twice a read's CPU on both sides
-        (BENCHMARKS.md, round 12), which only the first executions' saved read pays for."""
+        statement) rather than :meth:`get`; read once per call. Not while buffered audit
+        events wait: a claim then carries them the general way (docs/design.md section
+        5: they are written with the process's next write), after a read either way. Nor
+        while ``CLAIM_FIRST_FOUND_SHARE`` or more of the recent first steps (claim_new's
+        answers and :meth:`look`'s, weighted over about the last 16) found a record, since
+        a replay through claim_new costs about twice a read's CPU on both sides
+        (BENCHMARKS.md, round 12)."""
         return (
             self._found < CLAIM_FIRST_FOUND_SHARE
             and self._fast_path
