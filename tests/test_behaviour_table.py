@@ -127,6 +127,21 @@ def test_a_replay_never_depends_on_the_redact_hook(store: Any, ledger: Ledger) -
     guard.close()
 
 
+def test_a_store_with_part_of_the_claim_first_interface_is_read_first() -> None:
+    """A store that says claim_first and has claim_new but no look (ClaimFirstStore asks
+    for all three) is used as any store: read first, never claim_new."""
+
+    class Half(MemoryStore):
+        claim_first = True
+
+        def claim_new(self, request: Any) -> Any:
+            raise AssertionError("claim_new of a store without look")
+
+    guard = Guard(Half(), wait=0)
+    assert not guard.execute("r", "a", {}, lambda _ctx: 1).replay
+    assert guard.execute("r", "a", {}, lambda _ctx: 1).replay
+
+
 @pytest.mark.parametrize("size", [_flow.CLAIM_FIRST_MAX_PAYLOAD - 100, 50_000])
 def test_payloads_either_side_of_the_claim_first_limit_run_once_and_replay(
     store: Any, ledger: Ledger, size: int

@@ -250,8 +250,8 @@ class GuardCore:
             self._owns_store = False
         # A store that can claim before it reads (PostgreSQL): see Settings.claim_first; it
         # says per call whether to (ClaimFirstStore.claim_first).
-        self._claim_first = hasattr(self.store, "claim_first") and callable(
-            getattr(self.store, "claim_new", None)
+        self._claim_first = hasattr(self.store, "claim_first") and all(
+            callable(getattr(self.store, name, None)) for name in ("claim_new", "look")
         )
 
     # -- settings -------------------------------------------------------------------------
