@@ -584,6 +584,21 @@ def test_fast_statements_on_a_dead_connection_are_tried_once_more(make: Made) ->
 # -- the claim before the read (claim_new, the guard's first step here) -----------------------
 
 
+def _until_waiting_on_a_lock(store: PostgresStore, failure: str) -> None:
+    """Return once one of ``store``'s backends waits on a lock (about 5 s at most)."""
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        for _ in range(500):
+            waiting = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                " AND wait_event_type = 'Lock'",
+                (f"safeagent-{store.schema}",),
+            ).fetchone()
+            if waiting and waiting[0]:
+                return
+            time.sleep(0.01)
+    raise AssertionError(failure)
+
+
 def _row_state(store: PostgresStore, rid: str) -> tuple[Any, ...]:
     """The row's system columns and values: xmin and xmax change when a statement writes
     or locks it (a lock by ON CONFLICT DO UPDATE, or FOR UPDATE, sets xmax)."""
@@ -655,18 +670,7 @@ def test_claim_new_meets_a_row_committed_after_its_statement_began(make: Made) -
         result: list[ClaimResult] = []
         waiter = threading.Thread(target=lambda: result.append(store.claim_new(mine)))
         waiter.start()
-        with psycopg.connect(PG_URL, autocommit=True) as admin:
-            for _ in range(500):
-                waiting = admin.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-                    " AND wait_event_type = 'Lock'",
-                    (f"safeagent-{store.schema}",),
-                ).fetchone()
-                if waiting and waiting[0]:
-                    break
-                time.sleep(0.01)
-            else:
-                raise AssertionError("claim_new never waited for the other insert")
+        _until_waiting_on_a_lock(store, "claim_new never waited for the other insert")
         holder.commit()
         waiter.join(30)
     finally:
@@ -1060,18 +1064,7 @@ def test_a_head_moved_after_the_statement_began_is_chained_onto(make: Made, op: 
         result: list[Any] = []
         waiter = threading.Thread(target=lambda: result.append(fast()))
         waiter.start()
-        with psycopg.connect(PG_URL, autocommit=True) as admin:
-            for _ in range(500):
-                waiting = admin.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-                    " AND wait_event_type = 'Lock'",
-                    (f"safeagent-{store.schema}",),
-                ).fetchone()
-                if waiting and waiting[0]:
-                    break
-                time.sleep(0.01)
-            else:
-                raise AssertionError("the fast claim never waited for the head")
+        _until_waiting_on_a_lock(store, "the fast claim never waited for the head")
         holder.commit()
         waiter.join(30)
         assert result == [True]
