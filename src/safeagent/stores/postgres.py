@@ -28,12 +28,12 @@ event), is refused by the fencing check (a rejection event), or does not name it
 
 The guard claims before it reads here (``claim_first``, :meth:`PostgresStore.claim_new`)
 while fewer than a quarter of the recent calls' first steps found a record and no
-buffered audit events wait: its
-first statement for a call inserts the record only if there is none (``ON CONFLICT DO
-NOTHING``, which neither locks nor writes the row that is there) and otherwise returns
-that row. A first execution is then two round trips, the claim and
-the completion; a replay is still one, but a statement about twice a read's CPU on both
-sides, so a store whose calls are mostly replays reads first (BENCHMARKS.md, round 12).
+buffered audit events wait: its first statement for a call inserts the record only if
+there is none (``ON CONFLICT DO NOTHING``, which neither locks nor writes the row that is
+there) and otherwise returns that row. A first execution is then two round trips, the
+claim and the completion; a replay is still one, but a statement about twice a read's
+CPU on both sides, so a store whose calls are mostly replays reads first (BENCHMARKS.md,
+round 12).
 
 A lost connection (the server restarted, the backend was terminated, a proxy dropped it)
 drains the pool (every idle connection closed and replaced: after a failover they are all
@@ -1025,13 +1025,13 @@ class PostgresStore:
         try:
             return self._claim_new_fast(request, fragments)
         except StoreError as err:
-            if isinstance(err.__cause__, _READ_INSTEAD) and not _lost(err):
+            if not _lost(err):
+                if not isinstance(err.__cause__, _READ_INSTEAD):
+                    raise
                 # Nothing was written (the statement failed whole): a database that turned
                 # read-only still answers replays, and a wait on a transaction changing the
                 # row (CLAIM_NEW_LOCK_TIMEOUT) gives way to a read, which never waits.
                 return self._read_then_claim(request)
-            if not _lost(err):
-                raise
         # Perhaps committed: the general claim's second try recognises its own row
         # (_claimed_by). It would also take over a RELEASED record, which is what the
         # caller does next with one (decide: a released record is claimed).
@@ -1045,10 +1045,8 @@ class PostgresStore:
         if row is None:  # pragma: no cover - the statement always returns one row
             raise StoreError("the claim returned no row")
         self._found += ((not row[0]) - self._found) * _LOOK_WEIGHT
-        if row[0]:
-            return ClaimResult(True, row_to_record(row[1:]), int(row[1 + N_COLUMNS]))
-        if row[1] is not None:
-            return ClaimResult(False, row_to_record(row[1:]), int(row[1 + N_COLUMNS]))
+        if row[0] or row[1] is not None:  # won, or the record the snapshot saw
+            return ClaimResult(bool(row[0]), row_to_record(row[1:]), int(row[1 + N_COLUMNS]))
         # The conflicting row was committed after the statement's snapshot: read it with a
         # statement of its own, whose snapshot sees it.
         existing, now = self.get(request.namespace, request.request_id)
