@@ -265,6 +265,74 @@ def test_fast_canonical_json_matches_on_astral_keys_and_odd_floats(value: object
     assert canonical_json(value) == rfc8785.dumps(value)
 
 
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
+plain_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-SAFE, max_value=SAFE) | _TEXT,
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(alphabet=st.characters(max_codepoint=127)), inner, max_size=5)
+    ),
+    max_leaves=40,
+)
+
+
+@given(value=plain_values)
+def test_the_c_encoder_path_is_byte_identical_to_rfc8785(value: object) -> None:
+    """Payloads without floats, subclasses or non-ASCII keys (most payloads) go through
+    Python's C encoder, and its bytes are rfc8785's."""
+    from safeagent._keys import _encode_plain, _plain
+
+    assert _encode_plain is not None  # CPython: the fast path is the one tested here
+    assert _plain(value, 0)
+    assert canonical_json(value) == rfc8785.dumps(value)
+
+
+@given(
+    value=st.recursive(
+        st.integers(min_value=-(2**60), max_value=2**60)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | _TEXT,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_what_the_c_encoder_would_get_wrong_goes_the_checked_way(value: object) -> None:
+    """Floats, non-ASCII keys and unsafe integers anywhere in a payload leave the C
+    encoder's path: the bytes are rfc8785's, and an unsafe integer is the typed error."""
+    try:
+        expected = rfc8785.dumps(value)
+    except rfc8785.CanonicalizationError:
+        with pytest.raises(InvalidPayloadError):
+            canonical_json(value)
+        return
+    assert canonical_json(value) == expected
+
+
+def test_subclasses_and_loops_leave_the_c_encoder_path() -> None:
+    """An int or str subclass (an IntEnum, a str Enum) is encoded by its value, as rfc8785
+    does; a container holding itself is the typed depth error, never a crash."""
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Tag(str, enum.Enum):
+        A = "a"
+
+    from safeagent._keys import _plain
+
+    value = {"level": Level.HIGH, "tag": Tag.A, "n": [1, (2, "x")]}
+    assert not _plain(value, 0)
+    assert canonical_json(value) == rfc8785.dumps(value) == b'{"level":3,"n":[1,[2,"x"]],"tag":"a"}'
+    loop: list[object] = [1]
+    loop.append(loop)
+    with pytest.raises(InvalidPayloadError, match="nested deeper"):
+        canonical_json({"a": loop})
+    with pytest.raises(InvalidPayloadError, match="UTF-8"):
+        canonical_json({"a": ["ok", "\ud800"]})
+
+
 def test_deep_nesting_is_a_typed_error() -> None:
     """Payloads nested deeper than MAX_DEPTH are rejected with InvalidPayloadError."""
     from safeagent._keys import MAX_DEPTH

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, cast
 
 import rfc8785
 
@@ -27,22 +27,33 @@ MAX_DEPTH = 100
 MAX_SAFE_INTEGER = 2**53 - 1
 # The C string escaper behind JSONEncoder(ensure_ascii=False), called directly.
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring
+_join = "".join
 
 
 def canonical_json(value: Any) -> bytes:
     """Return the RFC 8785 canonical JSON bytes of ``value``.
 
-    A fast path written for the hot path, byte-identical to the ``rfc8785`` package
-    (a property test compares them): strings are escaped as ECMAScript's
-    ``JSON.stringify`` does (which is what Python's encoder does without ``ensure_ascii``),
-    object keys sorted by UTF-16 code units, and floats delegated to ``rfc8785`` for
-    ECMAScript number formatting. Tuples are arrays.
+    Written for the hot path, byte-identical to the ``rfc8785`` package (property tests
+    compare them): strings are escaped as ECMAScript's ``JSON.stringify`` does (which is
+    what Python's encoder does without ``ensure_ascii``), object keys sorted by UTF-16
+    code units, and floats delegated to ``rfc8785`` for ECMAScript number formatting.
+    Tuples are arrays. A payload of exact dicts with ASCII keys, lists, tuples, strings,
+    booleans, ``None`` and safe integers (no float, no subclass: most payloads) is
+    written by Python's C encoder after one pass that checks it (:func:`_plain`); any
+    other goes through :func:`_canon`, value by value.
 
     Raises:
         InvalidPayloadError: ``value`` is not a JSON value (NaN, infinities, integers
             beyond +-(2**53 - 1), non-string keys, lone surrogates, other types), or it
             nests deeper than :data:`MAX_DEPTH`.
     """
+    if _encode_plain is not None and _plain(value, 0):
+        try:
+            return _join(_encode_plain(value, 0)).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidPayloadError(f"payload is not valid UTF-8 text: {exc}") from exc
+        except (RecursionError, TypeError, ValueError):
+            pass  # changed by another thread since _plain looked: the checked path decides
     parts: list[str] = []
     try:
         _canon(value, parts, 0)
@@ -51,6 +62,74 @@ def canonical_json(value: Any) -> bytes:
         raise InvalidPayloadError(f"payload is not valid UTF-8 text: {exc}") from exc
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
         raise InvalidPayloadError(f"payload is not a canonical JSON value: {exc}") from exc
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """Whether ``value`` is a JSON value on which Python's C encoder (sorted keys, no
+    ASCII escaping) writes exactly RFC 8785's bytes: exact dicts whose keys are exact
+    ASCII ``str`` (code point order is then UTF-16 order), exact lists and tuples, exact
+    ``str``, ``None``, booleans and exact ``int`` in the safe range, nested at most
+    :data:`MAX_DEPTH` deep. No float (ECMAScript formats numbers its own way), no
+    subclass (it may encode itself otherwise): anything else takes :func:`_canon`, which
+    also reports what is wrong. A loop is nested too deep, so it is not plain."""
+    kind = type(value)
+    if kind is dict:
+        if depth >= MAX_DEPTH:
+            return False
+        for key, item in value.items():
+            if type(key) is not str or not key.isascii():
+                return False
+            kind = type(item)
+            if kind is str or item is None or kind is bool:
+                continue
+            if kind is int:
+                if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                    return False
+            elif not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        if depth >= MAX_DEPTH:
+            return False
+        for item in value:
+            kind = type(item)
+            if kind is str or item is None or kind is bool:
+                continue
+            if kind is int:
+                if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                    return False
+            elif not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is str or value is None or kind is bool:
+        return True
+    return kind is int and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
+
+
+def _plain_encoder() -> Callable[[Any, int], Sequence[str]] | None:
+    """Python's C JSON encoder, built once, for :func:`_plain` values: compact separators,
+    keys sorted, no ASCII escaping (``json.dumps(value, ensure_ascii=False,
+    separators=(",", ":"), sort_keys=True)`` without its per-call set-up), called as
+    ``"".join(encode(value, 0))``. It has no circular-reference check: _plain has ruled
+    loops out. None where the C encoder is missing or writes other bytes than
+    :func:`_canon` on a probe (another interpreter or version): _canon serves alone."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    probe: dict[str, Any] = {
+        "b": [0, -(2**53 - 1), 2**53 - 1, True, False, None, ("t", [])],
+        "a": {"": '\u00e9"\\\n\r\t\b\f\x00\x1f\x7f\u2028\U0001f600', "A": {}},
+        "": "",
+    }
+    try:
+        encode = make(None, None, _encode_str, None, ":", ",", True, False, False)
+        expected: list[str] = []
+        _canon(probe, expected, 0)
+        if _plain(probe, 0) and _join(encode(probe, 0)) == _join(expected):
+            return cast(Callable[[Any, int], Sequence[str]], encode)
+    except Exception:  # noqa: BLE001, S110 - any surprise: _canon alone
+        pass
+    return None
 
 
 def _utf16_key(key: str) -> bytes:
@@ -110,6 +189,9 @@ def _canon(value: Any, out: list[str], depth: int) -> None:
         out.append("}")
     else:
         raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+_encode_plain = _plain_encoder()
 
 
 def check_request_id(request_id: object) -> str:
