@@ -39,7 +39,8 @@ grow to 16 connections. Figures, per backend and mode (ratio = SafeAgent / floor
   cost client CPU), or 10,000 and 100,000 with --full-memory (about 15 more minutes).
 
 Plus the cost of one fingerprint: ``safeagent._keys.canonical_json`` + ``fingerprint``
-against ``rfc8785.dumps`` + ``hashlib.sha256`` (checked byte-identical on the way).
+against ``rfc8785.dumps`` + ``hashlib.sha256`` (checked byte-identical on the way), for the
+harness's flat payload and for a nested order (``order_payload``).
 
 Concurrency figures are repeated (3 rounds; 1 with --quick), alternating which of SafeAgent
 and floor goes first; medians are reported. The default run takes about 4 minutes on a
@@ -321,9 +322,22 @@ def med(values: list[float]) -> float | None:
 # -- fingerprint -------------------------------------------------------------------------------
 
 
-def bench_fingerprint(batches: int, per_batch: int) -> dict[str, Any]:
-    body = payload("fp-1")
+def order_payload() -> dict[str, Any]:
+    """A nested tool-call payload (an order with line items and an address): what agents
+    send to shops and ERPs, next to the harness's three flat fields."""
+    return {
+        "customer": {"id": "cus_8812", "email": "ana@example.com", "tier": "gold"},
+        "currency": "EUR",
+        "items": [
+            {"sku": f"SKU-{i:04d}", "qty": i % 3 + 1, "unit_cents": 499 + 100 * i, "gift": i == 2}
+            for i in range(6)
+        ],
+        "shipping": {"street": "Calle Mayor 1", "city": "Madrid", "zip": "28013", "notes": None},
+        "idempotent": True,
+    }
 
+
+def _fingerprint_pair(body: Any, batches: int, per_batch: int) -> dict[str, Any]:
     def ours() -> str:
         return fingerprint(ACTION, canonical_json(body))
 
@@ -349,6 +363,15 @@ def bench_fingerprint(batches: int, per_batch: int) -> dict[str, Any]:
         "identical": identical,
         "calls": batches * per_batch,
     }
+
+
+def bench_fingerprint(batches: int, per_batch: int) -> dict[str, Any]:
+    """One fingerprint (canonical JSON + SHA-256) of the harness's flat payload, against
+    ``rfc8785.dumps`` + ``hashlib.sha256``; under ``"nested"``, the same for
+    :func:`order_payload`."""
+    flat = _fingerprint_pair(payload("fp-1"), batches, per_batch)
+    flat["nested"] = _fingerprint_pair(order_payload(), batches, max(1, per_batch // 4))
+    return flat
 
 
 # -- single-thread latency ---------------------------------------------------------------------
@@ -1085,6 +1108,17 @@ def table(results: dict[str, Any]) -> str:
                 r(fp["ratio"]),
             ]
         )
+        nested = fp.get("nested")
+        if nested:
+            rows.append(
+                [
+                    "fingerprint, nested",
+                    "µs per call, order with 6 line items",
+                    f"{nested['safeagent_us']:.2f}",
+                    f"{nested['rfc8785_us']:.2f}",
+                    r(nested["ratio"]),
+                ]
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"

@@ -127,6 +127,9 @@ def test_run_quick_measures_every_figure_on_both_backends(tmp_path: Path) -> Non
                 assert r["client_cpu_us"] > 0, (name, r)
                 assert r["server_cpu_us"] is None or r["server_cpu_us"] >= 0, (name, r)
     assert re.search(r"^\| postgres/durable\s+\|\s+CPU us/exec: client; local server", out, re.M)
+    fp = results["fingerprint"]
+    assert fp["identical"] and fp["nested"]["identical"], fp  # the same bytes as rfc8785
+    assert re.search(r"^\| fingerprint, nested\s+\|", out, re.M), out
 
 
 def test_pg_chains_compares_16_and_256_chains_beside_the_floor(tmp_path: Path) -> None:
