@@ -7,6 +7,11 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -281,10 +286,10 @@ plain_values = st.recursive(
 def test_the_c_encoder_path_is_byte_identical_to_rfc8785(value: object) -> None:
     """Payloads without floats, subclasses or non-ASCII keys (most payloads) go through
     Python's C encoder, and its bytes are rfc8785's."""
-    from safeagent._keys import _encode_plain, _plain
+    from safeagent._keys import _NOT_PLAIN, _encode_plain, _plain
 
     assert _encode_plain is not None  # CPython: the fast path is the one tested here
-    assert _plain(value, 0)
+    assert _plain(value, 0) is not _NOT_PLAIN
     assert canonical_json(value) == rfc8785.dumps(value)
 
 
@@ -320,10 +325,10 @@ def test_subclasses_and_loops_leave_the_c_encoder_path() -> None:
     class Tag(str, enum.Enum):
         A = "a"
 
-    from safeagent._keys import _plain
+    from safeagent._keys import _NOT_PLAIN, _plain
 
     value = {"level": Level.HIGH, "tag": Tag.A, "n": [1, (2, "x")]}
-    assert not _plain(value, 0)
+    assert _plain(value, 0) is _NOT_PLAIN
     assert canonical_json(value) == rfc8785.dumps(value) == b'{"level":3,"n":[1,[2,"x"]],"tag":"a"}'
     loop: list[object] = [1]
     loop.append(loop)
@@ -331,6 +336,86 @@ def test_subclasses_and_loops_leave_the_c_encoder_path() -> None:
         canonical_json({"a": loop})
     with pytest.raises(InvalidPayloadError, match="UTF-8"):
         canonical_json({"a": ["ok", "\ud800"]})
+
+
+def test_a_payload_changed_by_another_thread_gives_the_bytes_of_one_of_its_states() -> None:
+    """The C encoder reads a checked private copy: a thread flipping a value between an
+    int and a float meanwhile never gets a float into its bytes in Python's spelling
+    (1e+16), which would be the fingerprint of no state of the payload."""
+    import threading
+
+    payload: dict[str, Any] = {"a": 1, "b": list(range(3000))}  # checked after "a"
+    states = {rfc8785.dumps({**payload, "a": 1}), rfc8785.dumps({**payload, "a": 1e16})}
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            payload["a"] = 1e16
+            time.sleep(0)
+            payload["a"] = 1
+            time.sleep(0)
+
+    flipper = threading.Thread(target=flip)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, as a loaded server may
+    flipper.start()
+    try:
+        seen = {canonical_json(payload) for _ in range(1500)}
+    finally:
+        stop.set()
+        flipper.join()
+        sys.setswitchinterval(interval)
+    assert seen <= states, seen - states
+
+
+def test_a_payload_freed_or_changed_while_encoded_cannot_crash_or_mislead(
+    tmp_path: Path,
+) -> None:
+    """A garbage-collector callback (or a __del__) that frees or replaces part of the
+    payload while it is encoded: the interpreter does not crash, and the bytes are
+    those of the payload before or after the change. In a child process, since the
+    failure this guards against is a segmentation fault."""
+    script = tmp_path / "gc_change.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import gc, sys
+            import rfc8785
+            from safeagent._keys import canonical_json
+
+            before = [{"k%d" % i: "v" * 50 for i in range(50)}, 1]
+            after = [None, 1e16]
+            payload = [dict(before[0]), 1]
+            armed = [True]
+            junk = []
+
+            def change(phase, info):
+                if phase != "start" or not armed[0]:
+                    return
+                if sys._getframe(1).f_code.co_name != "canonical_json":
+                    return
+                armed[0] = False
+                payload[0] = None  # frees the dict the encoder may be reading
+                payload[1] = 1e16
+                junk.extend({"x%d" % j: j} for j in range(200))  # reuse its memory
+
+            gc.callbacks.append(change)
+            gc.set_threshold(1, 1, 1)
+            try:
+                out = canonical_json(payload)
+            finally:
+                gc.set_threshold(700, 10, 10)
+                gc.callbacks.remove(change)
+            assert out in (rfc8785.dumps(before), rfc8785.dumps(after)), out
+            print("ok")
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.strip() == "ok", done.stdout
 
 
 def test_deep_nesting_is_a_typed_error() -> None:

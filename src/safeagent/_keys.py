@@ -39,21 +39,23 @@ def canonical_json(value: Any) -> bytes:
     code units, and floats delegated to ``rfc8785`` for ECMAScript number formatting.
     Tuples are arrays. A payload of exact dicts with ASCII keys, lists, tuples, strings,
     booleans, ``None`` and safe integers (no float, no subclass: most payloads) is
-    written by Python's C encoder after one pass that checks it (:func:`_plain`); any
-    other goes through :func:`_canon`, value by value.
+    written by Python's C encoder from a checked private copy (:func:`_plain`); any other
+    goes through :func:`_canon`, value by value.
 
     Raises:
         InvalidPayloadError: ``value`` is not a JSON value (NaN, infinities, integers
             beyond +-(2**53 - 1), non-string keys, lone surrogates, other types), or it
             nests deeper than :data:`MAX_DEPTH`.
     """
-    if _encode_plain is not None and _plain(value, 0):
-        try:
-            return _join(_encode_plain(value, 0)).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidPayloadError(f"payload is not valid UTF-8 text: {exc}") from exc
-        except (RecursionError, TypeError, ValueError):
-            pass  # changed by another thread since _plain looked: the checked path decides
+    if _encode_plain is not None:
+        plain = _plain(value, 0)
+        if plain is not _NOT_PLAIN:
+            try:
+                return _join(_encode_plain(plain, 0)).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidPayloadError(f"payload is not valid UTF-8 text: {exc}") from exc
+            except RecursionError:
+                pass  # a call already deep in the stack: the checked path decides
     parts: list[str] = []
     try:
         _canon(value, parts, 0)
@@ -64,54 +66,73 @@ def canonical_json(value: Any) -> bytes:
         raise InvalidPayloadError(f"payload is not a canonical JSON value: {exc}") from exc
 
 
-def _plain(value: Any, depth: int) -> bool:
-    """Whether ``value`` is a JSON value on which Python's C encoder (sorted keys, no
-    ASCII escaping) writes exactly RFC 8785's bytes: exact dicts whose keys are exact
-    ASCII ``str`` (code point order is then UTF-16 order), exact lists and tuples, exact
-    ``str``, ``None``, booleans and exact ``int`` in the safe range, nested at most
-    :data:`MAX_DEPTH` deep. No float (ECMAScript formats numbers its own way), no
-    subclass (it may encode itself otherwise): anything else takes :func:`_canon`, which
-    also reports what is wrong. A loop is nested too deep, so it is not plain."""
+_NOT_PLAIN: Any = object()
+
+
+def _plain(value: Any, depth: int) -> Any:
+    """A private copy of ``value`` that Python's C encoder (sorted keys, no ASCII
+    escaping) writes exactly as RFC 8785 does, or ``_NOT_PLAIN``. Plain is: exact dicts
+    whose keys are exact ASCII ``str`` (code point order is then UTF-16 order), exact
+    lists and tuples (copied as lists), exact ``str``, ``None``, booleans and exact
+    ``int`` in the safe range, nested at most :data:`MAX_DEPTH` deep. No float (ECMAScript
+    formats numbers its own way), no subclass (it may encode itself otherwise): anything
+    else takes :func:`_canon`, which also reports what is wrong.
+
+    Each container is copied in one C call before its items are checked, so the copy is
+    a tree nobody else holds: another thread (or a ``__del__``) that changes the payload
+    meanwhile cannot slip an unchecked value, a loop or a freed object into what the
+    encoder, which has no circular-reference check, then reads (a loop is nested too
+    deep, so it is not plain)."""
     kind = type(value)
     if kind is dict:
         if depth >= MAX_DEPTH:
-            return False
-        for key, item in value.items():
+            return _NOT_PLAIN
+        copy = value.copy()
+        for key, item in copy.items():
             if type(key) is not str or not key.isascii():
-                return False
+                return _NOT_PLAIN
             kind = type(item)
             if kind is str or item is None or kind is bool:
                 continue
             if kind is int:
                 if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
-                    return False
-            elif not _plain(item, depth + 1):
-                return False
-        return True
+                    return _NOT_PLAIN
+                continue
+            inner = _plain(item, depth + 1)
+            if inner is _NOT_PLAIN:
+                return _NOT_PLAIN
+            copy[key] = inner  # a value replaced, no key added: the iteration goes on
+        return copy
     if kind is list or kind is tuple:
         if depth >= MAX_DEPTH:
-            return False
-        for item in value:
+            return _NOT_PLAIN
+        items = list(value)
+        for n, item in enumerate(items):
             kind = type(item)
             if kind is str or item is None or kind is bool:
                 continue
             if kind is int:
                 if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
-                    return False
-            elif not _plain(item, depth + 1):
-                return False
-        return True
+                    return _NOT_PLAIN
+                continue
+            inner = _plain(item, depth + 1)
+            if inner is _NOT_PLAIN:
+                return _NOT_PLAIN
+            items[n] = inner
+        return items
     if kind is str or value is None or kind is bool:
-        return True
-    return kind is int and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
+        return value
+    if kind is int and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        return value
+    return _NOT_PLAIN
 
 
 def _plain_encoder() -> Callable[[Any, int], Sequence[str]] | None:
     """Python's C JSON encoder, built once, for :func:`_plain` values: compact separators,
     keys sorted, no ASCII escaping (``json.dumps(value, ensure_ascii=False,
     separators=(",", ":"), sort_keys=True)`` without its per-call set-up), called as
-    ``"".join(encode(value, 0))``. It has no circular-reference check: _plain has ruled
-    loops out. None where the C encoder is missing or writes other bytes than
+    ``"".join(encode(value, 0))``. It has no circular-reference check: it is given only
+    _plain's copies, private trees. None where the C encoder is missing or writes other bytes than
     :func:`_canon` on a probe (another interpreter or version): _canon serves alone."""
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:
@@ -125,7 +146,7 @@ def _plain_encoder() -> Callable[[Any, int], Sequence[str]] | None:
         encode = make(None, None, _encode_str, None, ":", ",", True, False, False)
         expected: list[str] = []
         _canon(probe, expected, 0)
-        if _plain(probe, 0) and _join(encode(probe, 0)) == _join(expected):
+        if _join(encode(_plain(probe, 0), 0)) == _join(expected):
             return cast(Callable[[Any, int], Sequence[str]], encode)
     except Exception:  # noqa: BLE001, S110 - any surprise: _canon alone
         pass
