@@ -1,8 +1,9 @@
 """Canonical JSON, fingerprints, downstream idempotency keys and input validation.
 
-Canonical JSON follows RFC 8785 (JSON Canonicalization Scheme) through the ``rfc8785``
-package: keys sorted by UTF-16 code units, numbers in their shortest ECMAScript form
-(so ``1.0`` and ``1`` are the same number), no insignificant whitespace.
+Canonical JSON follows RFC 8785 (JSON Canonicalization Scheme), byte for byte as the
+``rfc8785`` package writes it (property tests compare them), which formats the floats:
+keys sorted by UTF-16 code units, numbers in their shortest ECMAScript form (so ``1.0``
+and ``1`` are the same number), no insignificant whitespace.
 """
 
 from __future__ import annotations
