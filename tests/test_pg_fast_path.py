@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -38,6 +39,7 @@ from safeagent.stores._base import (
     claimed_event,
     completion_events,
 )
+from safeagent.stores._pg_sql import MAX_CARRIED
 from safeagent.stores._rows import GENESIS, chain_hash, chain_rows, shard_of
 from safeagent.stores.postgres import (
     _ATTEMPT,
@@ -68,6 +70,13 @@ class Counted(PostgresStore):
         self.paths["_claim_new_fast"] += 1
         return super()._claim_new_fast(request, fragments)
 
+    def _claim_carrying(
+        self, request: ClaimRequest, fragments: tuple[Any, ...]
+    ) -> ClaimResult | None:
+        out = super()._claim_carrying(request, fragments)
+        self.paths["_claim_carrying" if out is not None else "_claim_carrying_missed"] += 1
+        return out
+
     def _claim_general(
         self, request: ClaimRequest, carried: list[AuditEvent] | None = None
     ) -> ClaimResult:
@@ -83,6 +92,17 @@ class Counted(PostgresStore):
     ) -> WriteResult | None:
         out = super()._complete_fast(completion, terminal, known, fragments)
         self.paths["_complete_fast" if out is not None else "_complete_fast_missed"] += 1
+        return out
+
+    def _complete_carrying(
+        self,
+        completion: Completion,
+        terminal: bool,
+        known: tuple[str, str],
+        fragments: tuple[Any, ...],
+    ) -> WriteResult | None:
+        out = super()._complete_carrying(completion, terminal, known, fragments)
+        self.paths["_complete_carrying" if out is not None else "_complete_carrying_missed"] += 1
         return out
 
     def _complete_general(
@@ -425,7 +445,15 @@ def test_a_released_record_is_claimed_again_as_attempt_two(make: Made) -> None:
     assert [(e.fencing_token, e.detail["attempt"]) for e in claims] == [(1, 1), (2, 2)]
 
 
-def test_buffered_events_send_claim_and_completion_the_general_way(make: Made) -> None:
+def test_buffered_events_go_with_the_next_claim_or_completion(make: Made) -> None:
+    """A completion and a claim carry buffered events in their one statement
+    (COMPLETE_FAST_CARRYING, CLAIM_FAST_CARRYING): the trail is the general path's, byte
+    for byte, ids in the same order (the buffered event first)."""
+    assert shard_of("ns", "other", 256) not in {
+        shard_of("ns", "buf", 256),
+        shard_of("ns", "buf2", 256),
+    }
+
     def scenario(store: Counted, clock: FakeClock) -> None:
         req = _request("buf")
         store.claim(req)
@@ -434,13 +462,160 @@ def test_buffered_events_send_claim_and_completion_the_general_way(make: Made) -
         assert store.complete(_completion(req)).accepted  # takes the buffered event along
         store.record_event(replay, buffered=True)
         req2 = _request("buf2")
-        assert store.claim(req2).won
+        assert store.claim(req2).won  # carries it
+        assert not store._buffer
         assert store.complete(_completion(req2)).accepted
 
     fast = _both(make, scenario)
     assert fast.paths == Counter(
-        _claim_fast=1, _complete_general=1, _claim_general=1, _complete_fast=1
+        _claim_fast=1, _complete_carrying=1, _claim_carrying=1, _complete_fast=1
     )
+    kinds = [e.kind.value for e in fast.events()]
+    assert kinds == ["claimed", "replayed", "succeeded", "replayed", "claimed", "succeeded"]
+
+
+def _on_shards(chains: int, avoid: set[int], count: int, prefix: str) -> list[str]:
+    """``count`` subjects on distinct chains, none of them in ``avoid``."""
+    found: list[str] = []
+    seen = set(avoid)
+    for subject in (f"{prefix}{i}" for i in itertools.count()):
+        shard = shard_of("ns", subject, chains)
+        if shard not in seen:
+            seen.add(shard)
+            found.append(subject)
+            if len(found) == count:
+                return found
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("carried", [1, 3, MAX_CARRIED])
+def test_a_claim_carries_buffered_events_on_chains_of_their_own(make: Made, carried: int) -> None:
+    """Up to MAX_CARRIED buffered events, each on a chain of its own and none on the
+    claim's, go with the claim in its one statement; the hashes the database computes are
+    chain_hash()'s, and the trail is the general path's."""
+    chains = 256
+
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        claim_shard = shard_of("ns", "carrier", chains)
+        for subject in _on_shards(chains, {claim_shard}, carried, "s-"):
+            detail = {"status": "SUCCEEDED", "odd": '"\\\u2028\U0001f600'}
+            event = AuditEvent(EventKind.REPLAYED, clock(), "ns", subject, "charge", "o", "e", 3)
+            store.record_event(replace(event, detail=detail), buffered=True)
+            clock.advance(0.001)
+        assert store.claim(_request("carrier")).won
+        assert not store._buffer
+
+    fast = _both(make, scenario)
+    assert fast.paths == Counter(_claim_carrying=1)
+    assert [e.kind.value for e in fast.events()] == ["replayed"] * carried + ["claimed"]
+
+
+def test_a_claim_carries_nothing_it_cannot_chain_alone(make: Made) -> None:
+    """Two buffered events on one chain, one on the claim's chain, or more than
+    MAX_CARRIED: the claim takes the general path, which carries them all."""
+    chains = 256
+
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        def buffer(subject: str) -> None:
+            event = AuditEvent(EventKind.REPLAYED, clock(), "ns", subject, detail={})
+            store.record_event(event, buffered=True)
+
+        buffer("twice")
+        buffer("twice")
+        assert store.claim(_request("c1")).won
+        same = next(
+            s
+            for s in (f"same-{i}" for i in itertools.count())
+            if shard_of("ns", s, chains) == shard_of("ns", "c2", chains)
+        )
+        buffer(same)
+        assert store.claim(_request("c2")).won
+        for subject in _on_shards(chains, {shard_of("ns", "c3", chains)}, MAX_CARRIED + 1, "m-"):
+            buffer(subject)
+        assert store.claim(_request("c3")).won
+        assert not store._buffer
+
+    fast = _both(make, scenario)
+    assert fast.paths == Counter(_claim_carrying_missed=3, _claim_general=3)
+
+
+def test_a_late_completion_carries_nothing_and_the_general_path_writes_it_all(
+    make: Made,
+) -> None:
+    """A completion past its lease with buffered events: the carrying statement changes
+    nothing, and the general path writes the late completion's two events and carries the
+    buffered ones; the trail is the general path's."""
+
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        req = _request("late-carry", lease_ms=1_000)
+        assert store.claim(req).won
+        store.record_event(
+            AuditEvent(EventKind.REPLAYED, clock(), "ns", "other", detail={}), buffered=True
+        )
+        clock.advance(2)
+        written = store.complete(_completion(req))
+        assert (written.accepted, written.late) == (True, True)
+        assert not store._buffer
+
+    fast = _both(make, scenario)
+    assert fast.paths == Counter(_claim_fast=1, _complete_carrying_missed=1, _complete_general=1)
+
+
+def test_a_lost_claim_writes_none_of_the_events_it_carried(make: Made) -> None:
+    """The id is someone else's: the carrying claim is lost, writes nothing, and its
+    events stay buffered, in order, for the next write, which writes them once."""
+    store = make()
+    theirs = _request("taken", execution_id="a" * 32, owner="someone")
+    assert store.claim(theirs).won
+    subjects = _on_shards(256, {shard_of("ns", "taken", 256)}, 2, "lost-")
+    events = [
+        AuditEvent(EventKind.REPLAYED, 5, "ns", s, detail={"n": n}) for n, s in enumerate(subjects)
+    ]
+    for event in events:
+        store.record_event(event, buffered=True)
+    lost = store.claim(_request("taken"))
+    assert not lost.won
+    assert lost.record.execution_id == "a" * 32
+    assert store.paths["_claim_carrying"] == 1
+    assert store._buffer.take() == events  # nothing written, nothing lost, same order
+    assert [e.kind.value for e in store.events()] == ["claimed"]
+    for event in events:
+        store.record_event(event, buffered=True)
+    assert store.claim(_request("next")).won  # the next write carries them
+    assert [e.subject for e in store.events()] == ["taken", *subjects, "next"]
+    _checked_chain(store)
+
+
+def test_sixteen_threads_carry_each_others_buffered_events(make: Made) -> None:
+    """Sixteen threads, each execution followed by a replay whose event is buffered: most
+    claims carry events in their one statement while other writers move the same heads
+    (PostgreSQL rechecks what such a statement read when a head it locks moved after its
+    snapshot). Every event is written once and the chains verify."""
+    store = make()
+    guard = Guard(store, wait=10)
+    runs: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def fn(ctx: ExecutionContext) -> str:
+        with lock:
+            runs[ctx.request_id] += 1
+        return ctx.request_id
+
+    def work(k: int) -> None:
+        for i in range(40):
+            rid = f"t{k}-{i}"
+            assert not guard.execute(rid, "charge", {"i": i}, fn).replay
+            assert guard.execute(rid, "charge", {"i": i}, fn).replay
+
+    _threads(16, work)
+    guard.close()
+    assert len(runs) == 640
+    assert set(runs.values()) == {1}
+    assert store.paths["_claim_carrying"] > 0
+    assert store.paths["_complete_carrying"] > 0
+    kinds = Counter(e.kind.value for e in store.events())
+    assert kinds == Counter(claimed=640, succeeded=640, replayed=640)
+    _checked_chain(store)
 
 
 def test_a_completion_that_settles_a_case_takes_the_general_path(make: Made) -> None:
@@ -685,18 +860,18 @@ def test_claim_new_meets_a_row_committed_after_its_statement_began(make: Made) -
 
 def test_claim_new_where_its_one_statement_is_not_used(make: Made) -> None:
     """Buffered events to write, or the general path only: claim_new reads, then claims
-    when there is no record (the general way, carrying the buffered events), and answers
-    the record when there is one; the trail is the same as the one statement's."""
+    when there is no record (carrying the buffered events), and answers the record when
+    there is one; the trail is the same as the one statement's."""
     store = make()
     store.record_event(AuditEvent(EventKind.REPLAYED, 1, "ns", "x", detail={}), buffered=True)
     claimed = store.claim_new(_request("a"))
     assert claimed.won
-    assert store.paths == Counter(_claim_general=1)
+    assert store.paths == Counter(_claim_carrying=1)
     assert not store._buffer  # written with the claim
     found = store.claim_new(_request("a", execution_id="e" * 32))
     assert not found.won
     assert found.record.execution_id == claimed.record.execution_id
-    assert store.paths == Counter(_claim_general=1, _claim_new_fast=1)
+    assert store.paths == Counter(_claim_carrying=1, _claim_new_fast=1)
     slow = make(fast=False)
     assert slow.claim_new(_request("b")).won
     assert not slow.claim_new(_request("b", execution_id="e" * 32)).won

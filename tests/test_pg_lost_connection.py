@@ -38,6 +38,7 @@ from safeagent._keys import downstream_key
 from safeagent._receipt import ErrorInfo, Record, Status
 from safeagent.audit import verify
 from safeagent.stores._base import ClaimRequest, Completion, Resolution
+from safeagent.stores._rows import shard_of
 from safeagent.stores.postgres import (
     _PIPELINE,
     PostgresStore,
@@ -238,13 +239,18 @@ def _via_proxy(proxy: PgProxy, schema: str, **kwargs: Any) -> PostgresStore:
 
 def _prepare(store: PostgresStore, guard: Guard, ledger: Ledger, path: str) -> None:
     """``general``: the store takes only the general path; ``buffered``: a replay's audit
-    event waits in the buffer, so the next claim takes the general path and carries it (it
-    must be written exactly once)."""
+    event waits in the buffer, so the next claim carries it in its one statement
+    (CLAIM_FAST_CARRYING), and ``buffered_general`` in the general path's transaction (it
+    must be written exactly once either way)."""
     guard.execute("warm", "charge", {}, _effect(ledger, "warm"))
-    if path == "general":
+    if path in ("general", "buffered_general"):
         store._fast_path = False
-    elif path == "buffered":
+    if path.startswith("buffered"):
         _replay_warm(store, guard, ledger)
+        # the carrying statement takes events on chains other than the claim's ("r")
+        assert shard_of("default", "warm", store.chain_shards) != shard_of(
+            "default", "r", store.chain_shards
+        )
 
 
 def _replay_warm(store: PostgresStore, guard: Guard, ledger: Ledger) -> None:
@@ -255,7 +261,7 @@ def _replay_warm(store: PostgresStore, guard: Guard, ledger: Ledger) -> None:
 def _check_buffered(store: PostgresStore, path: str) -> None:
     store.flush_events()
     replayed = [e.kind for e in store.events(subject="warm")].count(EventKind.REPLAYED)
-    assert replayed == (1 if path == "buffered" else 0)
+    assert replayed == (1 if path.startswith("buffered") else 0)
 
 
 # How the reply of a committed write is lost: the connection dies before it arrives, or
@@ -265,7 +271,7 @@ LOSSES = pytest.mark.parametrize("loss", ["lose_reply", "fatal_reply"])
 
 
 @LOSSES
-@pytest.mark.parametrize("path", ["fast", "general", "buffered"])
+@pytest.mark.parametrize("path", ["fast", "general", "buffered", "buffered_general"])
 def test_a_claim_committed_whose_reply_was_lost_is_won(
     schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str, loss: str
 ) -> None:
@@ -298,25 +304,27 @@ def test_a_claim_committed_whose_reply_was_lost_is_won(
 
 
 @LOSSES
-@pytest.mark.parametrize("path", ["fast", "general", "buffered"])
+@pytest.mark.parametrize("path", ["fast", "general", "buffered", "buffered_general"])
 def test_a_completion_committed_whose_reply_was_lost_is_accepted(
     schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str, loss: str
 ) -> None:
     """The completion commits and its reply is lost (see LOSSES): fencing refuses the
     second try, which finds exactly its own write stored and reports it accepted; no
     rejection is audited, the outcome is stored once, fn ran once. (``buffered``: fn
-    replays another id, so the completion takes the pipelined path and carries its
-    buffered event.)"""
+    replays another id, so the completion carries its buffered event in its one
+    statement; ``buffered_general``: in the general path's transaction.)"""
     store = _via_proxy(proxy, schema)
     stores.append(store)
     guard = Guard(store, wait=0, owner="owner-1")
-    _prepare(store, guard, ledger, "fast" if path == "buffered" else path)
+    _prepare(
+        store, guard, ledger, {"buffered": "fast", "buffered_general": "general"}.get(path, path)
+    )
     marker = _marker("lose-completion-reply")
     getattr(proxy, loss)(marker)  # the result travels in the completion statement only
 
     def fn(_ctx: Any) -> Any:
         ledger.append("r")
-        if path == "buffered":
+        if path.startswith("buffered"):
             _replay_warm(store, guard, ledger)
         return {"m": marker}
 

@@ -345,7 +345,7 @@ CHAIN_HEAD_MISSING = "22012"  # SQLSTATE division_by_zero, raised only by that W
 # which are the claim's parameters (the client checks that the event it encoded has those
 # very values); its fencing token and attempt are the row's; its detail is the client's
 # text with the attempt in the middle.
-_CLAIMED_EVENT = f"""{_FAST_HEAD}
+_CLAIMED_EV = f"""
 ev AS (
     INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
     SELECT n.now, %s, won.namespace, won.request_id, won.action, won.lease_owner,
@@ -354,10 +354,69 @@ ev AS (
            h.shard, h.seq + 1, h.head,
            encode(sha256(convert_to({_CHAIN_TEXT} || %s::text || won.fencing_token
                || %s::text || won.attempt || %s::text, 'UTF8')), 'hex')
-    FROM won, h, n
+    FROM won, h, n<where>
     RETURNING shard, seq, hash
 ),"""
+_CLAIMED_EVENT = _FAST_HEAD + _CLAIMED_EV.replace("<where>", "")
 CLAIM_FAST = f"""{_CLAIM_WON},{_CLAIMED_EVENT}{_FAST_MOVE}"""
+
+MAX_CARRIED = 8
+"""The most buffered audit events CLAIM_FAST_CARRYING carries; with more, or with two of
+them (or one and the claim's own) on one chain, the claim takes the general path, which
+carries any number."""
+# CLAIM_FAST that also writes buffered audit events (docs/design.md section 5: they go
+# with the process's next write), each on a chain of its own and none on the claim's, in
+# its one autocommit statement, where the general path takes a transaction of two round
+# trips. (CLAIM_FAST's claim parameters, the shards as a text literal (as
+# _LOCK_WON_HEADS), the claimed event's fragments (kind, detail before and after the
+# attempt, chain text after the clock, the token and the attempt), its shard, the carried
+# events as one JSON array of rows (at_ms, kind, ns, subject, action, actor, exec_id,
+# token, detail, the chain text after the seq, shard), and their number) -> as CLAIM_FAST.
+# One statement text whatever the number carried, so each connection plans it once (as
+# EVENT_ROWS, one JSON text is also cheaper to send than a parameter per field). Every
+# field of a carried event is the client's (stamped when it was buffered); only the
+# previous hash and the seq are the database's, from the head h locked for its chain.
+# Locks: the claim's row, then every head in shard order, as the general CLAIM. The claim
+# runs to its end (counted whole in k, not tested by EXISTS, which stops at its first row)
+# before a head is locked, and the new heads are read whole into x (the main query counts
+# them) before mv moves them: locking a head another writer moved meanwhile makes
+# PostgreSQL recheck what the statement read (EvalPlanQual), and a recheck that had to
+# run the rest of an inserting CTE fails ("ModifyTable should not be called during
+# EvalPlanQual"). The carried events are inserted first, in their order, then the claimed
+# one, as on the general path: ids follow the order the events happened in. When the
+# claim is lost nothing is locked, inserted or moved, and the carried events go back to
+# the buffer. COMPLETE_FAST_CARRYING does the same for a completion.
+_CARRY_HEADS = """
+k AS MATERIALIZED (SELECT count(*) AS won FROM won),
+h AS (
+    SELECT shard, seq, head FROM {s}.audit_chain
+    WHERE shard = ANY(%s::int[]) AND (SELECT won FROM k) > 0
+    ORDER BY shard FOR UPDATE
+),"""
+_CARRY_EVENTS = f"""
+b AS (
+    INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
+    SELECT (r->>0)::bigint, r->>1, r->>2, r->>3, r->>4, r->>5, r->>6, (r->>7)::bigint, r->>8,
+           h.shard, h.seq + 1, h.head,
+           encode(sha256(convert_to('["' || h.head || '",' || h.shard || ',' || (h.seq + 1)
+               || (r->>9), 'UTF8')), 'hex')
+    FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS c(r, i)
+    JOIN h ON h.shard = (r->>10)::int
+    ORDER BY c.i
+    RETURNING shard, seq, hash
+),
+x AS MATERIALIZED (SELECT shard, seq, hash FROM b UNION ALL SELECT shard, seq, hash FROM ev),
+mv AS (
+    UPDATE {{s}}.audit_chain AS a SET seq = x.seq, head = x.hash FROM x WHERE a.shard = x.shard
+)
+SELECT won.*, n.now FROM won CROSS JOIN n
+WHERE CASE WHEN (SELECT count(*) FROM x) = %s::int + 1 THEN true
+    ELSE won.fencing_token / 0 > 0 END
+"""
+CLAIM_FAST_CARRYING = (
+    f"{_CLAIM_WON},{_CARRY_HEADS}"
+    f"{_CLAIMED_EV.replace('<where>', ' WHERE h.shard = %s')}{_CARRY_EVENTS}"
+)
 # CLAIM_FAST's parameters, then (ns, rid) again -> one row: a leading boolean, then the
 # record's columns and the clock. True: the claim was won (a new row) and its claimed event
 # chained, as CLAIM_FAST. False: the request id has a record, left as it is, and the row is
@@ -385,19 +444,39 @@ def _complete_fast(sync: str) -> str:
     id and fencing token are the row's, equal to the parameters the WHERE compared them
     with (the client checks that the event it encoded has those very values)."""
     return f"""
-{_completion_won(sync, _ON_TIME_AND_NAMED)},{_FAST_HEAD}
+{_completion_won(sync, _ON_TIME_AND_NAMED)},{_FAST_HEAD}{_COMPLETED_EV.replace("<where>", "")}{
+        _FAST_MOVE
+    }"""
+
+
+_COMPLETED_EV = f"""
 ev AS (
     INSERT INTO {{s}}.audit_events ({_EVENT_COLUMNS})
     SELECT n.now, %s, won.namespace, won.request_id, won.action, %s, won.execution_id,
            won.fencing_token, %s, h.shard, h.seq + 1, h.head,
            encode(sha256(convert_to({_CHAIN_TEXT} || %s::text, 'UTF8')), 'hex')
-    FROM won, h, n
+    FROM won, h, n<where>
     RETURNING shard, seq, hash
-),{_FAST_MOVE}"""
+),"""
+
+
+def _complete_fast_carrying(sync: str) -> str:
+    """COMPLETE_FAST that also writes buffered audit events, as CLAIM_FAST_CARRYING does for
+    a claim: (COMPLETE_FAST's parameters up to the execution id, the shards as a text
+    literal, the event's kind, actor, detail and chain text after at_ms, its shard, the
+    carried events as one JSON array of rows, their number) -> as COMPLETE_FAST. When the
+    completion is not accepted in time nothing is written (the carried events go back to
+    the buffer, and the general path follows, carrying them)."""
+    return (
+        f"{_completion_won(sync, _ON_TIME_AND_NAMED)},{_CARRY_HEADS}"
+        f"{_COMPLETED_EV.replace('<where>', ' WHERE h.shard = %s')}{_CARRY_EVENTS}"
+    )
 
 
 COMPLETE_FAST = _complete_fast("")
 COMPLETE_FAST_ASYNC = _complete_fast(_SYNC_OFF)
+COMPLETE_FAST_CARRYING = _complete_fast_carrying("")
+COMPLETE_FAST_CARRYING_ASYNC = _complete_fast_carrying(_SYNC_OFF)
 RESOLVE = f"""
 WITH n AS (SELECT {NOW} AS now)
 UPDATE {{s}}.executions AS e

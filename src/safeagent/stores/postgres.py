@@ -21,10 +21,12 @@ fragments the client JSON-encoded), and moves the head. It changes nothing when 
 assumptions do not hold, and the general path follows: two round trips (with libpq 14 or
 later; four without pipeline mode): BEGIN and the statement that makes the change and
 locks its audit chain heads, then the statement that writes the events and moves the
-heads, and COMMIT. The general path takes a claim when buffered audit events wait to be
-written (they go with it), and a completion that settles a case, is late (a second
-event), is refused by the fencing check (a rejection event), or does not name its attempt
-(or names another: the statement checks both against the row).
+heads, and COMMIT. Buffered audit events go with the next write: a claim carries up to
+``MAX_CARRIED`` (8) of them in its one statement, each on a chain of its own and none on
+the claim's (``CLAIM_FAST_CARRYING``), and takes the general path with more. The general
+path also takes a completion while buffered events wait, and one that settles a case, is
+late (a second event), is refused by the fencing check (a rejection event), or does not
+name its attempt (or names another: the statement checks both against the row).
 
 The guard claims before it reads here (``claim_first``, :meth:`PostgresStore.claim_new`)
 while fewer than a quarter of the recent calls' first steps found a record and no
@@ -253,6 +255,29 @@ def _claim_fragments(request: ClaimRequest, chains: int) -> tuple[Any, ...] | No
     if at_attempt is None:
         return None
     return (shard_of(row[2], row[3], chains), row[1], *detail, at_token[0], *at_attempt)
+
+
+def _carried_rows(events: Sequence[AuditEvent], chains: int) -> tuple[set[int], list[Any]] | None:
+    """The shards of buffered ``events`` and their rows for CLAIM_FAST_CARRYING (each
+    event_row, the chain text after its seq, its shard); None when one cannot be encoded
+    or cut cleanly, or two share a chain (the general path then carries them)."""
+    shards: set[int] = set()
+    rows: list[Any] = []
+    for event in events:
+        try:
+            row = event_row(event)
+        except (TypeError, ValueError):  # an unencodable detail: the general path reports it
+            return None
+        shard = shard_of(row[2], row[3], chains)
+        # chain_hash's text is _chain_body([prev, shard, seq, *row]): the statement writes
+        # the start, up to the seq, from the head it locks; the rest is cut from this one
+        start = f'["",{shard},0'
+        body = _chain_body(["", shard, 0, *row])
+        if shard in shards or not body.startswith(start):
+            return None
+        shards.add(shard)
+        rows.append([*row, body[len(start) :], shard])
+    return shards, rows
 
 
 def _completion_fragments(
@@ -490,6 +515,11 @@ class PostgresStore:
         ]
         self._complete_fast_sql = self._sql[
             "COMPLETE_FAST_ASYNC" if self.durability == "claim-durable" else "COMPLETE_FAST"
+        ]
+        self._complete_carrying_sql = self._sql[
+            "COMPLETE_FAST_CARRYING_ASYNC"
+            if self.durability == "claim-durable"
+            else "COMPLETE_FAST_CARRYING"
         ]
         self._lock = threading.Lock()
         # this thread's transaction: .pending, the audit events it emits; .buffered, the
@@ -962,10 +992,14 @@ class PostgresStore:
         if self._unwritable is not None:
             raise StoreError(self._unwritable)
         try:
-            if self._fast_path and not self._buffer:
+            if self._fast_path:
                 fragments = _claim_fragments(request, self.chain_shards)
                 if fragments is not None:
-                    return self._claim_fast(request, fragments)
+                    if not self._buffer:
+                        return self._claim_fast(request, fragments)
+                    done = self._claim_carrying(request, fragments)
+                    if done is not None:
+                        return done
             return self._claim_general(request)
         except StoreError as err:
             if not _lost(err):
@@ -987,8 +1021,8 @@ class PostgresStore:
     def claim_first(self) -> bool:
         """Whether a guard's next call should begin with :meth:`claim_new` (its one
         statement) rather than :meth:`get`; read once per call. Not while buffered audit
-        events wait: a claim then carries them the general way (docs/design.md section
-        5: they are written with the process's next write), after a read either way. Nor
+        events wait: a claim then carries them (docs/design.md section 5: they are written
+        with the process's next write), after a read either way. Nor
         while ``CLAIM_FIRST_FOUND_SHARE`` or more of the recent first steps (claim_new's
         answers and :meth:`look`'s, weighted over about the last 16) found a record, since
         a replay through claim_new costs about twice a read's CPU on both sides
@@ -1093,6 +1127,68 @@ class PostgresStore:
             return ClaimResult(False, existing, now)
         return ClaimResult(True, row_to_record(row), int(row[N_COLUMNS]))
 
+    def _carrying(
+        self, shard: int, run: Callable[[str, str, int], Any]
+    ) -> tuple[list[AuditEvent], Any] | None:
+        """Take the buffered audit events and ``run(shards literal, ..., rows JSON, count)``
+        the carrying statement of a write whose own event goes to chain ``shard``: its
+        events, and the row it returned. None, having taken nothing, when the statement
+        cannot carry them: over MAX_CARRIED events, two on one chain or one on ``shard``,
+        a batch a lost connection left uncertain (_unwritten), an event it cannot encode.
+        Its failure puts the events back, but a lost connection's, which leaves them to
+        the caller's second try (_held): it carries them unless it finds its own write,
+        committed with them."""
+        if self._uncertain:
+            return None
+        events = self._buffer.take()
+        carried = (
+            _carried_rows(events, self.chain_shards) if 0 < len(events) <= q.MAX_CARRIED else None
+        )
+        if carried is None or shard in carried[0]:
+            self._buffer.put_back(events)
+            return None
+        shards, rows = carried
+        shards.add(shard)
+        self._tx.held = None
+        try:
+            return events, run(_int_array(shards), _ROWS_JSON(rows), len(rows))
+        except StoreError as err:
+            if _lost(err):
+                self._tx.held = events  # committed with the write or not: its caller tells
+            else:
+                self._buffer.put_back(events)
+            raise
+        except BaseException:
+            self._buffer.put_back(events)
+            raise
+
+    def _claim_carrying(
+        self, request: ClaimRequest, fragments: tuple[Any, ...]
+    ) -> ClaimResult | None:
+        """:meth:`_claim_fast` that also writes the buffered audit events (they go with the
+        process's next write, docs/design.md section 5) in its one statement
+        (CLAIM_FAST_CARRYING), where the general path takes two round trips; None when it
+        cannot (_carrying). A lost claim writes none of them: they go back to the buffer."""
+
+        def run(shards: str, rows: str, count: int) -> Any:
+            sql = self._sql["CLAIM_FAST_CARRYING"]
+            params = (*self._claim_params(request), shards, *fragments[1:], fragments[0])
+            return self._one(sql, (*params, rows, count))
+
+        done = self._carrying(fragments[0], run)
+        if done is None:
+            return None
+        events, row = done
+        if row is None:  # lost: nothing was written; the events wait for the next write
+            self._buffer.put_back(events)
+            existing, now = _found(
+                self._one(self._sql["GET"], (self._at(), request.namespace, request.request_id))
+            )
+            if existing is None:  # pragma: no cover - the conflicting row is committed
+                raise StoreError("claim conflicted with a row that then vanished")
+            return ClaimResult(False, existing, now)
+        return ClaimResult(True, row_to_record(row), int(row[N_COLUMNS]))
+
     def _claim_general(
         self, request: ClaimRequest, carried: list[AuditEvent] | None = None
     ) -> ClaimResult:
@@ -1129,10 +1225,13 @@ class PostgresStore:
         action, execution_id = completion.action, completion.execution_id
         known = None if action is None or execution_id is None else (action, execution_id)
         try:
-            if known is not None and settle is None and self._fast_path and not self._buffer:
+            if known is not None and settle is None and self._fast_path:
                 fragments = _completion_fragments(completion, *known, self.chain_shards)
                 if fragments is not None:
-                    done = self._complete_fast(completion, terminal, known, fragments)
+                    if not self._buffer:
+                        done = self._complete_fast(completion, terminal, known, fragments)
+                    else:
+                        done = self._complete_carrying(completion, terminal, known, fragments)
                     if done is not None:
                         return done
             return self._complete_general(completion, terminal, settle)
@@ -1175,6 +1274,34 @@ class PostgresStore:
             (*self._completion_params(completion, terminal), *known, *fragments),
         )
         if row is None:
+            return None
+        return WriteResult(accepted=True, record=row_to_record(row))
+
+    def _complete_carrying(
+        self,
+        completion: Completion,
+        terminal: bool,
+        known: tuple[str, str],
+        fragments: tuple[Any, ...],
+    ) -> WriteResult | None:
+        """:meth:`_complete_fast` that also writes the buffered audit events in its one
+        statement (COMPLETE_FAST_CARRYING); None when it cannot (_carrying), or when the
+        completion was not accepted in time: nothing was written, the events go back to
+        the buffer, and the general path follows, carrying them."""
+
+        def run(shards: str, rows: str, count: int) -> Any:
+            params = (*self._completion_params(completion, terminal), *known, shards)
+            return self._one(
+                self._complete_carrying_sql,
+                (*params, *fragments[1:], fragments[0], rows, count),
+            )
+
+        done = self._carrying(fragments[0], run)
+        if done is None:
+            return None
+        events, row = done
+        if row is None:
+            self._buffer.put_back(events)
             return None
         return WriteResult(accepted=True, record=row_to_record(row))
 
