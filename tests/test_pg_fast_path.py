@@ -561,6 +561,36 @@ def test_a_late_completion_carries_nothing_and_the_general_path_writes_it_all(
     assert fast.paths == Counter(_claim_fast=1, _complete_carrying_missed=1, _complete_general=1)
 
 
+class _NoText:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        AuditEvent(EventKind.REPLAYED, 5, "ns", None, detail={}),  # type: ignore[arg-type]
+        AuditEvent("replayed", 5, "ns", "str-kind", detail={}),  # type: ignore[arg-type]
+        AuditEvent(EventKind.REPLAYED, 5, "ns", "no-text", detail={"x": _NoText()}),
+    ],
+    ids=["no-subject", "str-kind", "detail-without-text"],
+)
+def test_an_event_no_write_can_encode_stays_buffered_with_the_rest(
+    make: Made, bad: AuditEvent
+) -> None:
+    """A buffered event that cannot be encoded at all: the claim fails as on the general
+    path, and no event is lost, the good ones included (the carrying statement gives the
+    buffer back whatever it meets)."""
+    for fast in (True, False):
+        store = make(fast=fast)
+        good = AuditEvent(EventKind.REPLAYED, 5, "ns", "good", detail={})
+        store.record_event(good, buffered=True)
+        store.record_event(bad, buffered=True)
+        with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the encoder raises
+            store.claim(_request("c1"))
+        assert store._buffer.take() == [good, bad]
+
+
 def test_a_lost_claim_writes_none_of_the_events_it_carried(make: Made) -> None:
     """The id is someone else's: the carrying claim is lost, writes nothing, and its
     events stay buffered, in order, for the next write, which writes them once."""

@@ -959,6 +959,72 @@ def test_buffered_events_carried_by_a_lost_write_are_written_once(
     assert verify(store).ok
 
 
+def test_a_batch_marked_uncertain_while_a_claim_takes_the_buffer_is_written_once(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore]
+) -> None:
+    """Another thread's flush loses its COMMIT reply and puts its batch back, marked
+    uncertain, just before a claim takes the buffer (the interleaving forced by running
+    that flush inside the take): the claim does not carry the marked batch in its one
+    statement but takes the general path, which looks it up first. Each event is in the
+    trail once."""
+    store = _via_proxy(proxy, schema, max_size=4)
+    stores.append(store)
+    chains = store.chain_shards
+    marker = _marker("uncertain-race")
+    taken = {shard_of("ns", "carrier", chains)}
+    subjects: list[str] = []
+    for subject in (f"u-{i}" for i in range(1000)):  # two events on chains of their own
+        if len(subjects) < 2 and shard_of("ns", subject, chains) not in taken:
+            taken.add(shard_of("ns", subject, chains))
+            subjects.append(subject)
+    for subject in subjects:
+        event = AuditEvent(EventKind.REPLAYED, 5, "ns", subject, detail={"tag": marker})
+        store.record_event(event, buffered=True)
+    proxy.lose_reply(marker)
+    take = store._buffer.take
+    flushed: list[BaseException] = []
+
+    claimer = threading.get_ident()
+    fired: list[bool] = []
+
+    def take_after_another_flush() -> list[AuditEvent]:
+        if threading.get_ident() == claimer and not fired:
+            fired.append(True)
+
+            def flush() -> None:
+                try:
+                    store.flush_events()
+                except StoreError as err:
+                    flushed.append(err)
+
+            other = threading.Thread(target=flush)
+            other.start()
+            other.join()
+            assert store._uncertain  # its reply was lost: the batch is back, marked
+        return take()
+
+    store._buffer.take = take_after_another_flush  # type: ignore[method-assign]
+    request = ClaimRequest(
+        namespace="ns",
+        request_id="carrier",
+        action="charge",
+        fingerprint="f" * 64,
+        payload_json="{}",
+        execution_id=uuid.uuid4().hex,
+        owner="owner-1",
+        lease_ms=30_000,
+        downstream_key=downstream_key("ns", "charge", "carrier"),
+    )
+    assert store.claim(request).won
+    store._buffer.take = take  # type: ignore[method-assign]
+    assert len(flushed) == 1
+    assert getattr(flushed[0], "connection_lost", False) is True
+    store.flush_events()
+    tagged = [e.subject for e in store.events() if e.detail.get("tag") == marker]
+    assert sorted(tagged) == sorted(subjects)
+    assert verify(store).ok
+
+
 def test_reading_the_trail_after_a_failover_flushes_once_and_succeeds(
     schema: str, stores: list[PostgresStore], ledger: Ledger
 ) -> None:

@@ -1138,12 +1138,21 @@ class PostgresStore:
         Its failure puts the events back, but a lost connection's, which leaves them to
         the caller's second try (_held): it carries them unless it finds its own write,
         committed with them."""
-        if self._uncertain:
-            return None
         events = self._buffer.take()
-        carried = (
-            _carried_rows(events, self.chain_shards) if 0 < len(events) <= q.MAX_CARRIED else None
-        )
+        try:
+            # Checked after the take: a write whose reply was lost marks its batch and puts
+            # it back (_write), maybe just before the take, and a marked batch is looked up
+            # before it is written (_unwritten), which only the general path does.
+            carried = (
+                _carried_rows(events, self.chain_shards)
+                if 0 < len(events) <= q.MAX_CARRIED and not self._uncertain
+                else None
+            )
+        except Exception:  # noqa: BLE001 - an event no write can encode: the general path says so
+            carried = None
+        except BaseException:
+            self._buffer.put_back(events)
+            raise
         if carried is None or shard in carried[0]:
             self._buffer.put_back(events)
             return None
