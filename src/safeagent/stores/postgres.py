@@ -1119,13 +1119,18 @@ class PostgresStore:
         snapshot sees it even when it was committed after the claim began)."""
         row = self._one(self._sql["CLAIM_FAST"], (*self._claim_params(request), *fragments))
         if row is None:
-            existing, now = _found(
-                self._one(self._sql["GET"], (self._at(), request.namespace, request.request_id))
-            )
-            if existing is None:  # pragma: no cover - the conflicting row is committed
-                raise StoreError("claim conflicted with a row that then vanished")
-            return ClaimResult(False, existing, now)
+            return self._lost_to(request)
         return ClaimResult(True, row_to_record(row), int(row[N_COLUMNS]))
+
+    def _lost_to(self, request: ClaimRequest) -> ClaimResult:
+        """A fast claim that was lost: the winner's row, read by a statement of its own,
+        whose snapshot sees it even when it was committed after the claim began."""
+        existing, now = _found(
+            self._one(self._sql["GET"], (self._at(), request.namespace, request.request_id))
+        )
+        if existing is None:  # pragma: no cover - the conflicting row is committed
+            raise StoreError("claim conflicted with a row that then vanished")
+        return ClaimResult(False, existing, now)
 
     def _carrying(
         self, shard: int, run: Callable[[str, str, int], Any]
@@ -1190,12 +1195,7 @@ class PostgresStore:
         events, row = done
         if row is None:  # lost: nothing was written; the events wait for the next write
             self._buffer.put_back(events)
-            existing, now = _found(
-                self._one(self._sql["GET"], (self._at(), request.namespace, request.request_id))
-            )
-            if existing is None:  # pragma: no cover - the conflicting row is committed
-                raise StoreError("claim conflicted with a row that then vanished")
-            return ClaimResult(False, existing, now)
+            return self._lost_to(request)
         return ClaimResult(True, row_to_record(row), int(row[N_COLUMNS]))
 
     def _claim_general(
