@@ -8,8 +8,9 @@ figure on fresh schemas of each kind and on the psycopg floor, alternating the o
 round, and prints per variant the median executions/s, client and server CPU per
 execution, WAL bytes per execution (pg_stat_wal, the whole server: run it on a quiet one)
 and the share of sampled active backends waiting on a lock; then the ratios. With
-``--replays N`` each first execution is followed by N retries of it (a mixed load: they
-replay); rates and CPU are then per first execution, the retries' included.
+``--replays N`` each first execution is followed by N retries of it on average (a mixed
+load: they replay; 0.2 retries every fifth id once); rates and CPU are then per first
+execution, the retries' included.
 
     .venv/bin/python bench/pg_chains.py [--rounds 5] [--per-thread 40] [--mode durable]
         [--replays 0]
@@ -97,7 +98,7 @@ def _wal_bytes(url: str) -> int:
 
 
 def one(
-    base: dict[str, Any], variant: str, tag: str, per_thread: int, replays: int = 0
+    base: dict[str, Any], variant: str, tag: str, per_thread: int, replays: float = 0
 ) -> dict[str, Any]:
     impl = "floor" if variant == "floor" else "safeagent"
     with fresh_spec(base, impl, tag) as spec:
@@ -119,7 +120,10 @@ def main() -> int:
     parser.add_argument("--per-thread", type=int, default=40)
     parser.add_argument("--mode", choices=("durable", "claim-durable"), default="durable")
     parser.add_argument(
-        "--replays", type=int, default=0, help="retries (replays) after each first execution"
+        "--replays",
+        type=float,
+        default=0,
+        help="retries (replays) per first execution: 1 retries each once, 0.2 every fifth",
     )
     parser.add_argument("--postgres", default=DEFAULT_PG)
     args = parser.parse_args()
@@ -133,7 +137,7 @@ def main() -> int:
         order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
         for variant in order:
             runs[variant].append(one(base, variant, f"ch{r}", args.per_thread, args.replays))
-    retried = f", each then replayed {args.replays}x" if args.replays else ""
+    retried = f", {args.replays:g} retries (replays) per id" if args.replays else ""
     print(
         f"PostgreSQL {args.mode}, 16 threads x {args.per_thread} distinct ids{retried}, "
         f"{args.rounds} rounds (medians; rates and CPU per first execution)"

@@ -490,10 +490,11 @@ def _local_postgres_cpu_s() -> float | None:
 
 
 def threads_distinct(
-    spec: dict[str, Any], n_threads: int, per_thread: int, replays: int = 0
+    spec: dict[str, Any], n_threads: int, per_thread: int, replays: float = 0
 ) -> dict[str, Any]:
-    """n_threads share one instance; each executes its own distinct ids, each followed by
-    ``replays`` retries of it (a mixed load: the retries replay). Also the CPU used per
+    """n_threads share one instance; each executes its own distinct ids, followed by
+    ``replays`` retries per id on average (a mixed load: the retries replay; 0.2 retries
+    every fifth id once, 1 each id once, 2 each twice). Also the CPU used per
     execution by this process (all its threads) and, on a local PostgreSQL, by the
     server: which side's CPU bounds the rate. Rates count first executions."""
     impl = make_impl(spec)
@@ -506,9 +507,9 @@ def threads_distinct(
             ids = [f"distinct-{k}-{i}" for i in range(per_thread)]
             impl.execute(f"warm-{k}", CountingFn())  # opens this thread's connection
             barrier.wait()
-            for rid in ids:
+            for i, rid in enumerate(ids):
                 _call(impl, rid, fn, errors, lock)
-                for _ in range(replays):
+                for _ in range(int((i + 1) * replays) - int(i * replays)):
                     _call(impl, rid, fn, errors, lock)
 
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]

@@ -15,11 +15,13 @@ restarted (other work shares it) and nothing in the store is mocked or hooked.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
+import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -28,6 +30,7 @@ import pytest
 from safeagent import (
     AsyncGuard,
     EventKind,
+    FingerprintMismatchError,
     Guard,
     NotExecuted,
     OutcomeUnknownError,
@@ -44,6 +47,7 @@ from safeagent.stores.postgres import (
     PostgresStore,
     _carries,
     _claimed_by,
+    _completion_witness,
     _released_then_claimed,
 )
 from tests._pg_proxy import PgProxy
@@ -606,12 +610,12 @@ def _in_doubt(store: PostgresStore, rid: str) -> None:
     time.sleep(0.01)  # the 1 ms lease expires on the database's clock
 
 
-@pytest.mark.parametrize("write", ["take_over", "resolve", "record_event"])
+@pytest.mark.parametrize("write", ["take_over", "resolve"])
 def test_writes_that_cannot_be_proved_safe_are_not_tried_again(
     schema: str, proxy: PgProxy, stores: list[PostgresStore], write: str
 ) -> None:
-    """A take-over, a resolution or an audit append whose connection is lost: StoreError
-    (connection_lost) after ONE try, nothing changed; the next call goes through."""
+    """A take-over or a resolution whose connection is lost: StoreError (connection_lost)
+    after ONE try, nothing changed; the next call goes through."""
     store = _via_proxy(proxy, schema)
     stores.append(store)
     _in_doubt(store, "r")
@@ -620,21 +624,17 @@ def test_writes_that_cannot_be_proved_safe_are_not_tried_again(
     def call() -> Any:
         if write == "take_over":
             return store.take_over("ns", "r", 1, marker, 30_000)
-        if write == "resolve":
-            return store.resolve(
-                Resolution(
-                    namespace="ns",
-                    request_id="r",
-                    expected_token=1,
-                    status=Status.FAILED,
-                    result_json=None,
-                    error=ErrorInfo("Declined", "no"),
-                    actor=marker,
-                    reason="checked with the bank",
-                )
+        return store.resolve(
+            Resolution(
+                namespace="ns",
+                request_id="r",
+                expected_token=1,
+                status=Status.FAILED,
+                result_json=None,
+                error=ErrorInfo("Declined", "no"),
+                actor=marker,
+                reason="checked with the bank",
             )
-        return store.record_event(
-            AuditEvent(kind=EventKind.CONFLICT, at_ms=0, namespace="ns", subject=marker)
         )
 
     proxy.lose_request(marker)
@@ -647,11 +647,28 @@ def test_writes_that_cannot_be_proved_safe_are_not_tried_again(
     assert (record.status, record.fencing_token) == (Status.PENDING, 1)
     assert store.events(subject=marker) == []
     out = call()  # a new connection: it goes through
-    if write != "record_event":
-        assert out.accepted
-        assert store.get("ns", "r")[0].fencing_token == 2  # type: ignore[union-attr]
-    else:
-        assert [e.kind for e in store.events(subject=marker)] == [EventKind.CONFLICT]
+    assert out.accepted
+    assert store.get("ns", "r")[0].fencing_token == 2  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("loss", ["lose_request", "fatal_reply", "lose_reply"])
+def test_an_audit_append_whose_connection_is_lost_is_kept_and_written_once(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], loss: str
+) -> None:
+    """An audit append sent with a COMMIT whose answer never comes (the request dropped
+    before the server saw it, or the reply lost after it committed: the client cannot tell)
+    is not tried again and raises nothing: the event is kept, and the next write looks it
+    up by its chain hash and writes it only if it is missing. Once either way."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    marker = _marker("append-lost")
+    getattr(proxy, loss)(marker)
+    store.record_event(AuditEvent(kind=EventKind.CONFLICT, at_ms=0, namespace="ns", subject=marker))
+    assert (proxy.lost, proxy.attempts(marker)) == (1, 1)
+    assert store._uncertain
+    assert [e.kind for e in store.events(subject=marker)] == [EventKind.CONFLICT]
+    assert not store._uncertain
+    assert verify(store).ok
 
 
 def test_open_case_is_tried_again(schema: str, proxy: PgProxy, stores: list[PostgresStore]) -> None:
@@ -957,6 +974,313 @@ def test_buffered_events_carried_by_a_lost_write_are_written_once(
     replayed = [e.kind for e in store.events(subject="warm")].count(EventKind.REPLAYED)
     assert replayed == 1
     assert verify(store).ok
+
+
+def _lose_twice(proxy: PgProxy, marker: str, tries: str) -> None:
+    """Both tries of a claim or completion carrying ``marker`` lose their connection:
+    ``committed_then_unsent``: the first commits and its reply is lost (FATAL), the second
+    never reaches the server; ``committed_twice``: each commits, each reply lost;
+    ``unsent_twice``: neither reaches the server."""
+    if tries == "committed_then_unsent":
+        proxy.fatal_reply(marker, meanwhile=lambda: proxy.lose_request(marker))
+    elif tries == "committed_twice":
+        proxy.fatal_reply(marker, meanwhile=lambda: proxy.fatal_reply(marker))
+    else:
+        proxy.lose_request(marker)
+        proxy.lose_request(marker)
+
+
+TWICE = pytest.mark.parametrize(
+    "tries", ["committed_then_unsent", "committed_twice", "unsent_twice"]
+)
+
+
+@TWICE
+@pytest.mark.parametrize("op", ["claim", "completion"])
+@pytest.mark.parametrize("path", ["buffered", "buffered_general"])
+def test_buffered_events_of_a_write_lost_twice_are_written_once(
+    schema: str,
+    proxy: PgProxy,
+    stores: list[PostgresStore],
+    ledger: Ledger,
+    op: str,
+    path: str,
+    tries: str,
+) -> None:
+    """A claim or a completion carries a buffered replay event, and both its tries lose
+    their connection (see _lose_twice): the call fails closed with StoreError, and the
+    event, committed by one of the tries or by neither, is in the trail exactly once after
+    the next write (which looks up the write's own event first)."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+    general = {"buffered": "fast", "buffered_general": "general"}[path]
+    _prepare(store, guard, ledger, path if op == "claim" else general)
+    marker = _marker(f"{op}-lost-twice")
+    _lose_twice(proxy, marker, tries)
+
+    def fn(_ctx: Any) -> Any:
+        ledger.append("r")
+        if op == "completion":
+            _replay_warm(store, guard, ledger)
+        return {"m": marker}
+
+    with pytest.raises(StoreError):
+        guard.execute("r", "charge", {"m": marker} if op == "claim" else {}, fn)
+
+    assert proxy.lost == 2
+    committed = tries != "unsent_twice"
+    record = store.get("default", "r")[0]
+    if op == "claim":
+        assert ledger.count("r") == 0
+        assert (record is not None) is committed
+        assert record is None or record.status is Status.PENDING
+    else:
+        assert ledger.count("r") == 1
+        assert record is not None
+        assert record.status is (Status.SUCCEEDED if committed else Status.PENDING)
+    guard.execute("next", "charge", {}, _effect(ledger, "next"))  # the next write
+    _check_buffered(store, "buffered")
+    assert verify(store).ok
+
+
+@TWICE
+@pytest.mark.parametrize("op", ["claim", "completion"])
+@pytest.mark.parametrize("path", ["fast", "general"])
+def test_a_lost_claim_or_refused_completion_carries_no_buffered_event(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], op: str, path: str, tries: str
+) -> None:
+    """A claim that loses to another's, or a completion that fencing refuses, writes no
+    event of its own to prove it committed, so it carries none of the buffered events
+    either: with both its tries lost, each buffered event is still in the trail once
+    after the next write."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    store._fast_path = path == "fast"
+    marker = _marker(f"{op}-refused-lost")
+
+    def request(rid: str, payload: str = "{}") -> ClaimRequest:
+        return ClaimRequest(
+            namespace="ns",
+            request_id=rid,
+            action="charge",
+            fingerprint="f" * 64,
+            payload_json=payload,
+            execution_id=uuid.uuid4().hex,
+            owner="owner-2",
+            lease_ms=30_000,
+            downstream_key=downstream_key("ns", "charge", rid),
+        )
+
+    held = store.claim(request("taken"))
+    assert held.won
+    chains = store.chain_shards
+    subject = next(
+        f"w-{i}"
+        for i in range(1000)
+        if shard_of("ns", f"w-{i}", chains) != shard_of("ns", "taken", chains)
+    )
+    store.record_event(AuditEvent(EventKind.REPLAYED, 5, "ns", subject), buffered=True)
+    _lose_twice(proxy, marker, tries)
+
+    def write() -> Any:
+        if op == "claim":
+            return store.claim(request("taken", json.dumps({"m": marker})))
+        return store.complete(
+            Completion(
+                namespace="ns",
+                request_id="taken",
+                fencing_token=held.record.fencing_token + 1,  # not current: refused
+                status=Status.SUCCEEDED,
+                result_json=json.dumps({"m": marker}),
+                error=None,
+                actor="owner-3",
+            )
+        )
+
+    with pytest.raises(StoreError):
+        write()
+    assert proxy.lost == 2
+    assert store.claim(request("next")).won  # the next write
+    store.flush_events()
+    assert [e.kind for e in store.events(subject=subject)] == [EventKind.REPLAYED]
+    assert verify(store).ok
+
+
+def test_a_completion_whose_record_moved_on_before_its_second_try_is_accepted_once(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger
+) -> None:
+    """An in-doubt completion commits with a buffered replay event, its reply is lost, and
+    before its second try a reconciler takes the record over: the second try is refused
+    and finds the record no longer as it left it, but finds its own in-doubt event in the
+    trail. It is accepted (the guard raises fn's outcome-unknown error, not LeaseLostError),
+    no rejection is audited, and the replay event is not written again."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    other = PostgresStore(PG_URL, schema=schema, max_size=1)
+    stores.append(other)
+    guard = Guard(store, wait=0, owner="owner-1")
+    _prepare(store, guard, ledger, "general")
+    marker = _marker("moved-on")
+    proxy.fatal_reply(marker, meanwhile=lambda: _take_over(other, "r"))
+
+    def fn(_ctx: Any) -> Any:
+        _replay_warm(store, guard, ledger)
+        raise TimeoutError(marker)  # the error's message travels in the completion
+
+    with pytest.raises(TimeoutError):  # accepted: fn's error, as if the reply had come
+        guard.execute("r", "charge", {}, fn, outcome_unknown=(TimeoutError,))
+    assert proxy.lost == 1
+    record = store.get("default", "r")[0]
+    assert record is not None
+    assert (record.status, record.fencing_token) == (Status.PENDING, 2)  # taken over
+    assert _kinds(store, "r") == [EventKind.CLAIMED, EventKind.IN_DOUBT, EventKind.CLAIMED]
+    _check_buffered(store, "buffered")
+    assert verify(store).ok
+
+
+def test_a_refused_completion_whose_reply_was_lost_is_audited_once(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore]
+) -> None:
+    """A completion under a token that is not current commits its rejection, and the reply
+    is lost: the second try, refused again, finds that rejection and does not audit
+    another."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    held = store.claim(_request("taken"))
+    assert held.won
+    marker = _marker("refused-lost")
+    proxy.fatal_reply(marker)
+    written = store.complete(
+        Completion(
+            namespace="ns",
+            request_id="taken",
+            fencing_token=held.record.fencing_token + 1,  # not current: refused
+            status=Status.SUCCEEDED,
+            result_json=json.dumps({"m": marker}),
+            error=None,
+            actor="owner-3",
+        )
+    )
+    assert proxy.lost == 1
+    assert proxy.attempts(marker) == 2
+    assert not written.accepted
+    assert _kinds(store, "taken") == [EventKind.CLAIMED, EventKind.COMPLETION_REJECTED]
+    assert verify(store).ok
+
+
+def test_a_conflict_event_whose_reply_was_lost_is_written_once(
+    schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger
+) -> None:
+    """A request id reused with another payload: the conflict event is written at once,
+    its COMMIT lands and the reply is lost. The guard still answers the conflict, and the
+    event, kept for the next write to look up, is in the trail once."""
+    store = _via_proxy(proxy, schema)
+    stores.append(store)
+    guard = Guard(store, wait=0, owner="owner-1")
+    guard.execute("r", "charge", {"a": 1}, _effect(ledger, "r"))
+    store._found = 1.0  # the guard reads first: the payload travels in the event only
+    marker = _marker("conflict-lost")
+    proxy.fatal_reply(marker)
+    with pytest.raises(FingerprintMismatchError):
+        guard.execute("r", "charge", {"m": marker}, _effect(ledger, "r"))
+    assert proxy.lost == 1
+    assert ledger.count("r") == 1
+    guard.execute("next", "charge", {}, _effect(ledger, "next"))  # the next write
+    assert _kinds(store, "r") == [EventKind.CLAIMED, EventKind.SUCCEEDED, EventKind.CONFLICT]
+    assert verify(store).ok
+
+
+def _interrupted_while_locked(schema: str, table: str, call: Callable[[], Any]) -> None:
+    """``call`` while another connection holds ``table`` locked; Ctrl-C (as SIGINT would
+    raise it) arrives while it waits; then the lock is released."""
+    with psycopg.connect(PG_URL) as admin:
+        admin.execute(f"LOCK TABLE {schema}.{table} IN ACCESS EXCLUSIVE MODE")
+        timer = threading.Timer(0.5, _thread.interrupt_main)
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                call()
+        finally:
+            timer.cancel()
+            admin.rollback()
+
+
+def test_interrupts_while_buffered_events_are_settled_lose_none(
+    schema: str, stores: list[PostgresStore]
+) -> None:
+    """Ctrl-C while a claim carrying a buffered event waits: the event goes back marked by
+    the claim's own event. Ctrl-C again while the next write looks that event up: the
+    buffered event goes back again, still marked. The write after writes it, once."""
+    store = PostgresStore(PG_URL, schema=schema, max_size=2)
+    stores.append(store)
+    chains = store.chain_shards
+    subject = next(
+        s
+        for s in (f"w-{i}" for i in range(1000))
+        if shard_of("ns", s, chains) != shard_of("ns", "r", chains)
+    )
+    store.record_event(AuditEvent(EventKind.REPLAYED, 5, "ns", subject), buffered=True)
+    _interrupted_while_locked(schema, "executions", lambda: store.claim(_request("r")))
+    assert store._uncertain
+    assert store._buffer
+    _interrupted_while_locked(schema, "audit_events", store.flush_events)
+    assert store._uncertain
+    assert store._buffer
+    store.flush_events()
+    assert not store._uncertain
+    assert [e.kind for e in store.events(subject=subject)] == [EventKind.REPLAYED]
+    assert verify(store).ok
+
+
+def _request(rid: str, owner: str = "owner-2") -> ClaimRequest:
+    return ClaimRequest(
+        namespace="ns",
+        request_id=rid,
+        action="charge",
+        fingerprint="f" * 64,
+        payload_json="{}",
+        execution_id=uuid.uuid4().hex,
+        owner=owner,
+        lease_ms=30_000,
+        downstream_key=downstream_key("ns", "charge", rid),
+    )
+
+
+def _take_over(store: PostgresStore, rid: str) -> None:
+    assert store.take_over("default", rid, 1, "reconciler", 30_000).accepted
+
+
+def test_an_observed_lease_expiry_is_not_an_in_doubt_completion(
+    schema: str, stores: list[PostgresStore]
+) -> None:
+    """An in-doubt completion's own event proves it committed; an observation of the
+    expired lease (the same kind, execution id and token, detail ``observed``) does not."""
+    store = PostgresStore(PG_URL, schema=schema, max_size=1)
+    stores.append(store)
+    completion = Completion(
+        namespace="ns",
+        request_id="r",
+        fencing_token=3,
+        status=Status.IN_DOUBT,
+        result_json=None,
+        error=ErrorInfo("TimeoutError", "no answer"),
+        actor="owner-1",
+        execution_id="e" * 32,
+    )
+    witness = _completion_witness(completion)
+    assert witness == ("ns", "r", "in_doubt", "e" * 32, 3)
+
+    def event(detail: dict[str, Any], token: int = 3) -> AuditEvent:
+        return AuditEvent(
+            EventKind.IN_DOUBT, 5, "ns", "r", "charge", "owner-1", "e" * 32, token, detail
+        )
+
+    store.record_event(event({"observed": True, "stored_status": "PENDING"}))
+    store.record_event(event({"status": "IN_DOUBT"}, token=2))  # an earlier attempt's
+    assert store._read(store._witnessed(witness)) is False
+    store.record_event(event({"status": "IN_DOUBT"}))
+    assert store._read(store._witnessed(witness)) is True
 
 
 def test_a_batch_marked_uncertain_while_a_claim_takes_the_buffer_is_written_once(

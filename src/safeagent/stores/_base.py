@@ -421,6 +421,11 @@ def settled_event(case: CaseRow, execution_id: str, actor: str, now_ms: int) -> 
     )
 
 
+def completion_kind(completion: Completion) -> EventKind:
+    """The kind of the event an accepted ``completion`` writes first (its outcome's)."""
+    return completion.event_kind or _OUTCOME_EVENTS[completion.status]
+
+
 def completion_events(
     completion: Completion, before: Record | None, after: Record | None, now_ms: int
 ) -> list[AuditEvent]:
@@ -453,7 +458,7 @@ def completion_events(
                 },
             )
         ]
-    kind = completion.event_kind or _OUTCOME_EVENTS[completion.status]
+    kind = completion_kind(completion)
     detail = {**completion.detail, "status": completion.status.value}
     if completion.status in TERMINAL:
         error = completion.error

@@ -169,6 +169,14 @@ DROPPED_INDEXES = ("audit_events_chain",)
 EVENT_BY_HASH = (
     "SELECT 1 FROM {s}.audit_events WHERE namespace = %s AND subject = %s AND hash = %s LIMIT 1"
 )
+# (namespace, subject, kind, execution id or NULL, fencing token or NULL) -> the details of
+# the events of that kind under the subject's index: where a claim's or a completion's own
+# event would be (PostgresStore._witnessed).
+EVENTS_OF_WRITE = (
+    "SELECT detail FROM {s}.audit_events WHERE namespace = %s AND subject = %s AND kind = %s"
+    " AND execution_id = coalesce(%s, execution_id)"
+    " AND fencing_token = coalesce(%s::bigint, fencing_token)"
+)
 
 # (now, namespace, request_id) -> always one row: the record's columns (all NULL when there
 # is no record) and the clock. A miss costs the same single round trip as a hit.
@@ -409,14 +417,12 @@ x AS MATERIALIZED (SELECT shard, seq, hash FROM b UNION ALL SELECT shard, seq, h
 mv AS (
     UPDATE {{s}}.audit_chain AS a SET seq = x.seq, head = x.hash FROM x WHERE a.shard = x.shard
 )
-SELECT won.*, n.now FROM won CROSS JOIN n
+SELECT <lead>won.*, n.now FROM won CROSS JOIN n
 WHERE CASE WHEN (SELECT count(*) FROM x) = %s::int + 1 THEN true
     ELSE won.fencing_token / 0 > 0 END
 """
-CLAIM_FAST_CARRYING = (
-    f"{_CLAIM_WON},{_CARRY_HEADS}"
-    f"{_CLAIMED_EV.replace('<where>', ' WHERE h.shard = %s')}{_CARRY_EVENTS}"
-)
+_CLAIMED_CARRYING = f"{_CARRY_HEADS}{_CLAIMED_EV.replace('<where>', ' WHERE h.shard = %s')}"
+CLAIM_FAST_CARRYING = f"{_CLAIM_WON},{_CLAIMED_CARRYING}{_CARRY_EVENTS.replace('<lead>', '')}"
 # CLAIM_FAST's parameters, then (ns, rid) again -> one row: a leading boolean, then the
 # record's columns and the clock. True: the claim was won (a new row) and its claimed event
 # chained, as CLAIM_FAST. False: the request id has a record, left as it is, and the row is
@@ -426,12 +432,21 @@ CLAIM_FAST_CARRYING = (
 # with CLAIM_FAST. The guard's first step on PostgreSQL while it pays
 # (PostgresStore.claim_new, claim_first): a first execution's claim needs no read before
 # it, a replay's read is this statement.
-CLAIM_NEW_FAST = f"""{_CLAIM_NEW},{_CLAIMED_EVENT}{_MOVE_AND_SELECT.replace("<lead>", "true, ")}
-UNION ALL
+_NOT_NEW = f"""UNION ALL
 SELECT false, {E_COLUMNS}, n.now
 FROM n LEFT JOIN {{s}}.executions AS e ON e.namespace = %s AND e.request_id = %s
 WHERE NOT EXISTS (SELECT FROM won)
 """
+CLAIM_NEW_FAST = (
+    f"{_CLAIM_NEW},{_CLAIMED_EVENT}{_MOVE_AND_SELECT.replace('<lead>', 'true, ')}{_NOT_NEW}"
+)
+# CLAIM_NEW_FAST that also writes buffered audit events, as CLAIM_FAST_CARRYING does, when
+# the claim is won: CLAIM_FAST_CARRYING's parameters, then (ns, rid) -> as CLAIM_NEW_FAST.
+# A replay's read through it locks, inserts and moves nothing (k counts no row won), and
+# the carried events go back to the buffer.
+CLAIM_NEW_FAST_CARRYING = (
+    f"{_CLAIM_NEW},{_CLAIMED_CARRYING}{_CARRY_EVENTS.replace('<lead>', 'true, ')}{_NOT_NEW}"
+)
 
 
 def _complete_fast(sync: str) -> str:
@@ -469,7 +484,8 @@ def _complete_fast_carrying(sync: str) -> str:
     the buffer, and the general path follows, carrying them)."""
     return (
         f"{_completion_won(sync, _ON_TIME_AND_NAMED)},{_CARRY_HEADS}"
-        f"{_COMPLETED_EV.replace('<where>', ' WHERE h.shard = %s')}{_CARRY_EVENTS}"
+        f"{_COMPLETED_EV.replace('<where>', ' WHERE h.shard = %s')}"
+        f"{_CARRY_EVENTS.replace('<lead>', '')}"
     )
 
 

@@ -45,7 +45,8 @@ the completion recognise their own write when the lost try did commit (the reply
 not the commit): see :class:`PostgresStore`. Any other failure, a lost connection under
 another write, and a second lost connection fail closed: the call raises
 :class:`~safeagent.errors.StoreError`, and a claim that could not be committed means ``fn``
-does not run.
+does not run. Audit events whose write's fate is unknown are kept and looked up by the
+next write, by the write's own event or their chain hash: each is written once.
 
 Install with ``pip install -e '.[postgres]'``.
 """
@@ -84,6 +85,7 @@ from safeagent.stores._base import (
     check_durability,
     claimed_event,
     completion_events,
+    completion_kind,
     purged_event,
     resolved_event,
     settled_event,
@@ -368,6 +370,42 @@ def _lost(err: StoreError) -> bool:
     return getattr(err, "connection_lost", False) is True
 
 
+# (namespace, subject, kind, execution id or None, fencing token or None): where the event a
+# claim or completion writes of its own is found in the trail (EVENTS_OF_WRITE).
+Witness = tuple[str, str, str, str | None, int | None]
+
+
+def _claim_witness(request: ClaimRequest) -> Witness:
+    """The claimed event of ``request``'s claim: its execution id is fresh (no other claim
+    writes it), so an event under it proves the claim committed."""
+    return (request.namespace, request.request_id, "claimed", request.execution_id, None)
+
+
+def _completion_witness(completion: Completion) -> Witness:
+    """The outcome event of ``completion`` accepted: fencing accepts one completion per
+    token, so its kind under that token (and its execution id, when named) proves it
+    committed. Observations of an expired lease share the in-doubt kind and the token; they
+    are told apart by their detail (_witnessed)."""
+    kind = completion_kind(completion)._value_
+    return (
+        completion.namespace,
+        completion.request_id,
+        kind,
+        completion.execution_id,
+        completion.fencing_token,
+    )
+
+
+def _observed(detail: str) -> bool:
+    """An event ``detail`` (JSON text) is an observation of an expired lease. A detail that
+    is not a JSON object (edited in the database: audit.verify reports it) is not."""
+    try:
+        value = json.loads(detail)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and value.get("observed") is True
+
+
 def _claimed_by(record: Record, request: ClaimRequest, now: int) -> bool:
     """``record`` is the claim ``request`` made, untouched since, its lease live at ``now``:
     what a second try of a claim finds when its lost first try did commit.
@@ -526,7 +564,9 @@ class PostgresStore:
         # buffered events it writes too; .locked, the chain heads its claim or completion
         # statement already locked, as (shards, heads)
         self._tx = threading.local()
-        self._uncertain: list[tuple[list[AuditEvent], tuple[str, str, str]]] = []
+        # batches of buffered events a write carried without learning whether it committed:
+        # each with how the next write holding it learns (_unwritten)
+        self._uncertain: list[tuple[list[AuditEvent], Callable[[psycopg.Cursor[Any]], bool]]] = []
         self._uncertain_lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._pid = 0
@@ -683,6 +723,7 @@ class PostgresStore:
         pipelined: bool = False,
         hold: bool = False,
         carry: list[AuditEvent] | None = None,
+        witness: Witness | None = None,
     ) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction. Its audit events (buffered ones first, then those the body
         emits) are chained at the end, after the body's row locks, taking the chain-head
@@ -693,12 +734,15 @@ class PostgresStore:
         event statement (see _pipelined_transaction), for a body that only executes and
         fetches (``rowcount`` is not known before the results are).
 
-        The buffered events go back to the buffer if the transaction fails, except with
-        ``hold`` when the connection was lost: whether they were committed is then unknown,
-        and they are left in ``self._tx.held`` for the caller's second try (_held), which
-        passes them as ``carry`` (written instead of the buffer's) and learns whether its
-        first try committed. A second try that finds its own write clears
-        ``self._tx.buffered``: those events were committed with it."""
+        The buffered events go back to the buffer if the transaction fails. Where it may
+        have committed (the connection was lost, or an interrupt came), they go back
+        marked, and the write that takes them next looks them up first (_unwritten): by
+        ``witness``, the claim's or completion's own event, which they are written with or
+        not at all (_unclaimed); else by the chain hash of the last of them, once they were
+        sent. With ``hold``, a lost connection leaves them in ``self._tx.held`` instead,
+        for the caller's second try (_held), which passes them as ``carry`` (written
+        instead of the buffer's) and learns whether its first try committed them; a second
+        try that finds they were clears ``self._tx.buffered``."""
         if self._unwritable is not None:
             raise StoreError(self._unwritable)
         buffered = carry if carry is not None else self._buffer.take() if self._buffer else []
@@ -717,54 +761,102 @@ class PostgresStore:
                     with conn.transaction(), conn.cursor() as cur:
                         yield cur
                         self._insert_events(cur, [*buffered, *pending] if buffered else pending)
-        except StoreError as err:
-            if hold and _lost(err):
-                tx.held = buffered
-            elif _lost(err) and buffered and tx.rows is not None:
-                # Sent with a COMMIT whose reply was lost: written or not, unknown. They go
-                # back to the buffer marked, and the write that takes them next looks for
-                # the last of them first (_unwritten).
-                last = tx.rows[len(buffered) - 1]
-                with self._uncertain_lock:
-                    self._uncertain.append((buffered, (last[2], last[3], last[-1])))
-                self._buffer.put_back(buffered)
-            else:
-                self._buffer.put_back(buffered)
-            raise
-        except BaseException:
-            self._buffer.put_back(buffered)
+        except BaseException as exc:
+            self._give_back(buffered, exc, hold, witness)
             raise
         finally:
             tx.pending = tx.buffered = tx.locked = None
 
+    def _give_back(
+        self,
+        buffered: list[AuditEvent],
+        exc: BaseException,
+        hold: bool,
+        witness: Witness | None,
+    ) -> None:
+        """Where the buffered events a failed write took go (see _write)."""
+        store_error = isinstance(exc, StoreError)
+        lost = isinstance(exc, StoreError) and _lost(exc)
+        if hold and lost:
+            self._tx.held = buffered  # committed or not: the second try tells
+        elif not buffered:
+            return
+        elif store_error and not lost and (hold or witness is None):
+            self._buffer.put_back(buffered)  # refused: the server rolled it back
+        elif witness is not None:
+            # a second try, however it failed (its first try may have committed them), or
+            # an interrupt, perhaps after the COMMIT was sent
+            self._mark(buffered, self._witnessed(witness))
+        elif (rows := self._tx.rows) is not None:
+            # sent, perhaps with a COMMIT whose reply was lost
+            last = rows[len(buffered) - 1]
+            self._mark(buffered, self._by_hash((last[2], last[3], last[-1])))
+        else:
+            self._buffer.put_back(buffered)  # never sent
+
+    def _mark(self, events: list[AuditEvent], found: Callable[[psycopg.Cursor[Any]], bool]) -> None:
+        """Put ``events`` back in the buffer, marked: whether they are in the trail is
+        ``found``'s answer, asked by the next write that takes them (_unwritten)."""
+        with self._uncertain_lock:
+            self._uncertain.append((events, found))
+        self._buffer.put_back(events)
+
+    def _by_hash(self, last: tuple[str, str, str]) -> Callable[[psycopg.Cursor[Any]], bool]:
+        """Whether the event with chain hash ``last`` (namespace, subject, hash) is in the
+        trail: a chain hash is unique."""
+        sql = self._sql["EVENT_BY_HASH"]
+        return lambda cur: cur.execute(sql, last).fetchone() is not None
+
+    def _witnessed(self, witness: Witness) -> Callable[[psycopg.Cursor[Any]], bool]:
+        """Whether the claim's or completion's own event that ``witness`` names is in the
+        trail, and so the buffered events it carried (EVENTS_OF_WRITE; an observation of
+        an expired lease, which shares an in-doubt completion's kind and token, is not)."""
+        sql = self._sql["EVENTS_OF_WRITE"]
+
+        def found(cur: psycopg.Cursor[Any]) -> bool:
+            return any(not _observed(row[0]) for row in cur.execute(sql, witness).fetchall())
+
+        return found
+
+    def _unclaimed(self, cur: psycopg.Cursor[Any], witness: Witness | None) -> None:
+        """A claim that was lost, or a completion that was refused: no event of its own
+        (its witness) is written, so no buffered event either. On a second try
+        (``witness``), those its first try committed are dropped; the rest go back to the
+        buffer, unmarked: nothing wrote them."""
+        buffered = self._tx.buffered
+        if not buffered:
+            return
+        if witness is None or not self._witnessed(witness)(cur):
+            self._buffer.put_back(list(buffered))
+        buffered.clear()
+
     def _unwritten(self, buffered: list[AuditEvent]) -> list[AuditEvent]:
-        """``buffered`` without the batches a lost write carried and did commit (see
-        _write): a batch is in the trail if its last event is, found by its chain hash
-        through the subject index (one read, only after a lost connection). A mark stays
-        in ``_uncertain`` until the write holding its events has checked it (others see it
-        meanwhile); a batch whose look-up fails goes back to the buffer, still marked."""
+        """``buffered`` without the batches a write that may have committed carried and
+        did commit (see _write): one read per marked batch, only after a lost connection
+        or an interrupt. A mark stays in ``_uncertain`` until the write holding its events
+        has checked it (others see it meanwhile); a batch whose look-up fails goes back to
+        the buffer, still marked, and an interrupt puts back every event not yet settled."""
         with self._uncertain_lock:
             batches = list(self._uncertain)
         taken = {id(event) for event in buffered}
         for batch in batches:
-            events, last = batch
+            events, found = batch
             if not all(id(event) in taken for event in events):
                 continue  # another write holds them: its own check settles this mark
-
-            def look(cur: psycopg.Cursor[Any], last: tuple[str, str, str] = last) -> Any:
-                return cur.execute(self._sql["EVENT_BY_HASH"], last).fetchone()
-
             try:
-                found = self._read(look) is not None
+                written = self._read(found)
             except StoreError:
                 # unknown still: keep them aside, marked, for a later write
                 ids = {id(event) for event in events}
                 buffered = [event for event in buffered if id(event) not in ids]
                 self._buffer.put_back(events)
                 continue
+            except BaseException:
+                self._buffer.put_back(buffered)  # this batch and the rest still marked
+                raise
             with self._uncertain_lock:
                 self._uncertain = [b for b in self._uncertain if b is not batch]
-            if found:  # written by the lost write: not again
+            if written:  # by the write that may have committed: not again
                 ids = {id(event) for event in events}
                 buffered = [event for event in buffered if id(event) not in ids]
         return buffered
@@ -1133,7 +1225,7 @@ class PostgresStore:
         return ClaimResult(False, existing, now)
 
     def _carrying(
-        self, shard: int, run: Callable[[str, str, int], Any]
+        self, shard: int, run: Callable[[str, str, int], Any], witness: Witness
     ) -> tuple[list[AuditEvent], Any] | None:
         """Take the buffered audit events and ``run(shards literal, ..., rows JSON, count)``
         the carrying statement of a write whose own event goes to chain ``shard``: its
@@ -1142,7 +1234,8 @@ class PostgresStore:
         a batch a lost connection left uncertain (_unwritten), an event it cannot encode.
         Its failure puts the events back, but a lost connection's, which leaves them to
         the caller's second try (_held): it carries them unless it finds its own write,
-        committed with them."""
+        committed with them; an interrupt, perhaps after the statement was sent, puts them
+        back marked by the write's own event, its ``witness`` (_write)."""
         events = self._buffer.take()
         try:
             # Checked after the take: a write whose reply was lost marks its batch and puts
@@ -1173,7 +1266,7 @@ class PostgresStore:
                 self._buffer.put_back(events)
             raise
         except BaseException:
-            self._buffer.put_back(events)
+            self._mark(events, self._witnessed(witness))
             raise
 
     def _claim_carrying(
@@ -1189,7 +1282,7 @@ class PostgresStore:
             params = (*self._claim_params(request), shards, *fragments[1:], fragments[0])
             return self._one(sql, (*params, rows, count))
 
-        done = self._carrying(fragments[0], run)
+        done = self._carrying(fragments[0], run, _claim_witness(request))
         if done is None:
             return None
         events, row = done
@@ -1202,10 +1295,14 @@ class PostgresStore:
         self, request: ClaimRequest, carried: list[AuditEvent] | None = None
     ) -> ClaimResult:
         """``carried``: this is the second try of a claim whose connection was lost, with
-        the buffered events its first try carried (claim)."""
+        the buffered events its first try carried (claim). A claim carries buffered events
+        only if it is won: its claimed event then tells a later write whether they were
+        committed (_write)."""
         # BEGIN + the claim, its chain heads locked | the events, the heads moved + COMMIT:
         # two round trips
-        with self._write(pipelined=True, hold=carried is None, carry=carried) as cur:
+        witness = _claim_witness(request)
+        first = carried is None
+        with self._write(pipelined=True, hold=first, carry=carried, witness=witness) as cur:
             shards, literal = self._lock_for(request.namespace, request.request_id)
             cur.execute(self._sql["CLAIM"], (*self._claim_params(request), literal))
             rows = cur.fetchall()
@@ -1215,11 +1312,12 @@ class PostgresStore:
                 existing, now = self._record_at(cur, request.namespace, request.request_id)
                 if existing is None:  # pragma: no cover - the conflicting row is committed
                     raise StoreError("claim conflicted with a row that then vanished")
-                if carried is not None and existing.execution_id == request.execution_id:
+                if not first and existing.execution_id == request.execution_id:
                     # The first try committed (no other claim writes this execution id),
                     # and with it the events it carried: they are not written again.
                     self._tx.buffered.clear()
                     return ClaimResult(_claimed_by(existing, request, now), existing, now)
+                self._unclaimed(cur, None if first else witness)
                 return ClaimResult(False, existing, now)
             self._locked(shards, rows)
             record, now = row_to_record(rows[0]), int(rows[0][N_COLUMNS])
@@ -1305,7 +1403,7 @@ class PostgresStore:
                 (*params, *fragments[1:], fragments[0], rows, count),
             )
 
-        done = self._carrying(fragments[0], run)
+        done = self._carrying(fragments[0], run, _completion_witness(completion))
         if done is None:
             return None
         events, row = done
@@ -1322,8 +1420,12 @@ class PostgresStore:
         carried: list[AuditEvent] | None = None,
     ) -> WriteResult:
         """``carried``: this is the second try of a completion whose connection was lost,
-        with the buffered events its first try carried (complete)."""
-        with self._write(pipelined=True, hold=carried is None, carry=carried) as cur:
+        with the buffered events its first try carried (complete). A completion carries
+        buffered events only if it is accepted: its outcome event then tells a later write
+        whether they were committed (_write)."""
+        witness = _completion_witness(completion)
+        first = carried is None
+        with self._write(pipelined=True, hold=first, carry=carried, witness=witness) as cur:
             # A completion that settles a case locks the case row after its own: its chain
             # heads are then taken at the end (after the case), not by this statement.
             shards, literal = (
@@ -1336,29 +1438,7 @@ class PostgresStore:
             )
             rows = cur.fetchall()
             if rows[0][0] is None:  # refused by the fencing check: report what is there
-                before, now = self._record_at(cur, completion.namespace, completion.request_id)
-                if carried is not None and before is not None and _carries(before, completion):
-                    # The first try committed, and with it its events and those it carried:
-                    # accepted, nothing written again, no rejection audited.
-                    self._tx.buffered.clear()
-                    expiry = before.lease_expires_at_ms
-                    late = expiry is not None and before.updated_at_ms >= expiry
-                    return WriteResult(accepted=True, record=before, late=late)
-                if (
-                    carried is not None
-                    and before is not None
-                    and _released_then_claimed(before, completion)
-                ):
-                    # The first try released the record (committed, with its events and
-                    # those it carried), and a claim has taken it since: accepted, as it
-                    # was, nothing written again; the record is the one there now.
-                    self._tx.buffered.clear()
-                    return WriteResult(accepted=True, record=before)
-                if before is None:
-                    now = 0  # no record: the rejection is stamped 0, as this store always has
-                events = completion_events(completion, before, None, now)
-                self._emit(events)
-                return WriteResult(accepted=False, record=before)
+                return self._refused(cur, completion, first, witness)
             self._locked(shards, rows)
             after, now = row_to_record(rows[0]), int(rows[0][N_COLUMNS])
             events = completion_events(completion, after, after, now)
@@ -1367,6 +1447,41 @@ class PostgresStore:
             self._emit(events)
         late = after.lease_expires_at_ms is not None and now >= after.lease_expires_at_ms
         return WriteResult(accepted=True, record=after, late=late)
+
+    def _refused(
+        self, cur: psycopg.Cursor[Any], completion: Completion, first: bool, witness: Witness
+    ) -> WriteResult:
+        """A completion the fencing check refused: the record there, and a rejection
+        audited, with none of the buffered events (_unclaimed). A second try (not
+        ``first``) first looks for what its lost first try committed: the completion
+        itself (accepted: nothing written again), or its rejection (audited once)."""
+        ns, rid = completion.namespace, completion.request_id
+        before, now = self._record_at(cur, ns, rid)
+        if not first:
+            if before is not None and _carries(before, completion):
+                # The first try committed, and with it its events and those it carried:
+                # accepted, nothing written again, no rejection audited.
+                self._tx.buffered.clear()
+                expiry = before.lease_expires_at_ms
+                late = expiry is not None and before.updated_at_ms >= expiry
+                return WriteResult(accepted=True, record=before, late=late)
+            if (before is not None and _released_then_claimed(before, completion)) or (
+                self._witnessed(witness)(cur)
+            ):
+                # The first try committed (its own event is in the trail), and the record
+                # moved on since: a release claimed again, an in-doubt outcome taken over by
+                # a reconcile round. Accepted, as it was, nothing written again; the record
+                # is the one there now.
+                self._tx.buffered.clear()
+                return WriteResult(accepted=True, record=before)
+        self._unclaimed(cur, None)
+        rejected = (ns, rid, "completion_rejected", None, completion.fencing_token)
+        if not first and self._witnessed(rejected)(cur):
+            return WriteResult(accepted=False, record=before)  # the first try's, committed
+        if before is None:
+            now = 0  # no record: the rejection is stamped 0, as this store always has
+        self._emit(completion_events(completion, before, None, now))
+        return WriteResult(accepted=False, record=before)
 
     def resolve(self, resolution: Resolution) -> WriteResult:
         # Not tried again on a lost connection (StoreError): a resolution writes nothing
@@ -1476,15 +1591,32 @@ class PostgresStore:
         return self._read(read)
 
     def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
-        # Not tried again on a lost connection (StoreError), nor flush_events, add_anchor
-        # and purge: an append a lost try may have committed would be written twice.
+        """:meth:`ReceiptStore.record_event`. Not tried again on a lost connection, nor
+        flush_events, add_anchor and purge: an append a lost try may have committed would
+        be written twice. An event sent with a COMMIT whose reply was lost is kept for the
+        next write to settle instead (no StoreError).
+
+        Raises:
+            StoreError: the event was not written (refused, or lost before it was sent).
+        """
         if buffered:
             self._buffer.add(event if event.at_ms else stamped(event, self._now()))
             self._maybe_flush()
             return
         event = stamped(event, event.at_ms or self._now())
-        with self._write(pipelined=True):
-            self._emit([event])
+        self._tx.rows = None
+        try:
+            with self._write(pipelined=True):
+                self._emit([event])
+        except StoreError as err:
+            rows = self._tx.rows
+            if not _lost(err) or rows is None:
+                raise  # refused (rolled back), or never sent: not written
+            # Sent, with a COMMIT whose reply was lost: kept, marked by its chain hash, for
+            # the next write, which writes it only if it is not in the trail (_unwritten).
+            # Recorded either way, once: raising would have the caller keep it a second time.
+            last = rows[-1]
+            self._mark([event], self._by_hash((last[2], last[3], last[-1])))
 
     def _flush_for_read(self) -> None:
         """Write the buffered events before a read of the trail, once more if the
