@@ -77,6 +77,13 @@ class Counted(PostgresStore):
         self.paths["_claim_carrying" if out is not None else "_claim_carrying_missed"] += 1
         return out
 
+    def _claim_new_carrying(
+        self, request: ClaimRequest, fragments: tuple[Any, ...]
+    ) -> ClaimResult | None:
+        out = super()._claim_new_carrying(request, fragments)
+        self.paths["_claim_new_carrying" if out is not None else "_claim_new_carrying_missed"] += 1
+        return out
+
     def _claim_general(
         self, request: ClaimRequest, carried: list[AuditEvent] | None = None
     ) -> ClaimResult:
@@ -804,6 +811,15 @@ def _until_waiting_on_a_lock(store: PostgresStore, failure: str) -> None:
     raise AssertionError(failure)
 
 
+def _trail_state(store: PostgresStore) -> tuple[Any, ...]:
+    """How many audit events the database holds and its chain heads, read beside the store
+    (its own reads of the trail write the buffered events first)."""
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        count = conn.execute(f"SELECT count(*) FROM {store.schema}.audit_events").fetchone()
+        heads = conn.execute(f"SELECT * FROM {store.schema}.audit_chain ORDER BY shard")
+        return count, heads.fetchall()
+
+
 def _row_state(store: PostgresStore, rid: str) -> tuple[Any, ...]:
     """The row's system columns and values: xmin and xmax change when a statement writes
     or locks it (a lock by ON CONFLICT DO UPDATE, or FOR UPDATE, sets xmax)."""
@@ -888,25 +904,67 @@ def test_claim_new_meets_a_row_committed_after_its_statement_began(make: Made) -
     _checked_chain(store)
 
 
+def test_claim_new_carries_buffered_events_only_when_it_wins(make: Made) -> None:
+    """Buffered events wait: claim_new carries them in its one statement
+    (CLAIM_NEW_FAST_CARRYING) when it wins, the trail the general path's, byte for byte;
+    when the id has a record it writes nothing, locks nothing, and the events stay
+    buffered, in order, for the next write."""
+    chains = 256
+    assert shard_of("ns", "x", chains) not in {shard_of("ns", r, chains) for r in ("a", "b")}
+
+    def scenario(store: Counted, clock: FakeClock) -> None:
+        replay = AuditEvent(EventKind.REPLAYED, clock(), "ns", "x", detail={"n": 1})
+        store.record_event(replay, buffered=True)
+        claimed = store.claim_new(_request("a"))
+        assert claimed.won
+        assert not store._buffer  # written with the claim
+        clock.advance(0.001)
+        again = replace(replay, at_ms=clock(), detail={"n": 2})
+        store.record_event(again, buffered=True)
+        before = _row_state(store, "a"), _trail_state(store)
+        found = store.claim_new(_request("a", execution_id="e" * 32))
+        assert not found.won
+        assert found.record.execution_id == claimed.record.execution_id
+        # nothing written, nothing locked, the event still buffered
+        assert (_row_state(store, "a"), _trail_state(store)) == before
+        assert store._buffer.take() == [again]
+        store.record_event(again, buffered=True)
+        assert store.claim_new(_request("b")).won  # the next write carries it
+
+    fast = _both(make, scenario)
+    assert fast.paths == Counter(_claim_new_carrying=3)
+    subjects = [(e.kind.value, e.subject) for e in fast.events()]
+    assert subjects == [
+        ("replayed", "x"),
+        ("claimed", "a"),
+        ("replayed", "x"),
+        ("claimed", "b"),
+    ]
+    _checked_chain(fast)
+
+
 def test_claim_new_where_its_one_statement_is_not_used(make: Made) -> None:
-    """Buffered events to write, or the general path only: claim_new reads, then claims
-    when there is no record (carrying the buffered events), and answers the record when
-    there is one; the trail is the same as the one statement's."""
+    """Buffered events it cannot carry (two on one chain), or the general path only:
+    claim_new reads, then claims when there is no record (carrying the buffered events),
+    and answers the record when there is one."""
     store = make()
-    store.record_event(AuditEvent(EventKind.REPLAYED, 1, "ns", "x", detail={}), buffered=True)
+    for _ in range(2):
+        store.record_event(AuditEvent(EventKind.REPLAYED, 1, "ns", "x", detail={}), buffered=True)
     claimed = store.claim_new(_request("a"))
     assert claimed.won
-    assert store.paths == Counter(_claim_carrying=1)
+    assert store.paths == Counter(
+        _claim_new_carrying_missed=1, _claim_carrying_missed=1, _claim_general=1
+    )
     assert not store._buffer  # written with the claim
     found = store.claim_new(_request("a", execution_id="e" * 32))
     assert not found.won
     assert found.record.execution_id == claimed.record.execution_id
-    assert store.paths == Counter(_claim_carrying=1, _claim_new_fast=1)
+    assert store.paths["_claim_new_fast"] == 1
     slow = make(fast=False)
     assert slow.claim_new(_request("b")).won
     assert not slow.claim_new(_request("b", execution_id="e" * 32)).won
     assert slow.paths == Counter(_claim_general=1)
-    assert [e.kind for e in store.events()] == [EventKind.REPLAYED, EventKind.CLAIMED]
+    assert [e.kind for e in store.events()] == [EventKind.REPLAYED] * 2 + [EventKind.CLAIMED]
     _checked_chain(store)
     _checked_chain(slow)
 

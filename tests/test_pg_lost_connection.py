@@ -244,8 +244,9 @@ def _via_proxy(proxy: PgProxy, schema: str, **kwargs: Any) -> PostgresStore:
 def _prepare(store: PostgresStore, guard: Guard, ledger: Ledger, path: str) -> None:
     """``general``: the store takes only the general path; ``buffered``: a replay's audit
     event waits in the buffer, so the next claim carries it in its one statement
-    (CLAIM_FAST_CARRYING), and ``buffered_general`` in the general path's transaction (it
-    must be written exactly once either way)."""
+    (CLAIM_NEW_FAST_CARRYING; ``buffered_read_first``: after a read, CLAIM_FAST_CARRYING),
+    and ``buffered_general`` in the general path's transaction (it must be written exactly
+    once either way)."""
     guard.execute("warm", "charge", {}, _effect(ledger, "warm"))
     if path in ("general", "buffered_general"):
         store._fast_path = False
@@ -255,6 +256,8 @@ def _prepare(store: PostgresStore, guard: Guard, ledger: Ledger, path: str) -> N
         assert shard_of("default", "warm", store.chain_shards) != shard_of(
             "default", "r", store.chain_shards
         )
+    if path == "buffered_read_first":
+        store._found = 1.0  # as if most first steps found a record: the guard reads first
 
 
 def _replay_warm(store: PostgresStore, guard: Guard, ledger: Ledger) -> None:
@@ -275,7 +278,9 @@ LOSSES = pytest.mark.parametrize("loss", ["lose_reply", "fatal_reply"])
 
 
 @LOSSES
-@pytest.mark.parametrize("path", ["fast", "general", "buffered", "buffered_general"])
+@pytest.mark.parametrize(
+    "path", ["fast", "general", "buffered", "buffered_read_first", "buffered_general"]
+)
 def test_a_claim_committed_whose_reply_was_lost_is_won(
     schema: str, proxy: PgProxy, stores: list[PostgresStore], ledger: Ledger, path: str, loss: str
 ) -> None:
@@ -997,7 +1002,7 @@ TWICE = pytest.mark.parametrize(
 
 @TWICE
 @pytest.mark.parametrize("op", ["claim", "completion"])
-@pytest.mark.parametrize("path", ["buffered", "buffered_general"])
+@pytest.mark.parametrize("path", ["buffered", "buffered_read_first", "buffered_general"])
 def test_buffered_events_of_a_write_lost_twice_are_written_once(
     schema: str,
     proxy: PgProxy,
@@ -1014,8 +1019,8 @@ def test_buffered_events_of_a_write_lost_twice_are_written_once(
     store = _via_proxy(proxy, schema)
     stores.append(store)
     guard = Guard(store, wait=0, owner="owner-1")
-    general = {"buffered": "fast", "buffered_general": "general"}[path]
-    _prepare(store, guard, ledger, path if op == "claim" else general)
+    unbuffered = "general" if path == "buffered_general" else "fast"  # fn buffers the event
+    _prepare(store, guard, ledger, path if op == "claim" else unbuffered)
     marker = _marker(f"{op}-lost-twice")
     _lose_twice(proxy, marker, tries)
 
@@ -1045,8 +1050,16 @@ def test_buffered_events_of_a_write_lost_twice_are_written_once(
 
 
 @TWICE
-@pytest.mark.parametrize("op", ["claim", "completion"])
-@pytest.mark.parametrize("path", ["fast", "general"])
+@pytest.mark.parametrize(
+    ("path", "op"),
+    [
+        ("fast", "claim"),
+        ("fast", "claim_new"),
+        ("fast", "completion"),
+        ("general", "claim"),
+        ("general", "completion"),
+    ],
+)
 def test_a_lost_claim_or_refused_completion_carries_no_buffered_event(
     schema: str, proxy: PgProxy, stores: list[PostgresStore], op: str, path: str, tries: str
 ) -> None:
@@ -1086,6 +1099,8 @@ def test_a_lost_claim_or_refused_completion_carries_no_buffered_event(
     def write() -> Any:
         if op == "claim":
             return store.claim(request("taken", json.dumps({"m": marker})))
+        if op == "claim_new":  # the record is there: the statement writes nothing
+            return store.claim_new(request("taken", json.dumps({"m": marker})))
         return store.complete(
             Completion(
                 namespace="ns",

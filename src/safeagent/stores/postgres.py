@@ -29,10 +29,10 @@ late (a second event), is refused by the fencing check (a rejection event), or d
 name its attempt (or names another: the statement checks both against the row).
 
 The guard claims before it reads here (``claim_first``, :meth:`PostgresStore.claim_new`)
-while fewer than a quarter of the recent calls' first steps found a record and no
-buffered audit events wait: its first statement for a call inserts the record only if
-there is none (``ON CONFLICT DO NOTHING``, which neither locks nor writes the row that is
-there) and otherwise returns that row. A first execution is then two round trips, the
+while fewer than a quarter of the recent calls' first steps found a record: its first
+statement for a call inserts the record only if there is none (``ON CONFLICT DO
+NOTHING``, which neither locks nor writes the row that is there), with the buffered audit
+events when it does, and otherwise returns that row. A first execution is then two round trips, the
 claim and the completion; a replay is still one, but a statement about twice a read's
 CPU on both sides, so a store whose calls are mostly replays reads first (BENCHMARKS.md,
 round 12).
@@ -1112,18 +1112,13 @@ class PostgresStore:
     @property
     def claim_first(self) -> bool:
         """Whether a guard's next call should begin with :meth:`claim_new` (its one
-        statement) rather than :meth:`get`; read once per call. Not while buffered audit
-        events wait: a claim then carries them (docs/design.md section 5: they are written
-        with the process's next write), after a read either way. Nor
-        while ``CLAIM_FIRST_FOUND_SHARE`` or more of the recent first steps (claim_new's
+        statement) rather than :meth:`get`; read once per call. Not while
+        ``CLAIM_FIRST_FOUND_SHARE`` or more of the recent first steps (claim_new's
         answers and :meth:`look`'s, weighted over about the last 16) found a record, since
         a replay through claim_new costs about twice a read's CPU on both sides
         (BENCHMARKS.md, round 12)."""
         return (
-            self._found < CLAIM_FIRST_FOUND_SHARE
-            and self._fast_path
-            and not self._buffer
-            and self._unwritable is None
+            self._found < CLAIM_FIRST_FOUND_SHARE and self._fast_path and self._unwritable is None
         )
 
     def claim_new(self, request: ClaimRequest) -> ClaimResult:
@@ -1136,20 +1131,24 @@ class PostgresStore:
         database that turned read-only after the store opened, a wait longer than
         ``CLAIM_NEW_LOCK_TIMEOUT`` (100 ms, or the session's shorter ``lock_timeout``) on a
         transaction still changing the row, a statement cancelled (the session's
-        ``statement_timeout``), buffered audit events to write, an event the statement
-        cannot encode.
+        ``statement_timeout``), buffered audit events it cannot carry (see
+        :meth:`claim`), an event the statement cannot encode. Buffered events it can carry
+        are written with the claim when it wins, and wait for the next write when it does
+        not.
 
         Raises:
             StoreError: as :meth:`claim`; nothing was claimed, or a lost connection's
                 second try could not tell.
         """
-        if self._unwritable is not None or not self._fast_path or self._buffer:
+        if self._unwritable is not None or not self._fast_path:
             return self._read_then_claim(request)
         fragments = _claim_fragments(request, self.chain_shards)
         if fragments is None:
             return self._read_then_claim(request)
         try:
-            return self._claim_new_fast(request, fragments)
+            if not self._buffer:
+                return self._claim_new_fast(request, fragments)
+            done = self._claim_new_carrying(request, fragments)
         except StoreError as err:
             if not _lost(err):
                 if not isinstance(err.__cause__, _READ_INSTEAD):
@@ -1158,16 +1157,41 @@ class PostgresStore:
                 # read-only still answers replays, and a wait on a transaction changing the
                 # row (CLAIM_NEW_LOCK_TIMEOUT) gives way to a read, which never waits.
                 return self._read_then_claim(request)
-        # Perhaps committed: the general claim's second try recognises its own row
-        # (_claimed_by). It would also take over a RELEASED record, which is what the
-        # caller does next with one (decide: a released record is claimed).
-        return self._claim_general(request, self._held())
+            # Perhaps committed: the general claim's second try recognises its own row
+            # (_claimed_by). It would also take over a RELEASED record, which is what the
+            # caller does next with one (decide: a released record is claimed).
+            return self._claim_general(request, self._held())
+        return done if done is not None else self._read_then_claim(request)
 
     def _claim_new_fast(self, request: ClaimRequest, fragments: tuple[Any, ...]) -> ClaimResult:
         """:meth:`claim_new` in one autocommit statement (CLAIM_NEW_FAST): one round trip,
         two when the record it met was committed after the statement began."""
         params = (*self._claim_params(request), *fragments, request.namespace, request.request_id)
-        row = self._one(self._sql["CLAIM_NEW_FAST"], params)
+        return self._claim_new_answer(request, self._one(self._sql["CLAIM_NEW_FAST"], params))
+
+    def _claim_new_carrying(
+        self, request: ClaimRequest, fragments: tuple[Any, ...]
+    ) -> ClaimResult | None:
+        """:meth:`_claim_new_fast` that also writes the buffered audit events when the
+        claim is won (CLAIM_NEW_FAST_CARRYING), as :meth:`_claim_carrying` does; None when
+        it cannot carry them (_carrying). A record there: nothing is written, and the
+        events go back to the buffer for the next write."""
+
+        def run(shards: str, rows: str, count: int) -> Any:
+            params = (*self._claim_params(request), shards, *fragments[1:], fragments[0])
+            sql = self._sql["CLAIM_NEW_FAST_CARRYING"]
+            return self._one(sql, (*params, rows, count, request.namespace, request.request_id))
+
+        done = self._carrying(fragments[0], run, _claim_witness(request))
+        if done is None:
+            return None
+        events, row = done
+        if row is None or not row[0]:
+            self._buffer.put_back(events)
+        return self._claim_new_answer(request, row)
+
+    def _claim_new_answer(self, request: ClaimRequest, row: Any) -> ClaimResult:
+        """What CLAIM_NEW_FAST (or its carrying form) returned, as claim_new's answer."""
         if row is None:  # pragma: no cover - the statement always returns one row
             raise StoreError("the claim returned no row")
         self._found += ((not row[0]) - self._found) * _LOOK_WEIGHT
