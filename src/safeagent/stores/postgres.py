@@ -510,7 +510,9 @@ class PostgresStore:
     renewal itself, within 50 ms), ``update_case`` (a signal would be stored twice),
     ``record_event``, ``flush_events``, ``add_anchor`` and ``purge``. They, and a second
     try that fails too, raise :class:`~safeagent.errors.StoreError`; its
-    ``connection_lost`` attribute is ``True`` when the connection was lost.
+    ``connection_lost`` attribute is ``True`` when the connection was lost. (An audit
+    event ``record_event`` built its statement for is kept instead, for the next write to
+    settle: see there.)
 
     Raises:
         ConfigurationError: no DSN, a bad schema name or durability mode.
@@ -1206,9 +1208,10 @@ class PostgresStore:
 
     def _read_then_claim(self, request: ClaimRequest) -> ClaimResult:
         """:meth:`claim_new` in two steps, where its one statement is not used (buffered
-        events to write, an unencodable event, a read-only schema): the record if there
-        is one, else the claim."""
-        existing, now = self.get(request.namespace, request.request_id)
+        events it cannot carry, an unencodable event, a read-only schema, a wait too long):
+        the record if there is one (read as :meth:`look`, counted in ``claim_first``'s
+        share, as the statement's answer would have been), else the claim."""
+        existing, now = self.look(request.namespace, request.request_id)
         if existing is not None:
             return ClaimResult(False, existing, now)
         return self.claim(request)
@@ -1617,11 +1620,16 @@ class PostgresStore:
     def record_event(self, event: AuditEvent, *, buffered: bool = False) -> None:
         """:meth:`ReceiptStore.record_event`. Not tried again on a lost connection, nor
         flush_events, add_anchor and purge: an append a lost try may have committed would
-        be written twice. An event sent with a COMMIT whose reply was lost is kept for the
-        next write to settle instead (no StoreError).
+        be written twice. When the connection is lost once the event's statement was built
+        (sent or about to be: the client cannot tell), the event is kept, as a buffered
+        one is, marked by its chain hash: the process's next write (or :meth:`close`)
+        looks it up and writes it only if it is missing, and the call returns. Until then
+        it lives in this process only, like the buffered events (docs/design.md
+        section 5).
 
         Raises:
-            StoreError: the event was not written (refused, or lost before it was sent).
+            StoreError: the event was not written and is not kept: the server refused it
+                (rolled back), or the connection was lost before its statement was built.
         """
         if buffered:
             self._buffer.add(event if event.at_ms else stamped(event, self._now()))
