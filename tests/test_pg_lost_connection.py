@@ -1072,20 +1072,7 @@ def test_a_lost_claim_or_refused_completion_carries_no_buffered_event(
     store._fast_path = path == "fast"
     marker = _marker(f"{op}-refused-lost")
 
-    def request(rid: str, payload: str = "{}") -> ClaimRequest:
-        return ClaimRequest(
-            namespace="ns",
-            request_id=rid,
-            action="charge",
-            fingerprint="f" * 64,
-            payload_json=payload,
-            execution_id=uuid.uuid4().hex,
-            owner="owner-2",
-            lease_ms=30_000,
-            downstream_key=downstream_key("ns", "charge", rid),
-        )
-
-    held = store.claim(request("taken"))
+    held = store.claim(_request("taken"))
     assert held.won
     chains = store.chain_shards
     subject = next(
@@ -1098,9 +1085,9 @@ def test_a_lost_claim_or_refused_completion_carries_no_buffered_event(
 
     def write() -> Any:
         if op == "claim":
-            return store.claim(request("taken", json.dumps({"m": marker})))
+            return store.claim(_request("taken", payload=json.dumps({"m": marker})))
         if op == "claim_new":  # the record is there: the statement writes nothing
-            return store.claim_new(request("taken", json.dumps({"m": marker})))
+            return store.claim_new(_request("taken", payload=json.dumps({"m": marker})))
         return store.complete(
             Completion(
                 namespace="ns",
@@ -1116,7 +1103,7 @@ def test_a_lost_claim_or_refused_completion_carries_no_buffered_event(
     with pytest.raises(StoreError):
         write()
     assert proxy.lost == 2
-    assert store.claim(request("next")).won  # the next write
+    assert store.claim(_request("next")).won  # the next write
     store.flush_events()
     assert [e.kind for e in store.events(subject=subject)] == [EventKind.REPLAYED]
     assert verify(store).ok
@@ -1250,13 +1237,13 @@ def test_interrupts_while_buffered_events_are_settled_lose_none(
     assert verify(store).ok
 
 
-def _request(rid: str, owner: str = "owner-2") -> ClaimRequest:
+def _request(rid: str, owner: str = "owner-2", payload: str = "{}") -> ClaimRequest:
     return ClaimRequest(
         namespace="ns",
         request_id=rid,
         action="charge",
         fingerprint="f" * 64,
-        payload_json="{}",
+        payload_json=payload,
         execution_id=uuid.uuid4().hex,
         owner=owner,
         lease_ms=30_000,
