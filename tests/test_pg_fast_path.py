@@ -1088,16 +1088,22 @@ def test_claim_new_waits_no_longer_than_the_sessions_lock_timeout(
 
 
 def test_a_replay_under_a_short_statement_timeout_reads_instead(make: Made) -> None:
-    """The session's statement_timeout (50 ms, in the URL) cancels claim_new's statement
-    while it waits on a transaction changing the row: nothing was written, so it reads
-    instead, and the replay answers."""
+    """The session's statement_timeout (50 ms) cancels claim_new's statement while it
+    waits on a transaction changing the row: nothing was written, so it reads instead,
+    and the replay answers. The timeout is set on the pool's connections once the store
+    is open: opening under 50 ms could itself be cancelled on a loaded machine."""
     store = make()
     guard = Guard(store, wait=0)
     runs: Counter[str] = Counter()
     guard.execute("busy", "a", {"k": 1}, _counting(runs))
     guard.close()
-    url = PG_URL + ("&" if "?" in PG_URL else "?") + "options=-c%20statement_timeout%3D50"
-    short = Counted(url, schema=store.schema, fast=True, max_size=2)
+    short = Counted(PG_URL, schema=store.schema, fast=True, min_size=2, max_size=2)
+    pool = short._get_pool()
+    pool.wait()
+    with pool.connection() as first, pool.connection() as second:
+        for conn in (first, second):
+            conn.execute("SET statement_timeout = 50")
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("50ms",)
     holder = psycopg.connect(PG_URL)
     try:
         holder.execute(
