@@ -17,6 +17,7 @@ import asyncio
 import functools
 import json
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -421,6 +422,32 @@ def test_arun_of_a_sync_tool_function_runs_its_body_once(ledger: Ledger) -> None
     assert asyncio.run(guarded.arun(order_id="ORD-1")) == "M-1"
     assert guarded.run(order_id="ORD-1") == "M-1"
     assert ledger.count("mail") == 1
+
+
+class ExecutorCharge(AsyncCharge):
+    """AsyncCharge whose body also needs the loop's default executor (as DNS look-ups and
+    asyncio.to_thread do)."""
+
+    async def _arun(self, order_id: str, amount_cents: int) -> Any:
+        await asyncio.to_thread(lambda: None)
+        return await super()._arun(order_id, amount_cents)
+
+
+def test_async_bodies_that_need_the_executor_do_not_starve_a_sync_guard(ledger: Ledger) -> None:
+    """More concurrent arun calls than the loop's default executor has threads, each body
+    needing a thread of it: all finish, each charges once. The guard must not wait for the
+    bodies from executor threads."""
+    guarded = guard_tool(ExecutorCharge(ledger=ledger), Guard(MemoryStore()), scope="s")
+
+    async def main() -> list[Any]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
+        calls = (guarded.arun(order_id=f"ORD-{n}", amount_cents=5) for n in range(4))
+        return list(await asyncio.wait_for(asyncio.gather(*calls), 20))
+
+    results = asyncio.run(main())
+
+    assert sorted(r["charge_id"] for r in results) == ["ch_1", "ch_2", "ch_3", "ch_4"]
+    assert ledger.count("charge") == 4
 
 
 def _doc(fn: Any) -> Any:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -1210,6 +1211,63 @@ def test_many_concurrent_ainvoke_calls_under_a_sync_guard(ledger: Ledger) -> Non
     assert len(set(map(str, results))) == 1
     assert ledger.count("ticket") == 1
     assert time.monotonic() - started < 5
+
+
+def test_async_bodies_that_need_the_executor_do_not_starve_a_sync_guard(ledger: Ledger) -> None:
+    """A sync Guard and async tool bodies that use the loop's default executor (as DNS
+    look-ups and asyncio.to_thread do): more concurrent calls than the executor has
+    threads all finish. The guard must not wait for the bodies from executor threads."""
+
+    async def fetch(n: int) -> str:
+        """Fetch a page."""
+        await asyncio.to_thread(lambda: None)  # needs an executor thread
+        return f"P-{ledger.append('fetch', str(n))}"
+
+    guarded = guard_tool(
+        StructuredTool.from_function(coroutine=fetch), Guard(MemoryStore()), scope="s"
+    )
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+        calls = (guarded.ainvoke({"n": n}) for n in range(4))
+        return list(await asyncio.wait_for(asyncio.gather(*calls), 20))
+
+    results = asyncio.run(main())
+
+    assert sorted(results) == ["P-1", "P-2", "P-3", "P-4"]
+    assert ledger.count("fetch") == 4
+
+
+def test_a_caller_timing_out_under_a_sync_guard_leaves_the_body_to_finish(
+    ledger: Ledger,
+) -> None:
+    """The caller's timeout ends its wait at once; the async body, on a loop that lives
+    on, finishes and its outcome is recorded: the retry replays it, one charge."""
+
+    async def charge(customer: str) -> str:
+        """Charge a card."""
+        ledger.append("charge", customer)
+        await asyncio.sleep(1.0)
+        return "ch_1"
+
+    guarded = guard_tool(
+        StructuredTool.from_function(coroutine=charge), Guard(MemoryStore()), scope="s"
+    )
+
+    async def main() -> tuple[float, Any]:
+        started = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(guarded.ainvoke({"customer": "C1"}), 0.05)
+        waited = time.monotonic() - started
+        await asyncio.sleep(1.5)  # the loop lives on; the body finishes
+        return waited, await guarded.ainvoke({"customer": "C1"})
+
+    waited, again = asyncio.run(main())
+
+    assert waited < 0.8  # not the body's 1 s
+    assert again == "ch_1"
+    assert ledger.count("charge") == 1
 
 
 class Receipt(BaseModel):

@@ -28,16 +28,20 @@ suggested one).
 from __future__ import annotations
 
 import ast
+import asyncio
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import hashlib
 import inspect
 import json
 import textwrap
+import threading
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from safeagent import (
     AsyncGuard,
@@ -771,6 +775,59 @@ async def arun_calls(
         else:
             done.append((call, prepared))
     return done
+
+
+T = TypeVar("T")
+
+_keepers: set[asyncio.Task[None]] = set()  # strong references: the loop keeps weak ones
+
+
+async def in_own_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a new thread of its own (the context copied, as
+    ``asyncio.to_thread`` does), awaited.
+
+    For a sync :class:`~safeagent.Guard` driving an ``async`` tool body on the caller's
+    loop: the loop's default executor is bounded (``min(32, CPUs + 4)`` threads), and if
+    each of its threads waited on a tool body of this loop that itself needs the executor
+    (``getaddrinfo``, ``to_thread``), no call would ever finish.
+
+    If the awaiting task is cancelled, it gets ``CancelledError`` at once and the thread
+    runs on: the guarded call records its outcome. A keeper task holds the loop's shutdown
+    (``asyncio.run`` cancels every task, then waits for them) until the thread has ended,
+    as it would wait for the default executor's threads, so the outcome is recorded before
+    ``asyncio.run`` returns and the loop is never closed under the thread.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(outcome: tuple[bool, Any]) -> None:
+        if not done.done():
+            done.set_result(outcome)
+
+    def run() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, context.run(fn, *args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no one awaits it
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="safeagent-guard").start()
+    keeper = loop.create_task(_keep_until(done))
+    _keepers.add(keeper)
+    keeper.add_done_callback(_keepers.discard)
+    ok, value = await asyncio.shield(done)
+    if ok:
+        return cast(T, value)
+    raise value
+
+
+async def _keep_until(done: asyncio.Future[Any]) -> None:
+    """Wait for ``done``, whatever cancels this task (see :func:`in_own_thread`)."""
+    while not done.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(done)
 
 
 def read(obj: Any, name: str) -> Any:

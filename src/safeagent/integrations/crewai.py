@@ -61,6 +61,7 @@ from safeagent import ExecutionContext, Guard, NotExecuted, derive_request_id
 from safeagent.errors import ConfigurationError, InvalidPayloadError, MissingKeyError
 from safeagent.integrations._common import (
     check_scope,
+    in_own_thread,
     is_async_callable,
     is_stub,
     key_form,
@@ -216,7 +217,9 @@ class GuardedTool(BaseTool):
             return storable(value)  # the tool has run: a conversion error is not its failure
 
         try:
-            receipt = await asyncio.to_thread(
+            # A body on the loop: the guard in a thread of its own, not the loop's bounded
+            # executor, which that body may need (in_own_thread).
+            receipt = await (in_own_thread if is_async else asyncio.to_thread)(
                 self._guard.execute,
                 request_id,
                 self.name,

@@ -130,6 +130,7 @@ from safeagent.errors import (
 from safeagent.integrations._common import (
     TransportIdWarning,
     check_scope,
+    in_own_thread,
     is_stub,
     key_form,
     storable,
@@ -545,7 +546,9 @@ class GuardedTool(BaseTool):
                     # The sync guard runs in a worker thread; an async tool body on this loop.
                     return asyncio.run_coroutine_threadsafe(async_body(ctx), loop).result()
 
-                receipt = await asyncio.to_thread(
+                # A body on the loop: the guard in a thread of its own, not the loop's
+                # bounded executor, which that body may need (in_own_thread).
+                receipt = await (asyncio.to_thread if runs_sync else in_own_thread)(
                     guard.execute,
                     request_id,
                     self.name,
