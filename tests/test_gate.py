@@ -46,7 +46,7 @@ from safeagent import (
     Status,
     Tally,
 )
-from safeagent._cases import TRANSITIONS, CaseRow, apply_signal, check_transition
+from safeagent._cases import MAX_QUORUM, TRANSITIONS, CaseRow, apply_signal, check_transition
 from tests import _gate_workers
 from tests._workers import ROOT, append_line, child_env, read_lines, wait_until
 from tests.conftest import FakeClock, Ledger
@@ -582,10 +582,13 @@ def test_worked_example_in_its_stated_order_finalizes_at_b(guard: Guard) -> None
         (0.8, 2.0),
         (0.8, "2"),
         (0.8, None),
+        (0.8, MAX_QUORUM + 1),
+        (0.8, 2**63),
     ],
 )
 def test_invalid_policy_is_a_configuration_error(threshold: Any, quorum: Any) -> None:
-    """A threshold outside (0, 1] or a quorum that is not an int >= 1 raises ConfigurationError."""
+    """A threshold outside (0, 1], or a quorum that is not an int in [1, MAX_QUORUM],
+    raises ConfigurationError."""
     with pytest.raises(ConfigurationError):
         ConsensusPolicy(threshold=threshold, quorum=quorum)
 
@@ -594,6 +597,18 @@ def test_invalid_policy_is_a_configuration_error(threshold: Any, quorum: Any) ->
 def test_boundary_policies_are_valid(threshold: float, quorum: int) -> None:
     """Threshold 1 and tiny positive thresholds, and any int quorum >= 1, are accepted."""
     assert ConsensusPolicy(threshold=threshold, quorum=quorum).quorum == quorum
+
+
+def test_the_largest_quorum_is_kept_by_every_store(gate: FinalityGate) -> None:
+    """A case opened with quorum MAX_QUORUM (PostgreSQL's integer) is stored and read back
+    as it was given, on every store: the range a policy accepts is the stores' range."""
+    policy = ConsensusPolicy(threshold=0.5, quorum=MAX_QUORUM)
+    gate.open("big", policy=policy)
+
+    case = gate.get("big")
+
+    assert case is not None
+    assert case.policy == policy
 
 
 BAD_SIGNALS = [

@@ -49,6 +49,10 @@ BEFORE_FINAL = frozenset(
     {CaseState.OPEN, CaseState.RESOLVED_PROVISIONAL, CaseState.IN_RECONCILIATION}
 )
 
+MAX_QUORUM = 2**31 - 1
+"""The largest quorum a policy takes: PostgreSQL's ``integer`` column (SQLite's is wider),
+so a policy one store accepts every store accepts."""
+
 
 def check_transition(case_id: str, frm: CaseState, to: CaseState) -> None:
     """Raise :class:`InvalidTransitionError` unless ``frm -> to`` is in the table."""
@@ -91,7 +95,8 @@ class ConsensusPolicy:
 
     Args:
         threshold: in (0, 1].
-        quorum: an int >= 1.
+        quorum: an int in [1, MAX_QUORUM] (2,147,483,647: PostgreSQL's ``integer``, so
+            every store keeps the same range).
 
     Raises:
         ConfigurationError: a threshold or quorum out of range.
@@ -105,8 +110,8 @@ class ConsensusPolicy:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
             raise ConfigurationError(f"threshold must be in (0, 1], got {t!r}")
         q = self.quorum
-        if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-            raise ConfigurationError(f"quorum must be an int >= 1, got {q!r}")
+        if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= MAX_QUORUM:
+            raise ConfigurationError(f"quorum must be an int in [1, {MAX_QUORUM}], got {q!r}")
 
     def tally(self, signals: Sequence[Signal]) -> Tally:
         """Score the live signals and say which outcome, if any, is final."""
