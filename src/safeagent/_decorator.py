@@ -3,6 +3,12 @@
 The payload is the function's arguments bound through its signature with defaults
 applied; the request id comes from the caller (``.call(request_id, ...)``) or from one
 argument (``key_arg=``), encoded as canonical JSON (docs/design.md section 6).
+
+Every guarded wrapper SafeAgent makes (this module's, and the integrations') carries
+:data:`GUARDED_MARKER`; :func:`is_guarded` finds it, and guarding such a wrapper again is
+refused: two guards would record one call twice, and where both derive the same request
+id the inner one meets the outer one's live claim, and its ``InProgressError`` is stored
+as the call's failure without the function ever running.
 """
 
 from __future__ import annotations
@@ -24,9 +30,69 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
+GUARDED_MARKER = "__safeagent_guarded__"
+"""The attribute (``True``) every guarded wrapper SafeAgent makes carries."""
+
+
+def is_guarded(obj: object) -> bool:
+    """``True`` when ``obj`` is a guarded wrapper SafeAgent made, or wraps one: followed
+    through ``__wrapped__`` (``functools.wraps``), ``functools.partial`` and bound
+    methods, at most 100 levels deep."""
+    seen: set[int] = set()
+    todo = [obj]
+    while todo and len(seen) < 100:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if getattr(item, GUARDED_MARKER, False) is True:
+            return True
+        todo.append(getattr(item, "__wrapped__", None))
+        todo.append(getattr(item, "__func__", None))  # a bound method
+        if isinstance(item, functools.partial):
+            todo.append(item.func)
+    return False
+
+
+def _label(func: object) -> str:
+    """A name of ``func`` for messages (any callable)."""
+    name = getattr(func, "__qualname__", None)
+    return name if isinstance(name, str) else repr(func)
+
+
+def _default_action(func: Callable[..., Any]) -> str:
+    """The action name of ``func`` when ``action=`` is not given: ``module.qualname`` of
+    the function, of the function under a ``functools.partial``, or of the class of a
+    callable object.
+
+    Raises:
+        ConfigurationError: no usable name (not a non-empty ``str`` of at most 255
+            characters): pass ``action=``.
+    """
+    target: Any = func
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not isinstance(getattr(target, "__qualname__", None), str):
+        target = type(target)  # a callable object: its class names it
+    default = f"{getattr(target, '__module__', None)}.{target.__qualname__}"
+    try:
+        return check_name("action", default)
+    except InvalidInputError as exc:
+        raise ConfigurationError(
+            f"{_label(func)} has no usable default action name ({exc}); pass action="
+        ) from None
+
 
 class _Bound:
-    """Binding of arguments to a payload and a request id; shared by both flavours."""
+    """Binding of arguments to a payload and a request id; shared by both flavours.
+
+    Raises:
+        ConfigurationError: ``func`` is already guarded (see :func:`is_guarded`), it has
+            no default action name and ``action`` is not given, or a bad ``key_arg`` or
+            ``exclude``.
+    """
+
+    __safeagent_guarded__ = True
 
     def __init__(
         self,
@@ -37,9 +103,15 @@ class _Bound:
         allow_missing_key: bool,
         options: dict[str, Any],
     ) -> None:
+        if is_guarded(func):
+            raise ConfigurationError(
+                f"{_label(func)} is already guarded: guard the plain function once"
+            )
+        # First, so that our attributes win over those copied from a callable object.
+        functools.update_wrapper(cast("Callable[..., Any]", self), func)
         self.func = func
         # The module keeps two tools named `refund` in two modules apart.
-        self.action = check_name("action", action or f"{func.__module__}.{func.__qualname__}")
+        self.action = check_name("action", action) if action else _default_action(func)
         self.signature = inspect.signature(func)
         if key_arg is not None and key_arg not in self.signature.parameters:
             raise ConfigurationError(f"key_arg {key_arg!r} is not a parameter of {func}")
@@ -65,7 +137,6 @@ class _Bound:
         self.exclude = frozenset(exclude)
         self.allow_missing_key = allow_missing_key
         self.options = options
-        functools.update_wrapper(cast("Callable[..., Any]", self), func)
 
     def payload(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The payload a call with these arguments is fingerprinted on."""
@@ -94,6 +165,10 @@ class _Bound:
         if request_id is None:
             raise MissingKeyError(f"{self.action}: the idempotency key is missing; nothing ran")
         return request_id
+
+    def _through_class(self, owner: Any) -> Any:
+        """What reading the function from a class gives (see :class:`_ClassAccess`)."""
+        return _ClassAccess(self, owner) if isinstance(owner, type) else self
 
     def _bind_self(self, obj: Any) -> Any:
         """A copy for use as a method of ``obj``: ``self`` is bound and left out of the
@@ -127,13 +202,13 @@ class _Bound:
 class GuardedFunction(_Bound, Generic[P, R]):
     """A function whose calls run through :meth:`Guard.execute`. Made by
     :meth:`Guard.guarded`; keeps the wrapped function's name, docstring and signature.
-    Calling it returns the stored result (the same value on the first call and replays)."""
+    Calling it returns the stored result (the same value on the first call and replays).
+    As a method it is keyed without ``self``, through the instance or the class
+    (:class:`_ClassAccess`)."""
 
     def __init__(self, guard: Guard, func: Callable[P, R], *args: Any) -> None:
-        if inspect.iscoroutinefunction(func):
-            raise ConfigurationError(
-                f"{func.__qualname__} is async; guard it with AsyncGuard.guarded"
-            )
+        if _is_async(func):
+            raise ConfigurationError(f"{_label(func)} is async; guard it with AsyncGuard.guarded")
         super().__init__(func, *args)
         self.guard = guard
 
@@ -149,7 +224,7 @@ class GuardedFunction(_Bound, Generic[P, R]):
         return self._execute(self.request_id_for(key), args, kwargs)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        return self if obj is None else self._bind_self(obj)
+        return self._through_class(objtype) if obj is None else self._bind_self(obj)
 
     def _execute(self, request_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         payload = self.payload(*args, **kwargs)
@@ -164,14 +239,13 @@ class GuardedFunction(_Bound, Generic[P, R]):
 
 
 class AsyncGuardedFunction(_Bound, Generic[P, R]):
-    """An ``async def`` function whose calls run through :meth:`AsyncGuard.execute`.
-    Made by :meth:`AsyncGuard.guarded`. Awaiting it returns the stored result."""
+    """An ``async def`` function (or an object whose ``__call__`` is one) whose calls run
+    through :meth:`AsyncGuard.execute`. Made by :meth:`AsyncGuard.guarded`. Awaiting it
+    returns the stored result. Methods as for :class:`GuardedFunction`."""
 
     def __init__(self, guard: AsyncGuard, func: Callable[P, Awaitable[R]], *args: Any) -> None:
-        if not inspect.iscoroutinefunction(func):
-            raise ConfigurationError(
-                f"{func.__qualname__} is not async; guard it with Guard.guarded"
-            )
+        if not _is_async(func):
+            raise ConfigurationError(f"{_label(func)} is not async; guard it with Guard.guarded")
         super().__init__(func, *args)
         self.guard = guard
 
@@ -187,7 +261,7 @@ class AsyncGuardedFunction(_Bound, Generic[P, R]):
         return await self._execute(self.request_id_for(key), args, kwargs)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        return self if obj is None else self._bind_self(obj)
+        return self._through_class(objtype) if obj is None else self._bind_self(obj)
 
     async def _execute(self, request_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         payload = self.payload(*args, **kwargs)
@@ -202,10 +276,12 @@ class AsyncGuardedFunction(_Bound, Generic[P, R]):
 class _Method:
     """A guarded function bound to an object, as a method."""
 
+    __safeagent_guarded__ = True
+
     def __init__(self, guarded: Any, obj: Any) -> None:
+        functools.update_wrapper(cast("Callable[..., Any]", self), guarded.func)
         self._guarded = guarded
         self._obj = obj
-        functools.update_wrapper(cast("Callable[..., Any]", self), guarded.func)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._guarded(self._obj, *args, **kwargs)
@@ -215,6 +291,54 @@ class _Method:
 
     def payload(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self._guarded.payload(self._obj, *args, **kwargs)  # type: ignore[no-any-return]
+
+
+class _ClassAccess:
+    """A guarded function read from its class (``Svc.do``, or ``Base.do`` from a subclass).
+
+    Called with an instance of that class first, it runs as that instance's method:
+    ``Svc.do(obj, k, v)`` is ``obj.do(k, v)`` (the same request id and payload, without
+    ``self``), so the two forms share one record and run once. Called with anything else
+    first, it is the plain function (a function kept in a class body that takes no
+    ``self``). Every other attribute is the guarded function's.
+    """
+
+    __safeagent_guarded__ = True
+
+    def __init__(self, guarded: Any, owner: type) -> None:
+        functools.update_wrapper(cast("Callable[..., Any]", self), guarded.func)
+        self._guarded = guarded
+        self._owner = owner
+
+    def _target(self, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+        if args and isinstance(args[0], self._owner):
+            return self._guarded._bind_self(args[0]), args[1:]
+        return self._guarded, args
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        target, rest = self._target(args)
+        return target(*rest, **kwargs)
+
+    def call(self, key: object, /, *args: Any, **kwargs: Any) -> Any:
+        target, rest = self._target(args)
+        return target.call(key, *rest, **kwargs)
+
+    def payload(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        target, rest = self._target(args)
+        return target.payload(*rest, **kwargs)  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_guarded":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self._guarded, name)
+
+
+def _is_async(func: object) -> bool:
+    """``True`` for an ``async def`` function (under any ``functools.partial``), or an
+    object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - the method itself, not callable()
+    )
 
 
 def decorator_options(

@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field, SecretStr
 from safeagent import AsyncGuard, Guard, MemoryStore, NotExecuted, Status, derive_request_id
 from safeagent.errors import (
     ConfigurationError,
+    InvalidInputError,
     MissingKeyError,
     OutcomeUnknownError,
     ReplayedFailureError,
@@ -533,3 +534,98 @@ def test_charges_to_two_card_tokens_are_two_requests(ledger: Ledger) -> None:
     assert firsts == again == ["ch_1", "ch_2"]
     assert [detail for _, detail in ledger.rows()] == ["tok_ALICE", "tok_BOB"]
     assert "tok_ALICE" not in " ".join(r.payload_json for r in store.records()[0])
+
+
+class SendOnceArgs(BaseModel):
+    to: str
+    template: str = "welcome"
+
+
+class SendOnce(BaseTool):
+    """Sends an email (a ledger row) and returns the row's number."""
+
+    name: str = "send_email"
+    description: str = "Send a templated email to a customer."
+    args_schema: type[BaseModel] = SendOnceArgs
+    ledger: Any = None
+
+    def _run(self, to: str, template: str = "welcome") -> str:
+        return f"sent {self.ledger.append('mail', f'{to}|{template}')}"
+
+
+def test_positional_and_keyword_calls_are_one_request(tmp_path: Path, ledger: Ledger) -> None:
+    """``run(x)``, ``run(x, "welcome")`` and ``run(to=x)`` (CrewAI validates only keyword
+    arguments) bind to the same names with the schema's defaults: one request id, one
+    record, one email; another positional template is another request, and the body gets
+    the arguments by keyword."""
+    to = "user@example.test"
+    with Guard(tmp_path / "guard.db") as guard:
+        send = guard_tool(SendOnce(ledger=ledger), guard, scope="run-1")
+        results = [
+            send.run(to=to),
+            send.run(to=to, template="welcome"),
+            send.run(to),
+            send.run(to, "welcome"),
+            send.run(to, template="welcome"),
+            asyncio.run(send.arun(to)),
+        ]
+        other = send.run(to, "reminder")
+        expected = derive_request_id("run-1", "send_email", {"to": to, "template": "welcome"})
+        receipt = guard.get(expected)
+        records = guard.store.records()[0]
+
+    assert results == ["sent 1"] * 6
+    assert other == "sent 2"
+    assert ledger.rows("mail") == [("mail", f"{to}|welcome"), ("mail", f"{to}|reminder")]
+    assert receipt is not None
+    assert receipt.status is Status.SUCCEEDED
+    assert receipt.payload == {"to": to, "template": "welcome"}
+    assert len(records) == 2
+
+
+def test_positional_call_of_a_tool_function_uses_its_parameter_names(
+    ticket_ledger: Ledger,
+) -> None:
+    """A ``@tool`` function's positional arguments are bound to its parameters: the scope
+    argument is found, the default applies, and the keyword form replays."""
+    guarded = guard_tool(create_ticket_tool, Guard(MemoryStore()), scope_arg="order_id")
+
+    first = guarded.run("ORD-1", "Printer on fire")
+    again = guarded.run(order_id="ORD-1", title="Printer on fire", priority="normal")
+
+    assert first == again == "T-1"
+    assert ticket_ledger.count("ticket") == 1
+
+
+def test_positional_arguments_that_cannot_be_bound_run_nothing(ledger: Ledger) -> None:
+    """Too many positional arguments, or a name given twice, raise InvalidInputError; a
+    positional value the schema refuses raises CrewAI's own ValueError, as the keyword
+    form does. Nothing runs and nothing is recorded."""
+    guard = Guard(MemoryStore())
+    send = guard_tool(SendOnce(ledger=ledger), guard, scope="run-1")
+
+    with pytest.raises(InvalidInputError, match="3 positional arguments"):
+        send.run("a@example.test", "welcome", "extra")
+    with pytest.raises(InvalidInputError, match=r"\['to'\] both positionally and by keyword"):
+        send.run("a@example.test", to="b@example.test")
+    for call in (lambda: send.run(["not", "a", "str"]), lambda: send.run(to=["not", "a", "str"])):
+        with pytest.raises(ValueError, match="arguments validation failed"):
+            call()
+    assert ledger.count() == 0
+    assert guard.store.records()[0] == []
+
+
+def test_a_tool_function_over_a_guarded_function_is_refused(ledger: Ledger) -> None:
+    """A ``@tool`` whose function is already guarded (``guard.guarded``) is refused: the
+    two guards would share nothing, and the inner one would record a second time."""
+    guard = Guard(MemoryStore())
+
+    @guard.guarded(action="notify", key_arg="order_id")
+    def notify(order_id: str) -> str:
+        """Notify the customer."""
+        ledger.append("notify", order_id)
+        return "ok"
+
+    with pytest.raises(ConfigurationError, match="'notify' is already guarded"):
+        guard_tool(tool("notify")(notify), guard, scope="s")
+    assert ledger.count() == 0

@@ -268,6 +268,66 @@ def call_all(server: FastMCP, calls: list[tuple[str, dict[str, Any]]]) -> list[C
     return anyio.run(scenario)
 
 
+def test_guard_server_refuses_a_tool_under_guarded_and_changes_nothing(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """A tool made with ``@guarded`` under ``@server.tool()`` is refused by
+    ``guard_server`` before any tool is changed (a second guard would meet the first one's
+    claim and store its InProgressError as the tool's failure); the tool then runs once
+    and replays through its own guard."""
+    guard = Guard(tmp_path / "guard.db", wait=2)
+    server = FastMCP("t")
+
+    @server.tool()
+    def search(query: str) -> str:
+        """Search tickets."""
+        return query
+
+    @server.tool()
+    @guarded(guard, scope="run-1")
+    def create_ticket(title: str) -> dict[str, Any]:
+        """Open a ticket."""
+        return {"id": ledger.append("ticket", title)}
+
+    manager = server._tool_manager
+    before = {name: manager.get_tool(name).fn for name in ("search", "create_ticket")}  # type: ignore[union-attr]
+    with pytest.raises(ConfigurationError, match="'create_ticket' is already guarded"):
+        guard_server(server, guard, scope="run-1")
+    after = {name: manager.get_tool(name).fn for name in ("search", "create_ticket")}  # type: ignore[union-attr]
+    first, again = call_all(server, [("create_ticket", {"title": "x"})] * 2)
+    receipt = guard.get(derive_request_id("run-1", "create_ticket", {"title": "x"}))
+    guard.close()
+
+    assert after == before
+    assert not first.isError, text(first)
+    assert not again.isError, text(again)
+    assert json.loads(text(first)) == json.loads(text(again)) == {"id": 1}
+    assert ledger.count("ticket") == 1
+    assert receipt is not None
+    assert (receipt.status, receipt.result) == (Status.SUCCEEDED, {"id": 1})
+
+
+def test_guarded_functions_are_not_guarded_again(ledger: Ledger) -> None:
+    """``guarded`` refuses a function already guarded (by ``guarded`` or ``guard.guarded``),
+    and ``guard_server`` a tool registered over a ``guard.guarded`` function."""
+    guard = Guard(MemoryStore())
+
+    def reserve(day: str) -> str:
+        return f"R-{ledger.append('reserve', day)}"
+
+    once = guarded(guard, scope="s")(reserve)
+    with pytest.raises(ConfigurationError, match="'reserve' is already guarded"):
+        guarded(guard, scope="s")(once)
+    keyed = guard.guarded(action="reserve", key_arg="day")(reserve)
+    with pytest.raises(ConfigurationError, match="'reserve' is already guarded"):
+        guarded(guard, scope="s")(keyed)
+    server = FastMCP("t")
+    server.tool(name="reserve")(keyed)
+    with pytest.raises(ConfigurationError, match="'reserve' is already guarded"):
+        guard_server(server, guard, scope="s")
+    assert ledger.count() == 0
+
+
 def test_call_without_its_scope_argument_gets_an_error(ledger: Ledger) -> None:
     """A call whose scope argument is missing gets an error result and runs nothing."""
     server, tries = reserve_server(ledger)

@@ -550,6 +550,25 @@ def test_chat_misuse_is_refused_before_anything_runs(charge_card, guards, db, le
     assert ledger.count() == 0
 
 
+def test_chat_a_guarded_function_as_a_tool_is_refused(charge_card, guards, ledger):
+    """A function decorated with ``guard.guarded`` (or a method of one) is already guarded:
+    run_tool_calls refuses it before anything runs or is recorded."""
+    guard = guards()
+    message = completion(chat_call("call_1", ARGS)).choices[0].message
+    keyed = guard.guarded(action="charge_card", key_arg="customer")(charge_card)
+
+    class Till:
+        @guard.guarded(action="charge_card", key_arg="customer")
+        def charge(self, customer: str, amount_cents: int) -> str:
+            return "never"
+
+    for tool in (keyed, Till().charge, Till.charge):
+        with pytest.raises(ConfigurationError, match="'charge_card' is already guarded"):
+            run_tool_calls(message, {"charge_card": tool}, guard=guard, scope=ORDER)
+    assert ledger.count() == 0
+    assert guard.store.records()[0] == []
+
+
 def test_chat_async_twin_retried_run_charges_once(db, ledger):
     """arun_tool_calls with an AsyncGuard and an async tool: three attempts, one charge."""
 

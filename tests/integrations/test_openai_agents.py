@@ -411,6 +411,36 @@ def test_misuse_is_refused_when_wrapping(ledger, aguard, tmp_path):
     assert ledger.count() == 0
 
 
+def test_guarding_a_guarded_tool_is_refused(ledger, aguard, tmp_path):
+    """guard_tool refuses a tool it made (and a copy of one), and a ``@function_tool`` over
+    a ``guard.guarded`` function: the inner guard would meet the outer one's claim and its
+    InProgressError be stored as the tool's failure. The tool guarded once charges once."""
+    once = guard_tool(charge_tool(ledger), guard=aguard, scope=by_order)
+    for again in (once, dataclasses.replace(once)):
+        with pytest.raises(ConfigurationError, match="'charge_card' is already guarded"):
+            guard_tool(again, guard=aguard, scope=by_order)
+    sync_guard = Guard(tmp_path / "sync.db")
+    try:
+
+        @sync_guard.guarded(action="refund", key_arg="customer")
+        def refund(customer: str) -> str:
+            """Refund."""
+            ledger.append(f"refund:{customer}")
+            return "refunded"
+
+        with pytest.raises(ConfigurationError, match="'refund' is already guarded"):
+            guard_tool(function_tool(refund), guard=sync_guard, scope="s")
+    finally:
+        sync_guard.close()
+    turns: list[Any] = [[function_call("a", ARGS), function_call("b", ARGS)], [answer("ok")]]
+    model = asyncio.run(run_once(once, turns))
+    [record] = aguard.store.records()[0]
+    assert ledger.rows() == [("cus_1:1999:usd", None)]
+    assert len({o["output"] for o in model.tool_outputs}) == 1
+    assert "ch_1" in model.tool_outputs[0]["output"]
+    assert record.status.value == "SUCCEEDED"
+
+
 def test_scope_function_returning_nothing_runs_nothing(ledger, aguard):
     """A scope function that returns no scope makes the call fail before the tool runs."""
     errors: list[BaseException] = []

@@ -53,6 +53,7 @@ from safeagent import (
     bind_arguments,
     derive_request_id,
 )
+from safeagent._decorator import is_guarded
 from safeagent._keys import check_request_id
 from safeagent._policy import CASE_PREFIX
 from safeagent.errors import (
@@ -405,7 +406,8 @@ def check_tools(
     """Validate the tool mapping, and ``exclude`` against it, before any call runs.
 
     Raises:
-        ConfigurationError: not a mapping of names to callables; a tool whose signature
+        ConfigurationError: not a mapping of names to callables; a tool already guarded
+            (a function decorated with ``guard.guarded``, ...); a tool whose signature
             cannot be read; an ``async`` tool given to a sync function (the message names
             the async ``twin``); an ``exclude`` entry for a tool that is not in ``tools``,
             or naming no argument of its tool(s).
@@ -416,6 +418,7 @@ def check_tools(
     for name, func in tools.items():
         if not isinstance(name, str) or not callable(func):
             raise ConfigurationError(f"tools[{name!r}] must map a tool name to a function")
+        refuse_guarded(f"tool {name!r}", func)
         if not allow_async and is_async_callable(func):
             raise ConfigurationError(
                 f"tool {name!r} is async: run it with {twin} and an AsyncGuard"
@@ -444,6 +447,23 @@ def check_tools(
                 f"as a named argument{hint}"
             )
     return tools
+
+
+def refuse_guarded(what: str, *objs: object) -> None:
+    """Refuse to guard what is already guarded: ``objs`` are the tool (or function) and
+    the callables it runs (``None`` is skipped). Two guards would record one call twice,
+    and where both derive the same request id the inner one meets the outer one's live
+    claim, and its ``InProgressError`` is stored as the tool's failure without the tool
+    ever running.
+
+    Raises:
+        ConfigurationError: one of ``objs`` is a guarded wrapper SafeAgent made, or wraps
+            one (:func:`safeagent._decorator.is_guarded`); ``what`` names it.
+    """
+    if any(is_guarded(obj) for obj in objs):
+        raise ConfigurationError(
+            f"{what} is already guarded: guard the plain tool or function once"
+        )
 
 
 def check_guard(guard: object, kind: type[Guard] | type[AsyncGuard], twin: str) -> None:

@@ -21,7 +21,13 @@ whose body runs at most once per request id:
 
 **Request ids** (docs/design.md section 6): :func:`safeagent.derive_request_id` over
 ``(scope, tool name, arguments)``, the arguments validated by the tool's schema (its
-defaults applied), minus the volatile ones named in ``exclude``. CrewAI has no
+defaults applied), minus the volatile ones named in ``exclude``. Positional arguments
+(``run("a@example.com")``, which CrewAI passes on unvalidated) are first bound to the
+names the tool's body takes them as (its ``_run`` signature, or its function's for a
+``@tool``), so ``run(x)``, ``run(x, "welcome")`` and ``run(to=x)`` are one call with one
+request id, and the body gets them by keyword, defaults applied; positional arguments
+that cannot be bound raise :class:`~safeagent.errors.InvalidInputError` before anything
+runs. CrewAI has no
 conversation id to borrow, so the **scope** is required: a fixed ``str`` (a run, order or
 ticket id known when the crew is built), a callable given the call's arguments (return a
 ``str``; read a context variable of your own, for example), or ``scope_arg``: the name of
@@ -49,8 +55,9 @@ off by the caller's event loop shutting down leaves the record in doubt
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from crewai.tools import BaseTool
 from crewai.tools.base_tool import Tool
@@ -58,13 +65,19 @@ from pydantic import ConfigDict, PrivateAttr
 from pydantic_core import PydanticSerializationError
 
 from safeagent import ExecutionContext, Guard, NotExecuted, derive_request_id
-from safeagent.errors import ConfigurationError, InvalidPayloadError, MissingKeyError
+from safeagent.errors import (
+    ConfigurationError,
+    InvalidInputError,
+    InvalidPayloadError,
+    MissingKeyError,
+)
 from safeagent.integrations._common import (
     check_scope,
     in_own_thread,
     is_async_callable,
     is_stub,
     key_form,
+    refuse_guarded,
     storable,
 )
 
@@ -102,17 +115,17 @@ def guard_tool(
         A :class:`GuardedTool` with the tool's name, description and schema.
 
     Raises:
-        ConfigurationError: ``tool`` is not a CrewAI ``BaseTool`` or is already guarded,
-            ``guard`` is not a :class:`~safeagent.Guard`, not exactly one of ``scope``
-            and ``scope_arg`` is given, or ``scope_arg`` or a name in ``exclude`` is not
-            one of the tool's arguments.
+        ConfigurationError: ``tool`` is not a CrewAI ``BaseTool`` or is already guarded
+            (a :class:`GuardedTool`, or a ``@tool`` over a guarded function), ``guard``
+            is not a :class:`~safeagent.Guard`, not exactly one of ``scope`` and
+            ``scope_arg`` is given, or ``scope_arg`` or a name in ``exclude`` is not one
+            of the tool's arguments.
         InvalidInputError: a fixed ``scope`` that is not a non-empty ``str`` of at most
             255 characters.
     """
     if not isinstance(tool, BaseTool):
         raise ConfigurationError(f"tool must be a crewai.tools.BaseTool, got {tool!r}")
-    if isinstance(tool, GuardedTool):
-        raise ConfigurationError(f"tool {tool.name!r} is already guarded")
+    refuse_guarded(f"tool {tool.name!r}", tool, tool.func if isinstance(tool, Tool) else None)
     if not isinstance(guard, Guard):
         raise ConfigurationError(
             f"guard must be a safeagent.Guard (CrewAI runs tools synchronously), got {guard!r}"
@@ -155,6 +168,7 @@ def guard_tool(
     guarded._scope_arg = scope_arg
     guarded._exclude = frozenset(exclude)
     guarded._namespace = namespace
+    guarded._positional = _positional_names(tool)
     return guarded
 
 
@@ -167,6 +181,7 @@ class GuardedTool(BaseTool):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
+    __safeagent_guarded__: ClassVar[bool] = True
 
     _inner: BaseTool = PrivateAttr()
     _guard: Guard = PrivateAttr()
@@ -174,6 +189,7 @@ class GuardedTool(BaseTool):
     _scope_arg: str | None = PrivateAttr(default=None)
     _exclude: frozenset[str] = PrivateAttr(default=frozenset())
     _namespace: str | None = PrivateAttr(default=None)
+    _positional: tuple[str, ...] = PrivateAttr(default=())
 
     @property
     def inner(self) -> BaseTool:
@@ -181,7 +197,8 @@ class GuardedTool(BaseTool):
         return self._inner
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
-        request_id, payload = self._request(args, kwargs)
+        args, kwargs = (), self._by_name(args, kwargs)
+        request_id, payload = self._request(kwargs)
         unrunnable = self._unrunnable("call it with arun")
 
         def fn(_ctx: ExecutionContext) -> Any:
@@ -200,7 +217,8 @@ class GuardedTool(BaseTool):
         return receipt.result
 
     async def _arun(self, *args: Any, **kwargs: Any) -> Any:
-        request_id, payload = self._request(args, kwargs)
+        args, kwargs = (), self._by_name(args, kwargs)
+        request_id, payload = self._request(kwargs)
         loop = asyncio.get_running_loop()
         inner = self._inner
         is_async = _has_async_body(inner)
@@ -252,12 +270,37 @@ class GuardedTool(BaseTool):
             f"NotImplementedError): nothing ran; {hint}"
         )
 
-    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any]:
+    def _by_name(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by name: ``kwargs`` as they are when there are no
+        positional ones (CrewAI validated them), else ``args`` bound in order to the names
+        the tool's body takes them as, merged with ``kwargs`` and validated by the tool's
+        schema as CrewAI validates keyword arguments (defaults applied).
+
+        Raises:
+            InvalidInputError: more positional arguments than the body takes by name, or
+                a name given both positionally and by keyword. Nothing ran.
+            ValueError: (CrewAI's) the arguments do not fit the tool's schema.
+        """
+        if not args:
+            return kwargs
+        names = self._positional
+        if len(args) > len(names):
+            raise InvalidInputError(
+                f"tool {self.name!r} got {len(args)} positional arguments but takes at most "
+                f"{len(names)} by name {list(names)}; nothing ran: pass keyword arguments"
+            )
+        bound = dict(zip(names, args, strict=False))
+        twice = sorted(set(bound) & set(kwargs))
+        if twice:
+            raise InvalidInputError(
+                f"tool {self.name!r} got {twice} both positionally and by keyword; nothing ran"
+            )
+        return self._validate_kwargs({**bound, **kwargs})
+
+    def _request(self, kwargs: dict[str, Any]) -> tuple[str, Any]:
         """The request id and the payload (the arguments as JSON values)."""
         try:
             payload: dict[str, Any] = key_form(kwargs)
-            if args:
-                payload["args"] = key_form(list(args))
         except PydanticSerializationError as exc:
             raise InvalidPayloadError(
                 f"tool {self.name!r}: arguments are not JSON values: {exc}"
@@ -277,6 +320,30 @@ class GuardedTool(BaseTool):
         scope = check_scope(value if isinstance(value, str) else str(value))
         kept = {k: v for k, v in payload.items() if k not in self._exclude}
         return derive_request_id(scope, self.name, kept), payload
+
+
+def _positional_names(tool: BaseTool) -> tuple[str, ...]:
+    """The names the tool's body takes positional arguments as, in order: the parameters
+    of a ``@tool`` function, else of ``_run`` (of ``_arun`` for an async-only tool) that
+    may be passed by position and by keyword, up to the first that may not; ``()`` when
+    the signature cannot be read."""
+    body: Any
+    if isinstance(tool, Tool):
+        body = tool.func
+    elif is_stub(type(tool)._run) and _has_async_body(tool):
+        body = tool._arun
+    else:
+        body = tool._run
+    try:
+        parameters = inspect.signature(body).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    names: list[str] = []
+    for parameter in parameters:
+        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+        names.append(parameter.name)
+    return tuple(names)
 
 
 def _has_async_body(tool: BaseTool) -> bool:

@@ -99,7 +99,7 @@ import sys
 import typing
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForToolRun,
@@ -133,6 +133,7 @@ from safeagent.integrations._common import (
     in_own_thread,
     is_stub,
     key_form,
+    refuse_guarded,
     storable,
 )
 
@@ -261,17 +262,19 @@ def guard_tool(
         A :class:`GuardedTool` with the tool's name, description and schemas.
 
     Raises:
-        ConfigurationError: ``tool`` is not a ``BaseTool`` or is already guarded, its
-            return annotation names a LangGraph ``Command`` (not a result that can be
-            stored), ``guard`` is not a guard, a name in ``exclude`` is not one of the
-            tool's arguments, or another option is invalid.
+        ConfigurationError: ``tool`` is not a ``BaseTool`` or is already guarded (a
+            :class:`GuardedTool`, or a tool whose function is guarded), its return
+            annotation names a LangGraph ``Command`` (not a result that can be stored),
+            ``guard`` is not a guard, a name in ``exclude`` is not one of the tool's
+            arguments, or another option is invalid.
         InvalidInputError: a fixed ``scope`` that is not a non-empty ``str`` of at most
             255 characters.
     """
     if not isinstance(tool, BaseTool):
         raise ConfigurationError(f"tool must be a langchain_core BaseTool, got {tool!r}")
-    if isinstance(tool, GuardedTool):
-        raise ConfigurationError(f"tool {tool.name!r} is already guarded")
+    refuse_guarded(
+        f"tool {tool.name!r}", tool, getattr(tool, "func", None), getattr(tool, "coroutine", None)
+    )
     if _returns_command(tool):
         raise ConfigurationError(
             f"tool {tool.name!r} returns a LangGraph Command: a state update is not a result "
@@ -382,6 +385,7 @@ class GuardedTool(BaseTool):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
+    __safeagent_guarded__: ClassVar[bool] = True
 
     _inner: BaseTool = PrivateAttr()
     _guard: Guard | AsyncGuard = PrivateAttr()

@@ -89,13 +89,14 @@ from safeagent import (
     derive_request_id,
 )
 from safeagent._decide import ReportedFailure
+from safeagent._decorator import GUARDED_MARKER
 from safeagent.errors import (
     ConfigurationError,
     InvalidPayloadError,
     MissingKeyError,
     ReplayedFailureError,
 )
-from safeagent.integrations._common import check_scope, key_form, storable
+from safeagent.integrations._common import check_scope, key_form, refuse_guarded, storable
 from safeagent.integrations._mcp_server import build_server, serve
 
 __all__ = ["ToolErrorResult", "build_server", "guard_server", "guarded", "main", "serve"]
@@ -447,7 +448,9 @@ def guarded(
 
     Raises:
         ConfigurationError: neither ``scope`` nor ``scope_arg``, an unknown
-            ``scope_arg`` or ``exclude`` name, or not a guard.
+            ``scope_arg`` or ``exclude`` name, not a guard, or a function already guarded
+            (by ``guarded`` or ``guard.guarded``). The wrapper is marked as guarded, so
+            :func:`guard_server` refuses the tool it becomes.
         InvalidInputError: a ``scope`` that is not a non-empty ``str`` of at most 255
             characters.
         InvalidSignature: (FastMCP's) a return annotation FastMCP refuses, as
@@ -455,8 +458,9 @@ def guarded(
     """
 
     def decorate(fn: F) -> F:
-        signature = _signature(fn)
         tool_name = name or fn.__name__
+        refuse_guarded(f"tool {tool_name!r}", fn)
+        signature = _signature(fn)
         keying = _Keying(tool_name, scope, scope_arg, exclude, signature.parameters)
         context = find_context_parameter(fn)
         metadata = func_metadata(
@@ -471,6 +475,7 @@ def guarded(
             return await call(**bound.arguments)
 
         wrapper.__signature__ = signature  # type: ignore[attr-defined]
+        setattr(wrapper, GUARDED_MARKER, True)
         return cast(F, wrapper)
 
     return decorate
@@ -510,7 +515,9 @@ def guard_server(
         ConfigurationError: an unknown tool name, a tool with neither a ``scope_arg``
             argument nor a server-level ``scope``, a name in ``exclude`` that no guarded
             tool takes (or that the tool a mapping names does not take), a tool already
-            guarded, or a server that is not a FastMCP 1.x server.
+            guarded (by an earlier ``guard_server``, :func:`guarded` or
+            ``guard.guarded``), or a server that is not a FastMCP 1.x server. Checked
+            for every tool before any is changed.
         InvalidInputError: a ``scope`` that is not a non-empty ``str`` of at most 255
             characters.
     """
@@ -533,18 +540,19 @@ def guard_server(
         unknown = sorted(set(exclude) - set().union(*parameters.values()))
         if unknown:
             raise ConfigurationError(f"no guarded tool has the arguments {unknown} (exclude)")
-    for tool_name in names:
-        tool = registered[tool_name]
-        if getattr(tool.fn, "__safeagent_guarded__", False):
-            raise ConfigurationError(f"tool {tool_name!r} is already guarded")
+    keyings: dict[str, _Keying] = {}
+    for tool_name in names:  # every check before any tool is changed
+        refuse_guarded(f"tool {tool_name!r}", registered[tool_name].fn)
         own: Collection[str] = (
             exclude.get(tool_name, ())
             if isinstance(exclude, Mapping)
             else set(exclude) & parameters[tool_name]
         )
-        keying = _Keying(tool_name, scope, scope_arg, own, parameters[tool_name])
+        keyings[tool_name] = _Keying(tool_name, scope, scope_arg, own, parameters[tool_name])
+    for tool_name, keying in keyings.items():
+        tool = registered[tool_name]
         call = _wrap(tool.fn, guard, keying, namespace, tool.fn_metadata)
-        call.__safeagent_guarded__ = True  # type: ignore[attr-defined]
+        setattr(call, GUARDED_MARKER, True)
         tool.fn = call
         tool.is_async = True
     return server

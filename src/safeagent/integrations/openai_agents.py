@@ -67,6 +67,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from safeagent import AsyncGuard, ErrorInfo, Guard, Receipt, bind_arguments
+from safeagent._decorator import GUARDED_MARKER
 from safeagent.errors import ConfigurationError, GuardError
 from safeagent.integrations._common import (
     REPLAY_MARKER,
@@ -87,6 +88,7 @@ from safeagent.integrations._common import (
     hoist_excluded,
     is_async_callable,
     key_form,
+    refuse_guarded,
     render,
     request_id_for,
     warn_transport_ids,
@@ -179,12 +181,13 @@ def guard_tool(
 
     Returns:
         A new ``FunctionTool`` with the same name, description, params JSON schema and
-        settings; ``tool`` itself is not changed.
+        settings, marked as guarded; ``tool`` itself is not changed.
 
     Raises:
         ConfigurationError: ``tool`` is not a ``FunctionTool`` made by ``@function_tool``,
-            the guard does not fit the function, ``exclude`` names an argument the tool
-            does not take, or an option is invalid.
+            it is already guarded (made by ``guard_tool``, or over a function decorated
+            with ``guard.guarded``), the guard does not fit the function, ``exclude``
+            names an argument the tool does not take, or an option is invalid.
         InvalidInputError: a ``str`` scope that is empty or too long.
     """
     if not isinstance(tool, FunctionTool):
@@ -196,6 +199,7 @@ def guard_tool(
             f"tool {tool.name!r} was not made by @function_tool: guard its on_invoke_tool "
             "with guard.execute instead"
         ) from exc
+    refuse_guarded(f"tool {tool.name!r}", tool, func)
     if isinstance(scope, str):
         check_scope(scope)
     elif not callable(scope):
@@ -254,6 +258,7 @@ def guard_tool(
         wrapper = run_sync
 
     functools.update_wrapper(wrapper, func)
+    setattr(wrapper, GUARDED_MARKER, True)
     context_param = inspect.Parameter(
         context_name, inspect.Parameter.POSITIONAL_ONLY, annotation=ToolContext[Any]
     )
@@ -274,4 +279,6 @@ def guard_tool(
     )
     # A copy keeps every setting of the original; the SDK rebinds the invoker to the copy,
     # so the copy's failure policy applies.
-    return dataclasses.replace(tool, on_invoke_tool=built.on_invoke_tool)
+    guarded = dataclasses.replace(tool, on_invoke_tool=built.on_invoke_tool)
+    setattr(guarded, GUARDED_MARKER, True)
+    return guarded
