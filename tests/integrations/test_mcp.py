@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -213,6 +214,55 @@ def test_same_server_new_session_after_drop(ledger: Ledger, kind: str, use_decor
     assert not result.isError, text(result)
     assert json.loads(text(result)) == {"ticket_id": "T-1", "priority": "high"}
     assert ledger.count("ticket") == 1
+
+
+@pytest.mark.parametrize("use_decorator", [False, True])
+def test_async_bodies_that_need_worker_threads_do_not_starve_a_sync_guard(
+    ledger: Ledger, use_decorator: bool
+) -> None:
+    """A sync Guard and async tool bodies that themselves take a token of anyio's default
+    thread limiter (anyio.to_thread, as HTTP clients' DNS look-ups do): more concurrent
+    calls than the limiter has tokens all finish, each charging once. The guard's own
+    threads must not hold those tokens while they wait for the bodies."""
+    guard = Guard(MemoryStore())
+    server = FastMCP("t")
+
+    async def fetch(n: int) -> str:
+        """Fetch a page."""
+        await anyio.to_thread.run_sync(lambda: None)
+        return f"P-{ledger.append('fetch', str(n))}"
+
+    if use_decorator:
+        server.tool()(guarded(guard, scope="s")(fetch))
+    else:
+        server.tool()(fetch)
+        guard_server(server, guard, scope="s")
+
+    async def scenario() -> list[str]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 2
+        results: list[str] = []
+
+        async def one(session: ClientSession, n: int) -> None:
+            results.append(text(await session.call_tool("fetch", {"n": n})))
+
+        async with (
+            create_connected_server_and_client_session(server) as session,
+            anyio.create_task_group() as calls,
+        ):
+            for n in range(4):
+                calls.start_soon(one, session, n)
+        return results
+
+    # In a daemon thread (the threads it starts are daemons too): a starved run cannot be
+    # cancelled, and must fail this test, not hang the suite.
+    box: list[list[str]] = []
+    runner = threading.Thread(target=lambda: box.append(anyio.run(scenario)), daemon=True)
+    runner.start()
+    runner.join(30)
+
+    assert box, "the calls did not finish within 30 s: the guard's threads starved them"
+    assert sorted(box[0]) == ["P-1", "P-2", "P-3", "P-4"]
+    assert ledger.count("fetch") == 4
 
 
 def reserve_server(ledger: Ledger) -> tuple[FastMCP, list[int]]:

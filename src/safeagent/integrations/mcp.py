@@ -371,6 +371,10 @@ def _wrap(
                     return results.stored(value)
 
                 # Not cancellable: the worker thread runs the body to completion anyway.
+                # An async body runs on the loop while the guard's thread waits for it:
+                # that thread takes no token of anyio's default limiter (40 threads),
+                # which the body may need itself (to_thread); with as many calls as
+                # tokens, none would finish.
                 receipt = await anyio.to_thread.run_sync(
                     functools.partial(
                         guard.execute,
@@ -380,7 +384,8 @@ def _wrap(
                         sfn,
                         namespace=namespace,
                         exclude=keying.exclude,
-                    )
+                    ),
+                    limiter=anyio.CapacityLimiter(1) if fn_is_async else None,
                 )
         except ToolErrorResult as err:  # the tool's error result, recorded as a failure
             return _error_result(str(err))
