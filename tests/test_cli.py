@@ -26,6 +26,7 @@ import sys
 import threading
 import types
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from safeagent import (
     SQLiteStore,
     Status,
 )
+from safeagent._cli._common import iso
 from safeagent._keys import canonical_json, downstream_key, fingerprint
 from safeagent.stores import ClaimRequest
 from tests._workers import child_env, wait_until
@@ -874,8 +876,9 @@ def test_purge_tombstones_finished_records_and_a_retry_does_not_run(
 ) -> None:
     """purge --yes tombstones finished records, and a retry of one never runs again."""
     counts = cli_json("purge", "--older-than", "30d", "--yes", "--by", "ops", "--db", db)
-    assert counts.pop("cutoff").endswith("Z")
-    assert counts == {"tombstoned": 3, "released": 0, "kept_pending": 1, "kept_in_doubt": 1}
+    assert counts.pop("cutoff") == iso(counts.pop("cutoff_ms"))
+    # r-4 is PENDING with an expired lease: it reads (and is kept) in doubt, like r-3.
+    assert counts == {"tombstoned": 3, "released": 0, "kept_pending": 0, "kept_in_doubt": 2}
     after = records(db)
     assert after["r-1"].purged_at_ms is not None
     assert after["r-1"].payload_json == ""
@@ -1355,3 +1358,257 @@ def test_receipts_of_a_result_nested_near_the_recursion_limit_are_shown(tmp_path
     assert result.exit_code == 0, result.output
     result = cli("receipts", "list", "--db", path, "--json")
     assert result.exit_code == 0, result.output
+
+
+# -- purge: the cutoff shown is the cutoff purged ----------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def live_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Any, list[str]]]:
+    """A store on the real clock (the database's, on PostgreSQL) with one SUCCEEDED
+    record, ``old``, and the CLI arguments that open it."""
+    store: Any
+    if request.param == "sqlite":
+        store = SQLiteStore(tmp_path / "live.db")
+        where = ["--db", str(tmp_path / "live.db")]
+    else:
+        require_postgres()
+        from safeagent.stores.postgres import PostgresStore
+
+        schema = pg_schema()
+        store = PostgresStore(PG_URL, schema=schema)
+        where = ["--database-url", PG_URL, "--schema", schema]
+    Guard(store).execute("old", "charge", {"n": 1}, lambda ctx: "old result")
+    try:
+        yield store, where
+    finally:
+        if request.param == "postgres":
+            store.drop_schema()
+        store.close()
+
+
+def test_purge_keeps_a_record_finished_while_the_prompt_waits(
+    live_store: tuple[Any, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cutoff is read once, on the store's clock, before the question: a record that
+    finishes while the operator reads the prompt is after it and kept, and the report and
+    the ``purged`` event give the cutoff the prompt showed."""
+    from safeagent._cli import _audit
+
+    store, where = live_store
+    asked: list[str] = []
+
+    def answer_later(question: str) -> bool:
+        asked.append(question)
+        assert wait_until(lambda: store.records(limit=0)[1] > cutoff_ms_of(question) + 5, 10)
+        Guard(store).execute("new", "charge", {"n": 2}, lambda ctx: "new result")
+        return True
+
+    def cutoff_ms_of(question: str) -> int:
+        shown = question.split("finished before ")[1].split(" in ", maxsplit=1)[0]
+        moment = datetime.fromisoformat(shown.replace("Z", "+00:00"))
+        return round(moment.timestamp() * 1000)
+
+    monkeypatch.setattr(_audit, "confirm", answer_later)
+    report = cli_json("purge", "--older-than", "0s", *where)
+    [question] = asked
+    assert report["cutoff"] in question
+    assert report["cutoff_ms"] == cutoff_ms_of(question)
+    assert report["tombstoned"] == 1
+    found = {r.request_id: r for r in store.records()[0]}
+    assert found["old"].purged_at_ms is not None
+    assert found["new"].purged_at_ms is None
+    assert found["new"].result_json == '"new result"'
+    assert found["new"].completed_at_ms >= report["cutoff_ms"]
+    [event] = [e for e in store.events() if e.kind is EventKind.PURGED]
+    assert event.detail["cutoff_ms"] == report["cutoff_ms"]
+
+
+# -- a row the CLI cannot read ----------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def edited(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A seeded store (the module docstring's rows) whose rows a test edits by raw SQL:
+    ``(where, sql)``, the CLI arguments and ``sql(statement)`` on the store's tables."""
+    clock = FakeClock()
+    if request.param == "sqlite":
+        path = tmp_path / "edited.db"
+        store: Any = SQLiteStore(path, clock=clock)
+        seed(store, clock)
+        store.close()
+
+        def sql(statement: str) -> None:
+            with sqlite3.connect(path) as conn:
+                conn.execute(statement.replace("{t}", ""))
+            conn.close()
+
+        yield ["--db", str(path)], sql
+        return
+    require_postgres()
+    import psycopg
+
+    from safeagent.stores.postgres import PostgresStore
+
+    schema = pg_schema()
+    store = PostgresStore(PG_URL, schema=schema, clock=clock)
+    seed(store, clock)
+
+    def pg_sql(statement: str) -> None:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(statement.replace("{t}", schema + "."))  # type: ignore[arg-type]
+
+    try:
+        yield ["--database-url", PG_URL, "--schema", schema], pg_sql
+    finally:
+        store.drop_schema()
+        store.close()
+
+
+def no_traceback(result: Any) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_an_unreadable_receipt_is_listed_as_such_and_the_others_still(edited: Any) -> None:
+    """A result that is not JSON, or a status no release wrote, marks that receipt
+    UNREADABLE (what is wrong, in the row and on standard error) and lists every other;
+    ``receipts show`` of it is one ``error:`` line, exit 3."""
+    where, sql = edited
+    sql("UPDATE {t}executions SET result = '{oops' WHERE request_id = 'r-1'")
+    sql("UPDATE {t}executions SET status = 'BOGUS' WHERE request_id = 'r-2'")
+    result = cli("receipts", "list", *where)
+    no_traceback(result)
+    assert result.exit_code == 0
+    rows = {r[1]: r for r in table_rows(result.stdout)[1:]}
+    assert rows["r-1"][3] == "UNREADABLE: result is not JSON"
+    assert rows["r-2"][3] == "UNREADABLE: status 'BOGUS' is not a status"
+    assert rows["r-3"][3] == "IN_DOUBT"
+    assert set(rows) == {"r-1", "r-2", "r-3", "r-4", "t-1"}
+    assert "warning: 2 receipt(s) could not be read" in result.stderr
+    listed = {r["request_id"]: r for r in cli_json("receipts", "list", *where)}
+    assert listed["r-1"] == {
+        "namespace": "default",
+        "request_id": "r-1",
+        "action": "charge",
+        "created_at_ms": START_MS,
+        "stored_status": "SUCCEEDED",
+        "unreadable": "result is not JSON",
+    }
+    assert listed["r-2"]["unreadable"] == "status 'BOGUS' is not a status"
+    assert listed["r-4"]["status"] == "IN_DOUBT"
+    shown = cli("receipts", "show", "r-1", *where)
+    no_traceback(shown)
+    assert shown.exit_code == 3
+    assert shown.stderr.startswith("error: receipt default/r-1: result is not JSON")
+    assert shown.stderr.count("\n") == 1
+    assert cli("receipts", "show", "r-3", *where).exit_code == 0
+
+
+def test_an_unreadable_pending_record_is_listed_in_doubt(edited: Any) -> None:
+    """in-doubt list shows a PENDING or IN_DOUBT row it cannot read (it may be in doubt)
+    as UNREADABLE, next to the others."""
+    where, sql = edited
+    sql("UPDATE {t}executions SET result = '{oops' WHERE request_id = 'r-4'")
+    result = cli("in-doubt", "list", *where)
+    no_traceback(result)
+    rows = {r[1]: r for r in table_rows(result.stdout)[1:]}
+    assert rows["r-3"][3] == "IN_DOUBT"
+    assert rows["r-4"][3] == "UNREADABLE: result is not JSON"
+    assert "2 in doubt" in result.stderr
+
+
+def test_a_receipt_with_a_text_time_is_unreadable(tmp_path: Path) -> None:
+    """SQLite keeps text in an INTEGER column: a created_at_ms edited to text is named
+    (``created_at_ms holds text, not an integer``), not a TypeError traceback."""
+    clock = FakeClock()
+    path = tmp_path / "edited.db"
+    store = SQLiteStore(path, clock=clock)
+    seed(store, clock)
+    store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE executions SET created_at_ms = 'x' WHERE request_id = 'r-1'")
+    conn.close()
+    result = cli("receipts", "list", "--db", path, "--since", "2000-01-01T00:00:00Z")
+    no_traceback(result)
+    rows = {r[1]: r for r in table_rows(result.stdout)[1:]}
+    assert rows["r-1"][3] == "UNREADABLE: created_at_ms holds text, not an integer"
+    assert rows["r-2"][3] == "FAILED"
+    shown = cli("receipts", "show", "r-1", "--db", path)
+    assert shown.exit_code == 3
+    assert "created_at_ms holds text, not an integer" in shown.stderr
+
+
+def test_an_unreadable_event_is_marked_in_tail_show_export_and_stats(edited: Any) -> None:
+    """An event kind no release wrote: ``audit tail`` and ``receipts show`` mark the event
+    UNREADABLE and print every other; ``audit export`` writes it as stored (JSON lines add
+    ``unreadable``); ``stats`` counts the others and says one was not counted."""
+    where, sql = edited
+    before = cli_json("stats", *where)
+    tailed = cli("audit", "tail", "-n", "100", "--json", *where).stdout.splitlines()
+    [bad] = [e["id"] for e in map(json.loads, tailed) if e["kind"] == "replayed"]
+    sql(f"UPDATE {{t}}audit_events SET kind = 'bogus' WHERE id = {bad}")
+    problem = "kind 'bogus' is not an event kind"
+    tail = cli("audit", "tail", "-n", "100", *where)
+    no_traceback(tail)
+    assert tail.exit_code == 0
+    lines = tail.stdout.splitlines()
+    assert len(lines) == len(tailed)  # every event, the unreadable one too
+    [marked_line] = [line for line in lines if f"#{bad} " in line]
+    assert "UNREADABLE" in marked_line
+    assert marked_line.endswith(problem)
+    again = cli("audit", "tail", "-n", "100", "--json", *where).stdout.splitlines()
+    [marked] = [e for e in map(json.loads, again) if e["id"] == bad]
+    assert (marked["kind"], marked["unreadable"]) == ("bogus", problem)
+    assert "detail" not in marked
+    shown = cli("receipts", "show", "r-1", *where)
+    no_traceback(shown)
+    assert shown.exit_code == 0
+    trail = {row[0]: row for row in table_rows(shown.stdout.split("audit trail")[1])[1:]}
+    assert (trail[str(bad)][2], trail[str(bad)][-1]) == ("UNREADABLE", problem)
+    assert len(trail) == 4  # claimed, succeeded, replayed, conflict
+    exported = cli("audit", "export", "--format", "jsonl", *where)
+    no_traceback(exported)
+    assert exported.exit_code == 0
+    events = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert [e["id"] for e in events] == [json.loads(line)["id"] for line in tailed]
+    [raw] = [e for e in events if e["id"] == bad]
+    assert (raw["kind"], raw["unreadable"], raw["subject"]) == ("bogus", problem, "r-1")
+    assert raw["detail"] == {"status": "SUCCEEDED"}  # its detail, as stored
+    csv_out = cli("audit", "export", "--format", "csv", *where)
+    assert csv_out.exit_code == 0
+    assert len(list(csv.DictReader(io.StringIO(csv_out.stdout)))) == len(tailed)
+    assert f"event #{bad}: {problem}" in csv_out.stderr
+    counted = cli_json("stats", *where)
+    assert counted.pop("events_unreadable") == 1
+    assert counted.pop("replays") == before.pop("replays") - 1  # the unreadable one
+    assert before.pop("events_unreadable") == 0
+    counted["per_action"]["charge"].pop("replays")
+    before["per_action"]["charge"].pop("replays")
+    assert counted == before
+
+
+def test_an_unreadable_case_or_signal_is_marked_in_cases_list(edited: Any) -> None:
+    """A case state no release wrote, or a live signal whose metadata is not JSON, marks
+    that case UNREADABLE in ``cases list`` and lists the other; ``cases show`` of it is one
+    ``error:`` line, exit 3."""
+    where, sql = edited
+    sql("UPDATE {t}cases SET state = 'WHATEVER' WHERE case_id = 'case-1'")
+    sql("UPDATE {t}signals SET metadata = '{' WHERE case_id = 'case-2' AND source = 'policy-agent'")
+    result = cli("cases", "list", *where)
+    no_traceback(result)
+    assert result.exit_code == 0
+    rows = {r[1]: r for r in table_rows(result.stdout)[1:]}
+    assert rows["case-1"][2] == "UNREADABLE: state 'WHATEVER' is not a case state"
+    assert rows["case-2"][2].startswith("UNREADABLE: signal #")
+    assert rows["case-2"][2].endswith("(source 'policy-agent'): metadata is not JSON")
+    listed = cli_json("cases", "list", *where)
+    assert [c["case_id"] for c in listed] == ["case-1", "case-2"]
+    assert listed[0]["unreadable"] == "state 'WHATEVER' is not a case state"
+    assert listed[1]["unreadable"].endswith("metadata is not JSON")
+    for case_id in ("case-1", "case-2"):
+        shown = cli("cases", "show", case_id, *where)
+        no_traceback(shown)
+        assert shown.exit_code == 3
+        assert shown.stderr.startswith(f"error: case default/{case_id}: ")
+        assert shown.stderr.count("\n") == 1

@@ -769,3 +769,50 @@ def test_a_key_file_and_the_same_bytes_in_the_environment_are_one_key(
         keyfile.write_bytes(stored)
         monkeypatch.setenv("SAFEAGENT_AUDIT_KEY", os.fsdecode(stored.rstrip(b"\n")))
         assert audit.load_key() == audit.load_key(path=str(keyfile)) == stored.strip()
+
+
+# -- a namespace no record can have --------------------------------------------------------
+
+EVERY_NAMESPACED_COMMAND = [
+    pytest.param(["receipts", "list"], id="receipts-list"),
+    pytest.param(["receipts", "show", "r-1"], id="receipts-show"),
+    pytest.param(["in-doubt", "list"], id="in-doubt-list"),
+    pytest.param(["in-doubt", "reconcile", "--app", "nowhere:guard"], id="in-doubt-reconcile"),
+    pytest.param(["resolve", "r-3", "--succeeded", "--by", "op", "--reason", "x"], id="resolve"),
+    pytest.param(["cases", "list"], id="cases-list"),
+    pytest.param(["cases", "show", "case-1"], id="cases-show"),
+    pytest.param(
+        ["cases", "signal", "case-1", "--source", "s", "--outcome", "o", "--confidence", "0.1"],
+        id="cases-signal",
+    ),
+    pytest.param(
+        ["cases", "resolve", "case-2", "--outcome", "o", "--by", "op", "--reason", "x"],
+        id="cases-resolve",
+    ),
+    pytest.param(["audit", "tail"], id="audit-tail"),
+    pytest.param(["audit", "export", "--format", "jsonl"], id="audit-export"),
+    pytest.param(["stats"], id="stats"),
+]
+
+
+@pytest.mark.parametrize("namespace", ["", "n" * 256], ids=["empty", "256-chars"])
+@pytest.mark.parametrize("command", EVERY_NAMESPACED_COMMAND)
+def test_every_command_refuses_a_namespace_no_record_can_have(
+    db: Path, tmp_path: Path, command: list[str], namespace: str
+) -> None:
+    """``--namespace ""`` (or one longer than 255 characters) is exit 2 with the library's
+    message on every command, listings too (they printed nothing and exit 0), checked
+    before the store is opened: on a missing database it is still exit 2, not 3, and
+    nothing is created; on the seeded one nothing changes."""
+    message = "namespace must be a non-empty str of at most 255 characters"
+    before = sqlite_snapshot(db)
+    result = cli(*command, "--namespace", namespace, "--db", db)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {message}")
+    assert result.stderr.count("\n") == 1
+    assert sqlite_snapshot(db) == before
+    missing = tmp_path / "missing.db"
+    absent = cli(*command, "--namespace", namespace, "--db", missing)
+    assert absent.exit_code == 2, absent.output
+    assert absent.stderr.startswith(f"error: {message}")
+    assert not missing.exists()

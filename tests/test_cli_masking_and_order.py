@@ -17,6 +17,7 @@ whether or not the case, the record or the database exists, and nothing is writt
 from __future__ import annotations
 
 import builtins
+import json
 import os
 import subprocess
 import sys
@@ -520,3 +521,85 @@ def test_on_postgresql_a_bad_signal_is_exit_2_and_a_missing_case_exit_1(
     assert shown.returncode == 0, shown.stderr
     assert '"RESOLVED_PROVISIONAL"' in shown.stdout
     assert os.environ.get("SAFEAGENT_DATABASE_URL") is None
+
+
+# -- control characters an agent chose never reach the terminal raw ----------------------------
+
+EVIL_ID = "r-1\x1b[2K\rdefault    r-2   pay   SUCCEEDED\x07"
+NEWLINE_ID = "nl\nFAKE ROW\x7f\x9b31m"
+EVIL_CASE = "case\x1b[31mRED"
+EVIL_SOURCE = "src\x07\x85"
+CONTROLS = {chr(c) for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+@pytest.fixture
+def evil_db(tmp_path: Path) -> Path:
+    """Ids and a source holding ESC sequences, CR, newline, BEL, DEL and C1 characters."""
+    path = tmp_path / "evil.db"
+    guard = Guard(path)
+    guard.execute(EVIL_ID, "pay", {}, lambda ctx: 1)
+    guard.execute(NEWLINE_ID, "pay", {}, lambda ctx: 1)
+    FinalityGate(guard).signal(EVIL_CASE, EVIL_SOURCE, "o", 0.5)
+    guard.close()
+    return path
+
+
+def raw_controls(text: str) -> set[str]:
+    """The control characters of ``text`` other than the newlines that end its lines."""
+    return {c for line in text.split("\n") for c in line if c in CONTROLS}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["receipts", "list"],
+        ["cases", "list"],
+        ["cases", "show", EVIL_CASE],
+        ["audit", "tail", "-n", "100"],
+        ["receipts", "show", NEWLINE_ID],
+    ],
+    ids=["receipts-list", "cases-list", "cases-show", "audit-tail", "receipts-show"],
+)
+def test_control_characters_in_stored_text_are_escaped_for_the_terminal(
+    evil_db: Path, command: list[str]
+) -> None:
+    """Every control character (C0, DEL, C1) of an id or source an agent chose is shown as
+    its backslash escape (``\\x1b``, ``\\n``, ``\\x07``, ``\\x9b``): no ESC sequence, no
+    fake row, no bell reaches the terminal."""
+    result = cli(*command, "--db", evil_db)
+    assert result.exit_code == 0, result.output
+    assert raw_controls(result.stdout) == set()
+    assert raw_controls(result.stderr) == set()
+    shown = {
+        "receipts": [ascii(EVIL_ID)[1:-1], ascii(NEWLINE_ID)[1:-1]],
+        "cases": [ascii(EVIL_CASE)[1:-1]],
+        "audit": [ascii(EVIL_ID)[1:-1], ascii(EVIL_CASE)[1:-1], ascii(EVIL_SOURCE)[1:-1]],
+    }[command[0]]
+    if command[:2] == ["receipts", "show"]:
+        shown = [ascii(NEWLINE_ID)[1:-1]]
+    for text in shown:
+        assert text in result.stdout, (text, result.stdout)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["receipts", "list", "--json"], ["cases", "list", "--json"], ["audit", "tail", "--json"]],
+    ids=["receipts-list", "cases-list", "audit-tail"],
+)
+def test_json_output_escapes_control_characters_and_keeps_the_value(
+    evil_db: Path, command: list[str]
+) -> None:
+    """--json writes every control character as a JSON escape (DEL and C1 too, which
+    json.dumps leaves raw), so the output is valid JSON holding the ids as stored."""
+    result = cli(*command, "--db", evil_db)
+    assert result.exit_code == 0, result.output
+    assert raw_controls(result.stdout) == set()
+    if command[0] == "audit":
+        values = [json.loads(line) for line in result.stdout.splitlines()]
+        assert {EVIL_ID, NEWLINE_ID, EVIL_CASE} <= {e["subject"] for e in values}
+        assert EVIL_SOURCE in {e["actor"] for e in values}
+    elif command[0] == "receipts":
+        assert [r["request_id"] for r in json.loads(result.stdout)] == [EVIL_ID, NEWLINE_ID]
+    else:
+        assert [c["case_id"] for c in json.loads(result.stdout)] == [EVIL_CASE]
+    assert "\\u009b" in result.stdout or command[0] == "cases"

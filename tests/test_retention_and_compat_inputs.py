@@ -28,6 +28,7 @@ from safeagent import (
     AsyncFinalityGate,
     AsyncGuard,
     ConfigurationError,
+    EventKind,
     FinalityGate,
     Guard,
     ReceiptPurgedError,
@@ -35,9 +36,11 @@ from safeagent import (
     audit,
     retention,
 )
+from safeagent._keys import canonical_json, downstream_key, fingerprint
 from safeagent.retention import PurgeReport
+from safeagent.stores import ClaimRequest
 from settlement.settlement_requests import SettlementRequestRegistry
-from tests.conftest import PG_URL, pg_schema, require_postgres
+from tests.conftest import PG_URL, START_MS, FakeClock, pg_schema, require_postgres
 
 KEY = b"k" * 32
 SECRET = "Hunter2Secret"
@@ -335,3 +338,91 @@ def test_a_purged_request_on_postgresql(pg_throwaway_database_url: str) -> None:
     assert calls == [1]
     assert (again["ok"], again["reason"], again["result"]) == (True, "receipt_purged", None)
     assert again["execution_id"] == first["execution_id"]
+
+
+# -- retention.purge(before_ms=...): an absolute cutoff ---------------------------------------
+
+
+def _seed_at(store: Any, clock: FakeClock) -> tuple[int, int]:
+    """``early`` finished at START_MS, ``late`` one second later; returns both instants."""
+    guard = Guard(store, wait=0)
+    guard.execute("early", "charge", {"n": 1}, lambda ctx: "e")
+    clock.advance(1.0)
+    guard.execute("late", "charge", {"n": 2}, lambda ctx: "l")
+    clock.advance(60.0)
+    return START_MS, START_MS + 1000
+
+
+def test_purge_before_ms_purges_only_what_finished_before_that_instant(
+    store_factory: Any, clock: FakeClock
+) -> None:
+    """``before_ms`` is the cutoff itself (store clock, ms): a record that finished before
+    it is tombstoned, one that finished at it or later is kept, whatever the clock reads
+    at purge time; the ``purged`` event records that cutoff."""
+    store = store_factory()
+    _, late = _seed_at(store, clock)
+    report = retention.purge(store, before_ms=late, actor="ops")
+    assert report == PurgeReport(tombstoned=1, released=0, kept_pending=0, kept_in_doubt=0)
+    purged = {r.request_id: r.purged_at_ms is not None for r in store.records()[0]}
+    assert purged == {"early": True, "late": False}
+    [event] = [e for e in store.events() if e.kind is EventKind.PURGED]
+    assert event.detail["cutoff_ms"] == late
+    assert retention.purge(store, before_ms=late + 1, actor="ops").tombstoned == 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({}, "exactly one of older_than"),
+        ({"older_than": 0, "before_ms": START_MS}, "exactly one of older_than"),
+        ({"before_ms": True}, "before_ms must be an int"),
+        ({"before_ms": 1.5e12}, "before_ms must be an int"),
+        ({"before_ms": "1700000000000"}, "before_ms must be an int"),
+        ({"before_ms": 2**63}, "before_ms must be an int"),
+        ({"before_ms": -(2**63) - 1}, "before_ms must be an int"),
+    ],
+    ids=["neither", "both", "bool", "float", "str", "above-bigint", "below-bigint"],
+)
+def test_purge_refuses_a_bad_cutoff_and_purges_nothing(
+    db: Path, arguments: dict[str, Any], message: str
+) -> None:
+    """Both or neither of ``older_than`` and ``before_ms``, or a ``before_ms`` that is not
+    an int a store column holds, is ConfigurationError, and nothing is purged."""
+    store = SQLiteStore(db)
+    try:
+        with pytest.raises(ConfigurationError, match=message):
+            retention.purge(store, **arguments)
+        assert [purged for _, _, purged in records(store)] == [None]
+        assert not [e for e in store.events() if e.kind is EventKind.PURGED]
+    finally:
+        store.close()
+
+
+def test_purge_counts_an_expired_pending_lease_as_kept_in_doubt(
+    store_factory: Any, clock: FakeClock
+) -> None:
+    """A PENDING record whose lease has expired reads IN_DOUBT (docs/design.md), so purge
+    counts it in ``kept_in_doubt``; one whose lease is live stays ``kept_pending``; every
+    store alike, at the store's clock."""
+    store = store_factory()
+    for request_id, lease_ms in (("dead", 1_000), ("alive", 3_600_000)):
+        body = canonical_json({"id": request_id})
+        claim = store.claim(
+            ClaimRequest(
+                namespace="default",
+                request_id=request_id,
+                action="charge",
+                fingerprint=fingerprint("charge", body),
+                payload_json=body.decode(),
+                execution_id=f"x-{request_id}",
+                owner="worker:1:MainThread",
+                lease_ms=lease_ms,
+                downstream_key=downstream_key("default", "charge", request_id),
+            )
+        )
+        assert claim.won
+    clock.advance(60.0)  # "dead"'s lease expired, "alive"'s runs for an hour
+    report = retention.purge(store, older_than=0)
+    assert report == PurgeReport(tombstoned=0, released=0, kept_pending=1, kept_in_doubt=1)
+    [event] = [e for e in store.events() if e.kind is EventKind.PURGED]
+    assert (event.detail["kept_pending"], event.detail["kept_in_doubt"]) == (1, 1)

@@ -15,6 +15,7 @@ complete the new attempt.
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,10 +63,33 @@ class PurgeReport:
     kept_in_doubt: int
 
 
-def purge(store: Any, *, older_than: Seconds, actor: str = "safeagent.retention") -> PurgeReport:
-    """Tombstone every SUCCEEDED or FAILED record that finished more than ``older_than``
-    seconds ago (store clock), and remove the payload of RELEASED ones (keeping their rows
-    and fencing tokens); audited as one ``purged`` event.
+class _Unset(enum.Enum):
+    UNSET = "UNSET"
+
+
+_UNSET = _Unset.UNSET
+"""``older_than`` not given (``None`` given is refused as not a number of seconds)."""
+
+_BIGINT = (-(2**63), 2**63 - 1)
+"""The instants a store column holds (SQLite's INTEGER, PostgreSQL's BIGINT), in ms."""
+
+
+def purge(
+    store: Any,
+    *,
+    older_than: Seconds | _Unset = _UNSET,
+    before_ms: int | None = None,
+    actor: str = "safeagent.retention",
+) -> PurgeReport:
+    """Tombstone every SUCCEEDED or FAILED record that finished before the cutoff, and
+    remove the payload of RELEASED ones last updated before it (keeping their rows and
+    fencing tokens); audited as one ``purged`` event that records the cutoff.
+
+    The cutoff is ``older_than`` seconds before the store's clock, read when the purge
+    starts, or the instant ``before_ms``: pass exactly one. Take ``before_ms`` to purge
+    up to a cutoff read (and shown, confirmed) earlier: ``store.records(limit=0)[1]`` is
+    the store's clock, so ``before_ms=now - age_ms`` purges what finished before that
+    instant however long the confirmation took, and nothing that finished after it.
 
     Args:
         store: a store (``SQLiteStore``, ``PostgresStore`` or ``MemoryStore``), or a
@@ -74,19 +98,46 @@ def purge(store: Any, *, older_than: Seconds, actor: str = "safeagent.retention"
             most 100 years (:data:`~safeagent._policy.MAX_RETENTION`, 3 153 600 000 s), so
             that retention of several years (payment records: seven) works and the cutoff
             stays a representable instant. ``0`` purges every finished record.
+        before_ms: the cutoff itself, in milliseconds since the epoch on the store's
+            clock: an ``int`` (not a ``bool``) from -2**63 to 2**63 - 1, the range a
+            store's columns hold. Records that finished at ``before_ms`` or later are
+            kept.
         actor: who purges, for the audit trail: a non-empty name of at most 255
             characters of valid UTF-8 without NUL.
 
     Raises:
-        ConfigurationError: ``store`` is neither a store nor a guard; ``older_than`` is
-            not a finite number of seconds, is negative or is longer than 100 years;
-            nothing was purged.
+        ConfigurationError: ``store`` is neither a store nor a guard; both or neither of
+            ``older_than`` and ``before_ms`` given; ``older_than`` is not a finite number
+            of seconds, is negative or is longer than 100 years; ``before_ms`` is not an
+            ``int`` or is outside that range; nothing was purged.
         InvalidInputError: a bad ``actor``; nothing was purged.
         StoreError: the store failed; nothing was purged.
+
+    .. versionchanged:: 0.3
+        ``before_ms``; ``older_than`` is no longer required.
     """
     store = _store_of(store, "retention.purge", ("records", "purge"))
-    age_ms = int(1000 * retention_seconds(older_than))
+    if (older_than is _UNSET) == (before_ms is None):
+        raise ConfigurationError(
+            "retention.purge takes exactly one of older_than (seconds) and before_ms "
+            f"(a store-clock instant, ms), got {'both' if before_ms is not None else 'neither'}"
+        )
+    if before_ms is not None and (
+        not isinstance(before_ms, int)
+        or isinstance(before_ms, bool)
+        or not _BIGINT[0] <= before_ms <= _BIGINT[1]
+    ):
+        raise ConfigurationError(
+            "before_ms must be an int of milliseconds since the epoch from -2**63 to "
+            f"2**63 - 1, got {before_ms!r}"
+        )
+    age_ms = None if older_than is _UNSET else int(1000 * retention_seconds(older_than))
     actor = check_name("actor", actor)
-    _, now = store.records(limit=0)
-    counts = store.purge(now - age_ms if now else time.time_ns() // 1_000_000 - age_ms, actor)
+    if age_ms is None:
+        assert before_ms is not None
+        cutoff_ms = int(before_ms)  # a plain int (an IntEnum or int subclass is not stored)
+    else:
+        _, now = store.records(limit=0)
+        cutoff_ms = (now if now else time.time_ns() // 1_000_000) - age_ms
+    counts = store.purge(cutoff_ms, actor)
     return PurgeReport(**counts)

@@ -15,7 +15,8 @@ Exit codes::
        that is not valid UTF-8, a --database-url that is not PostgreSQL, an input the
        library refuses with InvalidInputError or ConfigurationError)
     3  the store is missing, unreachable or failed (no database file where pointed,
-       PostgreSQL down, StoreError, a schema from a newer SafeAgent)
+       PostgreSQL down, StoreError, a schema from a newer SafeAgent, the one row a
+       command is about cannot be read)
 
 Which store: ``--database-url`` (PostgreSQL) or ``--db`` (SQLite); without either,
 ``$SAFEAGENT_DATABASE_URL`` if set, else the SQLite file ``$SAFEAGENT_DB``, else

@@ -16,6 +16,7 @@ import typer
 
 from safeagent import AuditEvent, retention
 from safeagent import audit as audit_lib
+from safeagent._cli import _rows as rows_lib
 from safeagent._cli._common import (
     AUDIT_KEY_ENV,
     DEFAULT_SCHEMA,
@@ -46,7 +47,10 @@ from safeagent._cli._common import (
     print_table,
     resolve_target,
     time_window,
+    warn_unreadable,
 )
+from safeagent._cli._rows import Unreadable
+from safeagent._keys import check_name
 
 audit_app = typer.Typer(
     help="The tamper-evident audit trail.", no_args_is_help=True, epilog=EXIT_CODES
@@ -83,7 +87,8 @@ def audit_tail(
 ) -> None:
     """Print the last audit events, one per line; with --follow, keep printing new ones."""
 
-    def show(events: Sequence[AuditEvent]) -> None:
+    def show(events: Sequence[AuditEvent | Unreadable]) -> None:
+        warn_unreadable(events, "audit event(s)")
         for event in events:
             if as_json:
                 print_json(event.to_dict(), indent=None)
@@ -91,10 +96,14 @@ def audit_tail(
                 print_line(event_line(event))
         sys.stdout.flush()
 
+    def last_id(events: Sequence[AuditEvent | Unreadable], before: int) -> int:
+        found = events[-1].get("id") if isinstance(events[-1], Unreadable) else events[-1].id
+        return found if isinstance(found, int) and found > before else before
+
     with opened(resolve_target(db, database_url, schema)) as store:
-        events = store.events(namespace=namespace, subject=subject)
+        events = rows_lib.events(store, namespace=namespace, subject=subject)
         show(events[len(events) - lines :])
-        last = (events[-1].id or 0) if events else 0
+        last = last_id(events, 0) if events else 0
         if not follow:
             return
         # Ctrl-C sets a flag the loop checks, instead of raising KeyboardInterrupt at an
@@ -107,10 +116,10 @@ def audit_tail(
                 time.sleep(interval)
                 if stop.is_set():
                     break
-                new = store.events(namespace=namespace, subject=subject, after_id=last)
+                new = rows_lib.events(store, namespace=namespace, subject=subject, after_id=last)
                 if new:
                     show(new)
-                    last = new[-1].id or last
+                    last = last_id(new, last)
         finally:
             signal.signal(signal.SIGINT, previous)
 
@@ -130,7 +139,8 @@ def audit_export(
     schema: SchemaOpt = DEFAULT_SCHEMA,
 ) -> None:
     """Export the audit trail as JSON lines or CSV, redacted by the default redaction hook."""
-    with opened(resolve_target(db, database_url, schema)) as store:
+    with opened(resolve_target(db, database_url, schema)) as opened_store:
+        store = _ExportedEvents(opened_store, marked=fmt is ExportFormat.JSONL)
         if out is None:
             stdout = cast(TextIO, JsonEscapingWriter(sys.stdout))
             count = audit_lib.export(store, stdout, fmt=fmt.value, namespace=namespace)
@@ -148,7 +158,47 @@ def audit_export(
             except BaseException:
                 out.unlink(missing_ok=True)  # never leave half an export behind
                 raise
+    warn_unreadable(store.unreadable, "audit event(s)", "exported as stored")
     err_console().print(f"exported {count} events" + ("" if out is None else f" to {out}"))
+
+
+class _StoredEvent:
+    """An audit event that cannot be read, as an export writes it: every column as
+    stored (the detail too: the export redacts it), and, in JSON lines, ``unreadable``:
+    what cannot be read. CSV keeps its columns; standard error names the row."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.fields)
+
+
+class _ExportedEvents:
+    """``store`` for ``audit.export`` / ``audit.stats``: its events read row by row
+    (:func:`rows_lib.events`). An unreadable event is left out of the events (``stats``)
+    or, with ``export=True``, written as stored (:class:`_StoredEvent`); either way it is
+    kept in ``unreadable``."""
+
+    def __init__(self, store: Any, *, marked: bool = False, export: bool = True) -> None:
+        self.store = store
+        self.marked = marked
+        self.export = export
+        self.unreadable: list[Unreadable] = []
+
+    def events(self, *, namespace: str | None = None, **_: Any) -> list[Any]:
+        out: list[Any] = []
+        for event in rows_lib.events(self.store, namespace=namespace):
+            if not isinstance(event, Unreadable):
+                out.append(event)
+                continue
+            self.unreadable.append(event)
+            if self.export:
+                fields = rows_lib.raw_event(event, self.store)
+                if self.marked:
+                    fields["unreadable"] = event.problem
+                out.append(_StoredEvent(fields))
+        return out
 
 
 def _load_key(key_file: Path | None, *, required: bool) -> bytes | None:
@@ -385,13 +435,16 @@ def stats(
     action, over a time window."""
     since_ms, until_ms = time_window(since, until)
     with opened(resolve_target(db, database_url, schema)) as store:
-        found = audit_lib.stats(store, since_ms=since_ms, until_ms=until_ms, namespace=namespace)
+        readable = _ExportedEvents(store, export=False)
+        found = audit_lib.stats(readable, since_ms=since_ms, until_ms=until_ms, namespace=namespace)
+    warn_unreadable(readable.unreadable, "audit event(s)", "not counted")
     counts: dict[str, Any] = {
         "executions": found.executions,
         "replays": found.replays,
         "conflicts": found.conflicts,
         "in_doubt": found.in_doubt,
         "per_action": found.per_action,
+        "events_unreadable": len(readable.unreadable),
     }
     if as_json:
         print_json({**counts, "since_ms": since_ms, "until_ms": until_ms})
@@ -425,20 +478,27 @@ def purge(
 ) -> None:
     """Retention: records finished before the cutoff lose payload and result and keep a
     tombstone (so a retry is still recognised and never runs again); released records lose
-    their payload; pending and in-doubt records are never touched. Asks first unless --yes; exit
-    1 if declined."""
+    their payload; pending and in-doubt records are never touched. The cutoff is read once,
+    on the store's clock, before asking: the one shown is the one purged. Asks first unless
+    --yes; exit 1 if declined."""
     seconds = parse_duration(older_than, "--older-than")
+    by = check_name("actor", by)  # before the store is opened or the question asked
     target = resolve_target(db, database_url, schema)
     with opened(target) as store:
-        cutoff = iso(time.time_ns() // 1_000_000 - round(seconds * 1000))
+        # One cutoff, read once on the store's clock before the question: the instant
+        # shown is the one purged, however long the answer takes (a record finishing
+        # meanwhile is after it, and kept).
+        _, now_ms = store.records(limit=0)
+        cutoff_ms = now_ms - round(seconds * 1000)
+        cutoff = iso(cutoff_ms)
         question = f"Purge records finished before {cutoff} in {target.describe()}?"
         if not yes and not confirm(question):
             raise CliError(EXIT_FAILED, "not confirmed: nothing was purged")
-        report = retention.purge(store, older_than=seconds, actor=by)
+        report = retention.purge(store, before_ms=cutoff_ms, actor=by)
     counts = {
         k: getattr(report, k) for k in ("tombstoned", "released", "kept_pending", "kept_in_doubt")
     }
     if as_json:
-        print_json({"cutoff": cutoff, **counts})
+        print_json({"cutoff": cutoff, "cutoff_ms": cutoff_ms, **counts})
         return
     print_pairs([("cutoff", cutoff), *counts.items()], title="purge")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,11 +15,13 @@ from safeagent import (
     Guard,
     MemoryStore,
 )
+from safeagent._cli import _rows as rows_lib
 from safeagent._cli._common import (
     DEFAULT_NAMESPACE,
     DEFAULT_SCHEMA,
     EXIT_CODES,
     EXIT_FAILED,
+    EXIT_STORE,
     EXIT_USAGE,
     CliError,
     DbOpt,
@@ -40,7 +42,10 @@ from safeagent._cli._common import (
     receipt_dict,
     resolve_target,
     status_text,
+    stored_iso,
+    warn_unreadable,
 )
+from safeagent._cli._rows import Unreadable
 from safeagent._gate import _check_case_id
 from safeagent._keys import check_name
 from safeagent._policy import CASE_PREFIX
@@ -83,7 +88,8 @@ def cases_list(
 ) -> None:
     """List cases (decisions), oldest first, optionally by state."""
     with opened(resolve_target(db, database_url, schema)) as store:
-        cases = FinalityGate(Guard(store)).cases(namespace=namespace, states=state or None)
+        cases = rows_lib.cases(store, namespace=namespace, states=state or None)
+    warn_unreadable(cases, "case(s)")
     if as_json:
         print_json([c.to_dict() for c in cases])
         return
@@ -91,6 +97,16 @@ def cases_list(
         ("NAMESPACE", "CASE ID", "STATE", "OUTCOME", "SIGNALS", "LEADING", "UPDATED"),
         [
             (
+                c.get("namespace"),
+                c.get("case_id"),
+                f"UNREADABLE: {c.problem}",
+                "-",
+                "-",
+                "-",
+                stored_iso(c.get("updated_at_ms")),
+            )
+            if isinstance(c, Unreadable)
+            else (
                 c.namespace,
                 c.case_id,
                 c.state.value,
@@ -119,25 +135,39 @@ def cases_show(
     _check_case_id(case_id)
     namespace = check_name("namespace", namespace)
     with opened(resolve_target(db, database_url, schema)) as store:
-        gate = FinalityGate(Guard(store))
-        case = gate.get(case_id, namespace=namespace)
+        case = rows_lib.case(store, namespace, case_id)
         if case is None:
             raise CliError(EXIT_FAILED, f"no case {case_id!r} in namespace {namespace!r}")
-        history = gate.history(case_id, namespace=namespace)
+        if isinstance(case, Unreadable):
+            raise CliError(
+                EXIT_STORE,
+                f"{case.describe()} (the row was edited or is corrupt; `audit verify` checks "
+                "the trail)",
+            )
+        history = rows_lib.signals(store, namespace, case_id)
+        # Unreadable events of the case too: one may be a state change.
         states = [
             e
-            for e in store.events(namespace=namespace, subject=case_id)
-            if e.kind is EventKind.STATE_CHANGE
+            for e in rows_lib.events(store, namespace=namespace, subject=case_id)
+            if isinstance(e, Unreadable) or e.kind is EventKind.STATE_CHANGE
         ]
-        settlement, now = store.get(namespace, CASE_PREFIX + case_id)
-    receipt = (
-        None if settlement is None else receipt_dict(settlement, now, redact=True, payload=False)
+        settlement, now = rows_lib.record(store, namespace, CASE_PREFIX + case_id)
+    receipt: dict[str, Any] | None = (
+        None
+        if settlement is None
+        else settlement.to_dict()
+        if isinstance(settlement, Unreadable)
+        else receipt_dict(settlement, now, redact=True, payload=False)
     )
+    warn_unreadable([*history, *states, settlement], "row(s) of the case")
     if as_json:
         print_json(
             {
                 "case": case.to_dict(),
-                "signals": [{**s.to_dict(), "status": status} for s, status in history],
+                "signals": [
+                    s.to_dict() if isinstance(s, Unreadable) else {**s[0].to_dict(), "status": s[1]}
+                    for s in history
+                ],
                 "state_history": [e.to_dict() for e in states],
                 "settlement": receipt,
             }
@@ -153,7 +183,14 @@ def cases_show(
             ("version", case.version),
             ("created", iso(case.created_at_ms)),
             ("updated", iso(case.updated_at_ms)),
-            ("settlement", None if receipt is None else status_text(receipt)),
+            (
+                "settlement",
+                None
+                if receipt is None
+                else f"UNREADABLE: {receipt['unreadable']}"
+                if "unreadable" in receipt
+                else status_text(receipt),
+            ),
         ],
         title=f"case {namespace}/{case_id}",
     )
@@ -161,8 +198,24 @@ def cases_show(
     print_table(
         ("AT", "SOURCE", "OUTCOME", "CONFIDENCE", "STATUS", "METADATA"),
         [
-            (iso(s.at_ms), s.source, s.outcome, s.confidence, status, compact(s.metadata))
-            for s, status in history
+            (
+                stored_iso(s.get("at_ms")),
+                s.get("source"),
+                s.get("outcome"),
+                "-",
+                f"UNREADABLE: {s.problem}",
+                "-",
+            )
+            if isinstance(s, Unreadable)
+            else (
+                iso(s[0].at_ms),
+                s[0].source,
+                s[0].outcome,
+                s[0].confidence,
+                s[1],
+                compact(s[0].metadata),
+            )
+            for s in history
         ],
         title="signals",
     )
@@ -170,7 +223,9 @@ def cases_show(
     print_table(
         ("AT", "FROM", "TO", "OUTCOME", "ACTOR"),
         [
-            (
+            (stored_iso(e.get("at_ms")), "-", f"UNREADABLE: {e.problem}", "-", e.get("actor"))
+            if isinstance(e, Unreadable)
+            else (
                 iso(e.at_ms),
                 e.detail.get("from"),
                 e.detail.get("to"),

@@ -27,7 +27,8 @@ from rich.text import Text
 
 from safeagent import AuditEvent, SQLiteStore, default_redactor
 from safeagent import audit as audit_lib
-from safeagent._keys import storable, storable_text
+from safeagent._cli._rows import Unreadable
+from safeagent._keys import check_name, storable, storable_text
 from safeagent._policy import MAX_RETENTION
 from safeagent._receipt import Receipt, Record
 from safeagent.errors import ConfigurationError, GuardError, InvalidInputError, StoreError
@@ -252,8 +253,21 @@ def check_text_arguments(command: Callable[..., Any], values: Mapping[str, Any])
                 )
 
 
+def check_namespace(namespace: object) -> None:
+    """Refuse a ``--namespace`` no record can have (empty, longer than 255 characters),
+    with the library's own rule and message (``check_name``), for every command alike:
+    a listing filtered by one would match nothing and exit 0. ``None`` (no filter) passes.
+
+    Raises:
+        InvalidInputError: a namespace the library refuses (exit 2).
+    """
+    if namespace is not None:
+        check_name("namespace", namespace)
+
+
 def cli_command(fn: Callable[P, R]) -> Callable[P, R]:
-    """Check every text argument (:func:`check_text_arguments`), then map the library's
+    """Check every text argument (:func:`check_text_arguments`) and the namespace
+    (:func:`check_namespace`) before the command runs, then map the library's
     exceptions to exit codes and one-line messages: its typed input errors
     (``InvalidInputError`` and its subclasses, ``ConfigurationError``) to 2, ``StoreError``
     to 3, other ``GuardError`` refusals to 1."""
@@ -266,6 +280,7 @@ def cli_command(fn: Callable[P, R]) -> Callable[P, R]:
         remember_conninfo(given if isinstance(given, str) else None)
         try:
             check_text_arguments(fn, kwargs)
+            check_namespace(kwargs.get("namespace"))
             return fn(*args, **kwargs)
         except CliError as exc:
             fail(exc.code, exc.message)
@@ -310,9 +325,17 @@ def _escaped(text: str, stream: IO[str], escape: Callable[[str], str]) -> str:
     return text
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""Control characters: C0 (newline, tab, ESC, BEL...), DEL and C1 (CSI ``\\x9b``...)."""
+
+
 def printable(text: str, stream: IO[str] | None = None) -> str:
     """``text`` as a table or message shows it on ``stream`` (standard output by default):
-    what the stream cannot encode as a visible backslash escape (``\\udcff``, ``\\xe9``)."""
+    every control character (C0, DEL, C1: an ESC sequence, a newline, a bell in an id an
+    agent chose) as its Python escape (``\\x1b``, ``\\n``, ``\\x07``), so stored text
+    cannot move the cursor, fake a row or restyle the terminal; and what the stream cannot
+    encode as a visible backslash escape (``\\udcff``, ``\\xe9``)."""
+    text = _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
     return _escaped(
         text,
         sys.stdout if stream is None else stream,
@@ -369,17 +392,24 @@ def err_console() -> Console:
 def confirm(question: str) -> bool:
     """Ask on the terminal; no answer (end of input) is a no."""
     try:
-        return typer.confirm(question, default=False, err=True)
+        return typer.confirm(printable(question, sys.stderr), default=False, err=True)
     except typer.Abort:
         typer.echo(err=True)
         return False
 
 
+_RAW_IN_JSON = re.compile("[\x7f-\x9f]")
+"""The control characters ``json.dumps`` leaves raw: DEL and C1."""
+
+
 def print_json(value: Any, *, indent: int | None = 2) -> None:
     """``value`` as JSON on standard output (one line with ``indent=None``): non-ASCII
-    text as is, and what standard output cannot encode (a lone surrogate a stored result
+    text as is except control characters (``\\u001b``, ``\\u009b``: JSON escapes,
+    the same value), and what standard output cannot encode (a lone surrogate a stored result
     may hold) as a ``\\uXXXX`` escape (:func:`json_printable`), so the output is valid JSON."""
     text = json.dumps(value, indent=indent, ensure_ascii=False, default=str)
+    # json.dumps escapes C0 itself; DEL and C1 (only ever inside a string) as \u escapes.
+    text = _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     typer.echo(json_printable(text))
 
 
@@ -732,7 +762,19 @@ def status_text(row: Mapping[str, Any]) -> str:
     return status
 
 
-def event_line(event: AuditEvent) -> str:
+def stored_iso(value: Any) -> str:
+    """An instant as stored (ms) in ISO 8601, or ``-`` when the row holds no integer."""
+    return iso(value) if isinstance(value, int) and not isinstance(value, bool) else "-"
+
+
+def event_line(event: AuditEvent | Unreadable) -> str:
+    """One line of ``audit tail``; an unreadable event says what cannot be read."""
+    if isinstance(event, Unreadable):
+        where = f"{event.get('namespace')}/{event.get('subject')}"
+        return (
+            f"{stored_iso(event.get('at_ms'))}  {event.name:<8} {'UNREADABLE':<19} {where}  "
+            f"{event.problem}"
+        )
     where = f"{event.namespace}/{event.subject}"
     return (
         f"{iso(event.at_ms)}  {'#' + str(event.id):<8} {event.kind.value:<19} {where}  "
@@ -740,9 +782,25 @@ def event_line(event: AuditEvent) -> str:
     )
 
 
-def print_events(events: Sequence[AuditEvent], title: str) -> None:
+def print_events(events: Sequence[AuditEvent | Unreadable], title: str) -> None:
     print_table(
         ("ID", "AT", "KIND", "ACTOR", "DETAIL"),
-        [(e.id, iso(e.at_ms), e.kind.value, e.actor, compact(dict(e.detail))) for e in events],
+        [
+            (e.get("id"), stored_iso(e.get("at_ms")), "UNREADABLE", e.get("actor"), e.problem)
+            if isinstance(e, Unreadable)
+            else (e.id, iso(e.at_ms), e.kind.value, e.actor, compact(dict(e.detail)))
+            for e in events
+        ],
         title=title,
+    )
+
+
+def warn_unreadable(items: Sequence[Any], what: str, note: str = "shown as UNREADABLE") -> None:
+    """On standard error, how many of ``items`` could not be read, and the first few."""
+    bad = [i for i in items if isinstance(i, Unreadable)]
+    if not bad:
+        return
+    named = "; ".join(u.describe() for u in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    err_console().print(
+        f"warning: {len(bad)} {what} could not be read (edited or corrupt), {note}: {named}"
     )

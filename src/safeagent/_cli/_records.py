@@ -23,11 +23,13 @@ from safeagent import (
     Status,
     default_redactor,
 )
+from safeagent._cli import _rows as rows_lib
 from safeagent._cli._common import (
     DEFAULT_NAMESPACE,
     DEFAULT_SCHEMA,
     EXIT_CODES,
     EXIT_FAILED,
+    EXIT_STORE,
     EXIT_USAGE,
     CliError,
     DbOpt,
@@ -52,8 +54,11 @@ from safeagent._cli._common import (
     resolve_target,
     shown,
     status_text,
+    stored_iso,
     time_window,
+    warn_unreadable,
 )
+from safeagent._cli._rows import Unreadable
 from safeagent._core import GuardCore, tally
 from safeagent._keys import MAX_REQUEST_ID_LENGTH, check_name, check_request_id
 from safeagent._receipt import Receipt
@@ -109,9 +114,15 @@ def receipts_list(
     since_ms, until_ms = time_window(since, until)
     wanted = None if not status else {s.value for s in status}
     with opened(resolve_target(db, database_url, schema)) as store:
-        records, now = store.records(namespace=namespace)
-    rows = []
+        records, now = rows_lib.records(store, namespace=namespace)
+    rows: list[dict[str, Any] | Unreadable] = []
     for record in records:
+        if isinstance(record, Unreadable):
+            # Listed unless a filter it can be judged by excludes it: it must be seen.
+            if _excluded(record, action, prefix, since_ms, until_ms):
+                continue
+            rows.append(record)
+            continue
         if action is not None and record.action != action:
             continue
         if prefix is not None and not record.request_id.startswith(prefix):
@@ -127,13 +138,24 @@ def receipts_list(
     if newest_first:
         rows.reverse()
     page = rows[offset : offset + limit]
+    warn_unreadable(page, "receipt(s)")
     if as_json:
-        print_json(page)
+        print_json([r.to_dict() if isinstance(r, Unreadable) else r for r in page])
         return
     print_table(
         ("NAMESPACE", "REQUEST ID", "ACTION", "STATUS", "ATTEMPT", "CREATED", "COMPLETED"),
         [
             (
+                r.get("namespace"),
+                r.get("request_id"),
+                r.get("action"),
+                f"UNREADABLE: {r.problem}",
+                "-",
+                stored_iso(r.get("created_at_ms")),
+                "-",
+            )
+            if isinstance(r, Unreadable)
+            else (
                 r["namespace"],
                 r["request_id"],
                 r["action"],
@@ -150,6 +172,36 @@ def receipts_list(
     else:
         shown = f"{offset + 1}-{offset + len(page)}" if page else "none"
         err_console().print(f"{shown} of {len(rows)} matching receipts")
+
+
+def _excluded(
+    row: Unreadable,
+    action: str | None,
+    prefix: str | None,
+    since_ms: int | None,
+    until_ms: int | None,
+) -> bool:
+    """An unreadable receipt is left out only by a filter whose field it holds readably
+    (an action, a request id, a creation time); --status cannot judge it."""
+    stored_action, request_id = row.get("action"), row.get("request_id")
+    created = row.get("created_at_ms")
+    if action is not None and isinstance(stored_action, str) and stored_action != action:
+        return True
+    if prefix is not None and isinstance(request_id, str) and not request_id.startswith(prefix):
+        return True
+    if not isinstance(created, int):
+        return False
+    return (since_ms is not None and created < since_ms) or (
+        until_ms is not None and created > until_ms
+    )
+
+
+def _unreadable_error(row: Unreadable) -> CliError:
+    """The one-line error (exit 3) of a command about one row that cannot be read."""
+    return CliError(
+        EXIT_STORE,
+        f"{row.describe()} (the row was edited or is corrupt; `audit verify` checks the trail)",
+    )
 
 
 @receipts_app.command("show", epilog=EXIT_CODES)
@@ -171,16 +223,27 @@ def receipts_show(
     request_id = check_request_id(request_id)
     namespace = check_name("namespace", namespace)
     with opened(resolve_target(db, database_url, schema)) as store:
-        record, now = store.get(namespace, request_id)
+        record, now = rows_lib.record(store, namespace, request_id)
         if record is None:
             message = f"no receipt {request_id!r} in namespace {namespace!r}"
             quoted = json.dumps(request_id, ensure_ascii=False)
-            if len(quoted) <= MAX_REQUEST_ID_LENGTH and store.get(namespace, quoted)[0]:
+            if (
+                len(quoted) <= MAX_REQUEST_ID_LENGTH
+                and rows_lib.record(store, namespace, quoted)[0]
+            ):
                 # The decorator stores a str key as its JSON text (docs/design.md section 6).
                 message += f"; there is one for {quoted} (a decorator's key, stored quoted)"
             raise CliError(EXIT_FAILED, message)
-        events = store.events(namespace=namespace, subject=request_id)
-    receipt = receipt_dict(record, now, redact=not no_redact, payload=True)
+        if isinstance(record, Unreadable):
+            raise _unreadable_error(record)
+        events = rows_lib.events(store, namespace=namespace, subject=request_id)
+    try:
+        receipt = receipt_dict(record, now, redact=not no_redact, payload=True)
+    except ValueError:  # the only field not decoded before: the payload
+        raise _unreadable_error(
+            Unreadable("receipt", f"{namespace}/{request_id}", "payload is not JSON", {})
+        ) from None
+    warn_unreadable(events, "audit event(s)")
     if as_json:
         print_json({"receipt": receipt, "audit_trail": [e.to_dict() for e in events]})
         return
@@ -213,21 +276,33 @@ def in_doubt_list(
     """List records whose outcome is unknown: stored IN_DOUBT, or PENDING with an
     expired lease (its owner died). Settle them with `in-doubt reconcile` or `resolve`."""
     with opened(resolve_target(db, database_url, schema)) as store:
-        records, now = store.records(
-            namespace=namespace, statuses=(Status.IN_DOUBT, Status.PENDING)
+        records, now = rows_lib.records(
+            store, namespace=namespace, statuses=(Status.IN_DOUBT, Status.PENDING)
         )
+    # An unreadable PENDING or IN_DOUBT row is listed: whether it is in doubt is unknown.
     rows = [
-        receipt_dict(r, now, redact=True, payload=False)
+        r if isinstance(r, Unreadable) else receipt_dict(r, now, redact=True, payload=False)
         for r in records
-        if r.effective_status(now) is Status.IN_DOUBT
+        if isinstance(r, Unreadable) or r.effective_status(now) is Status.IN_DOUBT
     ]
+    warn_unreadable(rows, "record(s)")
     if as_json:
-        print_json(rows)
+        print_json([r.to_dict() if isinstance(r, Unreadable) else r for r in rows])
         return
     print_table(
         ("NAMESPACE", "REQUEST ID", "ACTION", "STORED", "ATTEMPT", "OWNER", "CLAIMED"),
         [
             (
+                r.get("namespace"),
+                r.get("request_id"),
+                r.get("action"),
+                f"UNREADABLE: {r.problem}",
+                "-",
+                "-",
+                "-",
+            )
+            if isinstance(r, Unreadable)
+            else (
                 r["namespace"],
                 r["request_id"],
                 r["action"],
@@ -327,17 +402,18 @@ def in_doubt_reconcile(
 
     "happened" stores the result, "failed" the failure, "not_happened" releases the record
     (the next call runs it), "unknown" leaves it in doubt. Exit 1 if any record is still in
-    doubt afterwards (unknown, or no hook for its action)."""
+    doubt afterwards (unknown, or no hook for its action), or one could not be read."""
     source = _app_guard(app_spec)
     with opened(resolve_target(db, database_url, schema)) as store:
         guard = _reconcile_guard(store, source)
-        records, now = store.records(
-            namespace=namespace, statuses=(Status.IN_DOUBT, Status.PENDING)
+        records, now = rows_lib.records(
+            store, namespace=namespace, statuses=(Status.IN_DOUBT, Status.PENDING)
         )
+        unreadable = [r for r in records if isinstance(r, Unreadable)]
         receipts = [
             Receipt.from_record(r, replay=False, now_ms=now)
             for r in records
-            if r.effective_status(now) is Status.IN_DOUBT
+            if not isinstance(r, Unreadable) and r.effective_status(now) is Status.IN_DOUBT
         ]
         with Progress(
             TextColumn("{task.description}"),
@@ -360,7 +436,9 @@ def in_doubt_reconcile(
         print_table(("NAMESPACE", "REQUEST ID", "VERDICT"), report.items)
         typer.echo()
         print_pairs(list(counts.items()), title="reconcile report")
-    if report.unknown or report.no_hook:
+    # A row that cannot be read may be in doubt: it was not reconciled.
+    warn_unreadable(unreadable, "record(s)", "not reconciled")
+    if report.unknown or report.no_hook or unreadable:
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -599,9 +599,10 @@ UPDATE {{s}}.executions SET payload = '', result = NULL, error_message = NULL,
 WHERE status IN ('SUCCEEDED', 'FAILED') AND purged_at_ms IS NULL
   AND COALESCE(completed_at_ms, updated_at_ms) < %(cutoff)s
 """
-KEPT = (
-    "SELECT status, count(*) FROM {s}.executions"
-    " WHERE status IN ('PENDING', 'IN_DOUBT') GROUP BY status"
+KEPT = (  # as read at now: an expired PENDING lease is in doubt
+    "SELECT CASE WHEN status = 'PENDING' AND (lease_expires_at_ms IS NULL"
+    " OR lease_expires_at_ms > %(now)s) THEN 'PENDING' ELSE 'IN_DOUBT' END AS seen,"
+    " count(*) FROM {s}.executions WHERE status IN ('PENDING', 'IN_DOUBT') GROUP BY seen"
 )
 EVENTS = f"SELECT {EVENT_COLUMNS} FROM {{s}}.audit_events WHERE id > %(after)s"
 RECORDS = f"SELECT {COLUMNS} FROM {{s}}.executions WHERE TRUE"

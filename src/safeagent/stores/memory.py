@@ -414,7 +414,8 @@ class MemoryStore:
             return self._anchors[max(0, len(self._anchors) - last) :]
 
     def purge(self, cutoff_ms: int, actor: str) -> dict[str, int]:
-        """Retention; see :meth:`SQLiteStore.purge`."""
+        """Retention; see :meth:`SQLiteStore.purge` (an expired PENDING lease counts as
+        in doubt, at the store's clock)."""
         with self._lock:
             now = self._clock()
             counts = {"tombstoned": 0, "released": 0, "kept_pending": 0, "kept_in_doubt": 0}
@@ -434,10 +435,12 @@ class MemoryStore:
                 ):
                     self._records[key] = _purged(record, now)
                     counts["tombstoned"] += 1
-                elif record.status is Status.PENDING:
-                    counts["kept_pending"] += 1
-                elif record.status is Status.IN_DOUBT:
-                    counts["kept_in_doubt"] += 1
+                elif record.status in (Status.PENDING, Status.IN_DOUBT):
+                    # as read at now: an expired PENDING lease is in doubt
+                    if record.effective_status(now) is Status.PENDING:
+                        counts["kept_pending"] += 1
+                    else:
+                        counts["kept_in_doubt"] += 1
             self._append(purged_event(now, cutoff_ms, actor, counts), now)
             return counts
 

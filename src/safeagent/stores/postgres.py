@@ -1982,13 +1982,15 @@ class PostgresStore:
         return self._read(read)
 
     def purge(self, cutoff_ms: int, actor: str) -> dict[str, int]:
-        """Retention; see :meth:`SQLiteStore.purge`."""
+        """Retention; see :meth:`SQLiteStore.purge` (an expired PENDING lease counts as
+        in doubt, at the store's clock)."""
         with self._write() as cur:
             cur.execute(self._sql["PURGE_RELEASED"], self._p(cutoff=cutoff_ms))
             released = cur.rowcount
             cur.execute(self._sql["PURGE_FINISHED"], self._p(cutoff=cutoff_ms))
             tombstoned = cur.rowcount
-            cur.execute(self._sql["KEPT"])
+            now = self._clock() if self._clock is not None else self._db_now(cur)
+            cur.execute(self._sql["KEPT"], {"now": now})
             kept = {r[0]: int(r[1]) for r in cur.fetchall()}
             counts = {
                 "tombstoned": tombstoned,
@@ -1996,7 +1998,6 @@ class PostgresStore:
                 "kept_pending": kept.get("PENDING", 0),
                 "kept_in_doubt": kept.get("IN_DOUBT", 0),
             }
-            now = self._clock() if self._clock is not None else self._db_now(cur)
             self._emit([purged_event(now, cutoff_ms, actor, counts)])
         return counts
 

@@ -1509,7 +1509,8 @@ class SQLiteStore:
         keep a tombstone (identity, action, fingerprint, final status); released records
         lose their payload too but keep their row, so the next claim of the id goes on
         from their fencing token (it never goes back); pending and in-doubt records are
-        never touched. Audited."""
+        never touched, and counted as read at the store's clock: a PENDING record whose
+        lease has expired counts as in doubt (``kept_in_doubt``), as it reads. Audited."""
         with self._write() as conn:
             now = self._clock()
             released = conn.execute(
@@ -1524,10 +1525,13 @@ class SQLiteStore:
                 " AND purged_at_ms IS NULL AND COALESCE(completed_at_ms, updated_at_ms) < ?",
                 (now, cutoff_ms),
             ).rowcount
-            kept = dict(
+            kept = dict(  # as read at now: an expired PENDING lease is in doubt
                 conn.execute(
-                    "SELECT status, count(*) FROM executions"
-                    " WHERE status IN ('PENDING', 'IN_DOUBT') GROUP BY status"
+                    "SELECT CASE WHEN status = 'PENDING' AND (lease_expires_at_ms IS NULL"
+                    " OR lease_expires_at_ms > ?) THEN 'PENDING' ELSE 'IN_DOUBT' END AS seen,"
+                    " count(*) FROM executions WHERE status IN ('PENDING', 'IN_DOUBT')"
+                    " GROUP BY seen",
+                    (now,),
                 ).fetchall()
             )
             counts = {
