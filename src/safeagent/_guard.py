@@ -177,7 +177,9 @@ class Guard(GuardCore):
         three different ids (docs/design.md section 6).
 
         Args:
-            action: the action name; defaults to the function's ``__qualname__``.
+            action: the action name; defaults to ``module.qualname`` of the function (of
+                the function under a ``functools.partial``, or of a callable object's
+                class).
             key_arg: the parameter whose value is the request id.
             exclude: parameters left out of the payload and fingerprint (volatile ones);
                 for a function taking ``**kwargs``, names passed in them are left out too.
@@ -193,7 +195,9 @@ class Guard(GuardCore):
             ConfigurationError: when decorating: ``key_arg`` or a name in ``exclude`` is
                 not a parameter of the function (``exclude`` names cannot be checked for a
                 function taking ``**kwargs``, but the name of that parameter itself is
-                refused), or ``exclude`` is a bare ``str``.
+                refused), or ``exclude`` is a bare ``str``; the function is ``async``
+                (use :meth:`AsyncGuard.guarded`) or already guarded; no ``action`` and no
+                usable default name.
         """
         options = decorator_options(namespace, wait, lease, not_executed, outcome_unknown)
 

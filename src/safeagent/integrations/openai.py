@@ -150,7 +150,8 @@ def run_tool_calls(
     Raises:
         TypeError: ``message`` is a whole ``ChatCompletion`` (pass its message), or its
             ``tool_calls`` is not a list.
-        ConfigurationError: a bad option, an ``AsyncGuard``, or an ``async`` tool.
+        ConfigurationError: a bad option, an ``AsyncGuard``, an ``async`` tool, or a tool
+            already guarded (a function decorated with ``guard.guarded``).
         InvalidInputError: an empty scope.
         GuardError: SafeAgent's own errors (in progress, in doubt, conflict, store).
         Exception: a tool's exception that left the record in doubt.
