@@ -947,6 +947,29 @@ def test_a_file_that_is_not_a_safeagent_database_is_exit_3_and_untouched(tmp_pat
     assert text.read_text() == "hello"
 
 
+@pytest.mark.parametrize(
+    "command", [("receipts", "list"), ("audit", "verify"), ("purge", "--older-than", "0s", "--yes")]
+)
+def test_a_database_of_an_older_schema_is_exit_3_and_not_upgraded(
+    db: Path, command: tuple[str, ...]
+) -> None:
+    """A file an older SafeAgent wrote (schema version below this release's): exit 3 and
+    the file byte for byte as it was, whatever the command. Opening it would upgrade it,
+    and the release the application runs would then refuse to start on it."""
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE safeagent_meta SET value = '4' WHERE key = 'schema_version'")
+    conn.close()
+    before = db.read_bytes()
+
+    result = cli(*command, "--db", db)
+
+    assert result.exit_code == 3
+    assert "has schema version 4, written by an older SafeAgent" in result.stderr
+    assert "Nothing was changed" in result.stderr
+    assert db.read_bytes() == before
+
+
 def test_store_options_usage_errors(db: Path) -> None:
     """--db with --database-url, or a bad --schema: exit 2."""
     both = cli("receipts", "list", "--db", db, "--database-url", "postgresql://x/y")
@@ -1327,6 +1350,26 @@ def test_entry_point_missing_postgresql_schema_is_exit_3_and_not_created(tmp_pat
             "SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (absent,)
         ).fetchone()
     assert found is None
+
+
+def test_entry_point_older_postgresql_schema_is_exit_3_and_not_upgraded(
+    pg_store: tuple[Any, str], tmp_path: Path
+) -> None:
+    """A PostgreSQL schema an older SafeAgent wrote: exit 3, its schema_version unchanged."""
+    import psycopg
+
+    _, schema = pg_store
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"UPDATE {schema}.safeagent_meta SET value = '3' WHERE key = 'schema_version'")
+    listed = run("receipts", "list", "--database-url", PG_URL, "--schema", schema,
+                 cwd=tmp_path)  # fmt: skip
+    assert listed.returncode == 3
+    assert "has schema version 3, written by an older SafeAgent" in listed.stderr
+    with psycopg.connect(PG_URL) as conn:
+        row = conn.execute(
+            f"SELECT value FROM {schema}.safeagent_meta WHERE key = 'schema_version'"
+        ).fetchone()
+    assert row == ("3",)
 
 
 def _nested(levels: int) -> Any:

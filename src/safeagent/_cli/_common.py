@@ -33,7 +33,9 @@ from safeagent._policy import MAX_RETENTION
 from safeagent._receipt import Receipt, Record
 from safeagent.errors import ConfigurationError, GuardError, InvalidInputError, StoreError
 from safeagent.stores import ReceiptStore
-from safeagent.stores._base import DATABASE_URL_ENV
+from safeagent.stores._base import DATABASE_URL_ENV, stored_number
+from safeagent.stores._pg_sql import SCHEMA_VERSION as PG_SCHEMA_VERSION
+from safeagent.stores.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from safeagent.stores.sqlite import default_path
 
 P = ParamSpec("P")
@@ -586,12 +588,38 @@ def _check_sqlite(path: Path) -> None:
             found = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'safeagent_meta'"
             ).fetchone()
+            version = None
+            if found is not None:
+                version = conn.execute(
+                    "SELECT value FROM safeagent_meta WHERE key = 'schema_version'"
+                ).fetchone()
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise CliError(EXIT_STORE, f"cannot read {path}: {exc}") from exc
     if found is None:
         raise CliError(EXIT_STORE, f"{path} is not a SafeAgent database (nothing was changed)")
+    _refuse_older(None if version is None else version[0], str(path), SQLITE_SCHEMA_VERSION)
+
+
+def _refuse_older(value: Any, where: str, current: int) -> None:
+    """Refuse a schema an older SafeAgent wrote: opening it would upgrade it, and the
+    release the application runs would then refuse to start on it. The application's own
+    next start upgrades it; the CLI never does. A version the store cannot read, or a
+    newer one, is left to the store to report.
+
+    Raises:
+        CliError: exit 3, nothing was changed.
+    """
+    version = stored_number(value)
+    if version is not None and version < current:
+        raise CliError(
+            EXIT_STORE,
+            f"{where} has schema version {version}, written by an older SafeAgent; this CLI "
+            f"would upgrade it to {current}, and that release would then refuse to open it. "
+            "Use the CLI of the release the application runs, or upgrade the application "
+            "first (its next start upgrades the schema). Nothing was changed.",
+        )
 
 
 def _check_postgres(target: Target) -> None:
@@ -610,6 +638,12 @@ def _check_postgres(target: Target) -> None:
             row = conn.execute(
                 "SELECT to_regclass(%s)", (f"{target.schema.lower()}.safeagent_meta",)
             ).fetchone()
+            version = None
+            if row is not None and row[0] is not None:
+                version = conn.execute(
+                    f"SELECT value FROM {target.schema}.safeagent_meta"  # a checked identifier
+                    " WHERE key = 'schema_version'"
+                ).fetchone()
     except psycopg.Error as exc:
         detail = scrub(str(exc), target.where)  # libpq may echo the connection string
         raise CliError(
@@ -621,6 +655,11 @@ def _check_postgres(target: Target) -> None:
             f"no SafeAgent schema {target.schema!r} at {target.describe()} "
             "(pass --schema; nothing was created)",
         )
+    _refuse_older(
+        None if version is None else version[0],
+        f"schema {target.schema!r} at {target.describe()}",
+        PG_SCHEMA_VERSION,
+    )
 
 
 def open_store(target: Target) -> ReceiptStore:
