@@ -384,9 +384,11 @@ def export(
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """Counts from the audit trail over a time window: ``executions`` (claims that ran
-    ``fn``), ``replays`` (duplicates blocked), ``conflicts``, ``in_doubt`` (records that went
-    or were seen in doubt), and the same per action."""
+    """Counts from the audit trail over a time window: ``executions`` (claims won: one per
+    attempt to run ``fn``, an attempt released because ``fn`` did not run included),
+    ``replays`` (duplicates blocked), ``conflicts``, ``in_doubt`` (in-doubt events: a record
+    counts when it goes in doubt and again each time a call finds it so), and the same per
+    action."""
 
     executions: int = 0
     replays: int = 0
