@@ -1561,6 +1561,27 @@ def test_an_unreadable_pending_record_is_listed_in_doubt(edited: Any) -> None:
     assert "2 in doubt" in result.stderr
 
 
+def test_a_payload_that_is_not_json_fails_only_receipts_show(edited: Any) -> None:
+    """A listing shows no payload, so one that is not JSON leaves the row listed as it is
+    (receipts list, in-doubt list, with and without --json); ``receipts show`` of it,
+    which shows the payload, is one ``error:`` line, exit 3."""
+    where, sql = edited
+    sql("UPDATE {t}executions SET payload = '{bad' WHERE request_id IN ('r-1', 'r-3')")
+    for command in (("receipts", "list"), ("in-doubt", "list")):
+        result = cli(*command, *where)
+        no_traceback(result)
+        assert result.exit_code == 0
+        rows = {r[1]: r for r in table_rows(result.stdout)[1:]}
+        assert rows["r-3"][3] == "IN_DOUBT"
+        assert "UNREADABLE" not in result.stdout
+    listed = {r["request_id"]: r for r in cli_json("receipts", "list", *where)}
+    assert (listed["r-1"]["status"], listed["r-3"]["status"]) == ("SUCCEEDED", "IN_DOUBT")
+    shown = cli("receipts", "show", "r-3", *where)
+    no_traceback(shown)
+    assert shown.exit_code == 3
+    assert shown.stderr.startswith("error: receipt default/r-3: payload is not JSON")
+
+
 def test_a_receipt_with_a_text_time_is_unreadable(tmp_path: Path) -> None:
     """SQLite keeps text in an INTEGER column: a created_at_ms edited to text is named
     (``created_at_ms holds text, not an integer``), not a TypeError traceback."""

@@ -527,9 +527,19 @@ def test_on_postgresql_a_bad_signal_is_exit_2_and_a_missing_case_exit_1(
 
 EVIL_ID = "r-1\x1b[2K\rdefault    r-2   pay   SUCCEEDED\x07"
 NEWLINE_ID = "nl\nFAKE ROW\x7f\x9b31m"
-EVIL_CASE = "case\x1b[31mRED"
+EVIL_CASE = "case\x1b[31mRED\u2028default  c-2  FINAL\u202eLIVE\u200b"
 EVIL_SOURCE = "src\x07\x85"
-CONTROLS = {chr(c) for c in (*range(0x20), *range(0x7F, 0xA0))}
+CONTROLS = {
+    chr(c)
+    for c in (
+        *range(0x20),
+        *range(0x7F, 0xA0),
+        *range(0x200B, 0x2010),  # zero-width, and the left-to-right / right-to-left marks
+        *range(0x2028, 0x202F),  # line and paragraph separators, bidirectional embeddings
+        *range(0x2060, 0x206A),  # word joiner, invisible operators, bidirectional isolates
+        0xFEFF,
+    )
+}
 
 
 @pytest.fixture
@@ -563,9 +573,10 @@ def raw_controls(text: str) -> set[str]:
 def test_control_characters_in_stored_text_are_escaped_for_the_terminal(
     evil_db: Path, command: list[str]
 ) -> None:
-    """Every control character (C0, DEL, C1) of an id or source an agent chose is shown as
-    its backslash escape (``\\x1b``, ``\\n``, ``\\x07``, ``\\x9b``): no ESC sequence, no
-    fake row, no bell reaches the terminal."""
+    """Every control character (C0, DEL, C1, and the invisible ones: a line separator, a
+    bidirectional override) of an id or source an agent chose is shown as its backslash
+    escape (``\\x1b``, ``\\n``, ``\\x07``, ``\\x9b``, ``\\u2028``): no ESC sequence, no
+    fake row, no reordered id, no bell reaches the terminal."""
     result = cli(*command, "--db", evil_db)
     assert result.exit_code == 0, result.output
     assert raw_controls(result.stdout) == set()

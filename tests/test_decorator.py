@@ -27,47 +27,87 @@ def guard(tmp_path: Path) -> Iterator[Guard]:
 # -- default action names ----------------------------------------------------------------------
 
 
-def test_default_action_of_a_partial_and_a_callable_object(guard: Guard, ledger: Ledger) -> None:
-    """Without ``action=``, a ``functools.partial`` is named after its function and a
-    callable object after its class (``module.qualname``); each call runs once and is
-    recorded under that action."""
+def test_default_action_of_a_keyword_partial(guard: Guard, ledger: Ledger) -> None:
+    """Without ``action=``, a ``functools.partial`` fixing only keyword arguments is named
+    after its function (``module.qualname``): those arguments are parameters with
+    defaults, so in the payload; each call runs once and is recorded under that action."""
 
     def charge(customer: str, amount: int) -> int:
         ledger.append(customer, str(amount))
         return amount
 
-    class Charger:
-        def __call__(self, customer: str, amount: int) -> int:
-            ledger.append(customer, str(amount))
-            return amount
-
     by_partial = guard.guarded(key_arg="customer")(functools.partial(charge, amount=5))
-    by_object = guard.guarded(key_arg="customer")(Charger())
 
     assert by_partial.action == f"{__name__}.{charge.__qualname__}"
-    assert by_object.action == f"{__name__}.{Charger.__qualname__}"
-    assert [by_partial("c-1"), by_partial("c-1"), by_object("c-2", 7), by_object("c-2", 7)] == [
-        5,
-        5,
-        7,
-        7,
-    ]
-    assert ledger.rows() == [("c-1", "5"), ("c-2", "7")]
-    first, second = guard.get('"c-1"'), guard.get('"c-2"')
+    assert [by_partial("c-1"), by_partial("c-1")] == [5, 5]
+    assert ledger.rows() == [("c-1", "5")]
+    first = guard.get('"c-1"')
     assert first is not None
-    assert second is not None
     assert (first.action, first.payload) == (by_partial.action, {"amount": 5})
-    assert (second.action, second.payload) == (by_object.action, {"amount": 7})
+
+
+def test_what_no_payload_tells_apart_needs_an_action(guard: Guard, ledger: Ledger) -> None:
+    """A partial fixing positional arguments, or a callable object, has no default action:
+    what tells two of them apart (the fixed arguments, the object's state) is in no
+    payload, so under one default name two calls with one key would replay each other's
+    receipt. ConfigurationError asks for ``action=``; with one per object each runs."""
+
+    def send(region: str, to: str) -> str:
+        ledger.append(region, to)
+        return f"sent via {region}"
+
+    class Mailer:
+        def __init__(self, region: str) -> None:
+            self.region = region
+
+        def __call__(self, to: str) -> str:
+            ledger.append(self.region, to)
+            return f"sent via {self.region}"
+
+    for made in (functools.partial(send, "eu"), Mailer("eu")):
+        with pytest.raises(ConfigurationError, match="pass action="):
+            guard.guarded(key_arg="to")(made)
+    eu = guard.guarded("mail-eu", key_arg="to")(Mailer("eu"))
+    us = guard.guarded("mail-us", key_arg="to")(Mailer("us"))
+
+    assert [eu("bob"), us("ann"), eu("bob")] == ["sent via eu", "sent via us", "sent via eu"]
+    assert ledger.rows() == [("eu", "bob"), ("us", "ann")]
+
+
+def test_a_callable_objects_attributes_do_not_hide_the_wrappers(
+    guard: Guard, ledger: Ledger
+) -> None:
+    """A callable object whose attributes are named like the wrapper's methods (``call``,
+    ``payload``, ``key``) is guarded and works: its state is not copied onto the wrapper."""
+
+    class Poster:
+        def __init__(self) -> None:
+            self.payload = {"template": "x"}
+            self.key = "secret"
+            self.call = "not a method"
+
+        def __call__(self, ref: str) -> str:
+            ledger.append(ref)
+            return "posted"
+
+    post = guard.guarded("post", key_arg="ref")(Poster())
+
+    assert [post("r-1"), post.call("r-2", "r-2"), post("r-1")] == ["posted"] * 3
+    assert post.payload("r-3") == {}
+    assert ledger.rows() == [("r-1", None), ("r-2", None)]
 
 
 def test_no_usable_default_action_asks_for_one(guard: Guard) -> None:
-    """A callable whose class name is no usable action (over 255 characters) is a
+    """A function whose name is no usable action (over 255 characters) is a
     ConfigurationError saying to pass ``action=``; with ``action=`` it is guarded."""
-    too_long = type("C" * 300, (), {"__call__": lambda self, key: key})()
 
+    def key_only(key: str) -> str:
+        return key
+
+    key_only.__qualname__ = "f" * 300
     with pytest.raises(ConfigurationError, match="pass action="):
-        guard.guarded(key_arg="key")(too_long)
-    assert guard.guarded(action="short", key_arg="key")(too_long).action == "short"
+        guard.guarded(key_arg="key")(key_only)
+    assert guard.guarded(action="short", key_arg="key")(key_only).action == "short"
 
 
 def test_async_callable_object_is_async(tmp_path: Path, ledger: Ledger) -> None:
@@ -83,12 +123,11 @@ def test_async_callable_object_is_async(tmp_path: Path, ledger: Ledger) -> None:
         Guard(tmp_path / "sync.db") as sync_guard,
         pytest.raises(ConfigurationError, match="is async; guard it with AsyncGuard"),
     ):
-        sync_guard.guarded(key_arg="key")(Notifier())
+        sync_guard.guarded("notify", key_arg="key")(Notifier())
 
     async def main() -> list[str]:
         async with AsyncGuard(tmp_path / "async.db") as guard:
-            notify = guard.guarded(key_arg="key")(Notifier())
-            assert notify.action == f"{__name__}.{Notifier.__qualname__}"
+            notify = guard.guarded("notify", key_arg="key")(Notifier())
             return [await notify("k-1"), await notify("k-1")]
 
     assert asyncio.run(main()) == ["sent", "sent"]

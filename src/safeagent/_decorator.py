@@ -17,7 +17,7 @@ import copy
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Collection
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from safeagent._keys import check_name, key_from_value
 from safeagent._policy import Seconds
@@ -62,18 +62,29 @@ def _label(func: object) -> str:
 
 def _default_action(func: Callable[..., Any]) -> str:
     """The action name of ``func`` when ``action=`` is not given: ``module.qualname`` of
-    the function, of the function under a ``functools.partial``, or of the class of a
-    callable object.
+    a function, or of the function under a ``functools.partial`` that fixes only keyword
+    arguments (they are parameters with defaults, so in the payload).
 
     Raises:
-        ConfigurationError: no usable name (not a non-empty ``str`` of at most 255
-            characters): pass ``action=``.
+        ConfigurationError: ``func`` is a partial fixing positional arguments or a callable
+            object (what tells two of them apart, the fixed arguments or the object's
+            state, is in no payload: two calls under one key would replay each other's
+            receipt), or its name is no valid action (not a non-empty ``str`` of at most
+            255 characters): pass ``action=``.
     """
     target: Any = func
     while isinstance(target, functools.partial):
+        if target.args:
+            raise ConfigurationError(
+                f"{_label(func)} is a functools.partial with positional arguments, which "
+                "no payload holds: pass action= (one per distinct partial)"
+            )
         target = target.func
-    if not isinstance(getattr(target, "__qualname__", None), str):
-        target = type(target)  # a callable object: its class names it
+    if not (inspect.isfunction(target) or inspect.ismethod(target) or inspect.isbuiltin(target)):
+        raise ConfigurationError(
+            f"{_label(func)} is a callable object, whose state no payload holds: pass "
+            "action= (one per distinct object)"
+        )
     default = f"{getattr(target, '__module__', None)}.{target.__qualname__}"
     try:
         return check_name("action", default)
@@ -81,6 +92,18 @@ def _default_action(func: Callable[..., Any]) -> str:
         raise ConfigurationError(
             f"{_label(func)} has no usable default action name ({exc}); pass action="
         ) from None
+
+
+def _wrap(wrapper: Any, func: Any) -> None:
+    """``functools.update_wrapper`` without what would hide the wrapper's own attributes:
+    a function's ``__dict__`` entries are copied only where the wrapper's class has no
+    attribute of that name (``call``, ``payload``, ...), and a callable object's state
+    not at all."""
+    functools.update_wrapper(wrapper, func, updated=())
+    if inspect.isfunction(func):
+        for name, value in vars(func).items():
+            if not hasattr(type(wrapper), name) and name not in vars(wrapper):
+                setattr(wrapper, name, value)
 
 
 class _Bound:
@@ -107,8 +130,7 @@ class _Bound:
             raise ConfigurationError(
                 f"{_label(func)} is already guarded: guard the plain function once"
             )
-        # First, so that our attributes win over those copied from a callable object.
-        functools.update_wrapper(cast("Callable[..., Any]", self), func)
+        _wrap(self, func)
         self.func = func
         # The module keeps two tools named `refund` in two modules apart.
         self.action = check_name("action", action) if action else _default_action(func)
@@ -279,7 +301,7 @@ class _Method:
     __safeagent_guarded__ = True
 
     def __init__(self, guarded: Any, obj: Any) -> None:
-        functools.update_wrapper(cast("Callable[..., Any]", self), guarded.func)
+        _wrap(self, guarded.func)
         self._guarded = guarded
         self._obj = obj
 
@@ -291,6 +313,13 @@ class _Method:
 
     def payload(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self._guarded.payload(self._obj, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        """Every other attribute is the guarded function's (``action``, ``guard``,
+        ``request_id_for``, ...), as through the class."""
+        if name == "_guarded":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self._guarded, name)
 
 
 class _ClassAccess:
@@ -306,7 +335,7 @@ class _ClassAccess:
     __safeagent_guarded__ = True
 
     def __init__(self, guarded: Any, owner: type) -> None:
-        functools.update_wrapper(cast("Callable[..., Any]", self), guarded.func)
+        _wrap(self, guarded.func)
         self._guarded = guarded
         self._owner = owner
 

@@ -615,6 +615,31 @@ def test_positional_arguments_that_cannot_be_bound_run_nothing(ledger: Ledger) -
     assert guard.store.records()[0] == []
 
 
+class ToOnlyArgs(BaseModel):
+    to: str
+
+
+class SendWithSubject(SendOnce):
+    """A body taking more than its schema declares (``template`` is not in it)."""
+
+    args_schema: type[BaseModel] = ToOnlyArgs
+
+
+def test_a_positional_argument_the_schema_does_not_declare_runs_nothing(ledger: Ledger) -> None:
+    """``run(x, "invoice")`` where the schema declares only ``to``: the schema's validation
+    would drop ``template`` (the body would send "welcome", and ``run(x, "refund")`` would
+    replay it), so InvalidInputError, nothing run or recorded; ``run(x)`` works."""
+    guard = Guard(MemoryStore())
+    send = guard_tool(SendWithSubject(ledger=ledger), guard, scope="run-1")
+
+    for template in ("invoice", "refund"):
+        with pytest.raises(InvalidInputError, match=r"\['template'\], which its schema"):
+            send.run("a@example.test", template)
+    assert ledger.count() == 0
+    assert guard.store.records()[0] == []
+    assert send.run("a@example.test") == "sent 1"
+
+
 def test_a_tool_function_over_a_guarded_function_is_refused(ledger: Ledger) -> None:
     """A ``@tool`` whose function is already guarded (``guard.guarded``) is refused: the
     two guards would share nothing, and the inner one would record a second time."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import functools
 import json
 import os
@@ -327,15 +328,21 @@ def _escaped(text: str, stream: IO[str], escape: Callable[[str], str]) -> str:
     return text
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-"""Control characters: C0 (newline, tab, ESC, BEL...), DEL and C1 (CSI ``\\x9b``...)."""
+_INVISIBLE = "\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+"""Characters that move or reorder text without showing: zero-width ones, the line and
+paragraph separators (a table breaks its rows at them) and the bidirectional controls
+(which reorder how an id reads)."""
+_CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f{_INVISIBLE}]")
+"""Control characters: C0 (newline, tab, ESC, BEL...), DEL, C1 (CSI ``\\x9b``...) and
+:data:`_INVISIBLE`."""
 
 
 def printable(text: str, stream: IO[str] | None = None) -> str:
     """``text`` as a table or message shows it on ``stream`` (standard output by default):
     every control character (C0, DEL, C1: an ESC sequence, a newline, a bell in an id an
-    agent chose) as its Python escape (``\\x1b``, ``\\n``, ``\\x07``), so stored text
-    cannot move the cursor, fake a row or restyle the terminal; and what the stream cannot
+    agent chose; and the invisible ones, a line separator, a bidirectional override) as
+    its Python escape (``\\x1b``, ``\\n``, ``\\u2028``), so stored text cannot move the
+    cursor, fake a row, reorder an id or restyle the terminal; and what the stream cannot
     encode as a visible backslash escape (``\\udcff``, ``\\xe9``)."""
     text = _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
     return _escaped(
@@ -400,8 +407,8 @@ def confirm(question: str) -> bool:
         return False
 
 
-_RAW_IN_JSON = re.compile("[\x7f-\x9f]")
-"""The control characters ``json.dumps`` leaves raw: DEL and C1."""
+_RAW_IN_JSON = re.compile(f"[\x7f-\x9f{_INVISIBLE}]")
+"""The control characters ``json.dumps`` leaves raw: DEL, C1 and :data:`_INVISIBLE`."""
 
 
 def print_json(value: Any, *, indent: int | None = 2) -> None:
@@ -410,7 +417,7 @@ def print_json(value: Any, *, indent: int | None = 2) -> None:
     the same value), and what standard output cannot encode (a lone surrogate a stored result
     may hold) as a ``\\uXXXX`` escape (:func:`json_printable`), so the output is valid JSON."""
     text = json.dumps(value, indent=indent, ensure_ascii=False, default=str)
-    # json.dumps escapes C0 itself; DEL and C1 (only ever inside a string) as \u escapes.
+    # json.dumps escapes C0 itself; the others (only ever inside a string) as \u escapes.
     text = _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     typer.echo(json_printable(text))
 
@@ -771,7 +778,9 @@ def shown(value: Any, depth: int = 0) -> Any:
 
 def receipt_dict(record: Record, now_ms: int, *, redact: bool, payload: bool) -> dict[str, Any]:
     receipt = Receipt.from_record(record, replay=False, now_ms=now_ms)
-    out = receipt.to_dict()
+    # to_dict decodes the payload; a listing shows none (and one that is not JSON, edited
+    # by hand, must not fail the row: receipts show reports it)
+    out = dataclasses.replace(receipt, payload_json=None).to_dict()
     out.pop("replay", None)
     out.pop("payload", None)
 

@@ -277,8 +277,9 @@ class GuardedTool(BaseTool):
         schema as CrewAI validates keyword arguments (defaults applied).
 
         Raises:
-            InvalidInputError: more positional arguments than the body takes by name, or
-                a name given both positionally and by keyword. Nothing ran.
+            InvalidInputError: more positional arguments than the body takes by name, one
+                bound to a name the schema does not declare, or a name given both
+                positionally and by keyword. Nothing ran.
             ValueError: (CrewAI's) the arguments do not fit the tool's schema.
         """
         if not args:
@@ -290,6 +291,13 @@ class GuardedTool(BaseTool):
                 f"{len(names)} by name {list(names)}; nothing ran: pass keyword arguments"
             )
         bound = dict(zip(names, args, strict=False))
+        fields = getattr(self.args_schema, "model_fields", None)
+        unknown = [name for name in bound if fields is not None and name not in fields]
+        if unknown:  # the schema's validation would drop them: the body would not get them
+            raise InvalidInputError(
+                f"tool {self.name!r} got positional arguments for {unknown}, which its "
+                "schema does not declare; nothing ran: pass keyword arguments"
+            )
         twice = sorted(set(bound) & set(kwargs))
         if twice:
             raise InvalidInputError(
