@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1268,6 +1269,90 @@ def test_a_caller_timing_out_under_a_sync_guard_leaves_the_body_to_finish(
     assert waited < 0.8  # not the body's 1 s
     assert again == "ch_1"
     assert ledger.count("charge") == 1
+
+
+def _own_loop(call: Any) -> None:
+    """Run ``call()`` (a coroutine) with a timeout of 0.2 s on a loop of its own, then
+    close that loop as a caller that does not use asyncio.run may: nothing cancels or
+    finishes what is still running on it."""
+    loop = asyncio.new_event_loop()
+
+    async def caller() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(call(), 0.2)
+
+    loop.run_until_complete(caller())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        loop.close()
+
+
+def _status_within(guard: Guard, request_id: str, seconds: float) -> Status | None:
+    deadline = time.monotonic() + seconds
+    while True:
+        receipt = guard.get(request_id)
+        status = None if receipt is None else receipt.status
+        if status not in (None, Status.PENDING) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+def test_a_loop_closed_under_an_async_body_leaves_it_in_doubt(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """A sync Guard's async body on a caller's loop that is closed (not by asyncio.run)
+    while the body waits: a closed loop never finishes it, so the guard's thread stops
+    waiting and records the call in doubt (it may have charged); the retry raises
+    OutcomeUnknownError and charges nothing."""
+
+    async def charge(customer: str) -> str:
+        """Charge a card."""
+        ledger.append("charge", customer)
+        await asyncio.sleep(5)
+        return "ch_1"
+
+    guard = Guard(tmp_path / "g.db")
+    guarded = guard_tool(StructuredTool.from_function(coroutine=charge), guard, scope="s")
+    _own_loop(lambda: guarded.ainvoke({"customer": "C1"}))
+    request_id = derive_request_id("s", "charge", {"customer": "C1"})
+
+    assert _status_within(guard, request_id, 10) is Status.IN_DOUBT
+    with pytest.raises(OutcomeUnknownError):
+        asyncio.run(guarded.ainvoke({"customer": "C1"}))
+    assert ledger.count("charge") == 1
+    guard.close()
+
+
+def test_a_loop_closed_before_the_claim_was_won_releases_it(tmp_path: Path, ledger: Ledger) -> None:
+    """The caller's loop is closed while the guard's thread still waits for the store
+    (another writer holds SQLite's lock): the body was never handed to the loop, so
+    nothing ran; the claim is released, not stored as a failure, and the retry charges
+    once."""
+
+    async def charge(customer: str) -> str:
+        """Charge a card."""
+        return f"ch_{ledger.append('charge', customer)}"
+
+    path = tmp_path / "g.db"
+    guard = Guard(path)
+    guarded = guard_tool(StructuredTool.from_function(coroutine=charge), guard, scope="s")
+    guard.get("warm-up")  # the store is open before the lock is taken
+    lock = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    lock.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(3.0, lambda: lock.execute("COMMIT"))  # long after the close
+    release.start()
+    try:
+        _own_loop(lambda: guarded.ainvoke({"customer": "C1"}))
+    finally:
+        release.join()
+        lock.close()
+    request_id = derive_request_id("s", "charge", {"customer": "C1"})
+
+    assert _status_within(guard, request_id, 10) is Status.RELEASED
+    assert ledger.count("charge") == 0
+    assert asyncio.run(guarded.ainvoke({"customer": "C1"})) == "ch_1"
+    assert ledger.count("charge") == 1
+    guard.close()
 
 
 class Receipt(BaseModel):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -39,7 +40,7 @@ import json
 import textwrap
 import threading
 import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
@@ -48,6 +49,7 @@ from safeagent import (
     ErrorInfo,
     ExecutionContext,
     Guard,
+    NotExecuted,
     Receipt,
     Status,
     bind_arguments,
@@ -815,7 +817,8 @@ async def in_own_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     runs on: the guarded call records its outcome. A keeper task holds the loop's shutdown
     (``asyncio.run`` cancels every task, then waits for them) until the thread has ended,
     as it would wait for the default executor's threads, so the outcome is recorded before
-    ``asyncio.run`` returns and the loop is never closed under the thread.
+    ``asyncio.run`` returns and ``asyncio.run`` never closes the loop under the thread (a
+    caller closing its own loop is met by :func:`run_on_loop`).
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[tuple[bool, Any]] = loop.create_future()
@@ -841,6 +844,45 @@ async def in_own_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if ok:
         return cast(T, value)
     raise value
+
+
+_LOOP_POLL = 0.5
+"""Seconds between checks, while a guard's thread waits for a tool body on a loop, that
+the loop has not been closed under the body."""
+
+
+def run_on_loop(loop: asyncio.AbstractEventLoop, body: Coroutine[Any, Any, T]) -> T:
+    """Run ``body`` (a tool's ``async`` body) on ``loop`` from the guard's thread, and wait
+    for it. A caller that runs its own loop (``run_until_complete``, then ``close``) may
+    close it under the body: a closed loop never finishes it, so the wait checks every
+    half second (:data:`_LOOP_POLL`) that the loop is open.
+
+    Raises:
+        NotExecuted: the loop was closed before it took ``body``: nothing ran (the claim
+            is released; the next call runs).
+        concurrent.futures.CancelledError: ``body`` was cancelled, or the loop was closed
+            before it finished: it may have begun (the record is in doubt).
+        Whatever ``body`` raised.
+    """
+    try:
+        future = asyncio.run_coroutine_threadsafe(body, loop)
+    except RuntimeError as exc:  # the loop is closed
+        body.close()
+        raise NotExecuted(
+            "the caller's event loop was closed before the tool body started; nothing ran"
+        ) from exc
+    while True:
+        try:
+            return future.result(timeout=_LOOP_POLL)
+        except concurrent.futures.TimeoutError:
+            if future.done():
+                raise  # the body's own TimeoutError
+            if loop.is_closed():
+                future.cancel()
+                raise concurrent.futures.CancelledError(
+                    "the caller's event loop was closed before the tool body finished; it "
+                    "may have begun"
+                ) from None
 
 
 async def _keep_until(done: asyncio.Future[Any]) -> None:

@@ -78,6 +78,7 @@ from safeagent.integrations._common import (
     is_stub,
     key_form,
     refuse_guarded,
+    run_on_loop,
     storable,
 )
 
@@ -226,8 +227,7 @@ class GuardedTool(BaseTool):
 
         def fn(_ctx: ExecutionContext) -> Any:
             if is_async:  # the tool body runs on the caller's loop, the guard in a thread
-                coro = inner._arun(*args, **kwargs)
-                value = asyncio.run_coroutine_threadsafe(coro, loop).result()
+                value = run_on_loop(loop, inner._arun(*args, **kwargs))
             elif unrunnable is not None:
                 raise unrunnable
             else:

@@ -134,6 +134,7 @@ from safeagent.integrations._common import (
     is_stub,
     key_form,
     refuse_guarded,
+    run_on_loop,
     storable,
 )
 
@@ -548,7 +549,7 @@ class GuardedTool(BaseTool):
 
                 def on_loop(ctx: ExecutionContext) -> Any:
                     # The sync guard runs in a worker thread; an async tool body on this loop.
-                    return asyncio.run_coroutine_threadsafe(async_body(ctx), loop).result()
+                    return run_on_loop(loop, async_body(ctx))
 
                 # A body on the loop: the guard in a thread of its own, not the loop's
                 # bounded executor, which that body may need (in_own_thread).
