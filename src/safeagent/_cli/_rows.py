@@ -19,7 +19,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from safeagent import SQLiteStore
 from safeagent._audit import AuditEvent, EventKind
@@ -264,14 +264,49 @@ def check_record(record: Record | Unreadable, now_ms: int) -> Record | Unreadabl
     return _unreadable_record(values, problem)
 
 
-def _record_from_row(row: tuple[Any, ...]) -> Record | Unreadable:
-    values = dict(zip((c.strip() for c in COLUMNS.split(",")), row, strict=False))
-    if values.get("status") not in Status._value2member_map_:
-        return _unreadable_record(values, f"status {_short(values.get('status'))} is not a status")
+def _from_row(
+    row: tuple[Any, ...],
+    names: Sequence[str],
+    convert: Callable[[tuple[Any, ...]], Any],
+    unreadable: Callable[[Mapping[str, Any], str], Unreadable],
+    problem: Callable[[Mapping[str, Any]], str | None],
+) -> Any:
+    """``convert(row)``, or ``unreadable(values, what)`` when ``problem(values)`` names
+    what is wrong with the row (``values``: its columns by ``names``) or ``convert``
+    refuses it."""
+    values = dict(zip(names, row, strict=False))
+    found = problem(values)
+    if found is not None:
+        return unreadable(values, found)
     try:
-        return row_to_record(row)
-    except Exception as exc:  # noqa: BLE001 - any column the record cannot hold
-        return _unreadable_record(values, f"cannot be read ({type(exc).__name__})")
+        return convert(row)
+    except Exception as exc:  # noqa: BLE001 - any column the object cannot hold
+        return unreadable(values, f"cannot be read ({type(exc).__name__})")
+
+
+def _not_member(
+    values: Mapping[str, Any], column: str, kind: type[enum.Enum], what: str
+) -> str | None:
+    """``"<column> 'X' is not <what>"`` when ``values[column]`` is no value of ``kind``."""
+    if values.get(column) in kind._value2member_map_:
+        return None
+    return f"{column} {_short(values.get(column))} is not {what}"
+
+
+_RECORD_COLUMNS = tuple(c.strip() for c in COLUMNS.split(","))
+
+
+def _record_from_row(row: tuple[Any, ...]) -> Record | Unreadable:
+    return cast(
+        "Record | Unreadable",
+        _from_row(
+            row,
+            _RECORD_COLUMNS,
+            row_to_record,
+            _unreadable_record,
+            lambda v: _not_member(v, "status", Status, "a status"),
+        ),
+    )
 
 
 def records(
@@ -332,16 +367,18 @@ def _check_event(event: AuditEvent | Unreadable) -> AuditEvent | Unreadable:
     return _unreadable_event({n: getattr(event, n) for n in _EVENT_NAMES}, problem)
 
 
+def _event_problem(values: Mapping[str, Any]) -> str | None:
+    found = _not_member(values, "kind", EventKind, "an event kind")
+    if found is None and _not_json(values.get("detail")):
+        return "detail is not JSON"
+    return found
+
+
 def _event_from_row(row: tuple[Any, ...]) -> AuditEvent | Unreadable:
-    values = dict(zip(_EVENT_NAMES, row, strict=False))
-    if values.get("kind") not in EventKind._value2member_map_:
-        return _unreadable_event(values, f"kind {_short(values.get('kind'))} is not an event kind")
-    if _not_json(values.get("detail")):
-        return _unreadable_event(values, "detail is not JSON")
-    try:
-        return row_to_event(row)
-    except Exception as exc:  # noqa: BLE001 - any column the event cannot hold
-        return _unreadable_event(values, f"cannot be read ({type(exc).__name__})")
+    return cast(
+        "AuditEvent | Unreadable",
+        _from_row(row, _EVENT_NAMES, row_to_event, _unreadable_event, _event_problem),
+    )
 
 
 def raw_event(event: Unreadable, store: Any) -> dict[str, Any]:
@@ -390,13 +427,16 @@ def _unreadable_case(values: Mapping[str, Any], problem: str) -> Unreadable:
 
 
 def _case_from_row(row: tuple[Any, ...]) -> CaseRow | Unreadable:
-    values = dict(zip(_CASE_NAMES, row, strict=False))
-    if values.get("state") not in CaseState._value2member_map_:
-        return _unreadable_case(values, f"state {_short(values.get('state'))} is not a case state")
-    try:
-        return row_to_case(row)
-    except Exception as exc:  # noqa: BLE001 - any column the case cannot hold
-        return _unreadable_case(values, f"cannot be read ({type(exc).__name__})")
+    return cast(
+        "CaseRow | Unreadable",
+        _from_row(
+            row,
+            _CASE_NAMES,
+            row_to_case,
+            _unreadable_case,
+            lambda v: _not_member(v, "state", CaseState, "a case state"),
+        ),
+    )
 
 
 def _signal_from_row(row: tuple[Any, ...]) -> tuple[Signal, str] | Unreadable:
