@@ -518,6 +518,48 @@ def test_a_status_no_writer_stores_is_reported_not_raised(db_store: Any, tmp_pat
         assert "receipt_edited" in result.output
 
 
+def test_an_unreadable_record_does_not_hide_the_others(db_store: Any) -> None:
+    """One record with a status no release writes is reported on its own, and every other
+    record is still compared with its events: a result edited on another request is found
+    in the same report (verify used to stop at the unreadable row: receipts_checked 0)."""
+    guard = Guard(db_store)
+    for rid in ("r1", "r2", "r3"):
+        guard.execute(rid, "charge", {"n": rid}, lambda _ctx: {"charge": "ch_1"})
+    guard.close()
+    _edit(db_store, "r1", status="BOGUS")
+    _edit(db_store, "r2", result='{"charge": "ch_forged"}')
+    report = verify(db_store)
+    assert _kinds(report) == ["receipt_edited", "receipt_edited"], report.problems
+    found = _by_request(report)
+    assert "cannot be read" in found["r1"] and "'BOGUS' is not a status" in found["r1"]
+    assert "cannot be read" not in found["r2"]
+    assert report.receipts_checked == 3
+    assert all(p.seq is not None and p.shard >= 0 for p in report.problems)
+
+
+def test_an_unreadable_case_does_not_hide_the_others(db_store: Any) -> None:
+    """One case row with a state no release writes is reported on its own, and every other
+    case is still compared with its events (verify used to stop at the unreadable row:
+    cases_checked 0)."""
+    from safeagent import ConsensusPolicy, FinalityGate
+
+    guard = Guard(db_store)
+    gate = FinalityGate(guard, policy=ConsensusPolicy(0.6, 1))
+    for case_id in ("c1", "c2", "c3"):
+        gate.signal(case_id, "model", "approve", 0.9)
+    guard.close()
+    assert verify(db_store).ok
+    _sql(db_store, "UPDATE {s}.cases SET state = 'BOGUS' WHERE case_id = 'c1'")
+    _sql(db_store, "UPDATE {s}.cases SET outcome = 'reject' WHERE case_id = 'c2'")
+    report = verify(db_store)
+    assert _kinds(report) == ["case_edited", "case_edited"], report.problems
+    found = _by_request(report)
+    assert "cannot be read" in found["c1"] and "is not a case state" in found["c1"]
+    assert "cannot be read" not in found["c2"]
+    assert report.cases_checked == 3
+    assert all(p.seq is not None and p.shard >= 0 for p in report.problems)
+
+
 _UNREADABLE_EDITS = {
     "signal metadata not JSON": "UPDATE {s}.signals SET metadata = 'zz'",
     "purge's detail not JSON": "UPDATE {s}.audit_events SET detail = 'zz' WHERE kind = 'purged'",

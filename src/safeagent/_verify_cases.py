@@ -27,6 +27,7 @@ from safeagent._verify import (
 )
 from safeagent._verify_receipts import _TRIES, _busy, _parsed, _snapshot_reader
 from safeagent.errors import ConfigurationError
+from safeagent.stores._as_stored import Unreadable, case_rows
 
 # -- cases and signals (the finality gate) --------------------------------------------------
 
@@ -426,13 +427,23 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
     if not hasattr(store, "cases"):
         return 0, 0, 0
     by_case = _case_events(trail.trusted)
-    try:
-        rows = {(r.namespace, r.case_id): r for r in store.cases()}
-    except (ValueError, RecursionError) as exc:  # a state no release writes (CaseState refuses it)
+    try:  # row by row: a row no release writes is reported, and the others still checked
+        found = case_rows(store)
+    except (ValueError, RecursionError) as exc:  # a store that cannot be read row by row
         problems.append(Problem("case_edited", -1, None, None, f"a case row cannot be read: {exc}"))
         return 0, 0, 0
+    rows: dict[tuple[Any, Any], CaseRow] = {}
     checked = unverified = signals_checked = 0
-    for key in rows.keys() | by_case.keys():
+    unreadable: set[tuple[Any, Any]] = set()
+    for r in found:
+        if isinstance(r, Unreadable):
+            key = (r.get("namespace"), r.get("case_id"))
+            unreadable.add(key)
+            checked += 1
+            problems.append(_unreadable_case(key, r.problem, by_case.get(key, []), trail.chains))
+        else:
+            rows[(r.namespace, r.case_id)] = r
+    for key in (rows.keys() | by_case.keys()) - unreadable:
         namespace, case_id = key
         # A case opened in the chains is judged on its chained events, whatever rows
         # outside them claim to be its history from before the chains.
@@ -475,6 +486,21 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
                 )
             )
     return checked, unverified, signals_checked
+
+
+def _unreadable_case(
+    key: tuple[Any, Any], problem: str, events: list[_CaseEvent], chains: int
+) -> Problem:
+    """The ``case_edited`` of a case row no release writes (a state ``CaseState``
+    refuses), placed at the case's last chained event if it has one."""
+    seq, event_id = (events[-1][4], events[-1][5]) if events else (None, None)
+    return Problem(
+        "case_edited",
+        shard_named(key[0], key[1], chains),
+        seq,
+        event_id,
+        f"case {key[1]!r} ({key[0]}): its row cannot be read: {problem}",
+    )
 
 
 def _opened_in_chains(events: list[_CaseEvent]) -> bool:

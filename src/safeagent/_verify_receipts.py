@@ -31,6 +31,7 @@ from safeagent._verify import (
     _Trail,
     shard_named,
 )
+from safeagent.stores._as_stored import Unreadable, record_rows
 from safeagent.stores._base import OUTCOME_DIGEST, outcome_digest
 
 _FINISHED = frozenset(status.value for status in TERMINAL)
@@ -659,17 +660,37 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
         ]
     )
     fresh: _Purges | None = None
-    try:
-        records, _ = store.records()
-    except (ValueError, RecursionError) as exc:  # a status no release writes (Status refuses it)
+    try:  # row by row: a row no release writes is reported, and the others still checked
+        records, _ = record_rows(store)
+    except (ValueError, RecursionError) as exc:  # a store that cannot be read row by row
         problems.append(
             Problem("receipt_edited", -1, None, None, f"an execution record cannot be read: {exc}")
         )
         return 0, 0
-    by_key = {(r.namespace, r.request_id): r for r in records}
+    by_key: dict[tuple[Any, Any], Record] = {}
     checked = unverified = 0
+    unreadable: set[tuple[Any, Any]] = set()
+    for r in records:
+        if isinstance(r, Unreadable):
+            key = (r.get("namespace"), r.get("request_id"))
+            unreadable.add(key)
+            checked += 1
+            where = states.get(key) or _Expected(
+                None, None, shard_named(key[0], key[1], trail.chains), None, None
+            )
+            problems.append(
+                Problem(
+                    "receipt_edited",
+                    where.shard,
+                    where.seq,
+                    where.event_id,
+                    f"request {key[1]!r} ({key[0]}): its record cannot be read: {r.problem}",
+                )
+            )
+        else:
+            by_key[(r.namespace, r.request_id)] = r
     began = trail.chains_began
-    for key in by_key.keys() | states.keys():
+    for key in (by_key.keys() | states.keys()) - unreadable:
         legacy = key in trail.legacy_keys
         verdict = _judge(by_key.get(key), states.get(key), legacy, purges, began)
         if verdict is None:

@@ -49,8 +49,8 @@ from safeagent._cli._common import (
     time_window,
     warn_unreadable,
 )
-from safeagent._cli._rows import Unreadable
 from safeagent._keys import check_name
+from safeagent.stores._as_stored import Unreadable
 
 audit_app = typer.Typer(
     help="The tamper-evident audit trail.", no_args_is_help=True, epilog=EXIT_CODES

@@ -45,10 +45,10 @@ from safeagent._cli._common import (
     stored_iso,
     warn_unreadable,
 )
-from safeagent._cli._rows import Unreadable
 from safeagent._gate import _check_case_id
 from safeagent._keys import check_name
 from safeagent._policy import CASE_PREFIX
+from safeagent.stores._as_stored import Unreadable
 
 cases_app = typer.Typer(
     help="Decisions of the finality gate.", no_args_is_help=True, epilog=EXIT_CODES

@@ -28,12 +28,12 @@ from rich.text import Text
 
 from safeagent import AuditEvent, SQLiteStore, default_redactor
 from safeagent import audit as audit_lib
-from safeagent._cli._rows import Unreadable
 from safeagent._keys import check_name, storable, storable_text
 from safeagent._policy import MAX_RETENTION
 from safeagent._receipt import Receipt, Record
 from safeagent.errors import ConfigurationError, GuardError, InvalidInputError, StoreError
 from safeagent.stores import ReceiptStore
+from safeagent.stores._as_stored import Unreadable
 from safeagent.stores._base import DATABASE_URL_ENV, stored_number
 from safeagent.stores._pg_sql import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from safeagent.stores.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION

@@ -58,11 +58,11 @@ from safeagent._cli._common import (
     time_window,
     warn_unreadable,
 )
-from safeagent._cli._rows import Unreadable
 from safeagent._core import GuardCore, tally
 from safeagent._keys import MAX_REQUEST_ID_LENGTH, check_name, check_request_id
 from safeagent._receipt import Receipt
 from safeagent.stores import ReceiptStore
+from safeagent.stores._as_stored import Unreadable
 
 # guard.resolve's own default, for checking the arguments before the store is opened
 _DEFAULT_ERROR_TYPE = inspect.signature(Guard.resolve).parameters["error_type"].default

@@ -1671,6 +1671,22 @@ class PostgresStore:
             with self._write(pipelined=True):
                 pass
 
+    def _rows_as_stored(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """The rows of the read-only ``sql`` as stored, unparsed: for reading rows one by
+        one when a parser refuses one of them (``safeagent.stores._as_stored``). Tables
+        are written ``{t}executions`` (this store's schema is put in); parameters ``?``.
+
+        Raises:
+            StoreError: the read failed.
+        """
+        text = sql.format(t=self.schema + ".").replace("?", "%s")
+
+        def read(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+            cur.execute(text, list(args))
+            return [tuple(row) for row in cur.fetchall()]
+
+        return self._read(read)
+
     def events(
         self,
         *,

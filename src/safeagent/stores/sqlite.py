@@ -1220,6 +1220,17 @@ class SQLiteStore:
             with self._write():
                 pass  # _write writes the buffer inside its transaction
 
+    def _rows_as_stored(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """The rows of the read-only ``sql`` as stored, unparsed: for reading rows one by
+        one when a parser refuses one of them (``safeagent.stores._as_stored``). Tables
+        are written ``{t}executions``; parameters ``?``.
+
+        Raises:
+            StoreError: the read failed.
+        """
+        text = sql.format(t="")
+        return self._read(lambda conn: conn.execute(text, list(args)).fetchall())
+
     def events(
         self,
         *,
