@@ -27,6 +27,7 @@ from safeagent import (
     OutcomeUnknownError,
     ReconcileRequest,
     Reconciliation,
+    Status,
     StoreError,
 )
 from safeagent.audit import verify
@@ -753,3 +754,68 @@ def test_a_schema_without_chains_gets_256_when_they_begin(schema: str) -> None:
         report = verify(store)
         assert report.ok, report.problems
     assert _meta(schema, "chain_shards") == "256"
+
+
+def _read_only(url: str) -> str:
+    """``url`` whose sessions begin read-only, as on a hot standby."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    options = "-c default_transaction_read_only=on"
+    return make_conninfo("", **{**conninfo_to_dict(url), "options": options})
+
+
+def test_a_store_opens_on_a_read_only_database_and_fails_closed_on_writes(schema: str) -> None:
+    """An up-to-date schema opens without writing (a read-only database, such as a hot
+    standby, used to refuse the open: the migration step always ran CREATE SCHEMA):
+    reads, replays, listings and verify answer; a new call fails closed before fn runs,
+    and its claim is nowhere. A schema still to be created fails the open with StoreError."""
+    writer = _store(schema)
+    guard = Guard(writer)
+    guard.execute("paid", "charge", {"amount": 5}, lambda _ctx: "ch_1")
+    guard.close()
+
+    store = PostgresStore(_read_only(PG_URL), schema=schema)
+    try:
+        assert store.chain_shards == writer.chain_shards
+        record, _ = store.get("default", "paid")
+        assert record is not None
+        assert record.status is Status.SUCCEEDED
+        assert [r.request_id for r in store.records()[0]] == ["paid"]
+        assert verify(store).ok
+        reader = Guard(store, wait=0)
+        replay = reader.execute("paid", "charge", {"amount": 5}, lambda _ctx: "ch_2")
+        assert (replay.replay, replay.result) == (True, "ch_1")
+        ran: list[int] = []
+        with pytest.raises(StoreError):
+            reader.execute("new", "charge", {"amount": 6}, lambda _ctx: ran.append(1))
+        assert ran == []
+        assert store.get("default", "new")[0] is None
+    finally:
+        store._buffer.take()  # the replay's event cannot be written to this database
+        store.close()
+    with pytest.raises(StoreError, match="read-only"):
+        PostgresStore(_read_only(PG_URL), schema=schema + "_new")
+
+
+def test_opening_an_up_to_date_schema_waits_for_no_migration_lock(schema: str) -> None:
+    """A schema at the current version opens without taking the migration lock, so
+    hosts restarting together do not queue behind one another (nor behind a migrator of
+    another schema holding it)."""
+    _store(schema).close()
+    with psycopg.connect(PG_URL, autocommit=True) as holder:
+        holder.execute("BEGIN")
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (0x5AFE_A6E7,))
+        opened: list[Any] = []
+
+        def open_it() -> None:
+            opened.append(_store(schema))
+
+        thread = threading.Thread(target=open_it, daemon=True)
+        thread.start()
+        thread.join(10)
+        while_held = bool(opened)
+        holder.execute("ROLLBACK")
+        thread.join(10)
+    for store in opened:
+        store.close()
+    assert while_held, "the open waited for the migration lock"

@@ -950,7 +950,68 @@ class PostgresStore:
         cur.execute(self._sql["GET"], (self._at(), namespace, request_id))
         return _found(cur.fetchone())
 
+    def _schema_version(self, cur: psycopg.Cursor[Any]) -> int | None:
+        """The schema's stored version, or None if it has no version table or row yet.
+
+        Raises:
+            SchemaVersionError: a version newer than this release understands.
+        """
+        cur.execute("SELECT to_regclass(%s)", (f"{self.schema}.safeagent_meta",))
+        row = cur.fetchone()
+        if row is None or row[0] is None:
+            return None
+        cur.execute(f"SELECT value FROM {self.schema}.safeagent_meta WHERE key = 'schema_version'")
+        row = cur.fetchone()
+        version = None if row is None else stored_version(row[0], f"schema {self.schema}")
+        if version is not None and version > q.SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"schema {self.schema} has version {version}, but this SafeAgent "
+                f"understands up to {q.SCHEMA_VERSION}: upgrade SafeAgent to use it",
+                found=version,
+                supported=q.SCHEMA_VERSION,
+            )
+        return version
+
+    def _chains_of(self, cur: psycopg.Cursor[Any], version: int) -> tuple[int, int | None]:
+        """(the schema's number of audit chains, its highest chain head's shard or None)."""
+        if version < q.SCHEMA_VERSION:
+            chains = CHAIN_SHARDS
+        else:
+            cur.execute(self._sql["GET_CHAIN_SHARDS"])
+            chains = self._stored_chain_shards(cur.fetchone())
+        cur.execute(self._sql["TOP_HEAD"])
+        (top,) = cur.fetchone() or (None,)
+        return chains, top
+
+    def _up_to_date(self, cur: psycopg.Cursor[Any]) -> tuple[int, int | None] | None:
+        """:meth:`_chains_of` a schema that needs no migration, read without writing (so
+        a store opens on a read-only database, such as a hot standby, and an open of an
+        up-to-date schema takes no lock); None if it must be created or migrated."""
+        version = self._schema_version(cur)
+        if version is None or version < max(2, len(q.MIGRATIONS)):
+            return None
+        return self._chains_of(cur, version)
+
     def _migrate(self) -> None:
+        current = self._read(self._up_to_date)
+        if current is None:
+            current = self._migrate_now()
+        self.chain_shards, top = current
+        if top is not None and top >= self.chain_shards:
+            # Written to, its events would go on other chains than their subjects' earlier
+            # ones; read, it shows verify what was done (head_mismatch). claim, complete,
+            # renew and _write (every other write) refuse; the migrations above are done.
+            self._unwritable = (
+                f"schema {self.schema} holds a chain head for chain {top}, but has "
+                f"{self.chain_shards} chains (0 to {self.chain_shards - 1}): its number of "
+                f"chains (safeagent_meta.{q.CHAIN_SHARDS_KEY}, or its schema_version) was "
+                "lowered, or a head added, by hand. Nothing is written to it until that is "
+                "undone; safeagent audit verify reports it"
+            )
+        self._drop_indexes()
+
+    def _migrate_now(self) -> tuple[int, int | None]:
+        """Create or migrate the schema, under the migration lock; :meth:`_chains_of` it."""
         with self._write() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
@@ -958,18 +1019,7 @@ class PostgresStore:
                 f"CREATE TABLE IF NOT EXISTS {self.schema}.safeagent_meta"
                 " (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
             )
-            cur.execute(
-                f"SELECT value FROM {self.schema}.safeagent_meta WHERE key = 'schema_version'"
-            )
-            row = cur.fetchone()
-            version = 0 if row is None else stored_version(row[0], f"schema {self.schema}")
-            if version > q.SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"schema {self.schema} has version {version}, but this SafeAgent "
-                    f"understands up to {q.SCHEMA_VERSION}: upgrade SafeAgent to use it",
-                    found=version,
-                    supported=q.SCHEMA_VERSION,
-                )
+            version = self._schema_version(cur) or 0
             for number in range(version + 1, len(q.MIGRATIONS) + 1):
                 for statement in q.MIGRATIONS[number - 1]:
                     cur.execute(statement.replace("{s}", self.schema))
@@ -986,25 +1036,7 @@ class PostgresStore:
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (str(target),),
                 )
-            if target < q.SCHEMA_VERSION:
-                self.chain_shards = CHAIN_SHARDS
-            else:
-                cur.execute(self._sql["GET_CHAIN_SHARDS"])
-                self.chain_shards = self._stored_chain_shards(cur.fetchone())
-            cur.execute(self._sql["TOP_HEAD"])
-            (top,) = cur.fetchone() or (None,)
-        if top is not None and top >= self.chain_shards:
-            # Written to, its events would go on other chains than their subjects' earlier
-            # ones; read, it shows verify what was done (head_mismatch). claim, complete,
-            # renew and _write (every other write) refuse; the migrations above are done.
-            self._unwritable = (
-                f"schema {self.schema} holds a chain head for chain {top}, but has "
-                f"{self.chain_shards} chains (0 to {self.chain_shards - 1}): its number of "
-                f"chains (safeagent_meta.{q.CHAIN_SHARDS_KEY}, or its schema_version) was "
-                "lowered, or a head added, by hand. Nothing is written to it until that is "
-                "undone; safeagent audit verify reports it"
-            )
-        self._drop_indexes()
+            return self._chains_of(cur, target)
 
     def _stored_chain_shards(self, row: Sequence[Any] | None) -> int:
         """The number of chains ``safeagent_meta`` stores; a schema without a valid one
