@@ -2,11 +2,12 @@
 written by another tool, corrupt) is reported as :class:`Unreadable`, never a traceback,
 and never hides the rows around it.
 
-Each reader asks the store first, as the library does. When the store cannot turn one of
+The row-by-row reading is the library's (:mod:`safeagent.stores._as_stored`, which
+``audit verify`` uses too): the store is asked first, and only when it cannot turn one of
 the rows into an object (an unknown status, event kind or case state, text that is not
-JSON), it reads the same rows as stored, through the store's own connection, and turns
-them into objects one by one. Every object is then checked for what the CLI does with it
-(an integer time, a JSON object detail, a result that decodes).
+JSON) are the same rows read as stored and converted one by one. This module adds what
+the CLI shows: events and signals read the same way, and every object checked for what
+the CLI does with it (an integer time, a JSON object detail, a result that decodes).
 """
 
 from __future__ import annotations
