@@ -1,5 +1,6 @@
 """The decorator form (``Guard.guarded``, ``AsyncGuard.guarded``): default action names,
-methods called through their class, and guarding what is already guarded.
+methods called through their class, classmethods and staticmethods, guarding what is
+already guarded, and pickling (a ``ProcessPoolExecutor`` included).
 
 Side effects are counted in the effect ledger (``tests/conftest.py``), a SQLite file
 separate from the guard's database.
@@ -8,14 +9,42 @@ separate from the guard's database.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
+import multiprocessing
+import os
+import pickle
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from safeagent import AsyncGuard, ConfigurationError, FingerprintMismatchError, Guard, Status
+from safeagent import (
+    AsyncGuard,
+    ConfigurationError,
+    FingerprintMismatchError,
+    Guard,
+    MemoryStore,
+    Status,
+)
 from tests.conftest import Ledger
+
+POOL_DB_ENV = "SAFEAGENT_TEST_POOL_DB"
+"""The SQLite file :func:`refund` is guarded on in a process the pool test spawned: it
+sets this before the pool starts, and each worker imports this module afresh. In the
+test process itself (unset) the guard is in memory, and ``refund`` is never called."""
+
+_pool_guard = Guard(os.environ[POOL_DB_ENV]) if POOL_DB_ENV in os.environ else Guard(MemoryStore())
+
+
+@_pool_guard.guarded(key_arg="order_id", exclude=("ledger_path",))
+def refund(order_id: str, amount: int, ledger_path: str) -> dict[str, int]:
+    """A module-level guarded function (pickled by reference): one ledger row per run; the
+    result names the process that ran it."""
+    Ledger(ledger_path).append(order_id, str(amount))
+    return {"amount": amount, "pid": os.getpid()}
 
 
 @pytest.fixture
@@ -108,6 +137,25 @@ def test_no_usable_default_action_asks_for_one(guard: Guard) -> None:
     with pytest.raises(ConfigurationError, match="pass action="):
         guard.guarded(key_arg="key")(key_only)
     assert guard.guarded(action="short", key_arg="key")(key_only).action == "short"
+
+
+def test_default_action_of_a_classmethod_or_staticmethod(guard: Guard) -> None:
+    """Without ``action=``, a guarded classmethod or staticmethod is named after the
+    function under it (``module.qualname``), as a method is."""
+
+    class Tools:
+        @guard.guarded(key_arg="k")
+        @classmethod
+        def make(cls, k: str) -> str:
+            return k
+
+        @guard.guarded(key_arg="k")
+        @staticmethod
+        def ping(k: str) -> str:
+            return k
+
+    assert Tools.make.action == f"{__name__}.{Tools.__qualname__}.make"
+    assert Tools().ping.action == f"{__name__}.{Tools.__qualname__}.ping"
 
 
 def test_async_callable_object_is_async(tmp_path: Path, ledger: Ledger) -> None:
@@ -206,6 +254,214 @@ def test_function_without_self_in_a_class_keeps_its_first_argument(
     with pytest.raises(FingerprintMismatchError):
         Tools.create("B", k="1")
     assert ledger.rows() == [("1", "A")]
+
+
+# -- classmethods and staticmethods -------------------------------------------------------------
+
+
+def test_guarded_classmethod_is_keyed_without_cls(guard: Guard, ledger: Ledger) -> None:
+    """``@guarded`` above ``@classmethod``: through the class, an instance or a subclass
+    the call is bound to the class and keyed without ``cls`` (as a method without
+    ``self``): one request id and payload, one run, the first receipt replayed."""
+
+    class Svc:
+        @guard.guarded(action="svc.make", key_arg="k")
+        @classmethod
+        def make(cls, k: str, v: int) -> str:
+            ledger.append(k, cls.__name__)
+            return f"{cls.__name__}:{v}"
+
+    class Sub(Svc):
+        pass
+
+    assert [Svc.make("a", 1), Svc().make("a", 1), Sub.make("a", 1)] == ["Svc:1"] * 3
+    assert [Svc.make.call("b", "b", 2), Sub().make.call("b", "b", 2)] == ["Svc:2"] * 2
+    assert Svc.make.payload("a", 1) == Svc().make.payload("a", 1) == {"v": 1}
+    assert ledger.rows() == [("a", "Svc"), ("b", "Svc")]
+    receipt = guard.get(Svc.make.request_id_for("a"))
+    assert receipt is not None
+    assert (receipt.status, receipt.payload) == (Status.SUCCEEDED, {"v": 1})
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="3.13 classmethods skip __get__")
+def test_classmethod_above_guarded_binds_the_class(guard: Guard, ledger: Ledger) -> None:
+    """``@classmethod`` above ``@guarded`` (before Python 3.13, where a classmethod reads
+    what it wraps through ``__get__``) keys and runs as ``@guarded`` above it."""
+
+    class Svc:
+        @classmethod
+        @guard.guarded(action="svc.make", key_arg="k")
+        def make(cls, k: str, v: int) -> str:
+            ledger.append(k, cls.__name__)
+            return f"{cls.__name__}:{v}"
+
+    assert [Svc.make("a", 1), Svc().make("a", 1), Svc.make.call("a", "a", 1)] == ["Svc:1"] * 3
+    assert Svc.make.payload("a", 1) == {"v": 1}
+    assert ledger.rows() == [("a", "Svc")]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="before 3.13 this order works")
+def test_classmethod_above_guarded_is_refused_on_313(guard: Guard, ledger: Ledger) -> None:
+    """On Python 3.13+ a classmethod passes ``cls`` to what it wraps as a plain argument
+    (into the payload): a call through ``@classmethod`` above ``@guarded`` is a
+    ConfigurationError saying to put ``@guarded`` above it; nothing runs."""
+
+    class Svc:
+        @classmethod
+        @guard.guarded(action="svc.make", key_arg="k")
+        def make(cls, k: str, v: int) -> str:
+            ledger.append(k, cls.__name__)
+            return f"{cls.__name__}:{v}"
+
+    for call in (lambda: Svc.make("a", 1), lambda: Svc().make("a", 1)):
+        with pytest.raises(ConfigurationError, match="put @guarded above @classmethod"):
+            call()
+    assert ledger.rows() == []
+
+
+def test_guarded_staticmethod_is_the_same_through_an_instance(guard: Guard, ledger: Ledger) -> None:
+    """A guarded staticmethod (``@guarded`` above or below ``@staticmethod``) called
+    through an instance is the call through the class: the same request id and payload,
+    all its arguments counted (there is no ``self``), one run, the receipt replayed."""
+
+    class Tools:
+        @guard.guarded(action="tools.inner", key_arg="k")
+        @staticmethod
+        def inner(k: str, v: int) -> int:
+            ledger.append(k, "inner")
+            return v * 10
+
+        @staticmethod
+        @guard.guarded(action="tools.outer", key_arg="k")
+        def outer(k: str, v: int) -> int:
+            ledger.append(k, "outer")
+            return v * 10
+
+    tools = Tools()
+    assert [Tools.inner("a", 1), tools.inner("a", 1), tools.inner.call("a", "a", 1)] == [10] * 3
+    assert [Tools.outer("b", 2), tools.outer("b", 2), tools.outer.call("b", "b", 2)] == [20] * 3
+    assert tools.inner.payload("a", 1) == Tools.inner.payload("a", 1) == {"v": 1}
+    with pytest.raises(FingerprintMismatchError):
+        tools.inner("a", 2)
+    assert ledger.rows() == [("a", "inner"), ("b", "outer")]
+
+
+def test_async_guarded_classmethod_and_staticmethod(tmp_path: Path, ledger: Ledger) -> None:
+    """``AsyncGuard.guarded`` takes a classmethod or staticmethod over an ``async def``
+    (keyed as for sync ones, awaited, run once); ``Guard.guarded`` refuses it as async."""
+
+    async def main() -> list[str]:
+        async with AsyncGuard(tmp_path / "async.db") as guard:
+
+            class Svc:
+                @guard.guarded(action="svc.make", key_arg="k")
+                @classmethod
+                async def make(cls, k: str) -> str:
+                    ledger.append(k, "make")
+                    return cls.__name__
+
+                @guard.guarded(action="svc.ping", key_arg="k")
+                @staticmethod
+                async def ping(k: str) -> str:
+                    ledger.append(k, "ping")
+                    return "pong"
+
+            svc = Svc()
+            return [
+                await Svc.make("a"),
+                await svc.make("a"),
+                await svc.ping("b"),
+                await Svc.ping("b"),
+            ]
+
+    assert asyncio.run(main()) == ["Svc", "Svc", "pong", "pong"]
+    assert ledger.rows() == [("a", "make"), ("b", "ping")]
+
+    async def handler(k: str) -> str:
+        return k
+
+    with Guard(tmp_path / "sync.db") as sync_guard:
+        for method in (classmethod(handler), staticmethod(handler)):
+            with pytest.raises(ConfigurationError, match="is async; guard it with AsyncGuard"):
+                sync_guard.guarded(action="h", key_arg="k")(method)  # type: ignore[arg-type]
+
+
+def test_what_is_not_callable_is_refused(guard: Guard) -> None:
+    """Guarding what is not callable (a ``property``, or a classmethod over one) is a
+    ConfigurationError, not a TypeError from inside ``inspect``."""
+    prop = property(lambda _self: 1)
+    for made in (prop, classmethod(prop)):  # type: ignore[var-annotated]
+        with pytest.raises(ConfigurationError, match="is not callable"):
+            guard.guarded(action="p")(made)  # type: ignore[arg-type]
+
+
+# -- pickling and copying ------------------------------------------------------------------------
+
+
+def test_module_level_guarded_function_pickles_by_reference() -> None:
+    """A module-level guarded function pickles by name, as a function does: unpickled it
+    is the same object, in every protocol; ``copy.copy`` and ``copy.deepcopy`` (of it or
+    of a structure holding it) give it back, its guard shared, never copied."""
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.loads(pickle.dumps(refund, protocol)) is refund
+    assert copy.copy(refund) is refund
+    assert copy.deepcopy(refund) is refund
+    assert copy.deepcopy({"tools": [refund]})["tools"][0] is refund
+
+
+def test_what_has_no_module_level_name_does_not_pickle(guard: Guard, ledger: Ledger) -> None:
+    """A guarded local function or lambda fails to pickle with pickle's own error naming
+    it a local object, and a guarded callable object with a PicklingError saying only a
+    guarded function pickles; copying each gives it back, still working."""
+
+    @guard.guarded(action="local", key_arg="k")
+    def local(k: str) -> str:
+        ledger.append(k)
+        return k
+
+    class Poster:
+        def __call__(self, k: str) -> str:
+            return k
+
+    by_lambda = guard.guarded(action="lambda", key_arg="k")(lambda k: k)
+    for made in (local, by_lambda):
+        with pytest.raises((pickle.PicklingError, AttributeError), match="local object"):
+            pickle.dumps(made)
+    with pytest.raises(pickle.PicklingError, match="only a guarded function pickles"):
+        pickle.dumps(guard.guarded(action="post", key_arg="k")(Poster()))
+    assert copy.copy(local) is local
+    assert [copy.deepcopy(local)("k-1"), local("k-1")] == ["k-1", "k-1"]
+    assert ledger.count() == 1
+
+
+@pytest.mark.slow
+def test_a_guarded_function_runs_once_across_a_process_pool(
+    tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module-level guarded function submitted to a ``ProcessPoolExecutor`` (spawn) is
+    pickled by reference; each worker imports this module, whose guard opens the same
+    SQLite file, so a second worker process replays the receipt the first one stored:
+    the first worker's result, one ledger row, one durable receipt."""
+    db = tmp_path / "pool.db"
+    monkeypatch.setenv(POOL_DB_ENV, str(db))
+    runs = []
+    for _ in range(2):  # two pools: one worker process after another
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pid = pool.submit(os.getpid).result(timeout=120)
+            runs.append((pid, pool.submit(refund, "o-1", 5, ledger.path).result(timeout=120)))
+
+    (first_pid, first), (second_pid, second) = runs
+    assert first_pid != second_pid
+    assert first == second == {"amount": 5, "pid": first_pid}
+    assert ledger.rows() == [("o-1", "5")]
+    with Guard(db) as guard:
+        receipt = guard.get(refund.request_id_for("o-1"))
+    assert receipt is not None
+    assert (receipt.status, receipt.action, receipt.payload) == (
+        Status.SUCCEEDED,
+        f"{__name__}.refund",
+        {"amount": 5},
+    )
 
 
 # -- guarding what is already guarded ------------------------------------------------------------

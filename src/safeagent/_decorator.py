@@ -9,15 +9,29 @@ Every guarded wrapper SafeAgent makes (this module's, and the integrations') car
 refused: two guards would record one call twice, and where both derive the same request
 id the inner one meets the outer one's live claim, and its ``InProgressError`` is stored
 as the call's failure without the function ever running.
+
+A guarded ``classmethod`` or ``staticmethod`` object (``@guarded`` above the built-in
+decorator) is read through its class as that built-in would: a staticmethod is the
+guarded function itself, through the class or an instance; a classmethod is bound to the
+class and keyed without ``cls``, as a method is keyed without ``self``. ``@classmethod``
+above ``@guarded`` works the same before Python 3.13 (a classmethod then reads what it
+wraps through ``__get__``); from 3.13 a call through it is refused, as it would pass
+``cls`` into the payload.
+
+A guarded function pickles by reference, as a function does: its ``module.qualname``
+(the wrapped function's) must name it, so a module-level guarded function crosses to a
+``ProcessPoolExecutor`` worker, which imports its module and meets that module's guard;
+``copy.copy`` and ``copy.deepcopy`` return the guarded function itself.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
+import pickle
+import sys
 from collections.abc import Awaitable, Callable, Collection
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
 from safeagent._keys import check_name, key_from_value
 from safeagent._policy import Seconds
@@ -29,6 +43,16 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+B = TypeVar("B", bound="_Bound")
+
+Binding = Literal["class", "static"]
+"""How a class binds a guarded ``classmethod`` (``"class"``) or ``staticmethod``
+(``"static"``) object; ``None`` for anything else."""
+
+_CLASSMETHOD_CALLS_GET = sys.version_info < (3, 13)
+"""Before Python 3.13 a ``classmethod`` reads what it wraps through that object's
+``__get__`` (so ``@classmethod`` above ``@guarded`` binds the class as a guarded
+classmethod does); from 3.13 it binds it as a plain callable, ``cls`` first."""
 
 GUARDED_MARKER = "__safeagent_guarded__"
 """The attribute (``True``) every guarded wrapper SafeAgent makes carries."""
@@ -94,6 +118,17 @@ def _default_action(func: Callable[..., Any]) -> str:
         ) from None
 
 
+def _unwrap_descriptor(func: Any) -> tuple[Any, Binding | None]:
+    """The callable under a ``classmethod`` or ``staticmethod`` object and how a class
+    binds it: ``(function, "class")``, ``(function, "static")``; anything else is
+    ``(func, None)``."""
+    if isinstance(func, classmethod):
+        return func.__func__, "class"
+    if isinstance(func, staticmethod):
+        return func.__func__, "static"
+    return func, None
+
+
 def _wrap(wrapper: Any, func: Any) -> None:
     """``functools.update_wrapper`` without what would hide the wrapper's own attributes:
     a function's ``__dict__`` entries are copied only where the wrapper's class has no
@@ -109,10 +144,13 @@ def _wrap(wrapper: Any, func: Any) -> None:
 class _Bound:
     """Binding of arguments to a payload and a request id; shared by both flavours.
 
+    ``func`` is a function, a callable object, or a ``classmethod`` or ``staticmethod``
+    object over one (see :meth:`_access`).
+
     Raises:
-        ConfigurationError: ``func`` is already guarded (see :func:`is_guarded`), it has
-            no default action name and ``action`` is not given, or a bad ``key_arg`` or
-            ``exclude``.
+        ConfigurationError: ``func`` is not callable or already guarded (see
+            :func:`is_guarded`), it has no default action name and ``action`` is not
+            given, or a bad ``key_arg`` or ``exclude``.
     """
 
     __safeagent_guarded__ = True
@@ -126,6 +164,9 @@ class _Bound:
         allow_missing_key: bool,
         options: dict[str, Any],
     ) -> None:
+        func, self.binding = _unwrap_descriptor(func)
+        if not callable(func):
+            raise ConfigurationError(f"{_label(func)} is not callable: guard a function")
         if is_guarded(func):
             raise ConfigurationError(
                 f"{_label(func)} is already guarded: guard the plain function once"
@@ -188,21 +229,42 @@ class _Bound:
             raise MissingKeyError(f"{self.action}: the idempotency key is missing; nothing ran")
         return request_id
 
+    def _access(self, obj: Any, objtype: Any) -> Any:
+        """What reading the guarded function as an attribute gives (``__get__``): a guarded
+        staticmethod is itself, through the class or an instance; a guarded classmethod is
+        bound to the class (``objtype``, or the instance's class); a function is a method
+        of an instance (:meth:`_bind_self`), and through a class :class:`_ClassAccess`."""
+        if self.binding == "static":
+            return self
+        if self.binding == "class":
+            return self._bind_self(type(obj) if objtype is None else objtype)
+        return self._through_class(objtype) if obj is None else self._bind_self(obj)
+
     def _through_class(self, owner: Any) -> Any:
         """What reading the function from a class gives (see :class:`_ClassAccess`)."""
         return _ClassAccess(self, owner) if isinstance(owner, type) else self
 
     def _bind_self(self, obj: Any) -> Any:
-        """A copy for use as a method of ``obj``: ``self`` is bound and left out of the
-        payload (it is the object, not the request)."""
-        bound = copy.copy(self)
+        """A copy for use as a method of ``obj`` (an instance, or the class of a
+        classmethod): the first parameter, ``self`` or ``cls``, is bound and left out of
+        the payload (it is the object, not the request)."""
+        bound = object.__new__(type(self))  # not copy.copy: that returns self, as below
+        bound.__dict__.update(vars(self))
         first = next(iter(self.signature.parameters), None)
         if first is not None:
             bound.exclude = self.exclude | {first}
         return _Method(bound, obj)
 
     def key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-        """The request id from ``key_arg``, or ``None`` when it is missing."""
+        """The request id from ``key_arg``, or ``None`` when it is missing.
+
+        Raises:
+            ConfigurationError: see :meth:`_refuse_outer_classmethod`.
+            MissingKeyError: no ``key_arg``, or its value is missing and
+                ``allow_missing_key`` is not set.
+            InvalidInputError: the arguments do not fit the signature.
+        """
+        self._refuse_outer_classmethod(args)
         if self.key_arg is None:
             raise MissingKeyError(
                 f"{self.action} has no key_arg: call it as .call(request_id, ...)"
@@ -220,16 +282,71 @@ class _Bound:
             )
         return request_id
 
+    def _refuse_outer_classmethod(self, args: tuple[Any, ...]) -> None:
+        """On Python 3.13+, refuse a call through ``@classmethod`` placed above
+        ``@guarded``: that classmethod passes ``cls`` as a plain first argument (into the
+        payload), and ``.call`` / ``.payload`` read through it get no ``cls`` at all.
+
+        Args:
+            args: the call's positional arguments; only a class first is looked at, for
+                a ``classmethod`` object in its MRO wrapping this guarded function.
+
+        Raises:
+            ConfigurationError: it is such a call; nothing ran.
+        """
+        if _CLASSMETHOD_CALLS_GET or not args or not isinstance(args[0], type):
+            return
+        me: object = self
+        for klass in args[0].__mro__:
+            if any(
+                isinstance(attr, classmethod) and attr.__func__ is me
+                for attr in vars(klass).values()
+            ):
+                raise ConfigurationError(
+                    f"{self.action}: @classmethod above @guarded does not bind the class on "
+                    "Python 3.13+; put @guarded above @classmethod; nothing ran"
+                )
+
+    def __reduce__(self) -> str:
+        """Pickle by reference, as a function: the name ``module.qualname`` of the wrapped
+        function, which unpickling looks up (the guard, with its live store, is never
+        pickled).
+
+        Raises:
+            pickle.PicklingError: a guarded callable object or partial (no such name).
+                Pickle raises its own error (``PicklingError`` or ``AttributeError``)
+                when the name leads elsewhere: a guarded lambda, local function or
+                method, or a function guarded under another name.
+        """
+        name = getattr(self, "__qualname__", None)
+        if not isinstance(name, str):
+            raise pickle.PicklingError(
+                f"cannot pickle guarded {self.action!r}: only a guarded function pickles "
+                "(by its module-level name), not a guarded callable object or partial"
+            )
+        return name
+
+    def __copy__(self: B) -> B:
+        """The guarded function itself, as ``copy.copy`` gives for a function."""
+        return self
+
+    def __deepcopy__(self: B, memo: dict[int, Any]) -> B:
+        """The guarded function itself, as ``copy.deepcopy`` gives for a function (its
+        guard and store are shared, never copied)."""
+        return self
+
 
 class GuardedFunction(_Bound, Generic[P, R]):
     """A function whose calls run through :meth:`Guard.execute`. Made by
     :meth:`Guard.guarded`; keeps the wrapped function's name, docstring and signature.
     Calling it returns the stored result (the same value on the first call and replays).
     As a method it is keyed without ``self``, through the instance or the class
-    (:class:`_ClassAccess`)."""
+    (:class:`_ClassAccess`); over a ``classmethod`` without ``cls``, and over a
+    ``staticmethod`` it is the same function through the class or an instance. A
+    module-level one pickles by reference (``copy`` returns it)."""
 
     def __init__(self, guard: Guard, func: Callable[P, R], *args: Any) -> None:
-        if _is_async(func):
+        if _is_async(_unwrap_descriptor(func)[0]):
             raise ConfigurationError(f"{_label(func)} is async; guard it with AsyncGuard.guarded")
         super().__init__(func, *args)
         self.guard = guard
@@ -246,7 +363,7 @@ class GuardedFunction(_Bound, Generic[P, R]):
         return self._execute(self.request_id_for(key), args, kwargs)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        return self._through_class(objtype) if obj is None else self._bind_self(obj)
+        return self._access(obj, objtype)
 
     def _execute(self, request_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         payload = self.payload(*args, **kwargs)
@@ -266,7 +383,7 @@ class AsyncGuardedFunction(_Bound, Generic[P, R]):
     returns the stored result. Methods as for :class:`GuardedFunction`."""
 
     def __init__(self, guard: AsyncGuard, func: Callable[P, Awaitable[R]], *args: Any) -> None:
-        if not _is_async(func):
+        if not _is_async(_unwrap_descriptor(func)[0]):
             raise ConfigurationError(f"{_label(func)} is not async; guard it with Guard.guarded")
         super().__init__(func, *args)
         self.guard = guard
@@ -283,7 +400,7 @@ class AsyncGuardedFunction(_Bound, Generic[P, R]):
         return await self._execute(self.request_id_for(key), args, kwargs)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        return self._through_class(objtype) if obj is None else self._bind_self(obj)
+        return self._access(obj, objtype)
 
     async def _execute(self, request_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         payload = self.payload(*args, **kwargs)
