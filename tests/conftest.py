@@ -48,11 +48,14 @@ class Ledger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        with self._connect() as conn:
+        conn = self._connect()
+        try:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS effects"
                 " (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, detail TEXT)"
             )
+        finally:
+            conn.close()  # `with conn:` only commits; Python 3.13 warns of an unclosed one
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30, isolation_level=None)

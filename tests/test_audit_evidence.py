@@ -9,6 +9,7 @@ import io
 import json
 import os
 import sqlite3
+from contextlib import closing
 from types import SimpleNamespace
 from typing import Any
 
@@ -66,7 +67,10 @@ def _sqlite_guard(tmp_path: Any) -> tuple[Guard, str]:
     guard = Guard(SQLiteStore(path))
     _busy(guard)
     guard.close()
-    with sqlite3.connect(path) as conn:  # verification reads the chain with no index on it
+    with (
+        closing(sqlite3.connect(path)) as conn,
+        conn,
+    ):  # verification reads the chain with no index on it
         assert conn.execute(
             "SELECT count(*) FROM sqlite_master WHERE name = 'audit_events_chain'"
         ).fetchone() == (0,)
@@ -74,7 +78,7 @@ def _sqlite_guard(tmp_path: Any) -> tuple[Guard, str]:
 
 
 def _tamper(path: str, sql: str, *args: Any) -> None:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(sql, args)
 
 
@@ -98,7 +102,7 @@ def test_batched_and_single_appends_extend_the_same_chains(tmp_path: Any) -> Non
     guard.close()
     report = verify(guard.store)
     assert report.ok, report.problems
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         total = conn.execute("SELECT count(*) FROM audit_events").fetchone()[0]
         replays = conn.execute(
             "SELECT count(*) FROM audit_events WHERE kind = 'replayed'"
@@ -126,12 +130,12 @@ def test_a_batch_for_a_missing_chain_head_is_refused_and_kept(tmp_path: Any) -> 
     for i in range(3):
         guard.execute(f"h-{i}", "charge", {"n": i}, run)
         guard.execute(f"h-{i}", "charge", {"n": i}, run)  # a buffered replay event
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         before = conn.execute("SELECT count(*) FROM audit_events").fetchone()[0]
         conn.execute("DELETE FROM audit_chain")
     with pytest.raises(StoreError, match="chain head missing"):
         store.flush_events()
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("SELECT count(*) FROM audit_events").fetchone()[0] == before
     assert store._buffer  # still held
     store._buffer.take()  # (nothing can be written to this file any more)
@@ -158,7 +162,7 @@ def test_a_deleted_tail_is_found_against_the_anchor(tmp_path: Any) -> None:
     """Deleting the newest events and fixing the head is caught by the anchor."""
     guard, path = _sqlite_guard(tmp_path)
     anchor(guard.store, key=KEY)
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         shard, seq = conn.execute(
             "SELECT shard, max(seq) FROM audit_events GROUP BY shard ORDER BY 2 DESC LIMIT 1"
         ).fetchone()
@@ -176,7 +180,7 @@ def test_a_deleted_tail_is_found_against_the_anchor(tmp_path: Any) -> None:
 def test_reordered_events_are_found(tmp_path: Any) -> None:
     """Swapping the places of two events of one chain is found."""
     guard, path = _sqlite_guard(tmp_path)
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         (shard,) = conn.execute(
             "SELECT shard FROM audit_events GROUP BY shard HAVING count(*) >= 2 LIMIT 1"
         ).fetchone()
@@ -200,7 +204,7 @@ def test_renumbered_events_are_found(tmp_path: Any) -> None:
         guard.execute("ord-1", "charge", {"amount": 5}, lambda _ctx: {"charge_id": "ch_1"})
         anchor(guard.store, key=key)
         assert verify(guard.store, key=key).ok
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         a, b = (
             r[0]
             for r in conn.execute(
@@ -225,7 +229,7 @@ def test_a_rewritten_chain_is_found_only_with_the_anchor(tmp_path: Any) -> None:
 
     guard, path = _sqlite_guard(tmp_path)
     anchor(guard.store, key=KEY)
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE audit_events SET detail = '{\"forged\":true}' WHERE id = 1")
         shards = [r[0] for r in conn.execute("SELECT DISTINCT shard FROM audit_events")]
         for shard in shards:
@@ -338,7 +342,7 @@ def _edit_record(store: Any, request_id: str, **columns: Any) -> None:
     access to the database would (``columns``: column -> value)."""
     if isinstance(store, SQLiteStore):
         sets = ", ".join(f"{c} = ?" for c in columns)
-        with sqlite3.connect(store.path) as conn:
+        with closing(sqlite3.connect(store.path)) as conn, conn:
             conn.execute(
                 f"UPDATE executions SET {sets} WHERE request_id = ?",
                 (*columns.values(), request_id),
@@ -366,7 +370,7 @@ def _edit_record(store: Any, request_id: str, **columns: Any) -> None:
 
 def _delete_record(store: Any, request_id: str) -> None:
     if isinstance(store, SQLiteStore):
-        with sqlite3.connect(store.path) as conn:
+        with closing(sqlite3.connect(store.path)) as conn, conn:
             conn.execute("DELETE FROM executions WHERE request_id = ?", (request_id,))
     elif type(store).__name__ == "PostgresStore":
         import psycopg
@@ -492,7 +496,10 @@ def test_receipts_without_a_digest_are_unverified_and_tombstones_are_checked(
     guard.execute("old", "charge", {}, lambda _ctx: 1)
     guard.execute("new", "charge", {}, lambda _ctx: 1)
     guard.close()
-    with sqlite3.connect(path) as conn:  # "old": its succeeded event without the digest
+    with (
+        closing(sqlite3.connect(path)) as conn,
+        conn,
+    ):  # "old": its succeeded event without the digest
         event_id, detail = conn.execute(
             "SELECT id, detail FROM audit_events WHERE subject = 'old' AND kind = 'succeeded'"
         ).fetchone()
@@ -1313,7 +1320,7 @@ def _pre_chain_store(db_store: Any, clock: FakeClock) -> _PreChain:
         for suffix in ("-wal", "-shm"):
             if os.path.exists(path + suffix):
                 os.remove(path + suffix)
-        with sqlite3.connect(path) as conn:
+        with closing(sqlite3.connect(path)) as conn, conn:
             conn.execute("CREATE TABLE safeagent_meta (key TEXT PRIMARY KEY, value TEXT)")
             for statements in module.MIGRATIONS[:2]:
                 for statement in statements:

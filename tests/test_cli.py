@@ -26,6 +26,7 @@ import sys
 import threading
 import types
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -703,11 +704,10 @@ def test_audit_verify_finds_a_receipt_edited_in_the_database(db: Path) -> None:
     clean = cli_json("audit", "verify", "--db", db)
     assert clean["receipts_checked"] >= 1
     assert clean["receipts_unverified"] == 0
-    (rid,) = (
-        sqlite3.connect(db)
-        .execute("SELECT request_id FROM executions WHERE status = 'SUCCEEDED' LIMIT 1")
-        .fetchone()
-    )
+    with closing(sqlite3.connect(db)) as conn:
+        (rid,) = conn.execute(
+            "SELECT request_id FROM executions WHERE status = 'SUCCEEDED' LIMIT 1"
+        ).fetchone()
     tamper(db, f"UPDATE executions SET result = '{{\"forged\":1}}' WHERE request_id = '{rid}'")
     result = cli("audit", "verify", "--db", db, "--json")
     assert result.exit_code == 1
@@ -1482,7 +1482,7 @@ def edited(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         store.close()
 
         def sql(statement: str) -> None:
-            with sqlite3.connect(path) as conn:
+            with closing(sqlite3.connect(path)) as conn, conn:
                 conn.execute(statement.replace("{t}", ""))
             conn.close()
 
@@ -1590,7 +1590,7 @@ def test_a_receipt_with_a_text_time_is_unreadable(tmp_path: Path) -> None:
     store = SQLiteStore(path, clock=clock)
     seed(store, clock)
     store.close()
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE executions SET created_at_ms = 'x' WHERE request_id = 'r-1'")
     conn.close()
     result = cli("receipts", "list", "--db", path, "--since", "2000-01-01T00:00:00Z")

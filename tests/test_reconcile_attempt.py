@@ -19,6 +19,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -445,7 +446,7 @@ def _claim_as_an_older_release(store: Any, request_id: str, owner: str, now: int
     where = " WHERE namespace = 'default' AND request_id = {p} AND status = 'RELEASED'"
     params = (owner, now + LEASE_MS, now, now, request_id)
     if isinstance(store, SQLiteStore):
-        with sqlite3.connect(store.path) as conn:
+        with closing(sqlite3.connect(store.path)) as conn, conn:
             sql = "UPDATE executions SET " + (sets + where).format(p="?")
             assert conn.execute(sql, params).rowcount == 1
         return
@@ -593,7 +594,7 @@ def previous_version_store(
     clock.now_ms = START_MS + 40_000  # every old row is in doubt
     if request.param == "sqlite":
         path = tmp_path / "v4.db"
-        with sqlite3.connect(path, isolation_level=None) as conn:
+        with closing(sqlite3.connect(path, isolation_level=None)) as conn, conn:
             conn.execute("CREATE TABLE safeagent_meta (key TEXT PRIMARY KEY, value TEXT)")
             for statements in sqlite_module.MIGRATIONS[:4]:
                 for statement in statements:
@@ -605,7 +606,7 @@ def previous_version_store(
             )
 
         def version() -> str:
-            with sqlite3.connect(path) as conn:
+            with closing(sqlite3.connect(path)) as conn, conn:
                 return str(
                     conn.execute(
                         "SELECT value FROM safeagent_meta WHERE key = 'schema_version'"

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def test_a_newer_schema_stops_older_code(tmp_path: Path) -> None:
     """A database whose schema version is newer than the code raises SchemaVersionError."""
     path = tmp_path / "g.db"
     SQLiteStore(path).close()
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE safeagent_meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(SchemaVersionError, match="schema version 99"):
         SQLiteStore(path)
@@ -289,7 +290,7 @@ def test_a_version_3_file_is_migrated_and_its_chains_extend(tmp_path: Path) -> N
     """A file written at schema version 3 (head kept by the writer, no trigger) opens at
     version 4; new events extend the old chains and the whole trail verifies."""
     path = tmp_path / "v3.db"
-    with sqlite3.connect(path, isolation_level=None) as conn:
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn, conn:
         conn.execute("CREATE TABLE safeagent_meta (key TEXT PRIMARY KEY, value TEXT)")
         for statements in sqlite_module.MIGRATIONS[:3]:
             for statement in statements:
@@ -319,7 +320,7 @@ def test_a_version_3_file_is_migrated_and_its_chains_extend(tmp_path: Path) -> N
             guard.execute(f"new-{i}", "charge", {"i": i}, lambda _ctx: 1)
         assert verify(guard.store).ok
         assert [e.subject for e in guard.audit_trail("old")] == ["old"]
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute(
             "SELECT value FROM safeagent_meta WHERE key = 'schema_version'"
         ).fetchone() == (str(sqlite_module.SCHEMA_VERSION),)
@@ -327,13 +328,13 @@ def test_a_version_3_file_is_migrated_and_its_chains_extend(tmp_path: Path) -> N
 
 
 def _indexes(path: Path) -> set[str]:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
     return {name for (name,) in rows}
 
 
 def _schema_version(path: Path) -> str:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         (value,) = conn.execute(
             "SELECT value FROM safeagent_meta WHERE key = 'schema_version'"
         ).fetchone()
@@ -361,7 +362,7 @@ def test_opening_drops_the_previous_releases_chain_index_and_keeps_the_version(
     with Guard(path) as guard:
         for i in range(20):
             guard.execute(f"old-{i}", "charge", {"i": i}, lambda _ctx: 1)
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("CREATE INDEX audit_events_chain ON audit_events (shard, seq)")
     version = _schema_version(path)
     with Guard(path) as guard:
@@ -383,7 +384,7 @@ def test_a_store_already_open_keeps_writing_when_another_drops_the_chain_index(
     drops it, and the whole trail verifies."""
     path = tmp_path / "g.db"
     with Guard(path) as old:
-        with sqlite3.connect(path) as conn:
+        with closing(sqlite3.connect(path)) as conn, conn:
             conn.execute("CREATE INDEX audit_events_chain ON audit_events (shard, seq)")
         for i in range(10):
             old.execute(f"before-{i}", "charge", {"i": i}, lambda _ctx: 1)
