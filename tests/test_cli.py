@@ -592,6 +592,26 @@ def test_cases_signal_open_takes_the_new_cases_policy(db: Path) -> None:
     assert cli("cases", "show", "case-10", "--db", db).exit_code == 1
 
 
+def test_cases_signal_open_racing_another_opener_is_exit_1(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process opens the case with another policy between the CLI's look and its
+    --open: the library refuses the open, and the CLI says so as for a case it saw (exit 1,
+    no signal recorded), not as bad input (exit 2)."""
+    from safeagent import ConsensusPolicy, FinalityGate, Guard, SQLiteStore
+
+    store = SQLiteStore(db)
+    FinalityGate(Guard(store)).open("case-11", policy=ConsensusPolicy(0.6, 3))
+    store.close()
+    monkeypatch.setattr(FinalityGate, "get", lambda *_a, **_k: None)  # looked before it
+    raced = cli(*signal_args("case-11", "1", "--open", "--quorum", "1", "--db", db))
+    assert raced.exit_code == 1, raced.output
+    assert "policy never changes" in raced.stderr
+    assert "no signal recorded" in raced.stderr
+    monkeypatch.undo()
+    assert cli_json("cases", "show", "case-11", "--db", db)["signals"] == []
+
+
 def test_cases_resolve_finalizes_once(db: Path) -> None:
     """cases resolve makes an IN_RECONCILIATION case FINAL; resolving it again is exit 1."""
     args = ["cases", "resolve", "case-2", "--outcome", "reject", "--by", "carol",

@@ -318,8 +318,13 @@ def test_disallowed_transition_is_refused_or_ignored_and_changes_nothing(
     attempt = ATTEMPTS[(frm, to)]
 
     if attempt == "reopen":
-        case = gate.open(CID, policy=ConsensusPolicy(threshold=0.1, quorum=1))
-        assert case.state is frm
+        # Another policy is refused (a case's policy never changes); the same policy, or
+        # none, returns the case as it is.
+        with pytest.raises(ConfigurationError, match="policy never changes"):
+            gate.open(CID, policy=ConsensusPolicy(threshold=0.1, quorum=1))
+        assert snapshot(gate) == before
+        for again in (gate.open(CID), gate.open(CID, policy=ConsensusPolicy())):
+            assert again.state is frm
         assert snapshot(gate) == before
     elif attempt == "resolve":
         with pytest.raises(InvalidTransitionError) as info:
@@ -969,8 +974,10 @@ def test_same_case_id_in_two_namespaces_is_two_cases(
     assert [row[1] for row in ledger.rows()] == [APPROVE, REJECT]
     assert first.downstream_key != second.downstream_key
     assert gate.get(CID) is None  # the guard's own namespace has no such case
-    states = {c.namespace: c.state for c in gate.cases()}
+    assert gate.cases() == []  # the guard's namespace, as get()
+    states = {c.namespace: c.state for c in gate.cases(all_namespaces=True)}
     assert states == {"tenant-1": SETTLED, "tenant-2": SETTLED}
+    assert [c.namespace for c in gate.cases(namespace="tenant-2")] == ["tenant-2"]
 
 
 @pytest.mark.parametrize("rid", ["case:x", "case:" + CID, "case:"])

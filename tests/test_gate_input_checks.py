@@ -68,7 +68,7 @@ def written(store: Any) -> dict[str, Any]:
     """Everything the store holds: cases (with their signals), events and records."""
     store.flush_events()
     gate = FinalityGate(Guard(store))
-    cases = gate.cases()
+    cases = gate.cases(all_namespaces=True)
     return {
         "cases": [(c.namespace, c.case_id, c.state, c.version, c.signals) for c in cases],
         "signals": [gate.history(c.case_id, namespace=c.namespace) for c in cases],

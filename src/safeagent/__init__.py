@@ -10,10 +10,11 @@ from importlib.metadata import version as _version
 
 from safeagent._aguard import AsyncGuard
 from safeagent._audit import AuditEvent, EventKind, default_redactor, no_redaction
+from safeagent._case_view import Case
 from safeagent._cases import CaseState, ConsensusPolicy, Signal, Tally
 from safeagent._core import ReconcileReport
 from safeagent._decorator import AsyncGuardedFunction, GuardedFunction
-from safeagent._gate import AsyncFinalityGate, Case, FinalityGate
+from safeagent._gate import AsyncFinalityGate, FinalityGate
 from safeagent._guard import Guard
 from safeagent._keys import bind_arguments, derive_request_id
 from safeagent._policy import (

@@ -13,13 +13,13 @@ States and the only transitions allowed::
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 from safeagent._keys import check_name
+from safeagent._policy import _shown_number, plain_number
 from safeagent.errors import ConfigurationError, InvalidInputError, InvalidTransitionError
 
 
@@ -106,12 +106,20 @@ class ConsensusPolicy:
     quorum: int = 1
 
     def __post_init__(self) -> None:
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
-            raise ConfigurationError(f"threshold must be in (0, 1], got {t!r}")
-        q = self.quorum
-        if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= MAX_QUORUM:
-            raise ConfigurationError(f"quorum must be an int in [1, {MAX_QUORUM}], got {q!r}")
+        # Converted first, then checked, then kept as converted: a float subclass whose
+        # __float__ says otherwise, or an int too large for a float, cannot slip past.
+        t = plain_number(self.threshold)
+        if t is None or not 0 < t <= 1:
+            raise ConfigurationError(
+                f"threshold must be in (0, 1], got {_shown_number(self.threshold, t)}"
+            )
+        q = plain_number(self.quorum)
+        if not isinstance(q, int) or not 1 <= q <= MAX_QUORUM:
+            raise ConfigurationError(
+                f"quorum must be an int in [1, {MAX_QUORUM}], got {_shown_number(self.quorum, q)}"
+            )
+        object.__setattr__(self, "threshold", float(t))
+        object.__setattr__(self, "quorum", q)
 
     def tally(self, signals: Sequence[Signal]) -> Tally:
         """Score the live signals and say which outcome, if any, is final."""
@@ -181,21 +189,26 @@ def check_signal(source: object, outcome: object, confidence: object) -> float:
     ``source`` and ``outcome`` are names (:func:`~safeagent._keys.check_name`): every store
     keeps them as text and the outcome goes into the settlement's payload.
 
+    The confidence is converted before it is checked (:func:`~safeagent._policy.plain_number`):
+    an ``int`` exactly, a ``float`` through ``float()``; the value checked is the value
+    returned.
+
     Raises:
         InvalidInputError: a source or outcome that is not a non-empty ``str`` of at most
             255 characters of valid UTF-8 without NUL (a lone surrogate, a NUL byte), or a
-            confidence that is not a number in [0, 1].
+            confidence that is not a number in [0, 1] (a ``bool``, NaN, an int of any size
+            outside it).
     """
     source = check_name("source", source)
     outcome = check_name("outcome", outcome)
-    if (
-        isinstance(confidence, bool)
-        or not isinstance(confidence, (int, float))
-        or not math.isfinite(confidence)
-        or not 0 <= confidence <= 1
-    ):
-        raise InvalidInputError(f"confidence must be a number in [0, 1], got {confidence!r}")
-    return float(confidence)
+    # Converted first (an int exactly: 10**400 is refused, not an OverflowError), then
+    # checked, and the checked value is the one returned and stored.
+    value = plain_number(confidence)
+    if value is None or not 0 <= value <= 1:  # NaN compares false: refused too
+        raise InvalidInputError(
+            f"confidence must be a number in [0, 1], got {_shown_number(confidence, value)}"
+        )
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from safeagent._aguard import AsyncGuard
+from safeagent._case_view import Case, case_of, list_cases, read_case
 from safeagent._cases import (
     BEFORE_FINAL,
     CaseRow,
     CaseState,
     ConsensusPolicy,
     Signal,
-    Tally,
     apply_resolution,
     apply_signal,
     check_signal,
@@ -65,6 +64,52 @@ def _check_policy(policy: object) -> None:
         raise ConfigurationError(f"policy must be a ConsensusPolicy, got {policy!r}")
 
 
+def _check_guard(gate: str, guard: object, wanted: type) -> None:
+    """Refuse a gate's ``guard`` of the wrong kind when the gate is built, not at its first
+    settlement (an AttributeError and a coroutine never awaited).
+
+    Raises:
+        ConfigurationError: ``guard`` is not a ``wanted`` (Guard or AsyncGuard).
+    """
+    if isinstance(guard, wanted):
+        return
+    if isinstance(guard, AsyncGuard):
+        advice = "use AsyncFinalityGate(guard) with an AsyncGuard"
+    elif isinstance(guard, Guard):
+        advice = "use FinalityGate(guard) with a Guard"
+    else:
+        advice = f"wrap a store in one: {gate}({wanted.__name__}(store))"
+    article = "an" if wanted is AsyncGuard else "a"
+    raise ConfigurationError(
+        f"{gate} takes {article} {wanted.__name__}, got {type(guard).__name__}: {advice}"
+    )
+
+
+def _same_policy(case: CaseRow, policy: ConsensusPolicy | None) -> None:
+    """Refuse an ``open(policy=...)`` of an existing case opened with another policy: a
+    case's policy never changes, and returning it silently would let a weaker one (an
+    auto-open by any gate's ``signal``) decide what ``settle`` runs.
+
+    Raises:
+        ConfigurationError: ``policy`` is given and differs from the stored one; nothing
+            changed (``case_id``, ``namespace``, ``threshold`` and ``quorum`` as stored,
+            ``requested``: ``policy``).
+    """
+    if policy is None or (case.threshold, case.quorum) == (policy.threshold, policy.quorum):
+        return
+    raise ConfigurationError(
+        f"case {case.case_id!r} in namespace {case.namespace!r} exists with threshold "
+        f"{case.threshold!r} and quorum {case.quorum!r}, not the threshold "
+        f"{policy.threshold!r} and quorum {policy.quorum!r} asked for: a case's policy never "
+        "changes once it is opened (nothing changed; open it under a new case id)",
+        case_id=case.case_id,
+        namespace=case.namespace,
+        threshold=case.threshold,
+        quorum=case.quorum,
+        requested=policy,
+    )
+
+
 def _check_settle_fn(fn: object, *, sync: bool) -> None:
     """Refuse a settlement ``fn`` that cannot be called as ``fn(outcome, context)``.
 
@@ -98,72 +143,6 @@ def _check_settle_fn(fn: object, *, sync: bool) -> None:
 MAX_CASE_ID_LENGTH = 255 - len(CASE_PREFIX)
 """Longest case id, in characters: its settlement's request id ``case:<case_id>`` must be
 a valid request id (at most 255 characters)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Case:
-    """A decision and where it stands.
-
-    Attributes:
-        namespace, case_id: its identity.
-        state: a :class:`CaseState`.
-        outcome: the final outcome (FINAL and SETTLED), else ``None``.
-        provisional_outcome: the outcome all live signals agree on while
-            RESOLVED_PROVISIONAL, else ``None``.
-        policy: the :class:`ConsensusPolicy` the case was opened with.
-        tally: the live signals' scores.
-        signals: the live signals, one per source, oldest first.
-        version: bumped on every change.
-        resolved_by: the operator who finalized it, if one did.
-        created_at_ms, updated_at_ms: store-clock instants in ms.
-    """
-
-    namespace: str
-    case_id: str
-    state: CaseState
-    outcome: str | None
-    provisional_outcome: str | None
-    policy: ConsensusPolicy
-    tally: Tally
-    signals: tuple[Signal, ...]
-    version: int
-    resolved_by: str | None
-    created_at_ms: int
-    updated_at_ms: int
-
-    @classmethod
-    def _from(cls, row: CaseRow, live: Sequence[Signal]) -> Case:
-        policy = row.policy
-        return cls(
-            namespace=row.namespace,
-            case_id=row.case_id,
-            state=row.state,
-            outcome=row.outcome,
-            provisional_outcome=row.provisional_outcome,
-            policy=policy,
-            tally=policy.tally(live),
-            signals=tuple(live),
-            version=row.version,
-            resolved_by=row.resolved_by,
-            created_at_ms=row.created_at_ms,
-            updated_at_ms=row.updated_at_ms,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "namespace": self.namespace,
-            "case_id": self.case_id,
-            "state": self.state.value,
-            "outcome": self.outcome,
-            "provisional_outcome": self.provisional_outcome,
-            "policy": {"threshold": self.policy.threshold, "quorum": self.policy.quorum},
-            "tally": self.tally.to_dict(),
-            "signals": [s.to_dict() for s in self.signals],
-            "version": self.version,
-            "resolved_by": self.resolved_by,
-            "created_at_ms": self.created_at_ms,
-            "updated_at_ms": self.updated_at_ms,
-        }
 
 
 def _check_case_id(case_id: object) -> str:
@@ -242,10 +221,6 @@ class _GateCore:
         _check_settle_fn(fn, sync=sync)
         return ns
 
-    @staticmethod
-    def _ns_filter(namespace: str | None) -> str | None:
-        return None if namespace is None else check_name("namespace", namespace)
-
     def _settle_call(
         self,
         ns: str,
@@ -294,7 +269,14 @@ class FinalityGate(_GateCore):
         guard: the :class:`~safeagent.Guard` whose store holds the cases and runs
             settlements.
         policy: the :class:`ConsensusPolicy` for cases opened without one
-            (default: threshold 0.8, quorum 1).
+            (default: threshold 0.8, quorum 1): by :meth:`open` without ``policy=``, and
+            by :meth:`signal` reaching a case that does not exist. An existing case keeps
+            its own.
+
+    Raises:
+        ConfigurationError: ``guard`` is not a :class:`~safeagent.Guard` (an
+            :class:`~safeagent.AsyncGuard` drives :class:`AsyncFinalityGate`), or
+            ``policy`` is not a :class:`ConsensusPolicy`.
 
     Example::
 
@@ -307,6 +289,7 @@ class FinalityGate(_GateCore):
     guard: Guard
 
     def __init__(self, guard: Guard, *, policy: ConsensusPolicy | None = None) -> None:
+        _check_guard("FinalityGate", guard, Guard)
         self.guard = guard
         self.store = guard.store
         _check_policy(policy)
@@ -319,17 +302,27 @@ class FinalityGate(_GateCore):
         policy: ConsensusPolicy | None = None,
         namespace: str | None = None,
     ) -> Case:
-        """Open a case (OPEN) with ``policy``, or return it if it exists (its own policy
-        is kept: a case's policy never changes once opened).
+        """Open a case (OPEN) with ``policy`` (default: the gate's), or return it if it
+        exists. A case's policy never changes once opened: an existing case is returned
+        with its own policy when ``policy`` is not given, and refused when ``policy`` is
+        given and differs (so a case opened first by another gate's :meth:`signal`, with
+        that gate's policy, cannot decide under a weaker policy than you asked for).
 
         Raises:
             InvalidInputError: a bad case id or namespace; nothing is recorded.
+            ConfigurationError: ``policy`` is not a ConsensusPolicy, or the case exists
+                with another threshold or quorum than ``policy`` (the error's
+                ``threshold``, ``quorum``: as stored; ``requested``: ``policy``);
+                nothing changes.
         """
         ns = self._ns(namespace)
         _check_policy(policy)
+        _check_case_id(case_id)
         p = policy or self.policy
-        row = self.store.open_case(ns, _check_case_id(case_id), p.threshold, p.quorum)
-        return Case._from(row, self.store.get_case(ns, case_id)[1])
+        opened = self.store.open_case(ns, case_id, p.threshold, p.quorum)
+        _same_policy(opened, policy)
+        row, live = read_case(self.store, ns, case_id)  # the row and its signals, together
+        return case_of(opened, []) if row is None else case_of(row, live)
 
     def signal(
         self,
@@ -343,9 +336,12 @@ class FinalityGate(_GateCore):
     ) -> Case:
         """Record ``source``'s signal and apply the transitions it causes.
 
-        Opens the case with the gate's policy if it does not exist. Before FINAL, the
-        signal replaces the source's earlier one (audited with what it replaced); after
-        FINAL it is recorded as late and changes nothing.
+        Opens the case with the gate's policy if it does not exist. A case that exists
+        keeps the policy it was opened with, whatever this gate's: so the first gate to
+        reach a case fixes its policy. To be sure of a case's policy, :meth:`open` it with
+        ``policy=`` before any signal (it refuses a case already opened with another).
+        Before FINAL, the signal replaces the source's earlier one (audited with what it
+        replaced); after FINAL it is recorded as late and changes nothing.
 
         Every text argument must be valid UTF-8 without NUL (no lone surrogates), so that
         every store holds it the same way.
@@ -355,7 +351,8 @@ class FinalityGate(_GateCore):
                 ``case:<case_id>`` is valid.
             source: who signals (an agent, model or person): 1 to 255 characters.
             outcome: what it says should happen: 1 to 255 characters.
-            confidence: in [0, 1].
+            confidence: in [0, 1]: an ``int`` or ``float``, converted (``float()``) before
+                it is checked, and kept as checked.
             metadata: JSON object kept with the signal (redacted in the audit trail).
 
         Returns:
@@ -435,10 +432,11 @@ class FinalityGate(_GateCore):
                 is ``async def``: use :class:`AsyncFinalityGate`); nothing ran.
             NotFinalError: the case does not exist or is not FINAL yet (with its state
                 and tally); nothing ran.
+            StoreError: the store failed, or the case's row cannot be read; nothing ran.
             Whatever :meth:`Guard.execute` raises (a replayed failure, in doubt, ...).
         """
         ns = self._settle_args(case_id, action, namespace, fn, sync=True)
-        row, live = self.store.get_case(ns, case_id)
+        row, live = read_case(self.store, ns, case_id)
         call, outcome = self._settle_call(
             ns,
             case_id,
@@ -461,26 +459,45 @@ class FinalityGate(_GateCore):
         return receipt
 
     def get(self, case_id: str, *, namespace: str | None = None) -> Case | None:
-        """The case as stored now, or ``None``.
+        """The case as stored now (its row and live signals read together), or ``None``.
 
         Raises:
             InvalidInputError: a bad case id or namespace.
+            StoreError: the store failed, or the case's row (or one of its live signals)
+                cannot be read.
         """
-        row, live = self.store.get_case(self._ns(namespace), _check_case_id(case_id))
-        return None if row is None else Case._from(row, live)
+        ns = self._ns(namespace)
+        _check_case_id(case_id)
+        row, live = read_case(self.store, ns, case_id)
+        return None if row is None else case_of(row, live)
 
     def cases(
-        self, *, namespace: str | None = None, states: Collection[CaseState | str] | None = None
+        self,
+        *,
+        namespace: str | None = None,
+        states: Collection[CaseState | str] | None = None,
+        all_namespaces: bool = False,
     ) -> list[Case]:
-        """Cases, oldest first, optionally filtered by namespace and state (``states``:
-        :class:`CaseState` members or their names, such as ``"FINAL"``).
+        """Cases in ``namespace`` (default: the guard's, as :meth:`get`, :meth:`signal`,
+        :meth:`resolve` and :meth:`settle`), or in every namespace with
+        ``all_namespaces=True`` (``namespace`` is then ignored), oldest first, optionally
+        by state (``states``: :class:`CaseState` members or their names, such as
+        ``"FINAL"``). Each case is its row and live signals as read together, never a row
+        of one moment with the signals of another; each carries its ``namespace``: pass
+        it on (``gate.resolve(c.case_id, ..., namespace=c.namespace)``).
+
+        .. versionchanged:: 0.3
+            Lists the guard's namespace by default (it listed every namespace).
 
         Raises:
             InvalidInputError: a namespace that is not a valid name, or ``states`` naming
                 no case state.
+            StoreError: the store failed, or case rows cannot be read (edited by hand or
+                corrupt): named in the message and in the error's ``unreadable``; no
+                listing is returned (``safeagent cases list`` shows the others).
         """
-        rows = self.store.cases(namespace=self._ns_filter(namespace), states=_states(states))
-        return [Case._from(r, self.store.get_case(r.namespace, r.case_id)[1]) for r in rows]
+        ns = None if all_namespaces else self._ns(namespace)
+        return list_cases(self.store, ns, _states(states))
 
     def history(self, case_id: str, *, namespace: str | None = None) -> list[tuple[Signal, str]]:
         """Every signal of the case in arrival order with its status (live, replaced, late).
@@ -492,13 +509,15 @@ class FinalityGate(_GateCore):
 
 
 class AsyncFinalityGate(_GateCore):
-    """The ``async`` twin of :class:`FinalityGate`, on an :class:`~safeagent.AsyncGuard`:
-    the same arguments and behaviour, ``await``-able methods. ``fn`` of :meth:`settle`
-    may be ``async def``."""
+    """The ``async`` twin of :class:`FinalityGate`, on an :class:`~safeagent.AsyncGuard`
+    (anything else, a :class:`~safeagent.Guard` too, is a ConfigurationError when the gate
+    is built): the same arguments and behaviour, ``await``-able methods. ``fn`` of
+    :meth:`settle` may be ``async def``."""
 
     guard: AsyncGuard
 
     def __init__(self, guard: AsyncGuard, *, policy: ConsensusPolicy | None = None) -> None:
+        _check_guard("AsyncFinalityGate", guard, AsyncGuard)
         self.guard = guard
         self.store = guard.store
         _check_policy(policy)
@@ -514,12 +533,12 @@ class AsyncFinalityGate(_GateCore):
         """See :meth:`FinalityGate.open`."""
         ns = self._ns(namespace)
         _check_policy(policy)
+        _check_case_id(case_id)
         p = policy or self.policy
-        row = await self.guard._io(
-            self.store.open_case, ns, _check_case_id(case_id), p.threshold, p.quorum
-        )
-        live = (await self.guard._io(self.store.get_case, ns, case_id))[1]
-        return Case._from(row, live)
+        opened = await self.guard._io(self.store.open_case, ns, case_id, p.threshold, p.quorum)
+        _same_policy(opened, policy)
+        row, live = await self.guard._io(read_case, self.store, ns, case_id)
+        return case_of(opened, []) if row is None else case_of(row, live)
 
     async def signal(
         self,
@@ -585,7 +604,7 @@ class AsyncFinalityGate(_GateCore):
     ) -> Receipt:
         """See :meth:`FinalityGate.settle`; ``fn`` may be ``async def``."""
         ns = self._settle_args(case_id, action, namespace, fn, sync=False)
-        row, live = await self.guard._io(self.store.get_case, ns, case_id)
+        row, live = await self.guard._io(read_case, self.store, ns, case_id)
         call, outcome = self._settle_call(
             ns,
             case_id,
@@ -620,23 +639,21 @@ class AsyncFinalityGate(_GateCore):
 
     async def get(self, case_id: str, *, namespace: str | None = None) -> Case | None:
         """See :meth:`FinalityGate.get`."""
-        row, live = await self.guard._io(
-            self.store.get_case, self._ns(namespace), _check_case_id(case_id)
-        )
-        return None if row is None else Case._from(row, live)
+        ns = self._ns(namespace)
+        _check_case_id(case_id)
+        row, live = await self.guard._io(read_case, self.store, ns, case_id)
+        return None if row is None else case_of(row, live)
 
     async def cases(
-        self, *, namespace: str | None = None, states: Collection[CaseState | str] | None = None
+        self,
+        *,
+        namespace: str | None = None,
+        states: Collection[CaseState | str] | None = None,
+        all_namespaces: bool = False,
     ) -> list[Case]:
         """See :meth:`FinalityGate.cases`."""
-        namespace = self._ns_filter(namespace)
-        wanted = _states(states)
-        return await self.guard._io(
-            lambda: [
-                Case._from(r, self.store.get_case(r.namespace, r.case_id)[1])
-                for r in self.store.cases(namespace=namespace, states=wanted)
-            ]
-        )
+        ns = None if all_namespaces else self._ns(namespace)
+        return await self.guard._io(list_cases, self.store, ns, _states(states))
 
     async def history(
         self, case_id: str, *, namespace: str | None = None

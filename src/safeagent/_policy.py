@@ -8,6 +8,7 @@ import datetime as dt
 import decimal
 import enum
 import math
+import operator
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -50,34 +51,71 @@ def seconds(name: str, value: Seconds, *, allow_zero: bool, maximum: float = MAX
         ConfigurationError: not a number or ``timedelta``, negative, NaN, infinite, zero
             where zero is not allowed, or longer than ``maximum``.
     """
-    if isinstance(value, dt.timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"{name} must be seconds (float or timedelta), got {value!r}")
-    # Compared as given, not through float(): an int may be too large for a float.
+    given = value
+    number = plain_number(value.total_seconds() if isinstance(value, dt.timedelta) else value)
+    if number is None:
+        raise ConfigurationError(
+            f"{name} must be seconds (float or timedelta), got {_shown(given)}"
+        )
+    # Checked as converted, and an int exactly (it may be too large for a float): what
+    # is checked is what is returned.
     if (
-        (isinstance(value, float) and not math.isfinite(value))
-        or value < 0
-        or (value == 0 and not allow_zero)
+        (isinstance(number, float) and not math.isfinite(number))
+        or number < 0
+        or (number == 0 and not allow_zero)
     ):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(
-            f"{name} must be a finite number of seconds {bound}, got {_shown(value)}"
+            f"{name} must be a finite number of seconds {bound}, got {_shown_number(given, number)}"
         )
-    if value > maximum:
+    if number > maximum:
         raise ConfigurationError(
             f"{name} must be at most {maximum:.0f} s ({maximum / 86400:.0f} days), "
-            f"got {_shown(value)}"
+            f"got {_shown_number(given, number)}"
         )
-    return float(value)
+    return float(number)
 
 
-def _shown(value: float) -> str:
+def plain_number(value: object) -> int | float | None:
+    """``value`` as the plain number to check and keep, converted *before* any check, so
+    that what is checked is what is stored: an ``int`` (``bool`` refused) as the exact
+    ``int`` it holds (never through a float, so a huge one cannot overflow, and an
+    overridden ``__index__``, ``__int__`` or comparison plays no part), a ``float`` (or a
+    subclass) as ``float(value)`` (what its ``__float__`` returns, as a plain float).
+    ``None`` for anything else, or a conversion that raises.
+    """
+    if isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, int):
+            return operator.index(value)  # an exact int, the value the object holds
+        if isinstance(value, float):
+            return float(value)
+    except Exception:  # noqa: BLE001 - a __float__ or __index__ that raises: not a number
+        return None
+    return None
+
+
+def _shown_number(given: object, number: float | None) -> str:
+    """:func:`_shown` of ``given``, and what it converted to when that differs from what it
+    shows (a float subclass whose ``__float__`` returns another value)."""
+    text = _shown(given)
+    if number is not None and type(given) not in (int, float) and _shown(number) != text:
+        text += f" (a {type(given).__name__}, as a number {_shown(number)})"
+    return text
+
+
+def _shown(value: object) -> str:
     """``repr(value)`` for a message, an int of more than 30 digits described instead (one
     too long is refused by ``str()`` beyond 4300 digits, and unreadable long before)."""
-    if isinstance(value, int) and not -(10**30) < value < 10**30:
-        return "an int of more than 30 digits"
-    return repr(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        exact = operator.index(value)  # compared as the int it holds
+        if not -(10**30) < exact < 10**30:
+            return "an int of more than 30 digits"
+    try:
+        return repr(value)
+    except Exception:  # noqa: BLE001 - a __repr__ that raises: name the type instead
+        return f"a {type(value).__name__}"
 
 
 def retention_seconds(value: Seconds) -> float:

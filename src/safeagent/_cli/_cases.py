@@ -48,6 +48,7 @@ from safeagent._cli._common import (
 from safeagent._gate import _check_case_id
 from safeagent._keys import check_name
 from safeagent._policy import CASE_PREFIX
+from safeagent.errors import ConfigurationError
 from safeagent.stores._as_stored import Unreadable
 
 cases_app = typer.Typer(
@@ -298,7 +299,10 @@ def cases_signal(
                 f"no case {case_id!r} in namespace {namespace!r} (pass --open to open it)",
             )
         if existing is None:
-            gate.open(case_id, policy=policy, namespace=namespace)
+            try:
+                gate.open(case_id, policy=policy, namespace=namespace)
+            except ConfigurationError as exc:  # opened meanwhile, with another policy
+                raise CliError(EXIT_FAILED, f"{exc} (no signal recorded)") from exc
         elif policy is not None and existing.policy != policy:
             raise CliError(
                 EXIT_FAILED,

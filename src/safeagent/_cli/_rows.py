@@ -22,9 +22,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from safeagent._audit import AuditEvent, EventKind
+from safeagent._case_view import Case
 from safeagent._cases import CaseRow, CaseState, Signal
-from safeagent._gate import Case
 from safeagent._receipt import Receipt, Record, Status
+from safeagent.errors import GuardError
 from safeagent.stores._as_stored import (
     CASE_NAMES,
     NAMES,
@@ -280,11 +281,40 @@ def _case(store: Any, row: CaseRow | Unreadable) -> Case | Unreadable:
         return unreadable_case(values, f"cannot be read ({type(exc).__name__})")
 
 
+def _case_read_together(row: CaseRow, live: Sequence[Signal]) -> Case | Unreadable:
+    """The case of ``row`` and its live signals ``live``, read in one snapshot, or
+    :class:`Unreadable` (a field of the row or of a signal is not of its type, or the
+    tally cannot be counted)."""
+    values = {n: getattr(row, n) for n in CASE_NAMES}
+    problem = field_problem(row)
+    for signal in live:
+        if problem is None and (found := field_problem(signal)) is not None:
+            problem = f"a live signal's {found}"
+    if problem is not None:
+        return unreadable_case(values, problem)
+    try:
+        return Case._from(row, live)
+    except Exception as exc:  # noqa: BLE001 - a policy or signal the tally cannot count
+        return unreadable_case(values, f"cannot be read ({type(exc).__name__})")
+
+
 def cases(
     store: Any, *, namespace: str | None = None, states: Sequence[CaseState] | None = None
 ) -> list[Case | Unreadable]:
-    """The cases ``FinalityGate.cases(namespace=, states=)`` lists, oldest first, each a
-    :class:`Case` or :class:`Unreadable`."""
+    """The cases ``FinalityGate.cases(namespace=, states=)`` lists (``namespace`` None:
+    every namespace), oldest first, each a :class:`Case` or :class:`Unreadable`. A store
+    that reads each case with its live signals in one snapshot (``cases_with_live``) is
+    read so, as the gate reads it; when that read refuses a row, and on any other store,
+    rows are read one by one, each case's signals after its row."""
+    if getattr(type(store), "cases_with_live", None) is not None:
+        try:
+            pairs = store.cases_with_live(namespace=namespace, states=states)
+        except GuardError:  # StoreError: the store failed, not a row
+            raise
+        except Exception:  # noqa: BLE001, S110 - a row its parser refused: read one by one
+            pass
+        else:
+            return [_case_read_together(row, live) for row, live in pairs]
     return [_case(store, r) for r in case_rows(store, namespace=namespace, states=states)]
 
 

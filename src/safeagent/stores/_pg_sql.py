@@ -643,6 +643,16 @@ WHERE namespace = %(ns)s AND case_id = %(cid)s AND state = 'FINAL'
 RETURNING {CASE_COLUMNS}
 """
 CASES = f"SELECT {CASE_COLUMNS} FROM {{s}}.cases WHERE TRUE"
+# Cases with their live signals in one statement (one snapshot, even at READ COMMITTED): a
+# case's columns, then one live signal's (NULL for a case without any), a row per signal.
+CASES_LIVE = (
+    "SELECT "
+    + ", ".join("c." + name.strip() for name in CASE_COLUMNS.split(","))
+    + ", s.source, s.outcome, s.confidence, s.metadata, s.at_ms FROM {s}.cases c"
+    " LEFT JOIN {s}.signals s ON s.namespace = c.namespace AND s.case_id = c.case_id"
+    " AND s.status = 'live' WHERE TRUE"
+)
+GET_CASE_LIVE = CASES_LIVE + " AND c.namespace = %(ns)s AND c.case_id = %(cid)s ORDER BY s.id"
 CASE_SIGNALS = (
     "SELECT source, outcome, confidence, metadata, at_ms, status FROM {s}.signals"
     " WHERE namespace = %(ns)s AND case_id = %(cid)s ORDER BY id"

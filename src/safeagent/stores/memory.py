@@ -293,17 +293,18 @@ class MemoryStore:
     def _open_case(
         self, namespace: str, case_id: str, policy: tuple[float, int], now: int
     ) -> CaseRow:
-        key = (namespace, case_id)
-        case = self._cases.get(key)
+        case = self._cases.get((namespace, case_id))
         if case is None:
-            case = CaseRow(
-                namespace, case_id, CaseState.OPEN, None, None, policy[0], policy[1], 1, now, now
-            )
-            self._cases[key] = case
-            self._append(
-                state_change_event(case, None, CaseState.OPEN, None, "safeagent", {}, now), now
-            )
+            case = _new_case(namespace, case_id, policy, now)
+            self._store_new_case(case, now)
         return case
+
+    def _store_new_case(self, case: CaseRow, now: int) -> None:
+        """Keep a new case and append its audited opening."""
+        self._cases[(case.namespace, case.case_id)] = case
+        self._append(
+            state_change_event(case, None, CaseState.OPEN, None, "safeagent", {}, now), now
+        )
 
     def open_case(self, namespace: str, case_id: str, threshold: float, quorum: int) -> CaseRow:
         with self._lock:
@@ -323,23 +324,21 @@ class MemoryStore:
         with self._lock:
             now = self._clock()
             key = (namespace, case_id)
-            existed = key in self._cases
-            if open_with is not None:
-                case = self._open_case(namespace, case_id, open_with, now)
-            elif existed:
-                case = self._cases[key]
-            else:
-                raise InvalidTransitionError(
-                    f"no case {case_id!r} in namespace {namespace!r}", case_id=case_id
-                )
+            case = self._cases.get(key)
+            opening = case is None
+            if case is None:
+                if open_with is None:
+                    raise InvalidTransitionError(
+                        f"no case {case_id!r} in namespace {namespace!r}", case_id=case_id
+                    )
+                case = _new_case(namespace, case_id, open_with, now)
             live = self._live(key)
-            try:
-                change = mutate(case, live)
-            except BaseException:
-                if not existed:  # undo the open, as a rolled-back transaction would
-                    del self._cases[key]
-                    self._events.pop()
-                raise
+            # Asked before anything is written: a mutation that raises (any exception, a
+            # KeyboardInterrupt too) leaves no case, no event and no link in the audit
+            # chain, as a rolled-back transaction leaves nothing.
+            change = mutate(case, live)
+            if opening:
+                self._store_new_case(case, now)
             history = self._signals.setdefault(key, [])
             if signal is not None:
                 signal = replace(signal, at_ms=now)
@@ -384,6 +383,20 @@ class MemoryStore:
                 and (states is None or c.state in states)
             ]
         return sorted(out, key=lambda c: (c.created_at_ms, c.namespace, c.case_id))
+
+    def cases_with_live(
+        self, *, namespace: str | None = None, states: Sequence[CaseState] | None = None
+    ) -> list[tuple[CaseRow, list[Signal]]]:
+        """:meth:`cases`, each with its live signals (oldest first), all read at one
+        moment."""
+        with self._lock:
+            out = [
+                (c, self._live(key))
+                for key, c in self._cases.items()
+                if (namespace is None or c.namespace == namespace)
+                and (states is None or c.state in states)
+            ]
+        return sorted(out, key=lambda p: (p[0].created_at_ms, p[0].namespace, p[0].case_id))
 
     def case_signals(self, namespace: str, case_id: str) -> list[tuple[Signal, str]]:
         with self._lock:
@@ -446,6 +459,13 @@ class MemoryStore:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _new_case(namespace: str, case_id: str, policy: tuple[float, int], now: int) -> CaseRow:
+    """A case as it is opened: OPEN, version 1, with ``policy`` (threshold, quorum)."""
+    return CaseRow(
+        namespace, case_id, CaseState.OPEN, None, None, policy[0], policy[1], 1, now, now
+    )
 
 
 def _purged(record: Record, now: int) -> Record:

@@ -96,6 +96,7 @@ from safeagent.stores._base import (
     take_over_event,
 )
 from safeagent.stores._rows import (
+    CASE_COLUMNS,
     CHAIN_SHARDS,
     N_COLUMNS,
     Heads,
@@ -335,6 +336,21 @@ def _found(row: Sequence[Any] | None) -> tuple[Record | None, int]:
     if row is None:  # pragma: no cover - GET always returns its one row
         return None, 0
     return (None if row[0] is None else row_to_record(row)), int(row[N_COLUMNS])
+
+
+_N_CASE_COLUMNS = CASE_COLUMNS.count(",") + 1
+
+
+def _with_live(rows: Sequence[Sequence[Any]]) -> list[tuple[CaseRow, list[Signal]]]:
+    """CASES_LIVE's rows (a case's columns, then one live signal's or NULLs; a case's
+    rows together) -> each case with its live signals, in order."""
+    out: list[tuple[CaseRow, list[Signal]]] = []
+    for row in rows:
+        if not out or (out[-1][0].namespace, out[-1][0].case_id) != (row[0], row[1]):
+            out.append((row_to_case(row), []))
+        if row[_N_CASE_COLUMNS] is not None:  # a live signal (source is NOT NULL)
+            out[-1][1].append(row_to_signal(row[_N_CASE_COLUMNS:]))
+    return out
 
 
 # -- lost connections ------------------------------------------------------------------------
@@ -1777,16 +1793,16 @@ class PostgresStore:
     # -- cases -------------------------------------------------------------------------------
 
     def get_case(self, namespace: str, case_id: str) -> tuple[CaseRow | None, list[Signal]]:
-        def read() -> tuple[CaseRow | None, list[Signal]]:
-            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
-                cur.execute(self._sql["GET_CASE"], {"ns": namespace, "cid": case_id})
-                row = cur.fetchone()
-                if row is None:
-                    return None, []
-                cur.execute(self._sql["LIVE_SIGNALS"], {"ns": namespace, "cid": case_id})
-                return row_to_case(row), [row_to_signal(r) for r in cur.fetchall()]
+        """The case and its live signals, read in one statement: one snapshot (two
+        statements, even in one transaction, each see their own at READ COMMITTED: a
+        signal committed between them came with the row before it)."""
 
-        return self._again(read)
+        def read(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+            cur.execute(self._sql["GET_CASE_LIVE"], {"ns": namespace, "cid": case_id})
+            return cur.fetchall()
+
+        found = _with_live(self._read(read))
+        return (None, []) if not found else found[0]
 
     def _open_case(
         self,
@@ -1923,6 +1939,27 @@ class PostgresStore:
             return [row_to_case(r) for r in cur.fetchall()]
 
         return self._read(read)
+
+    def cases_with_live(
+        self, *, namespace: str | None = None, states: Sequence[CaseState] | None = None
+    ) -> list[tuple[CaseRow, list[Signal]]]:
+        """:meth:`cases`, each with its live signals (oldest first), read in one statement:
+        one snapshot, so no case's row is of one moment and its signals of another."""
+        sql = self._sql["CASES_LIVE"]
+        params: dict[str, Any] = {}
+        if namespace is not None:
+            sql += " AND c.namespace = %(ns)s"
+            params["ns"] = namespace
+        if states is not None:
+            sql += " AND c.state = ANY(%(states)s)"
+            params["states"] = [s.value for s in states]
+        sql += " ORDER BY c.created_at_ms, c.namespace, c.case_id, s.id"
+
+        def read(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+        return _with_live(self._read(read))
 
     def case_signals(self, namespace: str, case_id: str) -> list[tuple[Signal, str]]:
         def read(cur: psycopg.Cursor[Any]) -> list[tuple[Signal, str]]:

@@ -224,6 +224,16 @@ SQL_LIVE_SIGNALS = (
     "SELECT source, outcome, confidence, metadata, at_ms FROM signals"
     " WHERE namespace = ? AND case_id = ? AND status = 'live' ORDER BY id"
 )
+_N_CASE_COLUMNS = CASE_COLUMNS.count(",") + 1
+# Cases with their live signals in one statement (one snapshot): a case's columns, then one
+# live signal's (NULL for a case without any), a row per live signal, oldest first.
+SQL_CASES_LIVE = (
+    "SELECT "
+    + ", ".join("c." + name.strip() for name in CASE_COLUMNS.split(","))
+    + ", s.source, s.outcome, s.confidence, s.metadata, s.at_ms FROM cases c"
+    " LEFT JOIN signals s ON s.namespace = c.namespace AND s.case_id = c.case_id"
+    " AND s.status = 'live' WHERE 1 = 1"
+)
 SQL_SETTLE_CASE = f"""
 UPDATE cases SET state = 'SETTLED', version = version + 1, updated_at_ms = ?
 WHERE namespace = ? AND case_id = ? AND state = 'FINAL'
@@ -1412,6 +1422,28 @@ class SQLiteStore:
             args.extend(s.value for s in states)
         sql += " ORDER BY created_at_ms, namespace, case_id"
         return [row_to_case(r) for r in self._read(lambda c: c.execute(sql, args).fetchall())]
+
+    def cases_with_live(
+        self, *, namespace: str | None = None, states: Sequence[CaseState] | None = None
+    ) -> list[tuple[CaseRow, list[Signal]]]:
+        """:meth:`cases`, each with its live signals (oldest first), read in one statement:
+        one snapshot, so no case's row is of one moment and its signals of another."""
+        sql = SQL_CASES_LIVE
+        args: list[Any] = []
+        if namespace is not None:
+            sql += " AND c.namespace = ?"
+            args.append(namespace)
+        if states is not None:
+            sql += f" AND c.state IN ({', '.join('?' for _ in states)})"
+            args.extend(s.value for s in states)
+        sql += " ORDER BY c.created_at_ms, c.namespace, c.case_id, s.id"
+        out: list[tuple[CaseRow, list[Signal]]] = []
+        for row in self._read(lambda c: c.execute(sql, args).fetchall()):
+            if not out or (out[-1][0].namespace, out[-1][0].case_id) != (row[0], row[1]):
+                out.append((row_to_case(row), []))
+            if row[_N_CASE_COLUMNS] is not None:  # a live signal (source is NOT NULL)
+                out[-1][1].append(row_to_signal(row[_N_CASE_COLUMNS:]))
+        return out
 
     def case_signals(self, namespace: str, case_id: str) -> list[tuple[Signal, str]]:
         rows = self._read(
