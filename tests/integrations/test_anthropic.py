@@ -10,6 +10,7 @@ counted in the effect ledger (``tests/conftest.py``), separate from the guard's 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,11 @@ require("anthropic")
 from anthropic.types import Message, TextBlock, ToolUseBlock, Usage  # noqa: E402
 
 from safeagent import AsyncGuard, Guard  # noqa: E402
-from safeagent.errors import ConfigurationError, ResultNotSerializableError  # noqa: E402
+from safeagent.errors import (  # noqa: E402
+    ConfigurationError,
+    InvalidInputError,
+    ResultNotSerializableError,
+)
 from safeagent.integrations.anthropic import (  # noqa: E402
     REPLAY_MARKER,
     TransportIdWarning,
@@ -343,6 +348,107 @@ def test_toolset_member_runs_the_qualified_tool_and_keeps_its_toolset(guards, le
         "toolset_name": "browser",
     }
     assert ledger.count() == 1
+
+
+def deep_input(depth: int) -> dict[str, Any]:
+    """An already parsed input whose ``payload`` nests ``depth`` lists (built without
+    recursion)."""
+    payload: list[Any] = []
+    for _ in range(depth - 1):
+        payload = [payload]
+    return {"to": "bob", "payload": payload}
+
+
+def test_deeply_nested_input_is_refused_for_that_block_only(guards, ledger):
+    """An input nested too deep, parsed or as JSON text, is the same InvalidArguments
+    error result for that block; the blocks before and after it run."""
+
+    def notify(to: str, payload: Any = None) -> str:
+        ledger.append(to)
+        return "sent"
+
+    deep_text = '{"to": "bob", "payload": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    for n, deep in enumerate((deep_input(150), deep_input(50_000), deep_text)):
+        blocks = [
+            {"type": "tool_use", "id": f"a{n}", "name": "notify", "input": {"to": f"ann{n}"}},
+            {"type": "tool_use", "id": f"b{n}", "name": "notify", "input": deep},
+            {"type": "tool_use", "id": f"c{n}", "name": "notify", "input": {"to": f"cy{n}"}},
+        ]
+        results = run_tool_uses(blocks, {"notify": notify}, guard=guards(), scope=ORDER)
+        assert [r.get("is_error", False) for r in results] == [False, True, False]
+        assert results[1]["content"] == (
+            "Error: InvalidArguments: arguments nest deeper than 99 levels"
+        )
+    assert sorted(key for key, _ in ledger.rows()) == ["ann0", "ann1", "ann2", "cy0", "cy1", "cy2"]
+
+
+class Currency(enum.Enum):
+    """A plain Enum: its members are no JSON values."""
+
+    USD = "usd"
+
+
+def test_enum_and_sentinel_defaults_just_work(guards, ledger):
+    """An Enum default counts by its value (a block spelling it out is the same request);
+    a sentinel default, which has no JSON form, is left out of the request id: both tools
+    run instead of every block being refused with InvalidArguments."""
+    missing = object()
+
+    def charge(customer: str, currency: Currency = Currency.USD) -> str:
+        return f"charged {ledger.append(f'{customer}:{currency.value}')}"
+
+    def refund(customer: str, reason: object = missing) -> str:
+        return f"refunded {ledger.append(f'refund:{reason is missing}')}"
+
+    blocks = [
+        tool_use("a", {"customer": "cus_1"}, "charge"),
+        tool_use("b", {"customer": "cus_1", "currency": "usd"}, "charge"),
+        tool_use("c", {"customer": "cus_1"}, "refund"),
+        tool_use("d", {"customer": "cus_1"}, "refund"),
+    ]
+    tools = {"charge": charge, "refund": refund}
+    results = run_tool_uses(blocks, tools, guard=guards(), scope=ORDER)
+    assert [r["content"] for r in results] == ["charged 1"] * 2 + ["refunded 2"] * 2
+    assert not any(r.get("is_error") for r in results)
+    assert ledger.rows() == [("cus_1:usd", None), ("refund:True", None)]
+
+
+def test_generator_tools_bad_names_and_scopes_are_refused_up_front(guards, tmp_path, ledger):
+    """Generator and async generator function tools, a tool name over 255 characters and a
+    scope with NUL are refused by run_tool_uses and arun_tool_uses before anything runs."""
+
+    def charge(customer: str) -> Any:
+        ledger.append(customer)
+        yield "charged"
+
+    async def acharge(customer: str) -> Any:
+        ledger.append(customer)
+        yield "charged"
+
+    def plain(customer: str) -> str:
+        ledger.append(customer)
+        return "charged"
+
+    blocks = [tool_use("a", {"customer": "cus_1"})]
+    for tool in (charge, acharge):
+        with pytest.raises(ConfigurationError, match="generator function"):
+            run_tool_uses(blocks, {"charge_card": tool}, guard=guards(), scope=ORDER)
+    with pytest.raises(ConfigurationError, match="tool name"):
+        run_tool_uses(blocks, {"x" * 256: plain}, guard=guards(), scope=ORDER)
+    with pytest.raises(InvalidInputError, match="scope"):
+        run_tool_uses(blocks, {"charge_card": plain}, guard=guards(), scope="o\x00")
+
+    async def run_async() -> None:
+        guard = AsyncGuard(tmp_path / "async.db")
+        try:
+            for tool in (charge, acharge):
+                with pytest.raises(ConfigurationError, match="generator function"):
+                    await arun_tool_uses(blocks, {"charge_card": tool}, guard=guard, scope=ORDER)
+        finally:
+            await guard.aclose()
+
+    asyncio.run(run_async())
+    assert ledger.count() == 0
 
 
 @pytest.mark.slow

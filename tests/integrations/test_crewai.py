@@ -654,3 +654,32 @@ def test_a_tool_function_over_a_guarded_function_is_refused(ledger: Ledger) -> N
     with pytest.raises(ConfigurationError, match="'notify' is already guarded"):
         guard_tool(tool("notify")(notify), guard, scope="s")
     assert ledger.count() == 0
+
+
+def test_generator_tools_are_refused_when_wrapped(ledger: Ledger) -> None:
+    """A ``@tool`` over a generator or async generator function, or a subclass whose
+    ``_run`` is a generator, is refused: calling it runs none of its body, so the guard
+    would record a call whose side effect never happened."""
+
+    def charge(customer: str) -> Any:
+        """Charge a card."""
+        ledger.append(customer)
+        yield "charged"
+
+    async def acharge(customer: str) -> Any:
+        """Charge a card."""
+        ledger.append(customer)
+        yield "charged"
+
+    class GenTool(BaseTool):
+        name: str = "charge"
+        description: str = "Charge a card."
+
+        def _run(self, customer: str) -> Any:
+            ledger.append(customer)
+            yield "charged"
+
+    for inner in (tool("charge")(charge), tool("acharge")(acharge), GenTool()):
+        with pytest.raises(ConfigurationError, match="generator function"):
+            guard_tool(inner, Guard(MemoryStore()), scope="s")
+    assert ledger.count() == 0

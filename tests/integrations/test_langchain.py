@@ -1612,3 +1612,50 @@ def test_example_runs_offline(tmp_path: Path) -> None:
     result = run_example("langgraph_tools.py", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "RESULT: ok" in result.stdout
+
+
+def test_generator_tools_are_refused_when_wrapped(ledger: Ledger) -> None:
+    """A tool over a generator or async generator function (a ``func``, a ``coroutine``, or
+    a subclass's ``_run``/``_arun``) is refused: calling it runs none of its body, so the
+    guard would record a call whose side effect never happened."""
+
+    def charge(customer: str) -> Any:
+        """Charge a card."""
+        ledger.append(customer)
+        yield "charged"
+
+    async def acharge(customer: str) -> Any:
+        """Charge a card."""
+        ledger.append(customer)
+        yield "charged"
+
+    class GenTool(BaseTool):
+        name: str = "charge"
+        description: str = "Charge a card."
+
+        def _run(self, customer: str) -> Any:
+            ledger.append(customer)
+            yield "charged"
+
+    class AsyncGenTool(BaseTool):
+        name: str = "charge"
+        description: str = "Charge a card."
+
+        def _run(self, customer: str) -> str:
+            return "charged"
+
+        async def _arun(self, customer: str) -> Any:
+            ledger.append(customer)
+            yield "charged"
+
+    tools = [
+        StructuredTool.from_function(charge),
+        StructuredTool.from_function(coroutine=acharge),
+        GenTool(),
+        AsyncGenTool(),
+    ]
+    for inner in tools:
+        for guard in (Guard(MemoryStore()), AsyncGuard(MemoryStore())):
+            with pytest.raises(ConfigurationError, match="generator function"):
+                guard_tool(inner, guard, scope="s")
+    assert ledger.count() == 0

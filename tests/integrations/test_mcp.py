@@ -894,7 +894,8 @@ def test_async_guard_cancelled_call_ends_after_its_outcome_is_recorded(ledger: L
 
 
 def seed(db: Path) -> None:
-    """A store with a receipt, a failure, a record in doubt and a case."""
+    """A store with a receipt, a failure, a record in doubt, a case, and a case in another
+    namespace."""
     guard = Guard(db, outcome_unknown=(TimeoutError,))
     guard.execute("k-ok", "create_ticket", {"email": "user@example.test"}, lambda _c: {"t": 1})
 
@@ -909,6 +910,7 @@ def seed(db: Path) -> None:
     with pytest.raises(TimeoutError):
         guard.execute("k-doubt", "charge", {"amount_cents": 700}, unknown)
     FinalityGate(guard).signal("case-1", "model-a", "approve", 0.75, metadata={"why": "ok"})
+    FinalityGate(guard).open("case-b", namespace="tenant-b")
     guard.close()
 
 
@@ -949,6 +951,7 @@ def test_own_server_shows_receipts_in_doubt_records_and_audit(tmp_path: Path) ->
         "doubt": ("list_in_doubt", {}),
         "audit": ("audit_trail", {"subject": "k-failed"}),
         "cases": ("list_cases", {}),
+        "cases_b": ("list_cases", {"namespace": "tenant-b"}),
         "bad": ("list_receipts", {"status": "lost"}),
     }
     uris = ["safeagent://in-doubt", "safeagent://receipts/default/k-ok"]
@@ -978,6 +981,12 @@ def test_own_server_shows_receipts_in_doubt_records_and_audit(tmp_path: Path) ->
     assert receipt_resource["request_id"] == "k-ok"
     assert [e["kind"] for e in data["audit"]["events"]] == ["claimed", "failed"]
     assert data["cases"]["cases"][0]["state"] == "RESOLVED_PROVISIONAL"
+    # every namespace by default, as the tool says; one when asked
+    assert [(c["namespace"], c["case_id"]) for c in data["cases"]["cases"]] == [
+        ("default", "case-1"),
+        ("tenant-b", "case-b"),
+    ]
+    assert [c["case_id"] for c in data["cases_b"]["cases"]] == ["case-b"]
     assert out["bad"].isError
     assert "status must be one of" in text(out["bad"])
 
@@ -1096,3 +1105,31 @@ def test_calls_differing_only_in_a_secret_or_an_excluded_field_are_two_requests(
     stored = " ".join(r.payload_json for r in store.records()[0])
     assert "tok_ALICE" not in stored
     assert "secret_sha256" in stored
+
+
+def test_generator_functions_are_refused_before_anything_changes(ledger: Ledger) -> None:
+    """``guarded`` and ``guard_server`` refuse a generator or async generator function tool
+    (calling one runs none of its body, so its call would be recorded as done); the
+    server's tools are left as they were."""
+
+    def export_rows(table: str) -> Any:
+        """Export rows."""
+        ledger.append("export", table)
+        yield "row"
+
+    async def stream_rows(table: str) -> Any:
+        """Stream rows."""
+        ledger.append("stream", table)
+        yield "row"
+
+    guard = Guard(MemoryStore())
+    for fn, kind in ((export_rows, "a generator"), (stream_rows, "an async generator")):
+        with pytest.raises(ConfigurationError, match=f"is {kind} function"):
+            guarded(guard, scope="s")(fn)
+        server = FastMCP("t")
+        server.tool()(fn)
+        before = server._tool_manager.get_tool(fn.__name__).fn  # type: ignore[union-attr]
+        with pytest.raises(ConfigurationError, match=f"is {kind} function"):
+            guard_server(server, guard, scope="s")
+        assert server._tool_manager.get_tool(fn.__name__).fn is before  # type: ignore[union-attr]
+    assert ledger.count() == 0

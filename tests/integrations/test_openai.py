@@ -11,8 +11,10 @@ ledger (``tests/conftest.py``), a SQLite file separate from the guard's database
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -759,6 +761,203 @@ def test_chat_custom_tool_call_is_refused_and_runs_nothing(charge_card, guards, 
     assert result["content"].startswith("Error: UnsupportedToolCall:")
     assert ledger.count() == 0
     assert guard.audit_trail() == []
+
+
+# -- arguments and tools that are refused up front, or run --------------------------------
+
+
+def nested(depth: int) -> str:
+    """JSON text of a call's arguments whose ``payload`` nests ``depth`` arrays."""
+    return '{"to": "bob", "payload": ' + "[" * depth + "]" * depth + "}"
+
+
+def test_chat_deeply_nested_arguments_are_refused_for_that_call_only(guards, ledger):
+    """Arguments nested too deep, whether json.loads gives up (RecursionError on some
+    Python versions) or parses them: the same InvalidArguments answer for that call, on
+    every version; the calls before and after it run."""
+
+    def notify(to: str, payload: Any = None) -> str:
+        ledger.append(to)
+        return "sent"
+
+    answers = set()
+    for depth in (99, 150, 5_000, 200_000):
+        message = (
+            completion(
+                chat_call(f"a{depth}", {"to": f"ann{depth}"}, "notify"),
+                chat_call(f"b{depth}", nested(depth), "notify"),
+                chat_call(f"c{depth}", {"to": f"cy{depth}"}, "notify"),
+            )
+            .choices[0]
+            .message
+        )
+        results = run_tool_calls(message, {"notify": notify}, guard=guards(), scope=ORDER)
+        assert [r["tool_call_id"] for r in results] == [f"a{depth}", f"b{depth}", f"c{depth}"]
+        assert results[0]["content"] == results[2]["content"] == "sent"
+        answers.add(results[1]["content"])
+    assert answers == {"Error: InvalidArguments: arguments nest deeper than 99 levels"}
+    assert len([key for key, _ in ledger.rows() if key.startswith(("ann", "cy"))]) == 8
+    assert ledger.count() == 8  # bob never notified
+    ok = completion(chat_call("d", nested(97), "notify")).choices[0].message
+    assert run_tool_calls(ok, {"notify": notify}, guard=guards(), scope=ORDER)[0]["content"] == (
+        "sent"
+    )
+
+
+class Currency(enum.Enum):
+    """A plain Enum: its members are no JSON values."""
+
+    USD = "usd"
+    EUR = "eur"
+
+
+class Speed(str, enum.Enum):
+    """A str Enum."""
+
+    STANDARD = "standard"
+    EXPRESS = "express"
+
+
+def test_chat_enum_decimal_and_set_defaults_just_work(guards, ledger):
+    """A tool whose defaults are an Enum member, a Decimal or a frozenset runs (it gets the
+    defaults themselves); a call that spells a default out is the same request."""
+    seen: list[tuple[Any, ...]] = []
+
+    def charge(
+        customer: str,
+        currency: Currency = Currency.USD,
+        speed: Speed = Speed.STANDARD,
+        fee: Decimal = Decimal("0.50"),
+        tags: frozenset[str] = frozenset({"web", "api", "card", "eu", "retry"}),
+    ) -> str:
+        seen.append((currency, speed, fee, tags))
+        return f"charged {ledger.append(customer)}"
+
+    spelt_out = {
+        "customer": "cus_1",
+        "currency": "usd",
+        "speed": "standard",
+        "fee": "0.5",
+        "tags": ["api", "card", "eu", "retry", "web"],
+    }
+    message = (
+        completion(
+            chat_call("a", {"customer": "cus_1"}),
+            chat_call("b", spelt_out),
+            chat_call("c", {"customer": "cus_1", "currency": "eur"}),
+        )
+        .choices[0]
+        .message
+    )
+    results = run_tool_calls(message, {"charge_card": charge}, guard=guards(), scope=ORDER)
+    assert [r["content"] for r in results] == ["charged 1", "charged 1", "charged 2"]
+    assert seen[0] == (Currency.USD, Speed.STANDARD, Decimal("0.50"), charge.__defaults__[-1])
+    assert seen[1][0] == "eur"
+    assert ledger.count() == 2
+
+
+def test_chat_defaults_without_a_json_form_are_left_out_of_the_request_id(guards, ledger):
+    """A default with no JSON form (a sentinel meaning "not given", NaN, a huge int) is left
+    out of the request id, as LangChain's integration leaves it: the tool runs (it was
+    refused with InvalidArguments on every call), a re-emitted call replays, and a call
+    that gives the argument is another request."""
+    missing = object()
+    seen: list[Any] = []
+
+    def remind(
+        customer: str,
+        note: object = missing,
+        rate: float = float("nan"),
+        fee: Decimal = Decimal("NaN"),
+        limit: int = 2**60,
+    ) -> str:
+        seen.append((note is missing, rate != rate, fee.is_nan(), limit))
+        return f"reminded {ledger.append(customer)}"
+
+    message = (
+        completion(
+            chat_call("a", {"customer": "cus_1"}, "remind"),
+            chat_call("b", {"customer": "cus_1"}, "remind"),
+            chat_call("c", {"customer": "cus_1", "note": "late"}, "remind"),
+            chat_call("d", {"customer": "cus_1", "limit": 5}, "remind"),
+        )
+        .choices[0]
+        .message
+    )
+    results = run_tool_calls(message, {"remind": remind}, guard=guards(), scope=ORDER)
+    assert [r["content"] for r in results] == [
+        "reminded 1",
+        "reminded 1",
+        "reminded 2",
+        "reminded 3",
+    ]
+    assert seen[0] == (True, True, True, 2**60)
+    assert ledger.count() == 3
+
+
+def test_bad_scope_tool_name_and_namespace_are_refused_up_front(charge_card, guards, ledger):
+    """A scope or namespace with NUL or a lone surrogate, and a tool name that cannot be
+    an action, are the caller's error before anything runs (not every call's answer)."""
+    message = completion(chat_call("a", ARGS)).choices[0].message
+    for scope in ("order-\x00-42", "order-\ud800"):
+        with pytest.raises(InvalidInputError, match="scope"):
+            run_tool_calls(message, {"charge_card": charge_card}, guard=guards(), scope=scope)
+    for namespace in ("", "t\x00", "t" * 256):
+        with pytest.raises(InvalidInputError, match="namespace"):
+            run_tool_calls(
+                message,
+                {"charge_card": charge_card},
+                guard=guards(),
+                scope=ORDER,
+                namespace=namespace,
+            )
+    for name in ("x" * 256, "bad\x00name", ""):
+        long_call = completion(chat_call("a", ARGS, name)).choices[0].message
+        with pytest.raises(ConfigurationError, match="tool name"):
+            run_tool_calls(long_call, {name: charge_card}, guard=guards(), scope=ORDER)
+    assert ledger.count() == 0
+
+
+def test_generator_tools_are_refused_up_front(guards, db, ledger):
+    """Generator and async generator function tools (calling one runs none of its body) are
+    refused by every function, sync and async, before anything runs or is recorded."""
+
+    def charge(customer: str) -> Any:
+        ledger.append(customer)
+        yield "charged"
+
+    async def acharge(customer: str) -> Any:
+        ledger.append(customer)
+        yield "charged"
+
+    class Charger:
+        def __call__(self, customer: str) -> Any:
+            ledger.append(customer)
+            yield "charged"
+
+    message = completion(chat_call("a", {"customer": "cus_1"})).choices[0].message
+    items = [function_call("a", {"customer": "cus_1"})]
+    guard = guards()
+    for tool in (charge, acharge, Charger()):
+        tools = {"charge_card": tool}
+        with pytest.raises(ConfigurationError, match="generator function"):
+            run_tool_calls(message, tools, guard=guard, scope=ORDER)
+        with pytest.raises(ConfigurationError, match="generator function"):
+            run_function_calls(items, tools, guard=guard, scope=ORDER)
+
+        async def run_async(tools: dict[str, Any] = tools) -> None:
+            aguard = AsyncGuard(db)
+            try:
+                with pytest.raises(ConfigurationError, match="generator function"):
+                    await arun_tool_calls(message, tools, guard=aguard, scope=ORDER)
+                with pytest.raises(ConfigurationError, match="generator function"):
+                    await arun_function_calls(items, tools, guard=aguard, scope=ORDER)
+            finally:
+                await aguard.aclose()
+
+        asyncio.run(run_async())
+    assert ledger.count() == 0
+    assert guard.store.records()[0] == []
 
 
 @pytest.mark.slow

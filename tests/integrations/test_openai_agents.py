@@ -14,9 +14,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 
@@ -30,7 +34,9 @@ from agents import (  # noqa: E402
     RunConfig,
     RunContextWrapper,
     Runner,
+    ToolOutputImage,
     function_tool,
+    tool_namespace,
 )
 from agents.items import ModelResponse  # noqa: E402
 from agents.models.interface import Model  # noqa: E402
@@ -40,9 +46,15 @@ from openai.types.responses import (  # noqa: E402
     ResponseOutputMessage,
     ResponseOutputText,
 )
+from pydantic import BaseModel, Field  # noqa: E402
 
 from safeagent import AsyncGuard, Guard  # noqa: E402
-from safeagent.errors import ConfigurationError, InvalidInputError  # noqa: E402
+from safeagent.errors import (  # noqa: E402
+    ConfigurationError,
+    InvalidInputError,
+    InvalidPayloadError,
+)
+from safeagent.integrations._common import key_form  # noqa: E402
 from safeagent.integrations.openai_agents import (  # noqa: E402
     REPLAY_MARKER,
     ToolCallError,
@@ -460,6 +472,314 @@ def test_scope_function_returning_nothing_runs_nothing(ledger, aguard):
     model = asyncio.run(run_once(tool, [[function_call("c", ARGS)], [answer("Done.")]]))
     assert model.tool_outputs[0]["output"] == "failed"
     assert isinstance(errors[0], InvalidInputError)
+    assert ledger.count() == 0
+
+
+# -- arguments with one form per value ------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.slow
+def test_set_arguments_get_one_request_id_whatever_the_hash_seed(ledger, tmp_path):
+    """Set-shaped arguments (a set, a frozenset, and sets in a model, a dataclass and a
+    dict) count in canonical order: four worker processes with four hash seeds, the model
+    listing the elements in two orders, run each tool once."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    env.update(GUARD_DB=str(tmp_path / "guard.db"), LEDGER_DB=ledger.path)
+    for seed, order in (("1", "forward"), ("2", "reverse"), ("3", "forward"), ("4", "reverse")):
+        worker = subprocess.run(
+            [sys.executable, str(HERE / "agents_worker.py")],
+            env={**env, "PYTHONHASHSEED": seed, "ORDER": order},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+    effects = [key for key, _ in ledger.rows()]
+    assert sorted(effects) == [
+        "send_batch",
+        "send_by_team",
+        "send_invoice",
+        "send_mailing",
+        "send_reminder",
+    ]
+
+
+class Refund(BaseModel):
+    """A refund line, with a Decimal inside."""
+
+    reason: str
+    amount: Decimal
+
+
+def test_decimal_spellings_are_one_request(ledger, aguard):
+    """10, 10.0, 1e1 and "10.00" are one amount, at the top level and inside a model or a
+    dict; 10.5 is another, however it is spelt."""
+
+    @function_tool
+    def charge_card(customer: str, amount: Decimal) -> str:
+        """Charge a customer's card."""
+        return f"charged {ledger.append(f'charge:{amount}')}"
+
+    @function_tool(strict_mode=False)
+    def refund(line: Refund, fees: dict[str, Decimal]) -> str:
+        """Refund a line."""
+        return f"refunded {ledger.append(f'refund:{line.amount}')}"
+
+    charge = guard_tool(charge_card, guard=aguard, scope=by_order)
+    spellings = [10, 10.0, 1e1, "10.00", "1E+1", 10.5, "10.50", 1.05e1]
+    calls = [
+        function_call(f"c{i}", {"customer": "cus_1", "amount": a}) for i, a in enumerate(spellings)
+    ]
+    model = asyncio.run(run_once(charge, [calls, [answer("Done.")]]))
+    outputs = [o["output"] for o in model.tool_outputs]  # the SDK runs them concurrently
+    assert len(set(outputs[:5])) == len(set(outputs[5:])) == 1
+    assert outputs[0] != outputs[5]
+
+    back = guard_tool(refund, guard=aguard, scope=by_order)
+    calls = [
+        function_call(
+            f"r{i}", {"line": {"reason": "late", "amount": a}, "fees": {"eur": f}}, "refund"
+        )
+        for i, (a, f) in enumerate(((2, "0.50"), ("2.00", 0.5), (2.0, "5E-1")))
+    ]
+    model = asyncio.run(run_once(back, [calls, [answer("Done.")]]))
+    assert len({o["output"] for o in model.tool_outputs}) == 1
+    effects = [key.split(":") for key, _ in ledger.rows()]
+    assert sorted((kind, Decimal(amount)) for kind, amount in effects) == [
+        ("charge", Decimal(10)),
+        ("charge", Decimal("10.5")),
+        ("refund", Decimal(2)),
+    ]
+
+
+def test_decimal_key_form_is_one_spelling_per_number():
+    """Every spelling of a number gets one form; -0 is 0; an exponent form of an integer is
+    written out; NaN and infinities are refused with InvalidPayloadError."""
+    same = [
+        ["10", "10.0", "1E+1", "10.000", "0.1E+2"],
+        ["0", "-0", "0.000", "0E+5", "-0E-3"],
+        ["-2.5", "-2.50", "-0.25E+1"],
+        ["0.0000001", "1E-7", "1.0E-7"],
+        ["1E+120", "1.000E+120"],
+    ]
+    for spellings in same:
+        forms = {key_form({"v": Decimal(s)})["v"] for s in spellings}
+        assert len(forms) == 1, (spellings, forms)
+    assert key_form(Decimal("1E+2")) == "100"
+    assert key_form(Decimal("-0")) == "0"
+    assert key_form(Decimal("1.5E+3")) == "1500"
+    assert Decimal(key_form(Decimal("1E+120"))) == Decimal("1E+120")
+    assert len({key_form(Decimal(s)) for s in ("10", "10.5", "1.05", "100", "1E-7")}) == 5
+    from safeagent.integrations._keyform import canonical_decimal
+
+    already = Decimal("10.5")
+    assert canonical_decimal(already) is already  # the usual spelling: the same object
+    for bad in ("NaN", "-NaN", "sNaN", "Infinity", "-Infinity"):
+        with pytest.raises(InvalidPayloadError, match="not a number"):
+            key_form({"v": Decimal(bad)})
+
+
+def test_decimal_nan_argument_runs_nothing(ledger, aguard):
+    """A Decimal parameter that admits NaN: the call is refused (InvalidPayloadError, shown
+    through the tool's failure function) and the tool does not run."""
+    errors: list[BaseException] = []
+
+    def show(ctx: RunContextWrapper[Any], error: Exception) -> str:
+        errors.append(error)
+        return "failed"
+
+    @function_tool(failure_error_function=show)
+    def charge_card(amount: Annotated[Decimal, Field(allow_inf_nan=True)]) -> str:
+        """Charge a card."""
+        ledger.append(str(amount))
+        return "charged"
+
+    tool = guard_tool(charge_card, guard=aguard, scope=by_order)
+    calls = [function_call("a", {"amount": "NaN"}), function_call("b", {"amount": "Infinity"})]
+    model = asyncio.run(run_once(tool, [calls, [answer("Done.")]]))
+    assert [o["output"] for o in model.tool_outputs] == ["failed", "failed"]
+    assert all(isinstance(e, InvalidPayloadError) for e in errors)
+    assert ledger.count() == 0
+
+
+# -- tool namespaces -------------------------------------------------------------------------
+
+
+async def run_tools(tools: list[Any], turns: list[Any]) -> ScriptedModel:
+    model = ScriptedModel(turns)
+    agent = Agent(name="clerk", instructions="Invoice.", model=model, tools=tools)
+    await Runner.run(agent, "Invoice.", context=Order("order-42"), run_config=NO_TRACING)
+    return model
+
+
+def namespaced_call(call_id: str, namespace: str | None, name: str = "create_invoice") -> Any:
+    return ResponseFunctionToolCall(
+        type="function_call",
+        id=f"fc_{call_id}",
+        call_id=call_id,
+        name=name,
+        namespace=namespace,
+        arguments=json.dumps({"customer": "cus_1", "amount_cents": 500}),
+        status="completed",
+    )
+
+
+def test_same_named_tools_in_two_namespaces_keep_their_own_records(ledger, aguard):
+    """billing.create_invoice and refunds.create_invoice, with the same arguments, both run
+    (each replays only itself); the action is the namespace-qualified name, and a tool
+    outside any namespace keeps its plain name."""
+
+    def invoice_tool(kind: str, name: str = "create_invoice") -> FunctionTool:
+        @function_tool(name_override=name)
+        def create_invoice(customer: str, amount_cents: int) -> str:
+            """Create an invoice."""
+            return f"{kind} {ledger.append(kind)}"
+
+        return guard_tool(create_invoice, guard=aguard, scope=by_order)
+
+    tools = [
+        *tool_namespace(name="billing", description="Billing", tools=[invoice_tool("billing")]),
+        *tool_namespace(name="refunds", description="Refunds", tools=[invoice_tool("refunds")]),
+        invoice_tool("plain", name="create_credit_note"),
+    ]
+    turns: list[Any] = [
+        [
+            namespaced_call("a", "billing"),
+            namespaced_call("b", "refunds"),
+            namespaced_call("c", None, "create_credit_note"),
+        ],
+        [namespaced_call("d", "refunds"), namespaced_call("e", "billing")],
+        [answer("Done.")],
+    ]
+    model = asyncio.run(run_tools(tools, turns))
+    outputs = {o["call_id"]: o["output"] for o in model.tool_outputs}
+    assert outputs["a"] == outputs["e"]  # the SDK runs a response's calls concurrently
+    assert outputs["b"] == outputs["d"]
+    assert [outputs[c].split()[0] for c in "abc"] == ["billing", "refunds", "plain"]
+    assert sorted(key for key, _ in ledger.rows()) == ["billing", "plain", "refunds"]
+    [records] = aguard.store.records()[:1]
+    assert sorted(r.action for r in records) == [
+        "billing.create_invoice",
+        "create_credit_note",
+        "refunds.create_invoice",
+    ]
+
+
+# -- replays keep the first call's shape -----------------------------------------------------
+
+
+def replayed_outputs(tool: FunctionTool, arguments: dict[str, Any], name: str) -> list[Any]:
+    """What the model is sent for the first call and for a re-emitted one."""
+    outputs = []
+    for call_id in ("call_1", "call_2"):
+        turns = [[function_call(call_id, arguments, name)], [answer("Done.")]]
+        outputs.append(asyncio.run(run_once(tool, turns)).tool_outputs[0]["output"])
+    return outputs
+
+
+def test_replay_marker_never_changes_what_the_model_is_shown(ledger, aguard):
+    """With replay_marker, a dict result, a ToolOutputImage and a list of them replay with
+    the first call's type and shape (unmarked); a str result replays marked; a tool with
+    an output schema replays its str result unmarked (the SDK parses it as JSON)."""
+
+    @function_tool
+    def charge_card(customer: str) -> dict[str, Any]:
+        """Charge."""
+        return {"charge_id": f"ch_{ledger.append('charge')}", "ok": True}
+
+    @function_tool
+    def screenshot(page: str) -> ToolOutputImage:
+        """Screenshot."""
+        return ToolOutputImage(image_url=f"https://example.com/{ledger.append('shot')}.png")
+
+    @function_tool
+    def screenshots(page: str) -> list[ToolOutputImage]:
+        """Screenshots."""
+        row = ledger.append("shots")
+        return [ToolOutputImage(image_url=f"https://example.com/{row}-{n}.png") for n in (1, 2)]
+
+    @function_tool
+    def note(text: str) -> str:
+        """Note."""
+        return f"noted {ledger.append('note')}"
+
+    schema = {
+        "type": "object",
+        "properties": {"ticket": {"type": "string"}},
+        "required": ["ticket"],
+        "additionalProperties": False,
+    }
+
+    @function_tool(output_json_schema=schema)
+    def open_ticket(title: str) -> str:
+        """Open a ticket."""
+        return json.dumps({"ticket": f"T-{ledger.append('ticket')}"})
+
+    cases = [
+        (charge_card, {"customer": "cus_1"}),
+        (screenshot, {"page": "home"}),
+        (screenshots, {"page": "home"}),
+        (open_ticket, {"title": "broken"}),
+    ]
+    for original, arguments in cases:
+        tool = guard_tool(original, guard=aguard, scope=by_order, replay_marker=REPLAY_MARKER)
+        first, replay = replayed_outputs(tool, arguments, original.name)
+        assert replay == first, original.name
+        assert type(replay) is type(first)
+    assert ledger.count() == 4
+    shot = guard_tool(screenshot, guard=aguard, scope="other", replay_marker=REPLAY_MARKER)
+    assert isinstance(replayed_outputs(shot, {"page": "home"}, "screenshot")[0], list)
+    noted = guard_tool(note, guard=aguard, scope=by_order, replay_marker=REPLAY_MARKER)
+    assert replayed_outputs(noted, {"text": "hi"}, "note") == ["noted 6", REPLAY_MARKER + "noted 6"]
+
+
+# -- refused when wrapping -------------------------------------------------------------------
+
+
+def test_generator_tools_are_refused_when_wrapping(ledger, aguard, tmp_path):
+    """A generator or async generator function tool is refused (calling it runs none of its
+    body, so the guard would record a charge that never happened), with either guard."""
+
+    def gen_charge(customer: str) -> Any:
+        ledger.append(customer)
+        yield "charged"
+
+    async def agen_charge(customer: str) -> Any:
+        ledger.append(customer)
+        yield "charged"
+
+    sync_guard = Guard(tmp_path / "sync.db")
+    try:
+        for func, kind in ((gen_charge, "a generator"), (agen_charge, "an async generator")):
+            tool = function_tool(func)
+            for guard in (aguard, sync_guard):
+                with pytest.raises(ConfigurationError, match=f"is {kind} function"):
+                    guard_tool(tool, guard=guard, scope="order-42")
+    finally:
+        sync_guard.close()
+    assert ledger.count() == 0
+
+
+def test_bad_names_are_refused_when_wrapping(ledger, aguard):
+    """A tool name that cannot be an action (over 255 characters), a scope or a namespace
+    with NUL or a lone surrogate: refused by guard_tool, not on every call."""
+
+    @function_tool(name_override="x" * 256)
+    def charge_card(customer: str) -> str:
+        """Charge."""
+        return "charged"
+
+    with pytest.raises(ConfigurationError, match="tool name"):
+        guard_tool(charge_card, guard=aguard, scope="order-42")
+    for scope in ("order-\x00-42", "order-\ud800"):
+        with pytest.raises(InvalidInputError, match="scope"):
+            guard_tool(charge_tool(ledger), guard=aguard, scope=scope)
+    for namespace in ("", "tenant\x00", "t" * 256):
+        with pytest.raises(InvalidInputError, match="namespace"):
+            guard_tool(charge_tool(ledger), guard=aguard, scope="s", namespace=namespace)
     assert ledger.count() == 0
 
 

@@ -3,7 +3,9 @@
 **Request ids** (docs/design.md section 6). By default the request id of a tool call is derived
 from what the call *is*: :func:`safeagent.derive_request_id` over ``(scope, tool name,
 arguments)``, the arguments bound through the tool function's signature with its defaults
-applied, minus the volatile ones the caller names in ``exclude``. A model that re-emits the
+applied (a default that is no JSON value as it is, such as an ``Enum`` member or a
+``Decimal``, by its JSON form: :class:`ToolSpec`), minus the volatile ones the caller
+names in ``exclude``. A model that re-emits the
 same call after a retry mints a new tool-call id, but gets the same request id, so the
 retry replays instead of running again. With ``key="tool_call_id"`` the tool-call id is the
 request id instead, and :class:`TransportIdWarning` is emitted.
@@ -34,7 +36,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import hashlib
 import inspect
 import json
 import textwrap
@@ -56,7 +57,8 @@ from safeagent import (
     derive_request_id,
 )
 from safeagent._decorator import is_guarded
-from safeagent._keys import check_request_id
+from safeagent._keys import MAX_DEPTH, check_name, check_request_id
+from safeagent._keys import storable as storable_text
 from safeagent._policy import CASE_PREFIX
 from safeagent.errors import (
     ConfigurationError,
@@ -67,6 +69,7 @@ from safeagent.errors import (
 from safeagent.errors import (
     TransportIdWarning as TransportIdWarning,  # noqa: PLC0414 - public home: safeagent.errors
 )
+from safeagent.integrations._keyform import key_form as key_form  # noqa: PLC0414 - shared here
 
 KeyMode = Literal["derived", "tool_call_id"]
 """How a tool call's request id is made: ``"derived"`` (default) or ``"tool_call_id"``."""
@@ -174,17 +177,65 @@ class CallSettings:
 
 
 def check_scope(scope: object) -> str:
-    """Validate a scope: a non-empty ``str`` of at most 255 characters.
+    """Validate a scope: a non-empty ``str`` of at most 255 characters of valid UTF-8
+    without NUL (what :func:`safeagent.derive_request_id` takes), so that a bad scope is
+    the caller's error before anything runs, not every tool call's.
 
     Raises:
         InvalidInputError: anything else.
     """
-    if not isinstance(scope, str) or not scope or len(scope) > MAX_NAME:
+    if not isinstance(scope, str) or not scope or len(scope) > MAX_NAME or not storable_text(scope):
         raise InvalidInputError(
-            f"scope must be a non-empty str of at most {MAX_NAME} characters (a run, "
-            f"conversation or order id), got {scope!r}"
+            f"scope must be a non-empty str of at most {MAX_NAME} characters of valid "
+            f"UTF-8 without NUL (a run, conversation or order id), got {scope!r}"
         )
     return scope
+
+
+def check_namespace(namespace: object) -> str | None:
+    """Validate ``namespace=``: ``None`` (the guard's) or a guard namespace name.
+
+    Raises:
+        InvalidInputError: not a non-empty ``str`` of at most 255 characters of valid
+            UTF-8 without NUL.
+    """
+    return None if namespace is None else check_name("namespace", namespace)
+
+
+def check_tool_name(name: object) -> str:
+    """Validate a tool name, the guard's action: a non-empty ``str`` of at most 255
+    characters of valid UTF-8 without NUL.
+
+    Raises:
+        ConfigurationError: anything else (a tool so named could never run).
+    """
+    try:
+        return check_name("tool name", name)
+    except InvalidInputError as exc:
+        raise ConfigurationError(f"{exc}: it is the guard's action") from None
+
+
+def refuse_generator(what: str, *funcs: object) -> None:
+    """Refuse generator and async generator functions (or objects whose ``__call__`` is
+    one) as tool bodies: calling one runs none of its body, so the guard would record a
+    call as done whose side effect never happened. ``None`` in ``funcs`` is skipped.
+
+    Raises:
+        ConfigurationError: one of ``funcs`` is such a function; ``what`` names the tool.
+    """
+    for func in funcs:
+        if func is None:
+            continue
+        call = getattr(func, "__call__", None)  # noqa: B004 - the method itself
+        for candidate in (func, call):
+            is_async = inspect.isasyncgenfunction(candidate)
+            if is_async or inspect.isgeneratorfunction(candidate):
+                kind = "an async generator" if is_async else "a generator"
+                raise ConfigurationError(
+                    f"{what} is {kind} function: calling it runs none of its body, so the "
+                    "guard would record a side effect that never happened; return the "
+                    "result (collect what it yields) from a plain function"
+                )
 
 
 def check_key(key: object) -> KeyMode:
@@ -253,7 +304,7 @@ def settings(
     checked = CallSettings(
         scope=check_scope(scope),
         key=check_key(key),
-        namespace=namespace,
+        namespace=check_namespace(namespace),
         replay_marker=check_marker(replay_marker),
         exclude_all=exclude_all,
         exclude_by_tool=exclude_by_tool,
@@ -402,30 +453,94 @@ def hoist_excluded(
     return hoisted
 
 
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool of the ``tools`` mapping, checked.
+
+    Attributes:
+        func: the tool function.
+        accepted: its argument names.
+        defaults: by parameter name, what a call that leaves the argument out counts as,
+            for each default that is not a JSON value as it is: its JSON form (an ``Enum``
+            member by its value, a ``Decimal`` by its number, a ``frozenset`` as a
+            sorted list), or :data:`UNAPPLIED` for a default that has none (a sentinel
+            ``object()``, a NaN). The function still gets the default itself.
+    """
+
+    func: ToolFunction
+    accepted: Parameters
+    defaults: Mapping[str, Any]
+
+
+UNAPPLIED: Any = object()
+"""A default with no JSON form: a call that leaves its argument out counts without it."""
+
+
+def default_forms(func: ToolFunction) -> dict[str, Any]:
+    """The forms of ``func``'s defaults that are not JSON values as they are (see
+    :attr:`ToolSpec.defaults`), made as the Agents SDK path makes its arguments'
+    (:func:`key_form`). A default with no JSON form a request id can hold (a sentinel
+    marking "not given", a NaN, an integer beyond +-(2**53 - 1)) is left out of the
+    request id and the stored payload, as the LangChain integration leaves it unapplied:
+    a call that leaves the argument out differs from every call that gives it, so no two
+    calls become one, and the tool still runs (it would otherwise be refused on every such
+    call)."""
+    forms: dict[str, Any] = {}
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    for param in inspect.signature(func).parameters.values():
+        if param.kind in variadic or param.default is inspect.Parameter.empty:
+            continue
+        if _counts(param.name, param.default):
+            continue  # a JSON value already: counts as it always did
+        try:
+            form = key_form(param.default)
+        except Exception:  # noqa: BLE001 - pydantic's, or ours: either way, no form
+            form = UNAPPLIED
+        forms[param.name] = form if _counts(param.name, form) else UNAPPLIED
+    return forms
+
+
+def _counts(name: str, value: Any) -> bool:
+    """``True`` when argument ``name`` with ``value`` can be part of a request id."""
+    try:
+        derive_request_id("scope", "tool", {name: value})
+    except InvalidInputError:
+        return False
+    return True
+
+
 def check_tools(
     tools: Mapping[str, ToolFunction], options: CallSettings, *, allow_async: bool, twin: str
-) -> Mapping[str, ToolFunction]:
+) -> dict[str, ToolSpec]:
     """Validate the tool mapping, and ``exclude`` against it, before any call runs.
 
+    Returns:
+        The tools by name, checked.
+
     Raises:
-        ConfigurationError: not a mapping of names to callables; a tool already guarded
-            (a function decorated with ``guard.guarded``, ...); a tool whose signature
-            cannot be read; an ``async`` tool given to a sync function (the message names
-            the async ``twin``); an ``exclude`` entry for a tool that is not in ``tools``,
-            or naming no argument of its tool(s).
+        ConfigurationError: not a mapping of names to callables; a tool name that cannot be
+            an action (empty, over 255 characters, NUL, a lone surrogate); a tool already
+            guarded (a function decorated with ``guard.guarded``, ...); a generator or
+            async generator function; a tool whose signature cannot be read; an
+            ``async`` tool given to a sync function (the message names the async
+            ``twin``); an ``exclude`` entry for a tool that is not in
+            ``tools``, or naming no argument of its tool(s).
     """
     if not isinstance(tools, Mapping):
         raise ConfigurationError("tools must be a mapping of tool name to function")
-    accepted: dict[str, Parameters] = {}
+    specs: dict[str, ToolSpec] = {}
     for name, func in tools.items():
         if not isinstance(name, str) or not callable(func):
             raise ConfigurationError(f"tools[{name!r}] must map a tool name to a function")
+        check_tool_name(name)
         refuse_guarded(f"tool {name!r}", func)
+        refuse_generator(f"tool {name!r}", func)
         if not allow_async and is_async_callable(func):
             raise ConfigurationError(
                 f"tool {name!r} is async: run it with {twin} and an AsyncGuard"
             )
-        accepted[name] = parameter_names(name, func)
+        specs[name] = ToolSpec(func, parameter_names(name, func), default_forms(func))
+    accepted = {name: spec.accepted for name, spec in specs.items()}
     for name, names in options.exclude_by_tool.items():
         if name not in tools:
             raise ConfigurationError(f"exclude names tool {name!r}, which is not in tools")
@@ -448,7 +563,7 @@ def check_tools(
                 f"exclude names {unknown} that no tool ({', '.join(sorted(tools))}) takes "
                 f"as a named argument{hint}"
             )
-    return tools
+    return specs
 
 
 def refuse_guarded(what: str, *objs: object) -> None:
@@ -487,17 +602,54 @@ def rejected(error_type: str, message: str) -> Outcome:
     return Outcome("rejected", error=ErrorInfo(error_type, message))
 
 
+ARGUMENT_DEPTH = MAX_DEPTH - 1
+"""Deepest nesting of a call's arguments (the arguments object is level 1): a derived
+request id covers ``[scope, tool, arguments]``, one level more, and canonical JSON takes
+at most :data:`safeagent._keys.MAX_DEPTH`."""
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """``True`` when ``value`` nests objects and arrays more than ``limit`` levels deep.
+    Walked without recursion, so any depth is answered."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _nested_too_deep() -> Outcome:
+    return rejected("InvalidArguments", f"arguments nest deeper than {ARGUMENT_DEPTH} levels")
+
+
 def parse_arguments(arguments: Any) -> dict[str, Any] | Outcome:
-    """The call's arguments as a dict, from JSON text or an already parsed object."""
+    """The call's arguments as a dict, from JSON text or an already parsed object; or the
+    ``InvalidArguments`` rejection. Arguments nested deeper than :data:`ARGUMENT_DEPTH`
+    are refused here with one message on every Python version, whether ``json.loads``
+    parses them (3.12 and later take thousands of levels) or gives up with
+    ``RecursionError`` (3.11 past about a thousand), which would otherwise end the whole
+    turn."""
     if isinstance(arguments, (str, bytes, bytearray)):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
+        except RecursionError:
+            return _nested_too_deep()
         except ValueError as exc:
             return rejected("InvalidArguments", f"arguments are not valid JSON: {exc}")
     elif arguments is None:
         arguments = {}
     if not isinstance(arguments, Mapping) or not all(isinstance(k, str) for k in arguments):
         return rejected("InvalidArguments", "arguments must be a JSON object")
+    if _too_deep(arguments, ARGUMENT_DEPTH):
+        return _nested_too_deep()
     return dict(arguments)
 
 
@@ -521,17 +673,19 @@ def request_id_for(
 
 
 def prepare(
-    call: ToolCall, tools: Mapping[str, ToolFunction], options: CallSettings
+    call: ToolCall, tools: Mapping[str, ToolSpec], options: CallSettings
 ) -> Prepared | Outcome:
     """Resolve the tool, bind its arguments and derive the request id; or the rejection
-    the model is shown when that fails (nothing ran, nothing was recorded)."""
+    the model is shown when that fails (nothing ran, nothing was recorded). A default the
+    call leaves to the function counts as its JSON form (:attr:`ToolSpec.defaults`)."""
     if call.kind != "function":
         return rejected(
             "UnsupportedToolCall", f"{call.kind} tool calls are not run here; use function tools"
         )
-    func = tools.get(call.name)
-    if func is None:
+    spec = tools.get(call.name)
+    if spec is None:
         return rejected("UnknownTool", f"no tool named {call.name!r}")
+    func = spec.func
     if options.key == "tool_call_id":  # the transport id is the request id: check it here
         try:
             check_request_id(call.call_id)
@@ -551,8 +705,14 @@ def prepare(
     except InvalidInputError as exc:
         cause = exc.__cause__  # bind_arguments names the function object; the model needs less
         return rejected("InvalidArguments", str(cause if isinstance(cause, TypeError) else exc))
+    if spec.defaults:  # the defaults the call leaves to the function, as they count
+        given = {k: v for k, v in payload.items() if k in parsed or k not in spec.defaults}
+        left = {k: spec.defaults[k] for k in payload if k not in given}
+        payload = {**given, **{k: v for k, v in left.items() if v is not UNAPPLIED}}
     if excluded:
-        payload = hoist_excluded(payload, parameter_names(call.name, func).var_keyword, excluded)
+        payload = hoist_excluded(payload, spec.accepted.var_keyword, excluded)
+    if _too_deep(payload, ARGUMENT_DEPTH):  # a **kwargs dict is one level more
+        return _nested_too_deep()
     try:
         request_id = request_id_for(
             options.scope, call.name, payload, excluded, options.key, call.call_id
@@ -590,58 +750,6 @@ def storable(value: Any) -> Any:
         return plain(value)
     except Exception:  # noqa: BLE001 - any dump error: the encoder reports it
         return value
-
-
-def key_form(value: Any) -> Any:
-    """``value`` (a call's bound arguments) as the JSON values its request id and
-    fingerprint cover, with pydantic's ``to_jsonable_python``, except where that would
-    hide what tells two calls apart: a ``SecretStr``/``SecretBytes`` (masked as
-    ``"**********"`` by pydantic) counts by the SHA-256 of its secret (never stored in
-    clear), and a model with a secret or a field declared ``exclude=True`` (left out by
-    pydantic) counts by every field. Two charges with different card tokens or IBANs must
-    never get one request id. Values without either convert exactly as before, so their
-    request ids do not change.
-
-    Raises:
-        pydantic_core.PydanticSerializationError: a value pydantic cannot convert.
-    """
-    from pydantic_core import to_jsonable_python  # noqa: PLC0415 - the SDKs bring pydantic
-
-    return to_jsonable_python(_reveal(value))
-
-
-def _secret_digest(value: Any) -> dict[str, str] | None:
-    """``{"secret_sha256": ...}`` for a pydantic secret, else ``None``."""
-    getter = getattr(value, "get_secret_value", None)
-    if getter is None or type(value).__name__ not in ("SecretStr", "SecretBytes"):
-        return None
-    secret = getter()
-    data = secret.encode("utf-8", "surrogatepass") if isinstance(secret, str) else bytes(secret)
-    return {"secret_sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _reveal(value: Any) -> Any:
-    """``value`` with secrets replaced by their digests and models that hold a secret or
-    an excluded field turned into dicts of every field; ``value`` itself (the same
-    object) when it holds neither, so that pydantic converts it as it always did."""
-    digest = _secret_digest(value)
-    if digest is not None:
-        return digest
-    fields = getattr(type(value), "model_fields", None)
-    if isinstance(fields, dict) and not isinstance(value, type):
-        every = {name: getattr(value, name) for name in fields}
-        extra = getattr(value, "__pydantic_extra__", None) or {}
-        revealed = {k: _reveal(v) for k, v in {**every, **extra}.items()}
-        hidden = any(getattr(f, "exclude", None) for f in fields.values())
-        changed = any(revealed[k] is not v for k, v in {**every, **extra}.items())
-        return revealed if hidden or changed else value
-    if isinstance(value, dict):
-        items = {k: _reveal(v) for k, v in value.items()}
-        return items if any(items[k] is not v for k, v in value.items()) else value
-    if isinstance(value, (list, tuple)):
-        parts = [_reveal(v) for v in value]
-        return parts if any(p is not v for p, v in zip(parts, value, strict=True)) else value
-    return value
 
 
 def render(value: Any) -> str:
@@ -767,7 +875,7 @@ async def aexecute(guard: AsyncGuard, prepared: Prepared, namespace: str | None)
 
 def run_calls(
     calls: Iterable[ToolCall],
-    tools: Mapping[str, ToolFunction],
+    tools: Mapping[str, ToolSpec],
     guard: Guard,
     options: CallSettings,
 ) -> list[tuple[ToolCall, Outcome]]:
@@ -784,7 +892,7 @@ def run_calls(
 
 async def arun_calls(
     calls: Iterable[ToolCall],
-    tools: Mapping[str, ToolFunction],
+    tools: Mapping[str, ToolSpec],
     guard: AsyncGuard,
     options: CallSettings,
 ) -> list[tuple[ToolCall, Outcome]]:

@@ -176,7 +176,11 @@ def build_server(guard: Guard, *, name: str = "safeagent") -> FastMCP:
         state = None if state is None else state.lower()
         if state is not None and state not in _STATES:
             raise InvalidInputError(f"state must be one of {sorted(_STATES)}, got {state!r}")
-        found = gate.cases(namespace=namespace, states=None if state is None else [_STATES[state]])
+        found = gate.cases(
+            namespace=namespace,
+            all_namespaces=namespace is None,  # the tool lists every namespace by default
+            states=None if state is None else [_STATES[state]],
+        )
         return {"count": len(found), "cases": [case_dict(c) for c in found]}
 
     @server.tool()

@@ -158,9 +158,12 @@ def run_tool_uses(
 
     Raises:
         TypeError: ``message`` is neither a message nor a list of blocks.
-        ConfigurationError: a bad option, an ``AsyncGuard``, an ``async`` tool, or a tool
-            already guarded (a function decorated with ``guard.guarded``).
-        InvalidInputError: an empty scope.
+        ConfigurationError: a bad option, an ``AsyncGuard``, an ``async`` tool, a tool
+            already guarded (a function decorated with ``guard.guarded``), a generator or
+            async generator function, or a tool name that cannot be an action (over 255
+            characters, NUL, ...).
+        InvalidInputError: a scope or ``namespace`` that is empty, too long, or not valid
+            UTF-8 text without NUL.
         GuardError: SafeAgent's own errors (in progress, in doubt, conflict, store).
         Exception: a tool's exception that left the record in doubt.
     """
@@ -173,8 +176,8 @@ def run_tool_uses(
         caller="run_tool_uses",
     )
     check_guard(guard, Guard, "arun_tool_uses")
-    check_tools(tools, options, allow_async=False, twin="arun_tool_uses")
-    done = run_calls(_tool_uses(message, tools), tools, guard, options)
+    specs = check_tools(tools, options, allow_async=False, twin="arun_tool_uses")
+    done = run_calls(_tool_uses(message, tools), specs, guard, options)
     return _results(done, options.replay_marker)
 
 
@@ -201,6 +204,6 @@ async def arun_tool_uses(
         caller="arun_tool_uses",
     )
     check_guard(guard, AsyncGuard, "run_tool_uses")
-    check_tools(tools, options, allow_async=True, twin="arun_tool_uses")
-    done = await arun_calls(_tool_uses(message, tools), tools, guard, options)
+    specs = check_tools(tools, options, allow_async=True, twin="arun_tool_uses")
+    done = await arun_calls(_tool_uses(message, tools), specs, guard, options)
     return _results(done, options.replay_marker)

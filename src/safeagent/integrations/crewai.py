@@ -77,6 +77,7 @@ from safeagent.integrations._common import (
     is_async_callable,
     is_stub,
     key_form,
+    refuse_generator,
     refuse_guarded,
     run_on_loop,
     storable,
@@ -117,16 +118,24 @@ def guard_tool(
 
     Raises:
         ConfigurationError: ``tool`` is not a CrewAI ``BaseTool`` or is already guarded
-            (a :class:`GuardedTool`, or a ``@tool`` over a guarded function), ``guard``
-            is not a :class:`~safeagent.Guard`, not exactly one of ``scope`` and
-            ``scope_arg`` is given, or ``scope_arg`` or a name in ``exclude`` is not one
-            of the tool's arguments.
+            (a :class:`GuardedTool`, or a ``@tool`` over a guarded function), its
+            function (or ``_run``/``_arun``) is a generator or async generator function
+            (calling one runs none of its body), ``guard`` is not a
+            :class:`~safeagent.Guard`, not exactly one of ``scope`` and ``scope_arg`` is
+            given, or ``scope_arg`` or a name in ``exclude`` is not one of the tool's
+            arguments.
         InvalidInputError: a fixed ``scope`` that is not a non-empty ``str`` of at most
             255 characters.
     """
     if not isinstance(tool, BaseTool):
         raise ConfigurationError(f"tool must be a crewai.tools.BaseTool, got {tool!r}")
     refuse_guarded(f"tool {tool.name!r}", tool, tool.func if isinstance(tool, Tool) else None)
+    refuse_generator(
+        f"tool {tool.name!r}",
+        tool.func if isinstance(tool, Tool) else None,
+        getattr(type(tool), "_run", None),
+        getattr(type(tool), "_arun", None),
+    )
     if not isinstance(guard, Guard):
         raise ConfigurationError(
             f"guard must be a safeagent.Guard (CrewAI runs tools synchronously), got {guard!r}"

@@ -133,6 +133,7 @@ from safeagent.integrations._common import (
     in_own_thread,
     is_stub,
     key_form,
+    refuse_generator,
     refuse_guarded,
     run_on_loop,
     storable,
@@ -264,7 +265,8 @@ def guard_tool(
 
     Raises:
         ConfigurationError: ``tool`` is not a ``BaseTool`` or is already guarded (a
-            :class:`GuardedTool`, or a tool whose function is guarded), its return
+            :class:`GuardedTool`, or a tool whose function is guarded), its function
+            (or ``_run``/``_arun``) is a generator or async generator function, its return
             annotation names a LangGraph ``Command`` (not a result that can be stored),
             ``guard`` is not a guard, a name in ``exclude`` is not one of the tool's
             arguments, or another option is invalid.
@@ -275,6 +277,13 @@ def guard_tool(
         raise ConfigurationError(f"tool must be a langchain_core BaseTool, got {tool!r}")
     refuse_guarded(
         f"tool {tool.name!r}", tool, getattr(tool, "func", None), getattr(tool, "coroutine", None)
+    )
+    refuse_generator(
+        f"tool {tool.name!r}",
+        getattr(tool, "func", None),
+        getattr(tool, "coroutine", None),
+        getattr(type(tool), "_run", None),
+        getattr(type(tool), "_arun", None),
     )
     if _returns_command(tool):
         raise ConfigurationError(

@@ -96,7 +96,13 @@ from safeagent.errors import (
     MissingKeyError,
     ReplayedFailureError,
 )
-from safeagent.integrations._common import check_scope, key_form, refuse_guarded, storable
+from safeagent.integrations._common import (
+    check_scope,
+    key_form,
+    refuse_generator,
+    refuse_guarded,
+    storable,
+)
 from safeagent.integrations._mcp_server import build_server, serve
 
 __all__ = ["ToolErrorResult", "build_server", "guard_server", "guarded", "main", "serve"]
@@ -453,8 +459,9 @@ def guarded(
 
     Raises:
         ConfigurationError: neither ``scope`` nor ``scope_arg``, an unknown
-            ``scope_arg`` or ``exclude`` name, not a guard, or a function already guarded
-            (by ``guarded`` or ``guard.guarded``). The wrapper is marked as guarded, so
+            ``scope_arg`` or ``exclude`` name, not a guard, a function already guarded
+            (by ``guarded`` or ``guard.guarded``), or a generator or async generator
+            function (calling one runs none of its body). The wrapper is marked as guarded, so
             :func:`guard_server` refuses the tool it becomes.
         InvalidInputError: a ``scope`` that is not a non-empty ``str`` of at most 255
             characters.
@@ -465,6 +472,7 @@ def guarded(
     def decorate(fn: F) -> F:
         tool_name = name or fn.__name__
         refuse_guarded(f"tool {tool_name!r}", fn)
+        refuse_generator(f"tool {tool_name!r}", fn)
         signature = _signature(fn)
         keying = _Keying(tool_name, scope, scope_arg, exclude, signature.parameters)
         context = find_context_parameter(fn)
@@ -521,8 +529,9 @@ def guard_server(
             argument nor a server-level ``scope``, a name in ``exclude`` that no guarded
             tool takes (or that the tool a mapping names does not take), a tool already
             guarded (by an earlier ``guard_server``, :func:`guarded` or
-            ``guard.guarded``), or a server that is not a FastMCP 1.x server. Checked
-            for every tool before any is changed.
+            ``guard.guarded``), a generator or async generator function, or a server
+            that is not a FastMCP 1.x server. Checked for every tool before any is
+            changed.
         InvalidInputError: a ``scope`` that is not a non-empty ``str`` of at most 255
             characters.
     """
@@ -548,6 +557,7 @@ def guard_server(
     keyings: dict[str, _Keying] = {}
     for tool_name in names:  # every check before any tool is changed
         refuse_guarded(f"tool {tool_name!r}", registered[tool_name].fn)
+        refuse_generator(f"tool {tool_name!r}", registered[tool_name].fn)
         own: Collection[str] = (
             exclude.get(tool_name, ())
             if isinstance(exclude, Mapping)

@@ -150,9 +150,12 @@ def run_tool_calls(
     Raises:
         TypeError: ``message`` is a whole ``ChatCompletion`` (pass its message), or its
             ``tool_calls`` is not a list.
-        ConfigurationError: a bad option, an ``AsyncGuard``, an ``async`` tool, or a tool
-            already guarded (a function decorated with ``guard.guarded``).
-        InvalidInputError: an empty scope.
+        ConfigurationError: a bad option, an ``AsyncGuard``, an ``async`` tool, a tool
+            already guarded (a function decorated with ``guard.guarded``), a generator or
+            async generator function, or a tool name that cannot be an action (over 255
+            characters, NUL, ...).
+        InvalidInputError: a scope or ``namespace`` that is empty, too long, or not valid
+            UTF-8 text without NUL.
         GuardError: SafeAgent's own errors (in progress, in doubt, conflict, store).
         Exception: a tool's exception that left the record in doubt.
     """
@@ -165,8 +168,8 @@ def run_tool_calls(
         caller="run_tool_calls",
     )
     check_guard(guard, Guard, "arun_tool_calls")
-    check_tools(tools, options, allow_async=False, twin="arun_tool_calls")
-    done = run_calls(_chat_calls(message), tools, guard, options)
+    specs = check_tools(tools, options, allow_async=False, twin="arun_tool_calls")
+    done = run_calls(_chat_calls(message), specs, guard, options)
     return _tool_messages(done, options.replay_marker)
 
 
@@ -193,8 +196,8 @@ async def arun_tool_calls(
         caller="arun_tool_calls",
     )
     check_guard(guard, AsyncGuard, "run_tool_calls")
-    check_tools(tools, options, allow_async=True, twin="arun_tool_calls")
-    done = await arun_calls(_chat_calls(message), tools, guard, options)
+    specs = check_tools(tools, options, allow_async=True, twin="arun_tool_calls")
+    done = await arun_calls(_chat_calls(message), specs, guard, options)
     return _tool_messages(done, options.replay_marker)
 
 
@@ -291,8 +294,8 @@ def run_function_calls(
         caller="run_function_calls",
     )
     check_guard(guard, Guard, "arun_function_calls")
-    check_tools(tools, options, allow_async=False, twin="arun_function_calls")
-    done = run_calls(_function_calls(response, tools), tools, guard, options)
+    specs = check_tools(tools, options, allow_async=False, twin="arun_function_calls")
+    done = run_calls(_function_calls(response, tools), specs, guard, options)
     return _outputs(done, options.replay_marker)
 
 
@@ -319,6 +322,6 @@ async def arun_function_calls(
         caller="arun_function_calls",
     )
     check_guard(guard, AsyncGuard, "run_function_calls")
-    check_tools(tools, options, allow_async=True, twin="arun_function_calls")
-    done = await arun_calls(_function_calls(response, tools), tools, guard, options)
+    specs = check_tools(tools, options, allow_async=True, twin="arun_function_calls")
+    done = await arun_calls(_function_calls(response, tools), specs, guard, options)
     return _outputs(done, options.replay_marker)

@@ -27,20 +27,29 @@ tool-call id, the trace or group id) are not used: they change on a retry.
 JSON schema, strict mode, failure policy, guardrails, approval and timeout settings) whose
 invoker runs a wrapper of the tool's Python function (``tool.__wrapped__``). The SDK still
 parses and validates the model's JSON arguments; the wrapper then binds them through the
-function's signature (defaults applied), turns them into JSON values (pydantic's
-``to_jsonable_python``; a ``SecretStr`` counts by the SHA-256 of its secret, and a model
-with a secret or an ``exclude=True`` field by every field), derives the request id
-``derive_request_id(scope, tool.name, arguments)`` without the ``exclude`` names, and runs
-the function through the guard. Both sync and ``async def`` functions work with an
+function's signature (defaults applied), turns them into JSON values
+(:mod:`safeagent.integrations._keyform`: pydantic's ``to_jsonable_python``, except that a
+set counts in canonical order whatever the hash seed, a ``Decimal`` by its number whatever
+its spelling, a ``SecretStr`` by the SHA-256 of its secret, and a model holding one of
+those or an ``exclude=True`` field by every field), derives the request id
+``derive_request_id(scope, action, arguments)`` without the ``exclude`` names, and runs
+the function through the guard. The action is the tool's name, or
+``"<namespace>.<name>"`` for a tool the SDK runs in a ``tool_namespace(...)`` (as
+``run_function_calls`` names it), so that same-named tools of two namespaces never share
+records. Both sync and ``async def`` functions work with an
 :class:`~safeagent.AsyncGuard`; a sync :class:`~safeagent.Guard` takes sync functions (the
 SDK runs them in a worker thread).
 
 **What the model sees.** The tool's return value as stored (a JSON value), the same on the
-first call and every replay; with ``replay_marker`` set, replays are that marker followed
-by the value rendered as text. A failure reaches the SDK as a :class:`ToolCallError` built
-from the stored error type and message, on the first call (chained to the original
-exception) and on every replay, so the tool's ``failure_error_function`` renders the same
-text each time (the SDK's default renders a fixed message without the details).
+first call and every replay. With ``replay_marker`` set, a replayed ``str`` result is that
+marker followed by the text; any other result (a dict, a list, a ``ToolOutputImage``) and
+every result of a tool with an output schema replays unmarked, since text in front of it
+would change what the SDK shows the model (a dict's text, structured content, JSON it
+parses). A failure reaches the SDK as a :class:`ToolCallError` built from the stored error
+type and message, on the first call (chained to the original exception) and on every
+replay, so the tool's ``failure_error_function`` renders the same text each time (the
+SDK's default, ``default_tool_error_function``, shows ``str(error)`` after a fixed
+sentence: ``"<Type>: <message>"``, with the marker on replays when one is set).
 A call released with ``NotExecuted`` re-raises that exception (the next call runs again);
 SafeAgent's own errors (in progress, in doubt, conflict, store) and a tool exception that
 left the record in doubt reach the SDK as themselves. With ``failure_error_function=None``
@@ -60,6 +69,7 @@ from typing import Any, cast, get_origin, get_type_hints
 try:
     from agents import FunctionTool, RunContextWrapper, function_tool
     from agents.tool_context import ToolContext
+    from pydantic_core import PydanticSerializationError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "safeagent.integrations.openai_agents needs the OpenAI Agents SDK: "
@@ -68,7 +78,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from safeagent import AsyncGuard, ErrorInfo, Guard, Receipt, bind_arguments
 from safeagent._decorator import GUARDED_MARKER
-from safeagent.errors import ConfigurationError, GuardError
+from safeagent.errors import ConfigurationError, GuardError, InvalidPayloadError
 from safeagent.integrations._common import (
     REPLAY_MARKER,
     Exclude,
@@ -81,15 +91,17 @@ from safeagent.integrations._common import (
     check_excluded,
     check_key,
     check_marker,
+    check_namespace,
     check_scope,
+    check_tool_name,
     error_text,
     exclusions,
     execute,
     hoist_excluded,
     is_async_callable,
     key_form,
+    refuse_generator,
     refuse_guarded,
-    render,
     request_id_for,
     warn_transport_ids,
 )
@@ -125,16 +137,35 @@ class ToolCallError(GuardError):
     receipt: Receipt | None
 
 
+def _action(name: str, ctx: ToolContext[Any]) -> str:
+    """The guard's action for a call of tool ``name``: ``"<namespace>.<name>"`` for a tool
+    the SDK resolved in a tool namespace (``tool_namespace(...)``: two namespaces may each
+    have a tool of that name, and must not replay each other's receipts), else ``name``,
+    as :func:`safeagent.integrations.openai.run_function_calls` names them. A deferred
+    top-level tool's synthetic namespace (its own name) is no namespace."""
+    namespace = getattr(ctx, "tool_namespace", None)
+    if isinstance(namespace, str) and namespace and namespace != name:
+        return f"{namespace}.{name}"
+    return name
+
+
 def _takes_context(annotation: Any) -> bool:
     origin = get_origin(annotation) or annotation
     return origin is RunContextWrapper or origin is ToolContext
 
 
 def _answer(outcome: Outcome, replay_marker: str | None) -> Any:
-    """The value handed back to the SDK for ``outcome``, or the exception it raises."""
+    """The value handed back to the SDK for ``outcome``, or the exception it raises.
+
+    A replayed ``str`` result gets ``replay_marker`` in front (still a ``str``, which the
+    SDK shows the model as it is); any other result replays exactly as stored, unmarked:
+    text in front of a dict, a list or a ``ToolOutputImage`` would change what the SDK
+    makes of it (the dict's text, structured content), so the replay would not look like
+    the first call. ``replay_marker`` is ``None`` for a tool with an output schema, whose
+    ``str`` results the SDK parses as JSON."""
     if outcome.kind == "succeeded":
-        if outcome.replay and replay_marker:
-            return replay_marker + render(outcome.result)
+        if outcome.replay and replay_marker and isinstance(outcome.result, str):
+            return replay_marker + outcome.result
         return outcome.result
     if outcome.kind == "released" and outcome.exception is not None:
         raise outcome.exception
@@ -176,8 +207,9 @@ def guard_tool(
         key: ``"derived"`` (default) or ``"tool_call_id"``: key on the SDK's tool-call id,
             which a re-emitted call does not keep; emits :class:`TransportIdWarning` now.
         namespace: the guard namespace (tenant) of the records; ``None``: the guard's.
-        replay_marker: prefix for replayed content (see :data:`REPLAY_MARKER`); ``None``
-            (default): a replay returns exactly the first call's value.
+        replay_marker: prefix for replayed ``str`` results and failure texts (see
+            :data:`REPLAY_MARKER`); other results replay unmarked (see the module
+            docstring). ``None`` (default): a replay returns exactly the first call's value.
 
     Returns:
         A new ``FunctionTool`` with the same name, description, params JSON schema and
@@ -186,9 +218,12 @@ def guard_tool(
     Raises:
         ConfigurationError: ``tool`` is not a ``FunctionTool`` made by ``@function_tool``,
             it is already guarded (made by ``guard_tool``, or over a function decorated
-            with ``guard.guarded``), the guard does not fit the function, ``exclude``
-            names an argument the tool does not take, or an option is invalid.
-        InvalidInputError: a ``str`` scope that is empty or too long.
+            with ``guard.guarded``), its function is a generator or async generator
+            function, its name cannot be an action (over 255 characters, ...), the guard
+            does not fit the function, ``exclude`` names an argument the tool does not
+            take, or an option is invalid.
+        InvalidInputError: a ``str`` scope that is empty, too long or not valid UTF-8
+            text without NUL; such a ``namespace``.
     """
     if not isinstance(tool, FunctionTool):
         raise ConfigurationError(f"guard_tool needs a FunctionTool, got {type(tool).__name__}")
@@ -200,12 +235,17 @@ def guard_tool(
             "with guard.execute instead"
         ) from exc
     refuse_guarded(f"tool {tool.name!r}", tool, func)
+    check_tool_name(tool.name)
+    refuse_generator(f"tool {tool.name!r}", func)
     if isinstance(scope, str):
         check_scope(scope)
     elif not callable(scope):
         raise ConfigurationError("scope must be a str or a function of the ToolContext")
     mode = check_key(key)
+    check_namespace(namespace)
     marker = check_marker(replay_marker)
+    if getattr(tool, "output_json_schema", None) is not None:
+        marker = None  # the SDK parses a str result as JSON: a marker would break it
     exclude_all, exclude_by_tool = exclusions(exclude)
     excluded = exclude_all | exclude_by_tool.get(tool.name, frozenset())
     if not isinstance(guard, (Guard, AsyncGuard)):
@@ -227,15 +267,22 @@ def guard_tool(
     accepted = Parameters.of(tool_params)
     check_excluded(tool.name, excluded, accepted)
     var_keyword = accepted.var_keyword
-    action = tool.name
+    name = tool.name
 
     def prepare(ctx: ToolContext[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
         call_args = (ctx, *args) if takes_context else args
         bound = bind_arguments(
             func, call_args, kwargs, exclude=(context_name,) if takes_context else ()
         )
-        payload: dict[str, Any] = hoist_excluded(key_form(bound), var_keyword, excluded)
+        try:
+            keyed = key_form(bound)
+        except PydanticSerializationError as exc:
+            raise InvalidPayloadError(
+                f"tool {name!r}: arguments are not JSON values: {exc}"
+            ) from exc
+        payload: dict[str, Any] = hoist_excluded(keyed, var_keyword, excluded)
         scope_value = check_scope(scope(ctx) if callable(scope) else scope)
+        action = _action(name, ctx)
         call_id = str(getattr(ctx, "tool_call_id", ""))
         request_id = request_id_for(scope_value, action, payload, excluded, mode, call_id)
         return Prepared(func, call_args, kwargs, request_id, action, payload, excluded)

@@ -1,0 +1,148 @@
+"""The JSON values a tool call's arguments count as, for request ids and fingerprints.
+
+Framework tools (the Agents SDK, LangChain, CrewAI, MCP) hand their functions Python values
+that pydantic parsed from the model's JSON. :func:`key_form` turns them back into JSON
+values with pydantic's ``to_jsonable_python``, except where that would let one call have
+two forms, or two calls one:
+
+- a ``set`` or ``frozenset`` becomes a list in *canonical* order (by the canonical JSON of
+  each element), not in its iteration order, which for strings changes with the
+  process's hash seed (``PYTHONHASHSEED``): the same call, re-emitted to a restarted
+  worker, would otherwise get another request id and run again;
+- a ``Decimal`` counts by its number, not its spelling: ``10``, ``10.0``, ``1e1`` and
+  ``"10.00"`` are one amount (see :func:`canonical_decimal`); NaN and infinities are
+  refused;
+- a ``SecretStr``/``SecretBytes`` (masked as ``"**********"`` by pydantic) counts by the
+  SHA-256 of its secret (never stored in clear);
+- a pydantic model or dataclass holding any of those, and a model with a field declared
+  ``exclude=True`` (left out by pydantic), counts by every field, by field name.
+
+Values holding none of those convert exactly as pydantic converts them, so their request
+ids do not change. Other types pydantic parses have one form per value already
+(``datetime``, ``date``, ``time``, ``timedelta``, ``UUID``, IP addresses, URLs, ``int``,
+``float``; canonical JSON then writes ``1.0`` and ``1`` alike).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from decimal import Decimal
+from typing import Any, cast
+
+from safeagent._keys import MAX_DEPTH, canonical_json
+from safeagent.errors import InvalidPayloadError
+
+INTEGER_DIGITS = 100
+"""An integral ``Decimal`` of at most this many digits is written out in full (``"100"``);
+a longer one in scientific notation (``"1E+100"``), so a huge exponent cannot make a huge
+text."""
+
+
+def key_form(value: Any) -> Any:
+    """``value`` (a call's bound arguments) as the JSON values its request id and
+    fingerprint cover (see the module docstring).
+
+    Raises:
+        pydantic_core.PydanticSerializationError: a value pydantic cannot convert.
+        InvalidPayloadError: a ``Decimal`` NaN or infinity, a set element that is no JSON
+            value, or a value nested deeper than the payload limit (or a cycle).
+    """
+    from pydantic_core import to_jsonable_python  # noqa: PLC0415 - the SDKs bring pydantic
+
+    return to_jsonable_python(_canonical(value, 0))
+
+
+def canonical_decimal(value: Decimal) -> Decimal:
+    """``value`` in the one spelling of its number: trailing zeros dropped and ``-0`` as
+    ``0``, so ``str()`` (what pydantic writes) is the same for every spelling of one
+    number. An integral value is written out in full (``Decimal("1e1")`` -> ``"10"``) up
+    to :data:`INTEGER_DIGITS` digits; any other keeps Python's own notation for its
+    digits and exponent (``"10.5"``, ``"1E-7"``, ``"1E+100"``). ``value`` itself (the same
+    object) when it is already so spelt, which is how a model usually sends a number.
+
+    Raises:
+        InvalidPayloadError: NaN or an infinity, which no request id can hold.
+    """
+    if not value.is_finite():
+        raise InvalidPayloadError(f"Decimal {value} is not a number a request id can hold")
+    sign, digits, spelt = value.as_tuple()
+    exponent = cast(int, spelt)  # an int for every finite value
+    kept = list(digits)
+    while len(kept) > 1 and kept[-1] == 0:
+        kept.pop()
+        exponent += 1
+    if kept == [0]:
+        canonical = Decimal(0)
+    elif exponent > 0 and len(kept) + exponent <= INTEGER_DIGITS:
+        canonical = Decimal((sign, (*kept, *([0] * exponent)), 0))
+    else:
+        canonical = Decimal((sign, tuple(kept), exponent))
+    return value if canonical.as_tuple() == value.as_tuple() else canonical
+
+
+def _secret_digest(value: Any) -> dict[str, str] | None:
+    """``{"secret_sha256": ...}`` for a pydantic secret, else ``None``."""
+    getter = getattr(value, "get_secret_value", None)
+    if getter is None or type(value).__name__ not in ("SecretStr", "SecretBytes"):
+        return None
+    secret = getter()
+    data = secret.encode("utf-8", "surrogatepass") if isinstance(secret, str) else bytes(secret)
+    return {"secret_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _canonical(value: Any, depth: int) -> Any:
+    """``value`` with secrets replaced by their digests, ``Decimal`` values respelt, sets
+    turned into canonically ordered lists, and models or dataclasses that hold any of
+    those (or, for a model, an excluded field) turned into dicts of every field; ``value``
+    itself (the same object) when it holds none, so that pydantic converts it as it
+    always did."""
+    if depth > MAX_DEPTH:
+        raise InvalidPayloadError(f"arguments nest deeper than {MAX_DEPTH} levels")
+    digest = _secret_digest(value)
+    if digest is not None:
+        return digest
+    if isinstance(value, Decimal):
+        return canonical_decimal(value)
+    if isinstance(value, (set, frozenset)):
+        return _ordered(value, depth)
+    if isinstance(value, type):
+        return value
+    fields = getattr(type(value), "model_fields", None)
+    if isinstance(fields, dict):
+        every = {name: getattr(value, name) for name in fields}
+        every.update(getattr(value, "__pydantic_extra__", None) or {})
+        revealed = {k: _canonical(v, depth + 1) for k, v in every.items()}
+        hidden = any(getattr(f, "exclude", None) for f in fields.values())
+        return revealed if hidden or _changed(revealed, every) else value
+    if dataclasses.is_dataclass(value):
+        every = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        revealed = {k: _canonical(v, depth + 1) for k, v in every.items()}
+        return revealed if _changed(revealed, every) else value
+    if isinstance(value, dict):
+        pairs = [(k, _key(k), v, _canonical(v, depth + 1)) for k, v in value.items()]
+        if all(new_k is k and new_v is v for k, new_k, v, new_v in pairs):
+            return value
+        return {new_k: new_v for _, new_k, _, new_v in pairs}
+    if isinstance(value, (list, tuple)):
+        parts = [_canonical(v, depth + 1) for v in value]
+        return parts if any(p is not v for p, v in zip(parts, value, strict=True)) else value
+    return value
+
+
+def _key(key: Any) -> Any:
+    """A dict key: a ``Decimal`` respelt (pydantic writes a key as its ``str()``)."""
+    return canonical_decimal(key) if isinstance(key, Decimal) else key
+
+
+def _changed(revealed: dict[Any, Any], original: Any) -> bool:
+    return any(revealed[k] is not v for k, v in original.items())
+
+
+def _ordered(items: set[Any] | frozenset[Any], depth: int) -> list[Any]:
+    """A set's elements as JSON values, ordered by their canonical JSON text: the same
+    list in every process, whatever the hash seed."""
+    from pydantic_core import to_jsonable_python  # noqa: PLC0415 - the SDKs bring pydantic
+
+    forms = [to_jsonable_python(_canonical(item, depth + 1)) for item in items]
+    return sorted(forms, key=canonical_json)
