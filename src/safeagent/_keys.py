@@ -26,6 +26,29 @@ DOWNSTREAM_KEY_PREFIX = "sa1-"
 MAX_DEPTH = 100
 """Deepest nesting of arrays and objects accepted in a payload."""
 MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """``True`` when ``value`` nests objects (mappings) and arrays (lists, tuples) more
+    than ``limit`` levels deep (a top-level object is level 1). Walked without
+    recursion, so any depth is answered, and the same on every Python (how deep
+    ``json.loads`` itself goes differs: 3.12 and later parse thousands of levels that
+    3.11 refuses)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 # The C string escaper behind JSONEncoder(ensure_ascii=False), called directly.
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring
 _join = "".join

@@ -28,7 +28,7 @@ from rich.text import Text
 
 from safeagent import AuditEvent, SQLiteStore, default_redactor
 from safeagent import audit as audit_lib
-from safeagent._keys import MAX_DEPTH, check_name, storable, storable_text
+from safeagent._keys import MAX_DEPTH, check_name, nested_deeper, storable, storable_text
 from safeagent._policy import MAX_RETENTION
 from safeagent._receipt import Receipt, Record
 from safeagent.errors import ConfigurationError, GuardError, InvalidInputError, StoreError
@@ -755,25 +755,9 @@ def parse_json(text: str, option: str) -> Any:
         raise CliError(EXIT_USAGE, f"{option}: not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise CliError(EXIT_USAGE, f"{option}: JSON nested too deeply") from exc
-    if _deeper_than(value, MAX_DEPTH):
+    if nested_deeper(value, MAX_DEPTH):
         raise CliError(EXIT_USAGE, f"{option}: JSON nested too deeply (over {MAX_DEPTH} levels)")
     return value
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether parsed JSON ``value`` nests lists or objects more than ``limit`` deep
-    (walked without recursion)."""
-    level = [value]
-    for _ in range(limit):
-        level = [
-            item
-            for node in level
-            if isinstance(node, (list, dict))
-            for item in (node.values() if isinstance(node, dict) else node)
-        ]
-        if not level:
-            return False
-    return any(isinstance(node, (list, dict)) for node in level)
 
 
 # -- receipts and events ------------------------------------------------------------------

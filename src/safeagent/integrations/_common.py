@@ -57,7 +57,7 @@ from safeagent import (
     derive_request_id,
 )
 from safeagent._decorator import is_guarded
-from safeagent._keys import MAX_DEPTH, check_name, check_request_id
+from safeagent._keys import MAX_DEPTH, check_name, check_request_id, nested_deeper
 from safeagent._keys import storable as storable_text
 from safeagent._policy import CASE_PREFIX
 from safeagent.errors import (
@@ -608,24 +608,6 @@ request id covers ``[scope, tool, arguments]``, one level more, and canonical JS
 at most :data:`safeagent._keys.MAX_DEPTH`."""
 
 
-def _too_deep(value: Any, limit: int) -> bool:
-    """``True`` when ``value`` nests objects and arrays more than ``limit`` levels deep.
-    Walked without recursion, so any depth is answered."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, Mapping):
-            children: Iterable[Any] = item.values()
-        elif isinstance(item, (list, tuple)):
-            children = item
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
-
-
 def _nested_too_deep() -> Outcome:
     return rejected("InvalidArguments", f"arguments nest deeper than {ARGUMENT_DEPTH} levels")
 
@@ -648,7 +630,7 @@ def parse_arguments(arguments: Any) -> dict[str, Any] | Outcome:
         arguments = {}
     if not isinstance(arguments, Mapping) or not all(isinstance(k, str) for k in arguments):
         return rejected("InvalidArguments", "arguments must be a JSON object")
-    if _too_deep(arguments, ARGUMENT_DEPTH):
+    if nested_deeper(arguments, ARGUMENT_DEPTH):
         return _nested_too_deep()
     return dict(arguments)
 
@@ -711,7 +693,7 @@ def prepare(
         payload = {**given, **{k: v for k, v in left.items() if v is not UNAPPLIED}}
     if excluded:
         payload = hoist_excluded(payload, spec.accepted.var_keyword, excluded)
-    if _too_deep(payload, ARGUMENT_DEPTH):  # a **kwargs dict is one level more
+    if nested_deeper(payload, ARGUMENT_DEPTH):  # a **kwargs dict is one level more
         return _nested_too_deep()
     try:
         request_id = request_id_for(
