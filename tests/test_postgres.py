@@ -767,12 +767,15 @@ def _read_only(url: str) -> str:
 def test_a_store_opens_on_a_read_only_database_and_fails_closed_on_writes(schema: str) -> None:
     """An up-to-date schema opens without writing (a read-only database, such as a hot
     standby, used to refuse the open: the migration step always ran CREATE SCHEMA):
-    reads, replays, listings and verify answer; a new call fails closed before fn runs,
-    and its claim is nowhere. A schema still to be created fails the open with StoreError."""
+    reads, replays, listings and verify answer, verify and close after a replay too (its
+    event, which the database cannot hold, is not kept); a new call fails closed before
+    fn runs, saying why, and its claim is nowhere. A schema still to be created fails the
+    open with StoreError."""
     writer = _store(schema)
     guard = Guard(writer)
     guard.execute("paid", "charge", {"amount": 5}, lambda _ctx: "ch_1")
     guard.close()
+    events = len(writer.events())
 
     store = PostgresStore(_read_only(PG_URL), schema=schema)
     try:
@@ -783,16 +786,19 @@ def test_a_store_opens_on_a_read_only_database_and_fails_closed_on_writes(schema
         assert [r.request_id for r in store.records()[0]] == ["paid"]
         assert verify(store).ok
         reader = Guard(store, wait=0)
-        replay = reader.execute("paid", "charge", {"amount": 5}, lambda _ctx: "ch_2")
-        assert (replay.replay, replay.result) == (True, "ch_1")
+        for _ in range(3):
+            replay = reader.execute("paid", "charge", {"amount": 5}, lambda _ctx: "ch_2")
+            assert (replay.replay, replay.result) == (True, "ch_1")
+        assert verify(store).ok  # used to raise: the replays' buffered events were flushed
         ran: list[int] = []
-        with pytest.raises(StoreError):
+        with pytest.raises(StoreError, match="read-only"):
             reader.execute("new", "charge", {"amount": 6}, lambda _ctx: ran.append(1))
         assert ran == []
         assert store.get("default", "new")[0] is None
     finally:
-        store._buffer.take()  # the replay's event cannot be written to this database
-        store.close()
+        store.close()  # used to raise: nothing it cannot write is kept
+    assert len(writer.events()) == events
+    writer.close()
     with pytest.raises(StoreError, match="read-only"):
         PostgresStore(_read_only(PG_URL), schema=schema + "_new")
 

@@ -480,6 +480,14 @@ def _released_then_claimed(record: Record, completion: Completion) -> bool:
     )
 
 
+def _read_only(cur: psycopg.Cursor[Any]) -> bool:
+    """Whether this session's transactions are read-only (a hot standby, or
+    ``default_transaction_read_only``)."""
+    cur.execute("SHOW transaction_read_only")
+    row = cur.fetchone()
+    return row is not None and row[0] == "on"
+
+
 class PostgresStore:
     """Execution records, cases and the audit trail in PostgreSQL.
 
@@ -599,6 +607,7 @@ class PostgresStore:
         self.chain_shards = CHAIN_SHARDS
         # why this store must not write (a head beyond its chains, found at open), or None
         self._unwritable: str | None = None
+        self._read_only = False  # the database was read-only when the store opened
         _live_stores.add(self)  # last: a fork's handler reads what is set above
         try:
             self._migrate()
@@ -1010,9 +1019,17 @@ class PostgresStore:
 
     def _migrate(self) -> None:
         current = self._read(self._up_to_date)
+        read_only = self._read_only = current is not None and self._read(_read_only)
         if current is None:
             current = self._migrate_now()
         self.chain_shards, top = current
+        if read_only:
+            self._unwritable = (
+                f"the database of schema {self.schema} is read-only (a hot standby or a "
+                "replica, or default_transaction_read_only is on): this store reads, "
+                "replays and verifies, and writes nothing (a new call fails closed, a "
+                "replay is not audited); open a store on a writable database for that"
+            )
         if top is not None and top >= self.chain_shards:
             # Written to, its events would go on other chains than their subjects' earlier
             # ones; read, it shows verify what was done (head_mismatch). claim, complete,
@@ -1673,13 +1690,16 @@ class PostgresStore:
         one is, marked by its chain hash: the process's next write (or :meth:`close`)
         looks it up and writes it only if it is missing, and the call returns. Until then
         it lives in this process only, like the buffered events (docs/design.md
-        section 5).
+        section 5). A store opened on a read-only database keeps no buffered event (a
+        replay's): the database can never hold it.
 
         Raises:
             StoreError: the event was not written and is not kept: the server refused it
                 (rolled back), or the connection was lost before its statement was built.
         """
         if buffered:
+            if self._read_only:
+                return  # a read-only database can never hold it: not kept (not audited)
             self._buffer.add(event if event.at_ms else stamped(event, self._now()))
             self._maybe_flush()
             return
