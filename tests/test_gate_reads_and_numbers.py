@@ -434,7 +434,9 @@ def test_a_case_row_that_cannot_be_read_is_a_store_error_naming_it(
     """One case row edited by hand (a state no release writes, an out-of-range policy, a
     live signal's metadata that is not JSON) made ``cases()`` raise a bare ValueError (or
     a ConfigurationError, or JSONDecodeError) for the whole listing, naming nothing; it is
-    a StoreError naming the row (``unreadable``), and a listing without it still works."""
+    a StoreError naming the row (``unreadable``), and a listing without it still works.
+    A signal or resolution of that case is the same StoreError (they raised the bare
+    error too), and records nothing."""
     gate = FinalityGate(Guard(db_store, wait=0), policy=ConsensusPolicy(0.9, 2))
     gate.signal("good", "model", APPROVE, 1.0)
     gate.signal("bad", "model", APPROVE, 1.0)
@@ -448,6 +450,13 @@ def test_a_case_row_that_cannot_be_read_is_a_store_error_naming_it(
         assert "good" not in str(info.value)
     with pytest.raises(StoreError, match=named):
         gate.get("bad")
+    # a write reads the row too: a StoreError naming it, nothing recorded
+    events = len(db_store.events())
+    with pytest.raises(StoreError, match=named):
+        gate.signal("bad", "other", APPROVE, 1.0)
+    with pytest.raises(StoreError, match=named):
+        gate.resolve("bad", APPROVE, by="op", reason="checked")
+    assert len(db_store.events()) == events
     good = gate.get("good")
     assert good is not None
     assert good.state is CaseState.RESOLVED_PROVISIONAL
@@ -457,6 +466,10 @@ def test_a_case_row_that_cannot_be_read_is_a_store_error_naming_it(
         agate = AsyncFinalityGate(AsyncGuard(db_store))
         with pytest.raises(StoreError, match=named):
             await agate.cases()
+        with pytest.raises(StoreError, match=named):
+            await agate.signal("bad", "other", APPROVE, 1.0)
+        with pytest.raises(StoreError, match=named):
+            await agate.resolve("bad", APPROVE, by="op", reason="checked")
 
     asyncio.run(scenario())
 

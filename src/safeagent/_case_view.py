@@ -213,6 +213,35 @@ def read_case(store: Any, namespace: str, case_id: str) -> tuple[CaseRow | None,
     return row, list(live)
 
 
+def write_case(store: Any, namespace: str, case_id: str, mutate: Any, **kwargs: Any) -> Case:
+    """``store.update_case(namespace, case_id, mutate, **kwargs)``, the case it leaves; a
+    stored row its parser refuses is a typed error naming it, as for a read.
+
+    Raises:
+        StoreError: the store failed, or the case's row (its state, its stored policy) or
+            live signals cannot be read; nothing changed.
+        GuardError: what ``mutate`` raises (an invalid transition), as it is.
+    """
+
+    def readable_first(case: CaseRow, live: list[Signal]) -> Any:
+        # Inside the store's transaction, before anything is written: a row whose policy
+        # or signals the returned Case could not hold aborts it (nothing recorded), rather
+        # than being written and then failing to be returned.
+        Case._from(case, live)
+        return mutate(case, live)
+
+    try:
+        update = store.update_case(namespace, case_id, readable_first, **kwargs)
+    except Exception as exc:
+        # The arguments were checked before: a ConfigurationError here is the stored
+        # policy's, any other GuardError the store's failure or a refused transition.
+        if isinstance(exc, GuardError) and not isinstance(exc, ConfigurationError):
+            raise
+        problem = _row_problem(store, namespace, case_id) or _problem(namespace, case_id, exc)
+        raise _unreadable_case(problem) from exc
+    return case_of(update.case, update.live)
+
+
 def _row_problem(store: Any, namespace: str, case_id: str) -> str | None:
     """What cannot be read in one case's row as stored (its state, a column), or ``None``
     (the row reads, or the store cannot be read row by row): on the error path only."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from safeagent._aguard import AsyncGuard
-from safeagent._case_view import Case, case_of, list_cases, read_case
+from safeagent._case_view import Case, case_of, list_cases, read_case, write_case
 from safeagent._cases import (
     BEFORE_FINAL,
     CaseRow,
@@ -365,7 +365,8 @@ class FinalityGate(_GateCore):
         ns, sig, detail = self._signal_args(
             case_id, source, outcome, confidence, metadata, namespace
         )
-        update = self.store.update_case(
+        return write_case(
+            self.store,
             ns,
             case_id,
             lambda case, live: apply_signal(case, live, sig),
@@ -374,7 +375,6 @@ class FinalityGate(_GateCore):
             detail=detail,
             open_with=(self.policy.threshold, self.policy.quorum),
         )
-        return Case._from(update.case, update.live)
 
     def resolve(
         self,
@@ -396,7 +396,8 @@ class FinalityGate(_GateCore):
                 nothing changes.
         """
         ns = self._resolve_args(case_id, outcome, by, reason, namespace)
-        update = self.store.update_case(
+        return write_case(
+            self.store,
             ns,
             case_id,
             lambda case, _live: apply_resolution(case, outcome),
@@ -404,7 +405,6 @@ class FinalityGate(_GateCore):
             actor=by,
             detail={"by": by, "reason": reason},
         )
-        return Case._from(update.case, update.live)
 
     def settle(
         self,
@@ -554,8 +554,9 @@ class AsyncFinalityGate(_GateCore):
         ns, sig, detail = self._signal_args(
             case_id, source, outcome, confidence, metadata, namespace
         )
-        update = await self.guard._io(
-            lambda: self.store.update_case(
+        return await self.guard._io(
+            lambda: write_case(
+                self.store,
                 ns,
                 case_id,
                 lambda case, live: apply_signal(case, live, sig),
@@ -565,7 +566,6 @@ class AsyncFinalityGate(_GateCore):
                 open_with=(self.policy.threshold, self.policy.quorum),
             )
         )
-        return Case._from(update.case, update.live)
 
     async def resolve(
         self,
@@ -578,8 +578,9 @@ class AsyncFinalityGate(_GateCore):
     ) -> Case:
         """See :meth:`FinalityGate.resolve`."""
         ns = self._resolve_args(case_id, outcome, by, reason, namespace)
-        update = await self.guard._io(
-            lambda: self.store.update_case(
+        return await self.guard._io(
+            lambda: write_case(
+                self.store,
                 ns,
                 case_id,
                 lambda case, _live: apply_resolution(case, outcome),
@@ -588,7 +589,6 @@ class AsyncFinalityGate(_GateCore):
                 detail={"by": by, "reason": reason},
             )
         )
-        return Case._from(update.case, update.live)
 
     async def settle(
         self,
