@@ -562,6 +562,39 @@ def test_an_unreadable_case_does_not_hide_the_others(db_store: Any) -> None:
     assert all(p.seq is not None and p.shard >= 0 for p in report.problems)
 
 
+def test_an_unreadable_row_named_like_a_described_value_hides_no_edit(tmp_path: Any) -> None:
+    """An unreadable row whose id is stored as a BLOB (shown as "bytes") must not excuse
+    the real request or case named ``bytes``: verify compares rows by their ids as
+    stored, so the forged outcome of ``bytes`` is still found (it used to be skipped)."""
+    from safeagent import ConsensusPolicy, FinalityGate
+
+    store = SQLiteStore(tmp_path / "a.db")
+    guard = Guard(store)
+    for rid in ("r1", "bytes"):
+        guard.execute(rid, "charge", {"n": rid}, lambda _ctx: {"charge": "ch_1"})
+    gate = FinalityGate(guard, policy=ConsensusPolicy(0.6, 1))
+    for case_id in ("c1", "bytes"):
+        gate.signal(case_id, "model", "approve", 0.9)
+    guard.close()
+    assert verify(store).ok
+    _sql(
+        store,
+        """UPDATE executions SET result = '{"charge":"ch_forged"}' WHERE request_id = 'bytes'""",
+    )
+    _sql(
+        store,
+        "UPDATE executions SET status = 'BOGUS', request_id = X'7231' WHERE request_id = 'r1'",
+    )
+    _sql(store, "UPDATE cases SET outcome = 'reject' WHERE case_id = 'bytes'")
+    _sql(store, "UPDATE cases SET state = 'BOGUS', case_id = X'6331' WHERE case_id = 'c1'")
+    report = verify(store)
+    details = [p.detail for p in report.problems]
+    assert any(d.startswith("request 'bytes'") and "cannot be read" not in d for d in details)
+    assert any(d.startswith("case 'bytes'") and "cannot be read" not in d for d in details)
+    assert any(d.startswith("request b'r1'") and "cannot be read" in d for d in details)
+    assert any(d.startswith("case b'c1'") and "cannot be read" in d for d in details)
+
+
 _UNREADABLE_EDITS = {
     "signal metadata not JSON": "UPDATE {s}.signals SET metadata = 'zz'",
     "purge's detail not JSON": "UPDATE {s}.audit_events SET detail = 'zz' WHERE kind = 'purged'",

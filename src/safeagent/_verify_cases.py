@@ -437,7 +437,7 @@ def _check_cases(store: Any, trail: _Trail, problems: list[Problem]) -> tuple[in
     unreadable: set[tuple[Any, Any]] = set()
     for r in found:
         if isinstance(r, Unreadable):
-            key = (r.get("namespace"), r.get("case_id"))
+            key = (r.key[0], r.key[1])  # as stored: a described value could be a real id
             unreadable.add(key)
             checked += 1
             problems.append(_unreadable_case(key, r.problem, by_case.get(key, []), trail.chains))

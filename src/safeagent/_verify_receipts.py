@@ -672,7 +672,7 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
     unreadable: set[tuple[Any, Any]] = set()
     for r in records:
         if isinstance(r, Unreadable):
-            key = (r.get("namespace"), r.get("request_id"))
+            key = (r.key[0], r.key[1])  # as stored: a described value could be a real id
             unreadable.add(key)
             checked += 1
             where = states.get(key) or _Expected(

@@ -35,13 +35,18 @@ class Unreadable:
             detail or metadata (it may hold what redaction hides): ``created_at_ms holds
             text, not an integer``, ``result is not JSON``.
         fields: the row's identifying columns as stored (namespace, id, action, status,
-            kind, times), for a listing and ``--json``.
+            kind, times), for a listing and ``--json``; a value that is not text, an
+            integer or NULL is described (``"bytes"``), not given.
+        key: the row's identity as stored, raw: ``(namespace, request_id)`` of a record,
+            ``(namespace, case_id)`` of a case (``()`` for other rows). Compare rows by
+            this, never by ``fields``, where a described value could equal a real id.
     """
 
     what: str
     name: str
     problem: str
     fields: dict[str, Any]
+    key: tuple[Any, ...] = ()
 
     def describe(self) -> str:
         """``receipt default/r-1: result is not JSON``."""
@@ -201,7 +206,8 @@ def unreadable_record(values: Mapping[str, Any], problem: str) -> Unreadable:
     fields = plain({k: values.get(k) for k in _RECORD_NAMES})
     fields["stored_status"] = fields.pop("status")
     name = f"{values.get('namespace')}/{values.get('request_id')}"
-    return Unreadable("receipt", name, problem, fields)
+    key = _raw_key(values.get("namespace"), values.get("request_id"))
+    return Unreadable("receipt", name, problem, fields, key)
 
 
 def record_from_row(row: tuple[Any, ...]) -> Record | Unreadable:
@@ -255,7 +261,23 @@ def unreadable_case(values: Mapping[str, Any], problem: str) -> Unreadable:
     """The :class:`Unreadable` of a case row (``values``: its columns by name)."""
     keep = ("namespace", "case_id", "state", "created_at_ms", "updated_at_ms")
     fields = plain({k: values.get(k) for k in keep})
-    return Unreadable("case", f"{values.get('namespace')}/{values.get('case_id')}", problem, fields)
+    name = f"{values.get('namespace')}/{values.get('case_id')}"
+    key = _raw_key(values.get("namespace"), values.get("case_id"))
+    return Unreadable("case", name, problem, fields, key)
+
+
+def _raw_key(*values: Any) -> tuple[Any, ...]:
+    """``values`` as stored, made hashable (a ``memoryview`` or ``bytearray`` as bytes;
+    anything else unhashable as its repr)."""
+    out = []
+    for stored in values:
+        value = bytes(stored) if isinstance(stored, (memoryview, bytearray)) else stored
+        try:
+            hash(value)
+        except TypeError:
+            value = repr(value)
+        out.append(value)
+    return tuple(out)
 
 
 def case_from_row(row: tuple[Any, ...]) -> CaseRow | Unreadable:
