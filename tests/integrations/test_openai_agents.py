@@ -49,6 +49,7 @@ from openai.types.responses import (  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from safeagent import AsyncGuard, Guard  # noqa: E402
+from safeagent._keys import canonical_json  # noqa: E402
 from safeagent.errors import (  # noqa: E402
     ConfigurationError,
     InvalidInputError,
@@ -580,6 +581,51 @@ def test_decimal_key_form_is_one_spelling_per_number():
     for bad in ("NaN", "-NaN", "sNaN", "Infinity", "-Infinity"):
         with pytest.raises(InvalidPayloadError, match="not a number"):
             key_form({"v": Decimal(bad)})
+
+
+def test_decimal_in_a_model_of_any_shape_is_one_form_per_number():
+    """A Decimal inside a model that pydantic dumps in its own shape (a root model, an
+    alias, a computed field, a field serializer): every spelling of the number gives one
+    form. The model used to be dumped by pydantic when its Decimal was already in its one
+    spelling and by field names otherwise: two request ids for one amount."""
+    import pydantic
+
+    class Amount(pydantic.RootModel[Decimal]):
+        pass
+
+    class Aliased(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(serialize_by_alias=True)
+        amount: Decimal = pydantic.Field(alias="amt")
+
+    class WithComputed(pydantic.BaseModel):
+        amount: Decimal
+
+        @pydantic.computed_field  # type: ignore[prop-decorator]
+        @property
+        def currency(self) -> str:
+            return "EUR"
+
+    class Serialized(pydantic.BaseModel):
+        amount: Decimal
+
+        @pydantic.field_serializer("amount")
+        def show(self, value: Decimal) -> str:
+            return f"EUR {value}"
+
+    @dataclasses.dataclass
+    class Plain:
+        amount: Decimal
+
+    makers = [
+        Amount,
+        lambda d: Aliased(amt=d),
+        lambda d: WithComputed(amount=d),
+        lambda d: Serialized(amount=d),
+        Plain,
+    ]
+    for make in makers:
+        forms = {canonical_json(key_form({"x": make(Decimal(s))})) for s in ("10", "10.00", "1E+1")}
+        assert len(forms) == 1, forms
 
 
 def test_decimal_nan_argument_runs_nothing(ledger, aguard):

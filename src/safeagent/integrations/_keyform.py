@@ -97,46 +97,61 @@ def _canonical(value: Any, depth: int) -> Any:
     those (or, for a model, an excluded field) turned into dicts of every field; ``value``
     itself (the same object) when it holds none, so that pydantic converts it as it
     always did."""
+    return _form(value, depth)[0]
+
+
+def _form(value: Any, depth: int) -> tuple[Any, bool]:
+    """(:func:`_canonical` of ``value``, whether it holds a secret, a ``Decimal``, a set
+    or a model with an excluded field anywhere: then it is not given to pydantic as it
+    is). A model or dataclass holding one is always turned into a dict of its
+    fields, whether or not the value needed respelling: a ``Decimal`` already in its one
+    spelling must give the same form as another spelling of it, and pydantic's own form
+    of a model (a root value, aliases, computed fields, custom serializers) is not a
+    dict of its fields."""
     if depth > MAX_DEPTH:
         raise InvalidPayloadError(f"arguments nest deeper than {MAX_DEPTH} levels")
     digest = _secret_digest(value)
     if digest is not None:
-        return digest
+        return digest, True
     if isinstance(value, Decimal):
-        return canonical_decimal(value)
+        return canonical_decimal(value), True
     if isinstance(value, (set, frozenset)):
-        return _ordered(value, depth)
+        return _ordered(value, depth), True
     if isinstance(value, type):
-        return value
+        return value, False
     fields = getattr(type(value), "model_fields", None)
     if isinstance(fields, dict):
         every = {name: getattr(value, name) for name in fields}
         every.update(getattr(value, "__pydantic_extra__", None) or {})
-        revealed = {k: _canonical(v, depth + 1) for k, v in every.items()}
+        forms = {k: _form(v, depth + 1) for k, v in every.items()}
+        special = any(held for _, held in forms.values())
         hidden = any(getattr(f, "exclude", None) for f in fields.values())
-        return revealed if hidden or _changed(revealed, every) else value
+        if hidden or special:  # a parent must then be turned into a dict of fields too
+            return {k: form for k, (form, _) in forms.items()}, True
+        return value, False
     if dataclasses.is_dataclass(value):
         every = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        revealed = {k: _canonical(v, depth + 1) for k, v in every.items()}
-        return revealed if _changed(revealed, every) else value
+        forms = {k: _form(v, depth + 1) for k, v in every.items()}
+        if any(held for _, held in forms.values()):
+            return {k: form for k, (form, _) in forms.items()}, True
+        return value, False
     if isinstance(value, dict):
-        pairs = [(k, _key(k), v, _canonical(v, depth + 1)) for k, v in value.items()]
-        if all(new_k is k and new_v is v for k, new_k, v, new_v in pairs):
-            return value
-        return {new_k: new_v for _, new_k, _, new_v in pairs}
+        pairs = [(k, _key(k), _form(v, depth + 1)) for k, v in value.items()]
+        special = any(isinstance(k, Decimal) or held for k, _, (_, held) in pairs)
+        if not special:
+            return value, False
+        return {new_k: form for _, new_k, (form, _) in pairs}, True
     if isinstance(value, (list, tuple)):
-        parts = [_canonical(v, depth + 1) for v in value]
-        return parts if any(p is not v for p, v in zip(parts, value, strict=True)) else value
-    return value
+        parts = [_form(v, depth + 1) for v in value]
+        if any(held for _, held in parts):
+            return [form for form, _ in parts], True
+        return value, False
+    return value, False
 
 
 def _key(key: Any) -> Any:
     """A dict key: a ``Decimal`` respelt (pydantic writes a key as its ``str()``)."""
     return canonical_decimal(key) if isinstance(key, Decimal) else key
-
-
-def _changed(revealed: dict[Any, Any], original: Any) -> bool:
-    return any(revealed[k] is not v for k, v in original.items())
 
 
 def _ordered(items: set[Any] | frozenset[Any], depth: int) -> list[Any]:
