@@ -20,6 +20,7 @@ fixtures of tests/conftest.py; rows are corrupted behind the store's back by raw
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 import sys
 import threading
@@ -158,6 +159,17 @@ def test_a_float_subclass_confidence_is_checked_as_converted(store: Any) -> None
     assert case is not None
     assert case.state is CaseState.IN_RECONCILIATION
     assert [s.confidence for s in case.signals] == [0.5, 1.0]
+
+
+def test_a_negative_zero_confidence_is_kept_as_zero_by_every_store(store: Any) -> None:
+    """-0.0 is in [0, 1]; it is kept as 0.0, so every store holds one value (SQLite kept
+    0.0 where the memory and PostgreSQL stores kept -0.0)."""
+    gate = FinalityGate(Guard(store), policy=ConsensusPolicy(0.6, 1))
+    case = gate.signal(CID, "model", APPROVE, -0.0)
+    (signal,) = case.signals
+    assert math.copysign(1.0, signal.confidence) == 1.0
+    (stored,) = FinalityGate(Guard(store)).get(CID).signals  # type: ignore[union-attr]
+    assert math.copysign(1.0, stored.confidence) == 1.0
 
 
 def test_an_int_subclass_confidence_is_checked_as_the_int_it_holds(store: Any) -> None:

@@ -208,7 +208,7 @@ def check_signal(source: object, outcome: object, confidence: object) -> float:
         raise InvalidInputError(
             f"confidence must be a number in [0, 1], got {_shown_number(confidence, value)}"
         )
-    return float(value)
+    return float(value) + 0.0  # -0.0 as 0.0: every store keeps the same value
 
 
 @dataclass(frozen=True, slots=True)
