@@ -394,12 +394,15 @@ def where(guard: Guard) -> str:
     return f"PostgreSQL, schema {schema}  ($SAFEAGENT_DATABASE_URL is set)"
 
 
-def main() -> int:
+def main(keep_ledger: str | None = None) -> int:
+    """The two scenarios and their checks; ``keep_ledger``: a path for the payments
+    ledger that outlives the run (default: a temporary file, removed on exit)."""
     token = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="safeagent-demo-") as tmp, Guard() as guard:
-        ledger = os.path.join(tmp, "ledger.db")
+        ledger = os.path.abspath(keep_ledger) if keep_ledger else os.path.join(tmp, "ledger.db")
+        kept = "" if keep_ledger else " (removed on exit; --ledger PATH keeps it)"
         print(f"Guard database:  {where(guard)}")
-        print(f"Payments ledger: {ledger}")
+        print(f"Payments ledger: {ledger}{kept}")
         print(
             f"Each run, the agent asks once to charge cus_ada 4200 cents (up to {MAX_ATTEMPTS}"
             " attempts);\nthe service drops the connection after the first charge of each"
@@ -419,7 +422,10 @@ def main() -> int:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", action="store_true", help="run the tool service (internal)")
-    parser.add_argument("--ledger", help="the payments ledger file (with --serve)")
+    parser.add_argument(
+        "--ledger",
+        help="the payments ledger file, kept after the run (default: a temporary one)",
+    )
     return parser.parse_args(argv)
 
 
@@ -428,4 +434,4 @@ if __name__ == "__main__":
     if options.serve:
         serve(options.ledger)
         sys.exit(0)
-    sys.exit(main())
+    sys.exit(main(options.ledger))

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_example(
-    name: str, cwd: Path, db: Path | None = None, url: str | None = None
+    name: str, cwd: Path, db: Path | None = None, url: str | None = None, *args: str
 ) -> subprocess.CompletedProcess[str]:
     env = {
         k: v for k, v in os.environ.items() if k not in ("SAFEAGENT_DB", "SAFEAGENT_DATABASE_URL")
@@ -27,7 +27,7 @@ def run_example(
     if url is not None:
         env["SAFEAGENT_DATABASE_URL"] = url
     return subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
+        [sys.executable, str(EXAMPLES / name), *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -53,6 +53,25 @@ def test_safe_agent_demo_charges_twice_unguarded_and_once_guarded_on_every_run(t
     assert_demo_ok(second)
     assert (tmp_path / "safeagent.db").exists()
     assert f"Guard database:  {tmp_path / 'safeagent.db'}" in second.stdout
+
+
+def test_safe_agent_demo_keeps_the_ledger_it_is_given(tmp_path):
+    """The demo's ledger is a temporary file it says it removes; --ledger PATH keeps it,
+    and it holds what the demo printed: two charges without a key, one with."""
+    import sqlite3
+    from contextlib import closing
+
+    ledger = tmp_path / "ledger.db"
+    result = run_example("safe_agent_demo.py", tmp_path, None, None, "--ledger", str(ledger))
+    assert_demo_ok(result)
+    assert f"Payments ledger: {ledger}\n" in result.stdout
+    with closing(sqlite3.connect(ledger)) as conn:
+        keys = [k for (k,) in conn.execute("SELECT idempotency_key FROM charges ORDER BY rowid")]
+    assert len(keys) == 3
+    assert keys[:2] == [None, None]
+    assert keys[2] is not None
+    default = run_example("safe_agent_demo.py", tmp_path)
+    assert "(removed on exit; --ledger PATH keeps it)" in default.stdout
 
 
 def test_safe_agent_demo_honours_safeagent_db(tmp_path):
