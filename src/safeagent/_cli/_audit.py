@@ -451,7 +451,7 @@ def stats(
         return
     names = ("executions", "replays", "conflicts", "in_doubt")
     print_table(
-        ("ACTION", "EXECUTIONS", "REPLAYS", "CONFLICTS", "IN DOUBT"),
+        ("ACTION", "EXECUTIONS", "REPLAYS", "CONFLICTS", "IN-DOUBT EVENTS"),
         [
             *[(a, *(c.get(n, 0) for n in names)) for a, c in sorted(counts["per_action"].items())],
             ("(total)", *(counts[n] for n in names)),
