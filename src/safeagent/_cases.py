@@ -19,7 +19,7 @@ from fractions import Fraction
 from typing import Any
 
 from safeagent._keys import check_name
-from safeagent._policy import _shown_number, plain_number
+from safeagent._policy import plain_number, shown_number
 from safeagent.errors import ConfigurationError, InvalidInputError, InvalidTransitionError
 
 
@@ -111,12 +111,12 @@ class ConsensusPolicy:
         t = plain_number(self.threshold)
         if t is None or not 0 < t <= 1:
             raise ConfigurationError(
-                f"threshold must be in (0, 1], got {_shown_number(self.threshold, t)}"
+                f"threshold must be in (0, 1], got {shown_number(self.threshold, t)}"
             )
         q = plain_number(self.quorum)
         if not isinstance(q, int) or not 1 <= q <= MAX_QUORUM:
             raise ConfigurationError(
-                f"quorum must be an int in [1, {MAX_QUORUM}], got {_shown_number(self.quorum, q)}"
+                f"quorum must be an int in [1, {MAX_QUORUM}], got {shown_number(self.quorum, q)}"
             )
         object.__setattr__(self, "threshold", float(t))
         object.__setattr__(self, "quorum", q)
@@ -206,7 +206,7 @@ def check_signal(source: object, outcome: object, confidence: object) -> float:
     value = plain_number(confidence)
     if value is None or not 0 <= value <= 1:  # NaN compares false: refused too
         raise InvalidInputError(
-            f"confidence must be a number in [0, 1], got {_shown_number(confidence, value)}"
+            f"confidence must be a number in [0, 1], got {shown_number(confidence, value)}"
         )
     return float(value) + 0.0  # -0.0 as 0.0: every store keeps the same value
 

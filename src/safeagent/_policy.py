@@ -66,12 +66,12 @@ def seconds(name: str, value: Seconds, *, allow_zero: bool, maximum: float = MAX
     ):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(
-            f"{name} must be a finite number of seconds {bound}, got {_shown_number(given, number)}"
+            f"{name} must be a finite number of seconds {bound}, got {shown_number(given, number)}"
         )
     if number > maximum:
         raise ConfigurationError(
             f"{name} must be at most {maximum:.0f} s ({maximum / 86400:.0f} days), "
-            f"got {_shown_number(given, number)}"
+            f"got {shown_number(given, number)}"
         )
     return float(number)
 
@@ -96,7 +96,7 @@ def plain_number(value: object) -> int | float | None:
     return None
 
 
-def _shown_number(given: object, number: float | None) -> str:
+def shown_number(given: object, number: float | None) -> str:
     """:func:`_shown` of ``given``, and what it converted to when that differs from what it
     shows (a float subclass whose ``__float__`` returns another value)."""
     text = _shown(given)
