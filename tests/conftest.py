@@ -83,6 +83,24 @@ class Ledger:
         return len(self.rows(key))
 
 
+def raw_sql(store: Any, statement: str, *args: Any) -> None:
+    """``statement`` run behind the store's back, as someone with write access to the
+    database would: ``{s}.`` prefixes a table (the PostgreSQL schema), ``%s`` is a
+    parameter."""
+    if not hasattr(store, "dsn"):
+        conn = sqlite3.connect(store.path)
+        try:
+            with conn:
+                conn.execute(statement.replace("{s}.", "").replace("%s", "?"), args)
+        finally:
+            conn.close()
+        return
+    import psycopg
+
+    with psycopg.connect(store.dsn, autocommit=True) as pg:
+        pg.execute(statement.replace("{s}", store.schema), args)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

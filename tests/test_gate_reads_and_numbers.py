@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sqlite3
 import sys
 import threading
 import time
@@ -46,6 +45,7 @@ from safeagent import (
 )
 from safeagent.stores._rows import GENESIS
 from tests.conftest import Ledger
+from tests.conftest import raw_sql as _sql
 
 CID = "refund-9"
 APPROVE = "approve"
@@ -404,23 +404,6 @@ def test_a_gate_refuses_the_wrong_guard_when_built(build: Callable[[], Any], mat
 
 
 # -- rows that cannot be read --------------------------------------------------------------
-
-
-def _sql(store: Any, statement: str, *args: Any) -> None:
-    """``statement`` run behind the store's back: ``{s}.`` prefixes a table (the
-    PostgreSQL schema), ``%s`` is a parameter."""
-    if not hasattr(store, "dsn"):
-        conn = sqlite3.connect(store.path)
-        try:
-            with conn:
-                conn.execute(statement.replace("{s}.", "").replace("%s", "?"), args)
-        finally:
-            conn.close()
-        return
-    import psycopg
-
-    with psycopg.connect(store.dsn, autocommit=True) as pg:
-        pg.execute(statement.replace("{s}", store.schema), args)  # type: ignore[arg-type]
 
 
 CORRUPTIONS = {

@@ -5,7 +5,6 @@ anchors or rows holding what no writer stores (docs/design.md section 5)."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from typing import Any
@@ -17,6 +16,7 @@ from safeagent._keys import downstream_key
 from safeagent.audit import anchor, verify
 from safeagent.retention import purge
 from tests.conftest import FakeClock
+from tests.conftest import raw_sql as _sql
 
 KEY = b"k" * 32
 
@@ -27,23 +27,6 @@ class Timeout(Exception):
 
 def _lost(_ctx: Any) -> None:
     raise Timeout("response lost")
-
-
-def _sql(store: Any, statement: str, *args: Any) -> None:
-    """``statement`` run behind the store's back: ``{s}.`` prefixes a table (the
-    PostgreSQL schema), ``%s`` is a parameter."""
-    if not hasattr(store, "dsn"):
-        conn = sqlite3.connect(store.path)
-        try:
-            with conn:
-                conn.execute(statement.replace("{s}.", "").replace("%s", "?"), args)
-        finally:
-            conn.close()
-        return
-    import psycopg
-
-    with psycopg.connect(store.dsn, autocommit=True) as pg:
-        pg.execute(statement.replace("{s}", store.schema), args)  # type: ignore[arg-type]
 
 
 def _edit(store: Any, request_id: str, **columns: Any) -> None:

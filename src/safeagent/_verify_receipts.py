@@ -675,17 +675,8 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
             key = (r.key[0], r.key[1])  # as stored: a described value could be a real id
             unreadable.add(key)
             checked += 1
-            where = states.get(key) or _Expected(
-                None, None, shard_named(key[0], key[1], trail.chains), None, None
-            )
             problems.append(
-                Problem(
-                    "receipt_edited",
-                    where.shard,
-                    where.seq,
-                    where.event_id,
-                    f"request {key[1]!r} ({key[0]}): its record cannot be read: {r.problem}",
-                )
+                _edited(key, states, trail.chains, f"its record cannot be read: {r.problem}")
             )
         else:
             by_key[(r.namespace, r.request_id)] = r
@@ -725,19 +716,24 @@ def _check_receipts(store: Any, trail: _Trail, problems: list[Problem]) -> tuple
             continue
         checked += 1
         if verdict != "ok":
-            where = states.get(key) or _Expected(
-                None, None, shard_named(key[0], key[1], trail.chains), None, None
-            )
-            problems.append(
-                Problem(
-                    "receipt_edited",
-                    where.shard,
-                    where.seq,
-                    where.event_id,
-                    f"request {key[1]!r} ({key[0]}): {verdict}",
-                )
-            )
+            problems.append(_edited(key, states, trail.chains, verdict))
     return checked, unverified
+
+
+def _edited(
+    key: tuple[Any, Any], states: Mapping[Any, _Expected], chains: int, what: str
+) -> Problem:
+    """The ``receipt_edited`` of request ``key`` (namespace, request id): at its last
+    state-changing event, or on its chain when it has none."""
+    shard = shard_named(key[0], key[1], chains)
+    where = states.get(key) or _Expected(None, None, shard, None, None)
+    return Problem(
+        "receipt_edited",
+        where.shard,
+        where.seq,
+        where.event_id,
+        f"request {key[1]!r} ({key[0]}): {what}",
+    )
 
 
 _TRIES = 5
