@@ -7,6 +7,7 @@ Side effects write rows into an effect ledger (a separate SQLite file); tests co
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -22,7 +23,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safeagent import ExecutionContext, Guard, InvalidInputError, SQLiteStore
+from safeagent import (
+    AsyncFinalityGate,
+    AsyncGuard,
+    ExecutionContext,
+    FinalityGate,
+    Guard,
+    InvalidInputError,
+    SQLiteStore,
+)
 from tests._workers import ROOT, child_env, read_lines
 from tests.conftest import Ledger
 
@@ -417,3 +426,45 @@ def test_unstorable_text_in_a_failure_is_escaped_not_lost(guard: Any, bad: str) 
         with pytest.raises(ReplayedFailureError):  # the hook's answer, stored and replayed
             hooked.execute("hook", "refund", {}, timeout)
         assert hooked.get("hook").status is Status.FAILED
+
+
+LISTINGS = (
+    ("guard", "in_doubt"),
+    ("guard", "reconcile"),
+    ("guard", "audit_trail"),
+    ("gate", "cases"),
+)
+
+
+@pytest.mark.parametrize(("owner", "method"), LISTINGS)
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_namespace_with_all_namespaces_is_refused(
+    tmp_path: Path, owner: str, method: str, flavour: str
+) -> None:
+    """``namespace="a", all_namespaces=True`` named one tenant and asked for every one:
+    once it silently read every tenant (an operator reconciling or resolving "a" acted on
+    the others too). Refused before anything is read, as a non-bool flag is."""
+    path = str(tmp_path / "r.db")
+    with Guard(path) as seed:
+        seed.execute("x", "act", {}, lambda _ctx: 1, namespace="b")
+    guard: Any = AsyncGuard(path) if flavour == "async" else Guard(path)
+    gate: Any = AsyncFinalityGate(guard) if flavour == "async" else FinalityGate(guard)
+    target = getattr(guard if owner == "guard" else gate, method)
+
+    def call(**kwargs: Any) -> Any:
+        out = target(**kwargs)
+        return asyncio.run(out) if flavour == "async" else out
+
+    try:
+        with pytest.raises(InvalidInputError, match="all_namespaces"):
+            call(namespace="a", all_namespaces=True)
+        with pytest.raises(InvalidInputError, match="all_namespaces must be True or False"):
+            call(all_namespaces="yes")
+        everyone = call(all_namespaces=True)
+        if method == "audit_trail":
+            assert {e.namespace for e in everyone} == {"b"}
+        assert call(namespace="b", all_namespaces=False) is not None
+    finally:
+        closed = guard.aclose() if flavour == "async" else guard.close()
+        if flavour == "async":
+            asyncio.run(closed)

@@ -239,11 +239,9 @@ class AsyncGuard(GuardCore):
         self, *, namespace: str | None = None, all_namespaces: bool = False
     ) -> list[Receipt]:
         """Every record now in doubt; see :meth:`Guard.in_doubt`."""
+        ns = self._scope(namespace, all_namespaces)
         records, now = await self._io(
-            lambda: self.store.records(
-                namespace=None if all_namespaces else self._ns(namespace),
-                statuses=(Status.IN_DOUBT, Status.PENDING),
-            )
+            lambda: self.store.records(namespace=ns, statuses=(Status.IN_DOUBT, Status.PENDING))
         )
         return [
             Receipt.from_record(r, replay=False, now_ms=now)
@@ -259,7 +257,7 @@ class AsyncGuard(GuardCore):
         all_namespaces: bool = False,
     ) -> list[AuditEvent]:
         """Audit events in write order; see :meth:`Guard.audit_trail`."""
-        ns = None if all_namespaces else self._ns(namespace)
+        ns = self._scope(namespace, all_namespaces)
         return await self._io(lambda: self.store.events(namespace=ns, subject=request_id))
 
     async def aclose(self) -> None:

@@ -183,6 +183,25 @@ def _names_a_server(store: str) -> bool:
     return keyword is not None and keyword.group(1).lower() in _LIBPQ_KEYWORDS
 
 
+def scope(default: str, namespace: str | None, all_namespaces: bool) -> str | None:
+    """The namespace a listing reads: ``namespace`` (default ``default``), or ``None`` for
+    every namespace when ``all_namespaces`` is true.
+
+    Raises:
+        InvalidInputError: both a namespace and ``all_namespaces=True`` (one of them would
+            be ignored), or a namespace that is not a valid name.
+    """
+    if all_namespaces is not True and all_namespaces is not False:
+        raise InvalidInputError(f"all_namespaces must be True or False, not {all_namespaces!r}")
+    if all_namespaces:
+        if namespace is not None:
+            raise InvalidInputError(
+                f"namespace={namespace!r} and all_namespaces=True: pass one of them"
+            )
+        return None
+    return default if namespace is None else check_name("namespace", namespace)
+
+
 class GuardCore:
     """Settings and validation shared by :class:`Guard` and :class:`AsyncGuard`."""
 
@@ -258,6 +277,10 @@ class GuardCore:
 
     def _ns(self, namespace: str | None) -> str:
         return self.namespace if namespace is None else check_name("namespace", namespace)
+
+    def _scope(self, namespace: str | None, all_namespaces: bool) -> str | None:
+        """The namespace a listing reads (``None``: every namespace)."""
+        return scope(self.namespace, namespace, all_namespaces)
 
     def _owner_name(self) -> str:
         return self._owner or f"{_HOST}:{os.getpid()}:{threading.current_thread().name}"

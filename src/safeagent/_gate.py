@@ -25,7 +25,7 @@ from safeagent._cases import (
     apply_signal,
     check_signal,
 )
-from safeagent._core import GuardCore
+from safeagent._core import GuardCore, scope
 from safeagent._flow import Call, execute_flow
 from safeagent._guard import Guard
 from safeagent._keys import canonical_json, check_name, check_request_id, check_text
@@ -480,7 +480,7 @@ class FinalityGate(_GateCore):
     ) -> list[Case]:
         """Cases in ``namespace`` (default: the guard's, as :meth:`get`, :meth:`signal`,
         :meth:`resolve` and :meth:`settle`), or in every namespace with
-        ``all_namespaces=True`` (``namespace`` is then ignored), oldest first, optionally
+        ``all_namespaces=True`` (not both), oldest first, optionally
         by state (``states``: :class:`CaseState` members or their names, such as
         ``"FINAL"``). Each case is its row and live signals as read together, never a row
         of one moment with the signals of another; each carries its ``namespace``: pass
@@ -490,13 +490,13 @@ class FinalityGate(_GateCore):
             Lists the guard's namespace by default (it listed every namespace).
 
         Raises:
-            InvalidInputError: a namespace that is not a valid name, or ``states`` naming
-                no case state.
+            InvalidInputError: a namespace that is not a valid name or is given with
+                ``all_namespaces=True``, or ``states`` naming no case state.
             StoreError: the store failed, or case rows cannot be read (edited by hand or
                 corrupt): named in the message and in the error's ``unreadable``; no
                 listing is returned (``safeagent cases list`` shows the others).
         """
-        ns = None if all_namespaces else self._ns(namespace)
+        ns = scope(self.guard.namespace, namespace, all_namespaces)
         return list_cases(self.store, ns, _states(states))
 
     def history(self, case_id: str, *, namespace: str | None = None) -> list[tuple[Signal, str]]:
@@ -652,7 +652,7 @@ class AsyncFinalityGate(_GateCore):
         all_namespaces: bool = False,
     ) -> list[Case]:
         """See :meth:`FinalityGate.cases`."""
-        ns = None if all_namespaces else self._ns(namespace)
+        ns = scope(self.guard.namespace, namespace, all_namespaces)
         return await self.guard._io(list_cases, self.store, ns, _states(states))
 
     async def history(

@@ -270,7 +270,12 @@ class Guard(GuardCore):
         arrives): "happened" stores the result, "failed" the failure, "did not happen"
         releases the record (the next call runs ``fn``), "unknown" leaves it in doubt.
         Records whose action has no hook are counted as ``no_hook``; records someone else
-        is reconciling at the same moment as ``skipped``."""
+        is reconciling at the same moment as ``skipped``.
+
+        Raises:
+            InvalidInputError: an invalid namespace, or one given with
+                ``all_namespaces=True``.
+        """
         items: list[tuple[str, str, str]] = []
         for receipt in self.in_doubt(namespace=namespace, all_namespaces=all_namespaces):
             items.append((receipt.namespace, receipt.request_id, self._reconcile_one(receipt)))
@@ -308,9 +313,15 @@ class Guard(GuardCore):
         self, *, namespace: str | None = None, all_namespaces: bool = False
     ) -> list[Receipt]:
         """Every record now in doubt (stored IN_DOUBT, or PENDING with an expired lease) in
-        ``namespace`` (default: the guard's), or in every namespace."""
+        ``namespace`` (default: the guard's), or in every namespace with
+        ``all_namespaces=True``.
+
+        Raises:
+            InvalidInputError: an invalid namespace, or one given with
+                ``all_namespaces=True``.
+        """
         records, now = self.store.records(
-            namespace=None if all_namespaces else self._ns(namespace),
+            namespace=self._scope(namespace, all_namespaces),
             statuses=(Status.IN_DOUBT, Status.PENDING),
         )
         return [
@@ -327,9 +338,14 @@ class Guard(GuardCore):
         all_namespaces: bool = False,
     ) -> list[AuditEvent]:
         """Audit events in write order, in ``namespace`` (default: the guard's) or in every
-        namespace, optionally for one request id or case id."""
+        namespace with ``all_namespaces=True``, optionally for one request id or case id.
+
+        Raises:
+            InvalidInputError: an invalid namespace, or one given with
+                ``all_namespaces=True``.
+        """
         return self.store.events(
-            namespace=None if all_namespaces else self._ns(namespace), subject=request_id
+            namespace=self._scope(namespace, all_namespaces), subject=request_id
         )
 
     def close(self) -> None:
