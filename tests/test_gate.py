@@ -17,11 +17,14 @@ import subprocess
 import sys
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import pytest
 import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safeagent import (
     ActionMismatchError,
@@ -393,6 +396,52 @@ def test_tie_never_finalizes_even_with_threshold_and_quorum_met(
     with pytest.raises(NotFinalError):
         gate.settle(CID, "pay_out", effect(ledger))
     assert ledger.count() == 0
+
+
+CONFIDENCE = st.one_of(
+    st.sampled_from([0.0, 5e-324, 1e-300, 1e-17, 0.1, 0.2, 0.3, 0.6, 0.7, 0.8, 1 / 3, 1.0]),
+    st.floats(min_value=0.0, max_value=1.0, allow_nan=False),
+)
+
+
+@given(
+    threshold=CONFIDENCE.filter(lambda t: t > 0),
+    quorum=st.integers(min_value=1, max_value=4),
+    votes=st.lists(st.tuples(st.sampled_from("abc"), CONFIDENCE), min_size=1, max_size=40),
+)
+@settings(max_examples=400, deadline=None)
+def test_tally_is_the_exact_decimal_formula(
+    threshold: float, quorum: int, votes: list[tuple[str, float]]
+) -> None:
+    """The policy's tally against DESIGN section 4's formula written with fractions of the
+    numbers as written (``repr``): the same winner and scores, at the edges of the float
+    range too (subnormals beside 1.0, where any rounding would show)."""
+    policy = ConsensusPolicy(threshold=threshold, quorum=quorum)
+    tally = policy.tally([Signal(f"s{i}", o, c) for i, (o, c) in enumerate(votes)])
+    n = len(votes)
+    sums: dict[str, Fraction] = {}
+    for o, c in votes:
+        sums[o] = sums.get(o, Fraction(0)) + Fraction(repr(c))
+    voters = {o: sum(1 for v, c in votes if v == o and c > 0) for o in sums}
+    winners = [
+        o
+        for o, total in sums.items()
+        if total / n >= Fraction(repr(threshold))
+        and voters[o] >= quorum
+        and all(total > t for v, t in sums.items() if v != o)
+    ]
+    assert tally.winner == (winners[0] if winners else None)
+    assert dict(tally.scores) == {o: float(t / n) for o, t in sums.items()}
+
+
+def test_tally_of_thousands_of_signals_is_exact() -> None:
+    """Sums far apart in magnitude stay exact: 3,000 signals of 1e-300 beside one of 1.0
+    outscore one lone 1.0 by exactly their sum (floats would lose them entirely)."""
+    policy = ConsensusPolicy(threshold=0.5, quorum=1)
+    signals = [Signal("x", APPROVE, 1.0), Signal("y", REJECT, 1.0)]
+    signals += [Signal(f"t{i}", APPROVE, 1e-300) for i in range(3000)]
+    assert policy.tally(signals).winner is None  # 1.0 + 3000e-300 over 3002 is < 0.5
+    assert ConsensusPolicy(threshold=1e-300, quorum=1).tally(signals).winner == APPROVE
 
 
 def test_tie_in_the_policy_tally_has_no_winner() -> None:

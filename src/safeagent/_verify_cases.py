@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from safeagent._audit import EventKind
 from safeagent._cases import CaseRow, CaseState, ConsensusPolicy, Signal, apply_signal
@@ -83,6 +83,9 @@ class _CaseHistory:
     """[source, outcome, confidence, at_ms, status, seq, event id] per signal event."""
     live: dict[Any, int] = field(default_factory=dict)
     """source -> index in ``signals`` of its live signal."""
+    live_signals: dict[Any, Signal | None] = field(default_factory=dict)
+    """source -> its live signal, built once for the consensus replay (None: a signal
+    with a confidence no gate writes, which stops the replay)."""
     broken: str | None = None
     broken_at: tuple[Any, Any] = (None, None)
     last_at: tuple[Any, Any] = (None, None)
@@ -193,29 +196,33 @@ class _CaseHistory:
                 f"the signal of {source!r} replaced a live one holding {recorded}, though "
                 f"its events left {seen}: the signals were edited"
             )
-        self._tx = [where, self._consensus(source, outcome, confidence), []]
+        try:
+            signal: Signal | None = Signal(source, outcome, float(confidence))
+        except (TypeError, ValueError, ArithmeticError, RecursionError):
+            signal = None  # a confidence no gate writes: nothing to replay from here
+        self._tx = [where, self._consensus(signal), []]
         if before is not None:
             self.signals[before][4] = "replaced"
         self.live[source] = index
+        self.live_signals[source] = signal
         self.version += 1
         self.updated_at = at_ms
 
-    def _consensus(self, source: Any, outcome: Any, confidence: Any) -> Any:
-        """The transitions the case's policy gives for this signal, over the live signals
+    def _consensus(self, signal: Signal | None) -> Any:
+        """The transitions the case's policy gives for ``signal``, over the live signals
         the events record (apply_signal), or None when that cannot be replayed."""
         if self.policy is None or self.broken is not None or self.state not in _BEFORE_FINAL:
             return None
+        live = list(self.live_signals.values())
+        if signal is None or any(s is None for s in live):
+            return None
         try:
-            live = [
-                Signal(self.signals[i][0], self.signals[i][1], float(self.signals[i][2]))
-                for i in self.live.values()
-            ]
             case = CaseRow(
                 "", "", CaseState(self.state), self.provisional, None,
                 self.policy.threshold, self.policy.quorum, self.version, 0, 0,
             )  # fmt: skip
-            change = apply_signal(case, live, Signal(source, outcome, float(confidence)))
-        except (TypeError, ValueError, RecursionError):
+            change = apply_signal(case, cast(list[Signal], live), signal)
+        except (TypeError, ValueError, ArithmeticError, RecursionError):
             return None  # a state or confidence no gate writes: nothing to replay
         return [
             (to.value, change.outcome if to is CaseState.FINAL else change.provisional_outcome)

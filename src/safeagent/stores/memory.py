@@ -64,6 +64,10 @@ class MemoryStore:
         self._anchors: list[tuple[int, int, str, str]] = []
         self._cases: dict[tuple[str, str], CaseRow] = {}
         self._signals: dict[tuple[str, str], list[tuple[Signal, str]]] = {}
+        # Per case, source -> index in _signals of its live signal, in arrival order: a
+        # signal costs the same whatever the case's history (a scan per signal made a long
+        # history quadratic).
+        self._live_at: dict[tuple[str, str], dict[str, int]] = {}
         self._seq = itertools.count(1)
         self._identity = f"memory:{next(_ids)}"
 
@@ -283,7 +287,8 @@ class MemoryStore:
     # -- cases -----------------------------------------------------------------------------
 
     def _live(self, key: tuple[str, str]) -> list[Signal]:
-        return [sig for sig, status in self._signals.get(key, []) if status == "live"]
+        history = self._signals.get(key, [])
+        return [history[i][0] for i in self._live_at.get(key, {}).values()]
 
     def get_case(self, namespace: str, case_id: str) -> tuple[CaseRow | None, list[Signal]]:
         with self._lock:
@@ -343,15 +348,11 @@ class MemoryStore:
             if signal is not None:
                 signal = replace(signal, at_ms=now)
                 if not change.late:
-                    history[:] = [
-                        (
-                            sig,
-                            "replaced"
-                            if status == "live" and sig.source == signal.source
-                            else status,
-                        )
-                        for sig, status in history
-                    ]
+                    live_at = self._live_at.setdefault(key, {})
+                    before = live_at.pop(signal.source, None)
+                    if before is not None:
+                        history[before] = (history[before][0], "replaced")
+                    live_at[signal.source] = len(history)
                     live = [sig for sig in live if sig.source != signal.source] + [signal]
                 history.append((signal, "late" if change.late else "live"))
             after = case
