@@ -55,7 +55,7 @@ from safeagent.errors import (  # noqa: E402
     InvalidInputError,
     InvalidPayloadError,
 )
-from safeagent.integrations._common import key_form  # noqa: E402
+from safeagent.integrations._keyform import key_form  # noqa: E402
 from safeagent.integrations.openai_agents import (  # noqa: E402
     REPLAY_MARKER,
     ToolCallError,

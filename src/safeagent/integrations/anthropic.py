@@ -38,19 +38,21 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from safeagent import AsyncGuard, Guard
+from safeagent.errors import TransportIdWarning
 from safeagent.integrations._common import (
     REPLAY_MARKER,
-    Exclude,
-    KeyMode,
     Outcome,
     ToolCall,
-    ToolFunction,
-    TransportIdWarning,
     arun_calls,
-    check_guard,
-    check_tools,
     read,
     run_calls,
+)
+from safeagent.integrations._toolspec import (
+    Exclude,
+    KeyMode,
+    ToolFunction,
+    check_guard,
+    check_tools,
     settings,
 )
 

@@ -71,16 +71,15 @@ from safeagent.errors import (
     InvalidPayloadError,
     MissingKeyError,
 )
-from safeagent.integrations._common import (
+from safeagent.integrations._common import storable
+from safeagent.integrations._keyform import key_form
+from safeagent.integrations._loops import in_own_thread, run_on_loop
+from safeagent.integrations._toolspec import (
     check_scope,
-    in_own_thread,
     is_async_callable,
     is_stub,
-    key_form,
     refuse_generator,
     refuse_guarded,
-    run_on_loop,
-    storable,
 )
 
 __all__ = ["CrewScope", "GuardedTool", "guard_tool"]

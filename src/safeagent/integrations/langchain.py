@@ -12,7 +12,7 @@ the call *is*: :func:`safeagent.derive_request_id` over ``(scope, tool name, arg
 The arguments are the tool's input as LangChain validates it, with the defaults the tool
 declares applied (a pydantic schema's; for a subclass without an ``args_schema``, its
 ``_run`` signature's; for a JSON-schema ``args_schema``, as MCP adapters build, its
-``default`` values), as JSON values (``_common.key_form``): a ``SecretStr`` or
+``default`` values), as JSON values (``_keyform.key_form``): a ``SecretStr`` or
 ``SecretBytes`` counts by the SHA-256 of its secret (pydantic masks it as ``"**********"``;
 the secret is not stored in clear), and a model holding one, or a field declared
 ``exclude=True``, counts by every field. Left out are the context LangChain and LangGraph
@@ -126,18 +126,12 @@ from safeagent.errors import (
     InvalidPayloadError,
     MissingKeyError,
     ReplayedFailureError,
-)
-from safeagent.integrations._common import (
     TransportIdWarning,
-    check_scope,
-    in_own_thread,
-    is_stub,
-    key_form,
-    refuse_generator,
-    refuse_guarded,
-    run_on_loop,
-    storable,
 )
+from safeagent.integrations._common import storable
+from safeagent.integrations._keyform import key_form
+from safeagent.integrations._loops import in_own_thread, run_on_loop
+from safeagent.integrations._toolspec import check_scope, is_stub, refuse_generator, refuse_guarded
 
 _Command: type[Any] | None
 try:  # langgraph ships with the [langchain] extra; langchain-core alone has no Command
@@ -628,7 +622,7 @@ class GuardedTool(BaseTool):
     ) -> tuple[str, dict[str, Any]]:
         """The request id and the payload: the call's arguments (the defaults the tool
         declares applied, LangChain's and LangGraph's injected context left out) as the
-        JSON values :func:`~safeagent.integrations._common.key_form` makes of them."""
+        JSON values :func:`~safeagent.integrations._keyform.key_form` makes of them."""
         visible = self._keyed(_with_defaults(self._defaults, args, kwargs))
         try:
             payload: dict[str, Any] = key_form(visible)

@@ -96,14 +96,10 @@ from safeagent.errors import (
     MissingKeyError,
     ReplayedFailureError,
 )
-from safeagent.integrations._common import (
-    check_scope,
-    key_form,
-    refuse_generator,
-    refuse_guarded,
-    storable,
-)
+from safeagent.integrations._common import storable
+from safeagent.integrations._keyform import key_form
 from safeagent.integrations._mcp_server import build_server, serve
+from safeagent.integrations._toolspec import check_scope, refuse_generator, refuse_guarded
 
 __all__ = ["ToolErrorResult", "build_server", "guard_server", "guarded", "main", "serve"]
 

@@ -78,31 +78,32 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from safeagent import AsyncGuard, ErrorInfo, Guard, Receipt, bind_arguments
 from safeagent._decorator import GUARDED_MARKER
-from safeagent.errors import ConfigurationError, GuardError, InvalidPayloadError
+from safeagent.errors import ConfigurationError, GuardError, InvalidPayloadError, TransportIdWarning
 from safeagent.integrations._common import (
     REPLAY_MARKER,
+    Outcome,
+    Prepared,
+    aexecute,
+    error_text,
+    execute,
+    request_id_for,
+)
+from safeagent.integrations._keyform import key_form
+from safeagent.integrations._toolspec import (
     Exclude,
     KeyMode,
-    Outcome,
     Parameters,
-    Prepared,
-    TransportIdWarning,
-    aexecute,
     check_excluded,
     check_key,
     check_marker,
     check_namespace,
     check_scope,
     check_tool_name,
-    error_text,
     exclusions,
-    execute,
     hoist_excluded,
     is_async_callable,
-    key_form,
     refuse_generator,
     refuse_guarded,
-    request_id_for,
     warn_transport_ids,
 )
 
