@@ -13,13 +13,19 @@ import threading
 import time
 from dataclasses import dataclass
 
-from safeagent.stores._base import ReceiptStore
+from safeagent.stores._base import BatchRenewStore, ReceiptStore
 
 WakeKey = tuple[str, str, str]  # (store identity, namespace, request id)
 MIN_HEARTBEAT = 0.01
 # Seconds an idle heartbeat thread sleeps before looking again: a beat due later than that
 # (the default 60 s lease renews every 20 s) is picked up without waking the thread.
 IDLE_WAIT = 5.0
+# When one beat is due, every beat due within this share of its interval is renewed with
+# it (early, which only extends its lease): the beats of calls that started at about the
+# same moment share one commit.
+EARLY = 0.25
+# Leases renewed by one transaction at most: SQLite holds its write lock while it runs.
+RENEW_BATCH = 500
 
 
 class _Slot:
@@ -165,7 +171,10 @@ class _Beater:
             self.wake_at = math.inf
             now = time.monotonic()
             beats = tuple(self.beats)  # one C-level copy: callers may add meanwhile
-            due = [b for b in beats if b.next_due <= now]
+            if not any(b.next_due <= now for b in beats):
+                due = []
+            else:  # with every beat due within a quarter interval: one commit renews them all
+                due = [b for b in beats if b.next_due - b.interval * EARLY <= now]
             if not due:
                 next_due = min((b.next_due for b in beats), default=now + IDLE_WAIT)
                 wait = max(next_due - now, 0.001)
@@ -176,21 +185,51 @@ class _Beater:
                     while True:  # wake-ups that came while it looked: it looks again now
                         self.wakeups.get_nowait()
                 continue
-            for beat in due:
-                try:
-                    renewed = beat.store.renew(
-                        beat.namespace, beat.request_id, beat.fencing_token, beat.lease_ms
-                    )
-                except Exception:  # noqa: BLE001 - a failed renewal is retried soon
-                    renewed = None
-                beat.renewals += 1
-                if renewed is False:  # the token is no longer current: someone took over
-                    beat.lost = True
-                    self.beats.discard(beat)
-                elif renewed is None:  # the store failed: try again quickly
-                    beat.next_due = time.monotonic() + min(beat.interval, 0.05)
-                else:
-                    beat.next_due = time.monotonic() + beat.interval
+            for batch in _batches(due):
+                answers = _renew(batch)
+                done = time.monotonic()
+                for beat, renewed in zip(batch, answers, strict=True):
+                    beat.renewals += 1
+                    if renewed is False:  # the token is no longer current: someone took over
+                        beat.lost = True
+                        self.beats.discard(beat)
+                    elif renewed is None:  # the store failed: try again quickly
+                        beat.next_due = done + min(beat.interval, 0.05)
+                    else:
+                        beat.next_due = done + beat.interval
+
+
+def _batches(due: list[Beat]) -> list[list[Beat]]:
+    """``due`` by store object (one transaction renews only its own store's leases), in
+    batches of at most RENEW_BATCH (a transaction holds SQLite's write lock while it runs)."""
+    by_store: dict[int, list[Beat]] = {}
+    for beat in due:
+        by_store.setdefault(id(beat.store), []).append(beat)
+    return [
+        beats[i : i + RENEW_BATCH]
+        for beats in by_store.values()
+        for i in range(0, len(beats), RENEW_BATCH)
+    ]
+
+
+def _renew(batch: list[Beat]) -> list[bool | None]:
+    """Renew one store's leases: True renewed, False lost (no longer its token), None the
+    store failed (tried again soon). One transaction for them all where the store can
+    (:class:`BatchRenewStore`), else one each."""
+    store = batch[0].store
+    if isinstance(store, BatchRenewStore):
+        leases = [(b.namespace, b.request_id, b.fencing_token, b.lease_ms) for b in batch]
+        try:
+            return list(store.renew_many(leases))
+        except Exception:  # noqa: BLE001 - a failed renewal is retried soon
+            return [None] * len(batch)
+    answers: list[bool | None] = []
+    for b in batch:
+        try:
+            answers.append(store.renew(b.namespace, b.request_id, b.fencing_token, b.lease_ms))
+        except Exception:  # noqa: BLE001 - a failed renewal is retried soon
+            answers.append(None)
+    return answers
 
 
 class Heartbeats:

@@ -1,11 +1,13 @@
 """Stores behind one interface: :class:`ReceiptStore` (and, for a store that claims before
-it reads, :class:`ClaimFirstStore`).
+it reads, :class:`ClaimFirstStore`; for one that renews many leases in one transaction,
+:class:`BatchRenewStore`).
 
 - :class:`SQLiteStore`: the embedded, durable default.
 - :class:`MemoryStore`: in-process and **not durable**.
 """
 
 from safeagent.stores._base import (
+    BatchRenewStore,
     ClaimFirstStore,
     ClaimRequest,
     ClaimResult,
@@ -18,6 +20,7 @@ from safeagent.stores.memory import MemoryStore
 from safeagent.stores.sqlite import SQLiteStore, default_path
 
 __all__ = [
+    "BatchRenewStore",
     "ClaimFirstStore",
     "ClaimRequest",
     "ClaimResult",

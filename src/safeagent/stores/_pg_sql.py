@@ -525,6 +525,19 @@ FROM n
 WHERE e.namespace = %s AND e.request_id = %s AND e.fencing_token = %s
   AND e.status = 'PENDING'
 """
+# (now, namespaces[], request ids[], tokens[], lease_ms[]) -> the (namespace, request id,
+# token) of each lease renewed: RENEW for many leases, one statement
+RENEW_MANY = f"""
+WITH n AS (SELECT {NOW_AT} AS now),
+v AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
+      AS v(namespace, request_id, token, lease_ms))
+UPDATE {{s}}.executions AS e
+SET lease_expires_at_ms = n.now + v.lease_ms, updated_at_ms = n.now
+FROM n, v
+WHERE e.namespace = v.namespace AND e.request_id = v.request_id
+  AND e.fencing_token = v.token AND e.status = 'PENDING'
+RETURNING e.namespace, e.request_id, e.fencing_token
+"""
 # The first take-over of an attempt records its facts from the row as it was (every
 # right-hand side reads the old row); later ones keep them: Record.attempt_facts.
 TAKE_OVER = f"""

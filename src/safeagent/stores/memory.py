@@ -19,6 +19,7 @@ from safeagent.stores._base import (
     ClaimResult,
     Clock,
     Completion,
+    Lease,
     Resolution,
     WriteResult,
     case_events,
@@ -188,19 +189,23 @@ class MemoryStore:
                 self._settle(after, resolution.settle_case, resolution.actor, now)
             return WriteResult(accepted=True, record=after)
 
-    def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
+    def renew_many(self, leases: Sequence[Lease]) -> list[bool]:
         with self._lock:
             now = self._clock()
-            key = (namespace, request_id)
-            old = self._records.get(key)
-            if (
-                old is None
-                or old.status is not Status.PENDING
-                or (old.fencing_token != fencing_token)
-            ):
-                return False
-            self._records[key] = replace(old, lease_expires_at_ms=now + lease_ms, updated_at_ms=now)
-            return True
+            return [self._renew(lease, now) for lease in leases]
+
+    def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
+        with self._lock:
+            return self._renew((namespace, request_id, fencing_token, lease_ms), self._clock())
+
+    def _renew(self, lease: Lease, now: int) -> bool:
+        namespace, request_id, fencing_token, lease_ms = lease
+        key = (namespace, request_id)
+        old = self._records.get(key)
+        if old is None or old.status is not Status.PENDING or old.fencing_token != fencing_token:
+            return False
+        self._records[key] = replace(old, lease_expires_at_ms=now + lease_ms, updated_at_ms=now)
+        return True
 
     def take_over(
         self, namespace: str, request_id: str, expected_token: int, owner: str, lease_ms: int

@@ -79,6 +79,7 @@ from safeagent.stores._base import (
     Clock,
     Completion,
     EventBuffer,
+    Lease,
     Resolution,
     WriteResult,
     case_events,
@@ -1641,6 +1642,26 @@ class PostgresStore:
         # otherwise the renewal is a single statement: its own transaction, one round trip
         with self._connection() as conn:
             return conn.execute(self._sql["RENEW"], params).rowcount == 1
+
+    def renew_many(self, leases: Sequence[Lease]) -> list[bool]:
+        # As renew: not tried again on a lost connection; the heartbeat tries again soon.
+        if self._unwritable is not None:
+            raise StoreError(self._unwritable)
+        params = (
+            self._at(),
+            [lease[0] for lease in leases],
+            [lease[1] for lease in leases],
+            [lease[2] for lease in leases],
+            [lease[3] for lease in leases],
+        )
+        if self._buffer:  # buffered events go with the next write, so this one is a transaction
+            with self._write() as cur:
+                cur.execute(self._sql["RENEW_MANY"], params)
+                renewed = set(cur.fetchall())
+        else:  # one statement: its own transaction, one round trip
+            with self._connection() as conn:
+                renewed = set(conn.execute(self._sql["RENEW_MANY"], params).fetchall())
+        return [(ns, rid, token) in renewed for ns, rid, token, _ in leases]
 
     def take_over(
         self, namespace: str, request_id: str, expected_token: int, owner: str, lease_ms: int

@@ -52,6 +52,7 @@ from safeagent.stores._base import (
     Clock,
     Completion,
     EventBuffer,
+    Lease,
     Resolution,
     WriteResult,
     case_events,
@@ -1198,6 +1199,14 @@ class SQLiteStore:
                 SQL_RENEW, (now + lease_ms, now, namespace, request_id, fencing_token)
             )
             return cursor.rowcount == 1
+
+    def renew_many(self, leases: Sequence[Lease]) -> list[bool]:
+        with self._write() as conn:
+            now = self._clock()
+            return [
+                conn.execute(SQL_RENEW, (now + lease_ms, now, ns, rid, token)).rowcount == 1
+                for ns, rid, token, lease_ms in leases
+            ]
 
     def take_over(
         self, namespace: str, request_id: str, expected_token: int, owner: str, lease_ms: int
