@@ -421,6 +421,17 @@ def assert_unstorable_success(guard: Any, ledger: Ledger, value: Any, reason: st
     assert ledger.count() == 1
 
 
+def test_result_over_the_size_a_receipt_keeps_is_succeeded_unstorable(
+    guard: Any, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result whose JSON is longer than any store keeps (SQLite refuses a value over
+    1,000,000,000 bytes) failed the completion's write and left a call that succeeded in
+    doubt. Refused before the write now: SUCCEEDED without a result. The bound is lowered
+    here so the test does not build half a gigabyte."""
+    monkeypatch.setattr("safeagent._flow.MAX_RESULT_BYTES", 1_000)
+    assert_unstorable_success(guard, ledger, "x" * 999, "over the 1,000 a receipt keeps")
+
+
 def test_result_whose_deepcopy_raises_is_succeeded_unstorable(guard: Any, ledger: Ledger) -> None:
     """``dataclasses.asdict`` raising KeyError: the success is recorded, never in doubt."""
     value = ChargeResult("ch_1", NoCopy())

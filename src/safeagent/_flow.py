@@ -49,6 +49,11 @@ POLL_START = 0.002
 POLL_MAX = 0.1
 UNSERIALIZABLE = "safeagent.ResultNotSerializable"
 CLAIM_FIRST_MAX_PAYLOAD = 2048
+# The longest result JSON a record keeps, in bytes (the JSON is ASCII): well below the
+# 1,000,000,000 bytes SQLite allows in one value and row and PostgreSQL's 1 GB field, so
+# a longer result is refused before the write (SUCCEEDED without a result) instead of
+# failing the write and leaving the call in doubt.
+MAX_RESULT_BYTES = 512 * 1024 * 1024
 """On a store that claims before it reads, a call whose canonical payload is longer than
 this reads first: a replay would otherwise send the payload again, about three times over
 (the record's column, and the claimed event's detail twice: its text and its chain text).
@@ -356,6 +361,12 @@ def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None
         if not isinstance(exc, (TypeError, ValueError, RecursionError)):  # not json's own
             reason = f"{type_name(exc)}: {reason}"
         return None, stored_error(UNSERIALIZABLE, f"{value_type_name(value)}: {reason}")
+    if len(text) > MAX_RESULT_BYTES:
+        return None, stored_error(
+            UNSERIALIZABLE,
+            f"{value_type_name(value)}: its JSON is {len(text):,} bytes, over the "
+            f"{MAX_RESULT_BYTES:,} a receipt keeps",
+        )
     return text, None
 
 
