@@ -1291,6 +1291,88 @@ def test_events_written_before_the_chains_are_legacy_not_problems(
     store.close()
 
 
+def test_a_legacy_receipt_purged_after_the_upgrade_stays_unverified(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """Receipts from before the chains, purged by retention after the upgrade: retention
+    stamps the tombstone and audits the pass on its own subject, so the record's only
+    change after the chains began is covered by that pass. Verify reported each such
+    receipt as written behind the guard's back (every upgraded database running retention
+    read TAMPERED for good); it is unverified, as before the purge. A tombstone no pass
+    covers, or one stamped before the record's last change, is still reported."""
+    from safeagent._keys import canonical_json, downstream_key, fingerprint
+
+    legacy_store = _pre_chain_store(db_store, clock)
+    payload = {"a": 1}
+    for rid in ("old-1", "old-2"):
+        legacy_store.exec_(
+            "INSERT INTO {s}.executions (namespace, request_id, action, fingerprint, status,"
+            " payload, result, execution_id, attempt, fencing_token, lease_owner,"
+            " lease_expires_at_ms, downstream_key, created_at_ms, claimed_at_ms,"
+            " updated_at_ms, completed_at_ms) VALUES ('default', %s, 'charge', %s,"
+            " 'SUCCEEDED', %s, '{\"charge\":\"ch_0\"}', %s, 1, 1, 'worker', 1, %s, 1, 1,"
+            " 2, 2)",
+            rid,
+            fingerprint("charge", canonical_json(payload)),
+            canonical_json(payload).decode(),
+            f"exec-{rid}",
+            downstream_key("default", "charge", rid),
+        )
+        for kind in ("claimed", "succeeded"):
+            legacy_store.exec_(
+                "INSERT INTO {s}.audit_events (at_ms, kind, namespace, subject, action,"
+                " actor, execution_id, fencing_token, detail) VALUES (1, %s, 'default', %s,"
+                " 'charge', 'worker', %s, 1, '{}')",
+                kind,
+                rid,
+                f"exec-{rid}",
+            )
+    store = legacy_store.open()  # migrated to the current schema
+    guard = Guard(store)
+    guard.execute("new", "charge", {"a": 2}, lambda _ctx: 1)
+    guard.close()
+    assert (verify(store).ok, verify(store).receipts_unverified) == (True, 2)
+    clock.advance(60)
+    assert purge(store, before_ms=100).tombstoned == 2  # both legacy receipts, not "new"
+    report = verify(store)
+    assert report.ok, report.problems
+    assert (report.receipts_unverified, report.receipts_checked) == (2, 1)
+    # A tombstone stamped by hand after the pass: no pass written since covers it.
+    clock.advance(60)
+    _sql(store, "UPDATE {s}.executions SET purged_at_ms = %s WHERE request_id = 'old-1'", clock())
+    report = verify(store)
+    assert [p.detail.split("'")[1] for p in report.problems] == ["old-1"]
+    assert "no retention pass in the chains covers it" in report.problems[0].detail
+    store.close()
+
+
+def test_a_tombstone_stamped_before_its_last_change_is_reported(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """A retention pass with a cutoff in the future covers every record finished before
+    that cutoff, but only records finished before the pass itself were purged by it: a
+    receipt completed after the pass, then hidden by hand as a tombstone stamped at the
+    pass's time, was taken as covered. Retention never stamps a record before its last
+    change."""
+    guard = Guard(db_store)
+    guard.execute("early", "charge", {}, lambda _ctx: 1)
+    passed_at = clock()
+    assert purge(db_store, before_ms=passed_at + 10**9).tombstoned == 1
+    clock.advance(60)
+    guard.execute("late", "charge", {}, lambda _ctx: {"charge": "ch_late"})
+    guard.close()
+    assert verify(db_store).ok
+    _sql(
+        db_store,
+        "UPDATE {s}.executions SET payload = '', result = NULL, purged_at_ms = %s"
+        " WHERE request_id = 'late'",
+        passed_at,
+    )
+    report = verify(db_store)
+    assert [p.detail.split("'")[1] for p in report.problems] == ["late"]
+    assert "before its last change" in report.problems[0].detail
+
+
 class _PreChain:
     """A database at the last schema version without hash chains, written by hand."""
 

@@ -434,14 +434,21 @@ def _judge(
             return None
         if legacy:
             # Its events predate the chains: nothing trusted to compare, but a record
-            # written before them was last changed before the first chained event.
+            # written before them was last changed before the first chained event, except
+            # by retention, whose chained pass (on its own subject) must then cover it.
             changed = _last_change(record)
-            if type(chains_began) is int and changed is not None and changed >= chains_began:
+            if type(chains_began) is not int:
+                return "unverified"
+            if changed is not None and changed >= chains_began:
                 return (
                     f"its only events are from before the chains, but the record was changed "
                     f"at {changed}, after the chains began (at {chains_began}): a "
                     f"{record.status.value} record written behind the guard's back"
                 )
+            purged = record.purged_at_ms
+            if purged is not None and not (type(purged) is int and purged < chains_began):
+                tombstone = _judge_tombstone(record, None, changed, purges)
+                return "unverified" if tombstone == "ok" else tombstone
             return "unverified"
         # Every writer appends a claim's event in the claim's own transaction (the
         # original package's API and the finality gate write through the guard).
@@ -474,7 +481,7 @@ def _judge(
     if facts is not None:
         return facts
     if record.purged_at_ms is not None:
-        return _judge_tombstone(record, expected, purges)
+        return _judge_tombstone(record, expected.execution_id, expected.at_ms, purges)
     if record.status.value not in _FINISHED:
         return "ok"
     if expected.digest is None:
@@ -528,11 +535,15 @@ def _judge_identity(record: Record, expected: _Expected) -> str | None:
     return "it holds " + " and ".join(wrong) if wrong else None
 
 
-def _judge_tombstone(record: Record, expected: _Expected, purges: _Purges) -> str:
-    """A record marked purged (its status already matches its last event): retention
-    keeps identity, action, fingerprint, final status and execution id, clears payload,
-    result and error message, and writes a chained ``purged`` event in the same
-    transaction, whose cutoff is after the record's last change."""
+def _judge_tombstone(
+    record: Record, execution_id: Any, changed_at_ms: Any, purges: _Purges
+) -> str:
+    """A record marked purged (its status already matches its last event, if it has a
+    chained one): retention keeps identity, action, fingerprint, final status and
+    execution id (``execution_id``: the one its last event names, None if none does),
+    clears payload, result and error message, and writes a chained ``purged`` event in
+    the same transaction, whose cutoff is after the record's last change
+    (``changed_at_ms``)."""
     status = record.status.value
     if status not in _PURGEABLE:
         return f"it is marked purged, but retention never purges a {status} record"
@@ -545,18 +556,30 @@ def _judge_tombstone(record: Record, expected: _Expected, purges: _Purges) -> st
             "it is marked purged, but still holds a payload, result or error message, "
             "which retention clears"
         )
-    if expected.execution_id is not None and record.execution_id != expected.execution_id:
+    if execution_id is not None and record.execution_id != execution_id:
         return "its execution id is not the one its last event names"
-    if not purges.cover(record.purged_at_ms, expected.at_ms):
+    purged = record.purged_at_ms
+    if (
+        type(purged) is int
+        and type(changed_at_ms) is int
+        and purged < changed_at_ms - _CLOCK_STEP_MS  # a second for a clock stepped back
+    ):
+        return (
+            f"it is marked purged at {purged}, before its last change (at "
+            f"{changed_at_ms}): retention purges only what finished before its pass"
+        )
+    if not purges.cover(record.purged_at_ms, changed_at_ms):
         return (
             f"it is marked purged (at {record.purged_at_ms}), but no retention pass in the "
             "chains covers it: none written since then had a cutoff after its last change "
-            f"(at {expected.at_ms})"
+            f"(at {changed_at_ms})"
         )
     return "ok"
 
 
 def _last_change(record: Record) -> int | None:
+    """The latest instant the record says it changed, retention's tombstone aside (its
+    pass is audited on its own subject, and judged by :func:`_judge_tombstone`)."""
     stamps = [
         t
         for t in (
@@ -564,7 +587,6 @@ def _last_change(record: Record) -> int | None:
             record.claimed_at_ms,
             record.updated_at_ms,
             record.completed_at_ms,
-            record.purged_at_ms,
         )
         if type(t) is int
     ]

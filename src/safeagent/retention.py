@@ -111,7 +111,10 @@ def purge(
             of seconds, is negative or is longer than 100 years; ``before_ms`` is not an
             ``int`` or is outside that range; nothing was purged.
         InvalidInputError: a bad ``actor``; nothing was purged.
-        StoreError: the store failed; nothing was purged.
+        StoreError: the store failed; nothing was purged, except when the error says the
+            connection was lost (``connection_lost``, PostgreSQL): the pass may have
+            committed. Running it again is safe either way (a record already purged is
+            left as it is).
 
     .. versionchanged:: 0.3
         ``before_ms``; ``older_than`` is no longer required.
