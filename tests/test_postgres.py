@@ -112,6 +112,28 @@ def test_bad_schema_names_are_rejected() -> None:
         _store("safeagent; DROP TABLE x")
 
 
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("select", "reserved word"),  # reached the server: a syntax error, a StoreError
+        ("User", "reserved word"),
+        ("left", "reserved word"),
+        ("pg_receipts", r"reserved \(pg_\)"),  # the server refuses pg_ schemas
+        ("kelvin_\u212a", "ASCII"),  # Python folds the Kelvin sign to k, PostgreSQL does not
+        ("caf\u00e9", "ASCII"),
+    ],
+)
+def test_schema_names_the_server_would_refuse_or_share_are_configuration_errors(
+    name: str, why: str
+) -> None:
+    """Refused before connecting, as the docstring promises (a ConfigurationError, exit 2
+    in the CLI), not a database error after: reserved words and ``pg_`` names made a
+    syntax error on the server, and non-ASCII names could fold to another schema's name
+    here but not there (two tenants in one schema)."""
+    with pytest.raises(ConfigurationError, match=why):
+        PostgresStore("postgresql://postgres@127.0.0.1:1/test", schema=name, timeout=0.1)
+
+
 def test_an_unreachable_database_fails_closed() -> None:
     """No server at the address: StoreError at open, nothing runs."""
     with pytest.raises(StoreError, match=r"cannot reach PostgreSQL within 1\.0 s: .*refused"):
@@ -522,8 +544,8 @@ def test_three_hosts_race_over_500_ids_and_one_is_killed(tmp_path: Path, schema:
 def test_schema_names_are_limited_to_postgresql_identifier_bytes() -> None:
     """PostgreSQL keeps the first 63 bytes of an identifier: two names that differ only
     after them would share one schema, so one tenant would replay another's receipts.
-    The limit is counted in UTF-8 bytes, and refused before anything is created."""
-    base = "s" + "\u00e9" * 31  # 63 bytes
+    Refused before anything is created (names are ASCII, so bytes are characters)."""
+    base = "s" * 63
     for name in (base + "_tenant_a", base + "_tenant_b", "x" * 64):
         with pytest.raises(ConfigurationError, match="63"):
             PostgresStore(PG_URL, schema=name)
@@ -537,8 +559,8 @@ def test_schema_names_are_limited_to_postgresql_identifier_bytes() -> None:
 def test_a_schema_name_of_63_bytes_and_its_case_folding() -> None:
     """At the limit the store works; names are folded to lower case as PostgreSQL folds
     unquoted identifiers, so "Tenant_A" and "tenant_a" are the same schema (documented)."""
-    name = pg_schema()[:40] + "\u00e9" * 11  # 40 + 22 = 62 bytes
-    name = name + "x" * (63 - len(name.encode()))
+    name = pg_schema()[:40]
+    name = name + "x" * (63 - len(name))
     assert len(name.encode()) == 63
     store = PostgresStore(PG_URL, schema=name)
     upper = PostgresStore(PG_URL, schema=name.upper())

@@ -130,21 +130,47 @@ _DROP_LOCK = _MIGRATION_LOCK + 1  # pg_try_advisory_xact_lock key: one index dro
 _DROP_LOCK_TIMEOUT = "200ms"  # the longest a drop may hold up the audit table's writers
 
 
+# PostgreSQL's reserved key words (pg_get_keywords() categories R and T, PostgreSQL 15):
+# none can be an unquoted schema name.
+_RESERVED = frozenset(
+    """all analyse analyze and any array as asc asymmetric authorization binary both case
+    cast check collate collation column concurrently constraint create cross
+    current_catalog current_date current_role current_schema current_time
+    current_timestamp current_user default deferrable desc distinct do else end except
+    false fetch for foreign freeze from full grant group having ilike in initially inner
+    intersect into is isnull join lateral leading left like limit localtime
+    localtimestamp natural not notnull null offset on only or order outer overlaps
+    placing primary references returning right select session_user similar some
+    symmetric table tablesample then to trailing true union unique user using variadic
+    verbose when where window with""".split()  # noqa: SIM905 - as pg_get_keywords() lists them
+)
+
+
 def _check_schema(name: str) -> str:
-    """``name`` as PostgreSQL will name the schema: an unquoted identifier, folded to lower
-    case. The limit is PostgreSQL's NAMEDATALEN - 1 = 63 *bytes* of UTF-8, not characters:
-    the server silently cuts a longer name, and two names that differ only after the cut
-    would share one schema (one tenant replaying another's receipts)."""
+    """``name`` as PostgreSQL will name the schema: an unquoted identifier of ASCII letters,
+    digits and ``_``, folded to lower case, neither a reserved key word nor starting with
+    ``pg_`` (the server's own). ASCII only: PostgreSQL folds only ASCII letters, Python's
+    ``lower()`` every letter, so two non-ASCII names (the Kelvin sign and ``k``) could
+    share one schema, one tenant replaying another's receipts. The limit is
+    NAMEDATALEN - 1 = 63 bytes: the server silently cuts a longer name, and two names that
+    differ only after the cut would share a schema too."""
     if (
         not isinstance(name, str)
         or not name
+        or not name.isascii()
         or not name.replace("_", "").isalnum()
         or name[0].isdigit()
     ):
         raise ConfigurationError(
-            f"schema must be a plain identifier (letters, digits, _), got {name!r}"
+            f"schema must be a plain identifier (ASCII letters, digits, _), got {name!r}"
         )
     folded = name.lower()
+    if folded in _RESERVED or folded.startswith("pg_"):
+        raise ConfigurationError(
+            f"schema {name!r} is "
+            + ("a reserved word in PostgreSQL" if folded in _RESERVED else "reserved (pg_)")
+            + ": choose another name"
+        )
     size = len(folded.encode("utf-8"))
     if size > 63:
         raise ConfigurationError(
@@ -495,8 +521,9 @@ class PostgresStore:
     Args:
         dsn: a libpq connection string or URL; ``None`` reads ``$SAFEAGENT_DATABASE_URL``.
         schema: the schema holding the tables (created if missing; default ``"safeagent"``):
-            letters, digits and ``_``, at most 63 bytes of UTF-8 (PostgreSQL's identifier
-            limit), folded to lower case as PostgreSQL folds unquoted names, so
+            ASCII letters, digits and ``_``, at most 63 bytes (PostgreSQL's identifier
+            limit), not a reserved word nor ``pg_...``, folded to lower case as PostgreSQL
+            folds unquoted names, so
             ``"Tenant_A"`` and ``"tenant_a"`` are one schema. Two stores on one database
             with different schemas never see each other.
         durability: ``"durable"`` (default) or ``"claim-durable"`` (module docstring).
