@@ -535,9 +535,7 @@ def _judge_identity(record: Record, expected: _Expected) -> str | None:
     return "it holds " + " and ".join(wrong) if wrong else None
 
 
-def _judge_tombstone(
-    record: Record, execution_id: Any, changed_at_ms: Any, purges: _Purges
-) -> str:
+def _judge_tombstone(record: Record, execution_id: Any, changed_at_ms: Any, purges: _Purges) -> str:
     """A record marked purged (its status already matches its last event, if it has a
     chained one): retention keeps identity, action, fingerprint, final status and
     execution id (``execution_id``: the one its last event names, None if none does),
