@@ -92,6 +92,7 @@ def run_mode(mode: str, n: int, tmp: str) -> dict[str, Any]:
     for i in range(20):  # warm-up, untimed
         guard.execute(f"w{i}", "charge", payload, effect)
         floor.execute(f"w{i}", effect)
+
     def run_guard(rid: str) -> Any:
         return guard.execute(rid, "charge", payload, effect)
 
@@ -116,6 +117,7 @@ def run_mode(mode: str, n: int, tmp: str) -> dict[str, Any]:
 
 def fingerprint_cost(n: int) -> float:
     payload = {"customer": "CUST-1", "amount_cents": 500, "currency": "EUR"}
+
     def one(_: str) -> str:
         return fingerprint("charge", canonical_json(payload))
 

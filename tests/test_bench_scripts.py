@@ -38,6 +38,19 @@ def test_quick_prints_both_modes(tmp_path: Path) -> None:
             assert re.search(rf"^{mode}\s+{call}\s+[\d.]+ /", out, re.M), out
 
 
+def test_leases_prints_both_rows(tmp_path: Path) -> None:
+    out = _run(
+        str(BENCH / "leases.py"),
+        *("--calls", "20", "--lease", "0.3", "--work", "0.3", "--rounds", "1"),
+        *("--json", str(tmp_path / "leases.json")),
+        cwd=tmp_path,
+    )
+    for row in ("batched", "one per lease"):
+        assert re.search(rf"^{row}\s+1\s+\d+\s+0\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M), out
+    figures = json.loads((tmp_path / "leases.json").read_text())
+    assert set(figures["rows"]) == {"batched", "one per lease"}
+
+
 @pytest.mark.parametrize("mode", ["durable", "claim-durable"])
 def test_decompose_prints_every_row_first_and_replay(tmp_path: Path, mode: str) -> None:
     out = _run(
