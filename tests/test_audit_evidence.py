@@ -563,6 +563,42 @@ def test_export_redacts_and_stats_count(guard: Any) -> None:
     assert counted.per_action["charge"]["replays"] == 3
 
 
+def test_export_keeps_its_own_ids_and_digests_and_redacts_the_rest(sync_guard: Any) -> None:
+    """The export redacted whole details: every fencing token field ("token" in its name)
+    and each fingerprint or outcome digest whose hex held 13 decimal digits in a row (a
+    "card number"), so the exported trail no longer matched its receipts. SafeAgent's own
+    fields are exported as stored; a caller's data (the payload) is still redacted, by the
+    default hook or by one of the caller's."""
+    for i in range(200):
+        sync_guard.execute(f"r-{i}", "charge", {"card": "4242424242424242", "i": i}, lambda _c: 1)
+
+    def timeout(_ctx: Any) -> None:
+        raise TimeoutError("sent, no answer")
+
+    with pytest.raises(TimeoutError):
+        sync_guard.execute("doubt", "charge", {}, timeout, outcome_unknown=(TimeoutError,))
+    sync_guard.resolve("doubt", "failed", by="ops", reason="the provider has no charge")
+    sync_guard.store.flush_events()
+    out = io.StringIO()
+    export(sync_guard.store, out, fmt="jsonl")
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert "4242424242424242" not in out.getvalue()
+    claims = {r["subject"]: r["detail"] for r in rows if r["kind"] == "claimed"}
+    for i in range(200):
+        record = sync_guard.get(f"r-{i}")
+        assert claims[f"r-{i}"]["fingerprint"] == record.fingerprint
+        assert claims[f"r-{i}"]["payload"]["card"] == "[REDACTED]"
+    digests = [r["detail"]["outcome_sha256"] for r in rows if r["kind"] == "succeeded"]
+    assert len(digests) == 200
+    assert all(len(d) == 64 and "[" not in d for d in digests)
+    resolved = next(r["detail"] for r in rows if r["kind"] == "resolved")
+    assert resolved["previous_fencing_token"] == 1
+    seen: list[Any] = []
+    export(sync_guard.store, io.StringIO(), redact=lambda d: seen.append(d) or d)
+    assert not any("fingerprint" in d or "outcome_sha256" in d for d in seen)
+    assert any("payload" in d for d in seen)
+
+
 def test_purge_leaves_tombstones_that_still_block_retries(guard: Any, clock: FakeClock) -> None:
     """After purge, a retry of a finished request gets ReceiptPurgedError (never runs),
     another payload a conflict; pending and in-doubt records are kept; released deleted."""

@@ -45,6 +45,7 @@ from safeagent._verify_cases import _check_cases
 from safeagent._verify_receipts import _check_receipts
 from safeagent.errors import ConfigurationError
 from safeagent.retention import _store_of
+from safeagent.stores._base import OUTCOME_DIGEST
 from safeagent.stores._rows import Heads
 
 KEY_ENV = "SAFEAGENT_AUDIT_KEY"
@@ -337,6 +338,57 @@ def verify(
     )
 
 
+# Detail fields SafeAgent writes itself, holding ids, digests, numbers and states, never a
+# caller's data: an export keeps them as stored. Redacted, a fencing token (its name says
+# "token") and one fingerprint or digest in about 25 (a run of 13 decimal digits in the
+# hex looks like a card number) were lost, and the exported trail no longer matched the
+# receipts it describes.
+OWN_FIELDS = frozenset(
+    {
+        "attempt",
+        "attempt_ended_at_ms",
+        "current_fencing_token",
+        "cutoff_ms",
+        "deleted",
+        "execution_id",
+        "fencing_token",
+        "fingerprint",
+        "kept_in_doubt",
+        "kept_pending",
+        OUTCOME_DIGEST,
+        "lease_expired_ms_ago",
+        "previous_fencing_token",
+        "quorum",
+        "released",
+        "status",
+        "stored_fingerprint",
+        "stored_status",
+        "threshold",
+        "tombstoned",
+        "version",
+    }
+)
+
+
+def _exported(detail: Any, redact: Redactor) -> Any:
+    """``detail`` through ``redact``, but for :data:`OWN_FIELDS` of plain values."""
+    if type(detail) is not dict:
+        return redact(detail)
+    own = {
+        k: v
+        for k, v in detail.items()
+        if k in OWN_FIELDS and (v is None or type(v) in (str, int, float, bool))
+    }
+    if not own:
+        return redact(detail)
+    rest = redact({k: v for k, v in detail.items() if k not in own})
+    if type(rest) is not dict:
+        return rest  # a hook that replaced the whole detail: its answer stands
+    merged = {k: own[k] if k in own else rest[k] for k in detail if k in own or k in rest}
+    merged.update((k, v) for k, v in rest.items() if k not in merged)
+    return merged
+
+
 def export(
     store: Any,
     out: TextIO,
@@ -347,7 +399,10 @@ def export(
 ) -> int:
     """Write the audit trail to ``out`` as JSON lines or CSV, details redacted with
     ``redact``; returns the number of events written. ``store``: a store, or a
-    ``Guard`` / ``AsyncGuard`` whose store is used.
+    ``Guard`` / ``AsyncGuard`` whose store is used. The detail fields SafeAgent writes
+    itself with ids, digests, numbers and states (:data:`OWN_FIELDS`: fingerprints,
+    outcome digests, fencing tokens, execution ids, statuses) are exported as stored;
+    ``redact`` sees the rest.
 
     Raises:
         ConfigurationError: ``store`` is neither a store nor a guard; an unknown format.
@@ -373,7 +428,7 @@ def export(
         writer.writeheader()
     for event in events:
         row = event.to_dict()
-        row["detail"] = redact(row["detail"])
+        row["detail"] = _exported(row["detail"], redact)
         if writer is None:
             out.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
         else:
@@ -386,9 +441,10 @@ def export(
 class Stats:
     """Counts from the audit trail over a time window: ``executions`` (claims won: one per
     attempt to run ``fn``, an attempt released because ``fn`` did not run included),
-    ``replays`` (duplicates blocked), ``conflicts``, ``in_doubt`` (in-doubt events: a record
-    counts when it goes in doubt and again each time a call finds it so), and the same per
-    action."""
+    ``replays`` (duplicates blocked), ``conflicts``, ``in_doubt`` (in-doubt events: a call
+    that stored an "outcome unknown" exception, and each call that found a record in doubt
+    with no reconcile hook for its action; a lease that runs out writes none, and a call
+    with a hook writes the hook's events instead), and the same per action."""
 
     executions: int = 0
     replays: int = 0
