@@ -432,6 +432,23 @@ def test_result_over_the_size_a_receipt_keeps_is_succeeded_unstorable(
     assert_unstorable_success(guard, ledger, "x" * 999, "over the 1,000 a receipt keeps")
 
 
+def test_result_that_overfills_the_record_with_its_payload_is_succeeded_unstorable(
+    guard: Any, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's limit is on the whole row, which keeps the payload beside the result: a
+    result under the result bound with a large payload still failed the write. Counted
+    together (the payload in UTF-8 bytes); bounds lowered so the test stays small."""
+    monkeypatch.setattr("safeagent._flow.MAX_RECORD_BYTES", 2_000)
+    payload = {"memo": "\u00e9" * 700}  # 1,400 bytes of UTF-8 in 700 characters
+    with pytest.raises(ResultNotSerializableError, match="with the payload's"):
+        call(guard, "execute", "r-1", "charge", payload, returning(ledger, "x" * 700))
+    status, error_type, _ = stored(guard, "r-1")
+    assert (status, error_type) == (Status.SUCCEEDED, UNSERIALIZABLE)
+    small = call(guard, "execute", "r-2", "charge", payload, returning(ledger, "x" * 100))
+    assert small.result == "x" * 100
+    assert ledger.count() == 2
+
+
 def test_result_whose_deepcopy_raises_is_succeeded_unstorable(guard: Any, ledger: Ledger) -> None:
     """``dataclasses.asdict`` raising KeyError: the success is recorded, never in doubt."""
     value = ChargeResult("ch_1", NoCopy())

@@ -49,15 +49,19 @@ POLL_START = 0.002
 POLL_MAX = 0.1
 UNSERIALIZABLE = "safeagent.ResultNotSerializable"
 CLAIM_FIRST_MAX_PAYLOAD = 2048
-# The longest result JSON a record keeps, in bytes (the JSON is ASCII): well below the
-# 1,000,000,000 bytes SQLite allows in one value and row and PostgreSQL's 1 GB field, so
-# a longer result is refused before the write (SUCCEEDED without a result) instead of
-# failing the write and leaving the call in doubt.
-MAX_RESULT_BYTES = 512 * 1024 * 1024
 """On a store that claims before it reads, a call whose canonical payload is longer than
 this reads first: a replay would otherwise send the payload again, about three times over
 (the record's column, and the claimed event's detail twice: its text and its chain text).
 Counted in characters, each non-ASCII one as six (the event escapes it as six ASCII)."""
+MAX_RESULT_BYTES = 512 * 1024 * 1024
+"""The longest result JSON a record keeps, in bytes (the JSON is ASCII). A longer result is
+refused before the write (SUCCEEDED without a result) instead of failing the write and
+leaving a call that ran in doubt: SQLite allows 1,000,000,000 bytes in one value and in
+one row, PostgreSQL 1 GB in a field."""
+MAX_RECORD_BYTES = 900_000_000
+"""The most a record's result and payload JSON may hold together, in bytes: SQLite's
+1,000,000,000-byte limit is on the whole row, which keeps both (and its other, short,
+columns)."""
 
 
 # -- the operations a flow yields ------------------------------------------------------------
@@ -345,8 +349,12 @@ def stored_error(error_type: str, message: str) -> ErrorInfo:
     return ErrorInfo(storable_text(error_type), storable_text(message))
 
 
-def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None, ErrorInfo | None]:
-    """JSON text of ``value``, or ``None`` and why it cannot be stored.
+def encode_result(
+    value: Any, encoder: Callable[[Any], Any], beside: str = ""
+) -> tuple[str | None, ErrorInfo | None]:
+    """JSON text of ``value``, or ``None`` and why it cannot be stored: not JSON, longer
+    than :data:`MAX_RESULT_BYTES`, or longer than :data:`MAX_RECORD_BYTES` with ``beside``
+    (the payload JSON the record keeps with it).
 
     Any ``Exception`` from encoding counts as "cannot be stored", not only the
     ``TypeError`` or ``ValueError`` of ``json``: the encoder runs user code (a
@@ -361,12 +369,21 @@ def encode_result(value: Any, encoder: Callable[[Any], Any]) -> tuple[str | None
         if not isinstance(exc, (TypeError, ValueError, RecursionError)):  # not json's own
             reason = f"{type_name(exc)}: {reason}"
         return None, stored_error(UNSERIALIZABLE, f"{value_type_name(value)}: {reason}")
-    if len(text) > MAX_RESULT_BYTES:
+    size = len(text)
+    if size > MAX_RESULT_BYTES:
         return None, stored_error(
             UNSERIALIZABLE,
-            f"{value_type_name(value)}: its JSON is {len(text):,} bytes, over the "
+            f"{value_type_name(value)}: its JSON is {size:,} bytes, over the "
             f"{MAX_RESULT_BYTES:,} a receipt keeps",
         )
+    if size + 4 * len(beside) > MAX_RECORD_BYTES:  # UTF-8 takes at most 4 bytes a character
+        payload = len(beside.encode("utf-8", "surrogatepass"))
+        if size + payload > MAX_RECORD_BYTES:
+            return None, stored_error(
+                UNSERIALIZABLE,
+                f"{value_type_name(value)}: its JSON is {size:,} bytes, and with the "
+                f"payload's {payload:,} over the {MAX_RECORD_BYTES:,} a record keeps",
+            )
     return text, None
 
 
@@ -524,7 +541,7 @@ def run_flow(
                 else "fn's own code ran or it may be running, so the record is in doubt"
             )
         )
-    result_json, unstorable = encode_result(value, s.result_encoder)
+    result_json, unstorable = encode_result(value, s.result_encoder, call.payload_json)
     written = yield from store_completion(
         call, record, Status.SUCCEEDED, result_json, unstorable, s
     )
@@ -791,7 +808,7 @@ def reconcile_flow(call: Call, record: Record, s: Settings) -> Generator[Op, Any
         answer = Reconciliation.unknown(note=note)
     detail = {"verdict": answer.verdict, "note": answer.note}
     if answer.verdict == "happened":
-        result_json, error = encode_result(answer.result, s.result_encoder)
+        result_json, error = encode_result(answer.result, s.result_encoder, record.payload_json)
         written = yield from store_completion(
             call,
             lease,
