@@ -420,3 +420,78 @@ def test_a_thousand_calls_at_once_keep_their_short_leases(tmp_path: Path) -> Non
     # About 12 rounds of 1,000 leases (2 s at one each 0.167 s), a few commits each; one
     # commit per lease would be 12,000.
     assert 0 < store.renewals < 500, store.renewals
+
+
+class RenewOnly(SQLiteStore):
+    """A subclass changing ``renew`` alone: it refuses the leases of one namespace."""
+
+    calls = 0
+
+    def renew(self, namespace: str, request_id: str, fencing_token: int, lease_ms: int) -> bool:
+        self.calls += 1
+        if namespace == "drained":
+            return False
+        return super().renew(namespace, request_id, fencing_token, lease_ms)
+
+
+class ShortAnswers(SQLiteStore):
+    """A store breaking ``renew_many``'s protocol: it renews, and answers nothing."""
+
+    def renew_many(self, leases: Any) -> list[bool]:
+        super().renew_many(leases)
+        return []
+
+
+def test_a_subclass_changing_renew_alone_keeps_its_renew_called(tmp_path: Path) -> None:
+    """The heartbeat renewed through the inherited ``renew_many``, bypassing a subclass's
+    own ``renew`` (one refusing a drained namespace's leases renewed them anyway)."""
+    store = RenewOnly(tmp_path / "guard.db")
+    guard = Guard(store, lease=0.3, wait=0)
+    answers: dict[str, Any] = {}
+
+    def run(namespace: str) -> None:
+        try:
+            answers[namespace] = guard.execute(
+                "r", "export", {}, lambda _ctx: time.sleep(1.0), namespace=namespace
+            )
+        except Exception as exc:
+            answers[namespace] = exc
+
+    threads = [threading.Thread(target=run, args=(ns,)) for ns in ("default", "drained")]
+    for t in threads:
+        t.start()
+    time.sleep(0.6)
+    assert [r.request_id for r in Guard(store).in_doubt(namespace="drained")] == ["r"]
+    assert Guard(store).in_doubt() == []
+    for t in threads:
+        t.join(10)
+    assert store.calls >= 4
+    assert isinstance(answers["default"], Receipt)
+    guard.close()
+
+
+def test_a_store_answering_renew_many_wrongly_does_not_stop_the_heartbeat(
+    tmp_path: Path,
+) -> None:
+    """A ``renew_many`` answer of the wrong length raised in the heartbeat thread and ended
+    it: no lease of that store identity (another store object's on the same file too) was
+    renewed again in that process. Now such an answer counts as a failed renewal."""
+    db = tmp_path / "guard.db"
+    bad, good = Guard(ShortAnswers(db), lease=0.3, wait=0), Guard(SQLiteStore(db), lease=0.3)
+    outcome: dict[str, Any] = {}
+
+    def run(name: str, guard: Guard) -> None:
+        try:
+            outcome[name] = guard.execute(name, "export", {}, lambda _ctx: time.sleep(1.2))
+        except Exception as exc:
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=run, args=a) for a in (("bad", bad), ("good", good))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert isinstance(outcome["good"], Receipt), outcome
+    assert EventKind.LATE_COMPLETION not in _kinds(good, "good")  # its lease never ran out
+    bad.close()
+    good.close()

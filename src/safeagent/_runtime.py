@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from safeagent.stores._base import BatchRenewStore, ReceiptStore
 
@@ -212,17 +213,36 @@ def _batches(due: list[Beat]) -> list[list[Beat]]:
     ]
 
 
+def _renews_in_batches(cls: type) -> bool:
+    """Whether the class that defines ``renew`` for ``cls`` defines ``renew_many`` too: a
+    subclass or wrapper that changes ``renew`` alone (refusing some leases, counting them)
+    keeps its ``renew`` called, one lease at a time, as before ``renew_many`` existed."""
+    for klass in cls.__mro__:
+        if "renew" in vars(klass):
+            return "renew_many" in vars(klass)
+    return False  # renew reached through __getattr__ (a proxy): call it as it is
+
+
+_BATCHING: dict[type, bool] = {}
+
+
 def _renew(batch: list[Beat]) -> list[bool | None]:
     """Renew one store's leases: True renewed, False lost (no longer its token), None the
     store failed (tried again soon). One transaction for them all where the store can
-    (:class:`BatchRenewStore`), else one each."""
+    (``renew_many``, see :func:`_renews_in_batches`), else one each."""
     store = batch[0].store
-    if isinstance(store, BatchRenewStore):
+    batching = _BATCHING.get(type(store))
+    if batching is None:
+        batching = _BATCHING[type(store)] = _renews_in_batches(type(store))
+    if batching:
         leases = [(b.namespace, b.request_id, b.fencing_token, b.lease_ms) for b in batch]
         try:
-            return list(store.renew_many(leases))
+            renewed: list[bool | None] = list(cast(BatchRenewStore, store).renew_many(leases))
         except Exception:  # noqa: BLE001 - a failed renewal is retried soon
             return [None] * len(batch)
+        if len(renewed) != len(batch) or any(type(a) is not bool for a in renewed):
+            return [None] * len(batch)  # a store breaking the protocol: as if it failed
+        return renewed
     answers: list[bool | None] = []
     for b in batch:
         try:

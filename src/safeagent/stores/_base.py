@@ -330,8 +330,10 @@ class BatchRenewStore(ReceiptStore, Protocol):
     at once pays one commit (one fsync on SQLite, one round trip on PostgreSQL) per
     heartbeat round, not one per call, so its leases keep up with the load: one commit
     each for 1,500 calls on a 1 s lease took longer than the lease, and healthy calls read
-    as in doubt. A wrapper or subclass that changes :meth:`renew` must change
-    :meth:`renew_many` too: the heartbeat calls only this one where it exists."""
+    as in doubt. The heartbeat calls it only where the class that defines :meth:`renew`
+    defines it too: a subclass that changes :meth:`renew` alone keeps its ``renew``
+    called, one lease per transaction, and so does a proxy reaching ``renew`` through
+    ``__getattr__``. An answer that is not one bool per lease counts as a failure."""
 
     def renew_many(self, leases: Sequence[Lease]) -> list[bool]:
         """:meth:`~ReceiptStore.renew` each lease, all in one transaction: for each, in
