@@ -130,8 +130,8 @@ _DROP_LOCK = _MIGRATION_LOCK + 1  # pg_try_advisory_xact_lock key: one index dro
 _DROP_LOCK_TIMEOUT = "200ms"  # the longest a drop may hold up the audit table's writers
 
 
-# PostgreSQL's reserved key words (pg_get_keywords() categories R and T, PostgreSQL 15):
-# none can be an unquoted schema name.
+# PostgreSQL's reserved key words (pg_get_keywords() categories R and T, PostgreSQL 15,
+# and system_user, reserved since 16): none can be an unquoted schema name.
 _RESERVED = frozenset(
     """all analyse analyze and any array as asc asymmetric authorization binary both case
     cast check collate collation column concurrently constraint create cross
@@ -141,8 +141,8 @@ _RESERVED = frozenset(
     intersect into is isnull join lateral leading left like limit localtime
     localtimestamp natural not notnull null offset on only or order outer overlaps
     placing primary references returning right select session_user similar some
-    symmetric table tablesample then to trailing true union unique user using variadic
-    verbose when where window with""".split()  # noqa: SIM905 - as pg_get_keywords() lists them
+    symmetric system_user table tablesample then to trailing true union unique user using
+    variadic verbose when where window with""".split()  # noqa: SIM905 - as pg_get_keywords() lists them
 )
 
 
