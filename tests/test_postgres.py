@@ -24,6 +24,7 @@ from safeagent import (
     ActionPolicy,
     ConfigurationError,
     Guard,
+    NotExecuted,
     OutcomeUnknownError,
     ReconcileRequest,
     Reconciliation,
@@ -132,6 +133,36 @@ def test_schema_names_the_server_would_refuse_or_share_are_configuration_errors(
     here but not there (two tenants in one schema)."""
     with pytest.raises(ConfigurationError, match=why):
         PostgresStore("postgresql://postgres@127.0.0.1:1/test", schema=name, timeout=0.1)
+
+
+def test_a_row_lock_held_elsewhere_fails_closed_after_the_dsns_lock_timeout(
+    schema: str,
+) -> None:
+    """A session left in a transaction holding a lock on a record's row (an ad-hoc psql
+    session) makes a write on that row wait, as any PostgreSQL write does; with
+    ``lock_timeout`` in the DSN (docs/guide.md) the claim fails closed with StoreError
+    after it, and the side effect does not run."""
+    url = PG_URL + ("&" if "?" in PG_URL else "?") + "options=-c%20lock_timeout%3D300ms"
+    store = PostgresStore(url, schema=schema)
+    guard = Guard(store)
+    ran: list[str] = []
+
+    def not_sent(_ctx: Any) -> None:
+        raise NotExecuted("validation failed before sending")
+
+    with pytest.raises(NotExecuted):
+        guard.execute("r", "charge", {}, not_sent)  # RELEASED: the next call claims the row
+    with psycopg.connect(PG_URL) as holder:
+        holder.execute(f"SELECT 1 FROM {schema}.executions WHERE request_id = 'r' FOR UPDATE")
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            guard.execute("r", "charge", {}, lambda _ctx: ran.append("r"))
+        assert time.monotonic() - started < 5
+        holder.rollback()
+    assert ran == []
+    assert guard.execute("r", "charge", {}, lambda _ctx: ran.append("r")).replay is False
+    assert ran == ["r"]
+    store.close()
 
 
 def test_an_unreachable_database_fails_closed() -> None:
