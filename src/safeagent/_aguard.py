@@ -64,6 +64,8 @@ from safeagent.stores._base import ClaimFirstStore, ClaimResult, Completion, Wri
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+# How a claim undone because its caller was cancelled before fn started is recorded.
+_CANCELLED = (ErrorInfo("asyncio.CancelledError", "cancelled before fn started"), "cancelled")
 
 
 class _Ticket:
@@ -528,38 +530,25 @@ class AsyncGuard(GuardCore):
         audited (never raises: a claim left behind reads as in doubt after its lease)."""
         if claim.won:
             record = claim.record
-            self._release_attempt(
+            self._release_unrun(
                 record.namespace,
                 record.request_id,
                 record.fencing_token,
                 record.action,
                 record.execution_id,
+                *_CANCELLED,
             )
 
     def _release_unstarted(self, ctx: ExecutionContext) -> None:
         """Undo the claim ``fn`` was about to run under, its caller cancelled first."""
-        self._release_attempt(
-            ctx.namespace, ctx.request_id, ctx.fencing_token, ctx.action, ctx.execution_id
+        self._release_unrun(
+            ctx.namespace,
+            ctx.request_id,
+            ctx.fencing_token,
+            ctx.action,
+            ctx.execution_id,
+            *_CANCELLED,
         )
-
-    def _release_attempt(
-        self, namespace: str, request_id: str, token: int, action: str, execution_id: str
-    ) -> None:
-        with contextlib.suppress(Exception):
-            self.store.complete(
-                Completion(
-                    namespace=namespace,
-                    request_id=request_id,
-                    fencing_token=token,
-                    status=Status.RELEASED,
-                    result_json=None,
-                    error=ErrorInfo("asyncio.CancelledError", "cancelled before fn started"),
-                    actor=self._owner_name(),
-                    detail={"cancelled": True},
-                    action=action,
-                    execution_id=execution_id,
-                )
-            )
 
     def _hand_back(self, taken: WriteResult) -> None:
         """Undo a reconcile take-over whose caller was cancelled before asking the hook:

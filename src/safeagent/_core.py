@@ -4,6 +4,7 @@ checks of their public methods. The flows (``_flow``) hold the rules; the driver
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -38,7 +39,7 @@ from safeagent._policy import (
 )
 from safeagent._receipt import ErrorInfo, Status
 from safeagent.errors import ConfigurationError, InvalidInputError, InvalidRequestIdError
-from safeagent.stores._base import DATABASE_URL_ENV, ClaimFirstStore, ReceiptStore
+from safeagent.stores._base import DATABASE_URL_ENV, ClaimFirstStore, Completion, ReceiptStore
 from safeagent.stores.sqlite import SQLiteStore
 
 Outcome = Literal["succeeded", "failed", "released", "rerun"]
@@ -292,6 +293,36 @@ class GuardCore:
             self.result_encoder,
             self._claim_first and cast(ClaimFirstStore, self.store).claim_first is True,
         )
+
+    def _release_unrun(
+        self,
+        namespace: str,
+        request_id: str,
+        token: int,
+        action: str,
+        execution_id: str,
+        error: ErrorInfo,
+        flag: str,
+    ) -> None:
+        """Release a claim whose caller was cancelled or interrupted before ``fn`` started
+        (RELEASED: the next call runs ``fn``), audited with ``error`` and ``{flag: True}``.
+        Never raises an ``Exception``: a claim left behind reads as in doubt after its
+        lease, which is safe."""
+        with contextlib.suppress(Exception):
+            self.store.complete(
+                Completion(
+                    namespace=namespace,
+                    request_id=request_id,
+                    fencing_token=token,
+                    status=Status.RELEASED,
+                    result_json=None,
+                    error=error,
+                    actor=self._owner_name(),
+                    detail={flag: True},
+                    action=action,
+                    execution_id=execution_id,
+                )
+            )
 
     def _lease_ms(self, action: str, lease: Seconds | None = None) -> int:
         if lease is not None:

@@ -26,19 +26,21 @@ from safeagent._flow import (
     Wait,
     call_for_record,
     capture,
+    error_message,
     execute_flow,
     reconcile_flow,
     resolve_flow,
+    type_name,
 )
 from safeagent._flow import Outcome as FnOutcome
 from safeagent._keys import check_request_id
 from safeagent._policy import CASE_PREFIX, Seconds
-from safeagent._receipt import ExecutionContext, Receipt, Status, _current
+from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, _current
 from safeagent._runtime import heartbeats, wakeups
 from safeagent._telemetry import Observation, observe
 from safeagent._telemetry import enabled as telemetry_enabled
 from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
-from safeagent.stores._base import ClaimFirstStore
+from safeagent.stores._base import ClaimFirstStore, ClaimRequest, ClaimResult
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -374,13 +376,14 @@ class Guard(GuardCore):
         store = self.store
         wake_key: tuple[str, str, str] | None = None
         slot = None
+        op: Op | None = None
         answer: Any = None
         error: BaseException | None = None
         raised: BaseException
         try:
             while True:
                 try:
-                    op: Op = flow.send(answer) if error is None else flow.throw(error)
+                    op = flow.send(answer) if error is None else flow.throw(error)
                 except StopIteration as stop:
                     return stop.value  # type: ignore[no-any-return]
                 except Reraise as carried:
@@ -403,10 +406,44 @@ class Guard(GuardCore):
                     if seen is not None and isinstance(op, Complete):
                         seen.unrecorded = True
             raise raised
+        except BaseException as exc:
+            if isinstance(op, Claim) and not isinstance(exc, Exception):
+                self._undo_claim(op.request, answer, exc)  # interrupted between claim and fn
+            raise
         finally:
             flow.close()
             if slot is not None and wake_key is not None:
                 wakeups.done(wake_key, slot)
+
+    def _undo_claim(self, request: ClaimRequest, answer: Any, exc: BaseException) -> None:
+        """An interrupt (``KeyboardInterrupt``, ``SystemExit``) ends the call right after
+        its claim, before ``fn`` could run: while the claim commits (it may have committed
+        all the same) or between its answer and ``fn``. A claim of this call that
+        landed is released (the next call runs ``fn``) instead of left PENDING, to read as
+        in doubt once its lease runs out. The record is this call's only if it carries
+        the execution id this call's claim wrote and is still PENDING. Never raises an
+        ``Exception``: a claim left behind is safe, only in doubt."""
+        record = answer.record if isinstance(answer, ClaimResult) and answer.won else None
+        if record is None:
+            try:
+                record, _ = self.store.get(request.namespace, request.request_id)
+            except Exception:  # noqa: BLE001 - the store's failure: the lease decides
+                return
+            if (
+                record is None
+                or record.execution_id != request.execution_id
+                or record.status is not Status.PENDING
+            ):
+                return
+        self._release_unrun(
+            record.namespace,
+            record.request_id,
+            record.fencing_token,
+            record.action,
+            record.execution_id,
+            ErrorInfo(type_name(exc), f"the call ended before fn started: {error_message(exc)}"),
+            "unrun",
+        )
 
     def _perform(self, op: Op) -> Any:
         store = self.store
@@ -445,11 +482,27 @@ class Guard(GuardCore):
 
     def _run(self, op: Run) -> FnOutcome:
         ctx = op.context
+        started = False
         token = _current.set(ctx)
         try:
             with heartbeats.beating(
                 self.store, ctx.namespace, ctx.request_id, ctx.fencing_token, op.lease_ms
             ):
+                started = True
                 return capture(op.fn, ctx)
+        except BaseException as exc:
+            if not started:  # interrupted before fn could start: the claim is undone
+                self._release_unrun(
+                    ctx.namespace,
+                    ctx.request_id,
+                    ctx.fencing_token,
+                    ctx.action,
+                    ctx.execution_id,
+                    ErrorInfo(
+                        type_name(exc), f"the call ended before fn started: {error_message(exc)}"
+                    ),
+                    "unrun",
+                )
+            raise
         finally:
             _current.reset(token)

@@ -854,7 +854,11 @@ class SQLiteStore:
                 if job.promoted:  # the last leader handed over: lead the next batch
                     self._lead(group, job)
         except BaseException:
-            self._abandon(group, job)
+            if not self._abandon(group, job) and job.event is not None:
+                # Interrupted while another thread commits this write: wait for that
+                # commit to end, so the caller's undo (Guard releases a claim it cannot
+                # use) reads the write's final state. A second interrupt ends the wait.
+                job.event.wait()
             raise
         if job.error is not None:
             raise job.error
@@ -862,12 +866,14 @@ class SQLiteStore:
             raise StoreError(f"SQLite write failed on {self.path}: not committed")
         return job.result  # type: ignore[no-any-return]
 
-    def _abandon(self, group: _GroupCommit, job: _Job) -> None:
+    def _abandon(self, group: _GroupCommit, job: _Job) -> bool:
         """A waiting writer was interrupted: withdraw its job, and if it had just been
-        handed the lead, hand it on, so no one is left waiting for a leader."""
+        handed the lead, hand it on, so no one is left waiting for a leader. Returns
+        whether the job was withdrawn before any commit took it."""
         successor = None
         with group.lock:
-            if job in group.pending:
+            withdrawn = job in group.pending
+            if withdrawn:
                 group.pending.remove(job)
             if job.promoted:
                 job.promoted = False
@@ -878,6 +884,7 @@ class SQLiteStore:
                     group.leading, group.leader = False, None
         if successor is not None and successor.event is not None:
             successor.event.set()
+        return withdrawn
 
     def _lead(self, group: _GroupCommit, own: _Job) -> None:
         """Commit every queued job as one batch, then hand the lead to a waiting writer."""

@@ -1,0 +1,191 @@
+"""A sync call interrupted (Ctrl-C, SystemExit) after its claim may have landed but before
+``fn`` started releases that claim: the retry runs ``fn`` once, at once, instead of meeting
+a PENDING record that reads as in doubt when its lease runs out (docs/design.md section 2,
+cancellation; the async guard releases a cancelled caller's claim the same way)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from safeagent import Guard, SQLiteStore, Status
+from safeagent._keys import downstream_key, fingerprint
+from safeagent._runtime import heartbeats
+from safeagent.audit import verify
+from safeagent.stores._base import ClaimRequest
+from tests.conftest import Ledger
+
+
+def _claim(request_id: str) -> ClaimRequest:
+    return ClaimRequest(
+        namespace="default",
+        request_id=request_id,
+        action="warm",
+        fingerprint=fingerprint("warm", b"{}"),
+        payload_json="{}",
+        execution_id="e-" + request_id,
+        owner="test",
+        lease_ms=30_000,
+        downstream_key=downstream_key("default", "warm", request_id),
+    )
+
+
+def _effect(ledger: Ledger, key: str) -> Any:
+    def effect(_ctx: Any) -> str:
+        ledger.append(key)
+        return "charged"
+
+    return effect
+
+
+def _assert_released_then_runs_once(guard: Guard, ledger: Ledger, request_id: str) -> None:
+    record = guard.get(request_id)
+    assert record is not None
+    assert record.status is Status.RELEASED, record
+    assert ledger.count() == 0  # fn never ran under the interrupted call
+    receipt = guard.execute(request_id, "charge", {"n": 1}, _effect(ledger, request_id))
+    assert receipt.replay is False
+    assert guard.execute(request_id, "charge", {"n": 1}, _effect(ledger, request_id)).replay
+    assert ledger.count() == 1
+    kinds = [event.kind.value for event in guard.audit_trail(request_id)]
+    assert kinds[:2] == ["claimed", "released"], kinds
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
+def test_ctrl_c_while_another_thread_commits_the_claim_releases_it(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """Group commit: the main thread's claim is queued, then taken into a batch another
+    thread commits. Ctrl-C lands while that commit runs: the claim commits anyway. The
+    interrupted call waits for that commit to end, then releases the claim."""
+    stall = {"first": 1.0, "second": 1.5}
+    second_inside = threading.Event()
+
+    def clock() -> int:  # stalls each named thread's first commit
+        name = threading.current_thread().name
+        delay = stall.pop(name, None)
+        if delay is not None:
+            if name == "second":
+                second_inside.set()
+            time.sleep(delay)
+        return int(time.time() * 1000)
+
+    store = SQLiteStore(tmp_path / "g.db", clock=clock)
+    guard = Guard(store)
+    first = threading.Thread(target=store.claim, args=(_claim("a"),), name="first")
+    second = threading.Thread(target=store.claim, args=(_claim("b"),), name="second")
+    first.start()
+    while not store._group.leading:
+        time.sleep(0.005)
+    second.start()
+    while len(store._group.pending) < 1:
+        time.sleep(0.005)  # "second" is queued behind "first"'s commit
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def interrupt() -> None:
+        assert second_inside.wait(10)  # "second" leads a batch holding the main claim
+        time.sleep(0.3)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=interrupt).start()
+    with pytest.raises(KeyboardInterrupt):
+        guard.execute("c", "charge", {"n": 1}, _effect(ledger, "c"))
+    first.join()
+    second.join()
+    assert not store._group.pending
+    _assert_released_then_runs_once(guard, ledger, "c")
+    report = verify(store)
+    assert report.ok, report.problems
+    guard.close()
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_as_the_claim_returns_releases_it(
+    store: Any, ledger: Ledger, interrupt: type[BaseException]
+) -> None:
+    """The claim committed, then the interrupt arrives before its answer reached the guard
+    (a signal raised as the store's method returns): the guard finds its own PENDING claim
+    by its execution id and releases it."""
+    guard = Guard(store, lease=30.0, wait=0)
+    real = {name: getattr(store, name) for name in ("claim", "claim_new") if hasattr(store, name)}
+
+    def interrupted(name: str) -> Any:
+        def call(request: ClaimRequest) -> Any:
+            real[name](request)
+            raise interrupt
+
+        return call
+
+    for name in real:
+        setattr(store, name, interrupted(name))
+    with pytest.raises(interrupt):
+        guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
+    for name in real:
+        delattr(store, name)
+    _assert_released_then_runs_once(guard, ledger, "r")
+
+
+def test_an_interrupt_before_fn_starts_releases_the_claim(
+    store: Any, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim's answer reached the guard, and the interrupt lands as the lease's
+    heartbeat starts, before ``fn``: released."""
+
+    def interrupted(*_args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    guard = Guard(store, lease=30.0, wait=0)
+    monkeypatch.setattr(heartbeats, "beating", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
+    monkeypatch.undo()
+    _assert_released_then_runs_once(guard, ledger, "r")
+
+
+def test_an_interrupt_inside_fn_still_leaves_the_record_in_doubt(
+    store: Any, ledger: Ledger
+) -> None:
+    """Only a claim whose ``fn`` never started is released: once ``fn`` runs, an interrupt
+    may have cut a side effect short, and the record stays in doubt."""
+    guard = Guard(store, lease=30.0, wait=0)
+
+    def effect(_ctx: Any) -> None:
+        _effect(ledger, "r")(_ctx)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        guard.execute("r", "charge", {"n": 1}, effect)
+    record = guard.get("r")
+    assert record is not None
+    assert record.status is Status.IN_DOUBT
+    assert ledger.count() == 1
+
+
+def test_another_callers_claim_is_never_released(store: Any, ledger: Ledger) -> None:
+    """The interrupt came before this call's claim committed, and meanwhile another
+    caller claimed the id: the record carries the other execution id, so it is left to
+    its owner (only a record holding this call's execution id is released)."""
+    guard = Guard(store, lease=30.0, wait=0)
+    real = {name: getattr(store, name) for name in ("claim", "claim_new") if hasattr(store, name)}
+
+    def interrupted(request: ClaimRequest) -> Any:
+        real["claim"](_claim("r"))  # another caller's claim lands first
+        raise KeyboardInterrupt
+
+    for name in real:
+        setattr(store, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
+    for name in real:
+        store.__dict__.pop(name, None)
+    record = guard.get("r")
+    assert record is not None
+    assert record.status is Status.PENDING
+    assert record.execution_id == "e-r"
+    assert ledger.count() == 0
