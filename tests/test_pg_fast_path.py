@@ -39,15 +39,10 @@ from safeagent.stores._base import (
     claimed_event,
     completion_events,
 )
+from safeagent.stores._pg_fast import _ATTEMPT, _TOKEN, _claim_fragments
 from safeagent.stores._pg_sql import MAX_CARRIED
 from safeagent.stores._rows import GENESIS, chain_hash, chain_rows, shard_of
-from safeagent.stores.postgres import (
-    _ATTEMPT,
-    _TOKEN,
-    CLAIM_FIRST_FOUND_SHARE,
-    PostgresStore,
-    _claim_fragments,
-)
+from safeagent.stores.postgres import CLAIM_FIRST_FOUND_SHARE, PostgresStore
 from tests.conftest import PG_URL, FakeClock, pg_schema
 
 pytestmark = pytest.mark.usefixtures("postgres_available")

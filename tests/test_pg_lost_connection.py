@@ -41,15 +41,12 @@ from safeagent._keys import downstream_key
 from safeagent._receipt import ErrorInfo, Record, Status
 from safeagent.audit import verify
 from safeagent.stores._base import ClaimRequest, Completion, Resolution
+from safeagent.stores._pg_claim import _claimed_by
+from safeagent.stores._pg_complete import _carries, _released_then_claimed
+from safeagent.stores._pg_conn import _PIPELINE
+from safeagent.stores._pg_events import _completion_witness
 from safeagent.stores._rows import shard_of
-from safeagent.stores.postgres import (
-    _PIPELINE,
-    PostgresStore,
-    _carries,
-    _claimed_by,
-    _completion_witness,
-    _released_then_claimed,
-)
+from safeagent.stores.postgres import PostgresStore
 from tests._pg_proxy import PgProxy
 from tests.conftest import PG_URL, START_MS, FakeClock, Ledger, pg_schema
 

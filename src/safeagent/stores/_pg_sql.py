@@ -310,7 +310,7 @@ COMPLETE_ASYNC = _complete(_SYNC_OFF)
 # event's chain hash is computed here, by sha256 over the same ASCII text chain_hash() hashes:
 #   ["<prev hash>",<shard>,<seq>,<at_ms>,"<kind>",...,<fencing token>,"<detail, escaped>"]
 # The client sends every string already JSON-encoded (fragments cut from the text its own
-# encoders make: _claim_fragments and _completion_fragments in postgres.py); this statement
+# encoders make: _claim_fragments and _completion_fragments in _pg_fast.py); this statement
 # only joins them with the integers only the database knows (the head it locks, the clock,
 # the token, the attempt). The general path's statements (CLAIM, COMPLETE) stay as they are.
 # The database never JSON-encodes a string. convert_to, not ::bytea, turns the text into
