@@ -2158,3 +2158,22 @@ def test_a_deleted_released_record_is_reported_unless_an_old_retention_pass_cove
     assert verify(db_store).ok
     _sql(db_store, "DELETE FROM {s}.executions WHERE request_id = 'claimed'")
     assert _named(verify(db_store)) == {"claimed"}
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        {},
+        {"status": "SUCCEEDED"},
+        {"error": None, "status": "FAILED", "n": -(2**70), "t": '\u00e9"\\\n\ud800\U0001f600'},
+        {"nested": {"a": [1, 2.5, None]}, "flag": True},
+        {1: "int key", None: "none key"},
+    ],
+)
+def test_event_row_detail_text_is_the_checked_encoders(detail: dict) -> None:
+    """A flat detail takes the encoder built once; its text is the checked encoder's."""
+    from safeagent._audit import EventKind, new_event
+    from safeagent.stores._rows import _DUMPS, event_row
+
+    event = new_event(EventKind.REPLAYED, 1, "ns", "rid", None, None, None, None, detail)
+    assert event_row(event)[-1] == _DUMPS.encode(detail)

@@ -35,8 +35,12 @@ class ReportedFailure(Exception):  # noqa: N818 - a failure reported, not raised
     this one is a definite answer."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
+    """What :func:`decide` answers. Built on every call and never changed: not frozen,
+    since a frozen dataclass sets each field through ``object.__setattr__`` (as the
+    flow's operations, see ``_flow``)."""
+
     verdict: Verdict
     record: Record | None
     retry_after_ms: int = 0

@@ -117,7 +117,8 @@ def _prebuilt(encoder: json.JSONEncoder) -> Callable[[Any, int], Sequence[str]]:
     event: the C encoder that ``encode`` builds on every call, built once, for the hot
     path (called as ``"".join(encode(value, 0))``). Unlike ``encode`` it has no
     circular-reference check (a table that would be per call), so it is only given flat
-    lists of scalars, which cannot loop or nest (:func:`_chain_text`). Where the C encoder
+    lists and dicts of scalars, which cannot loop or nest (:func:`_chain_text`,
+    :func:`event_row`). Where the C encoder
     is missing or differs (another interpreter, another version), ``encoder.encode``
     itself."""
     encode = encoder.encode
@@ -143,6 +144,7 @@ def _prebuilt(encoder: json.JSONEncoder) -> Callable[[Any, int], Sequence[str]]:
 
 
 _chain_body_fast = _prebuilt(_CHAIN_BODY)
+_dumps_fast = _prebuilt(_DUMPS)
 _FLAT = frozenset({str, int, type(None)})
 
 
@@ -153,10 +155,18 @@ def dumps(value: Any) -> str:
 def event_row(event: AuditEvent) -> tuple[Any, ...]:
     kind = event.kind._value_  # what .value returns, without the enum property's Python code
     detail = event.detail
-    # The checked encoder: a detail holds what a redact hook returned, which may nest
-    # deeply or loop, and only the circular-reference check stops a loop before it runs
-    # the C stack out (a segfault under a raised recursion limit or in a small thread).
-    text = _dumps(detail if type(detail) is dict else dict(detail))
+    # A private copy: what is checked below is what is encoded.
+    detail = detail.copy() if type(detail) is dict else dict(detail)
+    if _FLAT.issuperset(map(type, detail.values())):
+        # Flat (every value a str, an int or None: a replay's, a completion's): nothing
+        # nests, so nothing can loop, and the encoder built once writes it as _dumps does.
+        text = _join(_dumps_fast(detail, 0))
+    else:
+        # The checked encoder: a detail holds what a redact hook returned, which may nest
+        # deeply or loop, and only the circular-reference check stops a loop before it
+        # runs the C stack out (a segfault under a raised recursion limit or in a small
+        # thread).
+        text = _dumps(detail)
     return (
         event.at_ms,
         kind,
