@@ -189,3 +189,68 @@ def test_another_callers_claim_is_never_released(store: Any, ledger: Ledger) -> 
     assert record.status is Status.PENDING
     assert record.execution_id == "e-r"
     assert ledger.count() == 0
+
+
+def test_an_interrupt_whose_text_cannot_be_stored_as_is_still_releases(
+    store: Any, ledger: Ledger
+) -> None:
+    """``sys.exit(f"cannot open {path}")`` with an undecodable file name: a lone surrogate
+    in the message. The release stores it escaped, as any stored error, and lands."""
+    guard = Guard(store, lease=30.0, wait=0)
+    real = {name: getattr(store, name) for name in ("claim", "claim_new") if hasattr(store, name)}
+
+    def interrupted(name: str) -> Any:
+        def call(request: ClaimRequest) -> Any:
+            real[name](request)
+            raise SystemExit("cannot open bad-\udcff\x00.db")
+
+        return call
+
+    for name in real:
+        setattr(store, name, interrupted(name))
+    with pytest.raises(SystemExit):
+        guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
+    for name in real:
+        delattr(store, name)
+    record = guard.get("r")
+    assert record is not None
+    assert record.status is Status.RELEASED
+    assert record.error is not None
+    assert record.error.type == "SystemExit"
+    _assert_released_then_runs_once(guard, ledger, "r")
+
+
+@pytest.mark.parametrize("reconciler", ["owner-1", "reconciler"])
+def test_a_claim_taken_over_before_the_undo_is_left_to_its_reconciler(
+    store: Any, ledger: Ledger, clock: Any, reconciler: str
+) -> None:
+    """The claim committed, its answer was lost to an interrupt, and before the guard could
+    undo it the lease ran out and a reconciler (of another guard, or of this one under the
+    same owner name) took the record over: the record is the reconciler's now, and the
+    interrupted call leaves it alone."""
+    guard = Guard(store, lease=30.0, wait=0, owner="owner-1")
+    real = {name: getattr(store, name) for name in ("claim", "claim_new") if hasattr(store, name)}
+
+    def interrupted(name: str) -> Any:
+        def call(request: ClaimRequest) -> Any:
+            won = real[name](request)
+            clock.advance(31)
+            taken = store.take_over("default", "r", won.record.fencing_token, reconciler, 30_000)
+            assert taken.accepted
+            raise KeyboardInterrupt
+
+        return call
+
+    for name in real:
+        setattr(store, name, interrupted(name))
+    with pytest.raises(KeyboardInterrupt):
+        guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
+    for name in real:
+        delattr(store, name)
+    record, _ = store.get("default", "r")
+    assert record is not None
+    assert record.status is Status.PENDING
+    assert record.lease_owner == reconciler
+    kinds = [event.kind.value for event in guard.audit_trail("r")]
+    assert "released" not in kinds, kinds
+    assert ledger.count() == 0

@@ -316,7 +316,7 @@ class GuardCore:
                     fencing_token=token,
                     status=Status.RELEASED,
                     result_json=None,
-                    error=error,
+                    error=stored_error(error.type, error.message),  # storable text
                     actor=self._owner_name(),
                     detail={flag: True},
                     action=action,

@@ -421,7 +421,9 @@ class Guard(GuardCore):
         all the same) or between its answer and ``fn``. A claim of this call that
         landed is released (the next call runs ``fn``) instead of left PENDING, to read as
         in doubt once its lease runs out. The record is this call's only if it carries
-        the execution id this call's claim wrote and is still PENDING. Never raises an
+        the execution id this call's claim wrote, is still PENDING under this call's
+        owner, and was not taken over by a reconciler since (its lease ran out). Never
+        raises an
         ``Exception``: a claim left behind is safe, only in doubt."""
         record = answer.record if isinstance(answer, ClaimResult) and answer.won else None
         if record is None:
@@ -433,6 +435,8 @@ class Guard(GuardCore):
                 record is None
                 or record.execution_id != request.execution_id
                 or record.status is not Status.PENDING
+                or record.lease_owner != request.owner
+                or record.ended_attempt == record.attempt  # a reconciler took it over
             ):
                 return
         self._release_unrun(
