@@ -423,8 +423,7 @@ class Guard(GuardCore):
         in doubt once its lease runs out. The record is this call's only if it carries
         the execution id this call's claim wrote, is still PENDING under this call's
         owner, and was not taken over by a reconciler since (its lease ran out). Never
-        raises an
-        ``Exception``: a claim left behind is safe, only in doubt."""
+        raises an ``Exception``: a claim left behind is safe, only in doubt."""
         record = answer.record if isinstance(answer, ClaimResult) and answer.won else None
         if record is None:
             try:
