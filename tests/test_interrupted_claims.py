@@ -5,9 +5,12 @@ cancellation; the async guard releases a cancelled caller's claim the same way).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,22 @@ def _effect(ledger: Ledger, key: str) -> Any:
         return "charged"
 
     return effect
+
+
+@contextlib.contextmanager
+def _claims_through(store: Any, hook: Callable[[ClaimRequest, Any], Any]) -> Iterator[None]:
+    """The guard's claims go through ``hook(request, claim)`` (``claim``: the store's own
+    method, ``claim`` or ``claim_new``) while the block runs; the hook raises, as a signal
+    landing as the store's method returns would."""
+    names = [name for name in ("claim", "claim_new") if hasattr(store, name)]
+    real = {name: getattr(store, name) for name in names}
+    for name in names:
+        setattr(store, name, functools.partial(lambda n, request: hook(request, real[n]), name))
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(store, name)
 
 
 def _assert_released_then_runs_once(guard: Guard, ledger: Ledger, request_id: str) -> None:
@@ -113,21 +132,13 @@ def test_an_interrupt_as_the_claim_returns_releases_it(
     (a signal raised as the store's method returns): the guard finds its own PENDING claim
     by its execution id and releases it."""
     guard = Guard(store, lease=30.0, wait=0)
-    real = {name: getattr(store, name) for name in ("claim", "claim_new") if hasattr(store, name)}
 
-    def interrupted(name: str) -> Any:
-        def call(request: ClaimRequest) -> Any:
-            real[name](request)
-            raise interrupt
+    def interrupted(request: ClaimRequest, claim: Any) -> Any:
+        claim(request)
+        raise interrupt
 
-        return call
-
-    for name in real:
-        setattr(store, name, interrupted(name))
-    with pytest.raises(interrupt):
+    with pytest.raises(interrupt), _claims_through(store, interrupted):
         guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
-    for name in real:
-        delattr(store, name)
     _assert_released_then_runs_once(guard, ledger, "r")
 
 
@@ -172,18 +183,13 @@ def test_another_callers_claim_is_never_released(store: Any, ledger: Ledger) -> 
     caller claimed the id: the record carries the other execution id, so it is left to
     its owner (only a record holding this call's execution id is released)."""
     guard = Guard(store, lease=30.0, wait=0)
-    real = {name: getattr(store, name) for name in ("claim", "claim_new") if hasattr(store, name)}
 
-    def interrupted(request: ClaimRequest) -> Any:
-        real["claim"](_claim("r"))  # another caller's claim lands first
+    def interrupted(request: ClaimRequest, claim: Any) -> Any:
+        type(store).claim(store, _claim("r"))  # another caller's claim lands first
         raise KeyboardInterrupt
 
-    for name in real:
-        setattr(store, name, interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), _claims_through(store, interrupted):
         guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
-    for name in real:
-        store.__dict__.pop(name, None)
     record = guard.get("r")
     assert record is not None
     assert record.status is Status.PENDING
@@ -197,21 +203,13 @@ def test_an_interrupt_whose_text_cannot_be_stored_as_is_still_releases(
     """``sys.exit(f"cannot open {path}")`` with an undecodable file name: a lone surrogate
     in the message. The release stores it escaped, as any stored error, and lands."""
     guard = Guard(store, lease=30.0, wait=0)
-    real = {name: getattr(store, name) for name in ("claim", "claim_new") if hasattr(store, name)}
 
-    def interrupted(name: str) -> Any:
-        def call(request: ClaimRequest) -> Any:
-            real[name](request)
-            raise SystemExit("cannot open bad-\udcff\x00.db")
+    def interrupted(request: ClaimRequest, claim: Any) -> Any:
+        claim(request)
+        raise SystemExit("cannot open bad-\udcff\x00.db")
 
-        return call
-
-    for name in real:
-        setattr(store, name, interrupted(name))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit), _claims_through(store, interrupted):
         guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
-    for name in real:
-        delattr(store, name)
     record = guard.get("r")
     assert record is not None
     assert record.status is Status.RELEASED
@@ -229,24 +227,16 @@ def test_a_claim_taken_over_before_the_undo_is_left_to_its_reconciler(
     same owner name) took the record over: the record is the reconciler's now, and the
     interrupted call leaves it alone."""
     guard = Guard(store, lease=30.0, wait=0, owner="owner-1")
-    real = {name: getattr(store, name) for name in ("claim", "claim_new") if hasattr(store, name)}
 
-    def interrupted(name: str) -> Any:
-        def call(request: ClaimRequest) -> Any:
-            won = real[name](request)
-            clock.advance(31)
-            taken = store.take_over("default", "r", won.record.fencing_token, reconciler, 30_000)
-            assert taken.accepted
-            raise KeyboardInterrupt
+    def interrupted(request: ClaimRequest, claim: Any) -> Any:
+        won = claim(request)
+        clock.advance(31)
+        taken = store.take_over("default", "r", won.record.fencing_token, reconciler, 30_000)
+        assert taken.accepted
+        raise KeyboardInterrupt
 
-        return call
-
-    for name in real:
-        setattr(store, name, interrupted(name))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), _claims_through(store, interrupted):
         guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
-    for name in real:
-        delattr(store, name)
     record, _ = store.get("default", "r")
     assert record is not None
     assert record.status is Status.PENDING

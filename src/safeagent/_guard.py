@@ -47,6 +47,12 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
+def _ended_before_fn(exc: BaseException) -> ErrorInfo:
+    """How a claim released because ``exc`` ended its call before ``fn`` started is
+    recorded (GuardCore._release_unrun stores the text escaped)."""
+    return ErrorInfo(type_name(exc), f"the call ended before fn started: {error_message(exc)}")
+
+
 class Guard(GuardCore):
     """Runs side effects at most once per ``(namespace, request_id)``.
 
@@ -444,7 +450,7 @@ class Guard(GuardCore):
             record.fencing_token,
             record.action,
             record.execution_id,
-            ErrorInfo(type_name(exc), f"the call ended before fn started: {error_message(exc)}"),
+            _ended_before_fn(exc),
             "unrun",
         )
 
@@ -501,9 +507,7 @@ class Guard(GuardCore):
                     ctx.fencing_token,
                     ctx.action,
                     ctx.execution_id,
-                    ErrorInfo(
-                        type_name(exc), f"the call ended before fn started: {error_message(exc)}"
-                    ),
+                    _ended_before_fn(exc),
                     "unrun",
                 )
             raise
