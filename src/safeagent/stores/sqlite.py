@@ -553,7 +553,7 @@ _UNSET: Any = object()
 class _Job:
     """One write waiting for a group commit: ``work(conn, now_ms)`` and what it gave."""
 
-    __slots__ = ("error", "event", "promoted", "result", "synchronous", "work")
+    __slots__ = ("error", "event", "promoted", "result", "retry", "synchronous", "work")
 
     def __init__(self, work: Callable[[sqlite3.Connection, int], Any], synchronous: str) -> None:
         self.work = work
@@ -562,6 +562,9 @@ class _Job:
         self.error: BaseException | None = None
         self.event: threading.Event | None = None
         self.promoted = False
+        # Set when the thread leading this job's batch was interrupted before its commit:
+        # the batch was rolled back, through no fault of this job, which is queued again.
+        self.retry = False
 
 
 class _TxnState:
@@ -669,6 +672,8 @@ class SQLiteStore:
         holder: _ConnHolder | None = getattr(self._local, "holder", None)
         if holder is not None:
             if holder.pid == os.getpid():
+                if holder.conn.in_transaction and self._writer != get_ident():
+                    return self._end_leftover(holder)
                 return holder.conn
             holder.abandon()  # inherited across fork: never touch the parent's connection
         if self._closed:
@@ -704,6 +709,23 @@ class SQLiteStore:
         self._local.holder = holder
         self._holders.add(holder)
         return conn
+
+    def _end_leftover(self, holder: _ConnHolder) -> sqlite3.Connection:
+        """This thread's connection is inside a transaction no call of this thread is
+        running: an interrupt (Ctrl-C, a signal handler's SystemExit) landed where nothing
+        could end it, between two bytecodes of a write's or a snapshot's own handling. Roll
+        it back (it never committed, and its callers were told so) before the next call:
+        left open, a write transaction holds the file's write lock, so every other writer
+        fails closed after its busy timeout, and a read transaction pins an old snapshot.
+        A connection that cannot roll back is closed and a new one opened."""
+        conn = holder.conn
+        try:
+            conn.execute("ROLLBACK")
+            return conn
+        except sqlite3.Error:
+            self._local.holder = None
+            holder.close()
+            return self._conn()
 
     @contextmanager
     def _write(
@@ -784,8 +806,10 @@ class SQLiteStore:
         try:
             if switch:
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
-            conn.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: an interrupt as BEGIN returns must reach the ROLLBACK
+                # below, or the connection would keep the write lock (_end_leftover).
+                conn.execute("BEGIN IMMEDIATE")
                 self._check_file()
                 if events:  # observed earlier, so written ahead of this transaction's own
                     self._insert_events(conn, events)
@@ -820,17 +844,35 @@ class SQLiteStore:
     def _grouped(self, work: Callable[[sqlite3.Connection, int], T], synchronous: str) -> T:
         """Run ``work(conn, now_ms)`` in a transaction shared with the writes other threads
         of this process make at the same moment (see :class:`_GroupCommit`); returns its
-        result once that transaction has committed.
+        result once that transaction has committed. A batch rolled back because the thread
+        leading it was interrupted is no failure of the other writes in it: they are
+        queued again.
 
         Raises:
-            StoreError: the write was not committed (or, after an interrupt of the thread
-                that led the commit, may not have been); the caller must not act on it.
+            StoreError: the write was not committed; the caller must not act on it.
         """
         if self._pid != os.getpid():
             self._after_fork()
         job = _Job(work, synchronous)
-        group = self._group
         me = threading.get_ident()
+        # Each retry follows an interrupt of the main thread (where Python runs signal
+        # handlers) as it led this job's batch: the loop ends when the interrupts do, or
+        # at once when this thread leads.
+        while True:
+            self._queue(job, me)
+            if not job.retry:
+                break
+            job.retry, job.event, job.promoted = False, None, False
+        if job.error is not None:
+            raise job.error
+        if job.result is _UNSET:  # pragma: no cover - every path sets one or the other
+            raise StoreError(f"SQLite write failed on {self.path}: not committed")
+        return job.result  # type: ignore[no-any-return]
+
+    def _queue(self, job: _Job, me: int) -> None:
+        """One try of :meth:`_grouped`: queue ``job``, then lead its batch or wait for the
+        thread that does. Returns with the job's result or error set, or ``job.retry``."""
+        group = self._group
         with group.lock:
             reentrant = group.leading and group.leader == me
             if not reentrant:
@@ -860,11 +902,6 @@ class SQLiteStore:
                 # use) reads the write's final state. A second interrupt ends the wait.
                 job.event.wait()
             raise
-        if job.error is not None:
-            raise job.error
-        if job.result is _UNSET:  # pragma: no cover - every path sets one or the other
-            raise StoreError(f"SQLite write failed on {self.path}: not committed")
-        return job.result  # type: ignore[no-any-return]
 
     def _abandon(self, group: _GroupCommit, job: _Job) -> bool:
         """A waiting writer was interrupted: withdraw its job, and if it had just been
@@ -887,14 +924,19 @@ class SQLiteStore:
         return withdrawn
 
     def _lead(self, group: _GroupCommit, own: _Job) -> None:
-        """Commit every queued job as one batch, then hand the lead to a waiting writer."""
+        """Commit every queued job as one batch, then hand the lead to a waiting writer.
+
+        Interrupted (Ctrl-C, SystemExit) before the commit, the leader rolls the batch back
+        and re-raises; every other job in it is queued again (``retry``) rather than
+        failed: a completion failed here would leave its record in doubt."""
         batch: list[_Job] = []
+        state = _TxnState()
         try:
             with group.lock:
                 own.promoted = False
                 group.leader = threading.get_ident()
                 batch, group.pending = group.pending, []
-            self._commit_batch(batch, own)
+            self._commit_batch(batch, own, state)
         finally:
             with group.lock:
                 successor = group.pending[0] if group.pending else None
@@ -905,16 +947,19 @@ class SQLiteStore:
                     successor.promoted = True
             for job in batch:
                 if job.result is _UNSET and job.error is None:
-                    job.error = StoreError(
-                        f"SQLite write failed on {self.path}: the thread committing it was "
-                        "interrupted; it may not have been written"
-                    )
+                    if state.committed:  # pragma: no cover - results precede the commit
+                        job.error = StoreError(
+                            f"SQLite write failed on {self.path}: the thread committing "
+                            "it was interrupted; it may not have been written"
+                        )
+                    else:  # rolled back, or never begun: nothing of it was written
+                        job.retry = True
                 if job.event is not None:
                     job.event.set()
             if successor is not None and successor.event is not None:
                 successor.event.set()
 
-    def _commit_batch(self, batch: list[_Job], own: _Job) -> None:
+    def _commit_batch(self, batch: list[_Job], own: _Job, state: _TxnState) -> None:
         """One transaction for ``batch``: with more than one job, each runs under its own
         savepoint, so a write SQLite refuses is undone and fails alone while the others
         commit. A failure of the transaction itself (lock, BEGIN, COMMIT) fails them all
@@ -926,7 +971,6 @@ class SQLiteStore:
             else any(job.synchronous == "FULL" for job in batch)
         )
         sync = "FULL" if full else "NORMAL"
-        state = _TxnState()
         try:
             with self._write(synchronous=sync, state=state) as conn:
                 now = self._clock()
@@ -946,14 +990,17 @@ class SQLiteStore:
         except BaseException as exc:
             if state.committed:  # interrupted after COMMIT: every result stands
                 raise
+            interrupted = not isinstance(exc, Exception)
             for job in batch:
                 job.result = _UNSET
                 if job is own:
                     job.error = exc
+                elif interrupted:  # this thread's interrupt, not the job's failure
+                    job.error, job.retry = None, True
                 else:
                     job.error = StoreError(f"SQLite write failed on {self.path}: {exc}")
                     job.error.__cause__ = exc
-            if not isinstance(exc, Exception):
+            if interrupted:
                 raise  # an interrupt of this thread: its caller sees it
 
     def _own_error(self, exc: Exception) -> Exception:
@@ -1026,6 +1073,19 @@ class SQLiteStore:
                 pass
             if gate.forks:
                 gate.notify()
+
+    def _snapshot(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(conn)`` in one read transaction: every statement reads one snapshot."""
+
+        def read(conn: sqlite3.Connection) -> T:
+            try:
+                conn.execute("BEGIN")  # inside the try: an interrupt as it returns ends it
+                return fn(conn)
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+
+        return self._read(read)
 
     def _migrate(self) -> None:
         with self._write() as conn:
@@ -1313,14 +1373,7 @@ class SQLiteStore:
             live = conn.execute(SQL_LIVE_SIGNALS, (namespace, case_id)).fetchall()
             return row_to_case(row), [row_to_signal(r) for r in live]
 
-        def snapshot(conn: sqlite3.Connection) -> tuple[CaseRow | None, list[Signal]]:
-            conn.execute("BEGIN")  # one read transaction: the case and its signals agree
-            try:
-                return read(conn)
-            finally:
-                conn.execute("COMMIT")
-
-        return self._read(snapshot)
+        return self._snapshot(read)  # one read transaction: the case and its signals agree
 
     def _open_case(
         self,
@@ -1483,17 +1536,13 @@ class SQLiteStore:
         def read(
             conn: sqlite3.Connection,
         ) -> tuple[list[tuple[Any, ...]], dict[int, tuple[int, str]]]:
-            conn.execute("BEGIN")
-            try:
-                rows = conn.execute(
-                    f"SELECT {CHAIN_COLUMNS} FROM audit_events ORDER BY shard, seq, id"
-                ).fetchall()
-                heads = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT * FROM audit_chain")}
-            finally:
-                conn.execute("COMMIT")
+            rows = conn.execute(
+                f"SELECT {CHAIN_COLUMNS} FROM audit_events ORDER BY shard, seq, id"
+            ).fetchall()
+            heads = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT * FROM audit_chain")}
             return [tuple(r) for r in rows], heads
 
-        return self._read(read)
+        return self._snapshot(read)
 
     def subject_snapshot(
         self, namespace: str, subject: str
@@ -1505,27 +1554,23 @@ class SQLiteStore:
         self.flush_events()
 
         def read(conn: sqlite3.Connection) -> tuple[Any, ...]:
-            conn.execute("BEGIN")
-            try:
-                key = (namespace, subject)
-                return (
-                    conn.execute(SQL_GET, key).fetchone(),
-                    conn.execute(SQL_GET_CASE, key).fetchone(),
-                    conn.execute(
-                        "SELECT source, outcome, confidence, metadata, at_ms, status FROM signals"
-                        " WHERE namespace = ? AND case_id = ? ORDER BY id",
-                        key,
-                    ).fetchall(),
-                    conn.execute(
-                        f"SELECT {EVENT_COLUMNS} FROM audit_events"
-                        " WHERE namespace = ? AND subject = ? ORDER BY id",
-                        key,
-                    ).fetchall(),
-                )
-            finally:
-                conn.execute("COMMIT")
+            key = (namespace, subject)
+            return (
+                conn.execute(SQL_GET, key).fetchone(),
+                conn.execute(SQL_GET_CASE, key).fetchone(),
+                conn.execute(
+                    "SELECT source, outcome, confidence, metadata, at_ms, status FROM signals"
+                    " WHERE namespace = ? AND case_id = ? ORDER BY id",
+                    key,
+                ).fetchall(),
+                conn.execute(
+                    f"SELECT {EVENT_COLUMNS} FROM audit_events"
+                    " WHERE namespace = ? AND subject = ? ORDER BY id",
+                    key,
+                ).fetchall(),
+            )
 
-        record, case, signals, events = self._read(read)
+        record, case, signals, events = self._snapshot(read)
         return (
             None if record is None else row_to_record(record),
             None if case is None else row_to_case(case),

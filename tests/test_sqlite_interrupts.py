@@ -1,0 +1,310 @@
+"""Ctrl-C (or a signal handler's SystemExit) landing anywhere in an SQLite write or read
+leaves no transaction open on the interrupted thread's connection, and never fails a write
+another thread queued in the same group commit: an open write transaction would hold the
+file's write lock, so every other writer would fail closed after its busy timeout, and a
+failed completion would leave its record in doubt."""
+
+from __future__ import annotations
+
+import collections
+import random
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+from safeagent import Guard, SQLiteStore, Status
+from safeagent._keys import downstream_key, fingerprint
+from safeagent.audit import verify
+from safeagent.stores._base import ClaimRequest, Completion
+
+
+def _claim(request_id: str) -> ClaimRequest:
+    return ClaimRequest(
+        namespace="default",
+        request_id=request_id,
+        action="charge",
+        fingerprint=fingerprint("charge", b"{}"),
+        payload_json="{}",
+        execution_id="e-" + request_id,
+        owner="test",
+        lease_ms=30_000,
+        downstream_key=downstream_key("default", "charge", request_id),
+    )
+
+
+def _in_transaction(store: SQLiteStore) -> bool:
+    """Whether this thread's own connection is inside a transaction, read without
+    :meth:`SQLiteStore._conn` (which ends a leftover one)."""
+    holder = getattr(store._local, "holder", None)
+    return holder is not None and holder.conn.in_transaction
+
+
+@contextmanager
+def _interrupt_as_begin_returns() -> Iterator[list[str]]:
+    """Raise KeyboardInterrupt once, as the first statement sqlite.py executes inside a
+    transaction (its ``BEGIN``) returns: where CPython runs a signal handler after a C
+    call, before the next bytecode. Yields a list the name of the function that ran the
+    statement is added to."""
+    fired: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if (
+            not fired
+            and event == "c_return"
+            and frame.f_code.co_filename.endswith("sqlite.py")
+            and getattr(arg, "__name__", "") == "execute"
+            and isinstance(getattr(arg, "__self__", None), sqlite3.Connection)
+            and arg.__self__.in_transaction
+        ):
+            fired.append(frame.f_code.co_name)
+            raise KeyboardInterrupt
+
+    sys.setprofile(profile)
+    try:
+        yield fired
+    finally:
+        sys.setprofile(None)
+
+
+def test_an_interrupt_as_a_write_begins_leaves_no_write_lock_held(tmp_path: Path) -> None:
+    """An interrupt just as ``BEGIN IMMEDIATE`` returned used to skip the ROLLBACK (the
+    statement ran before the ``try`` that ends the transaction): the connection kept the
+    write lock, so a writer on any other connection failed with "database is locked"."""
+    store = SQLiteStore(tmp_path / "g.db", busy_timeout=0.5)
+    with _interrupt_as_begin_returns() as fired, pytest.raises(KeyboardInterrupt):
+        store.claim(_claim("a"))
+    assert fired == ["_transaction"]
+    assert not _in_transaction(store)
+    other: list[Any] = []
+    writer = threading.Thread(target=lambda: other.append(store.claim(_claim("b")).won))
+    writer.start()
+    writer.join(10)
+    assert other == [True]  # another connection can write at once
+    assert store.get("default", "a")[0] is None  # the interrupted claim was not written
+    assert store.claim(_claim("a")).won  # and this thread writes again
+    assert verify(store).ok
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda store: store.get_case("default", "case-1"),
+        lambda store: store.audit_chain(),
+        lambda store: store.subject_snapshot("default", "a"),
+    ],
+    ids=["get_case", "audit_chain", "subject_snapshot"],
+)
+def test_an_interrupt_as_a_snapshot_read_begins_leaves_no_transaction_open(
+    tmp_path: Path, read: Callable[[SQLiteStore], Any]
+) -> None:
+    """The snapshot reads (one read transaction for several statements) had the same
+    window: the connection stayed inside a read transaction, pinning an old snapshot, and
+    its next write failed ("cannot start a transaction within a transaction")."""
+    store = SQLiteStore(tmp_path / "g.db")
+    assert store.claim(_claim("a")).won
+    store.flush_events()
+    with _interrupt_as_begin_returns() as fired, pytest.raises(KeyboardInterrupt):
+        read(store)
+    assert len(fired) == 1
+    assert not _in_transaction(store)
+    assert store.claim(_claim("b")).won
+    store.close()
+
+
+def test_a_transaction_left_open_on_this_threads_connection_ends_before_its_next_call(
+    tmp_path: Path, ledger: Any
+) -> None:
+    """Whatever the window (a second Ctrl-C inside the handling of the first, on a Python
+    that checks for signals between any two bytecodes), a transaction still open on this
+    thread's connection when its next call starts is rolled back first: it never
+    committed, and its callers were told so. Its rows are gone; the call goes on."""
+    path = tmp_path / "g.db"
+    store = SQLiteStore(path)
+    guard = Guard(store)
+    conn = store._conn()
+    conn.execute("BEGIN IMMEDIATE")  # as an interrupted write leaves it
+    conn.execute("INSERT INTO safeagent_meta (key, value) VALUES ('left-over', 'never committed')")
+
+    def charge(_ctx: Any) -> str:
+        ledger.append("r")
+        return "charged"
+
+    assert guard.execute("r", "charge", {"n": 1}, charge).result == "charged"
+    assert guard.execute("r", "charge", {"n": 1}, charge).replay
+    assert ledger.count() == 1
+    with closing(sqlite3.connect(path)) as other:
+        left = other.execute("SELECT value FROM safeagent_meta WHERE key = 'left-over'")
+        assert left.fetchall() == []
+    conn = store._conn()
+    conn.execute("BEGIN")  # a read transaction left open: a read ends it too
+    assert store.get("default", "r")[0] is not None
+    assert not _in_transaction(store)
+    assert verify(store).ok
+    guard.close()
+
+
+def test_the_leader_interrupted_before_its_commit_fails_no_other_threads_write(
+    tmp_path: Path,
+) -> None:
+    """Group commit: the main thread leads a batch that also holds another thread's
+    completion, and Ctrl-C lands before the commit. The batch is rolled back; the other
+    thread's completion used to fail with StoreError ("may not have been written"), which
+    leaves a record whose fn ran PENDING, then in doubt. It is queued again and commits."""
+    first_inside = threading.Event()
+    stalled: list[str] = []
+    armed = [False]
+
+    def clock() -> int:
+        me = threading.current_thread()
+        if not armed[0]:
+            pass
+        elif me.name == "first" and not stalled:
+            stalled.append(me.name)
+            first_inside.set()
+            time.sleep(0.5)  # main's claim, then the worker's completion, queue behind
+        elif me is threading.main_thread() and len(stalled) == 1:
+            stalled.append(me.name)
+            raise KeyboardInterrupt  # as a signal landing in main's batch would
+        return int(time.time() * 1000)
+
+    store = SQLiteStore(tmp_path / "g.db", clock=clock)
+    won = store.claim(_claim("w"))
+    armed[0] = True
+    assert won.won
+    completion = Completion(
+        namespace="default",
+        request_id="w",
+        fencing_token=won.record.fencing_token,
+        status=Status.SUCCEEDED,
+        result_json='"charged"',
+        error=None,
+        actor="test",
+    )
+    outcome: list[Any] = []
+
+    def complete() -> None:
+        while len(store._group.pending) < 1:  # main's claim is queued first
+            time.sleep(0.001)
+        try:
+            outcome.append(store.complete(completion))
+        except BaseException as exc:  # recorded for the assertion below
+            outcome.append(exc)
+
+    first = threading.Thread(target=store.claim, args=(_claim("f"),), name="first")
+    first.start()
+    assert first_inside.wait(10)
+    worker = threading.Thread(target=complete)
+    worker.start()
+    with pytest.raises(KeyboardInterrupt):
+        store.claim(_claim("m"))  # promoted after "first": leads [m, w], interrupted
+    first.join(10)
+    worker.join(10)
+    assert stalled == ["first", "MainThread"]  # the interrupt landed in main's batch
+    assert len(outcome) == 1
+    assert not isinstance(outcome[0], BaseException), outcome[0]
+    assert outcome[0].accepted
+    stored, _ = store.get("default", "w")
+    assert stored is not None
+    assert stored.status is Status.SUCCEEDED
+    assert store.get("default", "m")[0] is None  # the interrupted claim was rolled back
+    assert not _in_transaction(store)
+    assert verify(store).ok
+    store.close()
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
+def test_random_ctrl_c_while_threads_group_commit(tmp_path: Path) -> None:
+    """Real SIGINTs at random moments (0 to 3 ms apart), one per call, at the main thread
+    while four threads run guarded calls that share its group commits. After every
+    interrupt the main thread's connection is outside any transaction; no other thread's
+    call fails; no fn runs twice; no claim is left PENDING unless its fn ran (an interrupt
+    inside or after fn leaves it for reconcile); the audit trail verifies."""
+    store = SQLiteStore(tmp_path / "g.db")
+    guard = Guard(store)
+    runs: collections.Counter[str] = collections.Counter()
+    runs_lock = threading.Lock()
+
+    def effect(key: str) -> Callable[[Any], str]:
+        def fn(_ctx: Any) -> str:
+            with runs_lock:
+                runs[key] += 1
+            return "ok"
+
+        return fn
+
+    stop = threading.Event()
+    worker_errors: list[BaseException] = []
+
+    def work(w: int) -> None:
+        i = 0
+        while not stop.is_set():
+            key = f"w{w}-{i}"
+            i += 1
+            try:
+                guard.execute(key, "charge", {"k": key}, effect(key))
+            except Exception as exc:  # every one is a failure of this test
+                worker_errors.append(exc)
+
+    armed = [False]
+
+    def handler(_sig: int, _frame: object) -> None:
+        if armed[0]:
+            armed[0] = False  # one interrupt per call
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    main = threading.main_thread().ident
+    assert main is not None
+    rng = random.Random(9)
+    total = 300
+
+    def interrupter() -> None:
+        for _ in range(total):
+            time.sleep(rng.uniform(0, 0.003))
+            signal.pthread_kill(main, signal.SIGINT)
+        stop.set()
+
+    workers = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for thread in workers:
+        thread.start()
+    sender = threading.Thread(target=interrupter)
+    sender.start()
+    left_open = interrupted = i = 0
+    try:
+        while not stop.is_set():
+            key = f"m-{i}"
+            i += 1
+            armed[0] = True
+            try:
+                guard.execute(key, "charge", {"k": key}, effect(key))
+                armed[0] = False
+            except KeyboardInterrupt:
+                armed[0] = False
+                interrupted += 1
+                left_open += _in_transaction(store)
+    finally:
+        armed[0] = False
+        stop.set()
+        sender.join()
+        for thread in workers:
+            thread.join()
+        signal.signal(signal.SIGINT, previous)
+    assert interrupted > 50  # the interrupts did land in calls
+    assert left_open == 0
+    assert worker_errors == []
+    assert max(runs.values()) == 1
+    pending = [r.request_id for r in store.records(statuses=[Status.PENDING])[0]]
+    assert [key for key in pending if runs[key] == 0] == []
+    report = verify(store)
+    assert report.ok, report.problems
+    guard.close()
