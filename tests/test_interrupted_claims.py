@@ -8,17 +8,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
 
 from safeagent import Guard, SQLiteStore, Status
 from safeagent._keys import downstream_key, fingerprint
-from safeagent._runtime import heartbeats
+from safeagent._runtime import heartbeats, wakeups
 from safeagent.audit import verify
 from safeagent.stores._base import ClaimRequest
 from tests.conftest import Ledger
@@ -156,6 +158,56 @@ def test_an_interrupt_before_fn_starts_releases_the_claim(
     with pytest.raises(KeyboardInterrupt):
         guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
     monkeypatch.undo()
+    _assert_released_then_runs_once(guard, ledger, "r")
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_between_the_claims_answer_and_the_heartbeat_releases_the_claim(
+    store: Any, ledger: Ledger, monkeypatch: pytest.MonkeyPatch, interrupt: type[BaseException]
+) -> None:
+    """The few bytecodes between the flow handing over ``fn`` and the runner's ``try``
+    (the in-process waiters' registration, the context variable set): an interrupt there
+    used to leave the claim PENDING, to read as in doubt after its lease. Released."""
+    register = wakeups.register
+
+    def interrupted(*args: Any) -> Any:
+        register(*args)
+        raise interrupt  # a signal landing as registration returns
+
+    guard = Guard(store, lease=30.0, wait=0)
+    monkeypatch.setattr(wakeups, "register", interrupted)
+    with pytest.raises(interrupt):
+        guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
+    monkeypatch.undo()
+    assert not wakeups._slots  # the registration was undone too
+    _assert_released_then_runs_once(guard, ledger, "r")
+
+
+def test_an_interrupt_as_the_call_context_is_set_releases_the_claim(
+    store: Any, ledger: Ledger
+) -> None:
+    """The same window, one line later: the interrupt lands as the runner sets the call's
+    context variable, before its ``try`` (a signal runs after a C call returns)."""
+    guard = Guard(store, lease=30.0, wait=0)
+    fired: list[bool] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if (
+            not fired
+            and event == "c_return"
+            and frame.f_code.co_name == "_run"
+            and getattr(arg, "__name__", "") == "set"
+        ):
+            fired.append(True)
+            raise KeyboardInterrupt
+
+    sys.setprofile(profile)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
+    finally:
+        sys.setprofile(None)
+    assert fired == [True]
     _assert_released_then_runs_once(guard, ledger, "r")
 
 

@@ -128,11 +128,16 @@ class Wait:
 
 @dataclass(slots=True)
 class Run:
-    """Run ``fn(context)`` under a heartbeat: answers an :class:`Outcome`, never raises."""
+    """Run ``fn(context)`` under a heartbeat: answers an :class:`Outcome`, never raises.
+
+    ``started`` is set by the runner as ``fn`` is about to be called: an interrupt that
+    ends the call before then leaves a claim whose ``fn`` never ran, which the runner
+    releases."""
 
     fn: Callable[[ExecutionContext], Any]
     context: ExecutionContext
     lease_ms: int
+    started: bool = False
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ from safeagent._flow import Outcome as FnOutcome
 from safeagent._keys import check_request_id
 from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, _current
-from safeagent._runtime import heartbeats, wakeups
+from safeagent._runtime import Slot, heartbeats, wakeups
 from safeagent._telemetry import Observation, observe
 from safeagent._telemetry import enabled as telemetry_enabled
 from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
@@ -398,7 +398,8 @@ class Guard(GuardCore):
                 answer = error = None
                 if isinstance(op, Run):
                     wake_key = (store.identity, op.context.namespace, op.context.request_id)
-                    slot = wakeups.register(wake_key)
+                    slot = Slot()  # held before registering: ``finally`` can always end it
+                    wakeups.register(wake_key, slot)
                     answer = self._run(op)
                     if seen is not None:
                         seen.ran = not answer.unstarted
@@ -415,6 +416,17 @@ class Guard(GuardCore):
         except BaseException as exc:
             if isinstance(op, Claim) and not isinstance(exc, Exception):
                 self._undo_claim(op.request, answer, exc)  # interrupted between claim and fn
+            elif isinstance(op, Run) and not op.started:  # ended on the way to fn
+                ctx = op.context
+                self._release_unrun(
+                    ctx.namespace,
+                    ctx.request_id,
+                    ctx.fencing_token,
+                    ctx.action,
+                    ctx.execution_id,
+                    _ended_before_fn(exc),
+                    "unrun",
+                )
             raise
         finally:
             flow.close()
@@ -490,26 +502,15 @@ class Guard(GuardCore):
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
 
     def _run(self, op: Run) -> FnOutcome:
+        """``fn`` under its heartbeat; an interrupt before ``op.started`` is set is undone
+        by :meth:`_drive`, whatever line of the way here it landed on."""
         ctx = op.context
-        started = False
         token = _current.set(ctx)
         try:
             with heartbeats.beating(
                 self.store, ctx.namespace, ctx.request_id, ctx.fencing_token, op.lease_ms
             ):
-                started = True
+                op.started = True
                 return capture(op.fn, ctx)
-        except BaseException as exc:
-            if not started:  # interrupted before fn could start: the claim is undone
-                self._release_unrun(
-                    ctx.namespace,
-                    ctx.request_id,
-                    ctx.fencing_token,
-                    ctx.action,
-                    ctx.execution_id,
-                    _ended_before_fn(exc),
-                    "unrun",
-                )
-            raise
         finally:
             _current.reset(token)

@@ -29,7 +29,7 @@ EARLY = 0.25
 RENEW_BATCH = 500
 
 
-class _Slot:
+class Slot:
     """One running claim: the waiters it must wake when it completes. The event is made
     only when a caller waits, so a claim nobody waits on costs no lock objects."""
 
@@ -49,7 +49,7 @@ class Wakeups:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()  # re-entrant: a signal handler's guarded call may take it
-        self._slots: dict[WakeKey, _Slot] = {}
+        self._slots: dict[WakeKey, Slot] = {}
 
     def _forget_in_child(self) -> None:
         """In a forked child, before any other of its code runs: a new lock (the old one may
@@ -66,13 +66,17 @@ class Wakeups:
             slot.async_waiters = []
         self._slots = {}
 
-    def register(self, key: WakeKey) -> _Slot:
-        slot = _Slot()
+    def register(self, key: WakeKey, slot: Slot | None = None) -> Slot:
+        """Register ``slot`` (a new one by default) as the claim ``key``'s in this process.
+        A caller that passes a slot it already holds can always end it with :meth:`done`,
+        even if an interrupt lands as this returns."""
+        if slot is None:
+            slot = Slot()
         with self._lock:
             self._slots[key] = slot
         return slot
 
-    def done(self, key: WakeKey, slot: _Slot) -> None:
+    def done(self, key: WakeKey, slot: Slot) -> None:
         with self._lock:
             if self._slots.get(key) is slot:
                 del self._slots[key]
