@@ -62,17 +62,23 @@ s_guard.execute("warm", "export", {}, export)
 other_process = sqlite3.connect(t.path, isolation_level=None)
 other_process.execute("BEGIN IMMEDIATE")  # T's file is locked by another process
 
+def held_elsewhere(lock):  # RLock has no locked() before Python 3.14
+    if lock.acquire(blocking=False):
+        lock.release()
+        return False
+    return True
+
 def write_on_t():  # holds T's in-process write lock while SQLite busy-waits
     with suppress(StoreError):
         t_guard.execute("t-write", "export", {}, export)
 
 writer = threading.Thread(target=write_on_t)
 writer.start()
-while not t._mutex.locked():
+while not held_elsewhere(t._mutex):
     time.sleep(0.005)
 a = threading.Thread(target=fork_and_exit, name="fork-a")
 a.start()
-while not s._mutex.locked():  # A holds S's write lock across its fork, and waits for T's
+while not held_elsewhere(s._mutex):  # A holds S's write lock across its fork, and waits for T's
     time.sleep(0.005)
 b = threading.Thread(target=fork_and_exit, name="fork-b")
 b.start()
@@ -80,7 +86,7 @@ time.sleep(0.6)  # B gives up on S's lock after 0.3 s
 other_process.rollback()  # the write on T goes through: both forks complete
 for thread in (a, b, writer):
     thread.join(10)
-print("locked", s._mutex.locked())
+print("locked", held_elsewhere(s._mutex))
 started = time.monotonic()
 try:
     s_guard.execute("after-forks", "export", {}, export)

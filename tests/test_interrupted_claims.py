@@ -78,49 +78,40 @@ def _assert_released_then_runs_once(guard: Guard, ledger: Ledger, request_id: st
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
-def test_ctrl_c_while_another_thread_commits_the_claim_releases_it(
+def test_ctrl_c_while_the_claim_waits_for_another_threads_commit_writes_nothing(
     tmp_path: Path, ledger: Ledger
 ) -> None:
-    """Group commit: the main thread's claim is queued, then taken into a batch another
-    thread commits. Ctrl-C lands while that commit runs: the claim commits anyway. The
-    interrupted call waits for that commit to end, then releases the claim."""
-    stall = {"first": 1.0, "second": 1.5}
-    second_inside = threading.Event()
+    """Ctrl-C lands while the main thread's claim waits for another thread's commit to
+    end. The main thread's writes are never part of another thread's commit (group
+    commit leaves it out: signal handlers run there), so nothing of the claim was
+    written, and the retry runs ``fn`` at once. (The claim used to be queued into that
+    commit, which wrote it after the interrupt; the call then had to release it.)"""
+    first_inside = threading.Event()
+    stalled: list[str] = []
 
-    def clock() -> int:  # stalls each named thread's first commit
-        name = threading.current_thread().name
-        delay = stall.pop(name, None)
-        if delay is not None:
-            if name == "second":
-                second_inside.set()
-            time.sleep(delay)
+    def clock() -> int:  # stalls the first commit of the thread named "first"
+        if threading.current_thread().name == "first" and not stalled:
+            stalled.append("first")
+            first_inside.set()
+            time.sleep(1.0)
         return int(time.time() * 1000)
 
     store = SQLiteStore(tmp_path / "g.db", clock=clock)
     guard = Guard(store)
     first = threading.Thread(target=store.claim, args=(_claim("a"),), name="first")
-    second = threading.Thread(target=store.claim, args=(_claim("b"),), name="second")
     first.start()
-    while not store._group.leading:
-        time.sleep(0.005)
-    second.start()
-    while len(store._group.pending) < 1:
-        time.sleep(0.005)  # "second" is queued behind "first"'s commit
+    assert first_inside.wait(10)
     main = threading.main_thread().ident
     assert main is not None
-
-    def interrupt() -> None:
-        assert second_inside.wait(10)  # "second" leads a batch holding the main claim
-        time.sleep(0.3)
-        signal.pthread_kill(main, signal.SIGINT)
-
-    threading.Thread(target=interrupt).start()
+    threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
         guard.execute("c", "charge", {"n": 1}, _effect(ledger, "c"))
     first.join()
-    second.join()
     assert not store._group.pending
-    _assert_released_then_runs_once(guard, ledger, "c")
+    assert guard.get("c") is None  # nothing of the interrupted claim was written
+    assert guard.execute("c", "charge", {"n": 1}, _effect(ledger, "c")).replay is False
+    assert guard.execute("c", "charge", {"n": 1}, _effect(ledger, "c")).replay
+    assert ledger.count() == 1
     report = verify(store)
     assert report.ok, report.problems
     guard.close()

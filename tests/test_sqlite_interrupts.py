@@ -121,6 +121,81 @@ def test_an_interrupt_as_a_snapshot_read_begins_leaves_no_transaction_open(
     store.close()
 
 
+@pytest.mark.parametrize("call", ["acquire", "remove"])
+def test_an_interrupt_as_the_write_lock_is_taken_or_left_never_keeps_it(
+    tmp_path: Path, call: str
+) -> None:
+    """The in-process write lock: an interrupt as its ``acquire`` returned (before the
+    write could note that it holds it), or as the write left the fork gate on its way
+    out (before the release), kept it held for good: every later write of every thread
+    failed ("another thread held the write lock"). Now it is released either way."""
+    store = SQLiteStore(tmp_path / "g.db", busy_timeout=0.5)
+    fired: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if (
+            not fired
+            and event == "c_return"
+            and frame.f_code.co_name == "_write"
+            and getattr(arg, "__name__", "") == call
+        ):
+            fired.append(call)
+            raise KeyboardInterrupt
+
+    sys.setprofile(profile)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.claim(_claim("a"))
+    finally:
+        sys.setprofile(None)
+    assert fired == [call]
+    assert store._writer is None
+    other: list[Any] = []
+    writer = threading.Thread(target=lambda: other.append(store.claim(_claim("b")).won))
+    writer.start()
+    writer.join(10)
+    assert other == [True]
+    assert store.claim(_claim("c")).won  # and this thread writes again
+    assert verify(store).ok
+    store.close()
+
+
+def test_a_store_call_nested_in_a_snapshot_read_leaves_the_snapshot_whole(
+    tmp_path: Path,
+) -> None:
+    """A signal handler's store call in the middle of a snapshot read on the same thread
+    (say a ``get`` while ``verify`` reads the chains) must not take the snapshot's read
+    transaction for a leftover and roll it back: the rest of the snapshot would read
+    newer rows than its start (verify then reported a chain head's event as deleted)."""
+    store = SQLiteStore(tmp_path / "g.db")
+    assert store.claim(_claim("a")).won
+    store.flush_events()
+    inside: list[bool] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if (
+            not inside
+            and event == "c_return"
+            and frame.f_code.co_name == "read"
+            and getattr(arg, "__name__", "") == "execute"
+        ):
+            sys.setprofile(None)
+            store.get("default", "a")  # as a handler landing here would
+            inside.append(arg.__self__.in_transaction)
+
+    sys.setprofile(profile)
+    try:
+        rows, heads = store.audit_chain()
+    finally:
+        sys.setprofile(None)
+    assert inside == [True]  # the snapshot's transaction was still open after the call
+    assert rows
+    assert heads
+    assert not _in_transaction(store)
+    assert verify(store).ok
+    store.close()
+
+
 def test_a_transaction_left_open_on_this_threads_connection_ends_before_its_next_call(
     tmp_path: Path, ledger: Any
 ) -> None:
@@ -153,13 +228,14 @@ def test_a_transaction_left_open_on_this_threads_connection_ends_before_its_next
     guard.close()
 
 
-def test_the_leader_interrupted_before_its_commit_fails_no_other_threads_write(
+def test_an_interrupt_of_the_main_threads_write_fails_no_other_threads_write(
     tmp_path: Path,
 ) -> None:
-    """Group commit: the main thread leads a batch that also holds another thread's
-    completion, and Ctrl-C lands before the commit. The batch is rolled back; the other
-    thread's completion used to fail with StoreError ("may not have been written"), which
-    leaves a record whose fn ran PENDING, then in doubt. It is queued again and commits."""
+    """Group commit: the main thread's claim used to queue behind another thread's commit
+    with other threads' writes, be handed the lead and commit them all; Ctrl-C landing
+    there rolled back the batch and the other threads' writes failed with StoreError (a
+    completion among them left a record whose fn ran in doubt). The main thread, where
+    signal handlers run, now writes alone: its interrupt fails its own write only."""
     first_inside = threading.Event()
     stalled: list[str] = []
     armed = [False]
@@ -171,10 +247,10 @@ def test_the_leader_interrupted_before_its_commit_fails_no_other_threads_write(
         elif me.name == "first" and not stalled:
             stalled.append(me.name)
             first_inside.set()
-            time.sleep(0.5)  # main's claim, then the worker's completion, queue behind
+            time.sleep(0.5)  # main's claim, then the worker's completion, wait behind it
         elif me is threading.main_thread() and len(stalled) == 1:
             stalled.append(me.name)
-            raise KeyboardInterrupt  # as a signal landing in main's batch would
+            raise KeyboardInterrupt  # as a signal landing in main's write would
         return int(time.time() * 1000)
 
     store = SQLiteStore(tmp_path / "g.db", clock=clock)
@@ -193,8 +269,6 @@ def test_the_leader_interrupted_before_its_commit_fails_no_other_threads_write(
     outcome: list[Any] = []
 
     def complete() -> None:
-        while len(store._group.pending) < 1:  # main's claim is queued first
-            time.sleep(0.001)
         try:
             outcome.append(store.complete(completion))
         except BaseException as exc:  # recorded for the assertion below
@@ -203,13 +277,13 @@ def test_the_leader_interrupted_before_its_commit_fails_no_other_threads_write(
     first = threading.Thread(target=store.claim, args=(_claim("f"),), name="first")
     first.start()
     assert first_inside.wait(10)
-    worker = threading.Thread(target=complete)
+    worker = threading.Timer(0.1, complete)  # once main's claim waits behind "first"
     worker.start()
     with pytest.raises(KeyboardInterrupt):
-        store.claim(_claim("m"))  # promoted after "first": leads [m, w], interrupted
+        store.claim(_claim("m"))
     first.join(10)
     worker.join(10)
-    assert stalled == ["first", "MainThread"]  # the interrupt landed in main's batch
+    assert stalled == ["first", "MainThread"]  # the interrupt landed in main's write
     assert len(outcome) == 1
     assert not isinstance(outcome[0], BaseException), outcome[0]
     assert outcome[0].accepted
@@ -218,6 +292,7 @@ def test_the_leader_interrupted_before_its_commit_fails_no_other_threads_write(
     assert stored.status is Status.SUCCEEDED
     assert store.get("default", "m")[0] is None  # the interrupted claim was rolled back
     assert not _in_transaction(store)
+    assert not store._group.pending
     assert verify(store).ok
     store.close()
 

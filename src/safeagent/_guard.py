@@ -429,9 +429,9 @@ class Guard(GuardCore):
                 )
             raise
         finally:
-            flow.close()
             if slot is not None and wake_key is not None:
-                wakeups.done(wake_key, slot)
+                wakeups.done(wake_key, slot)  # first: nothing before it to interrupt
+            flow.close()
 
     def _undo_claim(self, request: ClaimRequest, answer: Any, exc: BaseException) -> None:
         """An interrupt (``KeyboardInterrupt``, ``SystemExit``) ends the call right after

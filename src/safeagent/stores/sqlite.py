@@ -553,7 +553,7 @@ _UNSET: Any = object()
 class _Job:
     """One write waiting for a group commit: ``work(conn, now_ms)`` and what it gave."""
 
-    __slots__ = ("error", "event", "promoted", "result", "retry", "synchronous", "work")
+    __slots__ = ("error", "event", "promoted", "result", "synchronous", "work")
 
     def __init__(self, work: Callable[[sqlite3.Connection, int], Any], synchronous: str) -> None:
         self.work = work
@@ -562,9 +562,6 @@ class _Job:
         self.error: BaseException | None = None
         self.event: threading.Event | None = None
         self.promoted = False
-        # Set when the thread leading this job's batch was interrupted before its commit:
-        # the batch was rolled back, through no fault of this job, which is queued again.
-        self.retry = False
 
 
 class _TxnState:
@@ -583,12 +580,13 @@ class _GroupCommit:
     servers (PostgreSQL's commit_delay, InnoDB's binlog group commit): each caller still
     returns only after the commit that holds its write is durable, so no guarantee is
     weakened, but N concurrent claims share one fsync instead of paying N.
+
+    Every thread but the main one: signal handlers run there, and an interrupt of a
+    leader or a queued writer could land between any two bytecodes (_grouped).
     """
 
     def __init__(self) -> None:
-        # Re-entrant: a signal handler's write that arrives while its own thread holds it
-        # reaches the re-entrancy check in _grouped (a StoreError) instead of deadlocking.
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self.pending: list[_Job] = []
         self.leading = False
         self.leader: int | None = None  # the thread id leading now
@@ -652,8 +650,10 @@ class SQLiteStore:
         self._buffer = EventBuffer(self.flush_events)
         # In-process writers take this lock before SQLite's: a thread waiting on another
         # thread of this process is woken at once, instead of by SQLite's busy handler,
-        # which sleeps for milliseconds between tries.
-        self._mutex = threading.Lock()
+        # which sleeps for milliseconds between tries. An RLock for its owner check: a
+        # write interrupted as the acquire returns, before it could note that it holds
+        # the lock, still releases it (_write). (Nested writes are refused by _writer.)
+        self._mutex = threading.RLock()
         self._writer: int | None = None  # the thread holding _mutex
         self._group = _GroupCommit()
         self._pid = os.getpid()
@@ -672,7 +672,11 @@ class SQLiteStore:
         holder: _ConnHolder | None = getattr(self._local, "holder", None)
         if holder is not None:
             if holder.pid == os.getpid():
-                if holder.conn.in_transaction and self._writer != get_ident():
+                if (
+                    holder.conn.in_transaction
+                    and self._writer != get_ident()
+                    and not getattr(self._local, "snapshots", 0)
+                ):
                     return self._end_leftover(holder)
                 return holder.conn
             holder.abandon()  # inherited across fork: never touch the parent's connection
@@ -744,27 +748,32 @@ class SQLiteStore:
                 f"SQLite write failed on {self.path}: this thread is already inside a write "
                 "(a re-entrant call, from a signal handler?); nothing was written"
             )
-        if not self._mutex.acquire(timeout=self.busy_timeout):
-            raise StoreError(
-                f"SQLite write failed on {self.path}: another thread held the write lock "
-                f"for more than {self.busy_timeout} s"
-            )
-        gate = _gate  # after the write lock, never before: the fork handler's order
-        try:
+        gate = _gate
+        mutex = self._mutex
+        try:  # from the acquire on: an interrupt as it returns must still release it
+            if not mutex.acquire(timeout=self.busy_timeout):
+                raise StoreError(
+                    f"SQLite write failed on {self.path}: another thread held the write "
+                    f"lock for more than {self.busy_timeout} s"
+                )
             self._writer = me
-            gate.inside.append(me)  # gate.enter(), inline (every write)
+            gate.inside.append(me)  # gate.enter() after the write lock (the fork's order)
             if gate.forks:
                 gate.wait_for_forks(me)
             yield from self._transaction(conn, synchronous, state or _TxnState())
         finally:
+            # The lock first: an interrupt landing further on leaves at worst a stale entry
+            # in the fork gate (a fork waits for it, then goes on), never the lock held.
+            if self._writer == me:
+                self._writer = None
+            if mutex._is_owned():  # type: ignore[attr-defined]
+                mutex.release()
             try:  # noqa: SIM105 - leave the gate inline (every write)
                 gate.inside.remove(me)
             except ValueError:  # interrupted before the append
                 pass
             if gate.forks:
                 gate.notify()
-            self._writer = None
-            self._mutex.release()
 
     def _lock_for_fork(self) -> bool:
         """In the thread calling os.fork, just before it forks: wait for the write in
@@ -788,7 +797,7 @@ class SQLiteStore:
         without os.fork's handlers, but are not enough alone: two threads of a child that
         both saw the parent's pid would each make new locks, and one could then release
         the write lock the other holds."""
-        self._mutex = threading.Lock()
+        self._mutex = threading.RLock()
         self._writer = None
         self._group = _GroupCommit()
         self._pid = os.getpid()
@@ -844,49 +853,31 @@ class SQLiteStore:
     def _grouped(self, work: Callable[[sqlite3.Connection, int], T], synchronous: str) -> T:
         """Run ``work(conn, now_ms)`` in a transaction shared with the writes other threads
         of this process make at the same moment (see :class:`_GroupCommit`); returns its
-        result once that transaction has committed. A batch rolled back because the thread
-        leading it was interrupted is no failure of the other writes in it: they are
-        queued again.
+        result once that transaction has committed. The main thread writes alone.
 
         Raises:
             StoreError: the write was not committed; the caller must not act on it.
         """
         if self._pid != os.getpid():
             self._after_fork()
-        job = _Job(work, synchronous)
         me = threading.get_ident()
-        # Each retry follows an interrupt of the main thread (where Python runs signal
-        # handlers) as it led this job's batch: the loop ends when the interrupts do, or
-        # at once when this thread leads.
-        while True:
-            self._queue(job, me)
-            if not job.retry:
-                break
-            job.retry, job.event, job.promoted = False, None, False
-        if job.error is not None:
-            raise job.error
-        if job.result is _UNSET:  # pragma: no cover - every path sets one or the other
-            raise StoreError(f"SQLite write failed on {self.path}: not committed")
-        return job.result  # type: ignore[no-any-return]
-
-    def _queue(self, job: _Job, me: int) -> None:
-        """One try of :meth:`_grouped`: queue ``job``, then lead its batch or wait for the
-        thread that does. Returns with the job's result or error set, or ``job.retry``."""
+        if me == threading.main_thread().ident:
+            # The main thread, where Python runs signal handlers, writes alone: an
+            # interrupt there (Ctrl-C, a handler's SystemExit or TimeoutError) can land in
+            # any bytecode, so it must never hold another thread's write, nor leave one
+            # queued or waiting on a commit it would lead. It takes the write lock
+            # between batches of the other threads, which share their commits.
+            with self._write(synchronous=synchronous) as conn:
+                return work(conn, self._clock())
+        job = _Job(work, synchronous)
         group = self._group
         with group.lock:
-            reentrant = group.leading and group.leader == me
-            if not reentrant:
-                group.pending.append(job)
-                follow = group.leading
-                if follow:
-                    job.event = threading.Event()
-                else:
-                    group.leading, group.leader = True, me
-        if reentrant:  # a signal handler writing while its own thread leads a commit
-            raise StoreError(
-                f"SQLite write failed on {self.path}: this thread is already committing "
-                "(a re-entrant call, from a signal handler?); nothing was written"
-            )
+            group.pending.append(job)
+            follow = group.leading
+            if follow:
+                job.event = threading.Event()
+            else:
+                group.leading, group.leader = True, me
         try:
             if not follow:
                 self._lead(group, job)
@@ -896,12 +887,18 @@ class SQLiteStore:
                 if job.promoted:  # the last leader handed over: lead the next batch
                     self._lead(group, job)
         except BaseException:
+            # Signals interrupt only the main thread, which does not come here; this is
+            # for an exception raised into a thread (PyThreadState_SetAsyncExc). If
+            # another thread's commit holds the job, wait for it to end, so the caller's
+            # undo (Guard releases a claim it cannot use) reads the write's final state.
             if not self._abandon(group, job) and job.event is not None:
-                # Interrupted while another thread commits this write: wait for that
-                # commit to end, so the caller's undo (Guard releases a claim it cannot
-                # use) reads the write's final state. A second interrupt ends the wait.
                 job.event.wait()
             raise
+        if job.error is not None:
+            raise job.error
+        if job.result is _UNSET:  # pragma: no cover - every path sets one or the other
+            raise StoreError(f"SQLite write failed on {self.path}: not committed")
+        return job.result  # type: ignore[no-any-return]
 
     def _abandon(self, group: _GroupCommit, job: _Job) -> bool:
         """A waiting writer was interrupted: withdraw its job, and if it had just been
@@ -924,19 +921,14 @@ class SQLiteStore:
         return withdrawn
 
     def _lead(self, group: _GroupCommit, own: _Job) -> None:
-        """Commit every queued job as one batch, then hand the lead to a waiting writer.
-
-        Interrupted (Ctrl-C, SystemExit) before the commit, the leader rolls the batch back
-        and re-raises; every other job in it is queued again (``retry``) rather than
-        failed: a completion failed here would leave its record in doubt."""
+        """Commit every queued job as one batch, then hand the lead to a waiting writer."""
         batch: list[_Job] = []
-        state = _TxnState()
         try:
             with group.lock:
                 own.promoted = False
                 group.leader = threading.get_ident()
                 batch, group.pending = group.pending, []
-            self._commit_batch(batch, own, state)
+            self._commit_batch(batch, own)
         finally:
             with group.lock:
                 successor = group.pending[0] if group.pending else None
@@ -947,19 +939,16 @@ class SQLiteStore:
                     successor.promoted = True
             for job in batch:
                 if job.result is _UNSET and job.error is None:
-                    if state.committed:  # pragma: no cover - results precede the commit
-                        job.error = StoreError(
-                            f"SQLite write failed on {self.path}: the thread committing "
-                            "it was interrupted; it may not have been written"
-                        )
-                    else:  # rolled back, or never begun: nothing of it was written
-                        job.retry = True
+                    job.error = StoreError(
+                        f"SQLite write failed on {self.path}: the thread committing it was "
+                        "interrupted; it may not have been written"
+                    )
                 if job.event is not None:
                     job.event.set()
             if successor is not None and successor.event is not None:
                 successor.event.set()
 
-    def _commit_batch(self, batch: list[_Job], own: _Job, state: _TxnState) -> None:
+    def _commit_batch(self, batch: list[_Job], own: _Job) -> None:
         """One transaction for ``batch``: with more than one job, each runs under its own
         savepoint, so a write SQLite refuses is undone and fails alone while the others
         commit. A failure of the transaction itself (lock, BEGIN, COMMIT) fails them all
@@ -971,6 +960,7 @@ class SQLiteStore:
             else any(job.synchronous == "FULL" for job in batch)
         )
         sync = "FULL" if full else "NORMAL"
+        state = _TxnState()
         try:
             with self._write(synchronous=sync, state=state) as conn:
                 now = self._clock()
@@ -990,17 +980,14 @@ class SQLiteStore:
         except BaseException as exc:
             if state.committed:  # interrupted after COMMIT: every result stands
                 raise
-            interrupted = not isinstance(exc, Exception)
             for job in batch:
                 job.result = _UNSET
                 if job is own:
                     job.error = exc
-                elif interrupted:  # this thread's interrupt, not the job's failure
-                    job.error, job.retry = None, True
                 else:
                     job.error = StoreError(f"SQLite write failed on {self.path}: {exc}")
                     job.error.__cause__ = exc
-            if interrupted:
+            if not isinstance(exc, Exception):
                 raise  # an interrupt of this thread: its caller sees it
 
     def _own_error(self, exc: Exception) -> Exception:
@@ -1078,11 +1065,18 @@ class SQLiteStore:
         """``fn(conn)`` in one read transaction: every statement reads one snapshot."""
 
         def read(conn: sqlite3.Connection) -> T:
+            # Counted, so a signal handler's call in the middle (on this thread, this
+            # connection) does not take this transaction for a leftover (_conn); its own
+            # snapshot or write fails instead ("cannot start a transaction within a
+            # transaction"), and this one goes on.
+            local = self._local
+            local.snapshots = getattr(local, "snapshots", 0) + 1
             try:
                 conn.execute("BEGIN")  # inside the try: an interrupt as it returns ends it
                 return fn(conn)
             finally:
-                if conn.in_transaction:
+                local.snapshots -= 1
+                if conn.in_transaction and not local.snapshots:
                     conn.execute("COMMIT")
 
         return self._read(read)
