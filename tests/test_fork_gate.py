@@ -1,6 +1,7 @@
-"""The fork gate of sqlite.py: no SafeAgent thread is inside a SQLite call when the
-process forks (SQLite's own process-wide mutexes, a memory allocator's among them, would
-be inherited held, and the child would hang in its first SQLite call).
+"""The fork gate of the SQLite store (_sqlite_fork.py): no SafeAgent thread is inside a
+SQLite call when the process forks (SQLite's own process-wide mutexes, a memory
+allocator's among them, would be inherited held, and the child would hang in its first
+SQLite call).
 
 The unit tests drive a gate object of their own from threads; the fork tests run in a
 fresh interpreter (killed on timeout), whose children are killed on timeout too, so
@@ -190,11 +191,11 @@ def test_a_region_entered_while_its_thread_holds_the_gate_lock_does_not_deadlock
 FORK_INSIDE_REGION = r"""
 import os, sys, time
 from safeagent import Guard
-from safeagent.stores import sqlite as sqlite_mod
+from safeagent.stores import _sqlite_fork
 
 guard = Guard(os.path.join(sys.argv[1], "g.db"), wait=0)
 guard.execute("warm", "a", {}, lambda ctx: "ok")
-gate = sqlite_mod._gate
+gate = _sqlite_fork._gate
 me = gate.enter()  # as a signal handler forking in the middle of a read would be
 started = time.monotonic()
 pid = os.fork()
@@ -219,7 +220,7 @@ while True:
         break
     time.sleep(0.01)
 print("parent", guard.execute("after", "a", {}, lambda ctx: "parent").result)
-print("gate", len(sqlite_mod._gate.inside), sqlite_mod._gate.forks)
+print("gate", len(_sqlite_fork._gate.inside), _sqlite_fork._gate.forks)
 guard.close()
 """
 

@@ -109,7 +109,7 @@ def test_two_threads_forking_at_once_do_not_leave_the_write_lock_held(tmp_path: 
     lock for more than 0.3 s"), for the life of the process.
 
     (Run in a fresh interpreter: a before-fork handler of the standard library registered
-    after sqlite.py's, such as concurrent.futures.thread's, runs first and takes a lock
+    after _sqlite_fork.py's, such as concurrent.futures.thread's, runs first and takes a lock
     that serialises the two forks; a process that imported it before safeagent, or never,
     has no such lock.)"""
     out = run_script(TWO_FORKS, str(tmp_path))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import gc
+import importlib
 import json
 import linecache
 import multiprocessing
@@ -354,22 +355,24 @@ def test_fork_while_a_guarded_call_runs_in_another_thread(tmp_path: Path) -> Non
 # -- SQLite: a fork in the middle of the store's own writes ---------------------------------
 
 
-def _pause_at(function: str, line: str, arrived: threading.Event, go: threading.Event) -> Any:
+def _pause_at(
+    module: str, function: str, line: str, arrived: threading.Event, go: threading.Event
+) -> Any:
     """A trace function for one thread (``sys.settrace``): it stops that thread just before
-    it runs the source line ``line`` of ``function`` in sqlite.py, tells ``arrived``, and
-    lets it go on when ``go`` is set. Only the order of the threads is forced; the code
-    runs unchanged."""
-    from safeagent.stores import sqlite
+    it runs the source line ``line`` of ``function`` in ``safeagent.stores.<module>``
+    (sqlite.py or one of its _sqlite_*.py parts), tells ``arrived``, and lets it go on when
+    ``go`` is set. Only the order of the threads is forced; the code runs unchanged."""
+    path = importlib.import_module(f"safeagent.stores.{module}").__file__
 
     def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line" and linecache.getline(sqlite.__file__, frame.f_lineno).strip() == line:
+        if event == "line" and linecache.getline(path, frame.f_lineno).strip() == line:
             arrived.set()
             go.wait(10)
         return local
 
     def calls(frame: Any, event: str, arg: Any) -> Any:
         code = frame.f_code
-        return local if code.co_name == function and code.co_filename == sqlite.__file__ else None
+        return local if code.co_name == function and code.co_filename == path else None
 
     return calls
 
@@ -396,12 +399,10 @@ def test_two_threads_of_a_child_make_their_first_sqlite_writes_at_once(tmp_path:
             finally:
                 sys.settrace(None)
 
-        b = threading.Thread(
-            target=call, args=("b", _pause_at("_grouped", "self._after_fork()", b_at_reset, b_go))
-        )
-        a = threading.Thread(
-            target=call, args=("a", _pause_at("_write", "self._writer = me", a_holds, a_go))
-        )
+        b_tracer = _pause_at("_sqlite_group", "_grouped", "self._after_fork()", b_at_reset, b_go)
+        a_tracer = _pause_at("sqlite", "_write", "self._writer = me", a_holds, a_go)
+        b = threading.Thread(target=call, args=("b", b_tracer))
+        a = threading.Thread(target=call, args=("a", a_tracer))
         b.start()
         while b.is_alive() and not b_at_reset.wait(0.01):
             pass
