@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from safeagent import Guard, SQLiteStore, Status
+from safeagent import Guard, SQLiteStore, Status, StoreError
 from safeagent._keys import downstream_key, fingerprint
 from safeagent.audit import verify
 from safeagent.stores._base import ClaimRequest, Completion
@@ -192,6 +192,104 @@ def test_a_store_call_nested_in_a_snapshot_read_leaves_the_snapshot_whole(
     assert rows
     assert heads
     assert not _in_transaction(store)
+    assert verify(store).ok
+    store.close()
+
+
+def test_a_snapshot_read_inside_this_threads_write_is_refused(tmp_path: Path) -> None:
+    """A signal handler's snapshot read (``get_case``, ``verify``) landing in the middle of
+    its thread's claim used to reach the snapshot's COMMIT, which committed the claim half
+    done: its row without its audit event (verify: ``receipt_edited``), and the caller
+    told StoreError. The snapshot is refused; the claim commits whole."""
+    store = SQLiteStore(tmp_path / "g.db")
+    nested: list[Any] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if (
+            not nested
+            and event == "c_return"
+            and frame.f_code.co_name == "_claim"
+            and getattr(arg, "__name__", "") == "fetchone"  # the claim's row is written
+        ):
+            sys.setprofile(None)
+            try:  # as a handler landing here would
+                nested.append(store.get_case("default", "case-1"))
+            except StoreError as exc:
+                nested.append(exc)
+
+    sys.setprofile(profile)
+    try:
+        won = store.claim(_claim("a"))
+    finally:
+        sys.setprofile(None)
+    assert len(nested) == 1
+    assert isinstance(nested[0], StoreError)
+    assert won.won
+    report = verify(store)
+    assert report.ok, report.problems
+    store.close()
+
+
+def test_a_write_inside_this_threads_snapshot_read_is_refused(tmp_path: Path) -> None:
+    """A signal handler's write landing in its thread's snapshot read failed its BEGIN,
+    and that failure's ROLLBACK ended the snapshot: the rest read newer rows (verify then
+    reported an event deleted from an intact file). The write is refused before any
+    statement; the snapshot goes on whole."""
+    store = SQLiteStore(tmp_path / "g.db")
+    assert store.claim(_claim("a")).won
+    store.flush_events()
+    nested: list[Any] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if (
+            not nested
+            and event == "c_return"
+            and frame.f_code.co_name == "read"
+            and getattr(arg, "__name__", "") == "execute"
+        ):
+            sys.setprofile(None)
+            try:
+                nested.append(store.claim(_claim("b")))
+            except StoreError as exc:
+                nested.append(exc)
+            nested.append(arg.__self__.in_transaction)
+
+    sys.setprofile(profile)
+    try:
+        report = verify(store)
+    finally:
+        sys.setprofile(None)
+    assert isinstance(nested[0], StoreError)
+    assert nested[1] is True  # the snapshot's transaction was left alone
+    assert report.ok, report.problems
+    assert store.get("default", "b")[0] is None
+    store.close()
+
+
+def test_a_write_stranded_by_an_interrupt_and_closed_from_another_thread_frees_the_lock(
+    tmp_path: Path,
+) -> None:
+    """An interrupt as a ``with`` entered or left the write (contextlib's own frames) leaves
+    its generator suspended, holding the write lock, until the garbage collector closes
+    it, in whichever thread it runs. Closed from another thread, the lock (held by the
+    writer's thread) could not be released: every later write of the process failed.
+    It is replaced then; the transaction is rolled back."""
+    store = SQLiteStore(tmp_path / "g.db", busy_timeout=0.5)
+    block = store._write()
+    conn = block.__enter__()  # the with-statement abandoned right after entering
+    conn.execute("INSERT INTO safeagent_meta (key, value) VALUES ('stranded', 'never committed')")
+    closer = threading.Thread(target=block.gen.close)  # the collector, in another thread
+    closer.start()
+    closer.join(10)
+    other: list[Any] = []
+    writer = threading.Thread(target=lambda: other.append(store.claim(_claim("b")).won))
+    writer.start()
+    writer.join(10)
+    assert other == [True]
+    assert store.claim(_claim("c")).won  # and the writer's own thread writes again
+    with closing(sqlite3.connect(store.path)) as reader:
+        left = reader.execute("SELECT value FROM safeagent_meta WHERE key = 'stranded'")
+        assert left.fetchall() == []
     assert verify(store).ok
     store.close()
 

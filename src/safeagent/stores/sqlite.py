@@ -284,6 +284,11 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
         if self._pid != os.getpid():  # a forked child: locks held by the parent's threads
             self._after_fork()
         me = get_ident()
+        if conn.in_transaction and self._writer != me:  # inside this thread's snapshot
+            raise StoreError(
+                f"SQLite write failed on {self.path}: this thread is inside a snapshot read "
+                "(a call from a signal handler?); nothing was written"
+            )
         if self._writer == me:  # a signal handler writing while its thread writes
             raise StoreError(
                 f"SQLite write failed on {self.path}: this thread is already inside a write "
@@ -307,8 +312,15 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
             # in the fork gate (a fork waits for it, then goes on), never the lock held.
             if self._writer == me:
                 self._writer = None
-            if mutex._is_owned():  # type: ignore[attr-defined]
+            try:  # one call, no check before it: an interrupt cannot land in between
                 mutex.release()
+            except RuntimeError:  # not this thread's: not acquired (timed out, interrupted
+                # waiting), or this write was stranded: an interrupt as the ``with`` entered
+                # or left it, and the garbage collector closes it now from another thread.
+                # The writer's thread holds the lock then (its own writes were refused
+                # meanwhile, _writer being set); nobody can release it: replace it.
+                if get_ident() != me and self._mutex is mutex:
+                    self._mutex = threading.RLock()
             try:  # noqa: SIM105 - leave the gate inline (every write)
                 gate.inside.remove(me)
             except ValueError:  # interrupted before the append
@@ -436,10 +448,15 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
         """``fn(conn)`` in one read transaction: every statement reads one snapshot."""
 
         def read(conn: sqlite3.Connection) -> T:
-            # Counted, so a signal handler's call in the middle (on this thread, this
-            # connection) does not take this transaction for a leftover (_conn); its own
-            # snapshot or write fails instead ("cannot start a transaction within a
-            # transaction"), and this one goes on.
+            # Refused inside this thread's own write or snapshot (a signal handler's call):
+            # its COMMIT would commit that write half done. Counted, so a handler's call
+            # in the middle of this one does not take it for a leftover (_conn) and a
+            # handler's write is refused (_write): this snapshot goes on whole.
+            if conn.in_transaction:
+                raise sqlite3.OperationalError(
+                    "this thread is inside a write or a snapshot read (a call from a signal "
+                    "handler?); nothing was read"
+                )
             local = self._local
             local.snapshots = getattr(local, "snapshots", 0) + 1
             try:
@@ -447,7 +464,7 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
                 return fn(conn)
             finally:
                 local.snapshots -= 1
-                if conn.in_transaction and not local.snapshots:
+                if conn.in_transaction:
                     conn.execute("COMMIT")
 
         return self._read(read)
