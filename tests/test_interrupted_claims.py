@@ -8,12 +8,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
@@ -23,6 +21,7 @@ from safeagent._keys import downstream_key, fingerprint
 from safeagent._runtime import heartbeats, wakeups
 from safeagent.audit import verify
 from safeagent.stores._base import ClaimRequest
+from tests._landing import at_c_return, interrupt
 from tests.conftest import Ledger
 
 
@@ -180,25 +179,9 @@ def test_an_interrupt_as_the_call_context_is_set_releases_the_claim(
     """The same window, one line later: the interrupt lands as the runner sets the call's
     context variable, before its ``try`` (a signal runs after a C call returns)."""
     guard = Guard(store, lease=30.0, wait=0)
-    fired: list[bool] = []
-
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if (
-            not fired
-            and event == "c_return"
-            and frame.f_code.co_name == "_run"
-            and getattr(arg, "__name__", "") == "set"
-        ):
-            fired.append(True)
-            raise KeyboardInterrupt
-
-    sys.setprofile(profile)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
-    finally:
-        sys.setprofile(None)
-    assert fired == [True]
+    with at_c_return("_run", "set", interrupt) as fired, pytest.raises(KeyboardInterrupt):
+        guard.execute("r", "charge", {"n": 1}, _effect(ledger, "r"))
+    assert fired == ["_run"]
     _assert_released_then_runs_once(guard, ledger, "r")
 
 

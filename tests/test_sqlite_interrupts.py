@@ -10,11 +10,10 @@ import collections
 import random
 import signal
 import sqlite3
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, closing
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,6 +24,7 @@ from safeagent import Guard, SQLiteStore, Status, StoreError
 from safeagent._keys import downstream_key, fingerprint
 from safeagent.audit import verify
 from safeagent.stores._base import ClaimRequest, Completion
+from tests._landing import at_c_return, interrupt
 
 
 def _claim(request_id: str) -> ClaimRequest:
@@ -48,31 +48,20 @@ def _in_transaction(store: SQLiteStore) -> bool:
     return holder is not None and holder.conn.in_transaction
 
 
-@contextmanager
-def _interrupt_as_begin_returns() -> Iterator[list[str]]:
-    """Raise KeyboardInterrupt once, as the first statement sqlite.py executes inside a
-    transaction (its ``BEGIN``) returns: where CPython runs a signal handler after a C
-    call, before the next bytecode. Yields a list the name of the function that ran the
-    statement is added to."""
-    fired: list[str] = []
+def _interrupt_as_begin_returns() -> AbstractContextManager[list[str]]:
+    """KeyboardInterrupt once, as the first statement sqlite.py executes inside a
+    transaction (its ``BEGIN``) returns; the list gets the name of the function that ran
+    it."""
 
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if (
-            not fired
-            and event == "c_return"
-            and frame.f_code.co_filename.endswith("sqlite.py")
-            and getattr(arg, "__name__", "") == "execute"
-            and isinstance(getattr(arg, "__self__", None), sqlite3.Connection)
-            and arg.__self__.in_transaction
-        ):
-            fired.append(frame.f_code.co_name)
-            raise KeyboardInterrupt
+    def begun(frame: FrameType, execute: Any) -> bool:
+        conn = getattr(execute, "__self__", None)
+        return (
+            frame.f_code.co_filename.endswith("sqlite.py")
+            and isinstance(conn, sqlite3.Connection)
+            and conn.in_transaction
+        )
 
-    sys.setprofile(profile)
-    try:
-        yield fired
-    finally:
-        sys.setprofile(None)
+    return at_c_return(None, "execute", interrupt, when=begun)
 
 
 def test_an_interrupt_as_a_write_begins_leaves_no_write_lock_held(tmp_path: Path) -> None:
@@ -130,25 +119,9 @@ def test_an_interrupt_as_the_write_lock_is_taken_or_left_never_keeps_it(
     out (before the release), kept it held for good: every later write of every thread
     failed ("another thread held the write lock"). Now it is released either way."""
     store = SQLiteStore(tmp_path / "g.db", busy_timeout=0.5)
-    fired: list[str] = []
-
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if (
-            not fired
-            and event == "c_return"
-            and frame.f_code.co_name == "_write"
-            and getattr(arg, "__name__", "") == call
-        ):
-            fired.append(call)
-            raise KeyboardInterrupt
-
-    sys.setprofile(profile)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            store.claim(_claim("a"))
-    finally:
-        sys.setprofile(None)
-    assert fired == [call]
+    with at_c_return("_write", call, interrupt) as fired, pytest.raises(KeyboardInterrupt):
+        store.claim(_claim("a"))
+    assert fired == ["_write"]
     assert store._writer is None
     other: list[Any] = []
     writer = threading.Thread(target=lambda: other.append(store.claim(_claim("b")).won))
@@ -172,22 +145,12 @@ def test_a_store_call_nested_in_a_snapshot_read_leaves_the_snapshot_whole(
     store.flush_events()
     inside: list[bool] = []
 
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if (
-            not inside
-            and event == "c_return"
-            and frame.f_code.co_name == "read"
-            and getattr(arg, "__name__", "") == "execute"
-        ):
-            sys.setprofile(None)
-            store.get("default", "a")  # as a handler landing here would
-            inside.append(arg.__self__.in_transaction)
+    def handler(_frame: FrameType, execute: Any) -> None:
+        store.get("default", "a")  # as a handler landing here would
+        inside.append(execute.__self__.in_transaction)
 
-    sys.setprofile(profile)
-    try:
+    with at_c_return("read", "execute", handler):
         rows, heads = store.audit_chain()
-    finally:
-        sys.setprofile(None)
     assert inside == [True]  # the snapshot's transaction was still open after the call
     assert rows
     assert heads
@@ -204,24 +167,14 @@ def test_a_snapshot_read_inside_this_threads_write_is_refused(tmp_path: Path) ->
     store = SQLiteStore(tmp_path / "g.db")
     nested: list[Any] = []
 
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if (
-            not nested
-            and event == "c_return"
-            and frame.f_code.co_name == "_claim"
-            and getattr(arg, "__name__", "") == "fetchone"  # the claim's row is written
-        ):
-            sys.setprofile(None)
-            try:  # as a handler landing here would
-                nested.append(store.get_case("default", "case-1"))
-            except StoreError as exc:
-                nested.append(exc)
+    def handler(_frame: FrameType, _fetchone: Any) -> None:
+        try:  # as a handler landing here would
+            nested.append(store.get_case("default", "case-1"))
+        except StoreError as exc:
+            nested.append(exc)
 
-    sys.setprofile(profile)
-    try:
+    with at_c_return("_claim", "fetchone", handler):  # the claim's row is written
         won = store.claim(_claim("a"))
-    finally:
-        sys.setprofile(None)
     assert len(nested) == 1
     assert isinstance(nested[0], StoreError)
     assert won.won
@@ -240,25 +193,15 @@ def test_a_write_inside_this_threads_snapshot_read_is_refused(tmp_path: Path) ->
     store.flush_events()
     nested: list[Any] = []
 
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if (
-            not nested
-            and event == "c_return"
-            and frame.f_code.co_name == "read"
-            and getattr(arg, "__name__", "") == "execute"
-        ):
-            sys.setprofile(None)
-            try:
-                nested.append(store.claim(_claim("b")))
-            except StoreError as exc:
-                nested.append(exc)
-            nested.append(arg.__self__.in_transaction)
+    def handler(_frame: FrameType, execute: Any) -> None:
+        try:
+            nested.append(store.claim(_claim("b")))
+        except StoreError as exc:
+            nested.append(exc)
+        nested.append(execute.__self__.in_transaction)
 
-    sys.setprofile(profile)
-    try:
+    with at_c_return("read", "execute", handler):
         report = verify(store)
-    finally:
-        sys.setprofile(None)
     assert isinstance(nested[0], StoreError)
     assert nested[1] is True  # the snapshot's transaction was left alone
     assert report.ok, report.problems
