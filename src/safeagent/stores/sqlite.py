@@ -187,6 +187,7 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
         self._clock = clock or system_clock_ms
         self._local = threading.local()
         self._holders: weakref.WeakSet[_ConnHolder] = weakref.WeakSet()
+        self._in_use: list[_ConnHolder] = []  # left open by close() (_close_connections)
         self._closed = False
         self._buffer = EventBuffer(self.flush_events)
         # In-process writers take this lock before SQLite's: a thread waiting on another
@@ -213,13 +214,17 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
         holder: _ConnHolder | None = getattr(self._local, "holder", None)
         if holder is not None:
             if holder.pid == os.getpid():
-                if (
-                    holder.conn.in_transaction
-                    and self._writer != get_ident()
-                    and not getattr(self._local, "snapshots", 0)
-                ):
-                    return self._end_leftover(holder)
-                return holder.conn
+                own = holder.conn
+                try:
+                    if (
+                        own.in_transaction
+                        and self._writer != get_ident()
+                        and not getattr(self._local, "snapshots", 0)
+                    ):
+                        return self._end_leftover(holder)
+                except sqlite3.ProgrammingError as exc:  # close() closed it just now
+                    raise StoreError(f"store {self.path} is closed") from exc
+                return own
             holder.abandon()  # inherited across fork: never touch the parent's connection
         if self._closed:
             raise StoreError(f"store {self.path} is closed")
@@ -284,7 +289,11 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
         if self._pid != os.getpid():  # a forked child: locks held by the parent's threads
             self._after_fork()
         me = get_ident()
-        if conn.in_transaction and self._writer != me:  # inside this thread's snapshot
+        try:
+            inside = conn.in_transaction
+        except sqlite3.ProgrammingError as exc:  # close() closed it since _conn returned it
+            raise StoreError(f"store {self.path} is closed; nothing was written") from exc
+        if inside and self._writer != me:  # inside this thread's snapshot
             raise StoreError(
                 f"SQLite write failed on {self.path}: this thread is inside a snapshot read "
                 "(a call from a signal handler?); nothing was written"
@@ -660,7 +669,16 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
         return WriteResult(accepted=True, record=record)
 
     def close(self) -> None:
-        """Write buffered audit events and close every connection this store opened."""
+        """Write buffered audit events and close every connection this store opened.
+
+        Safe while other threads use the store: their calls in progress end first (their
+        reads and writes complete; close waits for them, at most ``busy_timeout`` seconds
+        past the write lock's wait), and every later call raises
+        :class:`~safeagent.errors.StoreError` ("closed"). Closing a connection while
+        another thread is inside SQLite with it crashes the interpreter, so a connection
+        still in use when that wait ends is left open until this store is collected.
+        Idempotent.
+        """
         if self._closed:
             return
         try:
@@ -668,16 +686,42 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
         finally:
             self._closed = True
             self._buffer.detach()
-            # No connection is closed under a thread still writing with it (that crashes
-            # the sqlite3 module): wait for the write lock, as a writer would.
+            # A call starting from now on finds no connection and fails ("closed"): only
+            # the calls in progress can still use the connections closed below. (The old
+            # slots are kept until then: dropping them would close every connection now.)
+            local, self._local = self._local, threading.local()
+            # The write lock first (the lock order of a write, and of a fork): a write in
+            # progress commits or rolls back before its connection is closed.
             locked = self._pid == os.getpid() and self._mutex.acquire(timeout=self.busy_timeout)
             try:
-                for holder in list(self._holders):
-                    holder.close()
-                self._local = threading.local()
+                self._close_connections()
             finally:
                 if locked:
                     self._mutex.release()
+                del local
+
+    def _close_connections(self) -> None:
+        """Close every connection of this store that no thread is inside SQLite with.
+        Reads take no lock, so the fork gate (the one thing every call into SQLite holds)
+        is closed as a fork closes it: new calls into SQLite, of any store of the process,
+        wait, and the calls in progress are waited for (at most ``busy_timeout`` seconds).
+        Those still inside SQLite then keep their connection (``_in_use``)."""
+        holders = list(self._holders)
+        if self._pid != os.getpid() or not holders:  # a forked child: abandons them
+            for holder in holders:
+                holder.close()
+            return
+        gate = _fork._gate
+        gate.close_for_fork(self.busy_timeout)
+        try:
+            busy = set(gate.inside)
+            for holder in holders:
+                if holder.thread in busy and holder.thread != get_ident():
+                    self._in_use.append(holder)  # closed when the store is collected
+                else:
+                    holder.close()
+        finally:
+            gate.open_after_fork()
 
     def __enter__(self) -> SQLiteStore:
         return self

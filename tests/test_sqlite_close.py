@@ -1,0 +1,204 @@
+"""Closing an SQLite store while other threads use it: their reads and writes in progress
+end first, every later call fails with StoreError ("closed"), and no connection is ever
+closed while a thread is inside SQLite with it (that crashes the interpreter)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+from safeagent import Guard, SQLiteStore, Status, StoreError
+from safeagent.stores._base import Completion
+from tests._landing import at_c_return
+
+_RACE = textwrap.dedent(
+    """
+    import os, random, sys, threading, time
+    from safeagent import Guard, SQLiteStore, StoreError
+
+    folder, mode, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    escaped = []
+    for i in range(rounds):
+        store = SQLiteStore(os.path.join(folder, f"s{i}.db"))
+        guard = Guard(store)
+        stop = threading.Event()
+
+        def work(t):
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    if mode == "get":
+                        store.get("default", f"k{n % 5}")
+                    else:
+                        guard.execute(f"t{t}-{n}", "charge", {"n": n}, lambda ctx: n)
+                except StoreError:
+                    pass
+                except BaseException as exc:
+                    escaped.append(repr(exc))
+                    return
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(random.random() * 0.02)
+        store.close()
+        time.sleep(0.005)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    print("escaped", len(escaped), sorted(set(escaped))[:3])
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["get", "execute"])
+def test_closing_a_store_under_busy_threads_never_crashes(tmp_path: Path, mode: str) -> None:
+    """Four threads reading (or running guarded calls) while the store closes, 30 times in a
+    real process: before close waited for the calls inside SQLite, this killed the process
+    with SIGSEGV within 30 rounds in every try."""
+    result = subprocess.run(
+        [sys.executable, "-c", _RACE, str(tmp_path), mode, "30"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "escaped 0 []", result.stdout
+
+
+def _hold_inside_sqlite(store: SQLiteStore, release: threading.Event) -> dict[str, Any]:
+    """Start a thread that reads inside one snapshot of ``store`` until ``release`` is set
+    (it is inside SQLite's region all along); returns what it saw."""
+    seen: dict[str, Any] = {}
+    entered = threading.Event()
+
+    def read(conn: sqlite3.Connection) -> int:
+        value = conn.execute("SELECT count(*) FROM executions").fetchone()[0]
+        entered.set()
+        release.wait(10)
+        return int(conn.execute("SELECT count(*) FROM executions").fetchone()[0]) + int(value)
+
+    def run() -> None:
+        try:
+            seen["result"] = store._snapshot(read)
+        except BaseException as exc:
+            seen["error"] = exc
+        try:
+            store.get("default", "after")
+        except StoreError as exc:
+            seen["after"] = exc
+
+    seen["thread"] = thread = threading.Thread(target=run)
+    thread.start()
+    assert entered.wait(10)
+    return seen
+
+
+def test_close_waits_for_a_read_in_progress_then_closes_its_connection(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    release = threading.Event()
+    seen = _hold_inside_sqlite(store, release)
+    closed = threading.Event()
+    closer = threading.Thread(target=lambda: (store.close(), closed.set()))
+    closer.start()
+    assert not closed.wait(0.3)  # the read is still inside SQLite: close waits
+    release.set()
+    assert closed.wait(10)
+    seen["thread"].join(10)
+    assert seen.get("result") == 0
+    assert "error" not in seen
+    assert "closed" in str(seen["after"])
+    assert store._in_use == []  # every connection closed
+
+
+def test_a_read_still_running_when_close_gives_up_keeps_its_connection(tmp_path: Path) -> None:
+    """A call inside SQLite past the wait (``busy_timeout``) is not cut off: its connection
+    stays open until the store is collected, and the call ends normally."""
+    store = SQLiteStore(tmp_path / "s.db", busy_timeout=0.2)
+    release = threading.Event()
+    seen = _hold_inside_sqlite(store, release)
+    started = time.monotonic()
+    store.close()
+    waited = time.monotonic() - started
+    assert 0.15 < waited < 5
+    assert len(store._in_use) == 1
+    release.set()
+    seen["thread"].join(10)
+    assert seen.get("result") == 0
+    assert "error" not in seen
+    assert "closed" in str(seen["after"])
+    with pytest.raises(StoreError, match="closed"):
+        store.get("default", "x")
+
+
+def test_close_from_a_signal_handler_inside_the_threads_own_read_does_not_wait(
+    tmp_path: Path,
+) -> None:
+    """A thread's own call in progress (a handler closing the store in the middle of it)
+    is not waited for: it would wait for itself."""
+    store = SQLiteStore(tmp_path / "s.db", busy_timeout=5)
+
+    def read(conn: sqlite3.Connection) -> None:
+        started = time.monotonic()
+        store.close()
+        assert time.monotonic() - started < 2
+        conn.execute("SELECT 1")
+
+    with pytest.raises(StoreError, match=r"closed|read failed"):
+        store._snapshot(read)
+    assert store._in_use == []
+
+
+def _close_at(store: SQLiteStore) -> Any:
+    def action(_frame: FrameType, _callable: Any) -> None:
+        store.close()
+
+    return action
+
+
+def test_a_read_whose_connection_close_took_fails_with_store_error(tmp_path: Path) -> None:
+    """close() landing (from a signal handler, or another thread) between a call's lookup
+    of its connection and its use: StoreError, never sqlite3's ProgrammingError."""
+    store = SQLiteStore(tmp_path / "s.db")
+    store.get("default", "warm")  # this thread's connection exists
+    with (
+        at_c_return("_conn", "getpid", _close_at(store)) as fired,
+        pytest.raises(StoreError, match="closed"),
+    ):
+        store.get("default", "x")
+    assert fired
+
+
+def test_a_write_whose_connection_close_took_fails_with_store_error(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    guard = Guard(store)
+    guard.execute("warm", "charge", {}, lambda ctx: 1)
+    with (
+        at_c_return("_write", "get_ident", _close_at(store)) as fired,
+        pytest.raises(StoreError, match="closed; nothing was written"),
+    ):
+        store.complete(
+            Completion(
+                namespace="default",
+                request_id="warm",
+                fencing_token=1,
+                status=Status.SUCCEEDED,
+                result_json="1",
+                error=None,
+                actor="test",
+            )
+        )
+    assert fired
