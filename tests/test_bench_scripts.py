@@ -51,6 +51,20 @@ def test_leases_prints_both_rows(tmp_path: Path) -> None:
     assert set(figures["rows"]) == {"batched", "one per lease"}
 
 
+def test_main_thread_prints_every_row(tmp_path: Path) -> None:
+    out = _run(
+        str(BENCH / "main_thread.py"),
+        *("--seconds", "0.3", "--rounds", "1", "--workers", "2"),
+        *("--json", str(tmp_path / "main.json")),
+        cwd=tmp_path,
+    )
+    for row in ("workers alone", "with main", "with main, no yield"):
+        assert re.search(rf"^{row}\s+[\d.]+%\s+\d+\s+[\d.]+\s+[\d.]+$", out, re.M), out
+    figures = json.loads((tmp_path / "main.json").read_text())
+    assert figures["medians"]["workers alone"]["main share"] == 0
+    assert figures["medians"]["with main"]["main share"] > 0
+
+
 @pytest.mark.parametrize("mode", ["durable", "claim-durable"])
 def test_decompose_prints_every_row_first_and_replay(tmp_path: Path, mode: str) -> None:
     out = _run(
