@@ -571,8 +571,10 @@ def test_volatile_arguments_can_be_excluded(ledger: Ledger) -> None:
 
 def test_misspelt_volatile_argument_is_refused(ledger: Ledger) -> None:
     """An exclude name the tool does not take is a ConfigurationError when wrapping."""
-    with pytest.raises(ConfigurationError, match="sent_ta"):
+    with pytest.raises(ConfigurationError, match="sent_ta") as info:
         guard_tool(ticket_tool(ledger), Guard(MemoryStore()), exclude=["sent_ta"])
+    # The tool's own arguments, not the "args" of a positional input it does not take.
+    assert str(info.value).endswith("it has ['order_id', 'priority', 'title']")
     with pytest.raises(ConfigurationError, match="not there"):
         guard_tools([ticket_tool(ledger)], Guard(MemoryStore()), exclude={"notify": ["at"]})
 

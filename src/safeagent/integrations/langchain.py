@@ -295,11 +295,12 @@ def guard_tool(
         raise ConfigurationError(f"scope must be a str, a callable or None, got {scope!r}")
     if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):
         raise ConfigurationError(f"exclude must be a collection of argument names: {exclude!r}")
-    unknown = sorted(set(exclude) - _argument_names(tool))
+    names = _argument_names(tool)
+    unknown = sorted(set(exclude) - names)
     if unknown:  # a misspelt volatile name would stay in the request id: every retry runs
+        named = sorted(names - {"args"}) or sorted(names)  # "args": positional input only
         raise ConfigurationError(
-            f"tool {tool.name!r} has no arguments {unknown} (exclude); it has "
-            f"{sorted(_argument_names(tool))}"
+            f"tool {tool.name!r} has no arguments {unknown} (exclude); it has {named}"
         )
     if key == "tool_call_id":
         warnings.warn(
