@@ -1050,3 +1050,26 @@ def test_a_store_that_does_not_say_its_number_of_chains_is_refused(tmp_path: Any
         anchor(Methods(), key=KEY)
     assert store.anchors() == []
     store.close()
+
+
+def test_a_tombstone_forged_after_a_pass_with_a_future_cutoff_is_found(
+    db_store: Any, clock: FakeClock
+) -> None:
+    """``purge(before_ms=...)`` accepts a cutoff in the future; such a pass purged only what
+    had finished when it ran. A receipt finished a minute after it and emptied by hand into
+    a tombstone stamped with the pass's instant was covered by the cutoff alone, and passed
+    verify: its result gone without a trace."""
+    guard = _guard(db_store)
+    guard.execute("early", "charge", {"amount": 1}, lambda _ctx: "ch_early")
+    clock.advance(5)
+    passed_at = clock()
+    assert purge(db_store, before_ms=passed_at + 86_400_000).tombstoned == 1
+    clock.advance(60)
+    guard.execute("late", "charge", {"amount": 2}, lambda _ctx: "ch_late")
+    guard.close()
+    pin = anchor(db_store, key=KEY).pin
+    assert verify(db_store, key=KEY, last_anchor=pin).ok
+    _edit(db_store, "late", payload="", result=None, purged_at_ms=passed_at)
+    report = verify(db_store, key=KEY, last_anchor=pin)
+    assert _kinds(report) == ["receipt_edited"]
+    assert "no retention pass in the chains covers it" in _by_request(report)["late"]

@@ -364,8 +364,11 @@ class _Purges:
 
     @staticmethod
     def mark(kind: Any, namespace: Any, subject: Any, at_ms: Any, detail: Any) -> Any:
-        """(at_ms, cutoff_ms, deleted released records) of a retention pass's event, or
-        None for any other event."""
+        """(at_ms, reach, deleted released records) of a retention pass's event, or None
+        for any other event. The reach is the pass's cutoff, but never later than the pass
+        itself (plus the clock-step allowance): a pass purges only what finished before it
+        ran, so a cutoff in the future (``purge(before_ms=...)`` accepts one) must not
+        cover a record that finished after the pass and was made a tombstone by hand."""
         if kind != EventKind.PURGED.value or (namespace, subject) != _RETENTION:
             return None
         if isinstance(detail, str):
@@ -379,7 +382,7 @@ class _Purges:
         if type(at_ms) is not int or type(cutoff) is not int:
             return None
         deleted = detail.get("deleted")
-        return at_ms, cutoff, type(deleted) is int and deleted > 0
+        return at_ms, min(cutoff, at_ms + _CLOCK_STEP_MS), type(deleted) is int and deleted > 0
 
     def cover(self, purged_at_ms: Any, changed_at_ms: Any) -> bool:
         """Whether a pass written at or after ``purged_at_ms`` (retention stamps its
