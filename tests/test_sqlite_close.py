@@ -139,7 +139,10 @@ def test_a_read_still_running_when_close_gives_up_keeps_its_connection(tmp_path:
     seen["thread"].join(10)
     assert seen.get("result") == 0
     assert "error" not in seen
-    assert "closed" in str(seen["after"])
+    assert "closed" in str(seen["after"])  # and that call closed the connection left open
+    (kept,) = store._in_use
+    with pytest.raises(sqlite3.ProgrammingError):
+        kept.conn.execute("SELECT 1")
     with pytest.raises(StoreError, match="closed"):
         store.get("default", "x")
 
@@ -175,7 +178,7 @@ def test_a_read_whose_connection_close_took_fails_with_store_error(tmp_path: Pat
     store = SQLiteStore(tmp_path / "s.db")
     store.get("default", "warm")  # this thread's connection exists
     with (
-        at_c_return("_conn", "getpid", _close_at(store)) as fired,
+        at_c_return("_holder", "getpid", _close_at(store)) as fired,
         pytest.raises(StoreError, match="closed"),
     ):
         store.get("default", "x")
@@ -202,3 +205,173 @@ def test_a_write_whose_connection_close_took_fails_with_store_error(tmp_path: Pa
             )
         )
     assert fired
+
+
+_INTERRUPTED = textwrap.dedent(
+    """
+    import os, random, signal, sys, threading, time
+    from safeagent import Guard, SQLiteStore, StoreError
+
+    folder, rounds = sys.argv[1], int(sys.argv[2])
+    armed = [False]
+
+    def on_alarm(*_):
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    escaped = []
+    for i in range(rounds):
+        store = SQLiteStore(os.path.join(folder, f"s{i}.db"))
+        guard = Guard(store)
+        stop = threading.Event()
+
+        def work(t):
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    if t == 0:
+                        store.events(limit=500)
+                    elif t == 1:
+                        store.get("default", f"k{n % 5}")
+                    else:
+                        guard.execute(f"t{t}-{n}", "charge", {"n": n}, lambda ctx: n)
+                except StoreError:
+                    pass
+                except BaseException as exc:
+                    escaped.append(repr(exc))
+                    return
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.02)
+        armed[0] = True
+        signal.setitimer(signal.ITIMER_REAL, random.uniform(0.00002, 0.002))
+        try:
+            store.close()
+        except KeyboardInterrupt:
+            pass
+        time.sleep(0.003)
+        armed[0] = False
+        stop.set()
+        for thread in threads:
+            thread.join()
+    print("escaped", len(escaped), sorted(set(escaped))[:3])
+    """
+)
+
+
+def test_ctrl_c_in_close_under_busy_threads_never_crashes(tmp_path: Path) -> None:
+    """A KeyboardInterrupt landing anywhere in close() while four threads use the store: the
+    connections close() had not reached stay open (their threads close them), none is
+    closed under a call. A first version of the fix dropped the threads' connection slots
+    before closing them, and an interrupt there let the collector close them all: SIGSEGV
+    in 12 of 12 runs of 25 rounds."""
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED, str(tmp_path), "25"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "escaped 0 []", result.stdout
+
+
+def test_closing_one_store_never_waits_for_another_stores_calls(tmp_path: Path) -> None:
+    """A read in progress on store B (a long verify, say) does not hold up closing store
+    A, nor do A's closing hold up B's or C's calls (a first version of the fix closed the
+    process-wide fork gate, stalling every store for up to busy_timeout)."""
+    a = SQLiteStore(tmp_path / "a.db")
+    b = SQLiteStore(tmp_path / "b.db")
+    c = SQLiteStore(tmp_path / "c.db")
+    a.get("default", "k")
+    release = threading.Event()
+    seen = _hold_inside_sqlite(b, release)
+    closed = threading.Event()
+    closer = threading.Thread(target=lambda: (a.close(), closed.set()))
+    closer.start()
+    # Well before A's busy_timeout (5 s), which a wait for B's read would have run out.
+    assert closed.wait(2.5)
+    assert not release.is_set()  # B's read is still inside SQLite
+    assert c.get("default", "k")[0] is None
+    release.set()
+    seen["thread"].join(10)
+    assert seen.get("result") == 0
+    b.close()
+    c.close()
+
+
+def _close_after(store: SQLiteStore, barrier: threading.Barrier, outcomes: list[str]) -> None:
+    barrier.wait()
+    try:
+        store.close()
+        outcomes.append("ok")
+    except StoreError as exc:  # pragma: no cover - the fault the test below is for
+        outcomes.append(repr(exc))
+
+
+def test_concurrent_closes_all_return_and_write_the_buffered_events_once(
+    tmp_path: Path,
+) -> None:
+    """close() is idempotent under concurrency too: a second closer waits for the first,
+    and never writes with a connection the first is closing (it raised StoreError)."""
+    for round_ in range(5):
+        path = tmp_path / f"s{round_}.db"
+        store = SQLiteStore(path)
+        guard = Guard(store)
+        guard.execute("a", "charge", {}, lambda ctx: 1)
+        assert guard.execute("a", "charge", {}, lambda ctx: 1).replay
+        assert store._buffer  # the replay's event waits for the next write
+        barrier = threading.Barrier(3)
+        outcomes: list[str] = []
+
+        args = (store, barrier, outcomes)
+        threads = [threading.Thread(target=_close_after, args=args) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert outcomes == ["ok"] * 3
+        with SQLiteStore(path) as again:
+            kinds = [e.kind.value for e in again.events()]
+        assert kinds.count("replayed") == 1, kinds
+
+
+def test_a_thread_connecting_as_the_store_closes_gets_store_error_not_a_live_store(
+    tmp_path: Path,
+) -> None:
+    """A thread's first call opens its connection; close() running in between its
+    ``_closed`` check and its connection's registration used to miss that connection,
+    and every later call of the thread went on working on the closed store."""
+    store = SQLiteStore(tmp_path / "s.db")
+    seen: dict[str, Any] = {}
+
+    def close_from_another_thread(_frame: FrameType, _callable: Any) -> None:
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        closer.join(10)
+
+    def newcomer() -> None:
+        with at_c_return("_holder", "connect", close_from_another_thread) as fired:
+            try:
+                store.get("default", "first")
+            except StoreError as exc:
+                seen["first"] = exc
+        seen["fired"] = fired
+        try:
+            Guard(store).execute("after", "charge", {}, lambda ctx: 1)
+        except StoreError as exc:
+            seen["after"] = exc
+
+    thread = threading.Thread(target=newcomer)
+    thread.start()
+    thread.join(20)
+    assert seen["fired"]
+    assert "closed" in str(seen["first"])
+    assert "closed" in str(seen["after"])
+    with SQLiteStore(tmp_path / "s.db") as again:
+        assert again.get("default", "after")[0] is None

@@ -31,12 +31,17 @@ class _ConnHolder:
     dropped, the holder is collected and the connection closed: a thread-per-request
     server does not leak a connection (and two file descriptors) per request."""
 
-    __slots__ = ("__weakref__", "_finalizer", "conn", "pid", "thread")
+    __slots__ = ("__weakref__", "_finalizer", "conn", "lock", "pid", "thread")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        # Held by its thread through every call into SQLite with ``conn`` (re-entrant: a
+        # signal handler's call inside one), and by SQLiteStore.close() to close it: a
+        # connection closed while a thread is inside SQLite with it crashes the sqlite3
+        # module.
+        self.lock = threading.RLock()
         self.pid = os.getpid()
-        self.thread = get_ident()  # the thread it belongs to (made on it, by _conn)
+        self.thread = get_ident()  # the thread it belongs to (made on it, by _holder)
         self._finalizer = weakref.finalize(self, _close_quietly, conn, self.pid)
         self._finalizer.atexit = False  # buffered audit events are written at exit first
 
@@ -183,9 +188,7 @@ class _ForkGate:
 
     def close_for_fork(self, timeout: float) -> None:
         """In the forking thread, before the fork: hold new regions back and wait for the
-        regions of other threads to end (at most ``timeout`` seconds). Also in a thread
-        closing a store (:meth:`SQLiteStore._close_connections`), which must not close a
-        connection another thread is inside SQLite with."""
+        regions of other threads to end (at most ``timeout`` seconds)."""
         me = get_ident()
         inside = self.inside
         with self._lock:

@@ -28,6 +28,7 @@ import errno
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -188,6 +189,7 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
         self._local = threading.local()
         self._holders: weakref.WeakSet[_ConnHolder] = weakref.WeakSet()
         self._in_use: list[_ConnHolder] = []  # left open by close() (_close_connections)
+        self._close_lock = threading.RLock()
         self._closed = False
         self._buffer = EventBuffer(self.flush_events)
         # In-process writers take this lock before SQLite's: a thread waiting on another
@@ -211,20 +213,30 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
     # -- connections and transactions ------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (tests and bench/ use it; the store uses _holder)."""
+        return self._holder().conn
+
+    def _holder(self) -> _ConnHolder:
+        """This thread's connection and its lock, opened on first use.
+
+        Raises:
+            StoreError: the store is closed, or the file cannot be opened.
+        """
         holder: _ConnHolder | None = getattr(self._local, "holder", None)
         if holder is not None:
             if holder.pid == os.getpid():
-                own = holder.conn
+                if self._closed:  # its connection, if close() left it open, ends here
+                    raise self._closed_error(holder)
                 try:
                     if (
-                        own.in_transaction
+                        holder.conn.in_transaction
                         and self._writer != get_ident()
                         and not getattr(self._local, "snapshots", 0)
                     ):
                         return self._end_leftover(holder)
                 except sqlite3.ProgrammingError as exc:  # close() closed it just now
                     raise StoreError(f"store {self.path} is closed") from exc
-                return own
+                return holder
             holder.abandon()  # inherited across fork: never touch the parent's connection
         if self._closed:
             raise StoreError(f"store {self.path} is closed")
@@ -258,9 +270,17 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
         holder = _ConnHolder(conn)
         self._local.holder = holder
         self._holders.add(holder)
-        return conn
+        if self._closed:  # close() began meanwhile and may have listed the holders before it
+            raise self._closed_error(holder)
+        return holder
 
-    def _end_leftover(self, holder: _ConnHolder) -> sqlite3.Connection:
+    def _closed_error(self, holder: _ConnHolder) -> StoreError:
+        """The error of a call on a closed store, this thread's connection closed first (no
+        call of this thread is inside SQLite with it: this one has not begun)."""
+        holder.close()
+        return StoreError(f"store {self.path} is closed")
+
+    def _end_leftover(self, holder: _ConnHolder) -> _ConnHolder:
         """This thread's connection is inside a transaction no call of this thread is
         running: an interrupt (Ctrl-C, a signal handler's SystemExit) landed where nothing
         could end it, between two bytecodes of a write's or a snapshot's own handling. Roll
@@ -268,14 +288,14 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
         left open, a write transaction holds the file's write lock, so every other writer
         fails closed after its busy timeout, and a read transaction pins an old snapshot.
         A connection that cannot roll back is closed and a new one opened."""
-        conn = holder.conn
         try:
-            conn.execute("ROLLBACK")
-            return conn
+            with holder.lock:  # close() never closes it under the ROLLBACK
+                holder.conn.execute("ROLLBACK")
+            return holder
         except sqlite3.Error:
             self._local.holder = None
             holder.close()
-            return self._conn()
+            return self._holder()
 
     @contextmanager
     def _write(
@@ -285,7 +305,8 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
 
         ``state``, when given, learns whether the transaction committed (an interrupt can
         arrive just after COMMIT returned)."""
-        conn = self._conn()
+        holder = self._holder()
+        conn = holder.conn
         if self._pid != os.getpid():  # a forked child: locks held by the parent's threads
             self._after_fork()
         me = get_ident()
@@ -305,6 +326,7 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
             )
         gate = _fork._gate
         mutex = self._mutex
+        own = holder.lock
         try:  # from the acquire on: an interrupt as it returns must still release it
             if not mutex.acquire(timeout=self.busy_timeout):
                 raise StoreError(
@@ -312,11 +334,18 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
                     f"lock for more than {self.busy_timeout} s"
                 )
             self._writer = me
+            own.acquire()  # the connection's (close() waits for it), after the write lock
             gate.inside.append(me)  # gate.enter() after the write lock (the fork's order)
             if gate.forks:
                 gate.wait_for_forks(me)
             yield from self._transaction(conn, synchronous, state or _TxnState())
         finally:
+            try:  # noqa: SIM105 - one call, as for the write lock below
+                own.release()
+            except RuntimeError:  # not acquired, or a stranded write closed from another
+                # thread (below): the writer's thread keeps it, and its own later calls,
+                # re-entering it, still work; close() leaves that connection to them.
+                pass
             # The lock first: an interrupt landing further on leaves at worst a stale entry
             # in the fork gate (a fork waits for it, then goes on), never the lock held.
             if self._writer == me:
@@ -435,23 +464,25 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
             ) from stale
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn(conn)``, its fetches included, inside the fork gate (fn takes no lock)."""
-        conn = self._conn()
+        """``fn(conn)``, its fetches included, holding the connection's lock, inside the
+        fork gate (fn takes no other lock)."""
+        holder = self._holder()
         gate, me = _fork._gate, get_ident()
-        try:
-            gate.inside.append(me)
-            if gate.forks:
-                gate.wait_for_forks(me)
-            return fn(conn)
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
-        finally:
-            try:  # noqa: SIM105 - inline, no call: a signal could land before the remove
-                gate.inside.remove(me)
-            except ValueError:  # interrupted before the append
-                pass
-            if gate.forks:
-                gate.notify()
+        with holder.lock:
+            try:
+                gate.inside.append(me)
+                if gate.forks:
+                    gate.wait_for_forks(me)
+                return fn(holder.conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
+            finally:
+                try:  # noqa: SIM105 - inline, no call: a signal could land before the remove
+                    gate.inside.remove(me)
+                except ValueError:  # interrupted before the append
+                    pass
+                if gate.forks:
+                    gate.notify()
 
     def _snapshot(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(conn)`` in one read transaction: every statement reads one snapshot."""
@@ -510,23 +541,24 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
     def get(self, namespace: str, request_id: str) -> tuple[Record | None, int]:
         if self._buffer:
             self._maybe_flush()
-        conn = self._conn()
+        holder = self._holder()
         gate = _fork._gate  # _read, with the gate inline: every call reads its record first
         me = get_ident()
-        try:
-            gate.inside.append(me)
-            if gate.forks:
-                gate.wait_for_forks(me)
-            row = conn.execute(SQL_GET, (namespace, request_id)).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
-        finally:
-            try:  # noqa: SIM105 - leave the gate inline
-                gate.inside.remove(me)
-            except ValueError:  # interrupted before the append
-                pass
-            if gate.forks:
-                gate.notify()
+        with holder.lock:
+            try:
+                gate.inside.append(me)
+                if gate.forks:
+                    gate.wait_for_forks(me)
+                row = holder.conn.execute(SQL_GET, (namespace, request_id)).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite read failed on {self.path}: {exc}") from exc
+            finally:
+                try:  # noqa: SIM105 - leave the gate inline
+                    gate.inside.remove(me)
+                except ValueError:  # interrupted before the append
+                    pass
+                if gate.forks:
+                    gate.notify()
         return (None if row is None else row_to_record(row)), self._clock()
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
@@ -671,57 +703,53 @@ class SQLiteStore(_SQLiteCases, _SQLiteTrail, _SQLiteGroupCommit):
     def close(self) -> None:
         """Write buffered audit events and close every connection this store opened.
 
-        Safe while other threads use the store: their calls in progress end first (their
-        reads and writes complete; close waits for them, at most ``busy_timeout`` seconds
-        past the write lock's wait), and every later call raises
+        Safe while other threads use the store: a call in progress inside SQLite ends
+        first (close waits for it, at most ``busy_timeout`` seconds in all; a connection
+        still in use then is closed by its own thread's next call, or when the store is
+        collected), and every call that begins later raises
         :class:`~safeagent.errors.StoreError` ("closed"). Closing a connection while
-        another thread is inside SQLite with it crashes the interpreter, so a connection
-        still in use when that wait ends is left open until this store is collected.
-        Idempotent.
+        another thread is inside SQLite with it would crash the interpreter. A guarded
+        call whose ``fn`` is running as the store closes cannot record its outcome: its
+        record is left in doubt. Idempotent; a second caller waits for the first.
         """
-        if self._closed:
-            return
-        try:
-            self.flush_events()
-        finally:
-            self._closed = True
-            self._buffer.detach()
-            # A call starting from now on finds no connection and fails ("closed"): only
-            # the calls in progress can still use the connections closed below. (The old
-            # slots are kept until then: dropping them would close every connection now.)
-            local, self._local = self._local, threading.local()
-            # The write lock first (the lock order of a write, and of a fork): a write in
-            # progress commits or rolls back before its connection is closed.
-            locked = self._pid == os.getpid() and self._mutex.acquire(timeout=self.busy_timeout)
+        with self._close_lock:  # re-entrant: a signal handler's close() returns at once
+            if self._closed:
+                return
             try:
-                self._close_connections()
+                self.flush_events()
             finally:
-                if locked:
-                    self._mutex.release()
-                del local
+                self._closed = True
+                self._buffer.detach()
+                self._close_connections()
 
     def _close_connections(self) -> None:
-        """Close every connection of this store that no thread is inside SQLite with.
-        Reads take no lock, so the fork gate (the one thing every call into SQLite holds)
-        is closed as a fork closes it: new calls into SQLite, of any store of the process,
-        wait, and the calls in progress are waited for (at most ``busy_timeout`` seconds).
-        Those still inside SQLite then keep their connection (``_in_use``)."""
+        """Close each connection of this store under its lock, which every call into SQLite
+        holds (get, _read, _write, _end_leftover): one in use is closed as soon as its
+        call ends. Per connection, not the fork gate: closing one store never holds back
+        another's calls. Those still in use after ``busy_timeout`` seconds in all are kept
+        open (``_in_use``); their thread closes them on its next call (_closed_error)."""
         holders = list(self._holders)
-        if self._pid != os.getpid() or not holders:  # a forked child: abandons them
+        if self._pid != os.getpid():  # a forked child: abandons them, never closes them
             for holder in holders:
                 holder.close()
             return
-        gate = _fork._gate
-        gate.close_for_fork(self.busy_timeout)
-        try:
-            busy = set(gate.inside)
-            for holder in holders:
-                if holder.thread in busy and holder.thread != get_ident():
-                    self._in_use.append(holder)  # closed when the store is collected
-                else:
+        me = get_ident()
+        deadline = time.monotonic() + self.busy_timeout
+        for holder in holders:
+            if holder.thread == me:  # this thread's: no call of it is inside SQLite now
+                holder.close()
+                continue
+            lock = holder.lock
+            try:
+                if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                     holder.close()
-        finally:
-            gate.open_after_fork()
+                else:
+                    self._in_use.append(holder)
+            finally:
+                try:  # noqa: SIM105 - inline, no check before it: an interrupt cannot land in between
+                    lock.release()
+                except RuntimeError:  # not acquired (timed out, or interrupted before)
+                    pass
 
     def __enter__(self) -> SQLiteStore:
         return self
