@@ -1661,3 +1661,58 @@ def test_generator_tools_are_refused_when_wrapped(ledger: Ledger) -> None:
             with pytest.raises(ConfigurationError, match="generator function"):
                 guard_tool(inner, guard, scope="s")
     assert ledger.count() == 0
+
+
+@pytest.mark.parametrize("kind", ["invoke", "ainvoke", "AsyncGuard"])
+def test_an_interrupt_for_approval_releases_the_claim_and_the_resume_charges_once(
+    tmp_path: Path, ledger: Ledger, kind: str
+) -> None:
+    """LangGraph's human-in-the-loop pattern: the tool calls ``interrupt()`` before its side
+    effect, the graph pauses, and ``Command(resume=...)`` runs the tool again from its
+    start. ``GraphInterrupt`` used to be recorded as the tool's failure: the resume got the
+    replayed failure and the approved charge never ran."""
+    from langgraph.types import interrupt
+
+    @tool
+    def charge_card(customer: str, amount_cents: int) -> str:
+        """Charge a card once an operator approves."""
+        if not interrupt({"question": f"charge {customer} {amount_cents}?"}):
+            return "declined"
+        row = ledger.append("charge", f"{customer}|{amount_cents}")
+        return f"charged #{row}"
+
+    path = tmp_path / "g.db"
+    guard: Guard | AsyncGuard = AsyncGuard(path) if kind == "AsyncGuard" else Guard(path)
+    graph_builder = StateGraph(MessagesState)
+    graph_builder.add_node("tools", ToolNode([guard_tool(charge_card, guard)]))
+    graph_builder.add_edge(START, "tools")
+    graph_builder.add_edge("tools", END)
+    graph = graph_builder.compile(checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "conv-1"}}
+    asked = AIMessage(
+        "",
+        tool_calls=[
+            {"name": "charge_card", "args": {"customer": "C1", "amount_cents": 500}, "id": "c1"}
+        ],
+    )
+
+    def run(value: Any) -> Any:
+        if kind == "invoke":
+            return graph.invoke(value, config)
+        return asyncio.run(graph.ainvoke(value, config))
+
+    paused = run({"messages": [asked]})
+    assert [i.value for i in paused["__interrupt__"]] == [{"question": "charge C1 500?"}]
+    assert ledger.count("charge") == 0
+    request_id = derive_request_id("conv-1", "charge_card", {"customer": "C1", "amount_cents": 500})
+    with Guard(path) as reader:
+        receipt = reader.get(request_id)
+        assert receipt is not None
+        assert receipt.status is Status.RELEASED  # not a failure to replay
+    resumed = run(Command(resume=True))
+    assert resumed["messages"][-1].content == "charged #1"
+    assert ledger.count("charge") == 1
+    with Guard(path) as reader:
+        receipt = reader.get(request_id)
+        assert receipt is not None
+        assert receipt.status is Status.SUCCEEDED

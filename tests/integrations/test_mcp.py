@@ -1133,3 +1133,54 @@ def test_generator_functions_are_refused_before_anything_changes(ledger: Ledger)
             guard_server(server, guard, scope="s")
         assert server._tool_manager.get_tool(fn.__name__).fn is before  # type: ignore[union-attr]
     assert ledger.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "sync_body"), [("Guard", False), ("Guard", True), ("AsyncGuard", False)]
+)
+def test_a_url_elicitation_releases_the_claim_so_the_clients_retry_runs(
+    tmp_path: Path, ledger: Ledger, kind: str, sync_body: bool
+) -> None:
+    """URL-mode elicitation: a tool that needs the user to act first (authorize) raises
+    ``UrlElicitationRequiredError``; the client gets error -32042, the user acts, and the
+    client retries the same call. It used to be recorded as the tool's failure: every
+    retry got a plain error result and the export never ran."""
+    from mcp.shared.exceptions import McpError, UrlElicitationRequiredError
+    from mcp.types import ElicitRequestURLParams
+
+    authorized: set[str] = set()
+
+    def export(order_id: str, folder: str) -> str:
+        if order_id not in authorized:
+            params = ElicitRequestURLParams(
+                mode="url",
+                message="Authorize access",
+                url="https://example.test/oauth",
+                elicitationId="auth-1",
+            )
+            raise UrlElicitationRequiredError([params])
+        ledger.append("export", folder)
+        return f"exported {folder}"
+
+    async def export_async(order_id: str, folder: str) -> str:
+        return export(order_id, folder)
+
+    server = FastMCP("files")
+    server.tool(name="export_files")(export if sync_body else export_async)
+    path = tmp_path / "g.db"
+    guard: Guard | AsyncGuard = AsyncGuard(path) if kind == "AsyncGuard" else Guard(path)
+    guard_server(server, guard, scope_arg="order_id")
+    arguments = {"order_id": "o1", "folder": "/reports"}
+
+    async def scenario() -> tuple[int, CallToolResult]:
+        async with create_connected_server_and_client_session(server) as session:
+            with pytest.raises(McpError) as info:
+                await session.call_tool("export_files", arguments)
+            authorized.add("o1")  # the user completed the URL flow
+            return info.value.error.code, await session.call_tool("export_files", arguments)
+
+    code, retried = anyio.run(scenario)
+    assert code == -32042
+    assert not retried.isError, text(retried)
+    assert text(retried) == "exported /reports"
+    assert ledger.count("export") == 1

@@ -57,6 +57,7 @@ from safeagent._policy import CASE_PREFIX
 from safeagent.errors import (
     InvalidInputError,
     InvalidRequestIdError,
+    NotExecuted,
     ReplayedFailureError,
 )
 from safeagent.integrations._toolspec import (
@@ -68,6 +69,36 @@ from safeagent.integrations._toolspec import (
     hoist_excluded,
     is_async_callable,
 )
+
+
+class ControlFlow(NotExecuted):
+    """A framework's own control flow, raised through a tool body on purpose, before its
+    work, for the framework to call the tool again later: LangGraph's ``interrupt()``
+    (``GraphInterrupt``: the graph pauses and re-runs the tool from its start on resume),
+    MCP's ``UrlElicitationRequiredError`` (the client retries once the user has acted).
+    Recorded as a final failure, it would be replayed on that later call and the work
+    never done; so the body's wrapper raises this instead, the guard releases the claim
+    (a ``NotExecuted``), and the wrapper re-raises :attr:`original` to the framework.
+    Like every ``NotExecuted``, it holds only if the body did no side effect before it:
+    LangGraph's own advice is to put side effects after ``interrupt()``."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(
+            f"{type(original).__name__}: the framework stopped the tool before its work, "
+            "to call it again"
+        )
+        self.original = original
+
+
+def note_raised(
+    exc: BaseException, raised: list[BaseException], kinds: tuple[type[BaseException], ...]
+) -> None:
+    """In a tool body's ``except``, before its bare ``raise``: note ``exc`` in ``raised``,
+    and raise a :class:`ControlFlow` around it instead if it is one of ``kinds``."""
+    raised.append(exc)
+    if kinds and isinstance(exc, kinds):
+        raise ControlFlow(exc) from exc
+
 
 REPLAY_MARKER = "[replayed] "
 """A short marker to pass as ``replay_marker=``: replayed content is prefixed with it."""

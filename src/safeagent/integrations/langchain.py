@@ -128,7 +128,7 @@ from safeagent.errors import (
     ReplayedFailureError,
     TransportIdWarning,
 )
-from safeagent.integrations._common import storable
+from safeagent.integrations._common import ControlFlow, note_raised, storable
 from safeagent.integrations._keyform import key_form
 from safeagent.integrations._loops import in_own_thread, run_on_loop
 from safeagent.integrations._toolspec import check_scope, is_stub, refuse_generator, refuse_guarded
@@ -479,7 +479,7 @@ class GuardedTool(BaseTool):
             try:
                 value = inner._run(*args, **_with_extras(inner._run, kwargs, config, run_manager))
             except BaseException as exc:
-                raised.append(exc)
+                note_raised(exc, raised, _graph_flow())
                 raise
             return self._encode(value)  # the tool has run: a conversion error is not its failure
 
@@ -487,6 +487,8 @@ class GuardedTool(BaseTool):
             receipt = guard.execute(
                 request_id, self.name, payload, fn, namespace=self._namespace, exclude=self._exclude
             )
+        except ControlFlow as flow:  # LangGraph's interrupt(): the claim was released
+            raise flow.original from None
         except (NotExecuted, ReplayedFailureError) as exc:
             error = self._caller_error(exc, raised, unrunnable)
             if error is exc:
@@ -523,7 +525,7 @@ class GuardedTool(BaseTool):
             try:
                 value = inner._run(*args, **_with_extras(inner._run, kwargs, config, manager))
             except BaseException as exc:
-                raised.append(exc)
+                note_raised(exc, raised, _graph_flow())
                 raise
             return self._encode(value)  # the tool has run: a conversion error is not its failure
 
@@ -532,7 +534,7 @@ class GuardedTool(BaseTool):
                 extras = _with_extras(inner._arun, kwargs, config, run_manager)
                 value = await inner._arun(*args, **extras)
             except BaseException as exc:
-                raised.append(exc)
+                note_raised(exc, raised, _graph_flow())
                 raise
             return self._encode(value)
 
@@ -566,6 +568,8 @@ class GuardedTool(BaseTool):
                     namespace=self._namespace,
                     exclude=self._exclude,
                 )
+        except ControlFlow as flow:  # LangGraph's interrupt(): the claim was released
+            raise flow.original from None
         except (NotExecuted, ReplayedFailureError) as exc:
             error = self._caller_error(exc, raised, unrunnable)
             if error is exc:
@@ -976,6 +980,16 @@ class _RefusedCommand(dict[str, str]):
 
 
 _RefusedCommand.__name__ = _RefusedCommand.__qualname__ = "Command"  # the record names the type
+
+
+def _graph_flow() -> tuple[type[BaseException], ...]:
+    """LangGraph's control-flow exceptions (``GraphBubbleUp``: ``interrupt()``'s
+    ``GraphInterrupt``, a ``Command`` for the parent graph), if LangGraph is loaded: raised
+    through a tool, they pause or redirect the graph, which runs the tool again from its
+    start on resume. The claim is released (see ``_common.ControlFlow``)."""
+    errors = sys.modules.get("langgraph.errors")
+    bubble = getattr(errors, "GraphBubbleUp", None)
+    return (bubble,) if isinstance(bubble, type) and issubclass(bubble, BaseException) else ()
 
 
 def _argument_names(tool: BaseTool) -> set[str]:

@@ -96,7 +96,7 @@ from safeagent.errors import (
     MissingKeyError,
     ReplayedFailureError,
 )
-from safeagent.integrations._common import storable
+from safeagent.integrations._common import ControlFlow, note_raised, storable
 from safeagent.integrations._keyform import key_form
 from safeagent.integrations._mcp_server import build_server, serve
 from safeagent.integrations._toolspec import check_scope, refuse_generator, refuse_guarded
@@ -169,6 +169,17 @@ class _Keying:
             scope = self.scope
         kept = {k: v for k, v in payload.items() if k not in self.exclude}
         return derive_request_id(scope, self.name, kept), payload
+
+
+# MCP's control flow through a tool: URL-mode elicitation (mcp 1.x from 1.23) asks the
+# client to have the user act (authorize, pay) and then retry the same call; its claim is
+# released so that retry runs (``_common.ControlFlow``). Absent from older SDKs.
+try:
+    from mcp.shared.exceptions import UrlElicitationRequiredError as _UrlElicitation
+
+    _CLIENT_FLOW: tuple[type[BaseException], ...] = (_UrlElicitation,)
+except ImportError:  # pragma: no cover - depends on the installed SDK
+    _CLIENT_FLOW = ()
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
@@ -328,7 +339,7 @@ def _wrap(
                 if inspect.isawaitable(value):
                     value = await value
             except BaseException as exc:
-                raised.append(exc)
+                note_raised(exc, raised, _CLIENT_FLOW)
                 raise
             finally:
                 ended.set()
@@ -368,7 +379,7 @@ def _wrap(
                         # an async body runs on the server's loop
                         value = anyio.from_thread.run(shielded) if fn_is_async else fn(**kwargs)
                     except BaseException as exc:
-                        raised.append(exc)
+                        note_raised(exc, raised, _CLIENT_FLOW)
                         raise
                     return results.stored(value)
 
@@ -389,6 +400,8 @@ def _wrap(
                     ),
                     limiter=anyio.CapacityLimiter(1) if fn_is_async else None,
                 )
+        except ControlFlow as flow:  # the client must act first, then retry: released
+            raise flow.original from None
         except ToolErrorResult as err:  # the tool's error result, recorded as a failure
             return _error_result(str(err))
         except ReplayedFailureError as err:
