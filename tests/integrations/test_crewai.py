@@ -243,6 +243,23 @@ def test_empty_scope_argument_is_refused(ticket_ledger: Ledger) -> None:
     assert ticket_ledger.count() == 0
 
 
+def test_a_scope_argument_or_callable_must_give_a_str_or_an_int(
+    ticket_ledger: Ledger,
+) -> None:
+    """A value whose ``str()`` may change between two reads of the same scope (an
+    object's default repr holds its address) is refused before anything runs."""
+    guard = Guard(MemoryStore())
+    by_object = guard_tool(create_ticket_tool, guard, scope=lambda args: object())
+    with pytest.raises(ConfigurationError, match="scope callable gave object"):
+        by_object.run(order_id="ORD-1", title="x")
+    by_number = guard_tool(create_ticket_tool, guard, scope=lambda args: 7)
+    first = by_number.run(order_id="ORD-1", title="x")
+    assert (
+        guard_tool(create_ticket_tool, guard, scope="7").run(order_id="ORD-1", title="x") == first
+    )
+    assert ticket_ledger.count("ticket") == 1
+
+
 def test_direct_failure_is_raised_once_then_replayed() -> None:
     """A failing tool raises its own exception once, then ReplayedFailureError."""
     entered: list[str] = []

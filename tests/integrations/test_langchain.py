@@ -550,6 +550,30 @@ def test_fixed_and_config_scopes_key_calls_alike(ledger: Ledger) -> None:
     assert ledger.count("ticket") == 1
 
 
+class _Order:
+    """An order object a scope callable might return instead of its id."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+
+def test_a_scope_callable_must_give_a_str_or_an_int(ledger: Ledger) -> None:
+    """An int is its digits; an object used to count by ``str()``, its memory address,
+    so the same order loaded again for a retry got a new scope and charged again."""
+    inner = ticket_tool(ledger)
+    guard = Guard(MemoryStore())
+    by_number = guard_tool(inner, guard, scope=lambda config: config["configurable"]["order"])
+    by_object = guard_tool(
+        inner, guard, scope=lambda config: _Order(config["configurable"]["order"])
+    )
+    first = by_number.invoke(TICKET, {"configurable": {"order": 42}})
+    assert guard_tool(inner, guard, scope="42").invoke(TICKET) == first  # one request
+    for _ in range(2):
+        with pytest.raises(ConfigurationError, match="scope callable gave _Order"):
+            by_object.invoke(TICKET, {"configurable": {"order": 42}})
+    assert ledger.count("ticket") == 1
+
+
 def test_volatile_arguments_can_be_excluded(ledger: Ledger) -> None:
     """An argument named in exclude (a timestamp) does not make a new request."""
 

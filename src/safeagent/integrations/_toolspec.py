@@ -23,7 +23,12 @@ from safeagent import AsyncGuard, Guard, derive_request_id
 from safeagent._decorator import is_guarded
 from safeagent._keys import check_name
 from safeagent._keys import storable as storable_text
-from safeagent.errors import ConfigurationError, InvalidInputError, TransportIdWarning
+from safeagent.errors import (
+    ConfigurationError,
+    GuardError,
+    InvalidInputError,
+    TransportIdWarning,
+)
 from safeagent.integrations._keyform import key_form
 
 KeyMode = Literal["derived", "tool_call_id"]
@@ -71,6 +76,29 @@ def check_scope(scope: object) -> str:
             f"UTF-8 without NUL (a run, conversation or order id), got {scope!r}"
         )
     return scope
+
+
+def scope_text(value: object, where: str, error: type[GuardError]) -> str:
+    """A scope read per call (from a scope callable, or an argument: ``where`` names it):
+    a ``str`` as it is, an ``int`` as its decimal digits (an order number), then checked
+    by :func:`check_scope`. Anything else is ``error`` before anything runs: its ``str()``
+    need not be the same for the same scope read again (an object's default ``repr``
+    holds its memory address; a dict's follows its key order), so every retry could get
+    a new scope and run again.
+
+    Raises:
+        ``error``: a value of another type (``ConfigurationError`` for a scope callable,
+            ``InvalidInputError`` for an argument the model gave).
+        InvalidInputError: an empty, too long or unstorable ``str``.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise error(
+            f"{where} gave {type(value).__name__} {value!r} as the scope: a scope is a str "
+            "(or an int), the id of the run, conversation or order the call belongs to"
+        )
+    return check_scope(value)
 
 
 def check_namespace(namespace: object) -> str | None:

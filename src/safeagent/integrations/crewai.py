@@ -80,6 +80,7 @@ from safeagent.integrations._toolspec import (
     is_stub,
     refuse_generator,
     refuse_guarded,
+    scope_text,
 )
 
 __all__ = ["CrewScope", "GuardedTool", "guard_tool"]
@@ -333,7 +334,8 @@ class GuardedTool(BaseTool):
             raise MissingKeyError(
                 f"tool {self.name!r} has no scope for its request ids: {where} gave {value!r}"
             )
-        scope = check_scope(value if isinstance(value, str) else str(value))
+        error = ConfigurationError if where == "the scope callable" else InvalidInputError
+        scope = scope_text(value, f"tool {self.name!r}: {where}", error)
         kept = {k: v for k, v in payload.items() if k not in self._exclude}
         return derive_request_id(scope, self.name, kept), payload
 

@@ -123,6 +123,7 @@ from pydantic_core import PydanticSerializationError
 from safeagent import AsyncGuard, ExecutionContext, Guard, NotExecuted, derive_request_id
 from safeagent.errors import (
     ConfigurationError,
+    InvalidInputError,
     InvalidPayloadError,
     MissingKeyError,
     ReplayedFailureError,
@@ -131,7 +132,13 @@ from safeagent.errors import (
 from safeagent.integrations._common import ControlFlow, note_raised, storable
 from safeagent.integrations._keyform import key_form
 from safeagent.integrations._loops import in_own_thread, run_on_loop
-from safeagent.integrations._toolspec import check_scope, is_stub, refuse_generator, refuse_guarded
+from safeagent.integrations._toolspec import (
+    check_scope,
+    is_stub,
+    refuse_generator,
+    refuse_guarded,
+    scope_text,
+)
 
 _Command: type[Any] | None
 try:  # langgraph ships with the [langchain] extra; langchain-core alone has no Command
@@ -616,7 +623,8 @@ class GuardedTool(BaseTool):
                 f"{value!r}. Run it with config={{'configurable': {{'thread_id': ...}}}}, "
                 "or wrap it with scope=..."
             )
-        return check_scope(value if isinstance(value, str) else str(value))
+        error = ConfigurationError if source is not None else InvalidInputError
+        return scope_text(value, f"tool {self.name!r}: {where}", error)
 
     def _request(
         self,

@@ -92,6 +92,7 @@ from safeagent._decide import ReportedFailure
 from safeagent._decorator import GUARDED_MARKER
 from safeagent.errors import (
     ConfigurationError,
+    InvalidInputError,
     InvalidPayloadError,
     MissingKeyError,
     ReplayedFailureError,
@@ -99,7 +100,12 @@ from safeagent.errors import (
 from safeagent.integrations._common import ControlFlow, note_raised, storable
 from safeagent.integrations._keyform import key_form
 from safeagent.integrations._mcp_server import build_server, serve
-from safeagent.integrations._toolspec import check_scope, refuse_generator, refuse_guarded
+from safeagent.integrations._toolspec import (
+    check_scope,
+    refuse_generator,
+    refuse_guarded,
+    scope_text,
+)
 
 __all__ = ["ToolErrorResult", "build_server", "guard_server", "guarded", "main", "serve"]
 
@@ -163,7 +169,8 @@ class _Keying:
                     f"tool {self.name!r}: argument {self.scope_arg!r} (the scope of its "
                     f"request ids) is {value!r}"
                 )
-            scope = check_scope(value if isinstance(value, str) else str(value))
+            where = f"tool {self.name!r}: argument {self.scope_arg!r}"
+            scope = scope_text(value, where, InvalidInputError)
         else:
             assert self.scope is not None  # checked in __init__
             scope = self.scope

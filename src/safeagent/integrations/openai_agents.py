@@ -104,6 +104,7 @@ from safeagent.integrations._toolspec import (
     is_async_callable,
     refuse_generator,
     refuse_guarded,
+    scope_text,
     warn_transport_ids,
 )
 
@@ -282,7 +283,11 @@ def guard_tool(
                 f"tool {name!r}: arguments are not JSON values: {exc}"
             ) from exc
         payload: dict[str, Any] = hoist_excluded(keyed, var_keyword, excluded)
-        scope_value = check_scope(scope(ctx) if callable(scope) else scope)
+        scope_value = (
+            scope_text(scope(ctx), f"tool {name!r}: the scope function", ConfigurationError)
+            if callable(scope)
+            else check_scope(scope)
+        )
         action = _action(name, ctx)
         call_id = str(getattr(ctx, "tool_call_id", ""))
         request_id = request_id_for(scope_value, action, payload, excluded, mode, call_id)
