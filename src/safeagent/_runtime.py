@@ -21,6 +21,11 @@ MIN_HEARTBEAT = 0.01
 # Seconds an idle heartbeat thread sleeps before looking again: a beat due later than that
 # (the default 60 s lease renews every 20 s) is picked up without waking the thread.
 IDLE_WAIT = 5.0
+# Seconds a store's heartbeat thread goes without a beat (no lease to renew, none asked
+# for) before it ends, checked on its IDLE_WAIT wake-ups: a process that opens many store
+# files (one per tenant, per test) keeps a thread only for those it used lately. A store
+# used less often pays one thread start per call (about 0.1 ms, less than its commits).
+BEATER_IDLE_EXIT = 10.0
 # When one beat is due, every beat due within this share of its interval is renewed with
 # it (early, which only extends its lease): the beats of calls that started at about the
 # same moment share one commit.
@@ -151,9 +156,23 @@ class _Beater:
     whose put() may be called re-entrantly. So a signal handler that runs a guarded call
     wherever its thread was interrupted can neither deadlock on this thread nor keep it
     from renewing the store's leases (tests/test_hot_path_faults.py).
+
+    Retirement: a beater that has had no beat for BEATER_IDLE_EXIT seconds ends its thread
+    and leaves its :class:`Heartbeats`, so the next lease of its store starts a new one.
+    Under the owner's lock (which :meth:`Heartbeats._beater` takes to hand a beater out)
+    the loop sets ``retired``, and only then looks at the set: a beat there keeps it
+    running. A caller adds its beat, and only then reads ``retired`` (the one step the
+    hot path pays): set, it moves the beat to the beater its owner hands out now. Under
+    the GIL one of the two sees the other's write: the loop's look comes after the add
+    (it finds the beat and stays), or before it, and then the caller's read comes after
+    ``retired`` was set (it moves). The loop never waits for that lock (a caller's thread
+    may hold it under a signal handler's guarded call): busy, it retires on a later
+    wake-up.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Heartbeats, identity: str) -> None:
+        self.owner = owner
+        self.identity = identity
         self.beats: set[Beat] = set()
         self.wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
         # When the loop's wait ends (monotonic seconds); +inf while it looks at the beats,
@@ -161,7 +180,12 @@ class _Beater:
         # it; any other beat costs no wake-up, so a call that finishes well within its
         # lease never makes the caller and this thread trade the GIL.
         self.wake_at = math.inf
-        threading.Thread(target=self._loop, name="safeagent-heartbeat", daemon=True).start()
+        # Monotonic seconds of the last sign of use: handed out by the owner (under its
+        # lock), or seen with beats by the loop. Only ever a reason not to retire yet.
+        self.last_used = time.monotonic()
+        self.retired = False  # set by the loop, under the owner's lock, as it ends
+        self.thread = threading.Thread(target=self._loop, name="safeagent-heartbeat", daemon=True)
+        self.thread.start()
 
     def add(self, beat: Beat) -> None:
         self.beats.add(beat)
@@ -171,11 +195,34 @@ class _Beater:
     def discard(self, beat: Beat) -> None:
         self.beats.discard(beat)
 
+    def _retire(self) -> bool:
+        """End this beater if it is still unused: True if it left its owner (its loop must
+        return), False if it goes on. See the class docstring for the order of steps."""
+        lock = self.owner._lock
+        if not lock.acquire(blocking=False):
+            return False  # a caller holds it, perhaps under a signal handler: not now
+        try:
+            if time.monotonic() - self.last_used < BEATER_IDLE_EXIT:
+                return False  # just handed out: its beat is on the way
+            self.retired = True
+            if self.beats:  # a beat came before the flag was set: its caller will not move
+                self.retired = False
+                return False
+            if self.owner._beaters.get(self.identity) is self:
+                del self.owner._beaters[self.identity]
+            return True
+        finally:
+            lock.release()
+
     def _loop(self) -> None:
         while True:
             self.wake_at = math.inf
             now = time.monotonic()
             beats = tuple(self.beats)  # one C-level copy: callers may add meanwhile
+            if beats:
+                self.last_used = now
+            elif now - self.last_used >= BEATER_IDLE_EXIT and self._retire():
+                return
             if not any(b.next_due <= now for b in beats):
                 due = []
             else:  # with every beat due within a quarter interval: one commit renews them all
@@ -262,6 +309,11 @@ class Heartbeats:
     loop, so a busy caller (or a blocked loop) never lets a live claim expire, and a store
     that stalls cannot starve another store's leases. A dead or frozen process stops
     renewing, and its claims read as in doubt once their lease runs out.
+
+    A store's thread ends once it has had no lease to renew for BEATER_IDLE_EXIT seconds
+    (checked every IDLE_WAIT seconds, so it ends within the sum of the two), and its next
+    lease starts a new one: a process opening many store files keeps threads only for
+    those in use, not one per file it ever opened.
     """
 
     def __init__(self) -> None:
@@ -280,14 +332,17 @@ class Heartbeats:
         self._beaters = {}
         self._pid = os.getpid()
 
-    def _beater(self, identity: str) -> _Beater:
+    def _beater(self, identity: str, now: float | None = None) -> _Beater:
+        """The live beater of ``identity``, started if there is none; ``now`` (monotonic
+        seconds) marks it used, so it does not retire before the caller's beat joins it."""
         with self._lock:
             if self._pid != os.getpid():  # first use, or a forked child: threads are gone
                 self._pid = os.getpid()
                 self._beaters = {}
             beater = self._beaters.get(identity)
             if beater is None:
-                beater = self._beaters[identity] = _Beater()
+                beater = self._beaters[identity] = _Beater(self, identity)
+            beater.last_used = time.monotonic() if now is None else now
             return beater
 
     def beating(
@@ -295,10 +350,9 @@ class Heartbeats:
     ) -> _Beating:
         """Renew this lease until the block ends (a context manager giving the Beat)."""
         interval = max(MIN_HEARTBEAT, lease_ms / 3000)
-        beat = Beat(
-            store, namespace, request_id, token, lease_ms, interval, time.monotonic() + interval
-        )
-        return _Beating(self._beater(store.identity), beat)
+        now = time.monotonic()
+        beat = Beat(store, namespace, request_id, token, lease_ms, interval, now + interval)
+        return _Beating(self._beater(store.identity, now), beat)
 
 
 class _Beating:
@@ -312,14 +366,28 @@ class _Beating:
         self.beat = beat
 
     def __enter__(self) -> Beat:
+        beater = self.beater
         try:
-            self.beater.add(self.beat)
+            beater.add(self.beat)
+            # Read after the add, never before: see _Beater on retirement.
+            if beater.retired:
+                self._move()
         except BaseException:
             # An interrupt after the beat joined the set: ``with`` calls no __exit__, and
             # a beat left there would renew its lease for as long as the process lives.
+            # (_move keeps the beat in no set but self.beater's.)
             self.beater.discard(self.beat)
             raise
         return self.beat
+
+    def _move(self) -> None:
+        """Move the beat off a retired beater (its thread may have ended) to the one its
+        owner hands out now; again if that one retires before it sees the beat."""
+        while self.beater.retired:
+            old = self.beater
+            old.discard(self.beat)
+            self.beater = old.owner._beater(old.identity)
+            self.beater.add(self.beat)
 
     def __exit__(self, *exc: object) -> None:
         self.beater.discard(self.beat)
