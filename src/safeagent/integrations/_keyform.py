@@ -14,36 +14,19 @@ two forms, or two calls one:
   refused;
 - a ``SecretStr``/``SecretBytes`` (masked as ``"**********"`` by pydantic) counts by the
   SHA-256 of its secret (never stored in clear);
-- a model field whose value its ``default_factory`` made (the caller did not set it: it is
-  not in ``model_fields_set``) is left out, at any depth: a factory (``uuid4``,
-  ``datetime.now``) can make another value each time the same call is validated, so every
-  retry would get a new request id and run again. A factory that is a class (``list``,
-  ``dict``, a model) makes the same value every time (a model's own factory fields follow
-  this rule), so its field counts as a static ``default`` does, spelt out or not. A
-  dataclass records no fields set, so its fields always count;
-- a field whose serialization is customised (a ``@field_serializer``, a ``PlainSerializer``
-  or ``WrapSerializer`` anywhere in its annotation; every field and extra of a model with a
-  ``@model_serializer``) counts by the SHA-256 of its value's own form, as validated
-  (``{"value_sha256": ...}``): the serializer's output (a mask such as an IBAN's last four
-  digits) can be one text for two different values, and what it hides is not stored in
-  clear;
 - a pydantic model or dataclass holding any of those, and a model with a field declared
   ``exclude=True`` (left out by pydantic), counts by every field, by field name.
 
 Values holding none of those convert exactly as pydantic converts them, so their request
 ids do not change. Other types pydantic parses have one form per value already
 (``datetime``, ``date``, ``time``, ``timedelta``, ``UUID``, IP addresses, URLs, ``int``,
-``float``; canonical JSON then writes ``1.0`` and ``1`` alike). A type whose own
-``__get_pydantic_core_schema__`` customises its serialization is converted as pydantic
-converts it.
+``float``; canonical JSON then writes ``1.0`` and ``1`` alike).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import typing
 from decimal import Decimal
 from typing import Any, cast
 
@@ -54,10 +37,6 @@ INTEGER_DIGITS = 100
 """An integral ``Decimal`` of at most this many digits is written out in full (``"100"``);
 a longer one in scientific notation (``"1E+100"``), so a huge exponent cannot make a huge
 text."""
-
-ANNOTATION_DEPTH = 16
-"""How deep an annotation is searched for a serializer (a recursive type alias stops
-there)."""
 
 
 def key_form(value: Any) -> Any:
@@ -115,20 +94,20 @@ def _secret_digest(value: Any) -> dict[str, str] | None:
 def _canonical(value: Any, depth: int) -> Any:
     """``value`` with secrets replaced by their digests, ``Decimal`` values respelt, sets
     turned into canonically ordered lists, and models or dataclasses that hold any of
-    those (or, for a model, an excluded field, a field its factory made or a customised
-    serializer) turned into dicts of their counted fields; ``value`` itself (the same
-    object) when it holds none, so that pydantic converts it as it always did."""
+    those (or, for a model, an excluded field) turned into dicts of every field; ``value``
+    itself (the same object) when it holds none, so that pydantic converts it as it
+    always did."""
     return _form(value, depth)[0]
 
 
 def _form(value: Any, depth: int) -> tuple[Any, bool]:
     """(:func:`_canonical` of ``value``, whether it holds a secret, a ``Decimal``, a set
-    or a model or dataclass with a field that counts otherwise than pydantic dumps it
-    anywhere: then it is not given to pydantic as it is). A model or dataclass holding one
-    is always turned into a dict of its fields, whether or not the value needed
-    respelling: a ``Decimal`` already in its one spelling must give the same form as
-    another spelling of it, and pydantic's own form of a model (a root value, aliases,
-    computed fields, custom serializers) is not a dict of its fields."""
+    or a model with an excluded field anywhere: then it is not given to pydantic as it
+    is). A model or dataclass holding one is always turned into a dict of its
+    fields, whether or not the value needed respelling: a ``Decimal`` already in its one
+    spelling must give the same form as another spelling of it, and pydantic's own form
+    of a model (a root value, aliases, computed fields, custom serializers) is not a
+    dict of its fields."""
     if depth > MAX_DEPTH:
         raise InvalidPayloadError(f"arguments nest deeper than {MAX_DEPTH} levels")
     digest = _secret_digest(value)
@@ -140,28 +119,19 @@ def _form(value: Any, depth: int) -> tuple[Any, bool]:
         return _ordered(value, depth), True
     if isinstance(value, type):
         return value, False
-    kind: Any = type(value)  # a class, hashable (not a Hashable to mypy)
-    fields = getattr(kind, "model_fields", None)
+    fields = getattr(type(value), "model_fields", None)
     if isinstance(fields, dict):
-        traits = _traits(kind)
-        made = traits.made - getattr(value, "__pydantic_fields_set__", traits.made)
-        forms = {
-            name: _member(getattr(value, name), name in traits.masked, depth)
-            for name in fields
-            if name not in made
-        }
-        for name, extra in (getattr(value, "__pydantic_extra__", None) or {}).items():
-            forms[name] = _member(extra, traits.masks_extras, depth)
+        every = {name: getattr(value, name) for name in fields}
+        every.update(getattr(value, "__pydantic_extra__", None) or {})
+        forms = {k: _form(v, depth + 1) for k, v in every.items()}
         special = any(held for _, held in forms.values())
-        if traits.hidden or made or special:  # a parent must then be a dict of fields too
+        hidden = any(getattr(f, "exclude", None) for f in fields.values())
+        if hidden or special:  # a parent must then be turned into a dict of fields too
             return {k: form for k, (form, _) in forms.items()}, True
         return value, False
     if dataclasses.is_dataclass(value):
-        traits = _traits(kind)
-        forms = {
-            f.name: _member(getattr(value, f.name), f.name in traits.masked, depth)
-            for f in dataclasses.fields(value)
-        }
+        every = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        forms = {k: _form(v, depth + 1) for k, v in every.items()}
         if any(held for _, held in forms.values()):
             return {k: form for k, (form, _) in forms.items()}, True
         return value, False
@@ -177,104 +147,6 @@ def _form(value: Any, depth: int) -> tuple[Any, bool]:
             return [form for form, _ in parts], True
         return value, False
     return value, False
-
-
-def _member(value: Any, masked: bool, depth: int) -> tuple[Any, bool]:
-    """:func:`_form` of a field's ``value``; for a field whose serializer is customised
-    (``masked``), ``{"value_sha256": ...}``: the SHA-256 of the canonical JSON of the
-    value's own form, as a secret counts, so two values a mask shows alike stay two."""
-    if not masked:
-        return _form(value, depth + 1)
-    from pydantic_core import to_jsonable_python  # noqa: PLC0415 - the SDKs bring pydantic
-
-    data = canonical_json(to_jsonable_python(_canonical(value, depth + 1)))
-    return {"value_sha256": hashlib.sha256(data).hexdigest()}, True
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Traits:
-    """What of a model or dataclass class makes its values count otherwise than pydantic
-    dumps them.
-
-    Attributes:
-        hidden: a field is declared ``exclude=True``.
-        made: the fields a ``default_factory`` other than a class fills in (left out of
-            the form of a value whose caller did not set them).
-        masked: the fields whose serialization is customised (counted by digest).
-        masks_extras: a ``@model_serializer``: extra fields are counted by digest too.
-    """
-
-    hidden: bool
-    made: frozenset[str]
-    masked: frozenset[str]
-    masks_extras: bool
-
-
-@functools.lru_cache(maxsize=1024)
-def _traits(cls: type) -> _Traits:
-    """The :class:`_Traits` of a model or dataclass class, read once per class from its
-    fields (``__pydantic_fields__``, or a plain dataclass's type hints) and its
-    serializer decorators (``__pydantic_decorators__``)."""
-    infos = getattr(cls, "__pydantic_fields__", None)
-    if isinstance(infos, dict):
-        annotations = {name: (f.annotation, f.metadata) for name, f in infos.items()}
-        hidden = any(getattr(f, "exclude", None) for f in infos.values())
-        made = frozenset(
-            name
-            for name, f in infos.items()
-            if callable(f.default_factory) and not isinstance(f.default_factory, type)
-        )
-    else:  # a plain dataclass: pydantic read its serializers from its type hints
-        try:
-            hints = typing.get_type_hints(cls, include_extras=True)
-        except Exception:  # noqa: BLE001 - unresolvable: pydantic could not have used them
-            hints = {}
-        names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-        annotations = {name: (hints.get(name), ()) for name in names}
-        hidden, made = False, frozenset()
-    if dataclasses.is_dataclass(cls):
-        # No record of the fields the caller set (pydantic's dataclasses neither): a
-        # factory's value cannot be told from a value sent, so every field counts.
-        made = frozenset()
-    decorators = getattr(cls, "__pydantic_decorators__", None)
-    named: set[str] = set()
-    whole = False
-    if decorators is not None:
-        for decorator in decorators.field_serializers.values():
-            named.update(decorator.info.fields)
-        whole = bool(decorators.model_serializers) or "*" in named
-    masked = frozenset(
-        name
-        for name, (annotation, metadata) in annotations.items()
-        if whole or name in named or _serializes(annotation, metadata, 0)
-    )
-    return _Traits(hidden, made, masked, whole)
-
-
-def _serializes(annotation: Any, metadata: Any, depth: int) -> bool:
-    """``True`` when ``metadata`` holds a ``PlainSerializer`` or ``WrapSerializer``, or
-    ``annotation`` does anywhere in it (``list[Annotated[str, PlainSerializer(...)]]``, a
-    type alias). A model or dataclass inside it is not searched: its own fields count by
-    its own :class:`_Traits` when its value is converted."""
-    from pydantic.functional_serializers import (  # noqa: PLC0415 - the SDKs bring pydantic
-        PlainSerializer,
-        WrapSerializer,
-    )
-
-    if any(isinstance(m, (PlainSerializer, WrapSerializer)) for m in metadata or ()):
-        return True
-    if depth >= ANNOTATION_DEPTH or annotation is None:
-        return False
-    if typing.get_origin(annotation) is typing.Annotated:
-        inner, *extra = typing.get_args(annotation)
-        return _serializes(inner, extra, depth + 1)
-    if type(annotation).__name__ == "TypeAliasType":  # `type X = ...`, typing_extensions'
-        return _serializes(getattr(annotation, "__value__", None), (), depth + 1)
-    parts = typing.get_args(annotation)
-    origin = typing.get_origin(annotation)
-    if type(origin).__name__ == "TypeAliasType":  # a generic alias applied: X[int]
-        parts = (origin, *parts)
-    return any(_serializes(part, (), depth + 1) for part in parts)
 
 
 def _key(key: Any) -> Any:

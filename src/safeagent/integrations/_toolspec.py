@@ -372,10 +372,8 @@ class ToolSpec:
         defaults: by parameter name, what a call that leaves the argument out counts as,
             for each default that is not a JSON value as it is: its JSON form (an ``Enum``
             member by its value, a ``Decimal`` by its number, a ``frozenset`` as a
-            sorted list, a model by its fields without those its ``default_factory``
-            made, which differ from one process to the next), or :data:`UNAPPLIED` for a
-            default that has none (a sentinel ``object()``, a NaN). The function still
-            gets the default itself.
+            sorted list), or :data:`UNAPPLIED` for a default that has none (a sentinel
+            ``object()``, a NaN). The function still gets the default itself.
     """
 
     func: ToolFunction

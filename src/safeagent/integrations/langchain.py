@@ -825,26 +825,27 @@ def _caller_injected(tool: BaseTool) -> frozenset[str]:
     )
 
 
-_Defaults = tuple[tuple[str, ...], dict[str, Any], dict[str, Any] | None]
-"""The argument names a tool takes positionally, in order, the defaults its signature
-declares, and its JSON-schema ``args_schema``, whose defaults apply at every depth."""
-
-_SCHEMA_DEPTH = 32
-"""How deep into an argument a JSON schema's defaults are applied, and how many ``$ref``
-and ``anyOf`` steps are followed to one schema (a ``$ref`` cycle stops there)."""
+_Defaults = tuple[tuple[str, ...], dict[str, Any]]
+"""The argument names a tool takes positionally, in order, and the defaults it declares."""
 
 
 def _declared_defaults(tool: BaseTool) -> _Defaults | None:
     """The defaults LangChain does not apply to ``tool``'s input, which the request id
     must: the JSON schema's ``default`` values when its ``args_schema`` is a JSON schema
-    (as MCP adapters build), at every depth (:func:`_filled`), the body's signature
-    defaults for a subclass without an ``args_schema``. ``None`` when LangChain applies
-    them (a pydantic schema) or the tool has none (a single-input ``Tool``)."""
+    (as MCP adapters build), the body's signature defaults for a subclass without an
+    ``args_schema``. ``None`` when LangChain applies them (a pydantic schema) or the tool
+    has none (a single-input ``Tool``)."""
     schema = tool.args_schema
     if isinstance(schema, dict):
-        if not isinstance(schema.get("properties"), dict):
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
             return None
-        return ((), {}, schema)
+        defaults = {
+            name: spec["default"]
+            for name, spec in properties.items()
+            if isinstance(name, str) and isinstance(spec, dict) and "default" in spec
+        }
+        return ((), defaults) if defaults else None
     if schema is not None or isinstance(tool, (StructuredTool, Tool)):
         return None
     cls = type(tool)
@@ -874,7 +875,7 @@ def _declared_defaults(tool: BaseTool) -> _Defaults | None:
         for p in named
         if p.default is not inspect.Parameter.empty and _is_json_value(p.default)
     }
-    return (positional, defaults, None) if defaults else None
+    return (positional, defaults) if defaults else None
 
 
 def _is_json_value(value: Any) -> bool:
@@ -891,88 +892,13 @@ def _with_defaults(
     declared: _Defaults | None, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> dict[str, Any]:
     """``kwargs`` with the declared defaults of the arguments the call does not give (by
-    name, or positionally in ``args``) filled in; for a JSON-schema ``args_schema``, those
-    of nested objects the call leaves out too (:func:`_filled`)."""
+    name, or positionally in ``args``) filled in."""
     if declared is None:
         return kwargs
-    positional, defaults, schema = declared
-    if schema is not None:
-        filled: dict[str, Any] = _filled(kwargs, schema, schema, 0)
-        return filled
+    positional, defaults = declared
     given = set(kwargs) | set(positional[: len(args)])
     missing = {k: v for k, v in defaults.items() if k not in given}
     return {**kwargs, **missing} if missing else kwargs
-
-
-def _filled(value: Any, node: Any, root: dict[str, Any], depth: int) -> Any:
-    """``value`` (JSON, as LangChain passes it on unvalidated) with the ``default`` of
-    every object property it leaves out filled in from ``node``, its JSON schema within
-    ``root``, at any depth, as a server that validates with pydantic (FastMCP) applies
-    them: a call that leaves a nested default out and one that spells it out are one
-    request. Followed: ``properties``, ``additionalProperties``, array ``items``, a local
-    ``$ref`` (into ``$defs``), an ``allOf`` of one schema, and the one ``anyOf``/``oneOf``
-    branch whose ``type`` admits the value (an optional model: ``[{"$ref": ...},
-    {"type": "null"}]``); see :func:`_schema_for`. Nothing is filled where several branches
-    could describe the value (a union of two objects; a discriminated union): which one
-    the server picks is not guessed. A new dict or list where something was filled,
-    ``value`` itself where nothing was; neither ``value`` nor the schema is changed."""
-    if depth > _SCHEMA_DEPTH or not isinstance(value, (dict, list)):
-        return value
-    schema = _schema_for(node, root, value, 0)
-    if schema is None:
-        return value
-    if isinstance(value, list):
-        items = schema.get("items")
-        parts = [_filled(v, items, root, depth + 1) for v in value]
-        changed = any(p is not v for p, v in zip(parts, value, strict=True))
-        return parts if changed else value
-    properties = schema.get("properties")
-    properties = properties if isinstance(properties, dict) else {}
-    others = schema.get("additionalProperties")
-    out = dict(value)
-    for name, spec in properties.items():
-        if name not in out and isinstance(spec, dict) and "default" in spec:
-            out[name] = spec["default"]
-    for name, item in list(out.items()):
-        out[name] = _filled(item, properties.get(name, others), root, depth + 1)
-    changed = len(out) != len(value) or any(out[k] is not v for k, v in value.items())
-    return out if changed else value
-
-
-def _schema_for(node: Any, root: dict[str, Any], value: Any, steps: int) -> dict[str, Any] | None:
-    """The one schema ``node`` gives ``value`` (a dict or a list): ``node`` itself, or
-    what its ``$ref`` (a JSON pointer into ``root``, ``"#/$defs/Line"``), its one
-    ``allOf`` schema, or the one ``anyOf``/``oneOf`` branch that fits ``value`` leads to.
-    ``None`` when there is none, or more than one branch may fit: a branch fits unless
-    its ``type`` excludes ``value``'s JSON type, or it leads to no one schema itself."""
-    if steps > _SCHEMA_DEPTH or not isinstance(node, dict):
-        return None
-    ref = node.get("$ref")
-    if isinstance(ref, str):
-        target: Any = root if ref == "#" else None
-        if ref.startswith("#/"):
-            target = root
-            for escaped in ref[2:].split("/"):
-                part = escaped.replace("~1", "/").replace("~0", "~")
-                target = target.get(part) if isinstance(target, dict) else None
-        return _schema_for(target, root, value, steps + 1)
-    for word in ("allOf", "anyOf", "oneOf"):
-        branches = node.get(word)
-        if not isinstance(branches, list):
-            continue
-        if word == "allOf" and len(branches) != 1:
-            return None  # merging schemas is not attempted
-        kind = "object" if isinstance(value, dict) else "array"
-        found = [_schema_for(b, root, value, steps + 1) for b in branches]
-        fits = [s for s in found if s is None or _admits(s, kind)]
-        return fits[0] if len(fits) == 1 else None
-    return node
-
-
-def _admits(schema: dict[str, Any], kind: str) -> bool:
-    """``False`` when ``schema``'s ``type`` excludes JSON values of ``kind``."""
-    declared = schema.get("type", kind)
-    return kind in declared if isinstance(declared, list) else declared == kind
 
 
 def _runs_sync(tool: BaseTool) -> bool:
