@@ -35,6 +35,14 @@ class ReportedFailure(Exception):  # noqa: N818 - a failure reported, not raised
     this one is a definite answer."""
 
 
+class FrameworkStop(NotExecuted):
+    """A framework's own control flow raised through ``fn`` before its work, for the
+    framework to call it again (LangGraph's ``interrupt()``; an integration raises a
+    subclass around it). RELEASED whatever ``outcome_unknown`` names (a guard declaring
+    ``Exception`` there would leave it in doubt, and the approved work would never run):
+    those classify exceptions a side effect ran into, and this one says it did not start."""
+
+
 @dataclass(slots=True)
 class Decision:
     """What :func:`decide` answers. Built on every call and never changed: not frozen,
@@ -78,6 +86,7 @@ def classify_exception(
     """Map an exception raised by ``fn`` to the status its record gets.
 
     - :class:`ReportedFailure` (a failure the side effect returned): FAILED;
+    - :class:`FrameworkStop` (a framework's control flow before the work): RELEASED;
     - declared "outcome unknown" types: IN_DOUBT (checked first: when a type matches both
       lists, doubt is the safe reading);
     - :class:`~safeagent.errors.NotExecuted` and declared "not executed" types: RELEASED;
@@ -90,6 +99,8 @@ def classify_exception(
     """
     if isinstance(exc, ReportedFailure):
         return Status.FAILED
+    if isinstance(exc, FrameworkStop):
+        return Status.RELEASED
     if outcome_unknown and isinstance(exc, outcome_unknown):
         return Status.IN_DOUBT
     if isinstance(exc, NotExecuted) or (not_executed and isinstance(exc, not_executed)):

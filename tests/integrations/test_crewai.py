@@ -8,6 +8,7 @@ file separate from the guard's database.
 
 from __future__ import annotations
 
+import enum
 import os
 
 os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")  # before crewai is imported
@@ -254,10 +255,27 @@ def test_a_scope_argument_or_callable_must_give_a_str_or_an_int(
         by_object.run(order_id="ORD-1", title="x")
     by_number = guard_tool(create_ticket_tool, guard, scope=lambda args: 7)
     first = by_number.run(order_id="ORD-1", title="x")
-    assert (
-        guard_tool(create_ticket_tool, guard, scope="7").run(order_id="ORD-1", title="x") == first
-    )
+    fixed = guard_tool(create_ticket_tool, guard, scope="7")
+    assert fixed.run(order_id="ORD-1", title="x") == first
     assert ticket_ledger.count("ticket") == 1
+
+    class Shop(enum.IntEnum):
+        SEVEN = 7
+
+    class Loud(str):
+        def __str__(self) -> str:
+            return "LOUD"
+
+    # An int subclass by its digits (an IntEnum's str() differs between Python 3.10 and
+    # 3.11); a str subclass by its text, not its __str__.
+    by_enum = guard_tool(create_ticket_tool, guard, scope=lambda args: Shop.SEVEN)
+    assert by_enum.run(order_id="ORD-1", title="x") == first
+    by_loud = guard_tool(create_ticket_tool, guard, scope=lambda args: Loud("7"))
+    assert by_loud.run(order_id="ORD-1", title="x") == first
+    assert ticket_ledger.count("ticket") == 1
+    huge = guard_tool(create_ticket_tool, guard, scope=lambda args: 10**5000)
+    with pytest.raises(ConfigurationError, match="too long"):
+        huge.run(order_id="ORD-1", title="x")
 
 
 def test_direct_failure_is_raised_once_then_replayed() -> None:

@@ -8,6 +8,7 @@ Models are LangChain's own fake chat models (``GenericFakeChatModel``) scripted 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -1687,7 +1688,7 @@ def test_generator_tools_are_refused_when_wrapped(ledger: Ledger) -> None:
     assert ledger.count() == 0
 
 
-@pytest.mark.parametrize("kind", ["invoke", "ainvoke", "AsyncGuard"])
+@pytest.mark.parametrize("kind", ["invoke", "ainvoke", "AsyncGuard", "outcome_unknown"])
 def test_an_interrupt_for_approval_releases_the_claim_and_the_resume_charges_once(
     tmp_path: Path, ledger: Ledger, kind: str
 ) -> None:
@@ -1706,7 +1707,15 @@ def test_an_interrupt_for_approval_releases_the_claim_and_the_resume_charges_onc
         return f"charged #{row}"
 
     path = tmp_path / "g.db"
-    guard: Guard | AsyncGuard = AsyncGuard(path) if kind == "AsyncGuard" else Guard(path)
+    guard: Guard | AsyncGuard = (
+        AsyncGuard(path)
+        if kind == "AsyncGuard"
+        # A guard reading every exception as "outcome unknown" still releases the claim:
+        # the interrupt says the work did not start (it was left in doubt).
+        else Guard(path, outcome_unknown=[Exception])
+        if kind == "outcome_unknown"
+        else Guard(path)
+    )
     graph_builder = StateGraph(MessagesState)
     graph_builder.add_node("tools", ToolNode([guard_tool(charge_card, guard)]))
     graph_builder.add_edge(START, "tools")
@@ -1740,3 +1749,45 @@ def test_an_interrupt_for_approval_releases_the_claim_and_the_resume_charges_onc
         receipt = reader.get(request_id)
         assert receipt is not None
         assert receipt.status is Status.SUCCEEDED
+
+
+def test_a_subgraphs_command_for_the_parent_after_the_work_is_not_run_again(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """A tool running a subgraph whose node charges and then hands control to the parent
+    graph (``Command(graph=Command.PARENT)``, raised through the tool as ``ParentCommand``):
+    the work is done, so the claim must not be released. Releasing it (as for
+    ``interrupt()``) let the same call re-emitted in the thread charge again."""
+    from typing_extensions import TypedDict
+
+    class Sub(TypedDict):
+        order: str
+
+    def pay(state: Sub) -> Command[Any]:
+        ledger.append("charge", state["order"])
+        return Command(graph=Command.PARENT, update={})
+
+    sub_builder = StateGraph(Sub)
+    sub_builder.add_node("pay", pay)
+    sub_builder.add_edge(START, "pay")
+    sub = sub_builder.compile()
+
+    @tool
+    def checkout(order: str) -> str:
+        """Run the checkout agent for an order."""
+        sub.invoke({"order": order})
+        return "done"
+
+    graph_builder = StateGraph(MessagesState)
+    graph_builder.add_node("tools", ToolNode([guard_tool(checkout, Guard(tmp_path / "g.db"))]))
+    graph_builder.add_edge(START, "tools")
+    graph_builder.add_edge("tools", END)
+    graph = graph_builder.compile(checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "t1"}}
+    for call_id in ("c1", "c2"):  # the model re-emits the same call
+        asked = AIMessage(
+            "", tool_calls=[{"name": "checkout", "args": {"order": "o1"}, "id": call_id}]
+        )
+        with contextlib.suppress(Exception):
+            graph.invoke({"messages": [asked]}, config)
+    assert ledger.count("charge") == 1

@@ -52,12 +52,12 @@ from safeagent import (
     bind_arguments,
     derive_request_id,
 )
+from safeagent._decide import FrameworkStop
 from safeagent._keys import MAX_DEPTH, check_request_id, nested_deeper
 from safeagent._policy import CASE_PREFIX
 from safeagent.errors import (
     InvalidInputError,
     InvalidRequestIdError,
-    NotExecuted,
     ReplayedFailureError,
 )
 from safeagent.integrations._toolspec import (
@@ -71,14 +71,15 @@ from safeagent.integrations._toolspec import (
 )
 
 
-class ControlFlow(NotExecuted):
+class ControlFlow(FrameworkStop):
     """A framework's own control flow, raised through a tool body on purpose, before its
     work, for the framework to call the tool again later: LangGraph's ``interrupt()``
     (``GraphInterrupt``: the graph pauses and re-runs the tool from its start on resume),
     MCP's ``UrlElicitationRequiredError`` (the client retries once the user has acted).
     Recorded as a final failure, it would be replayed on that later call and the work
     never done; so the body's wrapper raises this instead, the guard releases the claim
-    (a ``NotExecuted``), and the wrapper re-raises :attr:`original` to the framework.
+    (a ``FrameworkStop``, whatever ``outcome_unknown`` names), and the wrapper re-raises
+    :attr:`original` to the framework.
     Like every ``NotExecuted``, it holds only if the body did no side effect before it:
     LangGraph's own advice is to put side effects after ``interrupt()``."""
 

@@ -92,7 +92,14 @@ def scope_text(value: object, where: str, error: type[GuardError]) -> str:
         InvalidInputError: an empty, too long or unstorable ``str``.
     """
     if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
+        # int's own repr: the digits, whatever a subclass's __str__ (an IntEnum's differs
+        # between Python 3.10 and 3.11), and a ValueError past Python's digit limit.
+        try:
+            value = int.__repr__(value)
+        except ValueError as exc:
+            raise error(f"{where} gave an int too long for a scope: {exc}") from None
+    elif isinstance(value, str):
+        value = str.__str__(value)  # a plain str: a subclass's __str__ is not the scope
     if not isinstance(value, str):
         raise error(
             f"{where} gave {type(value).__name__} {value!r} as the scope: a scope is a str "

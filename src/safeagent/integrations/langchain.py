@@ -991,13 +991,16 @@ _RefusedCommand.__name__ = _RefusedCommand.__qualname__ = "Command"  # the recor
 
 
 def _graph_flow() -> tuple[type[BaseException], ...]:
-    """LangGraph's control-flow exceptions (``GraphBubbleUp``: ``interrupt()``'s
-    ``GraphInterrupt``, a ``Command`` for the parent graph), if LangGraph is loaded: raised
-    through a tool, they pause or redirect the graph, which runs the tool again from its
-    start on resume. The claim is released (see ``_common.ControlFlow``)."""
+    """LangGraph's ``GraphInterrupt`` (what ``interrupt()`` raises), if LangGraph is
+    loaded: raised through a tool, it pauses the graph, which runs the tool again from its
+    start on resume, so the claim is released (see ``_common.ControlFlow``). Not the other
+    ``GraphBubbleUp``: a ``ParentCommand`` (a subgraph's ``Command`` for the parent graph)
+    can come after the tool's work, and the graph moves on without calling it again."""
     errors = sys.modules.get("langgraph.errors")
-    bubble = getattr(errors, "GraphBubbleUp", None)
-    return (bubble,) if isinstance(bubble, type) and issubclass(bubble, BaseException) else ()
+    interrupt = getattr(errors, "GraphInterrupt", None)
+    if isinstance(interrupt, type) and issubclass(interrupt, BaseException):
+        return (interrupt,)
+    return ()
 
 
 def _argument_names(tool: BaseTool) -> set[str]:
