@@ -373,8 +373,11 @@ def test_random_ctrl_c_while_threads_group_commit(tmp_path: Path) -> None:
 
     armed = [False]
 
-    def handler(_sig: int, _frame: object) -> None:
-        if armed[0]:
+    def handler(_sig: int, frame: FrameType | None) -> None:
+        # Not inside a connection's finalizer: run by the garbage collector (in whichever
+        # thread it runs, this one too), an exception there is reported as unraisable and
+        # dropped by CPython itself, whatever SafeAgent does.
+        if armed[0] and (frame is None or frame.f_code.co_name != "_close_quietly"):
             armed[0] = False  # one interrupt per call
             raise KeyboardInterrupt
 
