@@ -20,12 +20,22 @@ from safeagent import Guard, SQLiteStore, Status, StoreError
 from safeagent.stores._base import Completion
 from tests._landing import at_c_return
 
-_RACE = textwrap.dedent(
+_CLOSE_UNDER_LOAD = textwrap.dedent(
     """
-    import os, random, sys, threading, time
+    import os, random, signal, sys, threading, time
     from safeagent import Guard, SQLiteStore, StoreError
 
+    # mode: "get", "execute", or "interrupted" (events, get and execute side by side, and
+    # a KeyboardInterrupt from SIGALRM at a random moment of each close()).
     folder, mode, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    armed = [False]
+
+    def on_alarm(*_):
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGALRM, on_alarm)
     escaped = []
     for i in range(rounds):
         store = SQLiteStore(os.path.join(folder, f"s{i}.db"))
@@ -34,10 +44,13 @@ _RACE = textwrap.dedent(
 
         def work(t):
             n = 0
+            task = mode if mode != "interrupted" else ["events", "get"][t] if t < 2 else "execute"
             while not stop.is_set():
                 n += 1
                 try:
-                    if mode == "get":
+                    if task == "events":
+                        store.events(limit=500)
+                    elif task == "get":
                         store.get("default", f"k{n % 5}")
                     else:
                         guard.execute(f"t{t}-{n}", "charge", {"n": n}, lambda ctx: n)
@@ -50,9 +63,18 @@ _RACE = textwrap.dedent(
         threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
         for thread in threads:
             thread.start()
-        time.sleep(random.random() * 0.02)
-        store.close()
+        if mode == "interrupted":
+            time.sleep(0.02)
+            armed[0] = True
+            signal.setitimer(signal.ITIMER_REAL, random.uniform(0.00002, 0.002))
+        else:
+            time.sleep(random.random() * 0.02)
+        try:
+            store.close()
+        except KeyboardInterrupt:
+            pass
         time.sleep(0.005)
+        armed[0] = False
         stop.set()
         for thread in threads:
             thread.join()
@@ -61,13 +83,11 @@ _RACE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("mode", ["get", "execute"])
-def test_closing_a_store_under_busy_threads_never_crashes(tmp_path: Path, mode: str) -> None:
-    """Four threads reading (or running guarded calls) while the store closes, 30 times in a
-    real process: before close waited for the calls inside SQLite, this killed the process
-    with SIGSEGV within 30 rounds in every try."""
+def _close_under_load(tmp_path: Path, mode: str, rounds: int) -> None:
+    """Run :data:`_CLOSE_UNDER_LOAD` in a real process: it must exit normally (a negative
+    code is a signal, SIGSEGV being -11) with no exception but StoreError escaping."""
     result = subprocess.run(
-        [sys.executable, "-c", _RACE, str(tmp_path), mode, "30"],
+        [sys.executable, "-c", _CLOSE_UNDER_LOAD, str(tmp_path), mode, str(rounds)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -75,6 +95,14 @@ def test_closing_a_store_under_busy_threads_never_crashes(tmp_path: Path, mode: 
     )
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.strip() == "escaped 0 []", result.stdout
+
+
+@pytest.mark.parametrize("mode", ["get", "execute"])
+def test_closing_a_store_under_busy_threads_never_crashes(tmp_path: Path, mode: str) -> None:
+    """Four threads reading (or running guarded calls) while the store closes, 30 times in a
+    real process: before close waited for the calls inside SQLite, this killed the process
+    with SIGSEGV within 30 rounds in every try."""
+    _close_under_load(tmp_path, mode, 30)
 
 
 def _hold_inside_sqlite(store: SQLiteStore, release: threading.Event) -> dict[str, Any]:
@@ -207,78 +235,13 @@ def test_a_write_whose_connection_close_took_fails_with_store_error(tmp_path: Pa
     assert fired
 
 
-_INTERRUPTED = textwrap.dedent(
-    """
-    import os, random, signal, sys, threading, time
-    from safeagent import Guard, SQLiteStore, StoreError
-
-    folder, rounds = sys.argv[1], int(sys.argv[2])
-    armed = [False]
-
-    def on_alarm(*_):
-        if armed[0]:
-            armed[0] = False
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    escaped = []
-    for i in range(rounds):
-        store = SQLiteStore(os.path.join(folder, f"s{i}.db"))
-        guard = Guard(store)
-        stop = threading.Event()
-
-        def work(t):
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    if t == 0:
-                        store.events(limit=500)
-                    elif t == 1:
-                        store.get("default", f"k{n % 5}")
-                    else:
-                        guard.execute(f"t{t}-{n}", "charge", {"n": n}, lambda ctx: n)
-                except StoreError:
-                    pass
-                except BaseException as exc:
-                    escaped.append(repr(exc))
-                    return
-
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-        for thread in threads:
-            thread.start()
-        time.sleep(0.02)
-        armed[0] = True
-        signal.setitimer(signal.ITIMER_REAL, random.uniform(0.00002, 0.002))
-        try:
-            store.close()
-        except KeyboardInterrupt:
-            pass
-        time.sleep(0.003)
-        armed[0] = False
-        stop.set()
-        for thread in threads:
-            thread.join()
-    print("escaped", len(escaped), sorted(set(escaped))[:3])
-    """
-)
-
-
 def test_ctrl_c_in_close_under_busy_threads_never_crashes(tmp_path: Path) -> None:
     """A KeyboardInterrupt landing anywhere in close() while four threads use the store: the
     connections close() had not reached stay open (their threads close them), none is
     closed under a call. A first version of the fix dropped the threads' connection slots
     before closing them, and an interrupt there let the collector close them all: SIGSEGV
     in 12 of 12 runs of 25 rounds."""
-    result = subprocess.run(
-        [sys.executable, "-c", _INTERRUPTED, str(tmp_path), "25"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
-    assert result.stdout.strip() == "escaped 0 []", result.stdout
+    _close_under_load(tmp_path, "interrupted", 25)
 
 
 def test_closing_one_store_never_waits_for_another_stores_calls(tmp_path: Path) -> None:
