@@ -14,8 +14,13 @@ two forms, or two calls one:
   refused;
 - a ``SecretStr``/``SecretBytes`` (masked as ``"**********"`` by pydantic) counts by the
   SHA-256 of its secret (never stored in clear);
+- a nested model field its ``default_factory`` filled (the call did not set it) is left
+  out when the factory mints a new value per call (``uuid4``, ``datetime.now``): pydantic
+  fills it afresh on every retry, which made each retry a new request;
 - a pydantic model or dataclass holding any of those, and a model with a field declared
-  ``exclude=True`` (left out by pydantic), counts by every field, by field name.
+  ``exclude=True`` or with an ``exclude_if`` (left out by pydantic), counts by its fields,
+  by field name (a model's fields as its own serializer writes them, see
+  :func:`_model_form`).
 
 Values holding none of those convert exactly as pydantic converts them, so their request
 ids do not change. Other types pydantic parses have one form per value already
@@ -27,6 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
+import time
+import weakref
 from decimal import Decimal
 from typing import Any, cast
 
@@ -121,14 +129,7 @@ def _form(value: Any, depth: int) -> tuple[Any, bool]:
         return value, False
     fields = getattr(type(value), "model_fields", None)
     if isinstance(fields, dict):
-        every = {name: getattr(value, name) for name in fields}
-        every.update(getattr(value, "__pydantic_extra__", None) or {})
-        forms = {k: _form(v, depth + 1) for k, v in every.items()}
-        special = any(held for _, held in forms.values())
-        hidden = any(getattr(f, "exclude", None) for f in fields.values())
-        if hidden or special:  # a parent must then be turned into a dict of fields too
-            return {k: form for k, (form, _) in forms.items()}, True
-        return value, False
+        return _model_form(value, fields, depth)
     if dataclasses.is_dataclass(value):
         every = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         forms = {k: _form(v, depth + 1) for k, v in every.items()}
@@ -147,6 +148,136 @@ def _form(value: Any, depth: int) -> tuple[Any, bool]:
             return [form for form, _ in parts], True
         return value, False
     return value, False
+
+
+def _model_form(value: Any, fields: dict[str, Any], depth: int) -> tuple[Any, bool]:
+    """:func:`_form` of a pydantic model: the model itself when no field of it (at any
+    depth) needs our form, else a dict of its fields by name (and its extra values), in
+    which:
+
+    - a field its ``default_factory`` filled (not in ``model_fields_set``) is left out
+      when that factory mints a new value per call (:func:`_minting`): its value says
+      nothing about the call, and counting it made every retry a new request;
+    - a field holding a secret, a ``Decimal`` or a set counts by our form of it;
+    - a field declared ``exclude=True`` or with an ``exclude_if`` (which pydantic leaves
+      out) counts by its value's own JSON form, so two calls differing there stay two;
+    - every other field counts as the model's own serializer writes it in JSON mode, so
+      the model's config and the field's serializers apply as they do for a model
+      holding none of the above (``ser_json_bytes``, a custom type's
+      ``PlainSerializer``; a masking ``@field_serializer`` too, docs/integrations).
+    """
+    unset = _minted_unset(value, fields)
+    every = {name: getattr(value, name) for name in fields if name not in unset}
+    every.update(getattr(value, "__pydantic_extra__", None) or {})
+    forms = {k: _form(v, depth + 1) for k, v in every.items()}
+    hidden = {
+        name
+        for name, info in fields.items()
+        if getattr(info, "exclude", None) or getattr(info, "exclude_if", None) is not None
+    }
+    special = {k for k, (_, held) in forms.items() if held}
+    if not (unset or special or hidden):
+        return value, False
+    written = _serialized(value, [k for k in every if k not in special | hidden])
+    return {k: written.get(k, form) for k, (form, _) in forms.items()}, True
+
+
+def _serialized(value: Any, names: list[str]) -> dict[str, Any]:
+    """The fields ``names`` of model ``value`` as its own serializer writes them in JSON
+    mode, by field name; ``{}`` (each then converted alone) when the model has a
+    ``@model_serializer``, whose output need not be a dict of its fields.
+
+    Raises:
+        pydantic_core.PydanticSerializationError: a value the serializer cannot write.
+    """
+    cls = type(value)
+    decorators = getattr(cls, "__pydantic_decorators__", None)
+    serializer = getattr(cls, "__pydantic_serializer__", None)
+    if not names or serializer is None or decorators is None or decorators.model_serializers:
+        return {}
+    written = serializer.to_python(value, mode="json", include=set(names), by_alias=False)
+    return cast(dict[str, Any], written) if isinstance(written, dict) else {}
+
+
+def _minted_unset(value: Any, fields: dict[str, Any]) -> set[str]:
+    """The fields of model ``value`` its ``default_factory`` filled (the call did not
+    set them) with a factory that mints a new value per call."""
+    given = getattr(value, "model_fields_set", None)
+    if given is None:
+        return set()
+    filled = [
+        name
+        for name, info in fields.items()
+        if name not in given and getattr(info, "default_factory", None) is not None
+    ]
+    if not filled:
+        return set()
+    minting = _minting(type(value), fields)
+    return {name for name in filled if minting.get(name, True)}
+
+
+_FACTORIES: weakref.WeakKeyDictionary[type, dict[str, bool]] = weakref.WeakKeyDictionary()
+"""Per model class: for each ``default_factory`` field, whether the factory mints."""
+
+_FACTORY_LOCK = threading.RLock()
+
+STABLE_FACTORIES = (list, dict, set, frozenset, tuple, str, int, float, bool, bytes)
+"""Factories known to give equal values on every call (no need to call them)."""
+
+CLOCK_STEP = 0.02
+"""Seconds between the two calls of a factory that is asked whether it mints: more than a
+coarse clock's tick (about 16 ms on Windows), so ``datetime.now`` differs."""
+
+
+def _minting(cls: type, fields: dict[str, Any]) -> dict[str, bool]:
+    """For each ``default_factory`` field of model class ``cls``: ``True`` when its
+    factory mints a new value per call (``uuid4``, ``datetime.now``, a counter), ``False``
+    when it gives an equal value every time (``list``, ``lambda: ["eu"]``). Asked once per
+    class and process: each factory is called twice, :data:`CLOCK_STEP` apart, and the
+    two values' JSON forms compared. A factory that raises, that takes the validated data,
+    or whose values have no JSON form counts as minting: a field it filled is left out,
+    which at worst tells a call that spells its value out apart from one that leaves it
+    to the factory; the other error, counting a minted value, makes every retry run."""
+    known = _FACTORIES.get(cls)
+    if known is not None:
+        return known
+    with _FACTORY_LOCK:  # reentrant: a factory's value may be a model with factories
+        known = _FACTORIES.get(cls)
+        if known is not None:
+            return known
+        factories = {
+            name: info.default_factory
+            for name, info in fields.items()
+            if getattr(info, "default_factory", None) is not None
+        }
+        answers = dict.fromkeys(factories, True)
+        _FACTORIES[cls] = answers  # meanwhile (a factory making a ``cls``): all minting
+        asked = {}
+        for name, factory in factories.items():
+            if any(factory is stable for stable in STABLE_FACTORIES):
+                answers[name] = False
+            elif not getattr(fields[name], "default_factory_takes_validated_data", False):
+                asked[name] = factory
+        first = {name: _made(factory) for name, factory in asked.items()}
+        if asked:
+            time.sleep(CLOCK_STEP)
+        for name, factory in asked.items():
+            again = _made(factory)
+            answers[name] = first[name] is _NO_FORM or again is _NO_FORM or first[name] != again
+        return answers
+
+
+_NO_FORM: Any = object()
+
+
+def _made(factory: Any) -> Any:
+    """The JSON form of a value ``factory()`` makes, or :data:`_NO_FORM`."""
+    from pydantic_core import to_jsonable_python  # noqa: PLC0415 - the SDKs bring pydantic
+
+    try:
+        return to_jsonable_python(_canonical(factory(), 0))
+    except Exception:  # noqa: BLE001 - a factory's own error, or no JSON form: it counts as minting
+        return _NO_FORM
 
 
 def _key(key: Any) -> Any:
