@@ -20,8 +20,11 @@ import os
 os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")  # before crewai is imported
 
 import asyncio
+import collections
+import concurrent.futures
 import datetime
 import json
+import threading
 import typing
 import uuid
 import warnings
@@ -29,7 +32,16 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    create_model,
+    model_serializer,
+)
+from pydantic.alias_generators import to_camel
 
 from safeagent import Guard, MemoryStore
 from tests.conftest import Ledger
@@ -271,17 +283,14 @@ def test_a_model_with_a_left_out_field_keeps_its_own_serializer() -> None:
     assert key_form(Blob(data=b"\xff\x01", price=Cents(250), file_name="a")) != form
 
 
-def test_a_field_pydantic_leaves_out_still_tells_calls_apart() -> None:
-    """``exclude=True`` and ``exclude_if`` fields (left out by pydantic) count by their
-    own form: two calls differing only there stay two requests."""
+def test_an_excluded_field_still_tells_calls_apart() -> None:
+    """An ``exclude=True`` field (left out by pydantic) counts by its own form, also in a
+    model that needs ours for a factory: two calls differing only there stay two."""
     from safeagent.integrations._keyform import key_form
 
-    a = key_form(Hidden(order_id="o", note="first"))
-    b = key_form(Hidden(order_id="o", note="second"))
-    c = key_form(Skipped(order_id="o", memo="internal: one"))
-    d = key_form(Skipped(order_id="o", memo="internal: two"))
-    assert a != b
-    assert c != d
+    assert key_form(Hidden(order_id="o", note="first")) != key_form(
+        Hidden(order_id="o", note="second")
+    )
 
 
 def test_each_factory_is_asked_once_per_class() -> None:
@@ -318,6 +327,72 @@ def test_each_factory_is_asked_once_per_class() -> None:
     assert key_form(Node(child=Node())) == {"name": "n", "child": {"name": "n", "child": None}}
 
 
+def test_an_extra_with_a_fields_name_does_not_stand_for_the_field() -> None:
+    """With aliases and ``extra="allow"``, ``{"unit_price": 5}`` is an extra beside the
+    field ``unit_price`` (alias ``unitPrice``, left at 1) and ``{"unitPrice": 5}`` sets
+    the field: two calls, two forms (the extra no longer overwrites the field)."""
+    from safeagent.integrations._keyform import key_form
+
+    as_extra = key_form(Priced.model_validate({"sku": "X", "unit_price": 5}))
+    as_field = key_form(Priced.model_validate({"sku": "X", "unitPrice": 5}))
+    assert as_extra != as_field
+    assert as_field == {"sku": "X", "unit_price": 5}
+
+
+def test_models_pydantic_writes_its_own_way_still_key() -> None:
+    """An ``exclude_if`` field of base64 bytes, and a model with a ``@model_serializer``
+    beside a minting factory, key without an error (the review's two crashes), each the
+    same way twice."""
+    from safeagent.integrations._keyform import key_form
+
+    assert key_form(Attachment(data=b"\xff")) == key_form(Attachment(data=b"\xff"))
+    first, again = key_form(Custom(data=b"\xff")), key_form(Custom(data=b"\xff"))
+    assert first == again == {"custom": "_w=="}
+
+
+def test_a_date_or_a_clock_in_seconds_counts_as_minting() -> None:
+    """``date.today`` and a datetime truncated to the second give equal values 20 ms
+    apart; a factory of a date, time, datetime or UUID counts as minting all the same."""
+    from safeagent.integrations._keyform import key_form
+
+    class Dated(BaseModel):
+        sku: str
+        day: datetime.date = Field(default_factory=datetime.date.today)
+        second: datetime.datetime = Field(
+            default_factory=lambda: datetime.datetime.now().replace(microsecond=0)
+        )
+
+    assert key_form(Dated(sku="x")) == {"sku": "x"}
+
+
+def test_threads_keying_a_new_class_at_once_agree() -> None:
+    """Threads keying the same new class while its factories are asked wait for the
+    answer: none counts a deterministic field out (the review's parallel tool calls ran
+    twice)."""
+    from safeagent.integrations._keyform import key_form
+
+    class Fresh(BaseModel):
+        sku: str
+        region: list[str] = Field(default_factory=lambda: ["eu"])
+        line_id: str = Field(default_factory=new_id)
+
+    start = threading.Barrier(8)
+
+    def key() -> Any:
+        start.wait()
+        return key_form(Fresh(sku="x"))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        forms = list(pool.map(lambda _: key(), range(8)))
+    assert forms == [{"sku": "x", "region": ["eu"]}] * 8
+
+
+def test_a_deque_of_models_is_looked_into() -> None:
+    from safeagent.integrations._keyform import key_form
+
+    assert key_form(collections.deque([Line(sku="x")])) == [{"sku": "x", "qty": 1}]
+
+
 # -- models used above ----------------------------------------------------------------------
 
 
@@ -343,8 +418,29 @@ class Blob(BaseModel):
 class Hidden(BaseModel):
     order_id: str
     note: str = Field(default="", exclude=True)
+    ref: str = Field(default_factory=new_id)
 
 
-class Skipped(BaseModel):
-    order_id: str
-    memo: str = Field(default="", exclude_if=lambda v: v.startswith("internal"))
+class Priced(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, extra="allow")
+
+    sku: str
+    unit_price: int = 1
+    line_id: str = Field(default_factory=new_id)
+
+
+class Attachment(BaseModel):
+    model_config = ConfigDict(ser_json_bytes="base64")
+
+    data: bytes = Field(default=b"", exclude_if=lambda v: not v)
+
+
+class Custom(BaseModel):
+    model_config = ConfigDict(ser_json_bytes="base64")
+
+    data: bytes
+    upload_id: str = Field(default_factory=new_id)
+
+    @model_serializer(mode="wrap")
+    def _custom(self, handler: Any) -> Any:
+        return {"custom": handler(self)["data"]}

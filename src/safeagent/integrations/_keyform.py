@@ -18,9 +18,8 @@ two forms, or two calls one:
   out when the factory mints a new value per call (``uuid4``, ``datetime.now``): pydantic
   fills it afresh on every retry, which made each retry a new request;
 - a pydantic model or dataclass holding any of those, and a model with a field declared
-  ``exclude=True`` or with an ``exclude_if`` (left out by pydantic), counts by its fields,
-  by field name (a model's fields as its own serializer writes them, see
-  :func:`_model_form`).
+  ``exclude=True`` (left out by pydantic), counts by its fields, by field name (a
+  model's fields as its own serializer writes them, see :func:`_model_form`).
 
 Values holding none of those convert exactly as pydantic converts them, so their request
 ids do not change. Other types pydantic parses have one form per value already
@@ -31,10 +30,13 @@ ids do not change. Other types pydantic parses have one form per value already
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import threading
 import time
+import uuid
 import weakref
+from collections import deque
 from decimal import Decimal
 from typing import Any, cast
 
@@ -54,11 +56,15 @@ def key_form(value: Any) -> Any:
     Raises:
         pydantic_core.PydanticSerializationError: a value pydantic cannot convert.
         InvalidPayloadError: a ``Decimal`` NaN or infinity, a set element that is no JSON
-            value, or a value nested deeper than the payload limit (or a cycle).
+            value, bytes that are not UTF-8 where no model's config writes them, or a
+            value nested deeper than the payload limit (or a cycle).
     """
     from pydantic_core import to_jsonable_python  # noqa: PLC0415 - the SDKs bring pydantic
 
-    return to_jsonable_python(_canonical(value, 0))
+    try:
+        return to_jsonable_python(_canonical(value, 0))
+    except UnicodeDecodeError as exc:  # bytes that are not UTF-8, outside a model's config
+        raise InvalidPayloadError(f"arguments are not JSON values: {exc}") from exc
 
 
 def canonical_decimal(value: Decimal) -> Decimal:
@@ -142,7 +148,7 @@ def _form(value: Any, depth: int) -> tuple[Any, bool]:
         if not special:
             return value, False
         return {new_k: form for _, new_k, (form, _) in pairs}, True
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, deque)):
         parts = [_form(v, depth + 1) for v in value]
         if any(held for _, held in parts):
             return [form for form, _ in parts], True
@@ -150,17 +156,26 @@ def _form(value: Any, depth: int) -> tuple[Any, bool]:
     return value, False
 
 
+EXTRA_KEY = "__pydantic_extra__"
+"""Where a model's extra values go in its form when one of them has a field's name (or
+this one, which no field can have): ``extra="allow"`` with aliases lets ``unit_price``
+be an extra beside the field ``unit_price`` (alias ``unitPrice``), and one dict by name
+would make the two calls one."""
+
+
 def _model_form(value: Any, fields: dict[str, Any], depth: int) -> tuple[Any, bool]:
     """:func:`_form` of a pydantic model: the model itself when no field of it (at any
-    depth) needs our form, else a dict of its fields by name (and its extra values), in
-    which:
+    depth) needs our form, else a dict of its fields by name (and its extra values, see
+    :data:`EXTRA_KEY`), in which:
 
     - a field its ``default_factory`` filled (not in ``model_fields_set``) is left out
       when that factory mints a new value per call (:func:`_minting`): its value says
-      nothing about the call, and counting it made every retry a new request;
+      nothing about the call, and counting it made every retry a new request (not for a
+      model with a ``@model_serializer``, whose output need not be a dict of its fields:
+      pydantic writes it as it always did);
     - a field holding a secret, a ``Decimal`` or a set counts by our form of it;
-    - a field declared ``exclude=True`` or with an ``exclude_if`` (which pydantic leaves
-      out) counts by its value's own JSON form, so two calls differing there stay two;
+    - a field declared ``exclude=True`` (which pydantic leaves out) counts by its value's
+      own JSON form, so two calls differing there stay two;
     - every other field counts as the model's own serializer writes it in JSON mode, so
       the model's config and the field's serializers apply as they do for a model
       holding none of the above (``ser_json_bytes``, a custom type's
@@ -168,18 +183,21 @@ def _model_form(value: Any, fields: dict[str, Any], depth: int) -> tuple[Any, bo
     """
     unset = _minted_unset(value, fields)
     every = {name: getattr(value, name) for name in fields if name not in unset}
-    every.update(getattr(value, "__pydantic_extra__", None) or {})
+    extra = getattr(value, "__pydantic_extra__", None) or {}
     forms = {k: _form(v, depth + 1) for k, v in every.items()}
-    hidden = {
-        name
-        for name, info in fields.items()
-        if getattr(info, "exclude", None) or getattr(info, "exclude_if", None) is not None
-    }
+    extra_forms = {k: _form(v, depth + 1) for k, v in extra.items()}
+    hidden = {name for name, info in fields.items() if getattr(info, "exclude", None)}
     special = {k for k, (_, held) in forms.items() if held}
-    if not (unset or special or hidden):
+    if not (unset or special or hidden or any(held for _, held in extra_forms.values())):
         return value, False
     written = _serialized(value, [k for k in every if k not in special | hidden])
-    return {k: written.get(k, form) for k, (form, _) in forms.items()}, True
+    form = {k: written.get(k, f) for k, (f, _) in forms.items()}
+    extras = {k: f for k, (f, _) in extra_forms.items()}
+    if extras.keys() & (fields.keys() | {EXTRA_KEY}):
+        form[EXTRA_KEY] = extras
+    else:
+        form.update(extras)
+    return form, True
 
 
 def _serialized(value: Any, names: list[str]) -> dict[str, Any]:
@@ -203,7 +221,8 @@ def _minted_unset(value: Any, fields: dict[str, Any]) -> set[str]:
     """The fields of model ``value`` its ``default_factory`` filled (the call did not
     set them) with a factory that mints a new value per call."""
     given = getattr(value, "model_fields_set", None)
-    if given is None:
+    decorators = getattr(type(value), "__pydantic_decorators__", None)
+    if given is None or decorators is None or decorators.model_serializers:
         return set()
     filled = [
         name
@@ -219,7 +238,12 @@ def _minted_unset(value: Any, fields: dict[str, Any]) -> set[str]:
 _FACTORIES: weakref.WeakKeyDictionary[type, dict[str, bool]] = weakref.WeakKeyDictionary()
 """Per model class: for each ``default_factory`` field, whether the factory mints."""
 
-_FACTORY_LOCK = threading.RLock()
+_PROBES: weakref.WeakKeyDictionary[type, threading.RLock] = weakref.WeakKeyDictionary()
+"""Per model class, the lock its first probe holds (reentrant: a signal handler in the
+probing thread probes again rather than wait for itself); other threads wait for the
+answer, never use half of one."""
+
+_PROBES_LOCK = threading.Lock()
 
 STABLE_FACTORIES = (list, dict, set, frozenset, tuple, str, int, float, bool, bytes)
 """Factories known to give equal values on every call (no need to call them)."""
@@ -228,35 +252,42 @@ CLOCK_STEP = 0.02
 """Seconds between the two calls of a factory that is asked whether it mints: more than a
 coarse clock's tick (about 16 ms on Windows), so ``datetime.now`` differs."""
 
+CLOCK_TYPES = (datetime.datetime, datetime.date, datetime.time, uuid.UUID)
+"""A factory making one of these counts as minting, whatever two calls give: a constant
+would be a ``default=``, and ``date.today`` or a ``datetime`` truncated to the second
+gives equal values 20 ms apart but not a second later."""
+
 
 def _minting(cls: type, fields: dict[str, Any]) -> dict[str, bool]:
     """For each ``default_factory`` field of model class ``cls``: ``True`` when its
     factory mints a new value per call (``uuid4``, ``datetime.now``, a counter), ``False``
     when it gives an equal value every time (``list``, ``lambda: ["eu"]``). Asked once per
     class and process: each factory is called twice, :data:`CLOCK_STEP` apart, and the
-    two values' JSON forms compared. A factory that raises, that takes the validated data,
-    or whose values have no JSON form counts as minting: a field it filled is left out,
-    which at worst tells a call that spells its value out apart from one that leaves it
-    to the factory; the other error, counting a minted value, makes every retry run."""
+    two values' JSON forms (pydantic's) compared; a value of a :data:`CLOCK_TYPES` type
+    mints. A factory that raises, that takes the validated data, or whose values have no
+    JSON form counts as minting: a field it filled is left out, which at worst tells a
+    call that spells its value out apart from one that leaves it to the factory; the
+    other error, counting a minted value, makes every retry run."""
     known = _FACTORIES.get(cls)
     if known is not None:
         return known
-    with _FACTORY_LOCK:  # reentrant: a factory's value may be a model with factories
+    with _PROBES_LOCK:
+        probe = _PROBES.setdefault(cls, threading.RLock())
+    with probe:
         known = _FACTORIES.get(cls)
-        if known is not None:
+        if known is not None:  # another thread asked while this one waited
             return known
-        factories = {
-            name: info.default_factory
-            for name, info in fields.items()
-            if getattr(info, "default_factory", None) is not None
-        }
-        answers = dict.fromkeys(factories, True)
-        _FACTORIES[cls] = answers  # meanwhile (a factory making a ``cls``): all minting
+        answers: dict[str, bool] = {}
         asked = {}
-        for name, factory in factories.items():
+        for name, info in fields.items():
+            factory = getattr(info, "default_factory", None)
+            if factory is None:
+                continue
             if any(factory is stable for stable in STABLE_FACTORIES):
                 answers[name] = False
-            elif not getattr(fields[name], "default_factory_takes_validated_data", False):
+            elif getattr(info, "default_factory_takes_validated_data", False):
+                answers[name] = True
+            else:
                 asked[name] = factory
         first = {name: _made(factory) for name, factory in asked.items()}
         if asked:
@@ -264,6 +295,7 @@ def _minting(cls: type, fields: dict[str, Any]) -> dict[str, bool]:
         for name, factory in asked.items():
             again = _made(factory)
             answers[name] = first[name] is _NO_FORM or again is _NO_FORM or first[name] != again
+        _FACTORIES[cls] = answers
         return answers
 
 
@@ -271,11 +303,15 @@ _NO_FORM: Any = object()
 
 
 def _made(factory: Any) -> Any:
-    """The JSON form of a value ``factory()`` makes, or :data:`_NO_FORM`."""
+    """pydantic's JSON form of a value ``factory()`` makes, or :data:`_NO_FORM` (the
+    factory raised, the value has no JSON form, or it is of a :data:`CLOCK_TYPES` type)."""
     from pydantic_core import to_jsonable_python  # noqa: PLC0415 - the SDKs bring pydantic
 
     try:
-        return to_jsonable_python(_canonical(factory(), 0))
+        made = factory()
+        if isinstance(made, CLOCK_TYPES):
+            return _NO_FORM
+        return to_jsonable_python(made)
     except Exception:  # noqa: BLE001 - a factory's own error, or no JSON form: it counts as minting
         return _NO_FORM
 
