@@ -23,6 +23,7 @@ import asyncio
 import collections
 import concurrent.futures
 import datetime
+import functools
 import json
 import threading
 import typing
@@ -131,9 +132,12 @@ def via_openai_agents(func: Tool, calls: list[dict[str, Any]], guard: Guard) -> 
     return asyncio.run(scenario())
 
 
-def via_crewai(func: Tool, calls: list[dict[str, Any]], guard: Guard) -> list[Any]:
+def via_crewai(
+    func: Tool, calls: list[dict[str, Any]], guard: Guard, *, structured: bool = False
+) -> list[Any]:
     """A CrewAI tool (its ``args_schema`` made from ``func``'s signature) run with keyword
-    arguments, as an agent's tool call runs it."""
+    arguments (``run``), or ``structured``: invoked with the model's JSON through its
+    ``to_structured_tool()``, as an agent's tool call runs it."""
     with warnings.catch_warnings():  # crewai.rag refuses a child attribute
         warnings.simplefilter("ignore", ImportWarning)
         require("crewai")
@@ -154,28 +158,20 @@ def via_crewai(func: Tool, calls: list[dict[str, Any]], guard: Guard) -> list[An
             return func(**kwargs)
 
     guarded = guard_tool(Adapter(), guard, scope=SCOPE)
+    if structured:  # as an agent's tool call runs it: CrewAI's structured tool
+        tool = guarded.to_structured_tool()
+        return [tool.invoke(json.dumps(arguments)) for arguments in calls]
     return [guarded.run(**arguments) for arguments in calls]
 
 
-CREWAI_DUMPS = (
-    "CrewAI validates a tool's input and hands the tool (and the guard) the model_dump() "
-    "of it, on two paths (BaseTool.run and CrewStructuredTool's parsing): nested models "
-    "as dicts with the factory's value in them. Keying on the validated model is a change "
-    "to integrations/crewai.py; docs/integrations/crewai.md states the limit."
-)
-
-FRAMEWORKS = {
+FRAMEWORKS: dict[str, Callable[[Tool, list[dict[str, Any]], Guard], list[Any]]] = {
     "langchain": via_langchain,
     "mcp": via_mcp,
     "openai_agents": via_openai_agents,
     "crewai": via_crewai,
+    "crewai_structured": functools.partial(via_crewai, structured=True),
 }
-EVERY_FRAMEWORK = [
-    "langchain",
-    "mcp",
-    "openai_agents",
-    pytest.param("crewai", marks=pytest.mark.xfail(strict=True, reason=CREWAI_DUMPS)),
-]
+EVERY_FRAMEWORK = list(FRAMEWORKS)
 
 
 def payloads(store: MemoryStore, guard: Guard) -> list[Any]:
@@ -254,6 +250,21 @@ def test_a_deterministic_factory_counts_left_out_or_spelt_out(
 
     assert outputs == ["C-1", "C-1", "C-2", "C-1"]
     assert len(ledger.rows()) == 2
+
+
+@pytest.mark.parametrize("framework", ["crewai", "crewai_structured"])
+def test_a_top_level_argument_a_minting_factory_filled(framework: str, ledger: Ledger) -> None:
+    """CrewAI validates the arguments as one model: an argument its factory filled is
+    left out like a nested field (the other integrations: docs/integrations)."""
+
+    def stamp(order_id: str, tag: Annotated[str, Field(default_factory=new_id)]) -> str:
+        """Stamp an order."""
+        return f"S-{ledger.append('stamp', order_id)}"
+
+    calls = [{"order_id": "o-1"}, {"order_id": "o-1"}, {"order_id": "o-1", "tag": "t"}]
+    outputs = FRAMEWORKS[framework](stamp, calls, Guard(MemoryStore()))
+
+    assert outputs == ["S-1", "S-1", "S-2"]
 
 
 # -- key_form's rules, one by one -----------------------------------------------------------

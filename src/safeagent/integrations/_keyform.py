@@ -181,7 +181,7 @@ def _model_form(value: Any, fields: dict[str, Any], depth: int) -> tuple[Any, bo
       holding none of the above (``ser_json_bytes``, a custom type's
       ``PlainSerializer``; a masking ``@field_serializer`` too, docs/integrations).
     """
-    unset = _minted_unset(value, fields)
+    unset = minted_unset(value, fields)
     every = {name: getattr(value, name) for name in fields if name not in unset}
     extra = getattr(value, "__pydantic_extra__", None) or {}
     forms = {k: _form(v, depth + 1) for k, v in every.items()}
@@ -217,7 +217,7 @@ def _serialized(value: Any, names: list[str]) -> dict[str, Any]:
     return cast(dict[str, Any], written) if isinstance(written, dict) else {}
 
 
-def _minted_unset(value: Any, fields: dict[str, Any]) -> set[str]:
+def minted_unset(value: Any, fields: dict[str, Any]) -> set[str]:
     """The fields of model ``value`` its ``default_factory`` filled (the call did not
     set them) with a factory that mints a new value per call."""
     given = getattr(value, "model_fields_set", None)

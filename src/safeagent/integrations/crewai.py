@@ -21,13 +21,16 @@ whose body runs at most once per request id:
 
 **Request ids** (docs/design.md section 6): :func:`safeagent.derive_request_id` over
 ``(scope, tool name, arguments)``, the arguments validated by the tool's schema (its
-defaults applied), minus the volatile ones named in ``exclude``. Positional arguments
-(``run("a@example.com")``, which CrewAI passes on unvalidated) are first bound to the
-names the tool's body takes them as (its ``_run`` signature, or its function's for a
-``@tool``), so ``run(x)``, ``run(x, "welcome")`` and ``run(to=x)`` are one call with one
-request id, and the body gets them by keyword, defaults applied; positional arguments
-that cannot be bound raise :class:`~safeagent.errors.InvalidInputError` before anything
-runs. CrewAI has no
+defaults applied), minus the volatile ones named in ``exclude``, made from the model
+CrewAI's validation made (on ``run``/``arun`` and on the structured tool an agent's calls
+invoke), not from the ``model_dump()`` CrewAI hands the body: an argument or nested field
+a minting ``default_factory`` filled is left out
+(:mod:`~safeagent.integrations._keyform`). Positional arguments (``run("a@example.com")``,
+which CrewAI passes on unvalidated) are first bound to the names the tool's body takes
+them as (its ``_run`` signature, or its function's for a ``@tool``), so ``run(x)``,
+``run(x, "welcome")`` and ``run(to=x)`` are one call with one request id, and the body
+gets them by keyword, defaults applied; positional arguments that cannot be bound raise
+:class:`~safeagent.errors.InvalidInputError` before anything runs. CrewAI has no
 conversation id to borrow, so the **scope** is required: a fixed ``str`` (a run, order or
 ticket id known when the crew is built), a callable given the call's arguments (return a
 ``str``; read a context variable of your own, for example), or ``scope_arg``: the name of
@@ -55,12 +58,17 @@ off by the caller's event loop shutting down leaves the record in doubt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, ClassVar
 
 from crewai.tools import BaseTool
 from crewai.tools.base_tool import Tool
+from crewai.tools.structured_tool import CrewStructuredTool
 from pydantic import ConfigDict, PrivateAttr
 from pydantic_core import PydanticSerializationError
 
@@ -72,7 +80,7 @@ from safeagent.errors import (
     MissingKeyError,
 )
 from safeagent.integrations._common import storable
-from safeagent.integrations._keyform import key_form
+from safeagent.integrations._keyform import key_form, minted_unset
 from safeagent.integrations._loops import in_own_thread, run_on_loop
 from safeagent.integrations._toolspec import (
     check_scope,
@@ -182,6 +190,46 @@ def guard_tool(
     return guarded
 
 
+class _Validations:
+    """The models CrewAI's validation made, by the identity of the values of the dump it
+    handed on: the dump reaches ``_run`` as keyword arguments (a new dict of the same
+    objects), so the model is found again only for exactly those objects. Kept while
+    its dump is (so no id is reused meanwhile), at most :data:`VALIDATIONS_KEPT`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[tuple[tuple[str, int], ...], tuple[dict[str, Any], Any]] = (
+            OrderedDict()
+        )
+
+    @staticmethod
+    def _key(values: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+        return tuple((name, id(value)) for name, value in values.items())
+
+    def note(self, dumped: dict[str, Any], validated: Any) -> None:
+        with self._lock:
+            self._kept[self._key(dumped)] = (dumped, validated)
+            while len(self._kept) > VALIDATIONS_KEPT:
+                self._kept.popitem(last=False)
+
+    def take(self, kwargs: dict[str, Any]) -> Any:
+        """The model whose dump ``kwargs`` holds, object for object, else ``None``."""
+        with self._lock:
+            kept = self._kept.pop(self._key(kwargs), None)
+        if kept is None:
+            return None
+        dumped, validated = kept
+        if dumped.keys() != kwargs.keys() or any(kwargs[k] is not v for k, v in dumped.items()):
+            return None
+        return validated
+
+
+VALIDATIONS_KEPT = 256
+"""Validated models a :class:`GuardedTool` keeps for calls still to reach its body (one
+per call between CrewAI's validation and the body; a call stopped between them, by a
+usage limit, leaves one behind)."""
+
+
 class GuardedTool(BaseTool):
     """A CrewAI tool whose side effect runs at most once per request id.
 
@@ -200,11 +248,50 @@ class GuardedTool(BaseTool):
     _exclude: frozenset[str] = PrivateAttr(default=frozenset())
     _namespace: str | None = PrivateAttr(default=None)
     _positional: tuple[str, ...] = PrivateAttr(default=())
+    _validations: _Validations = PrivateAttr(default_factory=_Validations)
 
     @property
     def inner(self) -> BaseTool:
         """The wrapped tool (calling it directly bypasses the guard)."""
         return self._inner
+
+    def _validate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """CrewAI's validation (``BaseTool.run``/``arun``): the ``model_dump()`` of the
+        validated arguments, as CrewAI hands them on; the validated model is kept for the
+        request id (:meth:`_request`), which must know which fields the call set."""
+        schema = self.args_schema
+        if schema is None or not schema.model_fields:
+            return super()._validate_kwargs(kwargs)
+        try:
+            validated = schema.model_validate(kwargs)
+        except Exception:  # noqa: BLE001 - CrewAI raises its own error, with its hint
+            return super()._validate_kwargs(kwargs)
+        dumped = validated.model_dump()
+        self._validations.note(dumped, validated)
+        return dumped
+
+    def to_structured_tool(self) -> CrewStructuredTool:
+        """CrewAI's structured form of this tool (what an agent's tool calls invoke), whose
+        argument parsing also keeps the validated model for the request id."""
+        structured = super().to_structured_tool()
+        with contextlib.suppress(TypeError):  # a CrewAI whose class cannot be swapped: the dump
+            structured.__class__ = _StructuredTool
+        return structured
+
+    def _note_parsed(self, raw: Any, parsed: dict[str, Any]) -> None:
+        """Keep the model the raw arguments of a structured call validate to, for the
+        dump ``parsed`` CrewAI made of them (validated once more here: the fields the
+        call did not set are the same, and those are what the request id needs)."""
+        schema = self.args_schema
+        if schema is None or not schema.model_fields:
+            return
+        try:
+            if isinstance(raw, str):
+                raw = json.loads(raw)
+            validated = schema.model_validate(raw)
+        except Exception:  # noqa: BLE001 - CrewAI's parse succeeded; ours falls back to the dump
+            return
+        self._validations.note(parsed, validated)
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = (), self._by_name(args, kwargs)
@@ -315,9 +402,14 @@ class GuardedTool(BaseTool):
         return self._validate_kwargs({**bound, **kwargs})
 
     def _request(self, kwargs: dict[str, Any]) -> tuple[str, Any]:
-        """The request id and the payload (the arguments as JSON values)."""
+        """The request id and the payload (the arguments as JSON values): from the model
+        CrewAI's validation made of them when that is known (so a nested field a minting
+        ``default_factory`` filled is left out, :mod:`~safeagent.integrations._keyform`),
+        else from the ``model_dump()`` CrewAI hands the tool."""
+        validated = self._validations.take(kwargs)
+        keyed = kwargs if validated is None else arguments_of(validated)
         try:
-            payload: dict[str, Any] = key_form(kwargs)
+            payload: dict[str, Any] = key_form(keyed)
         except PydanticSerializationError as exc:
             raise InvalidPayloadError(
                 f"tool {self.name!r}: arguments are not JSON values: {exc}"
@@ -372,3 +464,26 @@ def _has_async_body(tool: BaseTool) -> bool:
         return is_async_callable(tool.func)
     arun = type(tool)._arun
     return arun is not BaseTool._arun and not is_stub(arun)
+
+
+class _StructuredTool(CrewStructuredTool):
+    """CrewAI's structured tool of a :class:`GuardedTool`, whose argument parsing also
+    hands the guarded tool the validated model (see :meth:`GuardedTool._note_parsed`)."""
+
+    def _parse_args(self, raw_args: str | dict[str, Any]) -> dict[str, Any]:
+        parsed = super()._parse_args(raw_args)
+        tool = self._original_tool
+        if isinstance(tool, GuardedTool):
+            tool._note_parsed(raw_args, parsed)
+        return parsed
+
+
+def arguments_of(validated: Any) -> dict[str, Any]:
+    """A validated argument model's fields by name (extras too), without the fields a
+    minting ``default_factory`` filled: the top level of what ``key_form`` does for a
+    nested model."""
+    fields = type(validated).model_fields
+    unset = minted_unset(validated, fields)
+    values = {name: getattr(validated, name) for name in fields if name not in unset}
+    values.update(getattr(validated, "__pydantic_extra__", None) or {})
+    return values
