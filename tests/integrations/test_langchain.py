@@ -52,7 +52,7 @@ from langgraph.prebuilt import (  # noqa: E402
     tools_condition,
 )
 from langgraph.types import Command  # noqa: E402
-from pydantic import BaseModel, Field, SecretStr  # noqa: E402
+from pydantic import BaseModel, Field, SecretStr, ValidationError  # noqa: E402
 
 from safeagent import (  # noqa: E402
     AsyncGuard,
@@ -1791,3 +1791,45 @@ def test_a_subgraphs_command_for_the_parent_after_the_work_is_not_run_again(
         with contextlib.suppress(Exception):
             graph.invoke({"messages": [asked]}, config)
     assert ledger.count("charge") == 1
+
+
+class Shipment(BaseModel):
+    carrier_id: int
+
+
+def test_a_validation_error_the_body_raised_replays_as_one(ledger: Ledger) -> None:
+    """A pydantic ``ValidationError`` raised inside the tool body (its parsing of an API
+    reply) is one a plain ``ToolNode`` shows the model as an error message; its replay is
+    a ``ValidationError`` too (rebuilt with the stored message, the guard's replay as its
+    cause), so the graph's retry gets an error message again, not a stopped graph."""
+
+    @tool
+    def book_courier(order_id: str) -> str:
+        """Book a courier."""
+        ledger.append("courier", order_id)
+        Shipment.model_validate({"carrier_id": "not a number"})  # the API's reply
+        return "booked"
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("tools", ToolNode([guard_tool(book_courier, Guard(MemoryStore()))]))
+    builder.add_edge(START, "tools")
+    builder.add_edge("tools", END)
+    graph = builder.compile()
+    message = AIMessage("", tool_calls=[call({"order_id": "o-1"}, "c1", "book_courier")])
+
+    replies = [graph.invoke({"messages": [message]}, THREAD)["messages"][-1] for _ in range(2)]
+
+    assert ledger.count("courier") == 1
+    assert [m.status for m in replies] == ["error", "error"]
+    assert "carrier_id: Input should be a valid integer" in replies[0].content
+    assert "replayed: 1 validation error for Shipment" in replies[1].content
+    assert "Input should be a valid integer" in replies[1].content  # the stored message
+
+    guarded = guard_tool(book_courier, Guard(MemoryStore()), scope="conv-2")
+    with pytest.raises(ValidationError):
+        guarded.invoke({"order_id": "o-2"})
+    with pytest.raises(ValidationError) as replay:
+        guarded.invoke({"order_id": "o-2"})
+    assert isinstance(replay.value.__cause__, ReplayedFailureError)
+    assert replay.value.__cause__.error_type.endswith("ValidationError")
+    assert ledger.count("courier") == 2

@@ -65,7 +65,10 @@ not run the tool; when the stored failure was a ``ToolException`` or a subclass 
 stored type is looked up among the modules already imported, never imported from stored
 data; one that is not there counts by its name) they raise :class:`ReplayedToolError`
 (both a ``ToolException`` and a ``ReplayedFailureError``, its message the original one),
-so ``handle_tool_error`` shows the model the same text again. A replayed failure's
+so ``handle_tool_error`` shows the model the same text again; when it was a pydantic
+``ValidationError`` (which a plain ``ToolNode`` shows the model, where it stops the graph
+on any other exception) they raise a ``ValidationError`` rebuilt with the stored message,
+its ``__cause__`` the ``ReplayedFailureError``. A replayed failure's
 ``repr`` is the original exception's, rebuilt from the stored type and message
 (``ValueError('card declined')``, ``KeyError('k')``, ``RuntimeError()``,
 ``ConnectionRefusedError(111, 'Connection refused')``), so
@@ -118,7 +121,7 @@ from langchain_core.tools import (
 from langchain_core.tools.base import get_all_basemodel_annotations
 from langchain_core.utils.pydantic import get_fields
 from pydantic import ConfigDict, PrivateAttr
-from pydantic_core import PydanticSerializationError
+from pydantic_core import PydanticCustomError, PydanticSerializationError, ValidationError
 
 from safeagent import AsyncGuard, ExecutionContext, Guard, NotExecuted, derive_request_id
 from safeagent.errors import (
@@ -500,7 +503,7 @@ class GuardedTool(BaseTool):
             error = self._caller_error(exc, raised, unrunnable)
             if error is exc:
                 raise
-            raise error from None
+            raise error from error.__cause__  # the replay, for a rebuilt ValidationError
         return self._decode(receipt.result, call_id)
 
     async def _arun(
@@ -581,7 +584,7 @@ class GuardedTool(BaseTool):
             error = self._caller_error(exc, raised, unrunnable)
             if error is exc:
                 raise
-            raise error from None
+            raise error from error.__cause__  # the replay, for a rebuilt ValidationError
         return self._decode(receipt.result, call_id)
 
     def _unrunnable(self, what: str) -> NotExecuted:
@@ -596,12 +599,14 @@ class GuardedTool(BaseTool):
         unrunnable: NotExecuted | None,
     ) -> BaseException:
         """The exception the caller gets for ``exc`` from the guard: the tool's own
-        exceptions as they are, a replayed failure as :func:`_replayed` makes it, and a
-        call the tool has no body for as a ``ConfigurationError``."""
+        exceptions as they are, a replayed failure as :func:`_replayed` makes it (a
+        replayed pydantic ``ValidationError`` as :func:`_validation_error` rebuilds it),
+        and a call the tool has no body for as a ``ConfigurationError``."""
         if exc is unrunnable:
             return ConfigurationError(str(exc))
         if isinstance(exc, ReplayedFailureError) and not (raised and exc is raised[-1]):
-            return _replayed(exc)
+            replayed = _replayed(exc)
+            return _validation_error(replayed) or replayed
         return exc
 
     # -- request ids -------------------------------------------------------------------------
@@ -1049,6 +1054,33 @@ def _replayed(err: ReplayedFailureError) -> ReplayedFailureError:
         error_message=err.error_message,
         receipt=err.receipt,
     )
+
+
+def _validation_error(replayed: ReplayedFailureError) -> ValidationError | None:
+    """A replayed pydantic ``ValidationError`` (one the tool body raised, parsing an API's
+    reply, say) as a ``ValidationError`` again, its one error the stored message and its
+    ``__cause__`` the replay (``error_type``, ``receipt``); ``None`` for any other.
+
+    LangGraph's ``ToolNode`` takes a ``ValidationError`` from a tool for bad arguments and
+    shows the model an error message by default, where any other exception stops the
+    graph: the replay must be one too, or the graph's retry of a call whose first run the
+    model was shown as an error would stop it. Its one error is at ``("replayed",)``
+    (``ToolNode`` shows only errors with a location): its text is not the original's (the
+    errors' details are not stored), and it is not a ``ReplayedFailureError``: its
+    ``__cause__`` is."""
+    stored = _stored_class(replayed.error_type)
+    if stored is None or not issubclass(stored, ValidationError):
+        return None
+    detail = PydanticCustomError(
+        "replayed_failure",
+        "{message} (replayed; not run again)",
+        {"message": replayed.error_message},
+    )
+    rebuilt = ValidationError.from_exception_data(
+        "replayed tool failure", [{"type": detail, "loc": ("replayed",), "input": None}]
+    )
+    rebuilt.__cause__ = replayed
+    return rebuilt
 
 
 def _with_extras(
