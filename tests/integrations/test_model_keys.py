@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 import pytest
 from pydantic import (
+    AliasGenerator,
     BaseModel,
     ConfigDict,
     Field,
@@ -43,6 +44,7 @@ from pydantic import (
     model_serializer,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import core_schema
 
 from safeagent import Guard, MemoryStore
 from tests.conftest import Ledger
@@ -404,16 +406,106 @@ def test_a_deque_of_models_is_looked_into() -> None:
     assert key_form(collections.deque([Line(sku="x")])) == [{"sku": "x", "qty": 1}]
 
 
+def test_an_extra_under_a_fields_serialization_alias_does_not_overwrite_it() -> None:
+    """With ``serialization_alias`` and ``extra="allow"``, ``{"unit_price": 1,
+    "unitPrice": 2}`` (field 1, extra 2) and ``{"unit_price": 2}`` were written alike by
+    pydantic's by-alias form (the extra over the field): the second order never ran."""
+    from safeagent.integrations._keyform import key_form
+
+    both = key_form({"item": AliasedItem.model_validate({"unit_price": 1, "unitPrice": 2})})
+    one = key_form({"item": AliasedItem.model_validate({"unit_price": 2})})
+    assert both != one
+    assert key_form({"item": AliasedItem(unit_price=3)}) == {"item": {"unitPrice": 3}}
+
+
+def test_a_signal_handler_keying_while_its_thread_probes_does_not_hang() -> None:
+    """A signal handler keys a call while its thread holds the probe locks (simulated by
+    holding them): the locks are reentrant."""
+    from safeagent.integrations import _keyform
+
+    class Probed(BaseModel):
+        region: list[str] = Field(default_factory=lambda: ["eu"])
+
+    with _keyform._PROBES_LOCK:
+        assert _keyform.key_form(Probed()) == {"region": ["eu"]}
+
+
+def test_a_factory_that_raises_fails_the_call_and_nothing_is_cached() -> None:
+    """An exception from a factory probe (a signal handler's deadline lands there, say)
+    reaches the caller; the class is asked again next time."""
+    from safeagent.integrations import _keyform
+
+    fail = [True]
+
+    def regions() -> list[str]:
+        if fail[0] and not made_once:
+            raise TimeoutError("deadline")
+        return ["eu"]
+
+    made_once: list[int] = []
+
+    class Later(BaseModel):
+        region: list[str] = Field(default_factory=regions)
+
+    made_once.append(1)
+    basket = Later()  # validation called the factory once
+    made_once.clear()
+    with pytest.raises(TimeoutError):
+        _keyform.key_form(basket)
+    assert Later not in _keyform._FACTORIES
+    fail[0] = False
+    assert _keyform.key_form(basket) == {"region": ["eu"]}
+
+
+@pytest.mark.parametrize("framework", ["crewai", "crewai_structured"])
+def test_a_crewai_argument_its_own_serializer_writes(framework: str, ledger: Ledger) -> None:
+    """A top-level argument only its ``PlainSerializer`` can write keys as CrewAI's dump
+    writes it (keying on the model's raw values refused every call)."""
+
+    def bill(order_id: str, amount: PricedInCents) -> str:
+        """Bill an order."""
+        return f"B-{ledger.append('bill', order_id)}"
+
+    calls = [{"order_id": "o-1", "amount": 250}, {"order_id": "o-1", "amount": 250}]
+    outputs = FRAMEWORKS[framework](bill, calls, Guard(MemoryStore()))
+
+    assert outputs == ["B-1", "B-1"]
+
+
+def test_identical_crewai_calls_each_find_a_model() -> None:
+    """Two calls whose dumps hold the very same objects (small ints) each take one of the
+    kept models, so neither keys on its dump."""
+    require("crewai")
+    from safeagent.integrations.crewai import _Validations
+
+    kept = _Validations()
+    first, second = {"n": 1, "flag": True}, {"n": 1, "flag": True}
+    kept.note(first, "model-1")
+    kept.note(second, "model-2")
+    assert {kept.take(dict(first)), kept.take(dict(second))} == {"model-1", "model-2"}
+    assert kept.take(dict(first)) is None
+
+
 # -- models used above ----------------------------------------------------------------------
 
 
 class Cents:
+    """A type with no JSON form of its own: only its ``PlainSerializer`` writes it."""
+
     def __init__(self, cents: int) -> None:
         self.cents = cents
 
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        return core_schema.no_info_plain_validator_function(
+            lambda v: v if isinstance(v, cls) else cls(int(v))
+        )
+
 
 PricedInCents = Annotated[
-    Cents, PlainSerializer(lambda c: f"{c.cents}c", return_type=str), WithJsonSchema({})
+    Cents,
+    PlainSerializer(lambda c: f"{c.cents}c", return_type=str),
+    WithJsonSchema({"type": "integer"}),
 ]
 
 
@@ -455,3 +547,11 @@ class Custom(BaseModel):
     @model_serializer(mode="wrap")
     def _custom(self, handler: Any) -> Any:
         return {"custom": handler(self)["data"]}
+
+
+class AliasedItem(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(serialization_alias=to_camel), extra="allow"
+    )
+
+    unit_price: int

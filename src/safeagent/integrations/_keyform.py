@@ -165,8 +165,9 @@ would make the two calls one."""
 
 def _model_form(value: Any, fields: dict[str, Any], depth: int) -> tuple[Any, bool]:
     """:func:`_form` of a pydantic model: the model itself when no field of it (at any
-    depth) needs our form, else a dict of its fields by name (and its extra values, see
-    :data:`EXTRA_KEY`), in which:
+    depth) needs our form and no extra value sits under a key pydantic writes a field
+    under (:func:`_written_names`), else a dict of its fields by name (and its extra
+    values, see :data:`EXTRA_KEY`), in which:
 
     - a field its ``default_factory`` filled (not in ``model_fields_set``) is left out
       when that factory mints a new value per call (:func:`_minting`): its value says
@@ -188,7 +189,13 @@ def _model_form(value: Any, fields: dict[str, Any], depth: int) -> tuple[Any, bo
     extra_forms = {k: _form(v, depth + 1) for k, v in extra.items()}
     hidden = {name for name, info in fields.items() if getattr(info, "exclude", None)}
     special = {k for k, (_, held) in forms.items() if held}
-    if not (unset or special or hidden or any(held for _, held in extra_forms.values())):
+    if not (
+        unset
+        or special
+        or hidden
+        or any(held for _, held in extra_forms.values())
+        or (extra and extra.keys() & _written_names(fields))
+    ):
         return value, False
     written = _serialized(value, [k for k in every if k not in special | hidden])
     form = {k: written.get(k, f) for k, (f, _) in forms.items()}
@@ -198,6 +205,22 @@ def _model_form(value: Any, fields: dict[str, Any], depth: int) -> tuple[Any, bo
     else:
         form.update(extras)
     return form, True
+
+
+def _written_names(fields: dict[str, Any]) -> set[str]:
+    """The keys pydantic's own (by-alias) form writes a model's fields under: an extra
+    value under one of them would overwrite its field there (``extra="allow"`` with a
+    ``serialization_alias``), making two calls one."""
+    return {
+        getattr(info, "serialization_alias", None) or getattr(info, "alias", None) or name
+        for name, info in fields.items()
+    }
+
+
+def value_form(value: Any) -> tuple[Any, bool]:
+    """(``value``'s form, whether it needed ours): :func:`_form` of one argument (a
+    nested value), for an integration that keys a validated model's top level itself."""
+    return _form(value, 1)
 
 
 def _serialized(value: Any, names: list[str]) -> dict[str, Any]:
@@ -243,7 +266,7 @@ _PROBES: weakref.WeakKeyDictionary[type, threading.RLock] = weakref.WeakKeyDicti
 probing thread probes again rather than wait for itself); other threads wait for the
 answer, never use half of one."""
 
-_PROBES_LOCK = threading.Lock()
+_PROBES_LOCK = threading.RLock()  # a signal handler may probe while its thread holds it
 
 STABLE_FACTORIES = (list, dict, set, frozenset, tuple, str, int, float, bool, bytes)
 """Factories known to give equal values on every call (no need to call them)."""
@@ -264,10 +287,11 @@ def _minting(cls: type, fields: dict[str, Any]) -> dict[str, bool]:
     when it gives an equal value every time (``list``, ``lambda: ["eu"]``). Asked once per
     class and process: each factory is called twice, :data:`CLOCK_STEP` apart, and the
     two values' JSON forms (pydantic's) compared; a value of a :data:`CLOCK_TYPES` type
-    mints. A factory that raises, that takes the validated data, or whose values have no
-    JSON form counts as minting: a field it filled is left out, which at worst tells a
-    call that spells its value out apart from one that leaves it to the factory; the
-    other error, counting a minted value, makes every retry run."""
+    mints. A factory that takes the validated data, or whose values have no JSON form,
+    counts as minting: a field it filled is left out, which at worst tells a call that
+    spells its value out apart from one that leaves it to the factory; the other error,
+    counting a minted value, makes every retry run. A factory that raises fails the call
+    (see :func:`_made`), and nothing is cached."""
     known = _FACTORIES.get(cls)
     if known is not None:
         return known
@@ -303,16 +327,25 @@ _NO_FORM: Any = object()
 
 
 def _made(factory: Any) -> Any:
-    """pydantic's JSON form of a value ``factory()`` makes, or :data:`_NO_FORM` (the
-    factory raised, the value has no JSON form, or it is of a :data:`CLOCK_TYPES` type)."""
-    from pydantic_core import to_jsonable_python  # noqa: PLC0415 - the SDKs bring pydantic
+    """pydantic's JSON form of a value ``factory()`` makes, or :data:`_NO_FORM` (the value
+    has no JSON form, or is of a :data:`CLOCK_TYPES` type).
 
+    Raises:
+        Exception: what the factory raised (which validation, calling it too, did not):
+            nothing is cached, and the call fails before it runs. An exception a signal
+            handler raises there (a call's deadline) reaches its caller.
+    """
+    from pydantic_core import (  # noqa: PLC0415 - the SDKs bring pydantic
+        PydanticSerializationError,
+        to_jsonable_python,
+    )
+
+    made = factory()  # its error propagates: it cannot be told from a signal handler's
+    if isinstance(made, CLOCK_TYPES):
+        return _NO_FORM
     try:
-        made = factory()
-        if isinstance(made, CLOCK_TYPES):
-            return _NO_FORM
         return to_jsonable_python(made)
-    except Exception:  # noqa: BLE001 - a factory's own error, or no JSON form: it counts as minting
+    except (PydanticSerializationError, ValueError, TypeError):  # no JSON form: minting
         return _NO_FORM
 
 

@@ -80,7 +80,7 @@ from safeagent.errors import (
     MissingKeyError,
 )
 from safeagent.integrations._common import storable
-from safeagent.integrations._keyform import key_form, minted_unset
+from safeagent.integrations._keyform import key_form, minted_unset, value_form
 from safeagent.integrations._loops import in_own_thread, run_on_loop
 from safeagent.integrations._toolspec import (
     check_scope,
@@ -193,14 +193,17 @@ def guard_tool(
 class _Validations:
     """The models CrewAI's validation made, by the identity of the values of the dump it
     handed on: the dump reaches ``_run`` as keyword arguments (a new dict of the same
-    objects), so the model is found again only for exactly those objects. Kept while
-    its dump is (so no id is reused meanwhile), at most :data:`VALIDATIONS_KEPT`."""
+    objects), so the model is found again only for exactly those objects. Two calls whose
+    dumps hold the very same objects (small ints, ``None``, one-letter strings) are the
+    same call, and each takes one of their models. Kept while its dump is (so no id is
+    reused meanwhile), at most :data:`VALIDATIONS_KEPT`; a call whose model is not found
+    keys on its dump, as a body reached another way does."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._kept: OrderedDict[tuple[tuple[str, int], ...], tuple[dict[str, Any], Any]] = (
-            OrderedDict()
-        )
+        self._kept: OrderedDict[tuple[tuple[str, int], ...], list[tuple[dict[str, Any], Any]]]
+        self._kept = OrderedDict()
+        self._count = 0
 
     @staticmethod
     def _key(values: dict[str, Any]) -> tuple[tuple[str, int], ...]:
@@ -208,26 +211,33 @@ class _Validations:
 
     def note(self, dumped: dict[str, Any], validated: Any) -> None:
         with self._lock:
-            self._kept[self._key(dumped)] = (dumped, validated)
-            while len(self._kept) > VALIDATIONS_KEPT:
-                self._kept.popitem(last=False)
+            self._kept.setdefault(self._key(dumped), []).append((dumped, validated))
+            self._count += 1
+            while self._count > VALIDATIONS_KEPT:
+                _, dropped = self._kept.popitem(last=False)
+                self._count -= len(dropped)
 
     def take(self, kwargs: dict[str, Any]) -> Any:
         """The model whose dump ``kwargs`` holds, object for object, else ``None``."""
+        key = self._key(kwargs)
         with self._lock:
-            kept = self._kept.pop(self._key(kwargs), None)
-        if kept is None:
-            return None
-        dumped, validated = kept
+            entries = self._kept.get(key)
+            if not entries:
+                return None
+            dumped, validated = entries.pop(0)
+            self._count -= 1
+            if not entries:
+                del self._kept[key]
         if dumped.keys() != kwargs.keys() or any(kwargs[k] is not v for k, v in dumped.items()):
             return None
         return validated
 
 
-VALIDATIONS_KEPT = 256
+VALIDATIONS_KEPT = 1024
 """Validated models a :class:`GuardedTool` keeps for calls still to reach its body (one
-per call between CrewAI's validation and the body; a call stopped between them, by a
-usage limit, leaves one behind)."""
+per call between CrewAI's validation and the body, such as structured ``ainvoke`` calls
+waiting for the executor; a call stopped between them, by a usage limit, leaves one
+behind until it is among the oldest)."""
 
 
 class GuardedTool(BaseTool):
@@ -407,7 +417,7 @@ class GuardedTool(BaseTool):
         ``default_factory`` filled is left out, :mod:`~safeagent.integrations._keyform`),
         else from the ``model_dump()`` CrewAI hands the tool."""
         validated = self._validations.take(kwargs)
-        keyed = kwargs if validated is None else arguments_of(validated)
+        keyed = kwargs if validated is None else arguments_of(validated, kwargs)
         try:
             payload: dict[str, Any] = key_form(keyed)
         except PydanticSerializationError as exc:
@@ -478,12 +488,21 @@ class _StructuredTool(CrewStructuredTool):
         return parsed
 
 
-def arguments_of(validated: Any) -> dict[str, Any]:
-    """A validated argument model's fields by name (extras too), without the fields a
-    minting ``default_factory`` filled: the top level of what ``key_form`` does for a
-    nested model."""
+def arguments_of(validated: Any, dumped: dict[str, Any]) -> dict[str, Any]:
+    """The arguments to key a call on, from the validated model and the ``model_dump()``
+    of it CrewAI hands the body: each argument as dumped (as before this model was
+    kept), except one a minting ``default_factory`` filled (left out) and one whose value
+    needs :mod:`~safeagent.integrations._keyform`'s own form (a nested model with a field
+    such a factory filled, say), taken from the model."""
     fields = type(validated).model_fields
     unset = minted_unset(validated, fields)
-    values = {name: getattr(validated, name) for name in fields if name not in unset}
-    values.update(getattr(validated, "__pydantic_extra__", None) or {})
-    return values
+    arguments: dict[str, Any] = {}
+    for name, dumped_value in dumped.items():
+        if name in unset:
+            continue
+        if name in fields:
+            form, held = value_form(getattr(validated, name))
+            arguments[name] = form if held else dumped_value
+        else:
+            arguments[name] = dumped_value
+    return arguments
