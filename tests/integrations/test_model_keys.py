@@ -22,6 +22,7 @@ os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")  # before crewai is im
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import datetime
 import functools
 import json
@@ -30,6 +31,7 @@ import typing
 import uuid
 import warnings
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Annotated, Any
 
 import pytest
@@ -40,6 +42,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     WithJsonSchema,
+    computed_field,
     create_model,
     model_serializer,
 )
@@ -486,6 +489,92 @@ def test_identical_crewai_calls_each_find_a_model() -> None:
     assert kept.take(dict(first)) is None
 
 
+def test_only_the_factories_a_call_left_unset_are_asked() -> None:
+    """A factory of a field every call sets is never called by validation, and may not
+    work outside it (``os.environ["REGION"]`` unset): it is not asked. A factory that
+    raises an ``Exception`` when asked (one that reads a context variable only its
+    validation sets) counts as minting; the call still runs."""
+    from safeagent.integrations._keyform import key_form
+
+    def region_from_env() -> str:
+        raise KeyError("REGION")
+
+    class Configured(BaseModel):
+        sku: str
+        region: str = Field(default_factory=region_from_env)
+        created: datetime.datetime = Field(default_factory=datetime.datetime.now)
+
+    assert key_form(Configured(sku="x", region="eu")) == {"sku": "x", "region": "eu"}
+
+    current: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
+
+    class Tenanted(BaseModel):
+        sku: str
+        tenant: str = Field(default_factory=current.get)
+
+    token = current.set("t1")
+    try:
+        order = Tenanted(sku="x")
+    finally:
+        current.reset(token)
+    assert key_form(order) == {"sku": "x"}
+
+
+def test_extras_never_stand_for_fields_or_computed_fields() -> None:
+    """An extra under a field's name (the field set through its ``validation_alias``)
+    and an extra named like a computed field were written over them: two calls, one
+    request."""
+    from safeagent.integrations._keyform import key_form
+
+    one = key_form(ByAlias.model_validate({"A": 1, "a": 2}))
+    five = key_form(ByAlias.model_validate({"A": 5, "a": 2}))
+    assert one != five
+    assert key_form(Totalled.model_validate({"qty": 1, "total": 5})) != key_form(
+        Totalled.model_validate({"qty": 1, "total": 7})
+    )
+
+
+def test_crewai_dumps_by_alias_and_extras_over_fields(ledger: Ledger) -> None:
+    """CrewAI's dump of a ``serialize_by_alias`` schema is keyed by alias: a top-level
+    argument a minting factory filled is still left out (the same call twice runs once);
+    an extra written over a field (what the body gets) counts as the body gets it."""
+    require("crewai")
+    from crewai.tools import BaseTool
+
+    from safeagent.integrations.crewai import guard_tool
+
+    class Args(BaseModel):
+        model_config = ConfigDict(
+            serialize_by_alias=True, alias_generator=AliasGenerator(serialization_alias=to_camel)
+        )
+
+        order_id: str
+        request_tag: str = Field(default_factory=new_id)
+
+    class Loose(BaseModel):
+        model_config = ConfigDict(extra="allow")
+
+        order_id: str
+        amount: Decimal = Field(default=Decimal(0), validation_alias="amt")
+
+    def tool_of(schema: type[BaseModel]) -> Any:
+        class Adapter(BaseTool):
+            name: str = "pay"
+            description: str = "Pay."
+            args_schema: type[BaseModel] = schema
+
+            def _run(self, **kwargs: Any) -> str:
+                return f"P-{ledger.append('pay', json.dumps(kwargs, default=str))}"
+
+        return guard_tool(Adapter(), Guard(MemoryStore()), scope=SCOPE)
+
+    tagged = tool_of(Args)
+    assert [tagged.run(order_id="o-1"), tagged.run(order_id="o-1")] == ["P-1", "P-1"]
+    loose = tool_of(Loose)
+    outputs = [loose.run(order_id="o-1", amt="1", amount=x) for x in ("5", "7")]
+    assert outputs == ["P-2", "P-3"]
+
+
 # -- models used above ----------------------------------------------------------------------
 
 
@@ -555,3 +644,20 @@ class AliasedItem(BaseModel):
     )
 
     unit_price: int
+
+
+class ByAlias(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    a: int = Field(validation_alias="A")
+
+
+class Totalled(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    qty: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total(self) -> int:
+        return self.qty * 10

@@ -157,10 +157,9 @@ def _form(value: Any, depth: int) -> tuple[Any, bool]:
 
 
 EXTRA_KEY = "__pydantic_extra__"
-"""Where a model's extra values go in its form when one of them has a field's name (or
-this one, which no field can have): ``extra="allow"`` with aliases lets ``unit_price``
-be an extra beside the field ``unit_price`` (alias ``unitPrice``), and one dict by name
-would make the two calls one."""
+"""Where a model's extra values go in our form of it (no field can have this name): by
+their own names beside the fields, an extra ``unit_price`` beside the field
+``unit_price`` (alias ``unitPrice``) would make two calls one."""
 
 
 def _model_form(value: Any, fields: dict[str, Any], depth: int) -> tuple[Any, bool]:
@@ -194,27 +193,27 @@ def _model_form(value: Any, fields: dict[str, Any], depth: int) -> tuple[Any, bo
         or special
         or hidden
         or any(held for _, held in extra_forms.values())
-        or (extra and extra.keys() & _written_names(fields))
+        or (extra and extra.keys() & _written_names(value, fields))
     ):
         return value, False
     written = _serialized(value, [k for k in every if k not in special | hidden])
     form = {k: written.get(k, f) for k, (f, _) in forms.items()}
-    extras = {k: f for k, (f, _) in extra_forms.items()}
-    if extras.keys() & (fields.keys() | {EXTRA_KEY}):
-        form[EXTRA_KEY] = extras
-    else:
-        form.update(extras)
+    if extra_forms:
+        form[EXTRA_KEY] = {k: f for k, (f, _) in extra_forms.items()}
     return form, True
 
 
-def _written_names(fields: dict[str, Any]) -> set[str]:
-    """The keys pydantic's own (by-alias) form writes a model's fields under: an extra
-    value under one of them would overwrite its field there (``extra="allow"`` with a
-    ``serialization_alias``), making two calls one."""
-    return {
-        getattr(info, "serialization_alias", None) or getattr(info, "alias", None) or name
-        for name, info in fields.items()
-    }
+def _written_names(value: Any, fields: dict[str, Any]) -> set[str]:
+    """The keys pydantic's own (by-alias) form of model ``value`` writes its fields and
+    computed fields under, and :data:`EXTRA_KEY`: an extra value under one of them would
+    overwrite a field there (``extra="allow"`` with a ``serialization_alias``, or an
+    extra named like a computed field), making two calls one."""
+    names = {EXTRA_KEY}
+    computed = getattr(type(value), "model_computed_fields", None) or {}
+    for name, info in [*fields.items(), *computed.items()]:
+        alias = getattr(info, "serialization_alias", None) or getattr(info, "alias", None)
+        names.add(alias or name)
+    return names
 
 
 def value_form(value: Any) -> tuple[Any, bool]:
@@ -236,6 +235,9 @@ def _serialized(value: Any, names: list[str]) -> dict[str, Any]:
     serializer = getattr(cls, "__pydantic_serializer__", None)
     if not names or serializer is None or decorators is None or decorators.model_serializers:
         return {}
+    if getattr(value, "__pydantic_extra__", None):  # pydantic writes an extra over its field
+        value = value.model_copy()
+        object.__setattr__(value, "__pydantic_extra__", {})
     written = serializer.to_python(value, mode="json", include=set(names), by_alias=False)
     return cast(dict[str, Any], written) if isinstance(written, dict) else {}
 
@@ -254,8 +256,8 @@ def minted_unset(value: Any, fields: dict[str, Any]) -> set[str]:
     ]
     if not filled:
         return set()
-    minting = _minting(type(value), fields)
-    return {name for name in filled if minting.get(name, True)}
+    minting = _minting(type(value), {name: fields[name] for name in filled})
+    return {name for name in filled if minting[name]}
 
 
 _FACTORIES: weakref.WeakKeyDictionary[type, dict[str, bool]] = weakref.WeakKeyDictionary()
@@ -282,35 +284,35 @@ gives equal values 20 ms apart but not a second later."""
 
 
 def _minting(cls: type, fields: dict[str, Any]) -> dict[str, bool]:
-    """For each ``default_factory`` field of model class ``cls``: ``True`` when its
-    factory mints a new value per call (``uuid4``, ``datetime.now``, a counter), ``False``
-    when it gives an equal value every time (``list``, ``lambda: ["eu"]``). Asked once per
-    class and process: each factory is called twice, :data:`CLOCK_STEP` apart, and the
-    two values' JSON forms (pydantic's) compared; a value of a :data:`CLOCK_TYPES` type
-    mints. A factory that takes the validated data, or whose values have no JSON form,
-    counts as minting: a field it filled is left out, which at worst tells a call that
-    spells its value out apart from one that leaves it to the factory; the other error,
-    counting a minted value, makes every retry run. A factory that raises fails the call
-    (see :func:`_made`), and nothing is cached."""
+    """For each field of ``fields`` (``default_factory`` fields of model class ``cls``
+    that a call left to their factory): ``True`` when the factory mints a new value per
+    call (``uuid4``, ``datetime.now``, a counter), ``False`` when it gives an equal value
+    every time (``list``, ``lambda: ["eu"]``). Asked once per field, class and process,
+    and only of a factory validation has just called (one a call left unset): it is
+    called twice, :data:`CLOCK_STEP` apart, and the two values' JSON forms (pydantic's)
+    compared; a value of a :data:`CLOCK_TYPES` type mints. A factory that takes the
+    validated data, or whose values have no JSON form, counts as minting: a field it
+    filled is left out, which at worst tells a call that spells its value out apart from
+    one that leaves it to the factory; the other error, counting a minted value, makes
+    every retry run. A factory that raises an ``Exception`` counts as minting; a
+    ``TimeoutError`` or any other ``BaseException`` fails the call (see :func:`_made`),
+    and nothing is cached."""
     known = _FACTORIES.get(cls)
-    if known is not None:
+    if known is not None and all(name in known for name in fields):
         return known
     with _PROBES_LOCK:
         probe = _PROBES.setdefault(cls, threading.RLock())
     with probe:
-        known = _FACTORIES.get(cls)
-        if known is not None:  # another thread asked while this one waited
-            return known
-        answers: dict[str, bool] = {}
+        known = dict(_FACTORIES.get(cls) or {})
         asked = {}
         for name, info in fields.items():
-            factory = getattr(info, "default_factory", None)
-            if factory is None:
+            if name in known:
                 continue
+            factory = info.default_factory
             if any(factory is stable for stable in STABLE_FACTORIES):
-                answers[name] = False
+                known[name] = False
             elif getattr(info, "default_factory_takes_validated_data", False):
-                answers[name] = True
+                known[name] = True
             else:
                 asked[name] = factory
         first = {name: _made(factory) for name, factory in asked.items()}
@@ -318,9 +320,9 @@ def _minting(cls: type, fields: dict[str, Any]) -> dict[str, bool]:
             time.sleep(CLOCK_STEP)
         for name, factory in asked.items():
             again = _made(factory)
-            answers[name] = first[name] is _NO_FORM or again is _NO_FORM or first[name] != again
-        _FACTORIES[cls] = answers
-        return answers
+            known[name] = first[name] is _NO_FORM or again is _NO_FORM or first[name] != again
+        _FACTORIES[cls] = known  # a new dict: a reader without the lock sees a whole one
+        return known
 
 
 _NO_FORM: Any = object()
@@ -330,17 +332,26 @@ def _made(factory: Any) -> Any:
     """pydantic's JSON form of a value ``factory()`` makes, or :data:`_NO_FORM` (the value
     has no JSON form, or is of a :data:`CLOCK_TYPES` type).
 
+    A factory that raises an ``Exception`` here (one that works only inside validation,
+    reading a context variable it sets) counts as minting.
+
     Raises:
-        Exception: what the factory raised (which validation, calling it too, did not):
-            nothing is cached, and the call fails before it runs. An exception a signal
-            handler raises there (a call's deadline) reaches its caller.
+        TimeoutError: raised in the factory, most likely by a signal handler's deadline
+            (as any ``BaseException`` that is not an ``Exception``, such as
+            ``KeyboardInterrupt``): it reaches the caller, the call fails before it runs,
+            and nothing is cached.
     """
     from pydantic_core import (  # noqa: PLC0415 - the SDKs bring pydantic
         PydanticSerializationError,
         to_jsonable_python,
     )
 
-    made = factory()  # its error propagates: it cannot be told from a signal handler's
+    try:
+        made = factory()
+    except TimeoutError:  # most likely a signal handler's deadline: the caller's
+        raise
+    except Exception:  # noqa: BLE001 - a factory that works only inside validation (a context var)
+        return _NO_FORM
     if isinstance(made, CLOCK_TYPES):
         return _NO_FORM
     try:

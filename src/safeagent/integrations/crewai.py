@@ -493,16 +493,22 @@ def arguments_of(validated: Any, dumped: dict[str, Any]) -> dict[str, Any]:
     of it CrewAI hands the body: each argument as dumped (as before this model was
     kept), except one a minting ``default_factory`` filled (left out) and one whose value
     needs :mod:`~safeagent.integrations._keyform`'s own form (a nested model with a field
-    such a factory filled, say), taken from the model."""
+    such a factory filled, say), taken from the model. A dump key is a field's name or,
+    with ``serialize_by_alias``, its alias; one an extra value wrote over its field (the
+    body gets the extra) counts as dumped."""
     fields = type(validated).model_fields
+    by_key = {name: name for name in fields}
+    for name, info in fields.items():
+        alias = getattr(info, "serialization_alias", None) or getattr(info, "alias", None)
+        by_key.setdefault(alias or name, name)
+    extra = getattr(validated, "__pydantic_extra__", None) or {}
     unset = minted_unset(validated, fields)
     arguments: dict[str, Any] = {}
-    for name, dumped_value in dumped.items():
-        if name in unset:
-            continue
-        if name in fields:
+    for key, dumped_value in dumped.items():
+        name = by_key.get(key)
+        if name is None or key in extra:  # not a field's, or the extra's value: as dumped
+            arguments[key] = dumped_value
+        elif name not in unset:
             form, held = value_form(getattr(validated, name))
-            arguments[name] = form if held else dumped_value
-        else:
-            arguments[name] = dumped_value
+            arguments[key] = form if held else dumped_value
     return arguments
