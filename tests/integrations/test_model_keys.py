@@ -492,9 +492,10 @@ def test_identical_crewai_calls_each_find_a_model() -> None:
 def test_only_the_factories_a_call_left_unset_are_asked() -> None:
     """A factory of a field every call sets is never called by validation, and may not
     work outside it (``os.environ["REGION"]`` unset): it is not asked. A factory that
-    raises an ``Exception`` when asked (one that reads a context variable only its
-    validation sets) counts as minting; the call still runs."""
-    from safeagent.integrations._keyform import key_form
+    raises when asked (one reading a context variable only validation sets) fails the
+    call before it runs, and nothing is cached: counting it as minting in one process
+    and not in another would give one call two request ids."""
+    from safeagent.integrations import _keyform
 
     def region_from_env() -> str:
         raise KeyError("REGION")
@@ -504,7 +505,7 @@ def test_only_the_factories_a_call_left_unset_are_asked() -> None:
         region: str = Field(default_factory=region_from_env)
         created: datetime.datetime = Field(default_factory=datetime.datetime.now)
 
-    assert key_form(Configured(sku="x", region="eu")) == {"sku": "x", "region": "eu"}
+    assert _keyform.key_form(Configured(sku="x", region="eu")) == {"sku": "x", "region": "eu"}
 
     current: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
 
@@ -517,7 +518,37 @@ def test_only_the_factories_a_call_left_unset_are_asked() -> None:
         order = Tenanted(sku="x")
     finally:
         current.reset(token)
-    assert key_form(order) == {"sku": "x"}
+    with pytest.raises(LookupError):
+        _keyform.key_form(order)
+    assert "tenant" not in _keyform._FACTORIES.get(Tenanted, {})
+
+
+def test_a_model_whose_copy_returns_itself_keeps_its_extras() -> None:
+    """Our form of a model with extras writes a copy without them, made without the
+    model's own copy hooks: a ``__copy__`` returning ``self`` lost the caller's extras,
+    a ``model_copy`` that refuses failed the call."""
+    from safeagent.integrations._keyform import key_form
+
+    class Kept(BaseModel):
+        model_config = ConfigDict(extra="allow")
+
+        sku: str
+        amount: Decimal
+        line_id: str = Field(default_factory=new_id)
+
+        def __copy__(self) -> Kept:
+            return self
+
+        def model_copy(self, *args: Any, **kwargs: Any) -> Any:
+            raise TypeError("immutable")
+
+    order = Kept.model_validate({"sku": "x", "amount": "1.50", "note": "gift"})
+    assert key_form(order) == {
+        "sku": "x",
+        "amount": "1.5",
+        "__pydantic_extra__": {"note": "gift"},
+    }
+    assert order.model_extra == {"note": "gift"}
 
 
 def test_extras_never_stand_for_fields_or_computed_fields() -> None:
@@ -573,6 +604,19 @@ def test_crewai_dumps_by_alias_and_extras_over_fields(ledger: Ledger) -> None:
     loose = tool_of(Loose)
     outputs = [loose.run(order_id="o-1", amt="1", amount=x) for x in ("5", "7")]
     assert outputs == ["P-2", "P-3"]
+
+    class Crossed(BaseModel):  # one field's alias is another field's name
+        model_config = ConfigDict(serialize_by_alias=True)
+
+        amount: int = Field(serialization_alias="total")
+        total: str = Field(default_factory=new_id, serialization_alias="ref")
+
+    crossed = tool_of(Crossed)
+    assert [crossed.run(amount=5), crossed.run(amount=7), crossed.run(amount=5)] == [
+        "P-4",
+        "P-5",
+        "P-4",
+    ]
 
 
 # -- models used above ----------------------------------------------------------------------

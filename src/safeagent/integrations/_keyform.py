@@ -236,10 +236,22 @@ def _serialized(value: Any, names: list[str]) -> dict[str, Any]:
     if not names or serializer is None or decorators is None or decorators.model_serializers:
         return {}
     if getattr(value, "__pydantic_extra__", None):  # pydantic writes an extra over its field
-        value = value.model_copy()
-        object.__setattr__(value, "__pydantic_extra__", {})
+        value = _without_extras(value)
     written = serializer.to_python(value, mode="json", include=set(names), by_alias=False)
     return cast(dict[str, Any], written) if isinstance(written, dict) else {}
+
+
+def _without_extras(value: Any) -> Any:
+    """A shallow copy of model ``value`` without its extra values, made without calling
+    the model's own copy hooks (a ``__copy__`` that returns ``self`` would have the
+    caller's model lose its extras; a ``model_copy`` may refuse)."""
+    cls: Any = type(value)
+    copy = cls.__new__(cls)
+    object.__setattr__(copy, "__dict__", dict(value.__dict__))
+    object.__setattr__(copy, "__pydantic_fields_set__", set(value.__pydantic_fields_set__))
+    object.__setattr__(copy, "__pydantic_extra__", {})
+    object.__setattr__(copy, "__pydantic_private__", getattr(value, "__pydantic_private__", None))
+    return copy
 
 
 def minted_unset(value: Any, fields: dict[str, Any]) -> set[str]:
@@ -294,9 +306,8 @@ def _minting(cls: type, fields: dict[str, Any]) -> dict[str, bool]:
     validated data, or whose values have no JSON form, counts as minting: a field it
     filled is left out, which at worst tells a call that spells its value out apart from
     one that leaves it to the factory; the other error, counting a minted value, makes
-    every retry run. A factory that raises an ``Exception`` counts as minting; a
-    ``TimeoutError`` or any other ``BaseException`` fails the call (see :func:`_made`),
-    and nothing is cached."""
+    every retry run. A factory that raises fails the call, and nothing is cached (see
+    :func:`_made`)."""
     known = _FACTORIES.get(cls)
     if known is not None and all(name in known for name in fields):
         return known
@@ -332,26 +343,19 @@ def _made(factory: Any) -> Any:
     """pydantic's JSON form of a value ``factory()`` makes, or :data:`_NO_FORM` (the value
     has no JSON form, or is of a :data:`CLOCK_TYPES` type).
 
-    A factory that raises an ``Exception`` here (one that works only inside validation,
-    reading a context variable it sets) counts as minting.
-
     Raises:
-        TimeoutError: raised in the factory, most likely by a signal handler's deadline
-            (as any ``BaseException`` that is not an ``Exception``, such as
-            ``KeyboardInterrupt``): it reaches the caller, the call fails before it runs,
-            and nothing is cached.
+        Exception: what the factory raised. Nothing is cached and the call fails before
+            it runs: a deadline a signal handler raised there reaches its caller, and a
+            factory that fails now and then cannot make one process key a call without
+            its field and another with it (a retry on the other would run again). A
+            factory of a field a call may leave unset must work outside validation.
     """
     from pydantic_core import (  # noqa: PLC0415 - the SDKs bring pydantic
         PydanticSerializationError,
         to_jsonable_python,
     )
 
-    try:
-        made = factory()
-    except TimeoutError:  # most likely a signal handler's deadline: the caller's
-        raise
-    except Exception:  # noqa: BLE001 - a factory that works only inside validation (a context var)
-        return _NO_FORM
+    made = factory()  # its error propagates: see the docstring
     if isinstance(made, CLOCK_TYPES):
         return _NO_FORM
     try:

@@ -494,13 +494,15 @@ def arguments_of(validated: Any, dumped: dict[str, Any]) -> dict[str, Any]:
     kept), except one a minting ``default_factory`` filled (left out) and one whose value
     needs :mod:`~safeagent.integrations._keyform`'s own form (a nested model with a field
     such a factory filled, say), taken from the model. A dump key is a field's name or,
-    with ``serialize_by_alias``, its alias; one an extra value wrote over its field (the
-    body gets the extra) counts as dumped."""
+    when the schema sets ``serialize_by_alias``, its alias (as ``model_dump()`` writes
+    it); one an extra value wrote over its field (the body gets the extra) counts as
+    dumped."""
     fields = type(validated).model_fields
-    by_key = {name: name for name in fields}
+    by_alias = bool(type(validated).model_config.get("serialize_by_alias"))  # model_dump()'s
+    by_key = {}
     for name, info in fields.items():
         alias = getattr(info, "serialization_alias", None) or getattr(info, "alias", None)
-        by_key.setdefault(alias or name, name)
+        by_key[(alias or name) if by_alias else name] = name
     extra = getattr(validated, "__pydantic_extra__", None) or {}
     unset = minted_unset(validated, fields)
     arguments: dict[str, Any] = {}
