@@ -218,18 +218,18 @@ class _Validations:
                 self._count -= len(dropped)
 
     def take(self, kwargs: dict[str, Any]) -> Any:
-        """The model whose dump ``kwargs`` holds, object for object, else ``None``."""
+        """The model whose dump ``kwargs`` holds, object for object, else ``None`` (the
+        key's ids are those very objects: a kept dump and ``kwargs`` both hold theirs
+        alive, so no two of them share an id)."""
         key = self._key(kwargs)
         with self._lock:
             entries = self._kept.get(key)
             if not entries:
                 return None
-            dumped, validated = entries.pop(0)
+            _, validated = entries.pop(0)
             self._count -= 1
             if not entries:
                 del self._kept[key]
-        if dumped.keys() != kwargs.keys() or any(kwargs[k] is not v for k, v in dumped.items()):
-            return None
         return validated
 
 
