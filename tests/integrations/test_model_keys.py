@@ -257,19 +257,36 @@ def test_a_deterministic_factory_counts_left_out_or_spelt_out(
     assert len(ledger.rows()) == 2
 
 
-@pytest.mark.parametrize("framework", ["crewai", "crewai_structured"])
+@pytest.mark.parametrize("framework", EVERY_FRAMEWORK)
 def test_a_top_level_argument_a_minting_factory_filled(framework: str, ledger: Ledger) -> None:
-    """CrewAI validates the arguments as one model: an argument its factory filled is
-    left out like a nested field (the other integrations: docs/integrations)."""
+    """An argument the call left to a factory that mints is left out like a nested field:
+    the framework validated the call afresh and filled it anew, which made every retry a
+    new request in LangChain, FastMCP and the Agents SDK (CrewAI keeps the validated model;
+    the others are told by the call's raw arguments). One the call sent counts."""
+    tags: list[str] = []
 
     def stamp(order_id: str, tag: Annotated[str, Field(default_factory=new_id)]) -> str:
         """Stamp an order."""
+        tags.append(tag)
         return f"S-{ledger.append('stamp', order_id)}"
 
-    calls = [{"order_id": "o-1"}, {"order_id": "o-1"}, {"order_id": "o-1", "tag": "t"}]
-    outputs = FRAMEWORKS[framework](stamp, calls, Guard(MemoryStore()))
+    calls = [
+        {"order_id": "o-1"},
+        {"order_id": "o-1"},
+        {"order_id": "o-1", "tag": "t"},
+        {"order_id": "o-1", "tag": "u"},
+        {"order_id": "o-1", "tag": "t"},
+        {"order_id": "o-1"},
+    ]
+    store = MemoryStore()
+    guard = Guard(store)
 
-    assert outputs == ["S-1", "S-1", "S-2"]
+    outputs = FRAMEWORKS[framework](stamp, calls, guard)
+
+    assert outputs == ["S-1", "S-1", "S-2", "S-3", "S-2", "S-1"]
+    assert tags[1:] == ["t", "u"]
+    assert len(tags[0]) == 32
+    assert sorted(p.get("tag", "") for p in payloads(store, guard)) == ["", "t", "u"]
 
 
 # -- key_form's rules, one by one -----------------------------------------------------------
@@ -286,6 +303,37 @@ def test_minting_and_deterministic_factories() -> None:
         "region": ["eu"],
         "created": "2026-01-02T03:04:05",
     }
+
+
+def test_an_argument_counts_as_sent_under_each_name_pydantic_takes_it_by() -> None:
+    """``minted_unsent`` reads a call's raw keys as pydantic does: an alias replaces the
+    field's name unless ``populate_by_name``; ``AliasChoices`` and ``AliasPath`` name it
+    too; a deterministic factory's field and a plain default are never left out."""
+    from pydantic import AliasChoices, AliasPath
+
+    from safeagent.integrations._keyform import minted_unsent
+
+    class Args(BaseModel):
+        plain: str = Field(default_factory=new_id)
+        aliased: str = Field(default_factory=new_id, alias="Aliased")
+        choices: str = Field(
+            default_factory=new_id, validation_alias=AliasChoices("c1", AliasPath("c2", 0))
+        )
+        region: list[str] = Field(default_factory=lambda: ["eu"])
+        note: str = "n"
+
+    every = {"plain", "aliased", "choices"}
+    assert minted_unsent(Args, []) == every
+    assert minted_unsent(Args, ["plain", "Aliased", "c1"]) == set()
+    assert minted_unsent(Args, ["aliased", "c2"]) == {"plain", "aliased"}
+    assert minted_unsent(Args, ["choices"]) == every  # the name is no input name here
+
+    class ByName(Args):
+        model_config = ConfigDict(populate_by_name=True)
+
+    assert minted_unsent(ByName, ["aliased", "choices"]) == {"plain"}
+    assert minted_unsent(dict, []) == set()
+    assert minted_unsent(Args(), []) == set()
 
 
 def test_a_model_with_a_left_out_field_keeps_its_own_serializer() -> None:

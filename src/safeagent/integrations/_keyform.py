@@ -37,6 +37,7 @@ import time
 import uuid
 import weakref
 from collections import deque
+from collections.abc import Collection
 from decimal import Decimal
 from typing import Any, cast
 
@@ -270,6 +271,58 @@ def minted_unset(value: Any, fields: dict[str, Any]) -> set[str]:
         return set()
     minting = _minting(type(value), {name: fields[name] for name in filled})
     return {name for name in filled if minting[name]}
+
+
+def minted_unsent(model: Any, sent: Collection[str]) -> frozenset[str]:
+    """The top-level fields of pydantic model class ``model`` (a tool's argument schema)
+    that a call whose raw arguments have the keys ``sent`` left to a ``default_factory``
+    that mints a new value per call (see :func:`_minting`): the framework validated the
+    call and filled them afresh, so a retry would otherwise be a new request. Field names
+    (what the framework passes the function as keywords); empty for anything but a
+    pydantic v2 model class.
+
+    A field counts as sent when ``sent`` holds a name pydantic validates it by (its
+    validation alias or alias, an ``AliasChoices`` choice, the first key of an
+    ``AliasPath``; its own name unless an alias replaces it without ``validate_by_name``
+    or ``populate_by_name``). The frameworks hand the function validated values, without
+    pydantic's ``model_fields_set``: these raw keys are how a field a call sent is told
+    from one a factory filled.
+
+    Raises:
+        Exception: what a factory raised when asked whether it mints (see :func:`_made`).
+    """
+    fields = getattr(model, "__pydantic_fields__", None)
+    decorators = getattr(model, "__pydantic_decorators__", None)
+    if not isinstance(model, type) or not isinstance(fields, dict) or decorators is None:
+        return frozenset()
+    config = getattr(model, "model_config", None) or {}
+    by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
+    by_alias = config.get("validate_by_alias", True) is not False
+    filled = {
+        name: info
+        for name, info in fields.items()
+        if getattr(info, "default_factory", None) is not None
+        and not _input_names(name, info, by_name, by_alias) & set(sent)
+    }
+    if not filled:
+        return frozenset()
+    minting = _minting(model, filled)
+    return frozenset(name for name in filled if minting[name])
+
+
+def _input_names(name: str, info: Any, by_name: bool, by_alias: bool) -> set[str]:
+    """The top-level keys pydantic takes field ``name`` from (see :func:`minted_unsent`)."""
+    from pydantic import AliasChoices, AliasPath  # noqa: PLC0415 - the SDKs bring pydantic
+
+    alias = info.validation_alias if info.validation_alias is not None else info.alias
+    names = {name} if alias is None or by_name else set()
+    if alias is not None and by_alias:
+        for choice in alias.choices if isinstance(alias, AliasChoices) else [alias]:
+            if isinstance(choice, str):
+                names.add(choice)
+            elif isinstance(choice, AliasPath) and choice.path and isinstance(choice.path[0], str):
+                names.add(choice.path[0])
+    return names
 
 
 _FACTORIES: weakref.WeakKeyDictionary[type, dict[str, bool]] = weakref.WeakKeyDictionary()

@@ -133,7 +133,7 @@ from safeagent.errors import (
     TransportIdWarning,
 )
 from safeagent.integrations._common import ControlFlow, note_raised, storable
-from safeagent.integrations._keyform import key_form
+from safeagent.integrations._keyform import key_form, minted_unsent
 from safeagent.integrations._loops import in_own_thread, run_on_loop
 from safeagent.integrations._toolspec import (
     check_scope,
@@ -171,6 +171,10 @@ _CALL_ID_KW = "__safeagent_tool_call_id__"
 _KEYED_KW = "__safeagent_keyed_input__"
 """The private keyword that carries, for a string input, the ``(args, kwargs)`` of its dict
 form from input parsing to ``_run``: the request id is derived from those."""
+
+_UNSENT_KW = "__safeagent_unsent__"
+"""The private keyword that carries the names of the arguments a call left to a
+``default_factory`` that mints (``uuid4``, ``datetime.now``): they are not keyed."""
 
 _TOOL_MESSAGE = "__langchain_tool_message__"
 """Marks a stored ``ToolMessage`` (its content, artifact and status)."""
@@ -452,6 +456,18 @@ class GuardedTool(BaseTool):
             # invoke("hi") and invoke({"text": "hi"}) are one request.
             keyed_args, keyed_kwargs = inner._to_args_and_kwargs({name: tool_input}, tool_call_id)
             extra[_KEYED_KW] = (tuple(keyed_args), keyed_kwargs)
+        # LangChain passes the validated input, the values a default_factory filled
+        # included: one that mints (uuid4, datetime.now) made every retry a new request.
+        # Which fields the call sent is read off its raw input, before validation.
+        schema = inner.args_schema
+        if schema is not None and not isinstance(schema, dict):
+            first = next(iter(getattr(schema, "__pydantic_fields__", None) or ()), None)
+            sent = (
+                tool_input if isinstance(tool_input, dict) else ([] if first is None else [first])
+            )
+            unsent = minted_unsent(schema, sent)
+            if unsent:
+                extra[_UNSENT_KW] = unsent
         return tuple(args), {**kwargs, **extra}
 
     # -- running -----------------------------------------------------------------------------
@@ -465,6 +481,7 @@ class GuardedTool(BaseTool):
     ) -> Any:
         call_id = kwargs.pop(_CALL_ID_KW, None)
         keyed = kwargs.pop(_KEYED_KW, None)
+        unsent = kwargs.pop(_UNSENT_KW, frozenset())
         guard = self._guard
         if not isinstance(guard, Guard):
             raise ConfigurationError(
@@ -472,7 +489,7 @@ class GuardedTool(BaseTool):
                 "(graph.ainvoke / astream), or guard it with a Guard"
             )
         key_args, key_kwargs = keyed or (args, kwargs)
-        request_id, payload = self._request(key_args, key_kwargs, config, call_id)
+        request_id, payload = self._request(key_args, key_kwargs, config, call_id, unsent)
         raised: list[BaseException] = []
         inner = self._inner
         # Without a sync body nothing can run: the claim is released (a stored outcome is
@@ -515,8 +532,9 @@ class GuardedTool(BaseTool):
     ) -> Any:
         call_id = kwargs.pop(_CALL_ID_KW, None)
         keyed = kwargs.pop(_KEYED_KW, None)
+        unsent = kwargs.pop(_UNSENT_KW, frozenset())
         key_args, key_kwargs = keyed or (args, kwargs)
-        request_id, payload = self._request(key_args, key_kwargs, config, call_id)
+        request_id, payload = self._request(key_args, key_kwargs, config, call_id, unsent)
         raised: list[BaseException] = []
         inner = self._inner
         runs_sync = _runs_sync(inner)
@@ -637,10 +655,14 @@ class GuardedTool(BaseTool):
         kwargs: dict[str, Any],
         config: RunnableConfig | None,
         call_id: str | None,
+        unsent: frozenset[str] = frozenset(),
     ) -> tuple[str, dict[str, Any]]:
         """The request id and the payload: the call's arguments (the defaults the tool
-        declares applied, LangChain's and LangGraph's injected context left out) as the
-        JSON values :func:`~safeagent.integrations._keyform.key_form` makes of them."""
+        declares applied, LangChain's and LangGraph's injected context left out, and those
+        named in ``unsent``, which a minting default_factory filled) as the JSON values
+        :func:`~safeagent.integrations._keyform.key_form` makes of them."""
+        if unsent:
+            kwargs = {k: v for k, v in kwargs.items() if k not in unsent}
         visible = self._keyed(_with_defaults(self._defaults, args, kwargs))
         try:
             payload: dict[str, Any] = key_form(visible)

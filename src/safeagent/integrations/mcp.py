@@ -59,6 +59,7 @@ the server is a local process reading the local store.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import functools
 import inspect
 import json
@@ -98,7 +99,7 @@ from safeagent.errors import (
     ReplayedFailureError,
 )
 from safeagent.integrations._common import ControlFlow, note_raised, storable
-from safeagent.integrations._keyform import key_form
+from safeagent.integrations._keyform import key_form, minted_unsent
 from safeagent.integrations._mcp_server import build_server, serve
 from safeagent.integrations._toolspec import (
     check_scope,
@@ -315,6 +316,46 @@ async def _until_recorded(
                 await anyio.sleep(0.01)
 
 
+_RAW_KEYS: contextvars.ContextVar[tuple[str, tuple[str, ...]] | None] = contextvars.ContextVar(
+    "safeagent_mcp_raw_keys", default=None
+)
+"""(tool name, the keys of its raw arguments) of the call a guarded server's tool manager is
+making: what FastMCP validated, before defaults were applied."""
+
+
+def _note_raw_keys(manager: Any) -> None:
+    """Have ``manager`` (a FastMCP ``ToolManager``) note each call's raw argument names in
+    :data:`_RAW_KEYS` while it runs: FastMCP hands a tool the validated arguments, the
+    values a ``default_factory`` filled included, and tells no one which the client sent."""
+    if getattr(manager, "_safeagent_notes_raw_keys", False):
+        return
+    call_tool = manager.call_tool
+
+    async def noting_call_tool(name: str, arguments: Any, *args: Any, **kwargs: Any) -> Any:
+        keys = (
+            tuple(k for k in arguments if isinstance(k, str)) if isinstance(arguments, dict) else ()
+        )
+        token = _RAW_KEYS.set((name, keys))
+        try:
+            return await call_tool(name, arguments, *args, **kwargs)
+        finally:
+            _RAW_KEYS.reset(token)
+
+    manager.call_tool = noting_call_tool
+    manager._safeagent_notes_raw_keys = True
+
+
+def _unsent(name: str, model: Any) -> set[str]:
+    """The arguments (as FastMCP passes them: by alias where a field has one) of this call
+    of tool ``name`` that a minting ``default_factory`` filled, when the call came through
+    a guarded server's tool manager; else empty (every value is keyed)."""
+    raw = _RAW_KEYS.get()
+    if model is None or raw is None or raw[0] != name:
+        return set()
+    fields = model.__pydantic_fields__
+    return {fields[n].alias or n for n in minted_unsent(model, raw[1])}
+
+
 def _wrap(
     fn: Callable[..., Any],
     guard: Guard | AsyncGuard,
@@ -328,6 +369,12 @@ def _wrap(
         raise ConfigurationError(f"guard must be a Guard or an AsyncGuard, got {guard!r}")
     fn_is_async = _is_async(fn)
     results = _Results(metadata, guard.result_encoder)
+    model = metadata.arg_model
+    factories = (
+        model
+        if any(f.default_factory is not None for f in model.__pydantic_fields__.values())
+        else None
+    )
 
     async def run_async(
         guard: AsyncGuard,
@@ -366,7 +413,10 @@ def _wrap(
             raise
 
     async def call(**kwargs: Any) -> Any:
-        arguments = {k: v for k, v in kwargs.items() if not isinstance(v, Context)}
+        unsent = _unsent(keying.name, factories)  # not keyed: a retry mints them afresh
+        arguments = {
+            k: v for k, v in kwargs.items() if not isinstance(v, Context) and k not in unsent
+        }
         request_id, payload = keying.request(arguments)
         raised: list[BaseException] = []
 
@@ -580,6 +630,7 @@ def guard_server(
             else set(exclude) & parameters[tool_name]
         )
         keyings[tool_name] = _Keying(tool_name, scope, scope_arg, own, parameters[tool_name])
+    _note_raw_keys(manager)
     for tool_name, keying in keyings.items():
         tool = registered[tool_name]
         call = _wrap(tool.fn, guard, keying, namespace, tool.fn_metadata)

@@ -63,11 +63,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any, cast, get_origin, get_type_hints
 
 try:
     from agents import FunctionTool, RunContextWrapper, function_tool
+    from agents.function_schema import function_schema
     from agents.tool_context import ToolContext
     from pydantic_core import PydanticSerializationError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -88,7 +90,7 @@ from safeagent.integrations._common import (
     execute,
     request_id_for,
 )
-from safeagent.integrations._keyform import key_form
+from safeagent.integrations._keyform import key_form, minted_unsent
 from safeagent.integrations._toolspec import (
     Exclude,
     KeyMode,
@@ -184,6 +186,34 @@ def _answer(outcome: Outcome, replay_marker: str | None) -> Any:
     ) from outcome.exception
 
 
+def _factory_model(func: Callable[..., Any]) -> Any:
+    """The SDK's pydantic model of ``func``'s arguments when one of them has a
+    ``default_factory``, else ``None`` (nothing a call leaves out can be minted)."""
+    try:
+        model = function_schema(func, use_docstring_info=False).params_pydantic_model
+    except Exception:  # noqa: BLE001 - function_tool built it already; then key as bound
+        return None
+    fields = getattr(model, "__pydantic_fields__", None) or {}
+    if any(getattr(f, "default_factory", None) is not None for f in fields.values()):
+        return model
+    return None
+
+
+def _sent_keys(ctx: ToolContext[Any]) -> list[str] | None:
+    """The argument names the call's raw JSON arguments (``ctx.tool_arguments``, what the
+    SDK validates) hold; ``None`` when they are not known (then every value is keyed)."""
+    raw = getattr(ctx, "tool_arguments", None)
+    if not isinstance(raw, str):
+        return None
+    if not raw:
+        return []  # the SDK validates an empty input as {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return [k for k in data if isinstance(k, str)] if isinstance(data, dict) else None
+
+
 def guard_tool(
     tool: FunctionTool,
     *,
@@ -270,12 +300,21 @@ def guard_tool(
     check_excluded(tool.name, excluded, accepted)
     var_keyword = accepted.var_keyword
     name = tool.name
+    factories = _factory_model(func)
 
     def prepare(ctx: ToolContext[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
         call_args = (ctx, *args) if takes_context else args
         bound = bind_arguments(
             func, call_args, kwargs, exclude=(context_name,) if takes_context else ()
         )
+        if factories is not None:
+            # The SDK passes the validated arguments, the values a default_factory filled
+            # included: one that mints (uuid4, datetime.now) made every retry a new
+            # request. Which ones the call sent is read off its raw JSON arguments.
+            sent = _sent_keys(ctx)
+            unsent = minted_unsent(factories, sent) if sent is not None else frozenset()
+            if unsent:
+                bound = {k: v for k, v in bound.items() if k not in unsent}
         try:
             keyed = key_form(bound)
         except PydanticSerializationError as exc:
