@@ -316,11 +316,11 @@ async def _until_recorded(
                 await anyio.sleep(0.01)
 
 
-_RAW_KEYS: contextvars.ContextVar[tuple[str, tuple[str, ...]] | None] = contextvars.ContextVar(
+_RAW_KEYS: contextvars.ContextVar[tuple[Any, tuple[str, ...]] | None] = contextvars.ContextVar(
     "safeagent_mcp_raw_keys", default=None
 )
-"""(tool name, the keys of its raw arguments) of the call a guarded server's tool manager is
-making: what FastMCP validated, before defaults were applied."""
+"""(the function a guarded server's tool manager is about to call, the keys of the raw
+arguments it got for it): what FastMCP validated, before defaults were applied."""
 
 
 def _note_raw_keys(manager: Any) -> None:
@@ -332,10 +332,11 @@ def _note_raw_keys(manager: Any) -> None:
     call_tool = manager.call_tool
 
     async def noting_call_tool(name: str, arguments: Any, *args: Any, **kwargs: Any) -> Any:
-        keys = (
-            tuple(k for k in arguments if isinstance(k, str)) if isinstance(arguments, dict) else ()
-        )
-        token = _RAW_KEYS.set((name, keys))
+        tool = manager.get_tool(name)
+        noted = None
+        if tool is not None and isinstance(arguments, dict):
+            noted = (tool.fn, tuple(k for k in arguments if isinstance(k, str)))
+        token = _RAW_KEYS.set(noted)
         try:
             return await call_tool(name, arguments, *args, **kwargs)
         finally:
@@ -345,12 +346,16 @@ def _note_raw_keys(manager: Any) -> None:
     manager._safeagent_notes_raw_keys = True
 
 
-def _unsent(name: str, model: Any) -> set[str]:
+def _unsent(fn: Any, model: Any) -> set[str]:
     """The arguments (as FastMCP passes them: by alias where a field has one) of this call
-    of tool ``name`` that a minting ``default_factory`` filled, when the call came through
-    a guarded server's tool manager; else empty (every value is keyed)."""
+    of ``fn`` (a guarded tool's function) that a minting ``default_factory`` filled, when
+    the server's tool manager is calling ``fn`` itself now; else empty (every value is
+    keyed). Read once: a call ``fn`` makes of itself is not the manager's."""
     raw = _RAW_KEYS.get()
-    if model is None or raw is None or raw[0] != name:
+    if raw is None or raw[0] is not fn:
+        return set()
+    _RAW_KEYS.set(None)  # the manager resets it when its call returns
+    if model is None:
         return set()
     fields = model.__pydantic_fields__
     return {fields[n].alias or n for n in minted_unsent(model, raw[1])}
@@ -413,7 +418,7 @@ def _wrap(
             raise
 
     async def call(**kwargs: Any) -> Any:
-        unsent = _unsent(keying.name, factories)  # not keyed: a retry mints them afresh
+        unsent = _unsent(call, factories)  # not keyed: a retry mints them afresh
         arguments = {
             k: v for k, v in kwargs.items() if not isinstance(v, Context) and k not in unsent
         }
