@@ -289,6 +289,32 @@ def test_a_top_level_argument_a_minting_factory_filled(framework: str, ledger: L
     assert sorted(p.get("tag", "") for p in payloads(store, guard)) == ["", "t", "u"]
 
 
+def test_a_langchain_string_input_and_an_aliased_schema(ledger: Ledger) -> None:
+    """A string input sends only the first argument; an ``args_schema`` field sent under
+    its alias counts as sent, one left out under its factory does not count."""
+    require("langchain_core")
+    from langchain_core.tools import StructuredTool
+
+    from safeagent.integrations.langchain import guard_tool
+
+    def note(text: str, tag: str = "") -> str:
+        return f"N-{ledger.append('note', text)}"
+
+    class NoteArgs(BaseModel):
+        text: str
+        tag: str = Field(default_factory=new_id, alias="Tag")
+
+    tool = StructuredTool.from_function(note, args_schema=NoteArgs, name="note", description="n")
+    guarded = guard_tool(tool, Guard(MemoryStore()), scope=SCOPE)
+
+    assert guarded.invoke("hi") == "N-1"
+    assert guarded.invoke("hi") == "N-1"
+    assert guarded.invoke({"text": "hi"}) == "N-1"
+    assert guarded.invoke({"text": "hi", "Tag": "t"}) == "N-2"
+    assert guarded.invoke({"text": "hi", "Tag": "t"}) == "N-2"
+    assert len(ledger.rows()) == 2
+
+
 # -- key_form's rules, one by one -----------------------------------------------------------
 
 
