@@ -286,7 +286,134 @@ def test_a_top_level_argument_a_minting_factory_filled(framework: str, ledger: L
     assert outputs == ["S-1", "S-1", "S-2", "S-3", "S-2", "S-1"]
     assert tags[1:] == ["t", "u"]
     assert len(tags[0]) == 32
-    assert sorted(p.get("tag", "") for p in payloads(store, guard)) == ["", "t", "u"]
+    # The payload keeps the value the body got (a reconcile hook may need it); the
+    # fingerprint and the request id leave it out.
+    stored = sorted(p["tag"] for p in payloads(store, guard))
+    assert stored == sorted([tags[0], "t", "u"])
+
+
+def test_langchain_asks_pydantic_which_arguments_the_call_set(ledger: Ledger) -> None:
+    """A validator that takes a field from another key sets it (two labels, two runs: the
+    first fix read raw keys and made them one request); an ``AliasPath`` that does not
+    resolve leaves the field to its factory (three retries, one run: the first fix keyed
+    the minted value)."""
+    require("langchain_core")
+    from langchain_core.tools import StructuredTool
+    from pydantic import AliasPath, model_validator
+
+    from safeagent.integrations.langchain import guard_tool
+
+    class StampArgs(BaseModel):
+        order_id: str
+        tag: str = Field(default_factory=new_id, validation_alias=AliasPath("meta", "tag"))
+
+        @model_validator(mode="before")
+        @classmethod
+        def legacy_label(cls, data: Any) -> Any:
+            if isinstance(data, dict) and "label" in data:
+                return {**data, "meta": {"tag": data["label"]}}
+            return data
+
+    def stamp(order_id: str, tag: str) -> str:
+        return f"S-{ledger.append('stamp', tag)}"
+
+    tool = StructuredTool.from_function(stamp, args_schema=StampArgs, description="s")
+    guarded = guard_tool(tool, Guard(MemoryStore()), scope=SCOPE)
+    outputs = [
+        guarded.invoke(a)
+        for a in (
+            {"order_id": "o", "label": "red"},
+            {"order_id": "o", "label": "blue"},
+            {"order_id": "o", "label": "red"},
+            {"order_id": "o", "meta": {}},
+            {"order_id": "o", "meta": {}},
+            {"order_id": "o", "meta": {}},
+        )
+    ]
+
+    assert outputs == ["S-1", "S-2", "S-1", "S-3", "S-3", "S-3"]
+    assert [row[1] for row in ledger.rows()][:2] == ["red", "blue"]
+
+
+def test_an_agents_sdk_context_of_other_arguments_counts_every_value(ledger: Ledger) -> None:
+    """``ToolContext.tool_arguments`` that are not the call's (left over from another call,
+    a placeholder) leave nothing out: two tags stay two requests. The runner's own
+    context (the call's arguments) leaves the minted one out."""
+    require("agents")
+    from agents import function_tool
+    from agents.tool_context import ToolContext
+
+    from safeagent.integrations.openai_agents import guard_tool
+
+    def stamp(order_id: str, tag: Annotated[str, Field(default_factory=new_id)]) -> str:
+        """Stamp."""
+        return f"S-{ledger.append('stamp', tag)}"
+
+    guarded = guard_tool(function_tool(stamp), guard=Guard(MemoryStore()), scope=SCOPE)
+
+    async def call(tool_arguments: str, arguments: dict[str, Any]) -> Any:
+        ctx = ToolContext(
+            context=None, tool_name="stamp", tool_call_id="c", tool_arguments=tool_arguments
+        )
+        return await guarded.on_invoke_tool(ctx, json.dumps(arguments))
+
+    async def scenario() -> list[Any]:
+        return [
+            await call('{"order_id": "p"}', {"order_id": "o", "tag": "red"}),
+            await call('{"order_id": "p"}', {"order_id": "o", "tag": "blue"}),
+            await call('{"order_id": "o"}', {"order_id": "o"}),
+            await call('{"order_id": "o"}', {"order_id": "o"}),
+        ]
+
+    assert asyncio.run(scenario()) == ["S-1", "S-2", "S-3", "S-3"]
+
+
+def test_mcp_a_nested_call_of_a_tool_of_the_same_name_is_keyed_on_its_own(
+    ledger: Ledger,
+) -> None:
+    """A guarded gateway tool forwarding to another server's tool of the same name: the
+    inner call's ``tag`` is its own (the first fix handed it the outer call's raw keys,
+    which made two tags one request); a scope argument a minting factory would fill is
+    refused before anything runs."""
+    require("mcp")
+    from mcp.server.fastmcp import FastMCP
+
+    from safeagent.integrations.mcp import guard_server, guarded
+
+    guard = Guard(MemoryStore())
+    backend = FastMCP("backend")
+
+    @backend.tool()
+    @guarded(guard, scope="backend")
+    def stamp(order_id: str, tag: Annotated[str, Field(default_factory=new_id)]) -> str:
+        return f"B-{ledger.append('backend', tag)}"
+
+    gateway = FastMCP("gateway")
+
+    @gateway.tool(name="stamp")
+    async def forward(
+        order_id: str, fwd: str, tag: Annotated[str, Field(default_factory=new_id)]
+    ) -> str:
+        ledger.append("gateway", fwd)
+        result = await backend.call_tool("stamp", {"order_id": order_id, "tag": fwd})
+        return str(result)
+
+    @gateway.tool()
+    def open_case(case: Annotated[str, Field(default_factory=new_id)]) -> str:
+        return f"C-{ledger.append('case', case)}"
+
+    guard_server(gateway, guard, scope_arg="case", scope="gateway")
+
+    async def scenario() -> Any:
+        for fwd in ("red", "blue"):
+            await gateway.call_tool("stamp", {"order_id": "o", "fwd": fwd})
+        return await gateway.call_tool("open_case", {})
+
+    with pytest.raises(Exception, match="was not sent"):
+        asyncio.run(scenario())
+    backend_tags = [row[1] for row in ledger.rows() if row[0] == "backend"]
+    assert backend_tags == ["red", "blue"]
+    assert not [row for row in ledger.rows() if row[0] == "case"]
 
 
 def test_a_langchain_string_input_and_an_aliased_schema(ledger: Ledger) -> None:
@@ -331,11 +458,13 @@ def test_minting_and_deterministic_factories() -> None:
     }
 
 
-def test_an_argument_counts_as_sent_under_each_name_pydantic_takes_it_by() -> None:
-    """``minted_unsent`` reads a call's raw keys as pydantic does: an alias replaces the
-    field's name unless ``populate_by_name``; ``AliasChoices`` and ``AliasPath`` name it
-    too; a deterministic factory's field and a plain default are never left out."""
-    from pydantic import AliasChoices, AliasPath
+def test_an_argument_counts_as_sent_when_pydantic_takes_it_from_the_input() -> None:
+    """``minted_unsent`` asks pydantic which fields the raw input sets: under an alias,
+    an ``AliasChoices`` choice, an ``AliasPath`` that resolves (one that does not leaves
+    the field to its factory), or by a validator that renames a key; a deterministic
+    factory's field and a plain default are never left out; input pydantic refuses
+    leaves nothing out."""
+    from pydantic import AliasChoices, AliasPath, model_validator
 
     from safeagent.integrations._keyform import minted_unsent
 
@@ -347,19 +476,30 @@ def test_an_argument_counts_as_sent_under_each_name_pydantic_takes_it_by() -> No
         )
         region: list[str] = Field(default_factory=lambda: ["eu"])
         note: str = "n"
+        count: int = 0
+
+        @model_validator(mode="before")
+        @classmethod
+        def renamed(cls, data: Any) -> Any:
+            if isinstance(data, dict) and "legacy" in data:
+                return {**data, "plain": data["legacy"]}
+            return data
 
     every = {"plain", "aliased", "choices"}
-    assert minted_unsent(Args, []) == every
-    assert minted_unsent(Args, ["plain", "Aliased", "c1"]) == set()
-    assert minted_unsent(Args, ["aliased", "c2"]) == {"plain", "aliased"}
-    assert minted_unsent(Args, ["choices"]) == every  # the name is no input name here
+    assert minted_unsent(Args, {}) == every
+    assert minted_unsent(Args, {"plain": "p", "Aliased": "a", "c1": "c"}) == set()
+    assert minted_unsent(Args, {"aliased": "a", "c2": ["c"]}) == {"plain", "aliased"}
+    assert minted_unsent(Args, {"c2": []}) == every  # the path does not resolve
+    assert minted_unsent(Args, {"choices": "c"}) == every  # the name is no input name here
+    assert minted_unsent(Args, {"legacy": "p"}) == {"aliased", "choices"}
+    assert minted_unsent(Args, {"count": "not a number"}) == set()
 
     class ByName(Args):
         model_config = ConfigDict(populate_by_name=True)
 
-    assert minted_unsent(ByName, ["aliased", "choices"]) == {"plain"}
-    assert minted_unsent(dict, []) == set()
-    assert minted_unsent(Args(), []) == set()
+    assert minted_unsent(ByName, {"aliased": "a", "choices": "c"}) == {"plain"}
+    assert minted_unsent(dict, {}) == set()
+    assert minted_unsent(Args, ["plain"]) == set()
 
 
 def test_a_model_with_a_left_out_field_keeps_its_own_serializer() -> None:

@@ -37,7 +37,6 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Collection
 from decimal import Decimal
 from typing import Any, cast
 
@@ -273,56 +272,51 @@ def minted_unset(value: Any, fields: dict[str, Any]) -> set[str]:
     return {name for name in filled if minting[name]}
 
 
-def minted_unsent(model: Any, sent: Collection[str]) -> frozenset[str]:
-    """The top-level fields of pydantic model class ``model`` (a tool's argument schema)
-    that a call whose raw arguments have the keys ``sent`` left to a ``default_factory``
-    that mints a new value per call (see :func:`_minting`): the framework validated the
-    call and filled them afresh, so a retry would otherwise be a new request. Field names
-    (what the framework passes the function as keywords); empty for anything but a
-    pydantic v2 model class.
+def has_factories(model: Any) -> bool:
+    """``True`` when ``model`` is a pydantic v2 model class with a ``default_factory``
+    field (a tool's argument schema whose calls :func:`minted_unsent` must look at)."""
+    fields = getattr(model, "__pydantic_fields__", None)
+    return (
+        isinstance(model, type)
+        and isinstance(fields, dict)
+        and hasattr(model, "model_validate")
+        and any(getattr(f, "default_factory", None) is not None for f in fields.values())
+    )
 
-    A field counts as sent when ``sent`` holds a name pydantic validates it by (its
-    validation alias or alias, an ``AliasChoices`` choice, the first key of an
-    ``AliasPath``; its own name unless an alias replaces it without ``validate_by_name``
-    or ``populate_by_name``). The frameworks hand the function validated values, without
-    pydantic's ``model_fields_set``: these raw keys are how a field a call sent is told
-    from one a factory filled.
+
+def minted_unsent(model: Any, raw: Any) -> frozenset[str]:
+    """The top-level fields of pydantic model class ``model`` (a tool's argument schema)
+    that a call with the raw arguments ``raw`` (a dict, as the framework validates it)
+    leaves to a ``default_factory`` that mints a new value per call (see
+    :func:`_minting`): the framework validated the call and filled them afresh, so a
+    retry would otherwise be a new request. Field names; empty for anything but a
+    pydantic v2 model class and a dict.
+
+    The frameworks hand the function validated values, without pydantic's
+    ``model_fields_set``, so ``raw`` is validated here once more and pydantic's own
+    answer read (aliases, ``AliasPath``, validators that rename keys: as pydantic sees
+    them). Pass a copy the framework's validators cannot have changed. When that
+    validation fails, nothing is left out (every value counts, as before).
 
     Raises:
         Exception: what a factory raised when asked whether it mints (see :func:`_made`).
     """
-    fields = getattr(model, "__pydantic_fields__", None)
-    decorators = getattr(model, "__pydantic_decorators__", None)
-    if not isinstance(model, type) or not isinstance(fields, dict) or decorators is None:
+    if not has_factories(model) or not isinstance(raw, dict):
         return frozenset()
-    config = getattr(model, "model_config", None) or {}
-    by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
-    by_alias = config.get("validate_by_alias", True) is not False
+    fields: dict[str, Any] = model.__pydantic_fields__
+    try:
+        given = model.model_validate(raw).model_fields_set
+    except Exception:  # noqa: BLE001 - refused, or a validator that fails now: count all
+        return frozenset()
     filled = {
         name: info
         for name, info in fields.items()
-        if getattr(info, "default_factory", None) is not None
-        and not _input_names(name, info, by_name, by_alias) & set(sent)
+        if name not in given and getattr(info, "default_factory", None) is not None
     }
     if not filled:
         return frozenset()
     minting = _minting(model, filled)
     return frozenset(name for name in filled if minting[name])
-
-
-def _input_names(name: str, info: Any, by_name: bool, by_alias: bool) -> set[str]:
-    """The top-level keys pydantic takes field ``name`` from (see :func:`minted_unsent`)."""
-    from pydantic import AliasChoices, AliasPath  # noqa: PLC0415 - the SDKs bring pydantic
-
-    alias = info.validation_alias if info.validation_alias is not None else info.alias
-    names = {name} if alias is None or by_name else set()
-    if alias is not None and by_alias:
-        for choice in alias.choices if isinstance(alias, AliasChoices) else [alias]:
-            if isinstance(choice, str):
-                names.add(choice)
-            elif isinstance(choice, AliasPath) and choice.path and isinstance(choice.path[0], str):
-                names.add(choice.path[0])
-    return names
 
 
 _FACTORIES: weakref.WeakKeyDictionary[type, dict[str, bool]] = weakref.WeakKeyDictionary()

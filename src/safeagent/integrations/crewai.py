@@ -305,7 +305,7 @@ class GuardedTool(BaseTool):
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = (), self._by_name(args, kwargs)
-        request_id, payload = self._request(kwargs)
+        request_id, payload, unsent = self._request(kwargs)
         unrunnable = self._unrunnable("call it with arun")
 
         def fn(_ctx: ExecutionContext) -> Any:
@@ -315,7 +315,12 @@ class GuardedTool(BaseTool):
 
         try:
             receipt = self._guard.execute(
-                request_id, self.name, payload, fn, namespace=self._namespace, exclude=self._exclude
+                request_id,
+                self.name,
+                payload,
+                fn,
+                namespace=self._namespace,
+                exclude=self._exclude | unsent,
             )
         except NotExecuted as exc:
             if exc is unrunnable:
@@ -325,7 +330,7 @@ class GuardedTool(BaseTool):
 
     async def _arun(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = (), self._by_name(args, kwargs)
-        request_id, payload = self._request(kwargs)
+        request_id, payload, unsent = self._request(kwargs)
         loop = asyncio.get_running_loop()
         inner = self._inner
         is_async = _has_async_body(inner)
@@ -350,7 +355,7 @@ class GuardedTool(BaseTool):
                 payload,
                 fn,
                 namespace=self._namespace,
-                exclude=self._exclude,
+                exclude=self._exclude | unsent,
             )
         except NotExecuted as exc:
             if exc is unrunnable:
@@ -411,19 +416,27 @@ class GuardedTool(BaseTool):
             )
         return self._validate_kwargs({**bound, **kwargs})
 
-    def _request(self, kwargs: dict[str, Any]) -> tuple[str, Any]:
-        """The request id and the payload (the arguments as JSON values): from the model
-        CrewAI's validation made of them when that is known (so a nested field a minting
-        ``default_factory`` filled is left out, :mod:`~safeagent.integrations._keyform`),
-        else from the ``model_dump()`` CrewAI hands the tool."""
+    def _request(self, kwargs: dict[str, Any]) -> tuple[str, Any, frozenset[str]]:
+        """The request id, the payload (the arguments as JSON values) and the arguments a
+        minting ``default_factory`` filled: from the model CrewAI's validation made of
+        them when that is known (so such an argument, or a nested field, is left out of
+        the request id, :mod:`~safeagent.integrations._keyform`), else from the
+        ``model_dump()`` CrewAI hands the tool."""
         validated = self._validations.take(kwargs)
-        keyed = kwargs if validated is None else arguments_of(validated, kwargs)
+        keyed, unsent = (
+            (kwargs, frozenset()) if validated is None else arguments_of(validated, kwargs)
+        )
         try:
             payload: dict[str, Any] = key_form(keyed)
         except PydanticSerializationError as exc:
             raise InvalidPayloadError(
                 f"tool {self.name!r}: arguments are not JSON values: {exc}"
             ) from exc
+        if self._scope_arg in unsent:
+            raise MissingKeyError(
+                f"tool {self.name!r}: argument {self._scope_arg!r} (the scope of its request "
+                "ids) was not sent, and its default_factory makes a new value on every call"
+            )
         if self._scope_arg is not None:
             value: Any = kwargs.get(self._scope_arg)
             where = f"argument {self._scope_arg!r}"
@@ -438,8 +451,8 @@ class GuardedTool(BaseTool):
             )
         error = ConfigurationError if where == "the scope callable" else InvalidInputError
         scope = scope_text(value, f"tool {self.name!r}: {where}", error)
-        kept = {k: v for k, v in payload.items() if k not in self._exclude}
-        return derive_request_id(scope, self.name, kept), payload
+        kept = {k: v for k, v in payload.items() if k not in self._exclude and k not in unsent}
+        return derive_request_id(scope, self.name, kept), payload, unsent
 
 
 def _positional_names(tool: BaseTool) -> tuple[str, ...]:
@@ -488,12 +501,13 @@ class _StructuredTool(CrewStructuredTool):
         return parsed
 
 
-def arguments_of(validated: Any, dumped: dict[str, Any]) -> dict[str, Any]:
+def arguments_of(validated: Any, dumped: dict[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
     """The arguments to key a call on, from the validated model and the ``model_dump()``
-    of it CrewAI hands the body: each argument as dumped (as before this model was
-    kept), except one a minting ``default_factory`` filled (left out) and one whose value
-    needs :mod:`~safeagent.integrations._keyform`'s own form (a nested model with a field
-    such a factory filled, say), taken from the model. A dump key is a field's name or,
+    of it CrewAI hands the body, and the keys of those a minting ``default_factory``
+    filled (the request id and the fingerprint leave them out; the payload keeps them):
+    each argument as dumped (as before this model was kept), except one whose value needs
+    :mod:`~safeagent.integrations._keyform`'s own form (a nested model with a field such
+    a factory filled, say), taken from the model. A dump key is a field's name or,
     when the schema sets ``serialize_by_alias``, its alias (as ``model_dump()`` writes
     it); one an extra value wrote over its field (the body gets the extra) counts as
     dumped."""
@@ -506,11 +520,15 @@ def arguments_of(validated: Any, dumped: dict[str, Any]) -> dict[str, Any]:
     extra = getattr(validated, "__pydantic_extra__", None) or {}
     unset = minted_unset(validated, fields)
     arguments: dict[str, Any] = {}
+    unsent: set[str] = set()
     for key, dumped_value in dumped.items():
         name = by_key.get(key)
         if name is None or key in extra:  # not a field's, or the extra's value: as dumped
             arguments[key] = dumped_value
-        elif name not in unset:
+        elif name in unset:
+            arguments[key] = dumped_value
+            unsent.add(key)
+        else:
             form, held = value_form(getattr(validated, name))
             arguments[key] = form if held else dumped_value
-    return arguments
+    return arguments, frozenset(unsent)

@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import copy
 import inspect
 import re
 import sys
@@ -133,7 +134,7 @@ from safeagent.errors import (
     TransportIdWarning,
 )
 from safeagent.integrations._common import ControlFlow, note_raised, storable
-from safeagent.integrations._keyform import key_form, minted_unsent
+from safeagent.integrations._keyform import has_factories, key_form, minted_unsent
 from safeagent.integrations._loops import in_own_thread, run_on_loop
 from safeagent.integrations._toolspec import (
     check_scope,
@@ -336,6 +337,7 @@ def guard_tool(
     guarded._namespace = namespace
     guarded._caller_injected = _caller_injected(tool)
     guarded._defaults = _declared_defaults(tool)
+    guarded._factories = tool.args_schema if has_factories(tool.args_schema) else None
     return guarded
 
 
@@ -414,6 +416,7 @@ class GuardedTool(BaseTool):
     _namespace: str | None = PrivateAttr(default=None)
     _caller_injected: frozenset[str] = PrivateAttr(default=frozenset())
     _defaults: _Defaults | None = PrivateAttr(default=None)
+    _factories: Any = PrivateAttr(default=None)  # args_schema, when it has a default_factory
 
     @property
     def inner(self) -> BaseTool:
@@ -442,6 +445,7 @@ class GuardedTool(BaseTool):
         # Parse and validate exactly as the wrapped tool does (injected arguments too);
         # carry the tool_call_id to _run, which needs it only with key="tool_call_id".
         inner = self._inner
+        raw = _copied(tool_input) if self._factories is not None else None
         args, kwargs = inner._to_args_and_kwargs(tool_input, tool_call_id)
         extra: dict[str, Any] = {_CALL_ID_KW: tool_call_id}
         name = _string_argument(inner) if isinstance(tool_input, str) else None
@@ -456,16 +460,15 @@ class GuardedTool(BaseTool):
             # invoke("hi") and invoke({"text": "hi"}) are one request.
             keyed_args, keyed_kwargs = inner._to_args_and_kwargs({name: tool_input}, tool_call_id)
             extra[_KEYED_KW] = (tuple(keyed_args), keyed_kwargs)
-        # LangChain passes the validated input, the values a default_factory filled
-        # included: one that mints (uuid4, datetime.now) made every retry a new request.
-        # Which fields the call sent is read off its raw input, before validation.
-        schema = inner.args_schema
-        if schema is not None and not isinstance(schema, dict):
-            first = next(iter(getattr(schema, "__pydantic_fields__", None) or ()), None)
-            sent = (
-                tool_input if isinstance(tool_input, dict) else ([] if first is None else [first])
-            )
-            unsent = minted_unsent(schema, sent)
+            raw = {name: tool_input}
+        if self._factories is not None and isinstance(raw, dict):
+            # LangChain passes the validated input, the values a default_factory filled
+            # included: one that mints (uuid4, datetime.now) made every retry a new
+            # request. pydantic tells which fields the raw input set; the keys LangChain
+            # added to it (an injected tool_call_id) count as given.
+            if isinstance(tool_input, dict):
+                raw.update((k, v) for k, v in tool_input.items() if k not in raw)
+            unsent = minted_unsent(self._factories, raw)
             if unsent:
                 extra[_UNSENT_KW] = unsent
         return tuple(args), {**kwargs, **extra}
@@ -512,7 +515,12 @@ class GuardedTool(BaseTool):
 
         try:
             receipt = guard.execute(
-                request_id, self.name, payload, fn, namespace=self._namespace, exclude=self._exclude
+                request_id,
+                self.name,
+                payload,
+                fn,
+                namespace=self._namespace,
+                exclude=self._exclude | unsent,
             )
         except ControlFlow as flow:  # LangGraph's interrupt(): the claim was released
             raise flow.original from None
@@ -576,7 +584,7 @@ class GuardedTool(BaseTool):
                     payload,
                     fn,
                     namespace=self._namespace,
-                    exclude=self._exclude,
+                    exclude=self._exclude | unsent,
                 )
             else:
                 loop = asyncio.get_running_loop()
@@ -594,7 +602,7 @@ class GuardedTool(BaseTool):
                     payload,
                     sync_body if runs_sync else on_loop,
                     namespace=self._namespace,
-                    exclude=self._exclude,
+                    exclude=self._exclude | unsent,
                 )
         except ControlFlow as flow:  # LangGraph's interrupt(): the claim was released
             raise flow.original from None
@@ -658,11 +666,10 @@ class GuardedTool(BaseTool):
         unsent: frozenset[str] = frozenset(),
     ) -> tuple[str, dict[str, Any]]:
         """The request id and the payload: the call's arguments (the defaults the tool
-        declares applied, LangChain's and LangGraph's injected context left out, and those
-        named in ``unsent``, which a minting default_factory filled) as the JSON values
-        :func:`~safeagent.integrations._keyform.key_form` makes of them."""
-        if unsent:
-            kwargs = {k: v for k, v in kwargs.items() if k not in unsent}
+        declares applied, LangChain's and LangGraph's injected context left out) as the
+        JSON values :func:`~safeagent.integrations._keyform.key_form` makes of them. The
+        request id leaves out ``exclude`` and ``unsent`` (what a minting default_factory
+        filled); the payload keeps them (the fingerprint leaves them out)."""
         visible = self._keyed(_with_defaults(self._defaults, args, kwargs))
         try:
             payload: dict[str, Any] = key_form(visible)
@@ -686,7 +693,7 @@ class GuardedTool(BaseTool):
                     "one (invoke it with a ToolCall, as ToolNode does)"
                 )
             return call_id, payload
-        kept = {k: v for k, v in payload.items() if k not in self._exclude}
+        kept = {k: v for k, v in payload.items() if k not in self._exclude and k not in unsent}
         return derive_request_id(self._scope_of(config), self.name, kept), payload
 
     def _is_context(self, name: str) -> bool:
@@ -742,6 +749,17 @@ class GuardedTool(BaseTool):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _copied(tool_input: Any) -> Any:
+    """A deep copy of a dict input (the tool's validators may change the one LangChain
+    validates), or ``None`` when it is not a dict or cannot be copied."""
+    if not isinstance(tool_input, dict):
+        return None
+    try:
+        return copy.deepcopy(tool_input)
+    except Exception:  # noqa: BLE001 - an argument object that refuses to be copied
+        return None
 
 
 def _without_injected(tool: BaseTool, kwargs: dict[str, Any]) -> dict[str, Any]:

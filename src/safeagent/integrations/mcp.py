@@ -59,7 +59,9 @@ the server is a local process reading the local store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
+import copy
 import functools
 import inspect
 import json
@@ -99,7 +101,7 @@ from safeagent.errors import (
     ReplayedFailureError,
 )
 from safeagent.integrations._common import ControlFlow, note_raised, storable
-from safeagent.integrations._keyform import key_form, minted_unsent
+from safeagent.integrations._keyform import has_factories, key_form, minted_unsent
 from safeagent.integrations._mcp_server import build_server, serve
 from safeagent.integrations._toolspec import (
     check_scope,
@@ -155,8 +157,19 @@ class _Keying:
         self.scope_arg = scope_arg
         self.exclude = frozenset(exclude)
 
-    def request(self, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """The request id and the payload of one call (``arguments`` without Context)."""
+    def request(
+        self, arguments: dict[str, Any], unsent: frozenset[str] = frozenset()
+    ) -> tuple[str, dict[str, Any]]:
+        """The request id and the payload of one call (``arguments`` without Context);
+        the request id leaves out ``exclude`` and ``unsent`` (the arguments a minting
+        ``default_factory`` filled), the payload keeps them.
+
+        Raises:
+            InvalidPayloadError: arguments that are not JSON values.
+            MissingKeyError: the ``scope_arg`` argument is ``None``, empty, or filled by a
+                minting ``default_factory`` (a new scope on every retry).
+            InvalidInputError: a ``scope_arg`` value that is no scope.
+        """
         try:
             payload: dict[str, Any] = key_form(arguments)
         except PydanticSerializationError as exc:
@@ -164,6 +177,12 @@ class _Keying:
                 f"tool {self.name!r}: arguments are not JSON values: {exc}"
             ) from exc
         if self.scope_arg is not None:
+            if self.scope_arg in unsent:
+                raise MissingKeyError(
+                    f"tool {self.name!r}: argument {self.scope_arg!r} (the scope of its "
+                    "request ids) was not sent, and its default_factory makes a new value "
+                    "on every call"
+                )
             value = arguments.get(self.scope_arg)
             if value is None or value == "":
                 raise MissingKeyError(
@@ -175,7 +194,7 @@ class _Keying:
         else:
             assert self.scope is not None  # checked in __init__
             scope = self.scope
-        kept = {k: v for k, v in payload.items() if k not in self.exclude}
+        kept = {k: v for k, v in payload.items() if k not in self.exclude and k not in unsent}
         return derive_request_id(scope, self.name, kept), payload
 
 
@@ -316,18 +335,18 @@ async def _until_recorded(
                 await anyio.sleep(0.01)
 
 
-_RAW_KEYS: contextvars.ContextVar[tuple[Any, tuple[str, ...]] | None] = contextvars.ContextVar(
-    "safeagent_mcp_raw_keys", default=None
+_RAW: contextvars.ContextVar[tuple[Any, dict[str, Any]] | None] = contextvars.ContextVar(
+    "safeagent_mcp_raw_arguments", default=None
 )
-"""(the function a guarded server's tool manager is about to call, the keys of the raw
-arguments it got for it): what FastMCP validated, before defaults were applied."""
+"""(the function a guarded server's tool manager is about to call, a copy of the raw
+arguments it got for it): what FastMCP validates, before defaults are applied."""
 
 
-def _note_raw_keys(manager: Any) -> None:
-    """Have ``manager`` (a FastMCP ``ToolManager``) note each call's raw argument names in
-    :data:`_RAW_KEYS` while it runs: FastMCP hands a tool the validated arguments, the
-    values a ``default_factory`` filled included, and tells no one which the client sent."""
-    if getattr(manager, "_safeagent_notes_raw_keys", False):
+def _note_raw_arguments(manager: Any) -> None:
+    """Have ``manager`` (a FastMCP ``ToolManager``) note each call's raw arguments in
+    :data:`_RAW` while it runs: FastMCP hands a tool the validated arguments, the values
+    a ``default_factory`` filled included, and tells no one which the client sent."""
+    if getattr(manager, "_safeagent_notes_raw_arguments", False):
         return
     call_tool = manager.call_tool
 
@@ -335,30 +354,34 @@ def _note_raw_keys(manager: Any) -> None:
         tool = manager.get_tool(name)
         noted = None
         if tool is not None and isinstance(arguments, dict):
-            noted = (tool.fn, tuple(k for k in arguments if isinstance(k, str)))
-        token = _RAW_KEYS.set(noted)
+            with contextlib.suppress(Exception):  # uncopyable: every value counts
+                noted = (tool.fn, copy.deepcopy(arguments))
+        token = _RAW.set(noted)
         try:
             return await call_tool(name, arguments, *args, **kwargs)
         finally:
-            _RAW_KEYS.reset(token)
+            _RAW.reset(token)
 
     manager.call_tool = noting_call_tool
-    manager._safeagent_notes_raw_keys = True
+    manager._safeagent_notes_raw_arguments = True
 
 
-def _unsent(fn: Any, model: Any) -> set[str]:
+def _unsent(fn: Any, metadata: FuncMetadata) -> frozenset[str]:
     """The arguments (as FastMCP passes them: by alias where a field has one) of this call
     of ``fn`` (a guarded tool's function) that a minting ``default_factory`` filled, when
     the server's tool manager is calling ``fn`` itself now; else empty (every value is
     keyed). Read once: a call ``fn`` makes of itself is not the manager's."""
-    raw = _RAW_KEYS.get()
-    if raw is None or raw[0] is not fn:
-        return set()
-    _RAW_KEYS.set(None)  # the manager resets it when its call returns
-    if model is None:
-        return set()
+    noted = _RAW.get()
+    if noted is None or noted[0] is not fn:
+        return frozenset()
+    _RAW.set(None)  # the manager resets it when its call returns
+    model = metadata.arg_model
+    try:
+        raw = metadata.pre_parse_json(noted[1])  # as FastMCP validates them
+    except Exception:  # noqa: BLE001 - FastMCP fails the call itself
+        return frozenset()
     fields = model.__pydantic_fields__
-    return {fields[n].alias or n for n in minted_unsent(model, raw[1])}
+    return frozenset(fields[n].alias or n for n in minted_unsent(model, raw))
 
 
 def _wrap(
@@ -374,12 +397,7 @@ def _wrap(
         raise ConfigurationError(f"guard must be a Guard or an AsyncGuard, got {guard!r}")
     fn_is_async = _is_async(fn)
     results = _Results(metadata, guard.result_encoder)
-    model = metadata.arg_model
-    factories = (
-        model
-        if any(f.default_factory is not None for f in model.__pydantic_fields__.values())
-        else None
-    )
+    factories = has_factories(metadata.arg_model)
 
     async def run_async(
         guard: AsyncGuard,
@@ -387,6 +405,7 @@ def _wrap(
         payload: Any,
         kwargs: dict[str, Any],
         raised: list[BaseException],
+        excluded: frozenset[str],
     ) -> Any:
         started: list[bool] = []
         ended = anyio.Event()
@@ -406,7 +425,7 @@ def _wrap(
 
         try:
             return await guard.execute(
-                request_id, keying.name, payload, afn, namespace=namespace, exclude=keying.exclude
+                request_id, keying.name, payload, afn, namespace=namespace, exclude=excluded
             )
         except anyio.get_cancelled_exc_class():
             # The guard lets a started body finish in the background and records its
@@ -418,16 +437,16 @@ def _wrap(
             raise
 
     async def call(**kwargs: Any) -> Any:
-        unsent = _unsent(call, factories)  # not keyed: a retry mints them afresh
-        arguments = {
-            k: v for k, v in kwargs.items() if not isinstance(v, Context) and k not in unsent
-        }
-        request_id, payload = keying.request(arguments)
+        # What a minting default_factory filled is not keyed: a retry mints it afresh.
+        unsent = _unsent(call, metadata) if factories else frozenset()
+        arguments = {k: v for k, v in kwargs.items() if not isinstance(v, Context)}
+        request_id, payload = keying.request(arguments, unsent)
+        excluded = keying.exclude | unsent
         raised: list[BaseException] = []
 
         try:
             if isinstance(guard, AsyncGuard):
-                receipt = await run_async(guard, request_id, payload, kwargs, raised)
+                receipt = await run_async(guard, request_id, payload, kwargs, raised, excluded)
             else:
 
                 async def shielded() -> Any:
@@ -458,7 +477,7 @@ def _wrap(
                         payload,
                         sfn,
                         namespace=namespace,
-                        exclude=keying.exclude,
+                        exclude=excluded,
                     ),
                     limiter=anyio.CapacityLimiter(1) if fn_is_async else None,
                 )
@@ -635,7 +654,7 @@ def guard_server(
             else set(exclude) & parameters[tool_name]
         )
         keyings[tool_name] = _Keying(tool_name, scope, scope_arg, own, parameters[tool_name])
-    _note_raw_keys(manager)
+    _note_raw_arguments(manager)
     for tool_name, keying in keyings.items():
         tool = registered[tool_name]
         call = _wrap(tool.fn, guard, keying, namespace, tool.fn_metadata)

@@ -71,6 +71,7 @@ try:
     from agents import FunctionTool, RunContextWrapper, function_tool
     from agents.function_schema import function_schema
     from agents.tool_context import ToolContext
+    from pydantic import ValidationError
     from pydantic_core import PydanticSerializationError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -90,7 +91,7 @@ from safeagent.integrations._common import (
     execute,
     request_id_for,
 )
-from safeagent.integrations._keyform import key_form, minted_unsent
+from safeagent.integrations._keyform import has_factories, key_form, minted_unsent
 from safeagent.integrations._toolspec import (
     Exclude,
     KeyMode,
@@ -193,25 +194,36 @@ def _factory_model(func: Callable[..., Any]) -> Any:
         model = function_schema(func, use_docstring_info=False).params_pydantic_model
     except Exception:  # noqa: BLE001 - function_tool built it already; then key as bound
         return None
-    fields = getattr(model, "__pydantic_fields__", None) or {}
-    if any(getattr(f, "default_factory", None) is not None for f in fields.values()):
-        return model
-    return None
+    return model if has_factories(model) else None
 
 
-def _sent_keys(ctx: ToolContext[Any]) -> list[str] | None:
-    """The argument names the call's raw JSON arguments (``ctx.tool_arguments``, what the
-    SDK validates) hold; ``None`` when they are not known (then every value is keyed)."""
+def _unsent(model: Any, ctx: ToolContext[Any], keyed: dict[str, Any]) -> frozenset[str]:
+    """The arguments of this call that a minting ``default_factory`` filled: read off the
+    call's raw JSON arguments (``ctx.tool_arguments``, which the SDK's runner sets to what
+    it validates), when those are the arguments ``keyed`` (the call's, as JSON values) was
+    made from; else empty (every value counts). Every other argument must have the same
+    JSON form in both, so a context left over from another call, or a placeholder, does
+    not make two calls one."""
     raw = getattr(ctx, "tool_arguments", None)
     if not isinstance(raw, str):
-        return None
-    if not raw:
-        return []  # the SDK validates an empty input as {}
+        return frozenset()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw) if raw else {}  # the SDK validates an empty input as {}
     except ValueError:
-        return None
-    return [k for k in data if isinstance(k, str)] if isinstance(data, dict) else None
+        return frozenset()
+    unsent = minted_unsent(model, data)  # a factory that raises fails the call
+    if not unsent:
+        return frozenset()
+    try:
+        validated = model.model_validate(data)
+        same = all(
+            key_form(getattr(validated, name)) == keyed.get(name)
+            for name in model.__pydantic_fields__
+            if name not in unsent
+        )
+    except (ValidationError, PydanticSerializationError, InvalidPayloadError):
+        return frozenset()
+    return unsent if same else frozenset()
 
 
 def guard_tool(
@@ -300,27 +312,24 @@ def guard_tool(
     check_excluded(tool.name, excluded, accepted)
     var_keyword = accepted.var_keyword
     name = tool.name
-    factories = _factory_model(func)
+    factories = _factory_model(func)  # the arguments' model, if one has a default_factory
 
     def prepare(ctx: ToolContext[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
         call_args = (ctx, *args) if takes_context else args
         bound = bind_arguments(
             func, call_args, kwargs, exclude=(context_name,) if takes_context else ()
         )
-        if factories is not None:
-            # The SDK passes the validated arguments, the values a default_factory filled
-            # included: one that mints (uuid4, datetime.now) made every retry a new
-            # request. Which ones the call sent is read off its raw JSON arguments.
-            sent = _sent_keys(ctx)
-            unsent = minted_unsent(factories, sent) if sent is not None else frozenset()
-            if unsent:
-                bound = {k: v for k, v in bound.items() if k not in unsent}
         try:
             keyed = key_form(bound)
         except PydanticSerializationError as exc:
             raise InvalidPayloadError(
                 f"tool {name!r}: arguments are not JSON values: {exc}"
             ) from exc
+        # The SDK passes the validated arguments, the values a default_factory filled
+        # included: one that mints (uuid4, datetime.now) would make every retry a new
+        # request. The request id leaves them out; the payload keeps them.
+        unsent = _unsent(factories, ctx, keyed) if factories is not None else frozenset()
+        left_out = excluded | unsent
         payload: dict[str, Any] = hoist_excluded(keyed, var_keyword, excluded)
         scope_value = (
             scope_text(scope(ctx), f"tool {name!r}: the scope function", ConfigurationError)
@@ -329,8 +338,8 @@ def guard_tool(
         )
         action = _action(name, ctx)
         call_id = str(getattr(ctx, "tool_call_id", ""))
-        request_id = request_id_for(scope_value, action, payload, excluded, mode, call_id)
-        return Prepared(func, call_args, kwargs, request_id, action, payload, excluded)
+        request_id = request_id_for(scope_value, action, payload, left_out, mode, call_id)
+        return Prepared(func, call_args, kwargs, request_id, action, payload, left_out)
 
     wrapper: Callable[..., Any]
     if isinstance(guard, AsyncGuard):
