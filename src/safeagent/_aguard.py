@@ -26,6 +26,7 @@ import contextvars
 import functools
 import inspect
 import threading
+import time
 from collections.abc import Awaitable, Callable, Collection, Generator
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -336,6 +337,7 @@ class AsyncGuard(GuardCore):
         error: BaseException | None = None
         raised: BaseException
         handed_off = False
+        claim_sent = 0.0  # monotonic: when the last claim was sent (its lease counts from it)
         try:
             while True:
                 try:
@@ -352,7 +354,7 @@ class AsyncGuard(GuardCore):
                     if seen is not None:
                         seen.ran = True  # until it says it never started
                     started: list[bool] = []
-                    running = asyncio.ensure_future(self._run(op, started))
+                    running = asyncio.ensure_future(self._run(op, started, claim_sent))
                     try:
                         answer = await asyncio.shield(running)
                         if seen is not None:
@@ -377,6 +379,7 @@ class AsyncGuard(GuardCore):
                 if isinstance(op, (Claim, TakeOver)):  # undone if this caller is cancelled
                     try:
                         if isinstance(op, Claim):
+                            claim_sent = time.monotonic()
                             claim = (
                                 cast(ClaimFirstStore, store).claim_new if op.new else store.claim
                             )
@@ -599,17 +602,24 @@ class AsyncGuard(GuardCore):
                 return await asyncio.ensure_future(_outcome(op.hook, request))
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
 
-    async def _run(self, op: Run, started: list[bool]) -> FnOutcome:
-        """Run ``fn`` under a heartbeat (the outermost coroutine of its task); never raises.
-        ``started`` gets an item as the task begins (before that, cancelling the task
-        means ``fn`` never runs)."""
+    async def _run(self, op: Run, started: list[bool], claim_sent: float) -> FnOutcome:
+        """Run ``fn`` under a heartbeat (the outermost coroutine of its task), its lease
+        counted from ``claim_sent`` (monotonic seconds); never raises. ``started`` gets an
+        item as the task begins (before that, cancelling the task means ``fn`` never
+        runs)."""
         started.append(True)
         ctx = op.context
         token = _current.set(ctx)
         try:
             with heartbeats.beating(
-                self.store, ctx.namespace, ctx.request_id, ctx.fencing_token, op.lease_ms
-            ):
+                self.store,
+                ctx.namespace,
+                ctx.request_id,
+                ctx.fencing_token,
+                op.lease_ms,
+                claim_sent or time.monotonic(),
+            ) as beat:
+                object.__setattr__(ctx, "_lease", beat)  # ctx.lease_left() reads it
                 try:
                     return await _outcome(op.fn, ctx, through=True)
                 except BaseException as exc:  # noqa: BLE001 - see _outcome

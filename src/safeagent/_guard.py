@@ -6,6 +6,7 @@ All rules live in :mod:`safeagent._decide` (what a call meets) and :mod:`safeage
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Generator
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -382,6 +383,7 @@ class Guard(GuardCore):
         store = self.store
         wake_key: tuple[str, str, str] | None = None
         slot = None
+        claim_sent = 0.0  # monotonic: when the last claim was sent (its lease counts from it)
         op: Op | None = None
         answer: Any = None
         error: BaseException | None = None
@@ -400,12 +402,14 @@ class Guard(GuardCore):
                     wake_key = (store.identity, op.context.namespace, op.context.request_id)
                     slot = Slot()  # held before registering: ``finally`` can always end it
                     wakeups.register(wake_key, slot)
-                    answer = self._run(op)
+                    answer = self._run(op, claim_sent)
                     if seen is not None:
                         seen.ran = not answer.unstarted
                     continue
                 if seen is not None and isinstance(op, Complete):
                     seen.status = op.completion.status
+                if isinstance(op, Claim):
+                    claim_sent = time.monotonic()
                 try:
                     answer = self._perform(op)
                 except BaseException as exc:  # noqa: BLE001 - thrown into the flow
@@ -501,15 +505,22 @@ class Guard(GuardCore):
                 return capture(op.hook, op.request)
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
 
-    def _run(self, op: Run) -> FnOutcome:
-        """``fn`` under its heartbeat; an interrupt before ``op.started`` is set is undone
-        by :meth:`_drive`, whatever line of the way here it landed on."""
+    def _run(self, op: Run, claim_sent: float) -> FnOutcome:
+        """``fn`` under its heartbeat, its lease counted from ``claim_sent`` (monotonic
+        seconds); an interrupt before ``op.started`` is set is undone by :meth:`_drive`,
+        whatever line of the way here it landed on."""
         ctx = op.context
         token = _current.set(ctx)
         try:
             with heartbeats.beating(
-                self.store, ctx.namespace, ctx.request_id, ctx.fencing_token, op.lease_ms
-            ):
+                self.store,
+                ctx.namespace,
+                ctx.request_id,
+                ctx.fencing_token,
+                op.lease_ms,
+                claim_sent or time.monotonic(),
+            ) as beat:
+                object.__setattr__(ctx, "_lease", beat)  # ctx.lease_left() reads it
                 op.started = True
                 return capture(op.fn, ctx)
         finally:

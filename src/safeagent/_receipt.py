@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import threading
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
@@ -327,6 +329,9 @@ class ExecutionContext:
         execution_id: unique id of this attempt.
         downstream_key: pass this to the downstream system as *its* idempotency key
             (for example Stripe's ``Idempotency-Key`` header): the same on every attempt.
+
+    :meth:`lease_left` tells ``fn`` whether its lease still holds, to check right before
+    it sends the side effect.
     """
 
     request_id: str
@@ -337,6 +342,27 @@ class ExecutionContext:
     fencing_token: int
     execution_id: str
     downstream_key: str
+    _lease: Any = field(default=None, repr=False, compare=False)  # the runner's Beat
+
+    def lease_left(self) -> float:
+        """Seconds this attempt's lease surely has left, as this process last confirmed
+        it: from the moment its claim (or its latest renewal, every third of the lease)
+        was sent, on the monotonic clock; ``0.0`` once it ran out unrenewed or another
+        caller took the record over. ``math.inf`` for a context no guard runs.
+
+        A process can stall (a GC pause, a long call holding the GIL, SIGSTOP, a frozen
+        VM) past its lease while ``fn`` is about to send; the record then reads as in
+        doubt, and a reconcile hook or an operator may let a retry run ``fn`` again. Call
+        this right before the send and raise an exception declared not executed (such as
+        :class:`~safeagent.NotExecuted`) when it is below your margin (the time the send
+        takes to leave): a stall *between* the check and the send is the one case left,
+        which only a downstream system that honours ``downstream_key`` or
+        ``fencing_token`` closes (docs/guide.md, Reconcile hooks).
+        """
+        beat = self._lease
+        if beat is None:
+            return math.inf
+        return max(0.0, float(beat.valid_until) - time.monotonic())
 
 
 _current: ContextVar[ExecutionContext | None] = ContextVar("safeagent_context", default=None)

@@ -146,6 +146,10 @@ class Beat:
     next_due: float
     renewals: int = 0
     lost: bool = False
+    valid_until: float = math.inf
+    """Monotonic seconds until which the lease surely holds, as this process knows it:
+    the claim's or the latest renewal's send time plus the lease (the store set its
+    expiry later than that); ``-inf`` once a renewal found the token taken."""
 
 
 class _Beater:
@@ -238,17 +242,20 @@ class _Beater:
                         self.wakeups.get_nowait()
                 continue
             for batch in _batches(due):
+                sent = time.monotonic()
                 answers = _renew(batch)
                 done = time.monotonic()
                 for beat, renewed in zip(batch, answers, strict=True):
                     beat.renewals += 1
                     if renewed is False:  # the token is no longer current: someone took over
                         beat.lost = True
+                        beat.valid_until = -math.inf
                         self.beats.discard(beat)
                     elif renewed is None:  # the store failed: try again quickly
                         beat.next_due = done + min(beat.interval, 0.05)
                     else:
                         beat.next_due = done + beat.interval
+                        beat.valid_until = max(beat.valid_until, sent + beat.lease_ms / 1000)
 
 
 def _batches(due: list[Beat]) -> list[list[Beat]]:
@@ -346,12 +353,23 @@ class Heartbeats:
             return beater
 
     def beating(
-        self, store: ReceiptStore, namespace: str, request_id: str, token: int, lease_ms: int
+        self,
+        store: ReceiptStore,
+        namespace: str,
+        request_id: str,
+        token: int,
+        lease_ms: int,
+        since: float | None = None,
     ) -> _Beating:
-        """Renew this lease until the block ends (a context manager giving the Beat)."""
+        """Renew this lease until the block ends (a context manager giving the Beat).
+        ``since``: the monotonic time the lease's claim was sent (its ``valid_until`` is
+        that plus the lease); ``None``: a lease not known to hold (``valid_until`` is
+        ``inf``, as for a reconcile hook's)."""
         interval = max(MIN_HEARTBEAT, lease_ms / 3000)
         now = time.monotonic()
         beat = Beat(store, namespace, request_id, token, lease_ms, interval, now + interval)
+        if since is not None:
+            beat.valid_until = since + lease_ms / 1000
         return _Beating(self._beater(store.identity, now), beat)
 
 

@@ -1,0 +1,141 @@
+"""``ExecutionContext.lease_left()``: a stalled owner can tell that its lease ran out.
+
+A review found a duplicate with every process alive: the owner of a claim stalled (here
+SIGSTOP; a GC pause, a C call holding the GIL or a frozen VM do the same) past its lease
+while ``fn`` was about to send; a retry's reconcile hook, following the documented time
+rule (``not_happened`` once ``now_ms >= lease_expired_at_ms +`` the downstream timeout,
+and the downstream has no such charge), let the retry charge; then the owner woke up and
+charged too. ``fn`` that checks ``ctx.lease_left()`` right before its send declines it.
+
+Real processes, a real SQLite file, a real stop signal; the charges are rows of an effect
+ledger (a separate SQLite file) that stands for the downstream payments API.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from safeagent import ActionPolicy, ExecutionContext, Guard, Reconciliation, SQLiteStore
+from tests._workers import child_env, wait_until
+from tests.conftest import Ledger
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
+
+LEASE = 0.6
+DOWNSTREAM_TIMEOUT_MS = 200
+
+# The owner: claims, says it is ready, waits for "go" (the parent stops it meanwhile),
+# then sends the charge: after checking its lease, or not (argv[4] == "check").
+OWNER = """
+import sys, time
+from pathlib import Path
+from safeagent import Guard, NotExecuted
+from tests.conftest import Ledger
+
+db, ledger_path, folder, mode = sys.argv[1:5]
+ledger = Ledger(ledger_path)
+guard = Guard(db, lease=float(sys.argv[5]))
+
+def charge(ctx):
+    Path(folder, "ready").touch()
+    while not Path(folder, "go").exists():
+        time.sleep(0.01)
+    left = ctx.lease_left()
+    Path(folder, "left").write_text(repr(left))
+    if mode == "check" and left < 0.1:
+        raise NotExecuted(f"lease ran out ({left} s left): not sending")
+    ledger.append("charge", "owner " + ctx.downstream_key)
+    return "charged by the owner"
+
+try:
+    guard.execute("order-1", "charge", {"amount": 5}, charge)
+    print("owner: ok")
+except Exception as exc:
+    print("owner:", type(exc).__name__)
+"""
+
+
+def _stalled_owner_and_a_retry(tmp_path: Path, mode: str) -> tuple[list[str], str]:
+    db, ledger_path = tmp_path / "guard.db", tmp_path / "ledger.db"
+    SQLiteStore(db).close()
+    ledger = Ledger(ledger_path)
+
+    def hook(req: object) -> Reconciliation:
+        key = req.downstream_key  # type: ignore[attr-defined]
+        if any(detail and detail.endswith(key) for _, detail in ledger.rows("charge")):
+            return Reconciliation.happened("found downstream")
+        now, ended = req.now_ms, req.lease_expired_at_ms  # type: ignore[attr-defined]
+        if ended is not None and now >= ended + DOWNSTREAM_TIMEOUT_MS:
+            return Reconciliation.not_happened(note="no such charge downstream")
+        return Reconciliation.unknown()
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(db), str(ledger_path), str(tmp_path), mode, str(LEASE)],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until((tmp_path / "ready").exists, timeout=30)
+        os.kill(owner.pid, signal.SIGSTOP)  # stalled, alive, past its lease
+        try:
+            time.sleep(LEASE + DOWNSTREAM_TIMEOUT_MS / 1000 + 0.3)
+            retry = Guard(db, lease=LEASE, actions={"charge": ActionPolicy(reconcile=hook)})
+
+            def charge(ctx: ExecutionContext) -> str:
+                ledger.append("charge", "retry " + ctx.downstream_key)
+                return "charged by the retry"
+
+            assert retry.execute("order-1", "charge", {"amount": 5}, charge).result == (
+                "charged by the retry"
+            )
+            (tmp_path / "go").touch()
+        finally:
+            os.kill(owner.pid, signal.SIGCONT)
+        out, _ = owner.communicate(timeout=60)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    return [detail or "" for _, detail in ledger.rows("charge")], out
+
+
+def test_a_stalled_owner_that_checks_its_lease_does_not_charge_again(tmp_path: Path) -> None:
+    charges, out = _stalled_owner_and_a_retry(tmp_path, "check")
+
+    assert len(charges) == 1, charges
+    assert charges[0].startswith("retry ")
+    assert float((tmp_path / "left").read_text()) == 0.0
+    assert "owner: LeaseLostError" in out  # its release is fenced out: the retry took over
+
+
+def test_without_the_check_the_stalled_owner_charges_twice(tmp_path: Path) -> None:
+    """The hazard the check is for (and the reason the docs no longer give the time rule
+    alone): the same run, the owner sending without asking."""
+    charges, _ = _stalled_owner_and_a_retry(tmp_path, "send")
+
+    assert sorted(c.split()[0] for c in charges) == ["owner", "retry"]
+
+
+def test_lease_left_counts_down_from_the_claim_and_renewals_refresh_it(tmp_path: Path) -> None:
+    guard = Guard(tmp_path / "guard.db", lease=0.9)
+    seen: list[float] = []
+
+    def fn(ctx: ExecutionContext) -> int:
+        seen.append(ctx.lease_left())
+        time.sleep(1.2)  # four renewals' worth: the lease holds all along
+        seen.append(ctx.lease_left())
+        return 1
+
+    guard.execute("r", "a", {}, fn)
+
+    assert 0.5 < seen[0] <= 0.9
+    assert 0.3 < seen[1] <= 0.9
+    assert ExecutionContext("r", "n", "a", {}, 1, 1, "e", "d").lease_left() == math.inf
