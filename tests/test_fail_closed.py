@@ -341,6 +341,7 @@ def test_completion_that_cannot_be_written_leaves_the_record_pending_then_in_dou
         with pytest.raises(StoreError) as info:
             guard.execute("mv-1", "charge", CHARGE, charge)
         assert_chained_store_error(info.value, root="No such file")
+        assert "no longer at its path: put it back" in str(info.value)
         assert ledger.count() == 1
     finally:
         for suffix in ("", "-wal", "-shm"):  # ... and back

@@ -596,9 +596,16 @@ def store_completion(
     except StoreError as exc:
         if cause is not None and not isinstance(cause, Exception):
             raise cause from exc  # never swallow KeyboardInterrupt / SystemExit
+        where = (
+            # The store's file was removed or replaced (SQLite): the claim is in that file.
+            "its claim is in the database file the store opened, which is no longer at its "
+            "path: put it back and the record reads as in doubt once its lease expires; a "
+            "retry against what is at that path now runs fn again"
+            if isinstance(exc.__cause__, OSError)
+            else "the record stays PENDING and reads as in doubt once its lease expires"
+        )
         raise StoreError(
-            f"{call.action} ran, but its outcome could not be recorded ({exc}); the "
-            "record stays PENDING and reads as in doubt once its lease expires",
+            f"{call.action} ran, but its outcome could not be recorded ({exc}); {where}",
             request_id=call.request_id,
             namespace=call.namespace,
         ) from (cause or exc)
