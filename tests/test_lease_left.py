@@ -13,11 +13,15 @@ ledger (a separate SQLite file) that stands for the downstream payments API.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,3 +143,59 @@ def test_lease_left_counts_down_from_the_claim_and_renewals_refresh_it(tmp_path:
     assert 0.5 < seen[0] <= 0.9
     assert 0.3 < seen[1] <= 0.9
     assert ExecutionContext("r", "n", "a", {}, 1, 1, "e", "d").lease_left() == math.inf
+
+
+def test_lease_left_is_zero_once_fn_has_returned_or_raised(tmp_path: Path) -> None:
+    """A thread ``fn`` left behind (it timed out waiting for it) must not send: the
+    record may already be settled and retried (a review's duplicate: it read 4 s left)."""
+    guard = Guard(tmp_path / "guard.db", lease=5)
+    kept: list[ExecutionContext] = []
+    seen: list[float] = []
+
+    def fn(ctx: ExecutionContext) -> None:
+        kept.append(ctx)
+        seen.append(ctx.lease_left())
+        raise TimeoutError("the worker did not answer in time")
+
+    with pytest.raises(TimeoutError):
+        guard.execute("r", "a", {}, fn)
+    worker = threading.Thread(target=lambda: seen.append(kept[0].lease_left()))
+    worker.start()
+    worker.join()
+
+    assert 4 < seen[0] <= 5
+    assert seen[1] == 0.0
+
+
+def test_a_running_context_copies_pickles_and_dumps_as_before(tmp_path: Path) -> None:
+    """The context of a running fn is still a plain value for ``pickle``, ``deepcopy`` and
+    ``asdict`` (a worker process gets a copy); a copy counts down from what was known
+    when it was made, and never reads as a context no guard runs (``inf``)."""
+    guard = Guard(tmp_path / "guard.db", lease=5)
+    out: dict[str, object] = {}
+
+    def fn(ctx: ExecutionContext) -> None:
+        out["copy"] = pickle.loads(pickle.dumps(ctx))
+        out["deep"] = copy.deepcopy(ctx)
+        out["dict"] = dataclasses.asdict(ctx)
+        out["repr"] = repr(ctx)
+        out["left"] = (out["copy"].lease_left(), out["deep"].lease_left())  # type: ignore[attr-defined]
+
+    guard.execute("r", "a", {"x": 1}, fn)
+
+    left = out["left"]
+    assert isinstance(left, tuple)
+    assert all(4 < v <= 5 for v in left)
+    assert isinstance(out["copy"], ExecutionContext)
+    assert out["copy"].request_id == "r"  # type: ignore[attr-defined]
+    assert out["dict"] == {
+        "request_id": "r",
+        "namespace": "default",
+        "action": "a",
+        "payload": {"x": 1},
+        "attempt": 1,
+        "fencing_token": 1,
+        "execution_id": out["copy"].execution_id,  # type: ignore[attr-defined]
+        "downstream_key": out["copy"].downstream_key,  # type: ignore[attr-defined]
+    }
+    assert str(out["repr"]).startswith("ExecutionContext(request_id='r'")

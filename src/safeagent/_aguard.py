@@ -26,7 +26,6 @@ import contextvars
 import functools
 import inspect
 import threading
-import time
 from collections.abc import Awaitable, Callable, Collection, Generator
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -56,7 +55,15 @@ from safeagent._flow import (
 from safeagent._flow import Outcome as FnOutcome
 from safeagent._keys import check_request_id
 from safeagent._policy import CASE_PREFIX, Seconds
-from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, _current
+from safeagent._receipt import (
+    ErrorInfo,
+    ExecutionContext,
+    Receipt,
+    RunningContext,
+    Status,
+    _current,
+    lease_clock,
+)
 from safeagent._runtime import heartbeats, wakeups
 from safeagent._telemetry import Observation, observe
 from safeagent.errors import OutcomeUnknownError, ReplayedFailureError, ResultNotSerializableError
@@ -379,7 +386,7 @@ class AsyncGuard(GuardCore):
                 if isinstance(op, (Claim, TakeOver)):  # undone if this caller is cancelled
                     try:
                         if isinstance(op, Claim):
-                            claim_sent = time.monotonic()
+                            claim_sent = lease_clock()
                             claim = (
                                 cast(ClaimFirstStore, store).claim_new if op.new else store.claim
                             )
@@ -617,9 +624,10 @@ class AsyncGuard(GuardCore):
                 ctx.request_id,
                 ctx.fencing_token,
                 op.lease_ms,
-                claim_sent or time.monotonic(),
+                claim_sent or lease_clock(),
             ) as beat:
-                object.__setattr__(ctx, "_lease", beat)  # ctx.lease_left() reads it
+                ctx = RunningContext.of(ctx, beat.view)  # ctx.lease_left() reads the view
+                _current.set(ctx)
                 try:
                     return await _outcome(op.fn, ctx, through=True)
                 except BaseException as exc:  # noqa: BLE001 - see _outcome

@@ -6,7 +6,6 @@ All rules live in :mod:`safeagent._decide` (what a call meets) and :mod:`safeage
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection, Generator
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -36,7 +35,15 @@ from safeagent._flow import (
 from safeagent._flow import Outcome as FnOutcome
 from safeagent._keys import check_request_id
 from safeagent._policy import CASE_PREFIX, Seconds
-from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Status, _current
+from safeagent._receipt import (
+    ErrorInfo,
+    ExecutionContext,
+    Receipt,
+    RunningContext,
+    Status,
+    _current,
+    lease_clock,
+)
 from safeagent._runtime import Slot, heartbeats, wakeups
 from safeagent._telemetry import Observation, observe
 from safeagent._telemetry import enabled as telemetry_enabled
@@ -409,7 +416,7 @@ class Guard(GuardCore):
                 if seen is not None and isinstance(op, Complete):
                     seen.status = op.completion.status
                 if isinstance(op, Claim):
-                    claim_sent = time.monotonic()
+                    claim_sent = lease_clock()
                 try:
                     answer = self._perform(op)
                 except BaseException as exc:  # noqa: BLE001 - thrown into the flow
@@ -518,9 +525,10 @@ class Guard(GuardCore):
                 ctx.request_id,
                 ctx.fencing_token,
                 op.lease_ms,
-                claim_sent or time.monotonic(),
+                claim_sent or lease_clock(),
             ) as beat:
-                object.__setattr__(ctx, "_lease", beat)  # ctx.lease_left() reads it
+                ctx = RunningContext.of(ctx, beat.view)  # ctx.lease_left() reads the view
+                _current.set(ctx)
                 op.started = True
                 return capture(op.fn, ctx)
         finally:

@@ -342,27 +342,96 @@ class ExecutionContext:
     fencing_token: int
     execution_id: str
     downstream_key: str
-    _lease: Any = field(default=None, repr=False, compare=False)  # the runner's Beat
 
     def lease_left(self) -> float:
         """Seconds this attempt's lease surely has left, as this process last confirmed
         it: from the moment its claim (or its latest renewal, every third of the lease)
-        was sent, on the monotonic clock; ``0.0`` once it ran out unrenewed or another
-        caller took the record over. ``math.inf`` for a context no guard runs.
+        was sent, less the store clock's millisecond, on this host's boot-time clock
+        (monotonic, counting a suspend); ``0.0`` once it ran out unrenewed, another caller
+        took the record over, or ``fn`` returned or raised (a thread or task it left
+        behind must not send then). A copy (``copy``, ``pickle``: a worker process) counts
+        down from what was known when it was made. ``math.inf`` for a context no guard
+        runs (one built by hand).
 
-        A process can stall (a GC pause, a long call holding the GIL, SIGSTOP, a frozen
-        VM) past its lease while ``fn`` is about to send; the record then reads as in
-        doubt, and a reconcile hook or an operator may let a retry run ``fn`` again. Call
-        this right before the send and raise an exception declared not executed (such as
+        A process can stall (a GC pause, a call holding the GIL, SIGSTOP) past its lease
+        while ``fn`` is about to send; the record then reads as in doubt, and a reconcile
+        hook or an operator may let a retry run ``fn`` again. Call this right before the
+        send and raise an exception declared not executed (such as
         :class:`~safeagent.NotExecuted`) when it is below your margin (the time the send
-        takes to leave): a stall *between* the check and the send is the one case left,
-        which only a downstream system that honours ``downstream_key`` or
-        ``fencing_token`` closes (docs/guide.md, Reconcile hooks).
+        takes to leave). Not covered: a stall between the check and the send, a forward
+        step of the store's clock, and a frozen VM whose clocks do not count the pause;
+        only a downstream system that honours ``downstream_key`` or ``fencing_token``
+        closes those (docs/guide.md, Reconcile hooks).
         """
-        beat = self._lease
-        if beat is None:
+        lease = getattr(self, "_lease", None)  # only a running context has one
+        if lease is None:
             return math.inf
-        return max(0.0, float(beat.valid_until) - time.monotonic())
+        if lease.lost or lease.ended:
+            return 0.0
+        return max(0.0, float(lease.valid_until) - lease_clock())
+
+
+def lease_clock() -> float:
+    """Seconds on the clock leases are counted on here: ``CLOCK_BOOTTIME`` where there is
+    one (Linux: monotonic, and it counts a suspend, which ``time.monotonic`` does not),
+    else ``time.monotonic``."""
+    return _clock_gettime(_BOOTTIME)
+
+
+_BOOTTIME: int = getattr(time, "CLOCK_BOOTTIME", getattr(time, "CLOCK_MONOTONIC", 1))
+_clock_gettime: Callable[[int], float] = (
+    time.clock_gettime
+    if hasattr(time, "CLOCK_BOOTTIME") and hasattr(time, "clock_gettime")
+    else lambda _clock: time.monotonic()
+)
+
+STORE_CLOCK_RESOLUTION = 0.001
+"""Seconds: the stores count time in whole milliseconds (rounded down), so a lease may
+end up to this much before its send time plus its length."""
+
+
+class LeaseView:
+    """What :meth:`ExecutionContext.lease_left` reads: ``valid_until`` (seconds on
+    :func:`lease_clock`), ``lost`` (a renewal found the record taken over) and ``ended``
+    (``fn`` returned or raised). The runner's heartbeat updates the one of a running
+    ``fn``; a copy is a snapshot."""
+
+    __slots__ = ("ended", "lost", "valid_until")
+
+    def __init__(self, valid_until: float, lost: bool = False, ended: bool = False) -> None:
+        self.valid_until = valid_until
+        self.lost = lost
+        self.ended = ended
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LeaseView, (self.valid_until, self.lost, self.ended))
+
+
+class RunningContext(ExecutionContext):
+    """The :class:`ExecutionContext` a guard hands a running ``fn``: the same fields, and
+    the view of its lease that :meth:`~ExecutionContext.lease_left` reads (not a field:
+    ``dataclasses.asdict`` and ``repr`` show the eight fields)."""
+
+    __slots__ = ("_lease",)
+
+    @classmethod
+    def of(cls, context: ExecutionContext, lease: LeaseView) -> RunningContext:
+        running = cls(*(getattr(context, f.name) for f in fields(ExecutionContext)))
+        object.__setattr__(running, "_lease", lease)
+        return running
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        lease: LeaseView = self._lease  # type: ignore[attr-defined]
+        snapshot = LeaseView(lease.valid_until, lease.lost, lease.ended)
+        values = tuple(getattr(self, f.name) for f in fields(ExecutionContext))
+        return (_running, (values, snapshot))
+
+    def __repr__(self) -> str:
+        return "Execution" + ExecutionContext.__repr__(self)[len("Running") :]
+
+
+def _running(values: tuple[Any, ...], lease: LeaseView) -> RunningContext:
+    return RunningContext.of(ExecutionContext(*values), lease)
 
 
 _current: ContextVar[ExecutionContext | None] = ContextVar("safeagent_context", default=None)

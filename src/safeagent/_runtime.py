@@ -11,9 +11,10 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
+from safeagent._receipt import STORE_CLOCK_RESOLUTION, LeaseView, lease_clock
 from safeagent.stores._base import BatchRenewStore, ReceiptStore
 
 WakeKey = tuple[str, str, str]  # (store identity, namespace, request id)
@@ -146,10 +147,10 @@ class Beat:
     next_due: float
     renewals: int = 0
     lost: bool = False
-    valid_until: float = math.inf
-    """Monotonic seconds until which the lease surely holds, as this process knows it:
-    the claim's or the latest renewal's send time plus the lease (the store set its
-    expiry later than that); ``-inf`` once a renewal found the token taken."""
+    view: LeaseView = field(default_factory=lambda: LeaseView(math.inf))
+    """What ``fn``'s ``ctx.lease_left()`` reads: until when (on :func:`lease_clock`) the
+    lease surely holds, the claim's or the latest renewal's send time plus the lease
+    (the store set its expiry later than that, less its clock's millisecond)."""
 
 
 class _Beater:
@@ -242,20 +243,20 @@ class _Beater:
                         self.wakeups.get_nowait()
                 continue
             for batch in _batches(due):
-                sent = time.monotonic()
+                sent = lease_clock()
                 answers = _renew(batch)
                 done = time.monotonic()
                 for beat, renewed in zip(batch, answers, strict=True):
                     beat.renewals += 1
                     if renewed is False:  # the token is no longer current: someone took over
-                        beat.lost = True
-                        beat.valid_until = -math.inf
+                        beat.lost = beat.view.lost = True
                         self.beats.discard(beat)
                     elif renewed is None:  # the store failed: try again quickly
                         beat.next_due = done + min(beat.interval, 0.05)
                     else:
                         beat.next_due = done + beat.interval
-                        beat.valid_until = max(beat.valid_until, sent + beat.lease_ms / 1000)
+                        until = sent + beat.lease_ms / 1000 - STORE_CLOCK_RESOLUTION
+                        beat.view.valid_until = max(beat.view.valid_until, until)
 
 
 def _batches(due: list[Beat]) -> list[list[Beat]]:
@@ -362,14 +363,14 @@ class Heartbeats:
         since: float | None = None,
     ) -> _Beating:
         """Renew this lease until the block ends (a context manager giving the Beat).
-        ``since``: the monotonic time the lease's claim was sent (its ``valid_until`` is
-        that plus the lease); ``None``: a lease not known to hold (``valid_until`` is
-        ``inf``, as for a reconcile hook's)."""
+        ``since``: when the lease's claim was sent, on :func:`lease_clock` (the Beat's
+        ``view`` holds until then plus the lease); ``None``: not counted (a reconcile
+        hook's lease)."""
         interval = max(MIN_HEARTBEAT, lease_ms / 3000)
         now = time.monotonic()
         beat = Beat(store, namespace, request_id, token, lease_ms, interval, now + interval)
         if since is not None:
-            beat.valid_until = since + lease_ms / 1000
+            beat.view.valid_until = since + lease_ms / 1000 - STORE_CLOCK_RESOLUTION
         return _Beating(self._beater(store.identity, now), beat)
 
 
@@ -394,6 +395,7 @@ class _Beating:
             # An interrupt after the beat joined the set: ``with`` calls no __exit__, and
             # a beat left there would renew its lease for as long as the process lives.
             # (_move keeps the beat in no set but self.beater's.)
+            self.beat.view.ended = True
             self.beater.discard(self.beat)
             raise
         return self.beat
@@ -408,6 +410,7 @@ class _Beating:
             self.beater.add(self.beat)
 
     def __exit__(self, *exc: object) -> None:
+        self.beat.view.ended = True  # first: fn is over, nothing it left may send now
         self.beater.discard(self.beat)
 
 
