@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1833,3 +1834,35 @@ def test_a_validation_error_the_body_raised_replays_as_one(ledger: Ledger) -> No
     assert isinstance(replay.value.__cause__, ReplayedFailureError)
     assert replay.value.__cause__.error_type.endswith("ValidationError")
     assert ledger.count("courier") == 2
+
+
+class _StateWithAClient(MessagesState):
+    client: Any  # a client kept in the graph's state: it holds a lock, and cannot be copied
+
+
+def test_a_tool_with_state_and_runtime_keys_a_minted_argument_out(ledger: Ledger) -> None:
+    """A ToolNode tool taking ``InjectedState`` (holding a lock) and ``ToolRuntime`` beside
+    an argument a minting factory fills: the same call re-emitted runs once (a first
+    version deep-copied the input to ask pydantic what was sent, failed on the lock and on
+    the runtime, and keyed the minted value: three runs)."""
+
+    @tool
+    def pay(
+        order_id: str,
+        state: Annotated[dict[str, Any], InjectedState],
+        runtime: ToolRuntime,
+        attempt: Annotated[str, Field(default_factory=lambda: uuid.uuid4().hex)],
+    ) -> str:
+        """Pay an order."""
+        return f"P-{ledger.append('pay', attempt)}"
+
+    builder = StateGraph(_StateWithAClient)
+    builder.add_node("tools", ToolNode([guard_tool(pay, Guard(MemoryStore()), scope="conv-1")]))
+    builder.add_edge(START, "tools")
+    builder.add_edge("tools", END)
+    graph = builder.compile()
+    for i in range(3):
+        call = {"name": "pay", "args": {"order_id": "o"}, "id": f"c{i}"}
+        graph.invoke({"messages": [AIMessage("", tool_calls=[call])], "client": threading.Lock()})
+
+    assert ledger.count() == 1

@@ -60,6 +60,10 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def random_bytes() -> bytes:
+    return os.urandom(16)
+
+
 class Line(BaseModel):
     sku: str
     qty: int = 1
@@ -292,6 +296,57 @@ def test_a_top_level_argument_a_minting_factory_filled(framework: str, ledger: L
     assert stored == sorted([tags[0], "t", "u"])
 
 
+@pytest.mark.parametrize("framework", EVERY_FRAMEWORK)
+def test_a_minted_value_without_a_json_form_is_left_out_of_the_payload(
+    framework: str, ledger: Ledger
+) -> None:
+    """Random bytes a factory mints have no JSON form: the call runs once and replays (a
+    first version kept every minted value in the payload, and this one failed the call)."""
+
+    def pay(
+        order_id: str, nonce: Annotated[bytes, Field(default_factory=lambda: os.urandom(16))]
+    ) -> str:
+        """Pay."""
+        return f"P-{ledger.append('pay', order_id)}"
+
+    store = MemoryStore()
+    guard = Guard(store)
+    outputs = FRAMEWORKS[framework](pay, [{"order_id": "o"}, {"order_id": "o"}], guard)
+
+    assert outputs == ["P-1", "P-1"]
+    assert payloads(store, guard) == [{"order_id": "o"}]
+
+
+def test_a_non_strict_agents_sdk_tool_keys_its_minted_argument_out(ledger: Ledger) -> None:
+    """``strict_mode=False`` (a free-form ``dict`` argument needs it): the minted argument
+    is still left out (its model was built with the strict schema, which refused it)."""
+
+    def tag(
+        order_id: str,
+        labels: dict[str, str],
+        ref: Annotated[str, Field(default_factory=new_id)],
+    ) -> str:
+        """Label an order."""
+        return f"T-{ledger.append('tag', ref)}"
+
+    require("agents")
+    from agents import function_tool
+    from agents.tool_context import ToolContext
+
+    from safeagent.integrations.openai_agents import guard_tool
+
+    guarded = guard_tool(
+        function_tool(tag, strict_mode=False), guard=Guard(MemoryStore()), scope=SCOPE
+    )
+
+    async def scenario() -> list[Any]:
+        text = json.dumps({"order_id": "o", "labels": {"k": "v"}})
+        ctx = ToolContext(context=None, tool_name="tag", tool_call_id="c", tool_arguments=text)
+        return [await guarded.on_invoke_tool(ctx, text) for _ in range(3)]
+
+    assert asyncio.run(scenario()) == ["T-1", "T-1", "T-1"]
+
+
 def test_langchain_asks_pydantic_which_arguments_the_call_set(ledger: Ledger) -> None:
     """A validator that takes a field from another key sets it (two labels, two runs: the
     first fix read raw keys and made them one request); an ``AliasPath`` that does not
@@ -335,10 +390,10 @@ def test_langchain_asks_pydantic_which_arguments_the_call_set(ledger: Ledger) ->
     assert [row[1] for row in ledger.rows()][:2] == ["red", "blue"]
 
 
-def test_an_agents_sdk_context_of_other_arguments_counts_every_value(ledger: Ledger) -> None:
-    """``ToolContext.tool_arguments`` that are not the call's (left over from another call,
-    a placeholder) leave nothing out: two tags stay two requests. The runner's own
-    context (the call's arguments) leaves the minted one out."""
+def test_the_agents_sdk_input_decides_not_the_tool_context(ledger: Ledger) -> None:
+    """What the call sent is read off the input the SDK's invoker validates, never off
+    ``ToolContext.tool_arguments``: a context left over from another call (here one
+    without ``tag``) does not make two tags one request (it did, read off the context)."""
     require("agents")
     from agents import function_tool
     from agents.tool_context import ToolContext
@@ -359,10 +414,10 @@ def test_an_agents_sdk_context_of_other_arguments_counts_every_value(ledger: Led
 
     async def scenario() -> list[Any]:
         return [
-            await call('{"order_id": "p"}', {"order_id": "o", "tag": "red"}),
-            await call('{"order_id": "p"}', {"order_id": "o", "tag": "blue"}),
-            await call('{"order_id": "o"}', {"order_id": "o"}),
-            await call('{"order_id": "o"}', {"order_id": "o"}),
+            await call('{"order_id": "o"}', {"order_id": "o", "tag": "red"}),
+            await call('{"order_id": "o"}', {"order_id": "o", "tag": "blue"}),
+            await call('{"order_id": "o", "tag": "x"}', {"order_id": "o"}),
+            await call("{}", {"order_id": "o"}),
         ]
 
     assert asyncio.run(scenario()) == ["S-1", "S-2", "S-3", "S-3"]

@@ -37,6 +37,7 @@ import time
 import uuid
 import weakref
 from collections import deque
+from collections.abc import Collection
 from decimal import Decimal
 from typing import Any, cast
 
@@ -317,6 +318,31 @@ def minted_unsent(model: Any, raw: Any) -> frozenset[str]:
         return frozenset()
     minting = _minting(model, filled)
     return frozenset(name for name in filled if minting[name])
+
+
+def payload_form(values: dict[str, Any], unsent: Collection[str] = ()) -> dict[str, Any]:
+    """:func:`key_form` of a call's arguments ``values``, where those named in ``unsent``
+    (minted by a ``default_factory``: stored with the payload as the value the tool got,
+    for a reconcile hook, but no part of the request id or the fingerprint) are each
+    converted on their own, and one without a JSON form (random ``bytes``) is left out
+    rather than failing the call.
+
+    Raises:
+        pydantic_core.PydanticSerializationError, InvalidPayloadError: as :func:`key_form`,
+            for the other arguments.
+    """
+    from pydantic_core import PydanticSerializationError  # noqa: PLC0415 - the SDKs bring it
+
+    if not unsent:
+        return cast(dict[str, Any], key_form(values))
+    form = cast(dict[str, Any], key_form({k: v for k, v in values.items() if k not in unsent}))
+    for name in unsent:
+        if name in values:
+            try:
+                form[name] = key_form(values[name])
+            except (PydanticSerializationError, InvalidPayloadError, ValueError, TypeError):
+                continue  # no JSON form: not stored
+    return form
 
 
 _FACTORIES: weakref.WeakKeyDictionary[type, dict[str, bool]] = weakref.WeakKeyDictionary()

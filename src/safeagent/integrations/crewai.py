@@ -80,7 +80,7 @@ from safeagent.errors import (
     MissingKeyError,
 )
 from safeagent.integrations._common import storable
-from safeagent.integrations._keyform import key_form, minted_unset, value_form
+from safeagent.integrations._keyform import minted_unset, payload_form, value_form
 from safeagent.integrations._loops import in_own_thread, run_on_loop
 from safeagent.integrations._toolspec import (
     check_scope,
@@ -427,7 +427,7 @@ class GuardedTool(BaseTool):
             (kwargs, frozenset()) if validated is None else arguments_of(validated, kwargs)
         )
         try:
-            payload: dict[str, Any] = key_form(keyed)
+            payload: dict[str, Any] = payload_form(keyed, unsent)
         except PydanticSerializationError as exc:
             raise InvalidPayloadError(
                 f"tool {self.name!r}: arguments are not JSON values: {exc}"

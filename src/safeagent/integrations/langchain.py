@@ -96,7 +96,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import copy
 import inspect
 import re
 import sys
@@ -134,7 +133,7 @@ from safeagent.errors import (
     TransportIdWarning,
 )
 from safeagent.integrations._common import ControlFlow, note_raised, storable
-from safeagent.integrations._keyform import has_factories, key_form, minted_unsent
+from safeagent.integrations._keyform import has_factories, key_form, minted_unsent, payload_form
 from safeagent.integrations._loops import in_own_thread, run_on_loop
 from safeagent.integrations._toolspec import (
     check_scope,
@@ -445,7 +444,13 @@ class GuardedTool(BaseTool):
         # Parse and validate exactly as the wrapped tool does (injected arguments too);
         # carry the tool_call_id to _run, which needs it only with key="tool_call_id".
         inner = self._inner
-        raw = _copied(tool_input) if self._factories is not None else None
+        # A copy of the raw input (a validator may change the dict LangChain validates;
+        # the values themselves are not copied: injected state or a runtime may refuse)
+        raw = (
+            dict(tool_input)
+            if self._factories is not None and isinstance(tool_input, dict)
+            else None
+        )
         args, kwargs = inner._to_args_and_kwargs(tool_input, tool_call_id)
         extra: dict[str, Any] = {_CALL_ID_KW: tool_call_id}
         name = _string_argument(inner) if isinstance(tool_input, str) else None
@@ -672,7 +677,7 @@ class GuardedTool(BaseTool):
         filled); the payload keeps them (the fingerprint leaves them out)."""
         visible = self._keyed(_with_defaults(self._defaults, args, kwargs))
         try:
-            payload: dict[str, Any] = key_form(visible)
+            payload: dict[str, Any] = payload_form(visible, unsent)
             if args:
                 payload["args"] = key_form(list(args))
         except PydanticSerializationError as exc:
@@ -749,17 +754,6 @@ class GuardedTool(BaseTool):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _copied(tool_input: Any) -> Any:
-    """A deep copy of a dict input (the tool's validators may change the one LangChain
-    validates), or ``None`` when it is not a dict or cannot be copied."""
-    if not isinstance(tool_input, dict):
-        return None
-    try:
-        return copy.deepcopy(tool_input)
-    except Exception:  # noqa: BLE001 - an argument object that refuses to be copied
-        return None
 
 
 def _without_injected(tool: BaseTool, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -59,9 +59,7 @@ the server is a local process reading the local store.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import contextvars
-import copy
 import functools
 import inspect
 import json
@@ -101,7 +99,7 @@ from safeagent.errors import (
     ReplayedFailureError,
 )
 from safeagent.integrations._common import ControlFlow, note_raised, storable
-from safeagent.integrations._keyform import has_factories, key_form, minted_unsent
+from safeagent.integrations._keyform import has_factories, minted_unsent, payload_form
 from safeagent.integrations._mcp_server import build_server, serve
 from safeagent.integrations._toolspec import (
     check_scope,
@@ -171,7 +169,7 @@ class _Keying:
             InvalidInputError: a ``scope_arg`` value that is no scope.
         """
         try:
-            payload: dict[str, Any] = key_form(arguments)
+            payload: dict[str, Any] = payload_form(arguments, unsent)
         except PydanticSerializationError as exc:
             raise InvalidPayloadError(
                 f"tool {self.name!r}: arguments are not JSON values: {exc}"
@@ -339,7 +337,13 @@ _RAW: contextvars.ContextVar[tuple[Any, dict[str, Any]] | None] = contextvars.Co
     "safeagent_mcp_raw_arguments", default=None
 )
 """(the function a guarded server's tool manager is about to call, a copy of the raw
-arguments it got for it): what FastMCP validates, before defaults are applied."""
+arguments it got for it): what FastMCP validates, before defaults are applied. Noted only
+for a guarded tool with a ``default_factory`` (:data:`_FACTORIES`)."""
+
+
+_FACTORIES = "_safeagent_factories"
+"""Set on a guarded tool's function whose arguments have a ``default_factory``: the tool
+manager notes the raw arguments of its calls (of no other tool's)."""
 
 
 def _note_raw_arguments(manager: Any) -> None:
@@ -353,9 +357,8 @@ def _note_raw_arguments(manager: Any) -> None:
     async def noting_call_tool(name: str, arguments: Any, *args: Any, **kwargs: Any) -> Any:
         tool = manager.get_tool(name)
         noted = None
-        if tool is not None and isinstance(arguments, dict):
-            with contextlib.suppress(Exception):  # uncopyable: every value counts
-                noted = (tool.fn, copy.deepcopy(arguments))
+        if isinstance(arguments, dict) and getattr(getattr(tool, "fn", None), _FACTORIES, False):
+            noted = (tool.fn, dict(arguments))  # only a guarded tool with a default_factory
         token = _RAW.set(noted)
         try:
             return await call_tool(name, arguments, *args, **kwargs)
@@ -499,6 +502,8 @@ def _wrap(
             ) from None
         return _shown(receipt.result)
 
+    if factories:
+        setattr(call, _FACTORIES, True)
     return call
 
 

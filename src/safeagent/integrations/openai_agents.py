@@ -60,6 +60,7 @@ on the tool, any of them fails the run instead of being shown to the model.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -71,7 +72,6 @@ try:
     from agents import FunctionTool, RunContextWrapper, function_tool
     from agents.function_schema import function_schema
     from agents.tool_context import ToolContext
-    from pydantic import ValidationError
     from pydantic_core import PydanticSerializationError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -91,7 +91,7 @@ from safeagent.integrations._common import (
     execute,
     request_id_for,
 )
-from safeagent.integrations._keyform import has_factories, key_form, minted_unsent
+from safeagent.integrations._keyform import has_factories, minted_unsent, payload_form
 from safeagent.integrations._toolspec import (
     Exclude,
     KeyMode,
@@ -189,41 +189,60 @@ def _answer(outcome: Outcome, replay_marker: str | None) -> Any:
 
 def _factory_model(func: Callable[..., Any]) -> Any:
     """The SDK's pydantic model of ``func``'s arguments when one of them has a
-    ``default_factory``, else ``None`` (nothing a call leaves out can be minted)."""
+    ``default_factory``, else ``None`` (nothing a call leaves out can be minted). Built
+    without the strict JSON schema, which the model does not depend on (and which refuses
+    some signatures: a ``dict`` argument, ``**kwargs``)."""
     try:
-        model = function_schema(func, use_docstring_info=False).params_pydantic_model
+        model = function_schema(
+            func, use_docstring_info=False, strict_json_schema=False
+        ).params_pydantic_model
     except Exception:  # noqa: BLE001 - function_tool built it already; then key as bound
         return None
     return model if has_factories(model) else None
 
 
-def _unsent(model: Any, ctx: ToolContext[Any], keyed: dict[str, Any]) -> frozenset[str]:
-    """The arguments of this call that a minting ``default_factory`` filled: read off the
-    call's raw JSON arguments (``ctx.tool_arguments``, which the SDK's runner sets to what
-    it validates), when those are the arguments ``keyed`` (the call's, as JSON values) was
-    made from; else empty (every value counts). Every other argument must have the same
-    JSON form in both, so a context left over from another call, or a placeholder, does
-    not make two calls one."""
-    raw = getattr(ctx, "tool_arguments", None)
-    if not isinstance(raw, str):
+_INPUT: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar(
+    "safeagent_agents_input", default=None
+)
+"""(the guarded wrapper the SDK is about to call, the raw JSON input its invoker got):
+what the SDK validates, before defaults are applied."""
+
+
+def _note_input(built: FunctionTool, wrapper: Callable[..., Any]) -> None:
+    """Have ``built``'s invoker (the SDK's) note each call's raw JSON input in
+    :data:`_INPUT` for ``wrapper``: the SDK hands the function the validated arguments,
+    the values a ``default_factory`` filled included, and tells no one which the model
+    sent. Where the SDK's invoker is not the one known here, nothing is noted (every
+    value then counts, as before)."""
+    invoker = built.on_invoke_tool
+    impl = getattr(invoker, "_invoke_tool_impl", None)
+    if not callable(impl):
+        return
+
+    async def noting(ctx: ToolContext[Any], input: str) -> Any:
+        token = _INPUT.set((wrapper, input))
+        try:
+            return await impl(ctx, input)
+        finally:
+            _INPUT.reset(token)
+
+    noting.__dict__.update(getattr(impl, "__dict__", {}))  # the SDK's marks (__wrapped__)
+    cast(Any, invoker)._invoke_tool_impl = noting
+
+
+def _unsent(model: Any, wrapper: Callable[..., Any]) -> frozenset[str]:
+    """The arguments of this call of ``wrapper`` that a minting ``default_factory``
+    filled, read off the raw JSON input the SDK's invoker validated (read once: a call
+    ``wrapper`` makes of itself is not the invoker's); empty when that is not known."""
+    noted = _INPUT.get()
+    if noted is None or noted[0] is not wrapper:
         return frozenset()
+    _INPUT.set(None)
     try:
-        data = json.loads(raw) if raw else {}  # the SDK validates an empty input as {}
+        data = json.loads(noted[1]) if noted[1] else {}  # the SDK validates "" as {}
     except ValueError:
         return frozenset()
-    unsent = minted_unsent(model, data)  # a factory that raises fails the call
-    if not unsent:
-        return frozenset()
-    try:
-        validated = model.model_validate(data)
-        same = all(
-            key_form(getattr(validated, name)) == keyed.get(name)
-            for name in model.__pydantic_fields__
-            if name not in unsent
-        )
-    except (ValidationError, PydanticSerializationError, InvalidPayloadError):
-        return frozenset()
-    return unsent if same else frozenset()
+    return minted_unsent(model, data)  # a factory that raises fails the call
 
 
 def guard_tool(
@@ -319,16 +338,17 @@ def guard_tool(
         bound = bind_arguments(
             func, call_args, kwargs, exclude=(context_name,) if takes_context else ()
         )
+        # The SDK passes the validated arguments, the values a default_factory filled
+        # included: one that mints (uuid4, datetime.now) would make every retry a new
+        # request. The request id and the fingerprint leave them out; the payload keeps
+        # them.
+        unsent = _unsent(factories, wrapper) if factories is not None else frozenset()
         try:
-            keyed = key_form(bound)
+            keyed = payload_form(bound, unsent)
         except PydanticSerializationError as exc:
             raise InvalidPayloadError(
                 f"tool {name!r}: arguments are not JSON values: {exc}"
             ) from exc
-        # The SDK passes the validated arguments, the values a default_factory filled
-        # included: one that mints (uuid4, datetime.now) would make every retry a new
-        # request. The request id leaves them out; the payload keeps them.
-        unsent = _unsent(factories, ctx, keyed) if factories is not None else frozenset()
         left_out = excluded | unsent
         payload: dict[str, Any] = hoist_excluded(keyed, var_keyword, excluded)
         scope_value = (
@@ -380,6 +400,8 @@ def guard_tool(
     )
     # A copy keeps every setting of the original; the SDK rebinds the invoker to the copy,
     # so the copy's failure policy applies.
+    if factories is not None:
+        _note_input(built, wrapper)
     guarded = dataclasses.replace(tool, on_invoke_tool=built.on_invoke_tool)
     setattr(guarded, GUARDED_MARKER, True)
     return guarded
