@@ -614,7 +614,7 @@ def store_completion(
 
 def lease_lost(call: Call, record: Record, current: Record | None) -> LeaseLostError:
     return LeaseLostError(
-        f"{call.action} finished, but request {call.request_id!r} was resolved by "
+        f"{call.action} ended, but request {call.request_id!r} was resolved by "
         "someone else meanwhile (fencing token no longer current); the completion "
         "was rejected and audited",
         request_id=call.request_id,
