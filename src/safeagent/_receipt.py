@@ -407,6 +407,9 @@ class LeaseView:
         return (LeaseView, (self.valid_until, self.lost, self.ended))
 
 
+_CONTEXT_FIELDS = tuple(f.name for f in fields(ExecutionContext))
+
+
 class RunningContext(ExecutionContext):
     """The :class:`ExecutionContext` a guard hands a running ``fn``: the same fields, and
     the view of its lease that :meth:`~ExecutionContext.lease_left` reads (not a field:
@@ -416,14 +419,14 @@ class RunningContext(ExecutionContext):
 
     @classmethod
     def of(cls, context: ExecutionContext, lease: LeaseView) -> RunningContext:
-        running = cls(*(getattr(context, f.name) for f in fields(ExecutionContext)))
+        running = cls(*(getattr(context, name) for name in _CONTEXT_FIELDS))
         object.__setattr__(running, "_lease", lease)
         return running
 
     def __reduce__(self) -> tuple[Any, ...]:
         lease: LeaseView = self._lease  # type: ignore[attr-defined]
         snapshot = LeaseView(lease.valid_until, lease.lost, lease.ended)
-        values = tuple(getattr(self, f.name) for f in fields(ExecutionContext))
+        values = tuple(getattr(self, name) for name in _CONTEXT_FIELDS)
         return (_running, (values, snapshot))
 
     def __repr__(self) -> str:
