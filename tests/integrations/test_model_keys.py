@@ -347,6 +347,32 @@ def test_a_non_strict_agents_sdk_tool_keys_its_minted_argument_out(ledger: Ledge
     assert asyncio.run(scenario()) == ["T-1", "T-1", "T-1"]
 
 
+def test_an_mcp_tool_notes_its_raw_arguments_wherever_it_goes(ledger: Ledger) -> None:
+    """The guarded tool itself notes what the client sent: handed to another server (or a
+    new tool manager), the same call re-sent still runs once (a first version patched the
+    server's tool manager, and the tool moved without it: three runs)."""
+    require("mcp")
+    from mcp.server.fastmcp import FastMCP
+
+    from safeagent.integrations.mcp import guard_server
+
+    def stamp(order_id: str, tag: Annotated[str, Field(default_factory=new_id)]) -> str:
+        return f"S-{ledger.append('stamp', tag)}"
+
+    first = FastMCP("first")
+    first.tool()(stamp)
+    guard_server(first, Guard(MemoryStore()), scope=SCOPE)
+    second = FastMCP("second", tools=first._tool_manager.list_tools())
+
+    async def scenario() -> list[Any]:
+        return [await second.call_tool("stamp", {"order_id": "o"}) for _ in range(3)]
+
+    results = asyncio.run(scenario())
+
+    assert ledger.count() == 1
+    assert results[0] == results[1] == results[2]
+
+
 def test_langchain_asks_pydantic_which_arguments_the_call_set(ledger: Ledger) -> None:
     """A validator that takes a field from another key sets it (two labels, two runs: the
     first fix read raw keys and made them one request); an ``AliasPath`` that does not

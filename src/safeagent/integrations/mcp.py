@@ -336,48 +336,56 @@ async def _until_recorded(
 _RAW: contextvars.ContextVar[tuple[Any, dict[str, Any]] | None] = contextvars.ContextVar(
     "safeagent_mcp_raw_arguments", default=None
 )
-"""(the function a guarded server's tool manager is about to call, a copy of the raw
-arguments it got for it): what FastMCP validates, before defaults are applied. Noted only
-for a guarded tool with a ``default_factory`` (:data:`_FACTORIES`)."""
+"""(the function a guarded tool is about to call, a copy of the raw arguments it got):
+what FastMCP validates, before defaults are applied. Noted only for a tool
+:func:`guard_server` guarded whose arguments have a ``default_factory``."""
 
 
 _FACTORIES = "_safeagent_factories"
-"""Set on a guarded tool's function whose arguments have a ``default_factory``: the tool
-manager notes the raw arguments of its calls (of no other tool's)."""
+"""Set on a guarded tool's function whose arguments have a ``default_factory``: its tool
+notes the raw arguments of its calls (:class:`_NotingMetadata`)."""
 
 
-def _note_raw_arguments(manager: Any) -> None:
-    """Have ``manager`` (a FastMCP ``ToolManager``) note each call's raw arguments in
-    :data:`_RAW` while it runs: FastMCP hands a tool the validated arguments, the values
-    a ``default_factory`` filled included, and tells no one which the client sent."""
-    if getattr(manager, "_safeagent_notes_raw_arguments", False):
-        return
-    call_tool = manager.call_tool
+class _NotingMetadata(FuncMetadata):
+    """A guarded tool's FastMCP metadata that notes each call's raw arguments in
+    :data:`_RAW` while it validates them and calls the tool's function: FastMCP hands the
+    function the validated arguments, the values a ``default_factory`` filled included,
+    and tells no one which the client sent. It belongs to the tool, so it goes wherever
+    the tool goes (a new tool manager, another server)."""
 
-    async def noting_call_tool(name: str, arguments: Any, *args: Any, **kwargs: Any) -> Any:
-        tool = manager.get_tool(name)
-        noted = None
-        if isinstance(arguments, dict) and getattr(getattr(tool, "fn", None), _FACTORIES, False):
-            noted = (tool.fn, dict(arguments))  # only a guarded tool with a default_factory
-        token = _RAW.set(noted)
+    async def call_fn_with_arg_validation(
+        self,
+        fn: Callable[..., Any],
+        fn_is_async: bool,
+        arguments_to_validate: dict[str, Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        raw = arguments_to_validate
+        token = _RAW.set((fn, dict(raw)) if isinstance(raw, dict) else None)
         try:
-            return await call_tool(name, arguments, *args, **kwargs)
+            return await super().call_fn_with_arg_validation(
+                fn, fn_is_async, arguments_to_validate, *args, **kwargs
+            )
         finally:
             _RAW.reset(token)
 
-    manager.call_tool = noting_call_tool
-    manager._safeagent_notes_raw_arguments = True
+
+def _noting(metadata: FuncMetadata) -> FuncMetadata:
+    """``metadata`` as a :class:`_NotingMetadata` (the same fields)."""
+    values = {name: getattr(metadata, name) for name in type(metadata).model_fields}
+    return _NotingMetadata.model_construct(**values)
 
 
 def _unsent(fn: Any, metadata: FuncMetadata) -> frozenset[str]:
     """The arguments (as FastMCP passes them: by alias where a field has one) of this call
     of ``fn`` (a guarded tool's function) that a minting ``default_factory`` filled, when
-    the server's tool manager is calling ``fn`` itself now; else empty (every value is
-    keyed). Read once: a call ``fn`` makes of itself is not the manager's."""
+    its tool is calling ``fn`` itself now; else empty (every value is keyed). Read once:
+    a call ``fn`` makes of itself is not its tool's."""
     noted = _RAW.get()
     if noted is None or noted[0] is not fn:
         return frozenset()
-    _RAW.set(None)  # the manager resets it when its call returns
+    _RAW.set(None)  # the tool's metadata resets it when its call returns
     model = metadata.arg_model
     try:
         raw = metadata.pre_parse_json(noted[1])  # as FastMCP validates them
@@ -659,13 +667,14 @@ def guard_server(
             else set(exclude) & parameters[tool_name]
         )
         keyings[tool_name] = _Keying(tool_name, scope, scope_arg, own, parameters[tool_name])
-    _note_raw_arguments(manager)
     for tool_name, keying in keyings.items():
         tool = registered[tool_name]
         call = _wrap(tool.fn, guard, keying, namespace, tool.fn_metadata)
         setattr(call, GUARDED_MARKER, True)
         tool.fn = call
         tool.is_async = True
+        if getattr(call, _FACTORIES, False):
+            tool.fn_metadata = _noting(tool.fn_metadata)
     return server
 
 
