@@ -24,10 +24,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from safeagent import ActionPolicy, ExecutionContext, Guard, Reconciliation, SQLiteStore
+from safeagent import ActionPolicy, ExecutionContext, Guard, Reconciliation, SQLiteStore, _runtime
 from tests._workers import child_env, wait_until
 from tests.conftest import Ledger
 
@@ -41,6 +42,7 @@ DOWNSTREAM_TIMEOUT_MS = 200
 OWNER = """
 import sys, time
 from pathlib import Path
+from typing import Any
 from safeagent import Guard, NotExecuted
 from tests.conftest import Ledger
 
@@ -168,26 +170,33 @@ def test_lease_left_is_zero_once_fn_has_returned_or_raised(tmp_path: Path) -> No
 
 
 def test_a_running_context_copies_pickles_and_dumps_as_before(tmp_path: Path) -> None:
-    """The context of a running fn is still a plain value for ``pickle``, ``deepcopy`` and
-    ``asdict`` (a worker process gets a copy); a copy counts down from what was known
-    when it was made, and never reads as a context no guard runs (``inf``)."""
+    """The context of a running fn is still a plain value for ``pickle``, ``deepcopy``,
+    ``asdict``, ``repr`` and equality. A copy reads the live lease (and 0 once fn is
+    over); a pickled one (another process, perhaps another host, whose clock means
+    nothing here) and one made by ``dataclasses.replace`` read 0: they cannot learn of
+    renewals or of the end of fn (a review: a worker process sent after a retry had)."""
     guard = Guard(tmp_path / "guard.db", lease=5)
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
 
     def fn(ctx: ExecutionContext) -> None:
-        out["copy"] = pickle.loads(pickle.dumps(ctx))
+        out["pickled"] = pickle.loads(pickle.dumps(ctx))
         out["deep"] = copy.deepcopy(ctx)
+        out["shallow"] = copy.copy(ctx)
+        out["replaced"] = dataclasses.replace(ctx, payload={"x": "redacted"})
         out["dict"] = dataclasses.asdict(ctx)
         out["repr"] = repr(ctx)
-        out["left"] = (out["copy"].lease_left(), out["deep"].lease_left())  # type: ignore[attr-defined]
+        out["equal"] = ctx == ExecutionContext(**out["dict"]) == ctx
+        out["left"] = [out[k].lease_left() for k in ("pickled", "deep", "shallow", "replaced")]
 
     guard.execute("r", "a", {"x": 1}, fn)
 
-    left = out["left"]
-    assert isinstance(left, tuple)
-    assert all(4 < v <= 5 for v in left)
-    assert isinstance(out["copy"], ExecutionContext)
-    assert out["copy"].request_id == "r"  # type: ignore[attr-defined]
+    pickled, deep, shallow, replaced = out["left"]
+    assert (pickled, replaced) == (0.0, 0.0)
+    assert 4 < deep <= 5
+    assert 4 < shallow <= 5
+    assert out["deep"].lease_left() == out["shallow"].lease_left() == 0.0  # fn is over
+    assert out["pickled"] == out["deep"] == out["shallow"]
+    assert out["equal"] is True
     assert out["dict"] == {
         "request_id": "r",
         "namespace": "default",
@@ -195,7 +204,31 @@ def test_a_running_context_copies_pickles_and_dumps_as_before(tmp_path: Path) ->
         "payload": {"x": 1},
         "attempt": 1,
         "fencing_token": 1,
-        "execution_id": out["copy"].execution_id,  # type: ignore[attr-defined]
-        "downstream_key": out["copy"].downstream_key,  # type: ignore[attr-defined]
+        "execution_id": out["deep"].execution_id,
+        "downstream_key": out["deep"].downstream_key,
     }
     assert str(out["repr"]).startswith("ExecutionContext(request_id='r'")
+
+
+def test_an_interrupt_as_the_heartbeat_block_ends_keeps_no_lease_alive(tmp_path: Path) -> None:
+    """A KeyboardInterrupt handled at the first instruction of the heartbeat block's
+    ``__exit__`` (where CPython runs signal handlers; simulated with a trace function)
+    leaves no beat renewing the lease, and the context reads 0 (a review: the lease was
+    renewed for as long as the process lived, and a kept context read it live)."""
+    guard = Guard(tmp_path / "guard.db", lease=1)
+    kept: list[ExecutionContext] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is _runtime._Beating.__exit__.__code__:
+            sys.settrace(None)
+            raise KeyboardInterrupt("handled as __exit__ begins")
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            guard.execute("r", "a", {}, lambda ctx: kept.append(ctx) or "done")
+    finally:
+        sys.settrace(None)
+
+    assert kept[0].lease_left() == 0.0
+    assert not any(beater.beats for beater in _runtime.heartbeats._beaters.values())

@@ -617,15 +617,17 @@ class AsyncGuard(GuardCore):
         started.append(True)
         ctx = op.context
         token = _current.set(ctx)
+        beating = None
         try:
-            with heartbeats.beating(
+            beating = heartbeats.beating(
                 self.store,
                 ctx.namespace,
                 ctx.request_id,
                 ctx.fencing_token,
                 op.lease_ms,
                 claim_sent or lease_clock(),
-            ) as beat:
+            )
+            with beating as beat:
                 ctx = RunningContext.of(ctx, beat.view)  # ctx.lease_left() reads the view
                 _current.set(ctx)
                 try:
@@ -633,6 +635,12 @@ class AsyncGuard(GuardCore):
                 except BaseException as exc:  # noqa: BLE001 - see _outcome
                     return FnOutcome(error=exc)
         finally:
+            # Also here, inline (plain stores and a C-level discard: no call where a
+            # signal handler runs): an interrupt as the ``with`` calls __exit__ would
+            # otherwise leave the lease renewed for as long as the process lives.
+            if beating is not None:
+                beating.beat.view.ended = True
+                beating.beater.beats.discard(beating.beat)
             _current.reset(token)
 
 

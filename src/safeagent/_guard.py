@@ -518,18 +518,26 @@ class Guard(GuardCore):
         whatever line of the way here it landed on."""
         ctx = op.context
         token = _current.set(ctx)
+        beating = None
         try:
-            with heartbeats.beating(
+            beating = heartbeats.beating(
                 self.store,
                 ctx.namespace,
                 ctx.request_id,
                 ctx.fencing_token,
                 op.lease_ms,
                 claim_sent or lease_clock(),
-            ) as beat:
+            )
+            with beating as beat:
                 ctx = RunningContext.of(ctx, beat.view)  # ctx.lease_left() reads the view
                 _current.set(ctx)
                 op.started = True
                 return capture(op.fn, ctx)
         finally:
+            # Also here, inline (plain stores and a C-level discard: no call where a
+            # signal handler runs): an interrupt as the ``with`` calls __exit__ would
+            # otherwise leave the lease renewed for as long as the process lives.
+            if beating is not None:
+                beating.beat.view.ended = True
+                beating.beater.beats.discard(beating.beat)
             _current.reset(token)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -346,12 +348,14 @@ class ExecutionContext:
     def lease_left(self) -> float:
         """Seconds this attempt's lease surely has left, as this process last confirmed
         it: from the moment its claim (or its latest renewal, every third of the lease)
-        was sent, less the store clock's millisecond, on this host's boot-time clock
-        (monotonic, counting a suspend); ``0.0`` once it ran out unrenewed, another caller
+        was sent, less the store clock's millisecond, on a monotonic clock that counts a
+        suspend (:func:`lease_clock`); ``0.0`` once it ran out unrenewed, another caller
         took the record over, or ``fn`` returned or raised (a thread or task it left
-        behind must not send then). A copy (``copy``, ``pickle``: a worker process) counts
-        down from what was known when it was made. ``math.inf`` for a context no guard
-        runs (one built by hand).
+        behind must not send then). A ``copy`` or ``deepcopy`` reads the same; a context
+        pickled to another process, or made with ``dataclasses.replace``, reads ``0.0``
+        (it cannot learn of renewals or of the end of ``fn``: check here, before handing
+        the send off, and do not return while a worker may still send). ``math.inf`` for
+        a context no guard runs (one built by hand).
 
         A process can stall (a GC pause, a call holding the GIL, SIGSTOP) past its lease
         while ``fn`` is about to send; the record then reads as in doubt, and a reconcile
@@ -359,31 +363,34 @@ class ExecutionContext:
         send and raise an exception declared not executed (such as
         :class:`~safeagent.NotExecuted`) when it is below your margin (the time the send
         takes to leave). Not covered: a stall between the check and the send, a forward
-        step of the store's clock, and a frozen VM whose clocks do not count the pause;
-        only a downstream system that honours ``downstream_key`` or ``fencing_token``
-        closes those (docs/guide.md, Reconcile hooks).
+        step of the store's clock, and a VM paused with its clocks; only a downstream
+        system that honours ``downstream_key`` or ``fencing_token`` closes those
+        (docs/guide.md, Reconcile hooks).
         """
         lease = getattr(self, "_lease", None)  # only a running context has one
         if lease is None:
-            return math.inf
+            return 0.0 if isinstance(self, RunningContext) else math.inf
         if lease.lost or lease.ended:
             return 0.0
         return max(0.0, float(lease.valid_until) - lease_clock())
 
 
 def lease_clock() -> float:
-    """Seconds on the clock leases are counted on here: ``CLOCK_BOOTTIME`` where there is
-    one (Linux: monotonic, and it counts a suspend, which ``time.monotonic`` does not),
-    else ``time.monotonic``."""
-    return _clock_gettime(_BOOTTIME)
+    """Seconds on the clock leases are counted on here: monotonic, and counting a
+    suspend where the platform has such a clock (Linux: ``CLOCK_BOOTTIME``; macOS:
+    ``CLOCK_MONOTONIC``, which counts sleep there), else ``time.monotonic``."""
+    return _clock_gettime(_LEASE_CLOCK)
 
 
-_BOOTTIME: int = getattr(time, "CLOCK_BOOTTIME", getattr(time, "CLOCK_MONOTONIC", 1))
-_clock_gettime: Callable[[int], float] = (
-    time.clock_gettime
-    if hasattr(time, "CLOCK_BOOTTIME") and hasattr(time, "clock_gettime")
-    else lambda _clock: time.monotonic()
-)
+if hasattr(time, "CLOCK_BOOTTIME"):
+    _LEASE_CLOCK: int = time.CLOCK_BOOTTIME
+    _clock_gettime: Callable[[int], float] = time.clock_gettime
+elif sys.platform == "darwin" and hasattr(time, "CLOCK_MONOTONIC"):
+    _LEASE_CLOCK = time.CLOCK_MONOTONIC
+    _clock_gettime = time.clock_gettime
+else:
+    _LEASE_CLOCK = 0
+    _clock_gettime = lambda _clock: time.monotonic()  # noqa: E731 - one expression
 
 STORE_CLOCK_RESOLUTION = 0.001
 """Seconds: the stores count time in whole milliseconds (rounded down), so a lease may
@@ -394,7 +401,7 @@ class LeaseView:
     """What :meth:`ExecutionContext.lease_left` reads: ``valid_until`` (seconds on
     :func:`lease_clock`), ``lost`` (a renewal found the record taken over) and ``ended``
     (``fn`` returned or raised). The runner's heartbeat updates the one of a running
-    ``fn``; a copy is a snapshot."""
+    ``fn``."""
 
     __slots__ = ("ended", "lost", "valid_until")
 
@@ -403,9 +410,6 @@ class LeaseView:
         self.lost = lost
         self.ended = ended
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (LeaseView, (self.valid_until, self.lost, self.ended))
-
 
 _CONTEXT_FIELDS = tuple(f.name for f in fields(ExecutionContext))
 
@@ -413,7 +417,8 @@ _CONTEXT_FIELDS = tuple(f.name for f in fields(ExecutionContext))
 class RunningContext(ExecutionContext):
     """The :class:`ExecutionContext` a guard hands a running ``fn``: the same fields, and
     the view of its lease that :meth:`~ExecutionContext.lease_left` reads (not a field:
-    ``dataclasses.asdict`` and ``repr`` show the eight fields)."""
+    ``dataclasses.asdict``, ``repr`` and equality see the eight fields). A copy shares
+    the view; a pickled one has none (it reads ``0.0``)."""
 
     __slots__ = ("_lease",)
 
@@ -423,18 +428,29 @@ class RunningContext(ExecutionContext):
         object.__setattr__(running, "_lease", lease)
         return running
 
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _CONTEXT_FIELDS)
+
     def __reduce__(self) -> tuple[Any, ...]:
-        lease: LeaseView = self._lease  # type: ignore[attr-defined]
-        snapshot = LeaseView(lease.valid_until, lease.lost, lease.ended)
-        values = tuple(getattr(self, name) for name in _CONTEXT_FIELDS)
-        return (_running, (values, snapshot))
+        return (RunningContext, self._values())  # no view: another process reads 0.0
+
+    def __copy__(self) -> RunningContext:
+        return RunningContext.of(self, self._lease)  # type: ignore[attr-defined]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RunningContext:
+        values = copy.deepcopy(self._values(), memo)
+        return RunningContext.of(ExecutionContext(*values), self._lease)  # type: ignore[attr-defined]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ExecutionContext):
+            return self._values() == tuple(getattr(other, name) for name in _CONTEXT_FIELDS)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
 
     def __repr__(self) -> str:
         return "Execution" + ExecutionContext.__repr__(self)[len("Running") :]
-
-
-def _running(values: tuple[Any, ...], lease: LeaseView) -> RunningContext:
-    return RunningContext.of(ExecutionContext(*values), lease)
 
 
 _current: ContextVar[ExecutionContext | None] = ContextVar("safeagent_context", default=None)
