@@ -59,7 +59,6 @@ from safeagent._receipt import (
     ErrorInfo,
     ExecutionContext,
     Receipt,
-    RunningContext,
     Status,
     _current,
     lease_clock,
@@ -626,10 +625,9 @@ class AsyncGuard(GuardCore):
                 ctx.fencing_token,
                 op.lease_ms,
                 claim_sent or lease_clock(),
+                getattr(ctx, "_lease", None),  # what ctx.lease_left() reads
             )
-            with beating as beat:
-                ctx = RunningContext.of(ctx, beat.view)  # ctx.lease_left() reads the view
-                _current.set(ctx)
+            with beating:
                 try:
                     return await _outcome(op.fn, ctx, through=True)
                 except BaseException as exc:  # noqa: BLE001 - see _outcome

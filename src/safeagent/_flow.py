@@ -13,6 +13,7 @@ import datetime
 import functools
 import inspect
 import json
+import math
 import time
 import types
 from collections.abc import Callable, Generator
@@ -23,7 +24,15 @@ from safeagent._audit import AuditEvent, EventKind, Redactor, new_event
 from safeagent._decide import Verdict, classify_exception, decide
 from safeagent._keys import downstream_key, new_execution_id, storable_text
 from safeagent._policy import ExceptionTypes, ReconcileHook, ReconcileRequest, Reconciliation
-from safeagent._receipt import ErrorInfo, ExecutionContext, Receipt, Record, Status
+from safeagent._receipt import (
+    ErrorInfo,
+    ExecutionContext,
+    LeaseView,
+    Receipt,
+    Record,
+    RunningContext,
+    Status,
+)
 from safeagent.errors import (
     ActionMismatchError,
     ConfigurationError,
@@ -498,7 +507,8 @@ def run_flow(
     call: Call, record: Record, fn: Callable[[ExecutionContext], Any], s: Settings
 ) -> Generator[Op, Any, Receipt]:
     """Run ``fn`` under the claim just won and record what it did."""
-    context = ExecutionContext(
+    # The context fn gets, with the view of its lease the runner's heartbeat keeps.
+    context = RunningContext(
         request_id=call.request_id,
         namespace=call.namespace,
         action=call.action,
@@ -508,6 +518,7 @@ def run_flow(
         execution_id=record.execution_id,
         downstream_key=record.downstream_key,
     )
+    object.__setattr__(context, "_lease", LeaseView(math.inf))
     outcome: Outcome = yield Run(fn, context, call.lease_ms)
     if outcome.error is not None:
         exc = outcome.error

@@ -39,7 +39,6 @@ from safeagent._receipt import (
     ErrorInfo,
     ExecutionContext,
     Receipt,
-    RunningContext,
     Status,
     _current,
     lease_clock,
@@ -527,10 +526,9 @@ class Guard(GuardCore):
                 ctx.fencing_token,
                 op.lease_ms,
                 claim_sent or lease_clock(),
+                getattr(ctx, "_lease", None),  # what ctx.lease_left() reads
             )
-            with beating as beat:
-                ctx = RunningContext.of(ctx, beat.view)  # ctx.lease_left() reads the view
-                _current.set(ctx)
+            with beating:
                 op.started = True
                 return capture(op.fn, ctx)
         finally:

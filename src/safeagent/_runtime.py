@@ -361,14 +361,17 @@ class Heartbeats:
         token: int,
         lease_ms: int,
         since: float | None = None,
+        view: LeaseView | None = None,
     ) -> _Beating:
         """Renew this lease until the block ends (a context manager giving the Beat).
         ``since``: when the lease's claim was sent, on :func:`lease_clock` (the Beat's
-        ``view`` holds until then plus the lease); ``None``: not counted (a reconcile
-        hook's lease)."""
+        ``view``, ``view`` when given, holds until then plus the lease); ``None``: not
+        counted (a reconcile hook's lease)."""
         interval = max(MIN_HEARTBEAT, lease_ms / 3000)
         now = time.monotonic()
         beat = Beat(store, namespace, request_id, token, lease_ms, interval, now + interval)
+        if view is not None:
+            beat.view = view
         if since is not None:
             beat.view.valid_until = since + lease_ms / 1000 - STORE_CLOCK_RESOLUTION
         return _Beating(self._beater(store.identity, now), beat)
