@@ -232,3 +232,50 @@ def test_an_interrupt_as_the_heartbeat_block_ends_keeps_no_lease_alive(tmp_path:
 
     assert kept[0].lease_left() == 0.0
     assert not any(beater.beats for beater in _runtime.heartbeats._beaters.values())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_reads_no_lease(tmp_path: Path) -> None:
+    """A child forked inside fn (multiprocessing's default start method on Linux before
+    3.14) has a memory copy of the lease view that never learns of renewals or of the
+    end of fn: it reads 0 (a review: it read 4 s left after a retry had charged)."""
+    guard = Guard(tmp_path / "guard.db", lease=5)
+    seen: list[float] = []
+
+    def fn(ctx: ExecutionContext) -> None:
+        seen.append(ctx.lease_left())
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what it reads, and leave at once
+            os.write(write, repr(ctx.lease_left()).encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        seen.append(float(os.read(read, 100)))
+        os.close(read)
+
+    guard.execute("r", "a", {}, fn)
+
+    assert 4 < seen[0] <= 5
+    assert seen[1] == 0.0
+
+
+def test_copies_of_a_viewless_context_read_no_lease_and_keep_its_name(tmp_path: Path) -> None:
+    """A copy of an unpickled or ``replace``d context (no view) reads 0 and does not raise
+    (a review: AttributeError); the running context's type is named ExecutionContext,
+    as error messages and stored failures showed it before."""
+    guard = Guard(tmp_path / "guard.db", lease=5)
+    out: dict[str, Any] = {}
+
+    def fn(ctx: ExecutionContext) -> None:
+        for name, other in (
+            ("pickled", pickle.loads(pickle.dumps(ctx))),
+            ("replaced", dataclasses.replace(ctx, attempt=2)),
+        ):
+            out[name] = (copy.copy(other).lease_left(), copy.deepcopy(other).lease_left())
+        out["name"] = type(ctx).__name__
+
+    guard.execute("r", "a", {}, fn)
+
+    assert out["pickled"] == out["replaced"] == (0.0, 0.0)
+    assert out["name"] == "ExecutionContext"

@@ -615,9 +615,10 @@ class AsyncGuard(GuardCore):
         runs)."""
         started.append(True)
         ctx = op.context
-        token = _current.set(ctx)
+        outer = _current.get()  # restored as it was, not by a token an interrupt may lose
         beating = None
         try:
+            _current.set(ctx)
             beating = heartbeats.beating(
                 self.store,
                 ctx.namespace,
@@ -636,10 +637,12 @@ class AsyncGuard(GuardCore):
             # Also here, inline (plain stores and a C-level discard: no call where a
             # signal handler runs): an interrupt as the ``with`` calls __exit__ would
             # otherwise leave the lease renewed for as long as the process lives.
-            if beating is not None:
-                beating.beat.view.ended = True
-                beating.beater.beats.discard(beating.beat)
-            _current.reset(token)
+            try:
+                if beating is not None:
+                    beating.beat.view.ended = True
+                    beating.beater.beats.discard(beating.beat)
+            finally:
+                _current.set(outer)
 
 
 async def _outcome(fn: Callable[[Any], Any], arg: Any, *, through: bool = False) -> FnOutcome:

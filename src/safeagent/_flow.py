@@ -518,7 +518,7 @@ def run_flow(
         execution_id=record.execution_id,
         downstream_key=record.downstream_key,
     )
-    object.__setattr__(context, "_lease", LeaseView(math.inf))
+    object.__setattr__(context, "_lease", LeaseView(-math.inf))  # 0 until the runner arms it
     outcome: Outcome = yield Run(fn, context, call.lease_ms)
     if outcome.error is not None:
         exc = outcome.error

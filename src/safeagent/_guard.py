@@ -516,9 +516,10 @@ class Guard(GuardCore):
         seconds); an interrupt before ``op.started`` is set is undone by :meth:`_drive`,
         whatever line of the way here it landed on."""
         ctx = op.context
-        token = _current.set(ctx)
+        outer = _current.get()  # restored as it was, not by a token an interrupt may lose
         beating = None
         try:
+            _current.set(ctx)
             beating = heartbeats.beating(
                 self.store,
                 ctx.namespace,
@@ -535,7 +536,9 @@ class Guard(GuardCore):
             # Also here, inline (plain stores and a C-level discard: no call where a
             # signal handler runs): an interrupt as the ``with`` calls __exit__ would
             # otherwise leave the lease renewed for as long as the process lives.
-            if beating is not None:
-                beating.beat.view.ended = True
-                beating.beater.beats.discard(beating.beat)
-            _current.reset(token)
+            try:
+                if beating is not None:
+                    beating.beat.view.ended = True
+                    beating.beater.beats.discard(beating.beat)
+            finally:
+                _current.set(outer)

@@ -6,6 +6,7 @@ import copy
 import enum
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -352,7 +353,8 @@ class ExecutionContext:
         suspend (:func:`lease_clock`); ``0.0`` once it ran out unrenewed, another caller
         took the record over, or ``fn`` returned or raised (a thread or task it left
         behind must not send then). A ``copy`` or ``deepcopy`` reads the same; a context
-        pickled to another process, or made with ``dataclasses.replace``, reads ``0.0``
+        pickled to another process, in a forked child, or made with
+        ``dataclasses.replace``, reads ``0.0``
         (it cannot learn of renewals or of the end of ``fn``: check here, before handing
         the send off, and do not return while a worker may still send). ``math.inf`` for
         a context no guard runs (one built by hand).
@@ -370,7 +372,7 @@ class ExecutionContext:
         lease = getattr(self, "_lease", None)  # only a running context has one
         if lease is None:
             return 0.0 if isinstance(self, RunningContext) else math.inf
-        if lease.lost or lease.ended:
+        if lease.lost or lease.ended or lease.pid != os.getpid():
             return 0.0
         return max(0.0, float(lease.valid_until) - lease_clock())
 
@@ -403,12 +405,13 @@ class LeaseView:
     (``fn`` returned or raised). The runner's heartbeat updates the one of a running
     ``fn``."""
 
-    __slots__ = ("ended", "lost", "valid_until")
+    __slots__ = ("ended", "lost", "pid", "valid_until")
 
     def __init__(self, valid_until: float, lost: bool = False, ended: bool = False) -> None:
         self.valid_until = valid_until
         self.lost = lost
         self.ended = ended
+        self.pid = os.getpid()  # a forked child's copy never learns of renewals or the end
 
 
 _CONTEXT_FIELDS = tuple(f.name for f in fields(ExecutionContext))
@@ -417,29 +420,32 @@ _CONTEXT_FIELDS = tuple(f.name for f in fields(ExecutionContext))
 class RunningContext(ExecutionContext):
     """The :class:`ExecutionContext` a guard hands a running ``fn``: the same fields, and
     the view of its lease that :meth:`~ExecutionContext.lease_left` reads (not a field:
-    ``dataclasses.asdict``, ``repr`` and equality see the eight fields). A copy shares
-    the view; a pickled one has none (it reads ``0.0``)."""
+    ``dataclasses.asdict`` and equality see the eight fields). Named ``ExecutionContext``
+    (``repr``, error messages). A copy shares the view; a pickled one, one made by
+    ``dataclasses.replace`` and a forked child's have none that holds (they read
+    ``0.0``)."""
 
     __slots__ = ("_lease",)
 
     @classmethod
-    def of(cls, context: ExecutionContext, lease: LeaseView) -> RunningContext:
+    def of(cls, context: ExecutionContext, lease: LeaseView | None) -> RunningContext:
         running = cls(*(getattr(context, name) for name in _CONTEXT_FIELDS))
-        object.__setattr__(running, "_lease", lease)
+        if lease is not None:
+            object.__setattr__(running, "_lease", lease)
         return running
 
     def _values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in _CONTEXT_FIELDS)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (RunningContext, self._values())  # no view: another process reads 0.0
+        return (_viewless, self._values())  # another process reads 0.0
 
     def __copy__(self) -> RunningContext:
-        return RunningContext.of(self, self._lease)  # type: ignore[attr-defined]
+        return RunningContext.of(self, getattr(self, "_lease", None))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> RunningContext:
         values = copy.deepcopy(self._values(), memo)
-        return RunningContext.of(ExecutionContext(*values), self._lease)  # type: ignore[attr-defined]
+        return RunningContext.of(ExecutionContext(*values), getattr(self, "_lease", None))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ExecutionContext):
@@ -449,8 +455,13 @@ class RunningContext(ExecutionContext):
     def __hash__(self) -> int:
         return hash(self._values())
 
-    def __repr__(self) -> str:
-        return "Execution" + ExecutionContext.__repr__(self)[len("Running") :]
+
+RunningContext.__name__ = RunningContext.__qualname__ = "ExecutionContext"
+
+
+def _viewless(*values: Any) -> RunningContext:
+    """A running context without a lease view (it reads ``0.0``): an unpickled copy."""
+    return RunningContext(*values)
 
 
 _current: ContextVar[ExecutionContext | None] = ContextVar("safeagent_context", default=None)
