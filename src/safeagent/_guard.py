@@ -520,15 +520,7 @@ class Guard(GuardCore):
         beating = None
         try:
             _current.set(ctx)
-            beating = heartbeats.beating(
-                self.store,
-                ctx.namespace,
-                ctx.request_id,
-                ctx.fencing_token,
-                op.lease_ms,
-                claim_sent or lease_clock(),
-                getattr(ctx, "_lease", None),  # what ctx.lease_left() reads
-            )
+            beating = heartbeats.running(self.store, ctx, op.lease_ms, claim_sent)
             with beating:
                 op.started = True
                 return capture(op.fn, ctx)

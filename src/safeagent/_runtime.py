@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from safeagent._receipt import STORE_CLOCK_RESOLUTION, LeaseView, lease_clock
 from safeagent.stores._base import BatchRenewStore, ReceiptStore
@@ -375,6 +375,20 @@ class Heartbeats:
         if since is not None:
             beat.view.valid_until = since + lease_ms / 1000 - STORE_CLOCK_RESOLUTION
         return _Beating(self._beater(store.identity, now), beat)
+
+    def running(self, store: ReceiptStore, ctx: Any, lease_ms: int, since: float) -> _Beating:
+        """:meth:`beating` for a running ``fn``'s context ``ctx``: its lease counted from
+        ``since`` (when its claim was sent, on :func:`lease_clock`), kept in the view its
+        ``ctx.lease_left()`` reads."""
+        return self.beating(
+            store,
+            ctx.namespace,
+            ctx.request_id,
+            ctx.fencing_token,
+            lease_ms,
+            since or lease_clock(),
+            getattr(ctx, "_lease", None),
+        )
 
 
 class _Beating:
