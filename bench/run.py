@@ -490,14 +490,19 @@ def _local_postgres_cpu_s() -> float | None:
 
 
 def threads_distinct(
-    spec: dict[str, Any], n_threads: int, per_thread: int, replays: float = 0
+    spec: dict[str, Any],
+    n_threads: int,
+    per_thread: int,
+    replays: float = 0,
+    make: Callable[[dict[str, Any]], Any] = make_impl,
 ) -> dict[str, Any]:
     """n_threads share one instance; each executes its own distinct ids, followed by
     ``replays`` retries per id on average (a mixed load: the retries replay; 0.2 retries
     every fifth id once, 1 each id once, 2 each twice). Also the CPU used per
     execution by this process (all its threads) and, on a local PostgreSQL, by the
-    server: which side's CPU bounds the rate. Rates count first executions."""
-    impl = make_impl(spec)
+    server: which side's CPU bounds the rate. Rates count first executions. ``make``
+    builds the implementation from ``spec`` (bench/pg_chains.py adds its least guard)."""
+    impl = make(spec)
     errors: Counter[str] = Counter()
     lock, fn = threading.Lock(), CountingFn()
     try:
