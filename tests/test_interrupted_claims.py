@@ -5,6 +5,7 @@ cancellation; the async guard releases a cancelled caller's claim the same way).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import signal
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from safeagent import Guard, SQLiteStore, Status
+from safeagent import AsyncGuard, Guard, SQLiteStore, Status
 from safeagent._keys import downstream_key, fingerprint
 from safeagent._runtime import heartbeats, wakeups
 from safeagent.audit import verify
@@ -270,3 +271,67 @@ def test_a_claim_taken_over_before_the_undo_is_left_to_its_reconciler(
     kinds = [event.kind.value for event in guard.audit_trail("r")]
     assert "released" not in kinds, kinds
     assert ledger.count() == 0
+
+
+def _shut_down(loop: asyncio.AbstractEventLoop, guard: AsyncGuard) -> None:
+    """What ``asyncio.run`` does after the main coroutine raised: cancel what is left, let
+    it end; then the guard's handed-off work (a release) is waited for."""
+    left = asyncio.all_tasks(loop)
+    for task in left:
+        task.cancel()
+    if left:
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+    loop.run_until_complete(guard.drain())
+    loop.close()
+
+
+@pytest.mark.parametrize(
+    "where", [("_run", "get"), ("_run", "set"), ("running", "getattr"), ("add", "add")]
+)
+@pytest.mark.parametrize("cancelled", [False, True], ids=["awaited", "cancelled"])
+def test_async_an_interrupt_in_fns_task_before_fn_starts_releases_the_claim(
+    store: Any, ledger: Ledger, where: tuple[str, str], cancelled: bool
+) -> None:
+    """AsyncGuard, under a loop without ``asyncio.run``'s Ctrl-C handling: the interrupt
+    lands in the task that runs ``fn``, before ``fn`` (as the task reads and sets the call's
+    context, as its heartbeat starts, once the beat is registered). It stops the loop;
+    the call's own task then sees the task's error (``awaited``: the loop run again) or is
+    cancelled by the shutdown (``cancelled``). Either way the claim is released, as the
+    sync Guard releases it; it used to stay PENDING, to read as in doubt after its lease.
+    """
+    guard = AsyncGuard(store, lease=30.0, wait=0)
+
+    async def effect(ctx: Any) -> str:
+        return str(_effect(ledger, "r")(ctx))
+
+    loop = asyncio.new_event_loop()
+    try:
+        calling = loop.create_task(guard.execute("r", "charge", {"n": 1}, effect))
+        with (
+            at_c_return(*where, interrupt, when=_in_async_runner) as fired,
+            pytest.raises(KeyboardInterrupt),
+        ):
+            loop.run_until_complete(calling)
+        assert fired
+        if not cancelled:
+            with pytest.raises(KeyboardInterrupt):
+                loop.run_until_complete(calling)
+    finally:
+        _shut_down(loop, guard)
+    check = Guard(store, lease=30.0, wait=0)
+    assert check.audit_trail("r")[1].detail["unrun"] is True
+    record = check.get("r")
+    assert record is not None
+    assert record.error is not None
+    assert record.error.type == "KeyboardInterrupt", record.error
+    assert record.error.message.startswith("the call ended before fn started"), record.error
+    _assert_released_then_runs_once(check, ledger, "r")
+
+
+def _in_async_runner(frame: Any, _callable: Any) -> bool:
+    """A frame of AsyncGuard's ``_run`` or of what it calls on the way to ``fn``."""
+    while frame is not None:
+        if frame.f_code.co_name == "_run" and frame.f_code.co_filename.endswith("_aguard.py"):
+            return True
+        frame = frame.f_back
+    return False

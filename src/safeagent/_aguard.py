@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Collection, Generator
 from typing import Any, ParamSpec, TypeVar, cast
 
 from safeagent._audit import AuditEvent, EventKind
-from safeagent._core import GuardCore, Outcome, ReconcileReport, tally
+from safeagent._core import GuardCore, Outcome, ReconcileReport, ended_before_fn, tally
 from safeagent._decorator import AsyncGuardedFunction, decorator_options
 from safeagent._flow import (
     AskHook,
@@ -367,12 +367,18 @@ class AsyncGuard(GuardCore):
                             seen.ran = not answer.unstarted
                     except asyncio.CancelledError:
                         if not started:
-                            # fn's task has not begun (no other task ran since it was
-                            # made): it never will, and the claim is released.
+                            # fn was not called: its task has not begun (no other task
+                            # ran since it was made; it never will now), or it ended on
+                            # the way to fn (an interrupt, which stopped the loop; this
+                            # is the shutdown's cancellation). The claim is released.
                             running.cancel()
                             if seen is not None:
                                 seen.ran = False
-                            self._start(self._release_unstarted, op.context)
+                            if running.done() and not running.cancelled():
+                                exc = running.exception()  # retrieved: no "never retrieved"
+                                self._start(self._release_unrun_ctx, op.context, exc)
+                            else:
+                                self._start(self._release_unstarted, op.context)
                             raise
                         # fn has started: let it finish and record its outcome without us.
                         # Not in a new task: one made now, as the loop ends, could be
@@ -380,6 +386,16 @@ class AsyncGuard(GuardCore):
                         handed_off = True
                         self._keep(running)
                         running.add_done_callback(functools.partial(self._finish, flow, wake))
+                        raise
+                    except BaseException as exc:
+                        # fn's task raised, which _run does only when an interrupt
+                        # (KeyboardInterrupt, SystemExit) lands outside fn: before fn was
+                        # called, the claim is released, as the sync Guard does; after
+                        # (as its heartbeat ends) the record stays PENDING, in doubt.
+                        if not started:
+                            if seen is not None:
+                                seen.ran = False
+                            self._start(self._release_unrun_ctx, op.context, exc)
                         raise
                     continue
                 if isinstance(op, (Claim, TakeOver)):  # undone if this caller is cancelled
@@ -548,6 +564,20 @@ class AsyncGuard(GuardCore):
                 *_CANCELLED,
             )
 
+    def _release_unrun_ctx(self, ctx: ExecutionContext, exc: BaseException | None) -> None:
+        """Undo the claim ``fn`` was about to run under, ``exc`` (an interrupt) having
+        ended its task on the way to ``fn``."""
+        error = ended_before_fn(exc) if exc is not None else _CANCELLED[0]
+        self._release_unrun(
+            ctx.namespace,
+            ctx.request_id,
+            ctx.fencing_token,
+            ctx.action,
+            ctx.execution_id,
+            error,
+            "unrun",
+        )
+
     def _release_unstarted(self, ctx: ExecutionContext) -> None:
         """Undo the claim ``fn`` was about to run under, its caller cancelled first."""
         self._release_unrun(
@@ -610,18 +640,20 @@ class AsyncGuard(GuardCore):
 
     async def _run(self, op: Run, started: list[bool], claim_sent: float) -> FnOutcome:
         """Run ``fn`` under a heartbeat (the outermost coroutine of its task), its lease
-        counted from ``claim_sent`` (monotonic seconds); never raises. ``started`` gets an
-        item as the task begins (before that, cancelling the task means ``fn`` never
-        runs)."""
-        started.append(True)
-        ctx = op.context
-        outer = _current.get()  # restored as it was, not by a token an interrupt may lose
+        counted from ``claim_sent`` (monotonic seconds). ``started`` gets an item as ``fn``
+        is about to be called: until then, cancelling the task means ``fn`` never runs,
+        and the task raises only an interrupt that landed on the way (:meth:`_drive`
+        releases the claim); after, it raises only one that lands as it ends."""
+        outer: Any = _current  # not read yet (the task's own copy of the caller's context)
         beating = None
         try:
+            ctx = op.context
+            outer = _current.get()  # restored as it was, not by a token an interrupt may lose
             _current.set(ctx)
             beating = heartbeats.running(self.store, ctx, op.lease_ms, claim_sent)
             with beating:
                 try:
+                    started.append(True)
                     return await _outcome(op.fn, ctx, through=True)
                 except BaseException as exc:  # noqa: BLE001 - see _outcome
                     return FnOutcome(error=exc)
@@ -634,7 +666,8 @@ class AsyncGuard(GuardCore):
                     beating.beat.view.ended = True
                     beating.beater.beats.discard(beating.beat)
             finally:
-                _current.set(outer)
+                if outer is not _current:
+                    _current.set(outer)
 
 
 async def _outcome(fn: Callable[[Any], Any], arg: Any, *, through: bool = False) -> FnOutcome:

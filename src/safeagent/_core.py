@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any, Literal, cast
 
 from safeagent._audit import Redactor, default_redactor
-from safeagent._flow import Call, Settings, encode_result, stored_error
+from safeagent._flow import Call, Settings, encode_result, error_message, stored_error, type_name
 from safeagent._keys import (
     canonical_json,
     check_name,
@@ -45,6 +45,12 @@ from safeagent.stores.sqlite import SQLiteStore
 Outcome = Literal["succeeded", "failed", "released", "rerun"]
 
 _HOST = socket.gethostname()
+
+
+def ended_before_fn(exc: BaseException) -> ErrorInfo:
+    """How a claim released because ``exc`` (an interrupt) ended its call before ``fn``
+    started is recorded (:meth:`GuardCore._release_unrun` stores the text escaped)."""
+    return ErrorInfo(type_name(exc), f"the call ended before fn started: {error_message(exc)}")
 
 
 @dataclass(frozen=True, slots=True)

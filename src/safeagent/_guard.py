@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection, Generator
 from typing import Any, ParamSpec, TypeVar, cast
 
 from safeagent._audit import AuditEvent
-from safeagent._core import GuardCore, Outcome, ReconcileReport, tally
+from safeagent._core import GuardCore, Outcome, ReconcileReport, ended_before_fn, tally
 from safeagent._decorator import GuardedFunction, decorator_options
 from safeagent._flow import (
     AskHook,
@@ -26,17 +26,14 @@ from safeagent._flow import (
     Wait,
     call_for_record,
     capture,
-    error_message,
     execute_flow,
     reconcile_flow,
     resolve_flow,
-    type_name,
 )
 from safeagent._flow import Outcome as FnOutcome
 from safeagent._keys import check_request_id
 from safeagent._policy import CASE_PREFIX, Seconds
 from safeagent._receipt import (
-    ErrorInfo,
     ExecutionContext,
     Receipt,
     Status,
@@ -52,12 +49,6 @@ from safeagent.stores._base import ClaimFirstStore, ClaimRequest, ClaimResult
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
-
-
-def _ended_before_fn(exc: BaseException) -> ErrorInfo:
-    """How a claim released because ``exc`` ended its call before ``fn`` started is
-    recorded (GuardCore._release_unrun stores the text escaped)."""
-    return ErrorInfo(type_name(exc), f"the call ended before fn started: {error_message(exc)}")
 
 
 class Guard(GuardCore):
@@ -434,7 +425,7 @@ class Guard(GuardCore):
                     ctx.fencing_token,
                     ctx.action,
                     ctx.execution_id,
-                    _ended_before_fn(exc),
+                    ended_before_fn(exc),
                     "unrun",
                 )
             raise
@@ -472,7 +463,7 @@ class Guard(GuardCore):
             record.fencing_token,
             record.action,
             record.execution_id,
-            _ended_before_fn(exc),
+            ended_before_fn(exc),
             "unrun",
         )
 
