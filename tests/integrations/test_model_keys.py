@@ -23,6 +23,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextvars
+import dataclasses
 import datetime
 import functools
 import json
@@ -345,6 +346,49 @@ def test_a_non_strict_agents_sdk_tool_keys_its_minted_argument_out(ledger: Ledge
         return [await guarded.on_invoke_tool(ctx, text) for _ in range(3)]
 
     assert asyncio.run(scenario()) == ["T-1", "T-1", "T-1"]
+
+
+def test_an_agents_sdk_whose_invoker_is_unknown_is_told_at_guard_time(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A future SDK whose tool invoker lacks the hook the guarded copy notes the raw input
+    by: every value counts then (each retry a new request, for a minted argument), and
+    ``guard_tool`` warns so at once, naming the arguments; named in ``exclude=``, the
+    argument is left out and the call runs once."""
+    require("agents")
+    import agents
+    from agents import function_tool
+    from agents.tool_context import ToolContext
+
+    from safeagent.integrations import openai_agents
+    from safeagent.integrations.openai_agents import guard_tool
+
+    def stamp(order_id: str, ref: Annotated[str, Field(default_factory=new_id)]) -> str:
+        """Stamp an order."""
+        return f"S-{ledger.append('stamp', order_id)}"
+
+    def bare_function_tool(func: Any, **options: Any) -> Any:
+        built = agents.function_tool(func, **options)
+
+        async def invoke(ctx: Any, text: str) -> Any:  # no _invoke_tool_impl to wrap
+            return await built.on_invoke_tool(ctx, text)
+
+        return dataclasses.replace(built, on_invoke_tool=invoke)
+
+    monkeypatch.setattr(openai_agents, "function_tool", bare_function_tool)
+    tool = function_tool(stamp, strict_mode=False)
+    with pytest.warns(RuntimeWarning, match=r"\['ref'\].*exclude="):
+        guard_tool(tool, guard=Guard(MemoryStore()), scope=SCOPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named in exclude=: nothing to warn about
+        guarded = guard_tool(tool, guard=Guard(MemoryStore()), scope=SCOPE, exclude=["ref"])
+
+    async def scenario() -> list[Any]:
+        text = json.dumps({"order_id": "o"})
+        ctx = ToolContext(context=None, tool_name="stamp", tool_call_id="c", tool_arguments=text)
+        return [await guarded.on_invoke_tool(ctx, text) for _ in range(3)]
+
+    assert asyncio.run(scenario()) == ["S-1", "S-1", "S-1"]
 
 
 def test_an_mcp_tool_notes_its_raw_arguments_wherever_it_goes(ledger: Ledger) -> None:

@@ -65,6 +65,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import warnings
 from collections.abc import Callable
 from typing import Any, cast, get_origin, get_type_hints
 
@@ -208,16 +209,16 @@ _INPUT: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar(
 what the SDK validates, before defaults are applied."""
 
 
-def _note_input(built: FunctionTool, wrapper: Callable[..., Any]) -> None:
+def _note_input(built: FunctionTool, wrapper: Callable[..., Any]) -> bool:
     """Have ``built``'s invoker (the SDK's) note each call's raw JSON input in
     :data:`_INPUT` for ``wrapper``: the SDK hands the function the validated arguments,
     the values a ``default_factory`` filled included, and tells no one which the model
-    sent. Where the SDK's invoker is not the one known here, nothing is noted (every
-    value then counts, as before)."""
+    sent. ``False`` where the SDK's invoker is not the one known here: nothing is noted
+    (every value then counts)."""
     invoker = built.on_invoke_tool
     impl = getattr(invoker, "_invoke_tool_impl", None)
     if not callable(impl):
-        return
+        return False
 
     async def noting(ctx: ToolContext[Any], input: str) -> Any:
         token = _INPUT.set((wrapper, input))
@@ -228,6 +229,7 @@ def _note_input(built: FunctionTool, wrapper: Callable[..., Any]) -> None:
 
     noting.__dict__.update(getattr(impl, "__dict__", {}))  # the SDK's marks (__wrapped__)
     cast(Any, invoker)._invoke_tool_impl = noting
+    return True
 
 
 def _unsent(model: Any, wrapper: Callable[..., Any]) -> frozenset[str]:
@@ -400,8 +402,22 @@ def guard_tool(
     )
     # A copy keeps every setting of the original; the SDK rebinds the invoker to the copy,
     # so the copy's failure policy applies.
-    if factories is not None:
-        _note_input(built, wrapper)
+    unnoted = factories is not None and not _note_input(built, wrapper)
+    minted = unnoted and sorted(
+        name
+        for name, field in factories.model_fields.items()
+        if field.default_factory is not None and name not in excluded
+    )
+    if minted:
+        warnings.warn(
+            f"tool {tool.name!r}: this openai-agents release's tool invoker is not one "
+            f"SafeAgent knows, so it cannot tell which of {minted} a call left to their "
+            "default_factory; where such a factory mints a new value each time (uuid4, "
+            "datetime.now), each retry is a new request that runs again. Name those "
+            "arguments in exclude= (or have the model send them).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     guarded = dataclasses.replace(tool, on_invoke_tool=built.on_invoke_tool)
     setattr(guarded, GUARDED_MARKER, True)
     return guarded
