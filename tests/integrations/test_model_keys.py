@@ -391,6 +391,34 @@ def test_an_agents_sdk_whose_invoker_is_unknown_is_told_at_guard_time(
     assert asyncio.run(scenario()) == ["S-1", "S-1", "S-1"]
 
 
+def test_an_mcp_tool_guarded_alone_is_told_its_factory_arguments_count(ledger: Ledger) -> None:
+    """``guarded`` alone (no ``guard_server``) never sees the client's raw arguments, so a
+    value a factory mints counts (a documented limit): the decorator says so at once,
+    naming the arguments; named in ``exclude=``, nothing is said and a re-sent call runs
+    once."""
+    require("mcp")
+    from mcp.server.fastmcp import FastMCP
+
+    from safeagent.integrations.mcp import guarded
+
+    def stamp(
+        order_id: str, tag: Annotated[str, Field(default_factory=new_id)], note: str = ""
+    ) -> str:
+        return f"S-{ledger.append('stamp', order_id)}"
+
+    with pytest.warns(RuntimeWarning, match=r"\['tag'\].*guard_server"):
+        guarded(Guard(MemoryStore()), scope_arg="order_id")(stamp)
+    server = FastMCP("t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        server.tool()(guarded(Guard(MemoryStore()), scope_arg="order_id", exclude=["tag"])(stamp))
+
+    async def scenario() -> list[Any]:
+        return [(await server.call_tool("stamp", {"order_id": "o"}))[0][0].text for _ in range(3)]
+
+    assert asyncio.run(scenario()) == ["S-1", "S-1", "S-1"]
+
+
 def test_an_mcp_tool_notes_its_raw_arguments_wherever_it_goes(ledger: Ledger) -> None:
     """The guarded tool itself notes what the client sent: handed to another server (or a
     new tool manager), the same call re-sent still runs once (a first version patched the
@@ -508,10 +536,12 @@ def test_mcp_a_nested_call_of_a_tool_of_the_same_name_is_keyed_on_its_own(
     guard = Guard(MemoryStore())
     backend = FastMCP("backend")
 
-    @backend.tool()
-    @guarded(guard, scope="backend")
-    def stamp(order_id: str, tag: Annotated[str, Field(default_factory=new_id)]) -> str:
-        return f"B-{ledger.append('backend', tag)}"
+    with pytest.warns(RuntimeWarning, match="guarded alone"):  # tags are always sent here
+
+        @backend.tool()
+        @guarded(guard, scope="backend")
+        def stamp(order_id: str, tag: Annotated[str, Field(default_factory=new_id)]) -> str:
+            return f"B-{ledger.append('backend', tag)}"
 
     gateway = FastMCP("gateway")
 

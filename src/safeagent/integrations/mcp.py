@@ -64,6 +64,7 @@ import functools
 import inspect
 import json
 import sys
+import warnings
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -583,6 +584,21 @@ def guarded(
             fn, skip_names=[context] if context else [], structured_output=structured_output
         )
         call = _wrap(fn, guard, keying, namespace, metadata)
+        unseen = sorted(
+            field.alias or name  # the parameter's name, where FastMCP renamed its field
+            for name, field in metadata.arg_model.model_fields.items()
+            if field.default_factory is not None and (field.alias or name) not in keying.exclude
+        )
+        if unseen:
+            warnings.warn(
+                f"tool {tool_name!r}: guarded alone cannot see which of {unseen} a client "
+                "left to their default_factory; where such a factory mints a new value each "
+                "time (uuid4, datetime.now), each retry is a new request that runs again. "
+                "Guard the tool with guard_server instead, or name those arguments in "
+                "exclude=.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
