@@ -1085,6 +1085,18 @@ def test_mcp_calls_serve_with_the_chosen_database(db: Path, serve_calls: list[An
     assert serve_calls == [{"db": str(db)}]
 
 
+def test_mcp_passes_the_signal_source_and_refuses_a_bad_one(
+    db: Path, serve_calls: list[Any]
+) -> None:
+    """mcp --signal-source NAME hands serve() the source its signals are recorded as; an
+    empty one is exit 2 before anything is served."""
+    assert cli("mcp", "--db", db, "--signal-source", "planner").exit_code == 0
+    assert serve_calls == [{"db": str(db), "signal_source": "planner"}]
+    bad = cli("mcp", "--db", db, "--signal-source", "")
+    assert bad.exit_code == 2, bad.stderr
+    assert len(serve_calls) == 1
+
+
 def test_mcp_creates_a_database_only_with_create(tmp_path: Path, serve_calls: list[Any]) -> None:
     """mcp on a missing file is exit 3 (serve not called) unless --create is given."""
     new = tmp_path / "new.db"

@@ -12,6 +12,8 @@ from safeagent import (
     AsyncGuard,
     CaseState,
     ConsensusPolicy,
+    FinalityGate,
+    Guard,
     InvalidTransitionError,
     NotFinalError,
 )
@@ -76,5 +78,32 @@ def test_async_gate_signals_from_many_tasks_are_all_recorded(store: Any) -> None
         assert len(case.signals) == 50
         assert len(await gate.history("c-many")) == 50
         await guard.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_signal_that_may_not_open_a_case_refuses_an_absent_one(store: Any) -> None:
+    """``open_absent=False`` (what SafeAgent's MCP server sends a model's signals with):
+    an absent case is refused with nothing recorded (no case, no signal, no audit
+    event), so a signal cannot fix a case's policy before the application opens it; an
+    open case takes the signal as usual. Both gates, every store."""
+    guard = Guard(store)
+    gate = FinalityGate(guard)
+    with pytest.raises(InvalidTransitionError, match="no case 'c-1'"):
+        gate.signal("c-1", "model", "approve", 1.0, open_absent=False)
+    assert gate.get("c-1") is None
+    assert guard.audit_trail("c-1") == []
+    gate.open("c-1", policy=ConsensusPolicy(0.7, 2))
+    case = gate.signal("c-1", "model", "approve", 1.0, open_absent=False)
+    assert (case.state, case.policy.quorum) == (CaseState.RESOLVED_PROVISIONAL, 2)
+
+    async def scenario() -> None:
+        agate = AsyncFinalityGate(AsyncGuard(store))
+        with pytest.raises(InvalidTransitionError, match="no case 'c-2'"):
+            await agate.signal("c-2", "model", "approve", 1.0, open_absent=False)
+        assert await agate.get("c-2") is None
+        await agate.open("c-2")
+        case = await agate.signal("c-2", "model", "approve", 1.0, open_absent=False)
+        assert case.state is CaseState.FINAL  # the default policy: 0.8, quorum 1
 
     asyncio.run(scenario())

@@ -333,10 +333,12 @@ class FinalityGate(_GateCore):
         *,
         metadata: Mapping[str, Any] | None = None,
         namespace: str | None = None,
+        open_absent: bool = True,
     ) -> Case:
         """Record ``source``'s signal and apply the transitions it causes.
 
-        Opens the case with the gate's policy if it does not exist. A case that exists
+        Opens the case with the gate's policy if it does not exist (``open_absent=False``:
+        refuses instead, so that only whoever opens cases sets their policy). A case that exists
         keeps the policy it was opened with, whatever this gate's: so the first gate to
         reach a case fixes its policy. To be sure of a case's policy, :meth:`open` it with
         ``policy=`` before any signal (it refuses a case already opened with another).
@@ -354,6 +356,7 @@ class FinalityGate(_GateCore):
             confidence: in [0, 1]: an ``int`` or ``float``, converted (``float()``) before
                 it is checked, and kept as checked.
             metadata: JSON object kept with the signal (redacted in the audit trail).
+            open_absent: open an absent case (default), or refuse it.
 
         Returns:
             The case after the signal.
@@ -361,6 +364,8 @@ class FinalityGate(_GateCore):
         Raises:
             InvalidInputError: a bad field (:class:`~safeagent.InvalidPayloadError` for
                 metadata that is not a JSON object); nothing is recorded.
+            InvalidTransitionError: no such case, with ``open_absent=False``; nothing is
+                recorded.
         """
         ns, sig, detail = self._signal_args(
             case_id, source, outcome, confidence, metadata, namespace
@@ -373,7 +378,7 @@ class FinalityGate(_GateCore):
             signal=sig,
             actor=source,
             detail=detail,
-            open_with=(self.policy.threshold, self.policy.quorum),
+            open_with=(self.policy.threshold, self.policy.quorum) if open_absent else None,
         )
 
     def resolve(
@@ -549,6 +554,7 @@ class AsyncFinalityGate(_GateCore):
         *,
         metadata: Mapping[str, Any] | None = None,
         namespace: str | None = None,
+        open_absent: bool = True,
     ) -> Case:
         """See :meth:`FinalityGate.signal`."""
         ns, sig, detail = self._signal_args(
@@ -563,7 +569,7 @@ class AsyncFinalityGate(_GateCore):
                 signal=sig,
                 actor=source,
                 detail=detail,
-                open_with=(self.policy.threshold, self.policy.quorum),
+                open_with=(self.policy.threshold, self.policy.quorum) if open_absent else None,
             )
         )
 

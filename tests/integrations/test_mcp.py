@@ -30,6 +30,7 @@ import anyio  # noqa: E402
 from mcp import ClientSession, StdioServerParameters  # noqa: E402
 from mcp.client.stdio import stdio_client  # noqa: E402
 from mcp.server.fastmcp import Audio, Context, FastMCP, Image  # noqa: E402
+from mcp.server.fastmcp.exceptions import ToolError  # noqa: E402
 from mcp.shared.memory import create_connected_server_and_client_session  # noqa: E402
 from mcp.types import (  # noqa: E402
     CallToolResult,
@@ -42,6 +43,8 @@ from pydantic import AnyUrl, BaseModel, ConfigDict, Field, SecretStr  # noqa: E4
 
 from safeagent import (  # noqa: E402
     AsyncGuard,
+    CaseState,
+    ConsensusPolicy,
     ErrorInfo,
     FinalityGate,
     Guard,
@@ -50,7 +53,7 @@ from safeagent import (  # noqa: E402
     Status,
     derive_request_id,
 )
-from safeagent.errors import ConfigurationError  # noqa: E402
+from safeagent.errors import ConfigurationError, InvalidInputError  # noqa: E402
 from safeagent.integrations.mcp import build_server, guard_server, guarded  # noqa: E402
 from tests.conftest import Ledger  # noqa: E402
 from tests.integrations import run_example  # noqa: E402
@@ -915,13 +918,17 @@ def seed(db: Path) -> None:
 
 
 async def own_server(
-    db: Path, log: Path, calls: dict[str, tuple[str, dict[str, Any]]], uris: list[str]
+    db: Path,
+    log: Path,
+    calls: dict[str, tuple[str, dict[str, Any]]],
+    uris: list[str],
+    *options: str,
 ) -> tuple[set[str], dict[str, CallToolResult], list[Any]]:
-    """Start ``python -m safeagent.integrations.mcp --db DB`` as a client does, list its
-    tools, make ``calls`` and read the resources at ``uris``."""
+    """Start ``python -m safeagent.integrations.mcp --db DB [options]`` as a client does,
+    list its tools, make ``calls`` and read the resources at ``uris``."""
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "safeagent.integrations.mcp", "--db", str(db)],
+        args=["-m", "safeagent.integrations.mcp", "--db", str(db), *options],
         env=dict(os.environ),
     )
     with log.open("w") as errlog:
@@ -960,14 +967,13 @@ def test_own_server_shows_receipts_in_doubt_records_and_audit(tmp_path: Path) ->
         own_server, db, tmp_path / "server.log", calls, uris
     )
 
-    assert tools == {
+    assert tools == {  # no signal_case: no --signal-source, so the server writes nothing
         "list_receipts",
         "get_receipt",
         "list_in_doubt",
         "audit_trail",
         "list_cases",
         "get_case",
-        "signal_case",
     }
     data = {k: json.loads(text(v)) for k, v in out.items() if not v.isError and text(v)}
     assert data["receipts"]["count"] == 3
@@ -992,13 +998,16 @@ def test_own_server_shows_receipts_in_doubt_records_and_audit(tmp_path: Path) ->
 
 
 def test_own_server_stores_signals_and_resolves_nothing(tmp_path: Path) -> None:
-    """``signal_case`` over stdio lands in the store; the in-doubt record stays in doubt."""
+    """``signal_case`` over stdio (``--signal-source model-b``) lands in the store as
+    ``model-b``; the in-doubt record stays in doubt."""
     db = tmp_path / "safeagent.db"
     seed(db)
-    signal = {"case_id": "case-1", "source": "model-b", "outcome": "approve", "confidence": 1.0}
+    signal = {"case_id": "case-1", "outcome": "approve", "confidence": 1.0}
     calls = {"signal": ("signal_case", signal), "case": ("get_case", {"case_id": "case-1"})}
 
-    _, out, _ = anyio.run(own_server, db, tmp_path / "server.log", calls, [])
+    _, out, _ = anyio.run(
+        own_server, db, tmp_path / "server.log", calls, [], "--signal-source", "model-b"
+    )
 
     after_signal = json.loads(text(out["signal"]))
     assert (after_signal["state"], after_signal["outcome"]) == ("FINAL", "approve")
@@ -1010,6 +1019,50 @@ def test_own_server_stores_signals_and_resolves_nothing(tmp_path: Path) -> None:
     assert case.outcome == "approve"
     assert [r.request_id for r in guard.in_doubt()] == ["k-doubt"]
     guard.close()
+
+
+def test_a_client_cannot_signal_as_another_source_nor_open_a_case(tmp_path: Path) -> None:
+    """A model on SafeAgent's server used to name the source of its signal: naming a
+    human reviewer's, it replaced the reviewer's live "reject" with "approve" and made the
+    case FINAL, and ``settle`` paid out; and signalling a case nobody had opened opened it
+    with the default policy (threshold 0.8, quorum 1), so it could decide alone before the
+    application opened it with a stricter one. The source is now the server's own, and
+    only a case the application opened takes signals."""
+    db = tmp_path / "safeagent.db"
+    guard = Guard(db)
+    gate = FinalityGate(guard)
+    gate.open("refund-9", policy=ConsensusPolicy(0.7, 2))
+    gate.signal("refund-9", "fraud-model", "approve", 0.9)
+    gate.signal("refund-9", "human-review", "reject", 1.0)
+    server = build_server(guard, signal_source="fraud-model")
+
+    def call(arguments: dict[str, Any]) -> Any:
+        return asyncio.run(server.call_tool("signal_case", arguments))
+
+    # "source" is no argument of the tool: left out, the signal is the server's own
+    call({"case_id": "refund-9", "source": "human-review", "outcome": "approve", "confidence": 1})
+    call({"case_id": "refund-9", "outcome": "approve", "confidence": 1.0})
+    with pytest.raises(ToolError, match="no case 'new-case'"):
+        call({"case_id": "new-case", "outcome": "approve", "confidence": 1.0})
+    case = gate.get("refund-9")
+    assert case is not None
+    assert case.state is not CaseState.FINAL
+    assert {(s.source, s.outcome) for s in case.signals} == {
+        ("fraud-model", "approve"),
+        ("human-review", "reject"),
+    }
+    assert gate.get("new-case") is None
+    guard.close()
+
+
+def test_a_server_without_a_signal_source_writes_nothing() -> None:
+    """``build_server(guard)``: no ``signal_case`` tool; a bad ``signal_source`` is a typed
+    error before anything is served."""
+    guard = Guard(MemoryStore())
+    tools = asyncio.run(build_server(guard).list_tools())
+    assert "signal_case" not in {t.name for t in tools}
+    with pytest.raises(InvalidInputError):
+        build_server(guard, signal_source="")
 
 
 def test_build_server_refuses_an_async_guard() -> None:

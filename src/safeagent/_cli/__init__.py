@@ -54,6 +54,7 @@ from safeagent._cli._common import (
     resolve_target,
 )
 from safeagent._cli._records import in_doubt_app, receipts_app, resolve
+from safeagent._keys import check_name
 
 __all__ = ["app", "main"]
 
@@ -141,6 +142,14 @@ def mcp(
     db: DbOpt = None,
     database_url: UrlOpt = None,
     schema: SchemaOpt = DEFAULT_SCHEMA,
+    signal_source: Annotated[
+        str | None,
+        typer.Option(
+            "--signal-source",
+            help="Offer the signal_case tool, its signals recorded as this source (the "
+            "agent the server is for). Without it the server writes nothing.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the guard's tools over MCP (stdio), with receipts in the chosen store.
     Needs pip install -e '.[mcp]'."""
@@ -162,6 +171,9 @@ def mcp(
         if not any(p.name == "schema" or p.kind is p.VAR_KEYWORD for p in params):
             raise CliError(EXIT_USAGE, "this MCP server serves the default schema only")
         options["schema"] = target.schema
+    if signal_source is not None:
+        check_name("signal source", signal_source)  # exit 2 before the store is opened
+        options["signal_source"] = signal_source
     if not create:
         open_store(target).close()
     serve(**options)

@@ -18,6 +18,7 @@ import anyio.to_thread
 from mcp.server.fastmcp import FastMCP
 
 from safeagent import CaseState, FinalityGate, Guard, Receipt, Status
+from safeagent._keys import check_name
 from safeagent.errors import ConfigurationError, InvalidInputError
 
 __all__ = ["build_server", "serve"]
@@ -34,30 +35,45 @@ def _receipt_dict(receipt: Receipt, redact: Callable[[Any], Any]) -> dict[str, A
     return data
 
 
-def build_server(guard: Guard, *, name: str = "safeagent") -> FastMCP:
+def build_server(
+    guard: Guard, *, name: str = "safeagent", signal_source: str | None = None
+) -> FastMCP:
     """SafeAgent's MCP server over ``guard``'s store (see the module docstring).
 
     Args:
         guard: the :class:`~safeagent.Guard` whose store is shown; its ``redact`` hook is
             applied to payloads, results and signal metadata.
         name: the server name reported to clients.
+        signal_source: the source every signal sent through this server is recorded as
+            (1 to 255 characters: the agent or model this server is configured for).
+            ``None`` (default): the server has no ``signal_case`` tool and writes
+            nothing. A client never names the source itself: it could otherwise replace
+            another source's live signal (a human reviewer's) with its own.
 
     Returns:
         A ``FastMCP`` server; run it with ``server.run("stdio")``.
 
     Raises:
         ConfigurationError: ``guard`` is not a :class:`~safeagent.Guard`.
+        InvalidInputError: a ``signal_source`` that is not a valid source name.
     """
     if not isinstance(guard, Guard):
         raise ConfigurationError(f"guard must be a safeagent.Guard, got {guard!r}")
+    if signal_source is not None:
+        signal_source = check_name("signal_source", signal_source)
     gate = FinalityGate(guard)
     redact = guard.redact
     server = FastMCP(
         name,
         instructions=(
             "Read SafeAgent's execution receipts, in-doubt records, audit trail and "
-            "decision cases from the local store, and send signals about cases. Nothing "
-            "here re-runs or resolves a side effect."
+            "decision cases from the local store"
+            + (
+                ""
+                if signal_source is None
+                else f", and send signals about cases as {signal_source!r}"
+            )
+            + ". Nothing here re-runs or resolves a side effect."
         ),
     )
 
@@ -216,46 +232,8 @@ def build_server(guard: Guard, *, name: str = "safeagent") -> FastMCP:
         """
         return cast("dict[str, Any] | None", await off_loop(lambda: one_case(case_id, namespace)))
 
-    def signal(
-        case_id: str,
-        source: str,
-        outcome: str,
-        confidence: float,
-        metadata: dict[str, Any] | None,
-        namespace: str,
-    ) -> dict[str, Any]:
-        case = gate.signal(
-            case_id, source, outcome, confidence, metadata=metadata, namespace=namespace
-        )
-        return case_dict(case)
-
-    @server.tool()
-    async def signal_case(
-        case_id: str,
-        source: str,
-        outcome: str,
-        confidence: float,
-        metadata: dict[str, Any] | None = None,
-        namespace: str = "default",
-    ) -> dict[str, Any]:
-        """Send a signal about a decision case (opening it if absent, with the default
-        policy: threshold 0.8, quorum 1). One live signal per source: a newer one replaces
-        it. Returns the case as it stands after the signal.
-
-        Args:
-            case_id: the case id.
-            source: who signals (an agent, model or person); one live signal per source.
-            outcome: the outcome it votes for.
-            confidence: between 0 and 1.
-            metadata: a JSON object kept with the signal.
-            namespace: the case's namespace (default ``"default"``).
-        """
-        return cast(
-            dict[str, Any],
-            await off_loop(
-                lambda: signal(case_id, source, outcome, confidence, metadata, namespace)
-            ),
-        )
+    if signal_source is not None:
+        _add_signal_tool(server, gate, signal_source, case_dict, off_loop)
 
     @server.resource("safeagent://in-doubt", mime_type="application/json")
     async def in_doubt_resource() -> str:
@@ -277,7 +255,62 @@ def build_server(guard: Guard, *, name: str = "safeagent") -> FastMCP:
     return server
 
 
-def serve(db: str | os.PathLike[str] | None = None, *, schema: str | None = None) -> None:
+def _add_signal_tool(
+    server: FastMCP,
+    gate: FinalityGate,
+    source: str,
+    case_dict: Callable[[Any], dict[str, Any]],
+    off_loop: Callable[[Callable[[], Any]], Any],
+) -> None:
+    """The server's one write: ``signal_case``, its signals recorded as ``source``."""
+
+    def signal(
+        case_id: str,
+        outcome: str,
+        confidence: float,
+        metadata: dict[str, Any] | None,
+        namespace: str,
+    ) -> dict[str, Any]:
+        case = gate.signal(
+            case_id,
+            source,
+            outcome,
+            confidence,
+            metadata=metadata,
+            namespace=namespace,
+            open_absent=False,
+        )
+        return case_dict(case)
+
+    @server.tool(
+        description=(
+            f"Send a signal, as {source!r}, about a decision case the application has "
+            "opened (a case that does not exist is refused). This server has one live "
+            "signal per case: a newer one replaces it. Returns the case as it stands after "
+            "the signal. Args: case_id; outcome: the outcome it votes for; confidence: "
+            "between 0 and 1; metadata: a JSON object kept with the signal; namespace: the "
+            'case\'s namespace (default "default").'
+        )
+    )
+    async def signal_case(
+        case_id: str,
+        outcome: str,
+        confidence: float,
+        metadata: dict[str, Any] | None = None,
+        namespace: str = "default",
+    ) -> dict[str, Any]:
+        return cast(
+            dict[str, Any],
+            await off_loop(lambda: signal(case_id, outcome, confidence, metadata, namespace)),
+        )
+
+
+def serve(
+    db: str | os.PathLike[str] | None = None,
+    *,
+    schema: str | None = None,
+    signal_source: str | None = None,
+) -> None:
     """Run SafeAgent's MCP server over stdio until the client disconnects.
 
     ``safeagent mcp`` calls this. Configure it in an MCP client as the command
@@ -289,11 +322,16 @@ def serve(db: str | os.PathLike[str] | None = None, *, schema: str | None = None
             working directory.
         schema: the PostgreSQL schema (default: the store's default schema); only with a
             ``postgresql://`` URL.
+        signal_source: the source the server's signals are recorded as (see
+            :func:`build_server`); ``None``: no ``signal_case`` tool.
 
     Raises:
         ConfigurationError: ``schema`` without a PostgreSQL URL.
+        InvalidInputError: a ``signal_source`` that is not a valid source name.
         StoreError: the store cannot be opened.
     """
+    if signal_source is not None:
+        check_name("signal_source", signal_source)  # before the store is opened
     target: Any = db
     if schema is not None:
         if not (isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))):
@@ -303,7 +341,7 @@ def serve(db: str | os.PathLike[str] | None = None, *, schema: str | None = None
         target = PostgresStore(db, schema=schema)
     guard = Guard(target)
     try:
-        build_server(guard).run("stdio")
+        build_server(guard, signal_source=signal_source).run("stdio")
     finally:
         guard.close()
         if target is not db:

@@ -44,9 +44,10 @@ exits after the body has finished (unless the process is killed first).
 
 **SafeAgent's own server.** :func:`serve` runs an MCP server over stdio (``safeagent
 mcp``, or ``python -m safeagent.integrations.mcp``) that shows MCP clients the receipts,
-in-doubt records, audit trail and cases of a local store, and takes case signals. Tools:
-``list_receipts``, ``get_receipt``, ``list_in_doubt``, ``audit_trail``, ``list_cases``,
-``get_case``, ``signal_case``. Resources: ``safeagent://in-doubt``,
+in-doubt records, audit trail and cases of a local store. Tools: ``list_receipts``,
+``get_receipt``, ``list_in_doubt``, ``audit_trail``, ``list_cases``, ``get_case``; and
+``signal_case`` when the server is given a ``signal_source``, the one source its signals
+are recorded as (a client never names one), for cases the application opened. Resources: ``safeagent://in-doubt``,
 ``safeagent://receipts/{namespace}/{request_id}``, ``safeagent://cases/{namespace}/{case_id}``
 (percent-encode a ``/`` in an id). Payloads, results and signal metadata pass through the
 guard's redaction hook first. It resolves nothing: an in-doubt record is settled by an
@@ -713,8 +714,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="SQLite file or postgresql:// URL (default: $SAFEAGENT_DB, else ./safeagent.db)",
     )
     parser.add_argument("--schema", default=None, help="PostgreSQL schema (with a URL)")
+    parser.add_argument(
+        "--signal-source",
+        default=None,
+        help="offer signal_case, its signals recorded as this source (default: no writes)",
+    )
     args = parser.parse_args(argv)
-    serve(args.db, schema=args.schema)
+    serve(args.db, schema=args.schema, signal_source=args.signal_source)
     return 0
 
 
