@@ -1073,3 +1073,31 @@ def test_a_tombstone_forged_after_a_pass_with_a_future_cutoff_is_found(
     report = verify(db_store, key=KEY, last_anchor=pin)
     assert _kinds(report) == ["receipt_edited"]
     assert "no retention pass in the chains covers it" in _by_request(report)["late"]
+
+
+def test_a_purge_after_the_clock_stepped_back_leaves_a_trail_that_verifies(
+    store: Any, clock: FakeClock
+) -> None:
+    """The CLI's purge flow reads a cutoff, asks for confirmation, then purges up to it
+    (``purge(before_ms=cutoff)``). When the store's clock steps back meanwhile by more than
+    verification allows (1 s), the pass used to purge records that finished after its
+    own clock reading, and verification then reported them as edited ("no retention pass
+    covers it"). A pass now purges only what finished before it ran (plus that 1 s):
+    those records are kept, counted by no one, and the trail verifies."""
+    guard = Guard(store)
+    guard.execute("early", "charge", {"n": 1}, lambda _ctx: 1)
+    clock.advance(10)
+    guard.execute("late", "charge", {"n": 2}, lambda _ctx: 2)
+    clock.advance(0.01)
+    _, cutoff = store.records(limit=0)  # read, shown, confirmed ...
+    clock.advance(-5)  # ... while the clock steps back 5 s
+    assert purge(store, before_ms=cutoff).tombstoned == 1  # "early" only
+    early, _ = store.get("default", "early")
+    late, _ = store.get("default", "late")
+    assert early is not None
+    assert early.purged_at_ms is not None
+    assert late is not None
+    assert late.purged_at_ms is None
+    report = verify(store)
+    assert report.ok, report.problems
+    guard.close()

@@ -32,7 +32,7 @@ from safeagent._verify import (
     shard_named,
 )
 from safeagent.stores._as_stored import Unreadable, record_rows
-from safeagent.stores._base import OUTCOME_DIGEST, outcome_digest
+from safeagent.stores._base import CLOCK_STEP_MS, OUTCOME_DIGEST, outcome_digest
 
 _FINISHED = frozenset(status.value for status in TERMINAL)
 # What retention purges (retention.purge): finished records, and released ones.
@@ -342,7 +342,7 @@ def _last_states(
     return states, edits
 
 
-_CLOCK_STEP_MS = 1000
+_CLOCK_STEP_MS = CLOCK_STEP_MS
 
 
 class _Purges:

@@ -11,6 +11,18 @@ pending or in doubt are never touched. Released records (no outcome) lose their 
 too, but their row stays: deleting it would let the next claim of that id start its
 fencing token again at 1, and a stalled worker still holding the old token 1 could then
 complete the new attempt.
+
+A purge does not touch the audit trail, which is append-only and hash-chained (erasing an
+event would break the chain it is verified by), nor cases and their signals: the
+``claimed`` event keeps the payload as the guard's ``redact`` hook left it, a ``failed``
+event its error message, a signal its metadata. Personal data that must be erasable
+should never reach the trail: mask it with ``redact=`` (the default masks card numbers,
+secrets and e-mail addresses) or keep it out of payloads (pass a reference instead).
+
+A pass purges only what finished before it ran: a cutoff later than the store's clock
+plus 1 s (one read before a confirmation, from a clock that has since stepped back) is
+cut to that, so that audit verification, which checks every tombstone against the pass
+that made it, never takes it for an edit.
 """
 
 from __future__ import annotations

@@ -617,6 +617,21 @@ def _resolved_outcome(resolution: Resolution, record: Record) -> dict[str, str]:
     return {OUTCOME_DIGEST: digest}
 
 
+CLOCK_STEP_MS = 1000
+"""How far a store's clock may step back between two readings before audit verification
+takes what it sees for an edit (a retention pass and the records it purged, say)."""
+
+
+def purge_cutoff(cutoff_ms: int, now_ms: int) -> int:
+    """The cutoff a retention pass running at ``now_ms`` applies: the one asked for, but
+    never later than its own clock plus :data:`CLOCK_STEP_MS`. A pass purges only what
+    finished before it ran, which is what audit verification checks a tombstone against:
+    a cutoff read earlier (``purge(before_ms=...)`` after a confirmation), from a clock
+    that has since stepped back, would otherwise purge records that verification then
+    reports as edited."""
+    return min(cutoff_ms, now_ms + CLOCK_STEP_MS)
+
+
 def purged_event(now_ms: int, cutoff_ms: int, actor: str, counts: dict[str, int]) -> AuditEvent:
     """The audit event of one retention pass (subject ``*retention*``)."""
     return AuditEvent(

@@ -16,7 +16,7 @@ import psycopg
 from safeagent._audit import AuditEvent
 from safeagent._cases import CaseRow, Signal
 from safeagent._receipt import Record, Status
-from safeagent.stores._base import purged_event
+from safeagent.stores._base import purge_cutoff, purged_event
 from safeagent.stores._pg_conn import _found
 from safeagent.stores._pg_events import _PgEvents
 from safeagent.stores._rows import Heads, row_to_case, row_to_event, row_to_record, row_to_signal
@@ -180,11 +180,13 @@ class _PgTrail(_PgEvents):
         """Retention; see :meth:`SQLiteStore.purge` (an expired PENDING lease counts as
         in doubt, at the store's clock)."""
         with self._write() as cur:
-            cur.execute(self._sql["PURGE_RELEASED"], self._p(cutoff=cutoff_ms))
-            released = cur.rowcount
-            cur.execute(self._sql["PURGE_FINISHED"], self._p(cutoff=cutoff_ms))
-            tombstoned = cur.rowcount
+            # One clock reading for the tombstones, the cutoff's bound and the event.
             now = self._clock() if self._clock is not None else self._db_now(cur)
+            params = {"now": now, "cutoff": purge_cutoff(cutoff_ms, now)}
+            cur.execute(self._sql["PURGE_RELEASED"], params)
+            released = cur.rowcount
+            cur.execute(self._sql["PURGE_FINISHED"], params)
+            tombstoned = cur.rowcount
             cur.execute(self._sql["KEPT"], {"now": now})
             kept = {r[0]: int(r[1]) for r in cur.fetchall()}
             counts = {
@@ -193,5 +195,5 @@ class _PgTrail(_PgEvents):
                 "kept_pending": kept.get("PENDING", 0),
                 "kept_in_doubt": kept.get("IN_DOUBT", 0),
             }
-            self._emit([purged_event(now, cutoff_ms, actor, counts)])
+            self._emit([purged_event(now, params["cutoff"], actor, counts)])
         return counts

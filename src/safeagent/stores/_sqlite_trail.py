@@ -19,7 +19,7 @@ from safeagent._audit import AuditEvent
 from safeagent._cases import CaseRow, Signal
 from safeagent._receipt import Record, Status
 from safeagent.errors import StoreError
-from safeagent.stores._base import Clock, EventBuffer, purged_event, stamped
+from safeagent.stores._base import Clock, EventBuffer, purge_cutoff, purged_event, stamped
 from safeagent.stores._rows import (
     CHAIN_COLUMNS,
     CHAIN_SHARDS,
@@ -259,6 +259,7 @@ class _SQLiteTrail:
         lease has expired counts as in doubt (``kept_in_doubt``), as it reads. Audited."""
         with self._write() as conn:
             now = self._clock()
+            cutoff_ms = purge_cutoff(cutoff_ms, now)
             released = conn.execute(
                 "UPDATE executions SET payload = '', result = NULL, error_message = NULL,"
                 " purged_at_ms = ? WHERE status = 'RELEASED' AND purged_at_ms IS NULL"

@@ -25,6 +25,7 @@ from safeagent.stores._base import (
     case_events,
     claimed_event,
     completion_events,
+    purge_cutoff,
     purged_event,
     resolved_event,
     settled_event,
@@ -437,6 +438,7 @@ class MemoryStore:
         in doubt, at the store's clock)."""
         with self._lock:
             now = self._clock()
+            cutoff_ms = purge_cutoff(cutoff_ms, now)
             counts = {"tombstoned": 0, "released": 0, "kept_pending": 0, "kept_in_doubt": 0}
             for key, record in list(self._records.items()):
                 finished = record.completed_at_ms or record.updated_at_ms
