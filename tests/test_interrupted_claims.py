@@ -335,3 +335,64 @@ def _in_async_runner(frame: Any, _callable: Any) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def test_async_an_interrupt_in_the_callers_frame_before_fns_task_begins_never_runs_fn(
+    store: Any, ledger: Ledger
+) -> None:
+    """The interrupt lands in the caller's own frame, as it shields fn's task, before that
+    task's first step. The claim is released, so the task must never begin: a first fix
+    released the claim and left the task scheduled, and the loop, run again, ran fn under
+    a RELEASED record; the retry then ran it a second time."""
+    guard = AsyncGuard(store, lease=30.0, wait=0)
+
+    async def effect(ctx: Any) -> str:
+        return str(_effect(ledger, "r")(ctx))
+
+    def in_drive(frame: Any, _callable: Any) -> bool:
+        return frame.f_back is not None and frame.f_back.f_code.co_name == "_drive"
+
+    loop = asyncio.new_event_loop()
+    try:
+        calling = loop.create_task(guard.execute("r", "charge", {"n": 1}, effect))
+        with (
+            at_c_return("shield", "add_done_callback", interrupt, when=in_drive) as fired,
+            pytest.raises(KeyboardInterrupt),
+        ):
+            loop.run_until_complete(calling)
+        assert fired == ["shield"]
+        loop.run_until_complete(asyncio.sleep(0.05))  # the program goes on with its loop
+        assert ledger.count() == 0
+    finally:
+        _shut_down(loop, guard)
+    _assert_released_then_runs_once(Guard(store, lease=30.0, wait=0), ledger, "r")
+
+
+def test_async_an_interrupt_as_fns_task_ends_leaves_the_record_in_doubt_quietly(
+    store: Any, ledger: Ledger
+) -> None:
+    """The interrupt lands as fn's task ends its heartbeat, after fn ran; the loop is then
+    shut down as ``asyncio.run`` does. The record stays PENDING (fn's outcome is not known
+    to the guard), the shutdown raises nothing (the hand-off used to re-raise the
+    interrupt from a done callback), and the in-process wake-up slot is freed."""
+    guard = AsyncGuard(store, lease=30.0, wait=0)
+
+    async def effect(ctx: Any) -> str:
+        return str(_effect(ledger, "r")(ctx))
+
+    loop = asyncio.new_event_loop()
+    try:
+        calling = loop.create_task(guard.execute("r", "charge", {"n": 1}, effect))
+        with (
+            at_c_return("_run", "discard", interrupt, when=_in_async_runner) as fired,
+            pytest.raises(KeyboardInterrupt),
+        ):
+            loop.run_until_complete(calling)
+        assert fired == ["_run"]
+    finally:
+        _shut_down(loop, guard)
+    assert ledger.count() == 1
+    record = Guard(store, lease=30.0, wait=0).get("r")
+    assert record is not None
+    assert record.status is Status.PENDING
+    assert not wakeups._slots

@@ -388,14 +388,21 @@ class AsyncGuard(GuardCore):
                         running.add_done_callback(functools.partial(self._finish, flow, wake))
                         raise
                     except BaseException as exc:
-                        # fn's task raised, which _run does only when an interrupt
-                        # (KeyboardInterrupt, SystemExit) lands outside fn: before fn was
-                        # called, the claim is released, as the sync Guard does; after
-                        # (as its heartbeat ends) the record stays PENDING, in doubt.
+                        # An interrupt (KeyboardInterrupt, SystemExit; or GeneratorExit,
+                        # this coroutine closed): raised by fn's task on its way to fn,
+                        # or landed here, in this frame, before that task's first step.
+                        # Either way, while fn was not called, the task is cancelled
+                        # first (one not yet begun then never begins: fn never runs) and
+                        # the claim released, as the sync Guard does. After fn was called
+                        # (an interrupt as its heartbeat ends) the record stays PENDING,
+                        # in doubt.
                         if not started:
+                            running.cancel()
                             if seen is not None:
                                 seen.ran = False
-                            self._start(self._release_unrun_ctx, op.context, exc)
+                            raised_in_task = running.done() and not running.cancelled()
+                            cause = running.exception() if raised_in_task else exc
+                            self._start(self._release_unrun_ctx, op.context, cause)
                         raise
                     continue
                 if isinstance(op, (Claim, TakeOver)):  # undone if this caller is cancelled
@@ -462,7 +469,14 @@ class AsyncGuard(GuardCore):
         """Record the outcome of a ``fn`` whose caller was cancelled, once its task ends (a
         done callback of that task): the rest of the flow (the completion and its event)
         runs in a worker thread, which runs to its end even if the event loop is ending."""
-        outcome = running.result()  # _run never raises, and it had begun (not cancelled)
+        if running.cancelled() or running.exception() is not None:
+            # An interrupt landed as fn's task ended (fn had been called): its outcome is
+            # unknown, so the record stays PENDING, in doubt after its lease. Nothing is
+            # raised here: this runs as a done callback, often during the loop's shutdown.
+            flow.close()
+            wakeups.done(*wake)
+            return
+        outcome = running.result()
 
         def rest() -> None:
             try:
