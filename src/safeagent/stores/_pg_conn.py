@@ -6,6 +6,21 @@ connection or a single statement for a call, the translation of psycopg's errors
 :class:`~safeagent.errors.StoreError` (a lost connection drains the pool: see
 ``_failed``), the one retry of a call whose second try is safe (``_again``), and the
 clock. Also the pipelined transaction the writes use (``_pipelined_transaction``).
+
+Interrupts. A KeyboardInterrupt from a Python signal handler (Ctrl-C, a notebook's
+"interrupt kernel"; or a handler's SystemExit) lands at any bytecode of the main thread,
+inside psycopg_pool's code too, which recovers from an ``Exception`` but not from these:
+one that escapes ``getconn()`` or ``putconn()`` can lose a connection the pool still counts
+in use. A client interrupted while it waits stays in the pool's queue (psycopg_pool 3.3's
+``WaitingClient.wait`` catches ``Exception`` only) and is handed the next connection
+returned, which nobody takes; a connection out of the pool's deque but not yet the
+caller's, or on its way back, goes with the interrupted frame. After ``max_size`` of these
+every call would fail ("all N pooled connections are busy") until the process restarts.
+So whatever escapes a pool operation other than its own errors marks the pool suspect
+(``_suspect``, set first in the handler), and the next call replaces it (``_get_pool``);
+the old one is closed in the background (``_retire``). Its connections in use stay usable
+until returned (then closed); a caller waiting on it gets PoolClosed and takes a
+connection of the new pool instead (``_replaced``).
 """
 
 from __future__ import annotations
@@ -92,6 +107,46 @@ def _lost(err: StoreError) -> bool:
     return getattr(err, "connection_lost", False) is True
 
 
+def _open(pool: ConnectionPool) -> None:
+    """Open ``pool`` in a thread of its own, and wait for it. Signal handlers run in the
+    main thread only, so its opening is never interrupted: an interrupt as it starts a
+    worker thread would leave that thread running, unknown to the pool, never stopped
+    (and another, starved of the stop it took, running too). An interrupt while this
+    waits leaves the pool opening, and marked (_get_pool): replaced at the next call."""
+    opener = threading.Thread(
+        target=_quietly, args=(pool.open,), name=f"{pool.name}-open", daemon=True
+    )
+    opener.start()
+    opener.join()
+
+
+def _retire(pool: ConnectionPool) -> None:
+    """Close ``pool``, just replaced, in a thread of its own: ``close()`` waits for the
+    pool's workers (up to 5 s: one may be connecting), which the call replacing it must
+    not. Closing fails the callers still waiting on it with PoolClosed (they take a
+    connection of the new pool: _replaced) and closes its idle connections; one in use
+    stays usable and is closed when returned. Connections it lost are only referenced by
+    its queue (cleared: the garbage collector closes them) or by an interrupted frame. A
+    pool that cannot be closed now (no thread to spare) is closed when collected."""
+    with suppress(Exception):
+        threading.Thread(
+            target=_close, args=(pool,), name=f"{pool.name}-retire", daemon=True
+        ).start()
+
+
+def _close(pool: ConnectionPool) -> None:
+    # open() first: a pool still opening (_open interrupted) is open once it returns (it
+    # waits for the opener), and close() of a pool not open yet would do nothing. On a
+    # pool open, it does nothing; on one closed, it raises.
+    _quietly(pool.open)
+    _quietly(pool.close)
+
+
+def _quietly(action: Callable[[], None]) -> None:
+    with suppress(Exception):
+        action()
+
+
 class _PgConnections:
     """The state every part of the store shares, as ``PostgresStore.__init__`` sets it
     (see there), and the connections: the pool, a connection or one statement for a
@@ -114,6 +169,12 @@ class _PgConnections:
     _uncertain: list[tuple[list[AuditEvent], Callable[[psycopg.Cursor[Any]], bool]]]
     _uncertain_lock: threading.Lock
     _pool: ConnectionPool | None
+    # an interrupt (or any error not the pool's own) escaped a pool operation: the next
+    # call replaces the pool (module docstring). Set without a call before it in the
+    # handler (CPython runs signal handlers only as a call returns, on a backward jump or
+    # at a function's start), so a second interrupt cannot land in between. Set here for
+    # the handlers; an instance attribute from the first pool on (_get_pool).
+    _suspect: bool = False
     _pid: int
     _closed: bool
     _identity: str
@@ -124,45 +185,92 @@ class _PgConnections:
 
     def _get_pool(self) -> ConnectionPool:
         pool = self._pool
-        if pool is not None and self._pid == os.getpid():
+        if pool is not None and self._pid == os.getpid() and not self._suspect:
             return pool
         with self._lock:
             if self._closed:
                 raise StoreError("the PostgreSQL store is closed")
+            fresh = None
             if self._pool is None or self._pid != os.getpid():
-                # first use, or a forked child: never share the parent's connections
-                self._pool = ConnectionPool(
-                    self.dsn,
-                    min_size=self._sizes[0],
-                    max_size=self._sizes[1],
-                    timeout=self.timeout,
-                    kwargs={
-                        "autocommit": True,
-                        "connect_timeout": max(1, int(self.timeout)),
-                        "application_name": f"safeagent-{self.schema}",
-                    },
-                    open=True,
-                    name=f"safeagent-{self.schema}",
-                )
-                self._pid = os.getpid()
+                # first use, or a forked child: never share the parent's connections.
+                # Marked until open (below): no other thread takes it before.
+                fresh = self._new_pool()
+                self._suspect, self._pid, self._pool = True, os.getpid(), fresh
+            elif self._suspect:
+                # an interrupt escaped the pool's code: it may have lost connections it
+                # counts in use, which no one can find again; a new pool replaces it.
+                # (A mark set by a call on an older pool, replaced since, costs one
+                # replacement too many, never one too few.)
+                fresh = self._new_pool()
+                pool, self._pool = self._pool, fresh
+                _retire(pool)
+            if fresh is not None:
+                # opened once installed and still marked: an interrupt while this waits
+                # for it leaves it to be replaced by the next call (_open)
+                _open(fresh)
+                self._suspect = False
             return self._pool
+
+    def _new_pool(self) -> ConnectionPool:
+        """A new pool, not open yet (no threads, no connections): open() starts them."""
+        return ConnectionPool(
+            self.dsn,
+            min_size=self._sizes[0],
+            max_size=self._sizes[1],
+            timeout=self.timeout,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": max(1, int(self.timeout)),
+                "application_name": f"safeagent-{self.schema}",
+            },
+            open=False,
+            name=f"safeagent-{self.schema}",
+        )
+
+    def _replaced(self, pool: ConnectionPool, exc: psycopg.Error) -> ConnectionPool:
+        """``pool.getconn()`` raised ``exc`` (PoolClosed, or another error of psycopg's
+        handing a connection out): the pool to try instead if ``pool`` was replaced
+        meanwhile (_get_pool; its closing fails the callers waiting on it), else the
+        StoreError (a closed store says so)."""
+        if pool is self._pool:
+            raise StoreError(f"PostgreSQL failed: {exc}", connection_lost=False) from exc
+        return self._get_pool()
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection for the block. An error the block raises is judged while
-        the connection is still ours (_failed): once the pool takes it back, it may close
-        it for reasons of its own (past ``max_lifetime``, or opened before a drain), and a
-        closed connection would pass for a lost one."""
+        """A pooled connection for the block (as ``ConnectionPool.connection()``: ``with
+        conn`` commits, or rolls back on an error, and the connection is returned). An
+        error the block raises is judged while the connection is still ours (_failed):
+        once the pool takes it back, it may close it for reasons of its own (past
+        ``max_lifetime``, or opened before a drain), and a closed connection would pass
+        for a lost one. An interrupt escaping the pool's getconn() or putconn() marks it
+        suspect (module docstring)."""
+        pool = self._get_pool()
+        while True:
+            try:
+                conn = pool.getconn()
+                break
+            except PoolTimeout as exc:  # an OperationalError too: before the next branch
+                raise self._no_connection(exc) from exc
+            except psycopg.Error as exc:  # PoolClosed
+                pool = self._replaced(pool, exc)
+            except BaseException:
+                self._suspect = True  # first: no call before it (see _suspect)
+                raise
         try:
-            with self._get_pool().connection() as conn:
+            with conn:
                 try:
                     yield conn
                 except psycopg.Error as exc:
                     raise self._failed(exc, conn) from exc
-        except PoolTimeout as exc:  # an OperationalError too: before the generic branch
-            raise self._no_connection(exc) from exc
-        except psycopg.Error as exc:  # handing the connection out or back (PoolClosed)
+        except psycopg.Error as exc:  # the commit leaving ``with conn``
             raise StoreError(f"PostgreSQL failed: {exc}", connection_lost=False) from exc
+        finally:
+            try:
+                pool.putconn(conn)  # a broken connection is discarded, not pooled
+            except BaseException:
+                self._suspect = True
+                raise
 
     def _no_connection(self, exc: PoolTimeout) -> StoreError:
         """The error for a pool that gave no connection within ``timeout``: one direct
@@ -200,11 +308,15 @@ class _PgConnections:
         pool = self._pool
         if pool is not None and self._pid == os.getpid():
             drain = getattr(pool, "drain", None)
-            with suppress(Exception):  # a pool closing meanwhile: the retry reports it
-                if drain is not None:
-                    drain()
-                else:  # psycopg_pool before 3.3
-                    pool.check()
+            try:
+                with suppress(Exception):  # a pool closing meanwhile: the retry reports it
+                    if drain is not None:
+                        drain()
+                    else:  # psycopg_pool before 3.3
+                        pool.check()
+            except BaseException:  # interrupted: connections out of its deque, not closed
+                self._suspect = True
+                raise
         return StoreError(f"PostgreSQL failed: {exc}", connection_lost=True)
 
     def _one(self, sql: str, params: Sequence[Any]) -> Any:
@@ -212,18 +324,27 @@ class _PgConnections:
         if it returned none): what _connection does, without its two context managers (the
         hot paths run this twice or three times per execution)."""
         pool = self._get_pool()
-        try:
-            conn = pool.getconn()
-        except PoolTimeout as exc:
-            raise self._no_connection(exc) from exc
-        except psycopg.Error as exc:  # PoolClosed
-            raise StoreError(f"PostgreSQL failed: {exc}") from exc
+        while True:
+            try:
+                conn = pool.getconn()
+                break
+            except PoolTimeout as exc:
+                raise self._no_connection(exc) from exc
+            except psycopg.Error as exc:  # PoolClosed
+                pool = self._replaced(pool, exc)
+            except BaseException:  # an interrupt: the pool may have lost a connection
+                self._suspect = True  # first: no call before it (see _suspect)
+                raise
         try:
             return conn.execute(sql, params).fetchone()
         except psycopg.Error as exc:
             raise self._failed(exc, conn) from exc
         finally:
-            pool.putconn(conn)  # a broken connection is discarded, not pooled
+            try:
+                pool.putconn(conn)  # a broken connection is discarded, not pooled
+            except BaseException:
+                self._suspect = True
+                raise
 
     def _again(self, call: Callable[[], T]) -> T:
         """``call`` (a read, or a write a second try cannot double), and once more if its
