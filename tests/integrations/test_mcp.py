@@ -1065,6 +1065,19 @@ def test_a_server_without_a_signal_source_writes_nothing() -> None:
         build_server(guard, signal_source="")
 
 
+def test_the_module_entry_point_refuses_a_bad_signal_source_with_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``python -m safeagent.integrations.mcp --signal-source ''`` is a usage error (exit 2,
+    one line), as ``safeagent mcp`` is, not a traceback; nothing is served."""
+    from safeagent.integrations.mcp import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--db", ":memory:", "--signal-source", ""])
+    assert info.value.code == 2
+    assert "signal source" in capsys.readouterr().err
+
+
 def test_build_server_refuses_an_async_guard() -> None:
     """SafeAgent's server needs a sync Guard."""
     with pytest.raises(ConfigurationError, match="Guard"):

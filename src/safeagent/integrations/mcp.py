@@ -93,6 +93,7 @@ from safeagent import (
 )
 from safeagent._decide import ReportedFailure
 from safeagent._decorator import GUARDED_MARKER
+from safeagent._keys import check_name
 from safeagent.errors import (
     ConfigurationError,
     InvalidInputError,
@@ -720,6 +721,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="offer signal_case, its signals recorded as this source (default: no writes)",
     )
     args = parser.parse_args(argv)
+    if args.signal_source is not None:
+        try:
+            check_name("signal source", args.signal_source)
+        except InvalidInputError as exc:
+            parser.error(str(exc))  # exit 2, as `safeagent mcp`
     serve(args.db, schema=args.schema, signal_source=args.signal_source)
     return 0
 
